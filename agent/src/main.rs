@@ -1,0 +1,145 @@
+//! The `gantry-agent` binary: command-line parsing, logging, the runtime, and turning
+//! typed errors into the exit codes DESIGN.md fixes (0 success, 1 local failure, 2 usage
+//! or input error, 3 cannot reach or authenticate to the coordinator). All behaviour
+//! lives in the library; this file only wires it to a process.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gantry_agent::{datadir, duration, enroll, exit, figures, labels, session};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gantry-agent",
+    version,
+    about = "Gantry's agent: enrolls with a coordinator and holds a session to it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this host with a join token from `gantry token create`.
+    Enroll(EnrollArgs),
+    /// Connect to the coordinator and stay connected.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct DataDirArg {
+    /// Where the agent keeps its identity and configuration.
+    #[arg(long, env = "GANTRY_AGENT_DATA_DIR", default_value = datadir::DEFAULT_DATA_DIR, value_name = "DIR")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The join token (`gjt1_...`).
+    #[arg(long, value_name = "TOKEN")]
+    token: String,
+    #[command(flatten)]
+    data_dir: DataDirArg,
+    /// A label to ask for and to report on every connection (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = labels::parse_label)]
+    labels: Vec<(String, String)>,
+    /// Replace an existing enrollment in the data directory.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    data_dir: DataDirArg,
+    /// A label to report, overriding one saved at enrollment (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = labels::parse_label)]
+    labels: Vec<(String, String)>,
+    /// How many jobs this agent runs at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    slots: u32,
+    /// Longest delay between reconnect attempts (e.g. 500ms, 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = duration::parse_duration, value_name = "DURATION")]
+    max_backoff: Duration,
+}
+
+fn main() -> ExitCode {
+    // clap prints its own message and exits with 2 on a usage error.
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match build_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match cli.command {
+        Command::Enroll(args) => runtime.block_on(run_enroll(args)),
+        Command::Run(args) => runtime.block_on(run_session(args)),
+    }
+}
+
+/// One thread is plenty for one connection and a heartbeat, and keeps idle memory low.
+fn build_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run_enroll(args: EnrollArgs) -> ExitCode {
+    let options = enroll::EnrollOptions {
+        data_dir: args.data_dir.data_dir,
+        token: args.token,
+        labels: labels::from_pairs(args.labels),
+        force: args.force,
+        hostname: figures::hostname(),
+    };
+    match enroll::enroll(options).await {
+        Ok(enrolled) => {
+            println!(
+                "enrolled as {} with coordinator {}",
+                enrolled.agent_id, enrolled.coordinator_address
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run_session(args: RunArgs) -> ExitCode {
+    let options = session::RunOptions {
+        data_dir: args.data_dir.data_dir,
+        labels: labels::from_pairs(args.labels),
+        slots: args.slots,
+        max_backoff: args.max_backoff,
+        hostname: figures::hostname(),
+        capabilities: labels::capabilities(&figures::docker_socket()),
+    };
+    match session::run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

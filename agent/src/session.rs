@@ -1,0 +1,574 @@
+//! `gantry-agent run`: the long-lived session with the coordinator.
+//!
+//! One loop: connect with the agent's certificate, say hello, then heartbeat at the
+//! interval the coordinator asks for while reading its messages; renew the certificate
+//! over the live session when it is due; on any failure wait a jittered, growing delay
+//! and connect again. It stops for good only on a signal (exit 0) or when the coordinator
+//! says this agent is revoked. The decisions are made by the pure functions in
+//! [`crate::backoff`], [`crate::renewal`] and [`classify_error`]; this module does the I/O.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use gantry_certs::Identity;
+use gantry_protocol::{
+    limits, AgentHello, AgentId, AgentMessage, CloseCode, CoordinatorMessage, HelloReply, Intent,
+    Labels, RefusalReason, UnixMillis, Welcome,
+};
+use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter, TransportError};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::backoff::{self, next_delay};
+use crate::datadir::{self, Credentials, DataDir, DataDirError};
+use crate::figures::{FiguresError, HostSampler};
+use crate::renewal::RenewalPlan;
+
+/// How long the QUIC/TLS handshake may take.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the close frame gets to go out on shutdown before the process exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    /// `--label` flags; they win over the labels saved at enrollment.
+    pub labels: Labels,
+    pub slots: u32,
+    pub max_backoff: Duration,
+    pub hostname: String,
+    pub capabilities: Vec<String>,
+}
+
+/// Why `run` stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("the enrolled certificate is unreadable: {0}")]
+    Certificate(String),
+    #[error("this agent was revoked by the coordinator; enroll it again with a new token")]
+    Revoked,
+    #[error(transparent)]
+    Figures(#[from] FiguresError),
+    #[error("cannot listen for signals: {0}")]
+    Signals(std::io::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::DataDir(e) => e.exit_code(),
+            Self::Certificate(_) => crate::exit::USAGE,
+            Self::Revoked => crate::exit::COORDINATOR,
+            Self::Figures(_) | Self::Signals(_) => crate::exit::FAILURE,
+        }
+    }
+}
+
+/// How a failed step should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The coordinator refuses this agent's identity: stop, do not retry.
+    Revoked,
+    /// Anything else: retry after a backoff delay.
+    Retry,
+}
+
+/// Classifies a transport error. A revoked certificate shows either as an application
+/// close with [`CloseCode::Revoked`] (revoked during a live session) or, when the
+/// coordinator's TLS verifier refuses it during the handshake, as a TLS alert whose text
+/// names the revocation; application closes with any other code never count as revoked,
+/// whatever their reason text says.
+pub fn classify_error(err: &TransportError) -> ErrorClass {
+    let revoked = match err.close_code() {
+        Some(code) => code == CloseCode::Revoked,
+        None => err.to_string().to_lowercase().contains("revoked"),
+    };
+    if revoked {
+        ErrorClass::Revoked
+    } else {
+        ErrorClass::Retry
+    }
+}
+
+/// How one session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Shutdown,
+    Revoked,
+    /// Retry; `healthy` says it lasted long enough to reset the backoff.
+    Failed {
+        reason: String,
+        healthy: bool,
+    },
+}
+
+/// A message from the reader task.
+enum Inbound {
+    Message(CoordinatorMessage),
+    Ended,
+    Failed(TransportError),
+}
+
+/// Runs the agent until a signal or a revocation.
+pub async fn run(options: RunOptions) -> Result<(), RunError> {
+    let data_dir = DataDir::new(&options.data_dir);
+    let enrollment = data_dir.load()?;
+    let (not_before, not_after) = validity(&enrollment.credentials)?;
+    let labels = crate::labels::merge([
+        &crate::labels::automatic(&options.hostname),
+        &enrollment.config.labels,
+        &options.labels,
+    ]);
+    let sampler = HostSampler::new(&options.data_dir)?;
+    let shutdown = shutdown_signal()?;
+    let mut runner = Runner {
+        agent_id: enrollment.config.agent_id,
+        address: enrollment.config.coordinator_address,
+        labels,
+        options,
+        data_dir,
+        credentials: enrollment.credentials,
+        renewal: RenewalPlan::new(not_before, not_after),
+        pending_key: None,
+        sampler,
+        shutdown,
+    };
+    runner.run().await
+}
+
+struct Runner {
+    agent_id: AgentId,
+    address: String,
+    labels: Labels,
+    options: RunOptions,
+    data_dir: DataDir,
+    credentials: Credentials,
+    renewal: RenewalPlan,
+    /// The key of the last renewal request, waiting for its certificate.
+    pending_key: Option<String>,
+    sampler: HostSampler,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Runner {
+    async fn run(&mut self) -> Result<(), RunError> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.session().await {
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::Revoked => return Err(RunError::Revoked),
+                SessionEnd::Failed { reason, healthy } => {
+                    if healthy {
+                        attempt = 0;
+                    }
+                    let delay = next_delay(
+                        attempt,
+                        backoff::BASE_DELAY,
+                        self.options.max_backoff,
+                        fastrand::f64(),
+                    );
+                    attempt = attempt.saturating_add(1);
+                    warn!(
+                        address = %self.address,
+                        attempt,
+                        "connection to the coordinator failed: {reason}; reconnecting in {} ms",
+                        delay.as_millis()
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = wait_for_shutdown(&mut self.shutdown) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, from dialing to its end.
+    async fn session(&mut self) -> SessionEnd {
+        let ipv6 = match gantry_transport::resolve(&self.address) {
+            Ok(addr) => addr.is_ipv6(),
+            Err(e) => {
+                return SessionEnd::Failed {
+                    reason: e.to_string(),
+                    healthy: false,
+                }
+            }
+        };
+        let dialer = match self.credentials.dialer(ipv6) {
+            Ok(d) => d,
+            Err(e) => {
+                return SessionEnd::Failed {
+                    reason: e.to_string(),
+                    healthy: false,
+                }
+            }
+        };
+        let mut shutdown = self.shutdown.clone();
+        let opened = tokio::select! {
+            opened = self.open(&dialer) => opened,
+            () = wait_for_shutdown(&mut shutdown) => return SessionEnd::Shutdown,
+        };
+        let (conn, writer, reader, welcome) = match opened {
+            Ok(opened) => opened,
+            Err(end) => return end,
+        };
+        info!(address = %self.address, agent_id = %self.agent_id, "connected to {} as {}", self.address, self.agent_id);
+        let welcomed_at = Instant::now();
+        let end = self.live(&conn, writer, reader, &welcome).await;
+        if matches!(end, SessionEnd::Shutdown) {
+            conn.close(CloseCode::Normal, "agent shutting down");
+        }
+        // Lets the close frame (ours or an acknowledgement of theirs) go out.
+        dialer.shutdown(CLOSE_GRACE).await;
+        match end {
+            SessionEnd::Failed { reason, .. } => SessionEnd::Failed {
+                reason,
+                healthy: welcomed_at.elapsed() > backoff::HEALTHY_SESSION,
+            },
+            other => other,
+        }
+    }
+
+    /// Connects, opens the control stream, says hello and reads the welcome.
+    async fn open(
+        &mut self,
+        dialer: &Dialer,
+    ) -> Result<(Connection, FrameWriter, FrameReader, Welcome), SessionEnd> {
+        let failed = |e: &TransportError| match classify_error(e) {
+            ErrorClass::Revoked => SessionEnd::Revoked,
+            ErrorClass::Retry => SessionEnd::Failed {
+                reason: e.to_string(),
+                healthy: false,
+            },
+        };
+        let conn = dialer
+            .connect(&self.address, CONNECT_DEADLINE)
+            .await
+            .map_err(|e| failed(&e))?;
+        let hello = Intent::Agent(AgentHello {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: self.options.hostname.clone(),
+            labels: self.labels.clone(),
+            capabilities: self.options.capabilities.clone(),
+            slots: self.options.slots,
+            figures: self.sampler.sample(),
+        });
+        let opened = async {
+            let (mut writer, mut reader) = conn.open_control().await?;
+            let frame = gantry_protocol::encode_hello(&hello, limits::MAX_FRAME_BYTES)?;
+            writer.send_frame(&frame).await?;
+            let reply = reader
+                .recv_within::<HelloReply>(limits::HANDSHAKE_DEADLINE, "the coordinator's welcome")
+                .await?;
+            Ok::<_, TransportError>((writer, reader, reply))
+        }
+        .await;
+        let (writer, reader, reply) = match opened {
+            Ok(opened) => opened,
+            // A stream error right after the handshake may be the TLS refusal arriving
+            // late: the connection's own close reason is the better explanation.
+            Err(e) => return Err(failed(&conn.close_reason().unwrap_or(e))),
+        };
+        match reply {
+            Some(HelloReply::Welcome(welcome)) => Ok((conn, writer, reader, welcome)),
+            Some(HelloReply::Refused(refusal)) if refusal.reason == RefusalReason::Revoked => {
+                Err(SessionEnd::Revoked)
+            }
+            Some(HelloReply::Refused(refusal)) => Err(SessionEnd::Failed {
+                reason: format!("refused ({:?}): {}", refusal.reason, refusal.message),
+                healthy: false,
+            }),
+            Some(HelloReply::Enrolled(_)) => {
+                conn.close(CloseCode::Malformed, "expected a welcome");
+                Err(SessionEnd::Failed {
+                    reason: "the coordinator answered with an enrollment".into(),
+                    healthy: false,
+                })
+            }
+            None => Err(match conn.close_reason() {
+                Some(e) => failed(&e),
+                None => SessionEnd::Failed {
+                    reason: "the coordinator ended the stream without a welcome".into(),
+                    healthy: false,
+                },
+            }),
+        }
+    }
+
+    /// The welcomed session: heartbeats, renewals, and the coordinator's messages.
+    async fn live(
+        &mut self,
+        conn: &Connection,
+        mut writer: FrameWriter,
+        reader: FrameReader,
+        welcome: &Welcome,
+    ) -> SessionEnd {
+        let interval = match welcome.heartbeat_interval_ms {
+            0 => limits::DEFAULT_HEARTBEAT_INTERVAL,
+            ms => Duration::from_millis(ms),
+        };
+        // The hello carried fresh figures, so the first heartbeat waits one interval.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (inbound_tx, mut inbound) = mpsc::channel(8);
+        // Reading runs in its own task because a frame read is not cancel-safe: dropping
+        // it half way inside select! would lose the bytes already read.
+        let reader_task = AbortOnDrop(tokio::spawn(read_messages(reader, inbound_tx)));
+        // Renewal may already be due (e.g. after a long outage): ask at once.
+        if let Err(e) = self.maybe_renew(&mut writer).await {
+            return transport_end(conn, &e);
+        }
+        let mut shutdown = self.shutdown.clone();
+        let end = loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    let figures = self.sampler.sample();
+                    if let Err(e) = writer.send(&AgentMessage::Heartbeat(figures)).await {
+                        break transport_end(conn, &e);
+                    }
+                    if let Err(e) = self.maybe_renew(&mut writer).await {
+                        break transport_end(conn, &e);
+                    }
+                }
+                inbound = inbound.recv() => match inbound {
+                    Some(Inbound::Message(message)) => self.handle(message),
+                    Some(Inbound::Failed(e)) => break transport_end(conn, &e),
+                    Some(Inbound::Ended) | None => {
+                        break match conn.close_reason() {
+                            Some(e) => transport_end(conn, &e),
+                            None => SessionEnd::Failed { reason: "the coordinator ended the control stream".into(), healthy: false },
+                        };
+                    }
+                },
+                () = wait_for_shutdown(&mut shutdown) => break SessionEnd::Shutdown,
+            }
+        };
+        drop(reader_task);
+        end
+    }
+
+    /// Sends a renewal request if the certificate is due and none went out recently.
+    async fn maybe_renew(&mut self, writer: &mut FrameWriter) -> Result<(), TransportError> {
+        let now = UnixMillis::now();
+        if !self.renewal.should_request(now) {
+            return Ok(());
+        }
+        let key = match gantry_certs::generate_key_and_csr() {
+            Ok(key) => key,
+            Err(e) => {
+                // Recorded as an attempt so a broken key generator is retried once a minute.
+                self.renewal.requested(now);
+                warn!("cannot generate a key for certificate renewal: {e}");
+                return Ok(());
+            }
+        };
+        writer
+            .send(&AgentMessage::RenewCertificate {
+                csr_der: key.csr_der,
+            })
+            .await?;
+        self.renewal.requested(now);
+        self.pending_key = Some(key.key_pem);
+        info!(
+            not_after = self.renewal.not_after.0,
+            "certificate due for renewal; sent a new CSR"
+        );
+        Ok(())
+    }
+
+    fn handle(&mut self, message: CoordinatorMessage) {
+        match message {
+            CoordinatorMessage::CertificateRenewed {
+                certificate_pem,
+                not_after,
+            } => {
+                if let Err(reason) = self.install_renewed(&certificate_pem) {
+                    warn!("ignoring renewed certificate (valid until {not_after:?}): {reason}");
+                }
+            }
+            CoordinatorMessage::RenewalRefused { message } => {
+                // The renewal plan already waits a minute before the next request.
+                warn!("certificate renewal refused: {message}; retrying in at most a minute");
+            }
+        }
+    }
+
+    /// Checks a renewed certificate against the pending key and our identity, writes it
+    /// with the key atomically, and uses it from the next connection on.
+    fn install_renewed(&mut self, certificate_pem: &str) -> Result<(), String> {
+        let key_pem = self
+            .pending_key
+            .as_deref()
+            .ok_or("no renewal request is pending")?;
+        let credentials = Credentials {
+            ca_der: self.credentials.ca_der.clone(),
+            identity_pem: datadir::identity_pem(certificate_pem, key_pem),
+        };
+        let der = credentials.cert_der().map_err(|e| e.to_string())?;
+        match Identity::from_cert_der(&der) {
+            Ok(Identity::Agent(id)) if id == self.agent_id => {}
+            Ok(other) => return Err(format!("it names {}, not this agent", other.uri())),
+            Err(e) => return Err(e.to_string()),
+        }
+        // Building the TLS config checks the certificate against the pending key.
+        gantry_certs::ClientTls::mutual(
+            &credentials.ca_der,
+            &credentials.identity_pem,
+            &credentials.identity_pem,
+        )
+        .map_err(|e| e.to_string())?;
+        let (not_before, not_after) = validity(&credentials).map_err(|e| e.to_string())?;
+        self.data_dir
+            .write_identity(&credentials.identity_pem)
+            .map_err(|e| e.to_string())?;
+        self.credentials = credentials;
+        self.pending_key = None;
+        self.renewal.renewed(not_before, not_after);
+        info!(
+            not_after = not_after.0,
+            "certificate renewed, valid until {}",
+            format_millis(not_after)
+        );
+        Ok(())
+    }
+}
+
+/// Maps an error on a live session to how the session ends.
+fn transport_end(conn: &Connection, err: &TransportError) -> SessionEnd {
+    // A write can fail with a generic "connection lost" while the connection itself
+    // recorded the peer's close code; prefer the latter.
+    let err = conn.close_reason().unwrap_or_else(|| err.clone());
+    match classify_error(&err) {
+        ErrorClass::Revoked => SessionEnd::Revoked,
+        ErrorClass::Retry => SessionEnd::Failed {
+            reason: err.to_string(),
+            healthy: false,
+        },
+    }
+}
+
+/// Forwards control-stream messages to the session until the stream ends or fails.
+async fn read_messages(mut reader: FrameReader, to_session: mpsc::Sender<Inbound>) {
+    loop {
+        let inbound = match reader.recv::<CoordinatorMessage>().await {
+            Ok(Some(message)) => Inbound::Message(message),
+            Ok(None) => Inbound::Ended,
+            Err(e) => Inbound::Failed(e),
+        };
+        let last = !matches!(inbound, Inbound::Message(_));
+        if to_session.send(inbound).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when the session that owns it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn validity(credentials: &Credentials) -> Result<(UnixMillis, UnixMillis), RunError> {
+    let der = credentials
+        .cert_der()
+        .map_err(|e| RunError::Certificate(e.to_string()))?;
+    gantry_certs::cert_validity(&der).map_err(|e| RunError::Certificate(e.to_string()))
+}
+
+/// Turns SIGTERM and SIGINT into a watch flag every wait in the session can select on.
+fn shutdown_signal() -> Result<watch::Receiver<bool>, RunError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => debug!("SIGTERM received"),
+            _ = interrupt.recv() => debug!("SIGINT received"),
+        }
+        info!("shutting down");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Resolves once shutdown was asked for (or can no longer be signalled).
+async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens after it sent `true`.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for log lines, without pulling in a date crate.
+pub fn format_millis(at: UnixMillis) -> String {
+    let secs = at.0 / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for all dates after 1970.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_is_recognised_only_where_it_is_meant() {
+        let revoked_close = TransportError::ClosedByPeer {
+            code: "Revoked".into(),
+            close_code: Some(5),
+            reason: "agent revoked".into(),
+        };
+        assert_eq!(classify_error(&revoked_close), ErrorClass::Revoked);
+        let tls_alert = TransportError::Connect {
+            address: "127.0.0.1:7443".into(),
+            detail: "aborted by peer: the cryptographic handshake failed: error 44: invalid peer certificate: Revoked".into(),
+        };
+        assert_eq!(classify_error(&tls_alert), ErrorClass::Revoked);
+        let replaced = TransportError::ClosedByPeer {
+            code: "Replaced".into(),
+            close_code: Some(7),
+            reason: "not revoked, replaced".into(),
+        };
+        assert_eq!(classify_error(&replaced), ErrorClass::Retry);
+        let refused = TransportError::Connect {
+            address: "127.0.0.1:1".into(),
+            detail: "connection refused".into(),
+        };
+        assert_eq!(classify_error(&refused), ErrorClass::Retry);
+        let shutting_down = TransportError::ClosedByPeer {
+            code: "ShuttingDown".into(),
+            close_code: Some(8),
+            reason: String::new(),
+        };
+        assert_eq!(classify_error(&shutting_down), ErrorClass::Retry);
+    }
+
+    #[test]
+    fn timestamps_format_as_utc() {
+        assert_eq!(format_millis(UnixMillis(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            format_millis(UnixMillis(951_782_400_000)),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            format_millis(UnixMillis(1_798_761_599_999)),
+            "2026-12-31T23:59:59Z"
+        );
+    }
+}

@@ -1,0 +1,322 @@
+//! rustls configurations for every role, and the two verifiers Gantry adds:
+//! - the coordinator's client verifier checks the chain against the CA (webpki), lets a
+//!   certificate-less client through only so it can enroll (the coordinator then allows
+//!   nothing else), and refuses revoked agent identities during the handshake;
+//! - an enrolling agent's server verifier trusts only a CA whose fingerprint matches the
+//!   one in its join token, taken from the chain the coordinator presents.
+//!
+//! TLS 1.3 only (QUIC requires it), ALPN `gantry/1`, no 0-RTT.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use gantry_protocol::AgentId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+
+use crate::identity::Identity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("invalid PEM {what}: {detail}")]
+    Pem { what: &'static str, detail: String },
+    #[error("could not issue {what}: {detail}")]
+    Issue { what: &'static str, detail: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("TLS verifier: {0}")]
+    Verifier(String),
+}
+
+/// Agent identities whose certificates are refused, shared between the store (which
+/// fills it) and the TLS verifier (which reads it on every handshake).
+#[derive(Debug, Clone, Default)]
+pub struct RevocationSet(Arc<RwLock<HashSet<AgentId>>>);
+
+impl RevocationSet {
+    pub fn insert(&self, id: AgentId) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id);
+    }
+
+    pub fn contains(&self, id: &AgentId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn certs_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem {
+            what,
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            what,
+            detail: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+fn roots(ca_der: &[u8]) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    Ok(roots)
+}
+
+/// Server side (the coordinator).
+#[derive(Debug)]
+pub struct ServerTls;
+
+impl ServerTls {
+    /// `cert_pem` is the coordinator's certificate; the CA certificate is appended to the
+    /// chain so enrolling agents can pin it by fingerprint.
+    pub fn config(
+        ca_der: &[u8],
+        cert_pem: &str,
+        key_pem: &str,
+        revoked: RevocationSet,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(GantryClientVerifier { inner, revoked });
+        let mut chain = certs_from_pem(cert_pem, "coordinator certificate")?;
+        chain.push(CertificateDer::from(ca_der.to_vec()));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key_from_pem(key_pem, "coordinator key")?)?;
+        config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
+        config.max_early_data_size = 0;
+        Ok(config)
+    }
+}
+
+/// Client side (agents and the admin CLI).
+#[derive(Debug)]
+pub struct ClientTls;
+
+impl ClientTls {
+    /// Mutual TLS: verifies the coordinator against `ca_der` and presents `cert_pem`.
+    pub fn mutual(
+        ca_der: &[u8],
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(
+                certs_from_pem(cert_pem, "client certificate")?,
+                key_from_pem(key_pem, "client key")?,
+            )?;
+        Ok(finish_client(config))
+    }
+
+    /// Verifies the coordinator against `ca_der` and presents no certificate. Only good
+    /// for enrolling, and used by tests to prove nothing else is allowed that way.
+    pub fn anonymous(ca_der: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(ca_der)?)
+            .with_no_client_auth();
+        Ok(finish_client(config))
+    }
+
+    /// For enrolling: no client certificate; the coordinator is trusted only if it
+    /// presents a chain to the CA whose fingerprint the join token carries.
+    pub fn pinned(ca_fingerprint: &str) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let verifier = Arc::new(PinnedCaVerifier {
+            fingerprint: ca_fingerprint.to_owned(),
+            provider: provider.clone(),
+        });
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(finish_client(config))
+    }
+}
+
+fn finish_client(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
+    config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
+    config.enable_early_data = false;
+    config
+}
+
+#[derive(Debug)]
+struct GantryClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevocationSet,
+}
+
+impl ClientCertVerifier for GantryClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Enrollment needs certificate-less connections; the coordinator allows them
+        // nothing but an enrollment request.
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match Identity::from_cert_der(end_entity) {
+            Ok(Identity::Agent(id)) if self.revoked.contains(&id) => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+            Ok(Identity::Agent(_) | Identity::Admin(_)) => Ok(verified),
+            Ok(Identity::Coordinator) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            Err(e) => Err(rustls::Error::General(e.to_string())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| crate::fingerprint(c) == self.fingerprint)
+        else {
+            return Err(rustls::Error::General(format!(
+                "the coordinator did not present the CA with fingerprint {}: the token is for another coordinator, or something is intercepting the connection",
+                self.fingerprint
+            )));
+        };
+        let roots = roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

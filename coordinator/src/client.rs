@@ -1,0 +1,121 @@
+//! The admin CLI's connection to the coordinator: mutual TLS with the admin certificate
+//! from the context, a hello, then one request and its response at a time.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gantry_certs::ClientTls;
+use gantry_protocol::{limits, AdminHello, AdminRequest, AdminResponse, HelloReply, Intent};
+use gantry_transport::{Dialer, FrameReader, FrameWriter};
+
+use crate::config::LoadedContext;
+
+/// How long the CLI waits for the coordinator to answer the handshake or a request.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Errors the CLI maps to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Cannot reach or authenticate to the coordinator: exit code 3.
+    #[error("{0:#}")]
+    Unreachable(anyhow::Error),
+    /// The coordinator refused the request as invalid or naming nothing: exit code 2.
+    #[error("{0}")]
+    Rejected(String),
+    /// The coordinator failed to do it: exit code 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct AdminClient {
+    dialer: Dialer,
+    writer: FrameWriter,
+    reader: FrameReader,
+}
+
+impl AdminClient {
+    pub async fn connect(ctx: &LoadedContext) -> Result<Self, ClientError> {
+        let unreachable = ClientError::Unreachable;
+        let ca_der = gantry_certs::pem_to_der(&ctx.ca_pem)
+            .context("the context's CA certificate")
+            .map_err(unreachable)?;
+        let tls = ClientTls::mutual(&ca_der, &ctx.credentials_pem, &ctx.credentials_pem)
+            .context("the context's admin credentials")
+            .map_err(unreachable)?;
+        let addr = gantry_transport::resolve(&ctx.address).map_err(|e| unreachable(e.into()))?;
+        let dialer = Dialer::new(tls, addr.is_ipv6()).map_err(|e| unreachable(e.into()))?;
+        let conn = dialer
+            .connect(&ctx.address, REQUEST_DEADLINE)
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", ctx.address))
+            .map_err(unreachable)?;
+        let (mut writer, mut reader) = conn
+            .open_control()
+            .await
+            .map_err(|e| unreachable(e.into()))?;
+        let hello = gantry_protocol::encode_hello(
+            &Intent::Admin(AdminHello {
+                client_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            limits::MAX_FRAME_BYTES,
+        )
+        .map_err(|e| unreachable(e.into()))?;
+        writer
+            .send_frame(&hello)
+            .await
+            .map_err(|e| unreachable(e.into()))?;
+        match reader
+            .recv_within::<HelloReply>(REQUEST_DEADLINE, "the coordinator's welcome")
+            .await
+        {
+            Ok(Some(HelloReply::Welcome(_))) => Ok(Self {
+                dialer,
+                writer,
+                reader,
+            }),
+            Ok(Some(HelloReply::Refused(r))) => Err(unreachable(anyhow::anyhow!(
+                "the coordinator refused this admin: {}",
+                r.message
+            ))),
+            Ok(Some(HelloReply::Enrolled(_))) => Err(unreachable(anyhow::anyhow!(
+                "unexpected enrollment reply to an admin hello"
+            ))),
+            Ok(None) => Err(unreachable(anyhow::anyhow!(
+                "the coordinator closed the stream before welcoming us"
+            ))),
+            Err(e) => Err(unreachable(
+                anyhow::Error::from(e).context("the coordinator refused the connection"),
+            )),
+        }
+    }
+
+    /// Sends one request and waits for its response. Error responses become [`ClientError`]s.
+    pub async fn request(&mut self, req: &AdminRequest) -> Result<AdminResponse, ClientError> {
+        self.writer
+            .send(req)
+            .await
+            .map_err(|e| ClientError::Unreachable(e.into()))?;
+        match self
+            .reader
+            .recv_within::<AdminResponse>(REQUEST_DEADLINE, "the coordinator's response")
+            .await
+        {
+            Ok(Some(AdminResponse::Error(e))) => match e.kind {
+                gantry_protocol::AdminErrorKind::Internal => Err(ClientError::Failed(e.message)),
+                _ => Err(ClientError::Rejected(e.message)),
+            },
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(ClientError::Unreachable(anyhow::anyhow!(
+                "the coordinator closed the stream"
+            ))),
+            Err(e) => Err(ClientError::Unreachable(e.into())),
+        }
+    }
+
+    /// Ends the session cleanly so the coordinator sees a normal close.
+    pub async fn close(mut self) {
+        self.writer.finish();
+        self.dialer.shutdown(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,267 @@
+//! Coordinator configuration and on-disk layout, the admin CLI context, and the small
+//! parsers (durations, labels) shared by the CLI.
+//!
+//! Data directory (default `/var/lib/gantry`, `--data-dir` or `GANTRY_DATA_DIR`):
+//! `coordinator.toml`, `gantry.redb`, `tls/ca.pem`, `tls/ca-key.pem` (0600),
+//! `tls/coordinator.pem` (certificate and key, 0600).
+//! Admin context (`GANTRY_CONFIG`, else `$XDG_CONFIG_HOME/gantry/context.toml`, else
+//! `~/.config/gantry/context.toml`): the coordinator address, and beside it `ca.pem` and
+//! `admin.pem` (certificate and key, 0600).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use gantry_protocol::{limits, Labels};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/gantry";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+
+/// `coordinator.toml`, written by `gantry init` and read by `gantry server`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// UDP address the QUIC endpoint binds.
+    pub listen: String,
+    /// `host:port` agents are told to dial (carried in join tokens).
+    pub advertise: String,
+    /// Lifetime of agent certificates, e.g. `7d`. Agents renew at two thirds of it.
+    #[serde(default = "default_agent_cert_ttl")]
+    pub agent_cert_ttl: String,
+    /// How often agents report, e.g. `5s`.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: String,
+}
+
+fn default_agent_cert_ttl() -> String {
+    "7d".into()
+}
+
+fn default_heartbeat() -> String {
+    format!("{}s", limits::DEFAULT_HEARTBEAT_INTERVAL.as_secs())
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read {}; run `gantry init --data-dir DIR` first, or pass --config",
+                path.display()
+            )
+        })?;
+        let config: Self = toml::from_str(&text)
+            .with_context(|| format!("invalid coordinator config {}", path.display()))?;
+        config
+            .agent_cert_ttl()
+            .with_context(|| format!("{}: agent_cert_ttl", path.display()))?;
+        config
+            .heartbeat_interval()
+            .with_context(|| format!("{}: heartbeat_interval", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
+        let d = parse_duration(&self.agent_cert_ttl)?;
+        if d < Duration::from_secs(3) {
+            bail!(
+                "agent certificate lifetime {:?} is too short: use at least 3s",
+                self.agent_cert_ttl
+            );
+        }
+        Ok(d)
+    }
+
+    pub fn heartbeat_interval(&self) -> anyhow::Result<Duration> {
+        let d = parse_duration(&self.heartbeat_interval)?;
+        if d < Duration::from_millis(100) || d >= limits::IDLE_TIMEOUT {
+            bail!(
+                "heartbeat interval {:?} must be between 100ms and {}s",
+                self.heartbeat_interval,
+                limits::IDLE_TIMEOUT.as_secs()
+            );
+        }
+        Ok(d)
+    }
+}
+
+/// Paths inside a coordinator data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn config(&self) -> PathBuf {
+        self.0.join("coordinator.toml")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.0.join("gantry.redb")
+    }
+    pub fn tls(&self) -> PathBuf {
+        self.0.join("tls")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls().join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.tls().join("ca-key.pem")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.tls().join("coordinator.pem")
+    }
+}
+
+/// The admin CLI's context file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminContext {
+    /// `host:port` of the coordinator.
+    pub address: String,
+    /// Paths relative to the context file's directory unless absolute.
+    pub ca: String,
+    pub credentials: String,
+}
+
+/// Where the admin context lives.
+pub fn context_path() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("GANTRY_CONFIG") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME") {
+        return Ok(PathBuf::from(x).join("gantry").join("context.toml"));
+    }
+    let home = std::env::var_os("HOME").context(
+        "neither GANTRY_CONFIG, XDG_CONFIG_HOME nor HOME is set: cannot find the admin context",
+    )?;
+    Ok(PathBuf::from(home)
+        .join(".config")
+        .join("gantry")
+        .join("context.toml"))
+}
+
+/// A loaded admin context: address plus the PEM texts it points at.
+#[derive(Debug)]
+pub struct LoadedContext {
+    pub address: String,
+    pub ca_pem: String,
+    pub credentials_pem: String,
+}
+
+impl AdminContext {
+    pub fn load(path: &Path) -> anyhow::Result<LoadedContext> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the admin context {}: run `gantry init` on the coordinator, or set GANTRY_CONFIG", path.display())
+        })?;
+        let ctx: Self = toml::from_str(&text)
+            .with_context(|| format!("invalid admin context {}", path.display()))?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let read = |p: &str| {
+            let full = base.join(p);
+            std::fs::read_to_string(&full).with_context(|| {
+                format!(
+                    "cannot read {} (named in {})",
+                    full.display(),
+                    path.display()
+                )
+            })
+        };
+        Ok(LoadedContext {
+            address: ctx.address.clone(),
+            ca_pem: read(&ctx.ca)?,
+            credentials_pem: read(&ctx.credentials)?,
+        })
+    }
+}
+
+/// Parses `500ms`, `30s`, `15m`, `2h`, `7d` (one number and one unit).
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| {
+        format!("invalid duration {text:?}: expected a number then ms, s, m, h or d, like 15m")
+    })?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => bail!("invalid duration {text:?}: unit must be ms, s, m, h or d, like 15m"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// Parses `key=value` labels, checking their shape and size.
+pub fn parse_labels(pairs: &[String]) -> anyhow::Result<Labels> {
+    let mut labels = Labels::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("invalid label {pair:?}: expected key=value"))?;
+        check_label_key(k)?;
+        if v.len() > limits::MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
+            bail!(
+                "invalid label value for {k:?}: at most {} printable characters",
+                limits::MAX_LABEL_VALUE_LEN
+            );
+        }
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    if labels.len() > limits::MAX_LABELS {
+        bail!(
+            "too many labels ({}): at most {}",
+            labels.len(),
+            limits::MAX_LABELS
+        );
+    }
+    Ok(labels)
+}
+
+/// Label keys: 1 to 63 of `[a-z0-9._/-]`, starting with a letter or digit.
+pub fn check_label_key(k: &str) -> anyhow::Result<()> {
+    let ok = (1..=limits::MAX_LABEL_KEY_LEN).contains(&k.len())
+        && k.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && k.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
+    if !ok {
+        bail!("invalid label key {k:?}: use 1 to 63 of a-z 0-9 . _ / -, starting with a letter or digit");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_bad_ones_say_how_to_fix() {
+        assert_eq!(
+            parse_duration("15m").expect("15m"),
+            Duration::from_secs(900)
+        );
+        assert_eq!(
+            parse_duration("250ms").expect("ms"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("7d").expect("7d"),
+            Duration::from_secs(7 * 86_400)
+        );
+        for bad in ["", "m", "15", "15x", "-1s", "1.5h"] {
+            let err = parse_duration(bad).expect_err(bad).to_string();
+            assert!(err.contains("like 15m"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn labels_parse_and_bad_ones_are_named() {
+        let l = parse_labels(&["role=web".into(), "site=paris".into()]).expect("ok");
+        assert_eq!(l["role"], "web");
+        for bad in ["role", "=x", "Role=x", "-a=x", "a b=x"] {
+            let err = parse_labels(&[bad.to_owned()]).expect_err(bad).to_string();
+            assert!(err.contains("invalid label"), "{bad}: {err}");
+        }
+    }
+}

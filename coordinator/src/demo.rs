@@ -1,0 +1,265 @@
+//! `gantry demo`: one command that shows Gantry working on a fresh machine.
+//!
+//! It creates a temporary directory, initializes a coordinator there, starts it as a
+//! child process, enrolls and starts three real `gantry-agent` processes (found next to
+//! this binary, or at `GANTRY_AGENT_BIN`), waits until all of them are connected and have
+//! reported their figures, prints them, and stops everything. Nothing is left running
+//! and the directory is removed. Later capabilities extend this same walkthrough.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use gantry_protocol::{AdminRequest, AdminResponse, AgentState, Labels};
+
+use crate::client::AdminClient;
+use crate::config::AdminContext;
+use crate::{init, output, Failure};
+
+/// How long the demo waits for the coordinator and agents at each step.
+const STEP_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many agents to start.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub agents: u32,
+    /// Keep everything running until Ctrl-C, to try the admin CLI against it.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// Child processes that are stopped (SIGTERM, then SIGKILL after 5 s) when dropped.
+#[derive(Debug, Default)]
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn stop_all(&mut self) {
+        for (_, child) in &mut self.0 {
+            terminate(child.id());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, child) in &mut self.0 {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => {
+                        eprintln!("{name} did not stop within 5 s; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+#[allow(unsafe_code)]
+fn terminate(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) has no memory effects; a stale pid at worst fails with ESRCH.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("GANTRY_AGENT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot locate the gantry binary")?;
+    let beside = exe.with_file_name("gantry-agent");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    bail!(
+        "gantry-agent was not found next to {} : build both binaries with `cargo build --release --bins`, or set GANTRY_AGENT_BIN",
+        exe.display()
+    )
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .context("cannot bind a UDP socket on 127.0.0.1")?;
+    Ok(sock.local_addr()?.port())
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<Stdio> {
+    let f = std::fs::File::create(dir.join(format!("{name}.log")))
+        .with_context(|| format!("cannot create {name}.log"))?;
+    Ok(Stdio::from(f))
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode, Failure> {
+    demo(&args).await.map_err(Failure::Work)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
+    let agent_bin = agent_binary()?;
+    let gantry_bin = std::env::current_exe().context("cannot locate the gantry binary")?;
+    let dir = tempfile::Builder::new()
+        .prefix("gantry-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let root = dir.path();
+    let port = free_udp_port()?;
+    let address = format!("127.0.0.1:{port}");
+    let context = root.join("admin").join("context.toml");
+    println!("== Gantry demo in {}", root.display());
+
+    init::run(&init::InitArgs {
+        data_dir: root.join("coordinator"),
+        listen: address.clone(),
+        advertise: Some(address.clone()),
+        admin_name: "demo".into(),
+        agent_cert_ttl: "1d".into(),
+        heartbeat_interval: "1s".into(),
+        context: Some(context.clone()),
+    })
+    .map_err(|f| match f {
+        Failure::Work(e) | Failure::Usage(e) | Failure::Unreachable(e) => e.context("gantry init"),
+    })?;
+
+    let mut children = Children::default();
+    let server = Command::new(&gantry_bin)
+        .args(["server", "--data-dir"])
+        .arg(root.join("coordinator"))
+        .stdout(log_file(root, "coordinator")?)
+        .stderr(log_file(root, "coordinator.err")?)
+        .spawn()
+        .context("cannot start the coordinator")?;
+    children.0.push(("coordinator".into(), server));
+    println!("== coordinator started on {address} (QUIC, mutual TLS)");
+
+    let ctx = AdminContext::load(&context)?;
+    let mut admin = connect_with_retry(&ctx).await?;
+    let AdminResponse::TokenCreated(token) = admin
+        .request(&AdminRequest::CreateToken {
+            ttl_secs: 600,
+            uses: args.agents,
+            labels: Labels::from([("demo".to_owned(), "true".to_owned())]),
+        })
+        .await?
+    else {
+        bail!("unexpected response to token create");
+    };
+    println!(
+        "== join token {} created for {} agents",
+        token.token_id, args.agents
+    );
+
+    for i in 1..=args.agents {
+        let data = root.join(format!("agent-{i}"));
+        let status = Command::new(&agent_bin)
+            .args([
+                "enroll",
+                "--token",
+                &token.token,
+                "--label",
+                &format!("demo-agent={i}"),
+                "--data-dir",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log_file(root, &format!("agent-{i}-enroll"))?)
+            .status()
+            .context("cannot run gantry-agent enroll")?;
+        if !status.success() {
+            bail!(
+                "gantry-agent enroll failed ({status}); see {}",
+                root.join(format!("agent-{i}-enroll.log")).display()
+            );
+        }
+        let child = Command::new(&agent_bin)
+            .args(["run", "--data-dir"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log_file(root, &format!("agent-{i}"))?)
+            .spawn()
+            .context("cannot start gantry-agent run")?;
+        children.0.push((format!("agent-{i}"), child));
+    }
+    println!(
+        "== {} agents enrolled (keys generated on each, CSRs signed) and started",
+        args.agents
+    );
+
+    let deadline = Instant::now() + STEP_DEADLINE;
+    let agents = loop {
+        let AdminResponse::Agents(agents) = admin.request(&AdminRequest::ListAgents).await? else {
+            bail!("unexpected response to agents list");
+        };
+        let ready = agents
+            .iter()
+            .filter(|a| {
+                a.state == AgentState::Connected
+                    && a.figures.as_ref().is_some_and(|f| f.cpu_count > 0)
+            })
+            .count();
+        if ready == args.agents as usize {
+            break agents;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {ready} of {} agents connected within {STEP_DEADLINE:?}; logs are in {}",
+                args.agents,
+                root.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("== all {} agents connected and reporting:\n", args.agents);
+    print!(
+        "{}",
+        output::agents_table(&agents, gantry_protocol::UnixMillis::now())
+    );
+    if let AdminResponse::Status(s) = admin.request(&AdminRequest::Status).await? {
+        println!(
+            "\ncoordinator: {} connected, {} enrolled, {} revoked",
+            s.agents_connected, s.agents_total, s.agents_revoked
+        );
+    }
+    admin.close().await;
+
+    if args.keep_running {
+        println!(
+            "\nrunning; try: GANTRY_CONFIG={} gantry agents list    (Ctrl-C to stop)",
+            context.display()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    children.stop_all();
+    println!(
+        "\n== demo finished: coordinator and agents stopped, {} removed",
+        root.display()
+    );
+    Ok(())
+}
+
+async fn connect_with_retry(ctx: &crate::config::LoadedContext) -> anyhow::Result<AdminClient> {
+    let deadline = Instant::now() + STEP_DEADLINE;
+    loop {
+        match AdminClient::connect(ctx).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(anyhow::anyhow!("the coordinator did not come up: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

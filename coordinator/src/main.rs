@@ -1,0 +1,362 @@
+//! `gantry`: the coordinator server and its admin CLI in one binary.
+//!
+//! This file owns argument parsing, exit codes and output formatting; the work is done
+//! in the modules. Exit codes: 0 success, 1 the work failed, 2 usage or input error,
+//! 3 cannot reach or authenticate to the coordinator.
+
+mod client;
+mod config;
+mod demo;
+mod init;
+mod output;
+mod server;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use gantry_protocol::{AdminRequest, AdminResponse, AgentId};
+
+use crate::client::{AdminClient, ClientError};
+use crate::config::{AdminContext, CoordinatorConfig, DataDir};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gantry",
+    version,
+    about = "Gantry coordinator and admin CLI: CI/CD and fleet deployments on machines you own"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the CA, the coordinator certificate and the first admin credentials.
+    Init(init::InitArgs),
+    /// Run the coordinator.
+    Server(ServerArgs),
+    /// Join tokens for enrolling agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// The coordinator's state at a glance.
+    Status(JsonFlag),
+    /// The newest entries of the audit log.
+    Audit(AuditArgs),
+    /// Start a coordinator and three agents in a temporary directory and show them connected.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// Data directory made by `gantry init`.
+    #[arg(long, env = "GANTRY_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Configuration file [default: DATA_DIR/coordinator.toml].
+    #[arg(long, env = "GANTRY_COORDINATOR_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// How many entries, newest last.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token; prints the token alone (or JSON with --json).
+    Create {
+        /// How long the token can be used, e.g. 15m, 2h, 7d.
+        #[arg(long, default_value = "15m")]
+        ttl: String,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Label given to agents enrolled with it (repeatable), key=value.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// List enrolled agents with their state and figures.
+    List(JsonFlag),
+    /// Show one agent.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its connection closes at once and it can never connect again.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set labels (key=value) or remove them (key-) on an agent.
+    Label {
+        id: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+enum Failure {
+    Work(anyhow::Error),
+    Usage(anyhow::Error),
+    Unreachable(anyhow::Error),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Unreachable(e) => Self::Unreachable(e),
+            ClientError::Rejected(m) => Self::Usage(anyhow::anyhow!(m)),
+            ClientError::Failed(m) => Self::Work(anyhow::anyhow!(m)),
+        }
+    }
+}
+
+fn usage(e: anyhow::Error) -> Failure {
+    Failure::Usage(e)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(Failure::Work(e)) => report(&e, 1),
+        Err(Failure::Usage(e)) => report(&e, 2),
+        Err(Failure::Unreachable(e)) => report(&e, 3),
+    }
+}
+
+fn report(e: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::from(code)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.command {
+        Command::Init(args) => init::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Server(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).await,
+        Command::Token(TokenCommand::Create {
+            ttl,
+            uses,
+            labels,
+            json,
+        }) => {
+            let ttl = config::parse_duration(&ttl)
+                .context("--ttl")
+                .map_err(usage)?;
+            let labels = config::parse_labels(&labels)
+                .context("--label")
+                .map_err(usage)?;
+            let resp = admin(AdminRequest::CreateToken {
+                ttl_secs: ttl.as_secs().max(1),
+                uses,
+                labels,
+            })
+            .await?;
+            output::print_response(&resp, json)
+        }
+        Command::Agents(cmd) => {
+            let (req, json) = match cmd {
+                AgentsCommand::List(f) => (AdminRequest::ListAgents, f.json),
+                AgentsCommand::Show { id, json } => (
+                    AdminRequest::ShowAgent {
+                        agent_id: agent_id(&id)?,
+                    },
+                    json,
+                ),
+                AgentsCommand::Revoke { id, json } => (
+                    AdminRequest::RevokeAgent {
+                        agent_id: agent_id(&id)?,
+                    },
+                    json,
+                ),
+                AgentsCommand::Label { id, changes, json } => {
+                    let mut set = Vec::new();
+                    let mut remove = Vec::new();
+                    for c in changes {
+                        match c.strip_suffix('-') {
+                            Some(k) if !c.contains('=') => {
+                                config::check_label_key(k).map_err(usage)?;
+                                remove.push(k.to_owned());
+                            }
+                            _ => set.push(c),
+                        }
+                    }
+                    let set = config::parse_labels(&set).map_err(usage)?;
+                    (
+                        AdminRequest::LabelAgent {
+                            agent_id: agent_id(&id)?,
+                            set,
+                            remove,
+                        },
+                        json,
+                    )
+                }
+            };
+            let resp = admin(req).await?;
+            output::print_response(&resp, json)
+        }
+        Command::Status(f) => {
+            let resp = admin(AdminRequest::Status).await?;
+            output::print_response(&resp, f.json)
+        }
+        Command::Audit(a) => {
+            let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
+            output::print_response(&resp, a.json)
+        }
+    }
+}
+
+fn agent_id(text: &str) -> Result<AgentId, Failure> {
+    AgentId::parse(text)
+        .map_err(|e| usage(anyhow::anyhow!("{e}; `gantry agents list` shows agent ids")))
+}
+
+/// Connects with the admin context and sends one request.
+async fn admin(req: AdminRequest) -> Result<AdminResponse, Failure> {
+    let path = config::context_path().map_err(usage)?;
+    let ctx = AdminContext::load(&path).map_err(usage)?;
+    let mut client = AdminClient::connect(&ctx).await?;
+    let resp = client.request(&req).await;
+    client.close().await;
+    Ok(resp?)
+}
+
+async fn serve(args: ServerArgs) -> Result<(), Failure> {
+    let data = DataDir(args.data_dir);
+    let config_path = args.config.unwrap_or_else(|| data.config());
+    let config = CoordinatorConfig::load(&config_path).map_err(usage)?;
+    let settings = server::Settings {
+        listen: config.listen.clone(),
+        advertise: config.advertise.clone(),
+        agent_cert_ttl: config.agent_cert_ttl().map_err(usage)?,
+        heartbeat_interval: config.heartbeat_interval().map_err(usage)?,
+    };
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let ca = gantry_certs::CertAuthority::from_pem(
+        &read(data.ca_cert()).map_err(usage)?,
+        &read(data.ca_key()).map_err(usage)?,
+    )
+    .context("the CA in the data directory")
+    .map_err(usage)?;
+    let server_pem = read(data.server_cert()).map_err(usage)?;
+    let store = store::Store::open(&data.store()).map_err(|e| Failure::Work(e.into()))?;
+    let revoked = gantry_certs::RevocationSet::default();
+    let coordinator = server::Coordinator::new(store, ca, revoked.clone(), settings)
+        .map_err(|e| Failure::Work(e.into()))?;
+    let tls = gantry_certs::ServerTls::config(
+        coordinator_ca_der(&data).map_err(usage)?.as_slice(),
+        &server_pem,
+        &server_pem,
+        revoked,
+    )
+    .context("the coordinator certificate")
+    .map_err(usage)?;
+    let listen: std::net::SocketAddr = config
+        .listen
+        .parse()
+        .with_context(|| format!("listen address {:?} is not ip:port", config.listen))
+        .map_err(usage)?;
+    // Stable across restarts (see Listener::bind); derived so there is no extra secret file.
+    let reset_secret = gantry_certs::sha256(
+        &[
+            b"gantry stateless reset v1\n".as_slice(),
+            read(data.ca_key()).map_err(usage)?.as_bytes(),
+        ]
+        .concat(),
+    );
+    let listener = gantry_transport::Listener::bind(listen, tls, &reset_secret)
+        .map_err(|e| Failure::Work(e.into()))?;
+    let bound = listener.local_addr().map_err(|e| Failure::Work(e.into()))?;
+    tracing::info!(address = %bound, advertise = %config.advertise, "gantry server listening (ALPN gantry/1)");
+    println!("gantry server listening on {bound}");
+    Arc::new(coordinator)
+        .serve(listener, shutdown_signal())
+        .await;
+    Ok(())
+}
+
+fn coordinator_ca_der(data: &DataDir) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read_to_string(data.ca_cert())
+        .with_context(|| format!("cannot read {}", data.ca_cert().display()))?;
+    Ok(gantry_certs::pem_to_der(&pem)?)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    if let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    } else {
+        tracing::warn!("cannot install signal handlers; stop the server with SIGKILL");
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,283 @@
+//! How admin responses are shown: aligned tables for people, `--json` for scripts.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use gantry_protocol::{AdminResponse, AgentView, UnixMillis};
+
+use crate::Failure;
+
+/// Prints a response as a table or JSON.
+pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Failure> {
+    if json {
+        let value = match resp {
+            AdminResponse::TokenCreated(t) => serde_json::to_value(t),
+            AdminResponse::Agents(a) => serde_json::to_value(a),
+            AdminResponse::Agent(a) => serde_json::to_value(a),
+            AdminResponse::Status(s) => serde_json::to_value(s),
+            AdminResponse::Audit(a) => serde_json::to_value(a),
+            AdminResponse::Error(e) => serde_json::to_value(e),
+        }
+        .map_err(|e| Failure::Work(e.into()))?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).map_err(|e| Failure::Work(e.into()))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match resp {
+        AdminResponse::TokenCreated(t) => println!("{}", t.token),
+        AdminResponse::Agents(agents) => print!("{}", agents_table(agents, UnixMillis::now())),
+        AdminResponse::Agent(a) => print!("{}", agent_detail(a, UnixMillis::now())),
+        AdminResponse::Status(s) => {
+            println!(
+                "coordinator    gantry {} (protocol {})",
+                s.coordinator_version, s.protocol_version
+            );
+            println!("listening on   {}", s.listen_address);
+            println!("uptime         {}", human_duration(s.uptime_secs * 1000));
+            println!(
+                "agents         {} connected, {} enrolled, {} revoked",
+                s.agents_connected, s.agents_total, s.agents_revoked
+            );
+            println!("join tokens    {} active", s.tokens_active);
+        }
+        AdminResponse::Audit(entries) => {
+            for e in entries {
+                println!(
+                    "{}  {:<28} {:<14} {}",
+                    rfc3339(e.at),
+                    e.actor,
+                    e.action,
+                    e.detail
+                );
+            }
+        }
+        AdminResponse::Error(e) => println!("error: {}", e.message),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `gantry agents list` table.
+pub fn agents_table(agents: &[AgentView], now: UnixMillis) -> String {
+    let mut rows = vec![[
+        "AGENT",
+        "HOSTNAME",
+        "STATE",
+        "LAST SEEN",
+        "CPU",
+        "MEMORY",
+        "LOAD",
+        "LABELS",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for a in agents {
+        let f = a.figures.as_ref();
+        rows.push(vec![
+            a.agent_id.to_string(),
+            a.hostname.clone(),
+            a.state.as_str().to_owned(),
+            a.last_seen.map_or_else(
+                || "never".to_owned(),
+                |t| format!("{} ago", human_duration(now.millis_since(t))),
+            ),
+            f.map_or_else(
+                || "-".into(),
+                |f| format!("{:.0}% of {}", f.cpu_percent, f.cpu_count),
+            ),
+            f.map_or_else(
+                || "-".into(),
+                |f| {
+                    format!(
+                        "{}/{}",
+                        human_bytes(f.memory_used_bytes),
+                        human_bytes(f.memory_total_bytes)
+                    )
+                },
+            ),
+            f.map_or_else(|| "-".into(), |f| format!("{:.2}", f.load_average[0])),
+            a.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    table(&rows)
+}
+
+fn agent_detail(a: &AgentView, now: UnixMillis) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "agent          {}", a.agent_id);
+    let _ = writeln!(s, "hostname       {}", a.hostname);
+    let _ = writeln!(s, "state          {}", a.state.as_str());
+    let _ = writeln!(
+        s,
+        "version        {}",
+        if a.agent_version.is_empty() {
+            "-"
+        } else {
+            &a.agent_version
+        }
+    );
+    let _ = writeln!(
+        s,
+        "address        {}",
+        a.remote_address.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(s, "enrolled       {}", rfc3339(a.enrolled_at));
+    let _ = writeln!(
+        s,
+        "last seen      {}",
+        a.last_seen.map_or_else(
+            || "never".into(),
+            |t| format!("{} ago", human_duration(now.millis_since(t)))
+        )
+    );
+    let _ = writeln!(
+        s,
+        "certificate    valid until {}",
+        rfc3339(a.certificate_not_after)
+    );
+    if let Some(r) = a.revoked_at {
+        let _ = writeln!(s, "revoked        {}", rfc3339(r));
+    }
+    let _ = writeln!(s, "slots          {}", a.slots);
+    let _ = writeln!(s, "capabilities   {}", a.capabilities.join(", "));
+    let _ = writeln!(
+        s,
+        "labels         {}",
+        a.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some(f) = &a.figures {
+        let _ = writeln!(
+            s,
+            "cpu            {:.1}% of {} cores",
+            f.cpu_percent, f.cpu_count
+        );
+        let _ = writeln!(
+            s,
+            "memory         {} used of {}",
+            human_bytes(f.memory_used_bytes),
+            human_bytes(f.memory_total_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "disk           {} free of {}",
+            human_bytes(f.disk_free_bytes),
+            human_bytes(f.disk_total_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "load           {:.2} {:.2} {:.2}",
+            f.load_average[0], f.load_average[1], f.load_average[2]
+        );
+        let _ = writeln!(s, "uptime         {}", human_duration(f.uptime_secs * 1000));
+    }
+    s
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+pub fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 if ms < 1000 => format!("{ms}ms"),
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, no time zone database needed).
+#[allow(clippy::many_single_char_names)] // the civil-from-days algorithm's own names
+pub fn rfc3339(t: UnixMillis) -> String {
+    let secs = t.0 / 1000;
+    let days = (secs / 86_400).cast_signed();
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(rfc3339(UnixMillis(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UnixMillis(1_795_000_000_000)),
+            "2026-11-18T11:06:40Z"
+        );
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0GiB");
+        assert_eq!(human_duration(1500), "1s");
+        assert_eq!(human_duration(90_000), "1m30s");
+        let t = table(&[
+            vec!["A".into(), "B".into()],
+            vec!["long".into(), "x".into()],
+        ]);
+        assert_eq!(t, "A     B\nlong  x\n");
+    }
+}

@@ -1,0 +1,926 @@
+//! The coordinator's QUIC server: accepting connections, reading the hello, and running
+//! enrollment, agent sessions and admin sessions.
+//!
+//! What a connection may do depends only on the certificate it presented:
+//! no certificate → enroll, nothing else; an agent certificate → an agent session;
+//! an admin certificate → admin requests. Anything else is refused with a reason the
+//! peer can show, and the connection closed with a [`CloseCode`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use gantry_certs::{CertAuthority, Identity, JoinToken, RevocationSet};
+use gantry_protocol::{
+    limits, AdminError, AdminErrorKind, AdminRequest, AdminResponse, AgentHello, AgentId,
+    AgentMessage, AgentState, AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest,
+    Enrolled, HelloError, HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason,
+    StatusView, TokenCreated, TokenId, UnixMillis, Welcome,
+};
+use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
+use tokio::sync::Semaphore;
+
+use crate::store::{
+    AgentRecord, AuditEntry, HelloFacts, Presence, Store, StoreError, TokenRecord, TokenRefusal,
+};
+
+/// How often presence (last seen, figures) is written to the store. Presence is not an
+/// acknowledgement, so batching it keeps 10,000 heartbeats/5 s from becoming 2,000 fsyncs/s.
+pub const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Handshakes in progress at once; more are refused until some finish (connection storms).
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Longest join token lifetime and use count an admin may ask for.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+pub const MAX_TOKEN_USES: u32 = 100_000;
+/// Longest close reason sent; QUIC close frames must fit in one packet.
+const MAX_REASON_BYTES: usize = 400;
+
+/// Settings the server runs with, from `coordinator.toml`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub advertise: String,
+    pub agent_cert_ttl: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// A live agent session as the registry holds it.
+#[derive(Debug)]
+struct LiveSession {
+    session: u64,
+    conn: Connection,
+    address: String,
+    last_seen: UnixMillis,
+    figures: Option<HostFigures>,
+    hello: Option<HelloFacts>,
+    dirty: bool,
+}
+
+/// Live agent sessions by agent id, and presence not yet written to the store.
+#[derive(Debug, Default)]
+struct Registry {
+    live: HashMap<AgentId, LiveSession>,
+    departed: Vec<Presence>,
+}
+
+/// The coordinator's shared state.
+#[derive(Debug)]
+pub struct Coordinator {
+    store: Store,
+    ca: CertAuthority,
+    revoked: RevocationSet,
+    registry: Mutex<Registry>,
+    settings: Settings,
+    started_at: Instant,
+    next_session: AtomicU64,
+    handshakes: Semaphore,
+}
+
+fn lock(m: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn truncate(reason: &str) -> &str {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason;
+    }
+    let mut end = MAX_REASON_BYTES;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+impl Coordinator {
+    pub fn new(
+        store: Store,
+        ca: CertAuthority,
+        revoked: RevocationSet,
+        settings: Settings,
+    ) -> Result<Self, StoreError> {
+        for id in store.revoked_agents()? {
+            revoked.insert(id);
+        }
+        Ok(Self {
+            store,
+            ca,
+            revoked,
+            registry: Mutex::new(Registry::default()),
+            settings,
+            started_at: Instant::now(),
+            next_session: AtomicU64::new(1),
+            handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
+        })
+    }
+
+    /// Accepts connections until `shutdown` resolves, then closes them all and flushes presence.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let flusher = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PRESENCE_FLUSH_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    me.flush_presence();
+                }
+            })
+        };
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = listener.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let me = self.clone();
+                    tokio::spawn(async move { me.handle_incoming(incoming).await });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("shutting down: closing every connection");
+        listener.close(
+            CloseCode::ShuttingDown,
+            "coordinator shutting down; reconnect shortly",
+        );
+        flusher.abort();
+        self.flush_presence();
+        let _ = tokio::time::timeout(Duration::from_secs(2), listener.wait_idle()).await;
+    }
+
+    /// Writes pending presence in one commit. Failures are logged and retried next tick.
+    pub fn flush_presence(&self) {
+        let batch = {
+            let mut reg = lock(&self.registry);
+            let mut batch = std::mem::take(&mut reg.departed);
+            for (id, s) in &mut reg.live {
+                if s.dirty {
+                    s.dirty = false;
+                    batch.push(Presence {
+                        agent_id: id.clone(),
+                        last_seen: s.last_seen,
+                        address: s.address.clone(),
+                        figures: s.figures.clone(),
+                        hello: s.hello.take(),
+                    });
+                }
+            }
+            batch
+        };
+        if let Err(e) = self.store.record_presence(&batch) {
+            tracing::warn!(error = %e, agents = batch.len(), "could not record agent presence; will retry");
+            lock(&self.registry).departed.extend(batch);
+        }
+    }
+
+    async fn handle_incoming(self: Arc<Self>, incoming: Incoming) {
+        let remote = incoming.remote_address();
+        let Ok(handshake_slot) = self.handshakes.try_acquire() else {
+            tracing::warn!(%remote, "refusing connection: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
+            incoming.refuse();
+            return;
+        };
+        let started = Instant::now();
+        let conn = match incoming.handshake(limits::HANDSHAKE_DEADLINE).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        let (mut writer, mut reader) = match conn.accept_control(remaining).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "no control stream");
+                conn.close(
+                    CloseCode::Timeout,
+                    "no control stream opened before the handshake deadline",
+                );
+                return;
+            }
+        };
+        let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        let payload = match tokio::time::timeout(remaining, reader.recv_payload()).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                close_for(&conn, &e);
+                return;
+            }
+            Err(_) => {
+                conn.close(CloseCode::Timeout, "no hello before the handshake deadline");
+                return;
+            }
+        };
+        drop(handshake_slot);
+        let hello = match gantry_protocol::decode_hello(&payload) {
+            Ok(h) => h,
+            Err(HelloError::UnsupportedVersion { theirs, min, max }) => {
+                let msg = format!(
+                    "unsupported protocol version {theirs}: this coordinator (gantry {}) speaks versions {min}..={max}; install a matching gantry-agent",
+                    env!("CARGO_PKG_VERSION")
+                );
+                tracing::info!(%remote, "{msg}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::UnsupportedVersion,
+                    RefusalReason::UnsupportedVersion,
+                    msg,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "bad hello");
+                conn.close(CloseCode::Malformed, truncate(&e.to_string()));
+                return;
+            }
+        };
+        let identity = conn
+            .peer_certificates()
+            .map(|chain| Identity::from_cert_der(&chain[0]));
+        match (hello.intent, identity) {
+            (Intent::Enroll(req), None) => self.enroll(&conn, &mut writer, req).await,
+            (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
+                self.agent_session(conn, writer, reader, id, h).await;
+            }
+            (Intent::Admin(_), Some(Ok(Identity::Admin(name)))) => {
+                self.admin_session(conn, writer, reader, name).await;
+            }
+            (Intent::Enroll(_), Some(_)) => {
+                let msg = "enrollment must come from a connection without a client certificate"
+                    .to_owned();
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::BadRequest,
+                    msg,
+                )
+                .await;
+            }
+            (_, None) => {
+                let msg = "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned();
+                tracing::info!(%remote, "{msg}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::NotAuthenticated,
+                    msg,
+                )
+                .await;
+            }
+            (Intent::Admin(_), Some(Ok(other))) => {
+                let msg =
+                    format!("{other} is not an admin: admin commands need an admin certificate");
+                tracing::info!(%remote, "{msg}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::WrongRole,
+                    msg,
+                )
+                .await;
+            }
+            (Intent::Agent(_), Some(Ok(other))) => {
+                let msg =
+                    format!("{other} is not an agent: an agent session needs an agent certificate");
+                tracing::info!(%remote, "{msg}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::WrongRole,
+                    msg,
+                )
+                .await;
+            }
+            (_, Some(Err(e))) => {
+                let msg = format!("client certificate names no Gantry identity: {e}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::NotAuthenticated,
+                    msg,
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn enroll(&self, conn: &Connection, writer: &mut FrameWriter, req: EnrollRequest) {
+        let remote = conn.remote_address();
+        match self.try_enroll(&req, remote.to_string()) {
+            Ok(enrolled) => {
+                tracing::info!(%remote, agent = %enrolled.agent_id, "agent enrolled");
+                if let Err(e) = writer.send(&HelloReply::Enrolled(enrolled)).await {
+                    tracing::warn!(%remote, error = %e, "could not send the enrollment reply");
+                }
+                writer.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            }
+            Err(refusal) => {
+                tracing::info!(%remote, reason = ?refusal.reason, "enrollment refused: {}", refusal.message);
+                refuse(
+                    conn,
+                    writer,
+                    CloseCode::EnrollmentRefused,
+                    refusal.reason,
+                    refusal.message,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Checks the token and CSR and stores the agent. Nothing is stored, and no
+    /// certificate leaves, unless every check passes and the commit is durable.
+    fn try_enroll(&self, req: &EnrollRequest, remote: String) -> Result<Enrolled, Refusal> {
+        let refusal = |reason, message: String| Refusal { reason, message };
+        let token_id = TokenId::parse(req.token_id.as_str()).map_err(|e| {
+            refusal(
+                RefusalReason::TokenMalformed,
+                format!("malformed join token: {e}"),
+            )
+        })?;
+        if req.token_secret.len() != 64 || !req.token_secret.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(refusal(
+                RefusalReason::TokenMalformed,
+                "malformed join token: the secret is not 64 hex digits".into(),
+            ));
+        }
+        let labels =
+            check_labels(&req.labels).map_err(|m| refusal(RefusalReason::BadRequest, m))?;
+        let hostname: String = req
+            .hostname
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(253)
+            .collect();
+        let now_sys = SystemTime::now();
+        let now = UnixMillis::now();
+        let agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
+        let cert = self
+            .ca
+            .sign_csr(
+                &req.csr_der,
+                &Identity::Agent(agent_id.clone()),
+                now_sys,
+                self.settings.agent_cert_ttl,
+            )
+            .map_err(|e| {
+                refusal(
+                    RefusalReason::BadCsr,
+                    format!("certificate request refused: {e}"),
+                )
+            })?;
+        let record = self.store.enroll(
+            &token_id,
+            |token| gantry_certs::token::secret_matches(&req.token_secret, &token.secret_sha256),
+            now,
+            |token, taken| {
+                if taken(&agent_id) {
+                    return Err(StoreError::Engine {
+                        op: "enroll",
+                        detail: "agent id collision; enroll again".into(),
+                    });
+                }
+                Ok(AgentRecord {
+                    id: agent_id.clone(),
+                    hostname,
+                    reported_labels: labels.clone(),
+                    assigned_labels: token.labels.clone(),
+                    capabilities: Vec::new(),
+                    slots: 0,
+                    agent_version: String::new(),
+                    enrolled_at: now,
+                    enrolled_with: token.id.clone(),
+                    last_seen: Some(now),
+                    last_address: Some(remote),
+                    figures: None,
+                    certificate_serial: cert.serial_hex.clone(),
+                    certificate_not_after: cert.not_after,
+                    revoked_at: None,
+                })
+            },
+        );
+        match record {
+            Ok(record) => Ok(Enrolled {
+                agent_id,
+                certificate_pem: cert.pem,
+                ca_certificate_pem: self.ca.cert_pem().to_owned(),
+                labels: record.effective_labels(),
+            }),
+            Err(StoreError::Token(t)) => {
+                let reason = match t {
+                    TokenRefusal::Unknown(_) => RefusalReason::TokenUnknown,
+                    TokenRefusal::Expired { .. } => RefusalReason::TokenExpired,
+                    TokenRefusal::UsedUp { .. } => RefusalReason::TokenUsedUp,
+                };
+                Err(refusal(reason, t.to_string()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "enrollment failed in the store");
+                Err(refusal(
+                    RefusalReason::Internal,
+                    format!("coordinator could not store the enrollment: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn agent_session(
+        &self,
+        conn: Connection,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+        id: AgentId,
+        hello: AgentHello,
+    ) {
+        let remote = conn.remote_address();
+        let record = match self.store.agent(&id) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let msg = format!("agent {id} is not enrolled with this coordinator; enroll it again with a new token");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Unauthorized,
+                    RefusalReason::NotAuthenticated,
+                    msg,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::ShuttingDown,
+                    RefusalReason::Internal,
+                    format!("store error: {e}"),
+                )
+                .await;
+                return;
+            }
+        };
+        if record.revoked_at.is_some() || self.revoked.contains(&id) {
+            let msg = format!("agent {id} has been revoked; enroll it again with a new token");
+            refuse(
+                &conn,
+                &mut writer,
+                CloseCode::Revoked,
+                RefusalReason::Revoked,
+                msg,
+            )
+            .await;
+            return;
+        }
+        let labels = match check_labels(&hello.labels) {
+            Ok(l) => l,
+            Err(msg) => {
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::Malformed,
+                    RefusalReason::BadRequest,
+                    msg,
+                )
+                .await;
+                return;
+            }
+        };
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let now = UnixMillis::now();
+        let facts = HelloFacts {
+            hostname: hello.hostname.chars().take(253).collect(),
+            labels,
+            capabilities: hello
+                .capabilities
+                .into_iter()
+                .take(32)
+                .map(|c| c.chars().take(64).collect())
+                .collect(),
+            slots: hello.slots.clamp(1, 1024),
+            agent_version: hello.agent_version.chars().take(64).collect(),
+        };
+        let replaced = lock(&self.registry).live.insert(
+            id.clone(),
+            LiveSession {
+                session,
+                conn: conn.clone(),
+                address: remote.to_string(),
+                last_seen: now,
+                figures: Some(hello.figures),
+                hello: Some(facts),
+                dirty: true,
+            },
+        );
+        if let Some(old) = replaced {
+            old.conn.close(
+                CloseCode::Replaced,
+                "a newer session of this agent replaced this one",
+            );
+        }
+        tracing::info!(agent = %id, %remote, "agent connected");
+        let welcome = HelloReply::Welcome(Welcome {
+            protocol_version: gantry_protocol::PROTOCOL_VERSION,
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            identity: Identity::Agent(id.clone()).uri(),
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
+        });
+        let mut end = "the agent ended the session".to_owned();
+        if let Err(e) = writer.send(&welcome).await {
+            end = e.to_string();
+        } else {
+            loop {
+                match reader.recv::<AgentMessage>().await {
+                    Ok(Some(AgentMessage::Heartbeat(figures))) => {
+                        let mut reg = lock(&self.registry);
+                        if let Some(s) = reg.live.get_mut(&id).filter(|s| s.session == session) {
+                            s.last_seen = UnixMillis::now();
+                            s.figures = Some(figures);
+                            s.dirty = true;
+                        }
+                    }
+                    Ok(Some(AgentMessage::RenewCertificate { csr_der })) => {
+                        let reply = self.renew(&id, &csr_der);
+                        if let Err(e) = writer.send(&reply).await {
+                            end = e.to_string();
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        close_for(&conn, &e);
+                        end = e.to_string();
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(agent = %id, %remote, "agent disconnected: {end}");
+        let mut reg = lock(&self.registry);
+        if reg.live.get(&id).is_some_and(|s| s.session == session) {
+            if let Some(s) = reg.live.remove(&id) {
+                reg.departed.push(Presence {
+                    agent_id: id,
+                    last_seen: UnixMillis::now(),
+                    address: s.address,
+                    figures: s.figures,
+                    hello: s.hello,
+                });
+            }
+        }
+    }
+
+    fn renew(&self, id: &AgentId, csr_der: &[u8]) -> CoordinatorMessage {
+        let identity = Identity::Agent(id.clone());
+        let cert = match self.ca.sign_csr(
+            csr_der,
+            &identity,
+            SystemTime::now(),
+            self.settings.agent_cert_ttl,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                return CoordinatorMessage::RenewalRefused {
+                    message: format!("certificate request refused: {e}"),
+                }
+            }
+        };
+        let audit = AuditEntry {
+            at: UnixMillis::now(),
+            actor: identity.uri(),
+            action: "agent.renew".into(),
+            detail: format!("certificate_serial={}", cert.serial_hex),
+        };
+        let stored = self.store.update_agent(id, Some(&audit), |r| {
+            r.certificate_serial.clone_from(&cert.serial_hex);
+            r.certificate_not_after = cert.not_after;
+        });
+        match stored {
+            Ok(_) => {
+                tracing::info!(agent = %id, "certificate renewed");
+                CoordinatorMessage::CertificateRenewed {
+                    certificate_pem: cert.pem,
+                    not_after: cert.not_after,
+                }
+            }
+            Err(e) => CoordinatorMessage::RenewalRefused {
+                message: format!("could not record the renewal: {e}"),
+            },
+        }
+    }
+
+    async fn admin_session(
+        &self,
+        conn: Connection,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+        name: String,
+    ) {
+        let actor = Identity::Admin(name).uri();
+        let welcome = HelloReply::Welcome(Welcome {
+            protocol_version: gantry_protocol::PROTOCOL_VERSION,
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            identity: actor.clone(),
+            heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
+        });
+        if writer.send(&welcome).await.is_err() {
+            return;
+        }
+        loop {
+            match reader.recv::<AdminRequest>().await {
+                Ok(Some(req)) => {
+                    let response = self.admin_request(&actor, req);
+                    if writer.send(&response).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    close_for(&conn, &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers one admin request. Every change is durable (with its audit entry) before
+    /// the response is built.
+    pub fn admin_request(&self, actor: &str, req: AdminRequest) -> AdminResponse {
+        let now = UnixMillis::now();
+        let audit = |action: &str, detail: String| AuditEntry {
+            at: now,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            detail,
+        };
+        let result: Result<AdminResponse, AdminError> = (|| match req {
+            AdminRequest::CreateToken {
+                ttl_secs,
+                uses,
+                labels,
+            } => {
+                if ttl_secs == 0 || ttl_secs > MAX_TOKEN_TTL.as_secs() {
+                    return Err(invalid(format!(
+                        "token lifetime must be between 1s and {}d",
+                        MAX_TOKEN_TTL.as_secs() / 86_400
+                    )));
+                }
+                if uses == 0 || uses > MAX_TOKEN_USES {
+                    return Err(invalid(format!(
+                        "token uses must be between 1 and {MAX_TOKEN_USES}"
+                    )));
+                }
+                let labels = check_labels(&labels).map_err(invalid)?;
+                let token = JoinToken::generate(&self.settings.advertise, &self.ca.fingerprint());
+                let record = TokenRecord {
+                    id: token.id.clone(),
+                    secret_sha256: gantry_certs::token::hash_secret(&token.secret).to_vec(),
+                    created_at: now,
+                    created_by: actor.to_owned(),
+                    expires_at: now.plus_secs(ttl_secs),
+                    uses_allowed: uses,
+                    uses: 0,
+                    labels: labels.clone(),
+                };
+                let detail = format!(
+                    "token={} ttl_secs={ttl_secs} uses={uses} labels={labels:?}",
+                    token.id
+                );
+                self.store
+                    .create_token(&record, &audit("token.create", detail))
+                    .map_err(internal)?;
+                Ok(AdminResponse::TokenCreated(TokenCreated {
+                    token_id: token.id.clone(),
+                    token: token.encode(),
+                    expires_at: record.expires_at,
+                    uses,
+                    labels,
+                }))
+            }
+            AdminRequest::ListAgents => {
+                let mut views: Vec<AgentView> = self
+                    .store
+                    .agents()
+                    .map_err(internal)?
+                    .iter()
+                    .map(|r| self.view(r))
+                    .collect();
+                views.sort_by(|a, b| {
+                    a.hostname
+                        .cmp(&b.hostname)
+                        .then_with(|| a.agent_id.cmp(&b.agent_id))
+                });
+                Ok(AdminResponse::Agents(views))
+            }
+            AdminRequest::ShowAgent { agent_id } => {
+                let record = self
+                    .store
+                    .agent(&agent_id)
+                    .map_err(internal)?
+                    .ok_or_else(|| not_found(&agent_id))?;
+                Ok(AdminResponse::Agent(self.view(&record)))
+            }
+            AdminRequest::RevokeAgent { agent_id } => {
+                let record = self
+                    .store
+                    .update_agent(
+                        &agent_id,
+                        Some(&audit("agent.revoke", format!("agent={agent_id}"))),
+                        |r| {
+                            r.revoked_at.get_or_insert(now);
+                        },
+                    )
+                    .map_err(|e| store_err(e, &agent_id))?;
+                self.revoked.insert(agent_id.clone());
+                let live = lock(&self.registry).live.remove(&agent_id);
+                if let Some(s) = live {
+                    s.conn.close(
+                        CloseCode::Revoked,
+                        &format!("agent {agent_id} was revoked by {actor}"),
+                    );
+                    tracing::info!(agent = %agent_id, "revoked: live connection closed");
+                }
+                Ok(AdminResponse::Agent(self.view(&record)))
+            }
+            AdminRequest::LabelAgent {
+                agent_id,
+                set,
+                remove,
+            } => {
+                let set = check_labels(&set).map_err(invalid)?;
+                let detail = format!("agent={agent_id} set={set:?} remove={remove:?}");
+                let record = self
+                    .store
+                    .update_agent(&agent_id, Some(&audit("agent.label", detail)), |r| {
+                        for k in &remove {
+                            r.assigned_labels.remove(k);
+                        }
+                        r.assigned_labels.extend(set);
+                    })
+                    .map_err(|e| store_err(e, &agent_id))?;
+                Ok(AdminResponse::Agent(self.view(&record)))
+            }
+            AdminRequest::Status => {
+                let counts = self.store.counts(now).map_err(internal)?;
+                let connected = lock(&self.registry).live.len() as u64;
+                Ok(AdminResponse::Status(StatusView {
+                    coordinator_version: env!("CARGO_PKG_VERSION").into(),
+                    protocol_version: gantry_protocol::PROTOCOL_VERSION,
+                    listen_address: self.settings.listen.clone(),
+                    uptime_secs: self.started_at.elapsed().as_secs(),
+                    agents_total: counts.agents,
+                    agents_connected: connected,
+                    agents_revoked: counts.revoked,
+                    tokens_active: counts.tokens_active,
+                }))
+            }
+            AdminRequest::Audit { limit } => {
+                let entries = self
+                    .store
+                    .audit_tail(limit.clamp(1, 10_000) as usize)
+                    .map_err(internal)?;
+                Ok(AdminResponse::Audit(
+                    entries
+                        .into_iter()
+                        .map(|e| AuditView {
+                            at: e.at,
+                            actor: e.actor,
+                            action: e.action,
+                            detail: e.detail,
+                        })
+                        .collect(),
+                ))
+            }
+        })();
+        result.unwrap_or_else(AdminResponse::Error)
+    }
+
+    fn view(&self, r: &AgentRecord) -> AgentView {
+        let reg = lock(&self.registry);
+        let live = reg.live.get(&r.id);
+        let state = if r.revoked_at.is_some() {
+            AgentState::Revoked
+        } else if live.is_some() {
+            AgentState::Connected
+        } else {
+            AgentState::Disconnected
+        };
+        let mut labels = r.effective_labels();
+        let (mut hostname, mut capabilities, mut slots, mut version) = (
+            r.hostname.clone(),
+            r.capabilities.clone(),
+            r.slots,
+            r.agent_version.clone(),
+        );
+        if let Some(h) = live.and_then(|s| s.hello.as_ref()) {
+            // Hello facts not yet flushed to the store are fresher.
+            hostname.clone_from(&h.hostname);
+            capabilities.clone_from(&h.capabilities);
+            slots = h.slots;
+            version.clone_from(&h.agent_version);
+            let mut l = h.labels.clone();
+            l.extend(r.assigned_labels.clone());
+            labels = l;
+        }
+        AgentView {
+            agent_id: r.id.clone(),
+            hostname,
+            state,
+            labels,
+            capabilities,
+            slots,
+            agent_version: version,
+            enrolled_at: r.enrolled_at,
+            last_seen: live.map(|s| s.last_seen).or(r.last_seen),
+            remote_address: live
+                .map(|s| s.address.clone())
+                .or_else(|| r.last_address.clone()),
+            figures: live
+                .and_then(|s| s.figures.clone())
+                .or_else(|| r.figures.clone()),
+            certificate_not_after: r.certificate_not_after,
+            revoked_at: r.revoked_at,
+        }
+    }
+}
+
+/// Validates labels from the wire with the same rules as the CLI.
+fn check_labels(labels: &Labels) -> Result<Labels, String> {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    crate::config::parse_labels(&pairs).map_err(|e| e.to_string())
+}
+
+fn invalid(message: String) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::InvalidInput,
+        message,
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as map_err(internal)
+fn internal(e: StoreError) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::Internal,
+        message: e.to_string(),
+    }
+}
+
+fn not_found(id: &AgentId) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::NotFound,
+        message: format!("no agent {id}; `gantry agents list` shows the enrolled ones"),
+    }
+}
+
+fn store_err(e: StoreError, id: &AgentId) -> AdminError {
+    match e {
+        StoreError::UnknownAgent(_) => not_found(id),
+        other => internal(other),
+    }
+}
+
+/// Closes a connection for a stream error, with the matching code and the error as reason.
+fn close_for(conn: &Connection, e: &TransportError) {
+    let code = match e {
+        TransportError::Frame(gantry_protocol::FrameError::TooLarge { .. }) => {
+            CloseCode::FrameTooLarge
+        }
+        TransportError::Frame(_) => CloseCode::Malformed,
+        _ => return,
+    };
+    tracing::info!(remote = %conn.remote_address(), error = %e, "closing connection");
+    conn.close(code, truncate(&e.to_string()));
+}
+
+/// Sends a typed refusal, lets the peer read it, then closes with `code`.
+async fn refuse(
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    code: CloseCode,
+    reason: RefusalReason,
+    message: String,
+) {
+    let _ = writer
+        .send(&HelloReply::Refused(Refusal {
+            reason,
+            message: message.clone(),
+        }))
+        .await;
+    writer.finish();
+    // A peer that read the refusal closes by itself; one that does not is cut off after 1 s.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    conn.close(code, truncate(&message));
+}

@@ -1,0 +1,569 @@
+//! The durable store: the only module of the coordinator that knows redb.
+//!
+//! It holds agents, join tokens, revocations (as a field of the agent record) and the
+//! audit log, each record postcard-encoded under a typed key. Every method that changes
+//! state commits with `Durability::Immediate` before it returns, so a caller may
+//! acknowledge what it just stored. Live session facts (last seen, figures) are written
+//! in batches by [`Store::record_presence`], because they are not acknowledgements.
+
+use std::path::Path;
+
+use gantry_protocol::{AgentId, HostFigures, Labels, TokenId, UnixMillis};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Version of the record layouts below; bump with a migration when a record changes shape.
+const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {detail}")]
+    Open { path: String, detail: String },
+    #[error("store schema version {found} is newer than this coordinator understands ({supported}); upgrade gantry")]
+    SchemaTooNew { found: u32, supported: u32 },
+    #[error("store {op} failed: {detail}")]
+    Engine { op: &'static str, detail: String },
+    #[error("corrupt {what} record {key}: {detail}")]
+    Corrupt {
+        what: &'static str,
+        key: String,
+        detail: String,
+    },
+    #[error("no agent {0}")]
+    UnknownAgent(AgentId),
+    #[error(transparent)]
+    Token(#[from] TokenRefusal),
+}
+
+/// Why a join token cannot be used. Each case is reported to the enrolling agent as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("join token {0} is unknown to this coordinator (never created, or wrong secret)")]
+    Unknown(TokenId),
+    #[error("join token {id} expired at {expired_at_ms} (unix ms); create a new one with `gantry token create`")]
+    Expired { id: TokenId, expired_at_ms: u64 },
+    #[error("join token {id} has been used {uses} times, all it allows; create a new one with `gantry token create`")]
+    UsedUp { id: TokenId, uses: u32 },
+}
+
+fn engine(op: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
+    move |e| StoreError::Engine {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+macro_rules! eng {
+    ($op:literal) => {
+        |e| engine($op)(&e)
+    };
+}
+
+/// An enrolled agent as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub id: AgentId,
+    pub hostname: String,
+    /// Labels the agent reports about itself (os, arch, hostname, its config).
+    pub reported_labels: Labels,
+    /// Labels from its join token and from `gantry agents label`; these win over reported ones.
+    pub assigned_labels: Labels,
+    pub capabilities: Vec<String>,
+    pub slots: u32,
+    pub agent_version: String,
+    pub enrolled_at: UnixMillis,
+    pub enrolled_with: TokenId,
+    pub last_seen: Option<UnixMillis>,
+    pub last_address: Option<String>,
+    pub figures: Option<HostFigures>,
+    pub certificate_serial: String,
+    pub certificate_not_after: UnixMillis,
+    pub revoked_at: Option<UnixMillis>,
+}
+
+impl AgentRecord {
+    /// Reported labels overlaid with assigned ones.
+    pub fn effective_labels(&self) -> Labels {
+        let mut labels = self.reported_labels.clone();
+        labels.extend(
+            self.assigned_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        labels
+    }
+}
+
+/// A join token as stored: never the secret, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: TokenId,
+    pub secret_sha256: Vec<u8>,
+    pub created_at: UnixMillis,
+    pub created_by: String,
+    pub expires_at: UnixMillis,
+    pub uses_allowed: u32,
+    pub uses: u32,
+    pub labels: Labels,
+}
+
+impl TokenRecord {
+    /// Whether the token may enroll one more agent at `now`.
+    pub fn check(&self, now: UnixMillis) -> Result<(), TokenRefusal> {
+        if now >= self.expires_at {
+            return Err(TokenRefusal::Expired {
+                id: self.id.clone(),
+                expired_at_ms: self.expires_at.0,
+            });
+        }
+        if self.uses >= self.uses_allowed {
+            return Err(TokenRefusal::UsedUp {
+                id: self.id.clone(),
+                uses: self.uses,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: UnixMillis,
+    /// Identity URI of who did it (`gantry://admin/ops`, `gantry://agent/ag-…`).
+    pub actor: String,
+    pub action: String,
+    pub detail: String,
+}
+
+/// Presence facts of a connected agent, flushed in batches.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub agent_id: AgentId,
+    pub last_seen: UnixMillis,
+    pub address: String,
+    pub figures: Option<HostFigures>,
+    pub hello: Option<HelloFacts>,
+}
+
+/// What an agent said about itself in its hello.
+#[derive(Debug, Clone)]
+pub struct HelloFacts {
+    pub hostname: String,
+    pub labels: Labels,
+    pub capabilities: Vec<String>,
+    pub slots: u32,
+    pub agent_version: String,
+}
+
+/// Counts for `gantry status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counts {
+    pub agents: u64,
+    pub revoked: u64,
+    pub tokens_active: u64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|e| StoreError::Engine {
+        op: "encode",
+        detail: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store file and checks its schema version.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        let store = Self { db };
+        let tx = store.db.begin_write().map_err(eng!("begin"))?;
+        {
+            // Create every table so readers never meet a missing one.
+            tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+            tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
+            tx.open_table(AUDIT).map_err(eng!("open audit"))?;
+            let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
+            let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
+                Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
+                None => None,
+            };
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::SchemaTooNew {
+                        found: v,
+                        supported: SCHEMA_VERSION,
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", encode(&SCHEMA_VERSION)?.as_slice())
+                        .map_err(eng!("write meta"))?;
+                }
+            }
+        }
+        tx.commit().map_err(eng!("commit"))?;
+        Ok(store)
+    }
+
+    fn write<R>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_write().map_err(eng!("begin"))?;
+        let out = f(&tx)?;
+        tx.commit().map_err(eng!("commit"))?;
+        Ok(out)
+    }
+
+    fn append_audit(tx: &redb::WriteTransaction, entry: &AuditEntry) -> Result<(), StoreError> {
+        let mut audit = tx.open_table(AUDIT).map_err(eng!("open audit"))?;
+        let next = audit
+            .last()
+            .map_err(eng!("read audit"))?
+            .map_or(1, |(k, _)| k.value() + 1);
+        audit
+            .insert(next, encode(entry)?.as_slice())
+            .map_err(eng!("write audit"))?;
+        Ok(())
+    }
+
+    /// Appends an audit entry on its own.
+    pub fn audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.write(|tx| Self::append_audit(tx, entry))
+    }
+
+    /// Stores a new token and its audit entry.
+    pub fn create_token(&self, token: &TokenRecord, audit: &AuditEntry) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut tokens = tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
+            tokens
+                .insert(token.id.as_str(), encode(token)?.as_slice())
+                .map_err(eng!("write token"))?;
+            drop(tokens);
+            Self::append_audit(tx, audit)
+        })
+    }
+
+    /// Atomically checks the token (`secret_ok` tells whether the presented secret matched
+    /// its hash), spends one use, and stores the new agent. The agent record is built by
+    /// `make_agent` from the token, so token labels reach the agent in the same commit.
+    pub fn enroll(
+        &self,
+        token_id: &TokenId,
+        secret_ok: impl FnOnce(&TokenRecord) -> bool,
+        now: UnixMillis,
+        make_agent: impl FnOnce(
+            &TokenRecord,
+            &dyn Fn(&AgentId) -> bool,
+        ) -> Result<AgentRecord, StoreError>,
+    ) -> Result<AgentRecord, StoreError> {
+        self.write(|tx| {
+            let mut tokens = tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
+            let mut token: TokenRecord =
+                match tokens.get(token_id.as_str()).map_err(eng!("read token"))? {
+                    Some(v) => decode("token", token_id.as_str(), v.value())?,
+                    None => return Err(TokenRefusal::Unknown(token_id.clone()).into()),
+                };
+            if !secret_ok(&token) {
+                return Err(TokenRefusal::Unknown(token_id.clone()).into());
+            }
+            token.check(now)?;
+            token.uses += 1;
+            tokens
+                .insert(token_id.as_str(), encode(&token)?.as_slice())
+                .map_err(eng!("write token"))?;
+            drop(tokens);
+            let mut agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+            let id_in_use = |id: &AgentId| agents.get(id.as_str()).map_or(true, |v| v.is_some());
+            let agent = make_agent(&token, &id_in_use)?;
+            agents
+                .insert(agent.id.as_str(), encode(&agent)?.as_slice())
+                .map_err(eng!("write agent"))?;
+            drop(agents);
+            Self::append_audit(
+                tx,
+                &AuditEntry {
+                    at: now,
+                    actor: format!("gantry://agent/{}", agent.id),
+                    action: "agent.enroll".into(),
+                    detail: format!(
+                        "hostname={} token={} certificate_serial={}",
+                        agent.hostname, token_id, agent.certificate_serial
+                    ),
+                },
+            )?;
+            Ok(agent)
+        })
+    }
+
+    pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+        match agents.get(id.as_str()).map_err(eng!("read agent"))? {
+            Some(v) => Ok(Some(decode("agent", id.as_str(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+        let mut out = Vec::new();
+        for item in agents.iter().map_err(eng!("scan agents"))? {
+            let (k, v) = item.map_err(eng!("scan agents"))?;
+            out.push(decode("agent", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Applies `change` to one agent and records `audit`, in one commit.
+    pub fn update_agent(
+        &self,
+        id: &AgentId,
+        audit: Option<&AuditEntry>,
+        change: impl FnOnce(&mut AgentRecord),
+    ) -> Result<AgentRecord, StoreError> {
+        self.write(|tx| {
+            let mut agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+            let mut record: AgentRecord =
+                match agents.get(id.as_str()).map_err(eng!("read agent"))? {
+                    Some(v) => decode("agent", id.as_str(), v.value())?,
+                    None => return Err(StoreError::UnknownAgent(id.clone())),
+                };
+            change(&mut record);
+            agents
+                .insert(id.as_str(), encode(&record)?.as_slice())
+                .map_err(eng!("write agent"))?;
+            drop(agents);
+            if let Some(entry) = audit {
+                Self::append_audit(tx, entry)?;
+            }
+            Ok(record)
+        })
+    }
+
+    /// Writes a batch of presence facts in one commit. Unknown agents are skipped.
+    pub fn record_presence(&self, batch: &[Presence]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;
+            for p in batch {
+                let mut record: AgentRecord = match agents
+                    .get(p.agent_id.as_str())
+                    .map_err(eng!("read agent"))?
+                {
+                    Some(v) => decode("agent", p.agent_id.as_str(), v.value())?,
+                    None => continue,
+                };
+                record.last_seen = Some(p.last_seen);
+                record.last_address = Some(p.address.clone());
+                if let Some(f) = &p.figures {
+                    record.figures = Some(f.clone());
+                }
+                if let Some(h) = &p.hello {
+                    record.hostname.clone_from(&h.hostname);
+                    record.reported_labels.clone_from(&h.labels);
+                    record.capabilities.clone_from(&h.capabilities);
+                    record.slots = h.slots;
+                    record.agent_version.clone_from(&h.agent_version);
+                }
+                agents
+                    .insert(p.agent_id.as_str(), encode(&record)?.as_slice())
+                    .map_err(eng!("write agent"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Identities of every revoked agent, to load into the TLS verifier at start.
+    pub fn revoked_agents(&self) -> Result<Vec<AgentId>, StoreError> {
+        Ok(self
+            .agents()?
+            .into_iter()
+            .filter(|a| a.revoked_at.is_some())
+            .map(|a| a.id)
+            .collect())
+    }
+
+    pub fn counts(&self, now: UnixMillis) -> Result<Counts, StoreError> {
+        let agents = self.agents()?;
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let tokens = tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
+        let mut tokens_active = 0;
+        for item in tokens.iter().map_err(eng!("scan tokens"))? {
+            let (k, v) = item.map_err(eng!("scan tokens"))?;
+            let token: TokenRecord = decode("token", k.value(), v.value())?;
+            if token.check(now).is_ok() {
+                tokens_active += 1;
+            }
+        }
+        Ok(Counts {
+            agents: agents.len() as u64,
+            revoked: agents.iter().filter(|a| a.revoked_at.is_some()).count() as u64,
+            tokens_active,
+        })
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit_tail(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let audit = tx.open_table(AUDIT).map_err(eng!("open audit"))?;
+        let total = audit.len().map_err(eng!("count audit"))?;
+        let mut out = Vec::new();
+        for item in audit.iter().map_err(eng!("scan audit"))?.rev().take(limit) {
+            let (k, v) = item.map_err(eng!("scan audit"))?;
+            out.push(decode("audit", &k.value().to_string(), v.value())?);
+        }
+        out.reverse();
+        debug_assert!(out.len() as u64 <= total);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(now: UnixMillis, uses_allowed: u32) -> TokenRecord {
+        TokenRecord {
+            id: TokenId::parse("tk-0123456789abcdef").expect("id"),
+            secret_sha256: vec![1; 32],
+            created_at: now,
+            created_by: "test".into(),
+            expires_at: now.plus_secs(60),
+            uses_allowed,
+            uses: 0,
+            labels: Labels::from([("site".to_owned(), "paris".to_owned())]),
+        }
+    }
+
+    fn audit(action: &str) -> AuditEntry {
+        AuditEntry {
+            at: UnixMillis(1),
+            actor: "gantry://admin/t".into(),
+            action: action.into(),
+            detail: String::new(),
+        }
+    }
+
+    fn agent_from(token: &TokenRecord, n: u8) -> AgentRecord {
+        AgentRecord {
+            id: AgentId::from_random(&[n; 6]),
+            hostname: format!("host{n}"),
+            reported_labels: Labels::new(),
+            assigned_labels: token.labels.clone(),
+            capabilities: vec![],
+            slots: 1,
+            agent_version: "t".into(),
+            enrolled_at: UnixMillis(1),
+            enrolled_with: token.id.clone(),
+            last_seen: None,
+            last_address: None,
+            figures: None,
+            certificate_serial: "01".into(),
+            certificate_not_after: UnixMillis(2),
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn enrollment_spends_uses_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let now = UnixMillis(1_000_000);
+        let t = token(now, 1);
+        {
+            let store = Store::open(&path).expect("open");
+            store
+                .create_token(&t, &audit("token.create"))
+                .expect("create");
+            let a = store
+                .enroll(&t.id, |_| true, now, |tok, _| Ok(agent_from(tok, 1)))
+                .expect("enroll");
+            assert_eq!(a.assigned_labels["site"], "paris");
+            let err = store
+                .enroll(&t.id, |_| true, now, |tok, _| Ok(agent_from(tok, 2)))
+                .expect_err("used up");
+            assert!(
+                matches!(err, StoreError::Token(TokenRefusal::UsedUp { uses: 1, .. })),
+                "{err}"
+            );
+        }
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store.agents().expect("agents").len(),
+            1,
+            "the refused enrollment stored nothing"
+        );
+        let actions: Vec<String> = store
+            .audit_tail(10)
+            .expect("audit")
+            .into_iter()
+            .map(|a| a.action)
+            .collect();
+        assert_eq!(actions, vec!["token.create", "agent.enroll"]);
+    }
+
+    #[test]
+    fn expired_unknown_and_wrong_secret_tokens_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let now = UnixMillis(1_000_000);
+        let t = token(now, 5);
+        store
+            .create_token(&t, &audit("token.create"))
+            .expect("create");
+        let later = now.plus_secs(61);
+        let err = store
+            .enroll(&t.id, |_| true, later, |tok, _| Ok(agent_from(tok, 1)))
+            .expect_err("expired");
+        assert!(
+            matches!(err, StoreError::Token(TokenRefusal::Expired { .. })),
+            "{err}"
+        );
+        let err = store
+            .enroll(&t.id, |_| false, now, |tok, _| Ok(agent_from(tok, 1)))
+            .expect_err("wrong secret");
+        assert!(
+            matches!(err, StoreError::Token(TokenRefusal::Unknown(_))),
+            "{err}"
+        );
+        let other = TokenId::parse("tk-ffffffffffffffff").expect("id");
+        let err = store
+            .enroll(&other, |_| true, now, |tok, _| Ok(agent_from(tok, 1)))
+            .expect_err("unknown");
+        assert!(
+            matches!(err, StoreError::Token(TokenRefusal::Unknown(_))),
+            "{err}"
+        );
+        assert!(store.agents().expect("agents").is_empty());
+        assert_eq!(store.counts(now).expect("counts").tokens_active, 1);
+    }
+}

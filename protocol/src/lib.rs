@@ -1,0 +1,77 @@
+//! `gantry-protocol`: everything the coordinator, its agents and the admin CLI must agree
+//! on, and nothing else.
+//!
+//! This crate owns the message types of each direction, the length-delimited postcard
+//! framing, the versioned hello, the explicit limits, the close codes and the typed ids.
+//! It must not know about sockets, quinn, storage or processes: the only I/O-shaped code
+//! here is a sans-IO frame decoder that takes bytes and hands back frames, so it can be
+//! fuzzed and tested without a network.
+
+pub mod frame;
+pub mod hello;
+pub mod ids;
+pub mod limits;
+pub mod messages;
+
+pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
+pub use hello::{decode_hello, encode_hello, Hello, HelloError};
+pub use ids::{AgentId, IdError, TokenId, UnixMillis};
+pub use messages::*;
+
+/// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
+pub const ALPN: &[u8] = b"gantry/1";
+
+/// Version of the message schema carried in every hello. Bump it when a message changes
+/// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest hello version the coordinator still speaks.
+pub const MIN_SUPPORTED_VERSION: u16 = 1;
+
+/// The TLS server name every client asks for. The coordinator's certificate carries it as
+/// a DNS SAN whatever address it is reached at, so agents can dial an IP, a hostname or a
+/// NAT'd address and still verify the certificate against the pinned CA.
+pub const COORDINATOR_SERVER_NAME: &str = "coordinator.gantry.internal";
+
+/// Application close codes, sent in QUIC CONNECTION_CLOSE frames with a reason text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Orderly end of a session.
+    Normal = 0,
+    /// The peer sent a frame over the size limit.
+    FrameTooLarge = 1,
+    /// The peer sent bytes that are not a valid frame or message.
+    Malformed = 2,
+    /// The hello named a protocol version this side does not speak.
+    UnsupportedVersion = 3,
+    /// The peer is not allowed to do what it asked (no certificate, wrong role).
+    Unauthorized = 4,
+    /// The agent's identity has been revoked.
+    Revoked = 5,
+    /// The peer did not complete a step before its deadline.
+    Timeout = 6,
+    /// A newer session for the same agent replaced this one.
+    Replaced = 7,
+    /// The coordinator is shutting down; reconnect later.
+    ShuttingDown = 8,
+    /// The enrollment was refused (bad token or CSR).
+    EnrollmentRefused = 9,
+}
+
+impl CloseCode {
+    pub fn from_u32(code: u32) -> Option<Self> {
+        Some(match code {
+            0 => Self::Normal,
+            1 => Self::FrameTooLarge,
+            2 => Self::Malformed,
+            3 => Self::UnsupportedVersion,
+            4 => Self::Unauthorized,
+            5 => Self::Revoked,
+            6 => Self::Timeout,
+            7 => Self::Replaced,
+            8 => Self::ShuttingDown,
+            9 => Self::EnrollmentRefused,
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,418 @@
+//! Test harness for Gantry's end-to-end tests and benchmarks: starts the real `gantry`
+//! and `gantry-agent` binaries on loopback, each in its own temporary directory, and
+//! stops every process it started when dropped (also when a test panics).
+//!
+//! Binaries are found next to the test executable's `deps/` folder (where cargo puts
+//! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Deadline for anything a test waits on, unless it says otherwise.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Path of one of our binaries.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("GANTRY_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with `cargo nextest run --workspace` (or `cargo build --bins` first), or set GANTRY_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` every 20 ms until it returns `Some`, panicking with `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (bound, read, released).
+pub fn free_udp_port() -> u16 {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    sock.local_addr().expect("addr").port()
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits up to 10 s for the process to exit; returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(self.child.id(), libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            self.child.wait().expect("wait")
+        })
+    }
+
+    /// SIGKILL, like a crash or power loss.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit by itself within `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: i32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) touches no memory of ours; a stale pid fails with ESRCH.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Output of a CLI run, with helpers for assertions.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn from_output(out: Output) -> Self {
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            stdout: lossy(out.stdout),
+            stderr: lossy(out.stderr),
+        }
+    }
+
+    /// Panics with both streams unless the exit code is `code`. Returns the run for
+    /// further checks, which callers that only care about the code may drop.
+    #[allow(clippy::return_self_not_must_use)]
+    pub fn expect_code(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "expected exit code {code}, got {}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// A coordinator with its own data directory, admin context and port.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    pub server: Option<Proc>,
+}
+
+/// Options for [`Coordinator::start_with`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    pub agent_cert_ttl: String,
+    pub heartbeat_interval: String,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        Self {
+            agent_cert_ttl: "1d".into(),
+            heartbeat_interval: "1s".into(),
+        }
+    }
+}
+
+impl Coordinator {
+    pub fn start() -> Self {
+        Self::start_with(&CoordinatorOptions::default())
+    }
+
+    pub fn start_with(opts: &CoordinatorOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let address = format!("127.0.0.1:{}", free_udp_port());
+        let mut c = Self {
+            dir,
+            address,
+            server: None,
+        };
+        c.gantry(&[
+            "init",
+            "--data-dir",
+            c.data_dir().to_str().expect("utf8"),
+            "--listen",
+            &c.address.clone(),
+            "--advertise",
+            &c.address.clone(),
+            "--agent-cert-ttl",
+            &opts.agent_cert_ttl,
+            "--heartbeat-interval",
+            &opts.heartbeat_interval,
+        ])
+        .expect_code(0);
+        c.start_server();
+        c
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    pub fn context(&self) -> PathBuf {
+        self.dir.path().join("admin").join("context.toml")
+    }
+
+    /// Starts `gantry server` and waits until it answers `gantry status`.
+    pub fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log");
+        let child = Command::new(bin("gantry"))
+            .args(["server", "--data-dir"])
+            .arg(self.data_dir())
+            .env("GANTRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gantry server");
+        self.server = Some(Proc {
+            child,
+            name: "gantry server".into(),
+        });
+        wait_for("the coordinator to answer status", DEADLINE, || {
+            (self.gantry(&["status"]).code == 0).then_some(())
+        });
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn server(&mut self) -> &mut Proc {
+        self.server.as_mut().expect("server running")
+    }
+
+    /// Runs the admin CLI with this coordinator's context.
+    pub fn gantry(&self, args: &[&str]) -> Run {
+        Run::from_output(
+            Command::new(bin("gantry"))
+                .args(args)
+                .env("GANTRY_CONFIG", self.context())
+                .env("GANTRY_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run gantry"),
+        )
+    }
+
+    /// Creates a join token and returns its string.
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.gantry(&args).expect_code(0).stdout.trim().to_owned()
+    }
+
+    /// `gantry agents list --json`.
+    pub fn agents(&self) -> Vec<Value> {
+        match self
+            .gantry(&["agents", "list", "--json"])
+            .expect_code(0)
+            .json()
+        {
+            Value::Array(a) => a,
+            other => panic!("agents list is not an array: {other}"),
+        }
+    }
+
+    pub fn agent(&self, id: &str) -> Value {
+        self.gantry(&["agents", "show", id, "--json"])
+            .expect_code(0)
+            .json()
+    }
+
+    /// Waits until `n` agents are connected, and returns the listing.
+    pub fn wait_connected(&self, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} agents connected"), DEADLINE, || {
+            let agents = self.agents();
+            (agents.iter().filter(|a| a["state"] == "Connected").count() == n).then_some(agents)
+        })
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("tls").join("ca.pem")).expect("ca.pem")
+    }
+
+    pub fn admin_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin").join("admin.pem")).expect("admin.pem")
+    }
+}
+
+/// An agent with its own data directory.
+#[derive(Debug)]
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub id: String,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Runs `gantry-agent enroll` with `token` and extra args; returns the run.
+    pub fn try_enroll(dir: &Path, token: &str, extra: &[&str]) -> Run {
+        Run::from_output(
+            Command::new(bin("gantry-agent"))
+                .args(["enroll", "--token", token, "--data-dir"])
+                .arg(dir)
+                .args(extra)
+                .env("GANTRY_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run gantry-agent enroll"),
+        )
+    }
+
+    /// Enrolls a new agent with `token` (must succeed).
+    pub fn enroll(token: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("gantry-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let run = Self::try_enroll(dir.path(), token, extra).expect_code(0);
+        let id = run
+            .stdout
+            .split_whitespace()
+            .find(|w| w.starts_with("ag-"))
+            .unwrap_or_else(|| panic!("no agent id in enroll output: {}", run.stdout))
+            .to_owned();
+        Self {
+            dir,
+            id,
+            proc: None,
+        }
+    }
+
+    /// Starts `gantry-agent run` with a short reconnect backoff cap.
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("log");
+        let child = Command::new(bin("gantry-agent"))
+            .args(["run", "--max-backoff", "1s", "--data-dir"])
+            .arg(self.dir.path())
+            .env("GANTRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn gantry-agent run");
+        self.proc = Some(Proc {
+            child,
+            name: format!("agent {}", self.id),
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("agent running")
+    }
+}
+
+/// Raw protocol clients, for playing misbehaving or foreign peers.
+pub mod raw {
+    use std::time::Duration;
+
+    use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter, TransportError};
+
+    /// A connected raw client.
+    #[derive(Debug)]
+    pub struct RawClient {
+        pub dialer: Dialer,
+        pub conn: Connection,
+        pub writer: FrameWriter,
+        pub reader: FrameReader,
+    }
+
+    /// Connects with `tls` and opens the control stream.
+    pub async fn connect(
+        address: &str,
+        tls: rustls::ClientConfig,
+    ) -> Result<RawClient, TransportError> {
+        let dialer = Dialer::new(tls, false)?;
+        let conn = dialer.connect(address, Duration::from_secs(10)).await?;
+        let (writer, reader) = conn.open_control().await?;
+        Ok(RawClient {
+            dialer,
+            conn,
+            writer,
+            reader,
+        })
+    }
+}

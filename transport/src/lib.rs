@@ -1,0 +1,432 @@
+//! `gantry-transport`: the only code in Gantry that knows quinn.
+//!
+//! It owns the QUIC endpoint configuration (ALPN, limits, timeouts), connecting and
+//! accepting with deadlines, and typed length-delimited frames over QUIC streams with the
+//! size limit checked before allocation. Coordinator, agent and admin CLI speak in the
+//! types here ([`Listener`], [`Connection`], [`FrameWriter`], [`FrameReader`]) and never
+//! name a quinn type, so the transport can be swapped or simulated behind this API.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_protocol::frame::{check_len, HEADER_LEN};
+use gantry_protocol::{limits, CloseCode, FrameError};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// What went wrong on a connection or stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot resolve {address:?}: {detail}")]
+    Resolve { address: String, detail: String },
+    #[error("cannot connect to {address}: {detail}")]
+    Connect { address: String, detail: String },
+    #[error("connection closed by the peer: {reason} ({code})")]
+    ClosedByPeer {
+        code: String,
+        close_code: Option<u32>,
+        reason: String,
+    },
+    #[error("connection lost: {0}")]
+    Lost(String),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("endpoint error: {0}")]
+    Endpoint(String),
+}
+
+impl TransportError {
+    /// The Gantry close code the peer sent, if it closed the connection with one.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            Self::ClosedByPeer {
+                close_code: Some(c),
+                ..
+            } => CloseCode::from_u32(*c),
+            _ => None,
+        }
+    }
+
+    /// True when a TLS alert says our certificate was refused (revoked, unknown CA, ...).
+    pub fn is_certificate_refusal(&self) -> bool {
+        let text = self.to_string();
+        text.contains("certificate") || text.contains("Certificate")
+    }
+}
+
+fn from_connection_error(err: &quinn::ConnectionError) -> TransportError {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let code = u32::try_from(close.error_code.into_inner()).ok();
+            let name = code
+                .and_then(CloseCode::from_u32)
+                .map_or_else(|| "unknown code".to_owned(), |c| format!("{c:?}"));
+            TransportError::ClosedByPeer {
+                code: name,
+                close_code: code,
+                reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            }
+        }
+        quinn::ConnectionError::ConnectionClosed(close) => TransportError::ClosedByPeer {
+            code: format!("transport {:?}", close.error_code),
+            close_code: None,
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        other => TransportError::Lost(other.to_string()),
+    }
+}
+
+/// The QUIC transport parameters every Gantry endpoint uses; see [`limits`] for why.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(limits::MAX_BIDI_STREAMS.into());
+    t.max_concurrent_uni_streams(limits::MAX_UNI_STREAMS.into());
+    t.stream_receive_window(limits::STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(limits::CONNECTION_RECEIVE_WINDOW.into());
+    t.send_window(u64::from(limits::CONNECTION_RECEIVE_WINDOW));
+    // IDLE_TIMEOUT is 30 s, well inside QUIC's VarInt range of milliseconds.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT).ok());
+    t.keep_alive_interval(Some(limits::KEEP_ALIVE_INTERVAL));
+    t
+}
+
+/// The coordinator's listening endpoint.
+#[derive(Debug)]
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+}
+
+impl Listener {
+    /// Binds `addr` with the given TLS server configuration (TLS 1.3, ALPN set, no 0-RTT).
+    ///
+    /// `reset_secret` must be the same across restarts of the same coordinator: QUIC
+    /// stateless-reset tokens are derived from it, so after a crash the restarted server
+    /// can tell each agent at its next packet that its old connection is gone. Without it
+    /// agents would wait out the idle timeout (30 s) before reconnecting.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        reset_secret: &[u8],
+    ) -> Result<Self, TransportError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config()));
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // Connection ids are validated with a keyed hash; a restarted server must use the
+        // same key or it drops old connections' packets as invalid instead of resetting them.
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(
+            &ring::digest::digest(&ring::digest::SHA256, reset_secret).as_ref()[..8],
+        );
+        let cid_key = u64::from_le_bytes(cid_key);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = std::net::UdpSocket::bind(addr)
+            .map_err(|e| TransportError::Endpoint(format!("cannot listen on {addr}: {e}")))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+            .map_err(|e| TransportError::Endpoint(format!("cannot listen on {addr}: {e}")))?;
+        Ok(Self { endpoint })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| TransportError::Endpoint(e.to_string()))
+    }
+
+    /// Waits for the next incoming connection attempt; `None` once the listener is closed.
+    pub async fn accept(&self) -> Option<Incoming> {
+        self.endpoint.accept().await.map(Incoming)
+    }
+
+    /// Closes every connection with `code` and stops accepting.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.endpoint.close((code as u32).into(), reason.as_bytes());
+    }
+
+    /// Waits until every connection has been closed and its close frame sent.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// A connection attempt that has not finished its handshake.
+#[derive(Debug)]
+pub struct Incoming(quinn::Incoming);
+
+impl Incoming {
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+
+    /// Completes the handshake within `deadline`.
+    pub async fn handshake(self, deadline: Duration) -> Result<Connection, TransportError> {
+        let connecting = self.0.accept().map_err(|e| from_connection_error(&e))?;
+        match tokio::time::timeout(deadline, connecting).await {
+            Ok(Ok(conn)) => Ok(Connection(conn)),
+            Ok(Err(e)) => Err(from_connection_error(&e)),
+            Err(_) => Err(TransportError::Timeout {
+                what: "the TLS handshake",
+                after: deadline,
+            }),
+        }
+    }
+
+    /// Refuses the attempt without doing a handshake (e.g. when shutting down).
+    pub fn refuse(self) {
+        self.0.refuse();
+    }
+}
+
+/// An established, authenticated QUIC connection.
+#[derive(Debug, Clone)]
+pub struct Connection(quinn::Connection);
+
+impl Connection {
+    pub fn remote_address(&self) -> SocketAddr {
+        self.0.remote_address()
+    }
+
+    /// The DER certificate chain the peer presented, leaf first; `None` if it presented none.
+    pub fn peer_certificates(&self) -> Option<Vec<Vec<u8>>> {
+        let any = self.0.peer_identity()?;
+        let certs = any
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        if certs.is_empty() {
+            return None;
+        }
+        Some(certs.iter().map(|c| c.to_vec()).collect())
+    }
+
+    /// Opens the control stream (client side).
+    pub async fn open_control(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
+        let (send, recv) = self
+            .0
+            .open_bi()
+            .await
+            .map_err(|e| from_connection_error(&e))?;
+        Ok((FrameWriter(send), FrameReader::new(recv)))
+    }
+
+    /// Accepts the control stream the client opens (server side), within `deadline`.
+    pub async fn accept_control(
+        &self,
+        deadline: Duration,
+    ) -> Result<(FrameWriter, FrameReader), TransportError> {
+        match tokio::time::timeout(deadline, self.0.accept_bi()).await {
+            Ok(Ok((send, recv))) => Ok((FrameWriter(send), FrameReader::new(recv))),
+            Ok(Err(e)) => Err(from_connection_error(&e)),
+            Err(_) => Err(TransportError::Timeout {
+                what: "the control stream",
+                after: deadline,
+            }),
+        }
+    }
+
+    /// Closes the connection with a Gantry close code and a reason the peer will log.
+    pub fn close(&self, code: CloseCode, reason: &str) {
+        self.0.close((code as u32).into(), reason.as_bytes());
+    }
+
+    /// Resolves when the connection is closed, with why.
+    pub async fn closed(&self) -> TransportError {
+        from_connection_error(&self.0.closed().await)
+    }
+
+    /// Why the connection closed, if it has.
+    pub fn close_reason(&self) -> Option<TransportError> {
+        self.0.close_reason().map(|e| from_connection_error(&e))
+    }
+
+    /// Smoothed round-trip time.
+    pub fn rtt(&self) -> Duration {
+        self.0.rtt()
+    }
+}
+
+/// A client endpoint: one UDP socket from which connections are made.
+#[derive(Debug)]
+pub struct Dialer {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+}
+
+impl Dialer {
+    /// Creates a client endpoint on an ephemeral port of the unspecified address of `family`.
+    pub fn new(tls: rustls::ClientConfig, ipv6: bool) -> Result<Self, TransportError> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config()));
+        let bind: SocketAddr = if ipv6 {
+            "[::]:0".parse()
+        } else {
+            "0.0.0.0:0".parse()
+        }
+        .map_err(|e: std::net::AddrParseError| TransportError::Endpoint(e.to_string()))?;
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| TransportError::Endpoint(format!("cannot open a UDP socket: {e}")))?;
+        Ok(Self { endpoint, config })
+    }
+
+    /// Resolves `address` (`host:port`), connects and completes the handshake within `deadline`.
+    pub async fn connect(
+        &self,
+        address: &str,
+        deadline: Duration,
+    ) -> Result<Connection, TransportError> {
+        let addr = resolve(address)?;
+        let connecting = self
+            .endpoint
+            .connect_with(
+                self.config.clone(),
+                addr,
+                gantry_protocol::COORDINATOR_SERVER_NAME,
+            )
+            .map_err(|e| TransportError::Connect {
+                address: address.to_owned(),
+                detail: e.to_string(),
+            })?;
+        match tokio::time::timeout(deadline, connecting).await {
+            Ok(Ok(conn)) => Ok(Connection(conn)),
+            Ok(Err(e)) => Err(match from_connection_error(&e) {
+                TransportError::Lost(detail) => TransportError::Connect {
+                    address: address.to_owned(),
+                    detail,
+                },
+                other => other,
+            }),
+            Err(_) => Err(TransportError::Timeout {
+                what: "the coordinator to answer the handshake",
+                after: deadline,
+            }),
+        }
+    }
+
+    /// Waits up to `deadline` for close frames to go out, so the peer learns why.
+    pub async fn shutdown(&self, deadline: Duration) {
+        let _ = tokio::time::timeout(deadline, self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Resolves `host:port` to the first address.
+pub fn resolve(address: &str) -> Result<SocketAddr, TransportError> {
+    address
+        .to_socket_addrs()
+        .map_err(|e| TransportError::Resolve {
+            address: address.to_owned(),
+            detail: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| TransportError::Resolve {
+            address: address.to_owned(),
+            detail: "no addresses".into(),
+        })
+}
+
+/// Sending half of a stream, one frame per message.
+#[derive(Debug)]
+pub struct FrameWriter(quinn::SendStream);
+
+impl FrameWriter {
+    /// Encodes and sends one message.
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransportError> {
+        let frame = gantry_protocol::encode_frame(msg, limits::MAX_FRAME_BYTES)?;
+        self.send_frame(&frame).await
+    }
+
+    /// Sends bytes that are already one or more frames (or, in tests, deliberately not).
+    pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
+        self.0.write_all(frame).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(c) => from_connection_error(&c),
+            other => TransportError::Lost(other.to_string()),
+        })
+    }
+
+    /// Ends the stream cleanly.
+    pub fn finish(&mut self) {
+        let _ = self.0.finish();
+    }
+}
+
+/// Receiving half of a stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    limit: u32,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            limit: limits::MAX_FRAME_BYTES,
+        }
+    }
+
+    /// Reads one frame's payload. `Ok(None)` at a clean end of stream between frames.
+    /// The announced length is checked before the payload buffer is allocated.
+    pub async fn recv_payload(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        let mut header = [0u8; HEADER_LEN];
+        match self.recv.read_exact(&mut header).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(quinn::ReadExactError::FinishedEarly(n)) => {
+                return Err(FrameError::Malformed {
+                    what: "frame header",
+                    detail: format!("stream ended after {n} of 4 header bytes"),
+                }
+                .into())
+            }
+            Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(e)),
+        }
+        let len = check_len(u32::from_be_bytes(header), self.limit)?;
+        let mut payload = vec![0u8; len];
+        match self.recv.read_exact(&mut payload).await {
+            Ok(()) => Ok(Some(payload)),
+            Err(quinn::ReadExactError::FinishedEarly(n)) => Err(FrameError::Malformed {
+                what: "frame",
+                detail: format!("stream ended after {n} of {len} payload bytes"),
+            }
+            .into()),
+            Err(quinn::ReadExactError::ReadError(e)) => Err(read_error(e)),
+        }
+    }
+
+    /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, TransportError> {
+        match self.recv_payload().await? {
+            Some(p) => Ok(Some(gantry_protocol::decode_payload(&p)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Self::recv`] with a deadline.
+    pub async fn recv_within<T: DeserializeOwned>(
+        &mut self,
+        deadline: Duration,
+        what: &'static str,
+    ) -> Result<Option<T>, TransportError> {
+        tokio::time::timeout(deadline, self.recv())
+            .await
+            .map_err(|_| TransportError::Timeout {
+                what,
+                after: deadline,
+            })?
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> TransportError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => from_connection_error(&c),
+        other => TransportError::Lost(other.to_string()),
+    }
+}
