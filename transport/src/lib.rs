@@ -283,14 +283,34 @@ impl Dialer {
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
+        self.dial(self.config.clone(), address, deadline).await
+    }
+
+    /// Like [`Self::connect`], but with another TLS identity; lets one UDP socket carry the
+    /// connections of many identities (load harnesses holding thousands of agents).
+    pub async fn connect_as(
+        &self,
+        tls: rustls::ClientConfig,
+        address: &str,
+        deadline: Duration,
+    ) -> Result<Connection, TransportError> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config()));
+        self.dial(config, address, deadline).await
+    }
+
+    async fn dial(
+        &self,
+        config: quinn::ClientConfig,
+        address: &str,
+        deadline: Duration,
+    ) -> Result<Connection, TransportError> {
         let addr = resolve(address)?;
         let connecting = self
             .endpoint
-            .connect_with(
-                self.config.clone(),
-                addr,
-                gantry_protocol::COORDINATOR_SERVER_NAME,
-            )
+            .connect_with(config, addr, gantry_protocol::COORDINATOR_SERVER_NAME)
             .map_err(|e| TransportError::Connect {
                 address: address.to_owned(),
                 detail: e.to_string(),
