@@ -143,3 +143,67 @@ mod tests {
         assert!(TokenId::parse("tk-0123456789abcdef").is_ok());
     }
 }
+
+/// A pipeline run, numbered from 1 in the order runs were created: `42`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RunId(pub u64);
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for RunId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        s.parse::<u64>().ok().filter(|n| *n > 0).map(Self).ok_or_else(|| IdError {
+            kind: "RunId",
+            value: s.chars().take(80).collect(),
+            expected: "a run number such as 42",
+        })
+    }
+}
+
+/// A job of a run: the run number and the job's index in the run's expanded job list,
+/// written `42.3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct JobId {
+    pub run: RunId,
+    pub index: u32,
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.run, self.index)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let err = || IdError { kind: "JobId", value: s.chars().take(80).collect(), expected: "RUN.INDEX such as 42.3" };
+        let (run, index) = s.split_once('.').ok_or_else(err)?;
+        Ok(Self { run: run.parse().map_err(|_| err())?, index: index.parse().map_err(|_| err())? })
+    }
+}
+
+/// Which attempt of a job: 1 for the first run, incremented by every retry (user `retry`
+/// or infrastructure re-run). Reports carry it, so a late report from an attempt that was
+/// already given up on is recognised and ignored.
+pub type Attempt = u32;
+
+#[cfg(test)]
+mod job_id_tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_read_and_write_as_run_dot_index() {
+        let id: JobId = "42.3".parse().expect("parse");
+        assert_eq!(id, JobId { run: RunId(42), index: 3 });
+        assert_eq!(id.to_string(), "42.3");
+        for bad in ["42", "0.1", "a.b", "42.", ".3", "42.3.1"] {
+            assert!(bad.parse::<JobId>().is_err(), "{bad}");
+        }
+    }
+}

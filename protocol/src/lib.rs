@@ -15,7 +15,7 @@ pub mod messages;
 
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};
-pub use ids::{AgentId, IdError, TokenId, UnixMillis};
+pub use ids::{AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
 
 /// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
