@@ -2,7 +2,9 @@
 //!
 //! This crate owns the agent's side of a session: enrolling with a join token, holding
 //! one mutually authenticated connection to the coordinator, reconnecting with backoff,
-//! renewing its certificate over the live session, and reporting host figures. It must
+//! renewing its certificate over the live session, reporting host figures, and running
+//! the jobs the coordinator pushes ([`jobs`], [`exec`]) with their logs masked
+//! ([`mask`]), spooled and uploaded. It must
 //! not know about the coordinator's store or scheduler, and it never names a quinn type:
 //! all networking goes through `gantry-transport`.
 //!
@@ -14,8 +16,11 @@ pub mod backoff;
 pub mod datadir;
 pub mod duration;
 pub mod enroll;
+pub mod exec;
 pub mod figures;
+pub mod jobs;
 pub mod labels;
+pub mod mask;
 pub mod renewal;
 pub mod session;
 

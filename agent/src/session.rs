@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::{self, next_delay};
 use crate::datadir::{self, Credentials, DataDir, DataDirError};
 use crate::figures::{FiguresError, HostSampler};
+use crate::jobs::JobManager;
 use crate::renewal::RenewalPlan;
 
 /// How long the QUIC/TLS handshake may take.
@@ -125,6 +126,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     ]);
     let sampler = HostSampler::new(&options.data_dir)?;
     let shutdown = shutdown_signal()?;
+    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots);
     let mut runner = Runner {
         agent_id: enrollment.config.agent_id,
         address: enrollment.config.coordinator_address,
@@ -136,6 +138,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         pending_key: None,
         sampler,
         shutdown,
+        jobs,
+        finished,
     };
     runner.run().await
 }
@@ -152,6 +156,9 @@ struct Runner {
     pending_key: Option<String>,
     sampler: HostSampler,
     shutdown: watch::Receiver<bool>,
+    jobs: JobManager,
+    /// Results of jobs that ended, to report (and re-report until acknowledged).
+    finished: mpsc::UnboundedReceiver<gantry_protocol::JobResult>,
 }
 
 impl Runner {
@@ -219,6 +226,7 @@ impl Runner {
         info!(address = %self.address, agent_id = %self.agent_id, "connected to {} as {}", self.address, self.agent_id);
         let welcomed_at = Instant::now();
         let end = self.live(&conn, writer, reader, &welcome).await;
+        self.jobs.detach();
         if matches!(end, SessionEnd::Shutdown) {
             conn.close(CloseCode::Normal, "agent shutting down");
         }
@@ -256,6 +264,7 @@ impl Runner {
             capabilities: self.options.capabilities.clone(),
             slots: self.options.slots,
             figures: self.sampler.sample(),
+            running: self.jobs.running(),
         });
         let opened = async {
             let (mut writer, mut reader) = conn.open_control().await?;
@@ -322,6 +331,12 @@ impl Runner {
         if let Err(e) = self.maybe_renew(&mut writer).await {
             return transport_end(conn, &e);
         }
+        // Logs resume on this connection; results not yet acknowledged are sent again.
+        for result in self.jobs.attach(conn) {
+            if let Err(e) = writer.send(&AgentMessage::JobFinished(result)).await {
+                return transport_end(conn, &e);
+            }
+        }
         let mut shutdown = self.shutdown.clone();
         let end = loop {
             tokio::select! {
@@ -334,8 +349,21 @@ impl Runner {
                         break transport_end(conn, &e);
                     }
                 }
+                result = self.finished.recv() => {
+                    if let Some(result) = result {
+                        if let Err(e) = writer.send(&AgentMessage::JobFinished(result)).await {
+                            break transport_end(conn, &e);
+                        }
+                    }
+                }
                 inbound = inbound.recv() => match inbound {
-                    Some(Inbound::Message(message)) => self.handle(message),
+                    Some(Inbound::Message(message)) => {
+                        if let Some(reply) = self.handle(message) {
+                            if let Err(e) = writer.send(&reply).await {
+                                break transport_end(conn, &e);
+                            }
+                        }
+                    }
                     Some(Inbound::Failed(e)) => break transport_end(conn, &e),
                     Some(Inbound::Ended) | None => {
                         break match conn.close_reason() {
@@ -380,8 +408,27 @@ impl Runner {
         Ok(())
     }
 
-    fn handle(&mut self, message: CoordinatorMessage) {
+    /// Acts on one coordinator message; returns the reply to send, if any.
+    fn handle(&mut self, message: CoordinatorMessage) -> Option<AgentMessage> {
         match message {
+            CoordinatorMessage::Dispatch(assignment) => {
+                let (job, attempt) = (assignment.job, assignment.attempt);
+                return Some(match self.jobs.start(*assignment) {
+                    Ok(()) => AgentMessage::JobAccepted { job, attempt },
+                    Err(reason) => {
+                        warn!(%job, attempt, "rejecting job: {reason}");
+                        AgentMessage::JobRejected {
+                            job,
+                            attempt,
+                            reason,
+                        }
+                    }
+                });
+            }
+            CoordinatorMessage::Cancel { job, attempt } => self.jobs.cancel(job, attempt),
+            CoordinatorMessage::JobFinishedAck { job, attempt } => {
+                self.jobs.result_acked(job, attempt);
+            }
             CoordinatorMessage::CertificateRenewed {
                 certificate_pem,
                 not_after,
@@ -395,6 +442,7 @@ impl Runner {
                 warn!("certificate renewal refused: {message}; retrying in at most a minute");
             }
         }
+        None
     }
 
     /// Checks a renewed certificate against the pending key and our identity, writes it

@@ -159,6 +159,12 @@ async fn serve(
                         let _ = writer.send(&message).await;
                         let _ = events.send(Event::Renewed);
                     }
+                    // This fake coordinator dispatches no jobs.
+                    Ok(Some(
+                        AgentMessage::JobAccepted { .. }
+                        | AgentMessage::JobRejected { .. }
+                        | AgentMessage::JobFinished(_),
+                    )) => {}
                     Ok(None) | Err(_) => {
                         let code = conn.closed().await.close_code();
                         let _ = events.send(Event::Closed(code));

@@ -30,6 +30,7 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct AdminClient {
     dialer: Dialer,
+    conn: gantry_transport::Connection,
     writer: FrameWriter,
     reader: FrameReader,
 }
@@ -71,6 +72,7 @@ impl AdminClient {
         {
             Ok(Some(HelloReply::Welcome(_))) => Ok(Self {
                 dialer,
+                conn,
                 writer,
                 reader,
             }),
@@ -111,6 +113,24 @@ impl AdminClient {
             ))),
             Err(e) => Err(ClientError::Unreachable(e.into())),
         }
+    }
+
+    /// Opens a follow stream (logs or run progress) and returns its reader.
+    pub async fn follow(
+        &mut self,
+        open: &gantry_protocol::StreamOpen,
+    ) -> Result<FrameReader, ClientError> {
+        let (mut writer, reader) = self
+            .conn
+            .open_stream()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.into()))?;
+        writer
+            .send(open)
+            .await
+            .map_err(|e| ClientError::Unreachable(e.into()))?;
+        writer.finish();
+        Ok(reader)
     }
 
     /// Ends the session cleanly so the coordinator sees a normal close.

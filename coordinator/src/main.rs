@@ -4,11 +4,16 @@
 //! in the modules. Exit codes: 0 success, 1 the work failed, 2 usage or input error,
 //! 3 cannot reach or authenticate to the coordinator.
 
+mod cli;
 mod client;
 mod config;
 mod demo;
+mod engine;
 mod init;
+mod logs;
 mod output;
+mod runs;
+mod secrets;
 mod server;
 mod store;
 
@@ -52,6 +57,32 @@ enum Command {
     Audit(AuditArgs),
     /// Start a coordinator and three agents in a temporary directory and show them connected.
     Demo(demo::DemoArgs),
+    /// Check a pipeline file without running it (no coordinator needed).
+    Validate {
+        /// Pipeline file.
+        #[arg(default_value = gantry_pipeline::DEFAULT_FILE_NAME)]
+        file: PathBuf,
+    },
+    /// Run a pipeline file now.
+    Run(cli::RunArgs),
+    /// Pipeline runs.
+    #[command(subcommand)]
+    Pipelines(cli::PipelinesCommand),
+    /// Jobs of runs.
+    #[command(subcommand)]
+    Jobs(cli::JobsCommand),
+    /// Show a job's output; --follow keeps showing it live until the job ends.
+    Logs {
+        /// Job id, RUN.INDEX (e.g. 42.3).
+        job: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Approve a manual job (`when: manual`) so it runs.
+    Approve { job: String },
+    /// Secrets given to jobs that reference them as ${{ secrets.NAME }}.
+    #[command(subcommand)]
+    Secrets(cli::SecretsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -126,7 +157,7 @@ enum AgentsCommand {
 
 /// A failure with the exit code it maps to.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Work(anyhow::Error),
     Usage(anyhow::Error),
     Unreachable(anyhow::Error),
@@ -142,7 +173,7 @@ impl From<ClientError> for Failure {
     }
 }
 
-fn usage(e: anyhow::Error) -> Failure {
+pub(crate) fn usage(e: anyhow::Error) -> Failure {
     Failure::Usage(e)
 }
 
@@ -260,6 +291,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let resp = admin(AdminRequest::Status).await?;
             output::print_response(&resp, f.json)
         }
+        Command::Validate { file } => cli::validate(&file),
+        Command::Run(args) => cli::run(args).await,
+        Command::Pipelines(cmd) => cli::pipelines(cmd).await,
+        Command::Jobs(cmd) => cli::jobs(cmd).await,
+        Command::Logs { job, follow } => cli::logs(&job, follow).await,
+        Command::Approve { job } => {
+            let job = cli::job_id(&job)?;
+            let resp = admin(AdminRequest::Approve { job }).await?;
+            output::print_response(&resp, false)
+        }
+        Command::Secrets(cmd) => cli::secrets(cmd).await,
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)
@@ -272,8 +314,15 @@ fn agent_id(text: &str) -> Result<AgentId, Failure> {
         .map_err(|e| usage(anyhow::anyhow!("{e}; `gantry agents list` shows agent ids")))
 }
 
+/// Connects with the admin context.
+pub(crate) async fn connect() -> Result<AdminClient, Failure> {
+    let path = config::context_path().map_err(usage)?;
+    let ctx = AdminContext::load(&path).map_err(usage)?;
+    Ok(AdminClient::connect(&ctx).await?)
+}
+
 /// Connects with the admin context and sends one request.
-async fn admin(req: AdminRequest) -> Result<AdminResponse, Failure> {
+pub(crate) async fn admin(req: AdminRequest) -> Result<AdminResponse, Failure> {
     let path = config::context_path().map_err(usage)?;
     let ctx = AdminContext::load(&path).map_err(usage)?;
     let mut client = AdminClient::connect(&ctx).await?;
@@ -304,8 +353,8 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
     let server_pem = read(data.server_cert()).map_err(usage)?;
     let store = store::Store::open(&data.store()).map_err(|e| Failure::Work(e.into()))?;
     let revoked = gantry_certs::RevocationSet::default();
-    let coordinator = server::Coordinator::new(store, ca, revoked.clone(), settings)
-        .map_err(|e| Failure::Work(e.into()))?;
+    let coordinator = server::Coordinator::new(store, ca, revoked.clone(), settings, &data.0)
+        .map_err(|e| Failure::Work(anyhow::anyhow!(e)))?;
     let tls = gantry_certs::ServerTls::config(
         coordinator_ca_der(&data).map_err(usage)?.as_slice(),
         &server_pem,

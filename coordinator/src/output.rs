@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use gantry_protocol::{AdminResponse, AgentView, UnixMillis};
+use gantry_protocol::{AdminResponse, AgentView, JobView, RunView, UnixMillis};
 
 use crate::Failure;
 
@@ -16,6 +16,17 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Agent(a) => serde_json::to_value(a),
             AdminResponse::Status(s) => serde_json::to_value(s),
             AdminResponse::Audit(a) => serde_json::to_value(a),
+            AdminResponse::Validated { jobs } => {
+                serde_json::to_value(serde_json::json!({ "valid": true, "jobs": jobs }))
+            }
+            AdminResponse::Run(r) => serde_json::to_value(r),
+            AdminResponse::Runs(r) => serde_json::to_value(r),
+            AdminResponse::Job(j) => serde_json::to_value(j),
+            AdminResponse::Jobs(j) => serde_json::to_value(j),
+            AdminResponse::Secrets(s) => serde_json::to_value(s),
+            AdminResponse::Done { message } => {
+                serde_json::to_value(serde_json::json!({ "message": message }))
+            }
             AdminResponse::Error(e) => serde_json::to_value(e),
         }
         .map_err(|e| Failure::Work(e.into()))?;
@@ -53,9 +64,148 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
                 );
             }
         }
+        AdminResponse::Validated { jobs } => {
+            println!("valid: {} jobs ({})", jobs.len(), jobs.join(", "));
+        }
+        AdminResponse::Run(r) => print!("{}", run_detail(r, UnixMillis::now())),
+        AdminResponse::Runs(runs) => print!("{}", runs_table(runs, UnixMillis::now())),
+        AdminResponse::Job(j) => print!("{}", job_detail(j)),
+        AdminResponse::Jobs(jobs) => print!("{}", jobs_table(jobs)),
+        AdminResponse::Secrets(names) => {
+            for n in names {
+                println!("{n}");
+            }
+        }
+        AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn runs_table(runs: &[RunView], now: UnixMillis) -> String {
+    let mut rows = vec![["RUN", "PIPELINE", "STATE", "REF", "STARTED", "JOBS"]
+        .map(str::to_owned)
+        .to_vec()];
+    for r in runs {
+        let done = r.jobs.iter().filter(|j| j.state == "succeeded").count();
+        rows.push(vec![
+            r.run.to_string(),
+            r.pipeline.clone(),
+            r.state.clone(),
+            r.git_ref.clone(),
+            format!("{} ago", human_duration(now.millis_since(r.created_at))),
+            format!("{done}/{} succeeded", r.jobs.len()),
+        ]);
+    }
+    table(&rows)
+}
+
+/// The `gantry jobs list` table.
+pub fn jobs_table(jobs: &[JobView]) -> String {
+    let mut rows = vec![[
+        "JOB", "NAME", "STATE", "ATTEMPT", "AGENT", "EXIT", "DURATION", "LOG",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    for j in jobs {
+        rows.push(vec![
+            j.job.to_string(),
+            j.name.clone(),
+            j.state.clone(),
+            j.attempt.to_string(),
+            j.agent
+                .as_ref()
+                .map_or_else(|| "-".into(), ToString::to_string),
+            j.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+            match (j.started_at, j.finished_at) {
+                (Some(s), Some(f)) => human_duration(f.millis_since(s)),
+                _ => "-".into(),
+            },
+            human_bytes(j.log_bytes),
+        ]);
+    }
+    table(&rows)
+}
+
+fn run_detail(r: &RunView, now: UnixMillis) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "run            {}", r.run);
+    let _ = writeln!(s, "pipeline       {}", r.pipeline);
+    let _ = writeln!(s, "state          {}", r.state);
+    let _ = writeln!(
+        s,
+        "ref            {}{}",
+        r.git_ref,
+        r.commit
+            .as_ref()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(s, "event          {}", r.event);
+    let _ = writeln!(
+        s,
+        "started        {} ({} ago) by {}",
+        rfc3339(r.created_at),
+        human_duration(now.millis_since(r.created_at)),
+        r.created_by
+    );
+    if let Some(f) = r.finished_at {
+        let _ = writeln!(
+            s,
+            "finished       {} after {}",
+            rfc3339(f),
+            human_duration(f.millis_since(r.created_at))
+        );
+    }
+    if !r.inputs.is_empty() {
+        let _ = writeln!(
+            s,
+            "inputs         {}",
+            r.inputs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s.push('\n');
+    s.push_str(&jobs_table(&r.jobs));
+    s
+}
+
+fn job_detail(j: &JobView) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "job            {}", j.job);
+    let _ = writeln!(s, "name           {}", j.name);
+    let _ = writeln!(s, "state          {}", j.state);
+    let _ = writeln!(s, "attempt        {}", j.attempt);
+    let _ = writeln!(
+        s,
+        "needs          {}",
+        if j.needs.is_empty() {
+            "-".to_owned()
+        } else {
+            j.needs.join(", ")
+        }
+    );
+    let _ = writeln!(
+        s,
+        "agent          {}",
+        j.agent
+            .as_ref()
+            .map_or_else(|| "-".into(), ToString::to_string)
+    );
+    if let Some(c) = j.exit_code {
+        let _ = writeln!(s, "exit code      {c}");
+    }
+    if let Some(t) = j.started_at {
+        let _ = writeln!(s, "started        {}", rfc3339(t));
+    }
+    if let Some(t) = j.finished_at {
+        let _ = writeln!(s, "finished       {}", rfc3339(t));
+    }
+    let _ = writeln!(s, "log            {}", human_bytes(j.log_bytes));
+    s
 }
 
 /// The `gantry agents list` table.

@@ -16,10 +16,15 @@ use gantry_protocol::{
     limits, AdminError, AdminErrorKind, AdminRequest, AdminResponse, AgentHello, AgentId,
     AgentMessage, AgentState, AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest,
     Enrolled, HelloError, HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason,
-    StatusView, TokenCreated, TokenId, UnixMillis, Welcome,
+    StatusView, StreamOpen, TokenCreated, TokenId, UnixMillis, Welcome,
 };
+use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::engine::{AgentOutbox, Engine, Input};
+use crate::logs::LogStore;
+use crate::secrets::SecretKey;
 
 use crate::store::{
     AgentRecord, AuditEntry, HelloFacts, Presence, Store, StoreError, TokenRecord, TokenRefusal,
@@ -55,6 +60,8 @@ struct LiveSession {
     figures: Option<HostFigures>,
     hello: Option<HelloFacts>,
     dirty: bool,
+    /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
+    outbound: mpsc::UnboundedSender<CoordinatorMessage>,
 }
 
 /// Live agent sessions by agent id, and presence not yet written to the store.
@@ -67,14 +74,54 @@ struct Registry {
 /// The coordinator's shared state.
 #[derive(Debug)]
 pub struct Coordinator {
-    store: Store,
+    pub(crate) store: Arc<Store>,
     ca: CertAuthority,
     revoked: RevocationSet,
-    registry: Mutex<Registry>,
+    registry: Arc<Mutex<Registry>>,
     settings: Settings,
     started_at: Instant,
     next_session: AtomicU64,
     handshakes: Semaphore,
+    pub(crate) engine: Engine,
+    pub(crate) logs: Arc<LogStore>,
+    pub(crate) secret_key: Arc<SecretKey>,
+}
+
+/// The engine's way to reach agents and secrets.
+struct Outbox {
+    registry: Arc<Mutex<Registry>>,
+    store: Arc<Store>,
+    secret_key: Arc<SecretKey>,
+}
+
+impl AgentOutbox for Outbox {
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool {
+        lock(&self.registry)
+            .live
+            .get(agent)
+            .is_some_and(|s| s.outbound.send(message).is_ok())
+    }
+
+    fn secrets(&self, names: &[String]) -> Labels {
+        let mut out = Labels::new();
+        if names.is_empty() {
+            return out;
+        }
+        match self.store.secrets() {
+            Ok(all) => {
+                for (name, sealed) in all.into_iter().filter(|(n, _)| names.contains(n)) {
+                    match self.secret_key.open(&name, &sealed) {
+                        Ok(value) => {
+                            out.insert(name, value);
+                        }
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::error!("cannot read secrets: {e}"),
+        }
+        out
+    }
 }
 
 fn lock(m: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
@@ -93,24 +140,41 @@ fn truncate(reason: &str) -> &str {
 }
 
 impl Coordinator {
+    /// Builds the coordinator and starts its engine (restoring the scheduler from the
+    /// store). Must run inside the async runtime.
     pub fn new(
         store: Store,
         ca: CertAuthority,
         revoked: RevocationSet,
         settings: Settings,
-    ) -> Result<Self, StoreError> {
-        for id in store.revoked_agents()? {
+        data_dir: &std::path::Path,
+    ) -> Result<Self, String> {
+        for id in store.revoked_agents().map_err(|e| e.to_string())? {
             revoked.insert(id);
         }
+        let store = Arc::new(store);
+        let secret_key = Arc::new(
+            SecretKey::load_or_create(&data_dir.join("secrets.key")).map_err(|e| e.to_string())?,
+        );
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        let outbox = Arc::new(Outbox {
+            registry: registry.clone(),
+            store: store.clone(),
+            secret_key: secret_key.clone(),
+        });
+        let engine = Engine::start(store.clone(), outbox)?;
         Ok(Self {
             store,
             ca,
             revoked,
-            registry: Mutex::new(Registry::default()),
+            registry,
             settings,
             started_at: Instant::now(),
             next_session: AtomicU64::new(1),
             handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
+            engine,
+            logs: Arc::new(LogStore::new(&data_dir.join("logs"))),
+            secret_key,
         })
     }
 
@@ -439,7 +503,7 @@ impl Coordinator {
     }
 
     async fn agent_session(
-        &self,
+        self: &Arc<Self>,
         conn: Connection,
         mut writer: FrameWriter,
         mut reader: FrameReader,
@@ -513,6 +577,13 @@ impl Coordinator {
             slots: hello.slots.clamp(1, 1024),
             agent_version: hello.agent_version.chars().take(64).collect(),
         };
+        let (outbound, mut outbound_rx) = mpsc::unbounded_channel();
+        let effective_labels = {
+            let mut l = facts.labels.clone();
+            l.extend(record.assigned_labels.clone());
+            l
+        };
+        let slots = facts.slots;
         let replaced = lock(&self.registry).live.insert(
             id.clone(),
             LiveSession {
@@ -523,6 +594,7 @@ impl Coordinator {
                 figures: Some(hello.figures),
                 hello: Some(facts),
                 dirty: true,
+                outbound,
             },
         );
         if let Some(old) = replaced {
@@ -542,31 +614,58 @@ impl Coordinator {
         if let Err(e) = writer.send(&welcome).await {
             end = e.to_string();
         } else {
-            loop {
-                match reader.recv::<AgentMessage>().await {
-                    Ok(Some(AgentMessage::Heartbeat(figures))) => {
-                        let mut reg = lock(&self.registry);
-                        if let Some(s) = reg.live.get_mut(&id).filter(|s| s.session == session) {
-                            s.last_seen = UnixMillis::now();
-                            s.figures = Some(figures);
-                            s.dirty = true;
-                        }
+            let running = hello.running.iter().map(|r| (r.job, r.attempt)).collect();
+            self.engine.event(Event::AgentConnected {
+                agent: id.clone(),
+                labels: effective_labels,
+                slots,
+                running,
+            });
+            let streams = AbortOnDrop(tokio::spawn(
+                self.clone().agent_streams(conn.clone(), id.clone()),
+            ));
+            let (inbound_tx, mut inbound) = mpsc::channel(64);
+            // Frame reads are not cancel-safe, so they run in their own task.
+            let reader_task = AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    let msg = reader.recv::<AgentMessage>().await;
+                    let last = !matches!(msg, Ok(Some(_)));
+                    if inbound_tx.send(msg).await.is_err() || last {
+                        return;
                     }
-                    Ok(Some(AgentMessage::RenewCertificate { csr_der })) => {
-                        let reply = self.renew(&id, &csr_der);
-                        if let Err(e) = writer.send(&reply).await {
+                }
+            }));
+            loop {
+                tokio::select! {
+                    msg = inbound.recv() => match msg {
+                        Some(Ok(Some(msg))) => {
+                            if let Err(e) = self.agent_message(&id, session, msg, &mut writer).await {
+                                end = e.to_string();
+                                break;
+                            }
+                        }
+                        Some(Ok(None)) | None => break,
+                        Some(Err(e)) => {
+                            close_for(&conn, &e);
                             end = e.to_string();
                             break;
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        close_for(&conn, &e);
-                        end = e.to_string();
-                        break;
-                    }
+                    },
+                    out = outbound_rx.recv() => match out {
+                        Some(message) => {
+                            if let Err(e) = writer.send(&message).await {
+                                end = e.to_string();
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
                 }
             }
+            drop(reader_task);
+            drop(streams);
+            self.engine
+                .event(Event::AgentDisconnected { agent: id.clone() });
         }
         tracing::info!(agent = %id, %remote, "agent disconnected: {end}");
         let mut reg = lock(&self.registry);
@@ -580,6 +679,143 @@ impl Coordinator {
                     hello: s.hello,
                 });
             }
+        }
+    }
+
+    /// Acts on one message from an agent's control stream.
+    async fn agent_message(
+        &self,
+        id: &AgentId,
+        session: u64,
+        msg: AgentMessage,
+        writer: &mut FrameWriter,
+    ) -> Result<(), TransportError> {
+        match msg {
+            AgentMessage::Heartbeat(figures) => {
+                {
+                    let mut reg = lock(&self.registry);
+                    if let Some(s) = reg.live.get_mut(id).filter(|s| s.session == session) {
+                        s.last_seen = UnixMillis::now();
+                        s.figures = Some(figures);
+                        s.dirty = true;
+                    }
+                }
+                self.engine
+                    .event(Event::AgentHeartbeat { agent: id.clone() });
+            }
+            AgentMessage::RenewCertificate { csr_der } => {
+                let reply = self.renew(id, &csr_der);
+                writer.send(&reply).await?;
+            }
+            AgentMessage::JobAccepted { job, attempt } => {
+                self.engine.event(Event::JobAccepted {
+                    job,
+                    attempt,
+                    agent: id.clone(),
+                });
+            }
+            AgentMessage::JobRejected {
+                job,
+                attempt,
+                reason,
+            } => {
+                self.engine.event(Event::JobRejected {
+                    job,
+                    attempt,
+                    agent: id.clone(),
+                    reason,
+                });
+            }
+            AgentMessage::JobFinished(result) => {
+                let (job, attempt) = (result.job, result.attempt);
+                let (ack, acked) = oneshot::channel();
+                self.engine.send(Input::Finished {
+                    agent: id.clone(),
+                    result,
+                    ack,
+                });
+                // The acknowledgement goes out once the result is durable; meanwhile the
+                // session keeps serving. An unacknowledged result is sent again by the agent.
+                let outbound = lock(&self.registry)
+                    .live
+                    .get(id)
+                    .filter(|s| s.session == session)
+                    .map(|s| s.outbound.clone());
+                tokio::spawn(async move {
+                    if acked.await.is_ok() {
+                        if let Some(out) = outbound {
+                            let _ = out.send(CoordinatorMessage::JobFinishedAck { job, attempt });
+                        }
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts the streams an admin opens besides the control stream (follows).
+    async fn admin_streams(self: Arc<Self>, conn: Connection) {
+        while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let result = match reader
+                    .recv_within::<StreamOpen>(
+                        limits::HANDSHAKE_DEADLINE,
+                        "the stream's first frame",
+                    )
+                    .await
+                {
+                    Ok(Some(StreamOpen::FollowLogs {
+                        job,
+                        from_seq,
+                        follow,
+                    })) => crate::runs::follow_logs(&me, job, from_seq, follow, &mut writer).await,
+                    Ok(Some(StreamOpen::FollowRun { run })) => {
+                        crate::runs::follow_run(&me, run, &mut writer).await
+                    }
+                    Ok(Some(StreamOpen::Logs { .. })) => {
+                        tracing::info!("an admin tried to upload a job log");
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    tracing::debug!("follow stream ended: {e}");
+                }
+                writer.finish();
+            });
+        }
+    }
+
+    /// Accepts the streams an agent opens besides the control stream (job logs).
+    async fn agent_streams(self: Arc<Self>, conn: Connection, agent: AgentId) {
+        while let Ok((writer, mut reader)) = conn.accept_stream().await {
+            let me = self.clone();
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                match reader
+                    .recv_within::<StreamOpen>(
+                        limits::HANDSHAKE_DEADLINE,
+                        "the stream's first frame",
+                    )
+                    .await
+                {
+                    Ok(Some(StreamOpen::Logs { job, attempt })) => {
+                        if let Err(e) =
+                            crate::runs::receive_log(&me, &agent, job, attempt, writer, reader)
+                                .await
+                        {
+                            tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        tracing::info!(%agent, "agent opened a stream it may not: {other:?}");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::info!(%agent, "bad stream: {e}"),
+                }
+            });
         }
     }
 
@@ -623,7 +859,7 @@ impl Coordinator {
     }
 
     async fn admin_session(
-        &self,
+        self: &Arc<Self>,
         conn: Connection,
         mut writer: FrameWriter,
         mut reader: FrameReader,
@@ -639,6 +875,7 @@ impl Coordinator {
         if writer.send(&welcome).await.is_err() {
             return;
         }
+        let _streams = AbortOnDrop(tokio::spawn(self.clone().admin_streams(conn.clone())));
         loop {
             match reader.recv::<AdminRequest>().await {
                 Ok(Some(req)) => {
@@ -787,6 +1024,18 @@ impl Coordinator {
                     tokens_active: counts.tokens_active,
                 }))
             }
+            run_request @ (AdminRequest::Validate { .. }
+            | AdminRequest::SubmitRun(_)
+            | AdminRequest::ListRuns { .. }
+            | AdminRequest::ShowRun { .. }
+            | AdminRequest::CancelRun { .. }
+            | AdminRequest::RetryRun { .. }
+            | AdminRequest::ListJobs { .. }
+            | AdminRequest::ShowJob { .. }
+            | AdminRequest::Approve { .. }
+            | AdminRequest::SetSecret { .. }
+            | AdminRequest::ListSecrets
+            | AdminRequest::RemoveSecret { .. }) => crate::runs::admin(self, actor, run_request),
             AdminRequest::Audit { limit } => {
                 let entries = self
                     .store
@@ -923,4 +1172,13 @@ async fn refuse(
     // A peer that read the refusal closes by itself; one that does not is cut off after 1 s.
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
     conn.close(code, truncate(&message));
+}
+
+/// Aborts a task when the session that owns it ends.
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use gantry_protocol::{AgentId, HostFigures, Labels, TokenId, UnixMillis};
+use gantry_protocol::{AgentId, Attempt, HostFigures, JobId, Labels, RunId, TokenId, UnixMillis};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -16,6 +16,9 @@ const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 
 /// Version of the record layouts below; bump with a migration when a record changes shape.
 const SCHEMA_VERSION: u32 = 1;
@@ -141,6 +144,49 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// A pipeline run as stored. The pipeline text is kept so a run can be retried, and so
+/// the scheduler can be rebuilt after a restart, from exactly what was submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run: RunId,
+    pub pipeline: String,
+    pub file_name: String,
+    pub text: String,
+    pub git_ref: String,
+    pub commit: Option<String>,
+    pub event: String,
+    pub inputs: Labels,
+    pub created_at: UnixMillis,
+    pub created_by: String,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub finished_at: Option<UnixMillis>,
+}
+
+/// A job as stored: its latest state as the scheduler reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job: JobId,
+    pub name: String,
+    pub needs: Vec<String>,
+    pub state: String,
+    pub attempt: Attempt,
+    pub agent: Option<AgentId>,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    /// Chunks the agent reported for the finished attempt; `None` while running.
+    pub log_chunks: Option<u64>,
+    /// Every attempt handed out and the agent it went to: an agent may upload logs only
+    /// for attempts listed here under its own id.
+    pub attempts: Vec<(Attempt, AgentId)>,
+}
+
+/// A change to one job record.
+pub type JobChange = (JobId, Box<dyn Fn(&mut JobRecord) + Send>);
+/// A change to one run record.
+pub type RunChange = (RunId, Box<dyn Fn(&mut RunRecord) + Send>);
+
 /// Presence facts of a connected agent, flushed in batches.
 #[derive(Debug, Clone)]
 pub struct Presence {
@@ -207,6 +253,9 @@ impl Store {
             tx.open_table(AGENTS).map_err(eng!("open agents"))?;
             tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
             tx.open_table(AUDIT).map_err(eng!("open audit"))?;
+            tx.open_table(RUNS).map_err(eng!("open runs"))?;
+            tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+            tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
@@ -443,6 +492,187 @@ impl Store {
         }
         out.reverse();
         debug_assert!(out.len() as u64 <= total);
+        Ok(out)
+    }
+}
+
+impl Store {
+    /// Stores a new run with its jobs, numbering it after the last run, in one commit.
+    pub fn create_run(
+        &self,
+        make: impl FnOnce(RunId) -> (RunRecord, Vec<JobRecord>),
+        audit: &AuditEntry,
+    ) -> Result<(RunRecord, Vec<JobRecord>), StoreError> {
+        self.write(|tx| {
+            let mut runs = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+            let next = runs
+                .last()
+                .map_err(eng!("read runs"))?
+                .map_or(1, |(k, _)| k.value() + 1);
+            let (run, jobs) = make(RunId(next));
+            runs.insert(next, encode(&run)?.as_slice())
+                .map_err(eng!("write run"))?;
+            drop(runs);
+            let mut table = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+            for job in &jobs {
+                table
+                    .insert((job.job.run.0, job.job.index), encode(job)?.as_slice())
+                    .map_err(eng!("write job"))?;
+            }
+            drop(table);
+            let mut entry = audit.clone();
+            entry.detail = format!("run={next} {}", entry.detail);
+            Self::append_audit(tx, &entry)?;
+            Ok((run, jobs))
+        })
+    }
+
+    pub fn run(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let runs = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+        match runs.get(run.0).map_err(eng!("read run"))? {
+            Some(v) => Ok(Some(decode("run", &run.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest `limit` runs, newest first.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let runs = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+        let mut out = Vec::new();
+        for item in runs.iter().map_err(eng!("scan runs"))?.rev().take(limit) {
+            let (k, v) = item.map_err(eng!("scan runs"))?;
+            out.push(decode("run", &k.value().to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Runs that have not ended, oldest first (to rebuild the scheduler after a restart).
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let mut runs = self.runs(usize::MAX)?;
+        runs.retain(|r| r.finished_at.is_none());
+        runs.reverse();
+        Ok(runs)
+    }
+
+    pub fn jobs_of(&self, run: RunId) -> Result<Vec<JobRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let jobs = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+        let mut out = Vec::new();
+        for item in jobs
+            .range((run.0, 0)..=(run.0, u32::MAX))
+            .map_err(eng!("scan jobs"))?
+        {
+            let (k, v) = item.map_err(eng!("scan jobs"))?;
+            let (r, i) = k.value();
+            out.push(decode("job", &format!("{r}.{i}"), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn job(&self, job: JobId) -> Result<Option<JobRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let jobs = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+        match jobs.get((job.run.0, job.index)).map_err(eng!("read job"))? {
+            Some(v) => Ok(Some(decode("job", &job.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies job and run changes and the scheduler snapshot in one commit (the effects
+    /// of one batch of scheduler steps). Returns the changed records.
+    pub fn apply(
+        &self,
+        jobs: &[JobChange],
+        runs: &[RunChange],
+        snapshot: Option<&[u8]>,
+    ) -> Result<(Vec<JobRecord>, Vec<RunRecord>), StoreError> {
+        self.write(|tx| {
+            let mut changed_jobs = Vec::new();
+            let mut changed_runs = Vec::new();
+            if let Some(bytes) = snapshot {
+                let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
+                meta.insert("scheduler", bytes)
+                    .map_err(eng!("write scheduler snapshot"))?;
+            }
+            let mut table = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+            for (id, change) in jobs {
+                let key = (id.run.0, id.index);
+                let mut record: JobRecord = match table.get(key).map_err(eng!("read job"))? {
+                    Some(v) => decode("job", &id.to_string(), v.value())?,
+                    None => continue,
+                };
+                change(&mut record);
+                table
+                    .insert(key, encode(&record)?.as_slice())
+                    .map_err(eng!("write job"))?;
+                changed_jobs.push(record);
+            }
+            drop(table);
+            let mut table = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+            for (id, change) in runs {
+                let mut record: RunRecord = match table.get(id.0).map_err(eng!("read run"))? {
+                    Some(v) => decode("run", &id.to_string(), v.value())?,
+                    None => continue,
+                };
+                change(&mut record);
+                table
+                    .insert(id.0, encode(&record)?.as_slice())
+                    .map_err(eng!("write run"))?;
+                changed_runs.push(record);
+            }
+            Ok((changed_jobs, changed_runs))
+        })
+    }
+
+    /// The scheduler snapshot saved by the last [`Self::apply`], if any.
+    pub fn scheduler_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let meta = tx.open_table(META).map_err(eng!("open meta"))?;
+        Ok(meta
+            .get("scheduler")
+            .map_err(eng!("read scheduler snapshot"))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Stores an encrypted secret (the caller encrypts) and its audit entry.
+    pub fn put_secret(
+        &self,
+        name: &str,
+        sealed: &[u8],
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
+            table.insert(name, sealed).map_err(eng!("write secret"))?;
+            drop(table);
+            Self::append_audit(tx, audit)
+        })
+    }
+
+    /// Removes a secret; `false` if there was none.
+    pub fn remove_secret(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
+            let existed = table.remove(name).map_err(eng!("remove secret"))?.is_some();
+            drop(table);
+            if existed {
+                Self::append_audit(tx, audit)?;
+            }
+            Ok(existed)
+        })
+    }
+
+    /// Every secret, sealed, by name.
+    pub fn secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(eng!("scan secrets"))? {
+            let (k, v) = item.map_err(eng!("scan secrets"))?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
         Ok(out)
     }
 }

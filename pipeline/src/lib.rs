@@ -1,1 +1,93 @@
-//! placeholder, replaced by the pipeline crate
+//! Gantry pipeline files: the format, the typed model, validation, matrix expansion and
+//! `if` conditions.
+//!
+//! This crate is pure: the caller hands it a file name and the text, and gets back a
+//! [`Pipeline`] or every problem found, each with file, line and column. It reads no
+//! files, no clock and no environment. It must never panic on any input and bounds its
+//! work: files up to 1 MiB, nesting up to 64 levels, 200k YAML nodes (aliases counted),
+//! 256 jobs per matrix, 512 jobs per pipeline, conditions up to 4 KiB.
+//!
+//! # Why saphyr-parser
+//!
+//! DESIGN.md asks for a maintained YAML crate with line and column in every error. The
+//! errors that matter most here are semantic ("needs names a job that does not exist"),
+//! so every node needs its position, not just syntax errors. Candidates:
+//!
+//! - `serde_yaml` is archived; `serde_yaml_ng` and `serde_norway` are its forks. Their
+//!   syntax errors carry a location, but once a value is deserialized into a struct its
+//!   position is gone, so a semantic check could not point at its node.
+//! - `serde-saphyr` (serde on top of saphyr) has the same shape of problem: positions
+//!   for its own errors, not for the checks we make afterwards, unless every field is
+//!   wrapped in a span type. Not evaluated further.
+//! - `yaml-rust2` is maintained and its push parser reports a `Marker` per event, but
+//!   its loaded `Yaml` tree drops them.
+//! - `saphyr-parser` 0.0.11 (the successor of yaml-rust2 by the same maintainers, YAML
+//!   1.2, two small dependencies: arraydeque and thiserror) is a pull parser that gives a
+//!   `Span` with every event. We build a small positioned tree from it (`yaml` module) and
+//!   map that to the model by hand (`load` module), so every error, syntactic or
+//!   semantic, points at its node. Mapping by hand also sidesteps YAML 1.1 surprises:
+//!   `on` stays the key `on`, not `true`, and `rust: 1.80` stays `"1.80"`, not `1.8`.
+//!
+//! # Format
+//!
+//! Keys are kebab-case as in GitHub Actions; see the repository's `examples/` and the
+//! tests in this crate. `${{ matrix.x }}` is substituted at parse time in `runs-on`,
+//! `env`, `image` and step `run`/`name`/`env`; `${{ secrets.X }}`, `${{ inputs.x }}` and
+//! `${{ env.X }}` are left for dispatch time.
+
+mod condition;
+mod cron;
+mod glob;
+mod load;
+mod model;
+mod yaml;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use condition::{CompareOp, Condition, Operand, StaticContext, StatusExpr};
+pub use cron::CronSchedule;
+pub use glob::glob_match;
+pub use load::{parse_duration, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
+pub use model::{referenced_secrets, InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+
+/// The default pipeline file name.
+pub const DEFAULT_FILE_NAME: &str = "gantry.yml";
+
+/// One problem in a pipeline file, at a 1-based line and column.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ParseError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Every problem found in a pipeline file, in file order; never empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errors(pub Vec<ParseError>);
+
+impl fmt::Display for Errors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Errors {}
+
+/// Parses, validates and expands a pipeline file. `file_name` is used in errors and,
+/// without a `name:` key, for the pipeline's name (`ci.yml` gives `ci`).
+pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
+    load::parse(file_name, text)
+}
+
+#[cfg(test)]
+mod tests;

@@ -157,11 +157,15 @@ impl fmt::Display for RunId {
 impl std::str::FromStr for RunId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        s.parse::<u64>().ok().filter(|n| *n > 0).map(Self).ok_or_else(|| IdError {
-            kind: "RunId",
-            value: s.chars().take(80).collect(),
-            expected: "a run number such as 42",
-        })
+        s.parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Self)
+            .ok_or_else(|| IdError {
+                kind: "RunId",
+                value: s.chars().take(80).collect(),
+                expected: "a run number such as 42",
+            })
     }
 }
 
@@ -182,9 +186,16 @@ impl fmt::Display for JobId {
 impl std::str::FromStr for JobId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let err = || IdError { kind: "JobId", value: s.chars().take(80).collect(), expected: "RUN.INDEX such as 42.3" };
+        let err = || IdError {
+            kind: "JobId",
+            value: s.chars().take(80).collect(),
+            expected: "RUN.INDEX such as 42.3",
+        };
         let (run, index) = s.split_once('.').ok_or_else(err)?;
-        Ok(Self { run: run.parse().map_err(|_| err())?, index: index.parse().map_err(|_| err())? })
+        Ok(Self {
+            run: run.parse().map_err(|_| err())?,
+            index: index.parse().map_err(|_| err())?,
+        })
     }
 }
 
@@ -200,7 +211,13 @@ mod job_id_tests {
     #[test]
     fn job_ids_read_and_write_as_run_dot_index() {
         let id: JobId = "42.3".parse().expect("parse");
-        assert_eq!(id, JobId { run: RunId(42), index: 3 });
+        assert_eq!(
+            id,
+            JobId {
+                run: RunId(42),
+                index: 3
+            }
+        );
         assert_eq!(id.to_string(), "42.3");
         for bad in ["42", "0.1", "a.b", "42.", ".3", "42.3.1"] {
             assert!(bad.parse::<JobId>().is_err(), "{bad}");

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AgentId, TokenId, UnixMillis};
+use crate::{AgentId, Attempt, JobId, RunId, TokenId, UnixMillis};
 
 /// Labels on an agent: `os=linux`, `role=web`. Ordered so listings are stable.
 pub type Labels = BTreeMap<String, String>;
@@ -50,6 +50,15 @@ pub struct AgentHello {
     /// How many jobs it runs at once.
     pub slots: u32,
     pub figures: HostFigures,
+    /// Jobs this agent is still running (after a reconnect), so their leases hold.
+    pub running: Vec<RunningJob>,
+}
+
+/// A job attempt an agent is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningJob {
+    pub job: JobId,
+    pub attempt: Attempt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +140,48 @@ pub enum AgentMessage {
     RenewCertificate {
         csr_der: Vec<u8>,
     },
+    /// The agent takes the job; its lease starts now.
+    JobAccepted {
+        job: JobId,
+        attempt: Attempt,
+    },
+    /// The agent cannot take the job (no free slot, cannot prepare it).
+    JobRejected {
+        job: JobId,
+        attempt: Attempt,
+        reason: String,
+    },
+    /// The job ended. Sent until acknowledged, also across reconnects.
+    JobFinished(JobResult),
+}
+
+/// How a job attempt ended, as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: JobId,
+    pub attempt: Attempt,
+    pub outcome: JobOutcome,
+    /// Log chunks the attempt produced (sequence numbers `0..log_chunks`), so the
+    /// coordinator knows when its copy of the log is complete.
+    pub log_chunks: u64,
+    pub started_at: UnixMillis,
+    pub finished_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobOutcome {
+    Succeeded,
+    /// A step exited non-zero (or was killed by a signal, reported as 128 + signal).
+    Failed {
+        exit_code: i32,
+        step: u32,
+    },
+    TimedOut,
+    Cancelled,
+    /// The job could not be started (workspace, image, spawn failure).
+    Error {
+        message: String,
+    },
 }
 
 /// Coordinator to agent, after the welcome.
@@ -143,6 +194,92 @@ pub enum CoordinatorMessage {
     RenewalRefused {
         message: String,
     },
+    /// Run this job; answer with `JobAccepted` or `JobRejected`.
+    Dispatch(Box<JobAssignment>),
+    /// Stop this job attempt: SIGTERM to its process group, SIGKILL after the grace.
+    Cancel {
+        job: JobId,
+        attempt: Attempt,
+    },
+    /// The job's result is durable; the agent may forget it.
+    JobFinishedAck {
+        job: JobId,
+        attempt: Attempt,
+    },
+}
+
+/// Everything an agent needs to run one job attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAssignment {
+    pub job: JobId,
+    pub attempt: Attempt,
+    pub run: RunId,
+    pub pipeline: String,
+    pub name: String,
+    pub steps: Vec<StepSpec>,
+    /// The job's declared environment (pipeline, then job level), already expanded. The
+    /// agent adds only `GANTRY_*` variables and the step's own env.
+    pub env: Labels,
+    pub timeout_ms: u64,
+    /// Time between SIGTERM and SIGKILL on cancel or timeout.
+    pub kill_grace_ms: u64,
+    pub image: Option<String>,
+    /// Values of the secrets the job references, for `${{ secrets.NAME }}` and masking.
+    pub secrets: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub name: String,
+    pub run: String,
+    pub working_directory: Option<String>,
+    pub env: Labels,
+}
+
+/// First frame of every stream other than the control stream, saying what it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamOpen {
+    /// Agent to coordinator: the log of a job attempt. The coordinator answers with one
+    /// `LogControl::Resume`, then a `LogControl::Ack` each time chunks are durable.
+    Logs { job: JobId, attempt: Attempt },
+    /// Admin to coordinator: the stored log of a job from chunk `from_seq`, then (with
+    /// `follow`) live output until the job ends.
+    FollowLogs {
+        job: JobId,
+        from_seq: u64,
+        follow: bool,
+    },
+    /// Admin to coordinator: live job states of a run until it ends.
+    FollowRun { run: RunId },
+}
+
+/// Agent to coordinator on a log stream: one chunk of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub seq: u64,
+    /// Raw bytes (any encoding; invalid UTF-8 is kept as is).
+    pub data: Vec<u8>,
+}
+
+/// Coordinator to agent on a log stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogControl {
+    /// The first chunk the coordinator does not have yet: the agent resumes from there.
+    Resume { next_seq: u64 },
+    /// Every chunk below `next_seq` is durable; the agent may drop them from its spool.
+    Ack { next_seq: u64 },
+}
+
+/// Coordinator to admin on a follow stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FollowEvent {
+    Log(LogChunk),
+    Job(JobView),
+    /// Nothing more will come: the job or run has ended, in this state.
+    End {
+        state: String,
+    },
+    Error(AdminError),
 }
 
 /// Admin CLI to coordinator.
@@ -171,6 +308,57 @@ pub enum AdminRequest {
     Audit {
         limit: u32,
     },
+    /// Parses and checks a pipeline file without running it.
+    Validate {
+        file_name: String,
+        text: String,
+    },
+    /// Starts a run of a pipeline file.
+    SubmitRun(SubmitRun),
+    ListRuns {
+        limit: u32,
+    },
+    ShowRun {
+        run: RunId,
+    },
+    CancelRun {
+        run: RunId,
+    },
+    /// Starts a new run with the same pipeline, ref and inputs.
+    RetryRun {
+        run: RunId,
+    },
+    ListJobs {
+        run: Option<RunId>,
+        limit: u32,
+    },
+    ShowJob {
+        job: JobId,
+    },
+    Approve {
+        job: JobId,
+    },
+    /// Stores a secret, encrypted at rest.
+    SetSecret {
+        name: String,
+        value: String,
+    },
+    ListSecrets,
+    RemoveSecret {
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitRun {
+    pub file_name: String,
+    pub text: String,
+    /// Branch or tag, e.g. `main` (the `branch` of conditions).
+    pub git_ref: String,
+    pub commit: Option<String>,
+    /// `manual`, `push` or `schedule`.
+    pub event: String,
+    pub inputs: Labels,
 }
 
 /// Coordinator to admin CLI, one per request.
@@ -181,6 +369,18 @@ pub enum AdminResponse {
     Agent(AgentView),
     Status(StatusView),
     Audit(Vec<AuditView>),
+    Validated {
+        jobs: Vec<String>,
+    },
+    Run(RunView),
+    Runs(Vec<RunView>),
+    Job(JobView),
+    Jobs(Vec<JobView>),
+    /// Names of the stored secrets (never their values).
+    Secrets(Vec<String>),
+    Done {
+        message: String,
+    },
     Error(AdminError),
 }
 
@@ -207,6 +407,37 @@ pub enum AdminErrorKind {
     NotFound,
     InvalidInput,
     Internal,
+}
+
+/// A pipeline run as the CLI shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunView {
+    pub run: RunId,
+    pub pipeline: String,
+    pub state: String,
+    pub git_ref: String,
+    pub commit: Option<String>,
+    pub event: String,
+    pub inputs: Labels,
+    pub created_at: UnixMillis,
+    pub finished_at: Option<UnixMillis>,
+    pub created_by: String,
+    pub jobs: Vec<JobView>,
+}
+
+/// A job as the CLI shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job: JobId,
+    pub name: String,
+    pub needs: Vec<String>,
+    pub state: String,
+    pub attempt: Attempt,
+    pub agent: Option<AgentId>,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub log_bytes: u64,
 }
 
 /// Where an agent stands.

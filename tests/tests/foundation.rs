@@ -336,6 +336,7 @@ fn foreign_missing_and_wrong_role_certificates_are_refused() {
             capabilities: vec![],
             slots: 1,
             figures: HostFigures::default(),
+            running: vec![],
         });
         client
             .writer

@@ -216,6 +216,21 @@ impl Connection {
         Ok((FrameWriter(send), FrameReader::new(recv)))
     }
 
+    /// Opens another bidirectional stream (logs, follows); its first frame says what it is.
+    pub async fn open_stream(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
+        self.open_control().await
+    }
+
+    /// Waits for the peer to open another bidirectional stream; `Err` once the connection ends.
+    pub async fn accept_stream(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
+        let (send, recv) = self
+            .0
+            .accept_bi()
+            .await
+            .map_err(|e| from_connection_error(&e))?;
+        Ok((FrameWriter(send), FrameReader::new(recv)))
+    }
+
     /// Accepts the control stream the client opens (server side), within `deadline`.
     pub async fn accept_control(
         &self,

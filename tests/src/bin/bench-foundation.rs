@@ -261,6 +261,7 @@ async fn hold_agents(
                     cpu_count: 1,
                     ..HostFigures::default()
                 },
+                running: vec![],
             });
             w.send_frame(&gantry_protocol::encode_hello(
                 &hello,

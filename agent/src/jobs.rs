@@ -1,0 +1,507 @@
+//! The jobs this agent runs, and their logs, across connections.
+//!
+//! Owns: accepting or rejecting a dispatched job (slots), running it (through
+//! [`crate::exec`]), cutting its output into masked, sequence-numbered chunks spooled to
+//! disk, uploading the spool on a stream of its own (resuming where the coordinator's
+//! durable copy ends, so there are no gaps or duplicates), and keeping each result until
+//! the coordinator acknowledges it. Jobs outlive connections: a dropped connection only
+//! pauses uploads; the next connection reports the running jobs and resumes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_protocol::{
+    Attempt, JobAssignment, JobId, JobResult, LogChunk, LogControl, RunningJob, StreamOpen,
+    UnixMillis,
+};
+use gantry_transport::{Connection, TransportError};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::mask::Masker;
+
+/// Output is sent at least this often while a job prints.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest chunk; a chunk is cut earlier when this much output is waiting.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// Default cap on one job's log: the first half and the last half are kept.
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 100 * 1024 * 1024;
+/// Time between SIGTERM and SIGKILL when the assignment does not say.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+
+type Key = (JobId, Attempt);
+
+/// Progress of one job's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LogProgress {
+    /// Chunks written to the spool: `0..produced`.
+    produced: u64,
+    /// Chunks the coordinator holds durably: `0..acked`.
+    acked: u64,
+    /// No more chunks will come.
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    spool: PathBuf,
+    progress: watch::Sender<LogProgress>,
+    cancel: watch::Sender<bool>,
+    /// Set when the job ended; kept until the coordinator acknowledges it.
+    result: Option<JobResult>,
+    result_acked: bool,
+    uploading: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    jobs: BTreeMap<Key, Entry>,
+    conn: Option<Connection>,
+}
+
+/// The agent's jobs. Cheap to clone; all clones share the same state.
+#[derive(Debug, Clone)]
+pub struct JobManager {
+    inner: Arc<Mutex<Inner>>,
+    work_dir: PathBuf,
+    spool_dir: PathBuf,
+    slots: u32,
+    log_cap: u64,
+    finished_tx: mpsc::UnboundedSender<JobResult>,
+}
+
+impl JobManager {
+    /// `data_dir` holds `work/` (job workspaces) and `spool/` (unacknowledged log chunks).
+    /// Results of finished jobs arrive on the returned receiver, for the session to send.
+    pub fn new(data_dir: &Path, slots: u32) -> (Self, mpsc::UnboundedReceiver<JobResult>) {
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        let manager = Self {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            work_dir: data_dir.join("work"),
+            spool_dir: data_dir.join("spool"),
+            slots: slots.max(1),
+            log_cap: DEFAULT_LOG_CAP_BYTES,
+            finished_tx,
+        };
+        (manager, finished_rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Job attempts still running, for the hello after a reconnect.
+    pub fn running(&self) -> Vec<RunningJob> {
+        self.lock()
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.result.is_none())
+            .map(|((job, attempt), _)| RunningJob {
+                job: *job,
+                attempt: *attempt,
+            })
+            .collect()
+    }
+
+    /// Takes a dispatched job. A repeat of an attempt already held is accepted again
+    /// (the coordinator may re-send after a reconnect); a new one needs a free slot.
+    pub fn start(&self, assignment: JobAssignment) -> Result<(), String> {
+        let key = (assignment.job, assignment.attempt);
+        let mut inner = self.lock();
+        if inner.jobs.contains_key(&key) {
+            return Ok(());
+        }
+        let busy = inner.jobs.values().filter(|e| e.result.is_none()).count();
+        if busy >= self.slots as usize {
+            return Err(format!("all {} slots are busy", self.slots));
+        }
+        let name = format!("{}-{}", assignment.job, assignment.attempt);
+        let spool = self.spool_dir.join(&name);
+        crate::exec::fresh_dir(&spool)
+            .map_err(|e| format!("cannot create the log spool {}: {e}", spool.display()))?;
+        let (progress, _) = watch::channel(LogProgress::default());
+        let (cancel, cancel_rx) = watch::channel(false);
+        inner.jobs.insert(
+            key,
+            Entry {
+                spool: spool.clone(),
+                progress: progress.clone(),
+                cancel,
+                result: None,
+                result_acked: false,
+                uploading: false,
+            },
+        );
+        let conn = inner.conn.clone();
+        drop(inner);
+        info!(job = %assignment.job, attempt = assignment.attempt, name = %assignment.name, "job accepted");
+        let workspace = self.work_dir.join(&name);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.execute(assignment, workspace, spool, progress, cancel_rx)
+                .await;
+        });
+        if let Some(conn) = conn {
+            self.spawn_upload(key, conn);
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        assignment: JobAssignment,
+        workspace: PathBuf,
+        spool: PathBuf,
+        progress: watch::Sender<LogProgress>,
+        cancel: watch::Receiver<bool>,
+    ) {
+        let key = (assignment.job, assignment.attempt);
+        let started_at = UnixMillis::now();
+        let (log_tx, log_rx) = mpsc::channel(256);
+        let masker = Masker::new(assignment.secrets.values().map(String::as_str));
+        let chunker = tokio::spawn(chunk_log(
+            log_rx,
+            masker,
+            spool,
+            progress.clone(),
+            self.log_cap,
+        ));
+        let outcome = crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await;
+        drop(log_tx);
+        let log_chunks = chunker.await.unwrap_or(0);
+        progress.send_modify(|p| p.finished = true);
+        if let Err(e) = std::fs::remove_dir_all(&workspace) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(job = %key.0, "cannot remove the workspace {}: {e}", workspace.display());
+            }
+        }
+        let result = JobResult {
+            job: key.0,
+            attempt: key.1,
+            outcome: outcome.clone(),
+            log_chunks,
+            started_at,
+            finished_at: UnixMillis::now(),
+        };
+        info!(job = %key.0, attempt = key.1, ?outcome, "job finished");
+        if let Some(entry) = self.lock().jobs.get_mut(&key) {
+            entry.result = Some(result.clone());
+        }
+        let _ = self.finished_tx.send(result);
+    }
+
+    /// Stops a job attempt (SIGTERM to its process group, SIGKILL after the grace).
+    pub fn cancel(&self, job: JobId, attempt: Attempt) {
+        if let Some(entry) = self.lock().jobs.get(&(job, attempt)) {
+            info!(%job, attempt, "cancelling job");
+            let _ = entry.cancel.send(true);
+        }
+    }
+
+    /// The coordinator stored the result: forget the job once its log is also stored.
+    pub fn result_acked(&self, job: JobId, attempt: Attempt) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.jobs.get_mut(&(job, attempt)) {
+            entry.result_acked = true;
+        }
+        Self::forget_done(&mut inner);
+    }
+
+    fn forget_done(inner: &mut Inner) {
+        let done: Vec<Key> = inner
+            .jobs
+            .iter()
+            .filter(|(_, e)| {
+                let p = *e.progress.borrow();
+                e.result_acked && p.finished && p.acked >= p.produced
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            if let Some(entry) = inner.jobs.remove(&key) {
+                let _ = std::fs::remove_dir_all(&entry.spool);
+                debug!(job = %key.0, attempt = key.1, "job forgotten: result and log are stored");
+            }
+        }
+    }
+
+    /// A new connection: uploads resume on it; returns results still to be reported.
+    pub fn attach(&self, conn: &Connection) -> Vec<JobResult> {
+        let keys: Vec<Key> = {
+            let mut inner = self.lock();
+            inner.conn = Some(conn.clone());
+            inner.jobs.keys().copied().collect()
+        };
+        for key in keys {
+            self.spawn_upload(key, conn.clone());
+        }
+        self.lock()
+            .jobs
+            .values()
+            .filter(|e| !e.result_acked)
+            .filter_map(|e| e.result.clone())
+            .collect()
+    }
+
+    /// The connection is gone; uploads wait for the next one.
+    pub fn detach(&self) {
+        self.lock().conn = None;
+    }
+
+    fn spawn_upload(&self, key: Key, conn: Connection) {
+        let (spool, progress) = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.jobs.get_mut(&key) else {
+                return;
+            };
+            let p = *entry.progress.borrow();
+            if entry.uploading || (p.finished && p.acked >= p.produced) {
+                return;
+            }
+            entry.uploading = true;
+            (entry.spool.clone(), entry.progress.clone())
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            match upload(&conn, key, &spool, &progress).await {
+                Ok(()) => debug!(job = %key.0, "log upload complete"),
+                Err(e) => debug!(job = %key.0, "log upload paused: {e}"),
+            }
+            let again = {
+                let mut inner = me.lock();
+                if let Some(entry) = inner.jobs.get_mut(&key) {
+                    entry.uploading = false;
+                }
+                Self::forget_done(&mut inner);
+                // The connection may have been replaced while this upload was failing.
+                let pending = inner.jobs.get(&key).is_some_and(|e| {
+                    let p = *e.progress.borrow();
+                    !(p.finished && p.acked >= p.produced)
+                });
+                inner.conn.clone().filter(|_| pending)
+            };
+            if let Some(conn) = again {
+                if conn.close_reason().is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    me.spawn_upload(key, conn);
+                }
+            }
+        });
+    }
+}
+
+/// Sends the spooled chunks of one job from where the coordinator's copy ends, then
+/// every new chunk as it is written, until the job is finished and all is acknowledged.
+async fn upload(
+    conn: &Connection,
+    key: Key,
+    spool: &Path,
+    progress: &watch::Sender<LogProgress>,
+) -> Result<(), TransportError> {
+    let (mut writer, mut reader) = conn.open_stream().await?;
+    writer
+        .send(&StreamOpen::Logs {
+            job: key.0,
+            attempt: key.1,
+        })
+        .await?;
+    let next_seq = match reader.recv::<LogControl>().await? {
+        Some(LogControl::Resume { next_seq }) => next_seq,
+        other => {
+            return Err(TransportError::Lost(format!(
+                "expected a log resume point, got {other:?}"
+            )))
+        }
+    };
+    acknowledge(spool, progress, next_seq);
+    // Acknowledgements are read by their own task: a frame read is not cancel-safe.
+    let acks = {
+        let (spool, progress) = (spool.to_path_buf(), progress.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(LogControl::Ack { next_seq } | LogControl::Resume { next_seq })) =
+                reader.recv::<LogControl>().await
+            {
+                acknowledge(&spool, &progress, next_seq);
+            }
+        })
+    };
+    let _abort = AbortOnDrop(acks);
+    let mut watcher = progress.subscribe();
+    let mut sent = next_seq;
+    loop {
+        let p = *watcher.borrow_and_update();
+        while sent < p.produced {
+            let data = std::fs::read(chunk_path(spool, sent)).map_err(|e| {
+                TransportError::Lost(format!("spooled chunk {sent} unreadable: {e}"))
+            })?;
+            writer.send(&LogChunk { seq: sent, data }).await?;
+            sent += 1;
+        }
+        if p.finished && p.acked >= p.produced {
+            writer.finish();
+            return Ok(());
+        }
+        if watcher.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn acknowledge(spool: &Path, progress: &watch::Sender<LogProgress>, next_seq: u64) {
+    let before = progress.borrow().acked;
+    for seq in before..next_seq {
+        let _ = std::fs::remove_file(chunk_path(spool, seq));
+    }
+    progress.send_modify(|p| p.acked = p.acked.max(next_seq));
+}
+
+fn chunk_path(spool: &Path, seq: u64) -> PathBuf {
+    spool.join(format!("{seq:012}.chunk"))
+}
+
+/// Masks output and cuts it into chunks: at most [`MAX_CHUNK_BYTES`], written at least
+/// every [`FLUSH_INTERVAL`]. Past `cap` bytes, the middle of the log is dropped: the first
+/// half of the cap is sent as it comes, the last half is held and sent at the end, after
+/// a line saying how much was cut. Returns the number of chunks written.
+async fn chunk_log(
+    mut pieces: mpsc::Receiver<Vec<u8>>,
+    mut masker: Masker,
+    spool: PathBuf,
+    progress: watch::Sender<LogProgress>,
+    cap: u64,
+) -> u64 {
+    let mut state = Chunker {
+        spool,
+        progress,
+        pending: Vec::new(),
+        seq: 0,
+        emitted: 0,
+        head_limit: cap / 2,
+        tail: std::collections::VecDeque::new(),
+        tail_limit: usize::try_from(cap / 2).unwrap_or(usize::MAX),
+        cut: 0,
+    };
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            piece = pieces.recv() => match piece {
+                Some(piece) => {
+                    let visible = masker.push(&piece);
+                    state.take(&visible);
+                    if state.pending.len() >= MAX_CHUNK_BYTES {
+                        state.flush();
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => state.flush(),
+        }
+    }
+    let rest = masker.finish();
+    state.take(&rest);
+    state.flush();
+    if state.cut > 0 {
+        let note = format!("\n[gantry: {} bytes were cut from the middle of this log; the first and last {} MiB are kept]\n", state.cut, state.head_limit / (1024 * 1024));
+        state.pending.extend_from_slice(note.as_bytes());
+        let tail: Vec<u8> = state.tail.drain(..).collect();
+        state.pending.extend_from_slice(&tail);
+        state.flush();
+    }
+    state.seq
+}
+
+struct Chunker {
+    spool: PathBuf,
+    progress: watch::Sender<LogProgress>,
+    pending: Vec<u8>,
+    seq: u64,
+    emitted: u64,
+    head_limit: u64,
+    tail: std::collections::VecDeque<u8>,
+    tail_limit: usize,
+    cut: u64,
+}
+
+impl Chunker {
+    fn take(&mut self, bytes: &[u8]) {
+        let room = usize::try_from(
+            self.head_limit
+                .saturating_sub(self.emitted + self.pending.len() as u64),
+        )
+        .unwrap_or(usize::MAX);
+        let (head, rest) = bytes.split_at(room.min(bytes.len()));
+        self.pending.extend_from_slice(head);
+        for &b in rest {
+            if self.tail.len() == self.tail_limit {
+                self.tail.pop_front();
+                self.cut += 1;
+            }
+            self.tail.push_back(b);
+        }
+    }
+
+    fn flush(&mut self) {
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(MAX_CHUNK_BYTES);
+            let chunk: Vec<u8> = self.pending.drain(..n).collect();
+            if let Err(e) = std::fs::write(chunk_path(&self.spool, self.seq), &chunk) {
+                warn!("cannot spool log chunk {}: {e}; output is lost", self.seq);
+                continue;
+            }
+            self.emitted += chunk.len() as u64;
+            self.seq += 1;
+            let seq = self.seq;
+            self.progress.send_modify(|p| p.produced = seq);
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_chunker_keeps_head_and_tail_and_says_what_was_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::channel(16);
+        let (progress, _) = watch::channel(LogProgress::default());
+        let task = tokio::spawn(chunk_log(
+            rx,
+            Masker::new([]),
+            dir.path().to_path_buf(),
+            progress.clone(),
+            1000,
+        ));
+        for i in 0..30u8 {
+            tx.send(vec![b'a' + (i % 26); 100]).await.expect("send");
+        }
+        drop(tx);
+        let chunks = task.await.expect("chunker");
+        let mut log = Vec::new();
+        for seq in 0..chunks {
+            log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
+        }
+        let text = String::from_utf8_lossy(&log);
+        assert!(text.starts_with(&"a".repeat(100)), "head kept");
+        assert!(
+            text.contains("[gantry: 2000 bytes were cut from the middle of this log"),
+            "{text}"
+        );
+        assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
+        assert_eq!(progress.borrow().produced, chunks);
+    }
+}

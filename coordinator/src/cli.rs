@@ -1,0 +1,348 @@
+//! The admin CLI's pipeline commands: `run`, `validate`, `pipelines`, `jobs`, `logs`,
+//! `secrets`. Each builds a request, sends it, and prints the answer (or streams a
+//! follow). Exit codes: 1 when a followed run fails, 2 for bad input, 3 when the
+//! coordinator cannot be reached.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use gantry_protocol::{
+    AdminRequest, AdminResponse, FollowEvent, JobId, RunId, StreamOpen, SubmitRun,
+};
+
+use crate::client::{AdminClient, ClientError};
+use crate::{admin, config, connect, output, usage, Failure};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipeline file.
+    #[arg(default_value = gantry_pipeline::DEFAULT_FILE_NAME)]
+    file: PathBuf,
+    /// Branch or tag the run is for [default: the checkout's current branch, else main].
+    #[arg(long = "ref")]
+    git_ref: Option<String>,
+    /// Input value (repeatable), name=value.
+    #[arg(long = "input")]
+    inputs: Vec<String>,
+    /// Show each job's progress until the run ends, then the logs of failed jobs; exit 1
+    /// if the run fails.
+    #[arg(long, short)]
+    follow: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelinesCommand {
+    /// The newest runs.
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run with its jobs.
+    Show {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: queued jobs are dropped, running ones are stopped.
+    Cancel { run: String },
+    /// Run the same pipeline, ref and inputs again, as a new run.
+    Retry {
+        run: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Jobs of one run, or of the newest runs.
+    List {
+        #[arg(long)]
+        run: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One job.
+    Show {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Store a secret; its value is read from standard input (a trailing newline is dropped).
+    Set { name: String },
+    /// Names of the stored secrets.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a secret.
+    Rm { name: String },
+}
+
+pub fn job_id(text: &str) -> Result<JobId, Failure> {
+    text.parse()
+        .map_err(|e| usage(anyhow::anyhow!("{e}; `gantry jobs list` shows job ids")))
+}
+
+fn run_id(text: &str) -> Result<RunId, Failure> {
+    text.parse().map_err(|e| {
+        usage(anyhow::anyhow!(
+            "{e}; `gantry pipelines list` shows run numbers"
+        ))
+    })
+}
+
+fn read_pipeline(file: &Path) -> Result<(String, String), Failure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the pipeline file {}", file.display()))
+        .map_err(usage)?;
+    let name = file.file_name().map_or_else(
+        || file.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok((name, text))
+}
+
+/// `gantry validate`: parses locally and prints every problem with its line and column.
+pub fn validate(file: &Path) -> Result<ExitCode, Failure> {
+    let (name, text) = read_pipeline(file)?;
+    match gantry_pipeline::parse(&name, &text) {
+        Ok(p) => {
+            println!(
+                "{name}: valid, {} jobs: {}",
+                p.jobs.len(),
+                p.jobs
+                    .iter()
+                    .map(|j| j.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            Err(usage(anyhow::anyhow!(
+                "{name} has {} problem(s)",
+                errors.0.len()
+            )))
+        }
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !text.is_empty() && text != "HEAD").then_some(text)
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+    let (file_name, text) = read_pipeline(&args.file)?;
+    if let Err(errors) = gantry_pipeline::parse(&file_name, &text) {
+        eprintln!("{errors}");
+        return Err(usage(anyhow::anyhow!(
+            "{file_name} has {} problem(s); nothing was run",
+            errors.0.len()
+        )));
+    }
+    let inputs = config::parse_labels(&args.inputs)
+        .context("--input")
+        .map_err(usage)?;
+    let dir = args
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let git_ref = args
+        .git_ref
+        .clone()
+        .or_else(|| git(dir, &["rev-parse", "--abbrev-ref", "HEAD"]))
+        .unwrap_or_else(|| "main".into());
+    let commit = git(dir, &["rev-parse", "HEAD"]);
+    let mut client = connect().await?;
+    let submit = SubmitRun {
+        file_name,
+        text,
+        git_ref,
+        commit,
+        event: "manual".into(),
+        inputs,
+    };
+    let resp = client.request(&AdminRequest::SubmitRun(submit)).await?;
+    let AdminResponse::Run(view) = &resp else {
+        return Err(Failure::Work(anyhow::anyhow!(
+            "unexpected response to a run request"
+        )));
+    };
+    let run = view.run;
+    if !args.follow {
+        client.close().await;
+        if args.json {
+            return output::print_response(&resp, true);
+        }
+        println!(
+            "run {run} started ({} jobs); follow it with `gantry pipelines show {run}`",
+            view.jobs.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("run {run} of {}: {} jobs", view.pipeline, view.jobs.len());
+    let code = follow_run(&mut client, run).await;
+    client.close().await;
+    code
+}
+
+/// Prints each job change of a run until it ends, then the logs of its failed jobs.
+async fn follow_run(client: &mut AdminClient, run: RunId) -> Result<ExitCode, Failure> {
+    let mut reader = client.follow(&StreamOpen::FollowRun { run }).await?;
+    let mut failed = Vec::new();
+    let final_state = loop {
+        match reader.recv::<FollowEvent>().await {
+            Ok(Some(FollowEvent::Job(j))) => {
+                let agent = j
+                    .agent
+                    .as_ref()
+                    .map(|a| format!(" on {a}"))
+                    .unwrap_or_default();
+                let exit = j
+                    .exit_code
+                    .map(|c| format!(" (exit {c})"))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<8} {:<32} {}{agent}{exit}",
+                    j.job.to_string(),
+                    j.name,
+                    j.state
+                );
+                if matches!(j.state.as_str(), "failed" | "timed-out" | "lost") {
+                    failed.push(j.job);
+                }
+            }
+            Ok(Some(FollowEvent::End { state })) => break state,
+            Ok(Some(FollowEvent::Error(e))) => return Err(usage(anyhow::anyhow!(e.message))),
+            Ok(Some(FollowEvent::Log(_))) => {}
+            Ok(None) => {
+                return Err(Failure::Unreachable(anyhow::anyhow!(
+                    "the coordinator ended the follow stream"
+                )))
+            }
+            Err(e) => return Err(Failure::Unreachable(e.into())),
+        }
+    };
+    failed.dedup();
+    for job in failed {
+        println!("\n--- log of failed job {job} ---");
+        print_log(client, job, false).await?;
+    }
+    println!("\nrun {run} {final_state}");
+    Ok(if final_state == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Writes a job's log to stdout; with `follow`, until the job ends. Returns its final state.
+async fn print_log(client: &mut AdminClient, job: JobId, follow: bool) -> Result<String, Failure> {
+    let mut reader = client
+        .follow(&StreamOpen::FollowLogs {
+            job,
+            from_seq: 0,
+            follow,
+        })
+        .await?;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        match reader.recv::<FollowEvent>().await {
+            Ok(Some(FollowEvent::Log(chunk))) => {
+                let _ = stdout.write_all(&chunk.data);
+                let _ = stdout.flush();
+            }
+            Ok(Some(FollowEvent::End { state })) => return Ok(state),
+            Ok(Some(FollowEvent::Error(e))) => return Err(ClientError::Rejected(e.message).into()),
+            Ok(Some(FollowEvent::Job(_))) => {}
+            Ok(None) => {
+                return Err(Failure::Unreachable(anyhow::anyhow!(
+                    "the coordinator ended the log stream"
+                )))
+            }
+            Err(e) => return Err(Failure::Unreachable(e.into())),
+        }
+    }
+}
+
+pub async fn logs(job: &str, follow: bool) -> Result<ExitCode, Failure> {
+    let job = job_id(job)?;
+    let mut client = connect().await?;
+    let result = print_log(&mut client, job, follow).await;
+    client.close().await;
+    result.map(|_| ExitCode::SUCCESS)
+}
+
+pub async fn pipelines(cmd: PipelinesCommand) -> Result<ExitCode, Failure> {
+    let (req, json) = match cmd {
+        PipelinesCommand::List { limit, json } => (AdminRequest::ListRuns { limit }, json),
+        PipelinesCommand::Show { run, json } => {
+            (AdminRequest::ShowRun { run: run_id(&run)? }, json)
+        }
+        PipelinesCommand::Cancel { run } => (AdminRequest::CancelRun { run: run_id(&run)? }, false),
+        PipelinesCommand::Retry { run, json } => {
+            (AdminRequest::RetryRun { run: run_id(&run)? }, json)
+        }
+    };
+    let resp = admin(req).await?;
+    output::print_response(&resp, json)
+}
+
+pub async fn jobs(cmd: JobsCommand) -> Result<ExitCode, Failure> {
+    let (req, json) = match cmd {
+        JobsCommand::List { run, limit, json } => (
+            AdminRequest::ListJobs {
+                run: run.as_deref().map(run_id).transpose()?,
+                limit,
+            },
+            json,
+        ),
+        JobsCommand::Show { job, json } => (AdminRequest::ShowJob { job: job_id(&job)? }, json),
+    };
+    let resp = admin(req).await?;
+    output::print_response(&resp, json)
+}
+
+pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode, Failure> {
+    let (req, json) = match cmd {
+        SecretsCommand::Set { name } => {
+            let mut value = String::new();
+            std::io::stdin()
+                .read_to_string(&mut value)
+                .context("cannot read the secret from standard input")
+                .map_err(usage)?;
+            let value = value
+                .strip_suffix('\n')
+                .map_or(value.as_str(), |v| v.strip_suffix('\r').unwrap_or(v))
+                .to_owned();
+            (AdminRequest::SetSecret { name, value }, false)
+        }
+        SecretsCommand::List { json } => (AdminRequest::ListSecrets, json),
+        SecretsCommand::Rm { name } => (AdminRequest::RemoveSecret { name }, false),
+    };
+    let resp = admin(req).await?;
+    output::print_response(&resp, json)
+}

@@ -1,0 +1,621 @@
+//! The scheduler's async shell: feeds it events, carries out its commands.
+//!
+//! Owns the one [`Scheduler`] of the coordinator, in one task. Sessions and admin
+//! requests send [`Input`]s; the task takes every input that is waiting (a batch), runs
+//! them through the scheduler with the current time, commits all their effects (job and
+//! run records, results, the scheduler snapshot) in one store transaction, and only then
+//! acknowledges results, sends dispatches and cancels to agents, and tells followers.
+//! It also wakes the scheduler at its next deadline (offer and lease expiry, timeouts).
+//! Runs are rebuilt after a restart from the snapshot plus the stored runs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gantry_pipeline::Pipeline;
+use gantry_protocol::{
+    AgentId, Attempt, CoordinatorMessage, JobAssignment, JobId, JobOutcome, JobResult, Labels,
+    RunId, StepSpec, UnixMillis,
+};
+use gantry_scheduler::{
+    Command, Event, FailReason, JobPlan, JobState, Outcome, RunState, Scheduler,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::store::{JobChange, JobRecord, RunChange, RunRecord, Store};
+
+/// Time between SIGTERM and SIGKILL when a job is cancelled or times out.
+pub const KILL_GRACE_MS: u64 = 10_000;
+/// Most inputs handled in one batch (one store commit).
+const MAX_BATCH: usize = 512;
+
+/// Something for the scheduler.
+#[derive(Debug)]
+pub enum Input {
+    Event(Event),
+    /// A run was stored: schedule it.
+    Submitted {
+        run: RunRecord,
+        pipeline: Arc<Pipeline>,
+        plans: Vec<JobPlan>,
+        priority: i32,
+    },
+    /// An agent reported a result; `ack` answers once the result is durable.
+    Finished {
+        agent: AgentId,
+        result: JobResult,
+        ack: oneshot::Sender<()>,
+    },
+}
+
+/// A stored change, as followers see it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Job(JobRecord),
+    Run(RunRecord),
+}
+
+/// Where the engine sends messages to agents: the live sessions.
+pub trait AgentOutbox: Send + Sync + 'static {
+    /// Queues `message` for `agent`'s session; `false` if it has none.
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool;
+    /// Values of secrets by name, for a job that references them.
+    fn secrets(&self, names: &[String]) -> Labels;
+}
+
+/// Handle to the engine task.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    tx: mpsc::UnboundedSender<Input>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Engine {
+    pub fn send(&self, input: Input) {
+        // The engine task lives as long as the server; a send after shutdown is moot.
+        let _ = self.tx.send(input);
+    }
+
+    pub fn event(&self, event: Event) {
+        self.send(Input::Event(event));
+    }
+
+    /// Stored changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Restores the scheduler from the store and starts the engine task.
+    pub fn start(store: Arc<Store>, outbox: Arc<dyn AgentOutbox>) -> Result<Self, String> {
+        let now = UnixMillis::now();
+        let mut scheduler = match store.scheduler_snapshot().map_err(|e| e.to_string())? {
+            Some(bytes) => {
+                let snapshot = postcard::from_bytes(&bytes)
+                    .map_err(|e| format!("the stored scheduler state is unreadable: {e}"))?;
+                Scheduler::restore(snapshot, now)
+            }
+            None => Scheduler::new(),
+        };
+        let mut contexts = HashMap::new();
+        let mut resubmit = Vec::new();
+        for record in store.unfinished_runs().map_err(|e| e.to_string())? {
+            let pipeline = match gantry_pipeline::parse(&record.file_name, &record.text) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::error!(run = %record.run, "stored pipeline no longer parses, run cannot continue: {e}");
+                    continue;
+                }
+            };
+            if scheduler.run_state(record.run).is_none() {
+                // Stored but not yet in the snapshot (crash between the two): submit again.
+                resubmit.push((record.run, pipeline.clone()));
+            }
+            contexts.insert(record.run, RunContext { record, pipeline });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (changes, _) = broadcast::channel(4096);
+        let engine = Self {
+            tx,
+            changes: changes.clone(),
+        };
+        for (run, pipeline) in resubmit {
+            let plans = plans_for(run, &pipeline, &contexts[&run].record);
+            scheduler.handle(
+                now,
+                Event::RunSubmitted {
+                    run,
+                    pipeline: pipeline.name.clone(),
+                    priority: pipeline.priority,
+                    jobs: plans,
+                },
+            );
+        }
+        let task = EngineTask {
+            scheduler,
+            contexts,
+            store,
+            outbox,
+            changes,
+        };
+        tokio::spawn(task.run(rx));
+        Ok(engine)
+    }
+}
+
+#[derive(Debug)]
+struct RunContext {
+    record: RunRecord,
+    pipeline: Arc<Pipeline>,
+}
+
+struct EngineTask {
+    scheduler: Scheduler,
+    contexts: HashMap<RunId, RunContext>,
+    store: Arc<Store>,
+    outbox: Arc<dyn AgentOutbox>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl EngineTask {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+        loop {
+            let deadline = self.scheduler.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(at) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(
+                            at.millis_since(UnixMillis::now()),
+                        ))
+                        .await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let mut batch = Vec::new();
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => batch.push(input),
+                    None => return,
+                },
+                () = sleep => batch.push(Input::Event(Event::Tick)),
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(input) => batch.push(input),
+                    Err(_) => break,
+                }
+            }
+            self.step(batch);
+        }
+    }
+
+    /// Handles a batch: scheduler first, then one commit, then the outside world.
+    fn step(&mut self, batch: Vec<Input>) {
+        let now = UnixMillis::now();
+        let mut commands = Vec::new();
+        let mut acks = Vec::new();
+        let mut job_changes: Vec<JobChange> = Vec::new();
+        for input in batch {
+            match input {
+                Input::Event(event) => commands.extend(self.scheduler.handle(now, event)),
+                Input::Submitted {
+                    run,
+                    pipeline,
+                    plans,
+                    priority,
+                } => {
+                    let name = pipeline.name.clone();
+                    self.contexts.insert(
+                        run.run,
+                        RunContext {
+                            record: run.clone(),
+                            pipeline,
+                        },
+                    );
+                    commands.extend(self.scheduler.handle(
+                        now,
+                        Event::RunSubmitted {
+                            run: run.run,
+                            pipeline: name,
+                            priority,
+                            jobs: plans,
+                        },
+                    ));
+                }
+                Input::Finished { agent, result, ack } => {
+                    let outcome = match &result.outcome {
+                        JobOutcome::Succeeded => Outcome::Succeeded,
+                        JobOutcome::Failed { exit_code, .. } => Outcome::Failed {
+                            exit_code: *exit_code,
+                        },
+                        JobOutcome::TimedOut => Outcome::TimedOut,
+                        JobOutcome::Cancelled => Outcome::Cancelled,
+                        // Could not even start: report as a failure with the shell's
+                        // "cannot execute" code, so it is retried like one.
+                        JobOutcome::Error { .. } => Outcome::Failed { exit_code: 126 },
+                    };
+                    let (chunks, attempt) = (result.log_chunks, result.attempt);
+                    let (started, finished) = (result.started_at, result.finished_at);
+                    job_changes.push((
+                        result.job,
+                        Box::new(move |r: &mut JobRecord| {
+                            if r.attempt == attempt {
+                                r.log_chunks = Some(chunks);
+                                r.started_at = Some(started);
+                                r.finished_at = Some(finished);
+                            }
+                        }),
+                    ));
+                    commands.extend(self.scheduler.handle(
+                        now,
+                        Event::JobFinished {
+                            job: result.job,
+                            attempt: result.attempt,
+                            agent,
+                            outcome,
+                        },
+                    ));
+                    acks.push(ack);
+                }
+            }
+        }
+        let mut run_changes: Vec<RunChange> = Vec::new();
+        let mut finished_runs = Vec::new();
+        for command in &commands {
+            match command {
+                Command::JobChanged {
+                    job,
+                    attempt,
+                    state,
+                } => job_changes.push((*job, record_change(*attempt, state.clone(), now))),
+                Command::RunChanged { run, state } => {
+                    let state = *state;
+                    if state.is_terminal() {
+                        finished_runs.push(*run);
+                    }
+                    run_changes.push((
+                        *run,
+                        Box::new(move |r: &mut RunRecord| {
+                            run_state_name(state).clone_into(&mut r.state);
+                            if state.is_terminal() {
+                                r.finished_at.get_or_insert(now);
+                            }
+                        }),
+                    ));
+                }
+                Command::RunRejected { run, error } => {
+                    tracing::error!(%run, "scheduler refused a stored run: {error}");
+                    run_changes.push((
+                        *run,
+                        Box::new(move |r: &mut RunRecord| {
+                            r.state = "failed".into();
+                            r.finished_at.get_or_insert(now);
+                        }),
+                    ));
+                }
+                Command::Dispatch { .. } | Command::Cancel { .. } => {}
+            }
+        }
+        for run in &finished_runs {
+            self.scheduler.forget_run(*run);
+        }
+        let snapshot = if commands.is_empty() && job_changes.is_empty() {
+            None
+        } else {
+            match postcard::to_stdvec(&self.scheduler.snapshot()) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    tracing::error!("cannot encode the scheduler state: {e}");
+                    None
+                }
+            }
+        };
+        if snapshot.is_none() && run_changes.is_empty() && job_changes.is_empty() {
+            self.carry_out(&commands);
+            return;
+        }
+        match self
+            .store
+            .apply(&job_changes, &run_changes, snapshot.as_deref())
+        {
+            Ok((jobs, runs)) => {
+                for ack in acks {
+                    let _ = ack.send(());
+                }
+                for r in &runs {
+                    if let Some(ctx) = self.contexts.get_mut(&r.run) {
+                        ctx.record = r.clone();
+                    }
+                }
+                self.carry_out(&commands);
+                for job in jobs {
+                    let _ = self.changes.send(Change::Job(job));
+                }
+                for run in runs {
+                    let _ = self.changes.send(Change::Run(run));
+                }
+                for run in finished_runs {
+                    self.contexts.remove(&run);
+                }
+            }
+            Err(e) => {
+                // Nothing is acknowledged: agents resend their results, and dispatches
+                // are not sent (their offers time out and are made again).
+                tracing::error!("cannot store scheduler changes: {e}");
+            }
+        }
+    }
+
+    fn carry_out(&self, commands: &[Command]) {
+        for command in commands {
+            match command {
+                Command::Dispatch {
+                    job,
+                    attempt,
+                    agent,
+                    ..
+                } => {
+                    let Some(assignment) = self.assignment(*job, *attempt) else {
+                        tracing::error!(%job, "no pipeline for a dispatched job");
+                        continue;
+                    };
+                    if !self
+                        .outbox
+                        .send(agent, CoordinatorMessage::Dispatch(Box::new(assignment)))
+                    {
+                        tracing::warn!(%job, %agent, "agent has no session; the offer will time out and be made again");
+                    }
+                }
+                Command::Cancel {
+                    job,
+                    attempt,
+                    agent,
+                } => {
+                    self.outbox.send(
+                        agent,
+                        CoordinatorMessage::Cancel {
+                            job: *job,
+                            attempt: *attempt,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Builds what the agent needs for one attempt, from the stored pipeline.
+    fn assignment(&self, job: JobId, attempt: Attempt) -> Option<JobAssignment> {
+        let ctx = self.contexts.get(&job.run)?;
+        let spec = ctx.pipeline.jobs.get(job.index as usize)?;
+        let expand = |text: &str| expand_references(text, &ctx.record.inputs, &ctx.pipeline, spec);
+        let mut env = Labels::new();
+        for (k, v) in ctx.pipeline.env.iter().chain(&spec.env) {
+            env.insert(k.clone(), expand(v));
+        }
+        let names: Vec<String> = gantry_pipeline::referenced_secrets(spec)
+            .into_iter()
+            .collect();
+        let steps = spec
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StepSpec {
+                name: s.name.clone().unwrap_or_else(|| {
+                    s.run.lines().next().map_or_else(
+                        || format!("step {}", i + 1),
+                        |l| l.chars().take(60).collect(),
+                    )
+                }),
+                run: expand(&s.run),
+                working_directory: s.working_directory.clone(),
+                env: s.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect(),
+            })
+            .collect();
+        Some(JobAssignment {
+            job,
+            attempt,
+            run: job.run,
+            pipeline: ctx.pipeline.name.clone(),
+            name: spec.name.clone(),
+            steps,
+            env,
+            timeout_ms: spec.timeout_ms,
+            kill_grace_ms: KILL_GRACE_MS,
+            image: spec.image.clone(),
+            secrets: self.outbox.secrets(&names),
+        })
+    }
+}
+
+/// Expands `${{ inputs.NAME }}` and `${{ env.NAME }}`; leaves `${{ secrets.* }}` to the agent.
+fn expand_references(
+    text: &str,
+    inputs: &Labels,
+    pipeline: &Pipeline,
+    job: &gantry_pipeline::Job,
+) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let expr = after[..end].trim();
+        let value = if let Some(name) = expr.strip_prefix("inputs.") {
+            inputs.get(name).cloned().or_else(|| {
+                pipeline
+                    .triggers
+                    .inputs
+                    .get(name)
+                    .and_then(|i| i.default.clone())
+            })
+        } else if let Some(name) = expr.strip_prefix("env.") {
+            job.env
+                .get(name)
+                .or_else(|| pipeline.env.get(name))
+                .cloned()
+        } else {
+            None
+        };
+        match value {
+            Some(v) => out.push_str(&v),
+            None => out.push_str(&rest[start..start + 3 + end + 2]),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The scheduler's plans for a stored run.
+pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<JobPlan> {
+    let ctx = gantry_pipeline::StaticContext {
+        branch: record.git_ref.clone(),
+        event: record.event.clone(),
+        inputs: effective_inputs(pipeline, &record.inputs),
+        env: pipeline.env.clone(),
+    };
+    let index_of: HashMap<&str, u32> = pipeline
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.as_str(), u32::try_from(i).unwrap_or(u32::MAX)))
+        .collect();
+    pipeline
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, job)| JobPlan {
+            id: JobId {
+                run,
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+            },
+            name: job.name.clone(),
+            pipeline: pipeline.name.clone(),
+            needs: job
+                .needs
+                .iter()
+                .filter_map(|n| index_of.get(n.as_str()))
+                .map(|&index| JobId { run, index })
+                .collect(),
+            runs_on: job.runs_on.clone(),
+            condition: convert(&job.condition.fold(&ctx, &job.matrix)),
+            manual: job.manual,
+            retry: job.retry,
+            infra_retries: gantry_scheduler::DEFAULT_INFRA_RETRIES,
+            timeout_ms: job.timeout_ms,
+            continue_on_error: job.continue_on_error,
+        })
+        .collect()
+}
+
+/// Inputs given, with the pipeline's defaults for the others.
+pub fn effective_inputs(pipeline: &Pipeline, given: &Labels) -> Labels {
+    let mut inputs: Labels = pipeline
+        .triggers
+        .inputs
+        .iter()
+        .filter_map(|(k, spec)| spec.default.clone().map(|d| (k.clone(), d)))
+        .collect();
+    inputs.extend(given.clone());
+    inputs
+}
+
+fn convert(expr: &gantry_pipeline::StatusExpr) -> gantry_scheduler::StatusExpr {
+    use gantry_pipeline::StatusExpr as P;
+    use gantry_scheduler::StatusExpr as S;
+    match expr {
+        P::Const(b) => S::Const(*b),
+        P::Success => S::Success,
+        P::Failure => S::Failure,
+        P::Always => S::Always,
+        P::Cancelled => S::Cancelled,
+        P::Not(e) => S::Not(Box::new(convert(e))),
+        P::And(es) => S::And(es.iter().map(convert).collect()),
+        P::Or(es) => S::Or(es.iter().map(convert).collect()),
+    }
+}
+
+fn record_change(
+    attempt: Attempt,
+    state: JobState,
+    now: UnixMillis,
+) -> Box<dyn Fn(&mut JobRecord) + Send> {
+    Box::new(move |r: &mut JobRecord| {
+        job_state_name(&state).clone_into(&mut r.state);
+        if attempt > 0 {
+            r.attempt = attempt;
+        }
+        match &state {
+            JobState::Offered { agent, attempt, .. } => {
+                r.agent = Some(agent.clone());
+                if !r.attempts.iter().any(|(a, _)| a == attempt) {
+                    r.attempts.push((*attempt, agent.clone()));
+                }
+                r.exit_code = None;
+                r.finished_at = None;
+                r.log_chunks = None;
+            }
+            JobState::Running {
+                agent, started_at, ..
+            } => {
+                r.agent = Some(agent.clone());
+                r.started_at = Some(*started_at);
+            }
+            JobState::Failed {
+                reason: FailReason::ExitCode(code),
+            } => {
+                r.exit_code = Some(*code);
+                r.finished_at.get_or_insert(now);
+            }
+            s if s.is_terminal() => {
+                r.finished_at.get_or_insert(now);
+            }
+            _ => {}
+        }
+    })
+}
+
+/// How a job state is shown and stored.
+pub fn job_state_name(state: &JobState) -> &'static str {
+    match state {
+        JobState::Pending => "pending",
+        JobState::AwaitingApproval => "awaiting-approval",
+        JobState::Queued => "queued",
+        JobState::Offered { .. } => "offered",
+        JobState::Running {
+            cancelling: true, ..
+        } => "cancelling",
+        JobState::Running { .. } => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed {
+            reason: FailReason::TimedOut,
+        } => "timed-out",
+        JobState::Failed {
+            reason: FailReason::Lost,
+        } => "lost",
+        JobState::Failed { .. } => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Skipped => "skipped",
+    }
+}
+
+pub fn run_state_name(state: RunState) -> &'static str {
+    match state {
+        RunState::Running => "running",
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+        RunState::Cancelled => "cancelled",
+    }
+}
+
+/// Whether a stored job state is final.
+pub fn is_terminal_name(state: &str) -> bool {
+    matches!(
+        state,
+        "succeeded" | "failed" | "timed-out" | "lost" | "cancelled" | "skipped"
+    )
+}

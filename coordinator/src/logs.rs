@@ -1,0 +1,321 @@
+//! Job logs on the coordinator: one append-only file per job attempt, and live followers.
+//!
+//! Owns the files under `DATA_DIR/logs/<run>/<index>-<attempt>.log`. Each record is a
+//! chunk as the agent numbered it: `seq` (u64 LE), `len` (u32 LE), then `len` bytes. A
+//! chunk is acknowledged to the agent only after [`LiveLog::sync`] has fsynced the file, so
+//! an acknowledged chunk survives a crash; a torn record at the end of a file (a crash
+//! mid-write, never acknowledged) is cut off when the file is opened again. Chunks must
+//! arrive in order: a repeat of a stored chunk is ignored, a gap is refused.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use gantry_protocol::{Attempt, JobId, LogChunk};
+use tokio::sync::broadcast;
+
+const RECORD_HEADER: usize = 12;
+/// Largest chunk accepted (agents cut at 64 KiB).
+pub const MAX_CHUNK: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("log chunk {got} arrived but chunk {expected} is next: chunks must arrive in order")]
+    Gap { expected: u64, got: u64 },
+    #[error("log chunk {seq} has {len} bytes, over the {MAX_CHUNK}-byte limit")]
+    TooLarge { seq: u64, len: usize },
+}
+
+/// What happened to an appended chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// Already stored (the agent resent it after a reconnect); ignored.
+    Duplicate,
+}
+
+/// An open log: its file, how many chunks it holds, and who is following it.
+#[derive(Debug)]
+pub struct LiveLog {
+    path: PathBuf,
+    state: Mutex<LogState>,
+    followers: broadcast::Sender<LogChunk>,
+}
+
+#[derive(Debug)]
+struct LogState {
+    file: File,
+    next_seq: u64,
+    bytes: u64,
+    unsynced: bool,
+}
+
+impl LiveLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn io(&self) -> impl Fn(std::io::Error) -> LogError + '_ {
+        move |source| LogError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// The first chunk not stored yet.
+    pub fn next_seq(&self) -> u64 {
+        self.lock().next_seq
+    }
+
+    /// Bytes of output stored.
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    /// Appends chunk `seq` (not yet durable: call [`Self::sync`] before acknowledging).
+    pub fn append(&self, seq: u64, data: &[u8]) -> Result<Appended, LogError> {
+        if data.len() > MAX_CHUNK {
+            return Err(LogError::TooLarge {
+                seq,
+                len: data.len(),
+            });
+        }
+        let mut st = self.lock();
+        if seq < st.next_seq {
+            return Ok(Appended::Duplicate);
+        }
+        if seq > st.next_seq {
+            return Err(LogError::Gap {
+                expected: st.next_seq,
+                got: seq,
+            });
+        }
+        let mut record = Vec::with_capacity(RECORD_HEADER + data.len());
+        record.extend_from_slice(&seq.to_le_bytes());
+        record.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
+        record.extend_from_slice(data);
+        st.file.write_all(&record).map_err(self.io())?;
+        st.next_seq += 1;
+        st.bytes += data.len() as u64;
+        st.unsynced = true;
+        drop(st);
+        // Followers see a chunk as soon as it is written; only acknowledgement waits for fsync.
+        let _ = self.followers.send(LogChunk {
+            seq,
+            data: data.to_vec(),
+        });
+        Ok(Appended::Stored)
+    }
+
+    /// Makes every appended chunk durable; returns the new acknowledgement point.
+    pub fn sync(&self) -> Result<u64, LogError> {
+        let mut st = self.lock();
+        if st.unsynced {
+            st.file.sync_data().map_err(self.io())?;
+            st.unsynced = false;
+        }
+        Ok(st.next_seq)
+    }
+
+    /// Subscribes to chunks appended from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<LogChunk> {
+        self.followers.subscribe()
+    }
+
+    /// Stored chunks from `from_seq` on, at most `max_bytes` of them (at least one).
+    pub fn read_from(&self, from_seq: u64, max_bytes: usize) -> Result<Vec<LogChunk>, LogError> {
+        let mut file = File::open(&self.path).map_err(self.io())?;
+        let (chunks, _, _) = scan(&mut file, from_seq, max_bytes).map_err(self.io())?;
+        Ok(chunks)
+    }
+}
+
+/// Reads records; returns the chunks from `from_seq` (up to `max_bytes`), the number of
+/// whole records and the byte offset where whole records end.
+fn scan(
+    file: &mut File,
+    from_seq: u64,
+    max_bytes: usize,
+) -> std::io::Result<(Vec<LogChunk>, u64, u64)> {
+    let mut all = Vec::new();
+    file.read_to_end(&mut all)?;
+    let mut pos = 0usize;
+    let mut count = 0u64;
+    let mut out = Vec::new();
+    let mut out_bytes = 0usize;
+    while pos + RECORD_HEADER <= all.len() {
+        let seq = u64::from_le_bytes(all[pos..pos + 8].try_into().unwrap_or([0; 8]));
+        let len = u32::from_le_bytes(all[pos + 8..pos + 12].try_into().unwrap_or([0; 4])) as usize;
+        if seq != count || len > MAX_CHUNK || pos + RECORD_HEADER + len > all.len() {
+            break;
+        }
+        if seq >= from_seq && (out.is_empty() || out_bytes + len <= max_bytes) {
+            out.push(LogChunk {
+                seq,
+                data: all[pos + RECORD_HEADER..pos + RECORD_HEADER + len].to_vec(),
+            });
+            out_bytes += len;
+        }
+        pos += RECORD_HEADER + len;
+        count += 1;
+    }
+    Ok((out, count, pos as u64))
+}
+
+/// Every job log of a coordinator.
+#[derive(Debug)]
+pub struct LogStore {
+    dir: PathBuf,
+    open: Mutex<HashMap<(JobId, Attempt), Arc<LiveLog>>>,
+}
+
+impl LogStore {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path(&self, job: JobId, attempt: Attempt) -> PathBuf {
+        self.dir
+            .join(job.run.to_string())
+            .join(format!("{}-{attempt}.log", job.index))
+    }
+
+    /// Opens (creating if needed) the log of a job attempt, cutting off a torn tail.
+    pub fn open(&self, job: JobId, attempt: Attempt) -> Result<Arc<LiveLog>, LogError> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(log) = open.get(&(job, attempt)) {
+            return Ok(log.clone());
+        }
+        let path = self.path(job, attempt);
+        let io = |source| LogError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let (_, next_seq, end) = scan(&mut file, u64::MAX, 0).map_err(io)?;
+        if file.metadata().map_err(io)?.len() > end {
+            tracing::warn!(path = %path.display(), "cutting a torn record off the end of a log (it was never acknowledged)");
+            file.set_len(end).map_err(io)?;
+            file.sync_data().map_err(io)?;
+        }
+        let bytes = end - next_seq * RECORD_HEADER as u64;
+        let (followers, _) = broadcast::channel(1024);
+        let log = Arc::new(LiveLog {
+            path,
+            state: Mutex::new(LogState {
+                file,
+                next_seq,
+                bytes,
+                unsynced: false,
+            }),
+            followers,
+        });
+        open.insert((job, attempt), log.clone());
+        Ok(log)
+    }
+
+    /// Whether a log exists for this attempt (without creating it).
+    pub fn exists(&self, job: JobId, attempt: Attempt) -> bool {
+        self.path(job, attempt).exists()
+    }
+
+    /// Drops the in-memory handle of a finished log (the file stays).
+    pub fn close(&self, job: JobId, attempt: Attempt) {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(job, attempt));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_protocol::RunId;
+
+    const JOB: JobId = JobId {
+        run: RunId(7),
+        index: 2,
+    };
+
+    #[test]
+    fn chunks_append_in_order_survive_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::new(dir.path());
+        let log = store.open(JOB, 1).expect("open");
+        assert_eq!(log.append(0, b"hello ").expect("0"), Appended::Stored);
+        assert_eq!(log.append(1, b"world\n").expect("1"), Appended::Stored);
+        assert_eq!(log.append(1, b"world\n").expect("dup"), Appended::Duplicate);
+        assert!(matches!(
+            log.append(5, b"x"),
+            Err(LogError::Gap {
+                expected: 2,
+                got: 5
+            })
+        ));
+        assert_eq!(log.sync().expect("sync"), 2);
+        store.close(JOB, 1);
+        // A crash mid-write leaves half a record.
+        let path = dir.path().join("7").join("2-1.log");
+        let mut f = OpenOptions::new().append(true).open(&path).expect("file");
+        f.write_all(&2u64.to_le_bytes()).expect("torn");
+        f.write_all(&[9, 0]).expect("torn");
+        drop(f);
+        let log = store.open(JOB, 1).expect("reopen");
+        assert_eq!(log.next_seq(), 2);
+        assert_eq!(log.bytes(), 12);
+        let text: Vec<u8> = log
+            .read_from(0, usize::MAX)
+            .expect("read")
+            .into_iter()
+            .flat_map(|c| c.data)
+            .collect();
+        assert_eq!(text, b"hello world\n");
+        assert_eq!(log.append(2, b"!").expect("2"), Appended::Stored);
+        assert_eq!(
+            log.read_from(1, 1).expect("read").len(),
+            1,
+            "max_bytes still returns one chunk"
+        );
+    }
+
+    #[tokio::test]
+    async fn followers_see_chunks_as_they_are_appended() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::new(dir.path());
+        let log = store.open(JOB, 1).expect("open");
+        let mut rx = log.subscribe();
+        log.append(0, b"live").expect("append");
+        assert_eq!(
+            rx.recv().await.expect("chunk"),
+            LogChunk {
+                seq: 0,
+                data: b"live".to_vec()
+            }
+        );
+    }
+}

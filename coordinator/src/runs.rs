@@ -1,0 +1,648 @@
+//! Pipeline runs from the outside: admin requests about runs, jobs and secrets, job log
+//! uploads from agents, and follow streams for `gantry logs --follow` and `gantry run
+//! --follow`.
+//!
+//! Owns the checks made before anything is stored (the pipeline parses, its inputs and
+//! secrets exist, an approval is for a job that waits for one) and the rule that an
+//! agent may upload logs only for attempts handed to it. Scheduling itself is the
+//! engine's; storage is the store's and the log store's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_protocol::{
+    AdminError, AdminErrorKind, AdminRequest, AdminResponse, AgentId, Attempt, FollowEvent, JobId,
+    JobView, LogChunk, LogControl, RunId, RunView, SubmitRun, UnixMillis,
+};
+use gantry_scheduler::Event;
+use gantry_transport::{FrameReader, FrameWriter, TransportError};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::engine::{self, Change, Input};
+use crate::server::{AbortOnDrop, Coordinator};
+use crate::store::{AuditEntry, JobRecord, RunRecord, StoreError};
+
+/// Most runs or jobs one listing returns.
+const MAX_LIST: u32 = 1000;
+/// Most bytes of stored log sent per batch to a follower.
+const FOLLOW_BATCH_BYTES: usize = 1024 * 1024;
+/// How often a follower re-reads the job from the store, in case it missed a change.
+const FOLLOW_RECHECK: Duration = Duration::from_millis(500);
+
+fn invalid(message: String) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::InvalidInput,
+        message,
+    }
+}
+
+fn not_found(message: String) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::NotFound,
+        message,
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // used as map_err(internal)
+fn internal(e: StoreError) -> AdminError {
+    AdminError {
+        kind: AdminErrorKind::Internal,
+        message: e.to_string(),
+    }
+}
+
+/// Answers the run, job and secret requests of an admin.
+pub fn admin(
+    coord: &Coordinator,
+    actor: &str,
+    req: AdminRequest,
+) -> Result<AdminResponse, AdminError> {
+    let now = UnixMillis::now();
+    let audit = |action: &str, detail: String| AuditEntry {
+        at: now,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        detail,
+    };
+    match req {
+        AdminRequest::Validate { file_name, text } => {
+            let pipeline =
+                gantry_pipeline::parse(&file_name, &text).map_err(|e| invalid(e.to_string()))?;
+            Ok(AdminResponse::Validated {
+                jobs: pipeline.jobs.iter().map(|j| j.name.clone()).collect(),
+            })
+        }
+        AdminRequest::SubmitRun(submit) => submit_run(coord, actor, submit).map(AdminResponse::Run),
+        AdminRequest::ListRuns { limit } => {
+            let runs = coord
+                .store
+                .runs(limit.clamp(1, MAX_LIST) as usize)
+                .map_err(internal)?;
+            let views = runs
+                .into_iter()
+                .map(|r| run_view(coord, r))
+                .collect::<Result<_, _>>()?;
+            Ok(AdminResponse::Runs(views))
+        }
+        AdminRequest::ShowRun { run } => {
+            Ok(AdminResponse::Run(run_view(coord, find_run(coord, run)?)?))
+        }
+        AdminRequest::CancelRun { run } => {
+            let record = find_run(coord, run)?;
+            if record.finished_at.is_some() {
+                return Err(invalid(format!(
+                    "run {run} already ended ({})",
+                    record.state
+                )));
+            }
+            coord
+                .store
+                .audit(&audit("run.cancel", format!("run={run}")))
+                .map_err(internal)?;
+            coord.engine.event(Event::CancelRun { run });
+            Ok(AdminResponse::Done {
+                message: format!("cancelling run {run}"),
+            })
+        }
+        AdminRequest::RetryRun { run } => {
+            let record = find_run(coord, run)?;
+            let again = SubmitRun {
+                file_name: record.file_name,
+                text: record.text,
+                git_ref: record.git_ref,
+                commit: record.commit,
+                event: record.event,
+                inputs: record.inputs,
+            };
+            submit_run(coord, actor, again).map(AdminResponse::Run)
+        }
+        AdminRequest::ListJobs { run, limit } => {
+            let runs = match run {
+                Some(run) => vec![find_run(coord, run)?],
+                None => coord
+                    .store
+                    .runs(limit.clamp(1, MAX_LIST) as usize)
+                    .map_err(internal)?,
+            };
+            let mut jobs = Vec::new();
+            for r in runs {
+                jobs.extend(
+                    coord
+                        .store
+                        .jobs_of(r.run)
+                        .map_err(internal)?
+                        .into_iter()
+                        .map(|j| job_view(coord, j)),
+                );
+            }
+            jobs.truncate(limit.clamp(1, MAX_LIST) as usize);
+            Ok(AdminResponse::Jobs(jobs))
+        }
+        AdminRequest::ShowJob { job } => {
+            Ok(AdminResponse::Job(job_view(coord, find_job(coord, job)?)))
+        }
+        AdminRequest::Approve { job } => {
+            let record = find_job(coord, job)?;
+            if record.state != "awaiting-approval" {
+                return Err(invalid(format!(
+                    "job {job} ({}) is {}, not awaiting approval",
+                    record.name, record.state
+                )));
+            }
+            coord
+                .store
+                .audit(&audit(
+                    "job.approve",
+                    format!("job={job} name={}", record.name),
+                ))
+                .map_err(internal)?;
+            coord.engine.event(Event::Approve { job });
+            Ok(AdminResponse::Done {
+                message: format!("approved job {job} ({})", record.name),
+            })
+        }
+        AdminRequest::SetSecret { name, value } => {
+            if !crate::secrets::valid_name(&name) {
+                return Err(invalid(format!("invalid secret name {name:?}: use 1 to 64 of A-Z 0-9 _, starting with a letter")));
+            }
+            if value.is_empty() || value.len() > 64 * 1024 {
+                return Err(invalid("a secret value must be 1 byte to 64 KiB".into()));
+            }
+            let sealed = coord
+                .secret_key
+                .seal(&name, value.as_bytes())
+                .map_err(|e| AdminError {
+                    kind: AdminErrorKind::Internal,
+                    message: e.to_string(),
+                })?;
+            coord
+                .store
+                .put_secret(&name, &sealed, &audit("secret.set", format!("name={name}")))
+                .map_err(internal)?;
+            Ok(AdminResponse::Done {
+                message: format!("secret {name} stored"),
+            })
+        }
+        AdminRequest::ListSecrets => Ok(AdminResponse::Secrets(
+            coord
+                .store
+                .secrets()
+                .map_err(internal)?
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        )),
+        AdminRequest::RemoveSecret { name } => {
+            if coord
+                .store
+                .remove_secret(&name, &audit("secret.remove", format!("name={name}")))
+                .map_err(internal)?
+            {
+                Ok(AdminResponse::Done {
+                    message: format!("secret {name} removed"),
+                })
+            } else {
+                Err(not_found(format!(
+                    "no secret {name}; `gantry secrets list` shows them"
+                )))
+            }
+        }
+        other => Err(invalid(format!("unexpected request {other:?}"))),
+    }
+}
+
+fn find_run(coord: &Coordinator, run: RunId) -> Result<RunRecord, AdminError> {
+    coord.store.run(run).map_err(internal)?.ok_or_else(|| {
+        not_found(format!(
+            "no run {run}; `gantry pipelines list` shows the runs"
+        ))
+    })
+}
+
+fn find_job(coord: &Coordinator, job: JobId) -> Result<JobRecord, AdminError> {
+    coord
+        .store
+        .job(job)
+        .map_err(internal)?
+        .ok_or_else(|| not_found(format!("no job {job}; `gantry jobs list` shows the jobs")))
+}
+
+/// Checks and stores a run, then hands it to the engine.
+#[allow(clippy::needless_pass_by_value)] // the request is consumed by the caller's match
+fn submit_run(coord: &Coordinator, actor: &str, submit: SubmitRun) -> Result<RunView, AdminError> {
+    let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)
+        .map_err(|e| invalid(e.to_string()))?;
+    for name in submit.inputs.keys() {
+        if !pipeline.triggers.inputs.contains_key(name) {
+            let declared: Vec<&String> = pipeline.triggers.inputs.keys().collect();
+            return Err(invalid(format!("input {name:?} is not declared by the pipeline (declared: {declared:?}); declare it under on.inputs")));
+        }
+    }
+    let stored: Vec<String> = coord
+        .store
+        .secrets()
+        .map_err(internal)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for job in &pipeline.jobs {
+        for secret in gantry_pipeline::referenced_secrets(job) {
+            if !stored.contains(&secret) {
+                return Err(invalid(format!("job {:?} uses secret {secret}, which is not set; set it with `gantry secrets set {secret}`", job.name)));
+            }
+        }
+    }
+    let now = UnixMillis::now();
+    let audit = AuditEntry {
+        at: now,
+        actor: actor.to_owned(),
+        action: "run.create".into(),
+        detail: format!("pipeline={} ref={}", pipeline.name, submit.git_ref),
+    };
+    let (record, jobs) = coord
+        .store
+        .create_run(
+            |run| {
+                let record = RunRecord {
+                    run,
+                    pipeline: pipeline.name.clone(),
+                    file_name: submit.file_name.clone(),
+                    text: submit.text.clone(),
+                    git_ref: submit.git_ref.clone(),
+                    commit: submit.commit.clone(),
+                    event: submit.event.clone(),
+                    inputs: submit.inputs.clone(),
+                    created_at: now,
+                    created_by: actor.to_owned(),
+                    state: "running".into(),
+                    finished_at: None,
+                };
+                let jobs = pipeline
+                    .jobs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, j)| JobRecord {
+                        job: JobId {
+                            run,
+                            index: u32::try_from(i).unwrap_or(u32::MAX),
+                        },
+                        name: j.name.clone(),
+                        needs: j.needs.clone(),
+                        state: "pending".into(),
+                        attempt: 0,
+                        agent: None,
+                        exit_code: None,
+                        started_at: None,
+                        finished_at: None,
+                        log_chunks: None,
+                        attempts: Vec::new(),
+                    })
+                    .collect();
+                (record, jobs)
+            },
+            &audit,
+        )
+        .map_err(internal)?;
+    let plans = engine::plans_for(record.run, &pipeline, &record);
+    let priority = pipeline.priority;
+    coord.engine.send(Input::Submitted {
+        run: record.clone(),
+        pipeline: Arc::new(pipeline),
+        plans,
+        priority,
+    });
+    tracing::info!(run = %record.run, pipeline = %record.pipeline, "run created");
+    Ok(views(coord, record, jobs))
+}
+
+fn views(coord: &Coordinator, r: RunRecord, jobs: Vec<JobRecord>) -> RunView {
+    RunView {
+        run: r.run,
+        pipeline: r.pipeline,
+        state: r.state,
+        git_ref: r.git_ref,
+        commit: r.commit,
+        event: r.event,
+        inputs: r.inputs,
+        created_at: r.created_at,
+        finished_at: r.finished_at,
+        created_by: r.created_by,
+        jobs: jobs.into_iter().map(|j| job_view(coord, j)).collect(),
+    }
+}
+
+fn run_view(coord: &Coordinator, r: RunRecord) -> Result<RunView, AdminError> {
+    let jobs = coord.store.jobs_of(r.run).map_err(internal)?;
+    Ok(views(coord, r, jobs))
+}
+
+pub fn job_view(coord: &Coordinator, j: JobRecord) -> JobView {
+    let log_bytes = if j.attempt > 0 && coord.logs.exists(j.job, j.attempt) {
+        coord.logs.open(j.job, j.attempt).map_or(0, |l| l.bytes())
+    } else {
+        0
+    };
+    JobView {
+        job: j.job,
+        name: j.name,
+        needs: j.needs,
+        state: j.state,
+        attempt: j.attempt,
+        agent: j.agent,
+        exit_code: j.exit_code,
+        started_at: j.started_at,
+        finished_at: j.finished_at,
+        log_bytes,
+    }
+}
+
+/// Receives one job attempt's log from an agent: resume point, chunks, acknowledgements
+/// after fsync. Refused unless the attempt was handed to this agent.
+pub async fn receive_log(
+    coord: &Arc<Coordinator>,
+    agent: &AgentId,
+    job: JobId,
+    attempt: Attempt,
+    mut writer: FrameWriter,
+    mut reader: FrameReader,
+) -> Result<(), String> {
+    let record = coord
+        .store
+        .job(job)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no job {job}"))?;
+    if !record
+        .attempts
+        .iter()
+        .any(|(a, who)| *a == attempt && who == agent)
+    {
+        writer.finish();
+        return Err(format!(
+            "attempt {attempt} of job {job} was not handed to {agent}: refusing its log"
+        ));
+    }
+    let log = coord.logs.open(job, attempt).map_err(|e| e.to_string())?;
+    writer
+        .send(&LogControl::Resume {
+            next_seq: log.next_seq(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::channel::<Result<Option<LogChunk>, TransportError>>(64);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let item = reader.recv::<LogChunk>().await;
+            let last = !matches!(item, Ok(Some(_)));
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    }));
+    let mut done = false;
+    while !done {
+        let Some(first) = rx.recv().await else { break };
+        // Everything already received is written, then synced once and acknowledged once:
+        // one fsync per batch, not per chunk.
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        for item in batch {
+            match item {
+                Ok(Some(chunk)) => {
+                    log.append(chunk.seq, &chunk.data)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(None) => done = true,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let log2 = log.clone();
+        let next = tokio::task::spawn_blocking(move || log2.sync())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        writer
+            .send(&LogControl::Ack { next_seq: next })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    writer.finish();
+    // The agent ends the stream only once its job is over and every chunk is acknowledged.
+    coord.logs.close(job, attempt);
+    Ok(())
+}
+
+/// Streams a job's log to an admin: stored chunks from `from_seq`, then (with `follow`)
+/// live chunks until the job has ended and its log is complete. A retried job's next
+/// attempt is followed on.
+pub async fn follow_logs(
+    coord: &Arc<Coordinator>,
+    job: JobId,
+    from_seq: u64,
+    follow: bool,
+    writer: &mut FrameWriter,
+) -> Result<(), TransportError> {
+    let mut changes = coord.engine.subscribe();
+    let mut record = match coord.store.job(job) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return writer
+                .send(&FollowEvent::Error(not_found(format!(
+                    "no job {job}; `gantry jobs list` shows the jobs"
+                ))))
+                .await
+        }
+        Err(e) => return writer.send(&FollowEvent::Error(internal(e))).await,
+    };
+    let mut next = from_seq;
+    let mut attempt = record.attempt;
+    loop {
+        if attempt == 0 {
+            if !follow || engine::is_terminal_name(&record.state) {
+                return writer
+                    .send(&FollowEvent::End {
+                        state: record.state,
+                    })
+                    .await;
+            }
+            record = wait_for_change(coord, &mut changes, job, &record).await;
+            attempt = record.attempt;
+            continue;
+        }
+        let log = match coord.logs.open(job, attempt) {
+            Ok(l) => l,
+            Err(e) => {
+                return writer
+                    .send(&FollowEvent::Error(invalid(e.to_string())))
+                    .await
+            }
+        };
+        let mut live = log.subscribe();
+        next = send_stored(&log, next, writer).await?;
+        if !follow {
+            return writer
+                .send(&FollowEvent::End {
+                    state: record.state,
+                })
+                .await;
+        }
+        loop {
+            if complete(&record, attempt, next) {
+                return writer
+                    .send(&FollowEvent::End {
+                        state: record.state,
+                    })
+                    .await;
+            }
+            if record.attempt > attempt {
+                break;
+            }
+            tokio::select! {
+                chunk = live.recv() => match chunk {
+                    Ok(chunk) if chunk.seq == next => {
+                        next += 1;
+                        writer.send(&FollowEvent::Log(chunk)).await?;
+                    }
+                    // Missed or out of order (a lagging follower): read the file instead.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => next = send_stored(&log, next, writer).await?,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                change = changes.recv() => {
+                    if let Ok(Change::Job(r)) = change {
+                        if r.job == job {
+                            record = r;
+                        }
+                    }
+                }
+                () = tokio::time::sleep(FOLLOW_RECHECK) => {
+                    if let Ok(Some(r)) = coord.store.job(job) {
+                        record = r;
+                    }
+                    next = send_stored(&log, next, writer).await?;
+                }
+            }
+        }
+        // A new attempt: its log starts at chunk 0.
+        attempt = record.attempt;
+        next = 0;
+    }
+}
+
+/// Whether the followed attempt has ended with every chunk sent.
+fn complete(record: &JobRecord, attempt: Attempt, next: u64) -> bool {
+    if record.attempt != attempt {
+        return false;
+    }
+    match record.log_chunks {
+        Some(n) => next >= n,
+        // Ended without a report from its agent (lost, cancelled before it started).
+        None => engine::is_terminal_name(&record.state),
+    }
+}
+
+async fn send_stored(
+    log: &crate::logs::LiveLog,
+    mut next: u64,
+    writer: &mut FrameWriter,
+) -> Result<u64, TransportError> {
+    loop {
+        let chunks = match log.read_from(next, FOLLOW_BATCH_BYTES) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read a log: {e}");
+                return Ok(next);
+            }
+        };
+        if chunks.is_empty() {
+            return Ok(next);
+        }
+        for chunk in chunks {
+            next = chunk.seq + 1;
+            writer.send(&FollowEvent::Log(chunk)).await?;
+        }
+    }
+}
+
+async fn wait_for_change(
+    coord: &Coordinator,
+    changes: &mut broadcast::Receiver<Change>,
+    job: JobId,
+    current: &JobRecord,
+) -> JobRecord {
+    loop {
+        tokio::select! {
+            change = changes.recv() => {
+                if let Ok(Change::Job(r)) = change {
+                    if r.job == job {
+                        return r;
+                    }
+                }
+            }
+            () = tokio::time::sleep(FOLLOW_RECHECK) => {
+                if let Ok(Some(r)) = coord.store.job(job) {
+                    if &r != current {
+                        return r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Streams a run's job states to an admin until the run ends.
+pub async fn follow_run(
+    coord: &Arc<Coordinator>,
+    run: RunId,
+    writer: &mut FrameWriter,
+) -> Result<(), TransportError> {
+    let mut changes = coord.engine.subscribe();
+    let record = match coord.store.run(run) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return writer
+                .send(&FollowEvent::Error(not_found(format!(
+                    "no run {run}; `gantry pipelines list` shows the runs"
+                ))))
+                .await
+        }
+        Err(e) => return writer.send(&FollowEvent::Error(internal(e))).await,
+    };
+    let mut last: std::collections::HashMap<JobId, JobRecord> = std::collections::HashMap::new();
+    let mut state = record.state.clone();
+    let mut finished = record.finished_at.is_some();
+    loop {
+        // Sends whatever changed since the last look (the store is the truth; the change
+        // feed only says when to look again).
+        if let Ok(jobs) = coord.store.jobs_of(run) {
+            for j in jobs {
+                if last.get(&j.job) != Some(&j) {
+                    last.insert(j.job, j.clone());
+                    writer.send(&FollowEvent::Job(job_view(coord, j))).await?;
+                }
+            }
+        }
+        if finished {
+            return writer.send(&FollowEvent::End { state }).await;
+        }
+        tokio::select! {
+            change = changes.recv() => match change {
+                Ok(Change::Run(r)) if r.run == run => {
+                    state.clone_from(&r.state);
+                    finished = r.finished_at.is_some();
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            () = tokio::time::sleep(FOLLOW_RECHECK) => {
+                if let Ok(Some(r)) = coord.store.run(run) {
+                    state.clone_from(&r.state);
+                    finished = r.finished_at.is_some();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1221 @@
+//! From the positioned YAML tree to the typed `Pipeline`: key checks, types, matrix
+//! expansion, `${{ matrix.x }}` substitution and the graph checks on `needs`.
+//!
+//! Every problem is recorded with the position of the node it concerns and loading goes
+//! on where it can, so one run reports as many problems as practical.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::condition::Condition;
+use crate::cron::CronSchedule;
+use crate::model::{InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+use crate::yaml::{self, Kind, Node, Pos};
+use crate::{Errors, ParseError};
+
+/// Largest pipeline file accepted, in bytes.
+pub const MAX_FILE_SIZE: usize = 1024 * 1024;
+/// Most jobs one matrix may expand to, as in GitHub Actions.
+pub const MAX_MATRIX_JOBS: usize = 256;
+/// Most jobs a pipeline may have after matrix expansion.
+pub const MAX_JOBS: usize = 512;
+/// Most bytes of job text produced by matrix expansion, so that a large job times a large
+/// matrix cannot cost hundreds of MiB.
+const MAX_EXPANDED_TEXT: usize = 16 * 1024 * 1024;
+/// Default and largest job timeouts.
+const DEFAULT_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+const MAX_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+const MAX_RETRY: u32 = 10;
+
+const TOP_KEYS: &[&str] = &["name", "priority", "env", "on", "jobs"];
+const ON_KEYS: &[&str] = &["push", "schedule", "manual", "inputs"];
+const PUSH_KEYS: &[&str] = &["branches", "tags", "paths"];
+const SCHEDULE_KEYS: &[&str] = &["cron"];
+const MANUAL_KEYS: &[&str] = &["inputs"];
+const INPUT_KEYS: &[&str] = &["default", "description"];
+const JOB_KEYS: &[&str] = &[
+    "runs-on",
+    "steps",
+    "needs",
+    "strategy",
+    "matrix",
+    "timeout",
+    "retry",
+    "continue-on-error",
+    "env",
+    "image",
+    "if",
+    "when",
+];
+const STRATEGY_KEYS: &[&str] = &["matrix"];
+const STEP_KEYS: &[&str] = &["run", "name", "working-directory", "env"];
+
+struct Ctx {
+    file: String,
+    errors: Vec<ParseError>,
+}
+
+impl Ctx {
+    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.errors.push(ParseError {
+            file: self.file.clone(),
+            line: pos.line,
+            column: pos.column,
+            message: message.into(),
+        });
+    }
+}
+
+/// The checked entries of a mapping, by key.
+struct Fields<'a> {
+    map: HashMap<&'a str, (&'a Node, &'a Node)>,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Node> {
+        self.map.get(key).map(|(_, value)| *value)
+    }
+}
+
+fn scalar(node: &Node) -> Option<&str> {
+    match &node.kind {
+        Kind::Scalar { value, .. } => Some(value),
+        _ => None,
+    }
+}
+
+/// Checks that `node` is a mapping whose keys are distinct scalars from `allowed`.
+fn fields<'a>(ctx: &mut Ctx, node: &'a Node, allowed: &[&str], what: &str) -> Option<Fields<'a>> {
+    let Kind::Map(entries) = &node.kind else {
+        if node.is_null() {
+            return Some(Fields {
+                map: HashMap::new(),
+            });
+        }
+        ctx.error(
+            node.pos,
+            format!("{what} must be a mapping, found {}", node.type_name()),
+        );
+        return None;
+    };
+    let mut map = HashMap::new();
+    for (key, value) in entries {
+        let Some(name) = scalar(key) else {
+            ctx.error(
+                key.pos,
+                format!("keys of {what} must be scalars, found {}", key.type_name()),
+            );
+            continue;
+        };
+        if !allowed.contains(&name) {
+            ctx.error(
+                key.pos,
+                format!(
+                    "unknown key \"{name}\" in {what}; allowed keys are: {}",
+                    allowed.join(", ")
+                ),
+            );
+            continue;
+        }
+        if map.insert(name, (key, value)).is_some() {
+            ctx.error(key.pos, format!("duplicate key \"{name}\" in {what}"));
+        }
+    }
+    Some(Fields { map })
+}
+
+/// Entries of a free-form mapping (env, jobs, inputs), refusing duplicate keys.
+fn entries<'a>(ctx: &mut Ctx, node: &'a Node, what: &str) -> Vec<(String, &'a Node, &'a Node)> {
+    let Kind::Map(items) = &node.kind else {
+        if !node.is_null() {
+            ctx.error(
+                node.pos,
+                format!("{what} must be a mapping, found {}", node.type_name()),
+            );
+        }
+        return Vec::new();
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (key, value) in items {
+        let Some(name) = scalar(key) else {
+            ctx.error(
+                key.pos,
+                format!("keys of {what} must be scalars, found {}", key.type_name()),
+            );
+            continue;
+        };
+        if !seen.insert(name) {
+            ctx.error(key.pos, format!("duplicate key \"{name}\" in {what}"));
+            continue;
+        }
+        out.push((name.to_owned(), key, value));
+    }
+    out
+}
+
+fn string(ctx: &mut Ctx, node: &Node, what: &str) -> Option<String> {
+    match &node.kind {
+        Kind::Scalar { value, .. } if !node.is_null() => Some(value.clone()),
+        _ => {
+            ctx.error(
+                node.pos,
+                format!("{what} must be a string, found {}", node.type_name()),
+            );
+            None
+        }
+    }
+}
+
+/// A string or a list of strings.
+fn string_list(ctx: &mut Ctx, node: &Node, what: &str) -> Vec<(String, Pos)> {
+    match &node.kind {
+        Kind::Seq(items) => items
+            .iter()
+            .filter_map(|item| {
+                string(ctx, item, &format!("each entry of {what}")).map(|s| (s, item.pos))
+            })
+            .collect(),
+        Kind::Scalar { .. } if !node.is_null() => string(ctx, node, what)
+            .map(|s| vec![(s, node.pos)])
+            .unwrap_or_default(),
+        _ => {
+            ctx.error(
+                node.pos,
+                format!(
+                    "{what} must be a string or a list of strings, found {}",
+                    node.type_name()
+                ),
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn boolean(ctx: &mut Ctx, node: &Node, what: &str) -> Option<bool> {
+    match scalar(node) {
+        Some("true" | "True" | "TRUE") => Some(true),
+        Some("false" | "False" | "FALSE") => Some(false),
+        _ => {
+            ctx.error(node.pos, format!("{what} must be true or false"));
+            None
+        }
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 255
+}
+
+fn is_label_key(key: &str) -> bool {
+    (1..=63).contains(&key.len())
+        && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && key.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '/' | '-')
+        })
+}
+
+fn is_job_key(key: &str) -> bool {
+    (1..=100).contains(&key.len())
+        && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// A templated string with the position of the node it came from.
+#[derive(Clone)]
+struct Text {
+    value: String,
+    pos: Pos,
+}
+
+type KeyedTexts = Vec<(String, Text)>;
+
+fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
+    let mut out = Vec::new();
+    for (name, key, value) in entries(ctx, node, what) {
+        if !is_env_name(&name) {
+            ctx.error(
+                key.pos,
+                format!("environment variable name \"{name}\" must be letters, digits and _, not starting with a digit"),
+            );
+            continue;
+        }
+        let text = if value.is_null() {
+            Some(String::new())
+        } else {
+            string(ctx, value, &format!("the value of {name}"))
+        };
+        if let Some(text) = text {
+            out.push((
+                name,
+                Text {
+                    value: text,
+                    pos: value.pos,
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// Parses `30m`, `90s`, `1h30m`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("\"{text}\" is not a duration; expected numbers with units ms, s, m or h, like 30m or 1h30m")
+    };
+    let bytes = text.trim().as_bytes();
+    if bytes.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if start == i || i - start > 12 {
+            return Err(bad());
+        }
+        let number: u64 = text.trim()[start..i].parse().map_err(|_| bad())?;
+        let unit_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let scale = match &text.trim()[unit_start..i] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(bad()),
+        };
+        total = number
+            .checked_mul(scale)
+            .and_then(|ms| total.checked_add(ms))
+            .ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+struct RawStep {
+    name: Option<Text>,
+    run: Text,
+    working_directory: Option<String>,
+    env: KeyedTexts,
+}
+
+struct RawJob {
+    key: String,
+    pos: Pos,
+    needs: Vec<(String, Pos)>,
+    /// Matrix combinations in order, each with its keys in matrix order; one empty
+    /// combination for a plain job.
+    combos: Vec<Vec<(String, String)>>,
+    is_matrix: bool,
+    runs_on: KeyedTexts,
+    steps: Vec<RawStep>,
+    env: KeyedTexts,
+    timeout_ms: u64,
+    retry: u32,
+    continue_on_error: bool,
+    condition: Condition,
+    manual: bool,
+    image: Option<Text>,
+}
+
+/// Parses a pipeline file. See the crate documentation.
+pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
+    let mut ctx = Ctx {
+        file: file_name.to_owned(),
+        errors: Vec::new(),
+    };
+    let start = Pos { line: 1, column: 1 };
+    if text.len() > MAX_FILE_SIZE {
+        ctx.error(
+            start,
+            format!(
+                "the file is {} bytes; the most is {MAX_FILE_SIZE}",
+                text.len()
+            ),
+        );
+        return Err(Errors(ctx.errors));
+    }
+    let root = match yaml::load(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            ctx.error(
+                start,
+                "the file is empty; expected a mapping with a jobs key",
+            );
+            return Err(Errors(ctx.errors));
+        }
+        Err(err) => {
+            ctx.error(err.pos, err.message);
+            return Err(Errors(ctx.errors));
+        }
+    };
+    let pipeline = load_pipeline(&mut ctx, file_name, &root);
+    finish(ctx, pipeline)
+}
+
+fn finish(mut ctx: Ctx, pipeline: Option<Pipeline>) -> Result<Pipeline, Errors> {
+    if ctx.errors.is_empty() {
+        if let Some(pipeline) = pipeline {
+            return Ok(pipeline);
+        }
+        ctx.error(Pos { line: 1, column: 1 }, "the pipeline is not valid");
+    }
+    ctx.errors.sort_by_key(|e| (e.line, e.column));
+    ctx.errors.dedup();
+    Err(Errors(ctx.errors))
+}
+
+fn default_name(file_name: &str) -> String {
+    let base = file_name.rsplit(['/', '\\']).next().unwrap_or(file_name);
+    let stem = base
+        .strip_suffix(".yml")
+        .or_else(|| base.strip_suffix(".yaml"))
+        .unwrap_or(base);
+    stem.to_owned()
+}
+
+fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline> {
+    if !matches!(root.kind, Kind::Map(_)) {
+        ctx.error(
+            root.pos,
+            format!(
+                "a pipeline file must be a mapping with a jobs key, found {}",
+                root.type_name()
+            ),
+        );
+        return None;
+    }
+    let top = fields(ctx, root, TOP_KEYS, "the pipeline")?;
+    let name = match top.get("name") {
+        Some(node) => string(ctx, node, "name").unwrap_or_default(),
+        None => default_name(file_name),
+    };
+    let priority = match top.get("priority") {
+        Some(node) => {
+            let parsed = scalar(node).and_then(|s| s.parse::<i32>().ok());
+            if parsed.is_none() {
+                ctx.error(
+                    node.pos,
+                    "priority must be an integer (higher dispatches first)",
+                );
+            }
+            parsed.unwrap_or(0)
+        }
+        None => 0,
+    };
+    let env = top
+        .get("env")
+        .map(|node| env_map(ctx, node, "env"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, t)| (k, t.value))
+        .collect();
+    let triggers = top
+        .get("on")
+        .map(|node| load_triggers(ctx, node))
+        .unwrap_or_default();
+    let Some(jobs_node) = top.get("jobs") else {
+        ctx.error(
+            root.pos,
+            "the pipeline has no jobs key; expected jobs: with at least one job",
+        );
+        return None;
+    };
+    let jobs = load_jobs(ctx, jobs_node)?;
+    Some(Pipeline {
+        name,
+        priority,
+        env,
+        triggers,
+        jobs,
+    })
+}
+
+fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
+    let mut triggers = Triggers::default();
+    // Shorthand as in GitHub Actions: `on: push` or `on: [push, manual]`.
+    if matches!(node.kind, Kind::Seq(_))
+        || (matches!(node.kind, Kind::Scalar { .. }) && !node.is_null())
+    {
+        for (event, pos) in string_list(ctx, node, "on") {
+            match event.as_str() {
+                "push" => triggers.push = Some(PushFilter::default()),
+                "manual" => {}
+                _ => ctx.error(
+                    pos,
+                    format!("unknown trigger \"{event}\" in on; allowed are push and manual (schedule needs a cron mapping)"),
+                ),
+            }
+        }
+        return triggers;
+    }
+    let Some(on) = fields(ctx, node, ON_KEYS, "on") else {
+        return triggers;
+    };
+    if let Some(push) = on.get("push") {
+        if let Some(f) = fields(ctx, push, PUSH_KEYS, "on.push") {
+            let mut list = |key: &str| {
+                f.get(key)
+                    .map(|n| string_list(ctx, n, &format!("on.push.{key}")))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            };
+            triggers.push = Some(PushFilter {
+                branches: list("branches"),
+                tags: list("tags"),
+                paths: list("paths"),
+            });
+        }
+    }
+    if let Some(schedule) = on.get("schedule") {
+        match &schedule.kind {
+            Kind::Seq(items) => {
+                for item in items {
+                    let Some(f) = fields(ctx, item, SCHEDULE_KEYS, "each on.schedule entry") else {
+                        continue;
+                    };
+                    let Some(cron_node) = f.get("cron") else {
+                        ctx.error(item.pos, "a schedule entry needs cron: \"minute hour day-of-month month day-of-week\"");
+                        continue;
+                    };
+                    let Some(expr) = string(ctx, cron_node, "cron") else {
+                        continue;
+                    };
+                    match CronSchedule::parse(&expr) {
+                        Ok(cron) => triggers.schedules.push(cron),
+                        Err(message) => ctx.error(cron_node.pos, message),
+                    }
+                }
+            }
+            _ => ctx.error(
+                schedule.pos,
+                format!(
+                    "on.schedule must be a list of {{ cron: ... }}, found {}",
+                    schedule.type_name()
+                ),
+            ),
+        }
+    }
+    if let Some(manual) = on.get("manual") {
+        if let Some(f) = fields(ctx, manual, MANUAL_KEYS, "on.manual") {
+            if let Some(inputs) = f.get("inputs") {
+                load_inputs(ctx, inputs, &mut triggers.inputs);
+            }
+        }
+    }
+    if let Some(inputs) = on.get("inputs") {
+        load_inputs(ctx, inputs, &mut triggers.inputs);
+    }
+    triggers
+}
+
+fn load_inputs(ctx: &mut Ctx, node: &Node, out: &mut BTreeMap<String, InputSpec>) {
+    for (name, key, value) in entries(ctx, node, "inputs") {
+        if !is_job_key(&name) {
+            ctx.error(
+                key.pos,
+                format!("input name \"{name}\" must be letters, digits, - and _"),
+            );
+            continue;
+        }
+        let Some(f) = fields(ctx, value, INPUT_KEYS, &format!("input {name}")) else {
+            continue;
+        };
+        let default = f.get("default").and_then(|n| string(ctx, n, "default"));
+        if out.insert(name.clone(), InputSpec { default }).is_some() {
+            ctx.error(key.pos, format!("input \"{name}\" is declared twice"));
+        }
+    }
+}
+
+fn load_jobs(ctx: &mut Ctx, node: &Node) -> Option<Vec<Job>> {
+    let job_entries = entries(ctx, node, "jobs");
+    if job_entries.is_empty() {
+        ctx.error(node.pos, "jobs is empty; expected at least one job");
+        return None;
+    }
+    if job_entries.len() > MAX_JOBS {
+        ctx.error(
+            node.pos,
+            format!(
+                "the pipeline has {} jobs; the most is {MAX_JOBS}",
+                job_entries.len()
+            ),
+        );
+        return None;
+    }
+    let mut raw_jobs = Vec::new();
+    let mut expanded_text = 0usize;
+    for (key, key_node, value) in &job_entries {
+        if !is_job_key(key) {
+            ctx.error(
+                key_node.pos,
+                format!("job key \"{key}\" must be 1-100 letters, digits, - and _, starting with a letter or _"),
+            );
+        }
+        if let Some(raw) = load_job(ctx, key, key_node.pos, value) {
+            expanded_text =
+                expanded_text.saturating_add(value.text_size().saturating_mul(raw.combos.len()));
+            if expanded_text > MAX_EXPANDED_TEXT {
+                ctx.error(
+                    key_node.pos,
+                    format!(
+                        "matrix expansion produces more than {MAX_EXPANDED_TEXT} bytes of jobs"
+                    ),
+                );
+                return None;
+            }
+            raw_jobs.push(raw);
+        }
+    }
+    let total: usize = raw_jobs.iter().map(|j| j.combos.len()).sum();
+    if total > MAX_JOBS {
+        ctx.error(
+            node.pos,
+            format!("the pipeline expands to {total} jobs; the most is {MAX_JOBS}"),
+        );
+        return None;
+    }
+    if raw_jobs.len() != job_entries.len() {
+        // Some jobs failed to load; graph checks would only add noise.
+        return None;
+    }
+    check_cycles(ctx, &raw_jobs);
+    Some(expand(ctx, &raw_jobs))
+}
+
+fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
+    let what = format!("job {key}");
+    let f = fields(ctx, node, JOB_KEYS, &what)?;
+    let needs = f
+        .get("needs")
+        .map(|n| string_list(ctx, n, "needs"))
+        .unwrap_or_default();
+    let matrix_node = match (f.get("strategy"), f.get("matrix")) {
+        (Some(strategy), direct) => {
+            if let Some(direct) = direct {
+                ctx.error(
+                    direct.pos,
+                    "give the matrix either under strategy or directly under the job, not both",
+                );
+            }
+            fields(ctx, strategy, STRATEGY_KEYS, "strategy").and_then(|s| s.get("matrix"))
+        }
+        (None, direct) => direct,
+    };
+    let (combos, is_matrix) = match matrix_node {
+        Some(m) => (expand_matrix(ctx, m)?, true),
+        None => (vec![Vec::new()], false),
+    };
+    let runs_on = f
+        .get("runs-on")
+        .map(|n| load_labels(ctx, n))
+        .unwrap_or_default();
+    let mut steps = Vec::new();
+    match f.get("steps") {
+        None => ctx.error(
+            pos,
+            format!("job {key} has no steps; expected steps: [{{ run: ... }}]"),
+        ),
+        Some(steps_node) => match &steps_node.kind {
+            Kind::Seq(items) if !items.is_empty() => {
+                for item in items {
+                    if let Some(step) = load_step(ctx, item) {
+                        steps.push(step);
+                    }
+                }
+            }
+            Kind::Seq(_) => ctx.error(
+                steps_node.pos,
+                format!("job {key} has no steps; expected at least one {{ run: ... }}"),
+            ),
+            _ if steps_node.is_null() => ctx.error(
+                steps_node.pos,
+                format!("job {key} has no steps; expected at least one {{ run: ... }}"),
+            ),
+            _ => ctx.error(
+                steps_node.pos,
+                format!("steps must be a list, found {}", steps_node.type_name()),
+            ),
+        },
+    }
+    let env = f
+        .get("env")
+        .map(|n| env_map(ctx, n, "env"))
+        .unwrap_or_default();
+    let timeout_ms = match f.get("timeout") {
+        None => DEFAULT_TIMEOUT_MS,
+        Some(n) => match scalar(n).map(parse_duration) {
+            Some(Ok(ms)) if ms > 0 && ms <= MAX_TIMEOUT_MS => ms,
+            Some(Ok(_)) => {
+                ctx.error(n.pos, "timeout must be more than 0 and at most 168h");
+                DEFAULT_TIMEOUT_MS
+            }
+            Some(Err(message)) => {
+                ctx.error(n.pos, format!("timeout {message}"));
+                DEFAULT_TIMEOUT_MS
+            }
+            None => {
+                ctx.error(
+                    n.pos,
+                    format!(
+                        "timeout must be a duration like 30m, found {}",
+                        n.type_name()
+                    ),
+                );
+                DEFAULT_TIMEOUT_MS
+            }
+        },
+    };
+    let retry = match f.get("retry") {
+        None => 0,
+        Some(n) => match scalar(n).and_then(|s| s.parse::<u64>().ok()) {
+            Some(r) if r <= u64::from(MAX_RETRY) => r as u32,
+            Some(r) => {
+                ctx.error(n.pos, format!("retry is {r}; the most is {MAX_RETRY}"));
+                0
+            }
+            None => {
+                ctx.error(
+                    n.pos,
+                    format!("retry must be a whole number from 0 to {MAX_RETRY}"),
+                );
+                0
+            }
+        },
+    };
+    let continue_on_error = f
+        .get("continue-on-error")
+        .and_then(|n| boolean(ctx, n, "continue-on-error"))
+        .unwrap_or(false);
+    let condition = match f.get("if") {
+        None => Condition::default(),
+        Some(n) => load_condition(ctx, n, &combos).unwrap_or_default(),
+    };
+    let manual = match f.get("when") {
+        None => false,
+        Some(n) => match scalar(n) {
+            Some("manual") => true,
+            Some("auto") => false,
+            _ => {
+                ctx.error(n.pos, "when must be manual (wait for approval) or auto");
+                false
+            }
+        },
+    };
+    let image = f
+        .get("image")
+        .and_then(|n| string(ctx, n, "image").map(|value| Text { value, pos: n.pos }));
+    Some(RawJob {
+        key: key.to_owned(),
+        pos,
+        needs,
+        combos,
+        is_matrix,
+        runs_on,
+        steps,
+        env,
+        timeout_ms,
+        retry,
+        continue_on_error,
+        condition,
+        manual,
+        image,
+    })
+}
+
+fn load_condition(
+    ctx: &mut Ctx,
+    node: &Node,
+    combos: &[Vec<(String, String)>],
+) -> Option<Condition> {
+    let Kind::Scalar { value, plain } = &node.kind else {
+        ctx.error(
+            node.pos,
+            format!(
+                "if must be an expression string, found {}",
+                node.type_name()
+            ),
+        );
+        return None;
+    };
+    match Condition::parse(value) {
+        Ok(condition) => {
+            for name in condition.matrix_names() {
+                if !combos.iter().any(|c| c.iter().any(|(k, _)| k == name)) {
+                    ctx.error(node.pos, unknown_matrix_key(name, combos));
+                }
+            }
+            Some(condition)
+        }
+        Err((offset, message)) => {
+            // The offset maps onto the line only for a plain scalar on one line.
+            let column = if *plain && !value.contains('\n') {
+                node.pos.column + offset
+            } else {
+                node.pos.column
+            };
+            ctx.error(
+                Pos {
+                    line: node.pos.line,
+                    column,
+                },
+                format!("invalid if expression: {message}"),
+            );
+            None
+        }
+    }
+}
+
+fn unknown_matrix_key(name: &str, combos: &[Vec<(String, String)>]) -> String {
+    let keys: BTreeSet<&str> = combos.iter().flatten().map(|(k, _)| k.as_str()).collect();
+    if keys.is_empty() {
+        format!("matrix.{name} is used but the job has no matrix")
+    } else {
+        format!(
+            "unknown matrix key \"{name}\"; matrix keys are: {}",
+            keys.into_iter().collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+fn load_labels(ctx: &mut Ctx, node: &Node) -> KeyedTexts {
+    let mut out: KeyedTexts = Vec::new();
+    let mut push = |ctx: &mut Ctx, key: String, value: Text, pos: Pos| {
+        if !is_label_key(&key) {
+            ctx.error(
+                pos,
+                format!("label key \"{key}\" must be 1-63 characters of a-z, 0-9, ., _, / and -, starting with a letter or digit"),
+            );
+        } else if out.iter().any(|(k, _)| *k == key) {
+            ctx.error(pos, format!("label \"{key}\" is given twice"));
+        } else {
+            out.push((key, value));
+        }
+    };
+    match &node.kind {
+        Kind::Map(_) => {
+            for (key, key_node, value) in entries(ctx, node, "runs-on") {
+                if let Some(text) = string(ctx, value, &format!("label {key}")) {
+                    push(ctx, key, Text { value: text, pos: value.pos }, key_node.pos);
+                }
+            }
+        }
+        Kind::Seq(items) => {
+            for item in items {
+                let Some(text) = string(ctx, item, "each runs-on entry") else {
+                    continue;
+                };
+                match text.split_once('=') {
+                    Some((key, value)) => push(
+                        ctx,
+                        key.to_owned(),
+                        Text { value: value.to_owned(), pos: item.pos },
+                        item.pos,
+                    ),
+                    None => ctx.error(item.pos, format!("runs-on entry \"{text}\" must be \"key=value\"")),
+                }
+            }
+        }
+        Kind::Scalar { .. } => ctx.error(
+            node.pos,
+            format!("runs-on must be a mapping of labels like {{ os: linux }} or a list of \"key=value\", found {}", node.type_name()),
+        ),
+    }
+    out
+}
+
+fn load_step(ctx: &mut Ctx, node: &Node) -> Option<RawStep> {
+    let f = fields(ctx, node, STEP_KEYS, "a step")?;
+    let Some(run_node) = f.get("run") else {
+        ctx.error(
+            node.pos,
+            "a step needs run: with the shell lines to execute",
+        );
+        return None;
+    };
+    let run = string(ctx, run_node, "run").map(|value| Text {
+        value,
+        pos: run_node.pos,
+    });
+    let name = f
+        .get("name")
+        .and_then(|n| string(ctx, n, "name").map(|value| Text { value, pos: n.pos }));
+    let working_directory = f.get("working-directory").and_then(|n| {
+        let dir = string(ctx, n, "working-directory")?;
+        let escapes = dir.is_empty()
+            || dir.starts_with('/')
+            || dir.contains('\\')
+            || dir.contains('\0')
+            || dir.as_bytes().get(1) == Some(&b':')
+            || dir.split('/').any(|part| part == "..");
+        if escapes {
+            ctx.error(
+                n.pos,
+                format!("working-directory \"{dir}\" must be a relative path inside the workspace (not absolute, no \"..\")"),
+            );
+            return None;
+        }
+        Some(dir)
+    });
+    let env = f
+        .get("env")
+        .map(|n| env_map(ctx, n, "env"))
+        .unwrap_or_default();
+    Some(RawStep {
+        name,
+        run: run?,
+        working_directory,
+        env,
+    })
+}
+
+/// Expands a matrix mapping into its combinations, in order.
+fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>>> {
+    let mut axes: Vec<(String, Vec<String>)> = Vec::new();
+    let mut includes: Vec<(Vec<(String, String)>, Pos)> = Vec::new();
+    let mut excludes: Vec<(Vec<(String, String)>, Pos)> = Vec::new();
+    let errors_before = ctx.errors.len();
+    for (key, key_node, value) in entries(ctx, node, "matrix") {
+        match key.as_str() {
+            "include" | "exclude" => {
+                let Kind::Seq(items) = &value.kind else {
+                    ctx.error(
+                        value.pos,
+                        format!(
+                            "matrix {key} must be a list of mappings, found {}",
+                            value.type_name()
+                        ),
+                    );
+                    continue;
+                };
+                for item in items {
+                    let mut combo = Vec::new();
+                    for (name, _, v) in entries(ctx, item, &format!("each matrix {key} entry")) {
+                        if let Some(s) = string(ctx, v, &format!("matrix value {name}")) {
+                            combo.push((name, s));
+                        }
+                    }
+                    if key == "include" {
+                        includes.push((combo, item.pos));
+                    } else {
+                        excludes.push((combo, item.pos));
+                    }
+                }
+            }
+            _ => {
+                if !is_job_key(&key) {
+                    ctx.error(
+                        key_node.pos,
+                        format!("matrix key \"{key}\" must be letters, digits, - and _"),
+                    );
+                    continue;
+                }
+                let Kind::Seq(items) = &value.kind else {
+                    ctx.error(
+                        value.pos,
+                        format!(
+                            "matrix {key} must be a list of values, found {}",
+                            value.type_name()
+                        ),
+                    );
+                    continue;
+                };
+                if items.is_empty() {
+                    ctx.error(
+                        value.pos,
+                        format!("matrix {key} is empty; expected at least one value"),
+                    );
+                    continue;
+                }
+                let values = items
+                    .iter()
+                    .filter_map(|item| string(ctx, item, &format!("each value of matrix {key}")))
+                    .collect();
+                axes.push((key, values));
+            }
+        }
+    }
+    if ctx.errors.len() > errors_before {
+        return None;
+    }
+    let product = axes
+        .iter()
+        .try_fold(1usize, |acc, (_, values)| acc.checked_mul(values.len()))
+        .filter(|n| n.saturating_add(includes.len()) <= MAX_MATRIX_JOBS);
+    if product.is_none() {
+        ctx.error(
+            node.pos,
+            format!("the matrix expands to more than {MAX_MATRIX_JOBS} jobs"),
+        );
+        return None;
+    }
+    let mut combos: Vec<Vec<(String, String)>> = if axes.is_empty() {
+        Vec::new()
+    } else {
+        vec![Vec::new()]
+    };
+    for (key, values) in &axes {
+        combos = combos
+            .into_iter()
+            .flat_map(|combo| {
+                values.iter().map(move |value| {
+                    let mut next = combo.clone();
+                    next.push((key.clone(), value.clone()));
+                    next
+                })
+            })
+            .collect();
+    }
+    for (exclude, pos) in &excludes {
+        if let Some((name, _)) = exclude
+            .iter()
+            .find(|(k, _)| !axes.iter().any(|(a, _)| a == k))
+        {
+            ctx.error(
+                *pos,
+                format!("matrix exclude names \"{name}\", which is not a matrix key"),
+            );
+            return None;
+        }
+        combos.retain(|combo| !exclude.iter().all(|kv| combo.contains(kv)));
+    }
+    // As in GitHub Actions: an include entry extends every combination whose original
+    // values it agrees with, and becomes a combination of its own if it agrees with none.
+    let original_len = combos.len();
+    for (include, _) in &includes {
+        let mut merged = false;
+        for combo in combos.iter_mut().take(original_len) {
+            let agrees = include.iter().all(|(k, v)| {
+                !axes.iter().any(|(a, _)| a == k) || combo.iter().any(|(ck, cv)| ck == k && cv == v)
+            });
+            if agrees {
+                merged = true;
+                for (k, v) in include {
+                    match combo.iter_mut().find(|(ck, _)| ck == k) {
+                        Some(slot) => slot.1.clone_from(v),
+                        None => combo.push((k.clone(), v.clone())),
+                    }
+                }
+            }
+        }
+        if !merged {
+            combos.push(include.clone());
+        }
+    }
+    if combos.is_empty() {
+        ctx.error(node.pos, "the matrix expands to no jobs");
+        return None;
+    }
+    Some(combos)
+}
+
+/// Reports every cycle in `needs`, named like `a -> b -> a`, at the need that closes it.
+fn check_cycles(ctx: &mut Ctx, jobs: &[RawJob]) {
+    let index: HashMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.key.as_str(), i))
+        .collect();
+    let edges: Vec<Vec<(usize, Pos)>> = jobs
+        .iter()
+        .map(|job| {
+            job.needs
+                .iter()
+                .filter_map(|(name, pos)| index.get(name.as_str()).map(|&i| (i, *pos)))
+                .collect()
+        })
+        .collect();
+    // 0 unvisited, 1 on the current path, 2 done.
+    let mut state = vec![0u8; jobs.len()];
+    for root in 0..jobs.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        state[root] = 1;
+        while let Some(&mut (node, ref mut next_edge)) = path.last_mut() {
+            if let Some(&(target, pos)) = edges[node].get(*next_edge) {
+                *next_edge += 1;
+                match state[target] {
+                    0 => {
+                        state[target] = 1;
+                        path.push((target, 0));
+                    }
+                    1 => {
+                        let from = path.iter().position(|(n, _)| *n == target).unwrap_or(0);
+                        let mut names: Vec<&str> = path[from..]
+                            .iter()
+                            .map(|(n, _)| jobs[*n].key.as_str())
+                            .collect();
+                        names.push(&jobs[target].key);
+                        ctx.error(pos, format!("needs form a cycle: {}", names.join(" -> ")));
+                    }
+                    _ => {}
+                }
+            } else {
+                state[node] = 2;
+                path.pop();
+            }
+        }
+    }
+}
+
+fn job_name(key: &str, combo: &[(String, String)], is_matrix: bool) -> String {
+    if !is_matrix {
+        return key.to_owned();
+    }
+    let values: Vec<&str> = combo.iter().map(|(_, v)| v.as_str()).collect();
+    format!("{key} ({})", values.join(", "))
+}
+
+/// Replaces `${{ matrix.x }}` and leaves every other `${{ ... }}` for dispatch time.
+fn substitute(
+    ctx: &mut Ctx,
+    text: &Text,
+    combo: &[(String, String)],
+    combos: &[Vec<(String, String)>],
+) -> String {
+    let mut out = String::with_capacity(text.value.len());
+    let mut rest = text.value.as_str();
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("}}") else {
+            ctx.error(text.pos, "unterminated \"${{\"; expected \"}}\"");
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let inner = after[..end].trim();
+        if let Some(name) = inner.strip_prefix("matrix.") {
+            match combo.iter().find(|(k, _)| k == name) {
+                Some((_, value)) => out.push_str(value),
+                None => ctx.error(text.pos, unknown_matrix_key(name, combos)),
+            }
+        } else {
+            out.push_str(&rest[start..start + 3 + end + 2]);
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
+    let mut names_by_key: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    for raw in raw_jobs {
+        let names: Vec<String> = raw
+            .combos
+            .iter()
+            .map(|c| job_name(&raw.key, c, raw.is_matrix))
+            .collect();
+        for name in &names {
+            if seen.insert(name.clone(), raw.pos).is_some() {
+                ctx.error(
+                    raw.pos,
+                    format!("job name \"{name}\" is produced twice; job names must be unique"),
+                );
+            }
+        }
+        names_by_key.insert(&raw.key, names);
+    }
+    let job_keys: Vec<&str> = raw_jobs.iter().map(|j| j.key.as_str()).collect();
+    let mut jobs = Vec::new();
+    for raw in raw_jobs {
+        let mut needs: Vec<String> = Vec::new();
+        for (need, pos) in &raw.needs {
+            match names_by_key.get(need.as_str()) {
+                Some(names) => {
+                    for name in names {
+                        if !needs.contains(name) {
+                            needs.push(name.clone());
+                        }
+                    }
+                }
+                None => ctx.error(
+                    *pos,
+                    format!(
+                        "needs names \"{need}\", which is not a job; jobs are: {}",
+                        job_keys.join(", ")
+                    ),
+                ),
+            }
+        }
+        for combo in &raw.combos {
+            let sub = |ctx: &mut Ctx, text: &Text| substitute(ctx, text, combo, &raw.combos);
+            let map = |ctx: &mut Ctx, items: &KeyedTexts| -> BTreeMap<String, String> {
+                items
+                    .iter()
+                    .map(|(k, t)| (k.clone(), sub(ctx, t)))
+                    .collect()
+            };
+            let runs_on = map(ctx, &raw.runs_on);
+            let env = map(ctx, &raw.env);
+            let steps = raw
+                .steps
+                .iter()
+                .map(|step| Step {
+                    name: step
+                        .name
+                        .as_ref()
+                        .map(|t| substitute(ctx, t, combo, &raw.combos)),
+                    run: substitute(ctx, &step.run, combo, &raw.combos),
+                    working_directory: step.working_directory.clone(),
+                    env: step
+                        .env
+                        .iter()
+                        .map(|(k, t)| (k.clone(), substitute(ctx, t, combo, &raw.combos)))
+                        .collect(),
+                })
+                .collect();
+            let image = raw
+                .image
+                .as_ref()
+                .map(|t| substitute(ctx, t, combo, &raw.combos));
+            jobs.push(Job {
+                name: job_name(&raw.key, combo, raw.is_matrix),
+                key: raw.key.clone(),
+                needs: needs.clone(),
+                runs_on,
+                steps,
+                env,
+                timeout_ms: raw.timeout_ms,
+                retry: raw.retry,
+                continue_on_error: raw.continue_on_error,
+                condition: raw.condition.clone(),
+                manual: raw.manual,
+                image,
+                matrix: combo.iter().cloned().collect(),
+            });
+        }
+    }
+    jobs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30m"), Ok(1_800_000));
+        assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration("90s"), Ok(90_000));
+        assert_eq!(parse_duration("250ms"), Ok(250));
+        for bad in ["", "30", "m", "30x", "1.5h", "99999999999999h", "-1m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

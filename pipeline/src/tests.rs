@@ -1,0 +1,672 @@
+//! Data-driven tests of `parse`: fixture strings in, model or positioned errors out.
+
+use std::collections::BTreeMap;
+
+use crate::{parse, referenced_secrets, Condition, Pipeline, StaticContext, StatusExpr};
+
+const FULL: &str = r#"name: demo
+priority: 5
+env: { K: v }
+on:
+  push: { branches: [main, "release/*"], tags: ["v*"], paths: ["src/**"] }
+  schedule: [{ cron: "0 3 * * *" }]
+  manual: {}
+  inputs: { target: { default: "x86_64" } }
+jobs:
+  lint:
+    runs-on: { os: linux }
+    steps:
+      - run: cargo fmt --check
+        name: fmt
+        working-directory: sub
+        env: { A: b }
+  test:
+    needs: [lint]
+    strategy:
+      matrix:
+        os: [linux, mac]
+        rust: ["1.80", "1.81"]
+        include: [{ os: linux, rust: nightly }]
+        exclude: [{ os: mac, rust: "1.80" }]
+    runs-on: { os: "${{ matrix.os }}" }
+    timeout: 30m
+    retry: 2
+    continue-on-error: false
+    env: { RUST: "${{ matrix.rust }}" }
+    image: rust:1.80
+    steps: [{ run: "cargo +${{ matrix.rust }} test --token ${{ secrets.TOKEN }}" }]
+  deploy:
+    needs: test
+    if: success() && branch == 'main'
+    when: manual
+    steps:
+      - run: |
+          ./deploy.sh ${{ inputs.target }}
+          echo ${{ secrets.DEPLOY_KEY }} ${{ env.K }}
+"#;
+
+fn ok(text: &str) -> Pipeline {
+    match parse("gantry.yml", text) {
+        Ok(pipeline) => pipeline,
+        Err(errors) => panic!("expected a valid pipeline, got:\n{errors}"),
+    }
+}
+
+#[test]
+fn full_example() {
+    let p = ok(FULL);
+    assert_eq!(p.name, "demo");
+    assert_eq!(p.priority, 5);
+    assert_eq!(p.env["K"], "v");
+    let push = p.triggers.push.as_ref().expect("push filter");
+    assert_eq!(push.branches, ["main", "release/*"]);
+    assert_eq!(push.tags, ["v*"]);
+    assert_eq!(push.paths, ["src/**"]);
+    assert_eq!(p.triggers.schedules.len(), 1);
+    assert_eq!(p.triggers.schedules[0].expression, "0 3 * * *");
+    assert_eq!(
+        p.triggers.inputs["target"].default.as_deref(),
+        Some("x86_64")
+    );
+
+    let names: Vec<&str> = p.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "lint",
+            "test (linux, 1.80)",
+            "test (linux, 1.81)",
+            "test (mac, 1.81)",
+            "test (linux, nightly)",
+            "deploy"
+        ]
+    );
+    let lint = p.job("lint").expect("lint");
+    assert_eq!(lint.runs_on["os"], "linux");
+    assert_eq!(lint.steps[0].name.as_deref(), Some("fmt"));
+    assert_eq!(lint.steps[0].working_directory.as_deref(), Some("sub"));
+    assert_eq!(lint.steps[0].env["A"], "b");
+    assert_eq!(lint.timeout_ms, 3_600_000);
+    assert_eq!(lint.retry, 0);
+    assert_eq!(lint.condition, Condition::Success);
+    assert!(!lint.manual);
+
+    let mac = p.job("test (mac, 1.81)").expect("mac");
+    assert_eq!(mac.key, "test");
+    assert_eq!(mac.needs, ["lint"]);
+    assert_eq!(mac.runs_on["os"], "mac");
+    assert_eq!(mac.env["RUST"], "1.81");
+    assert_eq!(mac.timeout_ms, 30 * 60_000);
+    assert_eq!(mac.retry, 2);
+    assert_eq!(mac.image.as_deref(), Some("rust:1.80"));
+    assert_eq!(
+        mac.steps[0].run,
+        "cargo +1.81 test --token ${{ secrets.TOKEN }}"
+    );
+    assert_eq!(
+        mac.matrix,
+        BTreeMap::from([("os".into(), "mac".into()), ("rust".into(), "1.81".into())])
+    );
+
+    let deploy = p.job("deploy").expect("deploy");
+    assert!(deploy.manual);
+    assert_eq!(
+        deploy.needs,
+        [
+            "test (linux, 1.80)",
+            "test (linux, 1.81)",
+            "test (mac, 1.81)",
+            "test (linux, nightly)"
+        ]
+    );
+    assert!(deploy.steps[0].run.contains("${{ inputs.target }}"));
+    assert!(deploy.steps[0].run.contains("${{ env.K }}"));
+    let secrets: Vec<String> = referenced_secrets(deploy).into_iter().collect();
+    assert_eq!(secrets, ["DEPLOY_KEY"]);
+    assert_eq!(
+        referenced_secrets(mac).into_iter().collect::<Vec<_>>(),
+        ["TOKEN"]
+    );
+
+    let main = StaticContext {
+        branch: "main".into(),
+        event: "push".into(),
+        ..StaticContext::default()
+    };
+    assert_eq!(
+        deploy.condition.fold(&main, &deploy.matrix),
+        StatusExpr::Success
+    );
+    let dev = StaticContext {
+        branch: "dev".into(),
+        ..main
+    };
+    assert_eq!(
+        deploy.condition.fold(&dev, &deploy.matrix),
+        StatusExpr::Const(false)
+    );
+
+    let order: Vec<&str> = p
+        .topological_order()
+        .iter()
+        .map(|j| j.name.as_str())
+        .collect();
+    assert_eq!(order, names);
+
+    // The model round-trips through serde.
+    let json = serde_json::to_string(&p).expect("serialize");
+    let back: Pipeline = serde_json::from_str(&json).expect("deserialize");
+    assert_eq!(back, p);
+}
+
+#[test]
+fn defaults_and_alternate_forms() {
+    let p = match parse(
+        "ci/build.yaml",
+        "jobs:\n  b:\n    runs-on: [\"os=linux\", \"arch=x86_64\"]\n    matrix: { n: [1, 2] }\n    steps:\n      - run: echo ${{ matrix.n }}\n  a:\n    needs: b\n    if: ${{ always() }}\n    steps: [{ run: x }]\n",
+    ) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(p.name, "build");
+    assert_eq!(p.priority, 0);
+    assert!(p.triggers.push.is_none());
+    let names: Vec<&str> = p.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(names, ["b (1)", "b (2)", "a"]);
+    assert_eq!(p.jobs[0].runs_on["arch"], "x86_64");
+    assert_eq!(p.jobs[1].steps[0].run, "echo 2");
+    assert_eq!(p.jobs[2].condition, Condition::Always);
+    assert_eq!(p.jobs[2].needs, ["b (1)", "b (2)"]);
+}
+
+#[test]
+fn trigger_shorthands() {
+    let p = ok("on: push\njobs: { a: { steps: [{ run: x }] } }\n");
+    assert_eq!(p.triggers.push, Some(crate::PushFilter::default()));
+    let p = ok("on: [push, manual]\njobs: { a: { steps: [{ run: x }] } }\n");
+    assert!(p.triggers.push.is_some());
+    let p = ok("on: { manual: { inputs: { level: {} } } }\njobs: { a: { steps: [{ run: x }] } }\n");
+    assert_eq!(p.triggers.inputs["level"].default, None);
+    assert!(p.triggers.push.is_none());
+}
+
+#[test]
+fn topological_order_follows_needs() {
+    let p = ok("jobs:\n  c: { needs: [a, b], steps: [{ run: x }] }\n  b: { needs: a, steps: [{ run: x }] }\n  a: { steps: [{ run: x }] }\n");
+    let order: Vec<&str> = p
+        .topological_order()
+        .iter()
+        .map(|j| j.name.as_str())
+        .collect();
+    assert_eq!(order, ["a", "b", "c"]);
+}
+
+#[test]
+fn matrix_expansion_counts() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "{ a: [1, 2], b: [x, y] }",
+            &["j (1, x)", "j (1, y)", "j (2, x)", "j (2, y)"],
+        ),
+        ("{ a: [1, 2], exclude: [{ a: 1 }] }", &["j (2)"]),
+        // An include that agrees with existing combinations extends them.
+        (
+            "{ a: [1, 2], include: [{ a: 1, extra: e }] }",
+            &["j (1, e)", "j (2)"],
+        ),
+        // An include with no match in the original values is a combination of its own.
+        (
+            "{ a: [1, 2], include: [{ a: 3 }] }",
+            &["j (1)", "j (2)", "j (3)"],
+        ),
+        // Include alone.
+        (
+            "{ include: [{ a: 1 }, { a: 2, b: 3 }] }",
+            &["j (1)", "j (2, 3)"],
+        ),
+    ];
+    for (matrix, want) in cases {
+        let text = format!("jobs:\n  j:\n    matrix: {matrix}\n    steps: [{{ run: x }}]\n");
+        let p = ok(&text);
+        let names: Vec<&str> = p.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(&names, want, "{matrix}");
+    }
+    // 16 x 16 = 256 is the most.
+    let values: Vec<String> = (0..16).map(|i| i.to_string()).collect();
+    let list = values.join(", ");
+    let p = ok(&format!(
+        "jobs:\n  j:\n    matrix: {{ a: [{list}], b: [{list}] }}\n    steps: [{{ run: x }}]\n"
+    ));
+    assert_eq!(p.jobs.len(), 256);
+}
+
+/// (name, fixture, line, column, message substring)
+const BAD: &[(&str, &str, usize, usize, &str)] = &[
+    (
+        "malformed yaml",
+        "jobs:\n  a: [1, 2\n",
+        3,
+        1,
+        "invalid YAML",
+    ),
+    (
+        "empty file",
+        "",
+        1,
+        1,
+        "the file is empty",
+    ),
+    (
+        "not a mapping",
+        "- a\n- b\n",
+        1,
+        1,
+        "must be a mapping with a jobs key",
+    ),
+    (
+        "unknown top key",
+        "jobz: {}\n",
+        1,
+        1,
+        "unknown key \"jobz\" in the pipeline; allowed keys are: name, priority, env, on, jobs",
+    ),
+    (
+        "unknown job key",
+        "jobs:\n  a:\n    stepz: []\n    steps: [{ run: x }]\n",
+        3,
+        5,
+        "unknown key \"stepz\" in job a; allowed keys are: runs-on, steps",
+    ),
+    (
+        "unknown step key",
+        "jobs:\n  a:\n    steps:\n      - uses: actions/checkout@v4\n",
+        4,
+        9,
+        "unknown key \"uses\" in a step; allowed keys are: run, name, working-directory, env",
+    ),
+    (
+        "duplicate key",
+        "jobs:\n  a: { steps: [{ run: x }] }\n  a: { steps: [{ run: y }] }\n",
+        3,
+        3,
+        "duplicate key \"a\" in jobs",
+    ),
+    (
+        "missing jobs",
+        "name: x\n",
+        1,
+        1,
+        "the pipeline has no jobs key",
+    ),
+    (
+        "empty jobs",
+        "jobs: {}\n",
+        1,
+        7,
+        "jobs is empty",
+    ),
+    (
+        "wrong type for jobs",
+        "jobs: [a]\n",
+        1,
+        7,
+        "jobs must be a mapping, found a list",
+    ),
+    (
+        "wrong type for priority",
+        "priority: high\njobs: { a: { steps: [{ run: x }] } }\n",
+        1,
+        11,
+        "priority must be an integer",
+    ),
+    (
+        "wrong type for run",
+        "jobs:\n  a:\n    steps: [{ run: [x] }]\n",
+        3,
+        20,
+        "run must be a string, found a list",
+    ),
+    (
+        "wrong type for continue-on-error",
+        "jobs:\n  a:\n    continue-on-error: maybe\n    steps: [{ run: x }]\n",
+        3,
+        24,
+        "continue-on-error must be true or false",
+    ),
+    (
+        "job without steps key",
+        "jobs:\n  a:\n    runs-on: { os: linux }\n",
+        2,
+        3,
+        "job a has no steps",
+    ),
+    (
+        "job with empty steps",
+        "jobs:\n  a:\n    steps: []\n",
+        3,
+        12,
+        "job a has no steps",
+    ),
+    (
+        "step without run",
+        "jobs:\n  a:\n    steps:\n      - name: x\n",
+        4,
+        9,
+        "a step needs run",
+    ),
+    (
+        "needs a missing job",
+        "jobs:\n  build: { steps: [{ run: x }] }\n  lint: { steps: [{ run: x }] }\n  test:\n    needs: [lint, buld]\n    steps: [{ run: x }]\n",
+        5,
+        19,
+        "needs names \"buld\", which is not a job; jobs are: build, lint, test",
+    ),
+    (
+        "needs cycle",
+        "jobs:\n  a:\n    needs: b\n    steps: [{ run: x }]\n  b:\n    needs: [a]\n    steps: [{ run: x }]\n",
+        6,
+        13,
+        "needs form a cycle: a -> b -> a",
+    ),
+    (
+        "needs itself",
+        "jobs:\n  a:\n    needs: a\n    steps: [{ run: x }]\n",
+        3,
+        12,
+        "needs form a cycle: a -> a",
+    ),
+    (
+        "duplicate expanded names",
+        "jobs:\n  t:\n    matrix: { v: [x, x] }\n    steps: [{ run: x }]\n",
+        2,
+        3,
+        "job name \"t (x)\" is produced twice",
+    ),
+    (
+        "bad duration",
+        "jobs:\n  a:\n    timeout: 30 minutes\n    steps: [{ run: x }]\n",
+        3,
+        14,
+        "timeout \"30 minutes\" is not a duration",
+    ),
+    (
+        "duration without unit",
+        "jobs:\n  a:\n    timeout: 30\n    steps: [{ run: x }]\n",
+        3,
+        14,
+        "is not a duration",
+    ),
+    (
+        "retry too large",
+        "jobs:\n  a:\n    retry: 11\n    steps: [{ run: x }]\n",
+        3,
+        12,
+        "retry is 11; the most is 10",
+    ),
+    (
+        "working-directory escapes",
+        "jobs:\n  a:\n    steps:\n      - run: x\n        working-directory: ../up\n",
+        5,
+        28,
+        "working-directory \"../up\" must be a relative path inside the workspace",
+    ),
+    (
+        "working-directory absolute",
+        "jobs:\n  a:\n    steps:\n      - run: x\n        working-directory: /etc\n",
+        5,
+        28,
+        "must be a relative path",
+    ),
+    (
+        "bad label key",
+        "jobs:\n  a:\n    runs-on: { OS: linux }\n    steps: [{ run: x }]\n",
+        3,
+        16,
+        "label key \"OS\" must be 1-63 characters",
+    ),
+    (
+        "bad label list entry",
+        "jobs:\n  a:\n    runs-on: [linux]\n    steps: [{ run: x }]\n",
+        3,
+        15,
+        "runs-on entry \"linux\" must be \"key=value\"",
+    ),
+    (
+        "bad condition syntax",
+        "jobs:\n  a:\n    if: success() &&& failure()\n    steps: [{ run: x }]\n",
+        3,
+        21,
+        "invalid if expression: unexpected character '&'",
+    ),
+    (
+        "bad condition name",
+        "jobs:\n  a:\n    if: \"github.ref == 'x'\"\n    steps: [{ run: x }]\n",
+        3,
+        9,
+        "invalid if expression: unknown name \"github.ref\"",
+    ),
+    (
+        "condition on unknown matrix key",
+        "jobs:\n  a:\n    matrix: { os: [linux] }\n    if: matrix.arch == 'x'\n    steps: [{ run: x }]\n",
+        4,
+        9,
+        "unknown matrix key \"arch\"; matrix keys are: os",
+    ),
+    (
+        "unknown matrix key in step",
+        "jobs:\n  a:\n    matrix: { os: [linux] }\n    steps:\n      - run: echo ${{ matrix.rust }}\n",
+        5,
+        14,
+        "unknown matrix key \"rust\"; matrix keys are: os",
+    ),
+    (
+        "matrix reference without matrix",
+        "jobs:\n  a:\n    runs-on: { os: \"${{ matrix.os }}\" }\n    steps: [{ run: x }]\n",
+        3,
+        20,
+        "matrix.os is used but the job has no matrix",
+    ),
+    (
+        "matrix too large",
+        "jobs:\n  a:\n    matrix:\n      a: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]\n      b: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]\n    steps: [{ run: x }]\n",
+        4,
+        7,
+        "the matrix expands to more than 256 jobs",
+    ),
+    (
+        "matrix expands to nothing",
+        "jobs:\n  a:\n    matrix: { os: [linux], exclude: [{ os: linux }] }\n    steps: [{ run: x }]\n",
+        3,
+        13,
+        "the matrix expands to no jobs",
+    ),
+    (
+        "matrix exclude names unknown key",
+        "jobs:\n  a:\n    matrix: { os: [linux], exclude: [{ arch: x }] }\n    steps: [{ run: x }]\n",
+        3,
+        38,
+        "matrix exclude names \"arch\"",
+    ),
+    (
+        "matrix both places",
+        "jobs:\n  a:\n    strategy: { matrix: { os: [a] } }\n    matrix: { os: [b] }\n    steps: [{ run: x }]\n",
+        4,
+        13,
+        "either under strategy or directly",
+    ),
+    (
+        "bad cron",
+        "on:\n  schedule:\n    - cron: \"61 * * * *\"\njobs: { a: { steps: [{ run: x }] } }\n",
+        3,
+        13,
+        "minute \"61\" is out of range",
+    ),
+    (
+        "bad when",
+        "jobs:\n  a:\n    when: later\n    steps: [{ run: x }]\n",
+        3,
+        11,
+        "when must be manual",
+    ),
+    (
+        "bad job key",
+        "jobs:\n  \"a b\": { steps: [{ run: x }] }\n",
+        2,
+        3,
+        "job key \"a b\" must be",
+    ),
+    (
+        "bad env name",
+        "env: { \"A-B\": x }\njobs: { a: { steps: [{ run: x }] } }\n",
+        1,
+        8,
+        "environment variable name \"A-B\"",
+    ),
+    (
+        "unterminated template",
+        "jobs:\n  a:\n    steps: [{ run: \"echo ${{ secrets.X\" }]\n",
+        3,
+        20,
+        "unterminated \"${{\"",
+    ),
+    (
+        "two documents",
+        "jobs: {}\n---\njobs: {}\n",
+        2,
+        1,
+        "one YAML document",
+    ),
+    (
+        "unknown trigger shorthand",
+        "on: [push, pull_request]\njobs: { a: { steps: [{ run: x }] } }\n",
+        1,
+        12,
+        "unknown trigger \"pull_request\"",
+    ),
+    (
+        "unknown on key",
+        "on: { pull_request: {} }\njobs: { a: { steps: [{ run: x }] } }\n",
+        1,
+        7,
+        "unknown key \"pull_request\" in on; allowed keys are: push, schedule, manual, inputs",
+    ),
+];
+
+#[test]
+fn every_bad_input_is_reported_at_its_node() {
+    let mut failures = Vec::new();
+    for (name, text, line, column, needle) in BAD {
+        match parse("gantry.yml", text) {
+            Ok(_) => failures.push(format!("{name}: parsed, expected an error")),
+            Err(errors) => {
+                let found = errors
+                    .0
+                    .iter()
+                    .any(|e| e.line == *line && e.column == *column && e.message.contains(needle));
+                if !found {
+                    failures.push(format!(
+                        "{name}: wanted {line}:{column} \"{needle}\", got:\n{errors}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn error_display_has_file_line_column() {
+    let errors = parse(
+        "gantry.yml",
+        "jobs:\n  build: { steps: [{ run: x }] }\n  lint: { steps: [{ run: x }] }\n  test:\n    needs: buld\n    steps: [{ run: x }]\n",
+    )
+    .expect_err("missing need");
+    assert_eq!(
+        errors.to_string(),
+        "gantry.yml:5:12: needs names \"buld\", which is not a job; jobs are: build, lint, test"
+    );
+}
+
+#[test]
+fn several_errors_are_collected_in_file_order() {
+    let errors = parse(
+        "gantry.yml",
+        "jobs:\n  a:\n    retry: 99\n    timeout: soon\n    steps:\n      - run: x\n        working-directory: /abs\n",
+    )
+    .expect_err("three errors");
+    let lines: Vec<usize> = errors.0.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [3, 4, 7], "{errors}");
+}
+
+#[test]
+fn oversized_file_is_refused() {
+    let text = format!("# {}\njobs: {{}}\n", "x".repeat(crate::MAX_FILE_SIZE));
+    let errors = parse("gantry.yml", &text).expect_err("too big");
+    assert_eq!((errors.0[0].line, errors.0[0].column), (1, 1));
+    assert!(
+        errors.0[0].message.contains("bytes; the most is"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn hostile_inputs_do_not_panic() {
+    let inputs = [
+        "\u{0}",
+        "jobs: *x",
+        "a: &x [*x]",
+        "jobs:\n  a:\n    steps: [{ run: \"${{\" }]\n",
+        "jobs:\n  a:\n    if: \"((((\"\n    steps: [{ run: x }]\n",
+        "jobs: { a: { matrix: { include: [[]] }, steps: [{ run: x }] } }",
+        "jobs: { a: { needs: [[]], steps: [{ run: x }] } }",
+        "jobs: { ? [a] : b }",
+        "%YAML 1.2\n---\njobs: {}",
+        "jobs:\n\t a: x",
+        "jobs: { a: { timeout: 99999999999999999999h, steps: [{ run: x }] } }",
+        "jobs: { a: { retry: -1, steps: [{ run: x }] } }",
+        "jobs: { a: { steps: [{ run: x, working-directory: \"C:x\" }] } }",
+        "on: { schedule: [{ cron: \"*/99999999999 * * * *\" }] }\njobs: { a: { steps: [{ run: x }] } }",
+    ];
+    for text in inputs {
+        let _ = parse("gantry.yml", text);
+    }
+    let deep = "a: ".to_owned() + &"[".repeat(10_000);
+    let errors = parse("gantry.yml", &deep).expect_err("deep");
+    assert!(!errors.0.is_empty());
+}
+
+#[test]
+fn every_prefix_and_mutation_of_the_full_example_is_handled() {
+    // A cheap stand-in for fuzzing: truncations and single-character substitutions of a
+    // valid file must parse or fail with positioned errors, never panic.
+    let boundaries: Vec<usize> = FULL.char_indices().map(|(i, _)| i).collect();
+    for &end in &boundaries {
+        if let Err(errors) = parse("gantry.yml", &FULL[..end]) {
+            assert!(
+                errors.0.iter().all(|e| e.line >= 1 && e.column >= 1),
+                "{errors}"
+            );
+        }
+    }
+    let replacements = [
+        '[', ']', '{', '}', ':', '-', '"', '\'', '&', '*', '!', '|', '>', ' ', '\n', '#', '$', 'é',
+    ];
+    for (n, &at) in boundaries.iter().enumerate() {
+        let replacement = replacements[n % replacements.len()];
+        let next = FULL[at..].chars().next().map_or(at, |c| at + c.len_utf8());
+        let text = format!("{}{}{}", &FULL[..at], replacement, &FULL[next..]);
+        if let Err(errors) = parse("gantry.yml", &text) {
+            assert!(!errors.0.is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_file_near_the_size_limit_parses() {
+    let mut text = String::from("jobs:\n  a:\n    steps:\n");
+    while text.len() < crate::MAX_FILE_SIZE - 64 {
+        text.push_str("      - { run: x }\n");
+    }
+    let p = ok(&text);
+    assert!(p.jobs[0].steps.len() > 40_000);
+}
