@@ -234,6 +234,12 @@ async fn follow_run(client: &mut AdminClient, run: RunId) -> Result<ExitCode, Fa
                 if matches!(j.state.as_str(), "failed" | "timed-out" | "lost") {
                     failed.push(j.job);
                 }
+                if j.state == "awaiting-approval" {
+                    println!(
+                        "           waiting for approval: `gantry approve {}`",
+                        j.job
+                    );
+                }
             }
             Ok(Some(FollowEvent::End { state })) => break state,
             Ok(Some(FollowEvent::Error(e))) => return Err(usage(anyhow::anyhow!(e.message))),

@@ -3,7 +3,8 @@
 //! It creates a temporary directory, initializes a coordinator there, starts it as a
 //! child process, enrolls and starts three real `gantry-agent` processes (found next to
 //! this binary, or at `GANTRY_AGENT_BIN`), waits until all of them are connected and have
-//! reported their figures, prints them, and stops everything. Nothing is left running
+//! reported their figures, prints them, runs the example pipeline (`examples/ci.yml`) on
+//! them (approving its manual gate), shows the jobs and a log, and stops everything. Nothing is left running
 //! and the directory is removed. Later capabilities extend this same walkthrough.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use gantry_protocol::{AdminRequest, AdminResponse, AgentState, Labels};
+use gantry_protocol::{
+    AdminRequest, AdminResponse, AgentState, FollowEvent, JobId, Labels, StreamOpen, SubmitRun,
+};
 
 use crate::client::AdminClient;
 use crate::config::AdminContext;
@@ -228,6 +231,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "{}",
         output::agents_table(&agents, gantry_protocol::UnixMillis::now())
     );
+    demo_pipeline(&mut admin).await?;
     if let AdminResponse::Status(s) = admin.request(&AdminRequest::Status).await? {
         println!(
             "\ncoordinator: {} connected, {} enrolled, {} revoked",
@@ -248,6 +252,95 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "\n== demo finished: coordinator and agents stopped, {} removed",
         root.display()
     );
+    Ok(())
+}
+
+/// The example pipeline (`examples/ci.yml`), built into the binary so the demo runs from
+/// any directory.
+const EXAMPLE_PIPELINE: &str = include_str!("../../examples/ci.yml");
+
+/// Runs the example pipeline on the demo agents, approves its manual gate, and shows the
+/// jobs and the build's log.
+async fn demo_pipeline(admin: &mut AdminClient) -> anyhow::Result<()> {
+    let submit = SubmitRun {
+        file_name: "examples/ci.yml".into(),
+        text: EXAMPLE_PIPELINE.into(),
+        git_ref: "main".into(),
+        commit: None,
+        event: "manual".into(),
+        inputs: Labels::new(),
+    };
+    let AdminResponse::Run(run) = admin.request(&AdminRequest::SubmitRun(submit)).await? else {
+        bail!("unexpected response to a run request");
+    };
+    let id = run.run;
+    println!(
+        "\n== running pipeline {} (run {id}): {} jobs, pushed to the agents as they become ready\n",
+        run.pipeline,
+        run.jobs.len()
+    );
+    let mut shown: std::collections::HashMap<JobId, String> = std::collections::HashMap::new();
+    let deadline = Instant::now() + STEP_DEADLINE * 2;
+    let view = loop {
+        let AdminResponse::Run(view) = admin.request(&AdminRequest::ShowRun { run: id }).await?
+        else {
+            bail!("unexpected response to pipelines show");
+        };
+        for job in &view.jobs {
+            if shown.get(&job.job) != Some(&job.state) {
+                let agent = job
+                    .agent
+                    .as_ref()
+                    .map(|a| format!(" on {a}"))
+                    .unwrap_or_default();
+                println!(
+                    "  {:<6} {:<20} {}{agent}",
+                    job.job.to_string(),
+                    job.name,
+                    job.state
+                );
+                shown.insert(job.job, job.state.clone());
+                if job.state == "awaiting-approval" {
+                    println!(
+                        "         (a manual gate: approving it, as `gantry approve {}` would)",
+                        job.job
+                    );
+                    admin
+                        .request(&AdminRequest::Approve { job: job.job })
+                        .await?;
+                }
+            }
+        }
+        if view.finished_at.is_some() {
+            break view;
+        }
+        if Instant::now() > deadline {
+            bail!("run {id} did not finish within {:?}", STEP_DEADLINE * 2);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("\n== run {id} {}:\n", view.state);
+    print!("{}", output::jobs_table(&view.jobs));
+    if let Some(build) = view.jobs.iter().find(|j| j.name == "build") {
+        println!("\n== log of {} ({}):", build.name, build.job);
+        let mut reader = admin
+            .follow(&StreamOpen::FollowLogs {
+                job: build.job,
+                from_seq: 0,
+                follow: false,
+            })
+            .await?;
+        while let Ok(Some(event)) = reader.recv::<FollowEvent>().await {
+            match event {
+                FollowEvent::Log(chunk) => print!("{}", String::from_utf8_lossy(&chunk.data)),
+                FollowEvent::End { .. } | FollowEvent::Error(_) => break,
+                FollowEvent::Job(_) => {}
+            }
+        }
+    }
+    if view.state != "succeeded" {
+        bail!("the demo pipeline ended {}", view.state);
+    }
     Ok(())
 }
 

@@ -769,3 +769,46 @@ fn every_change_is_reported() {
         assert_eq!(replayed.get(&job), Some(&state), "{job}");
     }
 }
+
+#[test]
+fn pending_jobs_in_a_cancelled_run_follow_their_conditions() {
+    // (condition of a job that needs a running job, its state right after CancelRun,
+    //  its state once the running job ends)
+    let cases = [
+        (
+            StatusExpr::Success,
+            JobState::Cancelled,
+            JobState::Cancelled,
+        ),
+        (
+            StatusExpr::Failure,
+            JobState::Cancelled,
+            JobState::Cancelled,
+        ),
+        (StatusExpr::Always, JobState::Pending, JobState::Queued),
+        (StatusExpr::Cancelled, JobState::Pending, JobState::Queued),
+        (
+            StatusExpr::Not(Box::new(StatusExpr::Cancelled)),
+            JobState::Pending,
+            JobState::Skipped,
+        ),
+    ];
+    for (condition, after_cancel, at_end) in cases {
+        // "Queued" at the end means it went on to be offered to the (then free) agent.
+        let mut d = Driver::default();
+        d.step(connect(&agent(1), Labels::new(), 1));
+        let mut dependent = plan(1, 1, &[0]);
+        dependent.condition = condition.clone();
+        d.step(submit(1, "p", 0, vec![plan(1, 0, &[]), dependent]));
+        accept(&mut d, jid(1, 0));
+        d.step(Event::CancelRun { run: RunId(1) });
+        assert_eq!(d.state(jid(1, 1)), after_cancel, "{condition:?}");
+        finish(&mut d, jid(1, 0), Outcome::Cancelled);
+        let state = d.state(jid(1, 1));
+        if at_end == JobState::Queued {
+            assert!(is_offered(&state), "{condition:?}: {state:?}");
+        } else {
+            assert_eq!(state, at_end, "{condition:?}");
+        }
+    }
+}

@@ -416,3 +416,73 @@ pub mod raw {
         })
     }
 }
+
+impl Coordinator {
+    /// Writes `yaml` to a file and starts a run of it; returns the run number.
+    pub fn run_pipeline(&self, yaml: &str, extra: &[&str]) -> u64 {
+        let file = self.dir.path().join(format!("pipeline-{}.yml", unique()));
+        std::fs::write(&file, yaml).expect("write pipeline");
+        let mut args = vec!["run", file.to_str().expect("utf8"), "--json"];
+        args.extend_from_slice(extra);
+        let run = self.gantry(&args).expect_code(0).json();
+        run["run"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no run number in {run}"))
+    }
+
+    /// `gantry pipelines show RUN --json`.
+    pub fn run_view(&self, run: u64) -> Value {
+        self.gantry(&["pipelines", "show", &run.to_string(), "--json"])
+            .expect_code(0)
+            .json()
+    }
+
+    /// Waits until the run has ended; returns its view.
+    pub fn wait_run(&self, run: u64, deadline: Duration) -> Value {
+        wait_for(&format!("run {run} to end"), deadline, || {
+            let view = self.run_view(run);
+            (!view["finished_at"].is_null()).then_some(view)
+        })
+    }
+
+    /// Waits until `job` (e.g. "1.2") is in `state`; returns its view.
+    pub fn wait_job_state(&self, job: &str, state: &str, deadline: Duration) -> Value {
+        wait_for(&format!("job {job} to be {state}"), deadline, || {
+            let view = self
+                .gantry(&["jobs", "show", job, "--json"])
+                .expect_code(0)
+                .json();
+            (view["state"] == state).then_some(view)
+        })
+    }
+
+    /// The stored log of a job.
+    pub fn logs(&self, job: &str) -> String {
+        self.gantry(&["logs", job]).expect_code(0).stdout
+    }
+
+    /// Starts `n` enrolled agents with extra `run` arguments.
+    pub fn agents_running(&self, n: usize, labels: &[&str]) -> Vec<Agent> {
+        let token = self.token(&["--uses", &n.to_string()]);
+        let mut agents: Vec<Agent> = (0..n).map(|_| Agent::enroll(&token, labels)).collect();
+        for a in &mut agents {
+            a.start();
+        }
+        self.wait_connected(n);
+        agents
+    }
+}
+
+/// The job of a run view with this name.
+pub fn job_named<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["name"] == name))
+        .unwrap_or_else(|| panic!("no job {name} in {run}"))
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
