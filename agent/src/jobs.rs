@@ -24,6 +24,9 @@ use crate::mask::Masker;
 
 /// Output is sent at least this often while a job prints.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Output is sent this long after the job stops writing (a line, a prompt), so live
+/// followers see it at once while a burst still coalesces into one chunk.
+pub const COALESCE: Duration = Duration::from_millis(5);
 /// Largest chunk; a chunk is cut earlier when this much output is waiting.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// Default cap on one job's log: the first half and the last half are kept.
@@ -385,21 +388,42 @@ async fn chunk_log(
         tail_limit: usize::try_from(cap / 2).unwrap_or(usize::MAX),
         cut: 0,
     };
-    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A chunk goes out COALESCE after output pauses, or FLUSH_INTERVAL after its first
+    // byte, or at MAX_CHUNK_BYTES, whichever is first: a line printed alone reaches
+    // followers in milliseconds, and a flood still travels in large chunks.
+    let mut first_byte_at: Option<tokio::time::Instant> = None;
+    let mut last_byte_at = tokio::time::Instant::now();
     loop {
+        let flush_at =
+            first_byte_at.map(|first| (first + FLUSH_INTERVAL).min(last_byte_at + COALESCE));
+        let wait = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             piece = pieces.recv() => match piece {
                 Some(piece) => {
                     let visible = masker.push(&piece);
                     state.take(&visible);
+                    last_byte_at = tokio::time::Instant::now();
+                    if state.pending.is_empty() {
+                        first_byte_at = None;
+                    } else {
+                        first_byte_at.get_or_insert(last_byte_at);
+                    }
                     if state.pending.len() >= MAX_CHUNK_BYTES {
                         state.flush();
+                        first_byte_at = None;
                     }
                 }
                 None => break,
             },
-            _ = tick.tick() => state.flush(),
+            () = wait => {
+                state.flush();
+                first_byte_at = None;
+            }
         }
     }
     let rest = masker.finish();
@@ -436,12 +460,11 @@ impl Chunker {
         .unwrap_or(usize::MAX);
         let (head, rest) = bytes.split_at(room.min(bytes.len()));
         self.pending.extend_from_slice(head);
-        for &b in rest {
-            if self.tail.len() == self.tail_limit {
-                self.tail.pop_front();
-                self.cut += 1;
-            }
-            self.tail.push_back(b);
+        self.tail.extend(rest);
+        if self.tail.len() > self.tail_limit {
+            let excess = self.tail.len() - self.tail_limit;
+            self.tail.drain(..excess);
+            self.cut += excess as u64;
         }
     }
 

@@ -55,14 +55,23 @@ impl Masker {
     }
 
     /// Masks `held`; returns the releasable output and where the unreleased tail starts.
-    /// Unless `all`, a tail that could be the start of a secret is kept back.
+    /// Unless `all`, the longest tail that is the start of a secret is kept back (and
+    /// nothing else, so ordinary output is never delayed).
     fn scan(&self, all: bool) -> (Vec<u8>, usize) {
         let buf = &self.held;
-        let safe_end = if all {
-            buf.len()
+        let hold = if all {
+            0
         } else {
-            buf.len().saturating_sub(self.longest - 1)
+            (1..self.longest.min(buf.len() + 1))
+                .rev()
+                .find(|&k| {
+                    self.secrets
+                        .iter()
+                        .any(|s| s.len() > k && s.starts_with(&buf[buf.len() - k..]))
+                })
+                .unwrap_or(0)
         };
+        let safe_end = buf.len() - hold;
         let mut out = Vec::with_capacity(buf.len());
         let mut i = 0;
         while i < safe_end {
@@ -106,6 +115,22 @@ mod tests {
             "too short to mask"
         );
         assert_eq!(mask_in_pieces(&[], b"plain", &[2]), b"plain");
+    }
+
+    #[test]
+    fn output_that_cannot_start_a_secret_is_not_held_back() {
+        let mut m = Masker::new(["s3cr3t"]);
+        assert_eq!(
+            m.push(b"hello\n"),
+            b"hello\n",
+            "nothing held: no secret starts with a suffix of it"
+        );
+        assert_eq!(
+            m.push(b"x s3c"),
+            b"x ",
+            "only the possible start of the secret waits"
+        );
+        assert_eq!(m.push(b"ond"), b"s3cond");
     }
 
     #[test]

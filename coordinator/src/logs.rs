@@ -52,7 +52,12 @@ pub struct LiveLog {
 #[derive(Debug)]
 struct LogState {
     file: File,
-    next_seq: u64,
+    /// Byte offset of each stored chunk's record: chunk `seq` starts at `offsets[seq]`.
+    /// 8 bytes per chunk (a 100 MiB log has ~1,700), so a reader can seek straight to
+    /// any chunk instead of reading the file from the start.
+    offsets: Vec<u64>,
+    /// Where the next record goes.
+    end: u64,
     bytes: u64,
     unsynced: bool,
 }
@@ -73,7 +78,7 @@ impl LiveLog {
 
     /// The first chunk not stored yet.
     pub fn next_seq(&self) -> u64 {
-        self.lock().next_seq
+        self.lock().offsets.len() as u64
     }
 
     /// Bytes of output stored.
@@ -90,12 +95,13 @@ impl LiveLog {
             });
         }
         let mut st = self.lock();
-        if seq < st.next_seq {
+        let next_seq = st.offsets.len() as u64;
+        if seq < next_seq {
             return Ok(Appended::Duplicate);
         }
-        if seq > st.next_seq {
+        if seq > next_seq {
             return Err(LogError::Gap {
-                expected: st.next_seq,
+                expected: next_seq,
                 got: seq,
             });
         }
@@ -104,7 +110,9 @@ impl LiveLog {
         record.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         record.extend_from_slice(data);
         st.file.write_all(&record).map_err(self.io())?;
-        st.next_seq += 1;
+        let at = st.end;
+        st.offsets.push(at);
+        st.end += record.len() as u64;
         st.bytes += data.len() as u64;
         st.unsynced = true;
         drop(st);
@@ -123,7 +131,7 @@ impl LiveLog {
             st.file.sync_data().map_err(self.io())?;
             st.unsynced = false;
         }
-        Ok(st.next_seq)
+        Ok(st.offsets.len() as u64)
     }
 
     /// Subscribes to chunks appended from now on.
@@ -131,44 +139,70 @@ impl LiveLog {
         self.followers.subscribe()
     }
 
-    /// Stored chunks from `from_seq` on, at most `max_bytes` of them (at least one).
+    /// Stored chunks from `from_seq` on, a contiguous run of at most `max_bytes` (at
+    /// least one chunk if there is any).
     pub fn read_from(&self, from_seq: u64, max_bytes: usize) -> Result<Vec<LogChunk>, LogError> {
+        let (start, end) = {
+            let st = self.lock();
+            match usize::try_from(from_seq)
+                .ok()
+                .and_then(|i| st.offsets.get(i))
+            {
+                Some(&start) => (start, st.end),
+                None => return Ok(Vec::new()),
+            }
+        };
         let mut file = File::open(&self.path).map_err(self.io())?;
-        let (chunks, _, _) = scan(&mut file, from_seq, max_bytes).map_err(self.io())?;
-        Ok(chunks)
+        file.seek(SeekFrom::Start(start)).map_err(self.io())?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut out = Vec::new();
+        let (mut pos, mut out_bytes, mut seq) = (start, 0usize, from_seq);
+        while pos + RECORD_HEADER as u64 <= end {
+            let mut header = [0u8; RECORD_HEADER];
+            reader.read_exact(&mut header).map_err(self.io())?;
+            let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+            if !out.is_empty() && out_bytes + len > max_bytes {
+                break;
+            }
+            let mut data = vec![0u8; len.min(MAX_CHUNK)];
+            reader.read_exact(&mut data).map_err(self.io())?;
+            out.push(LogChunk { seq, data });
+            out_bytes += len;
+            pos += (RECORD_HEADER + len) as u64;
+            seq += 1;
+        }
+        Ok(out)
     }
 }
 
-/// Reads records; returns the chunks from `from_seq` (up to `max_bytes`), the number of
-/// whole records and the byte offset where whole records end.
-fn scan(
-    file: &mut File,
-    from_seq: u64,
-    max_bytes: usize,
-) -> std::io::Result<(Vec<LogChunk>, u64, u64)> {
-    let mut all = Vec::new();
-    file.read_to_end(&mut all)?;
-    let mut pos = 0usize;
-    let mut count = 0u64;
-    let mut out = Vec::new();
-    let mut out_bytes = 0usize;
-    while pos + RECORD_HEADER <= all.len() {
-        let seq = u64::from_le_bytes(all[pos..pos + 8].try_into().unwrap_or([0; 8]));
-        let len = u32::from_le_bytes(all[pos + 8..pos + 12].try_into().unwrap_or([0; 4])) as usize;
-        if seq != count || len > MAX_CHUNK || pos + RECORD_HEADER + len > all.len() {
+/// Reads the record headers of a log file (skipping payloads); returns each whole
+/// record's offset and where whole records end. A torn or foreign record ends the scan.
+fn index(file: &mut File) -> std::io::Result<(Vec<u64>, u64)> {
+    let file_len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut offsets = Vec::new();
+    let mut pos = 0u64;
+    loop {
+        let mut header = [0u8; RECORD_HEADER];
+        if pos + RECORD_HEADER as u64 > file_len || reader.read_exact(&mut header).is_err() {
             break;
         }
-        if seq >= from_seq && (out.is_empty() || out_bytes + len <= max_bytes) {
-            out.push(LogChunk {
-                seq,
-                data: all[pos + RECORD_HEADER..pos + RECORD_HEADER + len].to_vec(),
-            });
-            out_bytes += len;
+        let seq = u64::from_le_bytes([
+            header[0], header[1], header[2], header[3], header[4], header[5], header[6], header[7],
+        ]);
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        if seq != offsets.len() as u64
+            || len > MAX_CHUNK
+            || pos + (RECORD_HEADER + len) as u64 > file_len
+        {
+            break;
         }
-        pos += RECORD_HEADER + len;
-        count += 1;
+        reader.seek_relative(i64::try_from(len).unwrap_or(i64::MAX))?;
+        offsets.push(pos);
+        pos += (RECORD_HEADER + len) as u64;
     }
-    Ok((out, count, pos as u64))
+    Ok((offsets, pos))
 }
 
 /// Every job log of a coordinator.
@@ -215,20 +249,20 @@ impl LogStore {
             .create(true)
             .open(&path)
             .map_err(io)?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let (_, next_seq, end) = scan(&mut file, u64::MAX, 0).map_err(io)?;
+        let (offsets, end) = index(&mut file).map_err(io)?;
         if file.metadata().map_err(io)?.len() > end {
             tracing::warn!(path = %path.display(), "cutting a torn record off the end of a log (it was never acknowledged)");
             file.set_len(end).map_err(io)?;
             file.sync_data().map_err(io)?;
         }
-        let bytes = end - next_seq * RECORD_HEADER as u64;
+        let bytes = end - offsets.len() as u64 * RECORD_HEADER as u64;
         let (followers, _) = broadcast::channel(1024);
         let log = Arc::new(LiveLog {
             path,
             state: Mutex::new(LogState {
                 file,
-                next_seq,
+                offsets,
+                end,
                 bytes,
                 unsynced: false,
             }),
@@ -317,5 +351,45 @@ mod tests {
                 data: b"live".to_vec()
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use gantry_protocol::RunId;
+
+    #[test]
+    fn reading_in_batches_returns_every_chunk_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::new(dir.path());
+        let job = JobId {
+            run: RunId(1),
+            index: 0,
+        };
+        let log = store.open(job, 1).expect("open");
+        // Uneven sizes, as real output makes them: a small chunk after a large one that
+        // did not fit must not be sent ahead of it.
+        let sizes: Vec<usize> = (0..100)
+            .map(|i| if i % 3 == 0 { 8_192 } else { 65_536 })
+            .collect();
+        for (seq, size) in sizes.iter().enumerate() {
+            log.append(seq as u64, &vec![b'x'; *size]).expect("append");
+        }
+        let mut next = 0;
+        let mut total = 0;
+        loop {
+            let chunks = log.read_from(next, 1024 * 1024).expect("read");
+            if chunks.is_empty() {
+                break;
+            }
+            for c in chunks {
+                assert_eq!(c.seq, next);
+                next += 1;
+                total += c.data.len();
+            }
+        }
+        assert_eq!(next, 100);
+        assert_eq!(total, sizes.iter().sum::<usize>());
     }
 }

@@ -635,10 +635,22 @@ impl Coordinator {
                     }
                 }
             }));
+            // An agent that misses three heartbeats (at least 5 s) is treated as gone: its
+            // session is closed so no new work is offered to it. Its leases still run their
+            // full course in the scheduler, so a live agent behind a slow link loses nothing.
+            let silence_limit = (self.settings.heartbeat_interval * 3).max(Duration::from_secs(5));
+            let mut last_heard = tokio::time::Instant::now();
             loop {
                 tokio::select! {
+                    () = tokio::time::sleep_until(last_heard + silence_limit) => {
+                        let reason = format!("no heartbeat for {} s", silence_limit.as_secs());
+                        conn.close(CloseCode::Timeout, &reason);
+                        end = reason;
+                        break;
+                    }
                     msg = inbound.recv() => match msg {
                         Some(Ok(Some(msg))) => {
+                            last_heard = tokio::time::Instant::now();
                             if let Err(e) = self.agent_message(&id, session, msg, &mut writer).await {
                                 end = e.to_string();
                                 break;
