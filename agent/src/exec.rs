@@ -1,10 +1,11 @@
-//! Running a job's steps under the shell, on this host.
+//! Running a job's steps under the shell on this host, or in Docker containers when the
+//! job names an image ([`crate::docker`]).
 //!
 //! Owns: the job's fresh workspace, each step's process (its own process group, so a
 //! cancel or timeout reaches every process the step started), the environment a step
-//! sees (only the job's declared variables, `GANTRY_*`, and `PATH`/`HOME` so tools can be
-//! found), and turning exits into a [`JobOutcome`]. Output goes to a [`LogSink`]; what
-//! happens to it after that is not this module's business.
+//! sees (only the job's declared variables, `GANTRY_*`, and for shell steps `PATH`/`HOME`
+//! so tools can be found), and turning exits into a [`JobOutcome`]. Output goes to a
+//! [`LogSink`]; what happens to it after that is not this module's business.
 
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
@@ -19,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 pub type LogSink = mpsc::Sender<Vec<u8>>;
 
 /// How long a step's pipes may stay open after its process group was killed.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why the job is being stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +29,36 @@ pub enum StopReason {
     TimedOut,
 }
 
+/// Where a job's steps run.
+enum Runner {
+    Shell,
+    /// In containers of the job's image; `workspace` is the absolute host path that is
+    /// bind-mounted into them.
+    Docker {
+        engine: crate::docker::Engine,
+        workspace: PathBuf,
+        user: String,
+    },
+}
+
 /// Runs every step of `job` in `workspace` until one fails, the job is cancelled
-/// (`cancel` becomes true) or its timeout passes.
+/// (`cancel` becomes true) or its timeout passes. A job with an image runs each step in
+/// a container of that image (see [`crate::docker`]).
 pub async fn run_job(
+    job: &JobAssignment,
+    workspace: &Path,
+    log: &LogSink,
+    cancel: watch::Receiver<bool>,
+) -> JobOutcome {
+    let outcome = run_steps(job, workspace, log, cancel).await;
+    // The coordinator keeps only the outcome's kind: the log is where the reason shows.
+    if let JobOutcome::Error { message } = &outcome {
+        let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
+    }
+    outcome
+}
+
+async fn run_steps(
     job: &JobAssignment,
     workspace: &Path,
     log: &LogSink,
@@ -41,6 +69,31 @@ pub async fn run_job(
             message: format!("cannot create the workspace {}: {e}", workspace.display()),
         };
     }
+    let runner = match &job.image {
+        None => Runner::Shell,
+        Some(image) => {
+            let engine = match crate::docker::Engine::prepare(image).await {
+                Ok(engine) => engine,
+                Err(message) => return JobOutcome::Error { message },
+            };
+            let workspace = match std::path::absolute(workspace) {
+                Ok(path) => path,
+                Err(e) => {
+                    return JobOutcome::Error {
+                        message: format!(
+                            "cannot resolve the workspace {}: {e}",
+                            workspace.display()
+                        ),
+                    }
+                }
+            };
+            Runner::Docker {
+                engine,
+                workspace,
+                user: crate::docker::agent_user(),
+            }
+        }
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms);
     let grace = Duration::from_millis(job.kill_grace_ms);
     let total = job.steps.len();
@@ -52,8 +105,31 @@ pub async fn run_job(
         let header = format!("\u{25b6} step {}/{total}: {}\n", index + 1, step.name);
         let _ = log.send(header.into_bytes()).await;
         let script = substitute_secrets(&step.run, &job.secrets);
-        let env = step_env(job, &step.env, workspace, index);
-        let exit = match run_step(&script, &cwd, &env, log, deadline, grace, &mut cancel).await {
+        let exit = match &runner {
+            Runner::Shell => {
+                let env = step_env(job, &step.env, workspace, index);
+                run_step(&script, &cwd, &env, log, deadline, grace, &mut cancel).await
+            }
+            Runner::Docker {
+                engine,
+                workspace,
+                user,
+            } => {
+                let spec = crate::docker::StepContainer {
+                    job,
+                    step_number: index + 1,
+                    script,
+                    env: gantry_env(job, &step.env, crate::docker::CONTAINER_WORKSPACE, index),
+                    host_workspace: workspace.clone(),
+                    working_directory: step.working_directory.as_deref(),
+                    user: user.clone(),
+                };
+                engine
+                    .run_step(&spec, log, deadline, grace, &mut cancel)
+                    .await
+            }
+        };
+        let exit = match exit {
             Ok(exit) => exit,
             Err(message) => return JobOutcome::Error { message },
         };
@@ -85,7 +161,7 @@ pub async fn run_job(
 
 /// How a step's process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StepExit {
+pub(crate) enum StepExit {
     /// Exit code, or 128 + signal number when killed by a signal.
     Code(i32),
     Stopped(StopReason),
@@ -174,7 +250,7 @@ async fn pump(mut pipe: impl tokio::io::AsyncRead + Unpin, log: LogSink) {
     }
 }
 
-async fn wait_true(flag: &mut watch::Receiver<bool>) {
+pub(crate) async fn wait_true(flag: &mut watch::Receiver<bool>) {
     if flag.wait_for(|v| *v).await.is_err() {
         // The sender is gone: nobody can cancel any more.
         std::future::pending::<()>().await;
@@ -200,8 +276,8 @@ pub fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// The environment of one step: `PATH` and `HOME` from the agent, `GANTRY_*`, then the
-/// job's declared variables, then the step's.
+/// The environment of one shell step: `PATH` and `HOME` from the agent, then
+/// [`gantry_env`]'s (which win).
 fn step_env(job: &JobAssignment, step_env: &Labels, workspace: &Path, index: usize) -> Labels {
     let mut env = Labels::new();
     for key in ["PATH", "HOME"] {
@@ -211,6 +287,20 @@ fn step_env(job: &JobAssignment, step_env: &Labels, workspace: &Path, index: usi
     }
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    env.extend(gantry_env(
+        job,
+        step_env,
+        &workspace.display().to_string(),
+        index,
+    ));
+    env
+}
+
+/// The environment every step sees, on the host or in a container: `GANTRY_*` (with the
+/// workspace as the step sees it), then the job's declared variables, then the step's.
+/// Nothing from the agent's own environment: a container gets its `PATH` from its image.
+fn gantry_env(job: &JobAssignment, step_env: &Labels, workspace: &str, index: usize) -> Labels {
+    let mut env = Labels::new();
     env.insert("GANTRY".into(), "true".into());
     env.insert("GANTRY_RUN_ID".into(), job.run.to_string());
     env.insert("GANTRY_JOB_ID".into(), job.job.to_string());
@@ -218,7 +308,7 @@ fn step_env(job: &JobAssignment, step_env: &Labels, workspace: &Path, index: usi
     env.insert("GANTRY_PIPELINE".into(), job.pipeline.clone());
     env.insert("GANTRY_ATTEMPT".into(), job.attempt.to_string());
     env.insert("GANTRY_STEP".into(), (index + 1).to_string());
-    env.insert("GANTRY_WORKSPACE".into(), workspace.display().to_string());
+    env.insert("GANTRY_WORKSPACE".into(), workspace.to_owned());
     for (k, v) in job.env.iter().chain(step_env) {
         env.insert(k.clone(), substitute_secrets(v, &job.secrets));
     }

@@ -3,7 +3,8 @@
 //! This crate owns the agent's side of a session: enrolling with a join token, holding
 //! one mutually authenticated connection to the coordinator, reconnecting with backoff,
 //! renewing its certificate over the live session, reporting host figures, and running
-//! the jobs the coordinator pushes ([`jobs`], [`exec`]) with their logs masked
+//! the jobs the coordinator pushes ([`jobs`], [`exec`], in containers through
+//! [`docker`]) with their logs masked
 //! ([`mask`]), spooled and uploaded. It must
 //! not know about the coordinator's store or scheduler, and it never names a quinn type:
 //! all networking goes through `gantry-transport`.
@@ -14,6 +15,7 @@
 
 pub mod backoff;
 pub mod datadir;
+pub mod docker;
 pub mod duration;
 pub mod enroll;
 pub mod exec;

@@ -80,6 +80,45 @@ pub enum JobsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TriggersCommand {
+    /// Register a pipeline file so its `on.push` filters (webhook) and `on.schedule` cron
+    /// expressions start runs. Registering a pipeline of the same name again replaces it.
+    Add {
+        #[arg(default_value = gantry_pipeline::DEFAULT_FILE_NAME)]
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registered pipelines and their triggers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unregister a pipeline by name.
+    Rm { name: String },
+}
+
+pub async fn triggers(cmd: TriggersCommand) -> Result<ExitCode, Failure> {
+    let (req, json) = match cmd {
+        TriggersCommand::Add { file, json } => {
+            let (file_name, text) = read_pipeline(&file)?;
+            if let Err(errors) = gantry_pipeline::parse(&file_name, &text) {
+                eprintln!("{errors}");
+                return Err(usage(anyhow::anyhow!(
+                    "{file_name} has {} problem(s); nothing was registered",
+                    errors.0.len()
+                )));
+            }
+            (AdminRequest::AddTrigger { file_name, text }, json)
+        }
+        TriggersCommand::List { json } => (AdminRequest::ListTriggers, json),
+        TriggersCommand::Rm { name } => (AdminRequest::RemoveTrigger { name }, false),
+    };
+    let resp = admin(req).await?;
+    output::print_response(&resp, json)
+}
+
+#[derive(Debug, Subcommand)]
 pub enum SecretsCommand {
     /// Store a secret; its value is read from standard input (a trailing newline is dropped).
     Set { name: String },

@@ -32,6 +32,10 @@ pub struct CoordinatorConfig {
     /// How often agents report, e.g. `5s`.
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval: String,
+    /// Address of the HTTP side (push webhook, health check), e.g. `127.0.0.1:7080`.
+    /// Plain HTTP, so loopback addresses only. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
 }
 
 fn default_agent_cert_ttl() -> String {

@@ -132,6 +132,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         admin_name: "demo".into(),
         agent_cert_ttl: "1d".into(),
         heartbeat_interval: "1s".into(),
+        http_listen: None,
         context: Some(context.clone()),
     })
     .map_err(|f| match f {

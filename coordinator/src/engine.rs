@@ -501,7 +501,7 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
                 .filter_map(|n| index_of.get(n.as_str()))
                 .map(|&index| JobId { run, index })
                 .collect(),
-            runs_on: job.runs_on.clone(),
+            runs_on: required_labels(job),
             condition: convert(&job.condition.fold(&ctx, &job.matrix)),
             manual: job.manual,
             retry: job.retry,
@@ -510,6 +510,20 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
             continue_on_error: job.continue_on_error,
         })
         .collect()
+}
+
+/// The scheduler label that says an agent has a capability.
+pub fn capability_label(capability: &str) -> String {
+    format!("gantry.capability/{capability}")
+}
+
+/// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job.
+fn required_labels(job: &gantry_pipeline::Job) -> Labels {
+    let mut labels = job.runs_on.clone();
+    if job.image.is_some() {
+        labels.insert(capability_label("docker"), "true".into());
+    }
+    labels
 }
 
 /// Inputs given, with the pipeline's defaults for the others.
@@ -618,4 +632,48 @@ pub fn is_terminal_name(state: &str) -> bool {
         state,
         "succeeded" | "failed" | "timed-out" | "lost" | "cancelled" | "skipped"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_jobs_need_a_docker_capable_agent_and_needs_map_to_job_ids() {
+        let text = "jobs:\n  a:\n    runs-on: { os: linux }\n    steps: [{ run: x }]\n  b:\n    needs: a\n    image: alpine:3\n    steps: [{ run: y }]\n";
+        let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
+        let record = RunRecord {
+            run: RunId(9),
+            pipeline: pipeline.name.clone(),
+            file_name: "p.yml".into(),
+            text: text.into(),
+            git_ref: "main".into(),
+            commit: None,
+            event: "manual".into(),
+            inputs: Labels::new(),
+            created_at: UnixMillis(0),
+            created_by: "t".into(),
+            state: "running".into(),
+            finished_at: None,
+        };
+        let plans = plans_for(RunId(9), &pipeline, &record);
+        assert_eq!(
+            plans[0].runs_on,
+            Labels::from([("os".to_owned(), "linux".to_owned())])
+        );
+        assert_eq!(
+            plans[1]
+                .runs_on
+                .get("gantry.capability/docker")
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            plans[1].needs,
+            vec![JobId {
+                run: RunId(9),
+                index: 0
+            }]
+        );
+    }
 }

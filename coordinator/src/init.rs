@@ -37,6 +37,10 @@ pub struct InitArgs {
     /// How often agents send heartbeats.
     #[arg(long, default_value = "5s")]
     pub heartbeat_interval: String,
+    /// Address of the HTTP side (push webhook, health check), loopback only, e.g.
+    /// 127.0.0.1:7080. Off unless given.
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// Where to write the admin CLI context [default: GANTRY_CONFIG or ~/.config/gantry/context.toml].
     #[arg(long)]
     pub context: Option<PathBuf>,
@@ -77,6 +81,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         advertise: advertise.clone(),
         agent_cert_ttl: args.agent_cert_ttl.clone(),
         heartbeat_interval: args.heartbeat_interval.clone(),
+        http_listen: args.http_listen.clone(),
     };
     config
         .agent_cert_ttl()

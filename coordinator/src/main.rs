@@ -9,6 +9,7 @@ mod client;
 mod config;
 mod demo;
 mod engine;
+mod http;
 mod init;
 mod logs;
 mod output;
@@ -16,6 +17,7 @@ mod runs;
 mod secrets;
 mod server;
 mod store;
+mod triggers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,6 +85,9 @@ enum Command {
     /// Secrets given to jobs that reference them as ${{ secrets.NAME }}.
     #[command(subcommand)]
     Secrets(cli::SecretsCommand),
+    /// Pipelines started by the push webhook and by cron schedules.
+    #[command(subcommand)]
+    Triggers(cli::TriggersCommand),
 }
 
 #[derive(Debug, Args)]
@@ -302,6 +307,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             output::print_response(&resp, false)
         }
         Command::Secrets(cmd) => cli::secrets(cmd).await,
+        Command::Triggers(cmd) => cli::triggers(cmd).await,
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)
@@ -381,9 +387,33 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
     let bound = listener.local_addr().map_err(|e| Failure::Work(e.into()))?;
     tracing::info!(address = %bound, advertise = %config.advertise, "gantry server listening (ALPN gantry/1)");
     println!("gantry server listening on {bound}");
-    Arc::new(coordinator)
-        .serve(listener, shutdown_signal())
-        .await;
+    let coordinator = Arc::new(coordinator);
+    let http = match &config.http_listen {
+        Some(addr) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .with_context(|| format!("http_listen {addr:?} is not ip:port"))
+                .map_err(usage)?;
+            if !addr.ip().is_loopback() {
+                return Err(usage(anyhow::anyhow!(
+                    "http_listen {addr} is not a loopback address: the HTTP side is plain HTTP, so it listens on loopback only (put a TLS proxy in front)"
+                )));
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))
+                .map_err(Failure::Work)?;
+            println!("gantry http listening on {addr}");
+            Some(tokio::spawn(http::serve(coordinator.clone(), listener)))
+        }
+        None => None,
+    };
+    let schedules = tokio::spawn(triggers::schedule_loop(coordinator.clone()));
+    coordinator.serve(listener, shutdown_signal()).await;
+    schedules.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
     Ok(())
 }
 

@@ -24,6 +24,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Job(j) => serde_json::to_value(j),
             AdminResponse::Jobs(j) => serde_json::to_value(j),
             AdminResponse::Secrets(s) => serde_json::to_value(s),
+            AdminResponse::Triggers(t) => serde_json::to_value(t),
             AdminResponse::Done { message } => {
                 serde_json::to_value(serde_json::json!({ "message": message }))
             }
@@ -75,6 +76,25 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             for n in names {
                 println!("{n}");
             }
+        }
+        AdminResponse::Triggers(triggers) => {
+            let mut rows = vec![["PIPELINE", "FILE", "PUSH", "SCHEDULES", "ADDED BY"]
+                .map(str::to_owned)
+                .to_vec()];
+            for t in triggers {
+                rows.push(vec![
+                    t.name.clone(),
+                    t.file_name.clone(),
+                    t.push.clone().unwrap_or_else(|| "-".into()),
+                    if t.schedules.is_empty() {
+                        "-".into()
+                    } else {
+                        t.schedules.join("; ")
+                    },
+                    t.added_by.clone(),
+                ]);
+            }
+            print!("{}", table(&rows));
         }
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),

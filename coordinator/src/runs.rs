@@ -161,6 +161,53 @@ pub fn admin(
                 message: format!("approved job {job} ({})", record.name),
             })
         }
+        AdminRequest::AddTrigger { file_name, text } => {
+            let pipeline =
+                gantry_pipeline::parse(&file_name, &text).map_err(|e| invalid(e.to_string()))?;
+            if pipeline.triggers.push.is_none() && pipeline.triggers.schedules.is_empty() {
+                return Err(invalid(format!("{file_name} has no on.push or on.schedule trigger, so registering it would never run it")));
+            }
+            let record = crate::store::TriggerRecord {
+                name: pipeline.name.clone(),
+                file_name,
+                text,
+                added_by: actor.to_owned(),
+                added_at: now,
+                schedule_checked_until: now.0 / 1000,
+            };
+            coord
+                .store
+                .put_trigger(
+                    &record,
+                    Some(&audit("trigger.add", format!("pipeline={}", record.name))),
+                )
+                .map_err(internal)?;
+            Ok(AdminResponse::Triggers(vec![trigger_view(&record)]))
+        }
+        AdminRequest::ListTriggers => Ok(AdminResponse::Triggers(
+            coord
+                .store
+                .triggers()
+                .map_err(internal)?
+                .iter()
+                .map(trigger_view)
+                .collect(),
+        )),
+        AdminRequest::RemoveTrigger { name } => {
+            if coord
+                .store
+                .remove_trigger(&name, &audit("trigger.remove", format!("pipeline={name}")))
+                .map_err(internal)?
+            {
+                Ok(AdminResponse::Done {
+                    message: format!("trigger {name} removed"),
+                })
+            } else {
+                Err(not_found(format!(
+                    "no trigger {name}; `gantry triggers list` shows them"
+                )))
+            }
+        }
         AdminRequest::SetSecret { name, value } => {
             if !crate::secrets::valid_name(&name) {
                 return Err(invalid(format!("invalid secret name {name:?}: use 1 to 64 of A-Z 0-9 _, starting with a letter")));
@@ -211,6 +258,34 @@ pub fn admin(
     }
 }
 
+fn trigger_view(t: &crate::store::TriggerRecord) -> gantry_protocol::TriggerView {
+    let parsed = gantry_pipeline::parse(&t.file_name, &t.text).ok();
+    gantry_protocol::TriggerView {
+        name: t.name.clone(),
+        file_name: t.file_name.clone(),
+        push: parsed
+            .as_ref()
+            .and_then(|p| p.triggers.push.as_ref())
+            .map(|f| {
+                format!(
+                    "branches={:?} tags={:?} paths={:?}",
+                    f.branches, f.tags, f.paths
+                )
+            }),
+        schedules: parsed
+            .map(|p| {
+                p.triggers
+                    .schedules
+                    .iter()
+                    .map(|c| c.expression.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        added_by: t.added_by.clone(),
+        added_at: t.added_at,
+    }
+}
+
 fn find_run(coord: &Coordinator, run: RunId) -> Result<RunRecord, AdminError> {
     coord.store.run(run).map_err(internal)?.ok_or_else(|| {
         not_found(format!(
@@ -229,7 +304,11 @@ fn find_job(coord: &Coordinator, job: JobId) -> Result<JobRecord, AdminError> {
 
 /// Checks and stores a run, then hands it to the engine.
 #[allow(clippy::needless_pass_by_value)] // the request is consumed by the caller's match
-fn submit_run(coord: &Coordinator, actor: &str, submit: SubmitRun) -> Result<RunView, AdminError> {
+pub(crate) fn submit_run(
+    coord: &Coordinator,
+    actor: &str,
+    submit: SubmitRun,
+) -> Result<RunView, AdminError> {
     let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)
         .map_err(|e| invalid(e.to_string()))?;
     for name in submit.inputs.keys() {

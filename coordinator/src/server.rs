@@ -140,6 +140,18 @@ fn truncate(reason: &str) -> &str {
 }
 
 impl Coordinator {
+    /// The value of one stored secret (for the coordinator's own use, e.g. the webhook secret).
+    pub fn outbox_secret(&self, name: &str) -> Option<String> {
+        let sealed = self
+            .store
+            .secrets()
+            .ok()?
+            .into_iter()
+            .find(|(n, _)| n == name)?
+            .1;
+        self.secret_key.open(name, &sealed).ok()
+    }
+
     /// Builds the coordinator and starts its engine (restoring the scheduler from the
     /// store). Must run inside the async runtime.
     pub fn new(
@@ -581,6 +593,11 @@ impl Coordinator {
         let effective_labels = {
             let mut l = facts.labels.clone();
             l.extend(record.assigned_labels.clone());
+            // Capabilities become labels only the scheduler sees, so a job that needs one
+            // (an `image:` job needs docker) goes only to agents that have it.
+            for cap in &facts.capabilities {
+                l.insert(crate::engine::capability_label(cap), "true".into());
+            }
             l
         };
         let slots = facts.slots;
@@ -1045,6 +1062,9 @@ impl Coordinator {
             | AdminRequest::ListJobs { .. }
             | AdminRequest::ShowJob { .. }
             | AdminRequest::Approve { .. }
+            | AdminRequest::AddTrigger { .. }
+            | AdminRequest::ListTriggers
+            | AdminRequest::RemoveTrigger { .. }
             | AdminRequest::SetSecret { .. }
             | AdminRequest::ListSecrets
             | AdminRequest::RemoveSecret { .. }) => crate::runs::admin(self, actor, run_request),

@@ -19,6 +19,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
 const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
 
 /// Version of the record layouts below; bump with a migration when a record changes shape.
 const SCHEMA_VERSION: u32 = 1;
@@ -182,6 +183,18 @@ pub struct JobRecord {
     pub attempts: Vec<(Attempt, AgentId)>,
 }
 
+/// A pipeline registered for its push and schedule triggers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerRecord {
+    pub name: String,
+    pub file_name: String,
+    pub text: String,
+    pub added_by: String,
+    pub added_at: UnixMillis,
+    /// Schedules are checked for firings after this time (unix seconds).
+    pub schedule_checked_until: u64,
+}
+
 /// A change to one job record.
 pub type JobChange = (JobId, Box<dyn Fn(&mut JobRecord) + Send>);
 /// A change to one run record.
@@ -256,6 +269,7 @@ impl Store {
             tx.open_table(RUNS).map_err(eng!("open runs"))?;
             tx.open_table(JOBS).map_err(eng!("open jobs"))?;
             tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
+            tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
@@ -634,6 +648,52 @@ impl Store {
             .get("scheduler")
             .map_err(eng!("read scheduler snapshot"))?
             .map(|v| v.value().to_vec()))
+    }
+
+    /// Registers (or replaces) a trigger and records the audit entry.
+    pub fn put_trigger(
+        &self,
+        trigger: &TriggerRecord,
+        audit: Option<&AuditEntry>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+            table
+                .insert(trigger.name.as_str(), encode(trigger)?.as_slice())
+                .map_err(eng!("write trigger"))?;
+            drop(table);
+            match audit {
+                Some(a) => Self::append_audit(tx, a),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Removes a trigger; `false` if there was none.
+    pub fn remove_trigger(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+            let existed = table
+                .remove(name)
+                .map_err(eng!("remove trigger"))?
+                .is_some();
+            drop(table);
+            if existed {
+                Self::append_audit(tx, audit)?;
+            }
+            Ok(existed)
+        })
+    }
+
+    pub fn triggers(&self) -> Result<Vec<TriggerRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(eng!("scan triggers"))? {
+            let (k, v) = item.map_err(eng!("scan triggers"))?;
+            out.push(decode("trigger", k.value(), v.value())?);
+        }
+        Ok(out)
     }
 
     /// Stores an encrypted secret (the caller encrypts) and its audit entry.

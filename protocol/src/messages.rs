@@ -338,6 +338,16 @@ pub enum AdminRequest {
     Approve {
         job: JobId,
     },
+    /// Registers a pipeline file for its `on.push` and `on.schedule` triggers (replacing
+    /// a registration of the same pipeline name).
+    AddTrigger {
+        file_name: String,
+        text: String,
+    },
+    ListTriggers,
+    RemoveTrigger {
+        name: String,
+    },
     /// Stores a secret, encrypted at rest.
     SetSecret {
         name: String,
@@ -378,6 +388,7 @@ pub enum AdminResponse {
     Jobs(Vec<JobView>),
     /// Names of the stored secrets (never their values).
     Secrets(Vec<String>),
+    Triggers(Vec<TriggerView>),
     Done {
         message: String,
     },
@@ -495,4 +506,17 @@ pub struct AuditView {
     pub actor: String,
     pub action: String,
     pub detail: String,
+}
+
+/// A pipeline registered for triggers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerView {
+    pub name: String,
+    pub file_name: String,
+    /// Push filter as written (`branches`, `tags`, `paths`), empty if none.
+    pub push: Option<String>,
+    /// Cron expressions.
+    pub schedules: Vec<String>,
+    pub added_by: String,
+    pub added_at: UnixMillis,
 }

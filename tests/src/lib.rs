@@ -163,6 +163,8 @@ fn lossy(bytes: Vec<u8>) -> String {
 pub struct Coordinator {
     pub dir: tempfile::TempDir,
     pub address: String,
+    /// `ip:port` of the HTTP side, when started with it.
+    pub http_address: Option<String>,
     pub server: Option<Proc>,
 }
 
@@ -171,6 +173,8 @@ pub struct Coordinator {
 pub struct CoordinatorOptions {
     pub agent_cert_ttl: String,
     pub heartbeat_interval: String,
+    /// Serve the HTTP side (webhook, health) on a free loopback port.
+    pub http: bool,
 }
 
 impl Default for CoordinatorOptions {
@@ -178,6 +182,7 @@ impl Default for CoordinatorOptions {
         Self {
             agent_cert_ttl: "1d".into(),
             heartbeat_interval: "1s".into(),
+            http: false,
         }
     }
 }
@@ -193,25 +198,36 @@ impl Coordinator {
             .tempdir()
             .expect("tempdir");
         let address = format!("127.0.0.1:{}", free_udp_port());
+        let http_address = opts.http.then(|| {
+            let sock = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+            sock.local_addr().expect("addr").to_string()
+        });
         let mut c = Self {
             dir,
             address,
+            http_address,
             server: None,
         };
-        c.gantry(&[
+        let data_dir = c.data_dir().to_str().expect("utf8").to_owned();
+        let address = c.address.clone();
+        let mut args = vec![
             "init",
             "--data-dir",
-            c.data_dir().to_str().expect("utf8"),
+            &data_dir,
             "--listen",
-            &c.address.clone(),
+            &address,
             "--advertise",
-            &c.address.clone(),
+            &address,
             "--agent-cert-ttl",
             &opts.agent_cert_ttl,
             "--heartbeat-interval",
             &opts.heartbeat_interval,
-        ])
-        .expect_code(0);
+        ];
+        let http = c.http_address.clone().unwrap_or_default();
+        if opts.http {
+            args.extend_from_slice(&["--http-listen", &http]);
+        }
+        c.gantry(&args).expect_code(0);
         c.start_server();
         c
     }

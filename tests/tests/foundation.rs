@@ -563,6 +563,7 @@ fn agents_renew_their_certificate_over_the_live_session() {
     let c = Coordinator::start_with(&CoordinatorOptions {
         agent_cert_ttl: "6s".into(),
         heartbeat_interval: "500ms".into(),
+        http: false,
     });
     let mut agent = Agent::enroll(&c.token(&[]), &[]);
     let first = c.agent(&agent.id)["certificate_not_after"]

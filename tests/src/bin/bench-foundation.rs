@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     let mut coordinator = Coordinator::start_with(&CoordinatorOptions {
         agent_cert_ttl: "7d".into(),
         heartbeat_interval: "5s".into(),
+        http: false,
     });
     std::thread::sleep(Duration::from_secs(1));
     let server_pid = coordinator.server().pid();

@@ -154,6 +154,7 @@ fn main() -> anyhow::Result<()> {
     let coordinator = Coordinator::start_with(&gantry_tests::CoordinatorOptions {
         agent_cert_ttl: "7d".into(),
         heartbeat_interval: "5s".into(),
+        http: false,
     });
     let token = coordinator.token(&["--uses", "100", "--ttl", "1h"]);
     let mut agents = vec![Agent::enroll(&token, &[])];

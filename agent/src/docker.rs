@@ -1,0 +1,601 @@
+//! Running a job's steps in Docker containers, through the Engine API on the local unix
+//! socket (bollard, with no TLS, SSH or HTTP transport built in).
+//!
+//! Owns: finding and pinging the local engine, checking that the job's image is already
+//! on this host, and one container per step: its configuration ([`container_config`],
+//! pure), its output (into the same [`LogSink`] as shell steps), stopping it on cancel or
+//! timeout, and removing it on every path. It must not pull images (air-gapped hosts
+//! have no registry), must not decide what a step's environment is (that is
+//! [`crate::exec`]'s), and must not leave a container behind.
+//!
+//! Decisions, with their reasons:
+//! - One container per step, not one per job with `docker exec` per step. A step is then
+//!   the container's main process: its exit code comes from `wait`, stop/kill reach it
+//!   directly, and the image needs no idle process (`sleep infinity`, which minimal
+//!   images may lack) to keep a job container alive. Steps share state only through
+//!   `/workspace`, as shell steps share it through the workspace directory.
+//! - The container runs as the agent's own uid:gid, so every file a step creates in the
+//!   bind-mounted workspace belongs to the agent and the agent's `remove_dir_all` of the
+//!   workspace after the job cannot fail on root-owned files. Images whose tools insist
+//!   on root do not suit this; an agent that runs as root gives them root.
+//! - The step's script runs as PID 1 of the container, without an init. PID 1 ignores
+//!   signals it has no handler for, so SIGTERM only ends a step whose script traps it;
+//!   every other step is killed with SIGKILL when the grace period ends. An init
+//!   (`--init`) would forward SIGTERM, but it depends on `docker-init` being installed
+//!   next to the daemon, which is not true of every engine.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+use gantry_protocol::{JobAssignment, Labels};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::exec::{wait_true, LogSink, StepExit, StopReason, DRAIN_DEADLINE};
+
+/// Where the job's workspace appears inside every step's container.
+pub const CONTAINER_WORKSPACE: &str = "/workspace";
+/// Label on every container the agent creates; its value is the job id (`RUN.INDEX`).
+pub const JOB_LABEL: &str = "gantry.job";
+/// Label with the job attempt.
+pub const ATTEMPT_LABEL: &str = "gantry.attempt";
+/// Label with the 1-based step number.
+pub const STEP_LABEL: &str = "gantry.step";
+/// How long the engine may take to answer a ping before the agent calls it absent.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default location of the engine's socket when `DOCKER_HOST` does not name one.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// Bound on each engine call that is not waiting for a step (create, start, kill,
+/// remove): a hung daemon must not hang the job forever.
+const ENGINE_CALL_DEADLINE: Duration = Duration::from_secs(60);
+/// Read/write timeout of the HTTP client, in seconds. Waiting for a step can take as
+/// long as the job's timeout (up to a week), so bollard's two-minute default would cut
+/// the `wait` call; our own deadlines bound everything instead.
+const CLIENT_TIMEOUT_SECS: u64 = 8 * 24 * 3600;
+
+/// The socket to use: the path of a `unix://` `DOCKER_HOST`, or `default` when
+/// `DOCKER_HOST` is unset or empty. Other schemes (tcp, ssh, npipe) are not supported:
+/// the agent talks to the engine on its own host only, so `None`.
+pub fn socket_path(docker_host: Option<&str>, default: &Path) -> Option<PathBuf> {
+    match docker_host.map(str::trim) {
+        None | Some("") => Some(default.to_path_buf()),
+        Some(host) => host
+            .strip_prefix("unix://")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+    }
+}
+
+/// The socket this agent uses: `DOCKER_HOST` if it is a `unix://` address, else `default`.
+pub fn configured_socket(default: &Path) -> Result<PathBuf, String> {
+    let host = std::env::var("DOCKER_HOST").ok();
+    socket_path(host.as_deref(), default).ok_or_else(|| {
+        format!(
+            "DOCKER_HOST={} is not a unix:// socket; the agent only talks to a local Docker engine",
+            host.unwrap_or_default()
+        )
+    })
+}
+
+/// A client for the engine on `socket`, after a ping answered within [`PING_TIMEOUT`].
+pub async fn connect(socket: &Path) -> Result<Docker, String> {
+    let address = socket.display().to_string();
+    if !socket.exists() {
+        return Err(format!("no Docker socket at {address}"));
+    }
+    let docker =
+        Docker::connect_with_unix(&address, CLIENT_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| format!("cannot use the Docker socket {address}: {e}"))?;
+    match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+        Ok(Ok(_)) => Ok(docker),
+        Ok(Err(e)) => Err(format!(
+            "the Docker engine at {address} does not answer: {e}"
+        )),
+        Err(_) => Err(format!(
+            "the Docker engine at {address} did not answer a ping within {PING_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Whether a Docker engine answers on this host (see [`configured_socket`]). Blocks for
+/// at most about [`PING_TIMEOUT`]; safe to call from inside an async runtime, because
+/// the ping runs on a thread and runtime of its own.
+pub fn available(default_socket: &Path) -> bool {
+    let Ok(socket) = configured_socket(default_socket) else {
+        return false;
+    };
+    let probe = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(connect(&socket)).ok()
+    });
+    probe.join().ok().flatten().is_some()
+}
+
+/// The message for an image that is not on this host.
+pub fn missing_image_message(image: &str) -> String {
+    format!(
+        "the image {image} is not on this host; load it with `docker load -i FILE` (or build it) on the agent"
+    )
+}
+
+/// A connection to the engine, checked for the job's image: ready to run its steps.
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    image: String,
+}
+
+impl Engine {
+    /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
+    /// is present. Never pulls.
+    pub async fn prepare(image: &str) -> Result<Self, String> {
+        let socket = configured_socket(Path::new(DEFAULT_SOCKET))
+            .map_err(|e| format!("this agent cannot run jobs in image {image}: {e}"))?;
+        Self::prepare_at(&socket, image).await
+    }
+
+    /// [`Engine::prepare`] with the engine on `socket`.
+    pub async fn prepare_at(socket: &Path, image: &str) -> Result<Self, String> {
+        let docker = connect(socket).await.map_err(|e| {
+            format!("this agent cannot run jobs in image {image}: {e} (is Docker installed and running?)")
+        })?;
+        match bounded(docker.inspect_image(image)).await {
+            Ok(_) => Ok(Self {
+                docker,
+                image: image.to_owned(),
+            }),
+            Err(EngineError::Api(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })) => Err(missing_image_message(image)),
+            Err(e) => Err(format!("cannot inspect the image {image}: {e}")),
+        }
+    }
+
+    /// Runs one step in a container of its own and removes the container afterwards,
+    /// whatever happened.
+    pub(crate) async fn run_step(
+        &self,
+        spec: &StepContainer<'_>,
+        log: &LogSink,
+        deadline: tokio::time::Instant,
+        grace: Duration,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<StepExit, String> {
+        let name = format!(
+            "gantry-{}-a{}-s{}-{:08x}",
+            spec.job.job,
+            spec.job.attempt,
+            spec.step_number,
+            fastrand::u32(..)
+        );
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let config = container_config(&self.image, spec);
+        let created = bounded(self.docker.create_container(Some(options), config))
+            .await
+            .map_err(|e| format!("cannot create a container from {}: {e}", self.image))?;
+        let mut guard = RemoveOnDrop {
+            docker: Some(self.docker.clone()),
+            id: created.id.clone(),
+        };
+        let exit = self.drive(&created.id, log, deadline, grace, cancel).await;
+        let removed = self.remove(&created.id).await;
+        guard.docker = None;
+        if let Err(e) = removed {
+            warn!(container = %created.id, "cannot remove the container: {e}");
+            let _ = log
+                .send(format!("gantry: cannot remove container {name}: {e}\n").into_bytes())
+                .await;
+        }
+        exit
+    }
+
+    /// Attaches, starts and waits for the container; stops it on cancel or timeout.
+    async fn drive(
+        &self,
+        id: &str,
+        log: &LogSink,
+        deadline: tokio::time::Instant,
+        grace: Duration,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Result<StepExit, String> {
+        // Attach before start, so not a byte of output is missed.
+        let attach = AttachContainerOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            .build();
+        let attached = bounded(self.docker.attach_container(id, Some(attach)))
+            .await
+            .map_err(|e| format!("cannot attach to the container: {e}"))?;
+        let reader = tokio::spawn(pump(attached.output, log.clone()));
+        let _abort = AbortOnDrop(reader.abort_handle());
+        bounded(self.docker.start_container(id, None))
+            .await
+            .map_err(|e| format!("cannot start the container: {e}"))?;
+        // `wait` with the default condition ("not-running") answers at once for a
+        // container that has already exited, so asking after start loses nothing.
+        let mut wait = self.docker.wait_container(id, None);
+        let stopped = tokio::select! {
+            status = wait.next() => Ok(wait_result(status)?),
+            () = tokio::time::sleep_until(deadline) => Err(StopReason::TimedOut),
+            () = wait_true(cancel) => Err(StopReason::Cancelled),
+        };
+        let exit = match stopped {
+            Ok(code) => StepExit::Code(code),
+            Err(reason) => {
+                self.signal(id, "SIGTERM").await;
+                if tokio::time::timeout(grace, wait.next()).await.is_err() {
+                    self.signal(id, "SIGKILL").await;
+                    let _ = tokio::time::timeout(ENGINE_CALL_DEADLINE, wait.next()).await;
+                }
+                StepExit::Stopped(reason)
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, reader).await;
+        Ok(exit)
+    }
+
+    /// Sends `signal` to the container's main process; one that has exited is fine.
+    async fn signal(&self, id: &str, signal: &str) {
+        let options = KillContainerOptionsBuilder::default()
+            .signal(signal)
+            .build();
+        if let Err(e) = bounded(self.docker.kill_container(id, Some(options))).await {
+            tracing::debug!(container = %id, "{signal} not delivered: {e}");
+        }
+    }
+
+    /// Removes the container, killing it first if it still runs.
+    async fn remove(&self, id: &str) -> Result<(), EngineError> {
+        remove_container(&self.docker, id).await
+    }
+}
+
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
+    let options = RemoveContainerOptionsBuilder::default()
+        .force(true)
+        .v(true)
+        .build();
+    match bounded(docker.remove_container(id, Some(options))).await {
+        Err(EngineError::Api(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        })) => Ok(()),
+        other => other,
+    }
+}
+
+/// The exit code from the first answer of `wait`. bollard reports a non-zero exit as an
+/// error carrying the code; a stream that ends without an answer is a lost engine.
+fn wait_result(
+    status: Option<Result<bollard::models::ContainerWaitResponse, bollard::errors::Error>>,
+) -> Result<i32, String> {
+    match status {
+        Some(Ok(response)) => Ok(clamp_code(response.status_code)),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+            Ok(clamp_code(code))
+        }
+        Some(Err(e)) => Err(format!("waiting for the container failed: {e}")),
+        None => Err("the Docker engine closed the wait for the container".to_owned()),
+    }
+}
+
+fn clamp_code(code: i64) -> i32 {
+    i32::try_from(code).unwrap_or(i32::MAX)
+}
+
+/// Everything about one step's container that comes from the job: the input of
+/// [`container_config`].
+#[derive(Debug, Clone)]
+pub struct StepContainer<'a> {
+    pub job: &'a JobAssignment,
+    /// 1-based, as in the log headers and `GANTRY_STEP`.
+    pub step_number: usize,
+    /// The script after secret substitution.
+    pub script: String,
+    /// The step's environment, as [`crate::exec`] builds it for containers.
+    pub env: Labels,
+    /// The job's workspace on this host; must be absolute.
+    pub host_workspace: PathBuf,
+    /// The step's `working-directory`, already checked to stay inside the workspace.
+    pub working_directory: Option<&'a str>,
+    /// `uid:gid` the step runs as.
+    pub user: String,
+}
+
+/// The container of one step: the image, `/bin/sh -e -c SCRIPT`, the step's environment
+/// and nothing else, the workspace bind-mounted at [`CONTAINER_WORKSPACE`], the step's
+/// working directory under it, the agent's uid:gid, and labels naming the job.
+pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreateBody {
+    let working_dir = match spec.working_directory {
+        Some(rel) => format!(
+            "{CONTAINER_WORKSPACE}/{}",
+            rel.trim_start_matches("./").trim_end_matches('/')
+        ),
+        None => CONTAINER_WORKSPACE.to_owned(),
+    };
+    let labels = HashMap::from([
+        (JOB_LABEL.to_owned(), spec.job.job.to_string()),
+        (ATTEMPT_LABEL.to_owned(), spec.job.attempt.to_string()),
+        (STEP_LABEL.to_owned(), spec.step_number.to_string()),
+    ]);
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        cmd: Some(vec![
+            "/bin/sh".to_owned(),
+            "-e".to_owned(),
+            "-c".to_owned(),
+            spec.script.clone(),
+        ]),
+        // An empty entrypoint: the image's own entrypoint must not wrap the step.
+        entrypoint: Some(Vec::new()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: Some(working_dir),
+        user: Some(spec.user.clone()),
+        labels: Some(labels),
+        attach_stdin: Some(false),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(false),
+        tty: Some(false),
+        host_config: Some(HostConfig {
+            mounts: Some(vec![Mount {
+                target: Some(CONTAINER_WORKSPACE.to_owned()),
+                source: Some(spec.host_workspace.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(false),
+                ..Mount::default()
+            }]),
+            ..HostConfig::default()
+        }),
+        ..ContainerCreateBody::default()
+    }
+}
+
+/// `uid:gid` of this agent process, for [`StepContainer::user`].
+#[allow(unsafe_code)]
+pub fn agent_user() -> String {
+    // SAFETY: getuid(2) and getgid(2) cannot fail and touch no memory of ours.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    format!("{uid}:{gid}")
+}
+
+/// Copies the container's output into the log until the attach stream ends.
+async fn pump(
+    mut output: std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<
+                    Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+                > + Send,
+        >,
+    >,
+    log: LogSink,
+) {
+    while let Some(Ok(piece)) = output.next().await {
+        let bytes = piece.into_bytes();
+        if !bytes.is_empty() && log.send(bytes.to_vec()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An engine call failed, or took longer than [`ENGINE_CALL_DEADLINE`].
+#[derive(Debug, thiserror::Error)]
+enum EngineError {
+    #[error("{0}")]
+    Api(#[from] bollard::errors::Error),
+    #[error("the Docker engine did not answer within {ENGINE_CALL_DEADLINE:?}")]
+    Deadline,
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(ENGINE_CALL_DEADLINE, call).await {
+        Ok(result) => result.map_err(EngineError::Api),
+        Err(_) => Err(EngineError::Deadline),
+    }
+}
+
+/// Removes a container when dropped while still armed: the job's task was aborted (the
+/// agent is shutting down) between create and the normal removal.
+struct RemoveOnDrop {
+    docker: Option<Docker>,
+    id: String,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.take() else {
+            return;
+        };
+        let id = std::mem::take(&mut self.id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = remove_container(&docker, &id).await {
+                    warn!(container = %id, "cannot remove the container: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_protocol::{JobId, RunId, StepSpec};
+
+    fn job() -> JobAssignment {
+        JobAssignment {
+            job: JobId {
+                run: RunId(7),
+                index: 2,
+            },
+            attempt: 3,
+            run: RunId(7),
+            pipeline: "p".into(),
+            name: "j".into(),
+            steps: vec![StepSpec {
+                name: "s".into(),
+                run: "echo hi".into(),
+                working_directory: None,
+                env: Labels::new(),
+            }],
+            env: Labels::new(),
+            timeout_ms: 1000,
+            kill_grace_ms: 500,
+            image: Some("img:1".into()),
+            secrets: Labels::new(),
+        }
+    }
+
+    fn spec<'a>(job: &'a JobAssignment, working_directory: Option<&'a str>) -> StepContainer<'a> {
+        StepContainer {
+            job,
+            step_number: 1,
+            script: "echo hi".into(),
+            env: Labels::from([
+                ("A".to_owned(), "1".to_owned()),
+                ("GANTRY_WORKSPACE".to_owned(), "/workspace".to_owned()),
+            ]),
+            host_workspace: PathBuf::from("/var/lib/gantry-agent/work/7.2-3"),
+            working_directory,
+            user: "1000:1000".into(),
+        }
+    }
+
+    #[test]
+    fn the_container_runs_the_script_with_only_the_step_environment() {
+        let j = job();
+        let config = container_config("img:1", &spec(&j, None));
+        assert_eq!(config.image.as_deref(), Some("img:1"));
+        assert_eq!(
+            config.cmd,
+            Some(vec![
+                "/bin/sh".to_owned(),
+                "-e".to_owned(),
+                "-c".to_owned(),
+                "echo hi".to_owned()
+            ])
+        );
+        assert_eq!(config.entrypoint, Some(Vec::new()));
+        assert_eq!(
+            config.env,
+            Some(vec![
+                "A=1".to_owned(),
+                "GANTRY_WORKSPACE=/workspace".to_owned()
+            ])
+        );
+        assert_eq!(config.working_dir.as_deref(), Some("/workspace"));
+        assert_eq!(config.user.as_deref(), Some("1000:1000"));
+        let labels = config.labels.expect("labels");
+        assert_eq!(labels.get(JOB_LABEL).map(String::as_str), Some("7.2"));
+        assert_eq!(labels.get(ATTEMPT_LABEL).map(String::as_str), Some("3"));
+        assert_eq!(labels.get(STEP_LABEL).map(String::as_str), Some("1"));
+        let host = config.host_config.expect("host config");
+        let mounts = host.mounts.expect("mounts");
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].typ, Some(MountType::BIND));
+        assert_eq!(
+            mounts[0].source.as_deref(),
+            Some("/var/lib/gantry-agent/work/7.2-3")
+        );
+        assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
+        // Nothing else from the host: no network mode, privileges or extra binds.
+        assert!(host.binds.is_none() && host.privileged.is_none() && host.network_mode.is_none());
+    }
+
+    #[test]
+    fn the_working_directory_is_under_the_container_workspace() {
+        let j = job();
+        for (rel, expected) in [
+            ("sub/dir", "/workspace/sub/dir"),
+            ("./sub/", "/workspace/sub"),
+        ] {
+            let config = container_config("img:1", &spec(&j, Some(rel)));
+            assert_eq!(config.working_dir.as_deref(), Some(expected), "{rel}");
+        }
+    }
+
+    #[test]
+    fn the_socket_comes_from_a_unix_docker_host_or_the_default() {
+        let default = Path::new("/var/run/docker.sock");
+        assert_eq!(socket_path(None, default), Some(default.to_path_buf()));
+        assert_eq!(socket_path(Some(""), default), Some(default.to_path_buf()));
+        assert_eq!(
+            socket_path(Some("unix:///run/user/1000/docker.sock"), default),
+            Some(PathBuf::from("/run/user/1000/docker.sock"))
+        );
+        assert_eq!(socket_path(Some("tcp://10.0.0.1:2376"), default), None);
+        assert_eq!(socket_path(Some("unix://"), default), None);
+    }
+
+    #[test]
+    fn wait_answers_map_to_exit_codes() {
+        let ok = bollard::models::ContainerWaitResponse {
+            status_code: 0,
+            error: None,
+        };
+        assert_eq!(wait_result(Some(Ok(ok))), Ok(0));
+        let killed = bollard::errors::Error::DockerContainerWaitError {
+            error: String::new(),
+            code: 137,
+        };
+        assert_eq!(wait_result(Some(Err(killed))), Ok(137));
+        assert!(wait_result(None).is_err());
+    }
+
+    #[test]
+    fn the_missing_image_message_says_how_to_fix_it() {
+        assert_eq!(
+            missing_image_message("app:1"),
+            "the image app:1 is not on this host; load it with `docker load -i FILE` (or build it) on the agent"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_image_job_without_an_engine_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let message = Engine::prepare_at(&dir.path().join("absent.sock"), "app:1")
+            .await
+            .err()
+            .expect("no engine");
+        assert!(
+            message.starts_with("this agent cannot run jobs in image app:1: no Docker socket at"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_absent_socket_means_no_docker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_a_socket = dir.path().join("docker.sock");
+        std::fs::write(&not_a_socket, b"").expect("touch");
+        // A plain file where the socket should be: nothing answers the ping.
+        if std::env::var_os("DOCKER_HOST").is_none() {
+            assert!(!available(&dir.path().join("absent.sock")));
+            assert!(!available(&not_a_socket));
+        }
+    }
+}

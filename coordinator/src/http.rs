@@ -1,0 +1,266 @@
+//! The coordinator's HTTP side: the push webhook and a health check.
+//!
+//! A deliberately small HTTP/1.1 server (one request per connection, `Connection:
+//! close`) with explicit bounds: 16 KiB of headers, 1 MiB of body, 10 s to send a
+//! request. Plain HTTP is served on loopback addresses only (put a TLS proxy in front,
+//! or wait for TLS on this port); the coordinator refuses any other address at start.
+//!
+//! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::server::Coordinator;
+use crate::triggers;
+
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A parsed request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a request could not be read; each maps to a status code.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("headers larger than {MAX_HEADER_BYTES} bytes")]
+    HeadersTooLarge,
+    #[error("body larger than {MAX_BODY_BYTES} bytes")]
+    BodyTooLarge,
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("connection closed before the request was complete")]
+    Incomplete,
+}
+
+/// Parses a request from `buf` if it is complete: `Ok(None)` means read more.
+pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, RequestError> {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return if buf.len() > MAX_HEADER_BYTES {
+            Err(RequestError::HeadersTooLarge)
+        } else {
+            Ok(None)
+        };
+    };
+    if head_end > MAX_HEADER_BYTES {
+        return Err(RequestError::HeadersTooLarge);
+    }
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| RequestError::Malformed("headers are not UTF-8".into()))?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(RequestError::Malformed(format!(
+            "bad request line {request_line:?}"
+        )));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(RequestError::Malformed(format!(
+            "unsupported version {version:?}"
+        )));
+    }
+    let mut headers = Vec::new();
+    for line in lines {
+        let (k, v) = line
+            .split_once(':')
+            .ok_or_else(|| RequestError::Malformed(format!("bad header line {line:?}")))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+    }
+    let length = match headers.iter().find(|(k, _)| k == "content-length") {
+        Some((_, v)) => v
+            .parse::<usize>()
+            .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?,
+        None => 0,
+    };
+    if length > MAX_BODY_BYTES {
+        return Err(RequestError::BodyTooLarge);
+    }
+    let body_start = head_end + 4;
+    if buf.len() < body_start + length {
+        return Ok(None);
+    }
+    Ok(Some(Request {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        headers,
+        body: buf[body_start..body_start + length].to_vec(),
+    }))
+}
+
+/// Serves until the listener fails.
+pub async fn serve(coord: Arc<Coordinator>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let coord = coord.clone();
+                tokio::spawn(async move { handle(&coord, stream).await });
+            }
+            Err(e) => {
+                tracing::warn!("http accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn read_request(stream: &mut TcpStream) -> Result<Request, RequestError> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut piece = [0u8; 8192];
+    loop {
+        if let Some(req) = parse_request(&buf)? {
+            return Ok(req);
+        }
+        let n = stream
+            .read(&mut piece)
+            .await
+            .map_err(|e| RequestError::Malformed(e.to_string()))?;
+        if n == 0 {
+            return Err(RequestError::Incomplete);
+        }
+        buf.extend_from_slice(&piece[..n]);
+    }
+}
+
+async fn handle(coord: &Coordinator, mut stream: TcpStream) {
+    let (status, body) =
+        match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream)).await {
+            Err(_) => (
+                408,
+                error_json("the request took longer than 10 s to arrive"),
+            ),
+            Ok(Err(RequestError::Incomplete)) => return,
+            Ok(Err(e @ RequestError::BodyTooLarge)) => (413, error_json(&e.to_string())),
+            Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
+            Ok(Err(e)) => (400, error_json(&e.to_string())),
+            Ok(Ok(req)) => route(coord, &req),
+        };
+    let reason = match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let response = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn error_json(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+fn route(coord: &Coordinator, req: &Request) -> (u16, String) {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/healthz") => (200, serde_json::json!({ "status": "ok" }).to_string()),
+        ("POST", "/hooks/push") => push_hook(coord, req),
+        (_, "/hooks/push" | "/healthz") => (405, error_json("method not allowed")),
+        _ => (
+            404,
+            error_json("no such route; try POST /hooks/push or GET /healthz"),
+        ),
+    }
+}
+
+fn push_hook(coord: &Coordinator, req: &Request) -> (u16, String) {
+    let Some(secret) = coord.outbox_secret(triggers::WEBHOOK_SECRET) else {
+        return (
+            503,
+            error_json(
+                "webhooks are off: set the secret with `gantry secrets set GANTRY_WEBHOOK_SECRET`",
+            ),
+        );
+    };
+    let signature = req
+        .header("x-hub-signature-256")
+        .or_else(|| req.header("x-gitea-signature"));
+    if let Err(e) = triggers::verify_signature(secret.as_bytes(), &req.body, signature) {
+        tracing::warn!("webhook refused: {e}");
+        return (401, error_json(&e.to_string()));
+    }
+    if req
+        .header("x-github-event")
+        .or_else(|| req.header("x-gitea-event"))
+        .is_some_and(|e| e == "ping")
+    {
+        return (200, serde_json::json!({ "pong": true }).to_string());
+    }
+    match triggers::parse_push(&req.body) {
+        Err(e) => (400, error_json(&e.to_string())),
+        Ok(None) => (
+            200,
+            serde_json::json!({ "runs": [], "note": "branch deletion: nothing to run" })
+                .to_string(),
+        ),
+        Ok(Some(push)) => {
+            let (runs, problems) = triggers::fire_push(coord, &push);
+            tracing::info!(git_ref = %push.git_ref, runs = runs.len(), "push webhook");
+            (202, serde_json::json!({ "runs": runs.iter().map(|r| r.0).collect::<Vec<_>>(), "problems": problems }).to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_incrementally_and_limits_hold() {
+        let raw = b"POST /hooks/push HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-Hub-Signature-256: sha256=ab\r\n\r\nhello";
+        for cut in 0..raw.len() {
+            assert_eq!(parse_request(&raw[..cut]), Ok(None), "incomplete at {cut}");
+        }
+        let req = parse_request(raw).expect("ok").expect("complete");
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str(), req.body.as_slice()),
+            ("POST", "/hooks/push", &b"hello"[..])
+        );
+        assert_eq!(req.header("x-hub-signature-256"), Some("sha256=ab"));
+        let big = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_BODY_BYTES + 1
+        );
+        assert_eq!(
+            parse_request(big.as_bytes()),
+            Err(RequestError::BodyTooLarge)
+        );
+        assert_eq!(
+            parse_request(&vec![b'a'; MAX_HEADER_BYTES + 1]),
+            Err(RequestError::HeadersTooLarge)
+        );
+        assert!(matches!(
+            parse_request(b"GARBAGE\r\n\r\n"),
+            Err(RequestError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_request(b"GET / SPDY/3\r\n\r\n"),
+            Err(RequestError::Malformed(_))
+        ));
+    }
+}

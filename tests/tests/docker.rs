@@ -1,0 +1,236 @@
+//! End-to-end tests of jobs that run in Docker containers, with the real `gantry` and
+//! `gantry-agent` binaries and the host's Docker engine.
+//!
+//! No registry is used: each test builds a tiny image from the host's static busybox
+//! (`docker import` of a root filesystem with `bin/busybox` and a few links to it) under
+//! a unique tag, and removes it when done. Without busybox-static or a running engine
+//! the tests fail and say what is missing, unless `GANTRY_SKIP_DOCKER_TESTS=1` is set,
+//! in which case they print why they skip.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gantry_tests::{job_named, wait_for, Coordinator, DEADLINE};
+
+const BUSYBOX: &str = "/bin/busybox";
+const NEED_BUSYBOX: &str = "Docker tests need busybox-static: apt-get install -y busybox-static";
+const NEED_DOCKER: &str = "Docker tests need a running Docker engine";
+/// The coordinator gives every job 10 s between SIGTERM and SIGKILL; a `sleep` that is
+/// PID 1 of its container ignores SIGTERM, so a cancel takes the whole grace.
+const CANCEL_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A locally imported image, removed when dropped (also when the test panics).
+struct TestImage {
+    tag: String,
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["image", "rm", "--force", &self.tag])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{NEED_DOCKER}: cannot run `docker {}`: {e}", args.join(" ")))
+}
+
+/// Fails with `why`, or returns `false` (skip) when `GANTRY_SKIP_DOCKER_TESTS=1`.
+fn missing(why: &str) -> bool {
+    assert!(
+        std::env::var("GANTRY_SKIP_DOCKER_TESTS").as_deref() == Ok("1"),
+        "{why} (or set GANTRY_SKIP_DOCKER_TESTS=1 to skip them)"
+    );
+    eprintln!("skipping: {why} (GANTRY_SKIP_DOCKER_TESTS=1)");
+    false
+}
+
+fn docker_ready() -> bool {
+    if !Path::new(BUSYBOX).is_file() {
+        return missing(NEED_BUSYBOX);
+    }
+    let info = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !info.is_ok_and(|s| s.success()) {
+        return missing(NEED_DOCKER);
+    }
+    true
+}
+
+fn unique() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Builds `gantry-test-busybox:<unique>` from the host's busybox, with no registry.
+fn busybox_image() -> TestImage {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("rootfs").join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs/bin");
+    std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+    for tool in ["sh", "echo", "cat", "id", "sleep", "touch"] {
+        std::os::unix::fs::symlink("busybox", bin.join(tool)).expect("link");
+    }
+    let tar = dir.path().join("rootfs.tar");
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path().join("rootfs"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("run tar");
+    assert!(tarred.success(), "tar of the rootfs failed");
+    let image = TestImage {
+        tag: format!("gantry-test-busybox:{}", unique()),
+    };
+    let imported = docker(&["import", tar.to_str().expect("utf8"), &image.tag]);
+    assert!(
+        imported.status.success(),
+        "docker import failed: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    image
+}
+
+/// Containers made from `image` (running or not) that carry the agent's job label.
+fn containers_of(image: &TestImage) -> Vec<String> {
+    let filter = format!("ancestor={}", image.tag);
+    let out = docker(&[
+        "ps",
+        "--all",
+        "--quiet",
+        "--filter",
+        "label=gantry.job",
+        "--filter",
+        &filter,
+    ]);
+    assert!(
+        out.status.success(),
+        "docker ps failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The uid this test (and so the agents it starts) runs as.
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::metadata(dir.path()).expect("metadata").uid()
+}
+
+#[test]
+fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none() {
+    if !docker_ready() {
+        return;
+    }
+    let image = busybox_image();
+    let c = Coordinator::start();
+    let agents = c.agents_running(1, &[]);
+    let yaml = format!(
+        "jobs:\n  boxed:\n    image: {tag}\n    env:\n      FLAVOUR: from-the-job\n    steps:\n      - name: inside\n        run: |\n          cat /etc/os-release 2>/dev/null || echo in-container\n          echo \"uid=$(id -u)\"\n          echo \"flavour=$FLAVOUR ws=$GANTRY_WORKSPACE\"\n          echo \"home=${{HOME:-none}} path=${{PATH:-none}}\"\n          echo written > /workspace/made-in-container\n          touch /workspace/also-made\n      - name: next step sees the workspace\n        run: cat made-in-container\n  missing:\n    image: gantry-test-missing:{missing}\n    steps: [{{ run: 'echo never' }}]\n",
+        tag = image.tag,
+        missing = unique()
+    );
+    let run = c.run_pipeline(&yaml, &[]);
+    let view = c.wait_run(run, Duration::from_secs(90));
+
+    let boxed = job_named(&view, "boxed");
+    let log = c.logs(&format!("{run}.0"));
+    assert_eq!(boxed["state"], "succeeded", "{view}\n{log}");
+    assert!(log.contains("in-container\n"), "ran in the image: {log}");
+    assert!(
+        log.contains(&format!("uid={}\n", own_uid())),
+        "runs as the agent's uid: {log}"
+    );
+    assert!(
+        log.contains("flavour=from-the-job ws=/workspace\n"),
+        "declared env and the container's workspace: {log}"
+    );
+    // Docker itself sets HOME (from the image, else `/`) and a default PATH; neither
+    // may be the agent's own.
+    for key in ["HOME", "PATH"] {
+        if let Ok(host_value) = std::env::var(key) {
+            let leaked = format!("{}={host_value}", key.to_lowercase());
+            assert!(!log.contains(&leaked), "{key} leaked from the host: {log}");
+        }
+    }
+    assert!(
+        log.contains("written\n"),
+        "the second step saw the file: {log}"
+    );
+
+    let missing = job_named(&view, "missing");
+    assert_ne!(missing["state"], "succeeded", "{view}");
+    let missing_log = c.logs(&format!("{run}.1"));
+    assert!(
+        missing_log.contains("is not on this host; load it with `docker load -i FILE`"),
+        "the log says the image is missing and how to fix it: {missing_log}"
+    );
+    assert!(!missing_log.contains("never"), "nothing ran: {missing_log}");
+
+    assert_eq!(
+        containers_of(&image),
+        Vec::<String>::new(),
+        "no container is left behind"
+    );
+    let agent_log = agents[0].log();
+    assert!(
+        !agent_log.contains("cannot remove the workspace"),
+        "files made in the container do not stop the workspace's removal: {agent_log}"
+    );
+}
+
+#[test]
+fn cancelling_a_container_job_stops_and_removes_its_container() {
+    if !docker_ready() {
+        return;
+    }
+    let image = busybox_image();
+    let c = Coordinator::start();
+    let _agents = c.agents_running(2, &[]);
+    let yaml = format!(
+        "jobs:\n  sleeper:\n    image: {tag}\n    steps:\n      - run: |\n          echo started\n          sleep 300\n  slow:\n    image: {tag}\n    timeout: 1s\n    steps: [{{ run: 'echo going; sleep 300' }}]\n",
+        tag = image.tag
+    );
+    let run = c.run_pipeline(&yaml, &[]);
+    wait_for("the step's container to run", DEADLINE, || {
+        (!containers_of(&image).is_empty()).then_some(())
+    });
+    // The 1 s timeout stops the other job's container (SIGTERM, then SIGKILL after the
+    // grace, since `sleep` is PID 1) while this one still sleeps.
+    c.wait_job_state(&format!("{run}.1"), "timed-out", CANCEL_DEADLINE);
+    assert!(
+        c.logs(&format!("{run}.1")).contains("timed out"),
+        "the log says why it stopped"
+    );
+    c.gantry(&["pipelines", "cancel", &run.to_string()])
+        .expect_code(0);
+    let view = c.wait_run(run, CANCEL_DEADLINE);
+    assert_eq!(view["state"], "cancelled", "{view}");
+    assert_eq!(job_named(&view, "sleeper")["state"], "cancelled", "{view}");
+    assert_eq!(job_named(&view, "slow")["state"], "timed-out", "{view}");
+    assert_eq!(
+        containers_of(&image),
+        Vec::<String>::new(),
+        "the cancelled step's container was removed"
+    );
+}
