@@ -467,6 +467,7 @@ mod tests {
             kill_grace_ms: 500,
             image: Some("img:1".into()),
             secrets: Labels::new(),
+            source: None,
         }
     }
 

@@ -64,7 +64,9 @@ async fn run_steps(
     log: &LogSink,
     mut cancel: watch::Receiver<bool>,
 ) -> JobOutcome {
-    if let Err(e) = fresh_dir(workspace) {
+    // The caller makes the workspace fresh (and may have unpacked the run's source
+    // tree into it); this only makes sure it exists.
+    if let Err(e) = std::fs::create_dir_all(workspace) {
         return JobOutcome::Error {
             message: format!("cannot create the workspace {}: {e}", workspace.display()),
         };
@@ -400,6 +402,7 @@ mod tests {
             kill_grace_ms: 500,
             image: None,
             secrets: Labels::from([("TOKEN".to_owned(), "tok-123".to_owned())]),
+            source: None,
         }
     }
 

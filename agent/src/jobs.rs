@@ -173,7 +173,25 @@ impl JobManager {
             progress.clone(),
             self.log_cap,
         ));
-        let outcome = crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await;
+        let prepared = match crate::exec::fresh_dir(&workspace) {
+            Err(e) => Err(format!(
+                "cannot create the workspace {}: {e}",
+                workspace.display()
+            )),
+            Ok(()) => match &assignment.source {
+                Some(source) => self.fetch_source(key, source, &workspace).await,
+                None => Ok(()),
+            },
+        };
+        let outcome = match prepared {
+            Ok(()) => crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await,
+            Err(message) => {
+                let _ = log_tx
+                    .send(format!("\u{2716} {message}\n").into_bytes())
+                    .await;
+                gantry_protocol::JobOutcome::Error { message }
+            }
+        };
         drop(log_tx);
         let log_chunks = chunker.await.unwrap_or(0);
         progress.send_modify(|p| p.finished = true);
@@ -195,6 +213,69 @@ impl JobManager {
             entry.result = Some(result.clone());
         }
         let _ = self.finished_tx.send(result);
+    }
+
+    /// Fetches the run's source tree over the current connection (waiting up to a minute
+    /// for one), checks its SHA-256 against its id, and unpacks it into `workspace`.
+    async fn fetch_source(&self, key: Key, source: &str, workspace: &Path) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + SOURCE_CONNECT_WAIT;
+        let conn = loop {
+            if let Some(conn) = self.lock().conn.clone() {
+                break conn;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(
+                    "no connection to the coordinator to fetch the source tree from".into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let archive = self
+            .spool_dir
+            .join(format!("{}-{}.source.tar", key.0, key.1));
+        let fetched = async {
+            let (mut writer, mut reader) = conn.open_stream().await.map_err(|e| e.to_string())?;
+            writer
+                .send(&StreamOpen::FetchSource {
+                    job: key.0,
+                    attempt: key.1,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            writer.finish();
+            let mut file = std::fs::File::create(&archive)
+                .map_err(|e| format!("cannot write {}: {e}", archive.display()))?;
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            while let Some(gantry_protocol::SourceData(piece)) = reader
+                .recv()
+                .await
+                .map_err(|e| format!("the source transfer broke off: {e}"))?
+            {
+                digest.update(&piece);
+                std::io::Write::write_all(&mut file, &piece)
+                    .map_err(|e| format!("cannot write {}: {e}", archive.display()))?;
+            }
+            let got = format!("sha256:{}", gantry_certs::hex(digest.finish().as_ref()));
+            if got != source {
+                return Err(format!(
+                    "the source tree arrived as {got}, not {source}: refusing it"
+                ));
+            }
+            Ok::<_, String>(())
+        }
+        .await;
+        let unpacked = match fetched {
+            Ok(()) => {
+                let (archive, workspace) = (archive.clone(), workspace.to_path_buf());
+                tokio::task::spawn_blocking(move || unpack_source(&archive, &workspace))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&archive);
+        unpacked.map_err(|e| format!("cannot prepare the source tree: {e}"))
     }
 
     /// Stops a job attempt (SIGTERM to its process group, SIGKILL after the grace).
@@ -484,6 +565,35 @@ impl Chunker {
     }
 }
 
+/// How long a job waits for a connection to fetch its source tree.
+const SOURCE_CONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// Unpacks a source tree archive into `workspace`. Entries that would land outside it
+/// (absolute paths, `..`, through a symlink) are refused by the tar reader and end the
+/// job with an error. Modes are kept, so scripts stay executable.
+fn unpack_source(archive: &Path, workspace: &Path) -> Result<(), String> {
+    let file = std::fs::File::open(archive)
+        .map_err(|e| format!("cannot read {}: {e}", archive.display()))?;
+    let mut tar = tar::Archive::new(file);
+    tar.set_preserve_permissions(true);
+    tar.set_overwrite(true);
+    for entry in tar.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+        // unpack_in returns false for an entry that would escape the workspace.
+        if !entry
+            .unpack_in(workspace)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+        {
+            return Err(format!(
+                "the archive entry {} would land outside the workspace",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -496,6 +606,55 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_archive_unpacks_and_an_escaping_entry_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let archive = dir.path().join("src.tar");
+        let mut builder = tar::Builder::new(std::fs::File::create(&archive).expect("create"));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(3);
+        header.set_mode(0o755);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "bin/run.sh", &b"ok\n"[..])
+            .expect("append");
+        builder.into_inner().expect("finish");
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(&ws).expect("ws");
+        unpack_source(&archive, &ws).expect("unpack");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(ws.join("bin/run.sh"))
+                    .expect("file")
+                    .permissions()
+            ) & 0o777,
+            0o755
+        );
+
+        // An entry named ../escaped, written raw (the tar builder itself refuses such names).
+        let evil = dir.path().join("evil.tar");
+        let mut raw = [0u8; 512];
+        raw[..12].copy_from_slice(b"../escaped\0\0");
+        let mut header = tar::Header::from_byte_slice(&raw).clone();
+        header.set_size(4);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        let mut bytes = header.as_bytes().to_vec();
+        bytes.extend_from_slice(b"evil");
+        bytes.resize(1024 + 1024, 0);
+        std::fs::write(&evil, bytes).expect("write");
+        let err = unpack_source(&evil, &ws).expect_err("refused");
+        assert!(
+            err.contains("outside the workspace") || err.contains(".."),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join("escaped").exists(),
+            "nothing written outside the workspace"
+        );
+    }
 
     #[tokio::test]
     async fn the_chunker_keeps_head_and_tail_and_says_what_was_cut() {

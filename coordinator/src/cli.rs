@@ -27,6 +27,14 @@ pub struct RunArgs {
     /// Input value (repeatable), name=value.
     #[arg(long = "input")]
     inputs: Vec<String>,
+    /// Directory uploaded as the run's workspace [default: the git checkout holding FILE,
+    /// else FILE's directory]. In a git checkout only files git tracks or would track
+    /// (not ignored) are sent.
+    #[arg(long, conflicts_with = "no_source")]
+    source: Option<PathBuf>,
+    /// Start the jobs in an empty workspace instead of uploading a source tree.
+    #[arg(long)]
+    no_source: bool,
     /// Show each job's progress until the run ends, then the logs of failed jobs; exit 1
     /// if the run fails.
     #[arg(long, short)]
@@ -215,7 +223,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         .or_else(|| git(dir, &["rev-parse", "--abbrev-ref", "HEAD"]))
         .unwrap_or_else(|| "main".into());
     let commit = git(dir, &["rev-parse", "HEAD"]);
+    let archive = if args.no_source {
+        None
+    } else {
+        let root = match &args.source {
+            Some(dir) => dir.clone(),
+            None => git(dir, &["rev-parse", "--show-toplevel"])
+                .map_or_else(|| dir.to_path_buf(), PathBuf::from),
+        };
+        Some(source_archive(&root).map_err(usage)?)
+    };
     let mut client = connect().await?;
+    let source = match &archive {
+        Some(file) => Some(client.upload_source(file.path()).await?),
+        None => None,
+    };
     let submit = SubmitRun {
         file_name,
         text,
@@ -223,6 +245,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         commit,
         event: "manual".into(),
         inputs,
+        source,
     };
     let resp = client.request(&AdminRequest::SubmitRun(submit)).await?;
     let AdminResponse::Run(view) = &resp else {
@@ -390,4 +413,84 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode, Failure> {
     };
     let resp = admin(req).await?;
     output::print_response(&resp, json)
+}
+
+/// Largest source tree `gantry run` uploads.
+const MAX_SOURCE_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Packs the source tree under `root` into a temporary tar file: in a git checkout, the
+/// files git tracks or would track (`git ls-files --cached --others --exclude-standard`),
+/// else every file below `root` except `.git`. Symlinks are kept as symlinks.
+fn source_archive(root: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    let files = match std::process::Command::new("git")
+        .args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ])
+        .current_dir(root)
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| PathBuf::from(String::from_utf8_lossy(p).into_owned()))
+            .collect(),
+        _ => walk(root, Path::new(""))?,
+    };
+    let tmp = tempfile::NamedTempFile::new()
+        .context("cannot create a temporary file for the source tree")?;
+    let mut builder = tar::Builder::new(tmp.reopen()?);
+    builder.follow_symlinks(false);
+    let mut total = 0u64;
+    for rel in files {
+        let full = root.join(&rel);
+        let Ok(meta) = std::fs::symlink_metadata(&full) else {
+            continue;
+        }; // tracked but deleted
+        if !(meta.is_file() || meta.file_type().is_symlink()) {
+            continue;
+        }
+        total += meta.len();
+        if total > MAX_SOURCE_BYTES {
+            anyhow::bail!(
+                "the source tree under {} is over {} MiB; use --source DIR or --no-source",
+                root.display(),
+                MAX_SOURCE_BYTES >> 20
+            );
+        }
+        builder
+            .append_path_with_name(&full, &rel)
+            .with_context(|| format!("cannot pack {}", full.display()))?;
+    }
+    builder
+        .into_inner()
+        .context("cannot finish the source archive")?
+        .sync_all()?;
+    Ok(tmp)
+}
+
+fn walk(root: &Path, rel: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let dir = root.join(rel);
+    for entry in
+        std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == ".git" {
+            continue;
+        }
+        let path = rel.join(&name);
+        if entry.file_type()?.is_dir() {
+            out.extend(walk(root, &path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
 }

@@ -133,6 +133,54 @@ impl AdminClient {
         Ok(reader)
     }
 
+    /// Uploads a source tree archive; returns its id once the coordinator stored it.
+    pub async fn upload_source(
+        &mut self,
+        archive: &std::path::Path,
+    ) -> Result<String, ClientError> {
+        use std::io::Read as _;
+        let fail = |e: String| ClientError::Unreachable(anyhow::anyhow!(e));
+        let mut file = std::fs::File::open(archive)
+            .map_err(|e| ClientError::Failed(format!("cannot read the source archive: {e}")))?;
+        let bytes = file
+            .metadata()
+            .map_err(|e| ClientError::Failed(e.to_string()))?
+            .len();
+        let (mut writer, mut reader) = self
+            .conn
+            .open_stream()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        writer
+            .send(&gantry_protocol::StreamOpen::UploadSource { bytes })
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| ClientError::Failed(format!("cannot read the source archive: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            writer
+                .send(&gantry_protocol::SourceData(buf[..n].to_vec()))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        writer.finish();
+        match reader.recv::<gantry_protocol::SourceStored>().await {
+            Ok(Some(gantry_protocol::SourceStored::Stored { source, .. })) => Ok(source),
+            Ok(Some(gantry_protocol::SourceStored::Refused { message })) => {
+                Err(ClientError::Rejected(message))
+            }
+            Ok(None) => Err(fail(
+                "the coordinator ended the upload without an answer".into(),
+            )),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
     /// Ends the session cleanly so the coordinator sees a normal close.
     pub async fn close(mut self) {
         self.writer.finish();

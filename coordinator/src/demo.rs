@@ -270,6 +270,7 @@ async fn demo_pipeline(admin: &mut AdminClient) -> anyhow::Result<()> {
         commit: None,
         event: "manual".into(),
         inputs: Labels::new(),
+        source: None,
     };
     let AdminResponse::Run(run) = admin.request(&AdminRequest::SubmitRun(submit)).await? else {
         bail!("unexpected response to a run request");

@@ -34,7 +34,7 @@ pub enum Input {
     Event(Event),
     /// A run was stored: schedule it.
     Submitted {
-        run: RunRecord,
+        run: Box<RunRecord>,
         pipeline: Arc<Pipeline>,
         plans: Vec<JobPlan>,
         priority: i32,
@@ -207,7 +207,7 @@ impl EngineTask {
                     self.contexts.insert(
                         run.run,
                         RunContext {
-                            record: run.clone(),
+                            record: *run.clone(),
                             pipeline,
                         },
                     );
@@ -423,6 +423,7 @@ impl EngineTask {
             kill_grace_ms: KILL_GRACE_MS,
             image: spec.image.clone(),
             secrets: self.outbox.secrets(&names),
+            source: ctx.record.source.clone(),
         })
     }
 }
@@ -655,6 +656,7 @@ mod tests {
             created_by: "t".into(),
             state: "running".into(),
             finished_at: None,
+            source: None,
         };
         let plans = plans_for(RunId(9), &pipeline, &record);
         assert_eq!(

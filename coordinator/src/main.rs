@@ -16,6 +16,7 @@ mod output;
 mod runs;
 mod secrets;
 mod server;
+mod sources;
 mod store;
 mod triggers;
 

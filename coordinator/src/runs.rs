@@ -113,6 +113,7 @@ pub fn admin(
                 commit: record.commit,
                 event: record.event,
                 inputs: record.inputs,
+                source: record.source,
             };
             submit_run(coord, actor, again).map(AdminResponse::Run)
         }
@@ -317,6 +318,11 @@ pub(crate) fn submit_run(
             return Err(invalid(format!("input {name:?} is not declared by the pipeline (declared: {declared:?}); declare it under on.inputs")));
         }
     }
+    if let Some(source) = &submit.source {
+        if !coord.sources.exists(source) {
+            return Err(invalid(format!("source tree {source} was never uploaded (or is malformed); upload it again with `gantry run`")));
+        }
+    }
     let stored: Vec<String> = coord
         .store
         .secrets()
@@ -355,6 +361,7 @@ pub(crate) fn submit_run(
                     created_by: actor.to_owned(),
                     state: "running".into(),
                     finished_at: None,
+                    source: submit.source.clone(),
                 };
                 let jobs = pipeline
                     .jobs
@@ -385,7 +392,7 @@ pub(crate) fn submit_run(
     let plans = engine::plans_for(record.run, &pipeline, &record);
     let priority = pipeline.priority;
     coord.engine.send(Input::Submitted {
-        run: record.clone(),
+        run: Box::new(record.clone()),
         pipeline: Arc::new(pipeline),
         plans,
         priority,
@@ -513,6 +520,43 @@ pub async fn receive_log(
     // The agent ends the stream only once its job is over and every chunk is acknowledged.
     coord.logs.close(job, attempt);
     Ok(())
+}
+
+/// Sends the source tree of a job attempt's run to the agent it was handed to.
+pub async fn send_source(
+    coord: &Arc<Coordinator>,
+    agent: &AgentId,
+    job: JobId,
+    attempt: Attempt,
+    writer: &mut FrameWriter,
+) -> Result<(), String> {
+    let record = coord
+        .store
+        .job(job)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no job {job}"))?;
+    if !record
+        .attempts
+        .iter()
+        .any(|(a, who)| *a == attempt && who == agent)
+    {
+        return Err(format!(
+            "attempt {attempt} of job {job} was not handed to {agent}: refusing its source"
+        ));
+    }
+    let run = coord
+        .store
+        .run(job.run)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no run {}", job.run))?;
+    let source = run
+        .source
+        .ok_or_else(|| format!("run {} has no source tree", job.run))?;
+    coord
+        .sources
+        .send(&source, writer)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Streams a job's log to an admin: stored chunks from `from_seq`, then (with `follow`)

@@ -85,6 +85,7 @@ pub struct Coordinator {
     pub(crate) engine: Engine,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) secret_key: Arc<SecretKey>,
+    pub(crate) sources: Arc<crate::sources::SourceStore>,
 }
 
 /// The engine's way to reach agents and secrets.
@@ -186,6 +187,7 @@ impl Coordinator {
             handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
             engine,
             logs: Arc::new(LogStore::new(&data_dir.join("logs"))),
+            sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
             secret_key,
         })
     }
@@ -802,8 +804,17 @@ impl Coordinator {
                     Ok(Some(StreamOpen::FollowRun { run })) => {
                         crate::runs::follow_run(&me, run, &mut writer).await
                     }
-                    Ok(Some(StreamOpen::Logs { .. })) => {
-                        tracing::info!("an admin tried to upload a job log");
+                    Ok(Some(StreamOpen::UploadSource { bytes })) => {
+                        let reply = match me.sources.receive(&mut reader, bytes).await {
+                            Ok((source, bytes)) => {
+                                gantry_protocol::SourceStored::Stored { source, bytes }
+                            }
+                            Err(message) => gantry_protocol::SourceStored::Refused { message },
+                        };
+                        writer.send(&reply).await
+                    }
+                    Ok(Some(StreamOpen::Logs { .. } | StreamOpen::FetchSource { .. })) => {
+                        tracing::info!("an admin opened a stream only agents may open");
                         Ok(())
                     }
                     Ok(None) => Ok(()),
@@ -837,6 +848,15 @@ impl Coordinator {
                         {
                             tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
                         }
+                    }
+                    Ok(Some(StreamOpen::FetchSource { job, attempt })) => {
+                        let mut writer = writer;
+                        if let Err(e) =
+                            crate::runs::send_source(&me, &agent, job, attempt, &mut writer).await
+                        {
+                            tracing::info!(%agent, %job, attempt, "source fetch refused or broken: {e}");
+                        }
+                        writer.finish();
                     }
                     Ok(Some(other)) => {
                         tracing::info!(%agent, "agent opened a stream it may not: {other:?}");

@@ -162,6 +162,8 @@ pub struct RunRecord {
     /// `running`, `succeeded`, `failed` or `cancelled`.
     pub state: String,
     pub finished_at: Option<UnixMillis>,
+    /// The uploaded source tree (`sha256:<hex>`), if the run has one.
+    pub source: Option<String>,
 }
 
 /// A job as stored: its latest state as the scheduler reported it.

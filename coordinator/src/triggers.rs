@@ -143,6 +143,7 @@ pub fn fire_push(coord: &Coordinator, push: &Push) -> (Vec<RunId>, Vec<String>) 
             commit: push.commit.clone(),
             event: "push".into(),
             inputs: Labels::new(),
+            source: None,
         };
         match crate::runs::submit_run(coord, "gantry://trigger/push", submit) {
             Ok(view) => runs.push(view.run),
@@ -186,6 +187,7 @@ pub async fn schedule_loop(coord: Arc<Coordinator>) {
                     commit: None,
                     event: "schedule".into(),
                     inputs: Labels::new(),
+                    source: None,
                 };
                 match crate::runs::submit_run(&coord, "gantry://trigger/schedule", submit) {
                     Ok(view) => {

@@ -226,6 +226,8 @@ pub struct JobAssignment {
     pub image: Option<String>,
     /// Values of the secrets the job references, for `${{ secrets.NAME }}` and masking.
     pub secrets: Labels,
+    /// The run's source tree, fetched into the workspace before the first step.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +253,12 @@ pub enum StreamOpen {
     },
     /// Admin to coordinator: live job states of a run until it ends.
     FollowRun { run: RunId },
+    /// Admin to coordinator: a source tree (tar) follows as `SourceData` frames until
+    /// the stream ends; the coordinator answers `SourceStored` once it is durable.
+    UploadSource { bytes: u64 },
+    /// Agent to coordinator: send the source tree of this attempt's run as `SourceData`
+    /// frames, then end the stream.
+    FetchSource { job: JobId, attempt: Attempt },
 }
 
 /// Agent to coordinator on a log stream: one chunk of output.
@@ -369,6 +377,8 @@ pub struct SubmitRun {
     /// `manual`, `push` or `schedule`.
     pub event: String,
     pub inputs: Labels,
+    /// The uploaded source tree the run's jobs start from, if any.
+    pub source: Option<String>,
 }
 
 /// Coordinator to admin CLI, one per request.
@@ -519,4 +529,21 @@ pub struct TriggerView {
     pub schedules: Vec<String>,
     pub added_by: String,
     pub added_at: UnixMillis,
+}
+
+/// A piece of a source tree archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceData(pub Vec<u8>);
+
+/// The coordinator's answer to an upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SourceStored {
+    /// Stored durably under this id (`sha256:<hex>` of the archive).
+    Stored {
+        source: String,
+        bytes: u64,
+    },
+    Refused {
+        message: String,
+    },
 }

@@ -439,6 +439,11 @@ impl Coordinator {
         let file = self.dir.path().join(format!("pipeline-{}.yml", unique()));
         std::fs::write(&file, yaml).expect("write pipeline");
         let mut args = vec!["run", file.to_str().expect("utf8"), "--json"];
+        // The pipeline file sits in the coordinator's own temporary directory, which is no
+        // source tree: send none unless the test names one.
+        if !extra.contains(&"--source") {
+            args.push("--no-source");
+        }
         args.extend_from_slice(extra);
         let run = self.gantry(&args).expect_code(0).json();
         run["run"]

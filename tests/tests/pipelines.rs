@@ -378,3 +378,87 @@ fn a_large_log_reads_back_whole_and_in_order() {
         "every line once, in order"
     );
 }
+
+#[test]
+fn gantry_run_uploads_the_source_tree_as_the_jobs_workspace() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let pipeline = "jobs:\n  build:\n    steps:\n      - run: ./build.sh\n      - run: test ! -e ignored.txt && test ! -d .git && echo clean\n  again:\n    needs: build\n    steps: [{ run: cat data/input.txt }]\n";
+    // A plain directory: every file is sent, modes kept.
+    let plain = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(plain.path().join("data")).expect("mkdir");
+    std::fs::write(plain.path().join("data/input.txt"), "hello source\n").expect("write");
+    std::fs::write(
+        plain.path().join("build.sh"),
+        "#!/bin/sh\necho \"built from $(cat data/input.txt)\"\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(
+        plain.path().join("build.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::fs::write(plain.path().join("gantry.yml"), pipeline).expect("write");
+    let out = c
+        .gantry(&[
+            "run",
+            plain.path().join("gantry.yml").to_str().expect("utf8"),
+            "--follow",
+        ])
+        .expect_code(0);
+    assert!(out.stdout.contains("run 1 succeeded"), "{}", out.stdout);
+    assert!(
+        c.logs("1.0").contains("built from hello source"),
+        "{}",
+        c.logs("1.0")
+    );
+    assert!(
+        c.logs("1.1").contains("hello source"),
+        "every job of the run starts from the same tree"
+    );
+
+    // A git checkout: only what git tracks or would track; ignored files and .git stay home.
+    let repo = tempfile::tempdir().expect("tempdir");
+    assert!(std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(repo.path())
+        .status()
+        .expect("git")
+        .success());
+    std::fs::create_dir_all(repo.path().join("data")).expect("mkdir");
+    std::fs::write(repo.path().join("data/input.txt"), "from git\n").expect("write");
+    std::fs::write(repo.path().join("build.sh"), "#!/bin/sh\necho built\n").expect("write");
+    std::fs::set_permissions(
+        repo.path().join("build.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::fs::write(repo.path().join(".gitignore"), "ignored.txt\n").expect("write");
+    std::fs::write(repo.path().join("ignored.txt"), "secret scratch\n").expect("write");
+    std::fs::write(repo.path().join("gantry.yml"), pipeline).expect("write");
+    let out = c
+        .gantry(&[
+            "run",
+            repo.path().join("gantry.yml").to_str().expect("utf8"),
+            "--follow",
+        ])
+        .expect_code(0);
+    assert!(out.stdout.contains("run 2 succeeded"), "{}", out.stdout);
+    assert!(c.logs("2.0").contains("clean"), "{}", c.logs("2.0"));
+    assert!(c.logs("2.1").contains("from git"));
+
+    // --no-source: an empty workspace.
+    let out = c
+        .gantry(&[
+            "run",
+            plain.path().join("gantry.yml").to_str().expect("utf8"),
+            "--follow",
+            "--no-source",
+        ])
+        .expect_code(1);
+    assert!(
+        out.stdout.contains("run 3 failed"),
+        "./build.sh is not there without the source: {}",
+        out.stdout
+    );
+}

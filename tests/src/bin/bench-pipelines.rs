@@ -73,6 +73,7 @@ impl Admin {
             commit: None,
             event: "manual".into(),
             inputs: Labels::new(),
+            source: None,
         };
         match self.request(&AdminRequest::SubmitRun(submit)).await? {
             AdminResponse::Run(r) => Ok(r.run),

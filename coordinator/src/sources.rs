@@ -1,0 +1,134 @@
+//! Source trees uploaded by `gantry run`, kept until their runs no longer need them.
+//!
+//! Owns `DATA_DIR/sources/<sha256 hex>.tar`: an upload is written to a temporary file
+//! while its SHA-256 is computed, fsynced, and renamed to its content address, so the
+//! same tree uploaded twice is stored once and a crash never leaves a partial archive
+//! under a real name. Agents fetch the archive of their attempt's run. (Issue 4 moves
+//! source trees onto the content-addressed chunk store; this module is then replaced.)
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use gantry_protocol::SourceData;
+use gantry_transport::{FrameReader, FrameWriter, TransportError};
+
+/// Largest source tree accepted.
+pub const MAX_SOURCE_BYTES: u64 = 1024 * 1024 * 1024;
+/// Size of the pieces an archive travels in.
+pub const PIECE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug)]
+pub struct SourceStore {
+    dir: PathBuf,
+}
+
+/// Whether `id` has the shape of a source id (`sha256:<64 hex>`).
+pub fn valid_id(id: &str) -> bool {
+    id.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+impl SourceStore {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self, id: &str) -> Option<PathBuf> {
+        valid_id(id).then(|| self.dir.join(format!("{}.tar", &id[7..])))
+    }
+
+    pub fn exists(&self, id: &str) -> bool {
+        self.path(id).is_some_and(|p| p.exists())
+    }
+
+    /// Receives an archive of `declared` bytes from `reader`; returns its id once durable.
+    pub async fn receive(
+        &self,
+        reader: &mut FrameReader,
+        declared: u64,
+    ) -> Result<(String, u64), String> {
+        if declared > MAX_SOURCE_BYTES {
+            return Err(format!("the source tree is {declared} bytes, over the {MAX_SOURCE_BYTES}-byte limit; use --no-source or a smaller --source"));
+        }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let tmp = tempfile::NamedTempFile::new_in(&self.dir)
+            .map_err(|e| format!("cannot create a temporary file: {e}"))?;
+        let mut file = tmp.as_file();
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut received = 0u64;
+        loop {
+            match reader.recv::<SourceData>().await {
+                Ok(Some(SourceData(piece))) => {
+                    received += piece.len() as u64;
+                    if received > declared {
+                        return Err(format!("more than the declared {declared} bytes arrived"));
+                    }
+                    digest.update(&piece);
+                    file.write_all(&piece)
+                        .map_err(|e| format!("cannot write the source tree: {e}"))?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("the upload broke off: {e}")),
+            }
+        }
+        if received != declared {
+            return Err(format!(
+                "the upload ended after {received} of {declared} bytes"
+            ));
+        }
+        file.sync_all()
+            .map_err(|e| format!("cannot sync the source tree: {e}"))?;
+        let id = format!("sha256:{}", gantry_certs::hex(digest.finish().as_ref()));
+        let path = self.path(&id).ok_or("internal: bad source id")?;
+        tmp.persist(&path)
+            .map_err(|e| format!("cannot store the source tree: {e}"))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()))?;
+        Ok((id, received))
+    }
+
+    /// Sends a stored archive as `SourceData` frames.
+    pub async fn send(&self, id: &str, writer: &mut FrameWriter) -> Result<(), TransportError> {
+        let Some(path) = self.path(id) else {
+            return Err(TransportError::Lost(format!("invalid source id {id}")));
+        };
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| TransportError::Lost(format!("source {id} unreadable: {e}")))?;
+        let mut buf = vec![0u8; PIECE_BYTES];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| TransportError::Lost(format!("source {id} unreadable: {e}")))?;
+            if n == 0 {
+                return Ok(());
+            }
+            writer.send(&SourceData(buf[..n].to_vec())).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_ids_are_sha256_only() {
+        assert!(valid_id(&format!("sha256:{}", "a".repeat(64))));
+        for bad in [
+            "",
+            "sha256:",
+            "sha256:../../etc/passwd",
+            &format!("sha256:{}", "A".repeat(64)),
+            &format!("md5:{}", "a".repeat(64)),
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+}
