@@ -319,27 +319,11 @@ fn gantry_env(job: &JobAssignment, step_env: &Labels, workspace: &str, index: us
 
 /// Replaces `${{ secrets.NAME }}` (spaces optional) with the secret's value.
 pub fn substitute_secrets(text: &str, secrets: &Labels) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("${{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 3..];
-        let Some(end) = after.find("}}") else {
-            out.push_str(&rest[start..]);
-            return out;
-        };
-        let expr = after[..end].trim();
-        match expr
-            .strip_prefix("secrets.")
+    gantry_protocol::template::expand(text, |expr| {
+        expr.strip_prefix("secrets.")
             .and_then(|name| secrets.get(name.trim()))
-        {
-            Some(value) => out.push_str(value),
-            None => out.push_str(&rest[start..start + 3 + end + 2]),
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    out
+            .cloned()
+    })
 }
 
 /// The step's working directory inside the workspace; never outside it.

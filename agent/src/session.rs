@@ -479,7 +479,7 @@ impl Runner {
         info!(
             not_after = not_after.0,
             "certificate renewed, valid until {}",
-            format_millis(not_after)
+            not_after.to_rfc3339()
         );
         Ok(())
     }
@@ -553,24 +553,6 @@ async fn wait_for_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for log lines, without pulling in a date crate.
-pub fn format_millis(at: UnixMillis) -> String {
-    let secs = at.0 / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (hour, minute, second) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm), valid for all dates after 1970.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,18 +587,5 @@ mod tests {
             reason: String::new(),
         };
         assert_eq!(classify_error(&shutting_down), ErrorClass::Retry);
-    }
-
-    #[test]
-    fn timestamps_format_as_utc() {
-        assert_eq!(format_millis(UnixMillis(0)), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            format_millis(UnixMillis(951_782_400_000)),
-            "2000-02-29T00:00:00Z"
-        );
-        assert_eq!(
-            format_millis(UnixMillis(1_798_761_599_999)),
-            "2026-12-31T23:59:59Z"
-        );
     }
 }

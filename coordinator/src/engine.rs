@@ -435,17 +435,8 @@ fn expand_references(
     pipeline: &Pipeline,
     job: &gantry_pipeline::Job,
 ) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("${{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 3..];
-        let Some(end) = after.find("}}") else {
-            out.push_str(&rest[start..]);
-            return out;
-        };
-        let expr = after[..end].trim();
-        let value = if let Some(name) = expr.strip_prefix("inputs.") {
+    gantry_protocol::template::expand(text, |expr| {
+        if let Some(name) = expr.strip_prefix("inputs.") {
             inputs.get(name).cloned().or_else(|| {
                 pipeline
                     .triggers
@@ -460,15 +451,8 @@ fn expand_references(
                 .cloned()
         } else {
             None
-        };
-        match value {
-            Some(v) => out.push_str(&v),
-            None => out.push_str(&rest[start..start + 3 + end + 2]),
         }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    out
+    })
 }
 
 /// The scheduler's plans for a stored run.

@@ -406,27 +406,9 @@ pub fn human_duration(ms: u64) -> String {
     }
 }
 
-/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, no time zone database needed).
-#[allow(clippy::many_single_char_names)] // the civil-from-days algorithm's own names
+/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(t: UnixMillis) -> String {
-    let secs = t.0 / 1000;
-    let days = (secs / 86_400).cast_signed();
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    t.to_rfc3339()
 }
 
 #[cfg(test)]

@@ -29,14 +29,14 @@ const FOLLOW_BATCH_BYTES: usize = 1024 * 1024;
 /// How often a follower re-reads the job from the store, in case it missed a change.
 const FOLLOW_RECHECK: Duration = Duration::from_millis(500);
 
-fn invalid(message: String) -> AdminError {
+pub(crate) fn invalid(message: String) -> AdminError {
     AdminError {
         kind: AdminErrorKind::InvalidInput,
         message,
     }
 }
 
-fn not_found(message: String) -> AdminError {
+pub(crate) fn not_found(message: String) -> AdminError {
     AdminError {
         kind: AdminErrorKind::NotFound,
         message,
@@ -44,7 +44,7 @@ fn not_found(message: String) -> AdminError {
 }
 
 #[allow(clippy::needless_pass_by_value)] // used as map_err(internal)
-fn internal(e: StoreError) -> AdminError {
+pub(crate) fn internal(e: StoreError) -> AdminError {
     AdminError {
         kind: AdminErrorKind::Internal,
         message: e.to_string(),

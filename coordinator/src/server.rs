@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use gantry_certs::{CertAuthority, Identity, JoinToken, RevocationSet};
 use gantry_protocol::{
-    limits, AdminError, AdminErrorKind, AdminRequest, AdminResponse, AgentHello, AgentId,
-    AgentMessage, AgentState, AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest,
-    Enrolled, HelloError, HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason,
-    StatusView, StreamOpen, TokenCreated, TokenId, UnixMillis, Welcome,
+    limits, AdminError, AdminRequest, AdminResponse, AgentHello, AgentId, AgentMessage, AgentState,
+    AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest, Enrolled, HelloError,
+    HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason, StatusView, StreamOpen,
+    TokenCreated, TokenId, UnixMillis, Welcome,
 };
 use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::engine::{AgentOutbox, Engine, Input};
 use crate::logs::LogStore;
+use crate::runs::{internal, invalid};
 use crate::secrets::SecretKey;
 
 use crate::store::{
@@ -322,76 +323,36 @@ impl Coordinator {
         let identity = conn
             .peer_certificates()
             .map(|chain| Identity::from_cert_der(&chain[0]));
-        match (hello.intent, identity) {
-            (Intent::Enroll(req), None) => self.enroll(&conn, &mut writer, req).await,
+        // What the connection may do comes from its certificate alone; every other
+        // combination is refused with the reason the peer will show.
+        let (reason, message) = match (hello.intent, identity) {
+            (Intent::Enroll(req), None) => return self.enroll(&conn, &mut writer, req).await,
             (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
-                self.agent_session(conn, writer, reader, id, h).await;
+                return self.agent_session(conn, writer, reader, id, h).await;
             }
             (Intent::Admin(_), Some(Ok(Identity::Admin(name)))) => {
-                self.admin_session(conn, writer, reader, name).await;
+                return self.admin_session(conn, writer, reader, name).await;
             }
-            (Intent::Enroll(_), Some(_)) => {
-                let msg = "enrollment must come from a connection without a client certificate"
-                    .to_owned();
-                refuse(
-                    &conn,
-                    &mut writer,
-                    CloseCode::Unauthorized,
-                    RefusalReason::BadRequest,
-                    msg,
-                )
-                .await;
-            }
-            (_, None) => {
-                let msg = "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned();
-                tracing::info!(%remote, "{msg}");
-                refuse(
-                    &conn,
-                    &mut writer,
-                    CloseCode::Unauthorized,
-                    RefusalReason::NotAuthenticated,
-                    msg,
-                )
-                .await;
-            }
-            (Intent::Admin(_), Some(Ok(other))) => {
-                let msg =
-                    format!("{other} is not an admin: admin commands need an admin certificate");
-                tracing::info!(%remote, "{msg}");
-                refuse(
-                    &conn,
-                    &mut writer,
-                    CloseCode::Unauthorized,
-                    RefusalReason::WrongRole,
-                    msg,
-                )
-                .await;
-            }
-            (Intent::Agent(_), Some(Ok(other))) => {
-                let msg =
-                    format!("{other} is not an agent: an agent session needs an agent certificate");
-                tracing::info!(%remote, "{msg}");
-                refuse(
-                    &conn,
-                    &mut writer,
-                    CloseCode::Unauthorized,
-                    RefusalReason::WrongRole,
-                    msg,
-                )
-                .await;
-            }
-            (_, Some(Err(e))) => {
-                let msg = format!("client certificate names no Gantry identity: {e}");
-                refuse(
-                    &conn,
-                    &mut writer,
-                    CloseCode::Unauthorized,
-                    RefusalReason::NotAuthenticated,
-                    msg,
-                )
-                .await;
-            }
-        }
+            (Intent::Enroll(_), Some(_)) => (
+                RefusalReason::BadRequest,
+                "enrollment must come from a connection without a client certificate".to_owned(),
+            ),
+            (_, None) => (
+                RefusalReason::NotAuthenticated,
+                "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
+            ),
+            (Intent::Admin(_), Some(Ok(other))) => (
+                RefusalReason::WrongRole,
+                format!("{other} is not an admin: admin commands need an admin certificate"),
+            ),
+            (Intent::Agent(_), Some(Ok(other))) => (
+                RefusalReason::WrongRole,
+                format!("{other} is not an agent: an agent session needs an agent certificate"),
+            ),
+            (_, Some(Err(e))) => (RefusalReason::NotAuthenticated, format!("client certificate names no Gantry identity: {e}")),
+        };
+        tracing::info!(%remote, "{message}");
+        refuse(&conn, &mut writer, CloseCode::Unauthorized, reason, message).await;
     }
 
     async fn enroll(&self, conn: &Connection, writer: &mut FrameWriter, req: EnrollRequest) {
@@ -1016,7 +977,7 @@ impl Coordinator {
                     .store
                     .agent(&agent_id)
                     .map_err(internal)?
-                    .ok_or_else(|| not_found(&agent_id))?;
+                    .ok_or_else(|| agent_not_found(&agent_id))?;
                 Ok(AdminResponse::Agent(self.view(&record)))
             }
             AdminRequest::RevokeAgent { agent_id } => {
@@ -1164,31 +1125,15 @@ fn check_labels(labels: &Labels) -> Result<Labels, String> {
     crate::config::parse_labels(&pairs).map_err(|e| e.to_string())
 }
 
-fn invalid(message: String) -> AdminError {
-    AdminError {
-        kind: AdminErrorKind::InvalidInput,
-        message,
-    }
-}
-
-#[allow(clippy::needless_pass_by_value)] // used as map_err(internal)
-fn internal(e: StoreError) -> AdminError {
-    AdminError {
-        kind: AdminErrorKind::Internal,
-        message: e.to_string(),
-    }
-}
-
-fn not_found(id: &AgentId) -> AdminError {
-    AdminError {
-        kind: AdminErrorKind::NotFound,
-        message: format!("no agent {id}; `gantry agents list` shows the enrolled ones"),
-    }
+fn agent_not_found(id: &AgentId) -> AdminError {
+    crate::runs::not_found(format!(
+        "no agent {id}; `gantry agents list` shows the enrolled ones"
+    ))
 }
 
 fn store_err(e: StoreError, id: &AgentId) -> AdminError {
     match e {
-        StoreError::UnknownAgent(_) => not_found(id),
+        StoreError::UnknownAgent(_) => agent_not_found(id),
         other => internal(other),
     }
 }

@@ -673,13 +673,21 @@ impl Store {
 
     /// Removes a trigger; `false` if there was none.
     pub fn remove_trigger(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.remove_named(TRIGGERS, name, audit)
+    }
+
+    /// Removes the entry `name` of a table keyed by name, with its audit entry (only
+    /// when something was removed); `false` if there was none.
+    fn remove_named(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError> {
         self.write(|tx| {
-            let mut table = tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
-            let existed = table
-                .remove(name)
-                .map_err(eng!("remove trigger"))?
-                .is_some();
-            drop(table);
+            let mut t = tx.open_table(table).map_err(eng!("open table"))?;
+            let existed = t.remove(name).map_err(eng!("remove"))?.is_some();
+            drop(t);
             if existed {
                 Self::append_audit(tx, audit)?;
             }
@@ -715,15 +723,7 @@ impl Store {
 
     /// Removes a secret; `false` if there was none.
     pub fn remove_secret(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let mut table = tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
-            let existed = table.remove(name).map_err(eng!("remove secret"))?.is_some();
-            drop(table);
-            if existed {
-                Self::append_audit(tx, audit)?;
-            }
-            Ok(existed)
-        })
+        self.remove_named(SECRETS, name, audit)
     }
 
     /// Every secret, sealed, by name.

@@ -111,6 +111,28 @@ impl UnixMillis {
         Self(self.0.saturating_add(secs.saturating_mul(1000)))
     }
 
+    /// UTC `YYYY-MM-DDTHH:MM:SSZ`, computed with the civil-from-days algorithm so no
+    /// time zone database is needed.
+    pub fn to_rfc3339(self) -> String {
+        let secs = self.0 / 1000;
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + u64::from(month <= 2);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        )
+    }
+
     /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
     pub fn millis_since(self, earlier: Self) -> u64 {
         self.0.saturating_sub(earlier.0)
@@ -120,6 +142,19 @@ impl UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_format_as_utc() {
+        assert_eq!(UnixMillis(0).to_rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            UnixMillis(951_782_400_000).to_rfc3339(),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            UnixMillis(1_798_761_599_999).to_rfc3339(),
+            "2026-12-31T23:59:59Z"
+        );
+    }
 
     #[test]
     fn ids_round_trip_and_reject_garbage() {

@@ -12,6 +12,7 @@ pub mod hello;
 pub mod ids;
 pub mod limits;
 pub mod messages;
+pub mod template;
 
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};
