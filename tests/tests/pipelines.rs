@@ -462,3 +462,37 @@ fn gantry_run_uploads_the_source_tree_as_the_jobs_workspace() {
         out.stdout
     );
 }
+
+#[test]
+fn invalid_utf8_and_long_lines_pass_through_untouched() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    // Bytes that are not UTF-8, and one 200,000-character line (no truncation).
+    let run = c.run_pipeline(
+        "jobs:\n  bytes:\n    steps: [{ run: \"printf 'bad \\\\377\\\\376 bytes\\\\n'; head -c 200000 /dev/zero | tr '\\\\0' x; echo; echo after\" }]\n",
+        &[],
+    );
+    let view = c.wait_run(run, DEADLINE);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let out = std::process::Command::new(gantry_tests::bin("gantry"))
+        .args(["logs", &format!("{run}.0")])
+        .env("GANTRY_CONFIG", c.context())
+        .output()
+        .expect("logs");
+    assert!(out.status.success());
+    assert!(
+        out.stdout.windows(12).any(|w| w == b"bad \xff\xfe bytes"),
+        "raw bytes kept as they were: {:?}",
+        &out.stdout[..out.stdout.len().min(80)]
+    );
+    let long = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .find(|l| l.first() == Some(&b'x'))
+        .expect("long line");
+    assert_eq!(long.len(), 200_000, "the long line is whole");
+    assert!(
+        out.stdout.ends_with(b"after\n"),
+        "output after them is intact"
+    );
+}
