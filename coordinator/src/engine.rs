@@ -487,7 +487,7 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
                 .map(|&index| JobId { run, index })
                 .collect(),
             runs_on: required_labels(job),
-            condition: convert(&job.condition.fold(&ctx, &job.matrix)),
+            condition: job.condition.fold(&ctx, &job.matrix),
             manual: job.manual,
             retry: job.retry,
             infra_retries: gantry_scheduler::DEFAULT_INFRA_RETRIES,
@@ -521,21 +521,6 @@ pub fn effective_inputs(pipeline: &Pipeline, given: &Labels) -> Labels {
         .collect();
     inputs.extend(given.clone());
     inputs
-}
-
-fn convert(expr: &gantry_pipeline::StatusExpr) -> gantry_scheduler::StatusExpr {
-    use gantry_pipeline::StatusExpr as P;
-    use gantry_scheduler::StatusExpr as S;
-    match expr {
-        P::Const(b) => S::Const(*b),
-        P::Success => S::Success,
-        P::Failure => S::Failure,
-        P::Always => S::Always,
-        P::Cancelled => S::Cancelled,
-        P::Not(e) => S::Not(Box::new(convert(e))),
-        P::And(es) => S::And(es.iter().map(convert).collect()),
-        P::Or(es) => S::Or(es.iter().map(convert).collect()),
-    }
 }
 
 fn record_change(

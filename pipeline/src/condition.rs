@@ -68,13 +68,31 @@ pub struct StaticContext {
     pub env: BTreeMap<String, String>,
 }
 
-/// A condition with every static comparison folded to a constant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A condition with every static comparison folded to a constant: what the scheduler
+/// evaluates. (One definition for both crates: the pipeline crate produces it, the
+/// scheduler consumes it.)
+///
+/// The facts it is evaluated against, for a job whose ancestors (transitive needs) are
+/// all terminal:
+/// - `all_ancestors_succeeded`: every ancestor is `Succeeded`, or `Failed` with
+///   `continue_on_error`. A `Skipped` or `Cancelled` ancestor makes this false, so a
+///   default `success()` job below a skipped job is skipped too (as in GitHub Actions).
+/// - `any_ancestor_failed`: some ancestor is `Failed` without `continue_on_error`.
+///   Skipped and cancelled ancestors are not failures.
+/// - `run_cancelled`: the run received `CancelRun`.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum StatusExpr {
+    /// A comparison the pipeline crate already folded.
     Const(bool),
+    /// `success()`: all ancestors succeeded and the run is not cancelled. The default
+    /// condition of a job without `if:`.
+    #[default]
     Success,
+    /// `failure()`: some ancestor failed.
     Failure,
+    /// `always()`: true, even in a cancelled run.
     Always,
+    /// `cancelled()`: the run was cancelled.
     Cancelled,
     Not(Box<StatusExpr>),
     And(Vec<StatusExpr>),
@@ -82,28 +100,36 @@ pub enum StatusExpr {
 }
 
 impl StatusExpr {
-    /// Evaluates against the outcome of the job's needs and of the run.
+    /// Evaluates the condition. An empty `And` is true and an empty `Or` is false.
     pub fn eval(
         &self,
-        all_needs_succeeded: bool,
-        any_need_failed: bool,
+        all_ancestors_succeeded: bool,
+        any_ancestor_failed: bool,
         run_cancelled: bool,
     ) -> bool {
+        let eval = |e: &Self| e.eval(all_ancestors_succeeded, any_ancestor_failed, run_cancelled);
         match self {
-            StatusExpr::Const(value) => *value,
-            StatusExpr::Success => all_needs_succeeded && !run_cancelled,
-            StatusExpr::Failure => any_need_failed,
-            StatusExpr::Always => true,
-            StatusExpr::Cancelled => run_cancelled,
-            StatusExpr::Not(inner) => {
-                !inner.eval(all_needs_succeeded, any_need_failed, run_cancelled)
-            }
-            StatusExpr::And(items) => items
-                .iter()
-                .all(|item| item.eval(all_needs_succeeded, any_need_failed, run_cancelled)),
-            StatusExpr::Or(items) => items
-                .iter()
-                .any(|item| item.eval(all_needs_succeeded, any_need_failed, run_cancelled)),
+            Self::Const(value) => *value,
+            Self::Success => all_ancestors_succeeded && !run_cancelled,
+            Self::Failure => any_ancestor_failed,
+            Self::Always => true,
+            Self::Cancelled => run_cancelled,
+            Self::Not(inner) => !eval(inner),
+            Self::And(all) => all.iter().all(eval),
+            Self::Or(any) => any.iter().any(eval),
+        }
+    }
+
+    /// Whether `always()` or `cancelled()` appears anywhere in the expression. A pending
+    /// job whose condition mentions either survives `CancelRun` and is evaluated (with
+    /// `run_cancelled = true`) once its ancestors finish; every other pending job is
+    /// cancelled at once.
+    pub fn mentions_cancellation(&self) -> bool {
+        match self {
+            Self::Always | Self::Cancelled => true,
+            Self::Const(_) | Self::Success | Self::Failure => false,
+            Self::Not(inner) => inner.mentions_cancellation(),
+            Self::And(list) | Self::Or(list) => list.iter().any(Self::mentions_cancellation),
         }
     }
 }

@@ -1,0 +1,123 @@
+//! BLAKE3 content digests and their one textual form, `blake3:<64 lowercase hex>`.
+//!
+//! A digest always names the uncompressed bytes, so recompressing a chunk (another zstd
+//! level, another zstd version) never changes its id.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::CasError;
+
+/// The algorithm prefix of the textual form. Part of the id so that a future algorithm
+/// can live next to this one without ambiguity.
+pub const DIGEST_PREFIX: &str = "blake3:";
+
+/// The BLAKE3 digest of some uncompressed bytes.
+///
+/// On the wire (postcard) it is its 32 raw bytes; in text it is `blake3:<64 hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    /// Hashes `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(DIGEST_PREFIX)?;
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = CasError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let invalid = || CasError::InvalidDigest {
+            input: input.chars().take(80).collect(),
+        };
+        let hex = input.strip_prefix(DIGEST_PREFIX).ok_or_else(invalid)?;
+        if hex.len() != 64 {
+            return Err(invalid());
+        }
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *byte = (hex_value(pair[0]).ok_or_else(invalid)? << 4)
+                | hex_value(pair[1]).ok_or_else(invalid)?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+/// Lowercase only: one digest has exactly one textual form, so strings compare equal
+/// exactly when digests do.
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_and_parse_round_trip() {
+        let digest = Digest::of(b"hello");
+        let text = digest.to_string();
+        assert!(text.starts_with("blake3:"));
+        assert_eq!(text.len(), 7 + 64);
+        assert_eq!(text.parse::<Digest>().ok(), Some(digest));
+        // The known BLAKE3 value of the empty input pins the algorithm.
+        assert_eq!(
+            Digest::of(b"").to_string(),
+            "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+    }
+
+    #[test]
+    fn parse_errors_say_what_is_expected() {
+        let good = Digest::of(b"x").to_string();
+        for bad in [
+            "",
+            "sha256:00",
+            &good[7..],
+            &good[..70],
+            &good.to_uppercase(),
+            &format!("{good}0"),
+            &good.replace('a', "g"),
+        ] {
+            let err = bad.parse::<Digest>().expect_err(bad);
+            assert!(matches!(err, CasError::InvalidDigest { .. }), "{bad}");
+            assert!(
+                err.to_string()
+                    .contains("expected `blake3:` followed by 64 lowercase hex digits"),
+                "{err}"
+            );
+        }
+    }
+}

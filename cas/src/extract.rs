@@ -1,0 +1,243 @@
+//! Writing a manifest's tree under a destination directory, never outside it.
+//!
+//! Layers of defence, each sufficient against a well-formed attack on its own:
+//! - the manifest is validated first ([`Manifest::validate`]): relative paths without
+//!   `..`, no duplicates, nothing under a symlink or a file, symlink targets that stay
+//!   inside the tree;
+//! - the destination must be new or empty, files are created with `O_EXCL`
+//!   (`create_new`) and directories one component at a time, so nothing pre-existing is
+//!   followed or overwritten;
+//! - every parent component is checked with `symlink_metadata` before anything is
+//!   created under it, and symlinks are created last, after every file and directory,
+//!   so no write ever happens while a link from the manifest exists on disk.
+//!
+//! There are no hardlinks in the format, so none are created. Setuid and setgid bits are
+//! dropped on extraction. On a refusal or an error, what was already written stays under
+//! `dest` for the caller to remove; nothing is ever written outside it.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::{CasError, Digest, EntryKind, Manifest};
+
+/// Mode bits applied on extraction: permissions and the sticky bit, never setuid or
+/// setgid (an artifact must not mint privileged binaries).
+const APPLIED_MODE_BITS: u32 = 0o1777;
+
+/// Writes `manifest`'s tree under `dest`, which must not exist yet or be an empty
+/// directory. `fetch` returns a chunk's uncompressed bytes (typically through
+/// [`crate::decompress`]); their size and digest are checked again here.
+pub fn extract(
+    manifest: &Manifest,
+    dest: &Path,
+    mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, CasError>,
+) -> Result<(), CasError> {
+    manifest.validate()?;
+    prepare_destination(dest)?;
+
+    let mut entries: Vec<_> = manifest.entries.iter().collect();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+
+    // Pass 1: directories and files, parents before children.
+    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    for entry in &entries {
+        match &entry.kind {
+            EntryKind::Dir { mode } => {
+                let on_disk = ensure_parents(dest, &entry.path)?;
+                create_dir_checked(&on_disk, &entry.path)?;
+                dir_modes.push((on_disk, *mode));
+            }
+            EntryKind::File { mode, chunks, .. } => {
+                let on_disk = ensure_parents(dest, &entry.path)?;
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&on_disk)
+                    .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
+                for chunk in chunks {
+                    let data = fetch(&chunk.digest)?;
+                    if data.len() != chunk.size as usize {
+                        return Err(CasError::CorruptChunk {
+                            digest: chunk.digest,
+                            reason: format!(
+                                "fetched {} bytes for entry `{}`, expected {}",
+                                data.len(),
+                                entry.path,
+                                chunk.size
+                            ),
+                        });
+                    }
+                    let actual = Digest::of(&data);
+                    if actual != chunk.digest {
+                        return Err(CasError::DigestMismatch {
+                            expected: chunk.digest,
+                            actual,
+                        });
+                    }
+                    file.write_all(&data)
+                        .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+                }
+                file.set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
+                    .map_err(CasError::io(format!("setting mode of `{}`", entry.path)))?;
+            }
+            EntryKind::Symlink { .. } => {}
+        }
+    }
+
+    // Pass 2: symlinks, once nothing else will be written.
+    for entry in &entries {
+        if let EntryKind::Symlink { target } = &entry.kind {
+            let on_disk = ensure_parents(dest, &entry.path)?;
+            std::os::unix::fs::symlink(target, &on_disk)
+                .map_err(|err| refuse_existing(err, &entry.path, "creating symlink"))?;
+        }
+    }
+
+    // Pass 3: directory modes, deepest first, so a read-only directory is locked only
+    // after everything under it is written.
+    for (on_disk, mode) in dir_modes.iter().rev() {
+        let meta = fs::symlink_metadata(on_disk)
+            .map_err(CasError::io(format!("checking {}", on_disk.display())))?;
+        if !meta.is_dir() {
+            return Err(CasError::Io {
+                context: format!("setting mode of {}", on_disk.display()),
+                source: std::io::Error::other("no longer a directory"),
+            });
+        }
+        fs::set_permissions(
+            on_disk,
+            fs::Permissions::from_mode(mode & APPLIED_MODE_BITS),
+        )
+        .map_err(CasError::io(format!(
+            "setting mode of {}",
+            on_disk.display()
+        )))?;
+    }
+    Ok(())
+}
+
+/// Creates `dest` if it does not exist; otherwise it must be an empty directory and not
+/// a symlink.
+fn prepare_destination(dest: &Path) -> Result<(), CasError> {
+    match fs::symlink_metadata(dest) {
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            fs::create_dir_all(dest).map_err(CasError::io(format!("creating {}", dest.display())))
+        }
+        Err(err) => Err(CasError::io(format!("checking {}", dest.display()))(err)),
+        Ok(meta) if meta.is_dir() => {
+            let mut listing =
+                fs::read_dir(dest).map_err(CasError::io(format!("listing {}", dest.display())))?;
+            if listing.next().is_some() {
+                return Err(CasError::DestinationNotEmpty {
+                    dest: dest.to_owned(),
+                });
+            }
+            Ok(())
+        }
+        Ok(_) => Err(CasError::DestinationNotEmpty {
+            dest: dest.to_owned(),
+        }),
+    }
+}
+
+/// Makes sure every parent of `path` exists under `dest` as a real directory (creating
+/// missing ones one at a time) and returns where `path` itself goes.
+fn ensure_parents(dest: &Path, path: &str) -> Result<PathBuf, CasError> {
+    for (slash, _) in path.match_indices('/') {
+        let parent = &path[..slash];
+        check_parent(&dest.join(parent), path, parent)?;
+    }
+    Ok(dest.join(path))
+}
+
+/// Checks one parent component on disk: it must be a directory and not a symlink. A
+/// missing parent is created (mode 0755, before umask).
+fn check_parent(on_disk: &Path, path: &str, parent: &str) -> Result<(), CasError> {
+    match fs::symlink_metadata(on_disk) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(CasError::ThroughSymlink {
+            path: path.to_owned(),
+            link: parent.to_owned(),
+        }),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(CasError::ParentNotDir {
+            path: path.to_owned(),
+            parent: parent.to_owned(),
+        }),
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            match DirBuilder::new().mode(0o755).create(on_disk) {
+                Ok(()) => Ok(()),
+                // Created by someone else in between: check again what it is.
+                Err(err) if err.kind() == ErrorKind::AlreadyExists => {
+                    let meta = fs::symlink_metadata(on_disk)
+                        .map_err(CasError::io(format!("checking `{parent}`")))?;
+                    if meta.is_dir() && !meta.file_type().is_symlink() {
+                        Ok(())
+                    } else {
+                        Err(CasError::ThroughSymlink {
+                            path: path.to_owned(),
+                            link: parent.to_owned(),
+                        })
+                    }
+                }
+                Err(err) => Err(CasError::io(format!("creating `{parent}`"))(err)),
+            }
+        }
+        Err(err) => Err(CasError::io(format!("checking `{parent}`"))(err)),
+    }
+}
+
+/// Creates a listed directory. Parents sort before their children (`a` < `a/x`), so a
+/// listed directory is never created implicitly first; if it exists, the path was named
+/// twice or something raced us, and either way it is refused.
+fn create_dir_checked(on_disk: &Path, path: &str) -> Result<(), CasError> {
+    DirBuilder::new()
+        .mode(0o700)
+        .create(on_disk)
+        .map_err(|err| refuse_existing(err, path, "creating directory"))
+}
+
+/// `AlreadyExists` from an exclusive create means the manifest (or someone racing us)
+/// named the path twice.
+fn refuse_existing(err: std::io::Error, path: &str, doing: &str) -> CasError {
+    if err.kind() == ErrorKind::AlreadyExists {
+        CasError::DuplicateEntry {
+            path: path.to_owned(),
+        }
+    } else {
+        CasError::io(format!("{doing} `{path}`"))(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The on-disk check refuses a parent that is a symlink, whatever the manifest said
+    /// (defence against a destination changed under us).
+    #[test]
+    fn parent_symlink_on_disk_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dest = root.path().join("dest");
+        let outside = root.path().join("outside");
+        fs::create_dir(&dest).expect("dest");
+        fs::create_dir(&outside).expect("outside");
+        std::os::unix::fs::symlink(&outside, dest.join("a")).expect("symlink");
+        let err = ensure_parents(&dest, "a/b").expect_err("must refuse");
+        assert!(
+            matches!(&err, CasError::ThroughSymlink { path, link } if path == "a/b" && link == "a"),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(&outside).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn parent_file_on_disk_is_refused() {
+        let root = tempfile::tempdir().expect("tempdir");
+        fs::write(root.path().join("a"), b"x").expect("write");
+        let err = ensure_parents(root.path(), "a/b").expect_err("must refuse");
+        assert!(matches!(err, CasError::ParentNotDir { .. }), "{err}");
+    }
+}

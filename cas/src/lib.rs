@@ -1,0 +1,36 @@
+//! Content-addressed artifacts: the pure core of Gantry's chunk store.
+//!
+//! This crate owns the formats and the rules: how a digest is written
+//! ([`Digest`], `blake3:<hex>` of the *uncompressed* bytes), where files are cut into
+//! chunks ([`chunk_reader`], FastCDC 2020), how a chunk is compressed and bounded on the
+//! way back ([`compress`], [`decompress`]), what a tree looks like ([`Manifest`]), how a
+//! manifest is built from a directory ([`build_manifest`]) and how it is written back
+//! without ever leaving the destination ([`extract`]).
+//!
+//! It must not do networking, keep an index (redb lives in the coordinator) or decide
+//! where chunks are stored: callers hand chunks out through callbacks and fetch them
+//! back through callbacks. The filesystem is touched only by [`build_manifest`],
+//! [`build_manifest_for`] and [`extract`].
+//!
+//! Architecture Invariant: everything a peer sends (a manifest's bytes, a compressed
+//! chunk) is bounded and verified here before anything is allocated for it or written
+//! from it.
+
+mod build;
+mod chunk;
+mod compress;
+mod digest;
+mod error;
+mod extract;
+mod manifest;
+
+pub use build::{build_manifest, build_manifest_for};
+pub use chunk::{chunk_reader, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+pub use compress::{compress, decompress, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK};
+pub use digest::{Digest, DIGEST_PREFIX};
+pub use error::{CasError, PathProblem, SymlinkProblem};
+pub use extract::extract;
+pub use manifest::{
+    ChunkRef, Entry, EntryKind, Manifest, MANIFEST_VERSION, MAX_COMPONENT_BYTES, MAX_ENTRIES,
+    MAX_MANIFEST_BYTES, MAX_PATH_BYTES, MAX_TOTAL_SIZE,
+};
