@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use gantry_protocol::{Attempt, JobId, LogChunk};
 use tokio::sync::broadcast;
@@ -209,7 +209,9 @@ fn index(file: &mut File) -> std::io::Result<(Vec<u64>, u64)> {
 #[derive(Debug)]
 pub struct LogStore {
     dir: PathBuf,
-    open: Mutex<HashMap<(JobId, Attempt), Arc<LiveLog>>>,
+    /// Logs in use. Weak, so a log nobody holds (no upload, no follower) is closed and
+    /// forgotten instead of keeping its file handle and index for the coordinator's life.
+    open: Mutex<HashMap<(JobId, Attempt), Weak<LiveLog>>>,
 }
 
 impl LogStore {
@@ -232,9 +234,10 @@ impl LogStore {
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(log) = open.get(&(job, attempt)) {
-            return Ok(log.clone());
+        if let Some(log) = open.get(&(job, attempt)).and_then(Weak::upgrade) {
+            return Ok(log);
         }
+        open.retain(|_, log| log.strong_count() > 0);
         let path = self.path(job, attempt);
         let io = |source| LogError::Io {
             path: path.display().to_string(),
@@ -268,21 +271,24 @@ impl LogStore {
             }),
             followers,
         });
-        open.insert((job, attempt), log.clone());
+        open.insert((job, attempt), Arc::downgrade(&log));
         Ok(log)
+    }
+
+    /// How many logs are open (held by an upload or a follower).
+    #[cfg(test)]
+    pub fn open_count(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|l| l.strong_count() > 0)
+            .count()
     }
 
     /// Whether a log exists for this attempt (without creating it).
     pub fn exists(&self, job: JobId, attempt: Attempt) -> bool {
         self.path(job, attempt).exists()
-    }
-
-    /// Drops the in-memory handle of a finished log (the file stays).
-    pub fn close(&self, job: JobId, attempt: Attempt) {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&(job, attempt));
     }
 }
 
@@ -312,7 +318,7 @@ mod tests {
             })
         ));
         assert_eq!(log.sync().expect("sync"), 2);
-        store.close(JOB, 1);
+        drop(log);
         // A crash mid-write leaves half a record.
         let path = dir.path().join("7").join("2-1.log");
         let mut f = OpenOptions::new().append(true).open(&path).expect("file");
@@ -335,6 +341,29 @@ mod tests {
             1,
             "max_bytes still returns one chunk"
         );
+    }
+
+    #[test]
+    fn a_log_nobody_holds_is_closed_and_reopens_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::new(dir.path());
+        let log = store.open(JOB, 1).expect("open");
+        log.append(0, b"kept").expect("append");
+        log.sync().expect("sync");
+        let again = store.open(JOB, 1).expect("shared");
+        assert!(Arc::ptr_eq(&log, &again), "one instance while it is in use");
+        drop((log, again));
+        for attempt in 2..50 {
+            drop(store.open(JOB, attempt).expect("open"));
+        }
+        assert_eq!(
+            store.open_count(),
+            0,
+            "no handle kept for logs nobody holds"
+        );
+        let reopened = store.open(JOB, 1).expect("reopen");
+        assert_eq!(reopened.next_seq(), 1);
+        assert_eq!(reopened.bytes(), 4);
     }
 
     #[tokio::test]

@@ -517,8 +517,6 @@ pub async fn receive_log(
             .map_err(|e| e.to_string())?;
     }
     writer.finish();
-    // The agent ends the stream only once its job is over and every chunk is acknowledged.
-    coord.logs.close(job, attempt);
     Ok(())
 }
 
