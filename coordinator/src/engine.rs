@@ -85,7 +85,11 @@ impl Engine {
     }
 
     /// Restores the scheduler from the store and starts the engine task.
-    pub fn start(store: Arc<Store>, outbox: Arc<dyn AgentOutbox>) -> Result<Self, String> {
+    pub fn start(
+        store: Arc<Store>,
+        outbox: Arc<dyn AgentOutbox>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, String> {
         let now = UnixMillis::now();
         let mut scheduler = match store.scheduler_snapshot().map_err(|e| e.to_string())? {
             Some(bytes) => {
@@ -135,6 +139,8 @@ impl Engine {
             store,
             outbox,
             changes,
+            metrics,
+            queued_at: HashMap::new(),
         };
         tokio::spawn(task.run(rx));
         Ok(engine)
@@ -148,6 +154,9 @@ struct RunContext {
 }
 
 struct EngineTask {
+    metrics: Arc<crate::metrics::Metrics>,
+    /// When each queued job was queued, for the dispatch latency histogram.
+    queued_at: HashMap<JobId, std::time::Instant>,
     scheduler: Scheduler,
     contexts: HashMap<RunId, RunContext>,
     store: Arc<Store>,
@@ -233,6 +242,9 @@ impl EngineTask {
                         // "cannot execute" code, so it is retried like one.
                         JobOutcome::Error { .. } => Outcome::Failed { exit_code: 126 },
                     };
+                    self.metrics.job_duration(
+                        result.finished_at.millis_since(result.started_at) as f64 / 1000.0,
+                    );
                     let (chunks, attempt) = (result.log_chunks, result.attempt);
                     let (started, finished) = (result.started_at, result.finished_at);
                     job_changes.push((
@@ -260,6 +272,11 @@ impl EngineTask {
         }
         let mut run_changes: Vec<RunChange> = Vec::new();
         let mut finished_runs = Vec::new();
+        for command in &commands {
+            self.observe(command);
+        }
+        self.metrics
+            .set_queue_depth(self.scheduler.queue_len() as u64);
         for command in &commands {
             match command {
                 Command::JobChanged {
@@ -342,6 +359,34 @@ impl EngineTask {
                 // are not sent (their offers time out and are made again).
                 tracing::error!("cannot store scheduler changes: {e}");
             }
+        }
+    }
+
+    /// Feeds the figures of `/metrics` from one command.
+    fn observe(&mut self, command: &Command) {
+        match command {
+            Command::Dispatch { .. } => self.metrics.dispatched(),
+            Command::JobChanged { job, state, .. } => match state {
+                JobState::Queued => {
+                    self.queued_at
+                        .entry(*job)
+                        .or_insert_with(std::time::Instant::now);
+                }
+                JobState::Running { .. } => {
+                    if let Some(at) = self.queued_at.remove(job) {
+                        self.metrics.dispatch_latency(at.elapsed().as_secs_f64());
+                    }
+                }
+                s if s.is_terminal() => {
+                    self.queued_at.remove(job);
+                    self.metrics.job_ended(job_state_name(s));
+                }
+                _ => {}
+            },
+            Command::RunChanged { state, .. } if state.is_terminal() => {
+                self.metrics.run_ended(run_state_name(*state));
+            }
+            _ => {}
         }
     }
 

@@ -5,7 +5,8 @@
 //! request. Plain HTTP is served on loopback addresses only (put a TLS proxy in front,
 //! or wait for TLS on this port); the coordinator refuses any other address at start.
 //!
-//! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`.
+//! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`,
+//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,6 +144,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, RequestError> {
 }
 
 async fn handle(coord: &Coordinator, mut stream: TcpStream) {
+    let mut content_type = "application/json";
     let (status, body) =
         match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream)).await {
             Err(_) => (
@@ -153,7 +155,13 @@ async fn handle(coord: &Coordinator, mut stream: TcpStream) {
             Ok(Err(e @ RequestError::BodyTooLarge)) => (413, error_json(&e.to_string())),
             Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
             Ok(Err(e)) => (400, error_json(&e.to_string())),
-            Ok(Ok(req)) => route(coord, &req),
+            Ok(Ok(req)) => {
+                if req.path == "/metrics" {
+                    // The Prometheus text exposition format, version 0.0.4.
+                    content_type = "text/plain; version=0.0.4; charset=utf-8";
+                }
+                route(coord, &req)
+            }
         };
     let reason = match status {
         200 => "OK",
@@ -167,7 +175,7 @@ async fn handle(coord: &Coordinator, mut stream: TcpStream) {
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
-    let response = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let response = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -179,6 +187,14 @@ fn error_json(message: &str) -> String {
 fn route(coord: &Coordinator, req: &Request) -> (u16, String) {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/healthz") => (200, serde_json::json!({ "status": "ok" }).to_string()),
+        ("GET", "/readyz") => {
+            if coord.ready() {
+                (200, serde_json::json!({ "status": "ready" }).to_string())
+            } else {
+                (503, error_json("the store does not answer"))
+            }
+        }
+        ("GET", "/metrics") => (200, coord.render_metrics()),
         ("POST", "/hooks/push") => push_hook(coord, req),
         (_, "/hooks/push" | "/healthz") => (405, error_json("method not allowed")),
         _ => (

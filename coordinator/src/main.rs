@@ -12,6 +12,7 @@ mod engine;
 mod http;
 mod init;
 mod logs;
+mod metrics;
 mod output;
 mod runs;
 mod secrets;

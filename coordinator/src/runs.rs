@@ -499,8 +499,13 @@ pub async fn receive_log(
         for item in batch {
             match item {
                 Ok(Some(chunk)) => {
-                    log.append(chunk.seq, &chunk.data)
-                        .map_err(|e| e.to_string())?;
+                    if log
+                        .append(chunk.seq, &chunk.data)
+                        .map_err(|e| e.to_string())?
+                        == crate::logs::Appended::Stored
+                    {
+                        coord.metrics.log_bytes(chunk.data.len() as u64);
+                    }
                 }
                 Ok(None) => done = true,
                 Err(e) => return Err(e.to_string()),

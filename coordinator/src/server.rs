@@ -87,6 +87,7 @@ pub struct Coordinator {
     pub(crate) logs: Arc<LogStore>,
     pub(crate) secret_key: Arc<SecretKey>,
     pub(crate) sources: Arc<crate::sources::SourceStore>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The engine's way to reach agents and secrets.
@@ -142,6 +143,20 @@ fn truncate(reason: &str) -> &str {
 }
 
 impl Coordinator {
+    /// `/metrics` in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let gauges = crate::metrics::Gauges {
+            agents_connected: lock(&self.registry).live.len() as u64,
+            agents_enrolled: self.store.counts(UnixMillis::now()).map_or(0, |c| c.agents),
+        };
+        self.metrics.render(gauges)
+    }
+
+    /// Whether the coordinator can serve: its store answers.
+    pub fn ready(&self) -> bool {
+        self.store.counts(UnixMillis::now()).is_ok()
+    }
+
     /// The value of one stored secret (for the coordinator's own use, e.g. the webhook secret).
     pub fn outbox_secret(&self, name: &str) -> Option<String> {
         let sealed = self
@@ -176,7 +191,8 @@ impl Coordinator {
             store: store.clone(),
             secret_key: secret_key.clone(),
         });
-        let engine = Engine::start(store.clone(), outbox)?;
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let engine = Engine::start(store.clone(), outbox, metrics.clone())?;
         Ok(Self {
             store,
             ca,
@@ -189,6 +205,7 @@ impl Coordinator {
             engine,
             logs: Arc::new(LogStore::new(&data_dir.join("logs"))),
             sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
+            metrics,
             secret_key,
         })
     }
@@ -768,6 +785,7 @@ impl Coordinator {
                     Ok(Some(StreamOpen::UploadSource { bytes })) => {
                         let reply = match me.sources.receive(&mut reader, bytes).await {
                             Ok((source, bytes)) => {
+                                me.metrics.source_bytes(bytes);
                                 gantry_protocol::SourceStored::Stored { source, bytes }
                             }
                             Err(message) => gantry_protocol::SourceStored::Refused { message },

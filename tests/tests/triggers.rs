@@ -228,3 +228,103 @@ fn a_cron_schedule_starts_a_run_at_the_next_minute() {
     c.gantry(&["triggers", "rm", "every-minute"]).expect_code(0);
     c.gantry(&["triggers", "rm", "every-minute"]).expect_code(2);
 }
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gantry\r\n\r\n").as_bytes())
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// The value of the counter or gauge `name`, checking every exposition line's shape on the way.
+fn metric(text: &str, name: &str) -> u64 {
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not `series value`: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value of {line:?} is not a number"));
+        let metric_name = series.split('{').next().unwrap_or_default();
+        assert!(
+            metric_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "bad metric name in {line:?}"
+        );
+        if series == name {
+            assert!(
+                value.fract() == 0.0 && value >= 0.0,
+                "{name} is a count: {line:?}"
+            );
+            return value as u64;
+        }
+    }
+    panic!("no series {name} in:\n{text}");
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
+    let c = Coordinator::start_with(&CoordinatorOptions {
+        http: true,
+        ..CoordinatorOptions::default()
+    });
+    let http = c.http_address.clone().expect("http");
+    let _agents = c.agents_running(2, &[]);
+    assert_eq!(get(&http, "/readyz").0, 200);
+    let (status, before) = get(&http, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric(&before, "gantry_agents_connected"), 2);
+    assert_eq!(
+        metric(&before, "gantry_job_outcomes_total{outcome=\"succeeded\"}"),
+        0
+    );
+    assert_eq!(metric(&before, "gantry_dispatch_latency_seconds_count"), 0);
+
+    let run = c.run_pipeline("jobs:\n  a:\n    steps: [{ run: echo hello }]\n  b:\n    needs: a\n    steps: [{ run: 'echo fail; exit 3' }]\n", &[]);
+    c.wait_run(run, gantry_tests::DEADLINE);
+    let after = wait_for(
+        "the log bytes to be counted",
+        gantry_tests::DEADLINE,
+        || {
+            let (_, text) = get(&http, "/metrics");
+            (metric(&text, "gantry_log_bytes_total") > 0).then_some(text)
+        },
+    );
+    assert_eq!(
+        metric(&after, "gantry_job_outcomes_total{outcome=\"succeeded\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&after, "gantry_job_outcomes_total{outcome=\"failed\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&after, "gantry_run_outcomes_total{outcome=\"failed\"}"),
+        1
+    );
+    assert_eq!(metric(&after, "gantry_jobs_dispatched_total"), 2);
+    assert_eq!(metric(&after, "gantry_dispatch_latency_seconds_count"), 2);
+    assert_eq!(metric(&after, "gantry_job_duration_seconds_count"), 2);
+    assert_eq!(metric(&after, "gantry_queue_depth"), 0);
+}

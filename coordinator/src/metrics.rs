@@ -1,0 +1,254 @@
+//! The coordinator's figures, rendered in the Prometheus text format on `/metrics`.
+//!
+//! Owns the counters and histograms; the engine, the log receiver and the server bump
+//! them, and `render` reads them (with the gauges it is given) without locks on the hot
+//! paths: every counter is an atomic.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Upper bounds (seconds) of the dispatch latency histogram buckets: queued to accepted.
+const DISPATCH_BUCKETS: [f64; 10] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
+];
+/// Upper bounds (seconds) of the job duration histogram buckets.
+const DURATION_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0];
+/// Job outcomes counted, in the order they are rendered.
+pub const OUTCOMES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "timed-out",
+    "lost",
+    "cancelled",
+    "skipped",
+];
+/// Run outcomes counted.
+pub const RUN_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    state: Mutex<(Vec<u64>, u64, f64)>,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            state: Mutex::new((vec![0; bounds.len()], 0, 0.0)),
+        }
+    }
+
+    fn observe(&self, seconds: f64) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, bound) in self.bounds.iter().enumerate() {
+            if seconds <= *bound {
+                st.0[i] += 1;
+            }
+        }
+        st.1 += 1;
+        st.2 += seconds;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in self.bounds.iter().zip(&st.0) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            st.1, st.2, st.1
+        );
+    }
+}
+
+/// Everything `/metrics` shows besides the gauges read at render time.
+#[derive(Debug)]
+pub struct Metrics {
+    jobs_dispatched: AtomicU64,
+    job_outcomes: [AtomicU64; OUTCOMES.len()],
+    run_outcomes: [AtomicU64; RUN_OUTCOMES.len()],
+    log_bytes: AtomicU64,
+    source_bytes: AtomicU64,
+    queue_depth: AtomicU64,
+    dispatch_latency: Histogram,
+    job_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            jobs_dispatched: AtomicU64::new(0),
+            job_outcomes: Default::default(),
+            run_outcomes: Default::default(),
+            log_bytes: AtomicU64::new(0),
+            source_bytes: AtomicU64::new(0),
+            queue_depth: AtomicU64::new(0),
+            dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
+            job_duration: Histogram::new(&DURATION_BUCKETS),
+        }
+    }
+}
+
+/// Gauges read when `/metrics` is rendered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    pub agents_connected: u64,
+    pub agents_enrolled: u64,
+}
+
+impl Metrics {
+    /// Jobs waiting for an agent, as of the engine's last step.
+    pub fn set_queue_depth(&self, depth: u64) {
+        self.queue_depth.store(depth, Ordering::Relaxed);
+    }
+
+    pub fn dispatched(&self) {
+        self.jobs_dispatched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A job reached a final state (`outcome` is its stored state name).
+    pub fn job_ended(&self, outcome: &str) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.job_outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn run_ended(&self, outcome: &str) {
+        if let Some(i) = RUN_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.run_outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn log_bytes(&self, n: u64) {
+        self.log_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn source_bytes(&self, n: u64) {
+        self.source_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Time from a job being queued to an agent accepting it.
+    pub fn dispatch_latency(&self, seconds: f64) {
+        self.dispatch_latency.observe(seconds);
+    }
+
+    /// Run time of a finished job attempt, as its agent measured it.
+    pub fn job_duration(&self, seconds: f64) {
+        self.job_duration.observe(seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, gauges: Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "gantry_agents_connected",
+            "Agents with a live session.",
+            gauges.agents_connected,
+        );
+        gauge(
+            &mut out,
+            "gantry_agents_enrolled",
+            "Agents enrolled (revoked ones included).",
+            gauges.agents_enrolled,
+        );
+        gauge(
+            &mut out,
+            "gantry_queue_depth",
+            "Jobs waiting for an agent.",
+            self.queue_depth.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gantry_jobs_dispatched_total Job attempts offered to agents.\n# TYPE gantry_jobs_dispatched_total counter\ngantry_jobs_dispatched_total {}",
+            self.jobs_dispatched.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP gantry_job_outcomes_total Jobs that reached a final state, by state.\n# TYPE gantry_job_outcomes_total counter");
+        for (name, count) in OUTCOMES.iter().zip(&self.job_outcomes) {
+            let _ = writeln!(
+                out,
+                "gantry_job_outcomes_total{{outcome=\"{name}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP gantry_run_outcomes_total Pipeline runs that ended, by state.\n# TYPE gantry_run_outcomes_total counter");
+        for (name, count) in RUN_OUTCOMES.iter().zip(&self.run_outcomes) {
+            let _ = writeln!(
+                out,
+                "gantry_run_outcomes_total{{outcome=\"{name}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gantry_log_bytes_total Job log bytes stored.\n# TYPE gantry_log_bytes_total counter\ngantry_log_bytes_total {}",
+            self.log_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gantry_source_bytes_total Source tree bytes uploaded.\n# TYPE gantry_source_bytes_total counter\ngantry_source_bytes_total {}",
+            self.source_bytes.load(Ordering::Relaxed)
+        );
+        self.dispatch_latency.render(
+            &mut out,
+            "gantry_dispatch_latency_seconds",
+            "Time from a job being queued to an agent accepting it.",
+        );
+        self.job_duration.render(
+            &mut out,
+            "gantry_job_duration_seconds",
+            "Run time of finished job attempts.",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_valid_exposition_lines_that_move() {
+        let m = Metrics::default();
+        m.job_ended("succeeded");
+        m.job_ended("succeeded");
+        m.job_ended("no-such-state");
+        m.dispatch_latency(0.003);
+        m.log_bytes(42);
+        m.set_queue_depth(1);
+        let text = m.render(Gauges {
+            agents_connected: 3,
+            agents_enrolled: 4,
+        });
+        assert!(
+            text.contains("gantry_job_outcomes_total{outcome=\"succeeded\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("gantry_agents_connected 3\n"));
+        assert!(text.contains("gantry_log_bytes_total 42\n"));
+        assert!(text.contains("gantry_dispatch_latency_seconds_bucket{le=\"0.0025\"} 0\n"));
+        assert!(text.contains("gantry_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("gantry_dispatch_latency_seconds_count 1\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').expect("name value");
+            assert!(value.parse::<f64>().is_ok(), "value of {line}");
+            assert!(name.starts_with("gantry_"), "{line}");
+        }
+    }
+}
