@@ -157,19 +157,15 @@ fn parse_number(text: &str, what: &str) -> Result<u32, String> {
         .map_err(|_| format!("{what} \"{text}\" is not a number"))
 }
 
-/// Days since 1970-01-01 to (year, month 1-12, day 1-31), after Howard Hinnant's
-/// `civil_from_days`.
+/// `gantry_protocol::civil_from_days` for the non-negative day numbers cron walks.
 fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    let (year, month, day) = gantry_protocol::civil_from_days(days.unsigned_abs());
+    // Months (1-12) and days (1-31) are small; a year beyond i64 saturates.
+    (
+        i64::try_from(year).unwrap_or(i64::MAX),
+        month.cast_signed(),
+        day.cast_signed(),
+    )
 }
 
 #[cfg(test)]

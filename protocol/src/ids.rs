@@ -116,15 +116,7 @@ impl UnixMillis {
     pub fn to_rfc3339(self) -> String {
         let secs = self.0 / 1000;
         let (days, rem) = (secs / 86_400, secs % 86_400);
-        let z = days + 719_468;
-        let era = z / 146_097;
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + u64::from(month <= 2);
+        let (year, month, day) = civil_from_days(days);
         format!(
             "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
             rem / 3600,
@@ -177,6 +169,22 @@ mod tests {
         }
         assert!(TokenId::parse("tk-0123456789abcdef").is_ok());
     }
+}
+
+/// Days since 1970-01-01 to (year, month 1-12, day 1-31), after Howard Hinnant's
+/// `civil_from_days`. The one calendar computation of the workspace (timestamps here,
+/// cron in the pipeline crate), so no date crate is needed.
+pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// A pipeline run, numbered from 1 in the order runs were created: `42`.

@@ -16,7 +16,7 @@ pub mod template;
 
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};
-pub use ids::{AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
+pub use ids::{civil_from_days, AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
 
 /// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
