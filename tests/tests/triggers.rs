@@ -8,11 +8,38 @@ use gantry_tests::{wait_for, Coordinator, CoordinatorOptions};
 
 const SECRET: &str = "webhook-s3cret";
 
-fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
+/// A response, read until the server closed the connection.
+struct Response {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+/// One HTTP exchange on a fresh connection: sends `request` as is.
+fn exchange(addr: &str, request: &[u8]) -> Response {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    stream.write_all(request).expect("write");
+    let mut response = String::new();
+    // A server that refuses a request may close before reading all of it; what it sent
+    // is still in `response`.
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Response {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: gantry\r\nContent-Length: {}\r\n",
         body.len()
@@ -22,19 +49,15 @@ fn post(addr: &str, path: &str, headers: &[(&str, String)], body: &str) -> (u16,
     }
     req.push_str("\r\n");
     req.push_str(body);
-    stream.write_all(req.as_bytes()).expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let response = exchange(addr, req.as_bytes());
+    (response.status, response.body)
+}
+
+fn get(addr: &str, path: &str) -> Response {
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: gantry\r\n\r\n").as_bytes(),
+    )
 }
 
 fn signature(body: &str) -> String {
@@ -187,18 +210,14 @@ fn a_signed_push_starts_matching_pipelines_and_records_ref_and_commit() {
         "nope",
     );
     assert_eq!(status, 400, "{text}");
-    let mut stream = std::net::TcpStream::connect(&http).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(b"POST /hooks/push HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
-        .expect("write");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    assert!(
-        response.starts_with("HTTP/1.1 413"),
-        "a declared 100 MB body is refused before it is read: {response}"
+    let response = exchange(
+        &http,
+        b"POST /hooks/push HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n",
+    );
+    assert_eq!(
+        response.status, 413,
+        "a declared 100 MB body is refused before it is read: {}",
+        response.head
     );
     assert_eq!(runs(&c).len(), 1);
 }
@@ -227,30 +246,6 @@ fn a_cron_schedule_starts_a_run_at_the_next_minute() {
     // Removing the trigger stops it.
     c.gantry(&["triggers", "rm", "every-minute"]).expect_code(0);
     c.gantry(&["triggers", "rm", "every-minute"]).expect_code(2);
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gantry\r\n\r\n").as_bytes())
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
 }
 
 /// The value of the counter or gauge `name`, checking every exposition line's shape on the way.
@@ -291,9 +286,17 @@ fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
     });
     let http = c.http_address.clone().expect("http");
     let _agents = c.agents_running(2, &[]);
-    assert_eq!(get(&http, "/readyz").0, 200);
-    let (status, before) = get(&http, "/metrics");
-    assert_eq!(status, 200);
+    assert_eq!(get(&http, "/readyz").status, 200);
+    let response = get(&http, "/metrics");
+    assert_eq!(response.status, 200);
+    assert!(
+        response
+            .head
+            .contains("Content-Type: text/plain; version=0.0.4"),
+        "Prometheus content type: {}",
+        response.head
+    );
+    let before = response.body;
     assert_eq!(metric(&before, "gantry_agents_connected"), 2);
     assert_eq!(
         metric(&before, "gantry_job_outcomes_total{outcome=\"succeeded\"}"),
@@ -307,7 +310,7 @@ fn metrics_parse_as_prometheus_text_and_move_when_jobs_run() {
         "the log bytes to be counted",
         gantry_tests::DEADLINE,
         || {
-            let (_, text) = get(&http, "/metrics");
+            let text = get(&http, "/metrics").body;
             (metric(&text, "gantry_log_bytes_total") > 0).then_some(text)
         },
     );
