@@ -9,8 +9,8 @@ use crate::Digest;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CasError {
-    #[error("invalid digest `{input}`: expected `blake3:` followed by 64 lowercase hex digits")]
-    InvalidDigest { input: String },
+    #[error(transparent)]
+    InvalidDigest(#[from] gantry_protocol::DigestParseError),
 
     #[error("chunk digest mismatch: expected {expected}, got {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },

@@ -26,16 +26,43 @@ use crate::{CasError, Digest, EntryKind, Manifest};
 /// setgid (an artifact must not mint privileged binaries).
 const APPLIED_MODE_BITS: u32 = 0o1777;
 
+/// What extraction does with what is already in the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// The destination must not exist or be empty: nothing is ever overwritten.
+    Refuse,
+    /// The destination may hold files (a job's workspace): real directories are reused,
+    /// a file or symlink where the manifest puts a file or symlink is replaced (the link
+    /// itself, never what it points to), and a directory where the manifest puts a file
+    /// is refused. Parents are still checked one by one: nothing is written through a
+    /// symlink, whoever made it.
+    Merge,
+}
+
 /// Writes `manifest`'s tree under `dest`, which must not exist yet or be an empty
 /// directory. `fetch` returns a chunk's uncompressed bytes (typically through
 /// [`crate::decompress`]); their size and digest are checked again here.
 pub fn extract(
     manifest: &Manifest,
     dest: &Path,
+    fetch: impl FnMut(&Digest) -> Result<Vec<u8>, CasError>,
+) -> Result<(), CasError> {
+    extract_with(manifest, dest, Existing::Refuse, fetch)
+}
+
+/// [`extract`], choosing what happens to what `dest` already holds.
+pub fn extract_with(
+    manifest: &Manifest,
+    dest: &Path,
+    existing: Existing,
     mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, CasError>,
 ) -> Result<(), CasError> {
     manifest.validate()?;
-    prepare_destination(dest)?;
+    match existing {
+        Existing::Refuse => prepare_destination(dest)?,
+        Existing::Merge => prepare_merge_destination(dest)?,
+    }
+    let merge = existing == Existing::Merge;
 
     let mut entries: Vec<_> = manifest.entries.iter().collect();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -46,11 +73,16 @@ pub fn extract(
         match &entry.kind {
             EntryKind::Dir { mode } => {
                 let on_disk = ensure_parents(dest, &entry.path)?;
-                create_dir_checked(&on_disk, &entry.path)?;
+                if !(merge && is_real_dir(&on_disk, &entry.path)?) {
+                    create_dir_checked(&on_disk, &entry.path)?;
+                }
                 dir_modes.push((on_disk, *mode));
             }
             EntryKind::File { mode, chunks, .. } => {
                 let on_disk = ensure_parents(dest, &entry.path)?;
+                if merge {
+                    clear_for_replacement(&on_disk, &entry.path)?;
+                }
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -91,6 +123,9 @@ pub fn extract(
     for entry in &entries {
         if let EntryKind::Symlink { target } = &entry.kind {
             let on_disk = ensure_parents(dest, &entry.path)?;
+            if merge {
+                clear_for_replacement(&on_disk, &entry.path)?;
+            }
             std::os::unix::fs::symlink(target, &on_disk)
                 .map_err(|err| refuse_existing(err, &entry.path, "creating symlink"))?;
         }
@@ -140,6 +175,55 @@ fn prepare_destination(dest: &Path) -> Result<(), CasError> {
         Ok(_) => Err(CasError::DestinationNotEmpty {
             dest: dest.to_owned(),
         }),
+    }
+}
+
+/// Creates `dest` if it does not exist; otherwise it must be a directory, not a symlink.
+fn prepare_merge_destination(dest: &Path) -> Result<(), CasError> {
+    match fs::symlink_metadata(dest) {
+        Err(err) if err.kind() == ErrorKind::NotFound => {
+            fs::create_dir_all(dest).map_err(CasError::io(format!("creating {}", dest.display())))
+        }
+        Err(err) => Err(CasError::io(format!("checking {}", dest.display()))(err)),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(CasError::Io {
+            context: format!("extracting into {}", dest.display()),
+            source: std::io::Error::other("not a directory"),
+        }),
+    }
+}
+
+/// Whether a directory entry's place already holds a real directory (merge mode). A
+/// symlink or a file there is refused.
+fn is_real_dir(on_disk: &Path, path: &str) -> Result<bool, CasError> {
+    match fs::symlink_metadata(on_disk) {
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(CasError::io(format!("checking `{path}`"))(err)),
+        Ok(meta) if meta.file_type().is_symlink() => Err(CasError::ThroughSymlink {
+            path: path.to_owned(),
+            link: path.to_owned(),
+        }),
+        Ok(meta) if meta.is_dir() => Ok(true),
+        Ok(_) => Err(CasError::ParentNotDir {
+            path: path.to_owned(),
+            parent: path.to_owned(),
+        }),
+    }
+}
+
+/// Removes a file or symlink (the link, not its target) where a file or symlink is about
+/// to be written (merge mode). A directory there is refused: it is never deleted.
+fn clear_for_replacement(on_disk: &Path, path: &str) -> Result<(), CasError> {
+    match fs::symlink_metadata(on_disk) {
+        Err(err) if err.kind() == ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(CasError::io(format!("checking `{path}`"))(err)),
+        Ok(meta) if meta.is_dir() => Err(CasError::Io {
+            context: format!("writing `{path}`"),
+            source: std::io::Error::other(
+                "a directory is in the way; it is not deleted to make room for a file",
+            ),
+        }),
+        Ok(_) => fs::remove_file(on_disk).map_err(CasError::io(format!("replacing `{path}`"))),
     }
 }
 

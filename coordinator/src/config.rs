@@ -36,6 +36,92 @@ pub struct CoordinatorConfig {
     /// Plain HTTP, so loopback addresses only. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
+    /// Retention of artifacts, caches and chunks.
+    #[serde(default)]
+    pub artifacts: ArtifactsConfig,
+}
+
+/// `[artifacts]` in `coordinator.toml`. Every field has a default, so the section may be
+/// left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArtifactsConfig {
+    /// Branches whose jobs restore only caches written on the same branch (other
+    /// branches fall back to these branches' caches).
+    pub protected_branches: Vec<String>,
+    /// Caches are evicted, least recently used first, beyond this total, e.g. `10GiB`.
+    pub cache_quota: String,
+    /// Caches not restored for this long are evicted, e.g. `7d`.
+    pub cache_max_idle: String,
+    /// How often garbage collection runs, e.g. `1h`.
+    pub gc_interval: String,
+    /// Unreferenced chunks younger than this are kept (an upload whose coordinator
+    /// restarted comes back for them), e.g. `1h`.
+    pub gc_grace: String,
+}
+
+impl Default for ArtifactsConfig {
+    fn default() -> Self {
+        Self {
+            protected_branches: vec!["main".into()],
+            cache_quota: "10GiB".into(),
+            cache_max_idle: "7d".into(),
+            gc_interval: "1h".into(),
+            gc_grace: "1h".into(),
+        }
+    }
+}
+
+/// [`ArtifactsConfig`], parsed.
+#[derive(Debug, Clone)]
+pub struct ArtifactSettings {
+    pub protected_branches: Vec<String>,
+    pub cache_quota_bytes: u64,
+    pub cache_max_idle: Duration,
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+}
+
+impl ArtifactsConfig {
+    pub fn settings(&self) -> anyhow::Result<ArtifactSettings> {
+        let gc_interval = parse_duration(&self.gc_interval).context("artifacts.gc_interval")?;
+        if gc_interval < Duration::from_secs(1) {
+            bail!("artifacts.gc_interval must be at least 1s");
+        }
+        Ok(ArtifactSettings {
+            protected_branches: self.protected_branches.clone(),
+            cache_quota_bytes: parse_bytes(&self.cache_quota).context("artifacts.cache_quota")?,
+            cache_max_idle: parse_duration(&self.cache_max_idle)
+                .context("artifacts.cache_max_idle")?,
+            gc_interval,
+            gc_grace: parse_duration(&self.gc_grace).context("artifacts.gc_grace")?,
+        })
+    }
+}
+
+/// Parses a byte size: a number with an optional unit B, KiB, MiB, GiB, TiB (or KB, MB,
+/// GB, TB in powers of 1000), like `10GiB`.
+pub fn parse_bytes(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| {
+        format!("invalid size {text:?}: expected a number then a unit, like 10GiB or 500MB")
+    })?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => bail!("invalid size {text:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"),
+    };
+    n.checked_mul(scale)
+        .with_context(|| format!("size {text:?} is too large"))
 }
 
 fn default_agent_cert_ttl() -> String {
@@ -62,6 +148,10 @@ impl CoordinatorConfig {
         config
             .heartbeat_interval()
             .with_context(|| format!("{}: heartbeat_interval", path.display()))?;
+        config
+            .artifacts
+            .settings()
+            .with_context(|| format!("{}: [artifacts]", path.display()))?;
         Ok(config)
     }
 
@@ -257,6 +347,19 @@ mod tests {
             let err = parse_duration(bad).expect_err(bad).to_string();
             assert!(err.contains("like 15m"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_parse_and_bad_ones_say_how_to_fix() {
+        assert_eq!(parse_bytes("10GiB").expect("GiB"), 10 << 30);
+        assert_eq!(parse_bytes("500MB").expect("MB"), 500_000_000);
+        assert_eq!(parse_bytes("4096").expect("bytes"), 4096);
+        for bad in ["", "GiB", "10 gigs", "1.5GiB", "99999999999TiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        let defaults = ArtifactsConfig::default().settings().expect("defaults");
+        assert_eq!(defaults.protected_branches, ["main"]);
+        assert_eq!(defaults.cache_quota_bytes, 10 << 30);
     }
 
     #[test]

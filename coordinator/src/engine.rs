@@ -469,6 +469,25 @@ impl EngineTask {
             image: spec.image.clone(),
             secrets: self.outbox.secrets(&names),
             source: ctx.record.source.clone(),
+            downloads: match &spec.download {
+                Some(names) => !names.is_empty(),
+                // Only a round trip worth making: some need declares an artifact.
+                None => spec.needs.iter().any(|n| {
+                    ctx.pipeline
+                        .job(n)
+                        .is_some_and(|need| need.artifact.is_some())
+                }),
+            },
+            artifact: spec.artifact.as_ref().map(|a| gantry_protocol::ArtifactSpec {
+                name: a.name.clone(),
+                paths: a.paths.clone(),
+                expire_in_secs: a.expire_in_secs,
+            }),
+            cache: spec.cache.as_ref().map(|c| gantry_protocol::CacheSpec {
+                key: expand(&c.key),
+                restore_keys: c.restore_keys.iter().map(|k| expand(k)).collect(),
+                paths: c.paths.clone(),
+            }),
         })
     }
 }

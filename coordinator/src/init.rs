@@ -82,6 +82,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         agent_cert_ttl: args.agent_cert_ttl.clone(),
         heartbeat_interval: args.heartbeat_interval.clone(),
         http_listen: args.http_listen.clone(),
+        artifacts: crate::config::ArtifactsConfig::default(),
     };
     config
         .agent_cert_ttl()

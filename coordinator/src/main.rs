@@ -4,6 +4,8 @@
 //! in the modules. Exit codes: 0 success, 1 the work failed, 2 usage or input error,
 //! 3 cannot reach or authenticate to the coordinator.
 
+mod artifacts;
+mod chunks;
 mod cli;
 mod client;
 mod config;
@@ -348,6 +350,7 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
         advertise: config.advertise.clone(),
         agent_cert_ttl: config.agent_cert_ttl().map_err(usage)?,
         heartbeat_interval: config.heartbeat_interval().map_err(usage)?,
+        artifacts: config.artifacts.settings().map_err(usage)?,
     };
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
@@ -411,8 +414,10 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
         None => None,
     };
     let schedules = tokio::spawn(triggers::schedule_loop(coordinator.clone()));
+    let collector = tokio::spawn(coordinator.artifacts.clone().collect_periodically());
     coordinator.serve(listener, shutdown_signal()).await;
     schedules.abort();
+    collector.abort();
     if let Some(h) = http {
         h.abort();
     }

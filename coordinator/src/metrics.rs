@@ -79,6 +79,11 @@ pub struct Metrics {
     run_outcomes: [AtomicU64; RUN_OUTCOMES.len()],
     log_bytes: AtomicU64,
     source_bytes: AtomicU64,
+    artifact_bytes_received: AtomicU64,
+    artifact_bytes_sent: AtomicU64,
+    chunks_deduplicated: AtomicU64,
+    chunks_refused: AtomicU64,
+    chunks_unavailable: AtomicU64,
     queue_depth: AtomicU64,
     dispatch_latency: Histogram,
     job_duration: Histogram,
@@ -92,6 +97,11 @@ impl Default for Metrics {
             run_outcomes: Default::default(),
             log_bytes: AtomicU64::new(0),
             source_bytes: AtomicU64::new(0),
+            artifact_bytes_received: AtomicU64::new(0),
+            artifact_bytes_sent: AtomicU64::new(0),
+            chunks_deduplicated: AtomicU64::new(0),
+            chunks_refused: AtomicU64::new(0),
+            chunks_unavailable: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
             job_duration: Histogram::new(&DURATION_BUCKETS),
@@ -110,6 +120,31 @@ impl Metrics {
     /// Jobs waiting for an agent, as of the engine's last step.
     pub fn set_queue_depth(&self, depth: u64) {
         self.queue_depth.store(depth, Ordering::Relaxed);
+    }
+
+    /// Compressed chunk bytes stored from uploads.
+    pub fn artifact_bytes_received(&self, bytes: u64) {
+        self.artifact_bytes_received.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Compressed chunk bytes served to readers.
+    pub fn artifact_bytes_sent(&self, bytes: u64) {
+        self.artifact_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Chunks an uploader did not have to send because they were stored already.
+    pub fn chunks_deduplicated(&self, count: u64) {
+        self.chunks_deduplicated.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// An uploaded chunk failed verification.
+    pub fn chunk_refused(&self) {
+        self.chunks_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A stored chunk could not be served (missing or corrupt on disk).
+    pub fn chunk_unavailable(&self) {
+        self.chunks_unavailable.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn dispatched(&self) {
@@ -205,6 +240,40 @@ impl Metrics {
             "# HELP gantry_source_bytes_total Source tree bytes uploaded.\n# TYPE gantry_source_bytes_total counter\ngantry_source_bytes_total {}",
             self.source_bytes.load(Ordering::Relaxed)
         );
+        let counters = [
+            (
+                "gantry_artifact_bytes_received_total",
+                "Compressed chunk bytes stored from artifact and cache uploads.",
+                &self.artifact_bytes_received,
+            ),
+            (
+                "gantry_artifact_bytes_sent_total",
+                "Compressed chunk bytes served to agents and admins.",
+                &self.artifact_bytes_sent,
+            ),
+            (
+                "gantry_chunks_deduplicated_total",
+                "Chunks uploaders did not send because they were stored already.",
+                &self.chunks_deduplicated,
+            ),
+            (
+                "gantry_chunks_refused_total",
+                "Uploaded chunks refused because they failed verification.",
+                &self.chunks_refused,
+            ),
+            (
+                "gantry_chunks_unavailable_total",
+                "Stored chunks found missing or corrupt when they were to be served.",
+                &self.chunks_unavailable,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
         self.dispatch_latency.render(
             &mut out,
             "gantry_dispatch_latency_seconds",

@@ -25,6 +25,9 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Jobs(j) => serde_json::to_value(j),
             AdminResponse::Secrets(s) => serde_json::to_value(s),
             AdminResponse::Triggers(t) => serde_json::to_value(t),
+            AdminResponse::Artifacts(a) => serde_json::to_value(a),
+            AdminResponse::Caches(c) => serde_json::to_value(c),
+            AdminResponse::Gc(g) => serde_json::to_value(g),
             AdminResponse::Done { message } => {
                 serde_json::to_value(serde_json::json!({ "message": message }))
             }
@@ -96,10 +99,65 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             }
             print!("{}", table(&rows));
         }
+        AdminResponse::Artifacts(artifacts) => {
+            print!("{}", artifacts_table(artifacts, UnixMillis::now()));
+        }
+        AdminResponse::Caches(caches) => print!("{}", caches_table(caches, UnixMillis::now())),
+        AdminResponse::Gc(report) => print!("{}", gc_summary(report)),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis) -> String {
+    let mut rows = vec![["NAME", "JOB", "FILES", "SIZE", "CHUNKS", "EXPIRES IN", "MANIFEST"]
+        .map(str::to_owned)
+        .to_vec()];
+    for a in artifacts {
+        rows.push(vec![
+            a.name.clone(),
+            format!("{} ({})", a.job, a.job_name),
+            a.files.to_string(),
+            human_bytes(a.bytes),
+            a.chunks.to_string(),
+            human_duration(a.expires_at.millis_since(now)),
+            a.manifest.to_string()[..19].to_owned(),
+        ]);
+    }
+    table(&rows)
+}
+
+fn caches_table(caches: &[gantry_protocol::CacheView], now: UnixMillis) -> String {
+    let mut rows = vec![["KEY", "PIPELINE", "BRANCH", "FILES", "SIZE", "CREATED", "LAST USED"]
+        .map(str::to_owned)
+        .to_vec()];
+    for c in caches {
+        rows.push(vec![
+            c.key.clone(),
+            c.pipeline.clone(),
+            c.branch.clone(),
+            c.files.to_string(),
+            human_bytes(c.bytes),
+            format!("{} ago", human_duration(now.millis_since(c.created_at))),
+            format!("{} ago", human_duration(now.millis_since(c.last_used))),
+        ]);
+    }
+    table(&rows)
+}
+
+fn gc_summary(r: &gantry_protocol::GcReport) -> String {
+    let verb = if r.dry_run { "would free" } else { "freed" };
+    format!(
+        "{verb} {} in {} chunks; {} artifacts expired, {} caches evicted\nkept {} chunks ({} in all, {} unreferenced but protected: open uploads or younger than the grace)\n",
+        human_bytes(r.bytes_freed),
+        r.chunks_deleted,
+        r.artifacts_expired,
+        r.caches_evicted,
+        r.chunks_kept + r.chunks_protected,
+        human_bytes(r.bytes_kept),
+        r.chunks_protected,
+    )
 }
 
 fn runs_table(runs: &[RunView], now: UnixMillis) -> String {

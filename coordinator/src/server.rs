@@ -49,6 +49,7 @@ pub struct Settings {
     pub advertise: String,
     pub agent_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
+    pub artifacts: crate::config::ArtifactSettings,
 }
 
 /// A live agent session as the registry holds it.
@@ -88,6 +89,10 @@ pub struct Coordinator {
     pub(crate) secret_key: Arc<SecretKey>,
     pub(crate) sources: Arc<crate::sources::SourceStore>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) artifacts: Arc<crate::artifacts::Artifacts>,
+    /// Numbers connections, so an upload session is fed only by the connection that
+    /// opened it.
+    next_connection: AtomicU64,
 }
 
 /// The engine's way to reach agents and secrets.
@@ -193,6 +198,15 @@ impl Coordinator {
         });
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let engine = Engine::start(store.clone(), outbox, metrics.clone())?;
+        let artifacts = Arc::new(
+            crate::artifacts::Artifacts::open(
+                store.clone(),
+                &data_dir.join("cas"),
+                settings.artifacts.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| format!("cannot open the chunk store in {}: {e}", data_dir.join("cas").display()))?,
+        );
         Ok(Self {
             store,
             ca,
@@ -207,6 +221,8 @@ impl Coordinator {
             sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
             metrics,
             secret_key,
+            artifacts,
+            next_connection: AtomicU64::new(1),
         })
     }
 
@@ -762,10 +778,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Accepts the streams an admin opens besides the control stream (follows).
-    async fn admin_streams(self: Arc<Self>, conn: Connection) {
+    /// Accepts the streams an admin opens besides the control stream (follows, uploads,
+    /// artifact downloads).
+    async fn admin_streams(self: Arc<Self>, conn: Connection, actor: String) {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let peer = crate::artifacts::Peer::Admin(actor);
         while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
+            let peer = peer.clone();
             tokio::spawn(async move {
                 let result = match reader
                     .recv_within::<StreamOpen>(
@@ -796,6 +816,18 @@ impl Coordinator {
                         tracing::info!("an admin opened a stream only agents may open");
                         Ok(())
                     }
+                    Ok(Some(
+                        open @ (StreamOpen::Resolve(_)
+                        | StreamOpen::GetManifest { .. }
+                        | StreamOpen::FetchChunks { .. }
+                        | StreamOpen::Upload { .. }
+                        | StreamOpen::PutChunks { .. }),
+                    )) => {
+                        if let Err(e) = me.artifacts.serve(&peer, connection, open, writer, reader).await {
+                            tracing::info!(?peer, "artifact stream refused or broken: {e}");
+                        }
+                        return;
+                    }
                     Ok(None) => Ok(()),
                     Err(e) => Err(e),
                 };
@@ -807,8 +839,10 @@ impl Coordinator {
         }
     }
 
-    /// Accepts the streams an agent opens besides the control stream (job logs).
+    /// Accepts the streams an agent opens besides the control stream (job logs, source
+    /// trees, artifacts and caches).
     async fn agent_streams(self: Arc<Self>, conn: Connection, agent: AgentId) {
+        let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
         while let Ok((writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let agent = agent.clone();
@@ -836,6 +870,18 @@ impl Coordinator {
                             tracing::info!(%agent, %job, attempt, "source fetch refused or broken: {e}");
                         }
                         writer.finish();
+                    }
+                    Ok(Some(
+                        open @ (StreamOpen::Resolve(_)
+                        | StreamOpen::GetManifest { .. }
+                        | StreamOpen::FetchChunks { .. }
+                        | StreamOpen::Upload { .. }
+                        | StreamOpen::PutChunks { .. }),
+                    )) => {
+                        let peer = crate::artifacts::Peer::Agent(agent.clone());
+                        if let Err(e) = me.artifacts.serve(&peer, connection, open, writer, reader).await {
+                            tracing::info!(%agent, "artifact stream refused or broken: {e}");
+                        }
                     }
                     Ok(Some(other)) => {
                         tracing::info!(%agent, "agent opened a stream it may not: {other:?}");
@@ -903,11 +949,19 @@ impl Coordinator {
         if writer.send(&welcome).await.is_err() {
             return;
         }
-        let _streams = AbortOnDrop(tokio::spawn(self.clone().admin_streams(conn.clone())));
+        let _streams = AbortOnDrop(tokio::spawn(
+            self.clone().admin_streams(conn.clone(), actor.clone()),
+        ));
         loop {
             match reader.recv::<AdminRequest>().await {
                 Ok(Some(req)) => {
-                    let response = self.admin_request(&actor, req);
+                    let response = match req {
+                        AdminRequest::Gc {
+                            dry_run,
+                            grace_secs,
+                        } => self.gc(&actor, dry_run, grace_secs).await,
+                        other => self.admin_request(&actor, other),
+                    };
                     if writer.send(&response).await.is_err() {
                         return;
                     }
@@ -1067,6 +1121,53 @@ impl Coordinator {
             | AdminRequest::SetSecret { .. }
             | AdminRequest::ListSecrets
             | AdminRequest::RemoveSecret { .. }) => crate::runs::admin(self, actor, run_request),
+            AdminRequest::ListArtifacts { run } => self
+                .artifacts
+                .list(run)
+                .map(AdminResponse::Artifacts)
+                .map_err(|m| AdminError {
+                    kind: gantry_protocol::AdminErrorKind::Internal,
+                    message: m,
+                }),
+            AdminRequest::ListCaches => self
+                .artifacts
+                .caches()
+                .map(AdminResponse::Caches)
+                .map_err(|m| AdminError {
+                    kind: gantry_protocol::AdminErrorKind::Internal,
+                    message: m,
+                }),
+            AdminRequest::RemoveCache {
+                key,
+                pipeline,
+                branch,
+            } => {
+                let detail = format!("key={key} pipeline={pipeline:?} branch={branch:?}");
+                let gone = self
+                    .store
+                    .remove_caches(
+                        |c| {
+                            c.key == key
+                                && pipeline.as_ref().is_none_or(|p| &c.pipeline == p)
+                                && branch.as_ref().is_none_or(|b| &c.branch == b)
+                        },
+                        &audit("cache.remove", detail),
+                    )
+                    .map_err(internal)?;
+                if gone.is_empty() {
+                    return Err(crate::runs::not_found(format!(
+                        "no cache with key {key:?}{}; `gantry cache list` shows them",
+                        match (&pipeline, &branch) {
+                            (None, None) => String::new(),
+                            _ => format!(" (pipeline {pipeline:?}, branch {branch:?})"),
+                        }
+                    )));
+                }
+                Ok(AdminResponse::Caches(gone))
+            }
+            AdminRequest::Gc { .. } => Err(invalid(
+                "garbage collection is answered by the session, not here".into(),
+            )),
             AdminRequest::Audit { limit } => {
                 let entries = self
                     .store
@@ -1086,6 +1187,37 @@ impl Coordinator {
             }
         })();
         result.unwrap_or_else(AdminResponse::Error)
+    }
+
+    /// `gantry gc`: expires, evicts and collects now, and records who asked.
+    async fn gc(&self, actor: &str, dry_run: bool, grace_secs: Option<u64>) -> AdminResponse {
+        let grace = grace_secs.map(Duration::from_secs);
+        match self.artifacts.collect_garbage(dry_run, grace).await {
+            Ok(report) => {
+                if !dry_run {
+                    let entry = AuditEntry {
+                        at: UnixMillis::now(),
+                        actor: actor.to_owned(),
+                        action: "gc".into(),
+                        detail: format!(
+                            "artifacts_expired={} caches_evicted={} chunks_deleted={} bytes_freed={}",
+                            report.artifacts_expired,
+                            report.caches_evicted,
+                            report.chunks_deleted,
+                            report.bytes_freed
+                        ),
+                    };
+                    if let Err(e) = self.store.audit(&entry) {
+                        tracing::warn!("cannot audit a garbage collection: {e}");
+                    }
+                }
+                AdminResponse::Gc(report)
+            }
+            Err(message) => AdminResponse::Error(AdminError {
+                kind: gantry_protocol::AdminErrorKind::Internal,
+                message,
+            }),
+        }
     }
 
     fn view(&self, r: &AgentRecord) -> AgentView {

@@ -8,7 +8,12 @@
 
 use std::path::Path;
 
-use gantry_protocol::{AgentId, Attempt, HostFigures, JobId, Labels, RunId, TokenId, UnixMillis};
+use std::collections::{BTreeMap, HashSet};
+
+use gantry_protocol::{
+    AgentId, ArtifactView, Attempt, CacheView, Digest, GcReport, HostFigures, JobId, Labels,
+    RunId, TokenId, UnixMillis,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -20,6 +25,14 @@ const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
 const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
+/// Chunk index: digest bytes → [`ChunkRecord`]. A chunk is stored only if it is here.
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+/// Manifests by digest bytes: their canonical encoding.
+const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests");
+/// Artifacts by (run, name) → [`ArtifactView`].
+const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
+/// Caches by `pipeline \0 branch \0 key` → [`CacheView`].
+const CACHES: TableDefinition<&str, &[u8]> = TableDefinition::new("caches");
 
 /// Version of the record layouts below; bump with a migration when a record changes shape.
 const SCHEMA_VERSION: u32 = 1;
@@ -272,6 +285,10 @@ impl Store {
             tx.open_table(JOBS).map_err(eng!("open jobs"))?;
             tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
             tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+            tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+            tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
+            tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
+            tx.open_table(CACHES).map_err(eng!("open caches"))?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
@@ -736,6 +753,405 @@ impl Store {
             out.push((k.value().to_owned(), v.value().to_vec()));
         }
         Ok(out)
+    }
+}
+
+/// A stored chunk: its uncompressed size, the bytes its file takes, and when it was
+/// written (garbage collection leaves young unreferenced chunks alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord {
+    pub size: u32,
+    pub stored_bytes: u32,
+    pub written_at: UnixMillis,
+}
+
+/// What a commit of an artifact or cache came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Stored,
+    /// These chunks of the manifest are not stored (never sent, or collected since).
+    Missing(Vec<Digest>),
+    /// A cache with this key exists in this scope already.
+    CacheExists,
+}
+
+/// Retention rules for one garbage collection.
+#[derive(Debug, Clone, Copy)]
+pub struct GcRules {
+    pub now: UnixMillis,
+    /// Unreferenced chunks younger than this stay (uploads whose session was lost).
+    pub grace_ms: u64,
+    /// Caches are evicted, least recently used first, until they total this much.
+    pub cache_quota_bytes: u64,
+    /// Caches unused this long are evicted.
+    pub cache_max_idle_ms: u64,
+    pub dry_run: bool,
+}
+
+/// A cache's key in the table: scope and key, separated by NUL (which none may contain).
+fn cache_key(pipeline: &str, branch: &str, key: &str) -> String {
+    format!("{pipeline}\0{branch}\0{key}")
+}
+
+impl Store {
+    /// Which of `digests` the index lacks, in the order given, each once.
+    pub fn missing_chunks(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+        let mut seen = HashSet::with_capacity(digests.len());
+        let mut missing = Vec::new();
+        for digest in digests {
+            if seen.insert(*digest)
+                && chunks
+                    .get(digest.as_bytes().as_slice())
+                    .map_err(eng!("read chunk"))?
+                    .is_none()
+            {
+                missing.push(*digest);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Records chunks whose files are durable, in one commit.
+    pub fn add_chunks(&self, rows: &[(Digest, ChunkRecord)]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+            for (digest, record) in rows {
+                chunks
+                    .insert(digest.as_bytes().as_slice(), encode(record)?.as_slice())
+                    .map_err(eng!("write chunk"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The chunks among `digests` the index lacks, inside a write transaction.
+    fn absent(
+        tx: &redb::WriteTransaction,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>, StoreError> {
+        let chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+        let mut missing = Vec::new();
+        let mut seen = HashSet::with_capacity(digests.len());
+        for digest in digests {
+            if seen.insert(*digest)
+                && chunks
+                    .get(digest.as_bytes().as_slice())
+                    .map_err(eng!("read chunk"))?
+                    .is_none()
+            {
+                missing.push(*digest);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Stores an artifact and its manifest if every chunk it names is stored, replacing
+    /// an artifact of the same name in the run (a retried job uploads again). One commit,
+    /// so garbage collection sees either the artifact with all its chunks or neither.
+    pub fn commit_artifact(
+        &self,
+        view: &ArtifactView,
+        manifest: &[u8],
+        chunks: &[Digest],
+    ) -> Result<CommitOutcome, StoreError> {
+        self.write(|tx| {
+            let missing = Self::absent(tx, chunks)?;
+            if !missing.is_empty() {
+                return Ok(CommitOutcome::Missing(missing));
+            }
+            tx.open_table(MANIFESTS)
+                .map_err(eng!("open manifests"))?
+                .insert(view.manifest.as_bytes().as_slice(), manifest)
+                .map_err(eng!("write manifest"))?;
+            tx.open_table(ARTIFACTS)
+                .map_err(eng!("open artifacts"))?
+                .insert((view.run.0, view.name.as_str()), encode(view)?.as_slice())
+                .map_err(eng!("write artifact"))?;
+            Ok(CommitOutcome::Stored)
+        })
+    }
+
+    /// Stores a cache and its manifest if every chunk is stored and no cache of that key
+    /// exists in its scope (caches never change once written).
+    pub fn commit_cache(
+        &self,
+        view: &CacheView,
+        manifest: &[u8],
+        chunks: &[Digest],
+    ) -> Result<CommitOutcome, StoreError> {
+        self.write(|tx| {
+            let name = cache_key(&view.pipeline, &view.branch, &view.key);
+            let mut caches = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            if caches
+                .get(name.as_str())
+                .map_err(eng!("read cache"))?
+                .is_some()
+            {
+                return Ok(CommitOutcome::CacheExists);
+            }
+            let missing = Self::absent(tx, chunks)?;
+            if !missing.is_empty() {
+                return Ok(CommitOutcome::Missing(missing));
+            }
+            caches
+                .insert(name.as_str(), encode(view)?.as_slice())
+                .map_err(eng!("write cache"))?;
+            drop(caches);
+            tx.open_table(MANIFESTS)
+                .map_err(eng!("open manifests"))?
+                .insert(view.manifest.as_bytes().as_slice(), manifest)
+                .map_err(eng!("write manifest"))?;
+            Ok(CommitOutcome::Stored)
+        })
+    }
+
+    /// The artifacts of a run, by name.
+    pub fn artifacts_of(&self, run: RunId) -> Result<Vec<ArtifactView>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
+        let mut out = Vec::new();
+        for item in table
+            .range((run.0, "")..(run.0 + 1, ""))
+            .map_err(eng!("scan artifacts"))?
+        {
+            let (k, v) = item.map_err(eng!("scan artifacts"))?;
+            let (r, name) = k.value();
+            out.push(decode("artifact", &format!("{r}/{name}"), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A manifest's canonical bytes.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
+        Ok(table
+            .get(digest.as_bytes().as_slice())
+            .map_err(eng!("read manifest"))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Every cache, newest first.
+    pub fn caches(&self) -> Result<Vec<CacheView>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+        let mut out: Vec<CacheView> = Vec::new();
+        for item in table.iter().map_err(eng!("scan caches"))? {
+            let (k, v) = item.map_err(eng!("scan caches"))?;
+            out.push(decode("cache", &k.value().replace('\0', "/"), v.value())?);
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.key.cmp(&b.key)));
+        Ok(out)
+    }
+
+    /// Records that a cache was restored now (eviction is least recently used first).
+    pub fn touch_cache(&self, cache: &CacheView, now: UnixMillis) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let name = cache_key(&cache.pipeline, &cache.branch, &cache.key);
+            let mut table = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            let current: Option<CacheView> = match table.get(name.as_str()).map_err(eng!("read cache"))? {
+                Some(v) => Some(decode("cache", &cache.key, v.value())?),
+                None => None,
+            };
+            if let Some(mut current) = current {
+                current.last_used = now;
+                table
+                    .insert(name.as_str(), encode(&current)?.as_slice())
+                    .map_err(eng!("write cache"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the caches `remove` selects (with an audit entry when any went); returns
+    /// them.
+    pub fn remove_caches(
+        &self,
+        remove: impl Fn(&CacheView) -> bool,
+        audit: &AuditEntry,
+    ) -> Result<Vec<CacheView>, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            let mut gone = Vec::new();
+            for item in table.iter().map_err(eng!("scan caches"))? {
+                let (k, v) = item.map_err(eng!("scan caches"))?;
+                let view: CacheView = decode("cache", k.value(), v.value())?;
+                if remove(&view) {
+                    gone.push(view);
+                }
+            }
+            for view in &gone {
+                table
+                    .remove(cache_key(&view.pipeline, &view.branch, &view.key).as_str())
+                    .map_err(eng!("remove cache"))?;
+            }
+            drop(table);
+            if !gone.is_empty() {
+                let mut entry = audit.clone();
+                entry.detail = format!("{} removed={}", entry.detail, gone.len());
+                Self::append_audit(tx, &entry)?;
+            }
+            Ok(gone)
+        })
+    }
+
+    /// One garbage collection of the index, in one commit: expires artifacts, evicts
+    /// caches (idle ones, then least recently used beyond the quota), drops manifests
+    /// nothing references, and removes index rows of chunks no remaining manifest names,
+    /// unless `protected` holds them (open uploads) or they are younger than the grace.
+    /// Returns the report and the chunks whose files the caller must delete.
+    pub fn collect_garbage(
+        &self,
+        rules: GcRules,
+        protected: &HashSet<Digest>,
+    ) -> Result<(GcReport, Vec<Digest>), StoreError> {
+        let tx = self.db.begin_write().map_err(eng!("begin"))?;
+        let mut report = GcReport {
+            dry_run: rules.dry_run,
+            ..GcReport::default()
+        };
+        let mut doomed = Vec::new();
+        {
+            let mut artifacts = tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
+            let mut roots: HashSet<Digest> = HashSet::new();
+            let mut expired: Vec<(u64, String)> = Vec::new();
+            for item in artifacts.iter().map_err(eng!("scan artifacts"))? {
+                let (k, v) = item.map_err(eng!("scan artifacts"))?;
+                let (run, name) = k.value();
+                let view: ArtifactView = decode("artifact", name, v.value())?;
+                if view.expires_at <= rules.now {
+                    expired.push((run, name.to_owned()));
+                } else {
+                    roots.insert(view.manifest);
+                }
+            }
+            report.artifacts_expired = expired.len() as u64;
+            for (run, name) in &expired {
+                artifacts
+                    .remove((*run, name.as_str()))
+                    .map_err(eng!("remove artifact"))?;
+            }
+            drop(artifacts);
+
+            let mut caches = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            let mut all: Vec<CacheView> = Vec::new();
+            for item in caches.iter().map_err(eng!("scan caches"))? {
+                let (k, v) = item.map_err(eng!("scan caches"))?;
+                all.push(decode("cache", k.value(), v.value())?);
+            }
+            all.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+            let mut total: u64 = 0;
+            for view in all {
+                let idle = rules.now.millis_since(view.last_used) >= rules.cache_max_idle_ms;
+                if idle || total.saturating_add(view.bytes) > rules.cache_quota_bytes {
+                    report.caches_evicted += 1;
+                    caches
+                        .remove(cache_key(&view.pipeline, &view.branch, &view.key).as_str())
+                        .map_err(eng!("remove cache"))?;
+                } else {
+                    total += view.bytes;
+                    roots.insert(view.manifest);
+                }
+            }
+            drop(caches);
+
+            let mut manifests = tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
+            let mut referenced: HashSet<Digest> = HashSet::new();
+            let mut unused: Vec<Vec<u8>> = Vec::new();
+            for item in manifests.iter().map_err(eng!("scan manifests"))? {
+                let (k, v) = item.map_err(eng!("scan manifests"))?;
+                let key = k.value();
+                let digest = <[u8; 32]>::try_from(key).map(Digest::from_bytes).map_err(|_| {
+                    StoreError::Corrupt {
+                        what: "manifest",
+                        key: format!("{} bytes", key.len()),
+                        detail: "key is not a 32-byte digest".into(),
+                    }
+                })?;
+                if !roots.contains(&digest) {
+                    unused.push(key.to_vec());
+                    continue;
+                }
+                let manifest = gantry_cas::Manifest::decode(v.value()).map_err(|e| {
+                    StoreError::Corrupt {
+                        what: "manifest",
+                        key: digest.to_string(),
+                        detail: e.to_string(),
+                    }
+                })?;
+                for entry in &manifest.entries {
+                    if let gantry_cas::EntryKind::File { chunks, .. } = &entry.kind {
+                        referenced.extend(chunks.iter().map(|c| c.digest));
+                    }
+                }
+            }
+            for key in &unused {
+                manifests
+                    .remove(key.as_slice())
+                    .map_err(eng!("remove manifest"))?;
+            }
+            drop(manifests);
+
+            let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+            let mut sizes: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+            for item in chunks.iter().map_err(eng!("scan chunks"))? {
+                let (k, v) = item.map_err(eng!("scan chunks"))?;
+                let key = k.value();
+                let record: ChunkRecord = decode("chunk", "index", v.value())?;
+                let Ok(bytes) = <[u8; 32]>::try_from(key) else {
+                    continue;
+                };
+                let digest = Digest::from_bytes(bytes);
+                if referenced.contains(&digest) {
+                    report.chunks_kept += 1;
+                    report.bytes_kept += u64::from(record.stored_bytes);
+                } else if protected.contains(&digest)
+                    || rules.now.millis_since(record.written_at) < rules.grace_ms
+                {
+                    report.chunks_protected += 1;
+                    report.bytes_kept += u64::from(record.stored_bytes);
+                } else {
+                    sizes.insert(key.to_vec(), u64::from(record.stored_bytes));
+                    doomed.push(digest);
+                }
+            }
+            report.chunks_deleted = doomed.len() as u64;
+            report.bytes_freed = sizes.values().sum();
+            for key in sizes.keys() {
+                chunks.remove(key.as_slice()).map_err(eng!("remove chunk"))?;
+            }
+        }
+        if rules.dry_run {
+            tx.abort().map_err(eng!("abort"))?;
+            doomed.clear();
+        } else {
+            tx.commit().map_err(eng!("commit"))?;
+        }
+        Ok((report, doomed))
+    }
+
+    /// Drops chunks from the index (found missing or corrupt on disk), so the next upload
+    /// of their content stores them again.
+    pub fn forget_chunks(&self, digests: &[Digest]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+            for digest in digests {
+                chunks
+                    .remove(digest.as_bytes().as_slice())
+                    .map_err(eng!("remove chunk"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether the index holds `digest` (for garbage collection of unindexed files).
+    pub fn chunk_indexed(&self, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.missing_chunks(std::slice::from_ref(digest))?.is_empty())
     }
 }
 

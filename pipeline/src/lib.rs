@@ -40,6 +40,7 @@ mod cron;
 mod glob;
 mod load;
 mod model;
+mod outputs;
 mod yaml;
 
 use std::fmt;
@@ -51,6 +52,11 @@ pub use cron::CronSchedule;
 pub use glob::glob_match;
 pub use load::{parse_duration, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
 pub use model::{referenced_secrets, InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+pub use outputs::{
+    artifact_name_problem, cache_key_problem, hash_files_patterns, path_problem, ArtifactSpec,
+    CacheSpec, DEFAULT_EXPIRE_IN_SECS, MAX_ARTIFACT_NAME, MAX_CACHE_KEY, MAX_EXPIRE_IN_SECS,
+    MAX_OUTPUT_PATHS,
+};
 
 /// The default pipeline file name.
 pub const DEFAULT_FILE_NAME: &str = "gantry.yml";

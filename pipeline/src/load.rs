@@ -9,6 +9,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
 use crate::model::{InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+use crate::outputs::{
+    artifact_name_problem, cache_key_problem, path_problem, ArtifactSpec, CacheSpec,
+    DEFAULT_EXPIRE_IN_SECS, MAX_EXPIRE_IN_SECS, MAX_OUTPUT_PATHS,
+};
 use crate::yaml::{self, Kind, Node, Pos};
 use crate::{Errors, ParseError};
 
@@ -45,7 +49,12 @@ const JOB_KEYS: &[&str] = &[
     "image",
     "if",
     "when",
+    "artifacts",
+    "cache",
+    "download",
 ];
+const ARTIFACT_KEYS: &[&str] = &["name", "paths", "expire-in"];
+const CACHE_KEYS: &[&str] = &["key", "paths", "restore-keys"];
 const STRATEGY_KEYS: &[&str] = &["matrix"];
 const STEP_KEYS: &[&str] = &["run", "name", "working-directory", "env"];
 
@@ -265,7 +274,7 @@ fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
 /// Parses `30m`, `90s`, `1h30m`, `500ms`.
 pub fn parse_duration(text: &str) -> Result<u64, String> {
     let bad = || {
-        format!("\"{text}\" is not a duration; expected numbers with units ms, s, m or h, like 30m or 1h30m")
+        format!("\"{text}\" is not a duration; expected numbers with units ms, s, m, h or d, like 30m, 1h30m or 7d")
     };
     let bytes = text.trim().as_bytes();
     if bytes.is_empty() {
@@ -291,6 +300,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             "s" => 1000,
             "m" => 60_000,
             "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return Err(bad()),
         };
         total = number
@@ -325,6 +335,23 @@ struct RawJob {
     condition: Condition,
     manual: bool,
     image: Option<Text>,
+    artifacts: Option<RawArtifacts>,
+    cache: Option<RawCache>,
+    /// `download:` as written: `None` takes every artifact of the job's needs.
+    download: Option<Vec<(String, Pos)>>,
+}
+
+struct RawArtifacts {
+    pos: Pos,
+    name: Option<Text>,
+    paths: Vec<String>,
+    expire_in_secs: u64,
+}
+
+struct RawCache {
+    key: Text,
+    restore_keys: Vec<Text>,
+    paths: Vec<String>,
 }
 
 /// Parses a pipeline file. See the crate documentation.
@@ -717,6 +744,19 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
     let image = f
         .get("image")
         .and_then(|n| string(ctx, n, "image").map(|value| Text { value, pos: n.pos }));
+    let artifacts = f.get("artifacts").and_then(|n| load_artifacts(ctx, n));
+    let cache = f.get("cache").and_then(|n| load_cache(ctx, n));
+    let download = f.get("download").map(|n| {
+        if matches!(n.kind, Kind::Seq(_)) {
+            string_list(ctx, n, "download")
+        } else {
+            ctx.error(
+                n.pos,
+                "download must be a list of artifact names, e.g. download: [app] (or [] for none)",
+            );
+            Vec::new()
+        }
+    });
     Some(RawJob {
         key: key.to_owned(),
         pos,
@@ -732,7 +772,118 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
         condition,
         manual,
         image,
+        artifacts,
+        cache,
+        download,
     })
+}
+
+fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
+    let f = fields(ctx, node, ARTIFACT_KEYS, "artifacts")?;
+    let name = f
+        .get("name")
+        .and_then(|n| string(ctx, n, "artifacts.name").map(|value| Text { value, pos: n.pos }));
+    let paths = load_paths(ctx, node, f.get("paths"), "artifacts");
+    let expire_in_secs = match f.get("expire-in") {
+        None => DEFAULT_EXPIRE_IN_SECS,
+        Some(n) => match scalar(n).map(parse_duration) {
+            Some(Ok(ms)) if ms >= 1000 && ms / 1000 <= MAX_EXPIRE_IN_SECS => ms / 1000,
+            Some(Ok(_)) => {
+                ctx.error(n.pos, "expire-in must be between 1s and 365d");
+                return None;
+            }
+            Some(Err(message)) => {
+                ctx.error(n.pos, format!("expire-in {message}"));
+                return None;
+            }
+            None => {
+                ctx.error(
+                    n.pos,
+                    format!(
+                        "expire-in must be a duration like 7d, found {}",
+                        n.type_name()
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    Some(RawArtifacts {
+        pos: node.pos,
+        name,
+        paths: paths?,
+        expire_in_secs,
+    })
+}
+
+fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
+    let f = fields(ctx, node, CACHE_KEYS, "cache")?;
+    let key = match f.get("key") {
+        Some(n) => string(ctx, n, "cache.key").map(|value| Text { value, pos: n.pos }),
+        None => {
+            ctx.error(
+                node.pos,
+                "cache needs a key, e.g. key: deps-${{ hashFiles('Cargo.lock') }}",
+            );
+            None
+        }
+    };
+    let restore_keys = f
+        .get("restore-keys")
+        .map(|n| {
+            let items = match &n.kind {
+                Kind::Seq(items) => items.iter().collect(),
+                _ => vec![n],
+            };
+            items
+                .into_iter()
+                .filter_map(|item| {
+                    string(ctx, item, "each restore key").map(|value| Text {
+                        value,
+                        pos: item.pos,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let paths = load_paths(ctx, node, f.get("paths"), "cache");
+    Some(RawCache {
+        key: key?,
+        restore_keys,
+        paths: paths?,
+    })
+}
+
+/// The `paths:` of an artifact or cache: at least one, each relative and inside the
+/// workspace.
+fn load_paths(ctx: &mut Ctx, parent: &Node, node: Option<&Node>, what: &str) -> Option<Vec<String>> {
+    let Some(node) = node else {
+        ctx.error(
+            parent.pos,
+            format!("{what} needs paths: the files or directories to keep, e.g. paths: [out/]"),
+        );
+        return None;
+    };
+    let paths = string_list(ctx, node, &format!("{what}.paths"));
+    if paths.is_empty() {
+        ctx.error(node.pos, format!("{what}.paths is empty; list at least one path"));
+        return None;
+    }
+    if paths.len() > MAX_OUTPUT_PATHS {
+        ctx.error(
+            node.pos,
+            format!("{what}.paths lists {} paths; the most is {MAX_OUTPUT_PATHS}", paths.len()),
+        );
+        return None;
+    }
+    let mut ok = true;
+    for (path, pos) in &paths {
+        if let Some(problem) = path_problem(path) {
+            ctx.error(*pos, format!("{what} path \"{path}\" {problem}"));
+            ok = false;
+        }
+    }
+    ok.then(|| paths.into_iter().map(|(p, _)| p).collect())
 }
 
 fn load_condition(
@@ -1133,6 +1284,9 @@ fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
     }
     let job_keys: Vec<&str> = raw_jobs.iter().map(|j| j.key.as_str()).collect();
     let mut jobs = Vec::new();
+    // The raw job each expanded job came from, for positions in later checks.
+    let mut origins: Vec<&RawJob> = Vec::new();
+    let mut artifact_names: HashMap<String, Pos> = HashMap::new();
     for raw in raw_jobs {
         let mut needs: Vec<String> = Vec::new();
         for (need, pos) in &raw.needs {
@@ -1184,6 +1338,54 @@ fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
                 .image
                 .as_ref()
                 .map(|t| substitute(ctx, t, combo, &raw.combos));
+            let name = job_name(&raw.key, combo, raw.is_matrix);
+            let artifact = raw.artifacts.as_ref().and_then(|a| {
+                let (artifact_name, pos) = match &a.name {
+                    Some(text) => (sub(ctx, text), text.pos),
+                    None => (name.clone(), a.pos),
+                };
+                if let Some(problem) = artifact_name_problem(&artifact_name) {
+                    ctx.error(pos, format!("artifact name \"{artifact_name}\" {problem}"));
+                    return None;
+                }
+                if let Some(first) = artifact_names.insert(artifact_name.clone(), pos) {
+                    ctx.error(
+                        pos,
+                        format!(
+                            "artifact name \"{artifact_name}\" is declared twice (also at line {}); artifact names must be unique in a pipeline (a matrix job can add ${{{{ matrix.NAME }}}} to its name)",
+                            first.line
+                        ),
+                    );
+                }
+                Some(ArtifactSpec {
+                    name: artifact_name,
+                    paths: a.paths.clone(),
+                    expire_in_secs: a.expire_in_secs,
+                })
+            });
+            let cache = raw.cache.as_ref().and_then(|c| {
+                let key = sub(ctx, &c.key);
+                let restore_keys: Vec<String> =
+                    c.restore_keys.iter().map(|t| sub(ctx, t)).collect();
+                let mut ok = true;
+                for (text, value) in std::iter::once((&c.key, &key))
+                    .chain(c.restore_keys.iter().zip(&restore_keys))
+                {
+                    if let Some(problem) = cache_key_problem(value) {
+                        ctx.error(text.pos, problem);
+                        ok = false;
+                    }
+                }
+                ok.then(|| CacheSpec {
+                    key,
+                    restore_keys,
+                    paths: c.paths.clone(),
+                })
+            });
+            let download = raw
+                .download
+                .as_ref()
+                .map(|list| list.iter().map(|(n, _)| n.clone()).collect());
             jobs.push(Job {
                 name: job_name(&raw.key, combo, raw.is_matrix),
                 key: raw.key.clone(),
@@ -1198,10 +1400,74 @@ fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
                 manual: raw.manual,
                 image,
                 matrix: combo.iter().cloned().collect(),
+                artifact,
+                cache,
+                download,
             });
+            origins.push(raw);
         }
     }
+    check_downloads(ctx, &jobs, &origins);
     jobs
+}
+
+/// Every name in a job's `download` must be the artifact of a job it waits for (directly
+/// or through other needs), or it could not exist when the job starts.
+fn check_downloads(ctx: &mut Ctx, jobs: &[Job], origins: &[&RawJob]) {
+    let index: HashMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.as_str(), i))
+        .collect();
+    let producer: HashMap<&str, &str> = jobs
+        .iter()
+        .filter_map(|j| j.artifact.as_ref().map(|a| (a.name.as_str(), j.name.as_str())))
+        .collect();
+    for (job, raw) in jobs.iter().zip(origins) {
+        let Some(wanted) = &raw.download else {
+            continue;
+        };
+        let mut upstream: BTreeSet<usize> = BTreeSet::new();
+        let mut stack: Vec<usize> = job
+            .needs
+            .iter()
+            .filter_map(|n| index.get(n.as_str()).copied())
+            .collect();
+        while let Some(i) = stack.pop() {
+            if upstream.insert(i) {
+                stack.extend(
+                    jobs[i]
+                        .needs
+                        .iter()
+                        .filter_map(|n| index.get(n.as_str()).copied()),
+                );
+            }
+        }
+        for (name, pos) in wanted {
+            match producer.get(name.as_str()) {
+                Some(maker) if upstream.contains(&index[maker]) => {}
+                Some(maker) => ctx.error(
+                    *pos,
+                    format!(
+                        "job {} downloads artifact \"{name}\", made by job {maker}, which it does not wait for; add it to needs",
+                        job.name
+                    ),
+                ),
+                None => {
+                    let mut known: Vec<&str> = producer.keys().copied().collect();
+                    known.sort_unstable();
+                    ctx.error(
+                        *pos,
+                        format!(
+                            "job {} downloads artifact \"{name}\", which no job declares; artifacts are: {}",
+                            job.name,
+                            if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
+                        ),
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1214,6 +1480,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
         assert_eq!(parse_duration("90s"), Ok(90_000));
         assert_eq!(parse_duration("250ms"), Ok(250));
+        assert_eq!(parse_duration("7d"), Ok(7 * 86_400_000));
         for bad in ["", "30", "m", "30x", "1.5h", "99999999999999h", "-1m"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

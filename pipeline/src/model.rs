@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
 use crate::glob::glob_match;
+use crate::outputs::{ArtifactSpec, CacheSpec};
 
 /// A parsed, validated and matrix-expanded pipeline.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +95,12 @@ pub struct Job {
     pub image: Option<String>,
     /// This expansion's matrix values; empty for a plain job.
     pub matrix: BTreeMap<String, String>,
+    /// What the job passes on (`artifacts:`), uploaded when every step succeeded.
+    pub artifact: Option<ArtifactSpec>,
+    /// What the job reuses across runs (`cache:`).
+    pub cache: Option<CacheSpec>,
+    /// `download:`: the artifacts it takes; `None` takes every artifact of its needs.
+    pub download: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -544,6 +544,118 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
         "unknown trigger \"pull_request\"",
     ),
     (
+        "artifact path escapes",
+        "jobs:\n  a:\n    artifacts: { paths: [out, ../secret] }\n    steps: [{ run: x }]\n",
+        3,
+        31,
+        "artifacts path \"../secret\" has a \"..\" component",
+    ),
+    (
+        "artifact path absolute",
+        "jobs:\n  a:\n    artifacts: { paths: /etc }\n    steps: [{ run: x }]\n",
+        3,
+        25,
+        "artifacts path \"/etc\" is absolute",
+    ),
+    (
+        "artifact without paths",
+        "jobs:\n  a:\n    artifacts: { name: app }\n    steps: [{ run: x }]\n",
+        3,
+        16,
+        "artifacts needs paths",
+    ),
+    (
+        "artifact name with a slash",
+        "jobs:\n  a:\n    artifacts: { name: a/b, paths: [out] }\n    steps: [{ run: x }]\n",
+        3,
+        24,
+        "artifact name \"a/b\" contains a /",
+    ),
+    (
+        "artifact name twice",
+        "jobs:\n  a:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n",
+        6,
+        24,
+        "artifact name \"app\" is declared twice (also at line 3)",
+    ),
+    (
+        "matrix artifact without matrix in its name",
+        "jobs:\n  t:\n    matrix: { os: [a, b] }\n    artifacts: { name: bin, paths: [out] }\n    steps: [{ run: x }]\n",
+        4,
+        24,
+        "artifact name \"bin\" is declared twice",
+    ),
+    (
+        "bad expire-in",
+        "jobs:\n  a:\n    artifacts: { paths: [out], expire-in: 2 weeks }\n    steps: [{ run: x }]\n",
+        3,
+        43,
+        "expire-in \"2 weeks\" is not a duration",
+    ),
+    (
+        "expire-in too long",
+        "jobs:\n  a:\n    artifacts: { paths: [out], expire-in: 400d }\n    steps: [{ run: x }]\n",
+        3,
+        43,
+        "expire-in must be between 1s and 365d",
+    ),
+    (
+        "unknown artifacts key",
+        "jobs:\n  a:\n    artifacts: { paths: [out], when: always }\n    steps: [{ run: x }]\n",
+        3,
+        32,
+        "unknown key \"when\" in artifacts; allowed keys are: name, paths, expire-in",
+    ),
+    (
+        "download of an unknown artifact",
+        "jobs:\n  a:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  b:\n    needs: a\n    download: [ap]\n    steps: [{ run: x }]\n",
+        7,
+        16,
+        "job b downloads artifact \"ap\", which no job declares; artifacts are: app",
+    ),
+    (
+        "download of an artifact the job does not wait for",
+        "jobs:\n  a:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  b:\n    download: [app]\n    steps: [{ run: x }]\n",
+        6,
+        16,
+        "job b downloads artifact \"app\", made by job a, which it does not wait for; add it to needs",
+    ),
+    (
+        "download not a list",
+        "jobs:\n  a:\n    download: app\n    steps: [{ run: x }]\n",
+        3,
+        15,
+        "download must be a list of artifact names",
+    ),
+    (
+        "cache without key",
+        "jobs:\n  a:\n    cache: { paths: [target] }\n    steps: [{ run: x }]\n",
+        3,
+        12,
+        "cache needs a key",
+    ),
+    (
+        "cache key with a secret",
+        "jobs:\n  a:\n    cache: { key: \"k-${{ secrets.T }}\", paths: [target] }\n    steps: [{ run: x }]\n",
+        3,
+        19,
+        "cannot be used in a cache key",
+    ),
+    (
+        "cache key with a malformed hashFiles",
+        "jobs:\n  a:\n    cache: { key: \"k-${{ hashFiles(Cargo.lock) }}\", paths: [target] }\n    steps: [{ run: x }]\n",
+        3,
+        19,
+        "hashFiles arguments must be quoted strings",
+    ),
+    (
+        "cache path escapes",
+        "jobs:\n  a:\n    cache: { key: k, paths: [\"../../.cargo\"] }\n    steps: [{ run: x }]\n",
+        3,
+        30,
+        "cache path \"../../.cargo\" has a \"..\" component",
+    ),
+    (
         "unknown on key",
         "on: { pull_request: {} }\njobs: { a: { steps: [{ run: x }] } }\n",
         1,
@@ -551,6 +663,30 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
         "unknown key \"pull_request\" in on; allowed keys are: push, schedule, manual, inputs",
     ),
 ];
+
+#[test]
+fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
+    let p = ok("jobs:\n  build:\n    matrix: { os: [linux, mac] }\n    artifacts:\n      name: app-${{ matrix.os }}\n      paths: [out/, \"dist/**/*.tar\"]\n      expire-in: 7d\n    cache:\n      key: deps-${{ matrix.os }}-${{ hashFiles('Cargo.lock') }}\n      restore-keys: [\"deps-${{ matrix.os }}-\"]\n      paths: [target]\n    steps: [{ run: x }]\n  test:\n    needs: build\n    steps: [{ run: x }]\n  pick:\n    needs: test\n    download: [app-mac]\n    artifacts: { paths: [report.txt] }\n    steps: [{ run: x }]\n");
+    let build = p.job("build (linux)").expect("build");
+    let artifact = build.artifact.as_ref().expect("artifact");
+    assert_eq!(artifact.name, "app-linux");
+    assert_eq!(artifact.paths, ["out/", "dist/**/*.tar"]);
+    assert_eq!(artifact.expire_in_secs, 7 * 86_400);
+    let cache = build.cache.as_ref().expect("cache");
+    assert_eq!(cache.key, "deps-linux-${{ hashFiles('Cargo.lock') }}");
+    assert_eq!(cache.restore_keys, ["deps-linux-"]);
+    let test = p.job("test").expect("test");
+    assert_eq!(test.download, None, "no download key: every artifact of its needs");
+    assert!(test.artifact.is_none() && test.cache.is_none());
+    let pick = p.job("pick").expect("pick");
+    assert_eq!(pick.download.as_deref(), Some(&["app-mac".to_owned()][..]));
+    let report = pick.artifact.as_ref().expect("artifact");
+    assert_eq!(
+        (report.name.as_str(), report.expire_in_secs),
+        ("pick", crate::DEFAULT_EXPIRE_IN_SECS),
+        "the job's name and 30 days unless given"
+    );
+}
 
 #[test]
 fn every_bad_input_is_reported_at_its_node() {

@@ -105,7 +105,7 @@ mod tests {
             err,
             HelloError::UnsupportedVersion {
                 theirs: 999,
-                min: 1,
+                min: crate::MIN_SUPPORTED_VERSION,
                 max: PROTOCOL_VERSION
             }
         );

@@ -2,31 +2,36 @@
 //! on, and nothing else.
 //!
 //! This crate owns the message types of each direction, the length-delimited postcard
-//! framing, the versioned hello, the explicit limits, the close codes and the typed ids.
+//! framing, the versioned hello, the explicit limits, the close codes, the typed ids and content digests.
 //! It must not know about sockets, quinn, storage or processes: the only I/O-shaped code
 //! here is a sans-IO frame decoder that takes bytes and hands back frames, so it can be
 //! fuzzed and tested without a network.
 
+pub mod digest;
 pub mod frame;
 pub mod hello;
 pub mod ids;
 pub mod limits;
 pub mod messages;
 pub mod template;
+pub mod transfer;
 
+pub use digest::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};
 pub use ids::{civil_from_days, AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
+pub use transfer::*;
 
 /// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
 pub const ALPN: &[u8] = b"gantry/1";
 
 /// Version of the message schema carried in every hello. Bump it when a message changes
 /// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Oldest hello version the coordinator still speaks.
-pub const MIN_SUPPORTED_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest hello version the coordinator still speaks. Version 2 added artifacts and caches
+/// to job assignments, which a version 1 agent cannot decode, so 1 is no longer spoken.
+pub const MIN_SUPPORTED_VERSION: u16 = 2;
 
 /// The TLS server name every client asks for. The coordinator's certificate carries it as
 /// a DNS SAN whatever address it is reached at, so agents can dial an IP, a hostname or a

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AgentId, Attempt, JobId, RunId, TokenId, UnixMillis};
+use crate::transfer::{ArtifactView, CacheView, GcReport, Grant, ResolveRequest, UploadTarget};
+use crate::{AgentId, Attempt, Digest, JobId, RunId, TokenId, UnixMillis};
 
 /// Labels on an agent: `os=linux`, `role=web`. Ordered so listings are stable.
 pub type Labels = BTreeMap<String, String>;
@@ -228,6 +229,31 @@ pub struct JobAssignment {
     pub secrets: Labels,
     /// The run's source tree, fetched into the workspace before the first step.
     pub source: Option<String>,
+    /// Whether the job receives artifacts (its needs produced some, or it names some in
+    /// `download`); the agent asks with `ResolveRequest::JobArtifacts`.
+    pub downloads: bool,
+    /// The artifact to upload when every step succeeded.
+    pub artifact: Option<ArtifactSpec>,
+    /// The cache to restore before the first step and save after a success.
+    pub cache: Option<CacheSpec>,
+}
+
+/// A job's `artifacts:`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSpec {
+    pub name: String,
+    /// Workspace-relative paths or globs (`*`, `**`), already checked to stay inside.
+    pub paths: Vec<String>,
+    pub expire_in_secs: u64,
+}
+
+/// A job's `cache:`. `key` and `restore_keys` may still hold `${{ hashFiles(...) }}`,
+/// which only the agent can evaluate (it hashes workspace files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSpec {
+    pub key: String,
+    pub restore_keys: Vec<String>,
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,6 +285,17 @@ pub enum StreamOpen {
     /// Agent to coordinator: send the source tree of this attempt's run as `SourceData`
     /// frames, then end the stream.
     FetchSource { job: JobId, attempt: Attempt },
+    /// Which manifests may the reader fetch? One `ResolveReply` answers.
+    Resolve(ResolveRequest),
+    /// A manifest's bytes, as `ManifestFrame`s.
+    GetManifest { grant: Grant, manifest: Digest },
+    /// Chunks of `manifest`: `ChunkWants` in, `ChunkFrame`s out.
+    FetchChunks { grant: Grant, manifest: Digest },
+    /// An upload session: `UploadRequest`s in, `UploadReply`s out.
+    Upload { grant: Grant, target: UploadTarget },
+    /// Chunks of upload `session` (opened on the same connection): `ChunkPut`s in, one
+    /// `PutReply` out once they are durable.
+    PutChunks { session: u64 },
 }
 
 /// Agent to coordinator on a log stream: one chunk of output.
@@ -365,6 +402,24 @@ pub enum AdminRequest {
     RemoveSecret {
         name: String,
     },
+    /// The artifacts of a run.
+    ListArtifacts {
+        run: RunId,
+    },
+    /// Stored caches, newest first.
+    ListCaches,
+    /// Removes caches whose key is `key` (in every pipeline and branch unless narrowed).
+    RemoveCache {
+        key: String,
+        pipeline: Option<String>,
+        branch: Option<String>,
+    },
+    /// Expires artifacts, evicts caches and deletes unreferenced chunks now. `grace_secs`
+    /// overrides how old an unreferenced chunk must be before it goes.
+    Gc {
+        dry_run: bool,
+        grace_secs: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,6 +454,9 @@ pub enum AdminResponse {
     /// Names of the stored secrets (never their values).
     Secrets(Vec<String>),
     Triggers(Vec<TriggerView>),
+    Artifacts(Vec<ArtifactView>),
+    Caches(Vec<CacheView>),
+    Gc(GcReport),
     Done {
         message: String,
     },

@@ -492,7 +492,11 @@ fn oversized_frames_garbage_and_unsupported_versions_close_only_that_connection(
             );
             assert!(
                 r.message
-                    .contains(&format!("1..={}", gantry_protocol::PROTOCOL_VERSION)),
+                    .contains(&format!(
+                        "{}..={}",
+                        gantry_protocol::MIN_SUPPORTED_VERSION,
+                        gantry_protocol::PROTOCOL_VERSION
+                    )),
                 "names both versions: {}",
                 r.message
             );

@@ -1,0 +1,1092 @@
+//! Artifacts and caches on the coordinator: the bulk streams that read and write them,
+//! who may do what, and retention (expiry, eviction, garbage collection).
+//!
+//! Owns the rules: an agent reads only manifests of the run whose job it holds (the
+//! run's artifacts, and the caches its branch may see) and writes only its own job's
+//! declared artifact and cache; an admin reads everything. Chunks are verified before
+//! they are stored (an uploader cannot plant bytes under another chunk's digest) and
+//! again before they are served (a chunk corrupted on disk is quarantined and reported,
+//! never sent). The index is the store's; chunk files are [`ChunkStore`]'s.
+//!
+//! Garbage collection never takes a chunk that a live manifest names, that an open
+//! upload session has been told exists or has sent, or that was written less than the
+//! grace period ago; and a commit re-checks every chunk in the same transaction that
+//! stores the manifest, so a chunk collected between "you have it" and the commit is
+//! reported missing and sent again rather than silently lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_cas::{EntryKind, Manifest, MAX_COMPRESSED_CHUNK, MAX_CHUNK, MAX_MANIFEST_BYTES};
+use gantry_pipeline::Pipeline;
+use gantry_protocol::{
+    AgentId, ArtifactView, CacheHit, CacheView, ChunkFrame, ChunkPut, ChunkWants, Committed,
+    Digest, GcReport, Grant, ManifestFrame, PutReply, ResolveReply, ResolveRequest,
+    RunId, StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget,
+    MANIFEST_PIECE_BYTES, MAX_DIGESTS_PER_FRAME,
+};
+use gantry_transport::{FrameReader, FrameWriter, TransportError};
+use tokio::sync::{mpsc, RwLock};
+
+use crate::chunks::ChunkStore;
+use crate::config::ArtifactSettings;
+use crate::metrics::Metrics;
+use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
+
+/// Chunks written between two `syncfs` calls on an upload stream: one sync per 32 MiB.
+const SYNC_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Frames read ahead of processing on a bulk stream (each at most ~257 KiB).
+const READ_AHEAD_FRAMES: usize = 16;
+/// Parsed pipelines kept for authorization checks; cleared when full.
+const MAX_CACHED_PIPELINES: usize = 256;
+/// Decoded manifests (their chunk lists) kept for serving chunks; cleared when full.
+const MAX_CACHED_MANIFESTS: usize = 64;
+
+/// Who opened a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Agent(AgentId),
+    Admin(String),
+}
+
+/// An upload in progress: what it writes and the chunks it holds on to.
+#[derive(Debug)]
+struct Session {
+    connection: u64,
+    peer: Peer,
+    /// Chunks this session was told are stored, or stored itself: protected from
+    /// garbage collection until the session ends.
+    pinned: HashSet<Digest>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    next: u64,
+    open: HashMap<u64, Session>,
+}
+
+/// The artifact service; one per coordinator.
+#[derive(Debug)]
+pub struct Artifacts {
+    store: Arc<Store>,
+    chunks: ChunkStore,
+    settings: ArtifactSettings,
+    metrics: Arc<Metrics>,
+    /// Chunk writers hold it shared from writing a file to indexing it; garbage
+    /// collection holds it exclusively, so it never deletes a file about to be indexed.
+    collecting: RwLock<()>,
+    sessions: Mutex<Sessions>,
+    pipelines: Mutex<HashMap<RunId, Arc<Pipeline>>>,
+    manifests: Mutex<HashMap<Digest, Arc<HashMap<Digest, u32>>>>,
+}
+
+/// What a job's grant resolved to.
+struct JobScope {
+    job: JobRecord,
+    run: RunRecord,
+    pipeline: Arc<Pipeline>,
+}
+
+impl JobScope {
+    fn spec(&self) -> Option<&gantry_pipeline::Job> {
+        self.pipeline.jobs.get(self.job.job.index as usize)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ends a session when its stream task ends, however it ends.
+struct SessionGuard<'a> {
+    artifacts: &'a Artifacts,
+    id: u64,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.artifacts.sessions).open.remove(&self.id);
+    }
+}
+
+impl Artifacts {
+    pub fn open(
+        store: Arc<Store>,
+        dir: &std::path::Path,
+        settings: ArtifactSettings,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            store,
+            chunks: ChunkStore::open(dir)?,
+            settings,
+            metrics,
+            collecting: RwLock::new(()),
+            sessions: Mutex::new(Sessions::default()),
+            pipelines: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves one bulk stream. `connection` identifies the connection, so upload
+    /// sessions can only be fed from the connection that opened them.
+    pub async fn serve(
+        &self,
+        peer: &Peer,
+        connection: u64,
+        open: StreamOpen,
+        mut writer: FrameWriter,
+        reader: FrameReader,
+    ) -> Result<(), String> {
+        let result = match open {
+            StreamOpen::Resolve(request) => {
+                let reply = self.resolve(peer, request).unwrap_or_else(|message| {
+                    ResolveReply::Refused { message }
+                });
+                writer.send(&reply).await.map_err(|e| e.to_string())
+            }
+            StreamOpen::GetManifest { grant, manifest } => {
+                self.send_manifest(peer, &grant, &manifest, &mut writer).await
+            }
+            StreamOpen::FetchChunks { grant, manifest } => {
+                self.send_chunks(peer, &grant, &manifest, &mut writer, reader)
+                    .await
+            }
+            StreamOpen::Upload { grant, target } => {
+                self.upload(peer, connection, &grant, &target, &mut writer, reader)
+                    .await
+            }
+            StreamOpen::PutChunks { session } => {
+                self.put_chunks(peer, connection, session, &mut writer, reader)
+                    .await
+            }
+            other => Err(format!("not an artifact stream: {other:?}")),
+        };
+        writer.finish();
+        result
+    }
+
+    /// Resolves a grant to the job it names, refusing anything the peer does not hold.
+    /// `Ok(None)` is an admin, who may read anything.
+    fn scope(&self, peer: &Peer, grant: &Grant) -> Result<Option<JobScope>, String> {
+        let (agent, job, attempt) = match (peer, grant) {
+            (Peer::Admin(_), _) => return Ok(None),
+            (Peer::Agent(_), Grant::Admin) => {
+                return Err("an agent cannot use an admin grant".into())
+            }
+            (Peer::Agent(agent), Grant::Job { job, attempt }) => (agent, *job, *attempt),
+        };
+        let record = self
+            .store
+            .job(job)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no job {job}"))?;
+        let holds = record.attempt == attempt
+            && record.agent.as_ref() == Some(agent)
+            && record.attempts.iter().any(|(a, who)| *a == attempt && who == agent)
+            && matches!(record.state.as_str(), "offered" | "running" | "cancelling");
+        if !holds {
+            return Err(format!(
+                "attempt {attempt} of job {job} is not running on {agent} (it is {} attempt {} there): refused",
+                record.state, record.attempt
+            ));
+        }
+        let run = self
+            .store
+            .run(job.run)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no run {}", job.run))?;
+        let pipeline = self.pipeline(&run)?;
+        Ok(Some(JobScope {
+            job: record,
+            run,
+            pipeline,
+        }))
+    }
+
+    fn pipeline(&self, run: &RunRecord) -> Result<Arc<Pipeline>, String> {
+        if let Some(p) = lock(&self.pipelines).get(&run.run) {
+            return Ok(p.clone());
+        }
+        let parsed = Arc::new(
+            gantry_pipeline::parse(&run.file_name, &run.text)
+                .map_err(|e| format!("the run's pipeline no longer parses: {e}"))?,
+        );
+        let mut cache = lock(&self.pipelines);
+        if cache.len() >= MAX_CACHED_PIPELINES {
+            cache.clear();
+        }
+        cache.insert(run.run, parsed.clone());
+        Ok(parsed)
+    }
+
+    /// The caches a run's jobs may restore, in the order they are tried: the run's own
+    /// branch, then (unless the branch is protected) each protected branch.
+    fn cache_scopes(&self, run: &RunRecord) -> Vec<String> {
+        let mut scopes = vec![run.git_ref.clone()];
+        if !self.settings.protected_branches.contains(&run.git_ref) {
+            scopes.extend(self.settings.protected_branches.iter().cloned());
+        }
+        scopes
+    }
+
+    fn resolve(&self, peer: &Peer, request: ResolveRequest) -> Result<ResolveReply, String> {
+        match request {
+            ResolveRequest::JobArtifacts { job, attempt } => {
+                let scope = self
+                    .scope(peer, &Grant::Job { job, attempt })?
+                    .ok_or("admins ask for one artifact by run and name")?;
+                let spec = scope.spec().ok_or("the job is not in its pipeline")?;
+                let stored = self.store.artifacts_of(scope.run.run).map_err(|e| e.to_string())?;
+                let chosen = match &spec.download {
+                    None => stored
+                        .into_iter()
+                        .filter(|a| spec.needs.contains(&a.job_name))
+                        .collect(),
+                    Some(names) => {
+                        let mut chosen = Vec::new();
+                        for name in names {
+                            let found = stored.iter().find(|a| &a.name == name).ok_or_else(|| {
+                                format!("artifact \"{name}\" was never uploaded in run {}: the job that declares it did not succeed", scope.run.run)
+                            })?;
+                            chosen.push(found.clone());
+                        }
+                        chosen
+                    }
+                };
+                Ok(ResolveReply::Artifacts(chosen))
+            }
+            ResolveRequest::Cache {
+                job,
+                attempt,
+                key,
+                restore_keys,
+            } => {
+                let scope = self
+                    .scope(peer, &Grant::Job { job, attempt })?
+                    .ok_or("admins do not restore caches")?;
+                if scope.spec().and_then(|s| s.cache.as_ref()).is_none() {
+                    return Err(format!("job {job} declares no cache"));
+                }
+                let caches = self.store.caches().map_err(|e| e.to_string())?;
+                let hit = find_cache(
+                    &caches,
+                    &scope.pipeline.name,
+                    &self.cache_scopes(&scope.run),
+                    &key,
+                    &restore_keys,
+                );
+                if let Some(hit) = &hit {
+                    if let Err(e) = self.store.touch_cache(&hit.cache, UnixMillis::now()) {
+                        tracing::warn!("cannot record a cache's use: {e}");
+                    }
+                }
+                Ok(ResolveReply::Cache(hit))
+            }
+            ResolveRequest::Artifact { run, name } => {
+                if !matches!(peer, Peer::Admin(_)) {
+                    return Err("only admins ask for an artifact by run and name".into());
+                }
+                let found = self
+                    .store
+                    .artifacts_of(run)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|a| a.name == name)
+                    .ok_or_else(|| {
+                        format!("run {run} has no artifact \"{name}\"; `gantry artifacts list {run}` shows them")
+                    })?;
+                Ok(ResolveReply::Artifacts(vec![found]))
+            }
+        }
+    }
+
+    /// Whether `peer` may read `manifest` under `grant`.
+    fn check_readable(&self, peer: &Peer, grant: &Grant, manifest: &Digest) -> Result<(), String> {
+        let Some(scope) = self.scope(peer, grant)? else {
+            return Ok(());
+        };
+        let artifacts = self.store.artifacts_of(scope.run.run).map_err(|e| e.to_string())?;
+        if artifacts.iter().any(|a| a.manifest == *manifest) {
+            return Ok(());
+        }
+        let scopes = self.cache_scopes(&scope.run);
+        let caches = self.store.caches().map_err(|e| e.to_string())?;
+        if caches.iter().any(|c| {
+            c.manifest == *manifest && c.pipeline == scope.pipeline.name && scopes.contains(&c.branch)
+        }) {
+            return Ok(());
+        }
+        Err(format!(
+            "manifest {manifest} is not an artifact of run {} nor a cache its jobs may restore: refused",
+            scope.run.run
+        ))
+    }
+
+    async fn send_manifest(
+        &self,
+        peer: &Peer,
+        grant: &Grant,
+        manifest: &Digest,
+        writer: &mut FrameWriter,
+    ) -> Result<(), String> {
+        let bytes = self
+            .check_readable(peer, grant, manifest)
+            .and_then(|()| {
+                self.store
+                    .manifest(manifest)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no manifest {manifest}"))
+            });
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(message) => {
+                let _ = writer
+                    .send(&ManifestFrame::Refused {
+                        message: message.clone(),
+                    })
+                    .await;
+                return Err(message);
+            }
+        };
+        let send = async {
+            writer
+                .send(&ManifestFrame::Start {
+                    bytes: bytes.len() as u64,
+                })
+                .await?;
+            for piece in bytes.chunks(MANIFEST_PIECE_BYTES) {
+                writer.send(&ManifestFrame::Piece(piece.to_vec())).await?;
+            }
+            Ok::<_, TransportError>(())
+        };
+        send.await.map_err(|e| e.to_string())
+    }
+
+    /// The chunks of a stored manifest with their sizes (cached).
+    fn chunk_sizes(&self, manifest: &Digest) -> Result<Arc<HashMap<Digest, u32>>, String> {
+        if let Some(sizes) = lock(&self.manifests).get(manifest) {
+            return Ok(sizes.clone());
+        }
+        let bytes = self
+            .store
+            .manifest(manifest)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no manifest {manifest}"))?;
+        let decoded = Manifest::decode(&bytes)
+            .map_err(|e| format!("stored manifest {manifest} is unreadable: {e}"))?;
+        let sizes: HashMap<Digest, u32> = decoded
+            .entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::File { chunks, .. } => Some(chunks),
+                _ => None,
+            })
+            .flatten()
+            .map(|c| (c.digest, c.size))
+            .collect();
+        let sizes = Arc::new(sizes);
+        let mut cache = lock(&self.manifests);
+        if cache.len() >= MAX_CACHED_MANIFESTS {
+            cache.clear();
+        }
+        cache.insert(*manifest, sizes.clone());
+        Ok(sizes)
+    }
+
+    async fn send_chunks(
+        &self,
+        peer: &Peer,
+        grant: &Grant,
+        manifest: &Digest,
+        writer: &mut FrameWriter,
+        reader: FrameReader,
+    ) -> Result<(), String> {
+        let sizes = match self
+            .check_readable(peer, grant, manifest)
+            .and_then(|()| self.chunk_sizes(manifest))
+        {
+            Ok(s) => s,
+            Err(message) => {
+                let _ = writer
+                    .send(&ChunkFrame::Refused {
+                        message: message.clone(),
+                    })
+                    .await;
+                return Err(message);
+            }
+        };
+        let mut wants = read_ahead::<ChunkWants>(reader);
+        // Reading and verifying happen on a blocking thread a few chunks ahead of the
+        // sender, so disk, hashing and the network overlap.
+        let (want_tx, want_rx) = std::sync::mpsc::channel::<(Digest, u32)>();
+        let (ready_tx, mut ready) = mpsc::channel::<ChunkFrame>(8);
+        let chunks = self.chunks.clone();
+        tokio::task::spawn_blocking(move || {
+            for (digest, size) in want_rx {
+                let frame = match chunks.read_verified(&digest, size) {
+                    Ok(data) => ChunkFrame::Data { digest, size, data },
+                    Err(e) => ChunkFrame::Unavailable {
+                        digest,
+                        reason: e.to_string(),
+                    },
+                };
+                if ready_tx.blocking_send(frame).is_err() {
+                    return;
+                }
+            }
+        });
+        let (mut wanted, mut sent) = (0u64, 0u64);
+        let mut wants_done = false;
+        loop {
+            if wants_done && sent == wanted {
+                return Ok(());
+            }
+            tokio::select! {
+                want = wants.recv(), if !wants_done => match want {
+                    Some(Ok(Some(ChunkWants(digests)))) => {
+                        if digests.len() > MAX_DIGESTS_PER_FRAME {
+                            let message = format!("more than {MAX_DIGESTS_PER_FRAME} digests in one request");
+                            let _ = writer.send(&ChunkFrame::Refused { message: message.clone() }).await;
+                            return Err(message);
+                        }
+                        for digest in digests {
+                            let Some(&size) = sizes.get(&digest) else {
+                                let message = format!("chunk {digest} is not part of manifest {manifest}: refused");
+                                let _ = writer.send(&ChunkFrame::Refused { message: message.clone() }).await;
+                                return Err(message);
+                            };
+                            wanted += 1;
+                            if want_tx.send((digest, size)).is_err() {
+                                return Err("the chunk reader stopped".into());
+                            }
+                        }
+                    }
+                    Some(Ok(None)) | None => wants_done = true,
+                    Some(Err(e)) => return Err(e.to_string()),
+                },
+                frame = ready.recv() => {
+                    let Some(frame) = frame else {
+                        return Err("the chunk reader stopped".into());
+                    };
+                    match &frame {
+                        ChunkFrame::Data { data, .. } => self.metrics.artifact_bytes_sent(data.len() as u64),
+                        ChunkFrame::Unavailable { digest, reason } => {
+                            tracing::error!(chunk = %digest, "not serving a chunk: {reason}");
+                            self.metrics.chunk_unavailable();
+                            // The index must stop saying it is stored, so the next upload
+                            // of this content stores it again.
+                            if let Err(e) = self.store.forget_chunks(std::slice::from_ref(digest)) {
+                                tracing::error!("cannot drop the unavailable chunk from the index: {e}");
+                            }
+                        }
+                        ChunkFrame::Refused { .. } => {}
+                    }
+                    writer.send(&frame).await.map_err(|e| e.to_string())?;
+                    sent += 1;
+                }
+            }
+        }
+    }
+
+    async fn upload(
+        &self,
+        peer: &Peer,
+        connection: u64,
+        grant: &Grant,
+        target: &UploadTarget,
+        writer: &mut FrameWriter,
+        reader: FrameReader,
+    ) -> Result<(), String> {
+        let scope = match self.check_writable(peer, grant, target) {
+            Ok(scope) => scope,
+            Err(message) => {
+                let _ = writer
+                    .send(&UploadReply::Refused {
+                        message: message.clone(),
+                    })
+                    .await;
+                return Err(message);
+            }
+        };
+        let id = {
+            let mut sessions = lock(&self.sessions);
+            sessions.next += 1;
+            let id = sessions.next;
+            sessions.open.insert(
+                id,
+                Session {
+                    connection,
+                    peer: peer.clone(),
+                    pinned: HashSet::new(),
+                },
+            );
+            id
+        };
+        let _guard = SessionGuard { artifacts: self, id };
+        writer
+            .send(&UploadReply::Opened { session: id })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut requests = read_ahead::<UploadRequest>(reader);
+        loop {
+            let request = match requests.recv().await {
+                Some(Ok(Some(r))) => r,
+                Some(Ok(None)) | None => return Ok(()),
+                Some(Err(e)) => return Err(e.to_string()),
+            };
+            let reply = match request {
+                UploadRequest::Have(digests) => {
+                    if digests.len() > MAX_DIGESTS_PER_FRAME {
+                        UploadReply::Refused {
+                            message: format!("more than {MAX_DIGESTS_PER_FRAME} digests in one request"),
+                        }
+                    } else {
+                        let missing = self.store.missing_chunks(&digests).map_err(|e| e.to_string())?;
+                        let absent: HashSet<&Digest> = missing.iter().collect();
+                        let present: Vec<Digest> =
+                            digests.iter().filter(|d| !absent.contains(d)).copied().collect();
+                        self.metrics.chunks_deduplicated(present.len() as u64);
+                        if let Some(s) = lock(&self.sessions).open.get_mut(&id) {
+                            s.pinned.extend(present);
+                        }
+                        UploadReply::Missing(missing)
+                    }
+                }
+                UploadRequest::Commit { manifest_bytes } => {
+                    match receive_manifest(&mut requests, manifest_bytes).await {
+                        Ok(bytes) => self.commit(scope.as_ref(), target, &bytes)?,
+                        Err(message) => UploadReply::Refused { message },
+                    }
+                }
+                UploadRequest::ManifestPiece(_) => UploadReply::Refused {
+                    message: "a manifest piece arrived outside a commit".into(),
+                },
+            };
+            let last = matches!(reply, UploadReply::Refused { .. });
+            writer.send(&reply).await.map_err(|e| e.to_string())?;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether `peer` may write `target` under `grant`: an agent only its own job's
+    /// declared artifact or cache. Admins write nothing here.
+    fn check_writable(
+        &self,
+        peer: &Peer,
+        grant: &Grant,
+        target: &UploadTarget,
+    ) -> Result<Option<JobScope>, String> {
+        let scope = self
+            .scope(peer, grant)?
+            .ok_or("uploads are made by the job that declares them")?;
+        let spec = scope.spec().ok_or("the job is not in its pipeline")?;
+        match target {
+            UploadTarget::Artifact { name, .. } => match &spec.artifact {
+                Some(a) if &a.name == name => {}
+                Some(a) => {
+                    return Err(format!(
+                        "job {} declares artifact \"{}\", not \"{name}\": refused",
+                        spec.name, a.name
+                    ))
+                }
+                None => return Err(format!("job {} declares no artifact: refused", spec.name)),
+            },
+            UploadTarget::Cache { key } => {
+                if spec.cache.is_none() {
+                    return Err(format!("job {} declares no cache: refused", spec.name));
+                }
+                if key.is_empty()
+                    || key.len() > gantry_pipeline::MAX_CACHE_KEY
+                    || key.chars().any(char::is_control)
+                {
+                    return Err(format!(
+                        "cache key must be 1 to {} printable bytes",
+                        gantry_pipeline::MAX_CACHE_KEY
+                    ));
+                }
+            }
+        }
+        Ok(Some(scope))
+    }
+
+    /// Validates a manifest and stores the artifact or cache it describes.
+    fn commit(
+        &self,
+        scope: Option<&JobScope>,
+        target: &UploadTarget,
+        bytes: &[u8],
+    ) -> Result<UploadReply, String> {
+        let Some(scope) = scope else {
+            return Ok(UploadReply::Refused {
+                message: "uploads are made by the job that declares them".into(),
+            });
+        };
+        let manifest = match Manifest::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                return Ok(UploadReply::Refused {
+                    message: format!("the manifest is refused: {e}"),
+                })
+            }
+        };
+        let digest = Digest::of(bytes);
+        let mut chunks = Vec::new();
+        let (mut files, mut total) = (0u64, 0u64);
+        for entry in &manifest.entries {
+            if let EntryKind::File { size, chunks: c, .. } = &entry.kind {
+                files += 1;
+                total += size;
+                chunks.extend(c.iter().map(|c| c.digest));
+            }
+        }
+        let now = UnixMillis::now();
+        let spec_name = scope.spec().map(|s| s.name.clone()).unwrap_or_default();
+        let (outcome, committed) = match target {
+            UploadTarget::Artifact {
+                name,
+                expire_in_secs,
+            } => {
+                let expire = if *expire_in_secs == 0 {
+                    gantry_pipeline::DEFAULT_EXPIRE_IN_SECS
+                } else {
+                    (*expire_in_secs).min(gantry_pipeline::MAX_EXPIRE_IN_SECS)
+                };
+                let view = ArtifactView {
+                    run: scope.run.run,
+                    job: scope.job.job,
+                    job_name: spec_name,
+                    name: name.clone(),
+                    manifest: digest,
+                    bytes: total,
+                    files,
+                    chunks: chunks.len() as u64,
+                    created_at: now,
+                    expires_at: now.plus_secs(expire),
+                };
+                let outcome = self
+                    .store
+                    .commit_artifact(&view, bytes, &chunks)
+                    .map_err(|e| e.to_string())?;
+                (outcome, Committed::Artifact(view))
+            }
+            UploadTarget::Cache { key } => {
+                let view = CacheView {
+                    pipeline: scope.pipeline.name.clone(),
+                    branch: scope.run.git_ref.clone(),
+                    key: key.clone(),
+                    manifest: digest,
+                    bytes: total,
+                    files,
+                    created_at: now,
+                    last_used: now,
+                    job: scope.job.job,
+                };
+                let outcome = self
+                    .store
+                    .commit_cache(&view, bytes, &chunks)
+                    .map_err(|e| e.to_string())?;
+                (outcome, Committed::Cache(view))
+            }
+        };
+        Ok(match outcome {
+            CommitOutcome::Stored => {
+                tracing::info!(job = %scope.job.job, manifest = %digest, files, bytes = total, "stored {}", match &committed { Committed::Artifact(a) => format!("artifact {}", a.name), Committed::Cache(c) => format!("cache {}", c.key) });
+                UploadReply::Committed(committed)
+            }
+            CommitOutcome::Missing(missing) => UploadReply::Missing(missing),
+            CommitOutcome::CacheExists => UploadReply::CacheExists {
+                key: match target {
+                    UploadTarget::Cache { key } => key.clone(),
+                    UploadTarget::Artifact { name, .. } => name.clone(),
+                },
+            },
+        })
+    }
+
+    async fn put_chunks(
+        &self,
+        peer: &Peer,
+        connection: u64,
+        session: u64,
+        writer: &mut FrameWriter,
+        reader: FrameReader,
+    ) -> Result<(), String> {
+        let owned = lock(&self.sessions)
+            .open
+            .get(&session)
+            .is_some_and(|s| s.connection == connection && &s.peer == peer);
+        if !owned {
+            let message = format!("upload session {session} is not open on this connection");
+            let _ = writer
+                .send(&PutReply::Refused {
+                    message: message.clone(),
+                })
+                .await;
+            return Err(message);
+        }
+        let mut puts = read_ahead::<ChunkPut>(reader);
+        let (mut stored_chunks, mut stored_bytes) = (0u64, 0u64);
+        let mut batch: Vec<ChunkPut> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut unsynced: Vec<(Digest, ChunkRecord)> = Vec::new();
+        let mut unsynced_bytes = 0usize;
+        let mut done = false;
+        // Writers hold the collection lock shared from the first file written to the last
+        // index row, so garbage collection never deletes a file about to be indexed.
+        let _writing = self.collecting.read().await;
+        while !done {
+            match puts.recv().await {
+                Some(Ok(Some(put))) => {
+                    batch_bytes += put.data.len();
+                    batch.push(put);
+                    // Take whatever else already arrived, up to ~4 MiB per blocking batch.
+                    while batch_bytes < 4 * 1024 * 1024 {
+                        match puts.try_recv() {
+                            Ok(Ok(Some(put))) => {
+                                batch_bytes += put.data.len();
+                                batch.push(put);
+                            }
+                            Ok(Ok(None)) => {
+                                done = true;
+                                break;
+                            }
+                            Ok(Err(e)) => return Err(e.to_string()),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(Ok(None)) | None => done = true,
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+            if !batch.is_empty() {
+                let work = std::mem::take(&mut batch);
+                batch_bytes = 0;
+                let chunks = self.chunks.clone();
+                let written = tokio::task::spawn_blocking(move || verify_and_write(&chunks, work))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match written {
+                    Ok(rows) => {
+                        for (digest, record) in rows {
+                            unsynced_bytes += record.stored_bytes as usize;
+                            stored_chunks += 1;
+                            stored_bytes += u64::from(record.stored_bytes);
+                            unsynced.push((digest, record));
+                        }
+                    }
+                    Err(message) => {
+                        self.metrics.chunk_refused();
+                        tracing::warn!(?peer, "refusing an upload: {message}");
+                        let _ = writer
+                            .send(&PutReply::Refused {
+                                message: message.clone(),
+                            })
+                            .await;
+                        return Err(message);
+                    }
+                }
+            }
+            if unsynced_bytes >= SYNC_BATCH_BYTES || (done && !unsynced.is_empty()) {
+                self.make_durable(session, std::mem::take(&mut unsynced))
+                    .await?;
+                unsynced_bytes = 0;
+            }
+        }
+        self.metrics.artifact_bytes_received(stored_bytes);
+        writer
+            .send(&PutReply::Stored {
+                chunks: stored_chunks,
+                bytes: stored_bytes,
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Syncs written chunks, indexes them and pins them to the session.
+    async fn make_durable(
+        &self,
+        session: u64,
+        rows: Vec<(Digest, ChunkRecord)>,
+    ) -> Result<(), String> {
+        let chunks = self.chunks.clone();
+        tokio::task::spawn_blocking(move || chunks.sync())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot sync chunks: {e}"))?;
+        self.store.add_chunks(&rows).map_err(|e| e.to_string())?;
+        if let Some(s) = lock(&self.sessions).open.get_mut(&session) {
+            s.pinned.extend(rows.iter().map(|(d, _)| *d));
+        }
+        Ok(())
+    }
+
+    /// Expires, evicts and collects now. Holds the collection lock exclusively, so no
+    /// chunk is being written meanwhile.
+    pub async fn collect_garbage(
+        &self,
+        dry_run: bool,
+        grace: Option<Duration>,
+    ) -> Result<GcReport, String> {
+        let _exclusive = self.collecting.write().await;
+        let grace = grace.unwrap_or(self.settings.gc_grace);
+        let protected: HashSet<Digest> = lock(&self.sessions)
+            .open
+            .values()
+            .flat_map(|s| s.pinned.iter().copied())
+            .collect();
+        let now = UnixMillis::now();
+        let rules = GcRules {
+            now,
+            grace_ms: grace.as_millis() as u64,
+            cache_quota_bytes: self.settings.cache_quota_bytes,
+            cache_max_idle_ms: self.settings.cache_max_idle.as_millis() as u64,
+            dry_run,
+        };
+        let store = self.store.clone();
+        let chunks = self.chunks.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let (mut report, doomed) = store
+                .collect_garbage(rules, &protected)
+                .map_err(|e| e.to_string())?;
+            for digest in &doomed {
+                if let Err(e) = chunks.remove(digest) {
+                    tracing::warn!(chunk = %digest, "cannot delete a collected chunk: {e}");
+                }
+            }
+            // Files no index row names: a crash between writing and indexing.
+            let on_disk = chunks.list().map_err(|e| e.to_string())?;
+            for (digest, size, modified) in on_disk {
+                let young = rules.now.millis_since(UnixMillis(modified)) < rules.grace_ms;
+                if young || protected.contains(&digest) {
+                    continue;
+                }
+                if !store.chunk_indexed(&digest).map_err(|e| e.to_string())? {
+                    report.chunks_deleted += 1;
+                    report.bytes_freed += size;
+                    if !dry_run {
+                        let _ = chunks.remove(&digest);
+                    }
+                }
+            }
+            Ok::<_, String>(report)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        lock(&self.manifests).clear();
+        tracing::info!(?report, "garbage collection done");
+        Ok(report)
+    }
+
+    /// Runs garbage collection every `gc_interval`, forever.
+    pub async fn collect_periodically(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.gc_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.collect_garbage(false, None).await {
+                tracing::error!("garbage collection failed: {e}");
+            }
+        }
+    }
+}
+
+/// The first matching cache: for each scope in order, `key` exactly, then each restore
+/// key as a prefix (the newest match), as GitHub Actions does.
+fn find_cache(
+    caches: &[CacheView],
+    pipeline: &str,
+    scopes: &[String],
+    key: &str,
+    restore_keys: &[String],
+) -> Option<CacheHit> {
+    for scope in scopes {
+        let here: Vec<&CacheView> = caches
+            .iter()
+            .filter(|c| c.pipeline == pipeline && &c.branch == scope)
+            .collect();
+        if let Some(c) = here.iter().find(|c| c.key == key) {
+            return Some(CacheHit {
+                cache: (*c).clone(),
+                exact: true,
+            });
+        }
+        for prefix in restore_keys {
+            if let Some(c) = here
+                .iter()
+                .filter(|c| c.key.starts_with(prefix.as_str()))
+                .max_by_key(|c| c.created_at)
+            {
+                return Some(CacheHit {
+                    cache: (*c).clone(),
+                    exact: false,
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Reads frames of one type on their own task (a frame read is not cancel-safe), a few
+/// ahead of the consumer.
+fn read_ahead<T: serde::de::DeserializeOwned + Send + 'static>(
+    mut reader: FrameReader,
+) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
+    tokio::spawn(async move {
+        loop {
+            let item = reader.recv::<T>().await;
+            let last = !matches!(item, Ok(Some(_)));
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads the manifest pieces of a commit: exactly `declared` bytes, at most
+/// [`MAX_MANIFEST_BYTES`].
+async fn receive_manifest(
+    requests: &mut mpsc::Receiver<Result<Option<UploadRequest>, TransportError>>,
+    declared: u64,
+) -> Result<Vec<u8>, String> {
+    if declared == 0 || declared > MAX_MANIFEST_BYTES as u64 {
+        return Err(format!(
+            "a manifest of {declared} bytes is refused: it must be 1 to {MAX_MANIFEST_BYTES} bytes"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(declared.min(16 * 1024 * 1024) as usize);
+    while (bytes.len() as u64) < declared {
+        match requests.recv().await {
+            Some(Ok(Some(UploadRequest::ManifestPiece(piece)))) => {
+                if bytes.len() as u64 + piece.len() as u64 > declared {
+                    return Err(format!("more than the declared {declared} manifest bytes arrived"));
+                }
+                bytes.extend_from_slice(&piece);
+            }
+            Some(Ok(Some(other))) => {
+                return Err(format!("expected a manifest piece, got {other:?}"))
+            }
+            Some(Ok(None)) | None => return Err("the stream ended inside a manifest".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    Ok(bytes)
+}
+
+/// Checks each uploaded chunk (sizes within bounds, decompresses within its size, hashes
+/// to its digest) and writes it. The first bad chunk refuses the batch.
+fn verify_and_write(
+    chunks: &ChunkStore,
+    puts: Vec<ChunkPut>,
+) -> Result<Vec<(Digest, ChunkRecord)>, String> {
+    let now = UnixMillis::now();
+    let mut rows = Vec::with_capacity(puts.len());
+    for put in puts {
+        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data.len() > MAX_COMPRESSED_CHUNK
+        {
+            return Err(format!(
+                "chunk {} is refused: {} bytes ({} compressed) is outside 1..={MAX_CHUNK} ({MAX_COMPRESSED_CHUNK} compressed)",
+                put.digest,
+                put.size,
+                put.data.len()
+            ));
+        }
+        gantry_cas::decompress(&put.data, put.size as usize, &put.digest)
+            .map_err(|e| format!("chunk {} is refused: {e}", put.digest))?;
+        chunks
+            .write_unsynced(&put.digest, &put.data)
+            .map_err(|e| format!("cannot write chunk {}: {e}", put.digest))?;
+        rows.push((
+            put.digest,
+            ChunkRecord {
+                size: put.size,
+                stored_bytes: put.data.len() as u32,
+                written_at: now,
+            },
+        ));
+    }
+    Ok(rows)
+}
+
+impl Artifacts {
+    /// Admin: the artifacts of a run.
+    pub fn list(&self, run: RunId) -> Result<Vec<ArtifactView>, String> {
+        self.store.artifacts_of(run).map_err(|e| e.to_string())
+    }
+
+    /// Admin: every cache.
+    pub fn caches(&self) -> Result<Vec<CacheView>, String> {
+        self.store.caches().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(pipeline: &str, branch: &str, key: &str, at: u64) -> CacheView {
+        CacheView {
+            pipeline: pipeline.into(),
+            branch: branch.into(),
+            key: key.into(),
+            manifest: Digest::of(key.as_bytes()),
+            bytes: 1,
+            files: 1,
+            created_at: UnixMillis(at),
+            last_used: UnixMillis(at),
+            job: JobId {
+                run: RunId(1),
+                index: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn cache_lookup_tries_the_key_then_prefixes_branch_by_branch() {
+        let caches = vec![
+            cache("ci", "main", "deps-aaa", 1),
+            cache("ci", "main", "deps-bbb", 2),
+            cache("ci", "feature", "deps-ccc", 3),
+            cache("other", "feature", "deps-zzz", 9),
+        ];
+        let scopes = |b: &str| -> Vec<String> {
+            if b == "main" {
+                vec!["main".into()]
+            } else {
+                vec![b.into(), "main".into()]
+            }
+        };
+        let key = |hit: Option<CacheHit>| hit.map(|h| (h.cache.branch, h.cache.key, h.exact));
+        let prefixes = ["deps-".to_owned()];
+        // Exact key on its own branch.
+        assert_eq!(
+            key(find_cache(&caches, "ci", &scopes("main"), "deps-aaa", &prefixes)),
+            Some(("main".into(), "deps-aaa".into(), true))
+        );
+        // A feature branch finds its own prefix match before main's exact key.
+        assert_eq!(
+            key(find_cache(&caches, "ci", &scopes("feature"), "deps-aaa", &prefixes)),
+            Some(("feature".into(), "deps-ccc".into(), false))
+        );
+        // A new branch falls back to main, newest prefix match first.
+        assert_eq!(
+            key(find_cache(&caches, "ci", &scopes("new"), "deps-xxx", &prefixes)),
+            Some(("main".into(), "deps-bbb".into(), false))
+        );
+        // Main never sees the feature branch's cache, and pipelines never mix.
+        assert_eq!(
+            key(find_cache(&caches, "ci", &scopes("main"), "deps-ccc", &[])),
+            None
+        );
+        assert_eq!(
+            key(find_cache(&caches, "ci", &scopes("feature"), "deps-zzz", &[])),
+            None
+        );
+    }
+}

@@ -1,0 +1,212 @@
+//! Artifact, cache and chunk transfers: what goes on the bulk streams.
+//!
+//! Chunks and manifests never travel on the control stream. Each transfer opens its own
+//! bidirectional stream whose first frame is a [`crate::StreamOpen`] naming it; several run
+//! in parallel, so one large download never delays a heartbeat or another job's log.
+//!
+//! Reading (a job's inputs, `gantry artifacts get`):
+//! 1. [`ResolveRequest`] → one [`ResolveReply`]: which manifests the reader may have
+//!    (a job's artifacts, a cache hit), each as a view with its manifest digest.
+//! 2. `GetManifest` → [`ManifestFrame`]s: the manifest's canonical bytes in pieces.
+//! 3. `FetchChunks` → the reader sends [`ChunkWants`], the coordinator answers one
+//!    [`ChunkFrame`] per wanted digest, in order. Chunks are verified on both sides.
+//!
+//! Writing (a job's artifact or cache):
+//! 1. `Upload` opens a session; the coordinator answers [`UploadReply::Opened`].
+//! 2. [`UploadRequest::Have`] → [`UploadReply::Missing`]: only missing chunks are sent.
+//! 3. `PutChunks` streams (several at once) carry [`ChunkPut`]s of the session; each
+//!    ends with one [`PutReply`] once its chunks are durable.
+//! 4. [`UploadRequest::Commit`] plus the manifest pieces → [`UploadReply::Committed`], or
+//!    [`UploadReply::Missing`] when chunks are gone (the uploader sends them and commits
+//!    again).
+//!
+//! Every request names the [`Grant`] it relies on; the coordinator checks it against
+//! what it handed to that agent. An admin's grant comes from its certificate.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Attempt, Digest, JobId, RunId, UnixMillis};
+
+/// Most digests in one [`ChunkWants`] or [`UploadRequest::Have`]: 8,192 × 33 bytes is
+/// about 270 KiB, well inside a frame, and a 1 GiB artifact of 64 KiB chunks needs two.
+pub const MAX_DIGESTS_PER_FRAME: usize = 8192;
+/// Size of the pieces a manifest travels in.
+pub const MANIFEST_PIECE_BYTES: usize = 1024 * 1024;
+
+/// What a transfer is allowed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Grant {
+    /// The job attempt the agent holds: it may read its run's artifacts and the caches
+    /// its branch may see, and write its own job's artifact and cache.
+    Job { job: JobId, attempt: Attempt },
+    /// An admin connection: reads anything. Refused on an agent's connection.
+    Admin,
+}
+
+/// Which manifests a reader may fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResolveRequest {
+    /// The artifacts a job receives: all those of its `needs`, or the ones it names in
+    /// `download`. Missing named ones are an error.
+    JobArtifacts { job: JobId, attempt: Attempt },
+    /// The cache a job restores: `key` exactly, then each of `restore_keys` as a prefix
+    /// (newest first), in the job's own branch, then in the protected branches.
+    Cache {
+        job: JobId,
+        attempt: Attempt,
+        key: String,
+        restore_keys: Vec<String>,
+    },
+    /// One artifact of a run (admins).
+    Artifact { run: RunId, name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResolveReply {
+    Artifacts(Vec<ArtifactView>),
+    /// `None` when no cache matched.
+    Cache(Option<CacheHit>),
+    Refused { message: String },
+}
+
+/// A cache that matched a restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheHit {
+    pub cache: CacheView,
+    /// Whether the key matched exactly (else a restore key matched as a prefix).
+    pub exact: bool,
+}
+
+/// A stored artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactView {
+    pub run: RunId,
+    pub job: JobId,
+    pub job_name: String,
+    pub name: String,
+    pub manifest: Digest,
+    /// Bytes of all files (uncompressed).
+    pub bytes: u64,
+    pub files: u64,
+    pub chunks: u64,
+    pub created_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
+/// A stored cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheView {
+    pub pipeline: String,
+    pub branch: String,
+    pub key: String,
+    pub manifest: Digest,
+    pub bytes: u64,
+    pub files: u64,
+    pub created_at: UnixMillis,
+    pub last_used: UnixMillis,
+    /// The job that saved it.
+    pub job: JobId,
+}
+
+/// Coordinator to reader on a `GetManifest` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManifestFrame {
+    /// The manifest's length; pieces follow until that many bytes arrived.
+    Start { bytes: u64 },
+    Piece(Vec<u8>),
+    Refused { message: String },
+}
+
+/// Reader to coordinator on a `FetchChunks` stream: chunks wanted, answered in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkWants(pub Vec<Digest>);
+
+/// Coordinator to reader on a `FetchChunks` stream, one per wanted digest (or one
+/// `Refused` for the whole stream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkFrame {
+    /// The chunk, zstd-compressed; `size` is its uncompressed length.
+    Data {
+        digest: Digest,
+        size: u32,
+        data: Vec<u8>,
+    },
+    /// The coordinator cannot serve this chunk (missing, or found corrupt on its disk
+    /// and quarantined); the reason says which.
+    Unavailable { digest: Digest, reason: String },
+    Refused { message: String },
+}
+
+/// What an upload session writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadTarget {
+    /// The job's artifact, kept `expire_in_secs` (0: the coordinator's default).
+    Artifact { name: String, expire_in_secs: u64 },
+    /// The job's cache under `key`, in its run's branch scope.
+    Cache { key: String },
+}
+
+/// First frame of an `Upload` stream's conversation, after the `StreamOpen`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadRequest {
+    /// Which of these chunks does the coordinator lack? Those it has are kept for this
+    /// session (garbage collection will not take them) until it ends.
+    Have(Vec<Digest>),
+    /// The manifest follows in `ManifestPiece`s of this many bytes in total; then the
+    /// coordinator stores the artifact or cache if every chunk is there.
+    Commit { manifest_bytes: u64 },
+    ManifestPiece(Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadReply {
+    /// The session is open; `PutChunks` streams name it.
+    Opened { session: u64 },
+    /// The chunks the coordinator lacks (answer to `Have`, or to a commit whose manifest
+    /// names chunks it does not hold).
+    Missing(Vec<Digest>),
+    /// Stored and durable.
+    Committed(Committed),
+    /// A cache with this key already exists in this scope; caches never change.
+    CacheExists { key: String },
+    Refused { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Committed {
+    Artifact(ArtifactView),
+    Cache(CacheView),
+}
+
+/// One chunk on a `PutChunks` stream: zstd-compressed bytes of `size` uncompressed bytes
+/// whose BLAKE3 digest is `digest`. The coordinator checks all three before storing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPut {
+    pub digest: Digest,
+    pub size: u32,
+    pub data: Vec<u8>,
+}
+
+/// Coordinator to uploader at the end of a `PutChunks` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PutReply {
+    /// Every chunk of the stream is durable.
+    Stored { chunks: u64, bytes: u64 },
+    Refused { message: String },
+}
+
+/// What `gantry gc` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GcReport {
+    pub dry_run: bool,
+    pub artifacts_expired: u64,
+    pub caches_evicted: u64,
+    pub chunks_deleted: u64,
+    /// Bytes freed on disk (compressed chunk files).
+    pub bytes_freed: u64,
+    /// Chunks kept although nothing references them: in an upload that is still open, or
+    /// written less than the grace period ago.
+    pub chunks_protected: u64,
+    pub chunks_kept: u64,
+    pub bytes_kept: u64,
+}
