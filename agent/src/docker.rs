@@ -468,6 +468,9 @@ mod tests {
             image: Some("img:1".into()),
             secrets: Labels::new(),
             source: None,
+            downloads: false,
+            artifact: None,
+            cache: None,
         }
     }
 

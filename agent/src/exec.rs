@@ -387,6 +387,9 @@ mod tests {
             image: None,
             secrets: Labels::from([("TOKEN".to_owned(), "tok-123".to_owned())]),
             source: None,
+            downloads: false,
+            artifact: None,
+            cache: None,
         }
     }
 

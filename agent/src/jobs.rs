@@ -68,6 +68,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct JobManager {
     inner: Arc<Mutex<Inner>>,
+    transfers: crate::artifacts::Transfers,
     work_dir: PathBuf,
     spool_dir: PathBuf,
     slots: u32,
@@ -78,10 +79,15 @@ pub struct JobManager {
 impl JobManager {
     /// `data_dir` holds `work/` (job workspaces) and `spool/` (unacknowledged log chunks).
     /// Results of finished jobs arrive on the returned receiver, for the session to send.
-    pub fn new(data_dir: &Path, slots: u32) -> (Self, mpsc::UnboundedReceiver<JobResult>) {
+    pub fn new(
+        data_dir: &Path,
+        slots: u32,
+        transfers: crate::artifacts::Transfers,
+    ) -> (Self, mpsc::UnboundedReceiver<JobResult>) {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let manager = Self {
             inner: Arc::new(Mutex::new(Inner::default())),
+            transfers,
             work_dir: data_dir.join("work"),
             spool_dir: data_dir.join("spool"),
             slots: slots.max(1),
@@ -173,25 +179,41 @@ impl JobManager {
             progress.clone(),
             self.log_cap,
         ));
-        let prepared = match crate::exec::fresh_dir(&workspace) {
-            Err(e) => Err(format!(
-                "cannot create the workspace {}: {e}",
-                workspace.display()
-            )),
-            Ok(()) => match &assignment.source {
-                Some(source) => self.fetch_source(key, source, &workspace).await,
-                None => Ok(()),
-            },
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(assignment.timeout_ms.max(1));
+        let mut stop = cancel.clone();
+        let inputs = async {
+            crate::exec::fresh_dir(&workspace)
+                .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))?;
+            if let Some(source) = &assignment.source {
+                self.fetch_source(key, source, &workspace).await?;
+            }
+            self.prepare_inputs(&assignment, &workspace, &log_tx).await
         };
-        let outcome = match prepared {
-            Ok(()) => crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await,
+        let prepared = bounded(inputs, deadline, &mut stop, "preparing the job's inputs").await;
+        let mut outcome = match &prepared {
+            Ok(_) => crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await,
             Err(message) => {
                 let _ = log_tx
                     .send(format!("\u{2716} {message}\n").into_bytes())
                     .await;
-                gantry_protocol::JobOutcome::Error { message }
+                gantry_protocol::JobOutcome::Error {
+                    message: message.clone(),
+                }
             }
         };
+        if outcome == gantry_protocol::JobOutcome::Succeeded {
+            let restored = prepared.ok().flatten();
+            let outputs = self.save_outputs(&assignment, &workspace, &log_tx, restored.as_ref());
+            if let Err(message) =
+                bounded(outputs, deadline, &mut stop, "saving the job's outputs").await
+            {
+                let _ = log_tx
+                    .send(format!("\u{2716} {message}\n").into_bytes())
+                    .await;
+                outcome = gantry_protocol::JobOutcome::Error { message };
+            }
+        }
         drop(log_tx);
         let log_chunks = chunker.await.unwrap_or(0);
         progress.send_modify(|p| p.finished = true);
@@ -213,6 +235,57 @@ impl JobManager {
             entry.result = Some(result.clone());
         }
         let _ = self.finished_tx.send(result);
+    }
+
+    /// Downloads the job's artifacts and restores its cache; returns the cache's key.
+    async fn prepare_inputs(
+        &self,
+        assignment: &JobAssignment,
+        workspace: &Path,
+        log: &crate::exec::LogSink,
+    ) -> Result<Option<crate::artifacts::RestoredCache>, String> {
+        if assignment.downloads {
+            crate::artifacts::download_inputs(&self.transfers, self, assignment, workspace, log)
+                .await?;
+        }
+        match &assignment.cache {
+            Some(spec) => crate::artifacts::restore_cache(
+                &self.transfers,
+                self,
+                assignment,
+                spec,
+                workspace,
+                log,
+            )
+            .await
+            .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Uploads the artifact (an error fails the job) and saves the cache (best effort).
+    async fn save_outputs(
+        &self,
+        assignment: &JobAssignment,
+        workspace: &Path,
+        log: &crate::exec::LogSink,
+        restored: Option<&crate::artifacts::RestoredCache>,
+    ) -> Result<(), String> {
+        crate::artifacts::upload_artifact(&self.transfers, self, assignment, workspace, log)
+            .await?;
+        if let (Some(spec), Some(restored)) = (&assignment.cache, restored) {
+            crate::artifacts::save_cache(
+                &self.transfers,
+                self,
+                assignment,
+                spec,
+                restored,
+                workspace,
+                log,
+            )
+            .await;
+        }
+        Ok(())
     }
 
     /// Fetches the run's source tree over the current connection (waiting up to a minute
@@ -562,6 +635,26 @@ impl Chunker {
             let seq = self.seq;
             self.progress.send_modify(|p| p.produced = seq);
         }
+    }
+}
+
+impl crate::artifacts::ConnectionSource for JobManager {
+    fn current(&self) -> Option<Connection> {
+        self.lock().conn.clone()
+    }
+}
+
+/// Runs `work` until it ends, the job's deadline passes or the job is cancelled.
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, String>>,
+    deadline: tokio::time::Instant,
+    cancel: &mut watch::Receiver<bool>,
+    what: &str,
+) -> Result<T, String> {
+    tokio::select! {
+        result = work => result,
+        () = tokio::time::sleep_until(deadline) => Err(format!("{what}: the job's timeout passed")),
+        _ = cancel.wait_for(|c| *c) => Err(format!("{what}: the job was cancelled")),
     }
 }
 

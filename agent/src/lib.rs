@@ -13,6 +13,7 @@
 //! are pure functions in [`backoff`], [`renewal`] and [`labels`], tested without sockets
 //! or clocks; [`enroll`] and [`session`] are the thin async shells that do the I/O.
 
+pub mod artifacts;
 pub mod backoff;
 pub mod datadir;
 pub mod docker;

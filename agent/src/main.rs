@@ -66,6 +66,44 @@ struct RunArgs {
     /// Longest delay between reconnect attempts (e.g. 500ms, 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = duration::parse_duration, value_name = "DURATION")]
     max_backoff: Duration,
+    /// Size of the local chunk cache that makes repeated artifact and cache downloads
+    /// free (e.g. 5GiB, 500MiB); least recently used chunks go first.
+    #[arg(long, env = "GANTRY_AGENT_CACHE_SIZE", default_value = "5GiB", value_parser = parse_size, value_name = "SIZE")]
+    cache_size: u64,
+    /// Streams one artifact or cache transfer uses at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    transfer_streams: u16,
+    /// Cap on artifact and cache traffic (e.g. 20MiB means 20 MiB per second); no cap
+    /// unless given.
+    #[arg(long, env = "GANTRY_AGENT_MAX_TRANSFER_RATE", value_parser = parse_size, value_name = "SIZE")]
+    max_transfer_rate: Option<u64>,
+}
+
+/// Parses a size like `5GiB`, `500MiB`, `20MB` or a plain number of bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a number then a unit, like 5GiB or 20MB")
+    })?;
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
 fn main() -> ExitCode {
@@ -134,6 +172,9 @@ async fn run_session(args: RunArgs) -> ExitCode {
         max_backoff: args.max_backoff,
         hostname: figures::hostname(),
         capabilities: labels::capabilities(&figures::docker_socket()),
+        cache_bytes: args.cache_size,
+        transfer_streams: usize::from(args.transfer_streams),
+        max_transfer_rate: args.max_transfer_rate,
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,6 +41,12 @@ pub struct RunOptions {
     pub max_backoff: Duration,
     pub hostname: String,
     pub capabilities: Vec<String>,
+    /// Quota of the local chunk cache, in bytes.
+    pub cache_bytes: u64,
+    /// Streams one artifact or cache transfer uses at once.
+    pub transfer_streams: usize,
+    /// A cap on artifact and cache traffic, in bytes per second.
+    pub max_transfer_rate: Option<u64>,
 }
 
 /// Why `run` stopped other than by a signal.
@@ -56,6 +62,11 @@ pub enum RunError {
     Figures(#[from] FiguresError),
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
+    #[error("cannot open the chunk cache in {}: {source}", path.display())]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RunError {
@@ -64,7 +75,7 @@ impl RunError {
             Self::DataDir(e) => e.exit_code(),
             Self::Certificate(_) => crate::exit::USAGE,
             Self::Revoked => crate::exit::COORDINATOR,
-            Self::Figures(_) | Self::Signals(_) => crate::exit::FAILURE,
+            Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::exit::FAILURE,
         }
     }
 }
@@ -126,7 +137,17 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     ]);
     let sampler = HostSampler::new(&options.data_dir)?;
     let shutdown = shutdown_signal()?;
-    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots);
+    let transfers = crate::artifacts::transfers(
+        &options.data_dir,
+        options.cache_bytes,
+        options.transfer_streams,
+        options.max_transfer_rate,
+    )
+    .map_err(|source| RunError::Cache {
+        path: options.data_dir.join("cache"),
+        source,
+    })?;
+    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers);
     let mut runner = Runner {
         agent_id: enrollment.config.agent_id,
         address: enrollment.config.coordinator_address,

@@ -81,6 +81,9 @@ fn a_directory_in_the_way_of_a_file_is_refused_and_kept() {
     fs::write(ws.join("out/inner/x"), b"x").expect("x");
     let manifest = Manifest::new(vec![file("out", DATA)]);
     let err = extract_with(&manifest, &ws, Existing::Merge, fetch).expect_err("refused");
-    assert!(err.to_string().contains("a directory is in the way"), "{err}");
+    assert!(
+        err.to_string().contains("a directory is in the way"),
+        "{err}"
+    );
     assert_eq!(fs::read(ws.join("out/inner/x")).expect("kept"), b"x");
 }

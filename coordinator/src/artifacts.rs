@@ -18,13 +18,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gantry_cas::{EntryKind, Manifest, MAX_COMPRESSED_CHUNK, MAX_CHUNK, MAX_MANIFEST_BYTES};
+use gantry_cas::{EntryKind, Manifest, MAX_CHUNK, MAX_COMPRESSED_CHUNK, MAX_MANIFEST_BYTES};
 use gantry_pipeline::Pipeline;
 use gantry_protocol::{
     AgentId, ArtifactView, CacheHit, CacheView, ChunkFrame, ChunkPut, ChunkWants, Committed,
-    Digest, GcReport, Grant, ManifestFrame, PutReply, ResolveReply, ResolveRequest,
-    RunId, StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget,
-    MANIFEST_PIECE_BYTES, MAX_DIGESTS_PER_FRAME,
+    Digest, GcReport, Grant, ManifestFrame, PutReply, ResolveReply, ResolveRequest, RunId,
+    StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget, MANIFEST_PIECE_BYTES,
+    MAX_DIGESTS_PER_FRAME,
 };
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
@@ -141,13 +141,14 @@ impl Artifacts {
     ) -> Result<(), String> {
         let result = match open {
             StreamOpen::Resolve(request) => {
-                let reply = self.resolve(peer, request).unwrap_or_else(|message| {
-                    ResolveReply::Refused { message }
-                });
+                let reply = self
+                    .resolve(peer, request)
+                    .unwrap_or_else(|message| ResolveReply::Refused { message });
                 writer.send(&reply).await.map_err(|e| e.to_string())
             }
             StreamOpen::GetManifest { grant, manifest } => {
-                self.send_manifest(peer, &grant, &manifest, &mut writer).await
+                self.send_manifest(peer, &grant, &manifest, &mut writer)
+                    .await
             }
             StreamOpen::FetchChunks { grant, manifest } => {
                 self.send_chunks(peer, &grant, &manifest, &mut writer, reader)
@@ -184,7 +185,10 @@ impl Artifacts {
             .ok_or_else(|| format!("no job {job}"))?;
         let holds = record.attempt == attempt
             && record.agent.as_ref() == Some(agent)
-            && record.attempts.iter().any(|(a, who)| *a == attempt && who == agent)
+            && record
+                .attempts
+                .iter()
+                .any(|(a, who)| *a == attempt && who == agent)
             && matches!(record.state.as_str(), "offered" | "running" | "cancelling");
         if !holds {
             return Err(format!(
@@ -238,7 +242,10 @@ impl Artifacts {
                     .scope(peer, &Grant::Job { job, attempt })?
                     .ok_or("admins ask for one artifact by run and name")?;
                 let spec = scope.spec().ok_or("the job is not in its pipeline")?;
-                let stored = self.store.artifacts_of(scope.run.run).map_err(|e| e.to_string())?;
+                let stored = self
+                    .store
+                    .artifacts_of(scope.run.run)
+                    .map_err(|e| e.to_string())?;
                 let chosen = match &spec.download {
                     None => stored
                         .into_iter()
@@ -307,14 +314,19 @@ impl Artifacts {
         let Some(scope) = self.scope(peer, grant)? else {
             return Ok(());
         };
-        let artifacts = self.store.artifacts_of(scope.run.run).map_err(|e| e.to_string())?;
+        let artifacts = self
+            .store
+            .artifacts_of(scope.run.run)
+            .map_err(|e| e.to_string())?;
         if artifacts.iter().any(|a| a.manifest == *manifest) {
             return Ok(());
         }
         let scopes = self.cache_scopes(&scope.run);
         let caches = self.store.caches().map_err(|e| e.to_string())?;
         if caches.iter().any(|c| {
-            c.manifest == *manifest && c.pipeline == scope.pipeline.name && scopes.contains(&c.branch)
+            c.manifest == *manifest
+                && c.pipeline == scope.pipeline.name
+                && scopes.contains(&c.branch)
         }) {
             return Ok(());
         }
@@ -331,14 +343,12 @@ impl Artifacts {
         manifest: &Digest,
         writer: &mut FrameWriter,
     ) -> Result<(), String> {
-        let bytes = self
-            .check_readable(peer, grant, manifest)
-            .and_then(|()| {
-                self.store
-                    .manifest(manifest)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("no manifest {manifest}"))
-            });
+        let bytes = self.check_readable(peer, grant, manifest).and_then(|()| {
+            self.store
+                .manifest(manifest)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no manifest {manifest}"))
+        });
         let bytes = match bytes {
             Ok(b) => b,
             Err(message) => {
@@ -524,7 +534,10 @@ impl Artifacts {
             );
             id
         };
-        let _guard = SessionGuard { artifacts: self, id };
+        let _guard = SessionGuard {
+            artifacts: self,
+            id,
+        };
         writer
             .send(&UploadReply::Opened { session: id })
             .await
@@ -540,13 +553,21 @@ impl Artifacts {
                 UploadRequest::Have(digests) => {
                     if digests.len() > MAX_DIGESTS_PER_FRAME {
                         UploadReply::Refused {
-                            message: format!("more than {MAX_DIGESTS_PER_FRAME} digests in one request"),
+                            message: format!(
+                                "more than {MAX_DIGESTS_PER_FRAME} digests in one request"
+                            ),
                         }
                     } else {
-                        let missing = self.store.missing_chunks(&digests).map_err(|e| e.to_string())?;
+                        let missing = self
+                            .store
+                            .missing_chunks(&digests)
+                            .map_err(|e| e.to_string())?;
                         let absent: HashSet<&Digest> = missing.iter().collect();
-                        let present: Vec<Digest> =
-                            digests.iter().filter(|d| !absent.contains(d)).copied().collect();
+                        let present: Vec<Digest> = digests
+                            .iter()
+                            .filter(|d| !absent.contains(d))
+                            .copied()
+                            .collect();
                         self.metrics.chunks_deduplicated(present.len() as u64);
                         if let Some(s) = lock(&self.sessions).open.get_mut(&id) {
                             s.pinned.extend(present);
@@ -637,7 +658,10 @@ impl Artifacts {
         let mut chunks = Vec::new();
         let (mut files, mut total) = (0u64, 0u64);
         for entry in &manifest.entries {
-            if let EntryKind::File { size, chunks: c, .. } = &entry.kind {
+            if let EntryKind::File {
+                size, chunks: c, ..
+            } = &entry.kind
+            {
                 files += 1;
                 total += size;
                 chunks.extend(c.iter().map(|c| c.digest));
@@ -965,7 +989,9 @@ async fn receive_manifest(
         match requests.recv().await {
             Some(Ok(Some(UploadRequest::ManifestPiece(piece)))) => {
                 if bytes.len() as u64 + piece.len() as u64 > declared {
-                    return Err(format!("more than the declared {declared} manifest bytes arrived"));
+                    return Err(format!(
+                        "more than the declared {declared} manifest bytes arrived"
+                    ));
                 }
                 bytes.extend_from_slice(&piece);
             }
@@ -988,8 +1014,7 @@ fn verify_and_write(
     let now = UnixMillis::now();
     let mut rows = Vec::with_capacity(puts.len());
     for put in puts {
-        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data.len() > MAX_COMPRESSED_CHUNK
-        {
+        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data.len() > MAX_COMPRESSED_CHUNK {
             return Err(format!(
                 "chunk {} is refused: {} bytes ({} compressed) is outside 1..={MAX_CHUNK} ({MAX_COMPRESSED_CHUNK} compressed)",
                 put.digest,
@@ -1029,6 +1054,7 @@ impl Artifacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_protocol::JobId;
 
     fn cache(pipeline: &str, branch: &str, key: &str, at: u64) -> CacheView {
         CacheView {
@@ -1066,17 +1092,35 @@ mod tests {
         let prefixes = ["deps-".to_owned()];
         // Exact key on its own branch.
         assert_eq!(
-            key(find_cache(&caches, "ci", &scopes("main"), "deps-aaa", &prefixes)),
+            key(find_cache(
+                &caches,
+                "ci",
+                &scopes("main"),
+                "deps-aaa",
+                &prefixes
+            )),
             Some(("main".into(), "deps-aaa".into(), true))
         );
         // A feature branch finds its own prefix match before main's exact key.
         assert_eq!(
-            key(find_cache(&caches, "ci", &scopes("feature"), "deps-aaa", &prefixes)),
+            key(find_cache(
+                &caches,
+                "ci",
+                &scopes("feature"),
+                "deps-aaa",
+                &prefixes
+            )),
             Some(("feature".into(), "deps-ccc".into(), false))
         );
         // A new branch falls back to main, newest prefix match first.
         assert_eq!(
-            key(find_cache(&caches, "ci", &scopes("new"), "deps-xxx", &prefixes)),
+            key(find_cache(
+                &caches,
+                "ci",
+                &scopes("new"),
+                "deps-xxx",
+                &prefixes
+            )),
             Some(("main".into(), "deps-bbb".into(), false))
         );
         // Main never sees the feature branch's cache, and pipelines never mix.
@@ -1085,7 +1129,13 @@ mod tests {
             None
         );
         assert_eq!(
-            key(find_cache(&caches, "ci", &scopes("feature"), "deps-zzz", &[])),
+            key(find_cache(
+                &caches,
+                "ci",
+                &scopes("feature"),
+                "deps-zzz",
+                &[]
+            )),
             None
         );
     }

@@ -141,9 +141,11 @@ impl ChunkStore {
 
     /// Moves a chunk file to `quarantine/`; returns where it went (or why it could not).
     fn quarantine(&self, digest: &Digest) -> String {
-        let to = self
-            .quarantine_dir()
-            .join(format!("{}-{}", hex(digest), gantry_protocol::UnixMillis::now().0));
+        let to = self.quarantine_dir().join(format!(
+            "{}-{}",
+            hex(digest),
+            gantry_protocol::UnixMillis::now().0
+        ));
         match fs::rename(self.path(digest), &to) {
             Ok(()) => to.display().to_string(),
             Err(e) => format!("nowhere (cannot move it: {e})"),

@@ -115,6 +115,11 @@ impl AdminClient {
         }
     }
 
+    /// The connection, for bulk streams (artifact downloads).
+    pub fn connection(&self) -> &gantry_transport::Connection {
+        &self.conn
+    }
+
     /// Opens a follow stream (logs or run progress) and returns its reader.
     pub async fn follow(
         &mut self,

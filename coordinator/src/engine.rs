@@ -478,11 +478,14 @@ impl EngineTask {
                         .is_some_and(|need| need.artifact.is_some())
                 }),
             },
-            artifact: spec.artifact.as_ref().map(|a| gantry_protocol::ArtifactSpec {
-                name: a.name.clone(),
-                paths: a.paths.clone(),
-                expire_in_secs: a.expire_in_secs,
-            }),
+            artifact: spec
+                .artifact
+                .as_ref()
+                .map(|a| gantry_protocol::ArtifactSpec {
+                    name: a.name.clone(),
+                    paths: a.paths.clone(),
+                    expire_in_secs: a.expire_in_secs,
+                }),
             cache: spec.cache.as_ref().map(|c| gantry_protocol::CacheSpec {
                 key: expand(&c.key),
                 restore_keys: c.restore_keys.iter().map(|k| expand(k)).collect(),

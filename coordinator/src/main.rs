@@ -7,6 +7,7 @@
 mod artifacts;
 mod chunks;
 mod cli;
+mod cli_artifacts;
 mod client;
 mod config;
 mod demo;
@@ -92,6 +93,14 @@ enum Command {
     /// Pipelines started by the push webhook and by cron schedules.
     #[command(subcommand)]
     Triggers(cli::TriggersCommand),
+    /// Files jobs passed on (`artifacts:` in a pipeline).
+    #[command(subcommand)]
+    Artifacts(cli_artifacts::ArtifactsCommand),
+    /// Caches jobs saved (`cache:` in a pipeline).
+    #[command(subcommand)]
+    Cache(cli_artifacts::CacheCommand),
+    /// Expire artifacts, evict caches and delete chunks nothing references, now.
+    Gc(cli_artifacts::GcArgs),
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +321,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Secrets(cmd) => cli::secrets(cmd).await,
         Command::Triggers(cmd) => cli::triggers(cmd).await,
+        Command::Artifacts(cmd) => cli_artifacts::artifacts(cmd).await,
+        Command::Cache(cmd) => cli_artifacts::cache(cmd).await,
+        Command::Gc(args) => cli_artifacts::gc(args).await,
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)

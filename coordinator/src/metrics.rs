@@ -124,7 +124,8 @@ impl Metrics {
 
     /// Compressed chunk bytes stored from uploads.
     pub fn artifact_bytes_received(&self, bytes: u64) {
-        self.artifact_bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        self.artifact_bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Compressed chunk bytes served to readers.

@@ -111,9 +111,17 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
 }
 
 fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis) -> String {
-    let mut rows = vec![["NAME", "JOB", "FILES", "SIZE", "CHUNKS", "EXPIRES IN", "MANIFEST"]
-        .map(str::to_owned)
-        .to_vec()];
+    let mut rows = vec![[
+        "NAME",
+        "JOB",
+        "FILES",
+        "SIZE",
+        "CHUNKS",
+        "EXPIRES IN",
+        "MANIFEST",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
     for a in artifacts {
         rows.push(vec![
             a.name.clone(),
@@ -129,9 +137,17 @@ fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis)
 }
 
 fn caches_table(caches: &[gantry_protocol::CacheView], now: UnixMillis) -> String {
-    let mut rows = vec![["KEY", "PIPELINE", "BRANCH", "FILES", "SIZE", "CREATED", "LAST USED"]
-        .map(str::to_owned)
-        .to_vec()];
+    let mut rows = vec![[
+        "KEY",
+        "PIPELINE",
+        "BRANCH",
+        "FILES",
+        "SIZE",
+        "CREATED",
+        "LAST USED",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
     for c in caches {
         rows.push(vec![
             c.key.clone(),

@@ -205,7 +205,12 @@ impl Coordinator {
                 settings.artifacts.clone(),
                 metrics.clone(),
             )
-            .map_err(|e| format!("cannot open the chunk store in {}: {e}", data_dir.join("cas").display()))?,
+            .map_err(|e| {
+                format!(
+                    "cannot open the chunk store in {}: {e}",
+                    data_dir.join("cas").display()
+                )
+            })?,
         );
         Ok(Self {
             store,
@@ -823,7 +828,11 @@ impl Coordinator {
                         | StreamOpen::Upload { .. }
                         | StreamOpen::PutChunks { .. }),
                     )) => {
-                        if let Err(e) = me.artifacts.serve(&peer, connection, open, writer, reader).await {
+                        if let Err(e) = me
+                            .artifacts
+                            .serve(&peer, connection, open, writer, reader)
+                            .await
+                        {
                             tracing::info!(?peer, "artifact stream refused or broken: {e}");
                         }
                         return;
@@ -879,7 +888,11 @@ impl Coordinator {
                         | StreamOpen::PutChunks { .. }),
                     )) => {
                         let peer = crate::artifacts::Peer::Agent(agent.clone());
-                        if let Err(e) = me.artifacts.serve(&peer, connection, open, writer, reader).await {
+                        if let Err(e) = me
+                            .artifacts
+                            .serve(&peer, connection, open, writer, reader)
+                            .await
+                        {
                             tracing::info!(%agent, "artifact stream refused or broken: {e}");
                         }
                     }
@@ -1129,14 +1142,15 @@ impl Coordinator {
                     kind: gantry_protocol::AdminErrorKind::Internal,
                     message: m,
                 }),
-            AdminRequest::ListCaches => self
-                .artifacts
-                .caches()
-                .map(AdminResponse::Caches)
-                .map_err(|m| AdminError {
-                    kind: gantry_protocol::AdminErrorKind::Internal,
-                    message: m,
-                }),
+            AdminRequest::ListCaches => {
+                self.artifacts
+                    .caches()
+                    .map(AdminResponse::Caches)
+                    .map_err(|m| AdminError {
+                        kind: gantry_protocol::AdminErrorKind::Internal,
+                        message: m,
+                    })
+            }
             AdminRequest::RemoveCache {
                 key,
                 pipeline,

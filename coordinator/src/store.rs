@@ -11,8 +11,8 @@ use std::path::Path;
 use std::collections::{BTreeMap, HashSet};
 
 use gantry_protocol::{
-    AgentId, ArtifactView, Attempt, CacheView, Digest, GcReport, HostFigures, JobId, Labels,
-    RunId, TokenId, UnixMillis,
+    AgentId, ArtifactView, Attempt, CacheView, Digest, GcReport, HostFigures, JobId, Labels, RunId,
+    TokenId, UnixMillis,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -830,10 +830,7 @@ impl Store {
     }
 
     /// The chunks among `digests` the index lacks, inside a write transaction.
-    fn absent(
-        tx: &redb::WriteTransaction,
-        digests: &[Digest],
-    ) -> Result<Vec<Digest>, StoreError> {
+    fn absent(tx: &redb::WriteTransaction, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         let chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
         let mut missing = Vec::new();
         let mut seen = HashSet::with_capacity(digests.len());
@@ -945,7 +942,11 @@ impl Store {
             let (k, v) = item.map_err(eng!("scan caches"))?;
             out.push(decode("cache", &k.value().replace('\0', "/"), v.value())?);
         }
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.key.cmp(&b.key)));
+        out.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| a.key.cmp(&b.key))
+        });
         Ok(out)
     }
 
@@ -954,10 +955,11 @@ impl Store {
         self.write(|tx| {
             let name = cache_key(&cache.pipeline, &cache.branch, &cache.key);
             let mut table = tx.open_table(CACHES).map_err(eng!("open caches"))?;
-            let current: Option<CacheView> = match table.get(name.as_str()).map_err(eng!("read cache"))? {
-                Some(v) => Some(decode("cache", &cache.key, v.value())?),
-                None => None,
-            };
+            let current: Option<CacheView> =
+                match table.get(name.as_str()).map_err(eng!("read cache"))? {
+                    Some(v) => Some(decode("cache", &cache.key, v.value())?),
+                    None => None,
+                };
             if let Some(mut current) = current {
                 current.last_used = now;
                 table
@@ -1044,7 +1046,7 @@ impl Store {
                 let (k, v) = item.map_err(eng!("scan caches"))?;
                 all.push(decode("cache", k.value(), v.value())?);
             }
-            all.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+            all.sort_by_key(|c| std::cmp::Reverse(c.last_used));
             let mut total: u64 = 0;
             for view in all {
                 let idle = rules.now.millis_since(view.last_used) >= rules.cache_max_idle_ms;
@@ -1066,24 +1068,23 @@ impl Store {
             for item in manifests.iter().map_err(eng!("scan manifests"))? {
                 let (k, v) = item.map_err(eng!("scan manifests"))?;
                 let key = k.value();
-                let digest = <[u8; 32]>::try_from(key).map(Digest::from_bytes).map_err(|_| {
-                    StoreError::Corrupt {
+                let digest = <[u8; 32]>::try_from(key)
+                    .map(Digest::from_bytes)
+                    .map_err(|_| StoreError::Corrupt {
                         what: "manifest",
                         key: format!("{} bytes", key.len()),
                         detail: "key is not a 32-byte digest".into(),
-                    }
-                })?;
+                    })?;
                 if !roots.contains(&digest) {
                     unused.push(key.to_vec());
                     continue;
                 }
-                let manifest = gantry_cas::Manifest::decode(v.value()).map_err(|e| {
-                    StoreError::Corrupt {
+                let manifest =
+                    gantry_cas::Manifest::decode(v.value()).map_err(|e| StoreError::Corrupt {
                         what: "manifest",
                         key: digest.to_string(),
                         detail: e.to_string(),
-                    }
-                })?;
+                    })?;
                 for entry in &manifest.entries {
                     if let gantry_cas::EntryKind::File { chunks, .. } = &entry.kind {
                         referenced.extend(chunks.iter().map(|c| c.digest));
@@ -1123,7 +1124,9 @@ impl Store {
             report.chunks_deleted = doomed.len() as u64;
             report.bytes_freed = sizes.values().sum();
             for key in sizes.keys() {
-                chunks.remove(key.as_slice()).map_err(eng!("remove chunk"))?;
+                chunks
+                    .remove(key.as_slice())
+                    .map_err(eng!("remove chunk"))?;
             }
         }
         if rules.dry_run {
@@ -1151,7 +1154,9 @@ impl Store {
 
     /// Whether the index holds `digest` (for garbage collection of unindexed files).
     pub fn chunk_indexed(&self, digest: &Digest) -> Result<bool, StoreError> {
-        Ok(self.missing_chunks(std::slice::from_ref(digest))?.is_empty())
+        Ok(self
+            .missing_chunks(std::slice::from_ref(digest))?
+            .is_empty())
     }
 }
 

@@ -818,15 +818,14 @@ fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
 
 fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
     let f = fields(ctx, node, CACHE_KEYS, "cache")?;
-    let key = match f.get("key") {
-        Some(n) => string(ctx, n, "cache.key").map(|value| Text { value, pos: n.pos }),
-        None => {
-            ctx.error(
-                node.pos,
-                "cache needs a key, e.g. key: deps-${{ hashFiles('Cargo.lock') }}",
-            );
-            None
-        }
+    let key = if let Some(n) = f.get("key") {
+        string(ctx, n, "cache.key").map(|value| Text { value, pos: n.pos })
+    } else {
+        ctx.error(
+            node.pos,
+            "cache needs a key, e.g. key: deps-${{ hashFiles('Cargo.lock') }}",
+        );
+        None
     };
     let restore_keys = f
         .get("restore-keys")
@@ -856,7 +855,12 @@ fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
 
 /// The `paths:` of an artifact or cache: at least one, each relative and inside the
 /// workspace.
-fn load_paths(ctx: &mut Ctx, parent: &Node, node: Option<&Node>, what: &str) -> Option<Vec<String>> {
+fn load_paths(
+    ctx: &mut Ctx,
+    parent: &Node,
+    node: Option<&Node>,
+    what: &str,
+) -> Option<Vec<String>> {
     let Some(node) = node else {
         ctx.error(
             parent.pos,
@@ -866,13 +870,19 @@ fn load_paths(ctx: &mut Ctx, parent: &Node, node: Option<&Node>, what: &str) -> 
     };
     let paths = string_list(ctx, node, &format!("{what}.paths"));
     if paths.is_empty() {
-        ctx.error(node.pos, format!("{what}.paths is empty; list at least one path"));
+        ctx.error(
+            node.pos,
+            format!("{what}.paths is empty; list at least one path"),
+        );
         return None;
     }
     if paths.len() > MAX_OUTPUT_PATHS {
         ctx.error(
             node.pos,
-            format!("{what}.paths lists {} paths; the most is {MAX_OUTPUT_PATHS}", paths.len()),
+            format!(
+                "{what}.paths lists {} paths; the most is {MAX_OUTPUT_PATHS}",
+                paths.len()
+            ),
         );
         return None;
     }
@@ -1368,8 +1378,8 @@ fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
                 let restore_keys: Vec<String> =
                     c.restore_keys.iter().map(|t| sub(ctx, t)).collect();
                 let mut ok = true;
-                for (text, value) in std::iter::once((&c.key, &key))
-                    .chain(c.restore_keys.iter().zip(&restore_keys))
+                for (text, value) in
+                    std::iter::once((&c.key, &key)).chain(c.restore_keys.iter().zip(&restore_keys))
                 {
                     if let Some(problem) = cache_key_problem(value) {
                         ctx.error(text.pos, problem);
@@ -1421,7 +1431,11 @@ fn check_downloads(ctx: &mut Ctx, jobs: &[Job], origins: &[&RawJob]) {
         .collect();
     let producer: HashMap<&str, &str> = jobs
         .iter()
-        .filter_map(|j| j.artifact.as_ref().map(|a| (a.name.as_str(), j.name.as_str())))
+        .filter_map(|j| {
+            j.artifact
+                .as_ref()
+                .map(|a| (a.name.as_str(), j.name.as_str()))
+        })
         .collect();
     for (job, raw) in jobs.iter().zip(origins) {
         let Some(wanted) = &raw.download else {

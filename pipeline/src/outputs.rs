@@ -78,7 +78,10 @@ pub fn artifact_name_problem(name: &str) -> Option<&'static str> {
 /// not a call to hashFiles, else its patterns or why the call is malformed.
 pub fn hash_files_patterns(expr: &str) -> Option<Result<Vec<String>, String>> {
     let args = expr.trim().strip_prefix("hashFiles")?.trim_start();
-    let Some(args) = args.strip_prefix('(').and_then(|a| a.trim_end().strip_suffix(')')) else {
+    let Some(args) = args
+        .strip_prefix('(')
+        .and_then(|a| a.trim_end().strip_suffix(')'))
+    else {
         return Some(Err(format!(
             "`{expr}` is not a call; write hashFiles('path/or/glob', ...)"
         )));
@@ -86,13 +89,10 @@ pub fn hash_files_patterns(expr: &str) -> Option<Result<Vec<String>, String>> {
     let mut patterns = Vec::new();
     let mut rest = args.trim();
     while !rest.is_empty() {
-        let quote = match rest.chars().next() {
-            Some(q @ ('\'' | '"')) => q,
-            _ => {
-                return Some(Err(format!(
-                    "hashFiles arguments must be quoted strings, found `{rest}`"
-                )))
-            }
+        let Some(quote @ ('\'' | '"')) = rest.chars().next() else {
+            return Some(Err(format!(
+                "hashFiles arguments must be quoted strings, found `{rest}`"
+            )));
         };
         let Some(end) = rest[1..].find(quote) else {
             return Some(Err(format!("unterminated string in `{expr}`")));

@@ -676,7 +676,10 @@ fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
     assert_eq!(cache.key, "deps-linux-${{ hashFiles('Cargo.lock') }}");
     assert_eq!(cache.restore_keys, ["deps-linux-"]);
     let test = p.job("test").expect("test");
-    assert_eq!(test.download, None, "no download key: every artifact of its needs");
+    assert_eq!(
+        test.download, None,
+        "no download key: every artifact of its needs"
+    );
     assert!(test.artifact.is_none() && test.cache.is_none());
     let pick = p.job("pick").expect("pick");
     assert_eq!(pick.download.as_deref(), Some(&["app-mac".to_owned()][..]));

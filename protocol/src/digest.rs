@@ -8,7 +8,6 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-
 /// The algorithm prefix of the textual form. Part of the id so that a future algorithm
 /// can live next to this one without ambiguity.
 pub const DIGEST_PREFIX: &str = "blake3:";
@@ -132,7 +131,11 @@ mod tests {
     fn postcard_carries_raw_bytes_and_json_the_text_form() {
         let digest = Digest::of(b"wire");
         let wire = postcard::to_stdvec(&digest).expect("postcard");
-        assert_eq!(wire.as_slice(), digest.as_bytes(), "32 raw bytes, no length");
+        assert_eq!(
+            wire.as_slice(),
+            digest.as_bytes(),
+            "32 raw bytes, no length"
+        );
         assert_eq!(postcard::from_bytes::<Digest>(&wire).ok(), Some(digest));
         let json = serde_json::to_string(&digest).expect("json");
         assert_eq!(json, format!("\"{digest}\""));

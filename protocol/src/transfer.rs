@@ -66,7 +66,9 @@ pub enum ResolveReply {
     Artifacts(Vec<ArtifactView>),
     /// `None` when no cache matched.
     Cache(Option<CacheHit>),
-    Refused { message: String },
+    Refused {
+        message: String,
+    },
 }
 
 /// A cache that matched a restore.
@@ -112,9 +114,13 @@ pub struct CacheView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ManifestFrame {
     /// The manifest's length; pieces follow until that many bytes arrived.
-    Start { bytes: u64 },
+    Start {
+        bytes: u64,
+    },
     Piece(Vec<u8>),
-    Refused { message: String },
+    Refused {
+        message: String,
+    },
 }
 
 /// Reader to coordinator on a `FetchChunks` stream: chunks wanted, answered in order.
@@ -133,8 +139,13 @@ pub enum ChunkFrame {
     },
     /// The coordinator cannot serve this chunk (missing, or found corrupt on its disk
     /// and quarantined); the reason says which.
-    Unavailable { digest: Digest, reason: String },
-    Refused { message: String },
+    Unavailable {
+        digest: Digest,
+        reason: String,
+    },
+    Refused {
+        message: String,
+    },
 }
 
 /// What an upload session writes.
@@ -154,22 +165,30 @@ pub enum UploadRequest {
     Have(Vec<Digest>),
     /// The manifest follows in `ManifestPiece`s of this many bytes in total; then the
     /// coordinator stores the artifact or cache if every chunk is there.
-    Commit { manifest_bytes: u64 },
+    Commit {
+        manifest_bytes: u64,
+    },
     ManifestPiece(Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UploadReply {
     /// The session is open; `PutChunks` streams name it.
-    Opened { session: u64 },
+    Opened {
+        session: u64,
+    },
     /// The chunks the coordinator lacks (answer to `Have`, or to a commit whose manifest
     /// names chunks it does not hold).
     Missing(Vec<Digest>),
     /// Stored and durable.
     Committed(Committed),
     /// A cache with this key already exists in this scope; caches never change.
-    CacheExists { key: String },
-    Refused { message: String },
+    CacheExists {
+        key: String,
+    },
+    Refused {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,8 +210,13 @@ pub struct ChunkPut {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutReply {
     /// Every chunk of the stream is durable.
-    Stored { chunks: u64, bytes: u64 },
-    Refused { message: String },
+    Stored {
+        chunks: u64,
+        bytes: u64,
+    },
+    Refused {
+        message: String,
+    },
 }
 
 /// What `gantry gc` did (or, with `dry_run`, would do).

@@ -491,12 +491,11 @@ fn oversized_frames_garbage_and_unsupported_versions_close_only_that_connection(
                 r.message
             );
             assert!(
-                r.message
-                    .contains(&format!(
-                        "{}..={}",
-                        gantry_protocol::MIN_SUPPORTED_VERSION,
-                        gantry_protocol::PROTOCOL_VERSION
-                    )),
+                r.message.contains(&format!(
+                    "{}..={}",
+                    gantry_protocol::MIN_SUPPORTED_VERSION,
+                    gantry_protocol::PROTOCOL_VERSION
+                )),
                 "names both versions: {}",
                 r.message
             );

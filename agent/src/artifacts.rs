@@ -1,0 +1,620 @@
+//! A job's inputs and outputs on this host: the artifacts it receives before its first
+//! step, the cache it restores and saves, and the artifact it uploads after a success.
+//!
+//! Owns the job-side rules: which workspace paths an artifact or cache takes (literal
+//! paths and `*`/`**` globs, never leaving the workspace), how a cache key's
+//! `hashFiles(...)` is computed, what the job log says about each transfer, and
+//! resuming a transfer on the next connection when one drops. The transfers themselves
+//! are `gantry-transfer`'s; the local chunk cache is shared by every job of the agent.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_cas::Existing;
+use gantry_protocol::{
+    CacheSpec, Committed, Grant, JobAssignment, ResolveReply, ResolveRequest, StreamOpen,
+    UploadTarget,
+};
+use gantry_transfer::{ChunkCache, TransferError, TransferOptions};
+use gantry_transport::Connection;
+
+use crate::exec::LogSink;
+
+/// How long a transfer waits for a connection to the coordinator before giving up.
+const CONNECTION_WAIT: Duration = Duration::from_secs(60);
+/// Most attempts of one transfer across dropped connections.
+const MAX_ATTEMPTS: u32 = 20;
+/// Most workspace entries a glob or hashFiles walks, so a huge tree cannot stall a job.
+const MAX_WALK: usize = 500_000;
+
+/// What the agent's jobs share for transfers.
+#[derive(Debug, Clone)]
+pub struct Transfers {
+    pub cache: ChunkCache,
+    pub options: TransferOptions,
+}
+
+/// Where a job gets its connection: the agent's current one, which changes when the
+/// agent reconnects.
+pub trait ConnectionSource: Send + Sync {
+    fn current(&self) -> Option<Connection>;
+}
+
+/// Waits up to [`CONNECTION_WAIT`] for a connection that is not closed.
+async fn live_connection(source: &dyn ConnectionSource) -> Result<Connection, String> {
+    let deadline = tokio::time::Instant::now() + CONNECTION_WAIT;
+    loop {
+        if let Some(conn) = source.current().filter(|c| c.close_reason().is_none()) {
+            return Ok(conn);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "no connection to the coordinator for {} s",
+                CONNECTION_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `op` on the current connection, again on the next one each time the connection
+/// breaks (each attempt keeps what earlier ones achieved: cached chunks, stored chunks).
+async fn with_retries<T, F, Fut>(
+    source: &dyn ConnectionSource,
+    log: &LogSink,
+    what: &str,
+    mut op: F,
+) -> Result<T, String>
+where
+    F: FnMut(Connection) -> Fut,
+    Fut: std::future::Future<Output = Result<T, TransferError>>,
+{
+    for attempt in 1..=MAX_ATTEMPTS {
+        let conn = live_connection(source).await?;
+        match op(conn).await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
+                say(
+                    log,
+                    &format!("\u{21bb} {what}: {e}; resuming on the next connection\n"),
+                )
+                .await;
+                // Let the session notice the broken connection and make a new one.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("{what}: {e}")),
+        }
+    }
+    Err(format!("{what}: the connection broke {MAX_ATTEMPTS} times"))
+}
+
+async fn say(log: &LogSink, line: &str) {
+    let _ = log.send(line.as_bytes().to_vec()).await;
+}
+
+fn grant(job: &JobAssignment) -> Grant {
+    Grant::Job {
+        job: job.job,
+        attempt: job.attempt,
+    }
+}
+
+/// Asks the coordinator one resolve question.
+async fn resolve(
+    conn: &Connection,
+    request: &ResolveRequest,
+) -> Result<ResolveReply, TransferError> {
+    let (mut writer, mut reader) = conn.open_stream().await?;
+    writer.send(&StreamOpen::Resolve(request.clone())).await?;
+    writer.finish();
+    match reader.recv::<ResolveReply>().await? {
+        Some(ResolveReply::Refused { message }) => Err(TransferError::Refused(message)),
+        Some(reply) => Ok(reply),
+        None => Err(TransferError::Protocol("no answer to a resolve".into())),
+    }
+}
+
+/// Downloads the artifacts the job receives into its workspace.
+pub async fn download_inputs(
+    transfers: &Transfers,
+    source: &dyn ConnectionSource,
+    job: &JobAssignment,
+    workspace: &Path,
+    log: &LogSink,
+) -> Result<(), String> {
+    let request = ResolveRequest::JobArtifacts {
+        job: job.job,
+        attempt: job.attempt,
+    };
+    let reply = with_retries(source, log, "finding the job's artifacts", |conn| {
+        let request = request.clone();
+        async move { resolve(&conn, &request).await }
+    })
+    .await?;
+    let ResolveReply::Artifacts(artifacts) = reply else {
+        return Err("the coordinator answered with something other than artifacts".into());
+    };
+    for artifact in artifacts {
+        let what = format!("downloading artifact {}", artifact.name);
+        let figures = with_retries(source, log, &what, |conn| {
+            let (grant, cache, options) = (
+                grant(job),
+                transfers.cache.clone(),
+                transfers.options.clone(),
+            );
+            let (manifest, dest) = (artifact.manifest, workspace.to_path_buf());
+            async move {
+                gantry_transfer::download(
+                    &conn,
+                    &grant,
+                    &manifest,
+                    &cache,
+                    &dest,
+                    Existing::Merge,
+                    &options,
+                )
+                .await
+            }
+        })
+        .await?;
+        say(
+            log,
+            &format!(
+                "\u{2913} artifact {} from {}: {} files, {}; fetched {} of {} chunks ({}) in {:.2} s, extracted in {:.2} s\n",
+                artifact.name,
+                artifact.job_name,
+                figures.files,
+                gantry_transfer::human_bytes(figures.bytes),
+                figures.chunks_fetched,
+                figures.chunks,
+                gantry_transfer::human_bytes(figures.bytes_fetched),
+                figures.fetch_time.as_secs_f64(),
+                figures.extract_time.as_secs_f64(),
+            ),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// A cache restore's result: the key it computed, and whether it hit exactly (then the
+/// cache is not saved again).
+#[derive(Debug, Clone)]
+pub struct RestoredCache {
+    pub key: String,
+    pub exact: bool,
+}
+
+/// Computes the cache key and restores the best matching cache into the workspace.
+/// A miss is not an error; neither is a failed restore (a cache is an optimization),
+/// which is said in the log.
+pub async fn restore_cache(
+    transfers: &Transfers,
+    source: &dyn ConnectionSource,
+    job: &JobAssignment,
+    spec: &CacheSpec,
+    workspace: &Path,
+    log: &LogSink,
+) -> Result<RestoredCache, String> {
+    let key = expand_key(&spec.key, workspace)?;
+    let restore_keys = spec
+        .restore_keys
+        .iter()
+        .map(|k| expand_key(k, workspace))
+        .collect::<Result<Vec<_>, _>>()?;
+    let request = ResolveRequest::Cache {
+        job: job.job,
+        attempt: job.attempt,
+        key: key.clone(),
+        restore_keys,
+    };
+    let reply = with_retries(source, log, "looking up the cache", |conn| {
+        let request = request.clone();
+        async move { resolve(&conn, &request).await }
+    })
+    .await?;
+    let hit = match reply {
+        ResolveReply::Cache(Some(hit)) => hit,
+        ResolveReply::Cache(None) => {
+            say(log, &format!("\u{2913} cache miss for key {key}\n")).await;
+            return Ok(RestoredCache { key, exact: false });
+        }
+        _ => return Err("the coordinator answered with something other than a cache".into()),
+    };
+    let what = format!("restoring cache {}", hit.cache.key);
+    let restored = with_retries(source, log, &what, |conn| {
+        let (grant, cache, options) = (
+            grant(job),
+            transfers.cache.clone(),
+            transfers.options.clone(),
+        );
+        let (manifest, dest) = (hit.cache.manifest, workspace.to_path_buf());
+        async move {
+            gantry_transfer::download(
+                &conn,
+                &grant,
+                &manifest,
+                &cache,
+                &dest,
+                Existing::Merge,
+                &options,
+            )
+            .await
+        }
+    })
+    .await;
+    match restored {
+        Ok(figures) => {
+            say(
+                log,
+                &format!(
+                    "\u{2913} cache {} ({}, from branch {}): {} files, {}; fetched {} of {} chunks ({}) in {:.2} s, extracted in {:.2} s\n",
+                    hit.cache.key,
+                    if hit.exact { "exact match" } else { "restore key" },
+                    hit.cache.branch,
+                    figures.files,
+                    gantry_transfer::human_bytes(figures.bytes),
+                    figures.chunks_fetched,
+                    figures.chunks,
+                    gantry_transfer::human_bytes(figures.bytes_fetched),
+                    figures.fetch_time.as_secs_f64(),
+                    figures.extract_time.as_secs_f64(),
+                ),
+            )
+            .await;
+            Ok(RestoredCache {
+                key,
+                exact: hit.exact,
+            })
+        }
+        Err(e) => {
+            say(
+                log,
+                &format!("\u{26a0} {e}; continuing without the cache\n"),
+            )
+            .await;
+            Ok(RestoredCache { key, exact: false })
+        }
+    }
+}
+
+/// Uploads the job's artifact. Paths that match nothing are named in the log; an
+/// artifact with no files at all is an error (the job promised an output).
+pub async fn upload_artifact(
+    transfers: &Transfers,
+    source: &dyn ConnectionSource,
+    job: &JobAssignment,
+    workspace: &Path,
+    log: &LogSink,
+) -> Result<(), String> {
+    let Some(spec) = &job.artifact else {
+        return Ok(());
+    };
+    let (paths, unmatched) = select_paths(workspace, &spec.paths)?;
+    for pattern in &unmatched {
+        say(
+            log,
+            &format!(
+                "\u{26a0} artifact {}: {pattern} matched nothing\n",
+                spec.name
+            ),
+        )
+        .await;
+    }
+    if paths.is_empty() {
+        return Err(format!(
+            "artifact {}: none of its paths ({}) exist in the workspace",
+            spec.name,
+            spec.paths.join(", ")
+        ));
+    }
+    let target = UploadTarget::Artifact {
+        name: spec.name.clone(),
+        expire_in_secs: spec.expire_in_secs,
+    };
+    let what = format!("uploading artifact {}", spec.name);
+    let (committed, figures) = with_retries(source, log, &what, |conn| {
+        let (grant, target, options) = (grant(job), target.clone(), transfers.options.clone());
+        let (root, paths) = (workspace.to_path_buf(), paths.clone());
+        async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
+    })
+    .await?;
+    let manifest = match committed {
+        Some(Committed::Artifact(a)) => a.manifest.to_string(),
+        _ => String::new(),
+    };
+    say(
+        log,
+        &format!(
+            "\u{2912} artifact {}: {} files, {}; sent {} of {} chunks ({}) in {:.2} s; {manifest}\n",
+            spec.name,
+            figures.files,
+            gantry_transfer::human_bytes(figures.bytes),
+            figures.chunks_sent,
+            figures.chunks,
+            gantry_transfer::human_bytes(figures.bytes_sent),
+            figures.time.as_secs_f64(),
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// Saves the job's cache under the key computed at restore, unless that key was an
+/// exact hit. Failures are said in the log and do not fail the job.
+pub async fn save_cache(
+    transfers: &Transfers,
+    source: &dyn ConnectionSource,
+    job: &JobAssignment,
+    spec: &CacheSpec,
+    restored: &RestoredCache,
+    workspace: &Path,
+    log: &LogSink,
+) {
+    if restored.exact {
+        say(
+            log,
+            &format!(
+                "\u{2912} cache {} was restored exactly; not saved again\n",
+                restored.key
+            ),
+        )
+        .await;
+        return;
+    }
+    let (paths, _) = match select_paths(workspace, &spec.paths) {
+        Ok(found) => found,
+        Err(e) => {
+            say(log, &format!("\u{26a0} cache not saved: {e}\n")).await;
+            return;
+        }
+    };
+    if paths.is_empty() {
+        say(
+            log,
+            &format!(
+                "\u{26a0} cache not saved: none of {} exist\n",
+                spec.paths.join(", ")
+            ),
+        )
+        .await;
+        return;
+    }
+    let target = UploadTarget::Cache {
+        key: restored.key.clone(),
+    };
+    let saved = with_retries(source, log, "saving the cache", |conn| {
+        let (grant, target, options) = (grant(job), target.clone(), transfers.options.clone());
+        let (root, paths) = (workspace.to_path_buf(), paths.clone());
+        async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
+    })
+    .await;
+    let line = match saved {
+        Ok((Some(_), figures)) => format!(
+            "\u{2912} cache {}: {} files, {}; sent {} of {} chunks ({}) in {:.2} s\n",
+            restored.key,
+            figures.files,
+            gantry_transfer::human_bytes(figures.bytes),
+            figures.chunks_sent,
+            figures.chunks,
+            gantry_transfer::human_bytes(figures.bytes_sent),
+            figures.time.as_secs_f64(),
+        ),
+        Ok((None, _)) => format!(
+            "\u{2912} cache {} exists already (saved by another job); caches never change\n",
+            restored.key
+        ),
+        Err(e) => format!("\u{26a0} cache not saved: {e}\n"),
+    };
+    say(log, &line).await;
+}
+
+/// Expands `${{ hashFiles(...) }}` in a cache key (the coordinator already filled in
+/// `env`, `inputs` and `matrix`). A reference that is still unexpanded is an error.
+pub fn expand_key(template: &str, workspace: &Path) -> Result<String, String> {
+    let mut error = None;
+    let key = gantry_protocol::template::expand(template, |expr| {
+        match gantry_pipeline::hash_files_patterns(expr)? {
+            Ok(patterns) => match hash_files(workspace, &patterns) {
+                Ok(hex) => Some(hex),
+                Err(e) => {
+                    error = Some(e);
+                    Some(String::new())
+                }
+            },
+            Err(e) => {
+                error = Some(e);
+                Some(String::new())
+            }
+        }
+    });
+    if let Some(e) = error {
+        return Err(format!("cache key {template}: {e}"));
+    }
+    if key.contains("${{") {
+        return Err(format!(
+            "cache key {key}: a reference could not be filled in (only hashFiles, env, inputs and matrix can)"
+        ));
+    }
+    if key.is_empty() || key.len() > gantry_pipeline::MAX_CACHE_KEY {
+        return Err(format!(
+            "cache key {key:?} must be 1 to {} bytes once expanded",
+            gantry_pipeline::MAX_CACHE_KEY
+        ));
+    }
+    Ok(key)
+}
+
+/// `hashFiles(patterns)`: BLAKE3 over the sorted workspace paths matching any pattern,
+/// each with its contents' digest; the empty string when nothing matches (as in GitHub
+/// Actions, so a key still forms).
+pub fn hash_files(workspace: &Path, patterns: &[String]) -> Result<String, String> {
+    let mut matched = BTreeSet::new();
+    walk(workspace, &mut |relative, is_file| {
+        if is_file
+            && patterns
+                .iter()
+                .any(|p| gantry_pipeline::glob_match(p, relative))
+        {
+            matched.insert(relative.to_owned());
+        }
+    })?;
+    if matched.is_empty() {
+        return Ok(String::new());
+    }
+    let mut hasher = blake3::Hasher::new();
+    for relative in matched {
+        let path = workspace.join(&relative);
+        let mut file_hasher = blake3::Hasher::new();
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| format!("hashFiles: cannot read {relative}: {e}"))?;
+        std::io::copy(&mut file, &mut file_hasher)
+            .map_err(|e| format!("hashFiles: cannot read {relative}: {e}"))?;
+        hasher.update(relative.as_bytes());
+        hasher.update(&[0]);
+        hasher.update(file_hasher.finalize().as_bytes());
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Walks the workspace (not following symlinks), calling `visit(relative, is_file)`.
+fn walk(root: &Path, visit: &mut dyn FnMut(&str, bool)) -> Result<(), String> {
+    let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
+    let mut seen = 0usize;
+    while let Some((dir, prefix)) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            seen += 1;
+            if seen > MAX_WALK {
+                return Err(format!(
+                    "the workspace has more than {MAX_WALK} entries to search"
+                ));
+            }
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let relative = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("cannot read {relative}: {e}"))?;
+            if kind.is_dir() {
+                visit(&relative, false);
+                stack.push((entry.path(), relative));
+            } else {
+                visit(&relative, kind.is_file());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The workspace paths an artifact or cache takes: literal paths that exist, and every
+/// entry matching a glob. Returns them with the patterns that matched nothing.
+pub fn select_paths(
+    workspace: &Path,
+    patterns: &[String],
+) -> Result<(Vec<PathBuf>, Vec<String>), String> {
+    let mut selected = BTreeSet::new();
+    let mut unmatched = Vec::new();
+    for pattern in patterns {
+        if let Some(problem) = gantry_pipeline::path_problem(pattern) {
+            return Err(format!("path {pattern}: {problem}"));
+        }
+        let trimmed = pattern.trim_end_matches('/');
+        if trimmed.contains(['*', '?']) {
+            let mut found = false;
+            walk(workspace, &mut |relative, _| {
+                if gantry_pipeline::glob_match(trimmed, relative) {
+                    selected.insert(PathBuf::from(relative));
+                    found = true;
+                }
+            })?;
+            if !found {
+                unmatched.push(pattern.clone());
+            }
+        } else if trimmed.is_empty() || trimmed == "." {
+            selected.insert(PathBuf::from("."));
+        } else if std::fs::symlink_metadata(workspace.join(trimmed)).is_ok() {
+            selected.insert(PathBuf::from(trimmed));
+        } else {
+            unmatched.push(pattern.clone());
+        }
+    }
+    Ok((selected.into_iter().collect(), unmatched))
+}
+
+/// Opens the agent's chunk cache and transfer settings.
+pub fn transfers(
+    data_dir: &Path,
+    cache_bytes: u64,
+    streams: usize,
+    max_rate: Option<u64>,
+) -> std::io::Result<Transfers> {
+    Ok(Transfers {
+        cache: ChunkCache::open(&data_dir.join("cache"), cache_bytes)?,
+        options: TransferOptions {
+            streams,
+            limit: max_rate.map(|rate| Arc::new(gantry_transfer::RateLimit::new(rate))),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_files_changes_with_content_and_is_empty_without_matches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ws = dir.path();
+        std::fs::create_dir_all(ws.join("a/b")).expect("dirs");
+        std::fs::write(ws.join("Cargo.lock"), b"v1").expect("lock");
+        std::fs::write(ws.join("a/b/package-lock.json"), b"{}").expect("json");
+        let one = hash_files(ws, &["Cargo.lock".into()]).expect("hash");
+        assert_eq!(one.len(), 64);
+        let both =
+            hash_files(ws, &["Cargo.lock".into(), "**/package-lock.json".into()]).expect("hash");
+        assert_ne!(one, both);
+        std::fs::write(ws.join("Cargo.lock"), b"v2").expect("lock");
+        assert_ne!(hash_files(ws, &["Cargo.lock".into()]).expect("hash"), one);
+        assert_eq!(hash_files(ws, &["nothing/*".into()]).expect("hash"), "");
+        let key = expand_key("deps-${{ hashFiles('Cargo.lock') }}", ws).expect("key");
+        assert!(key.starts_with("deps-") && key.len() == 5 + 64, "{key}");
+        assert!(
+            expand_key("x-${{ env.UNSET }}", ws).is_err(),
+            "unfilled references are refused"
+        );
+    }
+
+    #[test]
+    fn paths_and_globs_select_workspace_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ws = dir.path();
+        std::fs::create_dir_all(ws.join("out/sub")).expect("dirs");
+        std::fs::write(ws.join("out/app.bin"), b"x").expect("bin");
+        std::fs::write(ws.join("out/sub/lib.a"), b"x").expect("lib");
+        std::fs::write(ws.join("report.txt"), b"x").expect("report");
+        let (paths, unmatched) = select_paths(
+            ws,
+            &[
+                "out/".into(),
+                "**/*.a".into(),
+                "missing".into(),
+                "*.txt".into(),
+            ],
+        )
+        .expect("select");
+        let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(paths, ["out", "out/sub/lib.a", "report.txt"]);
+        assert_eq!(unmatched, ["missing"]);
+        assert!(select_paths(ws, &["../x".into()]).is_err());
+    }
+}
