@@ -162,16 +162,10 @@ pub async fn download_inputs(
         say(
             log,
             &format!(
-                "\u{2913} artifact {} from {}: {} files, {}; fetched {} of {} chunks ({}) in {:.2} s, extracted in {:.2} s\n",
+                "\u{2913} artifact {} from {}: {}\n",
                 artifact.name,
                 artifact.job_name,
-                figures.files,
-                gantry_transfer::human_bytes(figures.bytes),
-                figures.chunks_fetched,
-                figures.chunks,
-                gantry_transfer::human_bytes(figures.bytes_fetched),
-                figures.fetch_time.as_secs_f64(),
-                figures.extract_time.as_secs_f64(),
+                describe_download(&figures),
             ),
         )
         .await;
@@ -250,17 +244,15 @@ pub async fn restore_cache(
             say(
                 log,
                 &format!(
-                    "\u{2913} cache {} ({}, from branch {}): {} files, {}; fetched {} of {} chunks ({}) in {:.2} s, extracted in {:.2} s\n",
+                    "\u{2913} cache {} ({}, from branch {}): {}\n",
                     hit.cache.key,
-                    if hit.exact { "exact match" } else { "restore key" },
+                    if hit.exact {
+                        "exact match"
+                    } else {
+                        "restore key"
+                    },
                     hit.cache.branch,
-                    figures.files,
-                    gantry_transfer::human_bytes(figures.bytes),
-                    figures.chunks_fetched,
-                    figures.chunks,
-                    gantry_transfer::human_bytes(figures.bytes_fetched),
-                    figures.fetch_time.as_secs_f64(),
-                    figures.extract_time.as_secs_f64(),
+                    describe_download(&figures),
                 ),
             )
             .await;
@@ -409,6 +401,28 @@ pub async fn save_cache(
         Err(e) => format!("\u{26a0} cache not saved: {e}\n"),
     };
     say(log, &line).await;
+}
+
+/// One line of figures for a download, as the job log shows it.
+fn describe_download(f: &gantry_transfer::DownloadFigures) -> String {
+    let refetched = if f.chunks_refetched > 0 {
+        format!(
+            " ({} refetched after failing verification)",
+            f.chunks_refetched
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} files, {}; fetched {} of {} chunks ({}){refetched} in {:.2} s, extracted in {:.2} s",
+        f.files,
+        gantry_transfer::human_bytes(f.bytes),
+        f.chunks_fetched,
+        f.chunks,
+        gantry_transfer::human_bytes(f.bytes_fetched),
+        f.fetch_time.as_secs_f64(),
+        f.extract_time.as_secs_f64(),
+    )
 }
 
 /// Expands `${{ hashFiles(...) }}` in a cache key (the coordinator already filled in

@@ -36,6 +36,9 @@ use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, St
 
 /// Chunks written between two `syncfs` calls on an upload stream: one sync per 32 MiB.
 const SYNC_BATCH_BYTES: usize = 32 * 1024 * 1024;
+/// Longest time chunks of an upload stream wait to be made durable: what a slow upload
+/// loses to a coordinator crash, and how long garbage collection may wait for a batch.
+const SYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Frames read ahead of processing on a bulk stream (each at most ~257 KiB).
 const READ_AHEAD_FRAMES: usize = 16;
 /// Parsed pipelines kept for authorization checks; cleared when full.
@@ -754,43 +757,44 @@ impl Artifacts {
         }
         let mut puts = read_ahead::<ChunkPut>(reader);
         let (mut stored_chunks, mut stored_bytes) = (0u64, 0u64);
-        let mut batch: Vec<ChunkPut> = Vec::new();
-        let mut batch_bytes = 0usize;
-        let mut unsynced: Vec<(Digest, ChunkRecord)> = Vec::new();
-        let mut unsynced_bytes = 0usize;
         let mut done = false;
-        // Writers hold the collection lock shared from the first file written to the last
-        // index row, so garbage collection never deletes a file about to be indexed.
-        let _writing = self.collecting.read().await;
         while !done {
-            match puts.recv().await {
-                Some(Ok(Some(put))) => {
-                    batch_bytes += put.data.len();
-                    batch.push(put);
-                    // Take whatever else already arrived, up to ~4 MiB per blocking batch.
-                    while batch_bytes < 4 * 1024 * 1024 {
-                        match puts.try_recv() {
-                            Ok(Ok(Some(put))) => {
-                                batch_bytes += put.data.len();
-                                batch.push(put);
-                            }
-                            Ok(Ok(None)) => {
-                                done = true;
-                                break;
-                            }
-                            Ok(Err(e)) => return Err(e.to_string()),
-                            Err(_) => break,
+            // Wait for the first chunk of a batch holding no lock.
+            let first = match puts.recv().await {
+                Some(Ok(Some(put))) => put,
+                Some(Ok(None)) | None => break,
+                Some(Err(e)) => return Err(e.to_string()),
+            };
+            // From the first file written to the last index row, the batch holds the
+            // collection lock shared, so garbage collection never deletes a file that is
+            // about to be indexed. A batch ends at SYNC_BATCH_BYTES, after SYNC_INTERVAL
+            // (so a slow upload is made durable, and collection waits, at most that
+            // long), or with the stream.
+            let _writing = self.collecting.read().await;
+            let batch_ends = tokio::time::Instant::now() + SYNC_INTERVAL;
+            let mut unsynced: Vec<(Digest, ChunkRecord)> = Vec::new();
+            let mut unsynced_bytes = 0usize;
+            let mut work = vec![first];
+            loop {
+                // Take whatever else already arrived, up to ~4 MiB per blocking call.
+                let mut work_bytes: usize = work.iter().map(|p| p.data.len()).sum();
+                while work_bytes < 4 * 1024 * 1024 {
+                    match puts.try_recv() {
+                        Ok(Ok(Some(put))) => {
+                            work_bytes += put.data.len();
+                            work.push(put);
                         }
+                        Ok(Ok(None)) => {
+                            done = true;
+                            break;
+                        }
+                        Ok(Err(e)) => return Err(e.to_string()),
+                        Err(_) => break,
                     }
                 }
-                Some(Ok(None)) | None => done = true,
-                Some(Err(e)) => return Err(e.to_string()),
-            }
-            if !batch.is_empty() {
-                let work = std::mem::take(&mut batch);
-                batch_bytes = 0;
                 let chunks = self.chunks.clone();
-                let written = tokio::task::spawn_blocking(move || verify_and_write(&chunks, work))
+                let batch = std::mem::take(&mut work);
+                let written = tokio::task::spawn_blocking(move || verify_and_write(&chunks, batch))
                     .await
                     .map_err(|e| e.to_string())?;
                 match written {
@@ -813,12 +817,19 @@ impl Artifacts {
                         return Err(message);
                     }
                 }
+                if done || unsynced_bytes >= SYNC_BATCH_BYTES {
+                    break;
+                }
+                tokio::select! {
+                    put = puts.recv() => match put {
+                        Some(Ok(Some(put))) => work.push(put),
+                        Some(Ok(None)) | None => { done = true; break; }
+                        Some(Err(e)) => return Err(e.to_string()),
+                    },
+                    () = tokio::time::sleep_until(batch_ends) => break,
+                }
             }
-            if unsynced_bytes >= SYNC_BATCH_BYTES || (done && !unsynced.is_empty()) {
-                self.make_durable(session, std::mem::take(&mut unsynced))
-                    .await?;
-                unsynced_bytes = 0;
-            }
+            self.make_durable(session, unsynced).await?;
         }
         self.metrics.artifact_bytes_received(stored_bytes);
         writer

@@ -5,6 +5,8 @@
 //! Binaries are found next to the test executable's `deps/` folder (where cargo puts
 //! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
 
+pub mod peers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -165,11 +165,16 @@ pub async fn download(
         figures.extract_time += started.elapsed();
         match extracted {
             Ok(()) => return Ok(figures),
-            // A cached chunk went bad (it was dropped from the cache): fetch it again and
-            // finish the tree, now merging over what the first pass wrote.
+            // A cached chunk went bad: check every cached chunk of the tree once (a disk
+            // that damaged one may have damaged more), drop the bad ones, fetch them
+            // again and finish the tree, now merging over what the first pass wrote.
             Err(BadChunk(digest)) if round < MAX_REFETCH_ROUNDS => {
-                tracing::warn!(chunk = %digest, "a cached chunk was corrupt; fetching it again");
-                figures.chunks_refetched += 1;
+                let (cache2, chunks2) = (cache.clone(), chunks.clone());
+                let purged = tokio::task::spawn_blocking(move || purge_corrupt(&cache2, &chunks2))
+                    .await
+                    .map_err(|e| TransferError::Corrupt(format!("cache check stopped: {e}")))?;
+                tracing::warn!(chunk = %digest, purged, "cached chunks were corrupt; fetching them again");
+                figures.chunks_refetched += purged.max(1);
                 mode = Existing::Merge;
                 round += 1;
             }
@@ -344,6 +349,21 @@ async fn next_verified(
             }
         }
     }
+}
+
+/// Verifies every cached chunk of `chunks`, removing the corrupt ones; returns how many
+/// went.
+fn purge_corrupt(cache: &ChunkCache, chunks: &[(Digest, u32)]) -> u64 {
+    let mut purged = 0;
+    for (digest, size) in chunks {
+        if let Some(compressed) = cache.get(digest) {
+            if gantry_cas::decompress(&compressed, *size as usize, digest).is_err() {
+                cache.remove(digest);
+                purged += 1;
+            }
+        }
+    }
+    purged
 }
 
 /// Why an extraction from the cache stopped.
