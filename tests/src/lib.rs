@@ -375,6 +375,11 @@ impl Agent {
 
     /// Starts `gantry-agent run` with a short reconnect backoff cap.
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// [`Self::start`] with extra `run` arguments (e.g. `--max-transfer-rate 4MiB`).
+    pub fn start_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -383,6 +388,7 @@ impl Agent {
         let child = Command::new(bin("gantry-agent"))
             .args(["run", "--max-backoff", "1s", "--data-dir"])
             .arg(self.dir.path())
+            .args(extra)
             .env("GANTRY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,160 @@
+//! Artifact transfers under faults, with the real binaries: a download and an upload
+//! cut off by a coordinator crash resume where they stopped, and garbage collection in
+//! the middle of an upload takes none of its chunks. Transfers are slowed with the
+//! agent's own `--max-transfer-rate`, so "in the middle" is a wide window rather than a
+//! race.
+
+use std::path::Path;
+
+use gantry_tests::{job_named, wait_for, Agent, Coordinator, DEADLINE};
+
+/// 24 MB of random data, about 300 chunks: 6 s at 4 MiB/s.
+const PIPELINE: &str = r#"
+name: big
+jobs:
+  produce:
+    runs-on: { role: producer }
+    steps:
+      - run: |
+          mkdir out
+          head -c 24000000 /dev/urandom > out/blob
+          sha256sum out/blob | cut -d' ' -f1 > out/blob.sha
+    artifacts: { name: blob, paths: [out] }
+  consume:
+    needs: produce
+    runs-on: { role: consumer }
+    steps:
+      - run: |
+          test "$(sha256sum out/blob | cut -d' ' -f1)" = "$(cat out/blob.sha)"
+          echo verified
+"#;
+
+/// A coordinator with a fast producer and a consumer, one of them slowed down.
+fn setup(slow: &str) -> (Coordinator, Vec<Agent>) {
+    let c = Coordinator::start();
+    let token = c.token(&["--uses", "2"]);
+    let mut agents = Vec::new();
+    for role in ["producer", "consumer"] {
+        let mut agent = Agent::enroll(&token, &["--label", &format!("role={role}")]);
+        if role == slow {
+            agent.start_with(&["--max-transfer-rate", "4MiB"]);
+        } else {
+            agent.start();
+        }
+        agents.push(agent);
+    }
+    c.wait_connected(2);
+    (c, agents)
+}
+
+/// Chunk files under a directory of `<2 hex>/<rest>` (a chunk store or cache).
+fn chunk_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |prefixes| {
+        prefixes
+            .filter_map(Result::ok)
+            .filter(|p| p.file_name().len() == 2)
+            .map(|p| std::fs::read_dir(p.path()).map_or(0, Iterator::count))
+            .sum()
+    })
+}
+
+/// `(done, total)` from a log line like "... fetched 120 of 370 chunks ...".
+fn chunks_moved(log: &str, verb: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("{verb} ")) && l.contains(" chunks"))
+        .unwrap_or_else(|| panic!("no '{verb}' line in {log}"));
+    let after = line.split(&format!("{verb} ")).nth(1).expect("figures");
+    let mut words = after.split_whitespace();
+    let done = words.next().and_then(|w| w.parse().ok()).expect("done");
+    let total = words.nth(1).and_then(|w| w.parse().ok()).expect("total");
+    (done, total)
+}
+
+#[test]
+fn a_download_cut_off_by_a_coordinator_crash_resumes_where_it_stopped() {
+    let (mut c, agents) = setup("consumer");
+    let run = c.run_pipeline(PIPELINE, &[]);
+    let cache = agents[1].dir.path().join("cache");
+    wait_for(
+        "the consumer to have a quarter of the chunks",
+        DEADLINE,
+        || (chunk_files(&cache) >= 90).then_some(()),
+    );
+    c.server().kill9();
+    c.start_server();
+    let view = c.wait_run(run, DEADLINE * 2);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let log = c.logs(&format!("{run}.1"));
+    assert!(log.contains("verified"), "{log}");
+    assert!(log.contains("resuming on the next connection"), "{log}");
+    let (fetched, total) = chunks_moved(&log, "fetched");
+    assert!(
+        fetched < total * 9 / 10,
+        "after the crash only the rest was fetched: {fetched} of {total}\n{log}"
+    );
+    assert_eq!(
+        job_named(&view, "consume")["attempt"],
+        1,
+        "the job itself was not re-run"
+    );
+}
+
+#[test]
+fn an_upload_cut_off_by_a_coordinator_crash_sends_only_the_rest() {
+    let (mut c, _agents) = setup("producer");
+    let run = c.run_pipeline(PIPELINE, &[]);
+    let chunks = c.data_dir().join("cas/chunks");
+    wait_for(
+        "the coordinator to hold a quarter of the chunks",
+        DEADLINE,
+        || (chunk_files(&chunks) >= 90).then_some(()),
+    );
+    c.server().kill9();
+    c.start_server();
+    let view = c.wait_run(run, DEADLINE * 2);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let produce = c.logs(&format!("{run}.0"));
+    assert!(
+        produce.contains("resuming on the next connection"),
+        "{produce}"
+    );
+    let (sent, total) = chunks_moved(&produce, "sent");
+    assert!(
+        sent < total * 9 / 10,
+        "chunks made durable before the crash were not sent again: {sent} of {total}\n{produce}"
+    );
+    assert!(c.logs(&format!("{run}.1")).contains("verified"));
+}
+
+#[test]
+fn garbage_collection_during_an_upload_takes_none_of_its_chunks() {
+    let (c, _agents) = setup("producer");
+    let run = c.run_pipeline(PIPELINE, &[]);
+    let chunks = c.data_dir().join("cas/chunks");
+    wait_for(
+        "the coordinator to hold some of the upload",
+        DEADLINE,
+        || (chunk_files(&chunks) >= 60).then_some(()),
+    );
+    // Twice, with no grace at all: only the open upload session protects its chunks.
+    for _ in 0..2 {
+        let report = c
+            .gantry(&["gc", "--grace", "0s", "--json"])
+            .expect_code(0)
+            .json();
+        assert_eq!(report["chunks_deleted"], 0, "{report}");
+        assert!(report["chunks_protected"].as_u64() > Some(0), "{report}");
+    }
+    let view = c.wait_run(run, DEADLINE * 2);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert!(c.logs(&format!("{run}.1")).contains("verified"));
+    // Once committed, the chunks are referenced: a collection keeps every one.
+    let report = c
+        .gantry(&["gc", "--grace", "0s", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(report["chunks_deleted"], 0, "{report}");
+    assert!(report["chunks_kept"].as_u64() >= Some(200), "{report}");
+}
