@@ -323,11 +323,24 @@ async fn demo_pipeline(admin: &mut AdminClient) -> anyhow::Result<()> {
     };
     println!("\n== run {id} {}:\n", view.state);
     print!("{}", output::jobs_table(&view.jobs));
-    if let Some(build) = view.jobs.iter().find(|j| j.name == "build") {
-        println!("\n== log of {} ({}):", build.name, build.job);
+    if let AdminResponse::Artifacts(artifacts) = admin
+        .request(&AdminRequest::ListArtifacts { run: id })
+        .await?
+    {
+        println!("\n== artifacts of run {id} (content-addressed, deduplicated chunks):\n");
+        print!(
+            "{}",
+            output::artifacts_table(&artifacts, gantry_protocol::UnixMillis::now())
+        );
+    }
+    if let Some(release) = view.jobs.iter().find(|j| j.name == "release") {
+        println!(
+            "\n== log of {} ({}), which received the build's artifact:",
+            release.name, release.job
+        );
         let mut reader = admin
             .follow(&StreamOpen::FollowLogs {
-                job: build.job,
+                job: release.job,
                 from_seq: 0,
                 follow: false,
             })

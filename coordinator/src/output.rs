@@ -110,7 +110,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
     Ok(ExitCode::SUCCESS)
 }
 
-fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis) -> String {
+pub fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis) -> String {
     let mut rows = vec![[
         "NAME",
         "JOB",
