@@ -29,15 +29,16 @@ use gantry_protocol::{
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
-use crate::chunks::ChunkStore;
+use crate::chunks::{ChunkReadError, ChunkStore, Location, PackWriter};
 use crate::config::ArtifactSettings;
 use crate::metrics::Metrics;
 use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
 
-/// Chunks written between two `syncfs` calls on an upload stream: one sync per 32 MiB.
+/// Most chunk bytes in one pack: one fsync per 32 MiB of upload.
 const SYNC_BATCH_BYTES: usize = 32 * 1024 * 1024;
-/// Longest time chunks of an upload stream wait to be made durable: what a slow upload
-/// loses to a coordinator crash, and how long garbage collection may wait for a batch.
+/// Longest time chunks of an upload stream wait to be made durable (their pack closed
+/// and indexed): what a slow upload loses to a coordinator crash, and how long garbage
+/// collection may wait for a batch.
 const SYNC_INTERVAL: Duration = Duration::from_millis(500);
 /// Frames read ahead of processing on a bulk stream (each at most ~257 KiB).
 const READ_AHEAD_FRAMES: usize = 16;
@@ -435,10 +436,10 @@ impl Artifacts {
         // sender, so disk, hashing and the network overlap.
         let (want_tx, want_rx) = std::sync::mpsc::channel::<(Digest, u32)>();
         let (ready_tx, mut ready) = mpsc::channel::<ChunkFrame>(8);
-        let chunks = self.chunks.clone();
+        let (chunks, store) = (self.chunks.clone(), self.store.clone());
         tokio::task::spawn_blocking(move || {
             for (digest, size) in want_rx {
-                let frame = match chunks.read_verified(&digest, size) {
+                let frame = match read_chunk(&store, &chunks, &digest, size) {
                     Ok(data) => ChunkFrame::Data { digest, size, data },
                     Err(e) => ChunkFrame::Unavailable {
                         digest,
@@ -772,8 +773,13 @@ impl Artifacts {
             // long), or with the stream.
             let _writing = self.collecting.read().await;
             let batch_ends = tokio::time::Instant::now() + SYNC_INTERVAL;
-            let mut unsynced: Vec<(Digest, ChunkRecord)> = Vec::new();
-            let mut unsynced_bytes = 0usize;
+            let mut pack = Some(
+                self.chunks
+                    .new_pack()
+                    .map_err(|e| format!("cannot start a pack: {e}"))?,
+            );
+            let mut rows: Vec<(Digest, ChunkRecord)> = Vec::new();
+            let mut pack_bytes = 0usize;
             let mut work = vec![first];
             loop {
                 // Take whatever else already arrived, up to ~4 MiB per blocking call.
@@ -792,18 +798,20 @@ impl Artifacts {
                         Err(_) => break,
                     }
                 }
-                let chunks = self.chunks.clone();
                 let batch = std::mem::take(&mut work);
-                let written = tokio::task::spawn_blocking(move || verify_and_write(&chunks, batch))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let packer = pack.take().ok_or("internal: no pack")?;
+                let (packer, written) =
+                    tokio::task::spawn_blocking(move || verify_and_append(packer, batch))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                pack = Some(packer);
                 match written {
-                    Ok(rows) => {
-                        for (digest, record) in rows {
-                            unsynced_bytes += record.stored_bytes as usize;
+                    Ok(new_rows) => {
+                        for (digest, record) in new_rows {
+                            pack_bytes += record.stored_bytes as usize;
                             stored_chunks += 1;
                             stored_bytes += u64::from(record.stored_bytes);
-                            unsynced.push((digest, record));
+                            rows.push((digest, record));
                         }
                     }
                     Err(message) => {
@@ -817,7 +825,7 @@ impl Artifacts {
                         return Err(message);
                     }
                 }
-                if done || unsynced_bytes >= SYNC_BATCH_BYTES {
+                if done || pack_bytes >= SYNC_BATCH_BYTES {
                     break;
                 }
                 tokio::select! {
@@ -829,7 +837,8 @@ impl Artifacts {
                     () = tokio::time::sleep_until(batch_ends) => break,
                 }
             }
-            self.make_durable(session, unsynced).await?;
+            let pack = pack.ok_or("internal: no pack")?;
+            self.make_durable(session, pack, rows).await?;
         }
         self.metrics.artifact_bytes_received(stored_bytes);
         writer
@@ -841,17 +850,17 @@ impl Artifacts {
             .map_err(|e| e.to_string())
     }
 
-    /// Syncs written chunks, indexes them and pins them to the session.
+    /// Makes a pack durable, indexes its chunks and pins them to the session.
     async fn make_durable(
         &self,
         session: u64,
+        pack: PackWriter,
         rows: Vec<(Digest, ChunkRecord)>,
     ) -> Result<(), String> {
-        let chunks = self.chunks.clone();
-        tokio::task::spawn_blocking(move || chunks.sync())
+        tokio::task::spawn_blocking(move || pack.finish())
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot sync chunks: {e}"))?;
+            .map_err(|e| format!("cannot store a pack of chunks: {e}"))?;
         self.store.add_chunks(&rows).map_err(|e| e.to_string())?;
         if let Some(s) = lock(&self.sessions).open.get_mut(&session) {
             s.pinned.extend(rows.iter().map(|(d, _)| *d));
@@ -884,29 +893,12 @@ impl Artifacts {
         let store = self.store.clone();
         let chunks = self.chunks.clone();
         let report = tokio::task::spawn_blocking(move || {
-            let (mut report, doomed) = store
+            let (mut report, _dropped) = store
                 .collect_garbage(rules, &protected)
                 .map_err(|e| e.to_string())?;
-            for digest in &doomed {
-                if let Err(e) = chunks.remove(digest) {
-                    tracing::warn!(chunk = %digest, "cannot delete a collected chunk: {e}");
-                }
-            }
-            // Files no index row names: a crash between writing and indexing.
-            let on_disk = chunks.list().map_err(|e| e.to_string())?;
-            for (digest, size, modified) in on_disk {
-                let young = rules.now.millis_since(UnixMillis(modified)) < rules.grace_ms;
-                if young || protected.contains(&digest) {
-                    continue;
-                }
-                if !store.chunk_indexed(&digest).map_err(|e| e.to_string())? {
-                    report.chunks_deleted += 1;
-                    report.bytes_freed += size;
-                    if !dry_run {
-                        let _ = chunks.remove(&digest);
-                    }
-                }
-            }
+            // What is freed on disk: packs nothing uses, and the dead part of packs
+            // that were rewritten.
+            report.bytes_freed = collect_packs(&store, &chunks, rules.grace_ms, dry_run)?;
             Ok::<_, String>(report)
         })
         .await
@@ -1017,37 +1009,177 @@ async fn receive_manifest(
 }
 
 /// Checks each uploaded chunk (sizes within bounds, decompresses within its size, hashes
-/// to its digest) and writes it. The first bad chunk refuses the batch.
-fn verify_and_write(
-    chunks: &ChunkStore,
+/// to its digest) and appends it to the pack. The first bad chunk refuses the batch.
+/// Returns the pack back (it moves in and out of the blocking thread).
+fn verify_and_append(
+    mut pack: PackWriter,
     puts: Vec<ChunkPut>,
-) -> Result<Vec<(Digest, ChunkRecord)>, String> {
+) -> (PackWriter, Result<Vec<(Digest, ChunkRecord)>, String>) {
     let now = UnixMillis::now();
     let mut rows = Vec::with_capacity(puts.len());
     for put in puts {
         if put.size == 0 || put.size as usize > MAX_CHUNK || put.data.len() > MAX_COMPRESSED_CHUNK {
-            return Err(format!(
+            let message = format!(
                 "chunk {} is refused: {} bytes ({} compressed) is outside 1..={MAX_CHUNK} ({MAX_COMPRESSED_CHUNK} compressed)",
                 put.digest,
                 put.size,
                 put.data.len()
-            ));
+            );
+            return (pack, Err(message));
         }
-        gantry_cas::decompress(&put.data, put.size as usize, &put.digest)
-            .map_err(|e| format!("chunk {} is refused: {e}", put.digest))?;
-        chunks
-            .write_unsynced(&put.digest, &put.data)
-            .map_err(|e| format!("cannot write chunk {}: {e}", put.digest))?;
+        if let Err(e) = gantry_cas::decompress(&put.data, put.size as usize, &put.digest) {
+            return (pack, Err(format!("chunk {} is refused: {e}", put.digest)));
+        }
+        let location = match pack.append(&put.data) {
+            Ok(l) => l,
+            Err(e) => return (pack, Err(format!("cannot write chunk {}: {e}", put.digest))),
+        };
         rows.push((
             put.digest,
             ChunkRecord {
                 size: put.size,
-                stored_bytes: put.data.len() as u32,
+                stored_bytes: location.len,
+                pack: location.pack,
+                offset: location.offset,
                 written_at: now,
             },
         ));
     }
-    Ok(rows)
+    (pack, Ok(rows))
+}
+
+/// Reads a stored chunk where the index says it is, verified. A chunk compacted into
+/// another pack between the lookup and the read is looked up once more.
+fn read_chunk(
+    store: &Store,
+    chunks: &ChunkStore,
+    digest: &Digest,
+    size: u32,
+) -> Result<Vec<u8>, ChunkReadError> {
+    for _ in 0..2 {
+        let record = store
+            .chunk(digest)
+            .map_err(|e| ChunkReadError::Io {
+                digest: *digest,
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .ok_or(ChunkReadError::Missing(*digest))?;
+        let location = Location {
+            pack: record.pack,
+            offset: record.offset,
+            len: record.stored_bytes,
+        };
+        match chunks.read_verified(digest, location, size) {
+            Err(ChunkReadError::Missing(_)) => {}
+            Err(corrupt @ ChunkReadError::Corrupt { .. }) => {
+                scrub_pack(store, chunks, record.pack);
+                return Err(corrupt);
+            }
+            other => return other,
+        }
+    }
+    Err(ChunkReadError::Missing(*digest))
+}
+
+/// After one corrupt chunk, checks every chunk of its pack (the damage may not stop at
+/// one) and drops the bad ones from the index, so the next upload of their content
+/// stores them again instead of being told they are there.
+fn scrub_pack(store: &Store, chunks: &ChunkStore, pack: u64) {
+    let rows = match store.pack_usage(&HashSet::from([pack])) {
+        Ok((_, mut rows)) => rows.remove(&pack).unwrap_or_default(),
+        Err(e) => {
+            tracing::error!("cannot list the chunks of pack {pack:016x}: {e}");
+            return;
+        }
+    };
+    let bad: Vec<Digest> = rows
+        .iter()
+        .filter(|(digest, record)| {
+            let location = Location {
+                pack,
+                offset: record.offset,
+                len: record.stored_bytes,
+            };
+            chunks.read_verified(digest, location, record.size).is_err()
+        })
+        .map(|(digest, _)| *digest)
+        .collect();
+    tracing::error!(
+        pack = format!("{pack:016x}"),
+        bad = bad.len(),
+        checked = rows.len(),
+        "found corrupt chunks; dropping them from the index so uploads store them again"
+    );
+    if let Err(e) = store.forget_chunks(&bad) {
+        tracing::error!("cannot drop corrupt chunks from the index: {e}");
+    }
+}
+
+/// Packs at most half full of live chunks are rewritten, so dead chunks never take more
+/// than about as much disk as live ones.
+const COMPACT_BELOW_LIVE_SHARE: f64 = 0.5;
+
+/// The pack side of a garbage collection, after the index dropped dead chunks: deletes
+/// packs nothing points at (once older than the grace, so a pack whose chunks are being
+/// indexed right now is spared), and rewrites packs mostly dead. Returns the bytes
+/// freed on disk.
+fn collect_packs(
+    store: &Store,
+    chunks: &ChunkStore,
+    grace_ms: u64,
+    dry_run: bool,
+) -> Result<u64, String> {
+    let now = UnixMillis::now();
+    let packs = chunks.list_packs().map_err(|e| e.to_string())?;
+    let (live, _) = store
+        .pack_usage(&HashSet::new())
+        .map_err(|e| e.to_string())?;
+    let mut freed = 0u64;
+    let mut sparse = HashSet::new();
+    for (pack, size, modified) in &packs {
+        match live.get(pack) {
+            None if now.millis_since(UnixMillis(*modified)) >= grace_ms => {
+                freed += size;
+                if !dry_run {
+                    chunks.remove_pack(*pack).map_err(|e| e.to_string())?;
+                }
+            }
+            Some(&bytes) if (bytes as f64) < (*size as f64) * COMPACT_BELOW_LIVE_SHARE => {
+                sparse.insert(*pack);
+                freed += size - bytes;
+            }
+            // Young and unindexed (being indexed now), or mostly live: kept.
+            _ => {}
+        }
+    }
+    if dry_run || sparse.is_empty() {
+        return Ok(freed);
+    }
+    let (_, rows) = store.pack_usage(&sparse).map_err(|e| e.to_string())?;
+    for (old, rows) in rows {
+        let mut writer = chunks.new_pack().map_err(|e| e.to_string())?;
+        let mut moves = Vec::with_capacity(rows.len());
+        for (digest, record) in rows {
+            let data = chunks
+                .read_raw(Location {
+                    pack: record.pack,
+                    offset: record.offset,
+                    len: record.stored_bytes,
+                })
+                .map_err(|e| format!("compacting pack {old:016x}: {e}"))?;
+            let location = writer.append(&data).map_err(|e| e.to_string())?;
+            let relocated = ChunkRecord {
+                pack: location.pack,
+                offset: location.offset,
+                ..record
+            };
+            moves.push((digest, record, relocated));
+        }
+        writer.finish().map_err(|e| e.to_string())?;
+        store.relocate_chunks(&moves).map_err(|e| e.to_string())?;
+        chunks.remove_pack(old).map_err(|e| e.to_string())?;
+    }
+    Ok(freed)
 }
 
 impl Artifacts {

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use gantry_protocol::{
     AgentId, ArtifactView, Attempt, CacheView, Digest, GcReport, HostFigures, JobId, Labels, RunId,
@@ -756,12 +756,15 @@ impl Store {
     }
 }
 
-/// A stored chunk: its uncompressed size, the bytes its file takes, and when it was
-/// written (garbage collection leaves young unreferenced chunks alone).
+/// A stored chunk: its uncompressed size, where its compressed bytes are (pack, offset,
+/// length) and when it was written (garbage collection leaves young unreferenced chunks
+/// alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
     pub size: u32,
     pub stored_bytes: u32,
+    pub pack: u64,
+    pub offset: u64,
     pub written_at: UnixMillis,
 }
 
@@ -1138,6 +1141,70 @@ impl Store {
         Ok((report, doomed))
     }
 
+    /// Where a chunk is, if stored.
+    pub fn chunk(&self, digest: &Digest) -> Result<Option<ChunkRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+        match chunks
+            .get(digest.as_bytes().as_slice())
+            .map_err(eng!("read chunk"))?
+        {
+            Some(v) => Ok(Some(decode("chunk", &digest.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Live bytes per pack, and the chunks of the packs in `detail` (for compaction).
+    #[allow(clippy::type_complexity)] // a one-off pair of maps read in one transaction
+    pub fn pack_usage(
+        &self,
+        detail: &HashSet<u64>,
+    ) -> Result<(HashMap<u64, u64>, HashMap<u64, Vec<(Digest, ChunkRecord)>>), StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+        let mut live: HashMap<u64, u64> = HashMap::new();
+        let mut rows: HashMap<u64, Vec<(Digest, ChunkRecord)>> = HashMap::new();
+        for item in chunks.iter().map_err(eng!("scan chunks"))? {
+            let (k, v) = item.map_err(eng!("scan chunks"))?;
+            let record: ChunkRecord = decode("chunk", "index", v.value())?;
+            *live.entry(record.pack).or_default() += u64::from(record.stored_bytes);
+            if detail.contains(&record.pack) {
+                if let Ok(bytes) = <[u8; 32]>::try_from(k.value()) {
+                    rows.entry(record.pack)
+                        .or_default()
+                        .push((Digest::from_bytes(bytes), record));
+                }
+            }
+        }
+        Ok((live, rows))
+    }
+
+    /// Points chunks at their new places (after compaction), in one commit; a chunk
+    /// whose row changed meanwhile is left alone.
+    pub fn relocate_chunks(
+        &self,
+        moves: &[(Digest, ChunkRecord, ChunkRecord)],
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+            for (digest, from, to) in moves {
+                let current: Option<ChunkRecord> = match chunks
+                    .get(digest.as_bytes().as_slice())
+                    .map_err(eng!("read chunk"))?
+                {
+                    Some(v) => Some(decode("chunk", &digest.to_string(), v.value())?),
+                    None => None,
+                };
+                if current.as_ref() == Some(from) {
+                    chunks
+                        .insert(digest.as_bytes().as_slice(), encode(to)?.as_slice())
+                        .map_err(eng!("write chunk"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Drops chunks from the index (found missing or corrupt on disk), so the next upload
     /// of their content stores them again.
     pub fn forget_chunks(&self, digests: &[Digest]) -> Result<(), StoreError> {
@@ -1150,13 +1217,6 @@ impl Store {
             }
             Ok(())
         })
-    }
-
-    /// Whether the index holds `digest` (for garbage collection of unindexed files).
-    pub fn chunk_indexed(&self, digest: &Digest) -> Result<bool, StoreError> {
-        Ok(self
-            .missing_chunks(std::slice::from_ref(digest))?
-            .is_empty())
     }
 }
 

@@ -34,6 +34,7 @@ pub struct EnrollRequest {
     /// The token's secret, compared in constant time against its stored hash.
     pub token_secret: String,
     /// DER PKCS#10 request. Only its public key is used.
+    #[serde(with = "serde_bytes")]
     pub csr_der: Vec<u8>,
     pub hostname: String,
     /// Labels the agent asks for; the token's labels are added on top and win.
@@ -139,6 +140,7 @@ pub enum AgentMessage {
     Heartbeat(HostFigures),
     /// A CSR for a fresh key; the coordinator signs it for the same identity.
     RenewCertificate {
+        #[serde(with = "serde_bytes")]
         csr_der: Vec<u8>,
     },
     /// The agent takes the job; its lease starts now.
@@ -303,6 +305,7 @@ pub enum StreamOpen {
 pub struct LogChunk {
     pub seq: u64,
     /// Raw bytes (any encoding; invalid UTF-8 is kept as is).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -591,7 +594,7 @@ pub struct TriggerView {
 
 /// A piece of a source tree archive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceData(pub Vec<u8>);
+pub struct SourceData(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// The coordinator's answer to an upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,10 @@
 //!    [`UploadReply::Missing`] when chunks are gone (the uploader sends them and commits
 //!    again).
 //!
+//! Byte payloads are `serde_bytes`: postcard writes them exactly as it writes a `Vec<u8>`
+//! (a length, then the bytes), but in one copy instead of one call per byte, which was
+//! a fifth of an agent's CPU time in a 1 GiB transfer.
+//!
 //! Every request names the [`Grant`] it relies on; the coordinator checks it against
 //! what it handed to that agent. An admin's grant comes from its certificate.
 
@@ -117,7 +121,7 @@ pub enum ManifestFrame {
     Start {
         bytes: u64,
     },
-    Piece(Vec<u8>),
+    Piece(#[serde(with = "serde_bytes")] Vec<u8>),
     Refused {
         message: String,
     },
@@ -135,6 +139,7 @@ pub enum ChunkFrame {
     Data {
         digest: Digest,
         size: u32,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The coordinator cannot serve this chunk (missing, or found corrupt on its disk
@@ -168,7 +173,7 @@ pub enum UploadRequest {
     Commit {
         manifest_bytes: u64,
     },
-    ManifestPiece(Vec<u8>),
+    ManifestPiece(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +208,7 @@ pub enum Committed {
 pub struct ChunkPut {
     pub digest: Digest,
     pub size: u32,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -233,4 +239,36 @@ pub struct GcReport {
     pub chunks_protected: u64,
     pub chunks_kept: u64,
     pub bytes_kept: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serde_bytes` must not change the wire: a chunk's bytes are encoded exactly as a
+    /// plain `Vec<u8>` would be (so a peer built either way reads the other).
+    #[test]
+    fn byte_payloads_keep_the_plain_vec_encoding() {
+        #[derive(Serialize)]
+        struct Plain {
+            digest: Digest,
+            size: u32,
+            data: Vec<u8>,
+        }
+        let data = vec![7u8; 300];
+        let put = ChunkPut {
+            digest: Digest::of(&data),
+            size: 300,
+            data: data.clone(),
+        };
+        let plain = Plain {
+            digest: put.digest,
+            size: 300,
+            data,
+        };
+        assert_eq!(
+            postcard::to_stdvec(&put).expect("put"),
+            postcard::to_stdvec(&plain).expect("plain")
+        );
+    }
 }

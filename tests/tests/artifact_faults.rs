@@ -47,7 +47,18 @@ fn setup(slow: &str) -> (Coordinator, Vec<Agent>) {
     (c, agents)
 }
 
-/// Chunk files under a directory of `<2 hex>/<rest>` (a chunk store or cache).
+/// Bytes in the coordinator's packs: chunks of uploads made durable so far.
+fn packed_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("cas/packs")).map_or(0, |packs| {
+        packs
+            .filter_map(Result::ok)
+            .filter_map(|p| p.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
+/// Chunk files under a directory of `<2 hex>/<rest>` (an agent's chunk cache).
 fn chunk_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |prefixes| {
         prefixes
@@ -105,11 +116,10 @@ fn a_download_cut_off_by_a_coordinator_crash_resumes_where_it_stopped() {
 fn an_upload_cut_off_by_a_coordinator_crash_sends_only_the_rest() {
     let (mut c, _agents) = setup("producer");
     let run = c.run_pipeline(PIPELINE, &[]);
-    let chunks = c.data_dir().join("cas/chunks");
     wait_for(
-        "the coordinator to hold a quarter of the chunks",
+        "the coordinator to hold a quarter of the upload",
         DEADLINE,
-        || (chunk_files(&chunks) >= 90).then_some(()),
+        || (packed_bytes(&c.data_dir()) >= 6_000_000).then_some(()),
     );
     c.server().kill9();
     c.start_server();
@@ -132,11 +142,10 @@ fn an_upload_cut_off_by_a_coordinator_crash_sends_only_the_rest() {
 fn garbage_collection_during_an_upload_takes_none_of_its_chunks() {
     let (c, _agents) = setup("producer");
     let run = c.run_pipeline(PIPELINE, &[]);
-    let chunks = c.data_dir().join("cas/chunks");
     wait_for(
         "the coordinator to hold some of the upload",
         DEADLINE,
-        || (chunk_files(&chunks) >= 60).then_some(()),
+        || (packed_bytes(&c.data_dir()) >= 4_000_000).then_some(()),
     );
     // Twice, with no grace at all: only the open upload session protects its chunks.
     for _ in 0..2 {

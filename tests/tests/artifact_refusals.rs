@@ -412,19 +412,17 @@ fn a_chunk_corrupted_on_the_coordinators_disk_is_reported_quarantined_and_never_
     let pipeline = "name: p\njobs:\n  build:\n    steps: [{ run: 'mkdir out && seq 1 50000 > out/numbers' }]\n    artifacts: { name: app, paths: [out] }\n";
     let run = c.run_pipeline(pipeline, &[]);
     assert_eq!(c.wait_run(run, DEADLINE)["state"], "succeeded");
-    // Damage every chunk file (there are a few): keep the length, flip the bytes.
-    let chunks_dir = c.data_dir().join("cas/chunks");
+    // Damage the pack files holding the chunks: keep the length, flip the bytes.
+    let packs = c.data_dir().join("cas/packs");
     let mut damaged = 0;
-    for prefix in std::fs::read_dir(&chunks_dir).expect("chunks") {
-        for chunk in std::fs::read_dir(prefix.expect("prefix").path()).expect("prefix dir") {
-            let path = chunk.expect("chunk").path();
-            let mut bytes = std::fs::read(&path).expect("read");
-            for b in &mut bytes[8..] {
-                *b ^= 0x5a;
-            }
-            std::fs::write(&path, bytes).expect("write");
-            damaged += 1;
+    for pack in std::fs::read_dir(&packs).expect("packs") {
+        let path = pack.expect("pack").path();
+        let mut bytes = std::fs::read(&path).expect("read");
+        for b in &mut bytes {
+            *b ^= 0x5a;
         }
+        std::fs::write(&path, bytes).expect("write");
+        damaged += 1;
     }
     assert!(damaged > 0);
     let dest = c.dir.path().join("got");

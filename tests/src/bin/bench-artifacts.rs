@@ -1,0 +1,405 @@
+//! Artifacts benchmark: prints, in one run on loopback,
+//! - upload and download MB/s of a 1 GiB artifact of random data through Gantry (agent to
+//!   coordinator and back to another agent), against a raw HTTPS baseline measured in the
+//!   same run: nginx (Debian's package) serving the same file to curl, and curl
+//!   uploading it to nginx with WebDAV PUT;
+//! - the bytes sent when re-uploading that artifact with 1% of it changed (16 regions of
+//!   1/1600 of the file each, at random places);
+//! - cache restore time of a 1 GiB, 20,000-file directory, the first time (chunks come
+//!   from the coordinator) and the second time (from the agent's local chunk cache).
+//!
+//! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin bench-artifacts`
+//! (nginx and curl are needed for the baseline: `apt-get install nginx-core curl`).
+//! `GANTRY_BENCH_MIB` changes the artifact size (default 1024). Figures are printed,
+//! never asserted. Targets (issue 4): at least 80% of the HTTPS baseline; a 1% change
+//! re-sends under 3% of the bytes.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gantry_tests::{wait_for, Agent, Coordinator, Proc};
+
+const FILES_IN_TREE: usize = 20_000;
+
+/// SplitMix64, to make incompressible data quickly and reproducibly.
+struct Prng(u64);
+
+impl Prng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let bytes = z.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+fn write_random(path: &Path, bytes: u64, seed: u64) -> anyhow::Result<()> {
+    let mut rng = Prng(seed);
+    let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(path)?);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        file.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    file.flush()?;
+    Ok(())
+}
+
+/// A copy of `from` with 1% of its bytes rewritten: 16 regions of 1/1600 of the size.
+fn write_changed_copy(from: &Path, to: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(from, to)?;
+    let size = std::fs::metadata(to)?.len();
+    let region = size / 1600;
+    let file = std::fs::OpenOptions::new().write(true).open(to)?;
+    let mut rng = Prng(0x00C0_FFEE);
+    let mut changed = 0;
+    for i in 0..16u64 {
+        let mut place = [0u8; 8];
+        rng.fill(&mut place);
+        // Spread over 16 slices of the file so regions never overlap.
+        let slice = size / 16;
+        let offset = i * slice + u64::from_le_bytes(place) % (slice - region);
+        let mut data = vec![0u8; region as usize];
+        rng.fill(&mut data);
+        file.write_all_at(&data, offset)?;
+        changed += region;
+    }
+    Ok(changed)
+}
+
+/// Figures out of a job log line such as
+/// "⤒ artifact blob: 1 files, 1.0 GiB; sent 300 of 300 chunks (1.0 GiB) in 3.21 s; ...".
+struct LogFigures {
+    moved_chunks: u64,
+    total_chunks: u64,
+    moved_bytes: f64,
+    transfer_secs: f64,
+    extract_secs: f64,
+}
+
+fn parse_bytes(text: &str) -> f64 {
+    let mut parts = text.split_whitespace();
+    let value: f64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let scale = match parts.next().unwrap_or("B") {
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => 1.0,
+    };
+    value * scale
+}
+
+fn figures(log: &str, verb: &str) -> anyhow::Result<LogFigures> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("{verb} ")) && l.contains(" chunks ("))
+        .ok_or_else(|| anyhow::anyhow!("no '{verb}' line in the log:\n{log}"))?;
+    let after = line
+        .split(&format!("{verb} "))
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("bad line {line}"))?;
+    let words: Vec<&str> = after.split_whitespace().collect();
+    let moved_chunks = words[0].parse()?;
+    let total_chunks = words[2].parse()?;
+    let bytes_text = after
+        .split('(')
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or("0 B");
+    let secs_after = |marker: &str| -> f64 {
+        after
+            .split(marker)
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(LogFigures {
+        moved_chunks,
+        total_chunks,
+        moved_bytes: parse_bytes(bytes_text),
+        transfer_secs: secs_after(") in "),
+        extract_secs: secs_after("extracted in "),
+    })
+}
+
+fn run_and_wait(c: &Coordinator, yaml: &str) -> anyhow::Result<u64> {
+    let run = c.run_pipeline(yaml, &[]);
+    let view = c.wait_run(run, Duration::from_secs(1200));
+    anyhow::ensure!(
+        view["state"] == "succeeded",
+        "bench run {run} ended {}: {view}\n{}",
+        view["state"],
+        c.log()
+    );
+    Ok(run)
+}
+
+fn mb_per_s(bytes: f64, secs: f64) -> f64 {
+    bytes / secs.max(1e-9) / 1e6
+}
+
+/// nginx serving `root` over TLS on a free loopback port, with WebDAV PUT under /up/.
+struct Nginx {
+    _proc: Proc,
+    port: u16,
+    ca: PathBuf,
+}
+
+fn start_nginx(work: &Path, root: &Path) -> anyhow::Result<Nginx> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?.self_signed(&key)?;
+    let (cert_path, key_path) = (work.join("nginx.crt"), work.join("nginx.key"));
+    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::create_dir_all(root.join("up"))?;
+    std::fs::create_dir_all(work.join("nginx-tmp"))?;
+    let conf = work.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}worker_processes 1;\nerror_log {err} warn;\npid {pid};\nevents {{ worker_connections 64; }}\nhttp {{\n  access_log off;\n  sendfile on;\n  client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {crt};\n    ssl_certificate_key {key};\n    root {root};\n    location /up/ {{ dav_methods PUT; client_max_body_size 0; create_full_put_path on; }}\n  }}\n}}\n",
+            // Run as root, nginx's workers would switch to `nobody` and could not read
+            // the benchmark's private temporary directory.
+            user = if is_root() { "user root;\n" } else { "" },
+            err = work.join("nginx-error.log").display(),
+            pid = work.join("nginx.pid").display(),
+            tmp = work.join("nginx-tmp").display(),
+            crt = cert_path.display(),
+            key = key_path.display(),
+            root = root.display(),
+        ),
+    )?;
+    let child = Command::new("nginx")
+        .args(["-g", "daemon off;", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let nginx = Nginx {
+        _proc: Proc {
+            child,
+            name: "nginx".into(),
+        },
+        port,
+        ca: cert_path,
+    };
+    wait_for("nginx to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Ok(nginx)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().next())
+            == Some("0")
+    })
+}
+
+/// Times one curl command; returns seconds.
+fn curl(args: &[&str]) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let status = Command::new("curl")
+        .args(["-sS", "--fail", "-o", "/dev/null"])
+        .args(args)
+        .status()?;
+    anyhow::ensure!(status.success(), "curl {args:?} failed: {status}");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn main() -> anyhow::Result<()> {
+    let mib: u64 = std::env::var("GANTRY_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let size = mib << 20;
+    let work = tempfile::Builder::new()
+        .prefix("gantry-bench-art-")
+        .tempdir()?;
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let blob = data.join("blob");
+    println!(
+        "== preparing {mib} MiB of random data and a {FILES_IN_TREE}-file tree in {}",
+        work.path().display()
+    );
+    write_random(&blob, size, 1)?;
+    let changed = data.join("blob-changed");
+    let changed_bytes = write_changed_copy(&blob, &changed)?;
+    let tree = data.join("tree");
+    std::fs::create_dir_all(&tree)?;
+    let per_file = size / FILES_IN_TREE as u64;
+    let mut rng = Prng(7);
+    let mut buf = vec![0u8; per_file as usize];
+    for i in 0..FILES_IN_TREE {
+        let sub = tree.join(format!("d{:03}", i % 200));
+        if i < 200 {
+            std::fs::create_dir_all(&sub)?;
+        }
+        rng.fill(&mut buf);
+        std::fs::write(sub.join(format!("f{i:05}.bin")), &buf)?;
+    }
+
+    // Baseline first: nginx over TLS, curl on the same loopback.
+    let tools = Command::new("nginx").arg("-v").output().is_ok()
+        && Command::new("curl").arg("--version").output().is_ok();
+    let baseline = if tools {
+        {
+            let nginx = start_nginx(work.path(), &data)?;
+            let url = format!("https://localhost:{}/blob", nginx.port);
+            let resolve = format!("localhost:{}:127.0.0.1", nginx.port);
+            let ca = nginx.ca.display().to_string();
+            // Download to a file, as the agent's download ends in a file.
+            let down_file = work.path().join("curl-download");
+            let _warm = curl(&["--cacert", &ca, "--resolve", &resolve, &url])?;
+            let started = Instant::now();
+            let status = Command::new("curl")
+                .args([
+                    "-sS",
+                    "--fail",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    &resolve,
+                    "-o",
+                ])
+                .arg(&down_file)
+                .arg(&url)
+                .status()?;
+            anyhow::ensure!(status.success(), "curl download failed");
+            let down = started.elapsed().as_secs_f64();
+            std::fs::remove_file(&down_file)?;
+            let up_url = format!("https://localhost:{}/up/blob", nginx.port);
+            let up = curl(&[
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "-T",
+                &blob.display().to_string(),
+                &up_url,
+            ])?;
+            let _ = std::fs::remove_file(data.join("up/blob"));
+            Some((mb_per_s(size as f64, up), mb_per_s(size as f64, down)))
+        }
+    } else {
+        println!(
+            "!! nginx or curl is missing (apt-get install nginx-core curl): no HTTPS baseline"
+        );
+        None
+    };
+
+    let c = Coordinator::start();
+    let token = c.token(&["--uses", "2"]);
+    let mut agents = Vec::new();
+    for role in ["producer", "consumer"] {
+        let mut agent = Agent::enroll(&token, &["--label", &format!("role={role}")]);
+        agent.start();
+        agents.push(agent);
+    }
+    c.wait_connected(2);
+
+    // 1. Upload and download of the 1 GiB artifact.
+    let transfer = |file: &Path| {
+        format!(
+            "name: bench\njobs:\n  produce:\n    runs-on: {{ role: producer }}\n    steps: [{{ run: 'mkdir out && ln {file} out/blob' }}]\n    artifacts: {{ name: blob, paths: [out] }}\n  consume:\n    needs: produce\n    runs-on: {{ role: consumer }}\n    steps: [{{ run: 'test -s out/blob' }}]\n",
+            file = file.display()
+        )
+    };
+    println!("== gantry: uploading and downloading {mib} MiB");
+    let run = run_and_wait(&c, &transfer(&blob))?;
+    let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
+    let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
+
+    // 2. The same artifact with 1% changed.
+    println!("== gantry: re-uploading with 1% changed");
+    let run = run_and_wait(&c, &transfer(&changed))?;
+    let reup = figures(&c.logs(&format!("{run}.0")), "sent")?;
+
+    // 3. Cache restore of the tree, first from the coordinator, then from the local cache.
+    let cached = |step: &str, role: &str| {
+        format!(
+            "name: tree\njobs:\n  t:\n    runs-on: {{ role: {role} }}\n    cache: {{ key: bench-tree, paths: [vendor] }}\n    steps: [{{ run: '{step}' }}]\n"
+        )
+    };
+    println!("== gantry: saving a {FILES_IN_TREE}-file cache, then restoring it twice");
+    let save = run_and_wait(
+        &c,
+        &cached(&format!("cp -al {} vendor", tree.display()), "producer"),
+    )?;
+    let saved = figures(&c.logs(&format!("{save}.0")), "sent")?;
+    let first = run_and_wait(&c, &cached("test -d vendor/d000", "consumer"))?;
+    let restore1 = figures(&c.logs(&format!("{first}.0")), "fetched")?;
+    let second = run_and_wait(&c, &cached("test -d vendor/d199", "consumer"))?;
+    let restore2 = figures(&c.logs(&format!("{second}.0")), "fetched")?;
+
+    let gib = size as f64;
+    println!("\n== results ({mib} MiB, loopback, release build)\n");
+    let up_rate = mb_per_s(gib, up.transfer_secs);
+    let down_rate = mb_per_s(gib, down.transfer_secs + down.extract_secs);
+    println!(
+        "gantry upload     {:>8.1} MB/s  ({:.2} s, {} chunks, {:.0} MiB sent)",
+        up_rate,
+        up.transfer_secs,
+        up.total_chunks,
+        up.moved_bytes / 1_048_576.0
+    );
+    println!(
+        "gantry download   {:>8.1} MB/s  ({:.2} s fetching and verifying + {:.2} s writing the file)",
+        down_rate, down.transfer_secs, down.extract_secs
+    );
+    if let Some((base_up, base_down)) = baseline {
+        println!("https upload      {base_up:>8.1} MB/s  (curl -T to nginx, WebDAV PUT)");
+        println!("https download    {base_down:>8.1} MB/s  (nginx to curl -o FILE)");
+        println!(
+            "ratio             upload {:.0}%, download {:.0}% of the HTTPS baseline (target: at least 80%)",
+            up_rate / base_up * 100.0,
+            down_rate / base_down * 100.0
+        );
+    }
+    println!(
+        "re-upload, 1% changed ({:.1} MiB in 16 places): sent {} of {} chunks, {:.1} MiB = {:.2}% of the artifact (target: under 3%)",
+        changed_bytes as f64 / 1_048_576.0,
+        reup.moved_chunks,
+        reup.total_chunks,
+        reup.moved_bytes / 1_048_576.0,
+        reup.moved_bytes / gib * 100.0
+    );
+    println!(
+        "cache save        {:.2} s for {FILES_IN_TREE} files ({} chunks)",
+        saved.transfer_secs, saved.total_chunks
+    );
+    println!(
+        "cache restore 1st {:.2} s ({:.2} s fetching {} chunks, {:.2} s writing {FILES_IN_TREE} files)",
+        restore1.transfer_secs + restore1.extract_secs,
+        restore1.transfer_secs,
+        restore1.moved_chunks,
+        restore1.extract_secs
+    );
+    println!(
+        "cache restore 2nd {:.2} s ({} chunks fetched: all from the local cache; {:.2} s writing files)",
+        restore2.transfer_secs + restore2.extract_secs,
+        restore2.moved_chunks,
+        restore2.extract_secs
+    );
+    drop(agents);
+    Ok(())
+}
