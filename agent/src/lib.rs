@@ -14,6 +14,7 @@
 //! or clocks; [`enroll`] and [`session`] are the thin async shells that do the I/O.
 
 pub mod backoff;
+pub mod bundle;
 pub mod datadir;
 pub mod docker;
 pub mod duration;
