@@ -121,10 +121,11 @@ if [ -n "$BUNDLE" ]; then
     fi
     if command -v openssl >/dev/null 2>&1; then
         verifier=openssl
-        openssl x509 -in "$SRC/ca.pem" -pubkey -noout >"$WORK/ca-key.pem" 2>/dev/null \
+        if ! { openssl x509 -in "$SRC/ca.pem" -pubkey -noout >"$WORK/ca-key.pem" 2>/dev/null \
             && openssl dgst -sha256 -verify "$WORK/ca-key.pem" -signature "$WORK/signature.der" \
-                "$WORK/statement" >/dev/null 2>&1 \
-            || refuse "the signature does not verify against the bundle's CA (checked with openssl): the bundle was signed by another coordinator, or the signature was mistyped"
+                "$WORK/statement" >/dev/null 2>&1; }; then
+            refuse "the signature does not verify against the bundle's CA (checked with openssl): the bundle was signed by another coordinator, or the signature was mistyped"
+        fi
     else
         # No openssl (a minimal Debian has none). The bundled agent is trusted here
         # because its bytes are part of the archive whose SHA-256 was just checked.
@@ -142,7 +143,7 @@ if [ -n "$BUNDLE" ]; then
     fi
     say "bundle verified: sha256 $actual, signed by the CA $fingerprint (checked with $verifier)"
     if [ "$CHECK_ONLY" = 1 ]; then
-        [ -n "$TOKEN" ] && say "it carries a join token" || say "it carries no join token"
+        if [ -n "$TOKEN" ]; then say "it carries a join token"; else say "it carries no join token"; fi
         exit 0
     fi
 elif [ -n "$COORDINATOR_URL" ]; then
@@ -258,6 +259,7 @@ else
     # setpriv and exec keep one pid from here to the agent; --reset-env gives it the
     # user's HOME and a clean environment, as systemd would; HUP is ignored so the end of
     # this shell's session does not stop it.
+    # shellcheck disable=SC2016 # expanded by the inner shell, from its arguments
     setpriv --reuid="$SERVICE_USER" --regid="$SERVICE_USER" --init-groups --reset-env -- sh -c '
         trap "" HUP
         set -a

@@ -57,4 +57,5 @@ done
 
 cp "$here/Dockerfile" "$ctx/Dockerfile"
 docker build --quiet --tag "$tag" "$ctx" >/dev/null
+# shellcheck disable=SC2086 # one library path per word
 echo "built $tag ($(printf '%s\n' $libs | wc -l) shared libraries: $(printf '%s ' $libs))"
