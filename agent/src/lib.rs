@@ -15,6 +15,7 @@
 
 pub mod artifacts;
 pub mod backoff;
+pub mod bundle;
 pub mod datadir;
 pub mod docker;
 pub mod duration;

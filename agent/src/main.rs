@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use gantry_agent::{datadir, duration, enroll, exit, figures, labels, session};
+use gantry_agent::{bundle, datadir, duration, enroll, exit, figures, labels, session};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +29,24 @@ enum Command {
     Enroll(EnrollArgs),
     /// Connect to the coordinator and stay connected.
     Run(RunArgs),
+    /// Check the CA's signature on an offline bundle (install.sh uses it without openssl).
+    VerifyBundle(VerifyBundleArgs),
+}
+
+#[derive(Debug, Args)]
+struct VerifyBundleArgs {
+    /// The CA certificate (PEM) that must have signed it.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// The bundle's SHA-256, as printed by `gantry bundle create`.
+    #[arg(long, value_name = "HEX")]
+    sha256: String,
+    /// The signature, as printed by `gantry bundle create`.
+    #[arg(long, value_name = "BASE64")]
+    signature: String,
+    /// The bundle file; when given, its SHA-256 is checked too.
+    #[arg(long, value_name = "FILE")]
+    bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +138,26 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Enroll(args) => runtime.block_on(run_enroll(args)),
         Command::Run(args) => runtime.block_on(run_session(args)),
+        Command::VerifyBundle(args) => verify_bundle(args),
+    }
+}
+
+fn verify_bundle(args: VerifyBundleArgs) -> ExitCode {
+    let options = bundle::VerifyOptions {
+        ca: args.ca,
+        sha256: args.sha256,
+        signature: args.signature,
+        bundle: args.bundle,
+    };
+    match bundle::verify(&options) {
+        Ok(fingerprint) => {
+            println!("signature verified: signed by the CA {fingerprint}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 

@@ -117,6 +117,12 @@ impl CertAuthority {
         self.key.serialize_pem()
     }
 
+    /// The CA key as PKCS#8 DER, for signing that is not certificate issuance (offline
+    /// bundles, see [`crate::bundle`]).
+    pub(crate) fn key_pkcs8_der(&self) -> Vec<u8> {
+        self.key.serialize_der()
+    }
+
     /// `sha256:<hex>` of the CA certificate, as carried in join tokens.
     pub fn fingerprint(&self) -> String {
         crate::fingerprint(&self.cert_der)

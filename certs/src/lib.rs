@@ -6,6 +6,7 @@
 //! It must not know about storage engines or networking: callers hand it bytes and get
 //! bytes and configs back. The only crypto provider is ring.
 
+pub mod bundle;
 pub mod ca;
 pub mod csr;
 pub mod identity;

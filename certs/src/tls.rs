@@ -128,6 +128,29 @@ impl ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The coordinator's HTTP side over TLS (metrics, health, the install script and the
+    /// agent binary): the same certificate as the QUIC endpoint with the CA appended, so
+    /// `curl --cacert ca.pem` can check it; no client certificates; ALPN `http/1.1`.
+    /// TLS 1.3 only, like the rest of the workspace (curl, Prometheus and every current
+    /// client speak it).
+    pub fn https(
+        ca_der: &[u8],
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut chain = certs_from_pem(cert_pem, "coordinator certificate")?;
+        chain.push(CertificateDer::from(ca_der.to_vec()));
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key_from_pem(key_pem, "coordinator key")?)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.max_early_data_size = 0;
+        Ok(config)
+    }
+}
+
 /// Client side (agents and the admin CLI).
 #[derive(Debug)]
 pub struct ClientTls;

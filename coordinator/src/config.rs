@@ -36,6 +36,15 @@ pub struct CoordinatorConfig {
     /// Plain HTTP, so loopback addresses only. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
+    /// Serve the HTTP side over TLS with the coordinator certificate. Default: on for
+    /// any address but loopback, where plain HTTP is allowed; off is refused elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_tls: Option<bool>,
+    /// The agent binary served on `/agent/gantry-agent` and put into offline bundles.
+    /// Default: `../lib/gantry/gantry-agent` from the `gantry` executable (the .deb),
+    /// else `gantry-agent` beside it (a build or tarball).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_binary: Option<String>,
     /// Retention of artifacts, caches and chunks.
     #[serde(default)]
     pub artifacts: ArtifactsConfig,

@@ -133,6 +133,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         agent_cert_ttl: "1d".into(),
         heartbeat_interval: "1s".into(),
         http_listen: None,
+        http_tls: false,
+        config: None,
         context: Some(context.clone()),
     })
     .map_err(|f| match f {

@@ -2,18 +2,21 @@
 //!
 //! A deliberately small HTTP/1.1 server (one request per connection, `Connection:
 //! close`) with explicit bounds: 16 KiB of headers, 1 MiB of body, 10 s to send a
-//! request. Plain HTTP is served on loopback addresses only (put a TLS proxy in front,
-//! or wait for TLS on this port); the coordinator refuses any other address at start.
+//! request. It speaks TLS with the coordinator certificate, or plain HTTP on loopback
+//! addresses only (the rule is `distribute::http_uses_tls`); the TLS handshake has the
+//! same 10 s.
 //!
 //! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`,
-//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format).
+//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format), and
+//! what new hosts download (`/install.sh`, `/ca.pem`, `/agent/...`: `distribute.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
+use crate::distribute::Distribution;
 use crate::server::Coordinator;
 use crate::triggers;
 
@@ -109,13 +112,30 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, RequestError> {
     }))
 }
 
-/// Serves until the listener fails.
-pub async fn serve(coord: Arc<Coordinator>, listener: TcpListener) {
+/// Serves until the listener fails; over TLS when `tls` is given.
+pub async fn serve(
+    coord: Arc<Coordinator>,
+    listener: TcpListener,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    dist: Arc<Distribution>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let coord = coord.clone();
-                tokio::spawn(async move { handle(&coord, stream).await });
+                let dist = dist.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Some(acceptor) = acceptor else {
+                        return handle(&coord, &dist, stream).await;
+                    };
+                    match tokio::time::timeout(REQUEST_DEADLINE, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => handle(&coord, &dist, tls_stream).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "https handshake failed: {e}"),
+                        Err(_) => tracing::debug!(%peer, "https handshake took longer than 10 s"),
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!("http accept failed: {e}");
@@ -125,7 +145,7 @@ pub async fn serve(coord: Arc<Coordinator>, listener: TcpListener) {
     }
 }
 
-async fn read_request(stream: &mut TcpStream) -> Result<Request, RequestError> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, RequestError> {
     let mut buf = Vec::with_capacity(4096);
     let mut piece = [0u8; 8192];
     loop {
@@ -143,7 +163,11 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, RequestError> {
     }
 }
 
-async fn handle(coord: &Coordinator, mut stream: TcpStream) {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    coord: &Coordinator,
+    dist: &Distribution,
+    mut stream: S,
+) {
     let mut content_type = "application/json";
     let (status, body) =
         match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream)).await {
@@ -156,6 +180,12 @@ async fn handle(coord: &Coordinator, mut stream: TcpStream) {
             Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
             Ok(Err(e)) => (400, error_json(&e.to_string())),
             Ok(Ok(req)) => {
+                if let Some(response) = dist.route(&req).await {
+                    if let Err(e) = response.write(&mut stream).await {
+                        tracing::debug!("http response to {} not delivered: {e}", req.path);
+                    }
+                    return;
+                }
                 if req.path == "/metrics" {
                     // The Prometheus text exposition format, version 0.0.4.
                     content_type = "text/plain; version=0.0.4; charset=utf-8";
@@ -199,7 +229,9 @@ fn route(coord: &Coordinator, req: &Request) -> (u16, String) {
         (_, "/hooks/push" | "/healthz") => (405, error_json("method not allowed")),
         _ => (
             404,
-            error_json("no such route; try POST /hooks/push or GET /healthz"),
+            error_json(
+                "no such route; try GET /healthz, /metrics, /install.sh or POST /hooks/push",
+            ),
         ),
     }
 }

@@ -37,10 +37,18 @@ pub struct InitArgs {
     /// How often agents send heartbeats.
     #[arg(long, default_value = "5s")]
     pub heartbeat_interval: String,
-    /// Address of the HTTP side (push webhook, health check), loopback only, e.g.
-    /// 127.0.0.1:7080. Off unless given.
+    /// Address of the HTTP side (push webhook, health, metrics, install script), e.g.
+    /// 127.0.0.1:7080, or 0.0.0.0:8443 (served over TLS with the coordinator
+    /// certificate: plain HTTP is allowed on loopback only). Off unless given.
     #[arg(long)]
     pub http_listen: Option<String>,
+    /// Serve the HTTP side over TLS even on a loopback address.
+    #[arg(long)]
+    pub http_tls: bool,
+    /// Where to write coordinator.toml [default: DATA_DIR/coordinator.toml]; the .deb
+    /// keeps it in /etc/gantry.
+    #[arg(long, env = "GANTRY_COORDINATOR_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Where to write the admin CLI context [default: GANTRY_CONFIG or ~/.config/gantry/context.toml].
     #[arg(long)]
     pub context: Option<PathBuf>,
@@ -82,6 +90,8 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         agent_cert_ttl: args.agent_cert_ttl.clone(),
         heartbeat_interval: args.heartbeat_interval.clone(),
         http_listen: args.http_listen.clone(),
+        http_tls: args.http_tls.then_some(true),
+        agent_binary: None,
         artifacts: crate::config::ArtifactsConfig::default(),
     };
     config
@@ -104,12 +114,20 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
     };
 
     let data = DataDir(args.data_dir.clone());
-    if data.config().exists() || data.ca_key().exists() {
+    let config_path = args.config.clone().unwrap_or_else(|| data.config());
+    if let Some(found) = [data.config(), config_path.clone(), data.ca_key()]
+        .into_iter()
+        .find(|p| p.exists())
+    {
         return Err(usage(anyhow::anyhow!(
-            "{} is already initialized; a new CA would orphan every enrolled agent. Use another --data-dir, or remove it first",
-            data.0.display()
+            "{} is already initialized (found {}); a new CA would orphan every enrolled agent. Use another --data-dir and --config, or remove them first",
+            data.0.display(),
+            found.display()
         )));
     }
+    // `sudo gantry init` on a packaged install: the data directory belongs to the
+    // service user, and so must everything made in it.
+    let owner = crate::ownership::Owner::of_existing(&data.0);
     create_private_dir(&data.0).map_err(work)?;
     create_private_dir(&data.tls()).map_err(work)?;
 
@@ -148,9 +166,12 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         })
         .map_err(|e| work(e.into()))?;
     drop(store);
+    if let Some(owner) = owner {
+        owner.chown_tree(&data.0).map_err(work)?;
+    }
     // The config is written last: its presence marks a complete init.
     write(
-        &data.config(),
+        &config_path,
         &toml::to_string(&config).map_err(|e| work(e.into()))?,
         false,
     )?;
@@ -184,7 +205,15 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         args.admin_name,
         context_path.display()
     );
-    println!("next: gantry server --data-dir {}", data.0.display());
+    if args.config.is_some() {
+        println!(
+            "next: gantry server --data-dir {} --config {}",
+            data.0.display(),
+            config_path.display()
+        );
+    } else {
+        println!("next: gantry server --data-dir {}", data.0.display());
+    }
     Ok(())
 }
 

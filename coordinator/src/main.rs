@@ -5,18 +5,21 @@
 //! 3 cannot reach or authenticate to the coordinator.
 
 mod artifacts;
+mod bundle;
 mod chunks;
 mod cli;
 mod cli_artifacts;
 mod client;
 mod config;
 mod demo;
+mod distribute;
 mod engine;
 mod http;
 mod init;
 mod logs;
 mod metrics;
 mod output;
+mod ownership;
 mod runs;
 mod secrets;
 mod server;
@@ -101,6 +104,12 @@ enum Command {
     Cache(cli_artifacts::CacheCommand),
     /// Expire artifacts, evict caches and delete chunks nothing references, now.
     Gc(cli_artifacts::GcArgs),
+    /// Offline bundles: the agent, the CA, an install script, the unit, maybe a token.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Print the one command that installs, enrolls and starts an agent on a new host.
+    #[command(name = "install-command")]
+    Installer(bundle::InstallCommandArgs),
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +333,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Artifacts(cmd) => cli_artifacts::artifacts(cmd).await,
         Command::Cache(cmd) => cli_artifacts::cache(cmd).await,
         Command::Gc(args) => cli_artifacts::gc(args).await,
+        Command::Bundle(cmd) => bundle::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Installer(args) => bundle::install_command(&args).map(|()| ExitCode::SUCCESS),
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)
@@ -411,17 +422,29 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
                 .parse()
                 .with_context(|| format!("http_listen {addr:?} is not ip:port"))
                 .map_err(usage)?;
-            if !addr.ip().is_loopback() {
-                return Err(usage(anyhow::anyhow!(
-                    "http_listen {addr} is not a loopback address: the HTTP side is plain HTTP, so it listens on loopback only (put a TLS proxy in front)"
-                )));
-            }
+            let uses_tls = distribute::http_uses_tls(&config, addr).map_err(usage)?;
+            let tls = if uses_tls {
+                let ca_der = coordinator_ca_der(&data).map_err(usage)?;
+                let tls = gantry_certs::ServerTls::https(&ca_der, &server_pem, &server_pem)
+                    .context("the coordinator certificate, for the HTTP side")
+                    .map_err(usage)?;
+                Some(Arc::new(tls))
+            } else {
+                None
+            };
+            let dist = distribute::Distribution::new(&config, &data, uses_tls).map_err(usage)?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))
                 .map_err(Failure::Work)?;
-            println!("gantry http listening on {addr}");
-            Some(tokio::spawn(http::serve(coordinator.clone(), listener)))
+            let scheme = if uses_tls { "https" } else { "http" };
+            println!("gantry http listening on {addr} ({scheme})");
+            Some(tokio::spawn(http::serve(
+                coordinator.clone(),
+                listener,
+                tls,
+                Arc::new(dist),
+            )))
         }
         None => None,
     };
