@@ -45,8 +45,9 @@ pub struct CoordinatorConfig {
     /// else `gantry-agent` beside it (a build or tarball).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_binary: Option<String>,
-    /// Retention of artifacts, caches and chunks.
-    #[serde(default)]
+    /// Retention of artifacts, caches and chunks. Left out of the file while it holds
+    /// the defaults.
+    #[serde(default, skip_serializing_if = "ArtifactsConfig::is_default")]
     pub artifacts: ArtifactsConfig,
 }
 
@@ -92,6 +93,10 @@ pub struct ArtifactSettings {
 }
 
 impl ArtifactsConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
     pub fn settings(&self) -> anyhow::Result<ArtifactSettings> {
         let gc_interval = parse_duration(&self.gc_interval).context("artifacts.gc_interval")?;
         if gc_interval < Duration::from_secs(1) {

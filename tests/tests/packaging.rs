@@ -642,7 +642,8 @@ fn the_https_side_serves_the_installer_the_ca_and_the_agent() {
     let config_path = c.data_dir().join("coordinator.toml");
     c.server().terminate();
     let config = std::fs::read_to_string(&config_path).expect("config");
-    std::fs::write(&config_path, format!("{config}http_tls = true\n")).expect("config");
+    // Top-level keys go before any [table] the file may hold.
+    std::fs::write(&config_path, format!("http_tls = true\n{config}")).expect("config");
     c.start_server();
     let http = c.http_address.clone().expect("http address");
     let base = format!("https://{http}");
