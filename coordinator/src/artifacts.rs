@@ -77,8 +77,9 @@ pub struct Artifacts {
     chunks: ChunkStore,
     settings: ArtifactSettings,
     metrics: Arc<Metrics>,
-    /// Chunk writers hold it shared from writing a file to indexing it; garbage
-    /// collection holds it exclusively, so it never deletes a file about to be indexed.
+    /// Uploads hold it shared from renaming a pack into place to indexing its chunks;
+    /// garbage collection holds it exclusively, so it never deletes a pack about to be
+    /// indexed.
     collecting: RwLock<()>,
     sessions: Mutex<Sessions>,
     pipelines: Mutex<HashMap<RunId, Arc<Pipeline>>>,
@@ -759,19 +760,16 @@ impl Artifacts {
         let mut puts = read_ahead::<ChunkPut>(reader);
         let (mut stored_chunks, mut stored_bytes) = (0u64, 0u64);
         let mut done = false;
+        // The previous batch's pack, being fsynced while the next batch arrives.
+        let mut syncing: Option<Syncing> = None;
         while !done {
-            // Wait for the first chunk of a batch holding no lock.
             let first = match puts.recv().await {
                 Some(Ok(Some(put))) => put,
                 Some(Ok(None)) | None => break,
                 Some(Err(e)) => return Err(e.to_string()),
             };
-            // From the first file written to the last index row, the batch holds the
-            // collection lock shared, so garbage collection never deletes a file that is
-            // about to be indexed. A batch ends at SYNC_BATCH_BYTES, after SYNC_INTERVAL
-            // (so a slow upload is made durable, and collection waits, at most that
-            // long), or with the stream.
-            let _writing = self.collecting.read().await;
+            // A batch (one pack) ends at SYNC_BATCH_BYTES, after SYNC_INTERVAL (so a slow
+            // upload is made durable at least that often), or with the stream.
             let batch_ends = tokio::time::Instant::now() + SYNC_INTERVAL;
             let mut pack = Some(
                 self.chunks
@@ -838,7 +836,16 @@ impl Artifacts {
                 }
             }
             let pack = pack.ok_or("internal: no pack")?;
-            self.make_durable(session, pack, rows).await?;
+            if let Some(previous) = syncing.take() {
+                self.publish(session, previous).await?;
+            }
+            syncing = Some(tokio::task::spawn_blocking(move || {
+                let synced = pack.sync();
+                (pack, synced, rows)
+            }));
+        }
+        if let Some(previous) = syncing.take() {
+            self.publish(session, previous).await?;
         }
         self.metrics.artifact_bytes_received(stored_bytes);
         writer
@@ -850,14 +857,14 @@ impl Artifacts {
             .map_err(|e| e.to_string())
     }
 
-    /// Makes a pack durable, indexes its chunks and pins them to the session.
-    async fn make_durable(
-        &self,
-        session: u64,
-        pack: PackWriter,
-        rows: Vec<(Digest, ChunkRecord)>,
-    ) -> Result<(), String> {
-        tokio::task::spawn_blocking(move || pack.finish())
+    /// Waits for a pack's fsync, then renames it into place and indexes its chunks, pinned
+    /// to the session. From the rename to the index commit it holds the collection lock
+    /// shared, so garbage collection never sees the pack unindexed.
+    async fn publish(&self, session: u64, syncing: Syncing) -> Result<(), String> {
+        let (pack, synced, rows) = syncing.await.map_err(|e| e.to_string())?;
+        synced.map_err(|e| format!("cannot sync a pack of chunks: {e}"))?;
+        let _publishing = self.collecting.read().await;
+        tokio::task::spawn_blocking(move || pack.publish())
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot store a pack of chunks: {e}"))?;
@@ -1007,6 +1014,10 @@ async fn receive_manifest(
     }
     Ok(bytes)
 }
+
+/// A pack being fsynced on a blocking thread, with the index rows of its chunks.
+type Syncing =
+    tokio::task::JoinHandle<(PackWriter, std::io::Result<()>, Vec<(Digest, ChunkRecord)>)>;
 
 /// Checks each uploaded chunk (sizes within bounds, decompresses within its size, hashes
 /// to its digest) and appends it to the pack. The first bad chunk refuses the batch.

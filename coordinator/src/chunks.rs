@@ -86,13 +86,25 @@ impl PackWriter {
         })
     }
 
-    /// Fsyncs the pack, renames it into place and fsyncs the directory; after this the
-    /// chunks may be indexed.
-    pub fn finish(self) -> std::io::Result<()> {
-        self.file.as_file().sync_all()?;
+    /// Fsyncs the pack's bytes, still under its temporary name (the slow part, which an
+    /// upload overlaps with receiving its next batch).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.as_file().sync_all()
+    }
+
+    /// Renames a synced pack into place and fsyncs the directory; after this its chunks
+    /// may be indexed. Garbage collection must not run between this and the index
+    /// commit (the pack would look unused).
+    pub fn publish(self) -> std::io::Result<()> {
         let path = self.packs_dir.join(pack_name(self.id));
         self.file.persist(&path).map_err(|e| e.error)?;
         File::open(&self.packs_dir)?.sync_all()
+    }
+
+    /// [`Self::sync`] then [`Self::publish`].
+    pub fn finish(self) -> std::io::Result<()> {
+        self.sync()?;
+        self.publish()
     }
 }
 
