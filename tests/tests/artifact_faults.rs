@@ -47,24 +47,15 @@ fn setup(slow: &str) -> (Coordinator, Vec<Agent>) {
     (c, agents)
 }
 
-/// Bytes in the coordinator's packs: chunks of uploads made durable so far.
-fn packed_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir.join("cas/packs")).map_or(0, |packs| {
-        packs
+/// Bytes in the files of `dir` with extension `ext`: the coordinator's packs (chunks of
+/// uploads made durable so far) or an agent's cache segments (chunks downloaded).
+fn bytes_in(dir: &Path, ext: &str) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |files| {
+        files
             .filter_map(Result::ok)
-            .filter_map(|p| p.metadata().ok())
+            .filter(|f| f.path().extension().is_some_and(|e| e == ext))
+            .filter_map(|f| f.metadata().ok())
             .map(|m| m.len())
-            .sum()
-    })
-}
-
-/// Chunk files under a directory of `<2 hex>/<rest>` (an agent's chunk cache).
-fn chunk_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |prefixes| {
-        prefixes
-            .filter_map(Result::ok)
-            .filter(|p| p.file_name().len() == 2)
-            .map(|p| std::fs::read_dir(p.path()).map_or(0, Iterator::count))
             .sum()
     })
 }
@@ -91,7 +82,7 @@ fn a_download_cut_off_by_a_coordinator_crash_resumes_where_it_stopped() {
     wait_for(
         "the consumer to have a quarter of the chunks",
         DEADLINE,
-        || (chunk_files(&cache) >= 90).then_some(()),
+        || (bytes_in(&cache, "seg") >= 6_000_000).then_some(()),
     );
     c.server().kill9();
     c.start_server();
@@ -119,7 +110,7 @@ fn an_upload_cut_off_by_a_coordinator_crash_sends_only_the_rest() {
     wait_for(
         "the coordinator to hold a quarter of the upload",
         DEADLINE,
-        || (packed_bytes(&c.data_dir()) >= 6_000_000).then_some(()),
+        || (bytes_in(&c.data_dir().join("cas/packs"), "pack") >= 6_000_000).then_some(()),
     );
     c.server().kill9();
     c.start_server();
@@ -145,7 +136,7 @@ fn garbage_collection_during_an_upload_takes_none_of_its_chunks() {
     wait_for(
         "the coordinator to hold some of the upload",
         DEADLINE,
-        || (packed_bytes(&c.data_dir()) >= 4_000_000).then_some(()),
+        || (bytes_in(&c.data_dir().join("cas/packs"), "pack") >= 4_000_000).then_some(()),
     );
     // Twice, with no grace at all: only the open upload session protects its chunks.
     for _ in 0..2 {

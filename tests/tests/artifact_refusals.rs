@@ -477,17 +477,17 @@ fn a_corrupt_chunk_in_the_agents_cache_is_fetched_again() {
     let pipeline = "name: p\njobs:\n  build:\n    steps: [{ run: 'mkdir out && seq 1 80000 > out/numbers' }]\n    artifacts: { name: app, paths: [out] }\n  use:\n    needs: build\n    steps: [{ run: 'wc -l out/numbers' }]\n";
     let first = c.run_pipeline(pipeline, &[]);
     assert_eq!(c.wait_run(first, DEADLINE)["state"], "succeeded");
-    // The agent's cache now holds the chunks; damage them.
+    // The agent's cache now holds the chunks (in segment files); damage them all.
     let cache = agents[0].dir.path().join("cache");
     let mut damaged = 0;
-    for prefix in std::fs::read_dir(&cache).expect("cache") {
-        let prefix = prefix.expect("prefix").path();
-        if prefix.file_name().is_some_and(|n| n == "tmp") {
-            continue;
-        }
-        for chunk in std::fs::read_dir(prefix).expect("prefix dir") {
-            let path = chunk.expect("chunk").path();
-            std::fs::write(&path, b"rotten").expect("write");
+    for segment in std::fs::read_dir(&cache).expect("cache") {
+        let path = segment.expect("segment").path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            let mut bytes = std::fs::read(&path).expect("read");
+            for b in &mut bytes {
+                *b ^= 0xa5;
+            }
+            std::fs::write(&path, bytes).expect("write");
             damaged += 1;
         }
     }

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_cas::{EntryKind, Existing, Manifest};
@@ -224,13 +224,28 @@ async fn fetch_into_cache(
                 fetch_share(&conn, &grant, &manifest, share, &cache, limit.as_deref()).await
             });
         }
+        // Every stream is waited for, even after one fails: each keeps what it verified
+        // (a stream cut off mid-way makes its chunks visible on the way out), which a
+        // stream aborted from here would not.
         let mut corrupt = Vec::new();
+        let mut failed: Option<TransferError> = None;
         while let Some(joined) = tasks.join_next().await {
             let share = joined
-                .map_err(|e| TransferError::Corrupt(format!("a fetch task stopped: {e}")))??;
-            figures.chunks_fetched += share.fetched;
-            figures.bytes_fetched += share.bytes;
-            corrupt.extend(share.corrupt);
+                .map_err(|e| TransferError::Corrupt(format!("a fetch task stopped: {e}")))
+                .and_then(|share| share);
+            match share {
+                Ok(share) => {
+                    figures.chunks_fetched += share.fetched;
+                    figures.bytes_fetched += share.bytes;
+                    corrupt.extend(share.corrupt);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         wanted = corrupt;
     }
@@ -276,8 +291,56 @@ async fn fetch_share(
         bytes: 0,
         corrupt: Vec::new(),
     };
-    let mut verifying: JoinSet<Option<(Digest, u32)>> = JoinSet::new();
-    for _ in 0..share.len() {
+    // Verified chunks go into segments of the cache, written by the verifying threads.
+    let writer = Arc::new(Mutex::new(
+        cache
+            .writer()
+            .map_err(TransferError::io("cannot write to the chunk cache"))?,
+    ));
+    let mut verifying: JoinSet<Result<Option<(Digest, u32)>, TransferError>> = JoinSet::new();
+    let received = receive_share(
+        &mut reader,
+        &sizes,
+        share.len(),
+        limit,
+        &writer,
+        &mut verifying,
+        &mut result,
+    )
+    .await;
+    // Whatever happened, what was verified is kept: wait for the verifications still
+    // running, then make their segment visible, so a new attempt after a dropped
+    // connection fetches only the rest.
+    while let Some(joined) = verifying.join_next().await {
+        if let Ok(Ok(Some(bad))) = joined {
+            result.corrupt.push(bad);
+        }
+    }
+    let writer = Arc::try_unwrap(writer)
+        .map_err(|_| TransferError::Protocol("a verification outlived its stream".into()))?
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let finished = tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .map_err(|e| TransferError::Corrupt(format!("the cache writer stopped: {e}")))?
+        .map_err(TransferError::io("cannot write to the chunk cache"));
+    received?;
+    finished?;
+    Ok(result)
+}
+
+/// Reads one stream's chunks, verifying each on a blocking thread (at most four at a
+/// time) and appending the good ones to `writer`.
+async fn receive_share(
+    reader: &mut gantry_transport::FrameReader,
+    sizes: &HashMap<Digest, u32>,
+    count: usize,
+    limit: Option<&crate::RateLimit>,
+    writer: &Arc<Mutex<crate::CacheWriter>>,
+    verifying: &mut JoinSet<Result<Option<(Digest, u32)>, TransferError>>,
+    result: &mut ShareResult,
+) -> Result<(), TransferError> {
+    for _ in 0..count {
         let frame = reader.recv::<ChunkFrame>().await?.ok_or_else(|| {
             TransferError::Protocol("the chunk stream ended before every chunk arrived".into())
         })?;
@@ -293,27 +356,23 @@ async fn fetch_share(
                 }
                 result.fetched += 1;
                 result.bytes += data.len() as u64;
-                let cache = cache.clone();
-                // Verify and store off the async threads, a few chunks at a time.
                 if verifying.len() >= 4 {
-                    if let Some(bad) = next_verified(&mut verifying).await? {
+                    if let Some(bad) = next_verified(verifying).await? {
                         result.corrupt.push(bad);
                     }
                 }
+                let writer = writer.clone();
                 verifying.spawn_blocking(move || {
-                    match gantry_cas::decompress(&data, size as usize, &digest) {
-                        Ok(_) => match cache.put(&digest, &data) {
-                            Ok(()) => None,
-                            Err(e) => {
-                                tracing::warn!("cannot cache chunk {digest}: {e}");
-                                None
-                            }
-                        },
-                        Err(e) => {
-                            tracing::warn!("refusing chunk {digest} from the coordinator: {e}");
-                            Some((digest, size))
-                        }
+                    if let Err(e) = gantry_cas::decompress(&data, size as usize, &digest) {
+                        tracing::warn!("refusing chunk {digest} from the coordinator: {e}");
+                        return Ok(Some((digest, size)));
                     }
+                    writer
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .append(&digest, &data)
+                        .map_err(TransferError::io("cannot write to the chunk cache"))?;
+                    Ok(None)
                 });
             }
             ChunkFrame::Unavailable { digest, reason } => {
@@ -322,22 +381,23 @@ async fn fetch_share(
             ChunkFrame::Refused { message } => return Err(TransferError::Refused(message)),
         }
     }
-    while let Some(bad) = next_verified(&mut verifying).await? {
+    while let Some(bad) = next_verified(verifying).await? {
         result.corrupt.push(bad);
     }
-    Ok(result)
+    Ok(())
 }
 
 /// Waits for one verification; `Ok(Some(chunk))` when it was corrupt. With nothing left
 /// to wait for, `Ok(None)` as well, so callers loop until the set is empty.
 async fn next_verified(
-    set: &mut JoinSet<Option<(Digest, u32)>>,
+    set: &mut JoinSet<Result<Option<(Digest, u32)>, TransferError>>,
 ) -> Result<Option<(Digest, u32)>, TransferError> {
     loop {
         match set.join_next().await {
             None => return Ok(None),
-            Some(Ok(Some(bad))) => return Ok(Some(bad)),
-            Some(Ok(None)) => {
+            Some(Ok(Ok(Some(bad)))) => return Ok(Some(bad)),
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Ok(Ok(None))) => {
                 if set.is_empty() {
                     return Ok(None);
                 }

@@ -22,7 +22,7 @@ mod upload;
 use gantry_protocol::Digest;
 use gantry_transport::TransportError;
 
-pub use cache::{CacheFigures, ChunkCache, Pin};
+pub use cache::{CacheFigures, CacheWriter, ChunkCache, Pin};
 pub use download::{download, fetch_manifest, DownloadFigures};
 pub use limit::RateLimit;
 pub use upload::{upload, UploadFigures};
