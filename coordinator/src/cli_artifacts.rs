@@ -86,6 +86,7 @@ pub async fn artifacts(cmd: ArtifactsCommand) -> Result<ExitCode, Failure> {
 }
 
 async fn get(run: RunId, name: String, dest: PathBuf, json: bool) -> Result<ExitCode, Failure> {
+    let existed = dest.exists();
     if let Ok(mut entries) = std::fs::read_dir(&dest) {
         if entries.next().is_some() {
             return Err(usage(anyhow::anyhow!(
@@ -141,12 +142,19 @@ async fn get(run: RunId, name: String, dest: PathBuf, json: bool) -> Result<Exit
         gantry_cas::Existing::Refuse,
         &TransferOptions::default(),
     )
-    .await
-    .map_err(|e| match e {
-        TransferError::Transport(t) => Failure::Unreachable(t.into()),
-        TransferError::Refused(m) => usage(anyhow::anyhow!(m)),
-        other => Failure::Work(anyhow::anyhow!("artifact {name} of run {run}: {other}")),
-    })?;
+    .await;
+    let figures = match figures {
+        Ok(f) => f,
+        Err(e) => {
+            // The destination was new or empty: leave it as it was, not half written.
+            discard(&dest, existed);
+            return Err(match e {
+                TransferError::Transport(t) => Failure::Unreachable(t.into()),
+                TransferError::Refused(m) => usage(anyhow::anyhow!(m)),
+                other => Failure::Work(anyhow::anyhow!("artifact {name} of run {run}: {other}")),
+            });
+        }
+    };
     client.close().await;
     if json {
         println!(
@@ -170,6 +178,25 @@ async fn get(run: RunId, name: String, dest: PathBuf, json: bool) -> Result<Exit
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes what a failed download wrote into `dest`, which was empty (or absent) before.
+fn discard(dest: &std::path::Path, existed: bool) {
+    if !existed {
+        let _ = std::fs::remove_dir_all(dest);
+        return;
+    }
+    if let Ok(entries) = std::fs::read_dir(dest) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let _ = if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
 }
 
 pub async fn cache(cmd: CacheCommand) -> Result<ExitCode, Failure> {

@@ -855,6 +855,7 @@ impl Coordinator {
         while let Ok((writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let agent = agent.clone();
+            let conn = conn.clone();
             tokio::spawn(async move {
                 match reader
                     .recv_within::<StreamOpen>(
@@ -895,6 +896,7 @@ impl Coordinator {
                         {
                             tracing::info!(%agent, "artifact stream refused or broken: {e}");
                         }
+                        tracing::debug!(%agent, path = %conn.path_summary(), "artifact stream ended");
                     }
                     Ok(Some(other)) => {
                         tracing::info!(%agent, "agent opened a stream it may not: {other:?}");

@@ -89,7 +89,41 @@ fn transport_config() -> quinn::TransportConfig {
     // IDLE_TIMEOUT is 30 s, well inside QUIC's VarInt range of milliseconds.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(limits::KEEP_ALIVE_INTERVAL));
+    // Path MTU discovery may climb past Ethernet's 1500 bytes where the path allows
+    // (loopback, jumbo frames); on a 1500-byte path it settles there after a few probes.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(limits::MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Asks for [`limits::UDP_SOCKET_BUFFER`] bytes of kernel buffer each way. The kernel
+/// caps the request at `net.core.rmem_max`/`wmem_max` (often 208 KiB); a refusal is
+/// harmless, only slower, so it is logged, not fatal.
+fn size_buffers(socket: &std::net::UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    for (what, result) in [
+        (
+            "receive",
+            socket.set_recv_buffer_size(limits::UDP_SOCKET_BUFFER),
+        ),
+        (
+            "send",
+            socket.set_send_buffer_size(limits::UDP_SOCKET_BUFFER),
+        ),
+    ] {
+        if let Err(e) = result {
+            tracing::debug!("cannot enlarge the UDP {what} buffer: {e}");
+        }
+    }
+}
+
+/// The endpoint settings both sides share: how large a datagram we accept.
+fn endpoint_config(endpoint_config: &mut quinn::EndpointConfig) -> Result<(), TransportError> {
+    endpoint_config
+        .max_udp_payload_size(limits::MAX_UDP_PAYLOAD)
+        .map_err(|e| TransportError::Endpoint(format!("max UDP payload: {e}")))?;
+    Ok(())
 }
 
 /// The coordinator's listening endpoint.
@@ -116,6 +150,7 @@ impl Listener {
         config.transport_config(Arc::new(transport_config()));
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        self::endpoint_config(&mut endpoint_config)?;
         // Connection ids are validated with a keyed hash; a restarted server must use the
         // same key or it drops old connections' packets as invalid instead of resetting them.
         let mut cid_key = [0u8; 8];
@@ -128,6 +163,7 @@ impl Listener {
         });
         let socket = std::net::UdpSocket::bind(addr)
             .map_err(|e| TransportError::Endpoint(format!("cannot listen on {addr}: {e}")))?;
+        size_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
@@ -265,6 +301,21 @@ impl Connection {
     pub fn rtt(&self) -> Duration {
         self.0.rtt()
     }
+
+    /// Path figures for logs: current MTU, congestion window, losses.
+    pub fn path_summary(&self) -> String {
+        let stats = self.0.stats();
+        format!(
+            "mtu={} cwnd={} lost_packets={} black_holes={} probes_sent={} probes_lost={} rtt={:?}",
+            stats.path.current_mtu,
+            stats.path.cwnd,
+            stats.path.lost_packets,
+            stats.path.black_holes_detected,
+            stats.path.sent_plpmtud_probes,
+            stats.path.lost_plpmtud_probes,
+            stats.path.rtt
+        )
+    }
 }
 
 /// A client endpoint: one UDP socket from which connections are made.
@@ -287,7 +338,14 @@ impl Dialer {
             "0.0.0.0:0".parse()
         }
         .map_err(|e: std::net::AddrParseError| TransportError::Endpoint(e.to_string()))?;
-        let endpoint = quinn::Endpoint::client(bind)
+        let socket = std::net::UdpSocket::bind(bind)
+            .map_err(|e| TransportError::Endpoint(format!("cannot open a UDP socket: {e}")))?;
+        size_buffers(&socket);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
+        let mut shared = quinn::EndpointConfig::default();
+        endpoint_config(&mut shared)?;
+        let endpoint = quinn::Endpoint::new(shared, None, socket, runtime)
             .map_err(|e| TransportError::Endpoint(format!("cannot open a UDP socket: {e}")))?;
         Ok(Self { endpoint, config })
     }
