@@ -111,6 +111,11 @@ impl UnixMillis {
         Self(self.0.saturating_add(secs.saturating_mul(1000)))
     }
 
+    #[must_use]
+    pub fn plus_millis(self, ms: u64) -> Self {
+        Self(self.0.saturating_add(ms))
+    }
+
     /// UTC `YYYY-MM-DDTHH:MM:SSZ`, computed with the civil-from-days algorithm so no
     /// time zone database is needed.
     pub fn to_rfc3339(self) -> String {
