@@ -97,12 +97,12 @@ impl JobManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Job attempts still running, for the hello after a reconnect.
+    /// Attempts whose result is not acknowledged, for the hello (left out, one that finished offline is declared lost).
     pub fn running(&self) -> Vec<RunningJob> {
         self.lock()
             .jobs
             .iter()
-            .filter(|(_, e)| e.result.is_none())
+            .filter(|(_, e)| !e.result_acked)
             .map(|((job, attempt), _)| RunningJob {
                 job: *job,
                 attempt: *attempt,
