@@ -413,7 +413,7 @@ async fn upload(
             }
         })
     };
-    let _abort = AbortOnDrop(acks);
+    let mut acks = AbortOnDrop(acks);
     let mut watcher = progress.subscribe();
     let mut sent = next_seq;
     loop {
@@ -429,8 +429,16 @@ async fn upload(
             writer.finish();
             return Ok(());
         }
-        if watcher.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            changed = watcher.changed() => if changed.is_err() { return Ok(()) },
+            // Acknowledgements stop when the stream or connection breaks. Once every chunk
+            // is sent and the job is over nothing else wakes this loop, and an upload left
+            // waiting here blocks every later one of this job (found by tests/crash.rs).
+            _ = &mut acks.0 => {
+                return Err(TransportError::Lost(
+                    "the log stream ended before every chunk was acknowledged".into(),
+                ))
+            }
         }
     }
 }
