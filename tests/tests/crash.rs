@@ -86,22 +86,47 @@ fn observe(c: &Coordinator, previous: &BTreeMap<String, Seen>) -> BTreeMap<Strin
     jobs.iter()
         .map(|job| {
             let id = format!("{}.{}", job["job"]["run"], job["job"]["index"]);
-            let state = job["state"].as_str().unwrap_or_default().to_owned();
-            let attempt = job["attempt"].as_u64().unwrap_or(0);
+            let now = seen_from(job, String::new());
             let settled = previous
                 .get(&id)
-                .filter(|p| p.finished() && p.state == state && p.attempt == attempt)
+                .filter(|p| p.finished() && p.state == now.state && p.attempt == now.attempt)
                 .filter(|p| line_count(&id, &p.log) == LINES as usize);
-            let log = settled.map_or_else(|| c.logs(&id), |p| p.log.clone());
-            let seen = Seen {
-                state,
-                attempt,
-                exit_code: job["exit_code"].as_i64(),
-                log,
+            let seen = if let Some(p) = settled {
+                seen_from(job, p.log.clone())
+            } else {
+                let (view, log) = log_of_attempt(c, &id, job.clone());
+                seen_from(&view, log)
             };
             (id, seen)
         })
         .collect()
+}
+
+fn seen_from(view: &Value, log: String) -> Seen {
+    Seen {
+        state: view["state"].as_str().unwrap_or_default().to_owned(),
+        attempt: view["attempt"].as_u64().unwrap_or(0),
+        exit_code: view["exit_code"].as_i64(),
+        log,
+    }
+}
+
+/// `gantry logs` shows the newest attempt, which can move on while it is read (a lost
+/// job offered again): the log is taken only if the attempt is the same afterwards.
+/// Returns the view read before the log, and the log.
+fn log_of_attempt(c: &Coordinator, job: &str, mut view: Value) -> (Value, String) {
+    for _ in 0..5 {
+        let log = c.logs(job);
+        let after = c
+            .gantry(&["jobs", "show", job, "--json"])
+            .expect_code(0)
+            .json();
+        if after["attempt"] == view["attempt"] {
+            return (view, log);
+        }
+        view = after;
+    }
+    panic!("{job}: its attempt changed on each of 5 readings of its log")
 }
 
 fn line_count(job: &str, log: &str) -> usize {
@@ -278,11 +303,12 @@ fn agents_killed_mid_job_have_their_jobs_run_again_or_marked_lost() {
                 .expect_code(0)
                 .json();
             let printed = line_count(&job, &c.logs(&job));
-            if view["state"] != "running" && printed > 0 {
+            let state = view["state"].as_str().unwrap_or_default();
+            if matches!(state, "succeeded" | "failed" | "lost") {
                 // It ran past the moment (a slow machine): no kill this cycle.
-                return Some(Err(format!("{} with {printed} lines", view["state"])));
+                return Some(Err(format!("{state} with {printed} lines")));
             }
-            (printed >= line as usize).then_some(Ok(view))
+            (state == "running" && printed >= line as usize).then_some(Ok(view))
         });
         let view = match view {
             Ok(view) => view,
