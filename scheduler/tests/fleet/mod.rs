@@ -7,14 +7,15 @@
 //!   are handled in batches; a batch's effects (job and run records, results, the
 //!   scheduler snapshot) are committed before anything is acknowledged, dispatched or
 //!   cancelled; a restart restores the last committed snapshot and submits again the
-//!   stored runs it lacks; a session silent for three heartbeats is closed; a newer
+//!   stored runs it lacks, through a batch (`engine.rs` does not commit that yet: see
+//!   ARCHITECTURE.md, "Known gaps"); a session silent for three heartbeats is closed; a newer
 //!   session of an agent replaces the older one (whose end is reported in either order);
 //!   a log chunk is appended in order (a repeat is ignored, a gap ends the stream) and
 //!   acknowledged once stored; a log stream resumes at the stored point.
 //! - the agent (`agent/src/session.rs`, `jobs.rs`): it accepts a dispatch while a slot is
 //!   free (a repeat of an attempt it holds is accepted again), runs the job for a random
-//!   time within its timeout, numbers its log chunks, uploads them from the coordinator's
-//!   resume point, keeps its result until acknowledged and sends it again on every new
+//!   time within its timeout, numbers its log chunks, uploads them on every new
+//!   connection from the coordinator's resume point, keeps its result until acknowledged and sends it again on every new
 //!   connection, reports the attempts whose result is not acknowledged in its hello,
 //!   reconnects with jittered backoff, and when it crashes forgets everything.
 //! - the network: per-message latency (FIFO per connection and direction, as on a QUIC
