@@ -103,12 +103,12 @@ impl JobManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Job attempts still running, for the hello after a reconnect.
+    /// Attempts whose result is not acknowledged, for the hello (left out, one that finished offline is declared lost).
     pub fn running(&self) -> Vec<RunningJob> {
         self.lock()
             .jobs
             .iter()
-            .filter(|(_, e)| e.result.is_none())
+            .filter(|(_, e)| !e.result_acked)
             .map(|((job, attempt), _)| RunningJob {
                 job: *job,
                 attempt: *attempt,
@@ -486,7 +486,7 @@ async fn upload(
             }
         })
     };
-    let _abort = AbortOnDrop(acks);
+    let mut acks = AbortOnDrop(acks);
     let mut watcher = progress.subscribe();
     let mut sent = next_seq;
     loop {
@@ -502,8 +502,16 @@ async fn upload(
             writer.finish();
             return Ok(());
         }
-        if watcher.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            changed = watcher.changed() => if changed.is_err() { return Ok(()) },
+            // Acknowledgements stop when the stream or connection breaks. Once every chunk
+            // is sent and the job is over nothing else wakes this loop, and an upload left
+            // waiting here blocks every later one of this job (found by tests/crash.rs).
+            _ = &mut acks.0 => {
+                return Err(TransportError::Lost(
+                    "the log stream ended before every chunk was acknowledged".into(),
+                ))
+            }
         }
     }
 }

@@ -108,7 +108,7 @@ impl Manifest {
     }
 
     /// Decodes and validates canonical bytes. Refuses anything [`Manifest::validate`]
-    /// refuses, unsorted entries, trailing bytes and unknown versions.
+    /// refuses, unsorted entries, overlong integers, trailing bytes and unknown versions.
     pub fn decode(bytes: &[u8]) -> Result<Self, CasError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(CasError::TooLarge {
@@ -162,6 +162,15 @@ impl Manifest {
                     path: pair[1].path.clone(),
                 });
             }
+        }
+        // postcard also reads an integer written with more bytes than it needs (`0xa4
+        // 0x00` for 36), so sorted entries are not enough: only the one encoding of
+        // these entries is accepted, which keeps bytes and digest one-to-one (found by
+        // the `manifest` fuzz target).
+        if manifest.encode() != bytes {
+            return Err(CasError::ManifestEncoding {
+                reason: "not the canonical encoding of its entries (an integer is written with more bytes than it needs)".to_owned(),
+            });
         }
         Ok(manifest)
     }

@@ -65,6 +65,25 @@ fn unsorted_bytes_are_refused() {
     );
 }
 
+/// Regression (found by the `manifest` fuzz target): postcard reads `0xa4 0x00` as 36,
+/// so a manifest with a mode written in two bytes decoded although it is not the
+/// canonical encoding, and its digest differed from the digest of its bytes.
+#[test]
+fn overlong_integers_are_refused() {
+    let manifest = Manifest::new(vec![dir("d")]);
+    let canonical = manifest.encode();
+    // Version, one entry, path "d", kind Dir (variant 2), then the mode 0o755 = 493 as
+    // the two-byte varint 0xed 0x03.
+    assert_eq!(canonical, [MANIFEST_VERSION, 1, 1, b'd', 2, 0xed, 0x03]);
+    let mut overlong = canonical.clone();
+    overlong[6] = 0x83; // 0xed 0x83 0x00: the same 493 in three bytes
+    overlong.push(0x00);
+    let err = Manifest::decode(&overlong).expect_err("refused");
+    assert!(matches!(&err, CasError::ManifestEncoding { .. }), "{err}");
+    assert!(err.to_string().contains("canonical"), "{err}");
+    assert_eq!(Manifest::decode(&canonical).expect("canonical"), manifest);
+}
+
 #[test]
 fn unknown_version_is_refused() {
     let mut bytes = sample().encode();

@@ -61,7 +61,10 @@ struct JobEntry {
 struct AgentEntry {
     labels: Labels,
     slots: u32,
-    connected: bool,
+    /// Live sessions. Usually 0 or 1, but a reconnecting agent's new session can start
+    /// before the old one's end is reported (the shell reports each from its own task),
+    /// so a flag would let that late end mark a live agent disconnected for good.
+    sessions: u32,
     /// Jobs offered to or running on this agent: they use its slots.
     held: BTreeSet<JobId>,
 }
@@ -99,7 +102,7 @@ impl Scheduler {
             } => self.agent_connected(now, &agent, labels, slots, &running, &mut out),
             Event::AgentDisconnected { agent } => {
                 if let Some(entry) = self.agents.get_mut(&agent) {
-                    entry.connected = false;
+                    entry.sessions = entry.sessions.saturating_sub(1);
                 }
             }
             Event::AgentHeartbeat { agent } => self.renew_leases(now, &agent),
@@ -211,6 +214,11 @@ impl Scheduler {
         self.agents.get(agent).map(|a| (a.held.len(), a.slots))
     }
 
+    /// Whether new work may go to the agent (it has a live session), if it is known.
+    pub fn agent_is_connected(&self, agent: &AgentId) -> Option<bool> {
+        self.agents.get(agent).map(|a| a.sessions > 0)
+    }
+
     /// Drops a terminal run (after the coordinator has persisted it) so memory stays
     /// bounded. Returns false, and keeps the run, if it is unknown or not terminal.
     pub fn forget_run(&mut self, run: RunId) -> bool {
@@ -259,7 +267,7 @@ impl Scheduler {
                 AgentEntry {
                     labels,
                     slots,
-                    connected: false,
+                    sessions: 0,
                     held: BTreeSet::new(),
                 },
             );
@@ -298,7 +306,7 @@ impl Scheduler {
                         .or_insert_with(|| AgentEntry {
                             labels: Labels::new(),
                             slots: 0,
-                            connected: false,
+                            sessions: 0,
                             held: BTreeSet::new(),
                         })
                         .held
@@ -513,12 +521,12 @@ impl Scheduler {
             .or_insert_with(|| AgentEntry {
                 labels: Labels::new(),
                 slots: 0,
-                connected: false,
+                sessions: 0,
                 held: BTreeSet::new(),
             });
         entry.labels = labels;
         entry.slots = slots;
-        entry.connected = true;
+        entry.sessions = entry.sessions.saturating_add(1);
         let held: Vec<JobId> = entry.held.iter().copied().collect();
         for job in held {
             let Some(state) = self.job_state(job).cloned() else {
@@ -919,7 +927,7 @@ impl Scheduler {
             let free: Vec<(&AgentId, &AgentEntry, usize)> = self
                 .agents
                 .iter()
-                .filter(|(_, a)| a.connected && a.held.len() < a.slots as usize)
+                .filter(|(_, a)| a.sessions > 0 && a.held.len() < a.slots as usize)
                 .map(|(id, a)| (id, a, a.slots as usize - a.held.len()))
                 .collect();
             if free.is_empty() {

@@ -162,6 +162,10 @@ pub enum Event {
     /// An agent's session started (first connection or reconnection). `running` lists
     /// the attempts it is still executing: their leases are renewed; attempts leased to
     /// it that it does not list are lost at once.
+    ///
+    /// The shell reports exactly one `AgentConnected` and one `AgentDisconnected` per
+    /// session, in any order between sessions: a new session may start before the end of
+    /// the one it replaced is reported. The agent takes new work while any session is live.
     AgentConnected {
         agent: AgentId,
         labels: Labels,

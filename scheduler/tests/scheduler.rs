@@ -259,6 +259,36 @@ fn lost_leases_use_infra_retries_then_fail_lost() {
     );
 }
 
+/// Regression (found by the fleet simulation, seed 0): an agent reconnects while the
+/// coordinator still holds its old session; the new session starts, then the old one's
+/// end is reported. The agent must still get work: with a connected flag, that late end
+/// left a live agent marked disconnected until its next reconnect, and jobs only it
+/// could run waited forever.
+#[test]
+fn a_replaced_sessions_late_end_does_not_disconnect_the_new_session() {
+    let mut d = Driver::default();
+    d.step(connect(&agent(1), Labels::new(), 1));
+    d.step(connect(&agent(1), Labels::new(), 1));
+    d.step(Event::AgentDisconnected { agent: agent(1) });
+    assert_eq!(d.scheduler.agent_is_connected(&agent(1)), Some(true));
+    d.step(submit(1, "p", 0, vec![plan(1, 0, &[])]));
+    assert_eq!(
+        holder(&d, jid(1, 0)),
+        (agent(1), 1),
+        "dispatched to the live session"
+    );
+    // Once the new session ends too, nothing more goes to the agent.
+    d.step(Event::AgentDisconnected { agent: agent(1) });
+    assert_eq!(d.scheduler.agent_is_connected(&agent(1)), Some(false));
+    finish(&mut d, jid(1, 0), Outcome::Succeeded);
+    d.step(submit(2, "p", 0, vec![plan(2, 0, &[])]));
+    assert_eq!(d.state(jid(2, 0)), JobState::Queued);
+    // A stray end (none left to end) does not make the count wrap or go negative.
+    d.step(Event::AgentDisconnected { agent: agent(1) });
+    d.step(connect(&agent(1), Labels::new(), 1));
+    assert_eq!(holder(&d, jid(2, 0)), (agent(1), 1));
+}
+
 #[test]
 fn reconnect_keeps_reported_jobs_and_loses_the_rest() {
     let mut d = Driver::default();

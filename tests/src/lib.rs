@@ -73,6 +73,11 @@ impl Proc {
         })
     }
 
+    /// SIGSTOP: the process stays, unresponsive, until killed (a hung or frozen host).
+    pub fn freeze(&mut self) {
+        signal(self.child.id(), libc::SIGSTOP);
+    }
+
     /// SIGKILL, like a crash or power loss.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

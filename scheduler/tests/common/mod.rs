@@ -75,6 +75,9 @@ pub struct Driver {
     pub log: Vec<Command>,
     /// Everything that happened, for replay.
     pub history: Vec<Happened>,
+    /// The snapshot as the coordinator's store last committed it (postcard bytes), which
+    /// is what a crashed coordinator comes back from.
+    pub committed: Option<Vec<u8>>,
 }
 
 /// One entry of a driver's history.
@@ -83,24 +86,50 @@ pub enum Happened {
     Event(UnixMillis, Event),
     /// The coordinator restarted at this time: snapshot, encode, decode, restore.
     Restart(UnixMillis),
+    /// The shell committed the scheduler's snapshot to its store.
+    Commit,
+    /// The coordinator crashed and came back at this time from the last commit, losing
+    /// every event after it.
+    Crash(UnixMillis),
+    /// The shell dropped a finished run after persisting it.
+    Forget(RunId),
 }
 
 /// Encodes a snapshot with postcard and restores it at `now`, as a restarted
 /// coordinator would.
 pub fn restart(scheduler: &Scheduler, now: UnixMillis) -> Scheduler {
-    let bytes = postcard::to_stdvec(&scheduler.snapshot()).expect("encode snapshot");
-    let snapshot = postcard::from_bytes(&bytes).expect("decode snapshot");
+    restore(&encode(scheduler), now)
+}
+
+/// The snapshot's bytes, as the coordinator stores them.
+pub fn encode(scheduler: &Scheduler) -> Vec<u8> {
+    postcard::to_stdvec(&scheduler.snapshot()).expect("encode snapshot")
+}
+
+/// A scheduler restored at `now` from stored snapshot bytes.
+pub fn restore(bytes: &[u8], now: UnixMillis) -> Scheduler {
+    let snapshot = postcard::from_bytes(bytes).expect("decode snapshot");
     Scheduler::restore(snapshot, now)
 }
 
 /// Replays a history on a fresh scheduler without any checks, returning every command.
 pub fn replay(history: &[Happened]) -> Vec<Command> {
     let mut scheduler = Scheduler::new();
+    let mut committed: Option<Vec<u8>> = None;
     let mut log = Vec::new();
     for happened in history {
         match happened {
             Happened::Event(now, event) => log.extend(scheduler.handle(*now, event.clone())),
             Happened::Restart(now) => scheduler = restart(&scheduler, *now),
+            Happened::Commit => committed = Some(encode(&scheduler)),
+            Happened::Crash(now) => {
+                scheduler = committed
+                    .as_deref()
+                    .map_or_else(Scheduler::new, |bytes| restore(bytes, *now));
+            }
+            Happened::Forget(run) => {
+                scheduler.forget_run(*run);
+            }
         }
     }
     log
@@ -114,6 +143,7 @@ impl Default for Driver {
             agents: BTreeMap::new(),
             log: Vec::new(),
             history: Vec::new(),
+            committed: None,
         }
     }
 }
@@ -131,6 +161,28 @@ impl Driver {
     pub fn restart(&mut self) {
         self.scheduler = restart(&self.scheduler, self.now);
         self.history.push(Happened::Restart(self.now));
+    }
+
+    /// The shell commits: the current snapshot becomes what a crash comes back to.
+    pub fn commit(&mut self) {
+        self.committed = Some(encode(&self.scheduler));
+        self.history.push(Happened::Commit);
+    }
+
+    /// The coordinator crashes and comes back now: everything since the last commit is
+    /// gone, and the scheduler is restored from the committed snapshot (or starts empty).
+    pub fn crash(&mut self) {
+        self.scheduler = self
+            .committed
+            .as_deref()
+            .map_or_else(Scheduler::new, |bytes| restore(bytes, self.now));
+        self.history.push(Happened::Crash(self.now));
+    }
+
+    /// Drops a finished run, as the shell does once it has persisted it.
+    pub fn forget_run(&mut self, run: RunId) -> bool {
+        self.history.push(Happened::Forget(run));
+        self.scheduler.forget_run(run)
     }
 
     /// Applies one event, checks every invariant, and returns the commands.

@@ -1,0 +1,5 @@
+//! Fuzz target `messages`: the checks live in `gantry_fuzz::messages`, so `cargo test` in this
+//! crate runs them over the seed corpus too.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| gantry_fuzz::messages(data));

@@ -1,0 +1,432 @@
+//! The seed corpus: real encodings of real values, so the fuzzer starts from inputs that
+//! get past the first check of every decoder. `examples/seed_corpus.rs` writes them to
+//! `corpus/<target>/<name>`; a test checks the committed files are current.
+
+use std::collections::BTreeMap;
+
+use gantry_protocol::{
+    encode_frame, frame, hello, AdminError, AdminErrorKind, AdminHello, AdminRequest,
+    AdminResponse, AgentHello, AgentId, AgentMessage, CoordinatorMessage, EnrollRequest,
+    FollowEvent, HelloReply, HostFigures, Intent, JobAssignment, JobId, JobOutcome, JobResult,
+    JobView, LogChunk, LogControl, Refusal, RefusalReason, RunId, RunningJob, SourceData,
+    SourceStored, StepSpec, StreamOpen, SubmitRun, TokenId, UnixMillis, Welcome,
+};
+use serde::Serialize;
+
+use crate::MESSAGE_TYPES;
+
+/// One seed file.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub target: &'static str,
+    pub name: String,
+    pub bytes: Vec<u8>,
+    /// False for seeds made with a fresh key pair, which differ on every run.
+    pub deterministic: bool,
+}
+
+/// Every seed of every target.
+pub fn all() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target: &'static str, name: &str, bytes: Vec<u8>| {
+        out.push(Seed {
+            target,
+            name: name.to_owned(),
+            bytes,
+            deterministic: true,
+        });
+    };
+    for (name, bytes) in messages() {
+        add("messages", &name, bytes);
+    }
+    for (name, bytes) in frames() {
+        add("frame_decoder", name, bytes);
+    }
+    for (name, text) in pipelines() {
+        add("pipeline", name, text.into_bytes());
+    }
+    for (name, bytes) in manifests() {
+        add("manifest", name, bytes);
+    }
+    for (name, bytes) in chunks() {
+        add("decompress", name, bytes);
+    }
+    let csr = gantry_certs::generate_key_and_csr().expect("a CSR");
+    out.push(Seed {
+        target: "csr_intake",
+        name: "p256-agent-csr".into(),
+        bytes: csr.csr_der,
+        deterministic: false,
+    });
+    out
+}
+
+fn job() -> JobId {
+    JobId {
+        run: RunId(42),
+        index: 3,
+    }
+}
+
+fn agent() -> AgentId {
+    AgentId::from_random(&[0xa5; 6])
+}
+
+fn labels() -> gantry_protocol::Labels {
+    [("os", "linux"), ("arch", "x86_64")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn figures() -> HostFigures {
+    HostFigures {
+        cpu_count: 8,
+        cpu_percent: 12.5,
+        memory_total_bytes: 16 << 30,
+        memory_used_bytes: 3 << 30,
+        disk_total_bytes: 512 << 30,
+        disk_free_bytes: 100 << 30,
+        load_average: [0.5, 0.25, 0.125],
+        uptime_secs: 86_400,
+    }
+}
+
+fn job_view() -> JobView {
+    JobView {
+        job: job(),
+        name: "test (1, debug)".into(),
+        needs: vec!["lint".into()],
+        state: "running".into(),
+        attempt: 2,
+        agent: Some(agent()),
+        exit_code: None,
+        started_at: Some(UnixMillis(1_750_000_000_000)),
+        finished_at: None,
+        log_bytes: 4096,
+    }
+}
+
+/// Samples of every message type, each prefixed with its selector in [`MESSAGE_TYPES`].
+fn messages() -> Vec<(String, Vec<u8>)> {
+    let intent_agent = Intent::Agent(AgentHello {
+        agent_version: "0.1.0".into(),
+        hostname: "build-1".into(),
+        labels: labels(),
+        capabilities: vec!["shell".into(), "docker".into()],
+        slots: 2,
+        figures: figures(),
+        running: vec![RunningJob {
+            job: job(),
+            attempt: 1,
+        }],
+    });
+    let intent_enroll = Intent::Enroll(EnrollRequest {
+        token_id: TokenId::from_random(&[0x11; 8]),
+        token_secret: "s3cr3t".into(),
+        csr_der: vec![0x30, 0x82, 0x01, 0x0a],
+        hostname: "web-1".into(),
+        labels: labels(),
+    });
+    let intent_admin = Intent::Admin(AdminHello {
+        client_version: "0.1.0".into(),
+    });
+    let assignment = JobAssignment {
+        job: job(),
+        attempt: 1,
+        run: RunId(42),
+        pipeline: "demo-ci".into(),
+        name: "build".into(),
+        steps: vec![StepSpec {
+            name: "compile".into(),
+            run: "make && echo ${{ secrets.TOKEN }}".into(),
+            working_directory: Some("src".into()),
+            env: labels(),
+        }],
+        env: labels(),
+        timeout_ms: 300_000,
+        kill_grace_ms: 10_000,
+        image: Some("alpine:3".into()),
+        secrets: [("TOKEN".to_owned(), "hunter2".to_owned())].into(),
+        source: Some("sha256:00ff".into()),
+    };
+    let mut samples: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("Intent", "agent", enc(&intent_agent)),
+        ("Intent", "enroll", enc(&intent_enroll)),
+        (
+            "HelloReply",
+            "welcome",
+            enc(&HelloReply::Welcome(Welcome {
+                protocol_version: 1,
+                coordinator_version: "0.1.0".into(),
+                identity: format!("gantry://agent/{}", agent()),
+                heartbeat_interval_ms: 5_000,
+            })),
+        ),
+        (
+            "HelloReply",
+            "refused",
+            enc(&HelloReply::Refused(Refusal {
+                reason: RefusalReason::TokenExpired,
+                message: "the token expired".into(),
+            })),
+        ),
+        (
+            "AgentMessage",
+            "heartbeat",
+            enc(&AgentMessage::Heartbeat(figures())),
+        ),
+        (
+            "AgentMessage",
+            "finished",
+            enc(&AgentMessage::JobFinished(JobResult {
+                job: job(),
+                attempt: 1,
+                outcome: JobOutcome::Failed {
+                    exit_code: 7,
+                    step: 1,
+                },
+                log_chunks: 12,
+                started_at: UnixMillis(1_750_000_000_000),
+                finished_at: UnixMillis(1_750_000_060_000),
+            })),
+        ),
+        (
+            "AgentMessage",
+            "rejected",
+            enc(&AgentMessage::JobRejected {
+                job: job(),
+                attempt: 2,
+                reason: "all 2 slots are busy".into(),
+            }),
+        ),
+        (
+            "CoordinatorMessage",
+            "dispatch",
+            enc(&CoordinatorMessage::Dispatch(Box::new(assignment))),
+        ),
+        (
+            "CoordinatorMessage",
+            "ack",
+            enc(&CoordinatorMessage::JobFinishedAck {
+                job: job(),
+                attempt: 1,
+            }),
+        ),
+        (
+            "StreamOpen",
+            "logs",
+            enc(&StreamOpen::Logs {
+                job: job(),
+                attempt: 1,
+            }),
+        ),
+        (
+            "StreamOpen",
+            "follow",
+            enc(&StreamOpen::FollowLogs {
+                job: job(),
+                from_seq: 5,
+                follow: true,
+            }),
+        ),
+        (
+            "LogChunk",
+            "line",
+            enc(&LogChunk {
+                seq: 7,
+                data: b"line 7 \xff\xfe\n".to_vec(),
+            }),
+        ),
+        (
+            "LogControl",
+            "resume",
+            enc(&LogControl::Resume { next_seq: 3 }),
+        ),
+        ("FollowEvent", "job", enc(&FollowEvent::Job(job_view()))),
+        (
+            "FollowEvent",
+            "error",
+            enc(&FollowEvent::Error(AdminError {
+                kind: AdminErrorKind::NotFound,
+                message: "no job 42.3".into(),
+            })),
+        ),
+        (
+            "AdminRequest",
+            "submit",
+            enc(&AdminRequest::SubmitRun(SubmitRun {
+                file_name: "ci.yml".into(),
+                text: "jobs:\n  a:\n    steps: [{ run: make }]\n".into(),
+                git_ref: "main".into(),
+                commit: Some("0123abcd".into()),
+                event: "manual".into(),
+                inputs: labels(),
+                source: None,
+            })),
+        ),
+        (
+            "AdminRequest",
+            "label",
+            enc(&AdminRequest::LabelAgent {
+                agent_id: agent(),
+                set: labels(),
+                remove: vec!["gpu".into()],
+            }),
+        ),
+        (
+            "AdminResponse",
+            "jobs",
+            enc(&AdminResponse::Jobs(vec![job_view(), job_view()])),
+        ),
+        (
+            "AdminResponse",
+            "done",
+            enc(&AdminResponse::Done {
+                message: "approved".into(),
+            }),
+        ),
+        (
+            "SourceData",
+            "piece",
+            enc(&SourceData(b"ustar\0 tar bytes".to_vec())),
+        ),
+        (
+            "SourceStored",
+            "stored",
+            enc(&SourceStored::Stored {
+                source: "sha256:00ff".into(),
+                bytes: 10_240,
+            }),
+        ),
+    ];
+    let framed = hello::encode_hello(&intent_agent, u32::MAX).expect("hello");
+    samples.push(("hello", "agent", framed[frame::HEADER_LEN..].to_vec()));
+    let framed = hello::encode_hello_with_version(9, &intent_admin, u32::MAX).expect("hello");
+    samples.push((
+        "hello",
+        "future-version",
+        framed[frame::HEADER_LEN..].to_vec(),
+    ));
+
+    let selector: BTreeMap<&str, u8> = MESSAGE_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (*name, u8::try_from(i).expect("under 256 message types")))
+        .collect();
+    samples
+        .into_iter()
+        .map(|(ty, name, payload)| {
+            let mut bytes = vec![selector[ty]];
+            bytes.extend(payload);
+            (format!("{ty}-{name}"), bytes)
+        })
+        .collect()
+}
+
+fn enc<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("postcard encoding")
+}
+
+/// Framed control streams: the first byte is the piece size the target feeds.
+fn frames() -> Vec<(&'static str, Vec<u8>)> {
+    let limit = gantry_protocol::limits::MAX_FRAME_BYTES;
+    let mut stream = vec![0u8];
+    for message in [
+        AgentMessage::Heartbeat(figures()),
+        AgentMessage::JobAccepted {
+            job: job(),
+            attempt: 1,
+        },
+        AgentMessage::RenewCertificate {
+            csr_der: vec![0x30; 40],
+        },
+    ] {
+        stream.extend(encode_frame(&message, limit).expect("frame"));
+    }
+    let mut torn = stream.clone();
+    torn[0] = 6;
+    torn.truncate(torn.len() - 3);
+    let mut oversized = vec![255u8];
+    oversized.extend((limit + 1).to_be_bytes());
+    oversized.extend([0; 16]);
+    vec![
+        ("three-frames-byte-by-byte", stream),
+        ("torn-tail-in-sevens", torn),
+        ("oversized-header", oversized),
+    ]
+}
+
+fn pipelines() -> Vec<(&'static str, String)> {
+    vec![
+        ("example-ci", include_str!("../../examples/ci.yml").to_owned()),
+        (
+            "matrix-conditions-retry",
+            "name: m\non:\n  schedule: ['*/15 9-17 * * 1-5']\n  push: { branches: [main, 'release/*'], paths: ['src/**'] }\njobs:\n  t:\n    strategy: { matrix: { os: [linux, mac], v: ['1.80', '1.88'], exclude: [{ os: mac, v: '1.80' }] } }\n    runs-on: { os: '${{ matrix.os }}' }\n    retry: 2\n    timeout: 90s\n    continue-on-error: true\n    steps: [{ name: 'v ${{ matrix.v }}', run: 'echo ${{ matrix.v }}', env: { A: '1' } }]\n  after:\n    needs: [t]\n    if: always() && !cancelled() && (branch == 'main' || inputs.force == 'yes')\n    steps: [{ run: 'echo ${{ secrets.TOKEN }}', working-directory: sub }]\n".to_owned(),
+        ),
+        (
+            "anchors-and-errors",
+            "base: &b { steps: [{ run: x }] }\njobs:\n  a: *b\n  b:\n    needs: nope\n    runs-on: { 'Bad Key': 1 }\n    steps: [{ run: [not, a, string] }]\n".to_owned(),
+        ),
+    ]
+}
+
+fn manifests() -> Vec<(&'static str, Vec<u8>)> {
+    use gantry_cas::{ChunkRef, Digest, Entry, EntryKind, Manifest};
+    let chunk = |bytes: &[u8]| ChunkRef {
+        digest: Digest::of(bytes),
+        size: u32::try_from(bytes.len()).expect("small"),
+    };
+    let tree = Manifest::new(vec![
+        Entry {
+            path: "bin".into(),
+            kind: EntryKind::Dir { mode: 0o755 },
+        },
+        Entry {
+            path: "bin/app".into(),
+            kind: EntryKind::File {
+                mode: 0o755,
+                size: 11,
+                chunks: vec![chunk(b"hello"), chunk(b" world")],
+            },
+        },
+        Entry {
+            path: "current".into(),
+            kind: EntryKind::Symlink {
+                target: "bin/app".into(),
+            },
+        },
+        Entry {
+            path: "empty.txt".into(),
+            kind: EntryKind::File {
+                mode: 0o644,
+                size: 0,
+                chunks: Vec::new(),
+            },
+        },
+    ]);
+    vec![
+        ("tree", tree.encode()),
+        ("empty", Manifest::default().encode()),
+    ]
+}
+
+/// Compressed chunks: 3 bytes of declared length (little-endian), then the zstd frame.
+fn chunks() -> Vec<(&'static str, Vec<u8>)> {
+    let with_len = |declared: usize, compressed: Vec<u8>| {
+        let mut out = u32::try_from(declared).expect("small").to_le_bytes()[..3].to_vec();
+        out.extend(compressed);
+        out
+    };
+    let text: Vec<u8> = (0..4_000u32)
+        .flat_map(|i| format!("line {i}\n").into_bytes())
+        .collect();
+    let noise: Vec<u8> = (0..1_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    vec![
+        ("text", with_len(text.len(), gantry_cas::compress(&text))),
+        ("noise", with_len(noise.len(), gantry_cas::compress(&noise))),
+        ("short-declared", with_len(10, gantry_cas::compress(&text))),
+    ]
+}
