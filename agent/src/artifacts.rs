@@ -61,7 +61,7 @@ async fn live_connection(source: &dyn ConnectionSource) -> Result<Connection, St
 
 /// Runs `op` on the current connection, again on the next one each time the connection
 /// breaks (each attempt keeps what earlier ones achieved: cached chunks, stored chunks).
-async fn with_retries<T, F, Fut>(
+pub(crate) async fn with_retries<T, F, Fut>(
     source: &dyn ConnectionSource,
     log: &LogSink,
     what: &str,

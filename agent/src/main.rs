@@ -95,6 +95,10 @@ struct RunArgs {
     /// unless given.
     #[arg(long, env = "GANTRY_AGENT_MAX_TRANSFER_RATE", value_parser = parse_size, value_name = "SIZE")]
     max_transfer_rate: Option<u64>,
+    /// Where deployed apps live: `<DIR>/<app>/releases/`, `current`, `shared/`
+    /// [default: DATA_DIR/deploy].
+    #[arg(long, env = "GANTRY_AGENT_DEPLOY_ROOT", value_name = "DIR")]
+    deploy_root: Option<PathBuf>,
 }
 
 /// Parses a size like `5GiB`, `500MiB`, `20MB` or a plain number of bytes.
@@ -203,6 +207,10 @@ async fn run_enroll(args: EnrollArgs) -> ExitCode {
 }
 
 async fn run_session(args: RunArgs) -> ExitCode {
+    let deploy_root = args
+        .deploy_root
+        .clone()
+        .unwrap_or_else(|| args.data_dir.data_dir.join("deploy"));
     let options = session::RunOptions {
         data_dir: args.data_dir.data_dir,
         labels: labels::from_pairs(args.labels),
@@ -213,6 +221,7 @@ async fn run_session(args: RunArgs) -> ExitCode {
         cache_bytes: args.cache_size,
         transfer_streams: usize::from(args.transfer_streams),
         max_transfer_rate: args.max_transfer_rate,
+        deploy_root,
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub transfer_streams: usize,
     /// A cap on artifact and cache traffic, in bytes per second.
     pub max_transfer_rate: Option<u64>,
+    /// Where deployed apps live (`<root>/<app>/releases/...`).
+    pub deploy_root: PathBuf,
 }
 
 /// Why `run` stopped other than by a signal.
@@ -147,7 +149,15 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         path: options.data_dir.join("cache"),
         source,
     })?;
-    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers);
+    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers.clone());
+    let (deploy_out, deploy_results) = mpsc::unbounded_channel();
+    let deployer = crate::deploy::Deployer::new(
+        options.deploy_root.clone(),
+        transfers,
+        labels.clone(),
+        std::sync::Arc::new(jobs.clone()),
+        deploy_out,
+    );
     let mut runner = Runner {
         agent_id: enrollment.config.agent_id,
         address: enrollment.config.coordinator_address,
@@ -161,6 +171,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         shutdown,
         jobs,
         finished,
+        deployer,
+        deploy_results,
     };
     runner.run().await
 }
@@ -180,6 +192,10 @@ struct Runner {
     jobs: JobManager,
     /// Results of jobs that ended, to report (and re-report until acknowledged).
     finished: mpsc::UnboundedReceiver<gantry_protocol::JobResult>,
+    deployer: crate::deploy::Deployer,
+    /// Deployment results and exec output, to send (a result lost with a connection is
+    /// asked for again: the coordinator resends the step).
+    deploy_results: mpsc::UnboundedReceiver<AgentMessage>,
 }
 
 impl Runner {
@@ -286,6 +302,7 @@ impl Runner {
             slots: self.options.slots,
             figures: self.sampler.sample(),
             running: self.jobs.running(),
+            peer_port: None,
         });
         let opened = async {
             let (mut writer, mut reader) = conn.open_control().await?;
@@ -368,6 +385,13 @@ impl Runner {
                     }
                     if let Err(e) = self.maybe_renew(&mut writer).await {
                         break transport_end(conn, &e);
+                    }
+                }
+                message = self.deploy_results.recv() => {
+                    if let Some(message) = message {
+                        if let Err(e) = writer.send(&message).await {
+                            break transport_end(conn, &e);
+                        }
                     }
                 }
                 result = self.finished.recv() => {
@@ -458,6 +482,8 @@ impl Runner {
                     warn!("ignoring renewed certificate (valid until {not_after:?}): {reason}");
                 }
             }
+            CoordinatorMessage::Deploy(command) => self.deployer.deploy(*command),
+            CoordinatorMessage::Exec(command) => self.deployer.exec(command),
             CoordinatorMessage::RenewalRefused { message } => {
                 // The renewal plan already waits a minute before the next request.
                 warn!("certificate renewal refused: {message}; retrying in at most a minute");

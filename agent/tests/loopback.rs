@@ -159,11 +159,14 @@ async fn serve(
                         let _ = writer.send(&message).await;
                         let _ = events.send(Event::Renewed);
                     }
-                    // This fake coordinator dispatches no jobs.
+                    // This fake coordinator dispatches no jobs, deployments or commands.
                     Ok(Some(
                         AgentMessage::JobAccepted { .. }
                         | AgentMessage::JobRejected { .. }
-                        | AgentMessage::JobFinished(_),
+                        | AgentMessage::JobFinished(_)
+                        | AgentMessage::DeployResult(_)
+                        | AgentMessage::ExecOutput { .. }
+                        | AgentMessage::ExecDone { .. },
                     )) => {}
                     Ok(None) | Err(_) => {
                         let code = conn.closed().await.close_code();

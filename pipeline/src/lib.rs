@@ -37,6 +37,7 @@
 
 mod condition;
 mod cron;
+mod deploy;
 mod glob;
 mod load;
 mod model;
@@ -49,6 +50,10 @@ use serde::{Deserialize, Serialize};
 
 pub use condition::{CompareOp, Condition, Operand, StaticContext, StatusExpr};
 pub use cron::CronSchedule;
+pub use deploy::{
+    app_name_problem, environment_name_problem, parse_amount, DeploySpec, DeployStrategy,
+    EnvironmentSpec, HealthSpec, HookSpec, HostAmount, ProbeSpec,
+};
 pub use glob::glob_match;
 pub use load::{parse_duration, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
 pub use model::{referenced_secrets, InputSpec, Job, Pipeline, PushFilter, Step, Triggers};

@@ -8,6 +8,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
+use crate::deploy::{
+    app_name_problem, environment_name_problem, parse_amount, DeploySpec, DeployStrategy,
+    EnvironmentSpec, HealthSpec, HookSpec, HostAmount, ProbeSpec, DEFAULT_ACTIVATE_TIMEOUT_MS,
+    DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_KEEP, DEFAULT_STAGE_TIMEOUT_MS, MAX_KEEP,
+};
 use crate::model::{InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
 use crate::outputs::{
     artifact_name_problem, cache_key_problem, path_problem, ArtifactSpec, CacheSpec,
@@ -30,7 +35,49 @@ const DEFAULT_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 const MAX_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 const MAX_RETRY: u32 = 10;
 
-const TOP_KEYS: &[&str] = &["name", "priority", "env", "on", "jobs"];
+const TOP_KEYS: &[&str] = &["name", "priority", "env", "on", "environments", "jobs"];
+const ENVIRONMENT_KEYS: &[&str] = &["select", "approvals", "wait", "branches"];
+const DEPLOY_KEYS: &[&str] = &[
+    "environment",
+    "artifact",
+    "app",
+    "version",
+    "strategy",
+    "rolling",
+    "canary",
+    "blue-green",
+    "keep",
+    "shared",
+    "hooks",
+    "health",
+    "env",
+    "timeouts",
+];
+const ROLLING_KEYS: &[&str] = &["batch", "failure-budget", "pause"];
+const CANARY_KEYS: &[&str] = &["steps", "failure-budget"];
+const CANARY_STEP_KEYS: &[&str] = &["percent", "pause"];
+const BLUE_GREEN_KEYS: &[&str] = &["ports", "switch"];
+const HOOK_KEYS: &[&str] = &[
+    "stop",
+    "start",
+    "restart",
+    "pre-start",
+    "post-start",
+    "timeout",
+];
+const HEALTH_KEYS: &[&str] = &[
+    "http",
+    "status",
+    "body",
+    "tcp",
+    "command",
+    "interval",
+    "timeout",
+    "retries",
+    "min-healthy",
+    "deadline",
+];
+const TIMEOUT_KEYS: &[&str] = &["stage", "activate"];
 const ON_KEYS: &[&str] = &["push", "schedule", "manual", "inputs"];
 const PUSH_KEYS: &[&str] = &["branches", "tags", "paths"];
 const SCHEDULE_KEYS: &[&str] = &["cron"];
@@ -52,6 +99,7 @@ const JOB_KEYS: &[&str] = &[
     "artifacts",
     "cache",
     "download",
+    "deploy",
 ];
 const ARTIFACT_KEYS: &[&str] = &["name", "paths", "expire-in"];
 const CACHE_KEYS: &[&str] = &["key", "paths", "restore-keys"];
@@ -339,6 +387,8 @@ struct RawJob {
     cache: Option<RawCache>,
     /// `download:` as written: `None` takes every artifact of the job's needs.
     download: Option<Vec<(String, Pos)>>,
+    /// `deploy:`, with the position of its artifact name (checked against the needs).
+    deploy: Option<(DeploySpec, Pos)>,
 }
 
 struct RawArtifacts {
@@ -457,12 +507,17 @@ fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline
         );
         return None;
     };
+    let environments = top
+        .get("environments")
+        .map(|node| load_environments(ctx, node))
+        .unwrap_or_default();
     let jobs = load_jobs(ctx, jobs_node)?;
     Some(Pipeline {
         name,
         priority,
         env,
         triggers,
+        environments,
         jobs,
     })
 }
@@ -649,8 +704,14 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
         .get("runs-on")
         .map(|n| load_labels(ctx, n))
         .unwrap_or_default();
+    let deploy = f.get("deploy").and_then(|n| load_deploy(ctx, n));
     let mut steps = Vec::new();
     match f.get("steps") {
+        None if f.get("deploy").is_some() => {}
+        Some(steps_node) if f.get("deploy").is_some() => ctx.error(
+            steps_node.pos,
+            "a deploy job runs no steps: the coordinator deploys; put commands for the hosts under deploy.hooks",
+        ),
         None => ctx.error(
             pos,
             format!("job {key} has no steps; expected steps: [{{ run: ... }}]"),
@@ -775,7 +836,436 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
         artifacts,
         cache,
         download,
+        deploy,
     })
+}
+
+/// A duration option in milliseconds, or the default when absent.
+fn duration_field(ctx: &mut Ctx, f: &Fields<'_>, key: &str, what: &str, default: u64) -> u64 {
+    let Some(n) = f.get(key) else {
+        return default;
+    };
+    match scalar(n).map(parse_duration) {
+        Some(Ok(ms)) => ms,
+        Some(Err(message)) => {
+            ctx.error(n.pos, format!("{what}.{key} {message}"));
+            default
+        }
+        None => {
+            ctx.error(n.pos, format!("{what}.{key} must be a duration like 30s"));
+            default
+        }
+    }
+}
+
+/// A whole number option, or the default when absent.
+fn number_field(
+    ctx: &mut Ctx,
+    f: &Fields<'_>,
+    key: &str,
+    what: &str,
+    default: u64,
+    max: u64,
+) -> u64 {
+    let Some(n) = f.get(key) else {
+        return default;
+    };
+    match scalar(n).and_then(|s| s.parse::<u64>().ok()) {
+        Some(v) if v <= max => v,
+        _ => {
+            ctx.error(
+                n.pos,
+                format!("{what}.{key} must be a whole number from 0 to {max}"),
+            );
+            default
+        }
+    }
+}
+
+fn amount_field(
+    ctx: &mut Ctx,
+    f: &Fields<'_>,
+    key: &str,
+    what: &str,
+    default: HostAmount,
+) -> HostAmount {
+    let Some(n) = f.get(key) else {
+        return default;
+    };
+    match scalar(n).map(parse_amount) {
+        Some(Ok(a)) => a,
+        Some(Err(message)) => {
+            ctx.error(n.pos, format!("{what}.{key}: {message}"));
+            default
+        }
+        None => {
+            ctx.error(
+                n.pos,
+                format!("{what}.{key} must be a number of hosts or a percentage like 25%"),
+            );
+            default
+        }
+    }
+}
+
+fn load_environments(ctx: &mut Ctx, node: &Node) -> BTreeMap<String, EnvironmentSpec> {
+    let mut out = BTreeMap::new();
+    for (name, key, value) in entries(ctx, node, "environments") {
+        if let Some(problem) = environment_name_problem(&name) {
+            ctx.error(key.pos, format!("environment name \"{name}\" {problem}"));
+            continue;
+        }
+        let what = format!("environment {name}");
+        let Some(f) = fields(ctx, value, ENVIRONMENT_KEYS, &what) else {
+            continue;
+        };
+        let select = f
+            .get("select")
+            .map(|n| {
+                if let Kind::Scalar { value, .. } = &n.kind {
+                    // "role=web,site=paris", as on the command line.
+                    let mut labels = BTreeMap::new();
+                    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        match pair.split_once('=') {
+                            Some((k, v)) if is_label_key(k) => {
+                                labels.insert(k.to_owned(), v.to_owned());
+                            }
+                            _ => ctx.error(
+                                n.pos,
+                                format!(
+                                    "select entry \"{pair}\" must be key=value with a label key"
+                                ),
+                            ),
+                        }
+                    }
+                    labels
+                } else {
+                    load_labels(ctx, n)
+                        .into_iter()
+                        .map(|(k, t)| (k, t.value))
+                        .collect()
+                }
+            })
+            .unwrap_or_default();
+        if select.is_empty() {
+            ctx.error(
+                value.pos,
+                format!(
+                    "{what} needs select: the labels its hosts carry, e.g. select: {{ role: web }}"
+                ),
+            );
+        }
+        let approvals = number_field(ctx, &f, "approvals", &what, 0, 10) as u32;
+        let wait_ms = duration_field(ctx, &f, "wait", &what, 0);
+        let branches = f
+            .get("branches")
+            .map(|n| {
+                string_list(ctx, n, "branches")
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            name,
+            EnvironmentSpec {
+                select,
+                approvals,
+                wait_ms,
+                branches,
+            },
+        );
+    }
+    out
+}
+
+fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
+    let what = "deploy";
+    let f = fields(ctx, node, DEPLOY_KEYS, what)?;
+    let required = |ctx: &mut Ctx, key: &str, example: &str| -> Option<(String, Pos)> {
+        if let Some(n) = f.get(key) {
+            string(ctx, n, &format!("deploy.{key}")).map(|s| (s, n.pos))
+        } else {
+            ctx.error(
+                node.pos,
+                format!("deploy needs {key}, e.g. {key}: {example}"),
+            );
+            None
+        }
+    };
+    let environment = required(ctx, "environment", "production");
+    let artifact = required(ctx, "artifact", "app");
+    if let Some((name, pos)) = &environment {
+        if let Some(problem) = environment_name_problem(name) {
+            ctx.error(*pos, format!("environment name \"{name}\" {problem}"));
+        }
+    }
+    let app = match f.get("app") {
+        Some(n) => string(ctx, n, "deploy.app").map(|s| (s, n.pos)),
+        None => artifact.clone(),
+    };
+    if let Some((name, pos)) = &app {
+        if let Some(problem) = app_name_problem(name) {
+            ctx.error(*pos, format!("app name \"{name}\" {problem}"));
+        }
+    }
+    let version = f
+        .get("version")
+        .and_then(|n| string(ctx, n, "deploy.version"));
+    let strategy_name = f
+        .get("strategy")
+        .and_then(|n| string(ctx, n, "deploy.strategy").map(|s| (s, n.pos)))
+        .unwrap_or_else(|| ("rolling".into(), node.pos));
+    let strategy = match strategy_name.0.as_str() {
+        "rolling" => {
+            let r = f
+                .get("rolling")
+                .and_then(|n| fields(ctx, n, ROLLING_KEYS, "deploy.rolling"));
+            let (batch, failure_budget, pause_ms) = match &r {
+                Some(r) => (
+                    amount_field(ctx, r, "batch", "deploy.rolling", HostAmount::Percent(25)),
+                    amount_field(
+                        ctx,
+                        r,
+                        "failure-budget",
+                        "deploy.rolling",
+                        HostAmount::Count(0),
+                    ),
+                    duration_field(ctx, r, "pause", "deploy.rolling", 0),
+                ),
+                None => (HostAmount::Percent(25), HostAmount::Count(0), 0),
+            };
+            Some(DeployStrategy::Rolling {
+                batch,
+                failure_budget,
+                pause_ms,
+            })
+        }
+        "canary" => {
+            let c = f
+                .get("canary")
+                .and_then(|n| fields(ctx, n, CANARY_KEYS, "deploy.canary"));
+            let mut steps = Vec::new();
+            let mut failure_budget = HostAmount::Count(0);
+            if let Some(c) = &c {
+                failure_budget = amount_field(
+                    ctx,
+                    c,
+                    "failure-budget",
+                    "deploy.canary",
+                    HostAmount::Count(0),
+                );
+                if let Some(Kind::Seq(items)) = c.get("steps").map(|n| &n.kind) {
+                    for item in items {
+                        let Some(sf) = fields(ctx, item, CANARY_STEP_KEYS, "a canary step") else {
+                            continue;
+                        };
+                        let percent =
+                            number_field(ctx, &sf, "percent", "canary step", 0, 100) as u8;
+                        let pause = match sf.get("pause") {
+                            Some(n) if scalar(n) == Some("manual") => None,
+                            Some(_) => Some(duration_field(ctx, &sf, "pause", "canary step", 0)),
+                            None => Some(0),
+                        };
+                        if percent == 0 {
+                            ctx.error(item.pos, "a canary step needs percent: 1 to 100");
+                        }
+                        steps.push((percent, pause));
+                    }
+                }
+            }
+            if steps.is_empty() {
+                ctx.error(
+                    strategy_name.1,
+                    "a canary deployment needs canary.steps, e.g. [{ percent: 10, pause: manual }, { percent: 100 }]",
+                );
+            }
+            Some(DeployStrategy::Canary {
+                steps,
+                failure_budget,
+            })
+        }
+        "blue-green" => {
+            let Some(b) = f
+                .get("blue-green")
+                .and_then(|n| fields(ctx, n, BLUE_GREEN_KEYS, "deploy.blue-green"))
+            else {
+                ctx.error(
+                    strategy_name.1,
+                    "a blue-green deployment needs blue-green: { ports: [8081, 8082], switch: COMMAND }",
+                );
+                return None;
+            };
+            let ports: Vec<u16> = b
+                .get("ports")
+                .map(|n| string_list(ctx, n, "deploy.blue-green.ports"))
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(p, _)| p.parse().ok())
+                .collect();
+            let switch = b
+                .get("switch")
+                .and_then(|n| string(ctx, n, "deploy.blue-green.switch"));
+            match (ports.as_slice(), switch) {
+                (&[blue, green], Some(switch)) if blue != green && blue > 0 && green > 0 => {
+                    Some(DeployStrategy::BlueGreen {
+                        blue_port: blue,
+                        green_port: green,
+                        switch,
+                    })
+                }
+                _ => {
+                    ctx.error(
+                        node.pos,
+                        "deploy.blue-green needs ports: [BLUE, GREEN] (two different ports) and switch: COMMAND",
+                    );
+                    None
+                }
+            }
+        }
+        other => {
+            ctx.error(
+                strategy_name.1,
+                format!("unknown strategy \"{other}\"; use rolling, canary or blue-green"),
+            );
+            None
+        }
+    };
+    let keep = match f.get("keep") {
+        Some(n) => match scalar(n).and_then(|s| s.parse::<u32>().ok()) {
+            Some(k) if (1..=MAX_KEEP).contains(&k) => k,
+            _ => {
+                ctx.error(n.pos, format!("deploy.keep must be from 1 to {MAX_KEEP}"));
+                DEFAULT_KEEP
+            }
+        },
+        None => DEFAULT_KEEP,
+    };
+    let shared = f
+        .get("shared")
+        .map(|n| string_list(ctx, n, "deploy.shared"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(p, pos)| match path_problem(&p) {
+            Some(problem) => {
+                ctx.error(pos, format!("shared path \"{p}\" {problem}"));
+                None
+            }
+            None => Some(p),
+        })
+        .collect();
+    let hooks = match f
+        .get("hooks")
+        .and_then(|n| fields(ctx, n, HOOK_KEYS, "deploy.hooks"))
+    {
+        Some(h) => {
+            let mut text = |key: &str| {
+                h.get(key)
+                    .and_then(|n| string(ctx, n, &format!("deploy.hooks.{key}")))
+            };
+            HookSpec {
+                stop: text("stop"),
+                start: text("start"),
+                restart: text("restart"),
+                pre_start: text("pre-start"),
+                post_start: text("post-start"),
+                timeout_ms: duration_field(
+                    ctx,
+                    &h,
+                    "timeout",
+                    "deploy.hooks",
+                    DEFAULT_HOOK_TIMEOUT_MS,
+                ),
+            }
+        }
+        None => HookSpec {
+            timeout_ms: DEFAULT_HOOK_TIMEOUT_MS,
+            ..HookSpec::default()
+        },
+    };
+    let health = f.get("health").and_then(|n| {
+        let h = fields(ctx, n, HEALTH_KEYS, "deploy.health")?;
+        let text = |ctx: &mut Ctx, key: &str| {
+            h.get(key)
+                .and_then(|v| string(ctx, v, &format!("deploy.health.{key}")))
+        };
+        let (http, tcp, command, body) = (
+            text(ctx, "http"),
+            text(ctx, "tcp"),
+            text(ctx, "command"),
+            text(ctx, "body"),
+        );
+        let probe = match (http, tcp, command) {
+            (Some(url), None, None) => {
+                if !url.starts_with("http://") {
+                    ctx.error(n.pos, format!("health.http \"{url}\" must be an http:// URL (probes run on the host, usually against localhost)"));
+                }
+                let status = number_field(ctx, &h, "status", "deploy.health", 200, 599) as u16;
+                ProbeSpec::Http { url, status, body }
+            }
+            (None, Some(address), None) => ProbeSpec::Tcp(address),
+            (None, None, Some(run)) => ProbeSpec::Command(run),
+            _ => {
+                ctx.error(n.pos, "deploy.health needs exactly one of http: URL, tcp: HOST:PORT or command: COMMAND");
+                return None;
+            }
+        };
+        Some(HealthSpec {
+            probe,
+            interval_ms: duration_field(ctx, &h, "interval", "deploy.health", 1_000).max(10),
+            timeout_ms: duration_field(ctx, &h, "timeout", "deploy.health", 2_000).max(10),
+            retries: number_field(ctx, &h, "retries", "deploy.health", 3, 100) as u32,
+            min_healthy_ms: duration_field(ctx, &h, "min-healthy", "deploy.health", 0),
+            deadline_ms: duration_field(ctx, &h, "deadline", "deploy.health", 60_000).max(100),
+        })
+    });
+    let env = f
+        .get("env")
+        .map(|n| env_map(ctx, n, "deploy.env"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, t)| (k, t.value))
+        .collect();
+    let (stage_timeout_ms, activate_timeout_ms) = match f
+        .get("timeouts")
+        .and_then(|n| fields(ctx, n, TIMEOUT_KEYS, "deploy.timeouts"))
+    {
+        Some(t) => (
+            duration_field(
+                ctx,
+                &t,
+                "stage",
+                "deploy.timeouts",
+                DEFAULT_STAGE_TIMEOUT_MS,
+            ),
+            duration_field(
+                ctx,
+                &t,
+                "activate",
+                "deploy.timeouts",
+                DEFAULT_ACTIVATE_TIMEOUT_MS,
+            ),
+        ),
+        None => (DEFAULT_STAGE_TIMEOUT_MS, DEFAULT_ACTIVATE_TIMEOUT_MS),
+    };
+    let ((environment, _), (artifact, artifact_pos), (app, _)) = (environment?, artifact?, app?);
+    Some((
+        DeploySpec {
+            environment,
+            artifact,
+            app,
+            version,
+            strategy: strategy?,
+            keep,
+            shared,
+            hooks,
+            health,
+            env,
+            stage_timeout_ms,
+            activate_timeout_ms,
+        },
+        artifact_pos,
+    ))
 }
 
 fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
@@ -1413,6 +1903,7 @@ fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
                 artifact,
                 cache,
                 download,
+                deploy: raw.deploy.as_ref().map(|(d, _)| d.clone()),
             });
             origins.push(raw);
         }
@@ -1438,9 +1929,13 @@ fn check_downloads(ctx: &mut Ctx, jobs: &[Job], origins: &[&RawJob]) {
         })
         .collect();
     for (job, raw) in jobs.iter().zip(origins) {
-        let Some(wanted) = &raw.download else {
+        let mut wanted: Vec<(String, Pos)> = raw.download.clone().unwrap_or_default();
+        if let Some((deploy, pos)) = &raw.deploy {
+            wanted.push((deploy.artifact.clone(), *pos));
+        }
+        if wanted.is_empty() {
             continue;
-        };
+        }
         let mut upstream: BTreeSet<usize> = BTreeSet::new();
         let mut stack: Vec<usize> = job
             .needs
@@ -1457,7 +1952,7 @@ fn check_downloads(ctx: &mut Ctx, jobs: &[Job], origins: &[&RawJob]) {
                 );
             }
         }
-        for (name, pos) in wanted {
+        for (name, pos) in &wanted {
             match producer.get(name.as_str()) {
                 Some(maker) if upstream.contains(&index[maker]) => {}
                 Some(maker) => ctx.error(

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
+use crate::deploy::{DeploySpec, EnvironmentSpec};
 use crate::glob::glob_match;
 use crate::outputs::{ArtifactSpec, CacheSpec};
 
@@ -17,6 +18,8 @@ pub struct Pipeline {
     pub priority: i32,
     pub env: BTreeMap<String, String>,
     pub triggers: Triggers,
+    /// Environments the file defines (`environments:`).
+    pub environments: BTreeMap<String, EnvironmentSpec>,
     /// Jobs in file order, matrix expansions in matrix order.
     pub jobs: Vec<Job>,
 }
@@ -101,6 +104,8 @@ pub struct Job {
     pub cache: Option<CacheSpec>,
     /// `download:`: the artifacts it takes; `None` takes every artifact of its needs.
     pub download: Option<Vec<String>>,
+    /// `deploy:`: the coordinator deploys instead of an agent running steps.
+    pub deploy: Option<DeploySpec>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +191,18 @@ pub fn referenced_secrets(job: &Job) -> BTreeSet<String> {
         }
         for value in step.env.values() {
             scan(value);
+        }
+    }
+    if let Some(deploy) = &job.deploy {
+        for value in deploy.env.values() {
+            scan(value);
+        }
+        let h = &deploy.hooks;
+        for hook in [&h.stop, &h.start, &h.restart, &h.pre_start, &h.post_start]
+            .into_iter()
+            .flatten()
+        {
+            scan(hook);
         }
     }
     names

@@ -268,7 +268,7 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
         "jobz: {}\n",
         1,
         1,
-        "unknown key \"jobz\" in the pipeline; allowed keys are: name, priority, env, on, jobs",
+        "unknown key \"jobz\" in the pipeline; allowed keys are: name, priority, env, on, environments, jobs",
     ),
     (
         "unknown job key",
@@ -656,6 +656,76 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
         "cache path \"../../.cargo\" has a \"..\" component",
     ),
     (
+        "deploy of an artifact nobody makes",
+        "jobs:\n  d:\n    deploy: { environment: prod, artifact: app }\n",
+        3,
+        44,
+        "job d downloads artifact \"app\", which no job declares",
+    ),
+    (
+        "deploy without environment",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { artifact: app }\n",
+        7,
+        13,
+        "deploy needs environment",
+    ),
+    (
+        "deploy job with steps",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app }\n    steps: [{ run: x }]\n",
+        8,
+        12,
+        "a deploy job runs no steps",
+    ),
+    (
+        "unknown strategy",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app, strategy: yolo }\n",
+        7,
+        59,
+        "unknown strategy \"yolo\"; use rolling, canary or blue-green",
+    ),
+    (
+        "bad failure budget",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app, rolling: { failure-budget: 150% } }\n",
+        7,
+        76,
+        "deploy.rolling.failure-budget: \"150%\" is not a percentage",
+    ),
+    (
+        "blue-green without ports",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app, strategy: blue-green, blue-green: { switch: x } }\n",
+        7,
+        13,
+        "needs ports: [BLUE, GREEN]",
+    ),
+    (
+        "two health probes",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app, health: { tcp: \"h:1\", command: x } }\n",
+        7,
+        57,
+        "needs exactly one of http",
+    ),
+    (
+        "bad app name",
+        "jobs:\n  b:\n    artifacts: { name: app, paths: [out] }\n    steps: [{ run: x }]\n  d:\n    needs: b\n    deploy: { environment: prod, artifact: app, app: ../etc }\n",
+        7,
+        54,
+        "app name \"../etc\" must be 1 to 64",
+    ),
+    (
+        "environment without select",
+        "environments:\n  prod: { approvals: 1 }\njobs: { a: { steps: [{ run: x }] } }\n",
+        2,
+        9,
+        "environment prod needs select",
+    ),
+    (
+        "bad environment name",
+        "environments:\n  Prod: { select: { role: web } }\njobs: { a: { steps: [{ run: x }] } }\n",
+        2,
+        3,
+        "environment name \"Prod\" must be",
+    ),
+    (
         "unknown on key",
         "on: { pull_request: {} }\njobs: { a: { steps: [{ run: x }] } }\n",
         1,
@@ -689,6 +759,56 @@ fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
         ("pick", crate::DEFAULT_EXPIRE_IN_SECS),
         "the job's name and 30 days unless given"
     );
+}
+
+#[test]
+fn deploy_jobs_and_environments_are_read_with_their_defaults() {
+    use crate::{DeployStrategy, HostAmount, ProbeSpec};
+    let p = ok("environments:\n  production:\n    select: \"role=web,site=paris\"\n    approvals: 2\n    wait: 5m\n    branches: [main]\njobs:\n  build:\n    steps: [{ run: make }]\n    artifacts: { name: web, paths: [out] }\n  ship:\n    needs: build\n    deploy:\n      environment: production\n      artifact: web\n      strategy: canary\n      canary: { steps: [{ percent: 10, pause: manual }, { percent: 50, pause: 30s }] }\n      hooks: { start: ./run.sh, timeout: 10s }\n      health: { http: \"http://127.0.0.1:${{ labels.port }}/health\", body: ok, min-healthy: 2s }\n  quick:\n    needs: build\n    deploy: { environment: staging, artifact: web, app: web-staging }\n");
+    let env = &p.environments["production"];
+    assert_eq!(env.select["role"], "web");
+    assert_eq!(env.select["site"], "paris");
+    assert_eq!((env.approvals, env.wait_ms), (2, 300_000));
+    assert_eq!(env.branches, ["main"]);
+    let ship = p
+        .job("ship")
+        .expect("ship")
+        .deploy
+        .as_ref()
+        .expect("deploy");
+    assert_eq!(
+        (ship.app.as_str(), ship.keep),
+        ("web", 5),
+        "app defaults to the artifact"
+    );
+    assert_eq!(
+        ship.strategy,
+        DeployStrategy::Canary {
+            steps: vec![(10, None), (50, Some(30_000))],
+            failure_budget: HostAmount::Count(0),
+        }
+    );
+    assert_eq!(ship.hooks.timeout_ms, 10_000);
+    let health = ship.health.as_ref().expect("health");
+    assert!(
+        matches!(&health.probe, ProbeSpec::Http { status: 200, body: Some(b), .. } if b == "ok")
+    );
+    assert_eq!(health.min_healthy_ms, 2_000);
+    let quick = p
+        .job("quick")
+        .expect("quick")
+        .deploy
+        .as_ref()
+        .expect("deploy");
+    assert!(matches!(
+        quick.strategy,
+        DeployStrategy::Rolling {
+            batch: HostAmount::Percent(25),
+            failure_budget: HostAmount::Count(0),
+            pause_ms: 0
+        }
+    ));
+    assert!(p.job("quick").expect("quick").steps.is_empty());
 }
 
 #[test]

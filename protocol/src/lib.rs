@@ -7,6 +7,7 @@
 //! here is a sans-IO frame decoder that takes bytes and hands back frames, so it can be
 //! fuzzed and tested without a network.
 
+pub mod deploy;
 pub mod digest;
 pub mod frame;
 pub mod hello;
@@ -16,6 +17,7 @@ pub mod messages;
 pub mod template;
 pub mod transfer;
 
+pub use deploy::*;
 pub use digest::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};

@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::deploy::{
+    DeployCommand, DeployResult, DeploymentView, EnvironmentView, ExecCommand, ExecRequest,
+    RollbackRequest,
+};
 use crate::transfer::{ArtifactView, CacheView, GcReport, Grant, ResolveRequest, UploadTarget};
 use crate::{AgentId, Attempt, Digest, JobId, RunId, TokenId, UnixMillis};
 
@@ -54,6 +58,9 @@ pub struct AgentHello {
     pub figures: HostFigures,
     /// Jobs this agent is still running (after a reconnect), so their leases hold.
     pub running: Vec<RunningJob>,
+    /// The port of this agent's peer listener, where other hosts fetch the release
+    /// chunks it holds; `None` when it serves no peers.
+    pub peer_port: Option<u16>,
 }
 
 /// A job attempt an agent is running.
@@ -156,6 +163,19 @@ pub enum AgentMessage {
     },
     /// The job ended. Sent until acknowledged, also across reconnects.
     JobFinished(JobResult),
+    /// A deployment step ended.
+    DeployResult(DeployResult),
+    /// Output of an ad-hoc command.
+    ExecOutput {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// An ad-hoc command ended: its exit code, or why it could not run.
+    ExecDone {
+        id: u64,
+        result: Result<i32, String>,
+    },
 }
 
 /// How a job attempt ended, as the agent reports it.
@@ -209,6 +229,10 @@ pub enum CoordinatorMessage {
         job: JobId,
         attempt: Attempt,
     },
+    /// Do one step of a deployment; answer with `DeployResult`.
+    Deploy(Box<DeployCommand>),
+    /// Run an ad-hoc command now (`gantry exec`); answer with `ExecOutput`s and `ExecDone`.
+    Exec(ExecCommand),
 }
 
 /// Everything an agent needs to run one job attempt.
@@ -298,6 +322,8 @@ pub enum StreamOpen {
     /// Chunks of upload `session` (opened on the same connection): `ChunkPut`s in, one
     /// `PutReply` out once they are durable.
     PutChunks { session: u64 },
+    /// Admin to coordinator: run a command on every matching host; `ExecEvent`s out.
+    Exec(ExecRequest),
 }
 
 /// Agent to coordinator on a log stream: one chunk of output.
@@ -400,6 +426,8 @@ pub enum AdminRequest {
     SetSecret {
         name: String,
         value: String,
+        /// Only deployments to this environment receive it.
+        environment: Option<String>,
     },
     ListSecrets,
     RemoveSecret {
@@ -416,6 +444,46 @@ pub enum AdminRequest {
         key: String,
         pipeline: Option<String>,
         branch: Option<String>,
+    },
+    /// Creates an environment, or changes one (`replace`).
+    PutEnvironment {
+        name: String,
+        select: Labels,
+        approvals: u32,
+        wait_ms: u64,
+        branches: Vec<String>,
+        replace: bool,
+    },
+    ListEnvironments,
+    ShowEnvironment {
+        name: String,
+    },
+    ListDeployments {
+        environment: Option<String>,
+        limit: u32,
+    },
+    ShowDeployment {
+        id: u64,
+    },
+    /// Approves a deployment waiting for approvals (never one you started).
+    ApproveDeployment {
+        id: u64,
+    },
+    /// Goes on from a canary pause.
+    PromoteDeployment {
+        id: u64,
+    },
+    /// Stops a deployment and rolls back what it switched.
+    AbortDeployment {
+        id: u64,
+    },
+    /// Back to a release the hosts still hold.
+    Rollback(RollbackRequest),
+    /// Signs a CSR for another admin identity (`gantry admin add`).
+    IssueAdmin {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        csr_der: Vec<u8>,
     },
     /// Expires artifacts, evicts caches and deletes unreferenced chunks now. `grace_secs`
     /// overrides how old an unreferenced chunk must be before it goes.
@@ -460,6 +528,14 @@ pub enum AdminResponse {
     Artifacts(Vec<ArtifactView>),
     Caches(Vec<CacheView>),
     Gc(GcReport),
+    Environments(Vec<EnvironmentView>),
+    Environment(EnvironmentView),
+    Deployments(Vec<DeploymentView>),
+    Deployment(DeploymentView),
+    AdminIssued {
+        certificate_pem: String,
+        ca_certificate_pem: String,
+    },
     Done {
         message: String,
     },

@@ -45,6 +45,9 @@ pub enum Grant {
     Job { job: JobId, attempt: Attempt },
     /// An admin connection: reads anything. Refused on an agent's connection.
     Admin,
+    /// A host staging a deployment's release: reads that release's manifest and chunks,
+    /// while the step is in flight.
+    Deploy { deployment: u64, epoch: u64 },
 }
 
 /// Which manifests a reader may fetch.

@@ -58,6 +58,7 @@ impl RawAgent {
             slots: 4,
             figures: HostFigures::default(),
             running: vec![],
+            peer_port: None,
         });
         writer
             .send_frame(

@@ -337,6 +337,7 @@ fn foreign_missing_and_wrong_role_certificates_are_refused() {
             slots: 1,
             figures: HostFigures::default(),
             running: vec![],
+            peer_port: None,
         });
         client
             .writer

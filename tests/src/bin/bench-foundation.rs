@@ -263,6 +263,7 @@ async fn hold_agents(
                     ..HostFigures::default()
                 },
                 running: vec![],
+                peer_port: None,
             });
             w.send_frame(&gantry_protocol::encode_hello(
                 &hello,
