@@ -14,7 +14,7 @@ pub mod keyfile;
 pub mod tls;
 pub mod token;
 
-pub use ca::{CertAuthority, IssuedCert};
+pub use ca::{CertAuthority, IssuedCert, ADMIN_CERT_LIFETIME};
 
 pub use csr::{generate_key_and_csr, CsrError, KeyAndCsr};
 pub use identity::{Identity, IdentityError, Role};

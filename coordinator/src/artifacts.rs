@@ -182,6 +182,9 @@ impl Artifacts {
                 return Err("an agent cannot use an admin grant".into())
             }
             (Peer::Agent(agent), Grant::Job { job, attempt }) => (agent, *job, *attempt),
+            (Peer::Agent(_), Grant::Deploy { .. }) => {
+                return Err("a deploy grant reads only its deployment's release".into())
+            }
         };
         let record = self
             .store
@@ -316,6 +319,9 @@ impl Artifacts {
 
     /// Whether `peer` may read `manifest` under `grant`.
     fn check_readable(&self, peer: &Peer, grant: &Grant, manifest: &Digest) -> Result<(), String> {
+        if let (Peer::Agent(agent), Grant::Deploy { deployment, epoch }) = (peer, grant) {
+            return self.check_release(agent, *deployment, *epoch, manifest);
+        }
         let Some(scope) = self.scope(peer, grant)? else {
             return Ok(());
         };
@@ -339,6 +345,42 @@ impl Artifacts {
             "manifest {manifest} is not an artifact of run {} nor a cache its jobs may restore: refused",
             scope.run.run
         ))
+    }
+
+    /// A host staging a deployment reads that deployment's release, while the
+    /// deployment runs and the host is one of its targets.
+    fn check_release(
+        &self,
+        agent: &AgentId,
+        deployment: u64,
+        epoch: u64,
+        manifest: &Digest,
+    ) -> Result<(), String> {
+        let record = self
+            .store
+            .deployment(deployment)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no deployment {deployment}: refused"))?;
+        if record.epoch != epoch {
+            return Err(format!(
+                "deployment {deployment} has epoch {}, not {epoch}: refused",
+                record.epoch
+            ));
+        }
+        if record.is_ended() {
+            return Err(format!("deployment {deployment} has ended: refused"));
+        }
+        if !record.hosts.contains_key(agent) {
+            return Err(format!(
+                "{agent} is not a target of deployment {deployment}: refused"
+            ));
+        }
+        if record.release.manifest != *manifest {
+            return Err(format!(
+                "manifest {manifest} is not deployment {deployment}'s release: refused"
+            ));
+        }
+        Ok(())
     }
 
     async fn send_manifest(

@@ -129,7 +129,12 @@ pub async fn triggers(cmd: TriggersCommand) -> Result<ExitCode, Failure> {
 #[derive(Debug, Subcommand)]
 pub enum SecretsCommand {
     /// Store a secret; its value is read from standard input (a trailing newline is dropped).
-    Set { name: String },
+    Set {
+        name: String,
+        /// Only deployments to this environment receive it (no job's steps do).
+        #[arg(long = "environment", value_name = "ENV")]
+        environment: Option<String>,
+    },
     /// Names of the stored secrets.
     List {
         #[arg(long)]
@@ -396,7 +401,7 @@ pub async fn jobs(cmd: JobsCommand) -> Result<ExitCode, Failure> {
 
 pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode, Failure> {
     let (req, json) = match cmd {
-        SecretsCommand::Set { name } => {
+        SecretsCommand::Set { name, environment } => {
             let mut value = String::new();
             std::io::stdin()
                 .read_to_string(&mut value)
@@ -406,7 +411,14 @@ pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode, Failure> {
                 .strip_suffix('\n')
                 .map_or(value.as_str(), |v| v.strip_suffix('\r').unwrap_or(v))
                 .to_owned();
-            (AdminRequest::SetSecret { name, value }, false)
+            (
+                AdminRequest::SetSecret {
+                    name,
+                    value,
+                    environment,
+                },
+                false,
+            )
         }
         SecretsCommand::List { json } => (AdminRequest::ListSecrets, json),
         SecretsCommand::Rm { name } => (AdminRequest::RemoveSecret { name }, false),

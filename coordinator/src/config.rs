@@ -255,6 +255,14 @@ pub struct LoadedContext {
 }
 
 impl AdminContext {
+    /// The context file alone, without the files it names.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the admin context {}: run `gantry init` on the coordinator, or set GANTRY_CONFIG", path.display())
+        })?;
+        toml::from_str(&text).with_context(|| format!("invalid admin context {}", path.display()))
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<LoadedContext> {
         let text = std::fs::read_to_string(path).with_context(|| {
             format!("cannot read the admin context {}: run `gantry init` on the coordinator, or set GANTRY_CONFIG", path.display())
@@ -335,6 +343,9 @@ pub fn check_label_key(k: &str) -> anyhow::Result<()> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
     if !ok {
         bail!("invalid label key {k:?}: use 1 to 63 of a-z 0-9 . _ / -, starting with a letter or digit");
+    }
+    if k.starts_with("gantry.") {
+        bail!("invalid label key {k:?}: keys starting with \"gantry.\" are Gantry's own; choose another name");
     }
     Ok(())
 }

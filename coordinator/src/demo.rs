@@ -4,8 +4,11 @@
 //! child process, enrolls and starts three real `gantry-agent` processes (found next to
 //! this binary, or at `GANTRY_AGENT_BIN`), waits until all of them are connected and have
 //! reported their figures, prints them, runs the example pipeline (`examples/ci.yml`) on
-//! them (approving its manual gate), shows the jobs and a log, and stops everything. Nothing is left running
-//! and the directory is removed. Later capabilities extend this same walkthrough.
+//! them (approving its manual gate), shows the jobs and a log, then deploys the build's
+//! artifact (a small HTTP service, `python3 -m http.server`) to the three agents as hosts,
+//! each with its own deploy root and port, with a rolling strategy and HTTP health checks,
+//! shows the deployment's history, asks every host what it serves with `gantry exec`,
+//! and stops everything. Nothing is left running and the directory is removed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -95,6 +98,42 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
+fn free_tcp_port() -> anyhow::Result<u16> {
+    let sock = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot bind a TCP socket on 127.0.0.1")?;
+    Ok(sock.local_addr()?.port())
+}
+
+fn python3_available() -> bool {
+    Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The HTTP servers the demo's deployment started on its hosts: stopped when dropped
+/// (the agents' deploy hooks leave them running, as a service would be).
+struct DemoServers(PathBuf);
+
+impl Drop for DemoServers {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let pid_file = entry.path().join("deploy/hello/shared/server.pid");
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+            {
+                terminate(pid);
+            }
+        }
+    }
+}
+
 fn free_udp_port() -> anyhow::Result<u16> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0")
         .context("cannot bind a UDP socket on 127.0.0.1")?;
@@ -158,7 +197,10 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         .request(&AdminRequest::CreateToken {
             ttl_secs: 600,
             uses: args.agents,
-            labels: Labels::from([("demo".to_owned(), "true".to_owned())]),
+            labels: Labels::from([
+                ("demo".to_owned(), "true".to_owned()),
+                ("role".to_owned(), "web".to_owned()),
+            ]),
         })
         .await?
     else {
@@ -169,8 +211,10 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         token.token_id, args.agents
     );
 
+    let _servers = DemoServers(root.to_path_buf());
     for i in 1..=args.agents {
         let data = root.join(format!("agent-{i}"));
+        let web_port = free_tcp_port()?;
         let status = Command::new(&agent_bin)
             .args([
                 "enroll",
@@ -178,6 +222,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
                 &token.token,
                 "--label",
                 &format!("demo-agent={i}"),
+                "--label",
+                &format!("port={web_port}"),
                 "--data-dir",
             ])
             .arg(&data)
@@ -234,7 +280,14 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "{}",
         output::agents_table(&agents, gantry_protocol::UnixMillis::now())
     );
-    demo_pipeline(&mut admin).await?;
+    let deploys = python3_available();
+    if !deploys {
+        println!("\n(python3 was not found: the demo's HTTP service needs it, so the deployment part is skipped)");
+    }
+    demo_pipeline(&mut admin, deploys).await?;
+    if deploys {
+        demo_deployment(&mut admin).await?;
+    }
     if let AdminResponse::Status(s) = admin.request(&AdminRequest::Status).await? {
         println!(
             "\ncoordinator: {} connected, {} enrolled, {} revoked",
@@ -264,14 +317,17 @@ const EXAMPLE_PIPELINE: &str = include_str!("../../examples/ci.yml");
 
 /// Runs the example pipeline on the demo agents, approves its manual gate, and shows the
 /// jobs and the build's log.
-async fn demo_pipeline(admin: &mut AdminClient) -> anyhow::Result<()> {
+async fn demo_pipeline(admin: &mut AdminClient, deploy: bool) -> anyhow::Result<()> {
     let submit = SubmitRun {
         file_name: "examples/ci.yml".into(),
         text: EXAMPLE_PIPELINE.into(),
         git_ref: "main".into(),
         commit: None,
         event: "manual".into(),
-        inputs: Labels::new(),
+        inputs: Labels::from([(
+            "deploy".to_owned(),
+            if deploy { "yes" } else { "no" }.to_owned(),
+        )]),
         source: None,
     };
     let AdminResponse::Run(run) = admin.request(&AdminRequest::SubmitRun(submit)).await? else {
@@ -372,4 +428,89 @@ async fn connect_with_retry(ctx: &crate::config::LoadedContext) -> anyhow::Resul
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Shows the deployment the pipeline made, checks every host serves the release, and
+/// asks the hosts with `gantry exec`.
+async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
+    let AdminResponse::Deployments(list) = admin
+        .request(&AdminRequest::ListDeployments {
+            environment: Some("demo".into()),
+            limit: 10,
+        })
+        .await?
+    else {
+        bail!("unexpected response to deployments list");
+    };
+    let Some(latest) = list.first() else {
+        bail!("the pipeline's deploy job made no deployment");
+    };
+    println!("\n== deployments to environment demo (`gantry deployments list`):\n");
+    print!(
+        "{}",
+        crate::cli_deploy::deployments_table(&list, gantry_protocol::UnixMillis::now())
+    );
+    let AdminResponse::Deployment(view) = admin
+        .request(&AdminRequest::ShowDeployment { id: latest.id })
+        .await?
+    else {
+        bail!("unexpected response to deployments show");
+    };
+    println!(
+        "\n== deployment {} (`gantry deployments show {}`): staged everywhere, then switched one host at a time, each checked over HTTP\n",
+        view.id, view.id
+    );
+    print!(
+        "{}",
+        crate::cli_deploy::deployment_detail(&view, gantry_protocol::UnixMillis::now())
+    );
+    if view.state != "succeeded" {
+        bail!("the demo deployment ended {}", view.state);
+    }
+    println!("\n== `gantry exec --select role=web -- cat hello/current/out/app.txt`:\n");
+    let mut reader = admin
+        .follow(&StreamOpen::Exec(gantry_protocol::ExecRequest {
+            select: Labels::from([("role".to_owned(), "web".to_owned())]),
+            parallel: 0,
+            command: "cat hello/current/out/app.txt".into(),
+            timeout_ms: 10_000,
+        }))
+        .await?;
+    let mut names = std::collections::HashMap::new();
+    let (mut done, mut expected) = (0, usize::MAX);
+    while done < expected {
+        match reader.recv::<gantry_protocol::ExecEvent>().await? {
+            Some(gantry_protocol::ExecEvent::Targets(hosts)) => {
+                expected = hosts.len();
+                for h in hosts {
+                    names.insert(h.agent, h.hostname);
+                }
+            }
+            Some(gantry_protocol::ExecEvent::Output { agent, data }) => {
+                for line in String::from_utf8_lossy(&data).lines() {
+                    println!(
+                        "  {} | {line}",
+                        names.get(&agent).map_or("?", String::as_str)
+                    );
+                }
+            }
+            Some(gantry_protocol::ExecEvent::Done {
+                agent,
+                result,
+                millis,
+            }) => {
+                done += 1;
+                let host = names.get(&agent).map_or("?", String::as_str);
+                match result {
+                    Ok(code) => println!("  {host} exited {code} in {millis} ms"),
+                    Err(e) => bail!("exec on {host} failed: {e}"),
+                }
+            }
+            Some(gantry_protocol::ExecEvent::Refused { message }) => {
+                bail!("exec refused: {message}")
+            }
+            None => bail!("the exec stream ended early"),
+        }
+    }
+    Ok(())
 }

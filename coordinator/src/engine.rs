@@ -569,8 +569,15 @@ pub fn capability_label(capability: &str) -> String {
     format!("gantry.capability/{capability}")
 }
 
-/// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job.
+/// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job. A deploy job
+/// runs on the coordinator's deploy runner alone.
 fn required_labels(job: &gantry_pipeline::Job) -> Labels {
+    if job.deploy.is_some() {
+        return Labels::from([(
+            crate::deployments::DEPLOY_RUNNER_LABEL.to_owned(),
+            "true".to_owned(),
+        )]);
+    }
     let mut labels = job.runs_on.clone();
     if job.image.is_some() {
         labels.insert(capability_label("docker"), "true".into());

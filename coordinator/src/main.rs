@@ -9,11 +9,14 @@ mod bundle;
 mod chunks;
 mod cli;
 mod cli_artifacts;
+mod cli_deploy;
 mod client;
 mod config;
 mod demo;
+mod deployments;
 mod distribute;
 mod engine;
+mod exec;
 mod http;
 mod init;
 mod logs;
@@ -104,6 +107,22 @@ enum Command {
     Cache(cli_artifacts::CacheCommand),
     /// Expire artifacts, evict caches and delete chunks nothing references, now.
     Gc(cli_artifacts::GcArgs),
+    /// Environments: which hosts a deployment targets and what guards it.
+    #[command(subcommand)]
+    Env(cli_deploy::EnvCommand),
+    /// Deployment history: who deployed what, where, when, and how each host fared.
+    #[command(subcommand)]
+    Deployments(cli_deploy::DeploymentsCommand),
+    /// Act on a running deployment: approve, promote a canary, abort.
+    #[command(subcommand)]
+    Deploy(cli_deploy::DeployCommand),
+    /// Put an environment back on an earlier release its hosts still hold.
+    Rollback(cli_deploy::RollbackArgs),
+    /// Run a command on every matching connected host now.
+    Exec(cli_deploy::ExecArgs),
+    /// Admin identities.
+    #[command(subcommand)]
+    Admin(cli_deploy::AdminCommand),
     /// Offline bundles: the agent, the CA, an install script, the unit, maybe a token.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
@@ -333,6 +352,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Artifacts(cmd) => cli_artifacts::artifacts(cmd).await,
         Command::Cache(cmd) => cli_artifacts::cache(cmd).await,
         Command::Gc(args) => cli_artifacts::gc(args).await,
+        Command::Env(cmd) => cli_deploy::env(cmd).await,
+        Command::Deployments(cmd) => cli_deploy::deployments(cmd).await,
+        Command::Deploy(cmd) => cli_deploy::deploy(cmd).await,
+        Command::Rollback(args) => cli_deploy::rollback(args).await,
+        Command::Exec(args) => cli_deploy::exec(args).await,
+        Command::Admin(cmd) => cli_deploy::admin_command(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Installer(args) => bundle::install_command(&args).map(|()| ExitCode::SUCCESS),
         Command::Audit(a) => {

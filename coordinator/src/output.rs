@@ -28,6 +28,13 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Artifacts(a) => serde_json::to_value(a),
             AdminResponse::Caches(c) => serde_json::to_value(c),
             AdminResponse::Gc(g) => serde_json::to_value(g),
+            AdminResponse::Environments(e) => serde_json::to_value(e),
+            AdminResponse::Environment(e) => serde_json::to_value(e),
+            AdminResponse::Deployments(d) => serde_json::to_value(d),
+            AdminResponse::Deployment(d) => serde_json::to_value(d),
+            AdminResponse::AdminIssued { .. } => {
+                serde_json::to_value(serde_json::json!({ "issued": true }))
+            }
             AdminResponse::Done { message } => {
                 serde_json::to_value(serde_json::json!({ "message": message }))
             }
@@ -104,6 +111,23 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         }
         AdminResponse::Caches(caches) => print!("{}", caches_table(caches, UnixMillis::now())),
         AdminResponse::Gc(report) => print!("{}", gc_summary(report)),
+        AdminResponse::Environments(envs) => {
+            print!("{}", crate::cli_deploy::environments_table(envs));
+        }
+        AdminResponse::Environment(e) => print!("{}", crate::cli_deploy::environment_detail(e)),
+        AdminResponse::Deployments(d) => {
+            print!(
+                "{}",
+                crate::cli_deploy::deployments_table(d, UnixMillis::now())
+            );
+        }
+        AdminResponse::Deployment(d) => {
+            print!(
+                "{}",
+                crate::cli_deploy::deployment_detail(d, UnixMillis::now())
+            );
+        }
+        AdminResponse::AdminIssued { .. } => println!("admin certificate issued"),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
     }

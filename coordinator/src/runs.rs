@@ -209,7 +209,18 @@ pub fn admin(
                 )))
             }
         }
-        AdminRequest::SetSecret { name, value } => {
+        AdminRequest::SetSecret {
+            name,
+            value,
+            environment,
+        } => {
+            if let Some(env) = &environment {
+                if coord.store.environment(env).map_err(internal)?.is_none() {
+                    return Err(not_found(format!(
+                        "no environment {env}; create it with `gantry env create {env} --select KEY=VALUE` first"
+                    )));
+                }
+            }
             if !crate::secrets::valid_name(&name) {
                 return Err(invalid(format!("invalid secret name {name:?}: use 1 to 64 of A-Z 0-9 _, starting with a letter")));
             }
@@ -225,10 +236,26 @@ pub fn admin(
                 })?;
             coord
                 .store
-                .put_secret(&name, &sealed, &audit("secret.set", format!("name={name}")))
+                .put_secret(
+                    &name,
+                    &sealed,
+                    environment.as_deref(),
+                    &audit(
+                        "secret.set",
+                        format!(
+                            "name={name} environment={}",
+                            environment.as_deref().unwrap_or("-")
+                        ),
+                    ),
+                )
                 .map_err(internal)?;
             Ok(AdminResponse::Done {
-                message: format!("secret {name} stored"),
+                message: match &environment {
+                    Some(env) => {
+                        format!("secret {name} stored; only deployments to {env} receive it")
+                    }
+                    None => format!("secret {name} stored"),
+                },
             })
         }
         AdminRequest::ListSecrets => Ok(AdminResponse::Secrets(
@@ -330,13 +357,26 @@ pub(crate) fn submit_run(
         .into_iter()
         .map(|(n, _)| n)
         .collect();
+    let scopes = coord.store.secret_scopes().map_err(internal)?;
     for job in &pipeline.jobs {
         for secret in gantry_pipeline::referenced_secrets(job) {
             if !stored.contains(&secret) {
                 return Err(invalid(format!("job {:?} uses secret {secret}, which is not set; set it with `gantry secrets set {secret}`", job.name)));
             }
+            if let Some(scope) = scopes.get(&secret) {
+                let deploys_there = job.deploy.as_ref().is_some_and(|d| &d.environment == scope);
+                if !deploys_there {
+                    return Err(invalid(format!("job {:?} uses secret {secret}, which is scoped to environment {scope}: only a job deploying to {scope} receives it", job.name)));
+                }
+            }
         }
     }
+    crate::deployments::create_file_environments(&coord.store, &pipeline, actor).map_err(|e| {
+        AdminError {
+            kind: AdminErrorKind::Internal,
+            message: format!("cannot create the pipeline's environments: {e}"),
+        }
+    })?;
     let now = UnixMillis::now();
     let audit = AuditEntry {
         at: now,

@@ -22,13 +22,15 @@ use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::deployments::AdminOp;
 use crate::engine::{AgentOutbox, Engine, Input};
 use crate::logs::LogStore;
 use crate::runs::{internal, invalid};
 use crate::secrets::SecretKey;
 
 use crate::store::{
-    AgentRecord, AuditEntry, HelloFacts, Presence, Store, StoreError, TokenRecord, TokenRefusal,
+    AgentRecord, AuditEntry, EnvironmentRecord, HelloFacts, Presence, Store, StoreError,
+    TokenRecord, TokenRefusal,
 };
 
 /// How often presence (last seen, figures) is written to the store. Presence is not an
@@ -61,6 +63,9 @@ struct LiveSession {
     last_seen: UnixMillis,
     figures: Option<HostFigures>,
     hello: Option<HelloFacts>,
+    /// Hostname and labels (reported and assigned) as of the hello, for deployments.
+    hostname: String,
+    labels: Labels,
     dirty: bool,
     /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
     outbound: mpsc::UnboundedSender<CoordinatorMessage>,
@@ -93,31 +98,40 @@ pub struct Coordinator {
     /// Numbers connections, so an upload session is fed only by the connection that
     /// opened it.
     next_connection: AtomicU64,
+    pub(crate) deployments: crate::deployments::Deployments,
+    /// Ad-hoc commands in flight (`gantry exec`), by id.
+    execs: Arc<crate::exec::Execs>,
 }
 
-/// The engine's way to reach agents and secrets.
+/// The engine's and the deployments' way to reach agents and secrets.
 struct Outbox {
     registry: Arc<Mutex<Registry>>,
     store: Arc<Store>,
     secret_key: Arc<SecretKey>,
+    deployments: crate::deployments::Deployments,
+    runner: AgentId,
 }
 
-impl AgentOutbox for Outbox {
-    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool {
-        lock(&self.registry)
-            .live
-            .get(agent)
-            .is_some_and(|s| s.outbound.send(message).is_ok())
-    }
-
-    fn secrets(&self, names: &[String]) -> Labels {
+impl Outbox {
+    /// Values of the secrets named, among those `allowed` lets through by scope.
+    fn open_secrets(&self, names: &[String], allowed: impl Fn(Option<&String>) -> bool) -> Labels {
         let mut out = Labels::new();
         if names.is_empty() {
             return out;
         }
+        let scopes = match self.store.secret_scopes() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot read secret scopes: {e}");
+                return out;
+            }
+        };
         match self.store.secrets() {
             Ok(all) => {
-                for (name, sealed) in all.into_iter().filter(|(n, _)| names.contains(n)) {
+                for (name, sealed) in all
+                    .into_iter()
+                    .filter(|(n, _)| names.contains(n) && allowed(scopes.get(n)))
+                {
                     match self.secret_key.open(&name, &sealed) {
                         Ok(value) => {
                             out.insert(name, value);
@@ -129,6 +143,42 @@ impl AgentOutbox for Outbox {
             Err(e) => tracing::error!("cannot read secrets: {e}"),
         }
         out
+    }
+}
+
+impl AgentOutbox for Outbox {
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool {
+        if *agent == self.runner {
+            return self.deployments.route_from_scheduler(message);
+        }
+        lock(&self.registry)
+            .live
+            .get(agent)
+            .is_some_and(|s| s.outbound.send(message).is_ok())
+    }
+
+    /// Jobs get only secrets scoped to no environment (a scoped one goes only to
+    /// deployments to its environment; submission refuses jobs that name one).
+    fn secrets(&self, names: &[String]) -> Labels {
+        self.open_secrets(names, |scope| scope.is_none())
+    }
+}
+
+impl crate::deployments::Fleet for Outbox {
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool {
+        AgentOutbox::send(self, agent, message)
+    }
+
+    fn connected(&self) -> Vec<(AgentId, String, Labels)> {
+        lock(&self.registry)
+            .live
+            .iter()
+            .map(|(id, s)| (id.clone(), s.hostname.clone(), s.labels.clone()))
+            .collect()
+    }
+
+    fn secrets_for(&self, environment: &str, names: &[String]) -> Labels {
+        self.open_secrets(names, |scope| scope.is_none_or(|s| s == environment))
     }
 }
 
@@ -191,13 +241,18 @@ impl Coordinator {
             SecretKey::load_or_create(&data_dir.join("secrets.key")).map_err(|e| e.to_string())?,
         );
         let registry = Arc::new(Mutex::new(Registry::default()));
+        let (deployments, deploy_inbox) = crate::deployments::Deployments::channel(store.clone());
         let outbox = Arc::new(Outbox {
             registry: registry.clone(),
             store: store.clone(),
             secret_key: secret_key.clone(),
+            deployments: deployments.clone(),
+            runner: crate::deployments::deploy_runner(),
         });
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let engine = Engine::start(store.clone(), outbox, metrics.clone())?;
+        let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
+        let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
+        deployments.start(deploy_inbox, outbox, engine.clone(), logs.clone())?;
         let artifacts = Arc::new(
             crate::artifacts::Artifacts::open(
                 store.clone(),
@@ -222,12 +277,14 @@ impl Coordinator {
             next_session: AtomicU64::new(1),
             handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
             engine,
-            logs: Arc::new(LogStore::new(&data_dir.join("logs"))),
+            logs,
             sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
             metrics,
             secret_key,
             artifacts,
             next_connection: AtomicU64::new(1),
+            deployments,
+            execs: Arc::new(crate::exec::Execs::default()),
         })
     }
 
@@ -445,7 +502,11 @@ impl Coordinator {
             .collect();
         let now_sys = SystemTime::now();
         let now = UnixMillis::now();
-        let agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
+        let mut agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
+        // All-zero is the deploy runner's id; a 1-in-2^48 draw of it is drawn again.
+        while agent_id == crate::deployments::deploy_runner() {
+            agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
+        }
         let cert = self
             .ca
             .sign_csr(
@@ -602,6 +663,7 @@ impl Coordinator {
             l
         };
         let slots = facts.slots;
+        let hostname = facts.hostname.clone();
         let replaced = lock(&self.registry).live.insert(
             id.clone(),
             LiveSession {
@@ -611,6 +673,8 @@ impl Coordinator {
                 last_seen: now,
                 figures: Some(hello.figures),
                 hello: Some(facts),
+                hostname,
+                labels: effective_labels.clone(),
                 dirty: true,
                 outbound,
             },
@@ -639,6 +703,7 @@ impl Coordinator {
                 slots,
                 running,
             });
+            self.deployments.connected(id.clone());
             let streams = AbortOnDrop(tokio::spawn(
                 self.clone().agent_streams(conn.clone(), id.clone()),
             ));
@@ -694,6 +759,7 @@ impl Coordinator {
             }
             drop(reader_task);
             drop(streams);
+            self.execs.host_gone(&id, "the host disconnected");
             self.engine
                 .event(Event::AgentDisconnected { agent: id.clone() });
         }
@@ -756,6 +822,9 @@ impl Coordinator {
                     reason,
                 });
             }
+            AgentMessage::DeployResult(result) => self.deployments.result(id.clone(), result),
+            AgentMessage::ExecOutput { id: exec, data } => self.execs.output(exec, id, data),
+            AgentMessage::ExecDone { id: exec, result } => self.execs.done(exec, id, result),
             AgentMessage::JobFinished(result) => {
                 let (job, attempt) = (result.job, result.attempt);
                 let (ack, acked) = oneshot::channel();
@@ -816,6 +885,18 @@ impl Coordinator {
                             Err(message) => gantry_protocol::SourceStored::Refused { message },
                         };
                         writer.send(&reply).await
+                    }
+                    Ok(Some(StreamOpen::Exec(request))) => {
+                        let targets = me.exec_targets(&request.select);
+                        let sender = me.clone();
+                        crate::exec::run(
+                            &me.execs,
+                            &request,
+                            targets,
+                            move |agent, message| sender.send_to(agent, message),
+                            &mut writer,
+                        )
+                        .await
                     }
                     Ok(Some(StreamOpen::Logs { .. } | StreamOpen::FetchSource { .. })) => {
                         tracing::info!("an admin opened a stream only agents may open");
@@ -975,6 +1056,20 @@ impl Coordinator {
                             dry_run,
                             grace_secs,
                         } => self.gc(&actor, dry_run, grace_secs).await,
+                        AdminRequest::ApproveDeployment { id } => {
+                            self.deployments.admin(&actor, AdminOp::Approve(id)).await
+                        }
+                        AdminRequest::PromoteDeployment { id } => {
+                            self.deployments.admin(&actor, AdminOp::Promote(id)).await
+                        }
+                        AdminRequest::AbortDeployment { id } => {
+                            self.deployments.admin(&actor, AdminOp::Abort(id)).await
+                        }
+                        AdminRequest::Rollback(request) => {
+                            self.deployments
+                                .admin(&actor, AdminOp::Rollback(request))
+                                .await
+                        }
                         other => self.admin_request(&actor, other),
                     };
                     if writer.send(&response).await.is_err() {
@@ -1184,6 +1279,159 @@ impl Coordinator {
             AdminRequest::Gc { .. } => Err(invalid(
                 "garbage collection is answered by the session, not here".into(),
             )),
+            AdminRequest::PutEnvironment {
+                name,
+                select,
+                approvals,
+                wait_ms,
+                branches,
+                replace,
+            } => {
+                if let Some(problem) = gantry_pipeline::environment_name_problem(&name) {
+                    return Err(invalid(format!(
+                        "invalid environment name {name:?}: {problem}"
+                    )));
+                }
+                let select = check_labels(&select).map_err(invalid)?;
+                if approvals > MAX_APPROVALS {
+                    return Err(invalid(format!(
+                        "--approvals {approvals}: at most {MAX_APPROVALS}"
+                    )));
+                }
+                if wait_ms > MAX_WAIT_MS {
+                    return Err(invalid(format!(
+                        "--wait: at most {} days",
+                        MAX_WAIT_MS / 86_400_000
+                    )));
+                }
+                if let Some(bad) = branches
+                    .iter()
+                    .find(|b| b.is_empty() || b.len() > 255 || b.chars().any(char::is_control))
+                {
+                    return Err(invalid(format!(
+                        "invalid branch pattern {bad:?}: 1 to 255 printable characters, like main or release/*"
+                    )));
+                }
+                let detail = format!(
+                    "name={name} select={select:?} approvals={approvals} wait_ms={wait_ms} branches={branches:?}"
+                );
+                let record = EnvironmentRecord {
+                    name,
+                    select,
+                    approvals,
+                    wait_ms,
+                    branches,
+                    epoch: 0,
+                    current: None,
+                    history: Vec::new(),
+                    created_by: actor.to_owned(),
+                    created_at: now,
+                };
+                let action = if replace {
+                    "environment.update"
+                } else {
+                    "environment.create"
+                };
+                match self
+                    .store
+                    .put_environment(record, replace, &audit(action, detail))
+                    .map_err(internal)?
+                {
+                    Ok(stored) => Ok(AdminResponse::Environment(
+                        crate::deployments::environment_view(&self.store, stored),
+                    )),
+                    Err(message) if replace => Err(crate::runs::not_found(message)),
+                    Err(message) => Err(invalid(message)),
+                }
+            }
+            AdminRequest::ListEnvironments => Ok(AdminResponse::Environments(
+                self.store
+                    .environments()
+                    .map_err(internal)?
+                    .into_iter()
+                    .map(|r| crate::deployments::environment_view(&self.store, r))
+                    .collect(),
+            )),
+            AdminRequest::ShowEnvironment { name } => {
+                let record = self
+                    .store
+                    .environment(&name)
+                    .map_err(internal)?
+                    .ok_or_else(|| {
+                        crate::runs::not_found(format!(
+                            "no environment {name}; `gantry env list` shows them"
+                        ))
+                    })?;
+                Ok(AdminResponse::Environment(
+                    crate::deployments::environment_view(&self.store, record),
+                ))
+            }
+            AdminRequest::ListDeployments { environment, limit } => {
+                if let Some(env) = &environment {
+                    if self.store.environment(env).map_err(internal)?.is_none() {
+                        return Err(crate::runs::not_found(format!(
+                            "no environment {env}; `gantry env list` shows them"
+                        )));
+                    }
+                }
+                let limit = limit.clamp(1, 1000) as usize;
+                let views = self
+                    .store
+                    .deployments(usize::MAX, false)
+                    .map_err(internal)?
+                    .into_iter()
+                    .filter(|d| environment.as_ref().is_none_or(|e| &d.environment == e))
+                    .take(limit)
+                    .map(|d| {
+                        let mut view = d.view();
+                        view.log.clear();
+                        view
+                    })
+                    .collect();
+                Ok(AdminResponse::Deployments(views))
+            }
+            AdminRequest::ShowDeployment { id } => {
+                let record = self
+                    .store
+                    .deployment(id)
+                    .map_err(internal)?
+                    .ok_or_else(|| {
+                        crate::runs::not_found(format!(
+                            "no deployment {id}; `gantry deployments list` shows them"
+                        ))
+                    })?;
+                Ok(AdminResponse::Deployment(record.view()))
+            }
+            AdminRequest::ApproveDeployment { .. }
+            | AdminRequest::PromoteDeployment { .. }
+            | AdminRequest::AbortDeployment { .. }
+            | AdminRequest::Rollback(_) => Err(invalid(
+                "deployment changes are answered by the session, not here".into(),
+            )),
+            AdminRequest::IssueAdmin { name, csr_der } => {
+                if !gantry_certs::identity::valid_admin_name(&name) {
+                    return Err(invalid(format!(
+                        "invalid admin name {name:?}: use 1 to 64 of a-z 0-9 . _ -"
+                    )));
+                }
+                let cert = self
+                    .ca
+                    .sign_csr(
+                        &csr_der,
+                        &Identity::Admin(name.clone()),
+                        SystemTime::now(),
+                        gantry_certs::ADMIN_CERT_LIFETIME,
+                    )
+                    .map_err(|e| invalid(format!("certificate request refused: {e}")))?;
+                let detail = format!("name={name} certificate_serial={}", cert.serial_hex);
+                self.store
+                    .audit(&audit("admin.issue", detail))
+                    .map_err(internal)?;
+                Ok(AdminResponse::AdminIssued {
+                    certificate_pem: cert.pem,
+                    ca_certificate_pem: self.ca.cert_pem().to_owned(),
+                })
+            }
             AdminRequest::Audit { limit } => {
                 let entries = self
                     .store
@@ -1282,6 +1530,37 @@ impl Coordinator {
             certificate_not_after: r.certificate_not_after,
             revoked_at: r.revoked_at,
         }
+    }
+}
+
+/// Most approvals an environment may require.
+const MAX_APPROVALS: u32 = 10;
+/// Longest wait timer an environment may have: 30 days.
+const MAX_WAIT_MS: u64 = 30 * 86_400_000;
+
+impl Coordinator {
+    /// Connected hosts whose labels match `select`, by hostname.
+    fn exec_targets(&self, select: &Labels) -> Vec<gantry_protocol::ExecHost> {
+        let mut hosts: Vec<(AgentId, String)> = lock(&self.registry)
+            .live
+            .iter()
+            .filter(|(_, s)| gantry_scheduler::labels_match(&s.labels, select))
+            .map(|(id, s)| (id.clone(), s.hostname.clone()))
+            .collect();
+        hosts.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        crate::deployments::distinct_names(&mut hosts);
+        hosts
+            .into_iter()
+            .map(|(agent, hostname)| gantry_protocol::ExecHost { agent, hostname })
+            .collect()
+    }
+
+    /// Queues a message for a connected host; `false` if it has no session.
+    fn send_to(&self, agent: &AgentId, message: CoordinatorMessage) -> bool {
+        lock(&self.registry)
+            .live
+            .get(agent)
+            .is_some_and(|s| s.outbound.send(message).is_ok())
     }
 }
 

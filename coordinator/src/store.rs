@@ -11,8 +11,8 @@ use std::path::Path;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use gantry_protocol::{
-    AgentId, ArtifactView, Attempt, CacheView, Digest, GcReport, HostFigures, JobId, Labels, RunId,
-    TokenId, UnixMillis,
+    AgentId, ArtifactView, Attempt, CacheView, Digest, EnvRelease, GcReport, HostFigures, JobId,
+    Labels, RunId, TokenId, UnixMillis,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -33,6 +33,12 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests
 const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
 /// Caches by `pipeline \0 branch \0 key` → [`CacheView`].
 const CACHES: TableDefinition<&str, &[u8]> = TableDefinition::new("caches");
+/// The environment a secret is scoped to, by secret name (absent: any job may use it).
+const SECRET_SCOPES: TableDefinition<&str, &str> = TableDefinition::new("secret_scopes");
+/// Environments by name → [`EnvironmentRecord`].
+const ENVIRONMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments");
+/// Deployments by id → [`DeploymentRecord`].
+const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
 
 /// Version of the record layouts below; bump with a migration when a record changes shape.
 const SCHEMA_VERSION: u32 = 1;
@@ -289,6 +295,12 @@ impl Store {
             tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
             tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
             tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            tx.open_table(SECRET_SCOPES)
+                .map_err(eng!("open secret scopes"))?;
+            tx.open_table(ENVIRONMENTS)
+                .map_err(eng!("open environments"))?;
+            tx.open_table(DEPLOYMENTS)
+                .map_err(eng!("open deployments"))?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
@@ -723,24 +735,256 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores an encrypted secret (the caller encrypts) and its audit entry.
+    /// Stores an encrypted secret (the caller encrypts), the environment it is scoped
+    /// to (if any), and its audit entry.
     pub fn put_secret(
         &self,
         name: &str,
         sealed: &[u8],
+        environment: Option<&str>,
         audit: &AuditEntry,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             let mut table = tx.open_table(SECRETS).map_err(eng!("open secrets"))?;
             table.insert(name, sealed).map_err(eng!("write secret"))?;
             drop(table);
+            let mut scopes = tx
+                .open_table(SECRET_SCOPES)
+                .map_err(eng!("open secret scopes"))?;
+            match environment {
+                Some(env) => {
+                    scopes
+                        .insert(name, env)
+                        .map_err(eng!("write secret scope"))?;
+                }
+                None => {
+                    scopes.remove(name).map_err(eng!("write secret scope"))?;
+                }
+            }
+            drop(scopes);
             Self::append_audit(tx, audit)
         })
     }
 
     /// Removes a secret; `false` if there was none.
     pub fn remove_secret(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            tx.open_table(SECRET_SCOPES)
+                .map_err(eng!("open secret scopes"))?
+                .remove(name)
+                .map_err(eng!("remove secret scope"))?;
+            Ok(())
+        })?;
         self.remove_named(SECRETS, name, audit)
+    }
+
+    /// The environment each scoped secret belongs to.
+    pub fn secret_scopes(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx
+            .open_table(SECRET_SCOPES)
+            .map_err(eng!("open secret scopes"))?;
+        let mut out = BTreeMap::new();
+        for item in table.iter().map_err(eng!("scan secret scopes"))? {
+            let (k, v) = item.map_err(eng!("scan secret scopes"))?;
+            out.insert(k.value().to_owned(), v.value().to_owned());
+        }
+        Ok(out)
+    }
+
+    /// Creates an environment (or replaces one, with `replace`), with its audit entry.
+    /// Refuses to create one that exists unless replacing, and to replace one that does
+    /// not; the epoch and history of a replaced environment are kept.
+    pub fn put_environment(
+        &self,
+        mut record: EnvironmentRecord,
+        replace: bool,
+        audit: &AuditEntry,
+    ) -> Result<Result<EnvironmentRecord, String>, StoreError> {
+        self.write(|tx| {
+            let mut table = tx
+                .open_table(ENVIRONMENTS)
+                .map_err(eng!("open environments"))?;
+            let existing: Option<EnvironmentRecord> = match table
+                .get(record.name.as_str())
+                .map_err(eng!("read environment"))?
+            {
+                Some(v) => Some(decode("environment", &record.name, v.value())?),
+                None => None,
+            };
+            match (existing, replace) {
+                (Some(_), false) => {
+                    return Ok(Err(format!(
+                        "environment {} exists; change it with `gantry env update`",
+                        record.name
+                    )))
+                }
+                (None, true) => {
+                    return Ok(Err(format!(
+                        "no environment {}; create it with `gantry env create`",
+                        record.name
+                    )))
+                }
+                (Some(old), true) => {
+                    record.epoch = old.epoch;
+                    record.current = old.current;
+                    record.history = old.history;
+                    record.created_by = old.created_by;
+                    record.created_at = old.created_at;
+                }
+                (None, false) => {}
+            }
+            table
+                .insert(record.name.as_str(), encode(&record)?.as_slice())
+                .map_err(eng!("write environment"))?;
+            drop(table);
+            Self::append_audit(tx, audit)?;
+            Ok(Ok(record))
+        })
+    }
+
+    pub fn environment(&self, name: &str) -> Result<Option<EnvironmentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx
+            .open_table(ENVIRONMENTS)
+            .map_err(eng!("open environments"))?;
+        match table.get(name).map_err(eng!("read environment"))? {
+            Some(v) => Ok(Some(decode("environment", name, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn environments(&self) -> Result<Vec<EnvironmentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx
+            .open_table(ENVIRONMENTS)
+            .map_err(eng!("open environments"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(eng!("scan environments"))? {
+            let (k, v) = item.map_err(eng!("scan environments"))?;
+            out.push(decode("environment", k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Stores a new deployment, numbered after the last one, with the environment's
+    /// next epoch, in one commit (so epochs of one environment only grow).
+    pub fn create_deployment(
+        &self,
+        environment: &str,
+        make: impl FnOnce(u64, u64) -> DeploymentRecord,
+        audit: &AuditEntry,
+    ) -> Result<DeploymentRecord, StoreError> {
+        self.write(|tx| {
+            let mut envs = tx
+                .open_table(ENVIRONMENTS)
+                .map_err(eng!("open environments"))?;
+            let mut env: EnvironmentRecord =
+                match envs.get(environment).map_err(eng!("read environment"))? {
+                    Some(v) => decode("environment", environment, v.value())?,
+                    None => {
+                        return Err(StoreError::Engine {
+                            op: "create deployment",
+                            detail: format!("no environment {environment}"),
+                        })
+                    }
+                };
+            env.epoch += 1;
+            envs.insert(environment, encode(&env)?.as_slice())
+                .map_err(eng!("write environment"))?;
+            drop(envs);
+            let mut table = tx
+                .open_table(DEPLOYMENTS)
+                .map_err(eng!("open deployments"))?;
+            let id = table
+                .last()
+                .map_err(eng!("read deployments"))?
+                .map_or(1, |(k, _)| k.value() + 1);
+            let record = make(id, env.epoch);
+            table
+                .insert(id, encode(&record)?.as_slice())
+                .map_err(eng!("write deployment"))?;
+            drop(table);
+            let mut entry = audit.clone();
+            entry.detail = format!("deployment={id} {}", entry.detail);
+            Self::append_audit(tx, &entry)?;
+            Ok(record)
+        })
+    }
+
+    /// Saves a deployment; with `finished`, also records its release as the
+    /// environment's current one, in the same commit.
+    pub fn save_deployment(
+        &self,
+        record: &DeploymentRecord,
+        finished: Option<&EnvRelease>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(DEPLOYMENTS)
+                .map_err(eng!("open deployments"))?
+                .insert(record.id, encode(record)?.as_slice())
+                .map_err(eng!("write deployment"))?;
+            if let Some(release) = finished {
+                let mut envs = tx
+                    .open_table(ENVIRONMENTS)
+                    .map_err(eng!("open environments"))?;
+                let env: Option<EnvironmentRecord> = match envs
+                    .get(record.environment.as_str())
+                    .map_err(eng!("read environment"))?
+                {
+                    Some(v) => Some(decode("environment", &record.environment, v.value())?),
+                    None => None,
+                };
+                if let Some(mut env) = env {
+                    env.current = Some(release.clone());
+                    env.history.insert(0, release.clone());
+                    env.history.truncate(crate::deployments::ENV_HISTORY);
+                    envs.insert(record.environment.as_str(), encode(&env)?.as_slice())
+                        .map_err(eng!("write environment"))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn deployment(&self, id: u64) -> Result<Option<DeploymentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx
+            .open_table(DEPLOYMENTS)
+            .map_err(eng!("open deployments"))?;
+        match table.get(id).map_err(eng!("read deployment"))? {
+            Some(v) => Ok(Some(decode("deployment", &id.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest deployments, newest first; `unfinished` keeps only those not ended.
+    pub fn deployments(
+        &self,
+        limit: usize,
+        unfinished: bool,
+    ) -> Result<Vec<DeploymentRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let table = tx
+            .open_table(DEPLOYMENTS)
+            .map_err(eng!("open deployments"))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(eng!("scan deployments"))?.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(eng!("scan deployments"))?;
+            let record: DeploymentRecord = decode("deployment", &k.value().to_string(), v.value())?;
+            if !unfinished || record.finished_at.is_none() {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records one audit entry on its own (for changes stored elsewhere).
+    pub fn append_audit_entry(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        self.write(|tx| Self::append_audit(tx, entry))
     }
 
     /// Every secret, sealed, by name.
@@ -755,6 +999,24 @@ impl Store {
         Ok(out)
     }
 }
+
+/// An environment as stored (its view without the live host list).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentRecord {
+    pub name: String,
+    pub select: Labels,
+    pub approvals: u32,
+    pub wait_ms: u64,
+    pub branches: Vec<String>,
+    pub epoch: u64,
+    pub current: Option<EnvRelease>,
+    pub history: Vec<EnvRelease>,
+    pub created_by: String,
+    pub created_at: UnixMillis,
+}
+
+/// A deployment as stored, engine state included, so it resumes after a restart.
+pub type DeploymentRecord = crate::deployments::DeploymentRecord;
 
 /// A stored chunk: its uncompressed size, where its compressed bytes are (pack, offset,
 /// length) and when it was written (garbage collection leaves young unreferenced chunks
@@ -1064,6 +1326,31 @@ impl Store {
                 }
             }
             drop(caches);
+
+            // Releases environments ran (a rollback may stage one on a new host) and
+            // releases of deployments under way stay, whatever their artifact's expiry.
+            let envs = tx
+                .open_table(ENVIRONMENTS)
+                .map_err(eng!("open environments"))?;
+            for item in envs.iter().map_err(eng!("scan environments"))? {
+                let (k, v) = item.map_err(eng!("scan environments"))?;
+                let env: EnvironmentRecord = decode("environment", k.value(), v.value())?;
+                roots.extend(env.history.iter().map(|r| r.release.manifest));
+                roots.extend(env.current.iter().map(|r| r.release.manifest));
+            }
+            drop(envs);
+            let deployments = tx
+                .open_table(DEPLOYMENTS)
+                .map_err(eng!("open deployments"))?;
+            for item in deployments.iter().map_err(eng!("scan deployments"))? {
+                let (k, v) = item.map_err(eng!("scan deployments"))?;
+                let record: DeploymentRecord =
+                    decode("deployment", &k.value().to_string(), v.value())?;
+                if !record.is_ended() {
+                    roots.insert(record.release.manifest);
+                }
+            }
+            drop(deployments);
 
             let mut manifests = tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
             let mut referenced: HashSet<Digest> = HashSet::new();

@@ -652,7 +652,6 @@ impl Deployment {
                 self.set_host(i, HostState::Untouched, now, out);
             }
         }
-        out.push(log(format!("deployment ended: {outcome:?}")));
         self.set_phase(Phase::Done(outcome), out);
     }
 }

@@ -1053,9 +1053,18 @@ impl Scheduler {
     }
 }
 
-/// Whether an agent carries every label a job asks for, with the same value.
+/// Labels under this prefix reserve an agent: it takes only jobs that ask for each of
+/// them (the coordinator's deploy runner carries one; people cannot set them).
+pub const RESERVED_LABEL_PREFIX: &str = "gantry.reserved/";
+
+/// Whether an agent carries every label a job asks for, with the same value, and the
+/// job asks for every reserved label the agent carries.
 pub fn labels_match(agent: &Labels, runs_on: &Labels) -> bool {
     runs_on.iter().all(|(k, v)| agent.get(k) == Some(v))
+        && agent
+            .iter()
+            .filter(|(k, _)| k.starts_with(RESERVED_LABEL_PREFIX))
+            .all(|(k, v)| runs_on.get(k) == Some(v))
 }
 
 /// When the timeout backstop fires for a job started at `started_at`; none without a

@@ -40,11 +40,16 @@ fn the_example_pipeline_runs_its_dag_in_order_across_two_agents() {
         "build",
         "report-failure",
         "release",
+        "deploy",
     ];
     let jobs: Vec<&serde_json::Value> = names.iter().map(|n| job_named(&view, n)).collect();
     assert_eq!(
         jobs[5]["state"], "skipped",
         "if: failure() does not run when nothing failed"
+    );
+    assert_eq!(
+        jobs[7]["state"], "skipped",
+        "the deployment runs only with the input deploy=yes"
     );
     for j in jobs.iter().filter(|j| j["state"] != "skipped") {
         assert_eq!(j["state"], "succeeded", "{j}");
@@ -327,7 +332,7 @@ fn validate_names_file_line_and_column_for_every_error() {
     let out = c
         .gantry(&["validate", good.to_str().expect("utf8")])
         .expect_code(0);
-    assert!(out.stdout.contains("valid, 7 jobs"), "{}", out.stdout);
+    assert!(out.stdout.contains("valid, 8 jobs"), "{}", out.stdout);
 }
 
 #[test]

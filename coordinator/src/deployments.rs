@@ -1,0 +1,1708 @@
+//! Deployments: the coordinator's shell around the `gantry-deploy` state machine.
+//!
+//! Owns every deployment that has not ended, in one task (the manager): it gates a
+//! deployment on its environment's rules (approvals, wait timer, one at a time), picks
+//! the target hosts when it starts, feeds the engine the hosts' results and the clock,
+//! sends the steps the engine asks for, and persists the whole record (engine state
+//! included) after every change, so a restarted coordinator resumes each deployment where
+//! it was: steps in flight are sent again when their host reconnects (hosts answer a step
+//! they already did from what they kept), and deadlines are wall-clock times.
+//!
+//! A pipeline job with `deploy:` runs on a virtual agent, the deploy runner: the
+//! scheduler offers it the job like any other (it carries the reserved label only such
+//! jobs ask for), the manager accepts it, runs the deployment, writes the deployment's
+//! log into the job's log, and reports the job's result when the deployment ends. The
+//! scheduler, its leases and its retries need nothing special for deploy jobs.
+//!
+//! It must not know how sessions or streams work: it reaches hosts through [`Fleet`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gantry_deploy::{
+    Amount, CanaryStep, Command as EngineCommand, Deployment, Event as EngineEvent, HostState,
+    Limits, Outcome, Pause, Phase, Plan, Strategy,
+};
+use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount, ProbeSpec};
+use gantry_protocol::{
+    AdminResponse, AgentId, AppSpec, Approval, Attempt, CoordinatorMessage, DeployCommand,
+    DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView, EnvRelease,
+    EnvironmentView, ExecHost, HealthCheck, Hooks, JobId, JobOutcome, JobResult, Labels,
+    ReleaseSpec, RollbackRequest, UnixMillis,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{Engine, Input};
+use crate::logs::LogStore;
+use crate::store::{AuditEntry, EnvironmentRecord, Store};
+
+/// The label only the deploy runner carries; deploy jobs ask for it. Labels under
+/// `gantry.reserved/` take only jobs that ask for them (see the scheduler).
+pub const DEPLOY_RUNNER_LABEL: &str = "gantry.reserved/deploy";
+/// Deployment log lines kept in the record (the job's log keeps every line).
+const MAX_LOG_LINES: usize = 2_000;
+/// Deployments a deploy runner runs at once (one per environment anyway).
+const RUNNER_SLOTS: u32 = 256;
+/// How often the deploy runner renews its leases (they last 30 s).
+const RUNNER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Longest wait between checks when nothing is due (a safety net, not a mechanism).
+const IDLE_WAKE: Duration = Duration::from_secs(30);
+/// Releases an environment remembers.
+pub const ENV_HISTORY: usize = 20;
+
+/// The virtual agent that runs deploy jobs: `ag-000000000000`, an id enrollment never
+/// draws (it draws 48 random bits; all-zero is refused there).
+pub fn deploy_runner() -> AgentId {
+    AgentId::from_random(&[0; 6])
+}
+
+/// The coordinator's hosts, as deployments need them.
+pub trait Fleet: Send + Sync + 'static {
+    /// Queues a message for a host's session; `false` if it has none.
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool;
+    /// Connected hosts: id, hostname and labels (reported and assigned).
+    fn connected(&self) -> Vec<(AgentId, String, Labels)>;
+    /// Values of secrets for a deployment to `environment`: secrets scoped to it or to
+    /// none. Names with no such secret are missing from the answer.
+    fn secrets_for(&self, environment: &str, names: &[String]) -> Labels;
+}
+
+/// Where a deployment is before and after its engine runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    AwaitingApproval,
+    /// Approved; starts at `until` (the environment's wait timer).
+    Waiting {
+        until: UnixMillis,
+    },
+    /// Ready, behind another deployment to the same environment.
+    Queued,
+    Running,
+    Ended {
+        /// `succeeded`, `rolled-back`, `failed` or `cancelled`.
+        state: String,
+        reason: Option<String>,
+    },
+}
+
+/// What the coordinator keeps of one host in one deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNote {
+    pub hostname: String,
+    /// The release the host ran before this deployment (what a rollback goes back to).
+    pub previous: Option<String>,
+    /// The step sent and not yet answered: its number and what it asked.
+    pub in_flight: Option<(u64, DeployOp)>,
+}
+
+/// A deployment as stored, engine state included, so it resumes after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub id: u64,
+    pub environment: String,
+    pub epoch: u64,
+    /// The app as hosts get it, with `${{ secrets.NAME }}` not yet filled in (values
+    /// are never stored here; they are filled in for each step sent).
+    pub app: AppSpec,
+    pub release: ReleaseSpec,
+    pub strategy: Strategy,
+    pub limits: Limits,
+    pub created_by: String,
+    pub created_at: UnixMillis,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    /// The pipeline job (and attempt) this deployment is, if a job started it.
+    pub job: Option<(JobId, Attempt)>,
+    pub approvals: Vec<Approval>,
+    pub approvals_needed: u32,
+    pub wait_ms: u64,
+    pub status: Status,
+    pub engine: Option<Deployment>,
+    pub hosts: BTreeMap<AgentId, HostNote>,
+    pub next_seq: u64,
+    pub log: Vec<DeployLogLine>,
+    /// Lines dropped from the front of `log` to keep it bounded.
+    pub log_dropped: u64,
+}
+
+impl DeploymentRecord {
+    pub fn is_ended(&self) -> bool {
+        matches!(self.status, Status::Ended { .. })
+    }
+
+    /// `succeeded`, `staging`, `awaiting-promotion`, ... as listings show it.
+    pub fn state_name(&self) -> String {
+        match &self.status {
+            Status::AwaitingApproval => "waiting-for-approval".into(),
+            Status::Waiting { .. } => "waiting".into(),
+            Status::Queued => "queued".into(),
+            Status::Ended { state, .. } => state.clone(),
+            Status::Running => match self.engine.as_ref().map(Deployment::phase) {
+                None | Some(Phase::NotStarted | Phase::Staging) => "staging".into(),
+                Some(Phase::Wave { .. }) => "switching".into(),
+                Some(Phase::Paused { .. }) => "paused".into(),
+                Some(Phase::Verifying { .. }) => "analysing".into(),
+                Some(Phase::AwaitingPromotion { .. }) => "awaiting-promotion".into(),
+                Some(Phase::RollingBack { .. }) => "rolling-back".into(),
+                Some(Phase::Done(o)) => outcome_state(o).into(),
+            },
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        match &self.status {
+            Status::Ended { reason, .. } => reason.clone(),
+            Status::AwaitingApproval => Some(format!(
+                "{} of {} approvals; `gantry deploy approve {}`",
+                self.approvals.len(),
+                self.approvals_needed,
+                self.id
+            )),
+            Status::Queued => Some(format!(
+                "another deployment to {} is running",
+                self.environment
+            )),
+            _ => match self.engine.as_ref().map(Deployment::phase) {
+                Some(Phase::AwaitingPromotion { reason, .. } | Phase::RollingBack { reason }) => {
+                    Some(reason.clone())
+                }
+                _ => None,
+            },
+        }
+    }
+
+    fn push_log(&mut self, at: UnixMillis, agent: Option<AgentId>, text: String) {
+        self.log.push(DeployLogLine { at, agent, text });
+        if self.log.len() > MAX_LOG_LINES {
+            let extra = self.log.len() - MAX_LOG_LINES;
+            self.log.drain(..extra);
+            self.log_dropped += extra as u64;
+        }
+    }
+
+    /// The view `gantry deployments show` prints.
+    pub fn view(&self) -> DeploymentView {
+        let states: HashMap<&AgentId, &gantry_deploy::Host> = self
+            .engine
+            .as_ref()
+            .map(|e| e.hosts().iter().map(|h| (&h.agent, h)).collect())
+            .unwrap_or_default();
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|(agent, note)| {
+                let host = states.get(agent);
+                let (state, reason) = host.map_or(("pending", None), |h| {
+                    (h.state.name(), host_reason(&h.state))
+                });
+                DeploymentHost {
+                    agent: agent.clone(),
+                    hostname: note.hostname.clone(),
+                    state: state.into(),
+                    reason,
+                    previous: note.previous.clone(),
+                    staged_at: host.and_then(|h| h.staged_at),
+                    activated_at: host.and_then(|h| h.activated_at),
+                    ended_at: host.and_then(|h| h.ended_at),
+                }
+            })
+            .collect();
+        DeploymentView {
+            id: self.id,
+            environment: self.environment.clone(),
+            app: self.app.name.clone(),
+            release: self.release.clone(),
+            strategy: strategy_name(&self.strategy).into(),
+            epoch: self.epoch,
+            state: self.state_name(),
+            reason: self.reason(),
+            created_by: self.created_by.clone(),
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            run: self.job.map(|(j, _)| j.run),
+            job: self.job.map(|(j, _)| j),
+            approvals: self.approvals.clone(),
+            approvals_needed: self.approvals_needed,
+            hosts,
+            log: self.log.clone(),
+        }
+    }
+}
+
+fn host_reason(state: &HostState) -> Option<String> {
+    match state {
+        HostState::StageFailed { reason }
+        | HostState::Failed { reason }
+        | HostState::RollbackFailed { reason } => Some(reason.clone()),
+        _ => None,
+    }
+}
+
+fn outcome_state(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::RolledBack { .. } => "rolled-back",
+        Outcome::Failed { .. } => "failed",
+    }
+}
+
+pub fn strategy_name(strategy: &Strategy) -> &'static str {
+    match strategy {
+        Strategy::Rolling { .. } => "rolling",
+        Strategy::Canary { .. } => "canary",
+        Strategy::BlueGreen { .. } => "blue-green",
+        Strategy::Rollback { .. } => "rollback",
+    }
+}
+
+/// What people ask of deployments through the admin API.
+#[derive(Debug)]
+pub enum AdminOp {
+    Approve(u64),
+    Promote(u64),
+    Abort(u64),
+    Rollback(RollbackRequest),
+}
+
+/// Everything the manager reacts to.
+#[derive(Debug)]
+enum DeployInput {
+    /// The scheduler offered a deploy job to the deploy runner.
+    Dispatch { job: JobId, attempt: Attempt },
+    /// The scheduler wants a deploy job stopped (its run was cancelled).
+    Cancel { job: JobId, attempt: Attempt },
+    Result {
+        agent: AgentId,
+        result: DeployResult,
+    },
+    /// A host (re)connected: send it the steps it has in flight again.
+    Connected { agent: AgentId },
+    Admin {
+        actor: String,
+        op: AdminOp,
+        reply: oneshot::Sender<AdminResponse>,
+    },
+}
+
+/// Handle to the deployment manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Deployments {
+    tx: mpsc::UnboundedSender<DeployInput>,
+    store: Arc<Store>,
+}
+
+impl std::fmt::Debug for Deployments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployments").finish_non_exhaustive()
+    }
+}
+
+/// The manager's end of the channel, created before the engine so the engine's outbox
+/// can route the deploy runner's messages here.
+pub struct Inbox(mpsc::UnboundedReceiver<DeployInput>);
+
+impl Deployments {
+    pub fn channel(store: Arc<Store>) -> (Self, Inbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx, store }, Inbox(rx))
+    }
+
+    /// Starts the manager: loads unfinished deployments and connects the deploy runner.
+    pub fn start(
+        &self,
+        inbox: Inbox,
+        fleet: Arc<dyn Fleet>,
+        engine: Engine,
+        logs: Arc<LogStore>,
+    ) -> Result<(), String> {
+        let mut active = BTreeMap::new();
+        let mut recent = Vec::new();
+        for record in self
+            .store
+            .deployments(usize::MAX, false)
+            .map_err(|e| e.to_string())?
+        {
+            if record.is_ended() {
+                if recent.len() < 200 {
+                    recent.push(record);
+                }
+            } else {
+                active.insert(record.id, record);
+            }
+        }
+        let manager = Manager {
+            active,
+            outgoing: Vec::new(),
+            store: self.store.clone(),
+            fleet,
+            engine,
+            logs,
+        };
+        manager.connect_runner();
+        manager.report_unreported(&recent);
+        tokio::spawn(manager.run(inbox.0));
+        Ok(())
+    }
+
+    /// Routes what the scheduler sends the deploy runner.
+    pub fn route_from_scheduler(&self, message: CoordinatorMessage) -> bool {
+        let input = match message {
+            CoordinatorMessage::Dispatch(a) => DeployInput::Dispatch {
+                job: a.job,
+                attempt: a.attempt,
+            },
+            CoordinatorMessage::Cancel { job, attempt } => DeployInput::Cancel { job, attempt },
+            _ => return true,
+        };
+        self.tx.send(input).is_ok()
+    }
+
+    pub fn result(&self, agent: AgentId, result: DeployResult) {
+        let _ = self.tx.send(DeployInput::Result { agent, result });
+    }
+
+    pub fn connected(&self, agent: AgentId) {
+        let _ = self.tx.send(DeployInput::Connected { agent });
+    }
+
+    /// Carries out an admin operation and answers when it is durable.
+    pub async fn admin(&self, actor: &str, op: AdminOp) -> AdminResponse {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.tx.send(DeployInput::Admin {
+            actor: actor.to_owned(),
+            op,
+            reply,
+        });
+        if sent.is_err() {
+            return refused("the deployment manager is not running; restart the coordinator");
+        }
+        answer.await.unwrap_or_else(|_| {
+            refused("the deployment manager stopped before answering; see the coordinator's log")
+        })
+    }
+}
+
+fn refused(message: impl Into<String>) -> AdminResponse {
+    AdminResponse::Error(gantry_protocol::AdminError {
+        kind: gantry_protocol::AdminErrorKind::InvalidInput,
+        message: message.into(),
+    })
+}
+
+fn not_found(message: impl Into<String>) -> AdminResponse {
+    AdminResponse::Error(gantry_protocol::AdminError {
+        kind: gantry_protocol::AdminErrorKind::NotFound,
+        message: message.into(),
+    })
+}
+
+struct Manager {
+    active: BTreeMap<u64, DeploymentRecord>,
+    /// Steps to send once the records that name them are stored: a host may ask for
+    /// its release the moment it gets the step, and the grant is checked against the
+    /// stored deployment.
+    outgoing: Vec<(u64, AgentId, u64, DeployOp)>,
+    store: Arc<Store>,
+    fleet: Arc<dyn Fleet>,
+    engine: Engine,
+    logs: Arc<LogStore>,
+}
+
+impl Manager {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<DeployInput>) {
+        let mut heartbeat = tokio::time::interval(RUNNER_HEARTBEAT);
+        loop {
+            let now = UnixMillis::now();
+            let wake = self
+                .next_deadline()
+                .map_or(IDLE_WAKE, |at| Duration::from_millis(at.millis_since(now)))
+                .min(IDLE_WAKE);
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.handle(input),
+                    None => return,
+                },
+                () = tokio::time::sleep(wake) => self.tick(),
+                _ = heartbeat.tick() => self.engine.event(gantry_scheduler::Event::AgentHeartbeat {
+                    agent: deploy_runner(),
+                }),
+            }
+        }
+    }
+
+    /// Tells the scheduler the deploy runner is here, holding the jobs of unfinished
+    /// deployments (so their leases survive a restart).
+    fn connect_runner(&self) {
+        let running = self.active.values().filter_map(|r| r.job).collect();
+        self.engine.event(gantry_scheduler::Event::AgentConnected {
+            agent: deploy_runner(),
+            labels: Labels::from([(DEPLOY_RUNNER_LABEL.to_owned(), "true".to_owned())]),
+            slots: RUNNER_SLOTS,
+            running,
+        });
+    }
+
+    /// Reports again the job results of ended deployments whose job the scheduler did
+    /// not record as ended (the coordinator stopped in between).
+    fn report_unreported(&self, recent: &[DeploymentRecord]) {
+        for record in recent {
+            let Some((job, attempt)) = record.job else {
+                continue;
+            };
+            let unreported = matches!(self.store.job(job), Ok(Some(j))
+                if j.attempt == attempt && !crate::engine::is_terminal_name(&j.state));
+            if unreported {
+                self.report_job(record);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<UnixMillis> {
+        self.active
+            .values()
+            .filter_map(|r| match &r.status {
+                Status::Waiting { until } => Some(*until),
+                Status::Running => r.engine.as_ref().and_then(Deployment::next_deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn handle(&mut self, input: DeployInput) {
+        match input {
+            DeployInput::Dispatch { job, attempt } => self.dispatch(job, attempt),
+            DeployInput::Cancel { job, attempt } => {
+                let id = self
+                    .active
+                    .values()
+                    .find(|r| r.job == Some((job, attempt)))
+                    .map(|r| r.id);
+                if let Some(id) = id {
+                    self.abort(id, "the run's cancellation");
+                }
+            }
+            DeployInput::Result { agent, result } => self.result(&agent, result),
+            DeployInput::Connected { agent } => self.resend(&agent),
+            DeployInput::Admin { actor, op, reply } => {
+                let answer = self.admin(&actor, &op);
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = UnixMillis::now();
+        let due: Vec<u64> = self
+            .active
+            .values()
+            .filter(|r| match &r.status {
+                Status::Waiting { until } => *until <= now,
+                Status::Running => r
+                    .engine
+                    .as_ref()
+                    .and_then(Deployment::next_deadline)
+                    .is_some_and(|at| at <= now),
+                _ => false,
+            })
+            .map(|r| r.id)
+            .collect();
+        for id in due {
+            let waiting = self
+                .active
+                .get(&id)
+                .is_some_and(|r| matches!(r.status, Status::Waiting { .. }));
+            if waiting {
+                self.ready(id);
+            } else {
+                self.feed(id, EngineEvent::Tick);
+            }
+        }
+    }
+
+    // ---- starting deployments -------------------------------------------------------
+
+    fn dispatch(&mut self, job: JobId, attempt: Attempt) {
+        self.engine.event(gantry_scheduler::Event::JobAccepted {
+            job,
+            attempt,
+            agent: deploy_runner(),
+        });
+        if self.active.values().any(|r| r.job == Some((job, attempt))) {
+            return;
+        }
+        match self.create_for_job(job, attempt) {
+            Ok(id) => self.gate(id),
+            Err(message) => {
+                tracing::info!(%job, attempt, "deploy job refused: {message}");
+                self.job_log(job, attempt, &format!("\u{2716} {message}"));
+                self.finish_job(job, attempt, false, UnixMillis::now());
+            }
+        }
+    }
+
+    /// Builds and stores the deployment a deploy job asks for.
+    fn create_for_job(&mut self, job: JobId, attempt: Attempt) -> Result<u64, String> {
+        let run = self
+            .store
+            .run(job.run)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("run {} is not stored", job.run))?;
+        let pipeline = gantry_pipeline::parse(&run.file_name, &run.text)
+            .map_err(|e| format!("the run's pipeline no longer parses: {e}"))?;
+        let spec = pipeline
+            .jobs
+            .get(job.index as usize)
+            .ok_or_else(|| format!("job {job} is not in its pipeline"))?;
+        let deploy = spec.deploy.as_ref().ok_or_else(|| {
+            format!(
+                "job {} has no `deploy:`; only deploy jobs may ask for {DEPLOY_RUNNER_LABEL}",
+                spec.name
+            )
+        })?;
+        let env = self.environment(&deploy.environment)?;
+        if !env.branches.is_empty()
+            && !env
+                .branches
+                .iter()
+                .any(|g| gantry_pipeline::glob_match(g, &run.git_ref))
+        {
+            return Err(format!(
+                "branch {} may not deploy to {} (allowed: {}); `gantry env update {} --branch GLOB` changes that",
+                run.git_ref,
+                env.name,
+                env.branches.join(", "),
+                env.name
+            ));
+        }
+        let artifact = self
+            .store
+            .artifacts_of(job.run)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|a| a.name == deploy.artifact)
+            .ok_or_else(|| {
+                format!(
+                    "run {} has no artifact \"{}\" to deploy: the job that declares it did not upload it",
+                    job.run, deploy.artifact
+                )
+            })?;
+        self.check_secrets(deploy, &env.name)?;
+        let hex = artifact.manifest.to_string();
+        let short = hex.trim_start_matches(gantry_protocol::DIGEST_PREFIX);
+        let release = ReleaseSpec {
+            id: format!("r{}-{}", job.run, &short[..8.min(short.len())]),
+            version: deploy
+                .version
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}", job.run, job.index + 1)),
+            manifest: artifact.manifest,
+        };
+        let (strategy, blue_green) = engine_strategy(&deploy.strategy);
+        let app = app_spec(deploy, blue_green);
+        let limits = Limits {
+            stage_ms: deploy.stage_timeout_ms,
+            activate_ms: deploy.activate_timeout_ms,
+            verify_ms: deploy
+                .health
+                .as_ref()
+                .map_or(60_000, |h| h.deadline_ms + h.timeout_ms + 10_000),
+            rollback_ms: deploy.activate_timeout_ms,
+            ..Limits::default()
+        };
+        let created_by = run.created_by.clone();
+        let record = self.create(
+            &env,
+            app,
+            release,
+            strategy,
+            limits,
+            &created_by,
+            Some((job, attempt)),
+            &format!("run={} job={}", job.run, spec.name),
+        )?;
+        let id = record.id;
+        self.job_log(
+            job,
+            attempt,
+            &format!(
+                "deployment {id} of {} ({}) to {}, epoch {}: `gantry deployments show {id}`",
+                record.release.id, record.release.version, record.environment, record.epoch
+            ),
+        );
+        Ok(id)
+    }
+
+    fn environment(&self, name: &str) -> Result<EnvironmentRecord, String> {
+        self.store
+            .environment(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "no environment {name}: create it with `gantry env create {name} --select KEY=VALUE`, or define it under `environments:` in the pipeline file"
+                )
+            })
+    }
+
+    /// Every secret the deployment names exists and may go to this environment.
+    fn check_secrets(&self, deploy: &DeploySpec, environment: &str) -> Result<(), String> {
+        let names = deploy_secret_names(deploy);
+        if names.is_empty() {
+            return Ok(());
+        }
+        let scopes = self.store.secret_scopes().map_err(|e| e.to_string())?;
+        let stored: Vec<String> = self
+            .store
+            .secrets()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for name in &names {
+            if !stored.contains(name) {
+                return Err(format!(
+                    "secret {name} does not exist; set it with `gantry secrets set {name} --environment {environment}`"
+                ));
+            }
+            if let Some(scope) = scopes.get(name).filter(|s| *s != environment) {
+                return Err(format!(
+                    "secret {name} is scoped to environment {scope}; a deployment to {environment} may not use it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        env: &EnvironmentRecord,
+        app: AppSpec,
+        release: ReleaseSpec,
+        strategy: Strategy,
+        limits: Limits,
+        created_by: &str,
+        job: Option<(JobId, Attempt)>,
+        detail: &str,
+    ) -> Result<DeploymentRecord, String> {
+        let now = UnixMillis::now();
+        let approvals_needed = if matches!(strategy, Strategy::Rollback { .. }) {
+            // A rollback is the way out of a bad release: it goes back to a release
+            // this environment already approved, and waits for nobody.
+            0
+        } else {
+            env.approvals
+        };
+        let wait_ms = if approvals_needed == 0 && matches!(strategy, Strategy::Rollback { .. }) {
+            0
+        } else {
+            env.wait_ms
+        };
+        let audit = AuditEntry {
+            at: now,
+            actor: created_by.to_owned(),
+            action: "deployment.create".into(),
+            detail: format!("environment={} release={} {detail}", env.name, release.id),
+        };
+        let record = self
+            .store
+            .create_deployment(
+                &env.name,
+                |id, epoch| DeploymentRecord {
+                    id,
+                    environment: env.name.clone(),
+                    epoch,
+                    app,
+                    release,
+                    strategy,
+                    limits,
+                    created_by: created_by.to_owned(),
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                    job,
+                    approvals: Vec::new(),
+                    approvals_needed,
+                    wait_ms,
+                    status: if approvals_needed > 0 {
+                        Status::AwaitingApproval
+                    } else {
+                        Status::Queued
+                    },
+                    engine: None,
+                    hosts: BTreeMap::new(),
+                    next_seq: 1,
+                    log: Vec::new(),
+                    log_dropped: 0,
+                },
+                &audit,
+            )
+            .map_err(|e| format!("cannot store the deployment: {e}"))?;
+        self.active.insert(record.id, record.clone());
+        Ok(record)
+    }
+
+    /// Moves a new deployment through its gates: approvals, then the wait timer.
+    fn gate(&mut self, id: u64) {
+        let now = UnixMillis::now();
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        if matches!(rec.status, Status::AwaitingApproval) {
+            let text = format!(
+                "waiting for {} approval(s) from people other than {}: `gantry deploy approve {id}`",
+                rec.approvals_needed, rec.created_by
+            );
+            self.log(id, now, None, text);
+            self.save(id);
+            return;
+        }
+        self.approved(id);
+    }
+
+    /// Approvals are complete: wait, or go.
+    fn approved(&mut self, id: u64) {
+        let now = UnixMillis::now();
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        if rec.wait_ms > 0 {
+            let until = now.plus_millis(rec.wait_ms);
+            rec.status = Status::Waiting { until };
+            let text = format!(
+                "waiting {} s (the environment's wait timer) before starting",
+                rec.wait_ms.div_ceil(1000)
+            );
+            self.log(id, now, None, text);
+            self.save(id);
+            return;
+        }
+        self.ready(id);
+    }
+
+    /// Ready to run: start now, or queue behind the environment's running deployment.
+    fn ready(&mut self, id: u64) {
+        let Some(env) = self.active.get(&id).map(|r| r.environment.clone()) else {
+            return;
+        };
+        let busy = self
+            .active
+            .values()
+            .any(|r| r.id != id && r.environment == env && matches!(r.status, Status::Running));
+        let ahead = self
+            .active
+            .values()
+            .any(|r| r.id < id && r.environment == env && matches!(r.status, Status::Queued));
+        if busy || ahead {
+            if let Some(rec) = self.active.get_mut(&id) {
+                rec.status = Status::Queued;
+            }
+            self.log(
+                id,
+                UnixMillis::now(),
+                None,
+                format!("queued behind another deployment to {env}"),
+            );
+            self.save(id);
+            return;
+        }
+        self.begin(id);
+    }
+
+    /// Picks the target hosts and starts the engine.
+    fn begin(&mut self, id: u64) {
+        let now = UnixMillis::now();
+        let Some(env_name) = self.active.get(&id).map(|r| r.environment.clone()) else {
+            return;
+        };
+        let env = match self.environment(&env_name) {
+            Ok(env) => env,
+            Err(message) => return self.end_unstarted(id, "failed", &message),
+        };
+        let runner = deploy_runner();
+        let mut targets: Vec<(AgentId, String)> = self
+            .fleet
+            .connected()
+            .into_iter()
+            .filter(|(agent, _, labels)| {
+                *agent != runner && gantry_scheduler::labels_match(labels, &env.select)
+            })
+            .map(|(agent, hostname, _)| (agent, hostname))
+            .collect();
+        targets.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        distinct_names(&mut targets);
+        if targets.is_empty() {
+            let enrolled = self.store.agents().map_or(0, |all| {
+                all.iter()
+                    .filter(|a| {
+                        a.revoked_at.is_none()
+                            && gantry_scheduler::labels_match(&a.effective_labels(), &env.select)
+                    })
+                    .count()
+            });
+            return self.end_unstarted(
+                id,
+                "failed",
+                &format!(
+                    "no connected host matches environment {}'s selector {} ({enrolled} enrolled host(s) match; `gantry agents list` shows which are connected)",
+                    env.name,
+                    labels_text(&env.select)
+                ),
+            );
+        }
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        let plan = Plan {
+            hosts: targets.iter().map(|(a, _)| a.clone()).collect(),
+            strategy: match &rec.strategy {
+                // `--parallel 0` means every host at once.
+                Strategy::Rollback { parallelism: 0 } => Strategy::Rollback {
+                    parallelism: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+                },
+                other => other.clone(),
+            },
+            limits: rec.limits,
+        };
+        rec.hosts = targets
+            .iter()
+            .map(|(agent, hostname)| {
+                (
+                    agent.clone(),
+                    HostNote {
+                        hostname: hostname.clone(),
+                        previous: None,
+                        in_flight: None,
+                    },
+                )
+            })
+            .collect();
+        rec.engine = Some(Deployment::new(plan));
+        rec.status = Status::Running;
+        rec.started_at = Some(now);
+        let names: Vec<&str> = targets.iter().map(|(_, h)| h.as_str()).collect();
+        let text = format!(
+            "starting: {} of {} ({}) to {} host(s): {}",
+            strategy_name(&rec.strategy),
+            rec.release.id,
+            rec.release.version,
+            targets.len(),
+            names.join(", ")
+        );
+        self.log(id, now, None, text);
+        self.feed(id, EngineEvent::Start);
+    }
+
+    // ---- running deployments --------------------------------------------------------
+
+    /// Feeds the engine one event and carries out what it asks.
+    fn feed(&mut self, id: u64, event: EngineEvent) {
+        let now = UnixMillis::now();
+        let Some(commands) = self
+            .active
+            .get_mut(&id)
+            .and_then(|r| r.engine.as_mut())
+            .map(|e| e.handle(now, event))
+        else {
+            return;
+        };
+        let mut ended = None;
+        for command in commands {
+            match command {
+                EngineCommand::Stage { host } => {
+                    let op = self.active.get(&id).map(|r| DeployOp::Stage {
+                        release: r.release.clone(),
+                        peers: Vec::new(),
+                    });
+                    if let Some(op) = op {
+                        self.send_op(id, &host, op);
+                    }
+                }
+                EngineCommand::Activate { host } => {
+                    let op = self.active.get(&id).map(|r| DeployOp::Activate {
+                        release: r.release.clone(),
+                    });
+                    if let Some(op) = op {
+                        self.send_op(id, &host, op);
+                    }
+                }
+                EngineCommand::Verify { host } => self.send_op(id, &host, DeployOp::Verify),
+                EngineCommand::Rollback { host } => {
+                    let to = self
+                        .active
+                        .get(&id)
+                        .and_then(|r| r.hosts.get(&host))
+                        .and_then(|n| n.previous.clone());
+                    self.send_op(id, &host, DeployOp::Rollback { to });
+                }
+                EngineCommand::HostChanged { host, state } => {
+                    if let Some(reason) = host_reason(&state) {
+                        let text = format!("{}: {reason}", state.name());
+                        self.log(id, now, Some(&host), text);
+                    }
+                    if state.is_terminal() || matches!(state, HostState::Active) {
+                        if let Some(note) = self
+                            .active
+                            .get_mut(&id)
+                            .and_then(|r| r.hosts.get_mut(&host))
+                        {
+                            note.in_flight = None;
+                        }
+                    }
+                }
+                EngineCommand::PhaseChanged { phase } => {
+                    if let Phase::Done(outcome) = phase {
+                        ended = Some(outcome);
+                    }
+                }
+                EngineCommand::Log { message } => self.log(id, now, None, message),
+            }
+        }
+        match ended {
+            Some(outcome) => self.end(id, &outcome),
+            None => self.save(id),
+        }
+    }
+
+    /// Records one step for a host as in flight; it is sent once stored (see
+    /// [`Self::save`]).
+    fn send_op(&mut self, id: u64, host: &AgentId, op: DeployOp) {
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        let seq = rec.next_seq;
+        rec.next_seq += 1;
+        if let Some(note) = rec.hosts.get_mut(host) {
+            note.in_flight = Some((seq, op.clone()));
+        }
+        self.outgoing.push((id, host.clone(), seq, op));
+    }
+
+    /// Sends the steps recorded since the last save.
+    fn send_outgoing(&mut self) {
+        for (id, host, seq, op) in std::mem::take(&mut self.outgoing) {
+            if !self.send_step(id, &host, seq, op) {
+                let text = "not connected: the step waits for the host until its deadline".into();
+                self.log(id, UnixMillis::now(), Some(&host), text);
+            }
+        }
+    }
+
+    fn send_step(&self, id: u64, host: &AgentId, seq: u64, op: DeployOp) -> bool {
+        let Some(rec) = self.active.get(&id) else {
+            return false;
+        };
+        let command = DeployCommand {
+            deployment: id,
+            epoch: rec.epoch,
+            seq,
+            app: self.app_for_host(rec),
+            op,
+        };
+        self.fleet
+            .send(host, CoordinatorMessage::Deploy(Box::new(command)))
+    }
+
+    /// The app with its secrets filled in, for one step.
+    fn app_for_host(&self, rec: &DeploymentRecord) -> AppSpec {
+        let mut app = rec.app.clone();
+        let names = app_secret_names(&app);
+        if names.is_empty() {
+            return app;
+        }
+        let values = self.fleet.secrets_for(&rec.environment, &names);
+        let fill = |text: &str| {
+            gantry_protocol::template::expand(text, |expr| {
+                expr.strip_prefix("secrets.")
+                    .and_then(|n| values.get(n.trim()))
+                    .cloned()
+            })
+        };
+        for value in app.env.values_mut() {
+            *value = fill(value);
+        }
+        let h = &mut app.hooks;
+        for hook in [
+            &mut h.stop,
+            &mut h.start,
+            &mut h.restart,
+            &mut h.pre_start,
+            &mut h.post_start,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *hook = fill(hook);
+        }
+        app.secrets = values.into_values().filter(|v| !v.is_empty()).collect();
+        app
+    }
+
+    /// A host (re)connected: send its in-flight steps again (it answers a step it
+    /// already did from what it kept).
+    fn resend(&mut self, agent: &AgentId) {
+        let pending: Vec<(u64, u64, DeployOp)> = self
+            .active
+            .values()
+            .filter(|r| matches!(r.status, Status::Running))
+            .filter_map(|r| {
+                let (seq, op) = r.hosts.get(agent)?.in_flight.clone()?;
+                Some((r.id, seq, op))
+            })
+            .collect();
+        for (id, seq, op) in pending {
+            tracing::debug!(deployment = id, %agent, seq, "sending an in-flight step again");
+            self.send_step(id, agent, seq, op);
+        }
+    }
+
+    fn result(&mut self, agent: &AgentId, result: DeployResult) {
+        let now = UnixMillis::now();
+        let id = result.deployment;
+        let Some(rec) = self.active.get_mut(&id) else {
+            tracing::debug!(deployment = id, %agent, "result for a deployment that has ended");
+            return;
+        };
+        let Some(note) = rec.hosts.get_mut(agent) else {
+            tracing::warn!(deployment = id, %agent, "result from a host not in the deployment");
+            return;
+        };
+        let Some((seq, op)) = note.in_flight.clone().filter(|(s, _)| *s == result.seq) else {
+            tracing::debug!(deployment = id, %agent, seq = result.seq, "result for a step not in flight");
+            return;
+        };
+        note.in_flight = None;
+        if let (DeployOp::Stage { .. }, Ok(report)) = (&op, &result.outcome) {
+            note.previous.clone_from(&report.current);
+        }
+        for line in result.log {
+            self.log(id, now, Some(agent), line);
+        }
+        let outcome = result.outcome.map(|_| ());
+        tracing::debug!(deployment = id, %agent, seq, ok = outcome.is_ok(), "deploy step ended");
+        let host = agent.clone();
+        let event = match op {
+            DeployOp::Stage { .. } => EngineEvent::Staged {
+                host,
+                result: outcome,
+            },
+            DeployOp::Activate { .. } => EngineEvent::Activated {
+                host,
+                result: outcome,
+            },
+            DeployOp::Verify => EngineEvent::Verified {
+                host,
+                result: outcome,
+            },
+            DeployOp::Rollback { .. } => EngineEvent::RolledBack {
+                host,
+                result: outcome,
+            },
+        };
+        self.feed(id, event);
+    }
+
+    // ---- ending deployments ---------------------------------------------------------
+
+    fn end(&mut self, id: u64, outcome: &Outcome) {
+        let now = UnixMillis::now();
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        let reason = match outcome {
+            Outcome::Succeeded { failed_hosts: 0 } => None,
+            Outcome::Succeeded { failed_hosts } => Some(format!(
+                "{failed_hosts} host(s) failed within the failure budget and were rolled back"
+            )),
+            Outcome::RolledBack { reason } | Outcome::Failed { reason } => Some(reason.clone()),
+        };
+        rec.status = Status::Ended {
+            state: outcome_state(outcome).into(),
+            reason: reason.clone(),
+        };
+        rec.finished_at = Some(now);
+        let text = match &reason {
+            Some(r) => format!("{}: {r}", outcome_state(outcome)),
+            None => outcome_state(outcome).to_owned(),
+        };
+        self.log(id, now, None, text);
+        self.close(id, matches!(outcome, Outcome::Succeeded { .. }));
+    }
+
+    /// Ends a deployment that never started its engine.
+    fn end_unstarted(&mut self, id: u64, state: &str, reason: &str) {
+        let now = UnixMillis::now();
+        let Some(rec) = self.active.get_mut(&id) else {
+            return;
+        };
+        rec.status = Status::Ended {
+            state: state.into(),
+            reason: Some(reason.to_owned()),
+        };
+        rec.finished_at = Some(now);
+        self.log(id, now, None, format!("{state}: {reason}"));
+        self.close(id, false);
+    }
+
+    /// Stores the ended deployment (and the environment's new release), reports its
+    /// job, and starts the next deployment queued for the environment.
+    fn close(&mut self, id: u64, succeeded: bool) {
+        let Some(rec) = self.active.remove(&id) else {
+            return;
+        };
+        self.outgoing.retain(|(of, ..)| *of != id);
+        let release = succeeded.then(|| EnvRelease {
+            release: rec.release.clone(),
+            app: rec.app.name.clone(),
+            deployment: rec.id,
+            at: rec.finished_at.unwrap_or_else(UnixMillis::now),
+        });
+        if let Err(e) = self.store.save_deployment(&rec, release.as_ref()) {
+            tracing::error!(deployment = id, "cannot store the deployment's end: {e}");
+        }
+        tracing::info!(deployment = id, environment = %rec.environment, state = %rec.state_name(), "deployment ended");
+        self.report_job(&rec);
+        let next = self
+            .active
+            .values()
+            .filter(|r| r.environment == rec.environment && matches!(r.status, Status::Queued))
+            .map(|r| r.id)
+            .min();
+        if let Some(next) = next {
+            self.begin(next);
+        }
+    }
+
+    fn report_job(&self, rec: &DeploymentRecord) {
+        if let Some((job, attempt)) = rec.job {
+            let ok = matches!(&rec.status, Status::Ended { state, .. } if state == "succeeded");
+            self.finish_job(job, attempt, ok, rec.started_at.unwrap_or(rec.created_at));
+        }
+    }
+
+    fn finish_job(&self, job: JobId, attempt: Attempt, succeeded: bool, started_at: UnixMillis) {
+        let log_chunks = match self.logs.open(job, attempt) {
+            Ok(log) => {
+                if let Err(e) = log.sync() {
+                    tracing::warn!(%job, "cannot sync the deploy job's log: {e}");
+                }
+                log.next_seq()
+            }
+            Err(_) => 0,
+        };
+        let (ack, _) = oneshot::channel();
+        self.engine.send(Input::Finished {
+            agent: deploy_runner(),
+            result: JobResult {
+                job,
+                attempt,
+                outcome: if succeeded {
+                    JobOutcome::Succeeded
+                } else {
+                    JobOutcome::Failed {
+                        exit_code: 1,
+                        step: 0,
+                    }
+                },
+                log_chunks,
+                started_at,
+                finished_at: UnixMillis::now(),
+            },
+            ack,
+        });
+    }
+
+    fn abort(&mut self, id: u64, by: &str) {
+        let started = self
+            .active
+            .get(&id)
+            .is_some_and(|r| matches!(r.status, Status::Running));
+        if started {
+            self.feed(id, EngineEvent::Abort { by: by.to_owned() });
+        } else {
+            self.end_unstarted(
+                id,
+                "cancelled",
+                &format!("cancelled by {by} before it started"),
+            );
+        }
+    }
+
+    // ---- admin operations -----------------------------------------------------------
+
+    fn admin(&mut self, actor: &str, op: &AdminOp) -> AdminResponse {
+        let id = match &op {
+            AdminOp::Approve(id) | AdminOp::Promote(id) | AdminOp::Abort(id) => *id,
+            AdminOp::Rollback(req) => {
+                return match self.rollback(actor, req) {
+                    Ok(id) => self.view_of(id),
+                    Err(message) => refused(message),
+                }
+            }
+        };
+        let Some(rec) = self.active.get(&id) else {
+            return match self.store.deployment(id) {
+                Ok(Some(r)) => refused(format!(
+                    "deployment {id} has ended ({}); nothing to change",
+                    r.state_name()
+                )),
+                Ok(None) => not_found(format!(
+                    "no deployment {id}; `gantry deployments list` shows them"
+                )),
+                Err(e) => refused(e.to_string()),
+            };
+        };
+        let now = UnixMillis::now();
+        match op {
+            AdminOp::Approve(_) => {
+                if !matches!(rec.status, Status::AwaitingApproval) {
+                    return refused(format!(
+                        "deployment {id} is not waiting for approval (it is {})",
+                        rec.state_name()
+                    ));
+                }
+                if rec.created_by == actor {
+                    return refused(format!(
+                        "you started deployment {id}; another person must approve it"
+                    ));
+                }
+                if rec.approvals.iter().any(|a| a.by == actor) {
+                    return refused(format!(
+                        "you already approved deployment {id}; it needs {} more approval(s) from other people",
+                        rec.approvals_needed as usize - rec.approvals.len()
+                    ));
+                }
+                if let Some(rec) = self.active.get_mut(&id) {
+                    rec.approvals.push(Approval {
+                        by: actor.to_owned(),
+                        at: now,
+                    });
+                }
+                self.log(id, now, None, format!("approved by {actor}"));
+                self.audit(actor, "deployment.approve", id);
+                let complete = self
+                    .active
+                    .get(&id)
+                    .is_some_and(|r| r.approvals.len() >= r.approvals_needed as usize);
+                if complete {
+                    self.approved(id);
+                } else {
+                    self.save(id);
+                }
+            }
+            AdminOp::Promote(_) => {
+                let awaiting = matches!(
+                    rec.engine.as_ref().map(Deployment::phase),
+                    Some(Phase::AwaitingPromotion { .. })
+                );
+                if !awaiting {
+                    return refused(format!(
+                        "deployment {id} is not waiting for promotion (it is {})",
+                        rec.state_name()
+                    ));
+                }
+                self.log(id, now, None, format!("promoted by {actor}"));
+                self.audit(actor, "deployment.promote", id);
+                self.feed(id, EngineEvent::Promote);
+            }
+            AdminOp::Abort(_) => {
+                self.audit(actor, "deployment.abort", id);
+                self.abort(id, actor);
+            }
+            AdminOp::Rollback(_) => {}
+        }
+        self.view_of(id)
+    }
+
+    fn view_of(&self, id: u64) -> AdminResponse {
+        match self.active.get(&id) {
+            Some(r) => AdminResponse::Deployment(r.view()),
+            None => match self.store.deployment(id) {
+                Ok(Some(r)) => AdminResponse::Deployment(r.view()),
+                Ok(None) => not_found(format!("no deployment {id}")),
+                Err(e) => refused(e.to_string()),
+            },
+        }
+    }
+
+    fn audit(&self, actor: &str, action: &str, id: u64) {
+        let entry = AuditEntry {
+            at: UnixMillis::now(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            detail: format!("deployment={id}"),
+        };
+        if let Err(e) = self.store.append_audit_entry(&entry) {
+            tracing::warn!("cannot record {action}: {e}");
+        }
+    }
+
+    /// `gantry rollback`: a deployment of a release the hosts still hold, with no
+    /// staging and no analysis.
+    fn rollback(&mut self, actor: &str, req: &RollbackRequest) -> Result<u64, String> {
+        let env = self.environment(&req.environment)?;
+        if let Some(busy) = self
+            .active
+            .values()
+            .find(|r| r.environment == env.name && matches!(r.status, Status::Running))
+        {
+            return Err(format!(
+                "deployment {} to {} is running; `gantry deploy abort {}` rolls it back",
+                busy.id, env.name, busy.id
+            ));
+        }
+        let current = env.current.as_ref().ok_or_else(|| {
+            format!(
+                "nothing was deployed to {} yet: nothing to roll back",
+                env.name
+            )
+        })?;
+        let target = match &req.to {
+            Some(to) => env
+                .history
+                .iter()
+                .find(|r| r.release.id == *to || r.release.version == *to)
+                .ok_or_else(|| {
+                    let known: Vec<&str> =
+                        env.history.iter().map(|r| r.release.id.as_str()).collect();
+                    format!(
+                        "{} never ran release {to}; its releases: {}",
+                        env.name,
+                        known.join(", ")
+                    )
+                })?,
+            None => env
+                .history
+                .iter()
+                .find(|r| r.release.id != current.release.id)
+                .ok_or_else(|| {
+                    format!(
+                        "{} has no release before {} to go back to",
+                        env.name, current.release.id
+                    )
+                })?,
+        }
+        .clone();
+        let source = self
+            .store
+            .deployment(target.deployment)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "deployment {} that installed {} is no longer stored",
+                    target.deployment, target.release.id
+                )
+            })?;
+        let record = self.create(
+            &env,
+            source.app.clone(),
+            target.release.clone(),
+            Strategy::Rollback {
+                parallelism: req.parallelism,
+            },
+            source.limits,
+            actor,
+            None,
+            &format!("rollback from={}", current.release.id),
+        )?;
+        let id = record.id;
+        self.log(
+            id,
+            UnixMillis::now(),
+            None,
+            format!(
+                "rollback of {} from {} to {} requested by {actor}",
+                env.name, current.release.id, target.release.id
+            ),
+        );
+        self.gate(id);
+        Ok(id)
+    }
+
+    // ---- logs and persistence -------------------------------------------------------
+
+    fn log(&mut self, id: u64, at: UnixMillis, agent: Option<&AgentId>, text: String) {
+        if let Some(rec) = self.active.get_mut(&id) {
+            rec.push_log(at, agent.cloned(), text);
+        }
+        self.job_line(id, agent, rec_last_text(self.active.get(&id)));
+    }
+
+    /// Copies a deployment's newest log line into its job's log, prefixed by host.
+    fn job_line(&self, id: u64, agent: Option<&AgentId>, text: Option<String>) {
+        let (Some(rec), Some(text)) = (self.active.get(&id), text) else {
+            return;
+        };
+        let Some((job, attempt)) = rec.job else {
+            return;
+        };
+        let line = match agent.and_then(|a| rec.hosts.get(a)) {
+            Some(note) => format!("[{}] {text}", note.hostname),
+            None => text,
+        };
+        self.job_log(job, attempt, &line);
+    }
+
+    fn job_log(&self, job: JobId, attempt: Attempt, line: &str) {
+        match self.logs.open(job, attempt) {
+            Ok(log) => {
+                let mut data = line.as_bytes().to_vec();
+                data.truncate(crate::logs::MAX_CHUNK - 1);
+                data.push(b'\n');
+                if let Err(e) = log.append(log.next_seq(), &data) {
+                    tracing::warn!(%job, "cannot write the deploy job's log: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(%job, "cannot open the deploy job's log: {e}"),
+        }
+    }
+
+    /// Stores a deployment, then sends the steps it recorded. If the store fails, the
+    /// steps are not sent: they stay in flight and go out when their host reconnects or
+    /// the next save succeeds, and their deadlines still end them.
+    fn save(&mut self, id: u64) {
+        if let Some(rec) = self.active.get(&id) {
+            if let Err(e) = self.store.save_deployment(rec, None) {
+                tracing::error!(deployment = id, "cannot store the deployment: {e}");
+                return;
+            }
+        }
+        self.send_outgoing();
+    }
+}
+
+fn rec_last_text(rec: Option<&DeploymentRecord>) -> Option<String> {
+    rec.and_then(|r| r.log.last()).map(|l| l.text.clone())
+}
+
+/// Hosts that share a hostname (several agents on one machine) are told apart by
+/// their agent id: `web-1 (ag-3f9c0a12b7e4)`.
+pub fn distinct_names(hosts: &mut [(AgentId, String)]) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, name) in hosts.iter() {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    for (agent, name) in hosts.iter_mut() {
+        if counts.get(name.as_str()).copied().unwrap_or(0) > 1 {
+            *name = format!("{name} ({agent})");
+        }
+    }
+}
+
+fn labels_text(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "(every host)".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn amount(a: HostAmount) -> Amount {
+    match a {
+        HostAmount::Count(n) => Amount::Count(n),
+        HostAmount::Percent(p) => Amount::Percent(p),
+    }
+}
+
+/// The engine's strategy for a pipeline's, and the blue-green slots if any.
+fn engine_strategy(strategy: &DeployStrategy) -> (Strategy, Option<gantry_protocol::BlueGreen>) {
+    match strategy {
+        DeployStrategy::Rolling {
+            batch,
+            failure_budget,
+            pause_ms,
+        } => (
+            Strategy::Rolling {
+                batch: amount(*batch),
+                failure_budget: amount(*failure_budget),
+                pause_ms: *pause_ms,
+            },
+            None,
+        ),
+        DeployStrategy::Canary {
+            steps,
+            failure_budget,
+        } => (
+            Strategy::Canary {
+                steps: steps
+                    .iter()
+                    .map(|(percent, pause)| CanaryStep {
+                        percent: *percent,
+                        pause: pause.map_or(Pause::UntilPromoted, |ms| Pause::For { ms }),
+                    })
+                    .collect(),
+                failure_budget: amount(*failure_budget),
+            },
+            None,
+        ),
+        DeployStrategy::BlueGreen {
+            blue_port,
+            green_port,
+            switch,
+        } => (
+            Strategy::BlueGreen {
+                failure_budget: Amount::Count(0),
+            },
+            Some(gantry_protocol::BlueGreen {
+                blue_port: *blue_port,
+                green_port: *green_port,
+                switch: switch.clone(),
+            }),
+        ),
+    }
+}
+
+fn app_spec(deploy: &DeploySpec, blue_green: Option<gantry_protocol::BlueGreen>) -> AppSpec {
+    let h = &deploy.hooks;
+    AppSpec {
+        name: deploy.app.clone(),
+        hooks: Hooks {
+            stop: h.stop.clone(),
+            start: h.start.clone(),
+            restart: h.restart.clone(),
+            pre_start: h.pre_start.clone(),
+            post_start: h.post_start.clone(),
+            timeout_ms: h.timeout_ms,
+        },
+        health: deploy.health.as_ref().map(|h| HealthCheck {
+            probe: match &h.probe {
+                ProbeSpec::Http { url, status, body } => gantry_protocol::Probe::Http {
+                    url: url.clone(),
+                    status: *status,
+                    body: body.clone(),
+                },
+                ProbeSpec::Tcp(address) => gantry_protocol::Probe::Tcp {
+                    address: address.clone(),
+                },
+                ProbeSpec::Command(run) => gantry_protocol::Probe::Command { run: run.clone() },
+            },
+            interval_ms: h.interval_ms,
+            timeout_ms: h.timeout_ms,
+            retries: h.retries,
+            min_healthy_ms: h.min_healthy_ms,
+            deadline_ms: h.deadline_ms,
+        }),
+        keep: deploy.keep,
+        shared: deploy.shared.clone(),
+        env: deploy.env.clone(),
+        secrets: Vec::new(),
+        blue_green,
+    }
+}
+
+/// Secrets a deploy spec names (`${{ secrets.NAME }}` in its env and hooks).
+fn deploy_secret_names(deploy: &DeploySpec) -> Vec<String> {
+    let h = &deploy.hooks;
+    let texts = deploy.env.values().chain(
+        [&h.stop, &h.start, &h.restart, &h.pre_start, &h.post_start]
+            .into_iter()
+            .flatten(),
+    );
+    secret_names(texts)
+}
+
+fn app_secret_names(app: &AppSpec) -> Vec<String> {
+    let h = &app.hooks;
+    let texts = app.env.values().chain(
+        [&h.stop, &h.start, &h.restart, &h.pre_start, &h.post_start]
+            .into_iter()
+            .flatten(),
+    );
+    secret_names(texts)
+}
+
+fn secret_names<'a>(texts: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut names = Vec::new();
+    for text in texts {
+        gantry_protocol::template::expand(text, |expr| {
+            if let Some(name) = expr.strip_prefix("secrets.") {
+                let name = name.trim().to_owned();
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            None
+        });
+    }
+    names
+}
+
+/// The environment as `gantry env show` prints it: its record and the enrolled hosts
+/// its selector matches now.
+pub fn environment_view(store: &Store, record: EnvironmentRecord) -> EnvironmentView {
+    let runner = deploy_runner();
+    let hosts = store
+        .agents()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| {
+            a.id != runner
+                && a.revoked_at.is_none()
+                && gantry_scheduler::labels_match(&a.effective_labels(), &record.select)
+        })
+        .map(|a| ExecHost {
+            agent: a.id,
+            hostname: a.hostname,
+        })
+        .collect();
+    EnvironmentView {
+        name: record.name,
+        select: record.select,
+        approvals: record.approvals,
+        wait_ms: record.wait_ms,
+        branches: record.branches,
+        epoch: record.epoch,
+        current: record.current,
+        history: record.history,
+        created_by: record.created_by,
+        created_at: record.created_at,
+        hosts,
+    }
+}
+
+/// Creates the environments a pipeline file defines that do not exist yet (an existing
+/// one keeps its stored rules: a file cannot weaken an environment's protection).
+pub fn create_file_environments(
+    store: &Store,
+    pipeline: &gantry_pipeline::Pipeline,
+    actor: &str,
+) -> Result<(), String> {
+    for (name, spec) in &pipeline.environments {
+        if store
+            .environment(name)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            continue;
+        }
+        let now = UnixMillis::now();
+        let record = EnvironmentRecord {
+            name: name.clone(),
+            select: spec.select.clone(),
+            approvals: spec.approvals,
+            wait_ms: spec.wait_ms,
+            branches: spec.branches.clone(),
+            epoch: 0,
+            current: None,
+            history: Vec::new(),
+            created_by: actor.to_owned(),
+            created_at: now,
+        };
+        let audit = AuditEntry {
+            at: now,
+            actor: actor.to_owned(),
+            action: "environment.create".into(),
+            detail: format!("name={name} from pipeline {}", pipeline.name),
+        };
+        // Created meanwhile by someone else: theirs stands.
+        let _ = store
+            .put_environment(record, false, &audit)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
