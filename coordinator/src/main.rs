@@ -5,19 +5,24 @@
 //! 3 cannot reach or authenticate to the coordinator.
 
 mod artifacts;
+mod auth;
 mod bundle;
 mod chunks;
 mod cli;
 mod cli_artifacts;
+mod cli_web;
 mod client;
 mod config;
+mod dashboard;
 mod demo;
 mod distribute;
 mod engine;
 mod http;
+mod http_client;
 mod init;
 mod logs;
 mod metrics;
+mod notify;
 mod output;
 mod ownership;
 mod runs;
@@ -26,6 +31,7 @@ mod server;
 mod sources;
 mod store;
 mod triggers;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,6 +116,12 @@ enum Command {
     /// Print the one command that installs, enrolls and starts an agent on a new host.
     #[command(name = "install-command")]
     Installer(bundle::InstallCommandArgs),
+    /// Dashboard access: login tokens for the web dashboard.
+    #[command(subcommand)]
+    Admin(cli_web::AdminCommand),
+    /// Webhook targets notified of run (and job) events.
+    #[command(subcommand)]
+    Webhooks(cli_web::WebhooksCommand),
 }
 
 #[derive(Debug, Args)]
@@ -335,6 +347,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Gc(args) => cli_artifacts::gc(args).await,
         Command::Bundle(cmd) => bundle::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Installer(args) => bundle::install_command(&args).map(|()| ExitCode::SUCCESS),
+        Command::Admin(cmd) => cli_web::admin_command(cmd).await,
+        Command::Webhooks(cmd) => cli_web::webhooks(cmd).await,
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)
@@ -374,6 +388,7 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
         agent_cert_ttl: config.agent_cert_ttl().map_err(usage)?,
         heartbeat_interval: config.heartbeat_interval().map_err(usage)?,
         artifacts: config.artifacts.settings().map_err(usage)?,
+        webhooks: config.webhooks.settings().map_err(usage)?,
     };
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))

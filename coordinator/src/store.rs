@@ -81,6 +81,9 @@ macro_rules! eng {
     };
 }
 
+mod web;
+pub use web::{LoginTokenRecord, WebhookRecord};
+
 /// An enrolled agent as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -289,6 +292,7 @@ impl Store {
             tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
             tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
             tx.open_table(CACHES).map_err(eng!("open caches"))?;
+            web::create_tables(&tx)?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),
