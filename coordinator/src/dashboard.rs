@@ -201,6 +201,8 @@ fn route(method: &str, target: &str) -> Option<Result<Route, (u16, String)>> {
         return Some(need(get, "GET", a));
     }
     let rest = path.strip_prefix("/api/")?;
+    // HEAD is for pages and assets; an API read (or a live stream) is a GET.
+    let get = method == "GET";
     let post = method == "POST";
     let parts: Vec<&str> = rest.split('/').collect();
     let run = |s: &str| s.parse::<RunId>().map_err(|e| (404, e.to_string()));

@@ -408,4 +408,49 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2));
         server.abort();
     }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn https_trusts_the_given_ca_and_refuses_another() {
+        let now = std::time::SystemTime::now();
+        let ca = gantry_certs::CertAuthority::create("receiver CA", now).expect("ca");
+        let (cert, key) = ca
+            .issue_coordinator(&["127.0.0.1".into()], now)
+            .expect("cert");
+        let config = gantry_certs::ServerTls::https(ca.cert_der(), &cert.pem, &key).expect("tls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.expect("accept");
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let url = Url::parse(&format!("https://{addr}/hook")).expect("url");
+        let trusted = tls_with_ca(ca.cert_pem()).expect("config");
+        let status = post(&url, Some(trusted), &[], b"{}", Duration::from_secs(5))
+            .await
+            .expect("delivered over TLS");
+        assert_eq!(status, 204);
+        let other = gantry_certs::CertAuthority::create("another CA", now).expect("ca");
+        let err = post(
+            &url,
+            Some(tls_with_ca(other.cert_pem()).expect("config")),
+            &[],
+            b"{}",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect_err("another CA");
+        assert!(err.contains("TLS"), "{err}");
+        server.abort();
+    }
 }

@@ -320,6 +320,81 @@ fn the_api_needs_a_login_and_a_viewer_cannot_change_anything() {
 }
 
 #[test]
+fn over_https_the_session_cookie_is_secure_and_origins_are_https() {
+    let mut c = Coordinator::start_with(&CoordinatorOptions {
+        http: true,
+        ..CoordinatorOptions::default()
+    });
+    // Loopback may be plain; ask for TLS (a top-level key, so before any [table]).
+    let path = c.data_dir().join("coordinator.toml");
+    c.server().terminate();
+    let config = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, format!("http_tls = true\n{config}")).expect("config");
+    c.start_server();
+    let addr = c.http_address.clone().expect("http");
+    let ca = c.dir.path().join("ca-for-curl.pem");
+    std::fs::write(&ca, c.ca_pem()).expect("ca");
+    let token = login_token(&c, "operator", "otto", "1d");
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .args(["30", "curl", "-sS", "-i", "--cacert"])
+            .arg(&ca)
+            .args(args)
+            .output()
+            .expect("curl (apt-get install curl)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let body = serde_json::json!({ "token": token }).to_string();
+    let login = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "X-Gantry-CSRF: 1",
+        "-d",
+        &body,
+        &format!("https://{addr}/api/login"),
+    ]);
+    let cookie_line = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("a session cookie over HTTPS: {login}"));
+    assert!(cookie_line.contains("; Secure"), "{cookie_line}");
+    let cookie = cookie_line
+        .split_once(':')
+        .and_then(|(_, v)| v.trim().split(';').next())
+        .expect("cookie")
+        .to_owned();
+    // The same-origin check compares with https://host, not http://host.
+    let refused = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "X-Gantry-CSRF: 1",
+        "-H",
+        &format!("Origin: http://{addr}"),
+        "-H",
+        &format!("Cookie: {cookie}"),
+        &format!("https://{addr}/api/runs/1/cancel"),
+    ]);
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    let allowed = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "X-Gantry-CSRF: 1",
+        "-H",
+        &format!("Origin: https://{addr}"),
+        "-H",
+        &format!("Cookie: {cookie}"),
+        &format!("https://{addr}/api/runs/1/cancel"),
+    ]);
+    assert!(
+        allowed.starts_with("HTTP/1.1 404"),
+        "past the origin check to the run lookup (there is no run 1): {allowed}"
+    );
+}
+
+#[test]
 fn live_streams_are_capped_and_say_so() {
     let c = Coordinator::start_with(&CoordinatorOptions {
         http: true,
