@@ -10,11 +10,12 @@
 //! of `runs.rs` (`follow_logs`, `follow_run`), the same the CLI's `--follow` uses.
 //!
 //! Limits: requests as `http.rs` bounds them (16 KiB head, 1 MiB body, 10 s to
-//! arrive); at most [`MAX_STREAMS`] live streams at once (more get 503 and the
-//! browser retries); a stream lasts at most [`STREAM_LIFETIME`] (the browser
+//! arrive); at most [`MAX_STREAMS`] live streams at once (more get 503 and the page
+//! tries again 5 s later); a stream lasts at most [`STREAM_LIFETIME`] (the browser
 //! reconnects, resuming the log from `Last-Event-ID`); a keep-alive comment every
 //! [`KEEPALIVE`]; a client that does not take an event within [`WRITE_DEADLINE`] is
-//! cut off; [`STREAM_BUFFER`] events are buffered per stream.
+//! cut off, and one that closes its connection frees its slot at once;
+//! [`STREAM_BUFFER`] events are buffered per stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -291,7 +292,7 @@ impl Dashboard {
     }
 
     fn login(&self, coord: &Coordinator, req: &Request) -> Reply {
-        if let Err(d) = auth::check_csrf(req, self.scheme) {
+        if let Err(d) = auth::check_csrf(req) {
             return Reply::denied(&d);
         }
         let token = serde_json::from_slice::<serde_json::Value>(&req.body)
@@ -341,7 +342,7 @@ impl Dashboard {
         if action != Action::View || req.method == "POST" {
             let checked = auth::require(who, action).and_then(|()| {
                 if who.by_cookie {
-                    auth::check_csrf(req, self.scheme)
+                    auth::check_csrf(req)
                 } else {
                     Ok(())
                 }

@@ -116,17 +116,37 @@ function every(ms, fn) {
   page.timers.push(setInterval(tick, ms));
 }
 
+// Opens a live stream. The browser reconnects by itself when a stream ends normally
+// (it resumes a log from the last event id); when the server refuses it (503: all
+// stream slots busy, or any error answer) it gives up, so we open a new one after 5 s,
+// calling `handlers.reopen` first (a new stream starts from the beginning).
 function live(url, handlers) {
-  const source = new EventSource(url);
-  for (const [name, fn] of Object.entries(handlers)) {
-    source.addEventListener(name, (ev) => {
-      let data = null;
-      try { data = JSON.parse(ev.data); } catch (_) { return; }
-      fn(data, source);
+  const gen = page.generation;
+  const open = () => {
+    if (gen !== page.generation) return;
+    const source = new EventSource(url);
+    page.streams.push(source);
+    for (const [name, fn] of Object.entries(handlers)) {
+      if (name === 'reopen') continue;
+      source.addEventListener(name, (ev) => {
+        let data = null;
+        try { data = JSON.parse(ev.data); } catch (_) { return; }
+        if (name === 'problem') source.close();
+        fn(data, source);
+      });
+    }
+    source.addEventListener('open', () => banner(''));
+    source.addEventListener('error', () => {
+      if (source.readyState !== EventSource.CLOSED || gen !== page.generation) return;
+      banner('Live updates interrupted; reconnecting in 5 s…');
+      setTimeout(() => {
+        if (gen !== page.generation) return;
+        if (handlers.reopen) handlers.reopen();
+        open();
+      }, 5000);
     });
-  }
-  page.streams.push(source);
-  return source;
+  };
+  open();
 }
 
 function leave() {
@@ -344,6 +364,7 @@ async function pageRun(n) {
   ready('run');
   if (!run.finished_at) {
     live('/api/runs/' + n + '/events', {
+      // A new stream sends every job's state again.
       job: (view) => {
         const i = run.jobs.findIndex((j) => jobId(j.job) === jobId(view.job));
         if (i >= 0) run.jobs[i] = view;
@@ -455,6 +476,7 @@ async function pageJob(id) {
     return;
   }
   live('/api/jobs/' + id + '/log', {
+    reopen: () => { fill(log); lines = 0; },
     log: (chunk) => append(chunk.text),
     job: (view) => { job = view; draw(); },
     end: async (end, source) => {
