@@ -288,7 +288,6 @@ impl Webhooks {
                 let n = pending.entry(target.id).or_insert(0);
                 if *n >= MAX_PENDING_PER_TARGET {
                     drop(pending);
-                    self.metrics.webhook_delivery("dropped");
                     self.record(
                         target.id,
                         &event,
@@ -300,6 +299,7 @@ impl Webhooks {
                         Duration::ZERO,
                         "dropped",
                     );
+                    self.metrics.webhook_delivery("dropped");
                     continue;
                 }
                 *n += 1;
@@ -333,7 +333,6 @@ impl Webhooks {
         {
             Ok(s) => s,
             Err(e) => {
-                self.metrics.webhook_delivery("failed");
                 self.record(
                     target.id,
                     event,
@@ -343,14 +342,15 @@ impl Webhooks {
                     Duration::ZERO,
                     "failed",
                 );
+                self.metrics.webhook_delivery("failed");
                 return;
             }
         };
         let url = match Url::parse(&target.url) {
             Ok(u) => u,
             Err(e) => {
-                self.metrics.webhook_delivery("failed");
                 self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
+                self.metrics.webhook_delivery("failed");
                 return;
             }
         };
@@ -362,8 +362,8 @@ impl Webhooks {
             match config {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    self.metrics.webhook_delivery("failed");
                     self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
+                    self.metrics.webhook_delivery("failed");
                     return;
                 }
             }
@@ -389,7 +389,6 @@ impl Webhooks {
             let last = attempt == attempts;
             match result {
                 Ok(status) if (200..300).contains(&status) => {
-                    self.metrics.webhook_delivery("delivered");
                     self.record(
                         target.id,
                         event,
@@ -399,10 +398,10 @@ impl Webhooks {
                         took,
                         "delivered",
                     );
+                    self.metrics.webhook_delivery("delivered");
                     return;
                 }
                 Ok(status) if !retryable(status) => {
-                    self.metrics.webhook_delivery("failed");
                     let why = format!("the receiver answered {status}; not retried");
                     self.record(
                         target.id,
@@ -413,6 +412,7 @@ impl Webhooks {
                         took,
                         "failed",
                     );
+                    self.metrics.webhook_delivery("failed");
                     tracing::warn!(
                         webhook = target.id,
                         status,
@@ -451,6 +451,8 @@ impl Webhooks {
         );
     }
 
+    /// Adds an attempt to the target's delivery log. Callers write it before moving the
+    /// delivery counters, so whoever sees a counter move also sees the entry.
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,

@@ -318,22 +318,25 @@ fn deliveries_are_signed_and_shaped_as_generic_json_and_slack() {
     );
     assert_eq!(blocks.last().expect("context")["type"], "context");
 
-    // Nothing else arrives: the filters held (no run.started or job.failed for Slack).
-    std::thread::sleep(Duration::from_millis(300));
+    // The filters held: one sender handles events in order, so once run.finished (the
+    // last event) reached both, nothing filtered out can still come.
     assert_eq!(slack_receiver.requests().len(), 1);
     assert_eq!(json_receiver.requests().len(), 3);
 
-    // The delivery log and the metrics show them.
-    let listed = c
-        .gantry(&["webhooks", "list", "--json"])
-        .expect_code(0)
-        .json();
-    let first = listed
-        .as_array()
-        .and_then(|l| l.iter().find(|w| w["id"] == json_id))
-        .expect("listed");
+    // The delivery log and the metrics show them (recorded once the answer is read).
+    let first = wait_for("three delivery results", DEADLINE, || {
+        let listed = c
+            .gantry(&["webhooks", "list", "--json"])
+            .expect_code(0)
+            .json();
+        let first = listed
+            .as_array()?
+            .iter()
+            .find(|w| w["id"] == json_id)?
+            .clone();
+        (first["deliveries"].as_array()?.len() == 3).then_some(first)
+    });
     let deliveries = first["deliveries"].as_array().expect("deliveries");
-    assert_eq!(deliveries.len(), 3, "{first}");
     assert!(
         deliveries
             .iter()
@@ -345,14 +348,11 @@ fn deliveries_are_signed_and_shaped_as_generic_json_and_slack() {
         table.contains("delivered") && table.contains(&json_receiver.url),
         "{table}"
     );
-    let metrics = get_metrics(&c.http_address.clone().expect("http"));
-    assert_eq!(
-        metric(
-            &metrics,
-            "gantry_webhook_deliveries_total{outcome=\"delivered\"}"
-        ),
-        4
-    );
+    let http = c.http_address.clone().expect("http");
+    let metrics = wait_for("four deliveries counted", DEADLINE, || {
+        let m = get_metrics(&http);
+        (metric(&m, "gantry_webhook_deliveries_total{outcome=\"delivered\"}") == 4).then_some(m)
+    });
     assert_eq!(
         metric(
             &metrics,
@@ -455,14 +455,9 @@ fn receivers_that_never_answer_fail_or_refuse_never_delay_a_run() {
             "{id}: second retry after {second_wait:?}"
         );
     }
-    // A 401 is the receiver refusing: not retried.
-    let refused = refusing.wait("the refusing receiver's deliveries", 9, DEADLINE);
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(
-        refusing.requests().len(),
-        refused.len(),
-        "4xx answers are not retried"
-    );
+    // A 401 is the receiver refusing: not retried (the exact attempt count below holds
+    // it to one attempt per delivery).
+    refusing.wait("the refusing receiver's deliveries", 9, DEADLINE);
 
     let metrics = wait_for("every delivery to end", Duration::from_secs(30), || {
         let m = get_metrics(&http);
@@ -479,8 +474,10 @@ fn receivers_that_never_answer_fail_or_refuse_never_delay_a_run() {
     );
     assert_eq!(
         metric(&metrics, "gantry_webhook_attempts_total"),
-        9 * (3 + 3 + 3 + 1)
+        9 * (3 + 3 + 3 + 1),
+        "three attempts to the silent, failing and closed receivers, one to the refusing one"
     );
+    assert_eq!(refusing.requests().len(), 9);
     let listed = c
         .gantry(&["webhooks", "list", "--json"])
         .expect_code(0)
