@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -140,17 +139,6 @@ pub struct ExecArgs {
     /// The command, run with /bin/sh -c on each host.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AdminCommand {
-    /// Issue credentials for another admin (a person who may approve deployments):
-    /// writes ca.pem, admin.pem and context.toml into DIR.
-    Add {
-        name: String,
-        #[arg(long, short = 'o', value_name = "DIR")]
-        output: PathBuf,
-    },
 }
 
 fn selector(pairs: &[String]) -> Result<gantry_protocol::Labels, Failure> {
@@ -382,8 +370,8 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
 
 /// `gantry admin add`: the key is made here and never leaves this machine; the
 /// coordinator signs its CSR.
-pub async fn admin_command(cmd: AdminCommand) -> Result<ExitCode, Failure> {
-    let AdminCommand::Add { name, output } = cmd;
+pub async fn add_admin(name: &str, output: &std::path::Path) -> Result<ExitCode, Failure> {
+    let (name, output) = (name.to_owned(), output.to_path_buf());
     if !gantry_certs::identity::valid_admin_name(&name) {
         return Err(usage(anyhow::anyhow!(
             "invalid admin name {name:?}: use 1 to 64 of a-z 0-9 . _ -"

@@ -49,6 +49,12 @@ pub struct CoordinatorConfig {
     /// the defaults.
     #[serde(default, skip_serializing_if = "ArtifactsConfig::is_default")]
     pub artifacts: ArtifactsConfig,
+    /// Outgoing webhook delivery. Left out of the file while it holds the defaults.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::webhooks::WebhooksConfig::is_default"
+    )]
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 /// `[artifacts]` in `coordinator.toml`. Every field has a default, so the section may be
@@ -166,6 +172,10 @@ impl CoordinatorConfig {
             .artifacts
             .settings()
             .with_context(|| format!("{}: [artifacts]", path.display()))?;
+        config
+            .webhooks
+            .settings()
+            .with_context(|| format!("{}: [webhooks]", path.display()))?;
         Ok(config)
     }
 

@@ -317,6 +317,7 @@ impl Deployments {
         fleet: Arc<dyn Fleet>,
         engine: Engine,
         logs: Arc<LogStore>,
+        notifier: Arc<crate::notify::Notifier>,
     ) -> Result<(), String> {
         let mut active = BTreeMap::new();
         let mut recent = Vec::new();
@@ -340,6 +341,7 @@ impl Deployments {
             fleet,
             engine,
             logs,
+            notifier,
         };
         manager.connect_runner();
         manager.report_unreported(&recent);
@@ -409,6 +411,8 @@ struct Manager {
     fleet: Arc<dyn Fleet>,
     engine: Engine,
     logs: Arc<LogStore>,
+    /// Webhooks hear when a deployment waits for approvals and when one ends.
+    notifier: Arc<crate::notify::Notifier>,
 }
 
 impl Manager {
@@ -757,6 +761,12 @@ impl Manager {
             );
             self.log(id, now, None, text);
             self.save(id);
+            if let Some(rec) = self.active.get(&id) {
+                self.notifier.emit(crate::notify::Event::deployment(
+                    crate::notify::EventKind::DeploymentAwaitingApproval,
+                    &rec.view(),
+                ));
+            }
             return;
         }
         self.approved(id);
@@ -1163,6 +1173,12 @@ impl Manager {
             tracing::error!(deployment = id, "cannot store the deployment's end: {e}");
         }
         tracing::info!(deployment = id, environment = %rec.environment, state = %rec.state_name(), "deployment ended");
+        let mut view = rec.view();
+        view.log.clear();
+        self.notifier.emit(crate::notify::Event::deployment(
+            crate::notify::EventKind::DeploymentFinished,
+            &view,
+        ));
         self.report_job(&rec);
         let next = self
             .active

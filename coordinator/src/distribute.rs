@@ -380,6 +380,7 @@ mod tests {
             http_tls: None,
             agent_binary: None,
             artifacts: crate::config::ArtifactsConfig::default(),
+            webhooks: crate::webhooks::WebhooksConfig::default(),
         };
         let loopback = "127.0.0.1:7080".parse().expect("addr");
         let public = "0.0.0.0:8443".parse().expect("addr");

@@ -7,8 +7,9 @@
 //! same 10 s.
 //!
 //! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`,
-//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format), and
-//! what new hosts download (`/install.sh`, `/ca.pem`, `/agent/...`: `distribute.rs`).
+//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format), what
+//! new hosts download (`/install.sh`, `/ca.pem`, `/agent/...`: `distribute.rs`), and
+//! the web dashboard with its API and live streams (`/`, `/api/...`: `dashboard.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +120,7 @@ pub async fn serve(
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     dist: Arc<Distribution>,
 ) {
+    let dashboard = Arc::new(crate::dashboard::Dashboard::new(tls.is_some()));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         match listener.accept().await {
@@ -126,12 +128,13 @@ pub async fn serve(
                 let coord = coord.clone();
                 let dist = dist.clone();
                 let acceptor = acceptor.clone();
+                let dashboard = dashboard.clone();
                 tokio::spawn(async move {
                     let Some(acceptor) = acceptor else {
-                        return handle(&coord, &dist, stream).await;
+                        return handle(&coord, &dist, &dashboard, stream).await;
                     };
                     match tokio::time::timeout(REQUEST_DEADLINE, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => handle(&coord, &dist, tls_stream).await,
+                        Ok(Ok(tls_stream)) => handle(&coord, &dist, &dashboard, tls_stream).await,
                         Ok(Err(e)) => tracing::debug!(%peer, "https handshake failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "https handshake took longer than 10 s"),
                     }
@@ -163,9 +166,10 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, R
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
-    coord: &Coordinator,
+async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    coord: &Arc<Coordinator>,
     dist: &Distribution,
+    dashboard: &crate::dashboard::Dashboard,
     mut stream: S,
 ) {
     let mut content_type = "application/json";
@@ -180,6 +184,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
             Ok(Err(e)) => (400, error_json(&e.to_string())),
             Ok(Ok(req)) => {
+                if dashboard.handle(coord, &req, &mut stream).await {
+                    return;
+                }
                 if let Some(response) = dist.route(&req).await {
                     if let Err(e) = response.write(&mut stream).await {
                         tracing::debug!("http response to {} not delivered: {e}", req.path);

@@ -93,6 +93,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         http_tls: args.http_tls.then_some(true),
         agent_binary: None,
         artifacts: crate::config::ArtifactsConfig::default(),
+        webhooks: crate::webhooks::WebhooksConfig::default(),
     };
     config
         .agent_cert_ttl()

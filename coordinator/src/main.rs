@@ -5,22 +5,27 @@
 //! 3 cannot reach or authenticate to the coordinator.
 
 mod artifacts;
+mod auth;
 mod bundle;
 mod chunks;
 mod cli;
 mod cli_artifacts;
 mod cli_deploy;
+mod cli_web;
 mod client;
 mod config;
+mod dashboard;
 mod demo;
 mod deployments;
 mod distribute;
 mod engine;
 mod exec;
 mod http;
+mod http_client;
 mod init;
 mod logs;
 mod metrics;
+mod notify;
 mod output;
 mod ownership;
 mod runs;
@@ -29,6 +34,7 @@ mod server;
 mod sources;
 mod store;
 mod triggers;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,15 +126,18 @@ enum Command {
     Rollback(cli_deploy::RollbackArgs),
     /// Run a command on every matching connected host now.
     Exec(cli_deploy::ExecArgs),
-    /// Admin identities.
-    #[command(subcommand)]
-    Admin(cli_deploy::AdminCommand),
     /// Offline bundles: the agent, the CA, an install script, the unit, maybe a token.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// Print the one command that installs, enrolls and starts an agent on a new host.
     #[command(name = "install-command")]
     Installer(bundle::InstallCommandArgs),
+    /// Access: dashboard login tokens, and credentials for other admins.
+    #[command(subcommand)]
+    Admin(cli_web::AdminCommand),
+    /// Webhook targets notified of run (and job) events.
+    #[command(subcommand)]
+    Webhooks(cli_web::WebhooksCommand),
 }
 
 #[derive(Debug, Args)]
@@ -357,9 +366,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Deploy(cmd) => cli_deploy::deploy(cmd).await,
         Command::Rollback(args) => cli_deploy::rollback(args).await,
         Command::Exec(args) => cli_deploy::exec(args).await,
-        Command::Admin(cmd) => cli_deploy::admin_command(cmd).await,
         Command::Bundle(cmd) => bundle::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Installer(args) => bundle::install_command(&args).map(|()| ExitCode::SUCCESS),
+        Command::Admin(cmd) => cli_web::admin_command(cmd).await,
+        Command::Webhooks(cmd) => cli_web::webhooks(cmd).await,
         Command::Audit(a) => {
             let resp = admin(AdminRequest::Audit { limit: a.limit }).await?;
             output::print_response(&resp, a.json)
@@ -399,6 +409,7 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
         agent_cert_ttl: config.agent_cert_ttl().map_err(usage)?,
         heartbeat_interval: config.heartbeat_interval().map_err(usage)?,
         artifacts: config.artifacts.settings().map_err(usage)?,
+        webhooks: config.webhooks.settings().map_err(usage)?,
     };
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))

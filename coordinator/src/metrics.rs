@@ -25,6 +25,9 @@ pub const OUTCOMES: [&str; 6] = [
 ];
 /// Run outcomes counted.
 pub const RUN_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
+/// How webhook deliveries (one event to one target) end: accepted by the receiver,
+/// given up on, or never tried because the target had too many pending.
+pub const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "failed", "dropped"];
 
 #[derive(Debug)]
 struct Histogram {
@@ -85,6 +88,9 @@ pub struct Metrics {
     chunks_refused: AtomicU64,
     chunks_unavailable: AtomicU64,
     queue_depth: AtomicU64,
+    webhook_deliveries: [AtomicU64; WEBHOOK_OUTCOMES.len()],
+    webhook_attempts: AtomicU64,
+    webhook_events_dropped: AtomicU64,
     dispatch_latency: Histogram,
     job_duration: Histogram,
 }
@@ -103,6 +109,9 @@ impl Default for Metrics {
             chunks_refused: AtomicU64::new(0),
             chunks_unavailable: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
+            webhook_deliveries: Default::default(),
+            webhook_attempts: AtomicU64::new(0),
+            webhook_events_dropped: AtomicU64::new(0),
             dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
             job_duration: Histogram::new(&DURATION_BUCKETS),
         }
@@ -171,6 +180,23 @@ impl Metrics {
 
     pub fn source_bytes(&self, n: u64) {
         self.source_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A webhook delivery ended (`outcome` is one of [`WEBHOOK_OUTCOMES`]).
+    pub fn webhook_delivery(&self, outcome: &str) {
+        if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.webhook_deliveries[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One HTTP attempt of a webhook delivery was made.
+    pub fn webhook_attempt(&self) {
+        self.webhook_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A notification event was lost before delivery (its queue was full).
+    pub fn webhook_event_dropped(&self) {
+        self.webhook_events_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Time from a job being queued to an agent accepting it.
@@ -269,6 +295,33 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP gantry_webhook_deliveries_total Webhook deliveries (one event to one target) that ended, by outcome.\n# TYPE gantry_webhook_deliveries_total counter");
+        for (name, count) in WEBHOOK_OUTCOMES.iter().zip(&self.webhook_deliveries) {
+            let _ = writeln!(
+                out,
+                "gantry_webhook_deliveries_total{{outcome=\"{name}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let webhook_counters = [
+            (
+                "gantry_webhook_attempts_total",
+                "HTTP requests made to webhook receivers, retries included.",
+                &self.webhook_attempts,
+            ),
+            (
+                "gantry_webhook_events_dropped_total",
+                "Notification events dropped before delivery because their queue was full.",
+                &self.webhook_events_dropped,
+            ),
+        ];
+        for (name, help, value) in webhook_counters {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",

@@ -39,6 +39,12 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
                 serde_json::to_value(serde_json::json!({ "message": message }))
             }
             AdminResponse::Error(e) => serde_json::to_value(e),
+            web @ (AdminResponse::LoginTokenCreated(_)
+            | AdminResponse::LoginTokens(_)
+            | AdminResponse::WebhookAdded(_)
+            | AdminResponse::Webhooks(_)) => {
+                crate::cli_web::json(web).unwrap_or(Ok(serde_json::Value::Null))
+            }
         }
         .map_err(|e| Failure::Work(e.into()))?;
         println!(
@@ -130,6 +136,15 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         AdminResponse::AdminIssued { .. } => println!("admin certificate issued"),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
+        web @ (AdminResponse::LoginTokenCreated(_)
+        | AdminResponse::LoginTokens(_)
+        | AdminResponse::WebhookAdded(_)
+        | AdminResponse::Webhooks(_)) => {
+            print!(
+                "{}",
+                crate::cli_web::text(web, UnixMillis::now()).unwrap_or_default()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

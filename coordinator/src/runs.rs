@@ -51,6 +51,23 @@ pub(crate) fn internal(e: StoreError) -> AdminError {
     }
 }
 
+/// Where a follow stream goes: an admin's QUIC stream, or a browser's Server-Sent
+/// Events connection (`dashboard.rs`). Both get the same events in the same order.
+pub trait FollowSink {
+    type Error;
+    fn send(
+        &mut self,
+        event: &FollowEvent,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send;
+}
+
+impl FollowSink for FrameWriter {
+    type Error = TransportError;
+    async fn send(&mut self, event: &FollowEvent) -> Result<(), TransportError> {
+        FrameWriter::send(self, event).await
+    }
+}
+
 /// Answers the run, job and secret requests of an admin.
 pub fn admin(
     coord: &Coordinator,
@@ -438,6 +455,9 @@ pub(crate) fn submit_run(
         priority,
     });
     tracing::info!(run = %record.run, pipeline = %record.pipeline, "run created");
+    coord
+        .notifier
+        .emit(crate::notify::Event::run_started(&record));
     Ok(views(coord, record, jobs))
 }
 
@@ -605,13 +625,13 @@ pub async fn send_source(
 /// Streams a job's log to an admin: stored chunks from `from_seq`, then (with `follow`)
 /// live chunks until the job has ended and its log is complete. A retried job's next
 /// attempt is followed on.
-pub async fn follow_logs(
+pub async fn follow_logs<W: FollowSink + Send>(
     coord: &Arc<Coordinator>,
     job: JobId,
     from_seq: u64,
     follow: bool,
-    writer: &mut FrameWriter,
-) -> Result<(), TransportError> {
+    writer: &mut W,
+) -> Result<(), W::Error> {
     let mut changes = coord.engine.subscribe();
     let mut record = match coord.store.job(job) {
         Ok(Some(r)) => r,
@@ -710,11 +730,11 @@ fn complete(record: &JobRecord, attempt: Attempt, next: u64) -> bool {
     }
 }
 
-async fn send_stored(
+async fn send_stored<W: FollowSink + Send>(
     log: &crate::logs::LiveLog,
     mut next: u64,
-    writer: &mut FrameWriter,
-) -> Result<u64, TransportError> {
+    writer: &mut W,
+) -> Result<u64, W::Error> {
     loop {
         let chunks = match log.read_from(next, FOLLOW_BATCH_BYTES) {
             Ok(c) => c,
@@ -760,11 +780,11 @@ async fn wait_for_change(
 }
 
 /// Streams a run's job states to an admin until the run ends.
-pub async fn follow_run(
+pub async fn follow_run<W: FollowSink + Send>(
     coord: &Arc<Coordinator>,
     run: RunId,
-    writer: &mut FrameWriter,
-) -> Result<(), TransportError> {
+    writer: &mut W,
+) -> Result<(), W::Error> {
     let mut changes = coord.engine.subscribe();
     let record = match coord.store.run(run) {
         Ok(Some(r)) => r,

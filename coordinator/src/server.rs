@@ -52,6 +52,7 @@ pub struct Settings {
     pub agent_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub artifacts: crate::config::ArtifactSettings,
+    pub webhooks: crate::webhooks::WebhookSettings,
 }
 
 /// A live agent session as the registry holds it.
@@ -95,6 +96,9 @@ pub struct Coordinator {
     pub(crate) sources: Arc<crate::sources::SourceStore>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) artifacts: Arc<crate::artifacts::Artifacts>,
+    /// Run and job events on their way to webhook targets (never waited on).
+    pub(crate) notifier: Arc<crate::notify::Notifier>,
+    pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
     /// Numbers connections, so an upload session is fed only by the connection that
     /// opened it.
     next_connection: AtomicU64,
@@ -252,7 +256,22 @@ impl Coordinator {
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
         let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
-        deployments.start(deploy_inbox, outbox, engine.clone(), logs.clone())?;
+        let notifier = Arc::new(crate::notify::Notifier::new(metrics.clone()));
+        deployments.start(
+            deploy_inbox,
+            outbox,
+            engine.clone(),
+            logs.clone(),
+            notifier.clone(),
+        )?;
+        crate::notify::watch_engine(engine.subscribe(), store.clone(), notifier.clone());
+        let webhooks = crate::webhooks::Webhooks::start(
+            store.clone(),
+            secret_key.clone(),
+            metrics.clone(),
+            settings.webhooks.clone(),
+            notifier.clone(),
+        );
         let artifacts = Arc::new(
             crate::artifacts::Artifacts::open(
                 store.clone(),
@@ -282,6 +301,8 @@ impl Coordinator {
             metrics,
             secret_key,
             artifacts,
+            notifier,
+            webhooks,
             next_connection: AtomicU64::new(1),
             deployments,
             execs: Arc::new(crate::exec::Execs::default()),
@@ -1276,6 +1297,14 @@ impl Coordinator {
                 }
                 Ok(AdminResponse::Caches(gone))
             }
+            web_request @ (AdminRequest::CreateLoginToken { .. }
+            | AdminRequest::ListLoginTokens
+            | AdminRequest::RevokeLoginToken { .. }) => {
+                crate::auth::admin(self, actor, web_request)
+            }
+            hook_request @ (AdminRequest::AddWebhook { .. }
+            | AdminRequest::ListWebhooks
+            | AdminRequest::RemoveWebhook { .. }) => self.webhooks.admin(actor, hook_request),
             AdminRequest::Gc { .. } => Err(invalid(
                 "garbage collection is answered by the session, not here".into(),
             )),

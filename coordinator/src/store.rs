@@ -87,6 +87,9 @@ macro_rules! eng {
     };
 }
 
+mod web;
+pub use web::{LoginTokenRecord, WebhookRecord};
+
 /// An enrolled agent as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -301,6 +304,7 @@ impl Store {
                 .map_err(eng!("open environments"))?;
             tx.open_table(DEPLOYMENTS)
                 .map_err(eng!("open deployments"))?;
+            web::create_tables(&tx)?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod messages;
 pub mod template;
 pub mod transfer;
+pub mod web;
 
 pub use deploy::*;
 pub use digest::{Digest, DigestParseError, DIGEST_PREFIX};
@@ -24,6 +25,7 @@ pub use hello::{decode_hello, encode_hello, Hello, HelloError};
 pub use ids::{civil_from_days, AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
 pub use transfer::*;
+pub use web::*;
 
 /// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
 pub const ALPN: &[u8] = b"gantry/1";

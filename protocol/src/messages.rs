@@ -491,6 +491,29 @@ pub enum AdminRequest {
         dry_run: bool,
         grace_secs: Option<u64>,
     },
+    /// Issues a dashboard login token (`gantry admin token`).
+    CreateLoginToken {
+        name: String,
+        role: crate::web::Role,
+        ttl_secs: u64,
+    },
+    ListLoginTokens,
+    /// Revokes a login token by id; its sessions end at their next request.
+    RevokeLoginToken {
+        id: String,
+    },
+    /// Adds a webhook target (`gantry webhooks add`). `events` empty means every kind;
+    /// `ca_pem` replaces the system roots for an https URL.
+    AddWebhook {
+        url: String,
+        format: crate::web::WebhookFormat,
+        events: Vec<String>,
+        ca_pem: Option<String>,
+    },
+    ListWebhooks,
+    RemoveWebhook {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -540,6 +563,10 @@ pub enum AdminResponse {
         message: String,
     },
     Error(AdminError),
+    LoginTokenCreated(crate::web::LoginTokenCreated),
+    LoginTokens(Vec<crate::web::LoginTokenView>),
+    WebhookAdded(crate::web::WebhookAdded),
+    Webhooks(Vec<crate::web::WebhookView>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

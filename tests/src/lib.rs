@@ -5,6 +5,7 @@
 //! Binaries are found next to the test executable's `deps/` folder (where cargo puts
 //! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
 
+pub mod browser;
 pub mod peers;
 
 use std::path::{Path, PathBuf};
@@ -112,6 +113,17 @@ impl Drop for Proc {
         if self.is_running() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends `sig` to every process in the process group `pgid`.
+#[allow(unsafe_code)]
+pub(crate) fn signal_group(pgid: i32, sig: i32) {
+    if pgid > 1 {
+        // SAFETY: kill(2) touches no memory of ours; a gone group fails with ESRCH.
+        unsafe {
+            libc::kill(-pgid, sig);
         }
     }
 }
@@ -269,6 +281,17 @@ impl Coordinator {
         wait_for("the coordinator to answer status", DEADLINE, || {
             (self.gantry(&["status"]).code == 0).then_some(())
         });
+    }
+
+    /// Stops the server, appends `toml` to its `coordinator.toml`, and starts it again.
+    pub fn restart_with_config(&mut self, toml: &str) {
+        self.server().terminate();
+        let path = self.data_dir().join("coordinator.toml");
+        let mut text = std::fs::read_to_string(&path).expect("coordinator.toml");
+        text.push('\n');
+        text.push_str(toml);
+        std::fs::write(&path, text).expect("write coordinator.toml");
+        self.start_server();
     }
 
     /// The server's log so far.

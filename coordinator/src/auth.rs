@@ -1,0 +1,600 @@
+//! Who may do what on the HTTP side: the role table, dashboard login tokens, browser
+//! sessions, and the checks every dashboard request passes.
+//!
+//! Owns: the one table of what each [`Role`] may do ([`least_role`]); issuing, listing
+//! and revoking login tokens (`gantry admin token`), stored as SHA-256 of a 256-bit
+//! secret; sessions (a random id in an HttpOnly, SameSite=Strict cookie, in memory,
+//! 12 h, at most 10,000); and the CSRF rule for mutating requests. It must not serve
+//! routes (that is `dashboard.rs`) nor know the storage engine.
+//!
+//! A request is authenticated by its session cookie or by `Authorization: Bearer
+//! <login token>` (for scripts). Either way the login token is looked up in the store
+//! on every request, so a revoked or expired token stops working at once, sessions
+//! included.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use gantry_protocol::{
+    AdminError, AdminRequest, AdminResponse, LoginTokenCreated, LoginTokenView, Role, UnixMillis,
+};
+
+use crate::http::Request;
+use crate::runs::{internal, invalid, not_found};
+use crate::server::Coordinator;
+use crate::store::{AuditEntry, LoginTokenRecord};
+
+/// Prefix of a login token string; the version lets the format change later.
+pub const TOKEN_PREFIX: &str = "glt1_";
+/// Name of the session cookie.
+pub const SESSION_COOKIE: &str = "gantry_session";
+/// The header a browser must send on every mutating request. A page on another origin
+/// cannot add a custom header to a cross-site request without a CORS preflight, which
+/// this server never approves.
+pub const CSRF_HEADER: &str = "x-gantry-csrf";
+/// How long a browser session lasts (and never beyond its login token's expiry).
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Most sessions held at once; beyond it the oldest is dropped (its browser logs in
+/// again). 10,000 sessions take about 2 MB.
+pub const MAX_SESSIONS: usize = 10_000;
+/// Longest login token lifetime.
+pub const MAX_LOGIN_TTL: Duration = Duration::from_secs(365 * 86_400);
+/// Longest login token name.
+const MAX_NAME_LEN: usize = 64;
+
+/// Something a dashboard request wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read agents, runs, jobs, logs, deployments.
+    View,
+    /// Start a new run of a stored run's pipeline (retry).
+    RetryRun,
+    CancelRun,
+    /// Let a `when: manual` job run.
+    ApproveJob,
+}
+
+impl Action {
+    pub const ALL: [Self; 4] = [
+        Self::View,
+        Self::RetryRun,
+        Self::CancelRun,
+        Self::ApproveJob,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::View => "view",
+            Self::RetryRun => "retry_run",
+            Self::CancelRun => "cancel_run",
+            Self::ApproveJob => "approve_job",
+        }
+    }
+}
+
+/// **The role table**: the least role each action needs. Roles are ordered (viewer <
+/// operator < admin), so admin may do everything. This is the only place that decides
+/// who may do what; the dashboard asks [`allows`] and shows the page's buttons from
+/// the same answer.
+pub const fn least_role(action: Action) -> Role {
+    match action {
+        Action::View => Role::Viewer,
+        Action::RetryRun | Action::CancelRun | Action::ApproveJob => Role::Operator,
+    }
+}
+
+/// Whether `role` may do `action`.
+pub fn allows(role: Role, action: Action) -> bool {
+    role >= least_role(action)
+}
+
+/// A login token taken apart: `glt1_<16 hex id>_<64 hex secret>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginToken {
+    /// `lt-<16 hex>`.
+    pub id: String,
+    /// 64 lower-case hex digits.
+    pub secret: String,
+}
+
+impl LoginToken {
+    pub fn generate() -> Self {
+        Self {
+            id: format!(
+                "lt-{}",
+                gantry_certs::hex(&gantry_certs::random_bytes::<8>())
+            ),
+            secret: gantry_certs::hex(&gantry_certs::random_bytes::<32>()),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        format!(
+            "{TOKEN_PREFIX}{}_{}",
+            self.id.trim_start_matches("lt-"),
+            self.secret
+        )
+    }
+
+    /// Parses a token string, checking its shape only.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let hex = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let body = text.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            format!("a login token starts with {TOKEN_PREFIX}; copy the whole token `gantry admin token` printed")
+        })?;
+        match body.split_once('_') {
+            Some((id, secret)) if hex(id, 16) && hex(secret, 64) => Ok(Self {
+                id: format!("lt-{id}"),
+                secret: secret.to_owned(),
+            }),
+            _ => Err(
+                "malformed login token; copy the whole token `gantry admin token` printed".into(),
+            ),
+        }
+    }
+}
+
+/// Who made a request, and how it proved it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+    /// Authenticated by the session cookie (so CSRF rules apply), not a bearer header.
+    pub by_cookie: bool,
+}
+
+impl Principal {
+    /// The actor recorded in the audit log for what this principal does.
+    pub fn actor(&self) -> String {
+        format!("web:{}:{}", self.name, self.token_id)
+    }
+}
+
+/// Why a request is not allowed; `status` is the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Denied {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Unauthenticated(_) => 401,
+            Self::Forbidden(_) => 403,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+/// Checks a presented login token against the store: known, secret matches, not
+/// revoked, not expired.
+pub fn verify_token(
+    coord: &Coordinator,
+    text: &str,
+    now: UnixMillis,
+) -> Result<LoginTokenRecord, Denied> {
+    let token = LoginToken::parse(text).map_err(Denied::Unauthenticated)?;
+    let record = coord
+        .store
+        .login_token(&token.id)
+        .map_err(|e| Denied::Internal(e.to_string()))?
+        .filter(|r| gantry_certs::token::secret_matches(&token.secret, &r.secret_sha256))
+        .ok_or_else(|| {
+            Denied::Unauthenticated("unknown login token (never issued, or a wrong secret)".into())
+        })?;
+    check_record(&record, now)?;
+    Ok(record)
+}
+
+fn check_record(record: &LoginTokenRecord, now: UnixMillis) -> Result<(), Denied> {
+    if record.revoked_at.is_some() {
+        return Err(Denied::Unauthenticated(format!(
+            "login token {} was revoked; ask an admin for a new one",
+            record.id
+        )));
+    }
+    if now >= record.expires_at {
+        return Err(Denied::Unauthenticated(format!(
+            "login token {} expired at {}; ask an admin for a new one (`gantry admin token`)",
+            record.id,
+            record.expires_at.to_rfc3339()
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    token_id: String,
+    expires_at: UnixMillis,
+    created_at: UnixMillis,
+}
+
+/// Browser sessions: random 256-bit ids mapped to the login token they came from.
+/// In memory, so a coordinator restart logs browsers out (they log in again with their
+/// token); the token stays the credential.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    live: Mutex<HashMap<String, Session>>,
+}
+
+impl Sessions {
+    /// Opens a session for a verified token; returns its id and how long it lasts.
+    pub fn open(&self, token: &LoginTokenRecord, now: UnixMillis) -> (String, Duration) {
+        let id = gantry_certs::hex(&gantry_certs::random_bytes::<32>());
+        let expires_at = now.plus_secs(SESSION_TTL.as_secs()).min(token.expires_at);
+        let mut live = self.lock();
+        live.retain(|_, s| s.expires_at > now);
+        if live.len() >= MAX_SESSIONS {
+            if let Some(oldest) = live
+                .iter()
+                .min_by_key(|(_, s)| s.created_at)
+                .map(|(k, _)| k.clone())
+            {
+                live.remove(&oldest);
+            }
+        }
+        live.insert(
+            id.clone(),
+            Session {
+                token_id: token.id.clone(),
+                expires_at,
+                created_at: now,
+            },
+        );
+        (id, Duration::from_millis(expires_at.millis_since(now)))
+    }
+
+    pub fn close(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn token_of(&self, id: &str, now: UnixMillis) -> Option<String> {
+        let mut live = self.lock();
+        match live.get(id) {
+            Some(s) if s.expires_at > now => Some(s.token_id.clone()),
+            Some(_) => {
+                live.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers
+        .iter()
+        .filter(|(k, _)| k == "cookie")
+        .flat_map(|(_, v)| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Who made `req`: a bearer login token, else the session cookie.
+pub fn authenticate(
+    coord: &Coordinator,
+    sessions: &Sessions,
+    req: &Request,
+    now: UnixMillis,
+) -> Result<Principal, Denied> {
+    if let Some(value) = req.header("authorization") {
+        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+            Denied::Unauthenticated("Authorization must be `Bearer <login token>`".into())
+        })?;
+        let record = verify_token(coord, token, now)?;
+        return Ok(Principal {
+            token_id: record.id,
+            name: record.name,
+            role: record.role,
+            by_cookie: false,
+        });
+    }
+    let unauthenticated =
+        || Denied::Unauthenticated("log in with a token from `gantry admin token`".into());
+    let session = cookie(req, SESSION_COOKIE).ok_or_else(unauthenticated)?;
+    let token_id = sessions
+        .token_of(session, now)
+        .ok_or_else(unauthenticated)?;
+    let record = coord
+        .store
+        .login_token(&token_id)
+        .map_err(|e| Denied::Internal(e.to_string()))?
+        .ok_or_else(unauthenticated)?;
+    if let Err(e) = check_record(&record, now) {
+        sessions.close(session);
+        return Err(e);
+    }
+    Ok(Principal {
+        token_id: record.id,
+        name: record.name,
+        role: record.role,
+        by_cookie: true,
+    })
+}
+
+/// The CSRF rule for requests that change something, when a browser's cookie
+/// authenticated them: the custom header must be present (a cross-site form or
+/// `fetch` cannot send it without a preflight we never approve), and an `Origin`, when
+/// the browser sends one, must name this server's host and port (its scheme is not
+/// compared: a TLS-terminating proxy on loopback forwards `https://` origins to plain
+/// HTTP). The cookie is also SameSite=Strict, so a cross-site request does not carry
+/// it at all; any one of the checks would do.
+pub fn check_csrf(req: &Request) -> Result<(), Denied> {
+    if req.header(CSRF_HEADER).is_none_or(str::is_empty) {
+        return Err(Denied::Forbidden(format!(
+            "missing the {CSRF_HEADER} header: changes must come from the dashboard's own pages"
+        )));
+    }
+    if let Some(origin) = req.header("origin") {
+        let origin_host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        if origin_host.is_none() || origin_host != req.header("host") {
+            return Err(Denied::Forbidden(format!(
+                "cross-origin request from {:?} refused",
+                origin.chars().take(100).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `principal` may do `action`.
+pub fn require(principal: &Principal, action: Action) -> Result<(), Denied> {
+    if allows(principal.role, action) {
+        Ok(())
+    } else {
+        Err(Denied::Forbidden(format!(
+            "{} is a {}; {} needs the {} role",
+            principal.name,
+            principal.role,
+            action.as_str().replace('_', " "),
+            least_role(action)
+        )))
+    }
+}
+
+fn view(r: &LoginTokenRecord) -> LoginTokenView {
+    LoginTokenView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        role: r.role,
+        created_at: r.created_at,
+        created_by: r.created_by.clone(),
+        expires_at: r.expires_at,
+        revoked_at: r.revoked_at,
+    }
+}
+
+/// Answers the login token requests of an admin (`gantry admin token ...`).
+pub fn admin(
+    coord: &Coordinator,
+    actor: &str,
+    req: AdminRequest,
+) -> Result<AdminResponse, AdminError> {
+    let now = UnixMillis::now();
+    let audit = |action: &str, detail: String| AuditEntry {
+        at: now,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        detail,
+    };
+    match req {
+        AdminRequest::CreateLoginToken {
+            name,
+            role,
+            ttl_secs,
+        } => {
+            if name.is_empty()
+                || name.len() > MAX_NAME_LEN
+                || name.chars().any(|c| c.is_control() || c == ':')
+            {
+                return Err(invalid(format!(
+                    "a login token's name must be 1 to {MAX_NAME_LEN} printable characters without ':'"
+                )));
+            }
+            if ttl_secs == 0 || ttl_secs > MAX_LOGIN_TTL.as_secs() {
+                return Err(invalid(format!(
+                    "a login token's lifetime must be between 1s and {}d",
+                    MAX_LOGIN_TTL.as_secs() / 86_400
+                )));
+            }
+            let token = LoginToken::generate();
+            let record = LoginTokenRecord {
+                id: token.id.clone(),
+                name,
+                role,
+                secret_sha256: gantry_certs::token::hash_secret(&token.secret).to_vec(),
+                created_at: now,
+                created_by: actor.to_owned(),
+                expires_at: now.plus_secs(ttl_secs),
+                revoked_at: None,
+            };
+            let detail = format!(
+                "token={} name={} role={role} ttl_secs={ttl_secs}",
+                record.id, record.name
+            );
+            coord
+                .store
+                .create_login_token(&record, &audit("login_token.create", detail))
+                .map_err(internal)?;
+            Ok(AdminResponse::LoginTokenCreated(LoginTokenCreated {
+                id: record.id,
+                name: record.name,
+                role,
+                expires_at: record.expires_at,
+                token: token.encode(),
+            }))
+        }
+        AdminRequest::ListLoginTokens => Ok(AdminResponse::LoginTokens(
+            coord
+                .store
+                .login_tokens()
+                .map_err(internal)?
+                .iter()
+                .map(view)
+                .collect(),
+        )),
+        AdminRequest::RevokeLoginToken { id } => {
+            let record = coord
+                .store
+                .revoke_login_token(
+                    &id,
+                    now,
+                    &audit("login_token.revoke", format!("token={id}")),
+                )
+                .map_err(internal)?
+                .ok_or_else(|| {
+                    not_found(format!(
+                        "no login token {id:?}; `gantry admin token list` shows them"
+                    ))
+                })?;
+            Ok(AdminResponse::LoginTokens(vec![view(&record)]))
+        }
+        other => Err(invalid(format!("unexpected request {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_role_table_lets_only_operators_and_admins_change_anything() {
+        for action in Action::ALL {
+            assert!(allows(Role::Admin, action), "admin may {action:?}");
+            assert_eq!(
+                allows(Role::Viewer, action),
+                action == Action::View,
+                "a viewer may only view, not {action:?}"
+            );
+            assert!(allows(Role::Operator, action), "operator may {action:?}");
+        }
+        let viewer = Principal {
+            token_id: "lt-0".into(),
+            name: "eve".into(),
+            role: Role::Viewer,
+            by_cookie: true,
+        };
+        let err = require(&viewer, Action::RetryRun).expect_err("viewer");
+        assert_eq!(err.status(), 403);
+        assert!(err.to_string().contains("needs the operator role"), "{err}");
+    }
+
+    #[test]
+    fn login_tokens_round_trip_and_garbage_is_refused() {
+        let token = LoginToken::generate();
+        let text = token.encode();
+        assert!(text.starts_with("glt1_"), "{text}");
+        assert_eq!(LoginToken::parse(&text), Ok(token.clone()));
+        assert_eq!(LoginToken::parse(&format!(" {text}\n")), Ok(token));
+        for bad in [
+            "",
+            "glt1_",
+            "glt1_abc_def",
+            "gjt1_0123456789abcdef_00",
+            &format!("glt1_0123456789abcdeF_{}", "a".repeat(64)),
+            &format!("glt1_0123456789abcdef_{}", "a".repeat(63)),
+        ] {
+            assert!(LoginToken::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn request(headers: &[(&str, &str)]) -> Request {
+        Request {
+            method: "POST".into(),
+            path: "/api/runs/1/retry".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn csrf_needs_the_header_and_a_same_origin() {
+        assert_eq!(check_csrf(&request(&[])).map_err(|e| e.status()), Err(403));
+        let ok = request(&[("host", "coord:8443"), (CSRF_HEADER, "1")]);
+        assert!(check_csrf(&ok).is_ok());
+        let same = request(&[
+            ("host", "coord:8443"),
+            (CSRF_HEADER, "1"),
+            ("origin", "https://coord:8443"),
+        ]);
+        assert!(check_csrf(&same).is_ok());
+        let cross = request(&[
+            ("host", "coord:8443"),
+            (CSRF_HEADER, "1"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert_eq!(check_csrf(&cross).map_err(|e| e.status()), Err(403));
+        let null = request(&[
+            ("host", "coord:8443"),
+            (CSRF_HEADER, "1"),
+            ("origin", "null"),
+        ]);
+        assert_eq!(check_csrf(&null).map_err(|e| e.status()), Err(403));
+        let proxied = request(&[
+            ("host", "coord:8443"),
+            (CSRF_HEADER, "1"),
+            ("origin", "http://coord:8443"),
+        ]);
+        assert!(check_csrf(&proxied).is_ok(), "the scheme is not compared");
+    }
+
+    #[test]
+    fn cookies_are_found_among_others_and_sessions_expire() {
+        let req = request(&[("cookie", "a=1; gantry_session=abc; b=2")]);
+        assert_eq!(cookie(&req, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&request(&[]), SESSION_COOKIE), None);
+        let sessions = Sessions::default();
+        let record = LoginTokenRecord {
+            id: "lt-1".into(),
+            name: "n".into(),
+            role: Role::Viewer,
+            secret_sha256: Vec::new(),
+            created_at: UnixMillis(0),
+            created_by: String::new(),
+            expires_at: UnixMillis(60_000),
+            revoked_at: None,
+        };
+        let (id, lasts) = sessions.open(&record, UnixMillis(0));
+        assert_eq!(
+            lasts,
+            Duration::from_secs(60),
+            "capped by the token's expiry"
+        );
+        assert_eq!(
+            sessions.token_of(&id, UnixMillis(59_999)),
+            Some("lt-1".into())
+        );
+        assert_eq!(sessions.token_of(&id, UnixMillis(60_000)), None);
+        assert_eq!(sessions.len(), 0, "an expired session is dropped when met");
+    }
+}

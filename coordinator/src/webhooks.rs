@@ -1,0 +1,728 @@
+//! Outgoing webhooks: targets (`gantry webhooks add|list|rm`), payloads (generic JSON
+//! and Slack-compatible), their HMAC signature, and delivery with retries.
+//!
+//! Owns the sender task that drains the notification queue (`notify.rs`): for each
+//! event it picks the targets whose filter matches and starts one delivery per target.
+//! A delivery POSTs the body signed with `X-Gantry-Signature: sha256=<hex HMAC-SHA256
+//! of the body, keyed with the target's secret>` and retries failures (no answer,
+//! 408, 425, 429, 5xx) with exponential backoff and jitter: with the default 10 s base,
+//! waits of 5–10, 15–30, 45–90 and 90–180 s between 5 attempts, so a delivery gives up
+//! within about 5 minutes. Other statuses (a 4xx says the receiver refuses it) are not
+//! retried. Each attempt has 10 s.
+//!
+//! Bounds, so a dead receiver costs little and never reaches the scheduler: at most
+//! 256 deliveries in progress in all (more events wait in the notification queue, which
+//! drops its oldest beyond 1,024), at most 64 per target (beyond, that target's new
+//! deliveries are dropped and counted), at most 16 HTTP exchanges at once. The last
+//! [`LOG_PER_TARGET`] attempts per target are kept in memory for `gantry webhooks
+//! list` (a restart clears them). Deliveries to one target may arrive out of order;
+//! each body carries its event time and a delivery id that retries keep.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use gantry_protocol::{
+    AdminError, AdminErrorKind, AdminRequest, AdminResponse, DeliveryView, UnixMillis,
+    WebhookAdded, WebhookFormat, WebhookView,
+};
+use ring::hmac;
+use tokio::sync::Semaphore;
+
+use crate::http_client::{self, Url};
+use crate::metrics::Metrics;
+use crate::notify::{Event, EventKind, Notifier};
+use crate::runs::{internal, invalid, not_found};
+use crate::secrets::SecretKey;
+use crate::store::{AuditEntry, Store, StoreError, WebhookRecord};
+
+/// Delivery attempts kept per target for `gantry webhooks list`.
+pub const LOG_PER_TARGET: usize = 20;
+/// Deliveries in progress (sending or waiting to retry) in all.
+const MAX_PENDING: usize = 256;
+/// Deliveries in progress per target; a target that stops answering holds at most these.
+const MAX_PENDING_PER_TARGET: usize = 64;
+/// HTTP exchanges at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Most webhook targets.
+const MAX_TARGETS: usize = 100;
+/// The signature header.
+pub const SIGNATURE_HEADER: &str = "X-Gantry-Signature";
+
+/// `[webhooks]` in `coordinator.toml`, parsed.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// The first retry waits between half of this and this; each next one three times
+    /// longer, capped at 18 times it.
+    pub retry_base: Duration,
+    /// Attempts per delivery, the first included.
+    pub attempts: u32,
+    /// Deadline of one attempt (connect, TLS, send, the answer's status line).
+    pub timeout: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            retry_base: Duration::from_secs(10),
+            attempts: 5,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[webhooks]` in `coordinator.toml`: how outgoing webhooks are retried. Every field
+/// has a default, so the section may be left out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The first retry waits between half of this and this; each next one three times
+    /// longer (at most 18 times it), e.g. `10s`.
+    pub retry_base: String,
+    /// Attempts per delivery, the first included (1 to 10).
+    pub attempts: u32,
+    /// Deadline of one attempt, e.g. `10s`.
+    pub timeout: String,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            retry_base: "10s".into(),
+            attempts: 5,
+            timeout: "10s".into(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn settings(&self) -> anyhow::Result<WebhookSettings> {
+        let retry_base =
+            crate::config::parse_duration(&self.retry_base).context("webhooks.retry_base")?;
+        let timeout = crate::config::parse_duration(&self.timeout).context("webhooks.timeout")?;
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&retry_base) {
+            anyhow::bail!("webhooks.retry_base must be between 10ms and 1h");
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout) {
+            anyhow::bail!("webhooks.timeout must be between 100ms and 60s");
+        }
+        if !(1..=10).contains(&self.attempts) {
+            anyhow::bail!("webhooks.attempts must be between 1 and 10");
+        }
+        Ok(WebhookSettings {
+            retry_base,
+            attempts: self.attempts,
+            timeout,
+        })
+    }
+}
+
+/// How long to wait after attempt `failed` (1 for the first) failed: exponential
+/// (base × 3^(n-1), at most 18 × base) with "equal jitter" (half fixed, half random,
+/// `random` in 0..1), so receivers coming back are not hit by every sender at once.
+pub fn backoff(failed: u32, base: Duration, random: f64) -> Duration {
+    let factor = 3u32.saturating_pow(failed.saturating_sub(1)).min(18);
+    let full = base.saturating_mul(factor);
+    full / 2 + full.div_f64(2.0).mul_f64(random.clamp(0.0, 1.0))
+}
+
+/// HMAC-SHA256 of `body` keyed with `secret`, as the signature header carries it.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    format!(
+        "sha256={}",
+        gantry_certs::hex(hmac::sign(&key, body).as_ref())
+    )
+}
+
+/// Whether an answer with this status is worth trying again.
+fn retryable(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429 | 500..=599)
+}
+
+/// Slack's mrkdwn needs `&`, `<` and `>` escaped.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The body sent for `event` in `format`.
+pub fn payload(format: WebhookFormat, event: &Event, delivery: &str) -> Vec<u8> {
+    let value = match format {
+        WebhookFormat::Json => serde_json::json!({
+            "event": event.kind.as_str(),
+            "delivery": delivery,
+            "at": event.at.to_rfc3339(),
+            "summary": event.summary,
+            "path": event.path,
+            "data": event.data,
+        }),
+        WebhookFormat::Slack => {
+            // Slack shows at most 10 fields in a section.
+            let fields: Vec<serde_json::Value> = event
+                .facts
+                .iter()
+                .take(10)
+                .map(|(label, value)| {
+                    serde_json::json!({
+                        "type": "mrkdwn",
+                        "text": format!("*{}*\n{}", slack_escape(label), slack_escape(value)),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "text": event.summary,
+                "blocks": [
+                    {
+                        "type": "section",
+                        "text": { "type": "mrkdwn", "text": format!("*{}*", slack_escape(&event.summary)) },
+                    },
+                    { "type": "section", "fields": fields },
+                    {
+                        "type": "context",
+                        "elements": [{
+                            "type": "mrkdwn",
+                            "text": format!("gantry · {} · {} · {}", event.kind.as_str(), event.at.to_rfc3339(), slack_escape(&event.path)),
+                        }],
+                    },
+                ],
+            })
+        }
+    };
+    value.to_string().into_bytes()
+}
+
+/// The webhook sender and what it remembers.
+#[derive(Debug)]
+pub struct Webhooks {
+    store: Arc<Store>,
+    secret_key: Arc<SecretKey>,
+    metrics: Arc<Metrics>,
+    settings: WebhookSettings,
+    log: Mutex<HashMap<u64, VecDeque<DeliveryView>>>,
+    pending: Mutex<HashMap<u64, usize>>,
+    slots: Arc<Semaphore>,
+    connections: Semaphore,
+}
+
+/// One delivery's hold on its target's pending count.
+struct PendingGuard {
+    webhooks: Arc<Webhooks>,
+    target: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.webhooks.pending);
+        if let Some(n) = pending.get_mut(&self.target) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pending.remove(&self.target);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Webhooks {
+    /// Builds the sender and starts its task, which drains `notifier` until the
+    /// runtime ends.
+    pub fn start(
+        store: Arc<Store>,
+        secret_key: Arc<SecretKey>,
+        metrics: Arc<Metrics>,
+        settings: WebhookSettings,
+        notifier: Arc<Notifier>,
+    ) -> Arc<Self> {
+        let me = Arc::new(Self {
+            store,
+            secret_key,
+            metrics,
+            settings,
+            log: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(MAX_PENDING)),
+            connections: Semaphore::new(MAX_CONNECTIONS),
+        });
+        let sender = me.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = notifier.next().await;
+                sender.dispatch(Arc::new(event)).await;
+            }
+        });
+        me
+    }
+
+    /// Starts one delivery per matching target. Waits only for a free delivery slot
+    /// (never for a receiver), so a full house backs up into the notification queue.
+    async fn dispatch(self: &Arc<Self>, event: Arc<Event>) {
+        let targets = match self.store.webhooks() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(
+                    "cannot read webhook targets; {} not delivered: {e}",
+                    event.kind.as_str()
+                );
+                return;
+            }
+        };
+        for target in targets {
+            let wanted =
+                target.events.is_empty() || target.events.iter().any(|e| e == event.kind.as_str());
+            if !wanted {
+                continue;
+            }
+            {
+                let mut pending = lock(&self.pending);
+                let n = pending.entry(target.id).or_insert(0);
+                if *n >= MAX_PENDING_PER_TARGET {
+                    drop(pending);
+                    self.record(
+                        target.id,
+                        &event,
+                        0,
+                        None,
+                        Some(format!(
+                            "{MAX_PENDING_PER_TARGET} deliveries already pending for this target"
+                        )),
+                        Duration::ZERO,
+                        "dropped",
+                    );
+                    self.metrics.webhook_delivery("dropped");
+                    continue;
+                }
+                *n += 1;
+            }
+            let guard = PendingGuard {
+                webhooks: self.clone(),
+                target: target.id,
+            };
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            let event = event.clone();
+            tokio::spawn(async move {
+                me.deliver(&target, &event).await;
+                drop(slot);
+                drop(guard);
+            });
+        }
+    }
+
+    /// Delivers one event to one target, retrying as the module says.
+    async fn deliver(&self, target: &WebhookRecord, event: &Event) {
+        let delivery = format!(
+            "d-{}",
+            gantry_certs::hex(&gantry_certs::random_bytes::<8>())
+        );
+        let secret = match self
+            .secret_key
+            .open(&secret_name(target.id), &target.sealed_secret)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.record(
+                    target.id,
+                    event,
+                    0,
+                    None,
+                    Some(e.to_string()),
+                    Duration::ZERO,
+                    "failed",
+                );
+                self.metrics.webhook_delivery("failed");
+                return;
+            }
+        };
+        let url = match Url::parse(&target.url) {
+            Ok(u) => u,
+            Err(e) => {
+                self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
+                self.metrics.webhook_delivery("failed");
+                return;
+            }
+        };
+        let tls = if url.tls {
+            let config = match &target.ca_pem {
+                Some(pem) => http_client::tls_with_ca(pem),
+                None => http_client::tls_with_system_roots(),
+            };
+            match config {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
+                    self.metrics.webhook_delivery("failed");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let body = payload(target.format, event, &delivery);
+        let headers = [
+            ("Content-Type", "application/json".to_owned()),
+            (SIGNATURE_HEADER, signature(&secret, &body)),
+            ("X-Gantry-Event", event.kind.as_str().to_owned()),
+            ("X-Gantry-Delivery", delivery.clone()),
+        ];
+        let attempts = self.settings.attempts.max(1);
+        for attempt in 1..=attempts {
+            let started = Instant::now();
+            let result = {
+                let _connection = self.connections.acquire().await;
+                self.metrics.webhook_attempt();
+                http_client::post(&url, tls.clone(), &headers, &body, self.settings.timeout).await
+            };
+            let took = started.elapsed();
+            let last = attempt == attempts;
+            match result {
+                Ok(status) if (200..300).contains(&status) => {
+                    self.record(
+                        target.id,
+                        event,
+                        attempt,
+                        Some(status),
+                        None,
+                        took,
+                        "delivered",
+                    );
+                    self.metrics.webhook_delivery("delivered");
+                    return;
+                }
+                Ok(status) if !retryable(status) => {
+                    let why = format!("the receiver answered {status}; not retried");
+                    self.record(
+                        target.id,
+                        event,
+                        attempt,
+                        Some(status),
+                        Some(why),
+                        took,
+                        "failed",
+                    );
+                    self.metrics.webhook_delivery("failed");
+                    tracing::warn!(
+                        webhook = target.id,
+                        status,
+                        "webhook delivery refused by its receiver"
+                    );
+                    return;
+                }
+                Ok(status) => {
+                    let outcome = if last { "failed" } else { "retrying" };
+                    self.record(
+                        target.id,
+                        event,
+                        attempt,
+                        Some(status),
+                        Some(format!("the receiver answered {status}")),
+                        took,
+                        outcome,
+                    );
+                }
+                Err(e) => {
+                    let outcome = if last { "failed" } else { "retrying" };
+                    self.record(target.id, event, attempt, None, Some(e), took, outcome);
+                }
+            }
+            if last {
+                break;
+            }
+            tokio::time::sleep(backoff(attempt, self.settings.retry_base, fastrand::f64())).await;
+        }
+        self.metrics.webhook_delivery("failed");
+        tracing::warn!(
+            webhook = target.id,
+            event = event.kind.as_str(),
+            attempts,
+            "webhook delivery failed; giving up"
+        );
+    }
+
+    /// Adds an attempt to the target's delivery log. Callers write it before moving the
+    /// delivery counters, so whoever sees a counter move also sees the entry.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        target: u64,
+        event: &Event,
+        attempt: u32,
+        status: Option<u16>,
+        error: Option<String>,
+        took: Duration,
+        outcome: &str,
+    ) {
+        let mut log = lock(&self.log);
+        let entries = log.entry(target).or_default();
+        entries.push_back(DeliveryView {
+            at: UnixMillis::now(),
+            event: event.kind.as_str().to_owned(),
+            attempt,
+            status,
+            error,
+            duration_ms: took.as_millis() as u64,
+            outcome: outcome.to_owned(),
+        });
+        while entries.len() > LOG_PER_TARGET {
+            entries.pop_front();
+        }
+    }
+
+    fn view(&self, r: &WebhookRecord) -> WebhookView {
+        WebhookView {
+            id: r.id,
+            url: r.url.clone(),
+            format: r.format,
+            events: r.events.clone(),
+            custom_ca: r.ca_pem.is_some(),
+            created_at: r.created_at,
+            created_by: r.created_by.clone(),
+            deliveries: lock(&self.log)
+                .get(&r.id)
+                .map(|d| d.iter().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Answers `gantry webhooks add|list|rm`.
+    pub fn admin(&self, actor: &str, req: AdminRequest) -> Result<AdminResponse, AdminError> {
+        let now = UnixMillis::now();
+        let audit = |action: &str, detail: String| AuditEntry {
+            at: now,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            detail,
+        };
+        match req {
+            AdminRequest::AddWebhook {
+                url,
+                format,
+                events,
+                ca_pem,
+            } => {
+                let parsed = Url::parse(&url).map_err(invalid)?;
+                let mut kinds: Vec<String> = Vec::new();
+                for name in &events {
+                    let kind = EventKind::parse(name.trim()).map_err(invalid)?;
+                    if !kinds.iter().any(|k| k == kind.as_str()) {
+                        kinds.push(kind.as_str().to_owned());
+                    }
+                }
+                match (&ca_pem, parsed.tls) {
+                    (Some(_), false) => {
+                        return Err(invalid("--ca applies to https:// URLs only".into()));
+                    }
+                    (Some(pem), true) => {
+                        http_client::parse_ca_pem(pem).map_err(invalid)?;
+                    }
+                    (None, true) => {
+                        http_client::tls_with_system_roots().map_err(invalid)?;
+                    }
+                    (None, false) => {}
+                }
+                if self.store.webhooks().map_err(internal)?.len() >= MAX_TARGETS {
+                    return Err(invalid(format!(
+                        "at most {MAX_TARGETS} webhook targets; remove one first"
+                    )));
+                }
+                let secret = gantry_certs::hex(&gantry_certs::random_bytes::<32>());
+                // The URL's path can itself be a credential (Slack's are), so the audit
+                // log names only where deliveries go.
+                let detail = format!(
+                    "host={} format={} events={kinds:?} custom_ca={}",
+                    parsed.host_header(),
+                    format.as_str(),
+                    ca_pem.is_some()
+                );
+                let record = self
+                    .store
+                    .add_webhook(
+                        |id| {
+                            let sealed_secret = self
+                                .secret_key
+                                .seal(&secret_name(id), secret.as_bytes())
+                                .map_err(|e| StoreError::Engine {
+                                    op: "seal webhook secret",
+                                    detail: e.to_string(),
+                                })?;
+                            Ok(WebhookRecord {
+                                id,
+                                url: url.clone(),
+                                format,
+                                events: kinds.clone(),
+                                ca_pem: ca_pem.clone(),
+                                sealed_secret,
+                                created_at: now,
+                                created_by: actor.to_owned(),
+                            })
+                        },
+                        &audit("webhook.add", detail),
+                    )
+                    .map_err(internal)?;
+                Ok(AdminResponse::WebhookAdded(WebhookAdded {
+                    webhook: self.view(&record),
+                    secret,
+                }))
+            }
+            AdminRequest::ListWebhooks => Ok(AdminResponse::Webhooks(
+                self.store
+                    .webhooks()
+                    .map_err(internal)?
+                    .iter()
+                    .map(|r| self.view(r))
+                    .collect(),
+            )),
+            AdminRequest::RemoveWebhook { id } => {
+                let removed = self
+                    .store
+                    .remove_webhook(id, &audit("webhook.remove", format!("webhook={id}")))
+                    .map_err(internal)?;
+                if !removed {
+                    return Err(not_found(format!(
+                        "no webhook {id}; `gantry webhooks list` shows them"
+                    )));
+                }
+                lock(&self.log).remove(&id);
+                Ok(AdminResponse::Done {
+                    message: format!("webhook {id} removed"),
+                })
+            }
+            other => Err(AdminError {
+                kind: AdminErrorKind::InvalidInput,
+                message: format!("unexpected request {other:?}"),
+            }),
+        }
+    }
+}
+
+/// The name a target's secret is sealed under, so a sealed secret copied to another
+/// target does not open.
+fn secret_name(id: u64) -> String {
+    format!("webhook:{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            kind: EventKind::RunFinished,
+            at: UnixMillis(1_700_000_000_000),
+            summary: "Run 3 (app, main) failed <oops> & more".into(),
+            facts: vec![("State".into(), "failed".into())],
+            path: "/runs/3".into(),
+            data: serde_json::json!({ "run": 3, "state": "failed" }),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_by_three_with_jitter_and_stays_within_five_minutes() {
+        let base = Duration::from_secs(10);
+        assert_eq!(backoff(1, base, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(1, base, 1.0), Duration::from_secs(10));
+        assert_eq!(backoff(2, base, 1.0), Duration::from_secs(30));
+        assert_eq!(backoff(3, base, 1.0), Duration::from_secs(90));
+        assert_eq!(
+            backoff(4, base, 1.0),
+            Duration::from_secs(180),
+            "capped at 18 × base"
+        );
+        assert_eq!(backoff(9, base, 1.0), Duration::from_secs(180));
+        let worst: Duration = (1..5).map(|n| backoff(n, base, 1.0)).sum();
+        assert!(worst <= Duration::from_secs(310), "{worst:?}");
+        let r = backoff(2, base, 0.5);
+        assert!(
+            r > Duration::from_secs(15) && r < Duration::from_secs(30),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        let sig = signature("Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            sig,
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(crate::triggers::verify_signature(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            Some(&sig)
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn payloads_have_the_generic_and_the_slack_shape() {
+        let json: serde_json::Value =
+            serde_json::from_slice(&payload(WebhookFormat::Json, &event(), "d-1")).expect("json");
+        assert_eq!(json["event"], "run.finished");
+        assert_eq!(json["delivery"], "d-1");
+        assert_eq!(json["at"], "2023-11-14T22:13:20Z");
+        assert_eq!(json["data"]["run"], 3);
+        let slack: serde_json::Value =
+            serde_json::from_slice(&payload(WebhookFormat::Slack, &event(), "d-1")).expect("json");
+        assert_eq!(slack["text"], "Run 3 (app, main) failed <oops> & more");
+        let blocks = slack["blocks"].as_array().expect("blocks");
+        assert_eq!(blocks[0]["type"], "section");
+        assert_eq!(
+            blocks[0]["text"]["text"], "*Run 3 (app, main) failed &lt;oops&gt; &amp; more*",
+            "mrkdwn is escaped"
+        );
+        assert_eq!(blocks[1]["fields"][0]["text"], "*State*\nfailed");
+        assert_eq!(blocks[2]["type"], "context");
+    }
+
+    #[test]
+    fn the_config_section_has_defaults_and_bounds() {
+        let defaults = WebhooksConfig::default().settings().expect("defaults");
+        assert_eq!(
+            (defaults.retry_base, defaults.attempts, defaults.timeout),
+            (Duration::from_secs(10), 5, Duration::from_secs(10))
+        );
+        let parsed: WebhooksConfig =
+            toml::from_str("retry_base = \"200ms\"\nattempts = 3\n").expect("toml");
+        assert_eq!(
+            parsed.settings().expect("ok").retry_base,
+            Duration::from_millis(200)
+        );
+        for bad in [
+            "attempts = 0",
+            "attempts = 11",
+            "timeout = \"50ms\"",
+            "retry_base = \"2h\"",
+            "retry_base = \"soon\"",
+        ] {
+            let config: WebhooksConfig = toml::from_str(bad).expect("toml");
+            assert!(config.settings().is_err(), "{bad}");
+        }
+        assert!(
+            toml::from_str::<WebhooksConfig>("retries = 3").is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn only_transient_statuses_are_retried() {
+        for s in [408, 425, 429, 500, 502, 503] {
+            assert!(retryable(s), "{s}");
+        }
+        for s in [200, 301, 400, 401, 403, 404, 410] {
+            assert!(!retryable(s), "{s}");
+        }
+    }
+}
