@@ -141,6 +141,65 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The window, back from now, e.g. 7d.
+    #[arg(long, default_value = "30d", value_name = "DURATION")]
+    since: String,
+    /// Only this environment.
+    #[arg(long = "env", value_name = "ENV")]
+    environment: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn stats(args: StatsArgs) -> Result<ExitCode, Failure> {
+    let since = config::parse_duration(&args.since)
+        .context("--since")
+        .map_err(usage)?;
+    let resp = admin(AdminRequest::Stats {
+        since_ms: u64::try_from(since.as_millis()).unwrap_or(u64::MAX),
+        environment: args.environment,
+    })
+    .await?;
+    print(&resp, args.json)
+}
+
+/// `gantry stats` as a table: one row per environment.
+pub fn stats_table(stats: &[gantry_protocol::DeliveryStats]) -> String {
+    let mut rows = vec![[
+        "ENV",
+        "CHANGES",
+        "PER DAY",
+        "LEAD TIME (MEDIAN/P90)",
+        "FAILURE RATE",
+        "TIME TO RESTORE (MEDIAN)",
+        "ROLLBACKS",
+    ]
+    .map(str::to_owned)
+    .to_vec()];
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_duration);
+    for s in stats {
+        rows.push(vec![
+            s.environment.clone(),
+            format!("{} ({} ok)", s.changes, s.succeeded),
+            format!("{:.2}", s.deployments_per_day),
+            format!("{} / {}", ms(s.lead_time_median_ms), ms(s.lead_time_p90_ms)),
+            s.change_failure_rate.map_or_else(
+                || "-".to_owned(),
+                |r| format!("{:.0}% ({} of {})", r * 100.0, s.failed_changes, s.changes),
+            ),
+            format!(
+                "{} ({} restores)",
+                ms(s.time_to_restore_median_ms),
+                s.restores
+            ),
+            s.rollbacks.to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
 fn selector(pairs: &[String]) -> Result<gantry_protocol::Labels, Failure> {
     let split: Vec<String> = pairs
         .iter()

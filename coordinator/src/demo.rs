@@ -467,6 +467,16 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
     if view.state != "succeeded" {
         bail!("the demo deployment ended {}", view.state);
     }
+    if let AdminResponse::Stats(stats) = admin
+        .request(&AdminRequest::Stats {
+            since_ms: 86_400_000,
+            environment: Some("demo".into()),
+        })
+        .await?
+    {
+        println!("\n== delivery figures (`gantry stats`):\n");
+        print!("{}", crate::cli_deploy::stats_table(&stats));
+    }
     println!("\n== `gantry exec --select role=web -- cat hello/current/out/app.txt`:\n");
     let mut reader = admin
         .follow(&StreamOpen::Exec(gantry_protocol::ExecRequest {

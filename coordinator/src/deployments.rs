@@ -125,6 +125,8 @@ pub struct DeploymentRecord {
     pub log: Vec<DeployLogLine>,
     /// Lines dropped from the front of `log` to keep it bounded.
     pub log_dropped: u64,
+    /// When the first host failed after its switch (for time to restore).
+    pub first_failure_at: Option<UnixMillis>,
 }
 
 impl DeploymentRecord {
@@ -318,6 +320,7 @@ impl Deployments {
         engine: Engine,
         logs: Arc<LogStore>,
         notifier: Arc<crate::notify::Notifier>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<(), String> {
         let mut active = BTreeMap::new();
         let mut recent = Vec::new();
@@ -342,6 +345,7 @@ impl Deployments {
             engine,
             logs,
             notifier,
+            metrics,
         };
         manager.connect_runner();
         manager.report_unreported(&recent);
@@ -413,6 +417,7 @@ struct Manager {
     logs: Arc<LogStore>,
     /// Webhooks hear when a deployment waits for approvals and when one ends.
     notifier: Arc<crate::notify::Notifier>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Manager {
@@ -740,6 +745,7 @@ impl Manager {
                     next_seq: 1,
                     log: Vec::new(),
                     log_dropped: 0,
+                    first_failure_at: None,
                 },
                 &audit,
             )
@@ -948,6 +954,11 @@ impl Manager {
                     self.send_op(id, &host, DeployOp::Rollback { to });
                 }
                 EngineCommand::HostChanged { host, state } => {
+                    if matches!(state, HostState::Failed { .. }) {
+                        if let Some(rec) = self.active.get_mut(&id) {
+                            rec.first_failure_at.get_or_insert(now);
+                        }
+                    }
                     if let Some(reason) = host_reason(&state) {
                         let text = format!("{}: {reason}", state.name());
                         self.log(id, now, Some(&host), text);
@@ -1173,6 +1184,7 @@ impl Manager {
             tracing::error!(deployment = id, "cannot store the deployment's end: {e}");
         }
         tracing::info!(deployment = id, environment = %rec.environment, state = %rec.state_name(), "deployment ended");
+        self.metrics.deployment_ended(&rec.state_name());
         let mut view = rec.view();
         view.log.clear();
         self.notifier.emit(crate::notify::Event::deployment(

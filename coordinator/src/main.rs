@@ -32,6 +32,7 @@ mod runs;
 mod secrets;
 mod server;
 mod sources;
+mod stats;
 mod store;
 mod triggers;
 mod webhooks;
@@ -126,6 +127,9 @@ enum Command {
     Rollback(cli_deploy::RollbackArgs),
     /// Run a command on every matching connected host now.
     Exec(cli_deploy::ExecArgs),
+    /// Delivery figures per environment: deployment frequency, lead time, change failure
+    /// rate, time to restore.
+    Stats(cli_deploy::StatsArgs),
     /// Offline bundles: the agent, the CA, an install script, the unit, maybe a token.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
@@ -366,6 +370,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Deploy(cmd) => cli_deploy::deploy(cmd).await,
         Command::Rollback(args) => cli_deploy::rollback(args).await,
         Command::Exec(args) => cli_deploy::exec(args).await,
+        Command::Stats(args) => cli_deploy::stats(args).await,
         Command::Bundle(cmd) => bundle::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Installer(args) => bundle::install_command(&args).map(|()| ExitCode::SUCCESS),
         Command::Admin(cmd) => cli_web::admin_command(cmd).await,

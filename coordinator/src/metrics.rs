@@ -25,6 +25,8 @@ pub const OUTCOMES: [&str; 6] = [
 ];
 /// Run outcomes counted.
 pub const RUN_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
+/// How deployments end (`deployments.rs` state names).
+pub const DEPLOYMENT_OUTCOMES: [&str; 4] = ["succeeded", "rolled-back", "failed", "cancelled"];
 /// How webhook deliveries (one event to one target) end: accepted by the receiver,
 /// given up on, or never tried because the target had too many pending.
 pub const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "failed", "dropped"];
@@ -80,6 +82,7 @@ pub struct Metrics {
     jobs_dispatched: AtomicU64,
     job_outcomes: [AtomicU64; OUTCOMES.len()],
     run_outcomes: [AtomicU64; RUN_OUTCOMES.len()],
+    deployment_outcomes: [AtomicU64; DEPLOYMENT_OUTCOMES.len()],
     log_bytes: AtomicU64,
     source_bytes: AtomicU64,
     artifact_bytes_received: AtomicU64,
@@ -101,6 +104,7 @@ impl Default for Metrics {
             jobs_dispatched: AtomicU64::new(0),
             job_outcomes: Default::default(),
             run_outcomes: Default::default(),
+            deployment_outcomes: Default::default(),
             log_bytes: AtomicU64::new(0),
             source_bytes: AtomicU64::new(0),
             artifact_bytes_received: AtomicU64::new(0),
@@ -171,6 +175,12 @@ impl Metrics {
     pub fn run_ended(&self, outcome: &str) {
         if let Some(i) = RUN_OUTCOMES.iter().position(|o| *o == outcome) {
             self.run_outcomes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn deployment_ended(&self, outcome: &str) {
+        if let Some(i) = DEPLOYMENT_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.deployment_outcomes[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -254,6 +264,14 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "gantry_run_outcomes_total{{outcome=\"{name}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP gantry_deployment_outcomes_total Deployments that ended, by state.\n# TYPE gantry_deployment_outcomes_total counter");
+        for (name, count) in DEPLOYMENT_OUTCOMES.iter().zip(&self.deployment_outcomes) {
+            let _ = writeln!(
+                out,
+                "gantry_deployment_outcomes_total{{outcome=\"{name}\"}} {}",
                 count.load(Ordering::Relaxed)
             );
         }
@@ -352,6 +370,7 @@ mod tests {
         m.job_ended("succeeded");
         m.job_ended("succeeded");
         m.job_ended("no-such-state");
+        m.deployment_ended("rolled-back");
         m.dispatch_latency(0.003);
         m.log_bytes(42);
         m.set_queue_depth(1);
@@ -364,6 +383,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gantry_agents_connected 3\n"));
+        assert!(
+            text.contains("gantry_deployment_outcomes_total{outcome=\"rolled-back\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("gantry_log_bytes_total 42\n"));
         assert!(text.contains("gantry_dispatch_latency_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("gantry_dispatch_latency_seconds_bucket{le=\"0.005\"} 1\n"));

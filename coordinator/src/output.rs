@@ -32,6 +32,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Environment(e) => serde_json::to_value(e),
             AdminResponse::Deployments(d) => serde_json::to_value(d),
             AdminResponse::Deployment(d) => serde_json::to_value(d),
+            AdminResponse::Stats(s) => serde_json::to_value(s),
             AdminResponse::AdminIssued { .. } => {
                 serde_json::to_value(serde_json::json!({ "issued": true }))
             }
@@ -133,6 +134,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
                 crate::cli_deploy::deployment_detail(d, UnixMillis::now())
             );
         }
+        AdminResponse::Stats(stats) => print!("{}", crate::cli_deploy::stats_table(stats)),
         AdminResponse::AdminIssued { .. } => println!("admin certificate issued"),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),

@@ -263,6 +263,7 @@ impl Coordinator {
             engine.clone(),
             logs.clone(),
             notifier.clone(),
+            metrics.clone(),
         )?;
         crate::notify::watch_engine(engine.subscribe(), store.clone(), notifier.clone());
         let webhooks = crate::webhooks::Webhooks::start(
@@ -1437,6 +1438,51 @@ impl Coordinator {
             | AdminRequest::Rollback(_) => Err(invalid(
                 "deployment changes are answered by the session, not here".into(),
             )),
+            AdminRequest::Stats {
+                since_ms,
+                environment,
+            } => {
+                let names: Vec<String> = match environment {
+                    Some(env) => {
+                        if self.store.environment(&env).map_err(internal)?.is_none() {
+                            return Err(crate::runs::not_found(format!(
+                                "no environment {env}; `gantry env list` shows them"
+                            )));
+                        }
+                        vec![env]
+                    }
+                    None => self
+                        .store
+                        .environments()
+                        .map_err(internal)?
+                        .into_iter()
+                        .map(|e| e.name)
+                        .collect(),
+                };
+                let mut run_created: HashMap<gantry_protocol::RunId, Option<UnixMillis>> =
+                    HashMap::new();
+                let mut facts = Vec::new();
+                for record in self
+                    .store
+                    .deployments(usize::MAX, false)
+                    .map_err(internal)?
+                {
+                    let created = match record.job {
+                        Some((job, _)) => *run_created.entry(job.run).or_insert_with(|| {
+                            self.store.run(job.run).ok().flatten().map(|r| r.created_at)
+                        }),
+                        None => None,
+                    };
+                    facts.extend(crate::stats::Fact::of(&record, created));
+                }
+                let since = UnixMillis(now.0.saturating_sub(since_ms));
+                Ok(AdminResponse::Stats(crate::stats::compute(
+                    &facts,
+                    &names,
+                    since,
+                    UnixMillis(now.0 + 1),
+                )))
+            }
             AdminRequest::IssueAdmin { name, csr_der } => {
                 if !gantry_certs::identity::valid_admin_name(&name) {
                     return Err(invalid(format!(

@@ -289,3 +289,35 @@ pub struct RollbackRequest {
     /// Hosts switched at once.
     pub parallelism: u32,
 }
+
+/// Delivery figures of one environment over a window (`gantry stats`): the four keys of
+/// DORA, from the deployment history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryStats {
+    pub environment: String,
+    pub since: UnixMillis,
+    pub until: UnixMillis,
+    /// Deployments of a new release that ended in the window (rollbacks and deployments
+    /// cancelled before they started excluded).
+    pub changes: u32,
+    /// Of those, the ones that succeeded.
+    pub succeeded: u32,
+    /// Of those, the ones that failed: rolled back, failed, or undone by the
+    /// `gantry rollback` that came next.
+    pub failed_changes: u32,
+    /// `gantry rollback`s that ended in the window.
+    pub rollbacks: u32,
+    /// Successful changes per day over the window.
+    pub deployments_per_day: f64,
+    /// `failed_changes / changes`; none without changes.
+    pub change_failure_rate: Option<f64>,
+    /// From the run's creation (the change entering the pipeline) to its deployment's
+    /// success: median and 90th percentile.
+    pub lead_time_median_ms: Option<u64>,
+    pub lead_time_p90_ms: Option<u64>,
+    /// From a failure in production (a host failing after its switch, or a bad release's
+    /// deployment ending, for one undone by `gantry rollback`) to the environment running
+    /// a good release again: median over `restores`.
+    pub time_to_restore_median_ms: Option<u64>,
+    pub restores: u32,
+}

@@ -479,6 +479,11 @@ pub enum AdminRequest {
     },
     /// Back to a release the hosts still hold.
     Rollback(RollbackRequest),
+    /// Delivery figures per environment over the last `since_ms` (`gantry stats`).
+    Stats {
+        since_ms: u64,
+        environment: Option<String>,
+    },
     /// Signs a CSR for another admin identity (`gantry admin add`).
     IssueAdmin {
         name: String,
@@ -555,6 +560,7 @@ pub enum AdminResponse {
     Environment(EnvironmentView),
     Deployments(Vec<DeploymentView>),
     Deployment(DeploymentView),
+    Stats(Vec<crate::deploy::DeliveryStats>),
     AdminIssued {
         certificate_pem: String,
         ca_certificate_pem: String,

@@ -206,6 +206,22 @@ fn rolling_deploys_switch_every_host_and_a_failing_health_check_puts_all_back() 
         deployment(&c, first)["release"]["id"],
         "the environment's current release is v1 again: {env}"
     );
+    // The delivery figures count three changes: v1 ok, v2 rolled back by itself, v3 ok
+    // but undone by hand; two restores; one rollback.
+    let delivery = c
+        .gantry(&["stats", "--env", "prod", "--json"])
+        .expect_code(0)
+        .json();
+    let prod = &delivery[0];
+    assert_eq!(prod["environment"], "prod", "{delivery}");
+    assert_eq!(prod["changes"], 3, "{delivery}");
+    assert_eq!(prod["succeeded"], 2, "{delivery}");
+    assert_eq!(prod["failed_changes"], 2, "{delivery}");
+    assert_eq!(prod["rollbacks"], 1, "{delivery}");
+    assert_eq!(prod["restores"], 2, "{delivery}");
+    assert!(prod["lead_time_median_ms"].as_u64().is_some(), "{delivery}");
+    let table = c.gantry(&["stats"]).expect_code(0).stdout;
+    assert!(table.contains("67% (2 of 3)"), "{table}");
     // Going back to a release the environment never ran is refused, clearly.
     let bad = c.gantry(&["rollback", "prod", "--to", "r999-nothing"]);
     assert_eq!(bad.code, 2, "{}", bad.stderr);
