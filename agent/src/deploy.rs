@@ -60,6 +60,7 @@ struct Inner {
     source: Arc<dyn ConnectionSource>,
     out: mpsc::UnboundedSender<AgentMessage>,
     state: Mutex<State>,
+    upgrader: crate::upgrade::Upgrader,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -78,6 +79,7 @@ impl Deployer {
         labels: Labels,
         source: Arc<dyn ConnectionSource>,
         out: mpsc::UnboundedSender<AgentMessage>,
+        upgrader: crate::upgrade::Upgrader,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -87,6 +89,7 @@ impl Deployer {
                 source,
                 out,
                 state: Mutex::new(State::default()),
+                upgrader,
             }),
         }
     }
@@ -105,7 +108,18 @@ impl Deployer {
         // A stale epoch is refused before anything else, the kept results included: a
         // coordinator restored from an old backup reuses deployment numbers, and must not
         // be answered with what a newer one was told.
-        if let Err(message) = stale_epoch(&self.inner.root, &command) {
+        let upgrade = matches!(
+            command.op,
+            DeployOp::UpgradeStage { .. }
+                | DeployOp::UpgradeActivate { .. }
+                | DeployOp::UpgradeRollback { .. }
+        );
+        let fenced = if upgrade {
+            Ok(()) // about the agent itself, not an app: no app epoch applies
+        } else {
+            stale_epoch(&self.inner.root, &command)
+        };
+        if let Err(message) = fenced {
             let _ = self
                 .inner
                 .out
@@ -174,6 +188,19 @@ impl Deployer {
     }
 
     async fn step(&self, c: &DeployCommand, log: &mut Vec<String>) -> Result<HostReport, String> {
+        // A fleet upgrade's steps concern the agent itself, not an app.
+        match &c.op {
+            DeployOp::UpgradeStage { binary } => {
+                return self.inner.upgrader.stage(binary, log).await
+            }
+            DeployOp::UpgradeActivate { binary } => {
+                return self.inner.upgrader.activate(binary, log).await
+            }
+            DeployOp::UpgradeRollback { to } => {
+                return self.inner.upgrader.rollback(to.as_deref(), log).await
+            }
+            _ => {}
+        }
         let app = App::new(&self.inner.root, &c.app)?;
         app.check_epoch(c.epoch)?;
         match &c.op {
@@ -184,6 +211,11 @@ impl Deployer {
                 self.health(&app, port, None, log).await?;
             }
             DeployOp::Rollback { to } => self.rollback(&app, to.as_deref(), log).await?,
+            DeployOp::UpgradeStage { .. }
+            | DeployOp::UpgradeActivate { .. }
+            | DeployOp::UpgradeRollback { .. } => {
+                return Err("internal: an upgrade step reached the app steps".into())
+            }
         }
         Ok(app.report())
     }

@@ -62,6 +62,8 @@ struct Entry {
 struct Inner {
     jobs: BTreeMap<Key, Entry>,
     conn: Option<Connection>,
+    /// The agent will restart into another binary: it takes no new job.
+    draining: bool,
 }
 
 /// The agent's jobs. Cheap to clone; all clones share the same state.
@@ -103,6 +105,11 @@ impl JobManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Stops (or resumes) taking new jobs, ahead of a restart into another binary.
+    pub fn set_draining(&self, draining: bool) {
+        self.lock().draining = draining;
+    }
+
     /// Attempts whose result is not acknowledged, for the hello (left out, one that finished offline is declared lost).
     pub fn running(&self) -> Vec<RunningJob> {
         self.lock()
@@ -123,6 +130,9 @@ impl JobManager {
         let mut inner = self.lock();
         if inner.jobs.contains_key(&key) {
             return Ok(());
+        }
+        if inner.draining {
+            return Err("this agent is about to restart into a new binary (a fleet upgrade); it takes no new job".into());
         }
         let busy = inner.jobs.values().filter(|e| e.result.is_none()).count();
         if busy >= self.slots as usize {

@@ -29,6 +29,7 @@ pub mod labels;
 pub mod mask;
 pub mod renewal;
 pub mod session;
+pub mod upgrade;
 
 /// Exit codes shared by every command, as DESIGN.md fixes them for all Gantry binaries.
 pub mod exit {

@@ -132,6 +132,10 @@ fn main() -> ExitCode {
     // clap prints its own message and exits with 2 on a usage error.
     let cli = Cli::parse();
     init_logging();
+    if let Command::Run(args) = &cli.command {
+        // A fleet upgrade may have left a newer binary for this agent: run that one.
+        gantry_agent::upgrade::run_upgraded_binary(&args.data_dir.data_dir);
+    }
     let runtime = match build_runtime() {
         Ok(rt) => rt,
         Err(e) => {

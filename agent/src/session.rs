@@ -151,12 +151,18 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     })?;
     let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers.clone());
     let (deploy_out, deploy_results) = mpsc::unbounded_channel();
+    let upgrader = crate::upgrade::Upgrader::new(
+        options.data_dir.clone(),
+        jobs.clone(),
+        std::sync::Arc::new(jobs.clone()),
+    );
     let deployer = crate::deploy::Deployer::new(
         options.deploy_root.clone(),
         transfers,
         labels.clone(),
         std::sync::Arc::new(jobs.clone()),
         deploy_out,
+        upgrader,
     );
     let mut runner = Runner {
         agent_id: enrollment.config.agent_id,
@@ -295,7 +301,11 @@ impl Runner {
             .await
             .map_err(|e| failed(&e))?;
         let hello = Intent::Agent(AgentHello {
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            // The version and which build of it: a fleet upgrade names binaries by digest.
+            agent_version: match crate::upgrade::own_sha256() {
+                Ok(sha) => format!("{} ({})", env!("CARGO_PKG_VERSION"), &sha[..12]),
+                Err(_) => env!("CARGO_PKG_VERSION").to_owned(),
+            },
             hostname: self.options.hostname.clone(),
             labels: self.labels.clone(),
             capabilities: self.options.capabilities.clone(),
@@ -321,7 +331,10 @@ impl Runner {
             Err(e) => return Err(failed(&conn.close_reason().unwrap_or(e))),
         };
         match reply {
-            Some(HelloReply::Welcome(welcome)) => Ok((conn, writer, reader, welcome)),
+            Some(HelloReply::Welcome(welcome)) => {
+                crate::upgrade::confirm(&self.options.data_dir);
+                Ok((conn, writer, reader, welcome))
+            }
             Some(HelloReply::Refused(refusal)) if refusal.reason == RefusalReason::Revoked => {
                 Err(SessionEnd::Revoked)
             }

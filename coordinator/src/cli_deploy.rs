@@ -268,26 +268,81 @@ pub async fn deploy(cmd: DeployCommand) -> Result<ExitCode, Failure> {
 /// Starts a rollback and (unless `--no-wait`) waits for it to end: exit 0 if every
 /// host is back, 1 if not.
 pub async fn rollback(args: RollbackArgs) -> Result<ExitCode, Failure> {
-    let mut client = connect().await?;
-    let started = client
-        .request(&AdminRequest::Rollback(RollbackRequest {
-            environment: args.environment.clone(),
-            to: args.to.clone(),
-            parallelism: args.parallel,
-        }))
-        .await?;
-    let AdminResponse::Deployment(mut view) = started else {
-        client.close().await;
-        return print(&started, args.json);
-    };
-    if !args.json {
-        println!(
+    let request = AdminRequest::Rollback(RollbackRequest {
+        environment: args.environment.clone(),
+        to: args.to.clone(),
+        parallelism: args.parallel,
+    });
+    start_and_wait(request, args.no_wait, args.json, |view| {
+        format!(
             "deployment {}: rolling {} back to {} ({})",
             view.id, view.environment, view.release.id, view.release.version
-        );
+        )
+    })
+    .await
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Labels an agent must carry: key=value, comma-separated or repeated [default:
+    /// every connected agent].
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    select: Vec<String>,
+    /// Agents restarted at once.
+    #[arg(long, default_value_t = 1)]
+    batch: u32,
+    /// Agents that may fail before the upgrade stops and the restarted ones go back.
+    #[arg(long, default_value_t = 0)]
+    failure_budget: u32,
+    /// Longest one agent may take, waiting for its running jobs included.
+    #[arg(long, default_value = "30m", value_name = "DURATION")]
+    timeout: String,
+    /// Return once the upgrade has started instead of waiting for it to end.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Starts a fleet upgrade and (unless `--no-wait`) waits for it to end.
+pub async fn upgrade_agents(args: UpgradeArgs) -> Result<ExitCode, Failure> {
+    let timeout = config::parse_duration(&args.timeout)
+        .context("--timeout")
+        .map_err(usage)?;
+    let request = AdminRequest::UpgradeAgents {
+        select: selector(&args.select)?,
+        batch: args.batch,
+        failure_budget: args.failure_budget,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    };
+    start_and_wait(request, args.no_wait, args.json, |view| {
+        format!(
+            "deployment {}: upgrading agents to {} ({})",
+            view.id, view.release.version, view.release.id
+        )
+    })
+    .await
+}
+
+/// Sends a request that starts a deployment, then polls it until it ends (at most
+/// [`ROLLBACK_WAIT`]); exit 0 if it succeeded.
+async fn start_and_wait(
+    request: AdminRequest,
+    no_wait: bool,
+    json: bool,
+    started_line: impl Fn(&DeploymentView) -> String,
+) -> Result<ExitCode, Failure> {
+    let mut client = connect().await?;
+    let started = client.request(&request).await?;
+    let AdminResponse::Deployment(mut view) = started else {
+        client.close().await;
+        return print(&started, json);
+    };
+    if !json {
+        println!("{}", started_line(&view));
     }
     let deadline = tokio::time::Instant::now() + ROLLBACK_WAIT;
-    while !args.no_wait && !ended(&view.state) && tokio::time::Instant::now() < deadline {
+    while !no_wait && !ended(&view.state) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         match client
             .request(&AdminRequest::ShowDeployment { id: view.id })
@@ -296,13 +351,13 @@ pub async fn rollback(args: RollbackArgs) -> Result<ExitCode, Failure> {
             AdminResponse::Deployment(v) => view = v,
             other => {
                 client.close().await;
-                return print(&other, args.json);
+                return print(&other, json);
             }
         }
     }
     client.close().await;
-    print(&AdminResponse::Deployment(view.clone()), args.json)?;
-    Ok(if args.no_wait || view.state == "succeeded" {
+    print(&AdminResponse::Deployment(view.clone()), json)?;
+    Ok(if no_wait || view.state == "succeeded" {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

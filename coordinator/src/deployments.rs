@@ -26,10 +26,10 @@ use gantry_deploy::{
 };
 use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount, ProbeSpec};
 use gantry_protocol::{
-    AdminResponse, AgentId, AppSpec, Approval, Attempt, CoordinatorMessage, DeployCommand,
-    DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView, EnvRelease,
-    EnvironmentView, ExecHost, HealthCheck, Hooks, JobId, JobOutcome, JobResult, Labels,
-    ReleaseSpec, RollbackRequest, UnixMillis,
+    AdminResponse, AgentBinary, AgentId, AppSpec, Approval, Attempt, CoordinatorMessage,
+    DeployCommand, DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView,
+    EnvRelease, EnvironmentView, ExecHost, HealthCheck, Hooks, JobId, JobOutcome, JobResult,
+    Labels, ReleaseSpec, RollbackRequest, UnixMillis,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -127,7 +127,22 @@ pub struct DeploymentRecord {
     pub log_dropped: u64,
     /// When the first host failed after its switch (for time to restore).
     pub first_failure_at: Option<UnixMillis>,
+    pub kind: Kind,
 }
+
+/// What a deployment installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// A release of an app, to an environment's hosts.
+    App,
+    /// The coordinator's agent binary, to the agents matching `select`
+    /// (`gantry agents upgrade`).
+    AgentUpgrade { select: Labels, binary: AgentBinary },
+}
+
+/// The environment name fleet upgrades go under: not a valid environment name, so it
+/// is never one people create, and upgrades run one at a time.
+pub const UPGRADES: &str = "(agents)";
 
 impl DeploymentRecord {
     pub fn is_ended(&self) -> bool {
@@ -216,7 +231,10 @@ impl DeploymentRecord {
             environment: self.environment.clone(),
             app: self.app.name.clone(),
             release: self.release.clone(),
-            strategy: strategy_name(&self.strategy).into(),
+            strategy: match self.kind {
+                Kind::App => strategy_name(&self.strategy).into(),
+                Kind::AgentUpgrade { .. } => "agent-upgrade".into(),
+            },
             epoch: self.epoch,
             state: self.state_name(),
             reason: self.reason(),
@@ -267,6 +285,13 @@ pub enum AdminOp {
     Promote(u64),
     Abort(u64),
     Rollback(RollbackRequest),
+    UpgradeAgents {
+        select: Labels,
+        batch: u32,
+        failure_budget: u32,
+        timeout_ms: u64,
+        binary: AgentBinary,
+    },
 }
 
 /// Everything the manager reacts to.
@@ -624,6 +649,7 @@ impl Manager {
         let created_by = run.created_by.clone();
         let record = self.create(
             &env,
+            Kind::App,
             app,
             release,
             strategy,
@@ -688,6 +714,7 @@ impl Manager {
     fn create(
         &mut self,
         env: &EnvironmentRecord,
+        kind: Kind,
         app: AppSpec,
         release: ReleaseSpec,
         strategy: Strategy,
@@ -715,10 +742,11 @@ impl Manager {
             action: "deployment.create".into(),
             detail: format!("environment={} release={} {detail}", env.name, release.id),
         };
+        let fenced = matches!(kind, Kind::App).then_some(env.name.as_str());
         let record = self
             .store
             .create_deployment(
-                &env.name,
+                fenced,
                 |id, epoch| DeploymentRecord {
                     id,
                     environment: env.name.clone(),
@@ -746,6 +774,7 @@ impl Manager {
                     log: Vec::new(),
                     log_dropped: 0,
                     first_failure_at: None,
+                    kind,
                 },
                 &audit,
             )
@@ -833,9 +862,16 @@ impl Manager {
         let Some(env_name) = self.active.get(&id).map(|r| r.environment.clone()) else {
             return;
         };
-        let env = match self.environment(&env_name) {
-            Ok(env) => env,
-            Err(message) => return self.end_unstarted(id, "failed", &message),
+        let upgrade_select = match self.active.get(&id).map(|r| &r.kind) {
+            Some(Kind::AgentUpgrade { select, .. }) => Some(select.clone()),
+            _ => None,
+        };
+        let env = match upgrade_select {
+            Some(select) => upgrades_environment(select),
+            None => match self.environment(&env_name) {
+                Ok(env) => env,
+                Err(message) => return self.end_unstarted(id, "failed", &message),
+            },
         };
         let runner = deploy_runner();
         let mut targets: Vec<(AgentId, String)> = self
@@ -928,17 +964,27 @@ impl Manager {
         for command in commands {
             match command {
                 EngineCommand::Stage { host } => {
-                    let op = self.active.get(&id).map(|r| DeployOp::Stage {
-                        release: r.release.clone(),
-                        peers: Vec::new(),
+                    let op = self.active.get(&id).map(|r| match &r.kind {
+                        Kind::App => DeployOp::Stage {
+                            release: r.release.clone(),
+                            peers: Vec::new(),
+                        },
+                        Kind::AgentUpgrade { binary, .. } => DeployOp::UpgradeStage {
+                            binary: binary.clone(),
+                        },
                     });
                     if let Some(op) = op {
                         self.send_op(id, &host, op);
                     }
                 }
                 EngineCommand::Activate { host } => {
-                    let op = self.active.get(&id).map(|r| DeployOp::Activate {
-                        release: r.release.clone(),
+                    let op = self.active.get(&id).map(|r| match &r.kind {
+                        Kind::App => DeployOp::Activate {
+                            release: r.release.clone(),
+                        },
+                        Kind::AgentUpgrade { binary, .. } => DeployOp::UpgradeActivate {
+                            binary: binary.clone(),
+                        },
                     });
                     if let Some(op) = op {
                         self.send_op(id, &host, op);
@@ -951,7 +997,16 @@ impl Manager {
                         .get(&id)
                         .and_then(|r| r.hosts.get(&host))
                         .and_then(|n| n.previous.clone());
-                    self.send_op(id, &host, DeployOp::Rollback { to });
+                    let upgrade = self
+                        .active
+                        .get(&id)
+                        .is_some_and(|r| matches!(r.kind, Kind::AgentUpgrade { .. }));
+                    let op = if upgrade {
+                        DeployOp::UpgradeRollback { to }
+                    } else {
+                        DeployOp::Rollback { to }
+                    };
+                    self.send_op(id, &host, op);
                 }
                 EngineCommand::HostChanged { host, state } => {
                     if matches!(state, HostState::Failed { .. }) {
@@ -997,6 +1052,16 @@ impl Manager {
         rec.next_seq += 1;
         if let Some(note) = rec.hosts.get_mut(host) {
             note.in_flight = Some((seq, op.clone()));
+        }
+        if matches!(
+            op,
+            DeployOp::UpgradeActivate { .. } | DeployOp::UpgradeRollback { .. }
+        ) {
+            // The agent restarts once its jobs end: offer it nothing new meanwhile.
+            self.engine.event(gantry_scheduler::Event::AgentDraining {
+                agent: host.clone(),
+                draining: true,
+            });
         }
         self.outgoing.push((id, host.clone(), seq, op));
     }
@@ -1095,32 +1160,49 @@ impl Manager {
             return;
         };
         note.in_flight = None;
-        if let (DeployOp::Stage { .. }, Ok(report)) = (&op, &result.outcome) {
+        if let (DeployOp::Stage { .. } | DeployOp::UpgradeStage { .. }, Ok(report)) =
+            (&op, &result.outcome)
+        {
             note.previous.clone_from(&report.current);
         }
         for line in result.log {
             self.log(id, now, Some(agent), line);
         }
+        if result.outcome.is_err()
+            && matches!(
+                op,
+                DeployOp::UpgradeActivate { .. } | DeployOp::UpgradeRollback { .. }
+            )
+        {
+            self.engine.event(gantry_scheduler::Event::AgentDraining {
+                agent: agent.clone(),
+                draining: false,
+            });
+        }
         let outcome = result.outcome.map(|_| ());
         tracing::debug!(deployment = id, %agent, seq, ok = outcome.is_ok(), "deploy step ended");
         let host = agent.clone();
         let event = match op {
-            DeployOp::Stage { .. } => EngineEvent::Staged {
+            DeployOp::Stage { .. } | DeployOp::UpgradeStage { .. } => EngineEvent::Staged {
                 host,
                 result: outcome,
             },
-            DeployOp::Activate { .. } => EngineEvent::Activated {
-                host,
-                result: outcome,
-            },
+            DeployOp::Activate { .. } | DeployOp::UpgradeActivate { .. } => {
+                EngineEvent::Activated {
+                    host,
+                    result: outcome,
+                }
+            }
             DeployOp::Verify => EngineEvent::Verified {
                 host,
                 result: outcome,
             },
-            DeployOp::Rollback { .. } => EngineEvent::RolledBack {
-                host,
-                result: outcome,
-            },
+            DeployOp::Rollback { .. } | DeployOp::UpgradeRollback { .. } => {
+                EngineEvent::RolledBack {
+                    host,
+                    result: outcome,
+                }
+            }
         };
         self.feed(id, event);
     }
@@ -1174,7 +1256,7 @@ impl Manager {
             return;
         };
         self.outgoing.retain(|(of, ..)| *of != id);
-        let release = succeeded.then(|| EnvRelease {
+        let release = (succeeded && matches!(rec.kind, Kind::App)).then(|| EnvRelease {
             release: rec.release.clone(),
             app: rec.app.name.clone(),
             deployment: rec.id,
@@ -1269,6 +1351,25 @@ impl Manager {
                     Err(message) => refused(message),
                 }
             }
+            AdminOp::UpgradeAgents {
+                select,
+                batch,
+                failure_budget,
+                timeout_ms,
+                binary,
+            } => {
+                return match self.upgrade(
+                    actor,
+                    select,
+                    *batch,
+                    *failure_budget,
+                    *timeout_ms,
+                    binary,
+                ) {
+                    Ok(id) => self.view_of(id),
+                    Err(message) => refused(message),
+                }
+            }
         };
         let Some(rec) = self.active.get(&id) else {
             return match self.store.deployment(id) {
@@ -1339,7 +1440,7 @@ impl Manager {
                 self.audit(actor, "deployment.abort", id);
                 self.abort(id, actor);
             }
-            AdminOp::Rollback(_) => {}
+            AdminOp::Rollback(_) | AdminOp::UpgradeAgents { .. } => {}
         }
         self.view_of(id)
     }
@@ -1425,6 +1526,7 @@ impl Manager {
             })?;
         let record = self.create(
             &env,
+            Kind::App,
             source.app.clone(),
             target.release.clone(),
             Strategy::Rollback {
@@ -1443,6 +1545,83 @@ impl Manager {
             format!(
                 "rollback of {} from {} to {} requested by {actor}",
                 env.name, current.release.id, target.release.id
+            ),
+        );
+        self.gate(id);
+        Ok(id)
+    }
+
+    /// `gantry agents upgrade`: the agent binary to the matching agents, in waves of
+    /// `batch`, each restarting once its jobs end; past the failure budget, the
+    /// restarted ones go back to the binary they ran.
+    fn upgrade(
+        &mut self,
+        actor: &str,
+        select: &Labels,
+        batch: u32,
+        failure_budget: u32,
+        timeout_ms: u64,
+        binary: &AgentBinary,
+    ) -> Result<u64, String> {
+        if let Some(busy) = self
+            .active
+            .values()
+            .find(|r| r.environment == UPGRADES && !r.is_ended())
+        {
+            return Err(format!(
+                "agent upgrade {} is under way; wait for it or `gantry deploy abort {}`",
+                busy.id, busy.id
+            ));
+        }
+        let env = upgrades_environment(select.clone());
+        let short = &binary.sha256[..binary.sha256.len().min(12)];
+        let record = self.create(
+            &env,
+            Kind::AgentUpgrade {
+                select: select.clone(),
+                binary: binary.clone(),
+            },
+            AppSpec {
+                name: "gantry-agent".into(),
+                hooks: Hooks::default(),
+                health: None,
+                keep: 2,
+                shared: Vec::new(),
+                env: Labels::new(),
+                secrets: Vec::new(),
+                blue_green: None,
+            },
+            ReleaseSpec {
+                id: format!("agent-{short}"),
+                version: binary.version.clone(),
+                manifest: gantry_protocol::Digest::of(binary.sha256.as_bytes()),
+            },
+            Strategy::Rolling {
+                batch: Amount::Count(batch.max(1)),
+                failure_budget: Amount::Count(failure_budget),
+                pause_ms: 0,
+            },
+            Limits {
+                stage_ms: 5 * 60_000,
+                activate_ms: timeout_ms,
+                verify_ms: 60_000,
+                rollback_ms: timeout_ms,
+                ..Limits::default()
+            },
+            actor,
+            None,
+            &format!("agent upgrade select={select:?} sha256={}", binary.sha256),
+        )?;
+        let id = record.id;
+        self.log(
+            id,
+            UnixMillis::now(),
+            None,
+            format!(
+                "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
+                binary.version,
+                labels_text(select),
+                batch.max(1)
             ),
         );
         self.gate(id);
@@ -1503,6 +1682,22 @@ impl Manager {
 
 fn rec_last_text(rec: Option<&DeploymentRecord>) -> Option<String> {
     rec.and_then(|r| r.log.last()).map(|l| l.text.clone())
+}
+
+/// The rules fleet upgrades run under: no approvals, no wait, any branch.
+fn upgrades_environment(select: Labels) -> EnvironmentRecord {
+    EnvironmentRecord {
+        name: UPGRADES.into(),
+        select,
+        approvals: 0,
+        wait_ms: 0,
+        branches: Vec::new(),
+        epoch: 0,
+        current: None,
+        history: Vec::new(),
+        created_by: String::new(),
+        created_at: UnixMillis(0),
+    }
 }
 
 /// Hosts that share a hostname (several agents on one machine) are told apart by

@@ -204,6 +204,10 @@ enum AgentsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Roll the coordinator's agent binary out to matching agents in waves: each agent
+    /// restarts into it once its running jobs end; past the failure budget, the
+    /// restarted ones go back. Waits for the end (exit 0 if every agent upgraded).
+    Upgrade(cli_deploy::UpgradeArgs),
     /// Set labels (key=value) or remove them (key-) on an agent.
     Label {
         id: String,
@@ -307,6 +311,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }
         Command::Agents(cmd) => {
             let (req, json) = match cmd {
+                AgentsCommand::Upgrade(args) => return cli_deploy::upgrade_agents(args).await,
                 AgentsCommand::List(f) => (AdminRequest::ListAgents, f.json),
                 AgentsCommand::Show { id, json } => (
                     AdminRequest::ShowAgent {
@@ -414,6 +419,7 @@ async fn serve(args: ServerArgs) -> Result<(), Failure> {
         agent_cert_ttl: config.agent_cert_ttl().map_err(usage)?,
         heartbeat_interval: config.heartbeat_interval().map_err(usage)?,
         artifacts: config.artifacts.settings().map_err(usage)?,
+        agent_binary: config.agent_binary.as_ref().map(PathBuf::from),
         webhooks: config.webhooks.settings().map_err(usage)?,
     };
     let read = |p: PathBuf| {

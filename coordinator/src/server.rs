@@ -52,6 +52,8 @@ pub struct Settings {
     pub agent_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub artifacts: crate::config::ArtifactSettings,
+    /// `agent_binary` from `coordinator.toml` (else found next to `gantry`).
+    pub agent_binary: Option<std::path::PathBuf>,
     pub webhooks: crate::webhooks::WebhookSettings,
 }
 
@@ -920,7 +922,11 @@ impl Coordinator {
                         )
                         .await
                     }
-                    Ok(Some(StreamOpen::Logs { .. } | StreamOpen::FetchSource { .. })) => {
+                    Ok(Some(
+                        StreamOpen::Logs { .. }
+                        | StreamOpen::FetchSource { .. }
+                        | StreamOpen::FetchAgentBinary { .. },
+                    )) => {
                         tracing::info!("an admin opened a stream only agents may open");
                         Ok(())
                     }
@@ -974,6 +980,13 @@ impl Coordinator {
                         {
                             tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
                         }
+                    }
+                    Ok(Some(StreamOpen::FetchAgentBinary { sha256 })) => {
+                        let mut writer = writer;
+                        if let Err(e) = me.send_agent_binary(&sha256, &mut writer).await {
+                            tracing::info!(%agent, "agent binary fetch refused or broken: {e}");
+                        }
+                        writer.finish();
                     }
                     Ok(Some(StreamOpen::FetchSource { job, attempt })) => {
                         let mut writer = writer;
@@ -1086,6 +1099,15 @@ impl Coordinator {
                         }
                         AdminRequest::AbortDeployment { id } => {
                             self.deployments.admin(&actor, AdminOp::Abort(id)).await
+                        }
+                        AdminRequest::UpgradeAgents {
+                            select,
+                            batch,
+                            failure_budget,
+                            timeout_ms,
+                        } => {
+                            self.upgrade_agents(&actor, select, batch, failure_budget, timeout_ms)
+                                .await
                         }
                         AdminRequest::Rollback(request) => {
                             self.deployments
@@ -1435,7 +1457,8 @@ impl Coordinator {
             AdminRequest::ApproveDeployment { .. }
             | AdminRequest::PromoteDeployment { .. }
             | AdminRequest::AbortDeployment { .. }
-            | AdminRequest::Rollback(_) => Err(invalid(
+            | AdminRequest::Rollback(_)
+            | AdminRequest::UpgradeAgents { .. } => Err(invalid(
                 "deployment changes are answered by the session, not here".into(),
             )),
             AdminRequest::Stats {
@@ -1608,6 +1631,37 @@ impl Coordinator {
     }
 }
 
+/// The digest, size and version of an agent binary, checking that it runs.
+fn describe_agent_binary(path: &std::path::Path) -> Result<gantry_protocol::AgentBinary, String> {
+    let sha256 = crate::distribute::sha256_file(path).map_err(|e| e.to_string())?;
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {} --version: {e}", path.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} --version exited with {}: not a working agent binary; fix agent_binary in coordinator.toml",
+            path.display(),
+            out.status
+        ));
+    }
+    let version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Ok(gantry_protocol::AgentBinary {
+        sha256,
+        version,
+        bytes,
+    })
+}
+
 /// Most approvals an environment may require.
 const MAX_APPROVALS: u32 = 10;
 /// Longest wait timer an environment may have: 30 days.
@@ -1628,6 +1682,91 @@ impl Coordinator {
             .into_iter()
             .map(|(agent, hostname)| gantry_protocol::ExecHost { agent, hostname })
             .collect()
+    }
+
+    /// The agent binary new hosts get and fleet upgrades install.
+    fn agent_binary(&self) -> Result<std::path::PathBuf, String> {
+        crate::distribute::find_agent_binary(self.settings.agent_binary.as_deref())
+            .map_err(|e| e.to_string())
+    }
+
+    /// `gantry agents upgrade`: checks the agent binary (digest, size, that it runs),
+    /// then hands the rollout to the deployment manager.
+    async fn upgrade_agents(
+        &self,
+        actor: &str,
+        select: Labels,
+        batch: u32,
+        failure_budget: u32,
+        timeout_ms: u64,
+    ) -> AdminResponse {
+        let error = |message: String| {
+            AdminResponse::Error(AdminError {
+                kind: gantry_protocol::AdminErrorKind::InvalidInput,
+                message,
+            })
+        };
+        let select = match check_labels(&select) {
+            Ok(s) => s,
+            Err(e) => return error(e),
+        };
+        if timeout_ms < 1000 {
+            return error("--timeout must be at least 1s".into());
+        }
+        let path = match self.agent_binary() {
+            Ok(p) => p,
+            Err(e) => return error(e),
+        };
+        let described = tokio::task::spawn_blocking(move || describe_agent_binary(&path)).await;
+        let binary = match described {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return error(e),
+            Err(e) => return error(e.to_string()),
+        };
+        self.deployments
+            .admin(
+                actor,
+                AdminOp::UpgradeAgents {
+                    select,
+                    batch,
+                    failure_budget,
+                    timeout_ms,
+                    binary,
+                },
+            )
+            .await
+    }
+
+    /// Streams the agent binary to an agent, if its digest is the one asked for.
+    async fn send_agent_binary(
+        &self,
+        sha256: &str,
+        writer: &mut FrameWriter,
+    ) -> Result<(), String> {
+        use std::io::Read as _;
+        let path = self.agent_binary()?;
+        let actual = crate::distribute::sha256_file(&path).map_err(|e| e.to_string())?;
+        if actual != sha256 {
+            return Err(format!(
+                "asked for agent binary {sha256}, but {} is {actual}",
+                path.display()
+            ));
+        }
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if n == 0 {
+                return Ok(());
+            }
+            writer
+                .send(&gantry_protocol::SourceData(buf[..n].to_vec()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
 
     /// Queues a message for a connected host; `false` if it has no session.

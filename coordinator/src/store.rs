@@ -872,31 +872,19 @@ impl Store {
     }
 
     /// Stores a new deployment, numbered after the last one, with the environment's
-    /// next epoch, in one commit (so epochs of one environment only grow).
+    /// next epoch, in one commit (so epochs of one environment only grow). With no
+    /// environment (a fleet upgrade), the epoch is 0.
     pub fn create_deployment(
         &self,
-        environment: &str,
+        environment: Option<&str>,
         make: impl FnOnce(u64, u64) -> DeploymentRecord,
         audit: &AuditEntry,
     ) -> Result<DeploymentRecord, StoreError> {
         self.write(|tx| {
-            let mut envs = tx
-                .open_table(ENVIRONMENTS)
-                .map_err(eng!("open environments"))?;
-            let mut env: EnvironmentRecord =
-                match envs.get(environment).map_err(eng!("read environment"))? {
-                    Some(v) => decode("environment", environment, v.value())?,
-                    None => {
-                        return Err(StoreError::Engine {
-                            op: "create deployment",
-                            detail: format!("no environment {environment}"),
-                        })
-                    }
-                };
-            env.epoch += 1;
-            envs.insert(environment, encode(&env)?.as_slice())
-                .map_err(eng!("write environment"))?;
-            drop(envs);
+            let epoch = match environment {
+                Some(environment) => Self::next_epoch(tx, environment)?,
+                None => 0,
+            };
             let mut table = tx
                 .open_table(DEPLOYMENTS)
                 .map_err(eng!("open deployments"))?;
@@ -904,7 +892,7 @@ impl Store {
                 .last()
                 .map_err(eng!("read deployments"))?
                 .map_or(1, |(k, _)| k.value() + 1);
-            let record = make(id, env.epoch);
+            let record = make(id, epoch);
             table
                 .insert(id, encode(&record)?.as_slice())
                 .map_err(eng!("write deployment"))?;
@@ -914,6 +902,27 @@ impl Store {
             Self::append_audit(tx, &entry)?;
             Ok(record)
         })
+    }
+
+    /// Increments an environment's epoch (inside the transaction creating a deployment).
+    fn next_epoch(tx: &redb::WriteTransaction, environment: &str) -> Result<u64, StoreError> {
+        let mut envs = tx
+            .open_table(ENVIRONMENTS)
+            .map_err(eng!("open environments"))?;
+        let mut env: EnvironmentRecord =
+            match envs.get(environment).map_err(eng!("read environment"))? {
+                Some(v) => decode("environment", environment, v.value())?,
+                None => {
+                    return Err(StoreError::Engine {
+                        op: "create deployment",
+                        detail: format!("no environment {environment}"),
+                    })
+                }
+            };
+        env.epoch += 1;
+        envs.insert(environment, encode(&env)?.as_slice())
+            .map_err(eng!("write environment"))?;
+        Ok(env.epoch)
     }
 
     /// Saves a deployment; with `finished`, also records its release as the

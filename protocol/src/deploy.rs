@@ -115,6 +115,25 @@ pub enum DeployOp {
     /// Go back to release `to` (which the host still holds); `None` when there was no
     /// release before: stop the app.
     Rollback { to: Option<String> },
+    /// Fleet upgrade: fetch the agent binary (`StreamOpen::FetchAgentBinary`), check its
+    /// SHA-256 and that it runs, and keep it ready. The app is ignored.
+    UpgradeStage { binary: AgentBinary },
+    /// Fleet upgrade: once no job runs (taking none meanwhile), restart into the staged
+    /// binary. Answered by the restarted agent when the step is sent again.
+    UpgradeActivate { binary: AgentBinary },
+    /// Fleet upgrade: restart into the binary with SHA-256 `to` again (the one it ran
+    /// before), or into the host's installed binary when `None`.
+    UpgradeRollback { to: Option<String> },
+}
+
+/// An agent binary a fleet upgrade installs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentBinary {
+    /// Lower-case hex SHA-256 of the file: what an agent runs is named by it.
+    pub sha256: String,
+    /// What `gantry-agent --version` prints.
+    pub version: String,
+    pub bytes: u64,
 }
 
 /// Coordinator to host.
@@ -141,7 +160,8 @@ pub struct DeployResult {
 /// What a host runs after a step.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport {
-    /// The release `current` points at (blue-green: the live slot's).
+    /// The release `current` points at (blue-green: the live slot's); for a fleet
+    /// upgrade's steps, the SHA-256 of the agent binary running.
     pub current: Option<String>,
     /// Releases on the host, oldest first.
     pub releases: Vec<String>,

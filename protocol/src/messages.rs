@@ -324,6 +324,9 @@ pub enum StreamOpen {
     PutChunks { session: u64 },
     /// Admin to coordinator: run a command on every matching host; `ExecEvent`s out.
     Exec(ExecRequest),
+    /// Agent to coordinator: the agent binary with this SHA-256 (hex), as `SourceData`
+    /// pieces; the stream ends without data if the coordinator has no such binary.
+    FetchAgentBinary { sha256: String },
 }
 
 /// Agent to coordinator on a log stream: one chunk of output.
@@ -479,6 +482,17 @@ pub enum AdminRequest {
     },
     /// Back to a release the hosts still hold.
     Rollback(RollbackRequest),
+    /// Rolls the coordinator's agent binary out to the matching agents in waves
+    /// (`gantry agents upgrade`); answers with the upgrade's deployment.
+    UpgradeAgents {
+        select: Labels,
+        /// Agents restarted at once.
+        batch: u32,
+        /// Agents that may fail before the upgrade stops and rolls back.
+        failure_budget: u32,
+        /// Longest one agent may take (waiting for its running jobs included).
+        timeout_ms: u64,
+    },
     /// Delivery figures per environment over the last `since_ms` (`gantry stats`).
     Stats {
         since_ms: u64,

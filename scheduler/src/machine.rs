@@ -67,6 +67,9 @@ struct AgentEntry {
     sessions: u32,
     /// Jobs offered to or running on this agent: they use its slots.
     held: BTreeSet<JobId>,
+    /// The agent is about to restart into another binary: no new work until its next
+    /// session starts.
+    draining: bool,
 }
 
 /// Everything the scheduler knows, in a form that serializes with any serde format
@@ -106,6 +109,11 @@ impl Scheduler {
                 }
             }
             Event::AgentHeartbeat { agent } => self.renew_leases(now, &agent),
+            Event::AgentDraining { agent, draining } => {
+                if let Some(entry) = self.agents.get_mut(&agent) {
+                    entry.draining = draining;
+                }
+            }
             Event::JobAccepted {
                 job,
                 attempt,
@@ -269,6 +277,7 @@ impl Scheduler {
                     slots,
                     sessions: 0,
                     held: BTreeSet::new(),
+                    draining: false,
                 },
             );
         }
@@ -308,6 +317,7 @@ impl Scheduler {
                             slots: 0,
                             sessions: 0,
                             held: BTreeSet::new(),
+                            draining: false,
                         })
                         .held
                         .insert(id);
@@ -523,10 +533,12 @@ impl Scheduler {
                 slots: 0,
                 sessions: 0,
                 held: BTreeSet::new(),
+                draining: false,
             });
         entry.labels = labels;
         entry.slots = slots;
         entry.sessions = entry.sessions.saturating_add(1);
+        entry.draining = false;
         let held: Vec<JobId> = entry.held.iter().copied().collect();
         for job in held {
             let Some(state) = self.job_state(job).cloned() else {
@@ -927,7 +939,7 @@ impl Scheduler {
             let free: Vec<(&AgentId, &AgentEntry, usize)> = self
                 .agents
                 .iter()
-                .filter(|(_, a)| a.sessions > 0 && a.held.len() < a.slots as usize)
+                .filter(|(_, a)| a.sessions > 0 && !a.draining && a.held.len() < a.slots as usize)
                 .map(|(id, a)| (id, a, a.slots as usize - a.held.len()))
                 .collect();
             if free.is_empty() {

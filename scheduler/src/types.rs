@@ -177,6 +177,9 @@ pub enum Event {
     AgentDisconnected { agent: AgentId },
     /// Proof of life: renews every lease the agent holds.
     AgentHeartbeat { agent: AgentId },
+    /// The agent will restart into another binary once its jobs end (a fleet upgrade):
+    /// it keeps its leases but gets no new work until its next session starts.
+    AgentDraining { agent: AgentId, draining: bool },
     /// The agent took an offered attempt.
     JobAccepted {
         job: JobId,

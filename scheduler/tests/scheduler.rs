@@ -842,3 +842,45 @@ fn pending_jobs_in_a_cancelled_run_follow_their_conditions() {
         }
     }
 }
+
+#[test]
+fn a_draining_agent_keeps_its_jobs_but_gets_none_new_until_it_reconnects() {
+    let mut d = Driver::default();
+    d.step(connect(&agent(1), Labels::new(), 4));
+    d.step(submit(1, "p", 0, vec![plan(1, 0, &[])]));
+    accept(&mut d, jid(1, 0));
+    d.step(Event::AgentDraining {
+        agent: agent(1),
+        draining: true,
+    });
+    let out = d.step(submit(2, "p", 0, vec![plan(2, 0, &[])]));
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::Dispatch { .. })),
+        "nothing new for a draining agent: {out:?}"
+    );
+    assert_eq!(d.state(jid(2, 0)), JobState::Queued);
+    assert!(matches!(d.state(jid(1, 0)), JobState::Running { .. }));
+    // Its restarted self connects: work flows again.
+    d.step(Event::AgentDisconnected { agent: agent(1) });
+    let out = d.step(connect(&agent(1), Labels::new(), 4));
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Dispatch { job, .. } if *job == jid(2, 0))),
+        "{out:?}"
+    );
+    // Draining can be called off (a failed upgrade step).
+    d.step(Event::AgentDraining {
+        agent: agent(1),
+        draining: true,
+    });
+    d.step(submit(3, "p", 0, vec![plan(3, 0, &[])]));
+    assert_eq!(d.state(jid(3, 0)), JobState::Queued);
+    d.step(Event::AgentDraining {
+        agent: agent(1),
+        draining: false,
+    });
+    assert!(
+        !matches!(d.state(jid(3, 0)), JobState::Queued),
+        "offered once undrained"
+    );
+}
