@@ -65,9 +65,10 @@ pub const PEER_CONNECT_DEADLINE: Duration = Duration::from_secs(3);
 /// 256 KiB compressed) takes longer than this.
 pub const PEER_STALL: Duration = Duration::from_secs(10);
 
-/// How long a serving host holds a request for a chunk it is still fetching itself
-/// before answering that it does not have it. Half of [`PEER_STALL`], so the fetching
-/// host hears "unavailable" (and asks the coordinator) before it would give up.
+/// How long a serving host holds a request for a chunk it is still fetching itself,
+/// counted from the last chunks its own fetch brought, before answering that it does
+/// not have it. Half of [`PEER_STALL`], so the fetching host hears "unavailable" (and
+/// asks the coordinator) before it would give up.
 pub const PEER_CHUNK_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a host serves a release to the other hosts it was staged with, counted from

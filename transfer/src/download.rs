@@ -28,9 +28,10 @@ use crate::{ChunkCache, TransferError, TransferOptions};
 const MAX_REFETCH_ROUNDS: usize = 3;
 
 /// Segment size for a staging host's own range: its chunks become visible to the peers
-/// waiting for them after at most this much per stream (1 MiB is ~16 chunks; a whole
-/// 64 MiB segment would hold every peer back until the range is nearly done).
-const PUBLISH_BYTES: u64 = 1024 * 1024;
+/// waiting for them after at most this much per stream (256 KiB is ~4 chunks; a whole
+/// 64 MiB segment would hold every peer back until the range is nearly done, and on a
+/// link shared by many hosts even 1 MiB per stream took seconds).
+const PUBLISH_BYTES: u64 = 256 * 1024;
 
 /// A connection to a peer, possibly still being made: fetching from the coordinator
 /// starts at once, and a peer's range waits only for its own handshake.

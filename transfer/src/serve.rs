@@ -3,8 +3,9 @@
 //!
 //! Who may ask, and for which release, is the caller's decision (the agent checks the
 //! peer's identity against what the coordinator said); this module only checks that
-//! every wanted chunk belongs to the release, answers in the order asked, and waits a
-//! bounded time ([`limits::PEER_CHUNK_WAIT`]) for a chunk the host is still fetching.
+//! every wanted chunk belongs to the release, answers in the order asked, and waits for
+//! a chunk the host is still fetching as long as its fetch makes progress (at most
+//! [`limits::PEER_CHUNK_WAIT`] without any).
 //! What it sends is what its cache holds, unverified: every reader verifies each chunk
 //! before extracting it, so a damaged chunk costs the reader a fetch from the
 //! coordinator, never a wrong file.
@@ -98,14 +99,16 @@ async fn refuse(writer: &mut FrameWriter, message: String) -> Result<ServeFigure
 }
 
 /// The chunk's bytes once the cache has them, waiting while this host still fetches the
-/// release, for at most [`limits::PEER_CHUNK_WAIT`].
+/// release and its cache keeps receiving: at most [`limits::PEER_CHUNK_WAIT`] after the
+/// last chunks arrived (a host behind a slow link may take long for its range, and is
+/// waited for as long as it makes progress).
 async fn chunk_when_here(
     cache: &ChunkCache,
     digest: &Digest,
     published: &mut tokio::sync::watch::Receiver<u64>,
     still_fetching: &(dyn Fn() -> bool + Send + Sync),
 ) -> Option<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + limits::PEER_CHUNK_WAIT;
+    let mut progress_at = tokio::time::Instant::now();
     loop {
         // Mark what has been seen before looking, so a segment published between the
         // look and the wait still wakes the wait.
@@ -114,12 +117,16 @@ async fn chunk_when_here(
         if let Ok(Some(data)) = tokio::task::spawn_blocking(move || cache2.get(&digest2)).await {
             return Some(data);
         }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left == Duration::ZERO || !still_fetching() {
+        let idle = progress_at.elapsed();
+        if idle >= limits::PEER_CHUNK_WAIT || !still_fetching() {
             return None;
         }
         // A wake-up at least every 250 ms also notices a fetch that ended.
-        let _ =
-            tokio::time::timeout(left.min(Duration::from_millis(250)), published.changed()).await;
+        let wait = limits::PEER_CHUNK_WAIT
+            .saturating_sub(idle)
+            .min(Duration::from_millis(250));
+        if let Ok(Ok(())) = tokio::time::timeout(wait, published.changed()).await {
+            progress_at = tokio::time::Instant::now();
+        }
     }
 }
