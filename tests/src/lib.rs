@@ -6,6 +6,7 @@
 //! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
 
 pub mod browser;
+pub mod containers;
 pub mod http;
 pub mod peers;
 
