@@ -254,6 +254,49 @@ impl DeploymentRecord {
     }
 }
 
+/// Why a deployment that succeeded with failed hosts says so, naming where each failed
+/// host was left: a host that could not stage was never switched (it still runs the
+/// previous release, nothing was rolled back there), unlike one that failed after its
+/// switch and went back.
+fn within_budget(
+    failed_hosts: u32,
+    hosts: &[gantry_deploy::Host],
+    notes: &BTreeMap<AgentId, HostNote>,
+) -> String {
+    let name = |h: &gantry_deploy::Host| {
+        notes
+            .get(&h.agent)
+            .map_or_else(|| h.agent.to_string(), |n| n.hostname.clone())
+    };
+    let group = |what: &str, pick: fn(&HostState) -> bool| {
+        let names: Vec<String> = hosts.iter().filter(|h| pick(&h.state)).map(name).collect();
+        (!names.is_empty()).then(|| format!("{what}: {}", names.join(", ")))
+    };
+    let parts: Vec<String> = [
+        group(
+            "could not stage, never switched, still on the previous release",
+            |s| matches!(s, HostState::StageFailed { .. }),
+        ),
+        group("rolled back to the previous release", |s| {
+            matches!(s, HostState::RolledBack)
+        }),
+        group("could not be rolled back", |s| {
+            matches!(s, HostState::RollbackFailed { .. })
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        format!("{failed_hosts} host(s) failed within the failure budget")
+    } else {
+        format!(
+            "{failed_hosts} host(s) failed within the failure budget ({})",
+            parts.join("; ")
+        )
+    }
+}
+
 fn host_reason(state: &HostState) -> Option<String> {
     match state {
         HostState::StageFailed { reason }
@@ -1243,8 +1286,10 @@ impl Manager {
         };
         let reason = match outcome {
             Outcome::Succeeded { failed_hosts: 0 } => None,
-            Outcome::Succeeded { failed_hosts } => Some(format!(
-                "{failed_hosts} host(s) failed within the failure budget and were rolled back"
+            Outcome::Succeeded { failed_hosts } => Some(within_budget(
+                *failed_hosts,
+                rec.engine.as_ref().map_or(&[], |e| e.hosts()),
+                &rec.hosts,
             )),
             Outcome::RolledBack { reason } | Outcome::Failed { reason } => Some(reason.clone()),
         };
@@ -1955,4 +2000,67 @@ pub fn create_file_environments(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(n: u8, state: HostState) -> (gantry_deploy::Host, (AgentId, HostNote)) {
+        let agent = AgentId::from_random(&[n; 6]);
+        let host = gantry_deploy::Host {
+            agent: agent.clone(),
+            state,
+            staged_at: None,
+            activated_at: None,
+            ended_at: None,
+            touched: false,
+        };
+        let note = HostNote {
+            hostname: format!("web{n}"),
+            previous: None,
+            in_flight: None,
+        };
+        (host, (agent, note))
+    }
+
+    #[test]
+    fn a_host_that_could_not_stage_is_not_said_to_be_rolled_back() {
+        let (hosts, notes): (Vec<_>, BTreeMap<_, _>) = [
+            host(1, HostState::Active),
+            host(
+                3,
+                HostState::StageFailed {
+                    reason: "staging did not finish within 20 s".into(),
+                },
+            ),
+        ]
+        .into_iter()
+        .unzip();
+        assert_eq!(
+            within_budget(1, &hosts, &notes),
+            "1 host(s) failed within the failure budget (could not stage, never switched, still on the previous release: web3)"
+        );
+    }
+
+    #[test]
+    fn failed_hosts_are_named_by_where_they_were_left() {
+        let (hosts, notes): (Vec<_>, BTreeMap<_, _>) = [
+            host(1, HostState::RolledBack),
+            host(2, HostState::Active),
+            host(
+                3,
+                HostState::RollbackFailed {
+                    reason: "did not confirm its rollback within 4 s".into(),
+                },
+            ),
+            host(4, HostState::RolledBack),
+        ]
+        .into_iter()
+        .unzip();
+        assert_eq!(
+            within_budget(3, &hosts, &notes),
+            "3 host(s) failed within the failure budget (rolled back to the previous release: web1, web4; could not be rolled back: web3)"
+        );
+    }
 }

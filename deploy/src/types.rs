@@ -203,8 +203,10 @@ pub struct Host {
 /// How a deployment ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Every host runs the release, except `failed_hosts`, each rolled back (or left
-    /// failed, if its rollback failed) within the failure budget.
+    /// Every host runs the release, except `failed_hosts` (within the failure budget):
+    /// each either could not stage (never switched, it still runs the previous release),
+    /// or failed after its switch and was rolled back (or left failed, if its rollback
+    /// failed).
     Succeeded { failed_hosts: u32 },
     /// Failures passed the budget (or a person aborted): every switched host was sent
     /// back to the previous release.

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod browser;
+pub mod containers;
 pub mod http;
 pub mod peers;
 
