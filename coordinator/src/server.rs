@@ -15,13 +15,14 @@ use gantry_certs::{CertAuthority, Identity, JoinToken, RevocationSet};
 use gantry_protocol::{
     limits, AdminError, AdminRequest, AdminResponse, AgentHello, AgentId, AgentMessage, AgentState,
     AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest, Enrolled, HelloError,
-    HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason, StatusView, StreamOpen,
+    HelloReply, HostFigures, Intent, JobId, Labels, Refusal, RefusalReason, StatusView, StreamOpen,
     TokenCreated, TokenId, UnixMillis, Welcome,
 };
 use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::authz::{Principal, Request};
 use crate::deployments::AdminOp;
 use crate::engine::{AgentOutbox, Engine, Input};
 use crate::logs::LogStore;
@@ -402,6 +403,8 @@ impl Coordinator {
             }
         };
         let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        // Nothing about the peer is known yet: its hello gets a small buffer.
+        reader.set_limit(limits::MAX_HELLO_BYTES);
         let payload = match tokio::time::timeout(remaining, reader.recv_payload()).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => return,
@@ -415,6 +418,7 @@ impl Coordinator {
             }
         };
         drop(handshake_slot);
+        reader.set_limit(limits::MAX_FRAME_BYTES);
         let hello = match gantry_protocol::decode_hello(&payload) {
             Ok(h) => h,
             Err(HelloError::UnsupportedVersion { theirs, min, max }) => {
@@ -442,34 +446,60 @@ impl Coordinator {
         let identity = conn
             .peer_certificates()
             .map(|chain| Identity::from_cert_der(&chain[0]));
-        // What the connection may do comes from its certificate alone; every other
-        // combination is refused with the reason the peer will show.
-        let (reason, message) = match (hello.intent, identity) {
-            (Intent::Enroll(req), None) => return self.enroll(&conn, &mut writer, req).await,
-            (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
-                return self.agent_session(conn, writer, reader, id, h).await;
-            }
-            (Intent::Admin(_), Some(Ok(Identity::Admin(name)))) => {
-                return self.admin_session(conn, writer, reader, name).await;
-            }
-            (Intent::Enroll(_), Some(_)) => (
-                RefusalReason::BadRequest,
-                "enrollment must come from a connection without a client certificate".to_owned(),
-            ),
-            (_, None) => (
-                RefusalReason::NotAuthenticated,
-                "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
-            ),
-            (Intent::Admin(_), Some(Ok(other))) => (
-                RefusalReason::WrongRole,
-                format!("{other} is not an admin: admin commands need an admin certificate"),
-            ),
-            (Intent::Agent(_), Some(Ok(other))) => (
-                RefusalReason::WrongRole,
-                format!("{other} is not an agent: an agent session needs an agent certificate"),
-            ),
-            (_, Some(Err(e))) => (RefusalReason::NotAuthenticated, format!("client certificate names no Gantry identity: {e}")),
+        // What the connection may do comes from its certificate alone, and the
+        // authorization table decides; every refusal carries the reason the peer shows.
+        let principal = match &identity {
+            Some(Ok(Identity::Agent(_))) => Principal::Agent,
+            Some(Ok(Identity::Admin(_))) => Principal::Admin,
+            // A certificate that names no agent or admin grants nothing.
+            None | Some(Ok(Identity::Coordinator) | Err(_)) => Principal::None,
         };
+        let request = match &hello.intent {
+            Intent::Enroll(_) => Request::SessionEnroll,
+            Intent::Agent(_) => Request::SessionAgent,
+            Intent::Admin(_) => Request::SessionAdmin,
+        };
+        let checked = self.metrics.authz.check(request, principal, || {
+            match (&hello.intent, &identity) {
+                (_, Some(Err(e))) => format!("client certificate names no Gantry identity: {e}"),
+                (Intent::Enroll(_), Some(_)) => {
+                    "enrollment must come from a connection without a client certificate".to_owned()
+                }
+                (_, None) => "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
+                (Intent::Admin(_), Some(Ok(other))) => {
+                    format!("{other} is not an admin: admin commands need an admin certificate")
+                }
+                (Intent::Agent(_), Some(Ok(other))) => {
+                    format!("{other} is not an agent: an agent session needs an agent certificate")
+                }
+            }
+        });
+        let message = match checked {
+            Ok(()) => match (hello.intent, identity) {
+                (Intent::Enroll(req), None) => return self.enroll(&conn, &mut writer, req).await,
+                (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
+                    return self.agent_session(conn, writer, reader, id, h).await;
+                }
+                (Intent::Admin(_), Some(Ok(identity))) => {
+                    return self
+                        .admin_session(conn, writer, reader, identity.uri(), principal)
+                        .await;
+                }
+                _ => (
+                    RefusalReason::Internal,
+                    format!("the authorization table allows {request} for {principal}, but this coordinator cannot serve it"),
+                ),
+            },
+            Err(denied) => {
+                let reason = match (principal, request) {
+                    (Principal::None, _) => RefusalReason::NotAuthenticated,
+                    (_, Request::SessionEnroll) => RefusalReason::BadRequest,
+                    _ => RefusalReason::WrongRole,
+                };
+                (reason, denied.to_string())
+            }
+        };
+        let (reason, message) = message;
         tracing::info!(%remote, "{message}");
         refuse(&conn, &mut writer, CloseCode::Unauthorized, reason, message).await;
     }
@@ -717,6 +747,9 @@ impl Coordinator {
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
         });
         let mut end = "the agent ended the session".to_owned();
+        // An agent that stops reading its control stream is cut off rather than left
+        // holding its session (and the messages queued for it) forever.
+        writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
         if let Err(e) = writer.send(&welcome).await {
             end = e.to_string();
         } else {
@@ -759,6 +792,7 @@ impl Coordinator {
                         Some(Ok(Some(msg))) => {
                             last_heard = tokio::time::Instant::now();
                             if let Err(e) = self.agent_message(&id, session, msg, &mut writer).await {
+                                close_for(&conn, &e);
                                 end = e.to_string();
                                 break;
                             }
@@ -773,6 +807,7 @@ impl Coordinator {
                     out = outbound_rx.recv() => match out {
                         Some(message) => {
                             if let Err(e) = writer.send(&message).await {
+                                close_for(&conn, &e);
                                 end = e.to_string();
                                 break;
                             }
@@ -810,6 +845,20 @@ impl Coordinator {
         msg: AgentMessage,
         writer: &mut FrameWriter,
     ) -> Result<(), TransportError> {
+        if let Some(row) = Request::of_agent_message(&msg) {
+            let (holds, why) = self.holds(id, &msg);
+            if let Err(denied) = self
+                .metrics
+                .authz
+                .check(row, Principal::agent(holds), || why)
+            {
+                return writer
+                    .send(&CoordinatorMessage::Refused {
+                        message: denied.to_string(),
+                    })
+                    .await;
+            }
+        }
         match msg {
             AgentMessage::Heartbeat(figures) => {
                 {
@@ -876,31 +925,67 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Reads a stream's first frame (at most [`limits::MAX_STREAM_OPEN_BYTES`], within
+    /// the handshake deadline); `None` if it ended or was bad (logged).
+    async fn stream_open(reader: &mut FrameReader, who: &str) -> Option<StreamOpen> {
+        reader.set_limit(limits::MAX_STREAM_OPEN_BYTES);
+        let open = reader
+            .recv_within::<StreamOpen>(limits::HANDSHAKE_DEADLINE, "the stream's first frame")
+            .await;
+        reader.set_limit(limits::MAX_FRAME_BYTES);
+        match open {
+            Ok(Some(open)) => Some(open),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::info!(%who, "bad stream: {e}");
+                reader.stop(CloseCode::Malformed);
+                None
+            }
+        }
+    }
+
     /// Accepts the streams an admin opens besides the control stream (follows, uploads,
-    /// artifact downloads).
-    async fn admin_streams(self: Arc<Self>, conn: Connection, actor: String) {
+    /// artifact downloads). The authorization table is asked for every one.
+    async fn admin_streams(self: Arc<Self>, conn: Connection, actor: String, principal: Principal) {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let peer = crate::artifacts::Peer::Admin(actor);
+        let peer = crate::artifacts::Peer::Admin(actor.clone());
         while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let peer = peer.clone();
+            let actor = actor.clone();
             tokio::spawn(async move {
-                let result = match reader
-                    .recv_within::<StreamOpen>(
-                        limits::HANDSHAKE_DEADLINE,
-                        "the stream's first frame",
-                    )
-                    .await
+                let Some(open) = Self::stream_open(&mut reader, &actor).await else {
+                    return;
+                };
+                let row = Request::of_stream(&open);
+                if let Err(denied) = me
+                    .metrics
+                    .authz
+                    .check(row, principal, || stream_detail(row).into())
                 {
-                    Ok(Some(StreamOpen::FollowLogs {
+                    refuse_stream(&open, &denied, writer, reader).await;
+                    return;
+                }
+                // Follows and execs stream to the admin's own terminal, which may pause
+                // (a pager); everything else is bulk and must be read.
+                if !matches!(
+                    open,
+                    StreamOpen::FollowLogs { .. }
+                        | StreamOpen::FollowRun { .. }
+                        | StreamOpen::Exec(_)
+                ) {
+                    writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+                }
+                let result = match open {
+                    StreamOpen::FollowLogs {
                         job,
                         from_seq,
                         follow,
-                    })) => crate::runs::follow_logs(&me, job, from_seq, follow, &mut writer).await,
-                    Ok(Some(StreamOpen::FollowRun { run })) => {
+                    } => crate::runs::follow_logs(&me, job, from_seq, follow, &mut writer).await,
+                    StreamOpen::FollowRun { run } => {
                         crate::runs::follow_run(&me, run, &mut writer).await
                     }
-                    Ok(Some(StreamOpen::UploadSource { bytes })) => {
+                    StreamOpen::UploadSource { bytes } => {
                         let reply = match me.sources.receive(&mut reader, bytes).await {
                             Ok((source, bytes)) => {
                                 me.metrics.source_bytes(bytes);
@@ -910,7 +995,7 @@ impl Coordinator {
                         };
                         writer.send(&reply).await
                     }
-                    Ok(Some(StreamOpen::Exec(request))) => {
+                    StreamOpen::Exec(request) => {
                         let targets = me.exec_targets(&request.select);
                         let sender = me.clone();
                         crate::exec::run(
@@ -922,21 +1007,11 @@ impl Coordinator {
                         )
                         .await
                     }
-                    Ok(Some(
-                        StreamOpen::Logs { .. }
-                        | StreamOpen::FetchSource { .. }
-                        | StreamOpen::FetchAgentBinary { .. },
-                    )) => {
-                        tracing::info!("an admin opened a stream only agents may open");
-                        Ok(())
-                    }
-                    Ok(Some(
-                        open @ (StreamOpen::Resolve(_)
-                        | StreamOpen::GetManifest { .. }
-                        | StreamOpen::FetchChunks { .. }
-                        | StreamOpen::Upload { .. }
-                        | StreamOpen::PutChunks { .. }),
-                    )) => {
+                    open @ (StreamOpen::Resolve(_)
+                    | StreamOpen::GetManifest { .. }
+                    | StreamOpen::FetchChunks { .. }
+                    | StreamOpen::Upload { .. }
+                    | StreamOpen::PutChunks { .. }) => {
                         if let Err(e) = me
                             .artifacts
                             .serve(&peer, connection, open, writer, reader)
@@ -946,8 +1021,13 @@ impl Coordinator {
                         }
                         return;
                     }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
+                    StreamOpen::Logs { .. }
+                    | StreamOpen::FetchSource { .. }
+                    | StreamOpen::FetchAgentBinary { .. } => {
+                        tracing::error!("the authorization table allows {row} for {principal}, but only agents can be served it");
+                        writer.reset(CloseCode::Unauthorized);
+                        return;
+                    }
                 };
                 if let Err(e) = result {
                     tracing::debug!("follow stream ended: {e}");
@@ -958,22 +1038,33 @@ impl Coordinator {
     }
 
     /// Accepts the streams an agent opens besides the control stream (job logs, source
-    /// trees, artifacts and caches).
+    /// trees, artifacts and caches). A stream that names work is checked against the
+    /// authorization table by its handler, which knows who holds that work; every other
+    /// stream is checked here, for an agent as such.
     async fn agent_streams(self: Arc<Self>, conn: Connection, agent: AgentId) {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        while let Ok((writer, mut reader)) = conn.accept_stream().await {
+        while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let agent = agent.clone();
             let conn = conn.clone();
             tokio::spawn(async move {
-                match reader
-                    .recv_within::<StreamOpen>(
-                        limits::HANDSHAKE_DEADLINE,
-                        "the stream's first frame",
-                    )
-                    .await
-                {
-                    Ok(Some(StreamOpen::Logs { job, attempt })) => {
+                let Some(open) = Self::stream_open(&mut reader, agent.as_str()).await else {
+                    return;
+                };
+                let row = Request::of_stream(&open);
+                if !row.names_work() {
+                    if let Err(denied) = me
+                        .metrics
+                        .authz
+                        .check(row, Principal::Agent, || stream_detail(row).into())
+                    {
+                        refuse_stream(&open, &denied, writer, reader).await;
+                        return;
+                    }
+                }
+                writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+                match open {
+                    StreamOpen::Logs { job, attempt } => {
                         if let Err(e) =
                             crate::runs::receive_log(&me, &agent, job, attempt, writer, reader)
                                 .await
@@ -981,15 +1072,13 @@ impl Coordinator {
                             tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
                         }
                     }
-                    Ok(Some(StreamOpen::FetchAgentBinary { sha256 })) => {
-                        let mut writer = writer;
+                    StreamOpen::FetchAgentBinary { sha256 } => {
                         if let Err(e) = me.send_agent_binary(&sha256, &mut writer).await {
                             tracing::info!(%agent, "agent binary fetch refused or broken: {e}");
                         }
                         writer.finish();
                     }
-                    Ok(Some(StreamOpen::FetchSource { job, attempt })) => {
-                        let mut writer = writer;
+                    StreamOpen::FetchSource { job, attempt } => {
                         if let Err(e) =
                             crate::runs::send_source(&me, &agent, job, attempt, &mut writer).await
                         {
@@ -997,13 +1086,11 @@ impl Coordinator {
                         }
                         writer.finish();
                     }
-                    Ok(Some(
-                        open @ (StreamOpen::Resolve(_)
-                        | StreamOpen::GetManifest { .. }
-                        | StreamOpen::FetchChunks { .. }
-                        | StreamOpen::Upload { .. }
-                        | StreamOpen::PutChunks { .. }),
-                    )) => {
+                    open @ (StreamOpen::Resolve(_)
+                    | StreamOpen::GetManifest { .. }
+                    | StreamOpen::FetchChunks { .. }
+                    | StreamOpen::Upload { .. }
+                    | StreamOpen::PutChunks { .. }) => {
                         let peer = crate::artifacts::Peer::Agent(agent.clone());
                         if let Err(e) = me
                             .artifacts
@@ -1014,13 +1101,62 @@ impl Coordinator {
                         }
                         tracing::debug!(%agent, path = %conn.path_summary(), "artifact stream ended");
                     }
-                    Ok(Some(other)) => {
-                        tracing::info!(%agent, "agent opened a stream it may not: {other:?}");
+                    StreamOpen::FollowLogs { .. }
+                    | StreamOpen::FollowRun { .. }
+                    | StreamOpen::UploadSource { .. }
+                    | StreamOpen::Exec(_) => {
+                        tracing::error!(%agent, "the authorization table allows {row} for agents, but only admins can be served it");
+                        writer.reset(CloseCode::Unauthorized);
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::info!(%agent, "bad stream: {e}"),
                 }
             });
+        }
+    }
+
+    /// Whether agent `id` holds the work `message` names, and if not, why.
+    fn holds(&self, id: &AgentId, message: &AgentMessage) -> (bool, String) {
+        let handed = |job: JobId, attempt: gantry_protocol::Attempt| match self.store.job(job) {
+            Ok(Some(record))
+                if record
+                    .attempts
+                    .iter()
+                    .any(|(a, who)| *a == attempt && who == id) =>
+            {
+                (true, String::new())
+            }
+            Ok(Some(_)) => (
+                false,
+                format!("attempt {attempt} of job {job} was not handed to {id}"),
+            ),
+            Ok(None) => (false, format!("no job {job}")),
+            Err(e) => (false, format!("cannot read job {job}: {e}")),
+        };
+        match message {
+            AgentMessage::JobAccepted { job, attempt }
+            | AgentMessage::JobRejected { job, attempt, .. } => handed(*job, *attempt),
+            AgentMessage::JobFinished(result) => handed(result.job, result.attempt),
+            AgentMessage::DeployResult(result) => match self.store.deployment(result.deployment) {
+                Ok(Some(d)) if d.hosts.contains_key(id) => (true, String::new()),
+                Ok(Some(_)) => (
+                    false,
+                    format!("{id} is not a target of deployment {}", result.deployment),
+                ),
+                Ok(None) => (false, format!("no deployment {}", result.deployment)),
+                Err(e) => (
+                    false,
+                    format!("cannot read deployment {}: {e}", result.deployment),
+                ),
+            },
+            AgentMessage::ExecOutput { id: exec, .. } | AgentMessage::ExecDone { id: exec, .. } => {
+                if self.execs.targets(*exec, id) {
+                    (true, String::new())
+                } else {
+                    (false, format!("exec {exec} is not running on {id}"))
+                }
+            }
+            AgentMessage::Heartbeat(_) | AgentMessage::RenewCertificate { .. } => {
+                (true, String::new())
+            }
         }
     }
 
@@ -1068,53 +1204,67 @@ impl Coordinator {
         conn: Connection,
         mut writer: FrameWriter,
         mut reader: FrameReader,
-        name: String,
+        actor: String,
+        principal: Principal,
     ) {
-        let actor = Identity::Admin(name).uri();
         let welcome = HelloReply::Welcome(Welcome {
             protocol_version: gantry_protocol::PROTOCOL_VERSION,
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
             identity: actor.clone(),
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
         });
+        writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
         if writer.send(&welcome).await.is_err() {
             return;
         }
-        let _streams = AbortOnDrop(tokio::spawn(
-            self.clone().admin_streams(conn.clone(), actor.clone()),
-        ));
+        let _streams = AbortOnDrop(tokio::spawn(self.clone().admin_streams(
+            conn.clone(),
+            actor.clone(),
+            principal,
+        )));
         loop {
             match reader.recv::<AdminRequest>().await {
                 Ok(Some(req)) => {
-                    let response = match req {
-                        AdminRequest::Gc {
-                            dry_run,
-                            grace_secs,
-                        } => self.gc(&actor, dry_run, grace_secs).await,
-                        AdminRequest::ApproveDeployment { id } => {
+                    let checked =
+                        self.metrics
+                            .authz
+                            .check(Request::of_admin(&req), principal, String::new);
+                    let response = match (checked, req) {
+                        (Err(denied), _) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+                        (
+                            Ok(()),
+                            AdminRequest::Gc {
+                                dry_run,
+                                grace_secs,
+                            },
+                        ) => self.gc(&actor, dry_run, grace_secs).await,
+                        (Ok(()), AdminRequest::ApproveDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Approve(id)).await
                         }
-                        AdminRequest::PromoteDeployment { id } => {
+                        (Ok(()), AdminRequest::PromoteDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Promote(id)).await
                         }
-                        AdminRequest::AbortDeployment { id } => {
+                        (Ok(()), AdminRequest::AbortDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Abort(id)).await
                         }
-                        AdminRequest::UpgradeAgents {
-                            select,
-                            batch,
-                            failure_budget,
-                            timeout_ms,
-                        } => {
+                        (
+                            Ok(()),
+                            AdminRequest::UpgradeAgents {
+                                select,
+                                batch,
+                                failure_budget,
+                                timeout_ms,
+                            },
+                        ) => {
                             self.upgrade_agents(&actor, select, batch, failure_budget, timeout_ms)
                                 .await
                         }
-                        AdminRequest::Rollback(request) => {
+                        (Ok(()), AdminRequest::Rollback(request)) => {
                             self.deployments
                                 .admin(&actor, AdminOp::Rollback(request))
                                 .await
                         }
-                        other => self.admin_request(&actor, other),
+                        (Ok(()), other) => self.answer_admin(&actor, other),
                     };
                     if writer.send(&response).await.is_err() {
                         return;
@@ -1129,9 +1279,27 @@ impl Coordinator {
         }
     }
 
-    /// Answers one admin request. Every change is durable (with its audit entry) before
-    /// the response is built.
-    pub fn admin_request(&self, actor: &str, req: AdminRequest) -> AdminResponse {
+    /// Answers one admin request from the dashboard, as `principal` (a login's role),
+    /// once the authorization table allows it.
+    pub fn admin_request(
+        &self,
+        actor: &str,
+        principal: Principal,
+        req: AdminRequest,
+    ) -> AdminResponse {
+        match self
+            .metrics
+            .authz
+            .check(Request::of_admin(&req), principal, String::new)
+        {
+            Ok(()) => self.answer_admin(actor, req),
+            Err(denied) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+        }
+    }
+
+    /// Answers one admin request the authorization table allowed. Every change is
+    /// durable (with its audit entry) before the response is built.
+    fn answer_admin(&self, actor: &str, req: AdminRequest) -> AdminResponse {
         let now = UnixMillis::now();
         let audit = |action: &str, detail: String| AuditEntry {
             at: now,
@@ -1804,6 +1972,7 @@ fn close_for(conn: &Connection, e: &TransportError) {
             CloseCode::FrameTooLarge
         }
         TransportError::Frame(_) => CloseCode::Malformed,
+        TransportError::Timeout { .. } => CloseCode::Timeout,
         _ => return,
     };
     tracing::info!(remote = %conn.remote_address(), error = %e, "closing connection");
@@ -1828,6 +1997,64 @@ async fn refuse(
     // A peer that read the refusal closes by itself; one that does not is cut off after 1 s.
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
     conn.close(code, truncate(&message));
+}
+
+/// What a refusal of `row` says besides the table, when the caller is who it is.
+fn stream_detail(row: Request) -> &'static str {
+    match row {
+        Request::StreamResolveArtifact => "only admins ask for an artifact by run and name",
+        Request::StreamGetManifestAdmin
+        | Request::StreamFetchChunksAdmin
+        | Request::StreamUploadAdmin => "an agent cannot use an admin grant",
+        Request::StreamUploadDeploy => "a deploy grant reads only its deployment's release",
+        Request::StreamUploadJob => "uploads are made by the job that declares them",
+        Request::StreamLogs | Request::StreamFetchSource | Request::StreamFetchAgentBinary => {
+            "only agents open this stream"
+        }
+        _ => "only admins open this stream",
+    }
+}
+
+/// Tells a peer the authorization table refused its stream: in the stream's own reply
+/// type when it has a refusal, else by resetting the stream with `Unauthorized` (the
+/// coordinator's log says why). The peer is told to stop sending either way.
+async fn refuse_stream(
+    open: &StreamOpen,
+    denied: &crate::authz::Denied,
+    mut writer: FrameWriter,
+    mut reader: FrameReader,
+) {
+    use gantry_protocol::{
+        ChunkFrame, ExecEvent, FollowEvent, ManifestFrame, PutReply, ResolveReply, SourceStored,
+        UploadReply,
+    };
+    let message = denied.to_string();
+    writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+    let sent = match open {
+        StreamOpen::Resolve(_) => writer.send(&ResolveReply::Refused { message }).await,
+        StreamOpen::GetManifest { .. } => writer.send(&ManifestFrame::Refused { message }).await,
+        StreamOpen::FetchChunks { .. } => writer.send(&ChunkFrame::Refused { message }).await,
+        StreamOpen::Upload { .. } => writer.send(&UploadReply::Refused { message }).await,
+        StreamOpen::PutChunks { .. } => writer.send(&PutReply::Refused { message }).await,
+        StreamOpen::UploadSource { .. } => writer.send(&SourceStored::Refused { message }).await,
+        StreamOpen::Exec(_) => writer.send(&ExecEvent::Refused { message }).await,
+        StreamOpen::FollowLogs { .. } | StreamOpen::FollowRun { .. } => {
+            writer
+                .send(&FollowEvent::Error(crate::authz::forbidden(denied)))
+                .await
+        }
+        StreamOpen::Logs { .. }
+        | StreamOpen::FetchSource { .. }
+        | StreamOpen::FetchAgentBinary { .. } => {
+            writer.reset(CloseCode::Unauthorized);
+            reader.stop(CloseCode::Unauthorized);
+            return;
+        }
+    };
+    if sent.is_ok() {
+        writer.finish();
+    }
+    reader.stop(CloseCode::Unauthorized);
 }
 
 /// Aborts a task when the session that owns it ends.

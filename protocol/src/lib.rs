@@ -7,6 +7,7 @@
 //! here is a sans-IO frame decoder that takes bytes and hands back frames, so it can be
 //! fuzzed and tested without a network.
 
+pub mod authz;
 pub mod deploy;
 pub mod digest;
 pub mod frame;
