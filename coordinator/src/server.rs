@@ -71,6 +71,8 @@ struct LiveSession {
     hostname: String,
     labels: Labels,
     dirty: bool,
+    /// When a heartbeat of this session last reached the scheduler.
+    heartbeat_forwarded: Option<Instant>,
     /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
     outbound: mpsc::UnboundedSender<CoordinatorMessage>,
 }
@@ -93,6 +95,8 @@ pub struct Coordinator {
     started_at: Instant,
     next_session: AtomicU64,
     handshakes: Semaphore,
+    /// Connections without a certificate waiting for their hello.
+    unauthenticated: Semaphore,
     pub(crate) engine: Engine,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) secret_key: Arc<SecretKey>,
@@ -299,6 +303,7 @@ impl Coordinator {
             started_at: Instant::now(),
             next_session: AtomicU64::new(1),
             handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
+            unauthenticated: Semaphore::new(limits::MAX_UNAUTHENTICATED_PENDING),
             engine,
             logs,
             sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
@@ -390,6 +395,23 @@ impl Coordinator {
                 return;
             }
         };
+        // Past TLS, a connection without a certificate waits for its hello in a pool of
+        // its own, so such connections can never hold every handshake slot.
+        let unauthenticated_slot = if conn.peer_certificates().is_none() {
+            if let Ok(slot) = self.unauthenticated.try_acquire() {
+                Some(slot)
+            } else {
+                tracing::warn!(%remote, "refusing a connection without a certificate: {} are waiting for their hello", limits::MAX_UNAUTHENTICATED_PENDING);
+                conn.close(
+                    CloseCode::Busy,
+                    "too many connections without a certificate are waiting; try again shortly",
+                );
+                return;
+            }
+        } else {
+            None
+        };
+        drop(handshake_slot);
         let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
         let (mut writer, mut reader) = match conn.accept_control(remaining).await {
             Ok(s) => s,
@@ -417,7 +439,7 @@ impl Coordinator {
                 return;
             }
         };
-        drop(handshake_slot);
+        drop(unauthenticated_slot);
         reader.set_limit(limits::MAX_FRAME_BYTES);
         let hello = match gantry_protocol::decode_hello(&payload) {
             Ok(h) => h,
@@ -556,6 +578,31 @@ impl Coordinator {
             .collect();
         let now_sys = SystemTime::now();
         let now = UnixMillis::now();
+        // A token that cannot enroll is refused after one read, before the CSR is
+        // checked and signed and before the store's write lock is taken: a storm of
+        // forged enrollments costs a lookup each. The write below checks it again.
+        let token_refusal = |t: TokenRefusal| {
+            let reason = match t {
+                TokenRefusal::Unknown(_) => RefusalReason::TokenUnknown,
+                TokenRefusal::Expired { .. } => RefusalReason::TokenExpired,
+                TokenRefusal::UsedUp { .. } => RefusalReason::TokenUsedUp,
+            };
+            refusal(reason, t.to_string())
+        };
+        match self.store.token(&token_id) {
+            Ok(Some(token))
+                if gantry_certs::token::secret_matches(&req.token_secret, &token.secret_sha256) =>
+            {
+                token.check(now).map_err(token_refusal)?;
+            }
+            Ok(_) => return Err(token_refusal(TokenRefusal::Unknown(token_id))),
+            Err(e) => {
+                return Err(refusal(
+                    RefusalReason::Internal,
+                    format!("coordinator could not read the join token: {e}"),
+                ))
+            }
+        }
         let mut agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
         // All-zero is the deploy runner's id; a 1-in-2^48 draw of it is drawn again.
         while agent_id == crate::deployments::deploy_runner() {
@@ -730,6 +777,7 @@ impl Coordinator {
                 hostname,
                 labels: effective_labels.clone(),
                 dirty: true,
+                heartbeat_forwarded: None,
                 outbound,
             },
         );
@@ -765,11 +813,24 @@ impl Coordinator {
                 self.clone().agent_streams(conn.clone(), id.clone()),
             ));
             let (inbound_tx, mut inbound) = mpsc::channel(64);
-            // Frame reads are not cancel-safe, so they run in their own task.
+            // Frame reads are not cancel-safe, so they run in their own task. It reads at
+            // most AGENT_MESSAGES_PER_SEC (after a burst): a flooding agent is slowed by
+            // its own connection's flow control, not by the scheduler or other agents.
+            let flood_agent = id.clone();
             let reader_task = AbortOnDrop(tokio::spawn(async move {
+                let mut bucket =
+                    TokenBucket::new(limits::AGENT_MESSAGES_PER_SEC, limits::AGENT_MESSAGE_BURST);
+                let mut throttled = false;
                 loop {
                     let msg = reader.recv::<AgentMessage>().await;
                     let last = !matches!(msg, Ok(Some(_)));
+                    if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
+                        if !throttled {
+                            throttled = true;
+                            tracing::warn!(agent = %flood_agent, "agent sends more than {} messages/s: reading its session more slowly", limits::AGENT_MESSAGES_PER_SEC);
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
                     if inbound_tx.send(msg).await.is_err() || last {
                         return;
                     }
@@ -861,16 +922,28 @@ impl Coordinator {
         }
         match msg {
             AgentMessage::Heartbeat(figures) => {
-                {
+                let forward = {
                     let mut reg = lock(&self.registry);
-                    if let Some(s) = reg.live.get_mut(id).filter(|s| s.session == session) {
-                        s.last_seen = UnixMillis::now();
-                        s.figures = Some(figures);
-                        s.dirty = true;
+                    match reg.live.get_mut(id).filter(|s| s.session == session) {
+                        Some(s) => {
+                            s.last_seen = UnixMillis::now();
+                            s.figures = Some(figures);
+                            s.dirty = true;
+                            let due = s.heartbeat_forwarded.is_none_or(|at| {
+                                at.elapsed() >= limits::HEARTBEAT_FORWARD_INTERVAL
+                            });
+                            if due {
+                                s.heartbeat_forwarded = Some(Instant::now());
+                            }
+                            due
+                        }
+                        None => true,
                     }
+                };
+                if forward {
+                    self.engine
+                        .event(Event::AgentHeartbeat { agent: id.clone() });
                 }
-                self.engine
-                    .event(Event::AgentHeartbeat { agent: id.clone() });
             }
             AgentMessage::RenewCertificate { csr_der } => {
                 let reply = self.renew(id, &csr_der);
@@ -2057,11 +2130,66 @@ async fn refuse_stream(
     reader.stop(CloseCode::Unauthorized);
 }
 
+/// A token bucket: `rate` per second, at most `burst` saved up.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<tokio::time::Instant>,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: None,
+        }
+    }
+
+    /// Takes a token; `Some(wait)` when there is none yet and the caller must wait that
+    /// long for it (the token is then spent).
+    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 /// Aborts a task when the session that owns it ends.
 pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_lets_a_burst_through_then_holds_to_its_rate() {
+        let start = tokio::time::Instant::now();
+        let mut bucket = TokenBucket::new(100, 10);
+        for _ in 0..10 {
+            assert_eq!(bucket.take(start), None, "the burst");
+        }
+        let wait = bucket.take(start).expect("empty");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-9, "{wait:?}");
+        // Ten seconds later the bucket is full again (the token owed paid first), and
+        // never holds more than the burst.
+        let later = start + Duration::from_secs(10);
+        let passed = (0..200)
+            .take_while(|_| bucket.take(later).is_none())
+            .count();
+        assert_eq!(passed, 10, "the burst caps what is saved up");
     }
 }

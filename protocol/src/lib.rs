@@ -67,6 +67,8 @@ pub enum CloseCode {
     ShuttingDown = 8,
     /// The enrollment was refused (bad token or CSR).
     EnrollmentRefused = 9,
+    /// Too many connections are waiting; try again shortly.
+    Busy = 10,
 }
 
 impl CloseCode {
@@ -82,6 +84,7 @@ impl CloseCode {
             7 => Self::Replaced,
             8 => Self::ShuttingDown,
             9 => Self::EnrollmentRefused,
+            10 => Self::Busy,
             _ => return None,
         })
     }

@@ -35,6 +35,30 @@ pub const FRAME_COMPLETION_DEADLINE: Duration = Duration::from_secs(30);
 /// only its own stream.
 pub const STREAM_WRITE_STALL: Duration = Duration::from_secs(30);
 
+/// Connections without a client certificate (enrollments, or anyone) that may be waiting
+/// for their hello at once, out of `MAX_PENDING_HANDSHAKES`: more are closed at once
+/// with `Busy`. A storm of clients that finish TLS and then say nothing can then never
+/// hold the handshake slots reconnecting agents need. Enrollments are rare and quick;
+/// raise it only if many hosts enroll at the same moment over slow links.
+pub const MAX_UNAUTHENTICATED_PENDING: usize = 256;
+
+/// Control messages per second the coordinator reads from one agent session, after a
+/// burst of `AGENT_MESSAGE_BURST`. An honest agent sends a heartbeat every few seconds
+/// and a few messages per job; beyond the rate the coordinator reads the session more
+/// slowly, so QUIC flow control throttles a flooding agent at its own connection and the
+/// flood never reaches the scheduler or other agents' CPU share. Raise it for agents
+/// that run hundreds of jobs of a second or less at once, or stream `gantry exec` output
+/// faster than ~3 MB/s (16 KiB pieces).
+pub const AGENT_MESSAGES_PER_SEC: u32 = 200;
+/// Messages an agent session may send at once above `AGENT_MESSAGES_PER_SEC` (results
+/// spooled across a reconnect arrive together).
+pub const AGENT_MESSAGE_BURST: u32 = 2_000;
+
+/// Heartbeats of one agent session reach the scheduler at most this often (the others
+/// only refresh presence): a heartbeat renews leases of 30 s, so more than one a second
+/// is work for nothing. Lower it only with the lease duration.
+pub const HEARTBEAT_FORWARD_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Time a client has to finish the TLS handshake and send its hello. Slow links at 300 ms
 /// RTT need ~1 s; 10 s leaves room and still frees a slot held by a silent peer quickly.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

@@ -6,6 +6,7 @@
 //! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
 
 pub mod browser;
+pub mod flood;
 pub mod peers;
 
 use std::path::{Path, PathBuf};
