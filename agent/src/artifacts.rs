@@ -33,7 +33,10 @@ const MAX_WALK: usize = 500_000;
 #[derive(Debug, Clone)]
 pub struct Transfers {
     pub cache: ChunkCache,
+    /// Downloads: streams, and the cap on what this agent receives.
     pub options: TransferOptions,
+    /// Uploads (and serving peers): the cap on what this agent sends.
+    pub send_options: TransferOptions,
 }
 
 /// Where a job gets its connection: the agent's current one, which changes when the
@@ -308,7 +311,7 @@ pub async fn upload_artifact(
     };
     let what = format!("uploading artifact {}", spec.name);
     let (committed, figures) = with_retries(source, log, &what, |conn| {
-        let (grant, target, options) = (grant(job), target.clone(), transfers.options.clone());
+        let (grant, target, options) = (grant(job), target.clone(), transfers.send_options.clone());
         let (root, paths) = (workspace.to_path_buf(), paths.clone());
         async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
     })
@@ -378,7 +381,7 @@ pub async fn save_cache(
         key: restored.key.clone(),
     };
     let saved = with_retries(source, log, "saving the cache", |conn| {
-        let (grant, target, options) = (grant(job), target.clone(), transfers.options.clone());
+        let (grant, target, options) = (grant(job), target.clone(), transfers.send_options.clone());
         let (root, paths) = (workspace.to_path_buf(), paths.clone());
         async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
     })
@@ -572,11 +575,17 @@ pub fn transfers(
     streams: usize,
     max_rate: Option<u64>,
 ) -> std::io::Result<Transfers> {
+    // A link is full duplex: what the agent receives and what it sends have a cap each.
+    let cap = || max_rate.map(|rate| Arc::new(gantry_transfer::RateLimit::new(rate)));
     Ok(Transfers {
         cache: ChunkCache::open(&data_dir.join("cache"), cache_bytes)?,
         options: TransferOptions {
             streams,
-            limit: max_rate.map(|rate| Arc::new(gantry_transfer::RateLimit::new(rate))),
+            limit: cap(),
+        },
+        send_options: TransferOptions {
+            streams,
+            limit: cap(),
         },
     })
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use gantry_cas::Existing;
 use gantry_protocol::{
     AgentMessage, AppSpec, DeployCommand, DeployOp, DeployResult, ExecCommand, Grant, HostReport,
-    Labels, ReleaseSpec,
+    Labels, PeerSource, ReleaseSpec,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -61,6 +61,7 @@ struct Inner {
     out: mpsc::UnboundedSender<AgentMessage>,
     state: Mutex<State>,
     upgrader: crate::upgrade::Upgrader,
+    peers: crate::peers::PeerService,
 }
 
 impl std::fmt::Debug for Deployer {
@@ -80,6 +81,7 @@ impl Deployer {
         source: Arc<dyn ConnectionSource>,
         out: mpsc::UnboundedSender<AgentMessage>,
         upgrader: crate::upgrade::Upgrader,
+        peers: crate::peers::PeerService,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -90,6 +92,7 @@ impl Deployer {
                 out,
                 state: Mutex::new(State::default()),
                 upgrader,
+                peers,
             }),
         }
     }
@@ -204,7 +207,9 @@ impl Deployer {
         let app = App::new(&self.inner.root, &c.app)?;
         app.check_epoch(c.epoch)?;
         match &c.op {
-            DeployOp::Stage { release, .. } => self.stage(&app, c, release, log).await?,
+            DeployOp::Stage { release, peers } => {
+                self.stage(&app, c, release, peers, log).await?;
+            }
             DeployOp::Activate { release } => self.activate(&app, release, log).await?,
             DeployOp::Verify => {
                 let port = app.live_port();
@@ -225,6 +230,7 @@ impl Deployer {
         app: &App<'_>,
         c: &DeployCommand,
         release: &ReleaseSpec,
+        peers: &[PeerSource],
         log: &mut Vec<String>,
     ) -> Result<(), String> {
         let dir = app.release_dir(&release.id);
@@ -243,6 +249,22 @@ impl Deployer {
                 deployment: c.deployment,
                 epoch: c.epoch,
             };
+            // The other hosts may ask for this release as soon as they get their own
+            // step: share it first (its chunks once the manifest is here), then dial
+            // them while fetching the manifest.
+            let service = &self.inner.peers;
+            let me = service.position(peers);
+            let _fetching =
+                me.map(|_| service.share(c.deployment, c.epoch, release.manifest, peers));
+            let swarm_peers = if peers.len() > 1 {
+                service.connect_all(peers)
+            } else {
+                Vec::new()
+            };
+            let swarm = gantry_transfer::Swarm {
+                peers: swarm_peers,
+                me,
+            };
             let (sink, mut lines) = mpsc::channel::<Vec<u8>>(64);
             let fetched = crate::artifacts::with_retries(
                 self.inner.source.as_ref(),
@@ -252,11 +274,22 @@ impl Deployer {
                     let (grant, cache) = (grant.clone(), self.inner.transfers.cache.clone());
                     let options = self.inner.transfers.options.clone();
                     let (manifest, dest) = (release.manifest, partial.clone());
+                    let swarm = &swarm;
                     async move {
-                        gantry_transfer::download(
-                            &conn,
-                            &grant,
+                        let tree =
+                            gantry_transfer::fetch_manifest(&conn, &grant, &manifest).await?;
+                        if me.is_some() {
+                            service.set_chunks(&manifest, gantry_transfer::chunk_sizes(&tree));
+                        }
+                        let sources = gantry_transfer::Sources {
+                            coordinator: &conn,
+                            grant: &grant,
+                            swarm,
+                        };
+                        gantry_transfer::download_tree(
+                            sources,
                             &manifest,
+                            Arc::new(tree),
                             &cache,
                             &dest,
                             Existing::Merge,
@@ -272,8 +305,24 @@ impl Deployer {
                 log.push(String::from_utf8_lossy(&line).trim_end().to_owned());
             }
             let figures = fetched?;
+            let reachable = swarm
+                .peers
+                .iter()
+                .flatten()
+                .filter(|link| link.is_connected())
+                .count();
+            let from_peers = if peers.len() > 1 {
+                format!(
+                    " ({} of them, {}, from {reachable} of {} peers)",
+                    figures.chunks_from_peers,
+                    gantry_transfer::human_bytes(figures.bytes_from_peers),
+                    peers.len() - usize::from(me.is_some()),
+                )
+            } else {
+                String::new()
+            };
             log.push(format!(
-                "staged release {} ({}): {} files, {}; fetched {} of {} chunks in {:.2} s",
+                "staged release {} ({}): {} files, {}; fetched {} of {} chunks{from_peers} in {:.2} s",
                 release.id,
                 release.version,
                 figures.files,

@@ -27,6 +27,7 @@ pub mod health;
 pub mod jobs;
 pub mod labels;
 pub mod mask;
+pub mod peers;
 pub mod renewal;
 pub mod session;
 pub mod upgrade;

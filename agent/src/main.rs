@@ -91,14 +91,33 @@ struct RunArgs {
     /// Streams one artifact or cache transfer uses at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     transfer_streams: u16,
-    /// Cap on artifact and cache traffic (e.g. 20MiB means 20 MiB per second); no cap
-    /// unless given.
+    /// Cap on artifact, cache and release traffic, each way (e.g. 20MiB: this agent
+    /// receives at most 20 MiB per second, and sends at most as much in uploads and to
+    /// peers); no cap unless given.
     #[arg(long, env = "GANTRY_AGENT_MAX_TRANSFER_RATE", value_parser = parse_size, value_name = "SIZE")]
     max_transfer_rate: Option<u64>,
+    /// UDP address where the other hosts of a deployment fetch the release chunks this
+    /// host holds (peers reach it at the address the coordinator sees this agent at,
+    /// with this port), or `off` to serve no peers.
+    #[arg(long, env = "GANTRY_AGENT_PEER_LISTEN", default_value = "0.0.0.0:0", value_parser = parse_peer_listen, value_name = "ADDR|off")]
+    peer_listen: PeerListen,
     /// Where deployed apps live: `<DIR>/<app>/releases/`, `current`, `shared/`
     /// [default: DATA_DIR/deploy].
     #[arg(long, env = "GANTRY_AGENT_DEPLOY_ROOT", value_name = "DIR")]
     deploy_root: Option<PathBuf>,
+}
+
+/// `--peer-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct PeerListen(Option<std::net::SocketAddr>);
+
+fn parse_peer_listen(text: &str) -> Result<PeerListen, String> {
+    if text == "off" {
+        return Ok(PeerListen(None));
+    }
+    text.parse().map(|a| PeerListen(Some(a))).map_err(|_| {
+        format!("invalid peer address {text:?}: expected IP:PORT (like 0.0.0.0:7444) or off")
+    })
 }
 
 /// Parses a size like `5GiB`, `500MiB`, `20MB` or a plain number of bytes.
@@ -226,6 +245,7 @@ async fn run_session(args: RunArgs) -> ExitCode {
         transfer_streams: usize::from(args.transfer_streams),
         max_transfer_rate: args.max_transfer_rate,
         deploy_root,
+        peer_listen: args.peer_listen.0,
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -49,6 +49,9 @@ pub struct RunOptions {
     pub max_transfer_rate: Option<u64>,
     /// Where deployed apps live (`<root>/<app>/releases/...`).
     pub deploy_root: PathBuf,
+    /// Where the other hosts of a deployment fetch release chunks from this one; `None`
+    /// serves no peers.
+    pub peer_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why `run` stopped other than by a signal.
@@ -64,6 +67,8 @@ pub enum RunError {
     Figures(#[from] FiguresError),
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
+    #[error("{0}; pick another --peer-listen address, or --peer-listen off")]
+    Peers(String),
     #[error("cannot open the chunk cache in {}: {source}", path.display())]
     Cache {
         path: PathBuf,
@@ -75,7 +80,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::DataDir(e) => e.exit_code(),
-            Self::Certificate(_) => crate::exit::USAGE,
+            Self::Certificate(_) | Self::Peers(_) => crate::exit::USAGE,
             Self::Revoked => crate::exit::COORDINATOR,
             Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::exit::FAILURE,
         }
@@ -149,6 +154,13 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         path: options.data_dir.join("cache"),
         source,
     })?;
+    let peers = crate::peers::PeerService::start(
+        options.data_dir.clone(),
+        options.peer_listen,
+        transfers.cache.clone(),
+        transfers.send_options.limit.clone(),
+    )
+    .map_err(RunError::Peers)?;
     let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers.clone());
     let (deploy_out, deploy_results) = mpsc::unbounded_channel();
     let upgrader = crate::upgrade::Upgrader::new(
@@ -163,6 +175,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         std::sync::Arc::new(jobs.clone()),
         deploy_out,
         upgrader,
+        peers.clone(),
     );
     let mut runner = Runner {
         agent_id: enrollment.config.agent_id,
@@ -179,6 +192,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         finished,
         deployer,
         deploy_results,
+        peers,
     };
     runner.run().await
 }
@@ -202,6 +216,9 @@ struct Runner {
     /// Deployment results and exec output, to send (a result lost with a connection is
     /// asked for again: the coordinator resends the step).
     deploy_results: mpsc::UnboundedReceiver<AgentMessage>,
+    /// Serves release chunks to the other hosts of a deployment; its port goes in the
+    /// hello.
+    peers: crate::peers::PeerService,
 }
 
 impl Runner {
@@ -312,7 +329,7 @@ impl Runner {
             slots: self.options.slots,
             figures: self.sampler.sample(),
             running: self.jobs.running(),
-            peer_port: None,
+            peer_port: self.peers.port(),
         });
         let opened = async {
             let (mut writer, mut reader) = conn.open_control().await?;

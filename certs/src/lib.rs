@@ -18,7 +18,7 @@ pub use ca::{CertAuthority, IssuedCert, ADMIN_CERT_LIFETIME};
 
 pub use csr::{generate_key_and_csr, CsrError, KeyAndCsr};
 pub use identity::{Identity, IdentityError, Role};
-pub use tls::{ClientTls, RevocationSet, ServerTls, TlsError};
+pub use tls::{ClientTls, PeerTls, RevocationSet, ServerTls, TlsError};
 pub use token::{JoinToken, TokenError};
 
 /// The one crypto provider of the workspace.

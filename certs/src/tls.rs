@@ -1,11 +1,14 @@
-//! rustls configurations for every role, and the two verifiers Gantry adds:
+//! rustls configurations for every role, and the verifiers Gantry adds:
 //! - the coordinator's client verifier checks the chain against the CA (webpki), lets a
 //!   certificate-less client through only so it can enroll (the coordinator then allows
 //!   nothing else), and refuses revoked agent identities during the handshake;
 //! - an enrolling agent's server verifier trusts only a CA whose fingerprint matches the
-//!   one in its join token, taken from the chain the coordinator presents.
+//!   one in its join token, taken from the chain the coordinator presents;
+//! - between peers (agents serving each other release chunks), each side requires an
+//!   agent certificate from the CA, and the fetching side the very agent it dialed.
 //!
-//! TLS 1.3 only (QUIC requires it), ALPN `gantry/1`, no 0-RTT.
+//! TLS 1.3 only (QUIC requires it), ALPN `gantry/1` (`gantry-peer/1` between peers), no
+//! 0-RTT.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -203,6 +206,199 @@ impl ClientTls {
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
         Ok(finish_client(config))
+    }
+}
+
+/// Peer transfers between agents (a deployment's hosts serving each other release
+/// chunks). Both ends present their agent certificates, both are checked against the
+/// CA, and both must be agent identities: the server side refuses admins and
+/// certificate-less clients, and the client side accepts only the agent the coordinator
+/// named. Agent certificates carry the client-auth usage only, so the client checks the
+/// server's chain the way a server checks a client's. ALPN is
+/// [`gantry_protocol::PEER_ALPN`].
+#[derive(Debug)]
+pub struct PeerTls;
+
+impl PeerTls {
+    /// The serving side: presents this agent's certificate, requires another agent's.
+    pub fn server(
+        ca_der: &[u8],
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(AgentOnlyClientVerifier { inner });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                certs_from_pem(cert_pem, "agent certificate")?,
+                key_from_pem(key_pem, "agent key")?,
+            )?;
+        config.alpn_protocols = vec![gantry_protocol::PEER_ALPN.to_vec()];
+        config.max_early_data_size = 0;
+        Ok(config)
+    }
+
+    /// The fetching side: presents this agent's certificate, and trusts the server only
+    /// if its certificate chains to the CA and names agent `expected`.
+    pub fn client(
+        ca_der: &[u8],
+        cert_pem: &str,
+        key_pem: &str,
+        expected: &AgentId,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let provider = crate::crypto_provider();
+        let chain =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(PeerServerVerifier {
+            chain,
+            expected: expected.clone(),
+            provider: provider.clone(),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(
+                certs_from_pem(cert_pem, "agent certificate")?,
+                key_from_pem(key_pem, "agent key")?,
+            )?;
+        config.alpn_protocols = vec![gantry_protocol::PEER_ALPN.to_vec()];
+        config.enable_early_data = false;
+        Ok(config)
+    }
+}
+
+/// The peer server's client verifier: a chain to the CA, and an agent identity.
+#[derive(Debug)]
+struct AgentOnlyClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for AgentOnlyClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match Identity::from_cert_der(end_entity) {
+            Ok(Identity::Agent(_)) => Ok(verified),
+            Ok(_) => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+            Err(e) => Err(rustls::Error::General(e.to_string())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The fetching host's view of a peer: its chain is checked as a client certificate's
+/// would be (agent certificates are for client auth), then its identity must be the
+/// agent the coordinator named. The TLS server name is not used.
+#[derive(Debug)]
+struct PeerServerVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    expected: AgentId,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match Identity::from_cert_der(end_entity) {
+            Ok(Identity::Agent(id)) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(other) => Err(rustls::Error::General(format!(
+                "the peer presented {other:?}, not agent {}: refusing it",
+                self.expected
+            ))),
+            Err(e) => Err(rustls::Error::General(e.to_string())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

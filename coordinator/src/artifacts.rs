@@ -85,6 +85,8 @@ pub struct Artifacts {
     sessions: Mutex<Sessions>,
     pipelines: Mutex<HashMap<RunId, Arc<Pipeline>>>,
     manifests: Mutex<HashMap<Digest, Arc<HashMap<Digest, u32>>>>,
+    /// `max_send_rate`: a cap on the chunk bytes served, across every reader.
+    send_limit: Option<gantry_transfer::RateLimit>,
 }
 
 /// What a job's grant resolved to.
@@ -98,6 +100,10 @@ impl JobScope {
     fn spec(&self) -> Option<&gantry_pipeline::Job> {
         self.pipeline.jobs.get(self.job.job.index as usize)
     }
+}
+
+fn settings_limit(settings: &ArtifactSettings) -> Option<gantry_transfer::RateLimit> {
+    settings.max_send_rate.map(gantry_transfer::RateLimit::new)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -124,6 +130,7 @@ impl Artifacts {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         Ok(Self {
+            send_limit: settings_limit(&settings),
             store,
             chunks: ChunkStore::open(dir)?,
             settings,
@@ -571,7 +578,12 @@ impl Artifacts {
                         return Err("the chunk reader stopped".into());
                     };
                     match &frame {
-                        ChunkFrame::Data { data, .. } => self.metrics.artifact_bytes_sent(data.len() as u64),
+                        ChunkFrame::Data { data, .. } => {
+                            if let Some(limit) = &self.send_limit {
+                                limit.take(data.len()).await;
+                            }
+                            self.metrics.artifact_bytes_sent(data.len() as u64);
+                        }
                         ChunkFrame::Unavailable { digest, reason } => {
                             tracing::error!(chunk = %digest, "not serving a chunk: {reason}");
                             self.metrics.chunk_unavailable();

@@ -74,6 +74,12 @@ pub struct ArtifactsConfig {
     /// Unreferenced chunks younger than this are kept (an upload whose coordinator
     /// restarted comes back for them), e.g. `1h`.
     pub gc_grace: String,
+    /// A cap on what the coordinator sends in artifact, cache and release chunks, per
+    /// second across every reader (e.g. `50MiB`), so transfers leave room on its link
+    /// for the rest; no cap unless set. Deployments' hosts fetch from each other, so
+    /// a cap here slows staging far less than the number of hosts suggests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_send_rate: Option<String>,
 }
 
 impl Default for ArtifactsConfig {
@@ -84,6 +90,7 @@ impl Default for ArtifactsConfig {
             cache_max_idle: "7d".into(),
             gc_interval: "1h".into(),
             gc_grace: "1h".into(),
+            max_send_rate: None,
         }
     }
 }
@@ -96,6 +103,8 @@ pub struct ArtifactSettings {
     pub cache_max_idle: Duration,
     pub gc_interval: Duration,
     pub gc_grace: Duration,
+    /// Bytes per second.
+    pub max_send_rate: Option<u64>,
 }
 
 impl ArtifactsConfig {
@@ -115,6 +124,15 @@ impl ArtifactsConfig {
                 .context("artifacts.cache_max_idle")?,
             gc_interval,
             gc_grace: parse_duration(&self.gc_grace).context("artifacts.gc_grace")?,
+            max_send_rate: match &self.max_send_rate {
+                None => None,
+                Some(text) => match parse_bytes(text).context("artifacts.max_send_rate")? {
+                    0 => bail!(
+                        "artifacts.max_send_rate must be more than 0 (leave it out for no cap)"
+                    ),
+                    rate => Some(rate),
+                },
+            },
         })
     }
 }

@@ -67,6 +67,8 @@ pub trait Fleet: Send + Sync + 'static {
     /// Values of secrets for a deployment to `environment`: secrets scoped to it or to
     /// none. Names with no such secret are missing from the answer.
     fn secrets_for(&self, environment: &str, names: &[String]) -> Labels;
+    /// Where a connected host serves peers (`ip:port`), if it does.
+    fn peer_address(&self, agent: &AgentId) -> Option<String>;
 }
 
 /// Where a deployment is before and after its engine runs.
@@ -1076,10 +1078,35 @@ impl Manager {
         }
     }
 
-    fn send_step(&self, id: u64, host: &AgentId, seq: u64, op: DeployOp) -> bool {
+    fn send_step(&self, id: u64, host: &AgentId, seq: u64, mut op: DeployOp) -> bool {
         let Some(rec) = self.active.get(&id) else {
             return false;
         };
+        if let DeployOp::Stage { peers, .. } = &mut op {
+            // Filled in at each send, from the hosts' sessions as they are now (a host's
+            // peer port changes when it restarts); every host of one swarm gets the list
+            // in the same order (the record's), so they agree on who owns which range of
+            // the release.
+            let swarm = rec
+                .hosts
+                .keys()
+                .position(|a| a == host)
+                .map_or(0, |i| i / gantry_protocol::limits::PEER_SWARM_HOSTS);
+            *peers = rec
+                .hosts
+                .keys()
+                .skip(swarm * gantry_protocol::limits::PEER_SWARM_HOSTS)
+                .take(gantry_protocol::limits::PEER_SWARM_HOSTS)
+                .filter_map(|agent| {
+                    self.fleet
+                        .peer_address(agent)
+                        .map(|address| gantry_protocol::PeerSource {
+                            agent: agent.clone(),
+                            address,
+                        })
+                })
+                .collect();
+        }
         let command = DeployCommand {
             deployment: id,
             epoch: rec.epoch,

@@ -28,9 +28,9 @@ const RECENT: usize = 4096;
 
 /// What happened. Its name (`run.finished`) is what webhook filters and payloads use.
 ///
-/// To announce deployments, add their kinds here (e.g. `DeploymentFinished` named
-/// `deployment.finished`) and call [`Notifier::emit`] from the deployment engine's
-/// shell after its commit; filters, payloads and delivery need nothing more.
+/// A new kind needs only a variant here and a [`Notifier::emit`] after the commit that
+/// makes it true (the deployment manager emits its two); filters, payloads and delivery
+/// need nothing more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     RunStarted,

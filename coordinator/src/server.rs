@@ -70,6 +70,9 @@ struct LiveSession {
     /// Hostname and labels (reported and assigned) as of the hello, for deployments.
     hostname: String,
     labels: Labels,
+    /// Where the other hosts of a deployment reach this agent's peer listener: the
+    /// address this session comes from, with the port the hello named.
+    peer_address: Option<String>,
     dirty: bool,
     /// When a heartbeat of this session last reached the scheduler.
     heartbeat_forwarded: Option<Instant>,
@@ -191,6 +194,26 @@ impl crate::deployments::Fleet for Outbox {
     fn secrets_for(&self, environment: &str, names: &[String]) -> Labels {
         self.open_secrets(names, |scope| scope.is_none_or(|s| s == environment))
     }
+
+    fn peer_address(&self, agent: &AgentId) -> Option<String> {
+        lock(&self.registry)
+            .live
+            .get(agent)
+            .and_then(|s| s.peer_address.clone())
+    }
+}
+
+/// `ip:port` of an agent's peer listener, from the address its session comes from (an
+/// IPv4 address seen through a dual-stack socket is written as IPv4, which is what the
+/// other hosts dial).
+fn peer_address(remote: std::net::SocketAddr, port: u16) -> String {
+    let ip = match remote.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 @ std::net::IpAddr::V4(_) => v4,
+    };
+    std::net::SocketAddr::new(ip, port).to_string()
 }
 
 fn lock(m: &Mutex<Registry>) -> std::sync::MutexGuard<'_, Registry> {
@@ -765,6 +788,10 @@ impl Coordinator {
         };
         let slots = facts.slots;
         let hostname = facts.hostname.clone();
+        let peer_address = hello
+            .peer_port
+            .filter(|port| *port != 0)
+            .map(|port| peer_address(remote, port));
         let replaced = lock(&self.registry).live.insert(
             id.clone(),
             LiveSession {
@@ -776,6 +803,7 @@ impl Coordinator {
                 hello: Some(facts),
                 hostname,
                 labels: effective_labels.clone(),
+                peer_address,
                 dirty: true,
                 heartbeat_forwarded: None,
                 outbound,

@@ -17,8 +17,9 @@ use std::time::{Duration, SystemTime};
 
 use gantry_protocol::{
     decode_hello, decode_payload, frame, hello, limits, AdminRequest, AdminResponse, AgentMessage,
-    CoordinatorMessage, FollowEvent, FrameDecoder, FrameError, HelloReply, Intent, LogChunk,
-    LogControl, SourceData, SourceStored, StreamOpen,
+    ChunkFrame, ChunkPut, ChunkWants, CoordinatorMessage, ExecEvent, FollowEvent, FrameDecoder,
+    FrameError, HelloReply, Intent, LogChunk, LogControl, ManifestFrame, PutReply, ResolveReply,
+    SourceData, SourceStored, StreamOpen, UploadReply, UploadRequest,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -91,6 +92,17 @@ pub const MESSAGE_TYPES: &[(&str, Check)] = &[
     ("AdminResponse", round_trip::<AdminResponse>),
     ("SourceData", round_trip::<SourceData>),
     ("SourceStored", round_trip::<SourceStored>),
+    // Bulk transfers: read by the coordinator from agents, and by agents from the
+    // coordinator and from each other (peers serving a release).
+    ("ResolveReply", round_trip::<ResolveReply>),
+    ("ManifestFrame", round_trip::<ManifestFrame>),
+    ("ChunkWants", round_trip::<ChunkWants>),
+    ("ChunkFrame", round_trip::<ChunkFrame>),
+    ("UploadRequest", round_trip::<UploadRequest>),
+    ("UploadReply", round_trip::<UploadReply>),
+    ("ChunkPut", round_trip::<ChunkPut>),
+    ("PutReply", round_trip::<PutReply>),
+    ("ExecEvent", round_trip::<ExecEvent>),
 ];
 
 /// One message of the type the first byte selects (see [`MESSAGE_TYPES`]).

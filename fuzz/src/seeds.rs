@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 
 use gantry_protocol::{
     encode_frame, frame, hello, AdminError, AdminErrorKind, AdminHello, AdminRequest,
-    AdminResponse, AgentHello, AgentId, AgentMessage, CoordinatorMessage, EnrollRequest,
-    FollowEvent, HelloReply, HostFigures, Intent, JobAssignment, JobId, JobOutcome, JobResult,
-    JobView, LogChunk, LogControl, Refusal, RefusalReason, RunId, RunningJob, SourceData,
-    SourceStored, StepSpec, StreamOpen, SubmitRun, TokenId, UnixMillis, Welcome,
+    AdminResponse, AgentHello, AgentId, AgentMessage, AppSpec, ArtifactSpec, CacheSpec, ChunkFrame,
+    ChunkPut, ChunkWants, CoordinatorMessage, DeployCommand, DeployOp, DeployResult, Digest,
+    EnrollRequest, ExecEvent, FollowEvent, Grant, HelloReply, Hooks, HostFigures, HostReport,
+    Intent, JobAssignment, JobId, JobOutcome, JobResult, JobView, LogChunk, LogControl,
+    ManifestFrame, PeerSource, PutReply, Refusal, RefusalReason, ReleaseSpec, ResolveReply, RunId,
+    RunningJob, SourceData, SourceStored, StepSpec, StreamOpen, SubmitRun, TokenId, UnixMillis,
+    UploadReply, UploadRequest, Welcome,
 };
 use serde::Serialize;
 
@@ -120,6 +123,7 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             job: job(),
             attempt: 1,
         }],
+        peer_port: Some(7444),
     });
     let intent_enroll = Intent::Enroll(EnrollRequest {
         token_id: TokenId::from_random(&[0x11; 8]),
@@ -149,6 +153,45 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         image: Some("alpine:3".into()),
         secrets: [("TOKEN".to_owned(), "hunter2".to_owned())].into(),
         source: Some("sha256:00ff".into()),
+        downloads: true,
+        artifact: Some(ArtifactSpec {
+            name: "app".into(),
+            paths: vec!["out/".into(), "**/*.so".into()],
+            expire_in_secs: 86_400,
+        }),
+        cache: Some(CacheSpec {
+            key: "deps-${{ hashFiles('Cargo.lock') }}".into(),
+            restore_keys: vec!["deps-".into()],
+            paths: vec!["target/".into()],
+        }),
+    };
+    let chunk = Digest::of(b"chunk one");
+    let release = ReleaseSpec {
+        id: "r12-3f9c0a12".into(),
+        version: "1.4.2".into(),
+        manifest: Digest::of(b"a manifest"),
+    };
+    let stage = DeployCommand {
+        deployment: 12,
+        epoch: 3,
+        seq: 1,
+        app: AppSpec {
+            name: "web".into(),
+            hooks: Hooks::default(),
+            health: None,
+            keep: 5,
+            shared: vec!["logs".into()],
+            env: labels(),
+            secrets: Vec::new(),
+            blue_green: None,
+        },
+        op: DeployOp::Stage {
+            release,
+            peers: vec![PeerSource {
+                agent: agent(),
+                address: "10.0.0.7:7444".into(),
+            }],
+        },
     };
     let mut samples: Vec<(&str, &str, Vec<u8>)> = vec![
         ("Intent", "agent", enc(&intent_agent)),
@@ -204,6 +247,113 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             "CoordinatorMessage",
             "dispatch",
             enc(&CoordinatorMessage::Dispatch(Box::new(assignment))),
+        ),
+        (
+            "CoordinatorMessage",
+            "deploy-stage",
+            enc(&CoordinatorMessage::Deploy(Box::new(stage))),
+        ),
+        (
+            "AgentMessage",
+            "deploy-result",
+            enc(&AgentMessage::DeployResult(DeployResult {
+                deployment: 12,
+                seq: 1,
+                outcome: Ok(HostReport {
+                    current: Some("r12-3f9c0a12".into()),
+                    releases: vec!["r11-00aa".into(), "r12-3f9c0a12".into()],
+                }),
+                log: vec!["staged".into()],
+            })),
+        ),
+        (
+            "StreamOpen",
+            "fetch-chunks",
+            enc(&StreamOpen::FetchChunks {
+                grant: Grant::Deploy {
+                    deployment: 12,
+                    epoch: 3,
+                },
+                manifest: Digest::of(b"a manifest"),
+            }),
+        ),
+        (
+            "ResolveReply",
+            "refused",
+            enc(&ResolveReply::Refused {
+                message: "no such artifact".into(),
+            }),
+        ),
+        (
+            "ManifestFrame",
+            "start",
+            enc(&ManifestFrame::Start { bytes: 1_234 }),
+        ),
+        (
+            "ManifestFrame",
+            "piece",
+            enc(&ManifestFrame::Piece(b"GMAN manifest bytes".to_vec())),
+        ),
+        ("ChunkWants", "two", enc(&ChunkWants(vec![chunk, chunk]))),
+        (
+            "ChunkFrame",
+            "data",
+            enc(&ChunkFrame::Data {
+                digest: chunk,
+                size: 9,
+                data: gantry_cas::compress(b"chunk one"),
+            }),
+        ),
+        (
+            "ChunkFrame",
+            "unavailable",
+            enc(&ChunkFrame::Unavailable {
+                digest: chunk,
+                reason: "not here (yet)".into(),
+            }),
+        ),
+        (
+            "UploadRequest",
+            "have",
+            enc(&UploadRequest::Have(vec![chunk])),
+        ),
+        (
+            "UploadRequest",
+            "commit",
+            enc(&UploadRequest::Commit {
+                manifest_bytes: 4_096,
+            }),
+        ),
+        (
+            "UploadReply",
+            "missing",
+            enc(&UploadReply::Missing(vec![chunk])),
+        ),
+        (
+            "ChunkPut",
+            "chunk",
+            enc(&ChunkPut {
+                digest: chunk,
+                size: 9,
+                data: gantry_cas::compress(b"chunk one"),
+            }),
+        ),
+        (
+            "PutReply",
+            "stored",
+            enc(&PutReply::Stored {
+                chunks: 3,
+                bytes: 196_608,
+            }),
+        ),
+        (
+            "ExecEvent",
+            "done",
+            enc(&ExecEvent::Done {
+                agent: agent(),
+                result: Ok(0),
+                millis: 12,
+            }),
         ),
         (
             "CoordinatorMessage",

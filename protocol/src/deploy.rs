@@ -105,6 +105,12 @@ pub enum DeployOp {
     /// slot and check it), leaving what runs untouched.
     Stage {
         release: ReleaseSpec,
+        /// The hosts staging this release that serve peers, in the same order for every
+        /// host (the receiving host among them when it serves too). The release's chunk
+        /// list is cut into as many contiguous ranges: range `k` is fetched from the
+        /// coordinator by `peers[k]` and from `peers[k]` by the others, so the
+        /// coordinator sends each chunk about once. Empty: everything from the
+        /// coordinator. Filled in by the coordinator when it sends the step.
         peers: Vec<PeerSource>,
     },
     /// Switch to the release (hooks, `current` link; blue-green: the traffic switch) and

@@ -31,6 +31,15 @@ pub use web::*;
 /// ALPN protocol id; a peer that does not offer it fails the QUIC handshake.
 pub const ALPN: &[u8] = b"gantry/1";
 
+/// ALPN of the peer listener agents run to serve release chunks to each other during a
+/// deployment's staging; distinct from [`ALPN`], so neither endpoint can be mistaken for
+/// the other.
+pub const PEER_ALPN: &[u8] = b"gantry-peer/1";
+
+/// The TLS server name a host asks for when it dials a peer. Peers are verified by the
+/// agent identity in their certificate (the coordinator names it), not by this name.
+pub const PEER_SERVER_NAME: &str = "peer.gantry.internal";
+
 /// Version of the message schema carried in every hello. Bump it when a message changes
 /// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`.
 pub const PROTOCOL_VERSION: u16 = 2;

@@ -105,3 +105,38 @@ pub const UDP_SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 pub const MAX_LABEL_KEY_LEN: usize = 63;
 pub const MAX_LABEL_VALUE_LEN: usize = 255;
 pub const MAX_LABELS: usize = 64;
+
+/// Longest a staging host waits for a peer's handshake before it fetches that peer's
+/// range of the release from the coordinator instead. Peers share a network; 3 s is
+/// about ten times a handshake over a slow LAN. Raise it only for peers across a WAN.
+pub const PEER_CONNECT_DEADLINE: Duration = Duration::from_secs(3);
+
+/// A peer that sends no chunk for this long is given up on and the rest of its range
+/// comes from the coordinator. It covers the serving host still fetching its own range
+/// (which it serves as it arrives). Raise it for links where one chunk (at most
+/// 256 KiB compressed) takes longer than this.
+pub const PEER_STALL: Duration = Duration::from_secs(10);
+
+/// How long a serving host holds a request for a chunk it is still fetching itself,
+/// counted from the last chunks its own fetch brought, before answering that it does
+/// not have it. Half of [`PEER_STALL`], so the fetching host hears "unavailable" (and
+/// asks the coordinator) before it would give up.
+pub const PEER_CHUNK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a host serves a release to the other hosts it was staged with, counted from
+/// the stage step. Twice the default staging deadline (10 min).
+pub const PEER_SHARE_TTL: Duration = Duration::from_secs(20 * 60);
+
+/// Peer connections one agent serves at once; more are refused (the fetcher then asks
+/// the coordinator). A deployment to N hosts opens N - 1 per host.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+
+/// Releases one agent shares at once (one per deployment staging on it).
+pub const MAX_PEER_SHARES: usize = 64;
+
+/// Hosts that stage one release as one swarm. A larger deployment is cut into swarms of
+/// this many (in the coordinator's order of hosts), each fetching the release from the
+/// coordinator about once, so the coordinator sends ~N/32 copies and each host dials at
+/// most 31 peers. Raise it when the coordinator's link is the bottleneck and hosts can
+/// afford more peer connections.
+pub const PEER_SWARM_HOSTS: usize = 32;

@@ -5,8 +5,10 @@
 //! Binaries are found next to the test executable's `deps/` folder (where cargo puts
 //! them when the workspace is tested), or in `GANTRY_BIN_DIR`.
 
+pub mod admin;
 pub mod browser;
 pub mod flood;
+pub mod http;
 pub mod peers;
 
 use std::path::{Path, PathBuf};

@@ -8,6 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gantry_tests::http::metric;
 use gantry_tests::{wait_for, Coordinator, CoordinatorOptions, DEADLINE};
 use serde_json::Value;
 
@@ -168,18 +169,8 @@ fn add_webhook(c: &Coordinator, args: &[&str]) -> (u64, String) {
     (added["webhook"]["id"].as_u64().expect("id"), secret)
 }
 
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
-
 fn get_metrics(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    text
+    gantry_tests::http::get(addr, "/metrics").body
 }
 
 #[test]

@@ -123,6 +123,9 @@ pub struct ChunkCache {
     quota: u64,
     index: Arc<Mutex<Index>>,
     open: Arc<Mutex<HashMap<u64, Arc<File>>>>,
+    /// Counts segments made visible, so a host serving peers can wait for a chunk it is
+    /// still fetching instead of polling.
+    published: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A segment found at start: last use, id, size and index entries.
@@ -180,6 +183,7 @@ impl ChunkCache {
             quota,
             index: Arc::new(Mutex::new(index)),
             open: Arc::new(Mutex::new(HashMap::new())),
+            published: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         cache.evict()?;
         Ok(cache)
@@ -231,7 +235,19 @@ impl ChunkCache {
 
     /// Starts writing a segment; chunks appended become visible when it is finished.
     pub fn writer(&self) -> std::io::Result<CacheWriter> {
-        CacheWriter::new(self.clone())
+        CacheWriter::new(self.clone(), SEGMENT_BYTES)
+    }
+
+    /// Like [`Self::writer`], but segments close (and their chunks become visible) every
+    /// `segment_bytes`: for chunks other hosts wait for (a staging host's own range,
+    /// which it serves as it arrives).
+    pub fn writer_publishing_every(&self, segment_bytes: u64) -> std::io::Result<CacheWriter> {
+        CacheWriter::new(self.clone(), segment_bytes.clamp(1, SEGMENT_BYTES))
+    }
+
+    /// Changes each time chunks become visible; wait on it for a chunk not there yet.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Stores one chunk's compressed bytes (already verified by the caller).
@@ -335,10 +351,12 @@ pub struct CacheWriter {
     file: File,
     len: u64,
     entries: Vec<(Digest, u64, u32)>,
+    /// The segment closes at this size.
+    segment_bytes: u64,
 }
 
 impl CacheWriter {
-    fn new(cache: ChunkCache) -> std::io::Result<Self> {
+    fn new(cache: ChunkCache, segment_bytes: u64) -> std::io::Result<Self> {
         let id = new_segment_id();
         let file = File::create(cache.dir.join(segment_name(id, "seg")))?;
         Ok(Self {
@@ -347,17 +365,18 @@ impl CacheWriter {
             file,
             len: 0,
             entries: Vec::new(),
+            segment_bytes,
         })
     }
 
-    /// Appends a verified chunk; rolls over to a new segment at [`SEGMENT_BYTES`].
+    /// Appends a chunk; rolls over to a new segment at the writer's segment size.
     pub fn append(&mut self, digest: &Digest, compressed: &[u8]) -> std::io::Result<()> {
         self.file.write_all(compressed)?;
         self.entries
             .push((*digest, self.len, compressed.len() as u32));
         self.len += compressed.len() as u64;
-        if self.len >= SEGMENT_BYTES {
-            let next = Self::new(self.cache.clone())?;
+        if self.len >= self.segment_bytes {
+            let next = Self::new(self.cache.clone(), self.segment_bytes)?;
             std::mem::replace(self, next).finish()?;
         }
         Ok(())
@@ -385,6 +404,7 @@ impl CacheWriter {
         self.cache
             .lock()
             .add_segment(self.id, self.len, &self.entries);
+        self.cache.published.send_modify(|n| *n += 1);
         self.cache.evict()
     }
 }

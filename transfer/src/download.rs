@@ -1,5 +1,13 @@
 //! Downloads: a manifest, the chunks the cache lacks (several streams at once, each
 //! chunk verified, a corrupt one fetched again), then extraction from the cache.
+//!
+//! A deployment's hosts also fetch from each other ([`Swarm`]): the release's chunk list
+//! is cut into one contiguous range per host; each host fetches its own range from the
+//! coordinator (publishing it to its cache in small segments, so it can be served as it
+//! arrives) and every other range from the host that owns it. A peer that cannot be
+//! reached, stalls for [`limits::PEER_STALL`] or does not have a chunk costs only a
+//! fallback: the rest of its range comes from the coordinator. Whatever a peer sends is
+//! verified like anything else before it is extracted.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -8,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use gantry_cas::{EntryKind, Existing, Manifest};
 use gantry_protocol::{
-    ChunkFrame, ChunkWants, Digest, Grant, ManifestFrame, StreamOpen, MAX_DIGESTS_PER_FRAME,
+    limits, ChunkFrame, ChunkWants, Digest, Grant, ManifestFrame, StreamOpen, MAX_DIGESTS_PER_FRAME,
 };
 use gantry_transport::Connection;
 use tokio::task::JoinSet;
@@ -19,6 +27,82 @@ use crate::{ChunkCache, TransferError, TransferOptions};
 /// before the download gives up.
 const MAX_REFETCH_ROUNDS: usize = 3;
 
+/// Segment size for a staging host's own range: its chunks become visible to the peers
+/// waiting for them after at most this much per stream (256 KiB is ~4 chunks; a whole
+/// 64 MiB segment would hold every peer back until the range is nearly done, and on a
+/// link shared by many hosts even 1 MiB per stream took seconds).
+const PUBLISH_BYTES: u64 = 256 * 1024;
+
+/// A connection to a peer, possibly still being made: fetching from the coordinator
+/// starts at once, and a peer's range waits only for its own handshake.
+#[derive(Debug, Clone)]
+pub struct PeerLink(tokio::sync::watch::Receiver<PeerDial>);
+
+/// Where a [`PeerLink`]'s dial is.
+#[derive(Debug, Clone)]
+pub enum PeerDial {
+    Pending,
+    Connected(Connection),
+    /// It could not be reached: its range comes from the coordinator.
+    Unreachable,
+}
+
+impl PeerLink {
+    /// A link whose dial the caller finishes through the sender.
+    pub fn pending() -> (tokio::sync::watch::Sender<PeerDial>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(PeerDial::Pending);
+        (tx, Self(rx))
+    }
+
+    /// The connection once the dial ends, or `None` if it failed (a sender dropped
+    /// before it answered counts as a failure).
+    pub async fn connected(&mut self) -> Option<Connection> {
+        let dial = self
+            .0
+            .wait_for(|d| !matches!(d, PeerDial::Pending))
+            .await
+            .ok()?;
+        match &*dial {
+            PeerDial::Connected(conn) => Some(conn.clone()),
+            PeerDial::Pending | PeerDial::Unreachable => None,
+        }
+    }
+
+    /// Whether the dial ended with a connection (for logs, after the download).
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.0.borrow(), PeerDial::Connected(_))
+    }
+}
+
+/// Other hosts to fetch a release's chunks from, besides the coordinator: the hosts of
+/// one deployment's staging, in the order the coordinator gave every one of them.
+#[derive(Debug, Default)]
+pub struct Swarm {
+    /// One slot per host: a link to its peer listener, or `None` (this host).
+    pub peers: Vec<Option<PeerLink>>,
+    /// This host's place in that order: the range it fetches from the coordinator and
+    /// serves to the others. `None` when it serves no one.
+    pub me: Option<usize>,
+}
+
+/// Where a download's bytes come from: the coordinator (the manifest, and any chunk no
+/// peer brings), under `grant`, and the peers of `swarm`.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources<'a> {
+    pub coordinator: &'a Connection,
+    pub grant: &'a Grant,
+    pub swarm: &'a Swarm,
+}
+
+/// The contiguous ranges of `len` chunks that `hosts` hosts own, in order; the first
+/// `len % hosts` ranges are one longer.
+pub fn owner_ranges(len: usize, hosts: usize) -> Vec<std::ops::Range<usize>> {
+    let hosts = hosts.max(1);
+    (0..hosts)
+        .map(|k| (k * len / hosts)..((k + 1) * len / hosts))
+        .collect()
+}
+
 /// What one download did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DownloadFigures {
@@ -27,10 +111,13 @@ pub struct DownloadFigures {
     pub bytes: u64,
     /// Distinct chunks the manifest names.
     pub chunks: u64,
-    /// Chunks fetched from the coordinator (the rest came from the cache).
+    /// Chunks fetched, from the coordinator or from peers (the rest came from the cache).
     pub chunks_fetched: u64,
     /// Compressed bytes received.
     pub bytes_fetched: u64,
+    /// Of those, the chunks and bytes that came from peers.
+    pub chunks_from_peers: u64,
+    pub bytes_from_peers: u64,
     /// Chunks that arrived corrupt (or were corrupt in the cache) and were fetched again.
     pub chunks_refetched: u64,
     pub fetch_time: Duration,
@@ -123,6 +210,42 @@ pub async fn download(
     options: &TransferOptions,
 ) -> Result<DownloadFigures, TransferError> {
     let manifest = Arc::new(fetch_manifest(conn, grant, manifest_digest).await?);
+    let swarm = Swarm::default();
+    let sources = Sources {
+        coordinator: conn,
+        grant,
+        swarm: &swarm,
+    };
+    download_tree(
+        sources,
+        manifest_digest,
+        manifest,
+        cache,
+        dest,
+        existing,
+        options,
+    )
+    .await
+}
+
+/// The distinct chunks of a manifest with their uncompressed sizes: what a host serving
+/// peers checks their wants against.
+pub fn chunk_sizes(manifest: &Manifest) -> HashMap<Digest, u32> {
+    chunk_list(manifest).into_iter().collect()
+}
+
+/// Like [`download`], for a manifest already fetched (and checked against
+/// `manifest_digest` by [`fetch_manifest`]), fetching from the swarm's peers as well.
+pub async fn download_tree(
+    sources: Sources<'_>,
+    manifest_digest: &Digest,
+    manifest: Arc<Manifest>,
+    cache: &ChunkCache,
+    dest: &Path,
+    existing: Existing,
+    options: &TransferOptions,
+) -> Result<DownloadFigures, TransferError> {
+    let (conn, grant) = (sources.coordinator, sources.grant);
     let chunks = chunk_list(&manifest);
     let _pin = cache.pin(chunks.iter().map(|(d, _)| *d));
     let mut figures = DownloadFigures {
@@ -139,6 +262,17 @@ pub async fn download(
     let mut round = 0;
     loop {
         let started = Instant::now();
+        if round == 0 && !sources.swarm.peers.is_empty() {
+            fetch_from_swarm(
+                sources,
+                manifest_digest,
+                &chunks,
+                cache,
+                options,
+                &mut figures,
+            )
+            .await?;
+        }
         let wanted: Vec<(Digest, u32)> = chunks
             .iter()
             .filter(|(d, _)| !cache.contains(d))
@@ -152,6 +286,7 @@ pub async fn download(
             cache,
             options,
             &mut figures,
+            SEGMENT_DEFAULT,
         )
         .await?;
         figures.fetch_time += started.elapsed();
@@ -189,8 +324,160 @@ pub async fn download(
     }
 }
 
-/// Fetches `wanted` into the cache over `options.streams` streams. Chunks that arrive
-/// corrupt are fetched again, up to [`MAX_REFETCH_ROUNDS`] times.
+/// The cache's own segment size: chunks fetched for this host alone.
+const SEGMENT_DEFAULT: u64 = u64::MAX;
+
+/// Fetches every range of `chunks` the cache lacks from the host that owns it, and this
+/// host's own range (and the ranges of hosts it could not reach) from the coordinator,
+/// all at once. A peer that fails hands the rest of its range to the coordinator. Only
+/// the coordinator's errors are returned; what no one brought is left for the caller.
+async fn fetch_from_swarm(
+    sources: Sources<'_>,
+    manifest: &Digest,
+    chunks: &[(Digest, u32)],
+    cache: &ChunkCache,
+    options: &TransferOptions,
+    figures: &mut DownloadFigures,
+) -> Result<(), TransferError> {
+    let swarm = sources.swarm;
+    let mut own = Vec::new();
+    let mut orphaned = Vec::new();
+    let mut peers = JoinSet::new();
+    for (k, range) in owner_ranges(chunks.len(), swarm.peers.len())
+        .into_iter()
+        .enumerate()
+    {
+        let wanted: Vec<(Digest, u32)> = chunks[range]
+            .iter()
+            .filter(|(d, _)| !cache.contains(d))
+            .copied()
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        match &swarm.peers[k] {
+            _ if swarm.me == Some(k) => own = wanted,
+            None => orphaned.extend(wanted),
+            Some(link) => {
+                let (link, coordinator) = (link.clone(), sources.coordinator.clone());
+                let (grant, manifest, cache) = (sources.grant.clone(), *manifest, cache.clone());
+                let limit = options.limit.clone();
+                peers.spawn(async move {
+                    fetch_range_from_peer(
+                        link,
+                        &coordinator,
+                        &grant,
+                        &manifest,
+                        wanted,
+                        &cache,
+                        limit.as_deref(),
+                    )
+                    .await
+                });
+            }
+        }
+    }
+    // This host's range goes first: the other hosts are waiting for it.
+    own.extend(orphaned);
+    let from_coordinator = fetch_into_cache(
+        sources.coordinator,
+        sources.grant,
+        manifest,
+        own,
+        cache,
+        options,
+        figures,
+        PUBLISH_BYTES,
+    )
+    .await;
+    let mut failed = from_coordinator.err();
+    while let Some(joined) = peers.join_next().await {
+        match joined {
+            Ok(Ok(range)) => {
+                figures.chunks_fetched += range.from_peer.fetched + range.from_coordinator.fetched;
+                figures.bytes_fetched += range.from_peer.bytes + range.from_coordinator.bytes;
+                figures.chunks_from_peers += range.from_peer.fetched;
+                figures.bytes_from_peers += range.from_peer.bytes;
+            }
+            Ok(Err(e)) => {
+                failed.get_or_insert(e);
+            }
+            Err(e) => {
+                failed.get_or_insert(TransferError::Corrupt(format!(
+                    "a peer fetch task stopped: {e}"
+                )));
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+struct RangeResult {
+    from_peer: ShareResult,
+    from_coordinator: ShareResult,
+}
+
+/// One range from the peer that owns it; whatever the peer does not bring (it cannot be
+/// reached, stalls, lacks a chunk or refuses) from the coordinator. Errors are the
+/// coordinator's only.
+async fn fetch_range_from_peer(
+    mut link: PeerLink,
+    coordinator: &Connection,
+    grant: &Grant,
+    manifest: &Digest,
+    wanted: Vec<(Digest, u32)>,
+    cache: &ChunkCache,
+    limit: Option<&crate::RateLimit>,
+) -> Result<RangeResult, TransferError> {
+    let how = ShareOptions {
+        limit,
+        segment_bytes: SEGMENT_DEFAULT,
+        stall: Some(limits::PEER_STALL),
+    };
+    let mut result = RangeResult {
+        from_peer: ShareResult::default(),
+        from_coordinator: ShareResult::default(),
+    };
+    if let Some(peer) = link.connected().await {
+        match fetch_share(&peer, grant, manifest, wanted.clone(), cache, &how).await {
+            Ok(share) if share.corrupt.is_empty() => {
+                result.from_peer = share;
+                return Ok(result);
+            }
+            Ok(share) => {
+                tracing::warn!(
+                    peer = %peer.remote_address(),
+                    corrupt = share.corrupt.len(),
+                    "a peer sent chunks out of bounds; fetching them from the coordinator"
+                );
+                result.from_peer = share;
+            }
+            Err(e) => tracing::info!(
+                peer = %peer.remote_address(),
+                "peer fetch stopped ({e}); the rest of its range comes from the coordinator"
+            ),
+        }
+    }
+    let rest: Vec<(Digest, u32)> = wanted
+        .into_iter()
+        .filter(|(d, _)| !cache.contains(d))
+        .collect();
+    if !rest.is_empty() {
+        let how = ShareOptions {
+            limit,
+            segment_bytes: SEGMENT_DEFAULT,
+            stall: None,
+        };
+        result.from_coordinator =
+            fetch_share(coordinator, grant, manifest, rest, cache, &how).await?;
+    }
+    Ok(result)
+}
+
+/// Fetches `wanted` into the cache over `options.streams` streams, in segments of
+/// `segment_bytes`. Chunks that arrive corrupt are fetched again, up to
+/// [`MAX_REFETCH_ROUNDS`] times.
+#[allow(clippy::too_many_arguments)] // one private helper; its callers read clearly
 async fn fetch_into_cache(
     conn: &Connection,
     grant: &Grant,
@@ -199,6 +486,7 @@ async fn fetch_into_cache(
     cache: &ChunkCache,
     options: &TransferOptions,
     figures: &mut DownloadFigures,
+    segment_bytes: u64,
 ) -> Result<(), TransferError> {
     for round in 0..=MAX_REFETCH_ROUNDS {
         if wanted.is_empty() {
@@ -222,7 +510,12 @@ async fn fetch_into_cache(
                 (conn.clone(), grant.clone(), *manifest, cache.clone());
             let limit = options.limit.clone();
             tasks.spawn(async move {
-                fetch_share(&conn, &grant, &manifest, share, &cache, limit.as_deref()).await
+                let how = ShareOptions {
+                    limit: limit.as_deref(),
+                    segment_bytes,
+                    stall: None,
+                };
+                fetch_share(&conn, &grant, &manifest, share, &cache, &how).await
             });
         }
         // Every stream is waited for, even after one fails: each keeps what it verified
@@ -257,11 +550,22 @@ async fn fetch_into_cache(
     )))
 }
 
+#[derive(Default)]
 struct ShareResult {
     fetched: u64,
     bytes: u64,
     /// Chunks whose bytes did not match their digest: not cached, to fetch again.
     corrupt: Vec<(Digest, u32)>,
+}
+
+/// How one stream fetches.
+struct ShareOptions<'a> {
+    limit: Option<&'a crate::RateLimit>,
+    /// Segment size of the cache writer (see [`ChunkCache::writer_publishing_every`]).
+    segment_bytes: u64,
+    /// Gives up when no chunk arrives for this long (peers; the coordinator's streams
+    /// end with their connection).
+    stall: Option<Duration>,
 }
 
 /// One stream's part of a download.
@@ -271,7 +575,7 @@ async fn fetch_share(
     manifest: &Digest,
     share: Vec<(Digest, u32)>,
     cache: &ChunkCache,
-    limit: Option<&crate::RateLimit>,
+    how: &ShareOptions<'_>,
 ) -> Result<ShareResult, TransferError> {
     let (mut writer, mut reader) = conn.open_stream().await?;
     writer
@@ -287,23 +591,22 @@ async fn fetch_share(
     }
     writer.finish();
     let sizes: HashMap<Digest, u32> = share.iter().copied().collect();
-    let mut result = ShareResult {
-        fetched: 0,
-        bytes: 0,
-        corrupt: Vec::new(),
-    };
+    let mut result = ShareResult::default();
     // Verified chunks go into segments of the cache, written by the verifying threads.
+    let writer = if how.segment_bytes == SEGMENT_DEFAULT {
+        cache.writer()
+    } else {
+        cache.writer_publishing_every(how.segment_bytes)
+    };
     let writer = Arc::new(Mutex::new(
-        cache
-            .writer()
-            .map_err(TransferError::io("cannot write to the chunk cache"))?,
+        writer.map_err(TransferError::io("cannot write to the chunk cache"))?,
     ));
     let mut verifying: JoinSet<Result<Option<(Digest, u32)>, TransferError>> = JoinSet::new();
     let received = receive_share(
         &mut reader,
         &sizes,
         share.len(),
-        limit,
+        how,
         &writer,
         &mut verifying,
         &mut result,
@@ -336,13 +639,25 @@ async fn receive_share(
     reader: &mut gantry_transport::FrameReader,
     sizes: &HashMap<Digest, u32>,
     count: usize,
-    limit: Option<&crate::RateLimit>,
+    how: &ShareOptions<'_>,
     writer: &Arc<Mutex<crate::CacheWriter>>,
     verifying: &mut JoinSet<Result<Option<(Digest, u32)>, TransferError>>,
     result: &mut ShareResult,
 ) -> Result<(), TransferError> {
+    let limit = how.limit;
     for _ in 0..count {
-        let frame = reader.recv::<ChunkFrame>().await?.ok_or_else(|| {
+        let frame = match how.stall {
+            None => reader.recv::<ChunkFrame>().await?,
+            Some(stall) => tokio::time::timeout(stall, reader.recv::<ChunkFrame>())
+                .await
+                .map_err(|_| {
+                    TransferError::Transport(gantry_transport::TransportError::Timeout {
+                        what: "the next chunk",
+                        after: stall,
+                    })
+                })??,
+        };
+        let frame = frame.ok_or_else(|| {
             TransferError::Protocol("the chunk stream ended before every chunk arrived".into())
         })?;
         match frame {
@@ -469,5 +784,27 @@ fn extract_from_cache(
         (Ok(()), _) => Ok(()),
         (Err(_), Some(digest)) => Err(BadChunk(digest)),
         (Err(e), None) => Err(Other(e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_ranges;
+
+    #[test]
+    fn owner_ranges_cover_every_chunk_once_in_order_and_differ_by_at_most_one() {
+        for (len, hosts) in [(0, 3), (1, 4), (7, 3), (90, 4), (1000, 32), (5, 1), (5, 0)] {
+            let ranges = owner_ranges(len, hosts);
+            assert_eq!(ranges.len(), hosts.max(1), "{len} chunks, {hosts} hosts");
+            let mut next = 0;
+            for r in &ranges {
+                assert_eq!(r.start, next, "contiguous: {ranges:?}");
+                next = r.end;
+            }
+            assert_eq!(next, len, "every chunk: {ranges:?}");
+            let sizes: Vec<usize> = ranges.iter().map(std::ops::Range::len).collect();
+            let (min, max) = (sizes.iter().min(), sizes.iter().max());
+            assert!(max.zip(min).is_none_or(|(a, b)| a - b <= 1), "{sizes:?}");
+        }
     }
 }

@@ -11,20 +11,28 @@
 //! after a dropped connection a new attempt fetches only the rest; an upload asks again
 //! which chunks are missing, so a new attempt sends only those.
 //!
+//! It also serves chunks from the cache to peers ([`serve_chunks`]), and fetches from
+//! them ([`Swarm`]), for a deployment's hosts staging one release together.
+//!
 //! It must not know where the cache lives or why a transfer happens: callers pass a
-//! [`Connection`], a [`Grant`] and a cache.
+//! [`Connection`], a [`Grant`] and a cache (and decide who may fetch from them).
 
 mod cache;
 mod download;
 mod limit;
+mod serve;
 mod upload;
 
 use gantry_protocol::Digest;
 use gantry_transport::TransportError;
 
 pub use cache::{CacheFigures, CacheWriter, ChunkCache, Pin};
-pub use download::{download, fetch_manifest, DownloadFigures};
+pub use download::{
+    chunk_sizes, download, download_tree, fetch_manifest, owner_ranges, DownloadFigures, PeerDial,
+    PeerLink, Sources, Swarm,
+};
 pub use limit::RateLimit;
+pub use serve::{serve_chunks, ServeFigures};
 pub use upload::{upload, UploadFigures};
 
 /// Streams used at once by one transfer unless the caller says otherwise. Four keep a

@@ -189,6 +189,17 @@ impl Listener {
         Ok(Self { endpoint })
     }
 
+    /// Replaces the TLS configuration for new connections (an agent's peer listener
+    /// after its certificate was renewed); live connections keep theirs.
+    pub fn set_tls(&self, tls: rustls::ServerConfig) -> Result<(), TransportError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config()));
+        self.endpoint.set_server_config(Some(config));
+        Ok(())
+    }
+
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.endpoint
             .local_addr()
@@ -392,16 +403,59 @@ impl Dialer {
         self.dial(config, address, deadline).await
     }
 
+    /// Connects to another agent's peer listener (`tls` from `gantry_certs::PeerTls`,
+    /// which checks the peer's identity; the server name is only a placeholder).
+    pub async fn connect_peer(
+        &self,
+        tls: rustls::ClientConfig,
+        address: &str,
+        deadline: Duration,
+    ) -> Result<Connection, TransportError> {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport_config()));
+        self.dial_named(
+            config,
+            address,
+            (
+                gantry_protocol::PEER_SERVER_NAME,
+                "the peer to answer the handshake",
+            ),
+            deadline,
+        )
+        .await
+    }
+
     async fn dial(
         &self,
         config: quinn::ClientConfig,
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
+        self.dial_named(
+            config,
+            address,
+            (
+                gantry_protocol::COORDINATOR_SERVER_NAME,
+                "the coordinator to answer the handshake",
+            ),
+            deadline,
+        )
+        .await
+    }
+
+    async fn dial_named(
+        &self,
+        config: quinn::ClientConfig,
+        address: &str,
+        (server_name, what): (&str, &'static str),
+        deadline: Duration,
+    ) -> Result<Connection, TransportError> {
         let addr = resolve(address)?;
         let connecting = self
             .endpoint
-            .connect_with(config, addr, gantry_protocol::COORDINATOR_SERVER_NAME)
+            .connect_with(config, addr, server_name)
             .map_err(|e| TransportError::Connect {
                 address: address.to_owned(),
                 detail: e.to_string(),
@@ -416,7 +470,7 @@ impl Dialer {
                 other => other,
             }),
             Err(_) => Err(TransportError::Timeout {
-                what: "the coordinator to answer the handshake",
+                what,
                 after: deadline,
             }),
         }
