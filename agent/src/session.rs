@@ -518,6 +518,11 @@ impl Runner {
                 // The renewal plan already waits a minute before the next request.
                 warn!("certificate renewal refused: {message}; retrying in at most a minute");
             }
+            CoordinatorMessage::Refused { message } => {
+                // Work this agent no longer holds (e.g. a job given to another agent
+                // meanwhile); nothing was done with the message.
+                warn!("the coordinator refused a message: {message}");
+            }
         }
         None
     }

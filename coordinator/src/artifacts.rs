@@ -29,6 +29,7 @@ use gantry_protocol::{
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
+use crate::authz::{Principal, Request};
 use crate::chunks::{ChunkReadError, ChunkStore, Location, PackWriter};
 use crate::config::ArtifactSettings;
 use crate::metrics::Metrics;
@@ -180,37 +181,53 @@ impl Artifacts {
         result
     }
 
-    /// Resolves a grant to the job it names, refusing anything the peer does not hold.
-    /// `Ok(None)` is an admin, who may read anything.
-    fn scope(&self, peer: &Peer, grant: &Grant) -> Result<Option<JobScope>, String> {
+    /// Resolves a grant to the job it names, asking the authorization table for `row`
+    /// with the agent classified by whether it holds that job attempt (it is running on
+    /// it). `Ok(None)` is an admin, who may read anything (the stream's dispatcher asked
+    /// the table for admins).
+    fn scope(&self, row: Request, peer: &Peer, grant: &Grant) -> Result<Option<JobScope>, String> {
         let (agent, job, attempt) = match (peer, grant) {
             (Peer::Admin(_), _) => return Ok(None),
-            (Peer::Agent(_), Grant::Admin) => {
-                return Err("an agent cannot use an admin grant".into())
-            }
             (Peer::Agent(agent), Grant::Job { job, attempt }) => (agent, *job, *attempt),
-            (Peer::Agent(_), Grant::Deploy { .. }) => {
-                return Err("a deploy grant reads only its deployment's release".into())
+            // Not a job's grant: the table decides for an agent as such.
+            (Peer::Agent(_), Grant::Admin | Grant::Deploy { .. }) => {
+                return self
+                    .metrics
+                    .authz
+                    .check(row, Principal::Agent, || {
+                        "an agent cannot use this grant here".into()
+                    })
+                    .map(|()| None)
+                    .map_err(|d| d.to_string());
             }
         };
-        let record = self
-            .store
-            .job(job)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no job {job}"))?;
-        let holds = record.attempt == attempt
-            && record.agent.as_ref() == Some(agent)
-            && record
-                .attempts
-                .iter()
-                .any(|(a, who)| *a == attempt && who == agent)
-            && matches!(record.state.as_str(), "offered" | "running" | "cancelling");
-        if !holds {
-            return Err(format!(
-                "attempt {attempt} of job {job} is not running on {agent} (it is {} attempt {} there): refused",
-                record.state, record.attempt
-            ));
-        }
+        let record = self.store.job(job).map_err(|e| e.to_string())?;
+        let (holds, why) = match &record {
+            None => (false, format!("no job {job}")),
+            Some(record) => {
+                let holds = record.attempt == attempt
+                    && record.agent.as_ref() == Some(agent)
+                    && record
+                        .attempts
+                        .iter()
+                        .any(|(a, who)| *a == attempt && who == agent)
+                    && matches!(record.state.as_str(), "offered" | "running" | "cancelling");
+                (
+                    holds,
+                    format!(
+                        "attempt {attempt} of job {job} is not running on {agent} (it is {} attempt {} there)",
+                        record.state, record.attempt
+                    ),
+                )
+            }
+        };
+        self.metrics
+            .authz
+            .check(row, Principal::agent(holds), || why)
+            .map_err(|d| d.to_string())?;
+        let Some(record) = record else {
+            return Err(format!("no job {job}"));
+        };
         let run = self
             .store
             .run(job.run)
@@ -254,7 +271,11 @@ impl Artifacts {
         match request {
             ResolveRequest::JobArtifacts { job, attempt } => {
                 let scope = self
-                    .scope(peer, &Grant::Job { job, attempt })?
+                    .scope(
+                        Request::StreamResolveJobArtifacts,
+                        peer,
+                        &Grant::Job { job, attempt },
+                    )?
                     .ok_or("admins ask for one artifact by run and name")?;
                 let spec = scope.spec().ok_or("the job is not in its pipeline")?;
                 let stored = self
@@ -286,7 +307,11 @@ impl Artifacts {
                 restore_keys,
             } => {
                 let scope = self
-                    .scope(peer, &Grant::Job { job, attempt })?
+                    .scope(
+                        Request::StreamResolveCache,
+                        peer,
+                        &Grant::Job { job, attempt },
+                    )?
                     .ok_or("admins do not restore caches")?;
                 if scope.spec().and_then(|s| s.cache.as_ref()).is_none() {
                     return Err(format!("job {job} declares no cache"));
@@ -306,10 +331,8 @@ impl Artifacts {
                 }
                 Ok(ResolveReply::Cache(hit))
             }
+            // Only admins may (the stream's dispatcher asked the table).
             ResolveRequest::Artifact { run, name } => {
-                if !matches!(peer, Peer::Admin(_)) {
-                    return Err("only admins ask for an artifact by run and name".into());
-                }
                 let found = self
                     .store
                     .artifacts_of(run)
@@ -325,11 +348,17 @@ impl Artifacts {
     }
 
     /// Whether `peer` may read `manifest` under `grant`.
-    fn check_readable(&self, peer: &Peer, grant: &Grant, manifest: &Digest) -> Result<(), String> {
+    fn check_readable(
+        &self,
+        row: Request,
+        peer: &Peer,
+        grant: &Grant,
+        manifest: &Digest,
+    ) -> Result<(), String> {
         if let (Peer::Agent(agent), Grant::Deploy { deployment, epoch }) = (peer, grant) {
-            return self.check_release(agent, *deployment, *epoch, manifest);
+            return self.check_release(row, agent, *deployment, *epoch, manifest);
         }
-        let Some(scope) = self.scope(peer, grant)? else {
+        let Some(scope) = self.scope(row, peer, grant)? else {
             return Ok(());
         };
         let artifacts = self
@@ -355,9 +384,10 @@ impl Artifacts {
     }
 
     /// A host staging a deployment reads that deployment's release, while the
-    /// deployment runs and the host is one of its targets.
+    /// deployment runs and the host is one of its targets: the work a deploy grant names.
     fn check_release(
         &self,
+        row: Request,
         agent: &AgentId,
         deployment: u64,
         epoch: u64,
@@ -366,28 +396,27 @@ impl Artifacts {
         let record = self
             .store
             .deployment(deployment)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no deployment {deployment}: refused"))?;
-        if record.epoch != epoch {
-            return Err(format!(
-                "deployment {deployment} has epoch {}, not {epoch}: refused",
-                record.epoch
-            ));
-        }
-        if record.is_ended() {
-            return Err(format!("deployment {deployment} has ended: refused"));
-        }
-        if !record.hosts.contains_key(agent) {
-            return Err(format!(
-                "{agent} is not a target of deployment {deployment}: refused"
-            ));
-        }
-        if record.release.manifest != *manifest {
-            return Err(format!(
-                "manifest {manifest} is not deployment {deployment}'s release: refused"
-            ));
-        }
-        Ok(())
+            .map_err(|e| e.to_string())?;
+        let why = match &record {
+            None => Some(format!("no deployment {deployment}")),
+            Some(r) if r.epoch != epoch => Some(format!(
+                "deployment {deployment} has epoch {}, not {epoch}",
+                r.epoch
+            )),
+            Some(r) if r.is_ended() => Some(format!("deployment {deployment} has ended")),
+            Some(r) if !r.hosts.contains_key(agent) => Some(format!(
+                "{agent} is not a target of deployment {deployment}"
+            )),
+            Some(r) if r.release.manifest != *manifest => Some(format!(
+                "manifest {manifest} is not deployment {deployment}'s release"
+            )),
+            Some(_) => None,
+        };
+        let holds = why.is_none();
+        self.metrics
+            .authz
+            .check(row, Principal::agent(holds), || why.unwrap_or_default())
+            .map_err(|d| d.to_string())
     }
 
     async fn send_manifest(
@@ -397,12 +426,18 @@ impl Artifacts {
         manifest: &Digest,
         writer: &mut FrameWriter,
     ) -> Result<(), String> {
-        let bytes = self.check_readable(peer, grant, manifest).and_then(|()| {
-            self.store
-                .manifest(manifest)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no manifest {manifest}"))
+        let row = Request::of_stream(&StreamOpen::GetManifest {
+            grant: grant.clone(),
+            manifest: *manifest,
         });
+        let bytes = self
+            .check_readable(row, peer, grant, manifest)
+            .and_then(|()| {
+                self.store
+                    .manifest(manifest)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("no manifest {manifest}"))
+            });
         let bytes = match bytes {
             Ok(b) => b,
             Err(message) => {
@@ -468,7 +503,15 @@ impl Artifacts {
         reader: FrameReader,
     ) -> Result<(), String> {
         let sizes = match self
-            .check_readable(peer, grant, manifest)
+            .check_readable(
+                Request::of_stream(&StreamOpen::FetchChunks {
+                    grant: grant.clone(),
+                    manifest: *manifest,
+                }),
+                peer,
+                grant,
+                manifest,
+            )
             .and_then(|()| self.chunk_sizes(manifest))
         {
             Ok(s) => s,
@@ -660,8 +703,12 @@ impl Artifacts {
         grant: &Grant,
         target: &UploadTarget,
     ) -> Result<Option<JobScope>, String> {
+        let row = Request::of_stream(&StreamOpen::Upload {
+            grant: grant.clone(),
+            target: target.clone(),
+        });
         let scope = self
-            .scope(peer, grant)?
+            .scope(row, peer, grant)?
             .ok_or("uploads are made by the job that declares them")?;
         let spec = scope.spec().ok_or("the job is not in its pipeline")?;
         match target {
@@ -798,12 +845,24 @@ impl Artifacts {
         writer: &mut FrameWriter,
         reader: FrameReader,
     ) -> Result<(), String> {
+        // The work a put stream names is its upload session, held by the connection (and
+        // peer) that opened it.
         let owned = lock(&self.sessions)
             .open
             .get(&session)
             .is_some_and(|s| s.connection == connection && &s.peer == peer);
-        if !owned {
-            let message = format!("upload session {session} is not open on this connection");
+        let principal = match peer {
+            Peer::Agent(_) => Principal::agent(owned),
+            Peer::Admin(_) => Principal::Admin,
+        };
+        let checked = self
+            .metrics
+            .authz
+            .check(Request::StreamPutChunks, principal, || {
+                format!("upload session {session} is not open on this connection")
+            });
+        if let Err(denied) = checked {
+            let message = denied.to_string();
             let _ = writer
                 .send(&PutReply::Refused {
                     message: message.clone(),

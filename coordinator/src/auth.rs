@@ -1,11 +1,12 @@
-//! Who may do what on the HTTP side: the role table, dashboard login tokens, browser
-//! sessions, and the checks every dashboard request passes.
+//! Who is asking on the HTTP side: dashboard login tokens, browser sessions, and the
+//! CSRF rule every mutating request passes.
 //!
-//! Owns: the one table of what each [`Role`] may do ([`least_role`]); issuing, listing
-//! and revoking login tokens (`gantry admin token`), stored as SHA-256 of a 256-bit
-//! secret; sessions (a random id in an HttpOnly, SameSite=Strict cookie, in memory,
-//! 12 h, at most 10,000); and the CSRF rule for mutating requests. It must not serve
-//! routes (that is `dashboard.rs`) nor know the storage engine.
+//! Owns: issuing, listing and revoking login tokens (`gantry admin token`), stored as
+//! SHA-256 of a 256-bit secret; sessions (a random id in an HttpOnly, SameSite=Strict
+//! cookie, in memory, 12 h, at most 10,000); turning a request's credential into a
+//! [`User`] and its principal; and the CSRF rule for mutating requests. What each role
+//! may do is the authorization table's (`gantry_protocol::authz`), never decided here.
+//! It must not serve routes (that is `dashboard.rs`) nor know the storage engine.
 //!
 //! A request is authenticated by its session cookie or by `Authorization: Bearer
 //! <login token>` (for scripts). Either way the login token is looked up in the store
@@ -42,52 +43,6 @@ pub const MAX_SESSIONS: usize = 10_000;
 pub const MAX_LOGIN_TTL: Duration = Duration::from_secs(365 * 86_400);
 /// Longest login token name.
 const MAX_NAME_LEN: usize = 64;
-
-/// Something a dashboard request wants to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Read agents, runs, jobs, logs, deployments.
-    View,
-    /// Start a new run of a stored run's pipeline (retry).
-    RetryRun,
-    CancelRun,
-    /// Let a `when: manual` job run.
-    ApproveJob,
-}
-
-impl Action {
-    pub const ALL: [Self; 4] = [
-        Self::View,
-        Self::RetryRun,
-        Self::CancelRun,
-        Self::ApproveJob,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::View => "view",
-            Self::RetryRun => "retry_run",
-            Self::CancelRun => "cancel_run",
-            Self::ApproveJob => "approve_job",
-        }
-    }
-}
-
-/// **The role table**: the least role each action needs. Roles are ordered (viewer <
-/// operator < admin), so admin may do everything. This is the only place that decides
-/// who may do what; the dashboard asks [`allows`] and shows the page's buttons from
-/// the same answer.
-pub const fn least_role(action: Action) -> Role {
-    match action {
-        Action::View => Role::Viewer,
-        Action::RetryRun | Action::CancelRun | Action::ApproveJob => Role::Operator,
-    }
-}
-
-/// Whether `role` may do `action`.
-pub fn allows(role: Role, action: Action) -> bool {
-    role >= least_role(action)
-}
 
 /// A login token taken apart: `glt1_<16 hex id>_<64 hex secret>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,7 +96,7 @@ impl LoginToken {
 
 /// Who made a request, and how it proved it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
+pub struct User {
     pub token_id: String,
     pub name: String,
     pub role: Role,
@@ -149,10 +104,15 @@ pub struct Principal {
     pub by_cookie: bool,
 }
 
-impl Principal {
-    /// The actor recorded in the audit log for what this principal does.
+impl User {
+    /// The actor recorded in the audit log for what this user does.
     pub fn actor(&self) -> String {
         format!("web:{}:{}", self.name, self.token_id)
+    }
+
+    /// The user's principal in the authorization table.
+    pub fn principal(&self) -> crate::authz::Principal {
+        crate::authz::Principal::of_role(self.role)
     }
 }
 
@@ -295,19 +255,33 @@ pub fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
+/// Who made `req`: `None` when it carries no credential (no `Authorization` header, no
+/// session cookie), else the user its credential names, or why the credential is refused.
+pub fn identify(
+    coord: &Coordinator,
+    sessions: &Sessions,
+    req: &Request,
+    now: UnixMillis,
+) -> Result<Option<User>, Denied> {
+    if req.header("authorization").is_none() && cookie(req, SESSION_COOKIE).is_none() {
+        return Ok(None);
+    }
+    authenticate(coord, sessions, req, now).map(Some)
+}
+
 /// Who made `req`: a bearer login token, else the session cookie.
 pub fn authenticate(
     coord: &Coordinator,
     sessions: &Sessions,
     req: &Request,
     now: UnixMillis,
-) -> Result<Principal, Denied> {
+) -> Result<User, Denied> {
     if let Some(value) = req.header("authorization") {
         let token = value.strip_prefix("Bearer ").ok_or_else(|| {
             Denied::Unauthenticated("Authorization must be `Bearer <login token>`".into())
         })?;
         let record = verify_token(coord, token, now)?;
-        return Ok(Principal {
+        return Ok(User {
             token_id: record.id,
             name: record.name,
             role: record.role,
@@ -329,7 +303,7 @@ pub fn authenticate(
         sessions.close(session);
         return Err(e);
     }
-    Ok(Principal {
+    Ok(User {
         token_id: record.id,
         name: record.name,
         role: record.role,
@@ -362,21 +336,6 @@ pub fn check_csrf(req: &Request) -> Result<(), Denied> {
         }
     }
     Ok(())
-}
-
-/// Checks that `principal` may do `action`.
-pub fn require(principal: &Principal, action: Action) -> Result<(), Denied> {
-    if allows(principal.role, action) {
-        Ok(())
-    } else {
-        Err(Denied::Forbidden(format!(
-            "{} is a {}; {} needs the {} role",
-            principal.name,
-            principal.role,
-            action.as_str().replace('_', " "),
-            least_role(action)
-        )))
-    }
 }
 
 fn view(r: &LoginTokenRecord) -> LoginTokenView {
@@ -483,28 +442,6 @@ pub fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_role_table_lets_only_operators_and_admins_change_anything() {
-        for action in Action::ALL {
-            assert!(allows(Role::Admin, action), "admin may {action:?}");
-            assert_eq!(
-                allows(Role::Viewer, action),
-                action == Action::View,
-                "a viewer may only view, not {action:?}"
-            );
-            assert!(allows(Role::Operator, action), "operator may {action:?}");
-        }
-        let viewer = Principal {
-            token_id: "lt-0".into(),
-            name: "eve".into(),
-            role: Role::Viewer,
-            by_cookie: true,
-        };
-        let err = require(&viewer, Action::RetryRun).expect_err("viewer");
-        assert_eq!(err.status(), 403);
-        assert!(err.to_string().contains("needs the operator role"), "{err}");
-    }
 
     #[test]
     fn login_tokens_round_trip_and_garbage_is_refused() {

@@ -6,7 +6,9 @@
 //! `/assets/...` and `/api/...`. Reads go through the coordinator's admin request
 //! handling (`Coordinator::admin_request`), so the dashboard shows exactly what
 //! `gantry ... --json` shows; changes (retry, cancel, approve) go through it too, as
-//! the logged-in user, after `auth.rs` said yes. Live streams reuse the follow machinery
+//! the logged-in user, where the authorization table decides. Every route is a row of
+//! that table (`gantry_protocol::authz`): a route that issues an admin request is that
+//! request's row, asked by `Coordinator::admin_request`; the others are asked here. Live streams reuse the follow machinery
 //! of `runs.rs` (`follow_logs`, `follow_run`), the same the CLI's `--follow` uses.
 //!
 //! Limits: requests as `http.rs` bounds them (16 KiB head, 1 MiB body, 10 s to
@@ -26,7 +28,8 @@ use gantry_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::auth::{self, Action, Denied, Principal};
+use crate::auth::{self, Denied, User};
+use crate::authz::{Principal, Request as Row};
 use crate::http::Request;
 use crate::runs::FollowSink;
 use crate::server::Coordinator;
@@ -178,6 +181,46 @@ enum Route {
     NotFound,
 }
 
+impl Route {
+    /// The route's row in the authorization table; `None` for a path that names nothing.
+    fn row(self) -> Option<Row> {
+        Some(match self {
+            Self::Page => Row::HttpPage,
+            Self::Asset(..) => Row::HttpAsset,
+            Self::Login => Row::HttpLogin,
+            Self::Logout => Row::HttpLogout,
+            Self::Me => Row::HttpMe,
+            Self::Agents => Row::AdminListAgents,
+            Self::Runs { .. } => Row::AdminListRuns,
+            Self::Run(_) => Row::AdminShowRun,
+            Self::RunEvents(_) => Row::HttpRunEvents,
+            Self::RetryRun(_) => Row::AdminRetryRun,
+            Self::CancelRun(_) => Row::AdminCancelRun,
+            Self::Job(_) => Row::AdminShowJob,
+            Self::JobLog(_) => Row::HttpJobLog,
+            Self::Approve(_) => Row::AdminApprove,
+            Self::Deployments => Row::HttpDeployments,
+            Self::NotFound => return None,
+        })
+    }
+}
+
+/// The authorization table's row of a dashboard request, if the path is the
+/// dashboard's and names something.
+#[cfg(test)]
+pub fn row_of(method: &str, target: &str) -> Option<Row> {
+    route(method, target)?.ok()?.row()
+}
+
+/// The status of a refusal: 401 asks for a login, 403 says the login is not enough.
+fn refusal_status(principal: Principal) -> u16 {
+    if principal == Principal::None {
+        401
+    } else {
+        403
+    }
+}
+
 /// Maps method and path to a route; `None` when the path is not the dashboard's.
 fn route(method: &str, target: &str) -> Option<Result<Route, (u16, String)>> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -250,6 +293,15 @@ impl Dashboard {
         }
     }
 
+    /// Who made `req`, as the authorization table knows principals: `none` without a
+    /// credential, or with one refused (the caller decides whether that matters).
+    pub fn principal(&self, coord: &Coordinator, req: &Request) -> Principal {
+        auth::identify(coord, &self.sessions, req, UnixMillis::now())
+            .ok()
+            .flatten()
+            .map_or(Principal::None, |u| u.principal())
+    }
+
     /// Answers `req` if its path is the dashboard's; `false` leaves it to others.
     pub async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
@@ -262,28 +314,25 @@ impl Dashboard {
         };
         let reply = match route {
             Err((status, message)) => Reply::error(status, &message),
-            Ok(Route::Page) => Reply::asset("text/html; charset=utf-8", INDEX_HTML),
-            Ok(Route::Asset(content_type, body)) => Reply::asset(content_type, body),
             Ok(Route::Login) => self.login(coord, req),
-            Ok(route) => {
-                let now = UnixMillis::now();
-                match auth::authenticate(coord, &self.sessions, req, now) {
-                    Err(d) => Reply::denied(&d),
-                    Ok(who) => match route {
-                        Route::RunEvents(run) => {
-                            return self.stream(coord, stream, Live::Run(run)).await;
-                        }
-                        Route::JobLog(job) => {
-                            let from = req
-                                .header("last-event-id")
-                                .and_then(|v| v.parse::<u64>().ok())
-                                .unwrap_or(0);
-                            return self.stream(coord, stream, Live::Job(job, from)).await;
-                        }
-                        other => self.api(coord, req, &who, other),
-                    },
-                }
-            }
+            Ok(route) => match self.authorize(coord, req, route) {
+                Err(reply) => reply,
+                Ok(user) => match route {
+                    Route::Page => Reply::asset("text/html; charset=utf-8", INDEX_HTML),
+                    Route::Asset(content_type, body) => Reply::asset(content_type, body),
+                    Route::RunEvents(run) => {
+                        return self.stream(coord, stream, Live::Run(run)).await;
+                    }
+                    Route::JobLog(job) => {
+                        let from = req
+                            .header("last-event-id")
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(0);
+                        return self.stream(coord, stream, Live::Job(job, from)).await;
+                    }
+                    other => self.api(coord, req, user.as_ref(), other),
+                },
+            },
         };
         let reply = if req.method == "HEAD" {
             Reply {
@@ -297,6 +346,42 @@ impl Dashboard {
         true
     }
 
+    /// Identifies the caller and, for a route that is not an admin request (those are
+    /// asked by `Coordinator::admin_request`), asks the authorization table.
+    fn authorize(
+        &self,
+        coord: &Coordinator,
+        req: &Request,
+        route: Route,
+    ) -> Result<Option<User>, Reply> {
+        let row = route.row();
+        let user = match auth::identify(coord, &self.sessions, req, UnixMillis::now()) {
+            Ok(user) => user,
+            // A refused credential on a public row is no credential.
+            Err(_) if row.is_some_and(|r| r.allows(Principal::None)) => None,
+            Err(d) => return Err(Reply::denied(&d)),
+        };
+        let principal = user.as_ref().map_or(Principal::None, User::principal);
+        match row {
+            // An admin request's row is asked by `Coordinator::admin_request`.
+            Some(row) if row.is_admin_request() => {}
+            Some(row) => {
+                if let Err(denied) = coord.metrics.authz.check(row, principal, String::new) {
+                    return Err(Reply::error(refusal_status(principal), &denied.to_string()));
+                }
+            }
+            // No such API route: say so only to a logged-in user.
+            None if user.is_none() => {
+                return Err(Reply::error(
+                    401,
+                    "log in with a token from `gantry admin token`",
+                ))
+            }
+            None => {}
+        }
+        Ok(user)
+    }
+
     fn login(&self, coord: &Coordinator, req: &Request) -> Reply {
         if let Err(d) = auth::check_csrf(req) {
             return Reply::denied(&d);
@@ -308,12 +393,25 @@ impl Dashboard {
             return Reply::error(400, "send {\"token\": \"glt1_...\"}");
         };
         let now = UnixMillis::now();
-        match auth::verify_token(coord, &token, now) {
-            Err(d) => {
+        // The login's principal is the token it presents.
+        let verified = auth::verify_token(coord, &token, now);
+        let principal = verified
+            .as_ref()
+            .map_or(Principal::None, |r| Principal::of_role(r.role));
+        let checked = coord.metrics.authz.check(Row::HttpLogin, principal, || {
+            verified
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        });
+        match (checked, verified) {
+            (Err(d), _) => {
                 tracing::info!("dashboard login refused: {d}");
-                Reply::denied(&d)
+                Reply::error(refusal_status(principal), &d.to_string())
             }
-            Ok(record) => {
+            (Ok(()), Err(d)) => Reply::denied(&d),
+            (Ok(()), Ok(record)) => {
                 let (session, lasts) = self.sessions.open(&record, now);
                 let secure = if self.scheme == "https" {
                     "; Secure"
@@ -338,40 +436,41 @@ impl Dashboard {
         }
     }
 
-    fn api(&self, coord: &Coordinator, req: &Request, who: &Principal, route: Route) -> Reply {
-        let action = match route {
-            Route::RetryRun(_) => Action::RetryRun,
-            Route::CancelRun(_) => Action::CancelRun,
-            Route::Approve(_) => Action::ApproveJob,
-            _ => Action::View,
-        };
-        if action != Action::View || req.method == "POST" {
-            let checked = auth::require(who, action).and_then(|()| {
-                if who.by_cookie {
-                    auth::check_csrf(req)
-                } else {
-                    Ok(())
-                }
-            });
-            if let Err(d) = checked {
-                tracing::info!(who = %who.actor(), action = action.as_str(), "dashboard request refused: {d}");
+    fn api(&self, coord: &Coordinator, req: &Request, user: Option<&User>, route: Route) -> Reply {
+        let principal = user.map_or(Principal::None, User::principal);
+        // A browser's change must come from our own pages.
+        if req.method == "POST" && user.is_some_and(|u| u.by_cookie) {
+            if let Err(d) = auth::check_csrf(req) {
+                tracing::info!(who = ?user.map(User::actor), "dashboard request refused: {d}");
                 return Reply::denied(&d);
             }
         }
-        let admin = |request: AdminRequest| answer(coord.admin_request(&who.actor(), request));
+        let actor = user.map_or_else(|| "web:anonymous".to_owned(), User::actor);
+        let admin = |request: AdminRequest| {
+            answer(coord.admin_request(&actor, principal, request), principal)
+        };
         match route {
-            Route::Me => Reply::json(
-                200,
-                &serde_json::json!({
-                    "name": who.name,
-                    "role": who.role.as_str(),
-                    "token": who.token_id,
-                    "can": Action::ALL
-                        .iter()
-                        .map(|a| (a.as_str().to_owned(), serde_json::Value::Bool(auth::allows(who.role, *a))))
-                        .collect::<serde_json::Map<_, _>>(),
-                }),
-            ),
+            Route::Me => {
+                // What the page may offer, from the same table the requests are checked by.
+                let can = [
+                    ("view", Row::AdminListRuns),
+                    ("retry_run", Row::AdminRetryRun),
+                    ("cancel_run", Row::AdminCancelRun),
+                    ("approve_job", Row::AdminApprove),
+                ];
+                Reply::json(
+                    200,
+                    &serde_json::json!({
+                        "name": user.map(|u| u.name.clone()),
+                        "role": user.map(|u| u.role.as_str()),
+                        "token": user.map(|u| u.token_id.clone()),
+                        "can": can
+                            .iter()
+                            .map(|(name, row)| ((*name).to_owned(), serde_json::Value::Bool(row.allows(principal))))
+                            .collect::<serde_json::Map<_, _>>(),
+                    }),
+                )
+            }
             Route::Logout => {
                 if let Some(id) = auth::cookie(req, auth::SESSION_COOKIE) {
                     self.sessions.close(id);
@@ -567,14 +666,15 @@ impl FollowSink for StateOnly {
     }
 }
 
-/// An admin response as an HTTP answer.
-fn answer(resp: AdminResponse) -> Reply {
+/// An admin response as an HTTP answer to `principal`.
+fn answer(resp: AdminResponse, principal: Principal) -> Reply {
     let value = match resp {
         AdminResponse::Error(e) => {
             let status = match e.kind {
                 AdminErrorKind::NotFound => 404,
                 AdminErrorKind::InvalidInput => 400,
                 AdminErrorKind::Internal => 500,
+                AdminErrorKind::Forbidden => refusal_status(principal),
             };
             return Reply::error(status, &e.message);
         }

@@ -7,7 +7,7 @@
 //! stream always ends with one `Done` per target. Nothing here is stored: an exec is as
 //! durable as the admin's connection.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -30,41 +30,56 @@ enum HostEvent {
     Done(Result<i32, String>),
 }
 
+/// One exec in flight: where its hosts' answers go, and which hosts it targets.
+#[derive(Debug)]
+struct Live {
+    tx: mpsc::UnboundedSender<(AgentId, HostEvent)>,
+    targets: HashSet<AgentId>,
+}
+
 /// The execs in flight, by id.
 #[derive(Debug, Default)]
 pub struct Execs {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, mpsc::UnboundedSender<(AgentId, HostEvent)>>>,
+    live: Mutex<HashMap<u64, Live>>,
 }
 
 impl Execs {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, mpsc::UnboundedSender<(AgentId, HostEvent)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
         self.live
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether exec `id` is in flight with `agent` among its hosts: the work an
+    /// `ExecOutput` or `ExecDone` from that agent names.
+    pub fn targets(&self, id: u64, agent: &AgentId) -> bool {
+        self.lock()
+            .get(&id)
+            .is_some_and(|l| l.targets.contains(agent))
+    }
+
     /// Output a host sent for exec `id`.
     pub fn output(&self, id: u64, agent: &AgentId, data: Vec<u8>) {
-        if let Some(tx) = self.lock().get(&id) {
-            let _ = tx.send((agent.clone(), HostEvent::Output(data)));
+        if let Some(live) = self.lock().get(&id) {
+            let _ = live.tx.send((agent.clone(), HostEvent::Output(data)));
         }
     }
 
     /// A host's command ended.
     pub fn done(&self, id: u64, agent: &AgentId, result: Result<i32, String>) {
-        if let Some(tx) = self.lock().get(&id) {
-            let _ = tx.send((agent.clone(), HostEvent::Done(result)));
+        if let Some(live) = self.lock().get(&id) {
+            let _ = live.tx.send((agent.clone(), HostEvent::Done(result)));
         }
     }
 
     /// A host's session ended: every exec it runs ends for it (the command may still
     /// run there; its answer can no longer arrive).
     pub fn host_gone(&self, agent: &AgentId, reason: &str) {
-        for tx in self.lock().values() {
-            let _ = tx.send((agent.clone(), HostEvent::Done(Err(reason.to_owned()))));
+        for live in self.lock().values() {
+            let _ = live
+                .tx
+                .send((agent.clone(), HostEvent::Done(Err(reason.to_owned()))));
         }
     }
 }
@@ -131,7 +146,8 @@ pub async fn run(
     }
     let id = execs.next.fetch_add(1, Ordering::Relaxed) + 1;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    execs.lock().insert(id, tx);
+    let hosts = targets.iter().map(|t| t.agent.clone()).collect();
+    execs.lock().insert(id, Live { tx, targets: hosts });
     let _registered = Registered { execs, id };
     writer.send(&ExecEvent::Targets(targets.clone())).await?;
 

@@ -173,33 +173,56 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
     mut stream: S,
 ) {
     let mut content_type = "application/json";
-    let (status, body) =
-        match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream)).await {
-            Err(_) => (
-                408,
-                error_json("the request took longer than 10 s to arrive"),
-            ),
-            Ok(Err(RequestError::Incomplete)) => return,
-            Ok(Err(e @ RequestError::BodyTooLarge)) => (413, error_json(&e.to_string())),
-            Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
-            Ok(Err(e)) => (400, error_json(&e.to_string())),
-            Ok(Ok(req)) => {
-                if dashboard.handle(coord, &req, &mut stream).await {
-                    return;
-                }
-                if let Some(response) = dist.route(&req).await {
-                    if let Err(e) = response.write(&mut stream).await {
-                        tracing::debug!("http response to {} not delivered: {e}", req.path);
-                    }
-                    return;
-                }
-                if req.path == "/metrics" {
-                    // The Prometheus text exposition format, version 0.0.4.
-                    content_type = "text/plain; version=0.0.4; charset=utf-8";
-                }
-                route(coord, &req)
+    let (status, body) = match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream))
+        .await
+    {
+        Err(_) => (
+            408,
+            error_json("the request took longer than 10 s to arrive"),
+        ),
+        Ok(Err(RequestError::Incomplete)) => return,
+        Ok(Err(e @ RequestError::BodyTooLarge)) => (413, error_json(&e.to_string())),
+        Ok(Err(e @ RequestError::HeadersTooLarge)) => (431, error_json(&e.to_string())),
+        Ok(Err(e)) => (400, error_json(&e.to_string())),
+        Ok(Ok(req)) => {
+            if dashboard.handle(coord, &req, &mut stream).await {
+                return;
             }
-        };
+            // Every other route is a row of the authorization table too.
+            let refused = row_of(&req.path).and_then(|row| {
+                let principal = dashboard.principal(coord, &req);
+                coord
+                    .metrics
+                    .authz
+                    .check(row, principal, String::new)
+                    .err()
+                    .map(|d| (principal, d))
+            });
+            if let Some((principal, denied)) = refused {
+                let status = if principal == crate::authz::Principal::None {
+                    401
+                } else {
+                    403
+                };
+                let body = error_json(&denied.to_string());
+                let response = format!("HTTP/1.1 {status} Refused\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            if let Some(response) = dist.route(&req).await {
+                if let Err(e) = response.write(&mut stream).await {
+                    tracing::debug!("http response to {} not delivered: {e}", req.path);
+                }
+                return;
+            }
+            if req.path == "/metrics" {
+                // The Prometheus text exposition format, version 0.0.4.
+                content_type = "text/plain; version=0.0.4; charset=utf-8";
+            }
+            route(coord, &req)
+        }
+    };
     let reason = match status {
         200 => "OK",
         202 => "Accepted",
@@ -215,6 +238,24 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
     let response = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+/// The authorization table's row of a path served here or by `distribute.rs` (the
+/// dashboard's are `dashboard::row_of`'s).
+pub fn row_of(path: &str) -> Option<crate::authz::Request> {
+    use crate::authz::Request as R;
+    Some(match path {
+        "/healthz" => R::HttpHealthz,
+        "/readyz" => R::HttpReadyz,
+        "/metrics" => R::HttpMetrics,
+        "/hooks/push" => R::HttpPushHook,
+        "/install.sh" => R::HttpInstallScript,
+        "/ca.pem" => R::HttpCaPem,
+        "/agent/gantry-agent" => R::HttpAgentBinary,
+        "/agent/gantry-agent.service" => R::HttpAgentUnit,
+        "/agent/agent.env" => R::HttpAgentEnv,
+        _ => return None,
+    })
 }
 
 fn error_json(message: &str) -> String {
@@ -284,6 +325,36 @@ fn push_hook(coord: &Coordinator, req: &Request) -> (u16, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row the table says the HTTP side serves is served by the router that says
+    /// so, and nothing else claims it.
+    #[test]
+    fn every_http_row_of_the_authorization_table_is_routed_to_its_row() {
+        use crate::authz::Request as R;
+        for row in R::ALL {
+            let Some((method, template)) = row.http_route() else {
+                continue;
+            };
+            let path = template.replace("{run}", "7").replace("{job}", "7.1");
+            let found = crate::dashboard::row_of(method, &path).or_else(|| row_of(&path));
+            assert_eq!(found, Some(*row), "{method} {path}");
+            assert!(
+                crate::dashboard::row_of(method, &path).is_none() || row_of(&path).is_none(),
+                "{path} is claimed twice"
+            );
+        }
+        // And every route either router knows has a row that says it is on HTTP.
+        for (method, path) in [
+            ("GET", "/login"),
+            ("GET", "/runs/3"),
+            ("GET", "/jobs/3.1"),
+            ("GET", "/assets/style.css"),
+            ("GET", "/api/runs?limit=5"),
+        ] {
+            let row = crate::dashboard::row_of(method, path).expect(path);
+            assert!(row.http_route().is_some(), "{path}: {row}");
+        }
+    }
 
     #[test]
     fn requests_parse_incrementally_and_limits_hold() {

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod auth;
+mod authz;
 mod bundle;
 mod chunks;
 mod cli;

@@ -96,6 +96,8 @@ pub struct Metrics {
     webhook_events_dropped: AtomicU64,
     dispatch_latency: Histogram,
     job_duration: Histogram,
+    /// Every authorization decision (`authz.rs`).
+    pub authz: crate::authz::Decisions,
 }
 
 impl Default for Metrics {
@@ -118,6 +120,7 @@ impl Default for Metrics {
             webhook_events_dropped: AtomicU64::new(0),
             dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
             job_duration: Histogram::new(&DURATION_BUCKETS),
+            authz: crate::authz::Decisions::default(),
         }
     }
 }
@@ -356,6 +359,7 @@ impl Metrics {
             "gantry_job_duration_seconds",
             "Run time of finished job attempts.",
         );
+        self.authz.render(&mut out);
         out
     }
 }

@@ -512,20 +512,16 @@ pub async fn receive_log(
     mut writer: FrameWriter,
     mut reader: FrameReader,
 ) -> Result<(), String> {
-    let record = coord
-        .store
-        .job(job)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no job {job}"))?;
-    if !record
-        .attempts
-        .iter()
-        .any(|(a, who)| *a == attempt && who == agent)
-    {
-        writer.finish();
-        return Err(format!(
-            "attempt {attempt} of job {job} was not handed to {agent}: refusing its log"
-        ));
+    if let Err(denied) = handed_to(
+        coord,
+        crate::authz::Request::StreamLogs,
+        agent,
+        job,
+        attempt,
+    ) {
+        writer.reset(gantry_protocol::CloseCode::Unauthorized);
+        reader.stop(gantry_protocol::CloseCode::Unauthorized);
+        return Err(denied.to_string());
     }
     let log = coord.logs.open(job, attempt).map_err(|e| e.to_string())?;
     writer
@@ -593,19 +589,15 @@ pub async fn send_source(
     attempt: Attempt,
     writer: &mut FrameWriter,
 ) -> Result<(), String> {
-    let record = coord
-        .store
-        .job(job)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no job {job}"))?;
-    if !record
-        .attempts
-        .iter()
-        .any(|(a, who)| *a == attempt && who == agent)
-    {
-        return Err(format!(
-            "attempt {attempt} of job {job} was not handed to {agent}: refusing its source"
-        ));
+    if let Err(denied) = handed_to(
+        coord,
+        crate::authz::Request::StreamFetchSource,
+        agent,
+        job,
+        attempt,
+    ) {
+        writer.reset(gantry_protocol::CloseCode::Unauthorized);
+        return Err(denied.to_string());
     }
     let run = coord
         .store
@@ -620,6 +612,38 @@ pub async fn send_source(
         .send(&source, writer)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Asks the authorization table whether `agent` may make `row` for an attempt: it holds
+/// the work if the attempt was handed to it (its log and result may come after the
+/// attempt ended, from its spool).
+fn handed_to(
+    coord: &Coordinator,
+    row: crate::authz::Request,
+    agent: &AgentId,
+    job: JobId,
+    attempt: Attempt,
+) -> Result<(), crate::authz::Denied> {
+    let (holds, why) = match coord.store.job(job) {
+        Ok(Some(record))
+            if record
+                .attempts
+                .iter()
+                .any(|(a, who)| *a == attempt && who == agent) =>
+        {
+            (true, String::new())
+        }
+        Ok(Some(_)) => (
+            false,
+            format!("attempt {attempt} of job {job} was not handed to {agent}"),
+        ),
+        Ok(None) => (false, format!("no job {job}")),
+        Err(e) => (false, format!("cannot read job {job}: {e}")),
+    };
+    coord
+        .metrics
+        .authz
+        .check(row, crate::authz::Principal::agent(holds), || why)
 }
 
 /// Streams a job's log to an admin: stored chunks from `from_seq`, then (with `follow`)

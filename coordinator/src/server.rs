@@ -15,13 +15,14 @@ use gantry_certs::{CertAuthority, Identity, JoinToken, RevocationSet};
 use gantry_protocol::{
     limits, AdminError, AdminRequest, AdminResponse, AgentHello, AgentId, AgentMessage, AgentState,
     AgentView, AuditView, CloseCode, CoordinatorMessage, EnrollRequest, Enrolled, HelloError,
-    HelloReply, HostFigures, Intent, Labels, Refusal, RefusalReason, StatusView, StreamOpen,
+    HelloReply, HostFigures, Intent, JobId, Labels, Refusal, RefusalReason, StatusView, StreamOpen,
     TokenCreated, TokenId, UnixMillis, Welcome,
 };
 use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::authz::{Principal, Request};
 use crate::deployments::AdminOp;
 use crate::engine::{AgentOutbox, Engine, Input};
 use crate::logs::LogStore;
@@ -73,6 +74,8 @@ struct LiveSession {
     /// address this session comes from, with the port the hello named.
     peer_address: Option<String>,
     dirty: bool,
+    /// When a heartbeat of this session last reached the scheduler.
+    heartbeat_forwarded: Option<Instant>,
     /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
     outbound: mpsc::UnboundedSender<CoordinatorMessage>,
 }
@@ -95,6 +98,8 @@ pub struct Coordinator {
     started_at: Instant,
     next_session: AtomicU64,
     handshakes: Semaphore,
+    /// Connections without a certificate waiting for their hello.
+    unauthenticated: Semaphore,
     pub(crate) engine: Engine,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) secret_key: Arc<SecretKey>,
@@ -321,6 +326,7 @@ impl Coordinator {
             started_at: Instant::now(),
             next_session: AtomicU64::new(1),
             handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
+            unauthenticated: Semaphore::new(limits::MAX_UNAUTHENTICATED_PENDING),
             engine,
             logs,
             sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
@@ -412,6 +418,23 @@ impl Coordinator {
                 return;
             }
         };
+        // Past TLS, a connection without a certificate waits for its hello in a pool of
+        // its own, so such connections can never hold every handshake slot.
+        let unauthenticated_slot = if conn.peer_certificates().is_none() {
+            if let Ok(slot) = self.unauthenticated.try_acquire() {
+                Some(slot)
+            } else {
+                tracing::warn!(%remote, "refusing a connection without a certificate: {} are waiting for their hello", limits::MAX_UNAUTHENTICATED_PENDING);
+                conn.close(
+                    CloseCode::Busy,
+                    "too many connections without a certificate are waiting; try again shortly",
+                );
+                return;
+            }
+        } else {
+            None
+        };
+        drop(handshake_slot);
         let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
         let (mut writer, mut reader) = match conn.accept_control(remaining).await {
             Ok(s) => s,
@@ -425,6 +448,8 @@ impl Coordinator {
             }
         };
         let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        // Nothing about the peer is known yet: its hello gets a small buffer.
+        reader.set_limit(limits::MAX_HELLO_BYTES);
         let payload = match tokio::time::timeout(remaining, reader.recv_payload()).await {
             Ok(Ok(Some(p))) => p,
             Ok(Ok(None)) => return,
@@ -437,7 +462,8 @@ impl Coordinator {
                 return;
             }
         };
-        drop(handshake_slot);
+        drop(unauthenticated_slot);
+        reader.set_limit(limits::MAX_FRAME_BYTES);
         let hello = match gantry_protocol::decode_hello(&payload) {
             Ok(h) => h,
             Err(HelloError::UnsupportedVersion { theirs, min, max }) => {
@@ -465,34 +491,60 @@ impl Coordinator {
         let identity = conn
             .peer_certificates()
             .map(|chain| Identity::from_cert_der(&chain[0]));
-        // What the connection may do comes from its certificate alone; every other
-        // combination is refused with the reason the peer will show.
-        let (reason, message) = match (hello.intent, identity) {
-            (Intent::Enroll(req), None) => return self.enroll(&conn, &mut writer, req).await,
-            (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
-                return self.agent_session(conn, writer, reader, id, h).await;
-            }
-            (Intent::Admin(_), Some(Ok(Identity::Admin(name)))) => {
-                return self.admin_session(conn, writer, reader, name).await;
-            }
-            (Intent::Enroll(_), Some(_)) => (
-                RefusalReason::BadRequest,
-                "enrollment must come from a connection without a client certificate".to_owned(),
-            ),
-            (_, None) => (
-                RefusalReason::NotAuthenticated,
-                "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
-            ),
-            (Intent::Admin(_), Some(Ok(other))) => (
-                RefusalReason::WrongRole,
-                format!("{other} is not an admin: admin commands need an admin certificate"),
-            ),
-            (Intent::Agent(_), Some(Ok(other))) => (
-                RefusalReason::WrongRole,
-                format!("{other} is not an agent: an agent session needs an agent certificate"),
-            ),
-            (_, Some(Err(e))) => (RefusalReason::NotAuthenticated, format!("client certificate names no Gantry identity: {e}")),
+        // What the connection may do comes from its certificate alone, and the
+        // authorization table decides; every refusal carries the reason the peer shows.
+        let principal = match &identity {
+            Some(Ok(Identity::Agent(_))) => Principal::Agent,
+            Some(Ok(Identity::Admin(_))) => Principal::Admin,
+            // A certificate that names no agent or admin grants nothing.
+            None | Some(Ok(Identity::Coordinator) | Err(_)) => Principal::None,
         };
+        let request = match &hello.intent {
+            Intent::Enroll(_) => Request::SessionEnroll,
+            Intent::Agent(_) => Request::SessionAgent,
+            Intent::Admin(_) => Request::SessionAdmin,
+        };
+        let checked = self.metrics.authz.check(request, principal, || {
+            match (&hello.intent, &identity) {
+                (_, Some(Err(e))) => format!("client certificate names no Gantry identity: {e}"),
+                (Intent::Enroll(_), Some(_)) => {
+                    "enrollment must come from a connection without a client certificate".to_owned()
+                }
+                (_, None) => "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
+                (Intent::Admin(_), Some(Ok(other))) => {
+                    format!("{other} is not an admin: admin commands need an admin certificate")
+                }
+                (Intent::Agent(_), Some(Ok(other))) => {
+                    format!("{other} is not an agent: an agent session needs an agent certificate")
+                }
+            }
+        });
+        let message = match checked {
+            Ok(()) => match (hello.intent, identity) {
+                (Intent::Enroll(req), None) => return self.enroll(&conn, &mut writer, req).await,
+                (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
+                    return self.agent_session(conn, writer, reader, id, h).await;
+                }
+                (Intent::Admin(_), Some(Ok(identity))) => {
+                    return self
+                        .admin_session(conn, writer, reader, identity.uri(), principal)
+                        .await;
+                }
+                _ => (
+                    RefusalReason::Internal,
+                    format!("the authorization table allows {request} for {principal}, but this coordinator cannot serve it"),
+                ),
+            },
+            Err(denied) => {
+                let reason = match (principal, request) {
+                    (Principal::None, _) => RefusalReason::NotAuthenticated,
+                    (_, Request::SessionEnroll) => RefusalReason::BadRequest,
+                    _ => RefusalReason::WrongRole,
+                };
+                (reason, denied.to_string())
+            }
+        };
+        let (reason, message) = message;
         tracing::info!(%remote, "{message}");
         refuse(&conn, &mut writer, CloseCode::Unauthorized, reason, message).await;
     }
@@ -549,6 +601,31 @@ impl Coordinator {
             .collect();
         let now_sys = SystemTime::now();
         let now = UnixMillis::now();
+        // A token that cannot enroll is refused after one read, before the CSR is
+        // checked and signed and before the store's write lock is taken: a storm of
+        // forged enrollments costs a lookup each. The write below checks it again.
+        let token_refusal = |t: TokenRefusal| {
+            let reason = match t {
+                TokenRefusal::Unknown(_) => RefusalReason::TokenUnknown,
+                TokenRefusal::Expired { .. } => RefusalReason::TokenExpired,
+                TokenRefusal::UsedUp { .. } => RefusalReason::TokenUsedUp,
+            };
+            refusal(reason, t.to_string())
+        };
+        match self.store.token(&token_id) {
+            Ok(Some(token))
+                if gantry_certs::token::secret_matches(&req.token_secret, &token.secret_sha256) =>
+            {
+                token.check(now).map_err(token_refusal)?;
+            }
+            Ok(_) => return Err(token_refusal(TokenRefusal::Unknown(token_id))),
+            Err(e) => {
+                return Err(refusal(
+                    RefusalReason::Internal,
+                    format!("coordinator could not read the join token: {e}"),
+                ))
+            }
+        }
         let mut agent_id = AgentId::from_random(&gantry_certs::random_bytes::<6>());
         // All-zero is the deploy runner's id; a 1-in-2^48 draw of it is drawn again.
         while agent_id == crate::deployments::deploy_runner() {
@@ -728,6 +805,7 @@ impl Coordinator {
                 labels: effective_labels.clone(),
                 peer_address,
                 dirty: true,
+                heartbeat_forwarded: None,
                 outbound,
             },
         );
@@ -745,6 +823,9 @@ impl Coordinator {
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
         });
         let mut end = "the agent ended the session".to_owned();
+        // An agent that stops reading its control stream is cut off rather than left
+        // holding its session (and the messages queued for it) forever.
+        writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
         if let Err(e) = writer.send(&welcome).await {
             end = e.to_string();
         } else {
@@ -760,11 +841,24 @@ impl Coordinator {
                 self.clone().agent_streams(conn.clone(), id.clone()),
             ));
             let (inbound_tx, mut inbound) = mpsc::channel(64);
-            // Frame reads are not cancel-safe, so they run in their own task.
+            // Frame reads are not cancel-safe, so they run in their own task. It reads at
+            // most AGENT_MESSAGES_PER_SEC (after a burst): a flooding agent is slowed by
+            // its own connection's flow control, not by the scheduler or other agents.
+            let flood_agent = id.clone();
             let reader_task = AbortOnDrop(tokio::spawn(async move {
+                let mut bucket =
+                    TokenBucket::new(limits::AGENT_MESSAGES_PER_SEC, limits::AGENT_MESSAGE_BURST);
+                let mut throttled = false;
                 loop {
                     let msg = reader.recv::<AgentMessage>().await;
                     let last = !matches!(msg, Ok(Some(_)));
+                    if let Some(wait) = bucket.take(tokio::time::Instant::now()) {
+                        if !throttled {
+                            throttled = true;
+                            tracing::warn!(agent = %flood_agent, "agent sends more than {} messages/s: reading its session more slowly", limits::AGENT_MESSAGES_PER_SEC);
+                        }
+                        tokio::time::sleep(wait).await;
+                    }
                     if inbound_tx.send(msg).await.is_err() || last {
                         return;
                     }
@@ -787,6 +881,7 @@ impl Coordinator {
                         Some(Ok(Some(msg))) => {
                             last_heard = tokio::time::Instant::now();
                             if let Err(e) = self.agent_message(&id, session, msg, &mut writer).await {
+                                close_for(&conn, &e);
                                 end = e.to_string();
                                 break;
                             }
@@ -801,6 +896,7 @@ impl Coordinator {
                     out = outbound_rx.recv() => match out {
                         Some(message) => {
                             if let Err(e) = writer.send(&message).await {
+                                close_for(&conn, &e);
                                 end = e.to_string();
                                 break;
                             }
@@ -838,18 +934,44 @@ impl Coordinator {
         msg: AgentMessage,
         writer: &mut FrameWriter,
     ) -> Result<(), TransportError> {
+        if let Some(row) = Request::of_agent_message(&msg) {
+            let (holds, why) = self.holds(id, &msg);
+            if let Err(denied) = self
+                .metrics
+                .authz
+                .check(row, Principal::agent(holds), || why)
+            {
+                return writer
+                    .send(&CoordinatorMessage::Refused {
+                        message: denied.to_string(),
+                    })
+                    .await;
+            }
+        }
         match msg {
             AgentMessage::Heartbeat(figures) => {
-                {
+                let forward = {
                     let mut reg = lock(&self.registry);
-                    if let Some(s) = reg.live.get_mut(id).filter(|s| s.session == session) {
-                        s.last_seen = UnixMillis::now();
-                        s.figures = Some(figures);
-                        s.dirty = true;
+                    match reg.live.get_mut(id).filter(|s| s.session == session) {
+                        Some(s) => {
+                            s.last_seen = UnixMillis::now();
+                            s.figures = Some(figures);
+                            s.dirty = true;
+                            let due = s.heartbeat_forwarded.is_none_or(|at| {
+                                at.elapsed() >= limits::HEARTBEAT_FORWARD_INTERVAL
+                            });
+                            if due {
+                                s.heartbeat_forwarded = Some(Instant::now());
+                            }
+                            due
+                        }
+                        None => true,
                     }
+                };
+                if forward {
+                    self.engine
+                        .event(Event::AgentHeartbeat { agent: id.clone() });
                 }
-                self.engine
-                    .event(Event::AgentHeartbeat { agent: id.clone() });
             }
             AgentMessage::RenewCertificate { csr_der } => {
                 let reply = self.renew(id, &csr_der);
@@ -904,31 +1026,67 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Reads a stream's first frame (at most [`limits::MAX_STREAM_OPEN_BYTES`], within
+    /// the handshake deadline); `None` if it ended or was bad (logged).
+    async fn stream_open(reader: &mut FrameReader, who: &str) -> Option<StreamOpen> {
+        reader.set_limit(limits::MAX_STREAM_OPEN_BYTES);
+        let open = reader
+            .recv_within::<StreamOpen>(limits::HANDSHAKE_DEADLINE, "the stream's first frame")
+            .await;
+        reader.set_limit(limits::MAX_FRAME_BYTES);
+        match open {
+            Ok(Some(open)) => Some(open),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::info!(%who, "bad stream: {e}");
+                reader.stop(CloseCode::Malformed);
+                None
+            }
+        }
+    }
+
     /// Accepts the streams an admin opens besides the control stream (follows, uploads,
-    /// artifact downloads).
-    async fn admin_streams(self: Arc<Self>, conn: Connection, actor: String) {
+    /// artifact downloads). The authorization table is asked for every one.
+    async fn admin_streams(self: Arc<Self>, conn: Connection, actor: String, principal: Principal) {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let peer = crate::artifacts::Peer::Admin(actor);
+        let peer = crate::artifacts::Peer::Admin(actor.clone());
         while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let peer = peer.clone();
+            let actor = actor.clone();
             tokio::spawn(async move {
-                let result = match reader
-                    .recv_within::<StreamOpen>(
-                        limits::HANDSHAKE_DEADLINE,
-                        "the stream's first frame",
-                    )
-                    .await
+                let Some(open) = Self::stream_open(&mut reader, &actor).await else {
+                    return;
+                };
+                let row = Request::of_stream(&open);
+                if let Err(denied) = me
+                    .metrics
+                    .authz
+                    .check(row, principal, || stream_detail(row).into())
                 {
-                    Ok(Some(StreamOpen::FollowLogs {
+                    refuse_stream(&open, &denied, writer, reader).await;
+                    return;
+                }
+                // Follows and execs stream to the admin's own terminal, which may pause
+                // (a pager); everything else is bulk and must be read.
+                if !matches!(
+                    open,
+                    StreamOpen::FollowLogs { .. }
+                        | StreamOpen::FollowRun { .. }
+                        | StreamOpen::Exec(_)
+                ) {
+                    writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+                }
+                let result = match open {
+                    StreamOpen::FollowLogs {
                         job,
                         from_seq,
                         follow,
-                    })) => crate::runs::follow_logs(&me, job, from_seq, follow, &mut writer).await,
-                    Ok(Some(StreamOpen::FollowRun { run })) => {
+                    } => crate::runs::follow_logs(&me, job, from_seq, follow, &mut writer).await,
+                    StreamOpen::FollowRun { run } => {
                         crate::runs::follow_run(&me, run, &mut writer).await
                     }
-                    Ok(Some(StreamOpen::UploadSource { bytes })) => {
+                    StreamOpen::UploadSource { bytes } => {
                         let reply = match me.sources.receive(&mut reader, bytes).await {
                             Ok((source, bytes)) => {
                                 me.metrics.source_bytes(bytes);
@@ -938,7 +1096,7 @@ impl Coordinator {
                         };
                         writer.send(&reply).await
                     }
-                    Ok(Some(StreamOpen::Exec(request))) => {
+                    StreamOpen::Exec(request) => {
                         let targets = me.exec_targets(&request.select);
                         let sender = me.clone();
                         crate::exec::run(
@@ -950,21 +1108,11 @@ impl Coordinator {
                         )
                         .await
                     }
-                    Ok(Some(
-                        StreamOpen::Logs { .. }
-                        | StreamOpen::FetchSource { .. }
-                        | StreamOpen::FetchAgentBinary { .. },
-                    )) => {
-                        tracing::info!("an admin opened a stream only agents may open");
-                        Ok(())
-                    }
-                    Ok(Some(
-                        open @ (StreamOpen::Resolve(_)
-                        | StreamOpen::GetManifest { .. }
-                        | StreamOpen::FetchChunks { .. }
-                        | StreamOpen::Upload { .. }
-                        | StreamOpen::PutChunks { .. }),
-                    )) => {
+                    open @ (StreamOpen::Resolve(_)
+                    | StreamOpen::GetManifest { .. }
+                    | StreamOpen::FetchChunks { .. }
+                    | StreamOpen::Upload { .. }
+                    | StreamOpen::PutChunks { .. }) => {
                         if let Err(e) = me
                             .artifacts
                             .serve(&peer, connection, open, writer, reader)
@@ -974,8 +1122,13 @@ impl Coordinator {
                         }
                         return;
                     }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
+                    StreamOpen::Logs { .. }
+                    | StreamOpen::FetchSource { .. }
+                    | StreamOpen::FetchAgentBinary { .. } => {
+                        tracing::error!("the authorization table allows {row} for {principal}, but only agents can be served it");
+                        writer.reset(CloseCode::Unauthorized);
+                        return;
+                    }
                 };
                 if let Err(e) = result {
                     tracing::debug!("follow stream ended: {e}");
@@ -986,22 +1139,33 @@ impl Coordinator {
     }
 
     /// Accepts the streams an agent opens besides the control stream (job logs, source
-    /// trees, artifacts and caches).
+    /// trees, artifacts and caches). A stream that names work is checked against the
+    /// authorization table by its handler, which knows who holds that work; every other
+    /// stream is checked here, for an agent as such.
     async fn agent_streams(self: Arc<Self>, conn: Connection, agent: AgentId) {
         let connection = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        while let Ok((writer, mut reader)) = conn.accept_stream().await {
+        while let Ok((mut writer, mut reader)) = conn.accept_stream().await {
             let me = self.clone();
             let agent = agent.clone();
             let conn = conn.clone();
             tokio::spawn(async move {
-                match reader
-                    .recv_within::<StreamOpen>(
-                        limits::HANDSHAKE_DEADLINE,
-                        "the stream's first frame",
-                    )
-                    .await
-                {
-                    Ok(Some(StreamOpen::Logs { job, attempt })) => {
+                let Some(open) = Self::stream_open(&mut reader, agent.as_str()).await else {
+                    return;
+                };
+                let row = Request::of_stream(&open);
+                if !row.names_work() {
+                    if let Err(denied) = me
+                        .metrics
+                        .authz
+                        .check(row, Principal::Agent, || stream_detail(row).into())
+                    {
+                        refuse_stream(&open, &denied, writer, reader).await;
+                        return;
+                    }
+                }
+                writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+                match open {
+                    StreamOpen::Logs { job, attempt } => {
                         if let Err(e) =
                             crate::runs::receive_log(&me, &agent, job, attempt, writer, reader)
                                 .await
@@ -1009,15 +1173,13 @@ impl Coordinator {
                             tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
                         }
                     }
-                    Ok(Some(StreamOpen::FetchAgentBinary { sha256 })) => {
-                        let mut writer = writer;
+                    StreamOpen::FetchAgentBinary { sha256 } => {
                         if let Err(e) = me.send_agent_binary(&sha256, &mut writer).await {
                             tracing::info!(%agent, "agent binary fetch refused or broken: {e}");
                         }
                         writer.finish();
                     }
-                    Ok(Some(StreamOpen::FetchSource { job, attempt })) => {
-                        let mut writer = writer;
+                    StreamOpen::FetchSource { job, attempt } => {
                         if let Err(e) =
                             crate::runs::send_source(&me, &agent, job, attempt, &mut writer).await
                         {
@@ -1025,13 +1187,11 @@ impl Coordinator {
                         }
                         writer.finish();
                     }
-                    Ok(Some(
-                        open @ (StreamOpen::Resolve(_)
-                        | StreamOpen::GetManifest { .. }
-                        | StreamOpen::FetchChunks { .. }
-                        | StreamOpen::Upload { .. }
-                        | StreamOpen::PutChunks { .. }),
-                    )) => {
+                    open @ (StreamOpen::Resolve(_)
+                    | StreamOpen::GetManifest { .. }
+                    | StreamOpen::FetchChunks { .. }
+                    | StreamOpen::Upload { .. }
+                    | StreamOpen::PutChunks { .. }) => {
                         let peer = crate::artifacts::Peer::Agent(agent.clone());
                         if let Err(e) = me
                             .artifacts
@@ -1042,13 +1202,62 @@ impl Coordinator {
                         }
                         tracing::debug!(%agent, path = %conn.path_summary(), "artifact stream ended");
                     }
-                    Ok(Some(other)) => {
-                        tracing::info!(%agent, "agent opened a stream it may not: {other:?}");
+                    StreamOpen::FollowLogs { .. }
+                    | StreamOpen::FollowRun { .. }
+                    | StreamOpen::UploadSource { .. }
+                    | StreamOpen::Exec(_) => {
+                        tracing::error!(%agent, "the authorization table allows {row} for agents, but only admins can be served it");
+                        writer.reset(CloseCode::Unauthorized);
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::info!(%agent, "bad stream: {e}"),
                 }
             });
+        }
+    }
+
+    /// Whether agent `id` holds the work `message` names, and if not, why.
+    fn holds(&self, id: &AgentId, message: &AgentMessage) -> (bool, String) {
+        let handed = |job: JobId, attempt: gantry_protocol::Attempt| match self.store.job(job) {
+            Ok(Some(record))
+                if record
+                    .attempts
+                    .iter()
+                    .any(|(a, who)| *a == attempt && who == id) =>
+            {
+                (true, String::new())
+            }
+            Ok(Some(_)) => (
+                false,
+                format!("attempt {attempt} of job {job} was not handed to {id}"),
+            ),
+            Ok(None) => (false, format!("no job {job}")),
+            Err(e) => (false, format!("cannot read job {job}: {e}")),
+        };
+        match message {
+            AgentMessage::JobAccepted { job, attempt }
+            | AgentMessage::JobRejected { job, attempt, .. } => handed(*job, *attempt),
+            AgentMessage::JobFinished(result) => handed(result.job, result.attempt),
+            AgentMessage::DeployResult(result) => match self.store.deployment(result.deployment) {
+                Ok(Some(d)) if d.hosts.contains_key(id) => (true, String::new()),
+                Ok(Some(_)) => (
+                    false,
+                    format!("{id} is not a target of deployment {}", result.deployment),
+                ),
+                Ok(None) => (false, format!("no deployment {}", result.deployment)),
+                Err(e) => (
+                    false,
+                    format!("cannot read deployment {}: {e}", result.deployment),
+                ),
+            },
+            AgentMessage::ExecOutput { id: exec, .. } | AgentMessage::ExecDone { id: exec, .. } => {
+                if self.execs.targets(*exec, id) {
+                    (true, String::new())
+                } else {
+                    (false, format!("exec {exec} is not running on {id}"))
+                }
+            }
+            AgentMessage::Heartbeat(_) | AgentMessage::RenewCertificate { .. } => {
+                (true, String::new())
+            }
         }
     }
 
@@ -1096,53 +1305,67 @@ impl Coordinator {
         conn: Connection,
         mut writer: FrameWriter,
         mut reader: FrameReader,
-        name: String,
+        actor: String,
+        principal: Principal,
     ) {
-        let actor = Identity::Admin(name).uri();
         let welcome = HelloReply::Welcome(Welcome {
             protocol_version: gantry_protocol::PROTOCOL_VERSION,
             coordinator_version: env!("CARGO_PKG_VERSION").into(),
             identity: actor.clone(),
             heartbeat_interval_ms: self.settings.heartbeat_interval.as_millis() as u64,
         });
+        writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
         if writer.send(&welcome).await.is_err() {
             return;
         }
-        let _streams = AbortOnDrop(tokio::spawn(
-            self.clone().admin_streams(conn.clone(), actor.clone()),
-        ));
+        let _streams = AbortOnDrop(tokio::spawn(self.clone().admin_streams(
+            conn.clone(),
+            actor.clone(),
+            principal,
+        )));
         loop {
             match reader.recv::<AdminRequest>().await {
                 Ok(Some(req)) => {
-                    let response = match req {
-                        AdminRequest::Gc {
-                            dry_run,
-                            grace_secs,
-                        } => self.gc(&actor, dry_run, grace_secs).await,
-                        AdminRequest::ApproveDeployment { id } => {
+                    let checked =
+                        self.metrics
+                            .authz
+                            .check(Request::of_admin(&req), principal, String::new);
+                    let response = match (checked, req) {
+                        (Err(denied), _) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+                        (
+                            Ok(()),
+                            AdminRequest::Gc {
+                                dry_run,
+                                grace_secs,
+                            },
+                        ) => self.gc(&actor, dry_run, grace_secs).await,
+                        (Ok(()), AdminRequest::ApproveDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Approve(id)).await
                         }
-                        AdminRequest::PromoteDeployment { id } => {
+                        (Ok(()), AdminRequest::PromoteDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Promote(id)).await
                         }
-                        AdminRequest::AbortDeployment { id } => {
+                        (Ok(()), AdminRequest::AbortDeployment { id }) => {
                             self.deployments.admin(&actor, AdminOp::Abort(id)).await
                         }
-                        AdminRequest::UpgradeAgents {
-                            select,
-                            batch,
-                            failure_budget,
-                            timeout_ms,
-                        } => {
+                        (
+                            Ok(()),
+                            AdminRequest::UpgradeAgents {
+                                select,
+                                batch,
+                                failure_budget,
+                                timeout_ms,
+                            },
+                        ) => {
                             self.upgrade_agents(&actor, select, batch, failure_budget, timeout_ms)
                                 .await
                         }
-                        AdminRequest::Rollback(request) => {
+                        (Ok(()), AdminRequest::Rollback(request)) => {
                             self.deployments
                                 .admin(&actor, AdminOp::Rollback(request))
                                 .await
                         }
-                        other => self.admin_request(&actor, other),
+                        (Ok(()), other) => self.answer_admin(&actor, other),
                     };
                     if writer.send(&response).await.is_err() {
                         return;
@@ -1157,9 +1380,27 @@ impl Coordinator {
         }
     }
 
-    /// Answers one admin request. Every change is durable (with its audit entry) before
-    /// the response is built.
-    pub fn admin_request(&self, actor: &str, req: AdminRequest) -> AdminResponse {
+    /// Answers one admin request from the dashboard, as `principal` (a login's role),
+    /// once the authorization table allows it.
+    pub fn admin_request(
+        &self,
+        actor: &str,
+        principal: Principal,
+        req: AdminRequest,
+    ) -> AdminResponse {
+        match self
+            .metrics
+            .authz
+            .check(Request::of_admin(&req), principal, String::new)
+        {
+            Ok(()) => self.answer_admin(actor, req),
+            Err(denied) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+        }
+    }
+
+    /// Answers one admin request the authorization table allowed. Every change is
+    /// durable (with its audit entry) before the response is built.
+    fn answer_admin(&self, actor: &str, req: AdminRequest) -> AdminResponse {
         let now = UnixMillis::now();
         let audit = |action: &str, detail: String| AuditEntry {
             at: now,
@@ -1832,6 +2073,7 @@ fn close_for(conn: &Connection, e: &TransportError) {
             CloseCode::FrameTooLarge
         }
         TransportError::Frame(_) => CloseCode::Malformed,
+        TransportError::Timeout { .. } => CloseCode::Timeout,
         _ => return,
     };
     tracing::info!(remote = %conn.remote_address(), error = %e, "closing connection");
@@ -1858,11 +2100,124 @@ async fn refuse(
     conn.close(code, truncate(&message));
 }
 
+/// What a refusal of `row` says besides the table, when the caller is who it is.
+fn stream_detail(row: Request) -> &'static str {
+    match row {
+        Request::StreamResolveArtifact => "only admins ask for an artifact by run and name",
+        Request::StreamGetManifestAdmin
+        | Request::StreamFetchChunksAdmin
+        | Request::StreamUploadAdmin => "an agent cannot use an admin grant",
+        Request::StreamUploadDeploy => "a deploy grant reads only its deployment's release",
+        Request::StreamUploadJob => "uploads are made by the job that declares them",
+        Request::StreamLogs | Request::StreamFetchSource | Request::StreamFetchAgentBinary => {
+            "only agents open this stream"
+        }
+        _ => "only admins open this stream",
+    }
+}
+
+/// Tells a peer the authorization table refused its stream: in the stream's own reply
+/// type when it has a refusal, else by resetting the stream with `Unauthorized` (the
+/// coordinator's log says why). The peer is told to stop sending either way.
+async fn refuse_stream(
+    open: &StreamOpen,
+    denied: &crate::authz::Denied,
+    mut writer: FrameWriter,
+    mut reader: FrameReader,
+) {
+    use gantry_protocol::{
+        ChunkFrame, ExecEvent, FollowEvent, ManifestFrame, PutReply, ResolveReply, SourceStored,
+        UploadReply,
+    };
+    let message = denied.to_string();
+    writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+    let sent = match open {
+        StreamOpen::Resolve(_) => writer.send(&ResolveReply::Refused { message }).await,
+        StreamOpen::GetManifest { .. } => writer.send(&ManifestFrame::Refused { message }).await,
+        StreamOpen::FetchChunks { .. } => writer.send(&ChunkFrame::Refused { message }).await,
+        StreamOpen::Upload { .. } => writer.send(&UploadReply::Refused { message }).await,
+        StreamOpen::PutChunks { .. } => writer.send(&PutReply::Refused { message }).await,
+        StreamOpen::UploadSource { .. } => writer.send(&SourceStored::Refused { message }).await,
+        StreamOpen::Exec(_) => writer.send(&ExecEvent::Refused { message }).await,
+        StreamOpen::FollowLogs { .. } | StreamOpen::FollowRun { .. } => {
+            writer
+                .send(&FollowEvent::Error(crate::authz::forbidden(denied)))
+                .await
+        }
+        StreamOpen::Logs { .. }
+        | StreamOpen::FetchSource { .. }
+        | StreamOpen::FetchAgentBinary { .. } => {
+            writer.reset(CloseCode::Unauthorized);
+            reader.stop(CloseCode::Unauthorized);
+            return;
+        }
+    };
+    if sent.is_ok() {
+        writer.finish();
+    }
+    reader.stop(CloseCode::Unauthorized);
+}
+
+/// A token bucket: `rate` per second, at most `burst` saved up.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<tokio::time::Instant>,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: None,
+        }
+    }
+
+    /// Takes a token; `Some(wait)` when there is none yet and the caller must wait that
+    /// long for it (the token is then spent).
+    fn take(&mut self, now: tokio::time::Instant) -> Option<Duration> {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 /// Aborts a task when the session that owns it ends.
 pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_lets_a_burst_through_then_holds_to_its_rate() {
+        let start = tokio::time::Instant::now();
+        let mut bucket = TokenBucket::new(100, 10);
+        for _ in 0..10 {
+            assert_eq!(bucket.take(start), None, "the burst");
+        }
+        let wait = bucket.take(start).expect("empty");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-9, "{wait:?}");
+        // Ten seconds later the bucket is full again (the token owed paid first), and
+        // never holds more than the burst.
+        let later = start + Duration::from_secs(10);
+        let passed = (0..200)
+            .take_while(|_| bucket.take(later).is_none())
+            .count();
+        assert_eq!(passed, 10, "the burst caps what is saved up");
     }
 }

@@ -419,6 +419,16 @@ impl Store {
         })
     }
 
+    /// A join token, read without taking the write lock.
+    pub fn token(&self, id: &TokenId) -> Result<Option<TokenRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let tokens = tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
+        match tokens.get(id.as_str()).map_err(eng!("read token"))? {
+            Some(v) => Ok(Some(decode("token", id.as_str(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
     pub fn agent(&self, id: &AgentId) -> Result<Option<AgentRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(eng!("begin read"))?;
         let agents = tx.open_table(AGENTS).map_err(eng!("open agents"))?;

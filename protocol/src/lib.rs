@@ -7,6 +7,7 @@
 //! here is a sans-IO frame decoder that takes bytes and hands back frames, so it can be
 //! fuzzed and tested without a network.
 
+pub mod authz;
 pub mod deploy;
 pub mod digest;
 pub mod frame;
@@ -75,6 +76,8 @@ pub enum CloseCode {
     ShuttingDown = 8,
     /// The enrollment was refused (bad token or CSR).
     EnrollmentRefused = 9,
+    /// Too many connections are waiting; try again shortly.
+    Busy = 10,
 }
 
 impl CloseCode {
@@ -90,6 +93,7 @@ impl CloseCode {
             7 => Self::Replaced,
             8 => Self::ShuttingDown,
             9 => Self::EnrollmentRefused,
+            10 => Self::Busy,
             _ => return None,
         })
     }

@@ -7,6 +7,58 @@ use std::time::Duration;
 /// Raise it only together with the admin listing sizes it bounds.
 pub const MAX_FRAME_BYTES: u32 = 4 * 1024 * 1024;
 
+/// Largest hello, read before the peer is authenticated. The biggest real one is an
+/// agent's (64 labels of 63+255 bytes, a running-job entry per slot) at ~43 KiB; an
+/// enrollment's CSR is ~500 bytes. Capping it bounds what a storm of unauthenticated
+/// connections can make the coordinator buffer: `MAX_PENDING_HANDSHAKES` × this, 64 MiB.
+/// Raise it only with the label limits.
+pub const MAX_HELLO_BYTES: u32 = 64 * 1024;
+
+/// Largest first frame of a stream other than the control stream (a `StreamOpen`). The
+/// biggest real one is an exec request (a 64 KiB command and up to ~21 KiB of label
+/// selector).
+/// Raise it with `MAX_COMMAND_BYTES` in the coordinator's `exec.rs`.
+pub const MAX_STREAM_OPEN_BYTES: u32 = 96 * 1024;
+
+/// Once the first byte of a frame has arrived, the rest of it must arrive within this:
+/// a peer that trickles a frame a byte at a time is cut off instead of holding a stream
+/// and a partly filled buffer forever. Quiet streams between frames are not affected.
+/// 30 s carries the largest frame (4 MiB) at ~1.1 Mbit/s; raise it for slower links.
+pub const FRAME_COMPLETION_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Longest the coordinator waits for a peer to read one frame it sends (room in the
+/// stream's flow-control window). A peer that opens a bulk stream (a download, the agent
+/// binary) or its control stream and stops reading has that stream reset after this,
+/// freeing the task, the file and the buffers behind it. 30 s is ~1,000 times what a
+/// 256 KiB frame takes at 100 Mbit/s; raise it for links where a frame takes longer.
+/// Admins' follow and exec streams are exempt: a paused `gantry logs -f | less` holds
+/// only its own stream.
+pub const STREAM_WRITE_STALL: Duration = Duration::from_secs(30);
+
+/// Connections without a client certificate (enrollments, or anyone) that may be waiting
+/// for their hello at once, out of `MAX_PENDING_HANDSHAKES`: more are closed at once
+/// with `Busy`. A storm of clients that finish TLS and then say nothing can then never
+/// hold the handshake slots reconnecting agents need. Enrollments are rare and quick;
+/// raise it only if many hosts enroll at the same moment over slow links.
+pub const MAX_UNAUTHENTICATED_PENDING: usize = 256;
+
+/// Control messages per second the coordinator reads from one agent session, after a
+/// burst of `AGENT_MESSAGE_BURST`. An honest agent sends a heartbeat every few seconds
+/// and a few messages per job; beyond the rate the coordinator reads the session more
+/// slowly, so QUIC flow control throttles a flooding agent at its own connection and the
+/// flood never reaches the scheduler or other agents' CPU share. Raise it for agents
+/// that run hundreds of jobs of a second or less at once, or stream `gantry exec` output
+/// faster than ~3 MB/s (16 KiB pieces).
+pub const AGENT_MESSAGES_PER_SEC: u32 = 200;
+/// Messages an agent session may send at once above `AGENT_MESSAGES_PER_SEC` (results
+/// spooled across a reconnect arrive together).
+pub const AGENT_MESSAGE_BURST: u32 = 2_000;
+
+/// Heartbeats of one agent session reach the scheduler at most this often (the others
+/// only refresh presence): a heartbeat renews leases of 30 s, so more than one a second
+/// is work for nothing. Lower it only with the lease duration.
+pub const HEARTBEAT_FORWARD_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Time a client has to finish the TLS handshake and send its hello. Slow links at 300 ms
 /// RTT need ~1 s; 10 s leaves room and still frees a slot held by a silent peer quickly.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

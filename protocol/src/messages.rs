@@ -233,6 +233,11 @@ pub enum CoordinatorMessage {
     Deploy(Box<DeployCommand>),
     /// Run an ad-hoc command now (`gantry exec`); answer with `ExecOutput`s and `ExecDone`.
     Exec(ExecCommand),
+    /// A message the agent sent was refused by the authorization table (it named work
+    /// the agent does not hold); nothing was done with it.
+    Refused {
+        message: String,
+    },
 }
 
 /// Everything an agent needs to run one job attempt.
@@ -612,6 +617,8 @@ pub enum AdminErrorKind {
     NotFound,
     InvalidInput,
     Internal,
+    /// The authorization table does not let the caller make this request.
+    Forbidden,
 }
 
 /// A pipeline run as the CLI shows it.

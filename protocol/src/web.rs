@@ -2,9 +2,8 @@
 //! outgoing notifications: dashboard login tokens and their roles, and webhook targets
 //! with their delivery log.
 //!
-//! Only the shapes live here. What each role may do is decided in one table on the
-//! coordinator (`coordinator/src/auth.rs`); how events are delivered is
-//! `coordinator/src/webhooks.rs`.
+//! Only the shapes live here. What each role may do is the authorization table's
+//! (`authz.rs`); how events are delivered is `coordinator/src/webhooks.rs`.
 
 use serde::{Deserialize, Serialize};
 

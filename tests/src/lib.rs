@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod browser;
 pub mod containers;
+pub mod flood;
 pub mod http;
 pub mod peers;
 

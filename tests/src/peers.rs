@@ -26,6 +26,8 @@ pub struct RawAgent {
     _dialer: Dialer,
     to_coordinator: mpsc::UnboundedSender<AgentMessage>,
     from_coordinator: mpsc::UnboundedReceiver<CoordinatorMessage>,
+    /// Messages received but not yet asked for by [`Self::expect`].
+    backlog: Vec<CoordinatorMessage>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -38,8 +40,19 @@ impl Drop for RawAgent {
 }
 
 impl RawAgent {
-    /// Connects with the identity of an agent enrolled into `agent_dir` (not running).
+    /// Connects with the identity of an agent enrolled into `agent_dir` (not running),
+    /// reporting the label `raw=yes`.
     pub async fn connect(address: &str, agent_dir: &Path) -> Self {
+        Self::connect_with_labels(
+            address,
+            agent_dir,
+            Labels::from([("raw".to_owned(), "yes".to_owned())]),
+        )
+        .await
+    }
+
+    /// [`Self::connect`], reporting `labels`.
+    pub async fn connect_with_labels(address: &str, agent_dir: &Path, labels: Labels) -> Self {
         let ca_pem = std::fs::read_to_string(agent_dir.join("tls/ca.pem")).expect("agent ca");
         let identity = std::fs::read_to_string(agent_dir.join("tls/agent.pem")).expect("agent pem");
         let ca_der = gantry_certs::pem_to_der(&ca_pem).expect("ca der");
@@ -53,7 +66,7 @@ impl RawAgent {
         let hello = Intent::Agent(AgentHello {
             agent_version: "raw".into(),
             hostname: "raw-agent".into(),
-            labels: Labels::from([("raw".to_owned(), "yes".to_owned())]),
+            labels,
             capabilities: vec![],
             slots: 4,
             figures: HostFigures::default(),
@@ -96,7 +109,40 @@ impl RawAgent {
             _dialer: dialer,
             to_coordinator,
             from_coordinator,
+            backlog: Vec::new(),
             tasks: vec![reading, writing],
+        }
+    }
+
+    /// Waits (within `deadline`) for the first message, kept or new, that `pick` takes;
+    /// the others are kept for later calls.
+    pub async fn expect<T>(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        mut pick: impl FnMut(&CoordinatorMessage) -> Option<T>,
+    ) -> T {
+        if let Some(i) = self.backlog.iter().position(|m| pick(m).is_some()) {
+            let message = self.backlog.remove(i);
+            if let Some(v) = pick(&message) {
+                return v;
+            }
+        }
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let message = tokio::time::timeout_at(until, self.from_coordinator.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out after {deadline:?} waiting for {what}; kept: {:?}",
+                        self.backlog
+                    )
+                })
+                .unwrap_or_else(|| panic!("the session ended while waiting for {what}"));
+            if let Some(v) = pick(&message) {
+                return v;
+            }
+            self.backlog.push(message);
         }
     }
 

@@ -210,7 +210,9 @@ fn the_api_needs_a_login_and_a_viewer_cannot_change_anything() {
         );
         assert_eq!(by_cookie.status, 403, "{path}: {by_cookie:?}");
         assert!(
-            by_cookie.body.contains("needs the operator role"),
+            by_cookie
+                .body
+                .contains("the authorization table allows operator, admin"),
             "{}",
             by_cookie.body
         );

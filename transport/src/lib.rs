@@ -35,6 +35,14 @@ pub enum TransportError {
     Timeout { what: &'static str, after: Duration },
     #[error("endpoint error: {0}")]
     Endpoint(String),
+    /// The peer reset or stopped the stream with this code (e.g. `Unauthorized`: the
+    /// coordinator's authorization table refused the stream; its log says why).
+    #[error("the peer {how} the stream: {name} ({code})")]
+    StreamReset {
+        how: &'static str,
+        code: u64,
+        name: String,
+    },
 }
 
 impl TransportError {
@@ -45,6 +53,16 @@ impl TransportError {
                 close_code: Some(c),
                 ..
             } => CloseCode::from_u32(*c),
+            _ => None,
+        }
+    }
+
+    /// The Gantry close code a peer reset or stopped a stream with, if it did.
+    pub fn stream_code(&self) -> Option<CloseCode> {
+        match self {
+            Self::StreamReset { code, .. } => {
+                u32::try_from(*code).ok().and_then(CloseCode::from_u32)
+            }
             _ => None,
         }
     }
@@ -260,7 +278,7 @@ impl Connection {
             .open_bi()
             .await
             .map_err(|e| from_connection_error(&e))?;
-        Ok((FrameWriter(send), FrameReader::new(recv)))
+        Ok((FrameWriter::new(send), FrameReader::new(recv)))
     }
 
     /// Opens another bidirectional stream (logs, follows); its first frame says what it is.
@@ -275,7 +293,7 @@ impl Connection {
             .accept_bi()
             .await
             .map_err(|e| from_connection_error(&e))?;
-        Ok((FrameWriter(send), FrameReader::new(recv)))
+        Ok((FrameWriter::new(send), FrameReader::new(recv)))
     }
 
     /// Accepts the control stream the client opens (server side), within `deadline`.
@@ -284,7 +302,7 @@ impl Connection {
         deadline: Duration,
     ) -> Result<(FrameWriter, FrameReader), TransportError> {
         match tokio::time::timeout(deadline, self.0.accept_bi()).await {
-            Ok(Ok((send, recv))) => Ok((FrameWriter(send), FrameReader::new(recv))),
+            Ok(Ok((send, recv))) => Ok((FrameWriter::new(send), FrameReader::new(recv))),
             Ok(Err(e)) => Err(from_connection_error(&e)),
             Err(_) => Err(TransportError::Timeout {
                 what: "the control stream",
@@ -481,9 +499,24 @@ pub fn resolve(address: &str) -> Result<SocketAddr, TransportError> {
 
 /// Sending half of a stream, one frame per message.
 #[derive(Debug)]
-pub struct FrameWriter(quinn::SendStream);
+pub struct FrameWriter {
+    send: quinn::SendStream,
+    /// Longest one frame may wait for the peer to make room (to read); `None`: forever.
+    stall: Option<Duration>,
+}
 
 impl FrameWriter {
+    fn new(send: quinn::SendStream) -> Self {
+        Self { send, stall: None }
+    }
+
+    /// Bounds how long each frame may wait for the peer to read: a peer that stops
+    /// reading then has its stream reset (code `Timeout`) and the send fails, instead of
+    /// holding the sender (and what it holds) forever. See [`limits::STREAM_WRITE_STALL`].
+    pub fn set_stall_deadline(&mut self, stall: Option<Duration>) {
+        self.stall = stall;
+    }
+
     /// Encodes and sends one message.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransportError> {
         let frame = gantry_protocol::encode_frame(msg, limits::MAX_FRAME_BYTES)?;
@@ -492,16 +525,46 @@ impl FrameWriter {
 
     /// Sends bytes that are already one or more frames (or, in tests, deliberately not).
     pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        self.0.write_all(frame).await.map_err(|e| match e {
+        let write = self.send.write_all(frame);
+        let written = match self.stall {
+            None => write.await,
+            Some(after) => {
+                let Ok(w) = tokio::time::timeout(after, write).await else {
+                    self.reset(CloseCode::Timeout);
+                    return Err(TransportError::Timeout {
+                        what: "the peer to read",
+                        after,
+                    });
+                };
+                w
+            }
+        };
+        written.map_err(|e| match e {
             quinn::WriteError::ConnectionLost(c) => from_connection_error(&c),
+            quinn::WriteError::Stopped(code) => stream_reset("stopped", code),
             other => TransportError::Lost(other.to_string()),
         })
     }
 
     /// Ends the stream cleanly.
     pub fn finish(&mut self) {
-        let _ = self.0.finish();
+        let _ = self.send.finish();
     }
+
+    /// Abandons the stream: the peer's reads fail with `code` (what it had not read yet
+    /// is discarded).
+    pub fn reset(&mut self, code: CloseCode) {
+        let _ = self.send.reset((code as u32).into());
+    }
+}
+
+fn stream_reset(how: &'static str, code: quinn::VarInt) -> TransportError {
+    let code = code.into_inner();
+    let name = u32::try_from(code)
+        .ok()
+        .and_then(CloseCode::from_u32)
+        .map_or_else(|| "unknown code".to_owned(), |c| format!("{c:?}"));
+    TransportError::StreamReset { how, code, name }
 }
 
 /// Receiving half of a stream.
@@ -519,17 +582,55 @@ impl FrameReader {
         }
     }
 
+    /// Lowers (or restores) the largest frame this reader accepts, e.g.
+    /// [`limits::MAX_HELLO_BYTES`] before the peer is authenticated. At most
+    /// [`limits::MAX_FRAME_BYTES`].
+    pub fn set_limit(&mut self, limit: u32) {
+        self.limit = limit.min(limits::MAX_FRAME_BYTES);
+    }
+
+    /// Tells the peer to stop sending on this stream (its writes fail with `code`).
+    pub fn stop(&mut self, code: CloseCode) {
+        let _ = self.recv.stop((code as u32).into());
+    }
+
     /// Reads one frame's payload. `Ok(None)` at a clean end of stream between frames.
     /// The announced length is checked before the payload buffer is allocated.
+    ///
+    /// A quiet stream may wait as long as it likes for its next frame, but once a frame's
+    /// first byte has arrived the whole frame must arrive within
+    /// [`limits::FRAME_COMPLETION_DEADLINE`]: a peer trickling a frame a byte at a time
+    /// gets a `Timeout` instead of holding the reader (and the frame's buffer) forever.
     pub async fn recv_payload(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
         let mut header = [0u8; HEADER_LEN];
-        match self.recv.read_exact(&mut header).await {
+        loop {
+            match self.recv.read(&mut header[..1]).await {
+                Ok(Some(1)) => break,
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(read_error(e)),
+            }
+        }
+        let after = limits::FRAME_COMPLETION_DEADLINE;
+        tokio::time::timeout(after, self.rest_of_frame(header))
+            .await
+            .map_err(|_| TransportError::Timeout {
+                what: "the rest of a frame",
+                after,
+            })?
+            .map(Some)
+    }
+
+    async fn rest_of_frame(
+        &mut self,
+        mut header: [u8; HEADER_LEN],
+    ) -> Result<Vec<u8>, TransportError> {
+        match self.recv.read_exact(&mut header[1..]).await {
             Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
             Err(quinn::ReadExactError::FinishedEarly(n)) => {
                 return Err(FrameError::Malformed {
                     what: "frame header",
-                    detail: format!("stream ended after {n} of 4 header bytes"),
+                    detail: format!("stream ended after {} of 4 header bytes", n + 1),
                 }
                 .into())
             }
@@ -555,7 +656,7 @@ impl FrameReader {
                 Err(e) => return Err(read_error(e)),
             }
         }
-        Ok(Some(payload))
+        Ok(payload)
     }
 
     /// Reads and decodes one message; `Ok(None)` at a clean end of stream.
@@ -584,6 +685,7 @@ impl FrameReader {
 fn read_error(e: quinn::ReadError) -> TransportError {
     match e {
         quinn::ReadError::ConnectionLost(c) => from_connection_error(&c),
+        quinn::ReadError::Reset(code) => stream_reset("reset", code),
         other => TransportError::Lost(other.to_string()),
     }
 }
