@@ -3,7 +3,8 @@
 //! Owns the one [`Scheduler`] of the coordinator, in one task. Sessions and admin
 //! requests send [`Input`]s; the task takes every input that is waiting (a batch), runs
 //! them through the scheduler with the current time, commits all their effects (job and
-//! run records, results, the scheduler snapshot) in one store transaction, and only then
+//! run records, results, the parts of the scheduler's state that changed) in one store
+//! transaction, and only then
 //! acknowledges results, sends dispatches and cancels to agents, and tells followers.
 //! It also wakes the scheduler at its next deadline (offer and lease expiry, timeouts).
 //! Runs are rebuilt after a restart from the snapshot plus the stored runs.
@@ -17,11 +18,13 @@ use gantry_protocol::{
     RunId, StepSpec, UnixMillis,
 };
 use gantry_scheduler::{
-    Command, Event, FailReason, JobPlan, JobState, Outcome, RunState, Scheduler,
+    Changes, Command, Event, FailReason, JobPlan, JobState, Outcome, RunState, Scheduler, Snapshot,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::store::{JobChange, JobRecord, RunChange, RunRecord, Store};
+use crate::store::{
+    JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, Store, StoredScheduler,
+};
 
 /// Time between SIGTERM and SIGKILL when a job is cancelled or times out.
 pub const KILL_GRACE_MS: u64 = 10_000;
@@ -91,13 +94,31 @@ impl Engine {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, String> {
         let now = UnixMillis::now();
-        let mut scheduler = match store.scheduler_snapshot().map_err(|e| e.to_string())? {
-            Some(bytes) => {
-                let snapshot = postcard::from_bytes(&bytes)
-                    .map_err(|e| format!("the stored scheduler state is unreadable: {e}"))?;
-                Scheduler::restore(snapshot, now)
+        let unreadable =
+            |e: postcard::Error| format!("the stored scheduler state is unreadable: {e}");
+        let mut scheduler = match store.scheduler_state().map_err(|e| e.to_string())? {
+            StoredScheduler::Parts { core, runs, jobs } => {
+                let core = postcard::from_bytes(&core).map_err(unreadable)?;
+                let runs = runs
+                    .iter()
+                    .map(|b| postcard::from_bytes(b))
+                    .collect::<Result<_, _>>()
+                    .map_err(unreadable)?;
+                let jobs = jobs
+                    .iter()
+                    .map(|b| postcard::from_bytes(b))
+                    .collect::<Result<_, _>>()
+                    .map_err(unreadable)?;
+                Scheduler::restore(Snapshot::from_parts(core, runs, jobs), now)
             }
-            None => Scheduler::new(),
+            StoredScheduler::Legacy(bytes) => {
+                let snapshot = postcard::from_bytes(&bytes).map_err(unreadable)?;
+                let mut scheduler = Scheduler::restore(snapshot, now);
+                // Stored whole by an older coordinator: the first batch stores it in parts.
+                scheduler.mark_all_unsaved();
+                scheduler
+            }
+            StoredScheduler::None => Scheduler::new(),
         };
         let mut contexts = HashMap::new();
         let mut resubmit = Vec::new();
@@ -315,25 +336,27 @@ impl EngineTask {
         for run in &finished_runs {
             self.scheduler.forget_run(*run);
         }
-        let snapshot = if commands.is_empty() && job_changes.is_empty() {
+        // Only what changed is written: with thousands of jobs in flight the whole state
+        // was megabytes per batch (see ARCHITECTURE.md, "Scheduler persistence").
+        let changes = self.scheduler.take_changes();
+        let write = if changes.is_empty() {
             None
         } else {
-            match postcard::to_stdvec(&self.scheduler.snapshot()) {
-                Ok(bytes) => Some(bytes),
+            match encode_changes(&changes) {
+                Ok(write) => Some(write),
                 Err(e) => {
                     tracing::error!("cannot encode the scheduler state: {e}");
+                    self.scheduler.keep_unsaved(&changes);
                     None
                 }
             }
         };
-        if snapshot.is_none() && run_changes.is_empty() && job_changes.is_empty() {
+        if write.is_none() && run_changes.is_empty() && job_changes.is_empty() {
             self.carry_out(&commands);
             return;
         }
-        match self
-            .store
-            .apply(&job_changes, &run_changes, snapshot.as_deref())
-        {
+        let store = &self.store;
+        match blocking(|| store.apply(&job_changes, &run_changes, write.as_ref())) {
             Ok((jobs, runs)) => {
                 for ack in acks {
                     let _ = ack.send(());
@@ -358,6 +381,7 @@ impl EngineTask {
                 // Nothing is acknowledged: agents resend their results, and dispatches
                 // are not sent (their offers time out and are made again).
                 tracing::error!("cannot store scheduler changes: {e}");
+                self.scheduler.keep_unsaved(&changes);
             }
         }
     }
@@ -493,6 +517,37 @@ impl EngineTask {
             }),
         })
     }
+}
+
+/// Runs `f`, which waits on the disk (a commit's fsync), without holding up the tasks
+/// queued on this worker thread: on a multi-threaded runtime they are handed to another
+/// thread first. With 10,000 agents a commit on a worker stalled the sessions behind it
+/// (ARCHITECTURE.md, "Store commits off the worker threads"). Only commits pay for the
+/// hand-off; most batches (heartbeats) commit nothing.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// The scheduler's changed parts as the store keeps them (postcard).
+fn encode_changes(changes: &Changes) -> Result<SchedulerWrite, postcard::Error> {
+    Ok(SchedulerWrite {
+        core: postcard::to_stdvec(&changes.core)?,
+        runs: changes
+            .runs
+            .iter()
+            .map(|(id, run)| Ok((*id, run.as_ref().map(postcard::to_stdvec).transpose()?)))
+            .collect::<Result<_, postcard::Error>>()?,
+        jobs: changes
+            .jobs
+            .iter()
+            .map(|(id, job)| Ok((*id, job.as_ref().map(postcard::to_stdvec).transpose()?)))
+            .collect::<Result<_, postcard::Error>>()?,
+    })
 }
 
 /// Expands `${{ inputs.NAME }}` and `${{ env.NAME }}`; leaves `${{ secrets.* }}` to the agent.

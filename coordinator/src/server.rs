@@ -74,8 +74,8 @@ struct LiveSession {
     /// address this session comes from, with the port the hello named.
     peer_address: Option<String>,
     dirty: bool,
-    /// When a heartbeat of this session last reached the scheduler.
-    heartbeat_forwarded: Option<Instant>,
+    /// A heartbeat arrived since the last flush: its leases are due for renewal.
+    heard: bool,
     /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
     outbound: mpsc::UnboundedSender<CoordinatorMessage>,
 }
@@ -353,7 +353,10 @@ impl Coordinator {
                 let mut tick = tokio::time::interval(PRESENCE_FLUSH_INTERVAL);
                 loop {
                     tick.tick().await;
-                    me.flush_presence();
+                    // A commit (an fsync) must not hold up a worker thread: quinn's
+                    // endpoint driver and the sessions run there.
+                    let me = me.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.flush_presence()).await;
                 }
             })
         };
@@ -378,12 +381,23 @@ impl Coordinator {
         let _ = tokio::time::timeout(Duration::from_secs(2), listener.wait_idle()).await;
     }
 
-    /// Writes pending presence in one commit. Failures are logged and retried next tick.
+    /// Writes pending presence in one commit, and renews the leases of every agent heard
+    /// from since the last flush. Failures are logged and retried next tick.
+    ///
+    /// Heartbeats reach the scheduler from here, in one burst per flush (taken in
+    /// batches of up to 512), rather than each on its own: with 10,000 agents that was
+    /// 2,000 wake-ups of the engine a second for events that almost never change
+    /// anything. A lease (30 s) is renewed at most one flush interval (2 s) late.
     pub fn flush_presence(&self) {
+        let mut heard = Vec::new();
         let batch = {
             let mut reg = lock(&self.registry);
             let mut batch = std::mem::take(&mut reg.departed);
             for (id, s) in &mut reg.live {
+                if s.heard {
+                    s.heard = false;
+                    heard.push(id.clone());
+                }
                 if s.dirty {
                     s.dirty = false;
                     batch.push(Presence {
@@ -397,6 +411,9 @@ impl Coordinator {
             }
             batch
         };
+        for agent in heard {
+            self.engine.event(Event::AgentHeartbeat { agent });
+        }
         if let Err(e) = self.store.record_presence(&batch) {
             tracing::warn!(error = %e, agents = batch.len(), "could not record agent presence; will retry");
             lock(&self.registry).departed.extend(batch);
@@ -805,7 +822,7 @@ impl Coordinator {
                 labels: effective_labels.clone(),
                 peer_address,
                 dirty: true,
-                heartbeat_forwarded: None,
+                heard: false,
                 outbound,
             },
         );
@@ -950,27 +967,15 @@ impl Coordinator {
         }
         match msg {
             AgentMessage::Heartbeat(figures) => {
-                let forward = {
-                    let mut reg = lock(&self.registry);
-                    match reg.live.get_mut(id).filter(|s| s.session == session) {
-                        Some(s) => {
-                            s.last_seen = UnixMillis::now();
-                            s.figures = Some(figures);
-                            s.dirty = true;
-                            let due = s.heartbeat_forwarded.is_none_or(|at| {
-                                at.elapsed() >= limits::HEARTBEAT_FORWARD_INTERVAL
-                            });
-                            if due {
-                                s.heartbeat_forwarded = Some(Instant::now());
-                            }
-                            due
-                        }
-                        None => true,
-                    }
-                };
-                if forward {
-                    self.engine
-                        .event(Event::AgentHeartbeat { agent: id.clone() });
+                let mut reg = lock(&self.registry);
+                if let Some(s) = reg.live.get_mut(id).filter(|s| s.session == session) {
+                    s.last_seen = UnixMillis::now();
+                    s.figures = Some(figures);
+                    s.dirty = true;
+                    // The scheduler hears of it with the next presence flush, however
+                    // many heartbeats arrive until then (a flooding agent costs nothing
+                    // more there).
+                    s.heard = true;
                 }
             }
             AgentMessage::RenewCertificate { csr_der } => {

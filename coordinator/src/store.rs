@@ -39,6 +39,15 @@ const SECRET_SCOPES: TableDefinition<&str, &str> = TableDefinition::new("secret_
 const ENVIRONMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("environments");
 /// Deployments by id → [`DeploymentRecord`].
 const DEPLOYMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("deployments");
+/// The scheduler's state in parts, each written only when it changes: run headers by
+/// run, jobs by (run, index), and the small rest under `meta["scheduler.core"]`. The
+/// engine encodes them; the store keeps bytes.
+const SCHEDULER_RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduler_runs");
+const SCHEDULER_JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("scheduler_jobs");
+/// Where the whole scheduler snapshot was kept before it was stored in parts; read
+/// once after an upgrade, removed by the first write of the parts.
+const LEGACY_SCHEDULER_KEY: &str = "scheduler";
+const SCHEDULER_CORE_KEY: &str = "scheduler.core";
 
 /// Version of the record layouts below; bump with a migration when a record changes shape.
 const SCHEMA_VERSION: u32 = 1;
@@ -221,6 +230,30 @@ pub struct TriggerRecord {
 
 /// A change to one job record.
 pub type JobChange = (JobId, Box<dyn Fn(&mut JobRecord) + Send>);
+
+/// What the engine writes of the scheduler's state with a batch: the encoded parts that
+/// changed (`None`: delete; a deleted run takes all its jobs with it).
+#[derive(Debug, Default)]
+pub struct SchedulerWrite {
+    pub core: Vec<u8>,
+    pub runs: Vec<(RunId, Option<Vec<u8>>)>,
+    pub jobs: Vec<(JobId, Option<Vec<u8>>)>,
+}
+
+/// The scheduler's state as stored.
+#[derive(Debug)]
+pub enum StoredScheduler {
+    /// Nothing stored yet.
+    None,
+    /// One whole snapshot, as coordinators before the parts stored it.
+    Legacy(Vec<u8>),
+    /// The parts: core, run headers, jobs (encoded).
+    Parts {
+        core: Vec<u8>,
+        runs: Vec<Vec<u8>>,
+        jobs: Vec<Vec<u8>>,
+    },
+}
 /// A change to one run record.
 pub type RunChange = (RunId, Box<dyn Fn(&mut RunRecord) + Send>);
 
@@ -304,6 +337,10 @@ impl Store {
                 .map_err(eng!("open environments"))?;
             tx.open_table(DEPLOYMENTS)
                 .map_err(eng!("open deployments"))?;
+            tx.open_table(SCHEDULER_RUNS)
+                .map_err(eng!("open scheduler runs"))?;
+            tx.open_table(SCHEDULER_JOBS)
+                .map_err(eng!("open scheduler jobs"))?;
             web::create_tables(&tx)?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
@@ -639,21 +676,19 @@ impl Store {
         }
     }
 
-    /// Applies job and run changes and the scheduler snapshot in one commit (the effects
-    /// of one batch of scheduler steps). Returns the changed records.
+    /// Applies job and run changes and the scheduler's changed parts in one commit (the
+    /// effects of one batch of scheduler steps). Returns the changed records.
     pub fn apply(
         &self,
         jobs: &[JobChange],
         runs: &[RunChange],
-        snapshot: Option<&[u8]>,
+        scheduler: Option<&SchedulerWrite>,
     ) -> Result<(Vec<JobRecord>, Vec<RunRecord>), StoreError> {
         self.write(|tx| {
             let mut changed_jobs = Vec::new();
             let mut changed_runs = Vec::new();
-            if let Some(bytes) = snapshot {
-                let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
-                meta.insert("scheduler", bytes)
-                    .map_err(eng!("write scheduler snapshot"))?;
+            if let Some(write) = scheduler {
+                Self::write_scheduler(tx, write)?;
             }
             let mut table = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
             for (id, change) in jobs {
@@ -685,14 +720,88 @@ impl Store {
         })
     }
 
-    /// The scheduler snapshot saved by the last [`Self::apply`], if any.
-    pub fn scheduler_snapshot(&self) -> Result<Option<Vec<u8>>, StoreError> {
+    fn write_scheduler(
+        tx: &redb::WriteTransaction,
+        write: &SchedulerWrite,
+    ) -> Result<(), StoreError> {
+        let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
+        meta.insert(SCHEDULER_CORE_KEY, write.core.as_slice())
+            .map_err(eng!("write scheduler core"))?;
+        meta.remove(LEGACY_SCHEDULER_KEY)
+            .map_err(eng!("remove the legacy scheduler snapshot"))?;
+        drop(meta);
+        let mut runs = tx
+            .open_table(SCHEDULER_RUNS)
+            .map_err(eng!("open scheduler runs"))?;
+        let mut jobs = tx
+            .open_table(SCHEDULER_JOBS)
+            .map_err(eng!("open scheduler jobs"))?;
+        for (run, bytes) in &write.runs {
+            if let Some(b) = bytes {
+                runs.insert(run.0, b.as_slice())
+                    .map_err(eng!("write scheduler run"))?;
+            } else {
+                runs.remove(run.0).map_err(eng!("remove scheduler run"))?;
+                jobs.retain_in((run.0, 0)..=(run.0, u32::MAX), |_, _| false)
+                    .map_err(eng!("remove scheduler jobs"))?;
+            }
+        }
+        for (job, bytes) in &write.jobs {
+            let key = (job.run.0, job.index);
+            if let Some(b) = bytes {
+                jobs.insert(key, b.as_slice())
+                    .map_err(eng!("write scheduler job"))?;
+            } else {
+                jobs.remove(key).map_err(eng!("remove scheduler job"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The scheduler's state as the last [`Self::apply`] left it.
+    pub fn scheduler_state(&self) -> Result<StoredScheduler, StoreError> {
         let tx = self.db.begin_read().map_err(eng!("begin read"))?;
         let meta = tx.open_table(META).map_err(eng!("open meta"))?;
-        Ok(meta
-            .get("scheduler")
-            .map_err(eng!("read scheduler snapshot"))?
-            .map(|v| v.value().to_vec()))
+        if let Some(core) = meta
+            .get(SCHEDULER_CORE_KEY)
+            .map_err(eng!("read scheduler core"))?
+        {
+            let core = core.value().to_vec();
+            let mut runs = Vec::new();
+            let mut jobs = Vec::new();
+            let table = tx
+                .open_table(SCHEDULER_RUNS)
+                .map_err(eng!("open scheduler runs"))?;
+            for item in table.iter().map_err(eng!("scan scheduler runs"))? {
+                runs.push(
+                    item.map_err(eng!("scan scheduler runs"))?
+                        .1
+                        .value()
+                        .to_vec(),
+                );
+            }
+            let table = tx
+                .open_table(SCHEDULER_JOBS)
+                .map_err(eng!("open scheduler jobs"))?;
+            for item in table.iter().map_err(eng!("scan scheduler jobs"))? {
+                jobs.push(
+                    item.map_err(eng!("scan scheduler jobs"))?
+                        .1
+                        .value()
+                        .to_vec(),
+                );
+            }
+            return Ok(StoredScheduler::Parts { core, runs, jobs });
+        }
+        Ok(
+            match meta
+                .get(LEGACY_SCHEDULER_KEY)
+                .map_err(eng!("read scheduler snapshot"))?
+            {
+                Some(v) => StoredScheduler::Legacy(v.value().to_vec()),
+                None => StoredScheduler::None,
+            },
+        )
     }
 
     /// Registers (or replaces) a trigger and records the audit entry.

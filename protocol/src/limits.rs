@@ -54,11 +54,6 @@ pub const AGENT_MESSAGES_PER_SEC: u32 = 200;
 /// spooled across a reconnect arrive together).
 pub const AGENT_MESSAGE_BURST: u32 = 2_000;
 
-/// Heartbeats of one agent session reach the scheduler at most this often (the others
-/// only refresh presence): a heartbeat renews leases of 30 s, so more than one a second
-/// is work for nothing. Lower it only with the lease duration.
-pub const HEARTBEAT_FORWARD_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Time a client has to finish the TLS handshake and send its hello. Slow links at 300 ms
 /// RTT need ~1 s; 10 s leaves room and still frees a slot held by a silent peer quickly.
 pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

@@ -43,7 +43,10 @@ mod machine;
 mod types;
 
 pub use expr::StatusExpr;
-pub use machine::{labels_match, Scheduler, Snapshot, RESERVED_LABEL_PREFIX};
+pub use machine::{
+    labels_match, Changes, CoreSnapshot, JobSnapshot, RunSnapshot, Scheduler, Snapshot,
+    RESERVED_LABEL_PREFIX,
+};
 pub use types::{
     Command, Event, FailReason, JobPlan, JobState, Outcome, PlanError, RunState,
     DEFAULT_INFRA_RETRIES, LEASE_DURATION_SECS, OFFER_TIMEOUT_SECS, TIMEOUT_GRACE_SECS,

@@ -3,6 +3,7 @@
 //! the same `now` values always give the same commands, which is what lets the property
 //! tests and the simulation replay any failure exactly.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
@@ -18,6 +19,11 @@ use crate::types::{
 /// Every call runs the same four steps: apply the event, expire offers, leases and
 /// timeouts that are due at `now`, move pending jobs whose ancestors are all terminal
 /// (evaluating their conditions), then dispatch queued jobs to free matching agents.
+///
+/// With 10,000 agents most events are heartbeats, so no step may cost a pass over every
+/// agent: deadlines and free agents are kept in ordered indexes (`deadlines`, `free`),
+/// and dispatch runs only when something that can make a queued job fit has happened
+/// (`dispatch_due`). `check_invariants` checks the indexes against the states.
 #[derive(Debug, Clone, Default)]
 pub struct Scheduler {
     runs: BTreeMap<RunId, RunEntry>,
@@ -30,6 +36,20 @@ pub struct Scheduler {
     next_seq: u64,
     /// Runs in which some job became terminal during the current `handle` call.
     dirty: BTreeSet<RunId>,
+    /// Agents that can take work now (a live session, not draining, a free slot), most
+    /// free slots first, then by id: dispatch's order of preference.
+    free: BTreeSet<(Reverse<usize>, AgentId)>,
+    /// Offered and running jobs by the time they need attention without an event
+    /// (offer expiry, lease expiry, timeout backstop).
+    deadlines: BTreeSet<(UnixMillis, JobId)>,
+    /// Something happened that may let a queued job fit a free agent (a job queued, a
+    /// slot freed, an agent connected). After `dispatch` no queued job fits any free
+    /// agent, so without such a change there is nothing to look for.
+    dispatch_due: bool,
+    /// Run headers and jobs changed since the shell last took them (`take_changes`),
+    /// so it can persist what changed instead of everything.
+    unsaved_runs: BTreeSet<RunId>,
+    unsaved_jobs: BTreeSet<JobId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +90,9 @@ struct AgentEntry {
     /// The agent is about to restart into another binary: no new work until its next
     /// session starts.
     draining: bool,
+    /// Its free slots as listed in `Scheduler::free` (0: not listed).
+    #[serde(skip)]
+    listed_free: usize,
 }
 
 /// Everything the scheduler knows, in a form that serializes with any serde format
@@ -80,6 +103,96 @@ pub struct Snapshot {
     agents: Vec<(AgentId, Labels, u32)>,
     rr_cursor: Vec<(i32, String)>,
     next_seq: u64,
+}
+
+/// The part of the state that is neither a run nor a job: small, saved with every change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CoreSnapshot {
+    rr_cursor: Vec<(i32, String)>,
+    next_seq: u64,
+}
+
+/// A run without its jobs, as saved on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSnapshot {
+    id: RunId,
+    pipeline: String,
+    priority: i32,
+    seq: u64,
+    state: RunState,
+    cancel_requested: bool,
+}
+
+impl RunSnapshot {
+    pub fn run(&self) -> RunId {
+        self.id
+    }
+}
+
+/// One job of a run, as saved on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSnapshot(JobEntry);
+
+impl JobSnapshot {
+    pub fn job(&self) -> JobId {
+        self.0.plan.id
+    }
+}
+
+/// What changed since the shell last asked ([`Scheduler::take_changes`]): the shell
+/// stores these and, after a restart, rebuilds the state with [`Snapshot::from_parts`]
+/// from everything it stored. Lease renewals are left out on purpose (as they are from
+/// `Command::JobChanged`): `restore` renews every lease anyway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changes {
+    pub core: CoreSnapshot,
+    /// Run headers to write; `None`: the run was forgotten, delete it and all its jobs.
+    pub runs: Vec<(RunId, Option<RunSnapshot>)>,
+    /// Jobs to write; `None`: delete (their run was forgotten).
+    pub jobs: Vec<(JobId, Option<JobSnapshot>)>,
+}
+
+impl Changes {
+    /// Nothing but the core, which changes only along with a run or a job.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.jobs.is_empty()
+    }
+}
+
+impl Snapshot {
+    /// The snapshot the stored parts add up to. It names no agent that holds nothing:
+    /// after a restart every agent is disconnected until it says hello again, with its
+    /// labels and slots, so nothing else about an idle agent is worth storing.
+    pub fn from_parts(core: CoreSnapshot, runs: Vec<RunSnapshot>, jobs: Vec<JobSnapshot>) -> Self {
+        let mut entries: BTreeMap<RunId, RunEntry> = runs
+            .into_iter()
+            .map(|r| {
+                (
+                    r.id,
+                    RunEntry {
+                        id: r.id,
+                        pipeline: r.pipeline,
+                        priority: r.priority,
+                        seq: r.seq,
+                        state: r.state,
+                        cancel_requested: r.cancel_requested,
+                        jobs: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
+        for JobSnapshot(job) in jobs {
+            if let Some(run) = entries.get_mut(&job.plan.id.run) {
+                run.jobs.insert(job.plan.id.index, job);
+            }
+        }
+        Self {
+            runs: entries.into_values().collect(),
+            agents: Vec::new(),
+            rr_cursor: core.rr_cursor,
+            next_seq: core.next_seq,
+        }
+    }
 }
 
 impl Scheduler {
@@ -107,12 +220,14 @@ impl Scheduler {
                 if let Some(entry) = self.agents.get_mut(&agent) {
                     entry.sessions = entry.sessions.saturating_sub(1);
                 }
+                self.relist(&agent);
             }
             Event::AgentHeartbeat { agent } => self.renew_leases(now, &agent),
             Event::AgentDraining { agent, draining } => {
                 if let Some(entry) = self.agents.get_mut(&agent) {
                     entry.draining = draining;
                 }
+                self.relist(&agent);
             }
             Event::JobAccepted {
                 job,
@@ -158,23 +273,7 @@ impl Scheduler {
     /// The earliest time at which something will happen without an event (an offer or a
     /// lease runs out, a timeout backstop fires). The shell sends `Event::Tick` then.
     pub fn next_deadline(&self) -> Option<UnixMillis> {
-        self.held_jobs()
-            .filter_map(|job| self.job(job))
-            .filter_map(|entry| match &entry.state {
-                JobState::Offered {
-                    offer_expires_at, ..
-                } => Some(*offer_expires_at),
-                JobState::Running {
-                    lease_expires_at,
-                    started_at,
-                    ..
-                } => Some(
-                    backstop(*started_at, entry.plan.timeout_ms)
-                        .map_or(*lease_expires_at, |b| b.min(*lease_expires_at)),
-                ),
-                _ => None,
-            })
-            .min()
+        self.deadlines.first().map(|(at, _)| *at)
     }
 
     pub fn run_state(&self, run: RunId) -> Option<RunState> {
@@ -232,6 +331,7 @@ impl Scheduler {
     pub fn forget_run(&mut self, run: RunId) -> bool {
         if self.runs.get(&run).is_some_and(|r| r.state.is_terminal()) {
             self.runs.remove(&run);
+            self.unsaved_runs.insert(run);
             true
         } else {
             false
@@ -257,6 +357,58 @@ impl Scheduler {
         }
     }
 
+    /// What changed since the last call, for the shell to store (see [`Changes`]).
+    pub fn take_changes(&mut self) -> Changes {
+        let runs = std::mem::take(&mut self.unsaved_runs)
+            .into_iter()
+            .map(|id| {
+                let header = self.runs.get(&id).map(|r| RunSnapshot {
+                    id: r.id,
+                    pipeline: r.pipeline.clone(),
+                    priority: r.priority,
+                    seq: r.seq,
+                    state: r.state,
+                    cancel_requested: r.cancel_requested,
+                });
+                (id, header)
+            })
+            .collect();
+        let jobs = std::mem::take(&mut self.unsaved_jobs)
+            .into_iter()
+            .map(|id| (id, self.job(id).cloned().map(JobSnapshot)))
+            .collect();
+        Changes {
+            core: CoreSnapshot {
+                rr_cursor: self
+                    .rr_cursor
+                    .iter()
+                    .map(|(p, s)| (*p, s.clone()))
+                    .collect(),
+                next_seq: self.next_seq,
+            },
+            runs,
+            jobs,
+        }
+    }
+
+    /// The shell could not store `changes`: they are taken again next time.
+    pub fn keep_unsaved(&mut self, changes: &Changes) {
+        self.unsaved_runs
+            .extend(changes.runs.iter().map(|(id, _)| *id));
+        self.unsaved_jobs
+            .extend(changes.jobs.iter().map(|(id, _)| *id));
+    }
+
+    /// Marks everything unsaved, so the next `take_changes` holds the whole state (after
+    /// a restore from an older form of storage).
+    pub fn mark_all_unsaved(&mut self) {
+        for run in self.runs.values() {
+            self.unsaved_runs.insert(run.id);
+            self.unsaved_jobs
+                .extend(run.jobs.values().map(|j| j.plan.id));
+        }
+    }
+
     /// Rebuilds the scheduler after a coordinator restart at time `now`. Every agent
     /// starts disconnected (its session died with the old process), and every lease and
     /// offer is extended to at least a full period from `now`: the time the coordinator
@@ -278,6 +430,7 @@ impl Scheduler {
                     sessions: 0,
                     held: BTreeSet::new(),
                     draining: false,
+                    listed_free: 0,
                 },
             );
         }
@@ -318,13 +471,19 @@ impl Scheduler {
                             sessions: 0,
                             held: BTreeSet::new(),
                             draining: false,
+                            listed_free: 0,
                         })
                         .held
                         .insert(id);
                 }
+                if let Some(at) = deadline_of(job) {
+                    scheduler.deadlines.insert((at, id));
+                }
             }
             scheduler.runs.insert(run.id, run);
         }
+        // Every agent starts disconnected, so none is free; reconnections list them.
+        scheduler.dispatch_due = true;
         scheduler
     }
 
@@ -356,6 +515,32 @@ impl Scheduler {
                     }
                 }
             }
+        }
+        let free: BTreeSet<(Reverse<usize>, AgentId)> = self
+            .agents
+            .iter()
+            .filter_map(|(id, a)| {
+                let n = free_slots(a);
+                (n > 0).then(|| (Reverse(n), id.clone()))
+            })
+            .collect();
+        if free != self.free {
+            return Err(format!(
+                "free agent index {:?} disagrees with the agents {:?}",
+                self.free, free
+            ));
+        }
+        let deadlines: BTreeSet<(UnixMillis, JobId)> = self
+            .runs
+            .values()
+            .flat_map(|r| r.jobs.values())
+            .filter_map(|j| deadline_of(j).map(|at| (at, j.plan.id)))
+            .collect();
+        if deadlines != self.deadlines {
+            return Err(format!(
+                "deadline index {:?} disagrees with the job states {:?}",
+                self.deadlines, deadlines
+            ));
         }
         for run in self.runs.values() {
             for job in run.jobs.values() {
@@ -435,6 +620,8 @@ impl Scheduler {
                 state: JobState::Pending,
             });
         }
+        self.unsaved_runs.insert(run);
+        self.unsaved_jobs.extend(jobs.values().map(|j| j.plan.id));
         self.runs.insert(
             run,
             RunEntry {
@@ -534,11 +721,14 @@ impl Scheduler {
                 sessions: 0,
                 held: BTreeSet::new(),
                 draining: false,
+                listed_free: 0,
             });
         entry.labels = labels;
         entry.slots = slots;
         entry.sessions = entry.sessions.saturating_add(1);
         entry.draining = false;
+        // Its labels may have changed, which can make a queued job fit it.
+        self.dispatch_due = true;
         let held: Vec<JobId> = entry.held.iter().copied().collect();
         for job in held {
             let Some(state) = self.job_state(job).cloned() else {
@@ -551,20 +741,11 @@ impl Scheduler {
                 JobState::Running {
                     agent,
                     attempt,
-                    started_at,
                     cancelling,
                     ..
                 } if reported => {
                     // Renew in place: lease renewals are not reported as changes.
-                    if let Some(entry) = self.job_mut(job) {
-                        entry.state = JobState::Running {
-                            agent: agent.clone(),
-                            attempt,
-                            lease_expires_at: now.plus_secs(LEASE_DURATION_SECS),
-                            started_at,
-                            cancelling,
-                        };
-                    }
+                    self.set_lease(job, |_| now.plus_secs(LEASE_DURATION_SECS));
                     if cancelling {
                         // The cancel may have been lost with the old connection.
                         out.push(Command::Cancel {
@@ -598,6 +779,7 @@ impl Scheduler {
                 });
             }
         }
+        self.relist(agent);
     }
 
     fn renew_leases(&mut self, now: UnixMillis, agent: &AgentId) {
@@ -607,13 +789,54 @@ impl Scheduler {
         let held: Vec<JobId> = entry.held.iter().copied().collect();
         let renewed = now.plus_secs(LEASE_DURATION_SECS);
         for job in held {
-            if let Some(JobState::Running {
-                lease_expires_at, ..
-            }) = self.job_mut(job).map(|e| &mut e.state)
-            {
-                *lease_expires_at = (*lease_expires_at).max(renewed);
+            self.set_lease(job, |lease| lease.max(renewed));
+        }
+    }
+
+    /// Changes a running job's lease in place (not reported, not saved: `restore`
+    /// renews every lease), keeping the deadline index in step.
+    fn set_lease(&mut self, job: JobId, lease: impl FnOnce(UnixMillis) -> UnixMillis) {
+        let Some(entry) = self.job_mut(job) else {
+            return;
+        };
+        let before = deadline_of(entry);
+        if let JobState::Running {
+            lease_expires_at, ..
+        } = &mut entry.state
+        {
+            *lease_expires_at = lease(*lease_expires_at);
+        }
+        let after = deadline_of(entry);
+        if before != after {
+            if let Some(at) = before {
+                self.deadlines.remove(&(at, job));
+            }
+            if let Some(at) = after {
+                self.deadlines.insert((at, job));
             }
         }
+    }
+
+    /// Puts an agent in `free` as its free slots now say (or takes it out).
+    fn relist(&mut self, agent: &AgentId) {
+        let Some(entry) = self.agents.get_mut(agent) else {
+            return;
+        };
+        let free = free_slots(entry);
+        if free == entry.listed_free {
+            return;
+        }
+        if entry.listed_free > 0 {
+            self.free
+                .remove(&(Reverse(entry.listed_free), agent.clone()));
+        }
+        if free > 0 {
+            self.free.insert((Reverse(free), agent.clone()));
+        }
+        if free > entry.listed_free {
+            self.dispatch_due = true;
+        }
+        entry.listed_free = free;
     }
 
     fn accepted(
@@ -708,6 +931,7 @@ impl Scheduler {
             return;
         }
         entry.cancel_requested = true;
+        self.unsaved_runs.insert(run);
         let jobs: Vec<(JobId, bool)> = entry
             .jobs
             .values()
@@ -824,8 +1048,13 @@ impl Scheduler {
         if self.next_deadline().is_none_or(|due| due > now) {
             return;
         }
-        let held: BTreeSet<JobId> = self.held_jobs().collect();
-        for job in held {
+        let due: BTreeSet<JobId> = self
+            .deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, job)| *job)
+            .collect();
+        for job in due {
             let Some(entry) = self.job(job) else {
                 continue;
             };
@@ -917,6 +1146,7 @@ impl Scheduler {
                 } else {
                     RunState::Succeeded
                 };
+                self.unsaved_runs.insert(run);
                 out.push(Command::RunChanged {
                     run,
                     state: entry.state,
@@ -935,14 +1165,14 @@ impl Scheduler {
     /// the jobs behind it. Among matching agents, the one with the most free slots wins
     /// (ties: smallest id), which spreads load.
     fn dispatch(&mut self, now: UnixMillis, out: &mut Vec<Command>) {
+        if !std::mem::take(&mut self.dispatch_due) {
+            return;
+        }
+        // Label sets that no free agent matches. Free agents only get fewer during this
+        // call, so each such set is looked up against them once, not once per job.
+        let mut unmatched: Vec<Labels> = Vec::new();
         loop {
-            let free: Vec<(&AgentId, &AgentEntry, usize)> = self
-                .agents
-                .iter()
-                .filter(|(_, a)| a.sessions > 0 && !a.draining && a.held.len() < a.slots as usize)
-                .map(|(id, a)| (id, a, a.slots as usize - a.held.len()))
-                .collect();
-            if free.is_empty() {
+            if self.free.is_empty() {
                 return;
             }
             let mut pick = None;
@@ -957,13 +1187,21 @@ impl Scheduler {
                         let Some(plan) = self.job(*job).map(|j| &j.plan) else {
                             continue;
                         };
-                        let best = free
-                            .iter()
-                            .filter(|(_, a, _)| labels_match(&a.labels, &plan.runs_on))
-                            .max_by(|x, y| x.2.cmp(&y.2).then_with(|| y.0.cmp(x.0)));
-                        if let Some((agent, _, _)) = best {
-                            pick = Some((*priority, pipeline.clone(), *job, (*agent).clone()));
-                            break 'priorities;
+                        if unmatched.contains(&plan.runs_on) {
+                            continue;
+                        }
+                        // `free` is in order of preference: the first match is the best.
+                        let best = self.free.iter().find(|(_, id)| {
+                            self.agents
+                                .get(id)
+                                .is_some_and(|a| labels_match(&a.labels, &plan.runs_on))
+                        });
+                        match best {
+                            Some((_, agent)) => {
+                                pick = Some((*priority, pipeline.clone(), *job, agent.clone()));
+                                break 'priorities;
+                            }
+                            None => unmatched.push(plan.runs_on.clone()),
                         }
                     }
                 }
@@ -1009,8 +1247,19 @@ impl Scheduler {
         if let Some((_, attempt)) = state.agent() {
             entry.attempt = entry.attempt.max(attempt);
         }
+        let old_deadline = deadline_of(entry);
         let old = std::mem::replace(&mut entry.state, state.clone());
+        let new_deadline = deadline_of(entry);
         let attempt = entry.attempt;
+        if old_deadline != new_deadline {
+            if let Some(at) = old_deadline {
+                self.deadlines.remove(&(at, job));
+            }
+            if let Some(at) = new_deadline {
+                self.deadlines.insert((at, job));
+            }
+        }
+        self.unsaved_jobs.insert(job);
         if old == JobState::Queued {
             if let Some(pipelines) = self.queue.get_mut(&priority) {
                 if let Some(jobs) = pipelines.get_mut(&run.pipeline) {
@@ -1031,16 +1280,21 @@ impl Scheduler {
                 .entry(run.pipeline.clone())
                 .or_default()
                 .insert((seq, job));
+            self.dispatch_due = true;
         }
         if let Some((agent, _)) = old.agent() {
             if let Some(a) = self.agents.get_mut(agent) {
                 a.held.remove(&job);
             }
+            let agent = agent.clone();
+            self.relist(&agent);
         }
         if let Some((agent, _)) = state.agent() {
             if let Some(a) = self.agents.get_mut(agent) {
                 a.held.insert(job);
             }
+            let agent = agent.clone();
+            self.relist(&agent);
         }
         if state.is_terminal() {
             self.dirty.insert(job.run);
@@ -1059,9 +1313,33 @@ impl Scheduler {
     fn job_mut(&mut self, job: JobId) -> Option<&mut JobEntry> {
         self.runs.get_mut(&job.run)?.jobs.get_mut(&job.index)
     }
+}
 
-    fn held_jobs(&self) -> impl Iterator<Item = JobId> + '_ {
-        self.agents.values().flat_map(|a| a.held.iter().copied())
+/// Free slots an agent offers: none without a live session or while draining.
+fn free_slots(agent: &AgentEntry) -> usize {
+    if agent.sessions > 0 && !agent.draining {
+        (agent.slots as usize).saturating_sub(agent.held.len())
+    } else {
+        0
+    }
+}
+
+/// When a job needs attention without an event: its offer's expiry, or the earlier of
+/// its lease's expiry and its timeout backstop; none unless it is offered or running.
+fn deadline_of(entry: &JobEntry) -> Option<UnixMillis> {
+    match &entry.state {
+        JobState::Offered {
+            offer_expires_at, ..
+        } => Some(*offer_expires_at),
+        JobState::Running {
+            lease_expires_at,
+            started_at,
+            ..
+        } => Some(
+            backstop(*started_at, entry.plan.timeout_ms)
+                .map_or(*lease_expires_at, |b| b.min(*lease_expires_at)),
+        ),
+        _ => None,
     }
 }
 

@@ -148,6 +148,31 @@ fn endpoint_config(endpoint_config: &mut quinn::EndpointConfig) -> Result<(), Tr
 #[derive(Debug)]
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    _io: IoThread,
+}
+
+/// The thread whose runtime drives the listener's endpoint: reads every datagram from
+/// the socket and hands it to its connection. Stopped when the listener is dropped.
+///
+/// Why a thread of its own: on the shared runtime the endpoint driver is one task among
+/// four per connection, and after each batch of datagrams it waits behind every task
+/// those datagrams woke. With 10,000 agents it fell so far behind that the socket's
+/// receive queue (4 MiB, the kernel's `rmem_max`) overflowed: a third of all datagrams
+/// were dropped, heartbeats arrived 15 s late, sessions were closed as silent and
+/// handshakes timed out, and the reconnections made it worse (ARCHITECTURE.md,
+/// "The listener's socket has a thread of its own"). Connections, their crypto and
+/// timers still run on the caller's runtime.
+#[derive(Debug)]
+struct IoThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl Listener {
@@ -165,7 +190,13 @@ impl Listener {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config()));
+        let mut transport = transport_config();
+        // Every client (agent, admin CLI) sends keep-alives, which keep the connection
+        // and any NAT mapping alive both ways. The server's own would only add a PING
+        // and its ACK every 10 s per connection: with 10,000 agents, a third of the
+        // packets an idle coordinator handles (ARCHITECTURE.md, "Idle CPU").
+        transport.keep_alive_interval(None);
+        config.transport_config(Arc::new(transport));
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         self::endpoint_config(&mut endpoint_config)?;
@@ -182,11 +213,47 @@ impl Listener {
         let socket = std::net::UdpSocket::bind(addr)
             .map_err(|e| TransportError::Endpoint(format!("cannot listen on {addr}: {e}")))?;
         size_buffers(&socket);
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+        let (made_tx, made) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("gantry-quic-io".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = made_tx.send(Err(format!("no runtime for the socket: {e}")));
+                        return;
+                    }
+                };
+                // Made inside this runtime, so its driver is spawned (and its socket
+                // registered) here.
+                let endpoint = rt.block_on(async {
+                    let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+                    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
+                        .map_err(|e| e.to_string())
+                });
+                let ok = endpoint.is_ok();
+                let _ = made_tx.send(endpoint);
+                if ok {
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                }
+            })
+            .map_err(|e| {
+                TransportError::Endpoint(format!("cannot start the socket thread: {e}"))
+            })?;
+        let endpoint = made
+            .recv()
+            .map_err(|_| TransportError::Endpoint("the socket thread died".into()))?
             .map_err(|e| TransportError::Endpoint(format!("cannot listen on {addr}: {e}")))?;
-        Ok(Self { endpoint })
+        Ok(Self {
+            endpoint,
+            _io: IoThread { stop: Some(stop) },
+        })
     }
 
     /// Replaces the TLS configuration for new connections (an agent's peer listener

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use gantry_protocol::{AgentId, JobId, Labels, RunId, UnixMillis};
 use gantry_scheduler::{
-    Command, Event, JobPlan, JobState, Outcome, Scheduler, StatusExpr, DEFAULT_INFRA_RETRIES,
+    Command, Event, JobPlan, JobState, Outcome, Scheduler, Snapshot, StatusExpr,
+    DEFAULT_INFRA_RETRIES,
 };
 
 pub fn agent(n: u8) -> AgentId {
@@ -75,9 +76,85 @@ pub struct Driver {
     pub log: Vec<Command>,
     /// Everything that happened, for replay.
     pub history: Vec<Happened>,
-    /// The snapshot as the coordinator's store last committed it (postcard bytes), which
-    /// is what a crashed coordinator comes back from.
-    pub committed: Option<Vec<u8>>,
+    /// The scheduler's parts as the coordinator's store last committed them, which is
+    /// what a crashed coordinator comes back from.
+    pub committed: Stored,
+}
+
+/// The scheduler's state as the coordinator stores it: in parts, postcard-encoded, each
+/// written only when `take_changes` names it (as `coordinator/src/engine.rs` does).
+#[derive(Debug, Clone, Default)]
+pub struct Stored {
+    pub core: Option<Vec<u8>>,
+    pub runs: BTreeMap<RunId, Vec<u8>>,
+    pub jobs: BTreeMap<JobId, Vec<u8>>,
+}
+
+impl Stored {
+    /// Writes what changed since the last commit.
+    pub fn commit(&mut self, scheduler: &mut Scheduler) {
+        let changes = scheduler.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        self.core = Some(postcard::to_stdvec(&changes.core).expect("encode core"));
+        for (run, header) in &changes.runs {
+            if let Some(h) = header {
+                self.runs
+                    .insert(*run, postcard::to_stdvec(h).expect("encode run"));
+            } else {
+                self.runs.remove(run);
+                self.jobs.retain(|job, _| job.run != *run);
+            }
+        }
+        for (job, entry) in &changes.jobs {
+            if let Some(e) = entry {
+                self.jobs
+                    .insert(*job, postcard::to_stdvec(e).expect("encode job"));
+            } else {
+                self.jobs.remove(job);
+            }
+        }
+    }
+
+    /// A scheduler restored at `now` from what was committed (empty if nothing was).
+    pub fn restore(&self, now: UnixMillis) -> Scheduler {
+        let Some(core) = &self.core else {
+            return Scheduler::new();
+        };
+        let snapshot = Snapshot::from_parts(
+            postcard::from_bytes(core).expect("decode core"),
+            self.runs
+                .values()
+                .map(|b| postcard::from_bytes(b).expect("decode run"))
+                .collect(),
+            self.jobs
+                .values()
+                .map(|b| postcard::from_bytes(b).expect("decode job"))
+                .collect(),
+        );
+        Scheduler::restore(snapshot, now)
+    }
+}
+
+/// What a restored scheduler knows of runs and jobs: runs with their states, jobs with
+/// their states and attempts, and the next deadline.
+type RestoredView = (
+    Vec<(RunId, gantry_scheduler::RunState)>,
+    Vec<(JobId, JobState, u32)>,
+    Option<UnixMillis>,
+);
+
+/// What a restored scheduler knows of runs and jobs (agents aside: the stored parts
+/// leave idle agents out, since every agent says hello again after a restart).
+fn restored_view(s: &Scheduler) -> RestoredView {
+    let runs: Vec<_> = s.runs().collect();
+    let jobs = runs
+        .iter()
+        .flat_map(|(run, _)| s.jobs_of(*run))
+        .map(|(job, state)| (job, state.clone(), s.job_attempt(job).unwrap_or(0)))
+        .collect();
+    (runs, jobs, s.next_deadline())
 }
 
 /// One entry of a driver's history.
@@ -115,18 +192,14 @@ pub fn restore(bytes: &[u8], now: UnixMillis) -> Scheduler {
 /// Replays a history on a fresh scheduler without any checks, returning every command.
 pub fn replay(history: &[Happened]) -> Vec<Command> {
     let mut scheduler = Scheduler::new();
-    let mut committed: Option<Vec<u8>> = None;
+    let mut committed = Stored::default();
     let mut log = Vec::new();
     for happened in history {
         match happened {
             Happened::Event(now, event) => log.extend(scheduler.handle(*now, event.clone())),
             Happened::Restart(now) => scheduler = restart(&scheduler, *now),
-            Happened::Commit => committed = Some(encode(&scheduler)),
-            Happened::Crash(now) => {
-                scheduler = committed
-                    .as_deref()
-                    .map_or_else(Scheduler::new, |bytes| restore(bytes, *now));
-            }
+            Happened::Commit => committed.commit(&mut scheduler),
+            Happened::Crash(now) => scheduler = committed.restore(*now),
             Happened::Forget(run) => {
                 scheduler.forget_run(*run);
             }
@@ -143,7 +216,7 @@ impl Default for Driver {
             agents: BTreeMap::new(),
             log: Vec::new(),
             history: Vec::new(),
-            committed: None,
+            committed: Stored::default(),
         }
     }
 }
@@ -163,19 +236,24 @@ impl Driver {
         self.history.push(Happened::Restart(self.now));
     }
 
-    /// The shell commits: the current snapshot becomes what a crash comes back to.
+    /// The shell commits what changed: the current state becomes what a crash comes
+    /// back to. Checks that the parts stored so far restore to the same runs and jobs as
+    /// the whole snapshot would.
     pub fn commit(&mut self) {
-        self.committed = Some(encode(&self.scheduler));
+        self.committed.commit(&mut self.scheduler);
         self.history.push(Happened::Commit);
+        let from_parts = restored_view(&self.committed.restore(self.now));
+        let whole = restored_view(&restart(&self.scheduler, self.now));
+        assert_eq!(
+            from_parts, whole,
+            "the stored parts restore to another state than the whole snapshot"
+        );
     }
 
     /// The coordinator crashes and comes back now: everything since the last commit is
-    /// gone, and the scheduler is restored from the committed snapshot (or starts empty).
+    /// gone, and the scheduler is restored from the committed parts (or starts empty).
     pub fn crash(&mut self) {
-        self.scheduler = self
-            .committed
-            .as_deref()
-            .map_or_else(Scheduler::new, |bytes| restore(bytes, self.now));
+        self.scheduler = self.committed.restore(self.now);
         self.history.push(Happened::Crash(self.now));
     }
 
