@@ -524,10 +524,16 @@ pub async fn receive_log(
         return Err(denied.to_string());
     }
     let log = coord.logs.open(job, attempt).map_err(|e| e.to_string())?;
+    // The agent drops what it holds below the resume point, so that point must be
+    // durable: chunks written by a stream that broke before its fsync are synced here
+    // (a no-op when nothing is pending), never acknowledged unsynced.
+    let synced = log.clone();
+    let next_seq = tokio::task::spawn_blocking(move || synced.sync())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     writer
-        .send(&LogControl::Resume {
-            next_seq: log.next_seq(),
-        })
+        .send(&LogControl::Resume { next_seq })
         .await
         .map_err(|e| e.to_string())?;
     let (tx, mut rx) = mpsc::channel::<Result<Option<LogChunk>, TransportError>>(64);
