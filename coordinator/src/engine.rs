@@ -96,7 +96,7 @@ impl Engine {
         let now = UnixMillis::now();
         let unreadable =
             |e: postcard::Error| format!("the stored scheduler state is unreadable: {e}");
-        let mut scheduler = match store.scheduler_state().map_err(|e| e.to_string())? {
+        let scheduler = match store.scheduler_state().map_err(|e| e.to_string())? {
             StoredScheduler::Parts { core, runs, jobs } => {
                 let core = postcard::from_bytes(&core).map_err(unreadable)?;
                 let runs = runs
@@ -142,17 +142,18 @@ impl Engine {
             tx,
             changes: changes.clone(),
         };
+        // Through the channel, not straight into the scheduler: the commands a
+        // resubmission yields (a skipped root job, a run that ends at once) must be
+        // committed like any other batch's, and the first batch does that.
         for (run, pipeline) in resubmit {
-            let plans = plans_for(run, &pipeline, &contexts[&run].record);
-            scheduler.handle(
-                now,
-                Event::RunSubmitted {
-                    run,
-                    pipeline: pipeline.name.clone(),
-                    priority: pipeline.priority,
-                    jobs: plans,
-                },
-            );
+            let record = contexts[&run].record.clone();
+            let plans = plans_for(run, &pipeline, &record);
+            engine.send(Input::Submitted {
+                run: Box::new(record),
+                priority: pipeline.priority,
+                pipeline,
+                plans,
+            });
         }
         let task = EngineTask {
             scheduler,
@@ -736,6 +737,88 @@ pub fn is_terminal_name(state: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoAgents;
+    impl AgentOutbox for NoAgents {
+        fn send(&self, _: &AgentId, _: CoordinatorMessage) -> bool {
+            false
+        }
+        fn secrets(&self, _: &[String]) -> Labels {
+            Labels::new()
+        }
+    }
+
+    /// A crash between storing a run and storing the scheduler's state leaves a run the
+    /// snapshot lacks. Its resubmission at start must be committed: here its only job's
+    /// condition is false, so the run must end (skipped) in the store, not stay pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_stored_but_missing_from_the_snapshot_is_resubmitted_and_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("state.redb")).expect("store"));
+        let text = "jobs:\n  only:\n    if: branch == 'release'\n    steps: [{ run: x }]\n";
+        let (run, _) = store
+            .create_run(
+                |run| {
+                    let record = RunRecord {
+                        run,
+                        pipeline: "p".into(),
+                        file_name: "p.yml".into(),
+                        text: text.into(),
+                        git_ref: "main".into(),
+                        commit: None,
+                        event: "manual".into(),
+                        inputs: Labels::new(),
+                        created_at: UnixMillis::now(),
+                        created_by: "t".into(),
+                        state: "running".into(),
+                        finished_at: None,
+                        source: None,
+                    };
+                    let job = JobRecord {
+                        job: JobId { run, index: 0 },
+                        name: "only".into(),
+                        needs: vec![],
+                        state: "pending".into(),
+                        attempt: 0,
+                        agent: None,
+                        exit_code: None,
+                        started_at: None,
+                        finished_at: None,
+                        log_chunks: None,
+                        attempts: Vec::new(),
+                    };
+                    (record, vec![job])
+                },
+                &crate::store::AuditEntry {
+                    at: UnixMillis::now(),
+                    actor: "t".into(),
+                    action: "run.create".into(),
+                    detail: String::new(),
+                },
+            )
+            .expect("create run");
+        assert!(matches!(
+            store.scheduler_state().expect("state"),
+            StoredScheduler::None
+        ));
+        let _engine = Engine::start(store.clone(), Arc::new(NoAgents), Arc::default())
+            .expect("engine starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let stored = store.run(run.run).expect("read run").expect("run stored");
+            let job = store.jobs_of(run.run).expect("read jobs");
+            if stored.finished_at.is_some() && job[0].state != "pending" {
+                assert_eq!(job[0].state, "skipped", "the job's condition is false");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resubmitted run never ended in the store: run {stored:?}, job {:?}",
+                job[0]
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 
     #[test]
     fn image_jobs_need_a_docker_capable_agent_and_needs_map_to_job_ids() {
