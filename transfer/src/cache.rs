@@ -29,6 +29,14 @@ use gantry_protocol::Digest;
 
 /// A segment is closed (and its chunks become visible) at this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// A publishing writer's segment also closes once it is this old, so a chunk other hosts
+/// wait for is visible this soon after it arrives whatever the stream's rate.
+const PUBLISH_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
+/// A publishing writer whose chunks arrive this far apart (a slow link: on a 4 MiB/s
+/// link shared by 20 hosts' ranges, one every second or two) closes its segment after
+/// each chunk: waiting for the next one would hold back chunks peers are asking for,
+/// and a peer that waits [`gantry_protocol::limits::PEER_STALL`] gives up on the host.
+const PUBLISH_SLOW_GAP: std::time::Duration = std::time::Duration::from_millis(200);
 /// Open segment files kept for reading; the set is cleared when it reaches this size.
 const MAX_OPEN_SEGMENTS: usize = 64;
 /// One index entry: digest, offset, length.
@@ -235,14 +243,15 @@ impl ChunkCache {
 
     /// Starts writing a segment; chunks appended become visible when it is finished.
     pub fn writer(&self) -> std::io::Result<CacheWriter> {
-        CacheWriter::new(self.clone(), SEGMENT_BYTES)
+        CacheWriter::new(self.clone(), SEGMENT_BYTES, false)
     }
 
     /// Like [`Self::writer`], but segments close (and their chunks become visible) every
-    /// `segment_bytes`: for chunks other hosts wait for (a staging host's own range,
-    /// which it serves as it arrives).
+    /// `segment_bytes`, at most [`PUBLISH_MAX_AGE`] after their first chunk, and after
+    /// every chunk when chunks come [`PUBLISH_SLOW_GAP`] apart: for chunks other hosts
+    /// wait for (a staging host's own range, which it serves as it arrives).
     pub fn writer_publishing_every(&self, segment_bytes: u64) -> std::io::Result<CacheWriter> {
-        CacheWriter::new(self.clone(), segment_bytes.clamp(1, SEGMENT_BYTES))
+        CacheWriter::new(self.clone(), segment_bytes.clamp(1, SEGMENT_BYTES), true)
     }
 
     /// Changes each time chunks become visible; wait on it for a chunk not there yet.
@@ -353,10 +362,20 @@ pub struct CacheWriter {
     entries: Vec<(Digest, u64, u32)>,
     /// The segment closes at this size.
     segment_bytes: u64,
+    /// For a publishing writer: when the segment's first chunk came, and the previous
+    /// chunk (or the writer's start), to close it by [`PUBLISH_MAX_AGE`] and
+    /// [`PUBLISH_SLOW_GAP`] as well as by size.
+    publish: Option<PublishClock>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PublishClock {
+    first: Option<std::time::Instant>,
+    previous: std::time::Instant,
 }
 
 impl CacheWriter {
-    fn new(cache: ChunkCache, segment_bytes: u64) -> std::io::Result<Self> {
+    fn new(cache: ChunkCache, segment_bytes: u64, publish: bool) -> std::io::Result<Self> {
         let id = new_segment_id();
         let file = File::create(cache.dir.join(segment_name(id, "seg")))?;
         Ok(Self {
@@ -366,17 +385,34 @@ impl CacheWriter {
             len: 0,
             entries: Vec::new(),
             segment_bytes,
+            publish: publish.then(|| PublishClock {
+                first: None,
+                previous: std::time::Instant::now(),
+            }),
         })
     }
 
-    /// Appends a chunk; rolls over to a new segment at the writer's segment size.
+    /// Appends a chunk; rolls over to a new segment at the writer's segment size (and,
+    /// publishing, by age and on a slow stream).
     pub fn append(&mut self, digest: &Digest, compressed: &[u8]) -> std::io::Result<()> {
         self.file.write_all(compressed)?;
         self.entries
             .push((*digest, self.len, compressed.len() as u32));
         self.len += compressed.len() as u64;
-        if self.len >= self.segment_bytes {
-            let next = Self::new(self.cache.clone(), self.segment_bytes)?;
+        let mut close = self.len >= self.segment_bytes;
+        if let Some(clock) = &mut self.publish {
+            let now = std::time::Instant::now();
+            let first = *clock.first.get_or_insert(now);
+            close |= now.duration_since(first) >= PUBLISH_MAX_AGE
+                || now.duration_since(clock.previous) >= PUBLISH_SLOW_GAP;
+            clock.previous = now;
+        }
+        if close {
+            let mut next = Self::new(self.cache.clone(), self.segment_bytes, false)?;
+            next.publish = self.publish.map(|clock| PublishClock {
+                first: None,
+                previous: clock.previous,
+            });
             std::mem::replace(self, next).finish()?;
         }
         Ok(())
@@ -454,6 +490,33 @@ mod tests {
 
     fn digest(n: u8) -> Digest {
         Digest::of(&[n])
+    }
+
+    /// Chunks peers wait for must not wait for a segment to fill: on a slow stream each
+    /// is visible as soon as it is appended (a plain writer's only when it finishes).
+    /// Only lower bounds on time are used (sleeps), so a busy machine cannot fail it.
+    #[test]
+    fn a_publishing_writer_shows_a_slow_streams_chunks_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ChunkCache::open(dir.path(), 1 << 30).expect("open");
+        let mut slow = cache.writer_publishing_every(1 << 20).expect("writer");
+        for n in 3..6 {
+            std::thread::sleep(PUBLISH_SLOW_GAP + std::time::Duration::from_millis(20));
+            slow.append(&digest(n), &[n; 100]).expect("append");
+            assert!(
+                cache.contains(&digest(n)),
+                "chunk {n}, {PUBLISH_SLOW_GAP:?} after the one before, is visible at once"
+            );
+        }
+        slow.finish().expect("finish");
+
+        // A plain writer publishes only when it finishes, however slowly chunks come.
+        let mut plain = cache.writer().expect("writer");
+        std::thread::sleep(PUBLISH_SLOW_GAP + std::time::Duration::from_millis(20));
+        plain.append(&digest(7), &[7; 100]).expect("append");
+        assert!(!cache.contains(&digest(7)));
+        plain.finish().expect("finish");
+        assert!(cache.contains(&digest(7)));
     }
 
     #[test]
