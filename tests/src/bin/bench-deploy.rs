@@ -18,7 +18,8 @@
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin bench-deploy`
 //! Options: `--size-mb 100`, `--hosts 5,10,20`, `--link 16` (MiB/s; 0 skips the emulated
-//! runs), `--exec-agents 100`. Figures are printed, never asserted. Targets (issue 5):
+//! runs), `--exec-agents 100`, `--peers-only` (skips the runs without peer fetching,
+//! the longest ones with emulated links). Figures are printed, never asserted. Targets (issue 5):
 //! staging time from 5 to 20 hosts grows less than 1.5 times; `exec` on 100 agents
 //! under 100 ms.
 
@@ -37,6 +38,7 @@ struct Options {
     hosts: Vec<usize>,
     link_mib: u64,
     exec_agents: usize,
+    peers_only: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -55,6 +57,7 @@ fn options() -> anyhow::Result<Options> {
         },
         link_mib: value("--link").map_or(Ok(16), |v| v.parse())?,
         exec_agents: value("--exec-agents").map_or(Ok(100), |v| v.parse())?,
+        peers_only: args.iter().any(|a| a == "--peers-only"),
     })
 }
 
@@ -180,7 +183,11 @@ fn staging(
         }
         let mut off = flags.clone();
         off.extend(["--peer-listen".into(), "off".into()]);
-        let (without, _) = staging_run(c, web, hosts, o.size_mb, &off)?;
+        let without = if o.peers_only {
+            f64::NAN
+        } else {
+            staging_run(c, web, hosts, o.size_mb, &off)?.0
+        };
         let (with, d) = staging_run(c, web, hosts, o.size_mb, &flags)?;
         let from_peers: Vec<String> = d["log"]
             .as_array()
@@ -191,8 +198,13 @@ fn staging(
             .filter_map(|t| t.split_once("chunks (").map(|(_, r)| r.to_owned()))
             .take(1)
             .collect();
+        let without_text = if without.is_nan() {
+            "skipped".to_owned()
+        } else {
+            format!("{without:.2} s")
+        };
         println!(
-            "  {hosts:>3} hosts: {without:>7.2} s without peers, {with:>7.2} s with peers  (a host's line: {})",
+            "  {hosts:>3} hosts: {without_text:>9} without peers, {with:>7.2} s with peers  (a host's line: {})",
             from_peers.first().map_or("-", String::as_str)
         );
         rows.push((hosts, without, with));
