@@ -738,6 +738,25 @@ pub fn is_terminal_name(state: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// A manual run of `text` on `main`, as `gantry run` stores it.
+    fn run_record(run: RunId, pipeline: &str, text: &str) -> RunRecord {
+        RunRecord {
+            run,
+            pipeline: pipeline.into(),
+            file_name: "p.yml".into(),
+            text: text.into(),
+            git_ref: "main".into(),
+            commit: None,
+            event: "manual".into(),
+            inputs: Labels::new(),
+            created_at: UnixMillis::now(),
+            created_by: "t".into(),
+            state: "running".into(),
+            finished_at: None,
+            source: None,
+        }
+    }
+
     struct NoAgents;
     impl AgentOutbox for NoAgents {
         fn send(&self, _: &AgentId, _: CoordinatorMessage) -> bool {
@@ -759,21 +778,7 @@ mod tests {
         let (run, _) = store
             .create_run(
                 |run| {
-                    let record = RunRecord {
-                        run,
-                        pipeline: "p".into(),
-                        file_name: "p.yml".into(),
-                        text: text.into(),
-                        git_ref: "main".into(),
-                        commit: None,
-                        event: "manual".into(),
-                        inputs: Labels::new(),
-                        created_at: UnixMillis::now(),
-                        created_by: "t".into(),
-                        state: "running".into(),
-                        finished_at: None,
-                        source: None,
-                    };
+                    let record = run_record(run, "p", text);
                     let job = JobRecord {
                         job: JobId { run, index: 0 },
                         name: "only".into(),
@@ -824,21 +829,7 @@ mod tests {
     fn image_jobs_need_a_docker_capable_agent_and_needs_map_to_job_ids() {
         let text = "jobs:\n  a:\n    runs-on: { os: linux }\n    steps: [{ run: x }]\n  b:\n    needs: a\n    image: alpine:3\n    steps: [{ run: y }]\n";
         let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
-        let record = RunRecord {
-            run: RunId(9),
-            pipeline: pipeline.name.clone(),
-            file_name: "p.yml".into(),
-            text: text.into(),
-            git_ref: "main".into(),
-            commit: None,
-            event: "manual".into(),
-            inputs: Labels::new(),
-            created_at: UnixMillis(0),
-            created_by: "t".into(),
-            state: "running".into(),
-            finished_at: None,
-            source: None,
-        };
+        let record = run_record(RunId(9), &pipeline.name, text);
         let plans = plans_for(RunId(9), &pipeline, &record);
         assert_eq!(
             plans[0].runs_on,

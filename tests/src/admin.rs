@@ -1,5 +1,6 @@
 //! An admin client that keeps one connection open, for benchmarks that time requests
-//! without the CLI's process start and handshake in every sample.
+//! (or poll and submit) without the CLI's process start and handshake in every sample.
+//! Every wait has a deadline.
 
 use std::time::Duration;
 
@@ -21,11 +22,16 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Connects to `c` as its admin.
     pub async fn connect(c: &Coordinator) -> anyhow::Result<Self> {
-        let ca = gantry_certs::pem_to_der(&c.ca_pem())?;
-        let creds = c.admin_pem();
-        let dialer = Dialer::new(ClientTls::mutual(&ca, &creds, &creds)?, false)?;
-        let conn = dialer.connect(&c.address, Duration::from_secs(10)).await?;
+        Self::connect_to(&c.address, &c.ca_pem(), &c.admin_pem()).await
+    }
+
+    /// Connects to `address` as the admin whose certificate and key are in `admin_pem`.
+    pub async fn connect_to(address: &str, ca_pem: &str, admin_pem: &str) -> anyhow::Result<Self> {
+        let ca = gantry_certs::pem_to_der(ca_pem)?;
+        let dialer = Dialer::new(ClientTls::mutual(&ca, admin_pem, admin_pem)?, false)?;
+        let conn = dialer.connect(address, Duration::from_secs(10)).await?;
         let (mut writer, mut reader) = conn.open_control().await?;
         writer
             .send_frame(&gantry_protocol::encode_hello(
@@ -37,10 +43,12 @@ impl Admin {
             .await?;
         anyhow::ensure!(
             matches!(
-                reader.recv::<HelloReply>().await?,
+                reader
+                    .recv_within::<HelloReply>(Duration::from_secs(10), "the welcome")
+                    .await?,
                 Some(HelloReply::Welcome(_))
             ),
-            "not welcomed"
+            "the coordinator did not welcome the admin"
         );
         Ok(Self {
             _dialer: dialer,
@@ -50,15 +58,29 @@ impl Admin {
         })
     }
 
+    /// One request and its answer, within 60 s.
     pub async fn request(&mut self, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
         self.writer.send(req).await?;
-        match self.reader.recv::<AdminResponse>().await? {
+        match self
+            .reader
+            .recv_within::<AdminResponse>(Duration::from_secs(60), "the coordinator's answer")
+            .await?
+        {
             Some(AdminResponse::Error(e)) => anyhow::bail!("{}", e.message),
             Some(r) => Ok(r),
-            None => anyhow::bail!("closed"),
+            None => anyhow::bail!("the coordinator closed the admin session"),
         }
     }
 
+    /// Agents connected as the coordinator counts them.
+    pub async fn agents_connected(&mut self) -> anyhow::Result<u64> {
+        match self.request(&AdminRequest::Status).await? {
+            AdminResponse::Status(s) => Ok(s.agents_connected),
+            other => anyhow::bail!("unexpected answer to status: {other:?}"),
+        }
+    }
+
+    /// Submits a pipeline (no source tree); returns the run once it is stored.
     pub async fn submit(&mut self, yaml: &str) -> anyhow::Result<RunId> {
         let submit = SubmitRun {
             file_name: "bench.yml".into(),
@@ -71,7 +93,7 @@ impl Admin {
         };
         match self.request(&AdminRequest::SubmitRun(submit)).await? {
             AdminResponse::Run(r) => Ok(r.run),
-            other => anyhow::bail!("unexpected {other:?}"),
+            other => anyhow::bail!("unexpected answer to a submission: {other:?}"),
         }
     }
 
@@ -82,15 +104,17 @@ impl Admin {
         Ok(r)
     }
 
-    /// Waits until the run ends; returns its final state.
-    pub async fn wait_run(&self, run: RunId) -> anyhow::Result<String> {
+    /// Waits until `run` ends, within `deadline`; returns its final state.
+    pub async fn wait_run(&self, run: RunId, deadline: Duration) -> anyhow::Result<String> {
         let mut r = self.follow(&StreamOpen::FollowRun { run }).await?;
+        let until = tokio::time::Instant::now() + deadline;
         loop {
-            match r.recv::<FollowEvent>().await? {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match r.recv_within::<FollowEvent>(left, "the run to end").await? {
                 Some(FollowEvent::End { state }) => return Ok(state),
                 Some(FollowEvent::Error(e)) => anyhow::bail!("{}", e.message),
                 Some(_) => {}
-                None => anyhow::bail!("follow ended"),
+                None => anyhow::bail!("the run's follow stream ended before the run"),
             }
         }
     }

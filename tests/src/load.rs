@@ -6,14 +6,7 @@
 //! process needs nothing from it but its arguments (it exits when its stdin closes, so a
 //! benchmark that dies cannot leave it behind).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use gantry_certs::ClientTls;
-use gantry_protocol::{
-    limits, AdminHello, AdminRequest, AdminResponse, FollowEvent, HelloReply, Intent, Labels,
-    RunId, StreamOpen, SubmitRun,
-};
-use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wall-clock nanoseconds since the epoch: comparable between processes on one machine.
 pub fn now_ns() -> u128 {
@@ -99,105 +92,6 @@ impl LoadEvent {
             },
             _ => return None,
         })
-    }
-}
-
-/// An admin session held by the benchmark itself, so polling and submitting cost no
-/// process start and no new handshake.
-#[derive(Debug)]
-pub struct AdminClient {
-    _dialer: Dialer,
-    conn: Connection,
-    writer: FrameWriter,
-    reader: FrameReader,
-}
-
-impl AdminClient {
-    /// Connects to `address` as the admin whose certificate and key are in `admin_pem`.
-    pub async fn connect(address: &str, ca_pem: &str, admin_pem: &str) -> anyhow::Result<Self> {
-        let ca = gantry_certs::pem_to_der(ca_pem)?;
-        let dialer = Dialer::new(ClientTls::mutual(&ca, admin_pem, admin_pem)?, false)?;
-        let conn = dialer.connect(address, Duration::from_secs(10)).await?;
-        let (mut writer, mut reader) = conn.open_control().await?;
-        writer
-            .send_frame(&gantry_protocol::encode_hello(
-                &Intent::Admin(AdminHello {
-                    client_version: "bench".into(),
-                }),
-                limits::MAX_FRAME_BYTES,
-            )?)
-            .await?;
-        anyhow::ensure!(
-            matches!(
-                reader
-                    .recv_within::<HelloReply>(Duration::from_secs(10), "the welcome")
-                    .await?,
-                Some(HelloReply::Welcome(_))
-            ),
-            "the coordinator did not welcome the admin"
-        );
-        Ok(Self {
-            _dialer: dialer,
-            conn,
-            writer,
-            reader,
-        })
-    }
-
-    /// One request and its answer, within 60 s.
-    pub async fn request(&mut self, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
-        self.writer.send(req).await?;
-        match self
-            .reader
-            .recv_within::<AdminResponse>(Duration::from_secs(60), "the coordinator's answer")
-            .await?
-        {
-            Some(AdminResponse::Error(e)) => anyhow::bail!("{}", e.message),
-            Some(r) => Ok(r),
-            None => anyhow::bail!("the coordinator closed the admin session"),
-        }
-    }
-
-    /// Submits a pipeline (no source tree); returns the run once it is stored.
-    pub async fn submit(&mut self, yaml: &str) -> anyhow::Result<RunId> {
-        let submit = SubmitRun {
-            file_name: "bench.yml".into(),
-            text: yaml.into(),
-            git_ref: "main".into(),
-            commit: None,
-            event: "manual".into(),
-            inputs: Labels::new(),
-            source: None,
-        };
-        match self.request(&AdminRequest::SubmitRun(submit)).await? {
-            AdminResponse::Run(r) => Ok(r.run),
-            other => anyhow::bail!("unexpected answer to a submission: {other:?}"),
-        }
-    }
-
-    /// Agents connected as the coordinator counts them.
-    pub async fn agents_connected(&mut self) -> anyhow::Result<u64> {
-        match self.request(&AdminRequest::Status).await? {
-            AdminResponse::Status(s) => Ok(s.agents_connected),
-            other => anyhow::bail!("unexpected answer to status: {other:?}"),
-        }
-    }
-
-    /// Waits until `run` ends, within `deadline`; returns its final state.
-    pub async fn wait_run(&self, run: RunId, deadline: Duration) -> anyhow::Result<String> {
-        let (mut w, mut r) = self.conn.open_stream().await?;
-        w.send(&StreamOpen::FollowRun { run }).await?;
-        w.finish();
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match r.recv_within::<FollowEvent>(left, "the run to end").await? {
-                Some(FollowEvent::End { state }) => return Ok(state),
-                Some(FollowEvent::Error(e)) => anyhow::bail!("{}", e.message),
-                Some(_) => {}
-                None => anyhow::bail!("the run's follow stream ended before the run"),
-            }
-        }
     }
 }
 

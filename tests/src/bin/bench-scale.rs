@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use gantry_protocol::RunId;
-use gantry_tests::load::{now_ns, trivial_pipeline, AdminClient, LoadEvent};
+use gantry_tests::admin::Admin;
+use gantry_tests::load::{now_ns, trivial_pipeline, LoadEvent};
 use gantry_tests::{bin, Coordinator, CoordinatorOptions, Proc};
 
 /// Jobs per run in the burst (a pipeline holds at most 512).
@@ -433,7 +434,7 @@ fn measure(args: &Args, agents: usize, rt: &tokio::runtime::Runtime) -> anyhow::
     let mut admin = rt.block_on(async {
         let mut tries = 0;
         loop {
-            match AdminClient::connect(&coordinator.address, &ca, &admin_pem).await {
+            match Admin::connect_to(&coordinator.address, &ca, &admin_pem).await {
                 Ok(admin) => return Ok(admin),
                 Err(e) if tries >= 30 => return Err(e),
                 Err(_) => {
