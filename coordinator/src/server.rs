@@ -37,6 +37,12 @@ use crate::store::{
 /// How often presence (last seen, figures) is written to the store. Presence is not an
 /// acknowledgement, so batching it keeps 10,000 heartbeats/5 s from becoming 2,000 fsyncs/s.
 pub const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// How stale a connected agent's stored presence may become. Views of connected agents
+/// read the registry, so the stored copy matters only after a crash (a departure and a
+/// graceful shutdown write the exact figures). Rewriting every heard agent's record at
+/// each flush was, with 10,000 agents, ~5,000 record rewrites a second for figures no
+/// one reads (ARCHITECTURE.md, "Presence is stored once a minute").
+pub const PRESENCE_PERSIST_INTERVAL: Duration = Duration::from_secs(60);
 /// Handshakes in progress at once; more are refused until some finish (connection storms).
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Longest join token lifetime and use count an admin may ask for.
@@ -58,6 +64,33 @@ pub struct Settings {
     pub webhooks: crate::webhooks::WebhookSettings,
 }
 
+/// Which presence [`Coordinator::flush_presence`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceFlush {
+    /// Departures, new sessions, and connected agents not written for
+    /// [`PRESENCE_PERSIST_INTERVAL`] (the periodic flush).
+    Due,
+    /// Everything not yet written (shutdown).
+    Everything,
+}
+
+impl PresenceFlush {
+    /// Whether a connected session's presence is written now: it changed (`dirty`), and
+    /// it is new (`new_hello`: facts not yet stored), was never written, was last
+    /// written [`PRESENCE_PERSIST_INTERVAL`] ago, or this is the shutdown flush.
+    fn writes(
+        self,
+        dirty: bool,
+        new_hello: bool,
+        persisted_at: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        let stale = persisted_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= PRESENCE_PERSIST_INTERVAL);
+        dirty && (new_hello || stale || self == PresenceFlush::Everything)
+    }
+}
+
 /// A live agent session as the registry holds it.
 #[derive(Debug)]
 struct LiveSession {
@@ -73,7 +106,10 @@ struct LiveSession {
     /// Where the other hosts of a deployment reach this agent's peer listener: the
     /// address this session comes from, with the port the hello named.
     peer_address: Option<String>,
+    /// Presence changed since it was last written to the store.
     dirty: bool,
+    /// When this session's presence was last written (`None`: not yet).
+    persisted_at: Option<Instant>,
     /// A heartbeat arrived since the last flush: its leases are due for renewal.
     heard: bool,
     /// Messages for the agent (dispatches, cancels, acknowledgements), sent in order.
@@ -356,7 +392,9 @@ impl Coordinator {
                     // A commit (an fsync) must not hold up a worker thread: quinn's
                     // endpoint driver and the sessions run there.
                     let me = me.clone();
-                    let _ = tokio::task::spawn_blocking(move || me.flush_presence()).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || me.flush_presence(PresenceFlush::Due))
+                            .await;
                 }
             })
         };
@@ -377,19 +415,24 @@ impl Coordinator {
             "coordinator shutting down; reconnect shortly",
         );
         flusher.abort();
-        self.flush_presence();
+        self.flush_presence(PresenceFlush::Everything);
         let _ = tokio::time::timeout(Duration::from_secs(2), listener.wait_idle()).await;
     }
 
     /// Writes pending presence in one commit, and renews the leases of every agent heard
     /// from since the last flush. Failures are logged and retried next tick.
     ///
+    /// Departures and new sessions (their hello facts) are written at the first flush; a
+    /// connected agent's heartbeat figures at most every [`PRESENCE_PERSIST_INTERVAL`],
+    /// unless `what` is [`PresenceFlush::Everything`] (shutdown).
+    ///
     /// Heartbeats reach the scheduler from here, in one burst per flush (taken in
     /// batches of up to 512), rather than each on its own: with 10,000 agents that was
     /// 2,000 wake-ups of the engine a second for events that almost never change
     /// anything. A lease (30 s) is renewed at most one flush interval (2 s) late.
-    pub fn flush_presence(&self) {
+    pub fn flush_presence(&self, what: PresenceFlush) {
         let mut heard = Vec::new();
+        let now = Instant::now();
         let batch = {
             let mut reg = lock(&self.registry);
             let mut batch = std::mem::take(&mut reg.departed);
@@ -398,8 +441,9 @@ impl Coordinator {
                     s.heard = false;
                     heard.push(id.clone());
                 }
-                if s.dirty {
+                if what.writes(s.dirty, s.hello.is_some(), s.persisted_at, now) {
                     s.dirty = false;
+                    s.persisted_at = Some(now);
                     batch.push(Presence {
                         agent_id: id.clone(),
                         last_seen: s.last_seen,
@@ -822,6 +866,7 @@ impl Coordinator {
                 labels: effective_labels.clone(),
                 peer_address,
                 dirty: true,
+                persisted_at: None,
                 heard: false,
                 outbound,
             },
@@ -2224,5 +2269,25 @@ mod tests {
             .take_while(|_| bucket.take(later).is_none())
             .count();
         assert_eq!(passed, 10, "the burst caps what is saved up");
+    }
+
+    #[test]
+    fn heartbeat_presence_is_written_once_a_minute_and_new_sessions_and_shutdown_at_once() {
+        let now = Instant::now();
+        let recently = now.checked_sub(Duration::from_secs(10)).unwrap();
+        let a_minute_ago = now.checked_sub(PRESENCE_PERSIST_INTERVAL).unwrap();
+        let due = PresenceFlush::Due;
+        // A new session's hello facts: at the first flush, even if written moments ago
+        // by the session it replaced.
+        assert!(due.writes(true, true, None, now));
+        assert!(due.writes(true, true, Some(recently), now));
+        // Heartbeat figures: not again within the minute, then again.
+        assert!(!due.writes(true, false, Some(recently), now));
+        assert!(due.writes(true, false, Some(a_minute_ago), now));
+        assert!(due.writes(true, false, None, now));
+        // Shutdown writes whatever changed; nothing changed is never written.
+        assert!(PresenceFlush::Everything.writes(true, false, Some(recently), now));
+        assert!(!PresenceFlush::Everything.writes(false, false, Some(a_minute_ago), now));
+        assert!(!due.writes(false, true, None, now));
     }
 }
