@@ -76,18 +76,12 @@ pub enum PresenceFlush {
 
 impl PresenceFlush {
     /// Whether a connected session's presence is written now: it changed (`dirty`), and
-    /// it is new (`new_hello`: facts not yet stored), was never written, was last
-    /// written [`PRESENCE_PERSIST_INTERVAL`] ago, or this is the shutdown flush.
-    fn writes(
-        self,
-        dirty: bool,
-        new_hello: bool,
-        persisted_at: Option<Instant>,
-        now: Instant,
-    ) -> bool {
+    /// it was never written (a new session: its hello facts), was last written
+    /// [`PRESENCE_PERSIST_INTERVAL`] ago, or this is the shutdown flush.
+    fn writes(self, dirty: bool, persisted_at: Option<Instant>, now: Instant) -> bool {
         let stale = persisted_at
             .is_none_or(|at| now.saturating_duration_since(at) >= PRESENCE_PERSIST_INTERVAL);
-        dirty && (new_hello || stale || self == PresenceFlush::Everything)
+        dirty && (stale || self == PresenceFlush::Everything)
     }
 }
 
@@ -441,7 +435,7 @@ impl Coordinator {
                     s.heard = false;
                     heard.push(id.clone());
                 }
-                if what.writes(s.dirty, s.hello.is_some(), s.persisted_at, now) {
+                if what.writes(s.dirty, s.persisted_at, now) {
                     s.dirty = false;
                     s.persisted_at = Some(now);
                     batch.push(Presence {
@@ -2273,21 +2267,18 @@ mod tests {
 
     #[test]
     fn heartbeat_presence_is_written_once_a_minute_and_new_sessions_and_shutdown_at_once() {
-        let now = Instant::now();
-        let recently = now.checked_sub(Duration::from_secs(10)).unwrap();
-        let a_minute_ago = now.checked_sub(PRESENCE_PERSIST_INTERVAL).unwrap();
+        let written = Instant::now();
+        let soon_after = written + Duration::from_secs(10);
+        let a_minute_later = written + PRESENCE_PERSIST_INTERVAL;
         let due = PresenceFlush::Due;
-        // A new session's hello facts: at the first flush, even if written moments ago
-        // by the session it replaced.
-        assert!(due.writes(true, true, None, now));
-        assert!(due.writes(true, true, Some(recently), now));
+        // A new session (never written: its hello facts) at the first flush.
+        assert!(due.writes(true, None, written));
         // Heartbeat figures: not again within the minute, then again.
-        assert!(!due.writes(true, false, Some(recently), now));
-        assert!(due.writes(true, false, Some(a_minute_ago), now));
-        assert!(due.writes(true, false, None, now));
+        assert!(!due.writes(true, Some(written), soon_after));
+        assert!(due.writes(true, Some(written), a_minute_later));
         // Shutdown writes whatever changed; nothing changed is never written.
-        assert!(PresenceFlush::Everything.writes(true, false, Some(recently), now));
-        assert!(!PresenceFlush::Everything.writes(false, false, Some(a_minute_ago), now));
-        assert!(!due.writes(false, true, None, now));
+        assert!(PresenceFlush::Everything.writes(true, Some(written), soon_after));
+        assert!(!PresenceFlush::Everything.writes(false, Some(written), a_minute_later));
+        assert!(!due.writes(false, None, written));
     }
 }
