@@ -32,8 +32,70 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Compresses one chunk.
+/// zstd's frame magic number, little-endian on the wire (RFC 8878, section 3.1.1).
+const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// The largest block a zstd frame may hold (RFC 8878, `Block_Maximum_Size`).
+const MAX_BLOCK: usize = 128 * 1024;
+
+/// Bytes sampled from the middle of a chunk to decide whether compressing it pays.
+const SAMPLE_BYTES: usize = 8 * 1024;
+
+/// A sample that shrinks by less than this (compressed/original) marks its chunk as
+/// incompressible. When to change: lower it to store more chunks raw (cheaper uploads,
+/// larger stores); the artifact benchmark's random data compresses to ~100.03%.
+const WORTH_COMPRESSING: f64 = 0.97;
+
+/// Compresses one chunk, or, when a sample of it does not compress (random data,
+/// archives, images: zstd level 3 on them was a fifth of an uploading agent's CPU for
+/// nothing), stores it in a zstd frame of raw blocks ([`raw_frame`]). Either way the
+/// result is one zstd frame that [`decompress`] (or any zstd decoder) reads back.
+///
+/// The sample is [`SAMPLE_BYTES`] from the middle: a chunk whose only redundancy lies
+/// further apart than that is stored raw, which costs space, never correctness.
 pub fn compress(chunk: &[u8]) -> Vec<u8> {
+    if chunk.len() > 2 * SAMPLE_BYTES {
+        let start = (chunk.len() - SAMPLE_BYTES) / 2;
+        let sample = &chunk[start..start + SAMPLE_BYTES];
+        let squeezed = compress_zstd(sample).len();
+        if squeezed as f64 >= sample.len() as f64 * WORTH_COMPRESSING {
+            return raw_frame(chunk);
+        }
+    }
+    compress_zstd(chunk)
+}
+
+/// `chunk` as a zstd frame of raw (uncompressed) blocks: a single-segment frame header
+/// with a 4-byte content size (so the window is the content size, within
+/// [`WINDOW_LOG_MAX`]), then blocks of at most [`MAX_BLOCK`] bytes, each behind its
+/// 3-byte header (RFC 8878, sections 3.1.1.1 and 3.1.1.2). Costs one copy.
+pub(crate) fn raw_frame(chunk: &[u8]) -> Vec<u8> {
+    // Chunks are at most MAX_CHUNK (256 KiB); the content size field is 32 bits.
+    let content_size = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+    let blocks = chunk.len().div_ceil(MAX_BLOCK).max(1);
+    let mut out = Vec::with_capacity(MAGIC.len() + 5 + 3 * blocks + chunk.len());
+    out.extend_from_slice(&MAGIC);
+    // Frame header descriptor: content size field of 4 bytes (flag 2), single segment,
+    // no checksum, no dictionary.
+    out.push(0b1010_0000);
+    out.extend_from_slice(&content_size.to_le_bytes());
+    if chunk.is_empty() {
+        // One empty raw block, marked last.
+        out.extend_from_slice(&[1, 0, 0]);
+    }
+    let mut pieces = chunk.chunks(MAX_BLOCK).peekable();
+    while let Some(block) = pieces.next() {
+        let last = u32::from(pieces.peek().is_none());
+        // Bit 0: last block; bits 1-2: type (0 = raw); bits 3-23: size (at most 128 KiB).
+        let header = last | ((block.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+    out
+}
+
+/// Compresses `chunk` with zstd at [`COMPRESSION_LEVEL`].
+fn compress_zstd(chunk: &[u8]) -> Vec<u8> {
     // Compressing an in-memory slice into a buffer of zstd's bound only fails if zstd
     // cannot allocate its context, which is an out-of-memory condition rather than an
     // input error.
@@ -156,7 +218,6 @@ pub fn decompress(
 /// Checking it here turns a frame that asks for a large window into a size refusal
 /// rather than a generic decoder error; later frames are still capped by the decoder.
 fn first_frame_window(compressed: &[u8]) -> Option<u64> {
-    const MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
     let (magic, rest) = compressed.split_first_chunk::<4>()?;
     if *magic != MAGIC {
         return None;
@@ -175,6 +236,73 @@ fn first_frame_window(compressed: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes no compressor can shrink (an xorshift generator).
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_frames_of_every_block_layout_decode_to_their_bytes() {
+        // Empty, one byte, on and around the 128 KiB block boundary, the largest chunk.
+        for len in [0, 1, MAX_BLOCK - 1, MAX_BLOCK, MAX_BLOCK + 1, MAX_CHUNK] {
+            let data = noise(len, len as u64 + 7);
+            let frame = raw_frame(&data);
+            assert_eq!(
+                frame.len(),
+                data.len() + 9 + 3 * len.div_ceil(MAX_BLOCK).max(1),
+                "{len}: header, then 3 bytes per block"
+            );
+            // zstd itself reads the frame, and so does the bounded decoder.
+            let by_zstd = zstd::bulk::decompress(&frame, len.max(1)).expect("zstd decodes it");
+            assert_eq!(by_zstd, data, "{len}");
+            if len > 0 {
+                let ours = decompress(&frame, len, &Digest::of(&data)).expect("decodes");
+                assert_eq!(ours, data, "{len}");
+            }
+        }
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_raw_and_compressible_ones_compressed() {
+        let random = noise(64 * 1024, 1);
+        let stored = compress(&random);
+        assert_eq!(
+            stored,
+            raw_frame(&random),
+            "random data is stored as raw blocks"
+        );
+        assert_eq!(
+            decompress(&stored, random.len(), &Digest::of(&random)).expect("random data decodes"),
+            random
+        );
+        let text: Vec<u8> = b"gantry stores artifacts in chunks; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(64 * 1024)
+            .collect();
+        let stored = compress(&text);
+        assert!(stored.len() < text.len() / 10, "{} bytes", stored.len());
+        assert_eq!(
+            decompress(&stored, text.len(), &Digest::of(&text)).expect("text decodes"),
+            text
+        );
+        // A raw frame still refuses a wrong declared size, like any frame.
+        let frame = raw_frame(&random);
+        assert!(matches!(
+            decompress(&frame, random.len() - 1, &Digest::of(&random)),
+            Err(CasError::TooLarge { .. })
+        ));
+    }
 
     #[test]
     fn max_compressed_chunk_is_zstd_bound() {

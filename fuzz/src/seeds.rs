@@ -574,9 +574,24 @@ fn chunks() -> Vec<(&'static str, Vec<u8>)> {
     let noise: Vec<u8> = (0..1_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
+    // Past a 16 KiB chunk, noise no compressor shrinks is stored as a frame of raw
+    // blocks: 20,000 bytes of an xorshift generator make one.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let incompressible: Vec<u8> = (0..20_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
     vec![
         ("text", with_len(text.len(), gantry_cas::compress(&text))),
         ("noise", with_len(noise.len(), gantry_cas::compress(&noise))),
+        (
+            "raw-blocks",
+            with_len(incompressible.len(), gantry_cas::compress(&incompressible)),
+        ),
         ("short-declared", with_len(10, gantry_cas::compress(&text))),
     ]
 }
