@@ -585,25 +585,33 @@ impl FrameWriter {
     }
 
     /// Encodes and sends one message.
+    ///
+    /// The encoded frame is handed to quinn whole, as owned bytes: `write_all` of a
+    /// slice would copy it once more into quinn's send buffer.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransportError> {
         let frame = gantry_protocol::encode_frame(msg, limits::MAX_FRAME_BYTES)?;
-        self.send_frame(&frame).await
+        let outcome = within_stall(self.stall, self.send.write_chunk(frame.into())).await;
+        self.settle(outcome)
     }
 
     /// Sends bytes that are already one or more frames (or, in tests, deliberately not).
     pub async fn send_frame(&mut self, frame: &[u8]) -> Result<(), TransportError> {
-        let write = self.send.write_all(frame);
-        let written = match self.stall {
-            None => write.await,
-            Some(after) => {
-                let Ok(w) = tokio::time::timeout(after, write).await else {
-                    self.reset(CloseCode::Timeout);
-                    return Err(TransportError::Timeout {
-                        what: "the peer to read",
-                        after,
-                    });
-                };
-                w
+        let outcome = within_stall(self.stall, self.send.write_all(frame)).await;
+        self.settle(outcome)
+    }
+
+    /// Turns a write's outcome into the send's result. A write abandoned at the stall
+    /// deadline resets the stream, so a partly written frame is never followed by
+    /// another.
+    fn settle(&mut self, outcome: WriteOutcome) -> Result<(), TransportError> {
+        let written = match outcome {
+            WriteOutcome::Done(written) => written,
+            WriteOutcome::Stalled(after) => {
+                self.reset(CloseCode::Timeout);
+                return Err(TransportError::Timeout {
+                    what: "the peer to read",
+                    after,
+                });
             }
         };
         written.map_err(|e| match e {
@@ -622,6 +630,27 @@ impl FrameWriter {
     /// is discarded).
     pub fn reset(&mut self, code: CloseCode) {
         let _ = self.send.reset((code as u32).into());
+    }
+}
+
+/// How a write on a [`FrameWriter`] ended: done (well or not), or still waiting for
+/// the peer to read when the stall deadline passed.
+enum WriteOutcome {
+    Done(Result<(), quinn::WriteError>),
+    Stalled(Duration),
+}
+
+/// Waits for `write`, for at most `stall` when there is one.
+async fn within_stall(
+    stall: Option<Duration>,
+    write: impl std::future::Future<Output = Result<(), quinn::WriteError>>,
+) -> WriteOutcome {
+    match stall {
+        None => WriteOutcome::Done(write.await),
+        Some(after) => match tokio::time::timeout(after, write).await {
+            Ok(written) => WriteOutcome::Done(written),
+            Err(_) => WriteOutcome::Stalled(after),
+        },
     }
 }
 
