@@ -274,7 +274,12 @@ impl Coordinator {
         let child = Command::new(bin("gantry"))
             .args(["server", "--data-dir"])
             .arg(self.data_dir())
-            .env("GANTRY_LOG", "info")
+            // GANTRY_TEST_SERVER_LOG lets a benchmark ask for more, e.g. `debug` for the
+            // QUIC path figures logged at the end of each artifact stream.
+            .env(
+                "GANTRY_LOG",
+                std::env::var("GANTRY_TEST_SERVER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

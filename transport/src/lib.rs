@@ -398,6 +398,16 @@ impl Connection {
         self.0.rtt()
     }
 
+    /// Path figures for tests and benchmarks: the MTU in use and what was lost.
+    pub fn path_figures(&self) -> PathFigures {
+        let stats = self.0.stats();
+        PathFigures {
+            mtu: stats.path.current_mtu,
+            lost_packets: stats.path.lost_packets,
+            black_holes: stats.path.black_holes_detected,
+        }
+    }
+
     /// Path figures for logs: current MTU, congestion window, losses.
     pub fn path_summary(&self) -> String {
         let stats = self.0.stats();
@@ -412,6 +422,17 @@ impl Connection {
             stats.path.rtt
         )
     }
+}
+
+/// What a connection's sending side has seen of its path (see [`Connection::path_figures`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathFigures {
+    /// The UDP payload size now in use: path MTU discovery's current value.
+    pub mtu: u16,
+    /// Packets this side declared lost.
+    pub lost_packets: u64,
+    /// Times quinn decided large packets were being dropped and fell back to 1,200 bytes.
+    pub black_holes: u64,
 }
 
 /// A client endpoint: one UDP socket from which connections are made.

@@ -328,6 +328,24 @@ fn main() -> anyhow::Result<()> {
     let run = run_and_wait(&c, &transfer(&blob))?;
     let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
     let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
+    // With GANTRY_TEST_SERVER_LOG=debug the coordinator logs the QUIC path figures (MTU,
+    // congestion window, losses) after each artifact stream: show the last of each agent.
+    let log = c.log();
+    let mut agents_seen = Vec::new();
+    for line in log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("artifact stream ended"))
+    {
+        let agent = line
+            .split("agent=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next());
+        if !agents_seen.contains(&agent) {
+            agents_seen.push(agent);
+            println!("   path: {}", line.split("path=").nth(1).unwrap_or(line));
+        }
+    }
 
     // 2. The same artifact with 1% changed.
     println!("== gantry: re-uploading with 1% changed");
