@@ -172,7 +172,8 @@ fn record(
             File::open(on_disk).map_err(CasError::io(format!("opening {}", on_disk.display())))?;
         let mut chunks = Vec::new();
         let mut size: u64 = 0;
-        for chunk in chunk_reader(file) {
+        let mut reader = chunk_reader(file);
+        while let Some(chunk) = reader.next_chunk() {
             let (digest, data) = chunk.map_err(|err| match err {
                 CasError::Io { source, .. } => CasError::Io {
                     context: format!("reading {}", on_disk.display()),
@@ -180,7 +181,7 @@ fn record(
                 },
                 other => other,
             })?;
-            on_chunk(digest, &data)?;
+            on_chunk(digest, data)?;
             // Chunks are at most MAX_CHUNK (256 KiB) long, which fits in u32.
             let chunk_size = data.len() as u32;
             size += u64::from(chunk_size);

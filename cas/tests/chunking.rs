@@ -79,6 +79,65 @@ fn chunks_do_not_depend_on_read_sizes() {
     assert_eq!(trickled, chunks_of(&data));
 }
 
+/// The boundaries must stay those of fastcdc's own streaming chunker, which uploads
+/// used before: otherwise every stored artifact would stop deduplicating against new
+/// uploads. 7 MiB spans several read windows (2 MiB each); the trickled copy reads 1,000
+/// bytes at a time, so window edges fall everywhere.
+#[test]
+fn boundaries_are_those_of_fastcdc_streaming_chunker() {
+    let mut data = Prng::new(13).bytes(7 << 20);
+    // Long runs of one byte cut at MAX_CHUNK exactly: check the window edges there too.
+    data[(3 << 20)..(3 << 20) + 700_000].fill(0);
+    let reference: Vec<(Digest, Vec<u8>)> =
+        fastcdc::v2020::StreamCDC::new(&data[..], MIN_CHUNK, gantry_cas::AVG_CHUNK, MAX_CHUNK)
+            .map(|c| {
+                let c = c.expect("reference chunking");
+                (Digest::of(&c.data), c.data)
+            })
+            .collect();
+    assert!(reference.len() > 50, "only {} chunks", reference.len());
+    assert_eq!(chunks_of(&data), reference);
+    let trickled: Vec<_> = chunk_reader(Trickle(&data))
+        .collect::<Result<_, _>>()
+        .expect("chunking");
+    assert_eq!(trickled, reference);
+}
+
+/// A reader that is interrupted once, then fails after `good` bytes.
+struct Failing {
+    good: usize,
+    interrupted: bool,
+}
+
+impl Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.interrupted {
+            self.interrupted = true;
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        if self.good == 0 {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        let n = buf.len().min(self.good);
+        buf[..n].fill(7);
+        self.good -= n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_read_error_is_returned_once_and_ends_the_chunks() {
+    let results: Vec<_> = chunk_reader(Failing {
+        good: 100_000,
+        interrupted: false,
+    })
+    .collect();
+    // The window is never full, so the failure comes before any chunk is cut.
+    assert_eq!(results.len(), 1, "{results:?}");
+    let err = results[0].as_ref().expect_err("the read error");
+    assert!(err.to_string().contains("reading data to chunk"), "{err}");
+}
+
 trait ConcatBytes {
     fn concat_bytes(&self) -> Vec<u8>;
 }
