@@ -20,6 +20,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::direct::{DirectWriter, DIRECT_WRITE_MIN};
 use crate::{CasError, Digest, EntryKind, Manifest};
 
 /// Mode bits applied on extraction: permissions and the sticky bit, never setuid or
@@ -78,17 +79,18 @@ pub fn extract_with(
                 }
                 dir_modes.push((on_disk, *mode));
             }
-            EntryKind::File { mode, chunks, .. } => {
+            EntryKind::File { mode, chunks, size } => {
                 let on_disk = ensure_parents(dest, &entry.path)?;
                 if merge {
                     clear_for_replacement(&on_disk, &entry.path)?;
                 }
-                let mut file = OpenOptions::new()
+                let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .open(&on_disk)
                     .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
+                let mut file = FileOut::new(file, *size);
                 for chunk in chunks {
                     let data = fetch(&chunk.digest)?;
                     if data.len() != chunk.size as usize {
@@ -109,9 +111,12 @@ pub fn extract_with(
                             actual,
                         });
                     }
-                    file.write_all(&data)
+                    file.write(&data)
                         .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
                 }
+                let file = file
+                    .finish()
+                    .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
                 file.set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
                     .map_err(CasError::io(format!("setting mode of `{}`", entry.path)))?;
             }
@@ -152,6 +157,37 @@ pub fn extract_with(
         )))?;
     }
     Ok(())
+}
+
+/// Where a file's bytes go: straight to the file, or for a large one past the page
+/// cache (see [`crate::direct`]).
+enum FileOut {
+    Plain(fs::File),
+    Direct(DirectWriter),
+}
+
+impl FileOut {
+    fn new(file: fs::File, size: u64) -> Self {
+        if size >= DIRECT_WRITE_MIN {
+            Self::Direct(DirectWriter::new(file))
+        } else {
+            Self::Plain(file)
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Plain(file) => file.write_all(data),
+            Self::Direct(writer) => writer.write(data),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<fs::File> {
+        match self {
+            Self::Plain(file) => Ok(file),
+            Self::Direct(writer) => writer.finish(),
+        }
+    }
 }
 
 /// Creates `dest` if it does not exist; otherwise it must be an empty directory and not

@@ -19,6 +19,7 @@
 mod build;
 mod chunk;
 mod compress;
+mod direct;
 mod error;
 mod extract;
 mod manifest;
