@@ -153,9 +153,17 @@ fn mb_per_s(bytes: f64, secs: f64) -> f64 {
 
 /// nginx serving `root` over TLS on a free loopback port, with WebDAV PUT under /up/.
 struct Nginx {
-    _proc: Proc,
+    proc: Proc,
     port: u16,
     ca: PathBuf,
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, so the master stops its workers: killed outright, it left them running
+    /// after the benchmark.
+    fn drop(&mut self) {
+        self.proc.terminate();
+    }
 }
 
 fn start_nginx(work: &Path, root: &Path) -> anyhow::Result<Nginx> {
@@ -192,7 +200,7 @@ fn start_nginx(work: &Path, root: &Path) -> anyhow::Result<Nginx> {
         .stderr(Stdio::null())
         .spawn()?;
     let nginx = Nginx {
-        _proc: Proc {
+        proc: Proc {
             child,
             name: "nginx".into(),
         },
