@@ -126,6 +126,13 @@ pub fn decompress(
     expected_len: usize,
     expected_digest: &Digest,
 ) -> Result<Vec<u8>, CasError> {
+    check_bounds(compressed, expected_len)?;
+    decode_checked(compressed, expected_len, expected_digest)
+}
+
+/// The size limits every chunk meets before any decoding: a declared size of at most
+/// [`MAX_CHUNK`], compressed bytes of at most [`MAX_COMPRESSED_CHUNK`].
+fn check_bounds(compressed: &[u8], expected_len: usize) -> Result<(), CasError> {
     if expected_len > MAX_CHUNK {
         return Err(CasError::TooLarge {
             what: "declared chunk size",
@@ -140,6 +147,16 @@ pub fn decompress(
             limit: MAX_COMPRESSED_CHUNK as u64,
         });
     }
+    Ok(())
+}
+
+/// Decodes a chunk (bounds already checked) with the capped decoder and checks its
+/// length and digest.
+fn decode_checked(
+    compressed: &[u8],
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<Vec<u8>, CasError> {
     let corrupt = |reason: String| CasError::CorruptChunk {
         digest: *expected_digest,
         reason,
@@ -210,6 +227,149 @@ pub fn decompress(
         });
     }
     Ok(out)
+}
+
+/// A chunk's bytes, checked against the size and digest it was asked for: what
+/// extraction writes. Made only by [`open_chunk`] (and by [`crate::extract_with`] for
+/// the bytes its callback returns), so holding one means the check was done.
+///
+/// A chunk stored raw (a zstd frame of raw blocks, see [`compress`]) stays in its frame:
+/// its blocks are hashed and written where they lie, which saves a copy of every byte
+/// of an incompressible artifact on the way to its file.
+#[derive(Debug)]
+pub struct VerifiedChunk {
+    digest: Digest,
+    len: usize,
+    bytes: Vec<u8>,
+    /// Where the chunk's bytes lie in `bytes`, in order: all of it for a decoded chunk,
+    /// each block of a raw frame (at most two: [`MAX_CHUNK`] is two [`MAX_BLOCK`]s).
+    pieces: Vec<std::ops::Range<usize>>,
+}
+
+impl VerifiedChunk {
+    /// Bytes already checked by the caller against `digest` (size and hash).
+    pub(crate) fn checked(digest: Digest, bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self {
+            digest,
+            len,
+            bytes,
+            pieces: std::iter::once(0..len).collect(),
+        }
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The chunk's uncompressed length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunk's bytes, in pieces that join to the whole.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().map(|r| &self.bytes[r.clone()])
+    }
+
+    /// The chunk's bytes in one buffer (a copy only for a raw frame).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self.pieces.as_slice() {
+            [only] if only.start == 0 && only.end == self.bytes.len() => self.bytes,
+            _ => self.pieces().flatten().copied().collect(),
+        }
+    }
+}
+
+/// Checks one compressed chunk like [`decompress`] and keeps it for writing out: a raw
+/// frame is hashed in place and kept as it is, anything else is decoded (bounded) first.
+/// The same inputs are refused with the same errors as by [`decompress`].
+pub fn open_chunk(
+    compressed: Vec<u8>,
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<VerifiedChunk, CasError> {
+    check_bounds(&compressed, expected_len)?;
+    if let Some(pieces) = raw_blocks(&compressed, expected_len) {
+        let actual = Digest::of_pieces(pieces.iter().map(|r| &compressed[r.clone()]));
+        if actual != *expected_digest {
+            return Err(CasError::DigestMismatch {
+                expected: *expected_digest,
+                actual,
+            });
+        }
+        return Ok(VerifiedChunk {
+            digest: actual,
+            len: expected_len,
+            bytes: compressed,
+            pieces,
+        });
+    }
+    let bytes = decode_checked(&compressed, expected_len, expected_digest)?;
+    Ok(VerifiedChunk::checked(*expected_digest, bytes))
+}
+
+/// Checks one compressed chunk like [`decompress`] without keeping its bytes (the
+/// coordinator, before storing or serving one): a raw frame costs a hash and no copy.
+pub fn verify_chunk(
+    compressed: &[u8],
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<(), CasError> {
+    check_bounds(compressed, expected_len)?;
+    if let Some(pieces) = raw_blocks(compressed, expected_len) {
+        let actual = Digest::of_pieces(pieces.iter().map(|r| &compressed[r.clone()]));
+        if actual != *expected_digest {
+            return Err(CasError::DigestMismatch {
+                expected: *expected_digest,
+                actual,
+            });
+        }
+        return Ok(());
+    }
+    decode_checked(compressed, expected_len, expected_digest).map(drop)
+}
+
+/// The block ranges of `frame` if it is laid out exactly as [`raw_frame`] writes one for
+/// `expected_len` bytes: the single-segment header with a 4-byte content size equal to
+/// `expected_len`, then raw blocks only, the last one marked, summing to that size, and
+/// nothing after. Such a frame decodes (by any zstd decoder) to its blocks joined, so
+/// hashing them in place checks it; any other frame returns `None` and goes through the
+/// decoder.
+fn raw_blocks(frame: &[u8], expected_len: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    let rest = frame.strip_prefix(&MAGIC)?;
+    let (&descriptor, rest) = rest.split_first()?;
+    let (content_size, _) = rest.split_first_chunk::<4>()?;
+    if descriptor != 0b1010_0000 || u32::from_le_bytes(*content_size) as usize != expected_len {
+        return None;
+    }
+    let mut at = MAGIC.len() + 5;
+    let mut total = 0usize;
+    let mut pieces = Vec::with_capacity(expected_len.div_ceil(MAX_BLOCK).max(1));
+    loop {
+        let header = frame.get(at..at + 3)?;
+        let header = u32::from(header[0]) | u32::from(header[1]) << 8 | u32::from(header[2]) << 16;
+        let (last, kind, size) = (header & 1 == 1, (header >> 1) & 3, (header >> 3) as usize);
+        if kind != 0 || size > MAX_BLOCK {
+            return None;
+        }
+        let start = at + 3;
+        let end = start.checked_add(size)?;
+        if end > frame.len() {
+            return None;
+        }
+        pieces.push(start..end);
+        total += size;
+        at = end;
+        if last {
+            break;
+        }
+    }
+    (at == frame.len() && total == expected_len).then_some(pieces)
 }
 
 /// The window size the first zstd frame declares, read from its header (RFC 8878,
@@ -302,6 +462,83 @@ mod tests {
             decompress(&frame, random.len() - 1, &Digest::of(&random)),
             Err(CasError::TooLarge { .. })
         ));
+    }
+
+    /// The in-place check of raw frames must accept exactly what the decoder accepts,
+    /// with the same bytes, and refuse the rest with the same kind of error: every
+    /// header byte of a two-block raw frame is damaged in turn, the frame is cut short
+    /// and lengthened, and compressed and empty chunks go the decoder's way.
+    #[test]
+    fn open_and_verify_agree_with_decompress_on_damaged_raw_frames() {
+        let data = noise(MAX_BLOCK + 5000, 3);
+        let digest = Digest::of(&data);
+        let frame = raw_frame(&data);
+        let mut cases: Vec<(String, Vec<u8>, usize)> = vec![
+            ("intact".into(), frame.clone(), data.len()),
+            (
+                "one byte short".into(),
+                frame[..frame.len() - 1].to_vec(),
+                data.len(),
+            ),
+            (
+                "a byte too many".into(),
+                [&frame[..], &[0]].concat(),
+                data.len(),
+            ),
+            ("declared one less".into(), frame.clone(), data.len() - 1),
+            ("declared one more".into(), frame.clone(), data.len() + 1),
+        ];
+        let second_header = MAGIC.len() + 5 + 3 + MAX_BLOCK;
+        for at in (0..MAGIC.len() + 5 + 3).chain(second_header..second_header + 3) {
+            for flip in [0x01, 0x02, 0x04, 0x08, 0x80] {
+                let mut bad = frame.clone();
+                bad[at] ^= flip;
+                cases.push((format!("byte {at} ^ {flip:#x}"), bad, data.len()));
+            }
+        }
+        let mut payload = frame.clone();
+        payload[MAGIC.len() + 5 + 3 + 10] ^= 1;
+        cases.push(("a payload byte".into(), payload, data.len()));
+        let text = vec![b'g'; 70_000];
+        cases.push(("compressed".into(), compress(&text), text.len()));
+        cases.push(("empty".into(), raw_frame(&[]), 0));
+
+        for (what, bytes, len) in cases {
+            let digest = if what == "compressed" {
+                Digest::of(&text)
+            } else if what == "empty" {
+                Digest::of(&[])
+            } else {
+                digest
+            };
+            let decoded = decompress(&bytes, len, &digest);
+            let opened = open_chunk(bytes.clone(), len, &digest);
+            let verified = verify_chunk(&bytes, len, &digest);
+            match (&decoded, opened) {
+                (Ok(want), Ok(got)) => {
+                    assert_eq!(got.len(), want.len(), "{what}");
+                    assert_eq!(got.digest(), &digest, "{what}");
+                    assert_eq!(&got.into_bytes(), want, "{what}");
+                    assert!(verified.is_ok(), "{what}");
+                }
+                (Err(want), Err(got)) => {
+                    let kind = |e: &CasError| std::mem::discriminant(e);
+                    assert_eq!(kind(&got), kind(want), "{what}: {got} vs {want}");
+                    let verified = verified.expect_err(&what);
+                    assert_eq!(kind(&verified), kind(want), "{what}");
+                }
+                (want, got) => panic!("{what}: decompress {want:?}, open_chunk {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_raw_chunk_is_kept_in_its_frame_and_joins_to_its_bytes() {
+        let data = noise(MAX_CHUNK, 9);
+        let chunk = open_chunk(raw_frame(&data), data.len(), &Digest::of(&data)).expect("opens");
+        let pieces: Vec<&[u8]> = chunk.pieces().collect();
+        assert_eq!(pieces.len(), 2, "two 128 KiB blocks, read where they lie");
+        assert_eq!(pieces.concat(), data);
     }
 
     #[test]

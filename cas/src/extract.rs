@@ -21,7 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::direct::{DirectWriter, DIRECT_WRITE_MIN};
-use crate::{CasError, Digest, EntryKind, Manifest};
+use crate::{CasError, Digest, EntryKind, Manifest, VerifiedChunk};
 
 /// Mode bits applied on extraction: permissions and the sticky bit, never setuid or
 /// setgid (an artifact must not mint privileged binaries).
@@ -58,6 +58,23 @@ pub fn extract_with(
     existing: Existing,
     mut fetch: impl FnMut(&Digest) -> Result<Vec<u8>, CasError>,
 ) -> Result<(), CasError> {
+    // The bytes are labelled with the digest they hash to; a label that is not the one
+    // asked for is refused below, after the size check, like any mismatch.
+    extract_verified(manifest, dest, existing, |digest| {
+        let data = fetch(digest)?;
+        Ok(VerifiedChunk::checked(Digest::of(&data), data))
+    })
+}
+
+/// [`extract_with`] for a `fetch` that returns chunks already checked
+/// ([`crate::open_chunk`]): they are not hashed again, only matched by digest and size
+/// against the manifest. What a download uses.
+pub fn extract_verified(
+    manifest: &Manifest,
+    dest: &Path,
+    existing: Existing,
+    mut fetch: impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+) -> Result<(), CasError> {
     manifest.validate()?;
     match existing {
         Existing::Refuse => prepare_destination(dest)?,
@@ -90,7 +107,8 @@ pub fn extract_with(
                     .mode(0o600)
                     .open(&on_disk)
                     .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
-                let mut file = FileOut::new(file, *size);
+                let mut file = FileOut::new(file, *size)
+                    .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
                 for chunk in chunks {
                     let data = fetch(&chunk.digest)?;
                     if data.len() != chunk.size as usize {
@@ -104,15 +122,16 @@ pub fn extract_with(
                             ),
                         });
                     }
-                    let actual = Digest::of(&data);
-                    if actual != chunk.digest {
+                    if *data.digest() != chunk.digest {
                         return Err(CasError::DigestMismatch {
                             expected: chunk.digest,
-                            actual,
+                            actual: *data.digest(),
                         });
                     }
-                    file.write(&data)
-                        .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+                    for piece in data.pieces() {
+                        file.write(piece)
+                            .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+                    }
                 }
                 let file = file
                     .finish()
@@ -167,12 +186,12 @@ enum FileOut {
 }
 
 impl FileOut {
-    fn new(file: fs::File, size: u64) -> Self {
-        if size >= DIRECT_WRITE_MIN {
-            Self::Direct(DirectWriter::new(file))
+    fn new(file: fs::File, size: u64) -> std::io::Result<Self> {
+        Ok(if size >= DIRECT_WRITE_MIN {
+            Self::Direct(DirectWriter::new(file)?)
         } else {
             Self::Plain(file)
-        }
+        })
     }
 
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {

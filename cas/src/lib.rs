@@ -26,9 +26,12 @@ mod manifest;
 
 pub use build::{build_manifest, build_manifest_for};
 pub use chunk::{chunk_reader, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
-pub use compress::{compress, decompress, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK};
+pub use compress::{
+    compress, decompress, open_chunk, verify_chunk, VerifiedChunk, COMPRESSION_LEVEL,
+    MAX_COMPRESSED_CHUNK,
+};
 pub use error::{CasError, PathProblem, SymlinkProblem};
-pub use extract::{extract, extract_with, Existing};
+pub use extract::{extract, extract_verified, extract_with, Existing};
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use manifest::{
     ChunkRef, Entry, EntryKind, Manifest, MANIFEST_VERSION, MAX_COMPONENT_BYTES, MAX_ENTRIES,

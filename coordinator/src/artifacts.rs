@@ -1151,7 +1151,7 @@ fn verify_and_append(
             );
             return (pack, Err(message));
         }
-        if let Err(e) = gantry_cas::decompress(&put.data, put.size as usize, &put.digest) {
+        if let Err(e) = gantry_cas::verify_chunk(&put.data, put.size as usize, &put.digest) {
             return (pack, Err(format!("chunk {} is refused: {e}", put.digest)));
         }
         let location = match pack.append(&put.data) {

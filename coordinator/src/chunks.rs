@@ -212,8 +212,8 @@ impl ChunkStore {
                 })
             }
         };
-        match gantry_cas::decompress(&compressed, size as usize, digest) {
-            Ok(_) => Ok(compressed),
+        match gantry_cas::verify_chunk(&compressed, size as usize, digest) {
+            Ok(()) => Ok(compressed),
             Err(e) => Err(ChunkReadError::Corrupt {
                 digest: *digest,
                 reason: e.to_string(),
