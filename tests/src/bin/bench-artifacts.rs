@@ -222,6 +222,14 @@ fn is_root() -> bool {
     })
 }
 
+/// Waits until every dirty page is on disk (`sync`), so each measurement starts with
+/// an idle disk rather than with the writeback of what came before it.
+fn settle_disk() -> anyhow::Result<()> {
+    let status = Command::new("sync").status()?;
+    anyhow::ensure!(status.success(), "sync failed: {status}");
+    Ok(())
+}
+
 /// Times one curl command; returns seconds.
 fn curl(args: &[&str]) -> anyhow::Result<f64> {
     let started = Instant::now();
@@ -265,6 +273,10 @@ fn main() -> anyhow::Result<()> {
         rng.fill(&mut buf);
         std::fs::write(sub.join(format!("f{i:05}.bin")), &buf)?;
     }
+
+    // The 3 GiB just written would still be going to disk during the first
+    // measurements (the baseline's, which then varied from 340 to 950 MB/s): flush it.
+    settle_disk()?;
 
     // Baseline first: nginx over TLS, curl on the same loopback.
     let tools = Command::new("nginx").arg("-v").output().is_ok()
@@ -315,6 +327,7 @@ fn main() -> anyhow::Result<()> {
         None
     };
 
+    settle_disk()?;
     let c = Coordinator::start();
     let token = c.token(&["--uses", "2"]);
     let mut agents = Vec::new();
@@ -356,6 +369,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // 2. The same artifact with 1% changed.
+    settle_disk()?;
     println!("== gantry: re-uploading with 1% changed");
     let run = run_and_wait(&c, &transfer(&changed))?;
     let reup = figures(&c.logs(&format!("{run}.0")), "sent")?;
@@ -366,6 +380,7 @@ fn main() -> anyhow::Result<()> {
             "name: tree\njobs:\n  t:\n    runs-on: {{ role: {role} }}\n    cache: {{ key: bench-tree, paths: [vendor] }}\n    steps: [{{ run: '{step}' }}]\n"
         )
     };
+    settle_disk()?;
     println!("== gantry: saving a {FILES_IN_TREE}-file cache, then restoring it twice");
     let save = run_and_wait(
         &c,
