@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use gantry_cas::Existing;
 use gantry_certs::{CertAuthority, ClientTls, RevocationSet, ServerTls};
 use gantry_protocol::{
     ChunkFrame, ChunkWants, CloseCode, Digest, Grant, ManifestFrame, StreamOpen,
 };
-use gantry_transfer::{ChunkCache, TransferOptions};
+use gantry_transfer::{ChunkCache, DownloadFigures, TransferError, TransferOptions};
 use gantry_transport::{Connection, Dialer, Listener};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -149,6 +150,29 @@ async fn start(root: &Path, how: Serving) -> (Connection, Digest) {
     (conn, digest)
 }
 
+/// A download as an admin would make it, within [`DEADLINE`].
+async fn download(
+    conn: &Connection,
+    manifest: &Digest,
+    cache: &ChunkCache,
+    dest: &Path,
+    existing: Existing,
+) -> Result<DownloadFigures, TransferError> {
+    let options = TransferOptions::default();
+    let downloading = gantry_transfer::download(
+        conn,
+        &Grant::Admin,
+        manifest,
+        cache,
+        dest,
+        existing,
+        &options,
+    );
+    tokio::time::timeout(DEADLINE, downloading)
+        .await
+        .expect("the download ends within its deadline")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -163,21 +187,9 @@ async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
     let (conn, manifest) = start(&source, how).await;
     let cache = ChunkCache::open(&work.path().join("cache"), 1 << 30).expect("cache");
     let dest = work.path().join("dest");
-    let figures = tokio::time::timeout(
-        DEADLINE,
-        gantry_transfer::download(
-            &conn,
-            &Grant::Admin,
-            &manifest,
-            &cache,
-            &dest,
-            gantry_cas::Existing::Refuse,
-            &TransferOptions::default(),
-        ),
-    )
-    .await
-    .expect("within the deadline")
-    .expect("download");
+    let figures = download(&conn, &manifest, &cache, &dest, Existing::Refuse)
+        .await
+        .expect("download");
     assert_eq!(figures.files, 3);
     assert!(figures.chunks > 100, "{figures:?}");
     assert_eq!(figures.chunks_fetched, figures.chunks, "{figures:?}");
@@ -204,20 +216,7 @@ async fn a_download_cut_off_half_way_removes_what_it_created_and_keeps_what_was_
     let dest = work.path().join("ws");
     std::fs::create_dir_all(dest.join("lib")).expect("lib");
     std::fs::write(dest.join("lib/mine.txt"), b"was here").expect("mine");
-    let result = tokio::time::timeout(
-        DEADLINE,
-        gantry_transfer::download(
-            &conn,
-            &Grant::Admin,
-            &manifest,
-            &cache,
-            &dest,
-            gantry_cas::Existing::Merge,
-            &TransferOptions::default(),
-        ),
-    )
-    .await
-    .expect("within the deadline");
+    let result = download(&conn, &manifest, &cache, &dest, Existing::Merge).await;
     assert!(result.is_err(), "the connection was cut: {result:?}");
     let mut names: Vec<String> = std::fs::read_dir(&dest)
         .expect("ws")
