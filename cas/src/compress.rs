@@ -239,7 +239,6 @@ fn decode_checked(
 #[derive(Debug)]
 pub struct VerifiedChunk {
     digest: Digest,
-    len: usize,
     bytes: Vec<u8>,
     /// Where the chunk's bytes lie in `bytes`, in order: all of it for a decoded chunk,
     /// each block of a raw frame (at most two: [`MAX_CHUNK`] is two [`MAX_BLOCK`]s).
@@ -249,12 +248,11 @@ pub struct VerifiedChunk {
 impl VerifiedChunk {
     /// Bytes already checked by the caller against `digest` (size and hash).
     pub(crate) fn checked(digest: Digest, bytes: Vec<u8>) -> Self {
-        let len = bytes.len();
+        let pieces = std::iter::once(0..bytes.len()).collect();
         Self {
             digest,
-            len,
             bytes,
-            pieces: std::iter::once(0..len).collect(),
+            pieces,
         }
     }
 
@@ -264,11 +262,11 @@ impl VerifiedChunk {
 
     /// The chunk's uncompressed length.
     pub fn len(&self) -> usize {
-        self.len
+        self.pieces.iter().map(ExactSizeIterator::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The chunk's bytes, in pieces that join to the whole.
@@ -294,17 +292,9 @@ pub fn open_chunk(
     expected_digest: &Digest,
 ) -> Result<VerifiedChunk, CasError> {
     check_bounds(&compressed, expected_len)?;
-    if let Some(pieces) = raw_blocks(&compressed, expected_len) {
-        let actual = Digest::of_pieces(pieces.iter().map(|r| &compressed[r.clone()]));
-        if actual != *expected_digest {
-            return Err(CasError::DigestMismatch {
-                expected: *expected_digest,
-                actual,
-            });
-        }
+    if let Some(pieces) = checked_raw_blocks(&compressed, expected_len, expected_digest)? {
         return Ok(VerifiedChunk {
-            digest: actual,
-            len: expected_len,
+            digest: *expected_digest,
             bytes: compressed,
             pieces,
         });
@@ -321,17 +311,31 @@ pub fn verify_chunk(
     expected_digest: &Digest,
 ) -> Result<(), CasError> {
     check_bounds(compressed, expected_len)?;
-    if let Some(pieces) = raw_blocks(compressed, expected_len) {
-        let actual = Digest::of_pieces(pieces.iter().map(|r| &compressed[r.clone()]));
-        if actual != *expected_digest {
-            return Err(CasError::DigestMismatch {
-                expected: *expected_digest,
-                actual,
-            });
-        }
+    if checked_raw_blocks(compressed, expected_len, expected_digest)?.is_some() {
         return Ok(());
     }
     decode_checked(compressed, expected_len, expected_digest).map(drop)
+}
+
+/// For a raw frame ([`raw_blocks`]): its block ranges once they hash to
+/// `expected_digest`, or the mismatch. `None` for any other frame, which the caller
+/// decodes.
+fn checked_raw_blocks(
+    frame: &[u8],
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<Option<Vec<std::ops::Range<usize>>>, CasError> {
+    let Some(pieces) = raw_blocks(frame, expected_len) else {
+        return Ok(None);
+    };
+    let actual = Digest::of_pieces(pieces.iter().map(|r| &frame[r.clone()]));
+    if actual != *expected_digest {
+        return Err(CasError::DigestMismatch {
+            expected: *expected_digest,
+            actual,
+        });
+    }
+    Ok(Some(pieces))
 }
 
 /// The block ranges of `frame` if it is laid out exactly as [`raw_frame`] writes one for

@@ -127,14 +127,22 @@ impl DirectWriter {
         }
     }
 
-    /// The writing thread's error, once it has stopped early.
-    fn stopped(&mut self) -> io::Error {
+    /// Tells the writing thread that no more blocks come and waits for it: the file
+    /// (and whether it is still in direct mode), or the thread's first error.
+    fn join(&mut self) -> io::Result<(File, bool)> {
         self.full = None;
         match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("the direct writing thread panicked"),
-            Some(Ok(Ok(_))) | None => io::Error::other("the direct writing thread stopped"),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("the direct writing thread panicked")),
+            None => Err(io::Error::other("the direct writing thread stopped")),
         }
+    }
+
+    /// The writing thread's error, once it has stopped early.
+    fn stopped(&mut self) -> io::Error {
+        self.join()
+            .err()
+            .unwrap_or_else(|| io::Error::other("the direct writing thread stopped"))
     }
 
     /// Writes what is left and returns the file, back in ordinary (buffered) mode.
@@ -146,12 +154,7 @@ impl DirectWriter {
         if aligned > 0 {
             self.hand_over()?;
         }
-        self.full = None;
-        let (mut file, direct) = match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(result)) => result?,
-            Some(Err(_)) => return Err(io::Error::other("the direct writing thread panicked")),
-            None => return Err(io::Error::other("the direct writing thread stopped")),
-        };
+        let (mut file, direct) = self.join()?;
         if direct {
             set_direct(&file, false)?;
         }
@@ -164,10 +167,7 @@ impl Drop for DirectWriter {
     /// An abandoned writer (an extraction that failed) still waits for its thread, so no
     /// write to the file happens after the caller has moved on.
     fn drop(&mut self) {
-        self.full = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = self.join();
     }
 }
 
