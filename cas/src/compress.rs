@@ -48,50 +48,112 @@ const WORTH_COMPRESSING: f64 = 0.97;
 
 /// Compresses one chunk, or, when a sample of it does not compress (random data,
 /// archives, images: zstd level 3 on them was a fifth of an uploading agent's CPU for
-/// nothing), stores it in a zstd frame of raw blocks ([`raw_frame`]). Either way the
+/// nothing), stores it in a zstd frame of raw blocks ([`RawFrameLayout`]). Either way the
 /// result is one zstd frame that [`decompress`] (or any zstd decoder) reads back.
+pub fn compress(chunk: &[u8]) -> Vec<u8> {
+    match encode_chunk(chunk) {
+        EncodedChunk::Compressed(frame) => frame,
+        EncodedChunk::Raw(layout) => layout.assemble(chunk),
+    }
+}
+
+/// How a chunk travels and is stored: one zstd frame, either compressed or of raw blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncodedChunk {
+    /// The whole frame.
+    Compressed(Vec<u8>),
+    /// The frame is the chunk's own bytes behind block headers: a sender writes the
+    /// headers and slices of the chunk, without copying the chunk into a frame.
+    Raw(RawFrameLayout),
+}
+
+/// [`compress`] without building a raw frame: the frame's layout instead, when a sample
+/// of the chunk does not compress.
 ///
 /// The sample is [`SAMPLE_BYTES`] from the middle: a chunk whose only redundancy lies
 /// further apart than that is stored raw, which costs space, never correctness.
-pub fn compress(chunk: &[u8]) -> Vec<u8> {
+pub fn encode_chunk(chunk: &[u8]) -> EncodedChunk {
     if chunk.len() > 2 * SAMPLE_BYTES {
         let start = (chunk.len() - SAMPLE_BYTES) / 2;
         let sample = &chunk[start..start + SAMPLE_BYTES];
         let squeezed = compress_zstd(sample).len();
         if squeezed as f64 >= sample.len() as f64 * WORTH_COMPRESSING {
-            return raw_frame(chunk);
+            return EncodedChunk::Raw(RawFrameLayout::of(chunk.len()));
         }
     }
-    compress_zstd(chunk)
+    EncodedChunk::Compressed(compress_zstd(chunk))
 }
 
-/// `chunk` as a zstd frame of raw (uncompressed) blocks: a single-segment frame header
-/// with a 4-byte content size (so the window is the content size, within
-/// [`WINDOW_LOG_MAX`]), then blocks of at most [`MAX_BLOCK`] bytes, each behind its
-/// 3-byte header (RFC 8878, sections 3.1.1.1 and 3.1.1.2). Costs one copy.
-pub(crate) fn raw_frame(chunk: &[u8]) -> Vec<u8> {
-    // Chunks are at most MAX_CHUNK (256 KiB); the content size field is 32 bits.
-    let content_size = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
-    let blocks = chunk.len().div_ceil(MAX_BLOCK).max(1);
-    let mut out = Vec::with_capacity(MAGIC.len() + 5 + 3 * blocks + chunk.len());
-    out.extend_from_slice(&MAGIC);
-    // Frame header descriptor: content size field of 4 bytes (flag 2), single segment,
-    // no checksum, no dictionary.
-    out.push(0b1010_0000);
-    out.extend_from_slice(&content_size.to_le_bytes());
-    if chunk.is_empty() {
-        // One empty raw block, marked last.
-        out.extend_from_slice(&[1, 0, 0]);
+/// A zstd frame of raw blocks for a chunk of some length, as (header bytes, the range
+/// of the chunk that follows them) in order: a single-segment frame header with a
+/// 4-byte content size (so the window is the content size, within [`WINDOW_LOG_MAX`])
+/// and the first block's header, then each further block's 3-byte header (RFC 8878,
+/// sections 3.1.1.1 and 3.1.1.2). Blocks are at most [`MAX_BLOCK`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrameLayout {
+    parts: Vec<(Vec<u8>, std::ops::Range<usize>)>,
+}
+
+impl RawFrameLayout {
+    /// The layout for a chunk of `len` bytes (at most [`MAX_CHUNK`]: the content size
+    /// field is 32 bits).
+    pub fn of(len: usize) -> Self {
+        let content_size = u32::try_from(len).unwrap_or(u32::MAX);
+        let mut first = Vec::with_capacity(MAGIC.len() + 5 + 3);
+        first.extend_from_slice(&MAGIC);
+        // Frame header descriptor: content size field of 4 bytes (flag 2), single
+        // segment, no checksum, no dictionary.
+        first.push(0b1010_0000);
+        first.extend_from_slice(&content_size.to_le_bytes());
+        if len == 0 {
+            // One empty raw block, marked last.
+            first.extend_from_slice(&[1, 0, 0]);
+            return Self {
+                parts: vec![(first, 0..0)],
+            };
+        }
+        let blocks = len.div_ceil(MAX_BLOCK);
+        let mut parts = Vec::with_capacity(blocks);
+        let mut header = first;
+        for index in 0..blocks {
+            let start = index * MAX_BLOCK;
+            let end = (start + MAX_BLOCK).min(len);
+            let last = u32::from(index + 1 == blocks);
+            // Bit 0: last block; bits 1-2: type (0 = raw); bits 3-23: size (at most
+            // 128 KiB).
+            let block = last | (((end - start) as u32) << 3);
+            header.extend_from_slice(&block.to_le_bytes()[..3]);
+            parts.push((std::mem::take(&mut header), start..end));
+        }
+        Self { parts }
     }
-    let mut pieces = chunk.chunks(MAX_BLOCK).peekable();
-    while let Some(block) = pieces.next() {
-        let last = u32::from(pieces.peek().is_none());
-        // Bit 0: last block; bits 1-2: type (0 = raw); bits 3-23: size (at most 128 KiB).
-        let header = last | ((block.len() as u32) << 3);
-        out.extend_from_slice(&header.to_le_bytes()[..3]);
-        out.extend_from_slice(block);
+
+    /// Each piece of header and the range of the chunk that follows it.
+    pub fn parts(&self) -> &[(Vec<u8>, std::ops::Range<usize>)] {
+        &self.parts
     }
-    out
+
+    /// The frame's length.
+    pub fn frame_len(&self) -> usize {
+        self.parts.iter().map(|(h, r)| h.len() + r.len()).sum()
+    }
+
+    /// The frame itself, for `chunk` (of the length the layout was made for). Costs
+    /// one copy.
+    pub fn assemble(&self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.frame_len());
+        for (header, range) in &self.parts {
+            out.extend_from_slice(header);
+            out.extend_from_slice(&chunk[range.clone()]);
+        }
+        out
+    }
+}
+
+/// `chunk` as a zstd frame of raw blocks (see [`RawFrameLayout`]). Costs one copy.
+#[cfg(test)]
+fn raw_frame(chunk: &[u8]) -> Vec<u8> {
+    RawFrameLayout::of(chunk.len()).assemble(chunk)
 }
 
 /// Compresses `chunk` with zstd at [`COMPRESSION_LEVEL`].
@@ -338,7 +400,7 @@ fn checked_raw_blocks(
     Ok(Some(pieces))
 }
 
-/// The block ranges of `frame` if it is laid out exactly as [`raw_frame`] writes one for
+/// The block ranges of `frame` if it is laid out exactly as [`RawFrameLayout`] makes one for
 /// `expected_len` bytes: the single-segment header with a 4-byte content size equal to
 /// `expected_len`, then raw blocks only, the last one marked, summing to that size, and
 /// nothing after. Such a frame decodes (by any zstd decoder) to its blocks joined, so
@@ -432,6 +494,34 @@ mod tests {
                 let ours = decompress(&frame, len, &Digest::of(&data)).expect("decodes");
                 assert_eq!(ours, data, "{len}");
             }
+        }
+    }
+
+    #[test]
+    fn encoding_gives_a_layout_for_random_chunks_and_a_frame_for_compressible_ones() {
+        let random = noise(MAX_BLOCK + 5, 3);
+        match encode_chunk(&random) {
+            EncodedChunk::Raw(layout) => {
+                assert_eq!(layout.parts().len(), 2, "two blocks");
+                assert_eq!(layout.frame_len(), random.len() + 9 + 3 + 3);
+                let mut sent = Vec::new();
+                for (header, range) in layout.parts() {
+                    sent.extend_from_slice(header);
+                    sent.extend_from_slice(&random[range.clone()]);
+                }
+                assert_eq!(
+                    zstd::bulk::decompress(&sent, random.len()).expect("zstd reads it"),
+                    random
+                );
+            }
+            other @ EncodedChunk::Compressed(_) => {
+                panic!("random data should be stored raw, got {other:?}")
+            }
+        }
+        let zeros = vec![0u8; 64 * 1024];
+        match encode_chunk(&zeros) {
+            EncodedChunk::Compressed(frame) => assert!(frame.len() < 1024, "{}", frame.len()),
+            other @ EncodedChunk::Raw(_) => panic!("zeros should compress, got {other:?}"),
         }
     }
 

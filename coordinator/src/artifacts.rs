@@ -22,8 +22,8 @@ use gantry_cas::{EntryKind, Manifest, MAX_CHUNK, MAX_COMPRESSED_CHUNK, MAX_MANIF
 use gantry_pipeline::Pipeline;
 use gantry_protocol::{
     AgentId, ArtifactView, CacheHit, CacheView, ChunkFrame, ChunkPut, ChunkWants, Committed,
-    Digest, GcReport, Grant, ManifestFrame, PutReply, ResolveReply, ResolveRequest, RunId,
-    StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget, MANIFEST_PIECE_BYTES,
+    Digest, GcReport, Grant, ManifestFrame, PutReply, ReceivedChunk, ResolveReply, ResolveRequest,
+    RunId, StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget, MANIFEST_PIECE_BYTES,
     MAX_DIGESTS_PER_FRAME,
 };
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
@@ -595,7 +595,7 @@ impl Artifacts {
                         }
                         ChunkFrame::Refused { .. } => {}
                     }
-                    writer.send(&frame).await.map_err(|e| e.to_string())?;
+                    send_chunk_frame(writer, frame).await.map_err(|e| e.to_string())?;
                     sent += 1;
                 }
             }
@@ -870,7 +870,7 @@ impl Artifacts {
                 .await;
             return Err(message);
         }
-        let mut puts = read_ahead::<ChunkPut>(reader);
+        let mut puts = read_ahead_with(reader, ChunkPut::decode_received);
         let (mut stored_chunks, mut stored_bytes) = (0u64, 0u64);
         let mut done = false;
         // The previous batch's pack, being fsynced while the next batch arrives.
@@ -894,11 +894,11 @@ impl Artifacts {
             let mut work = vec![first];
             loop {
                 // Take whatever else already arrived, up to ~4 MiB per blocking call.
-                let mut work_bytes: usize = work.iter().map(|p| p.data.len()).sum();
+                let mut work_bytes: usize = work.iter().map(|p| p.data().len()).sum();
                 while work_bytes < 4 * 1024 * 1024 {
                     match puts.try_recv() {
                         Ok(Ok(Some(put))) => {
-                            work_bytes += put.data.len();
+                            work_bytes += put.data().len();
                             work.push(put);
                         }
                         Ok(Ok(None)) => {
@@ -1078,15 +1078,42 @@ fn find_cache(
     None
 }
 
+/// Sends one `ChunkFrame`; a chunk's data goes to quinn as it was read from the pack,
+/// behind the frame's head, rather than copied into an encoded frame.
+async fn send_chunk_frame(
+    writer: &mut FrameWriter,
+    frame: ChunkFrame,
+) -> Result<(), TransportError> {
+    match frame {
+        ChunkFrame::Data { digest, size, data } => {
+            gantry_transfer::send_chunk_data(writer, digest, size, data).await
+        }
+        other => writer.send(&other).await,
+    }
+}
+
 /// Reads frames of one type on their own task (a frame read is not cancel-safe), a few
 /// ahead of the consumer.
 fn read_ahead<T: serde::de::DeserializeOwned + Send + 'static>(
+    reader: FrameReader,
+) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
+    read_ahead_with(reader, |payload| gantry_protocol::decode_payload(&payload))
+}
+
+/// [`read_ahead`], decoding each payload with `decode` (which may keep the payload, as
+/// [`ChunkPut::decode_received`] does, rather than copy out of it).
+fn read_ahead_with<T: Send + 'static>(
     mut reader: FrameReader,
+    decode: fn(Vec<u8>) -> Result<T, gantry_protocol::FrameError>,
 ) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
     let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
     tokio::spawn(async move {
         loop {
-            let item = reader.recv::<T>().await;
+            let item = match reader.recv_payload().await {
+                Ok(Some(payload)) => decode(payload).map(Some).map_err(TransportError::from),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
             let last = !matches!(item, Ok(Some(_)));
             if tx.send(item).await.is_err() || last {
                 return;
@@ -1137,24 +1164,25 @@ type Syncing =
 /// Returns the pack back (it moves in and out of the blocking thread).
 fn verify_and_append(
     mut pack: PackWriter,
-    puts: Vec<ChunkPut>,
+    puts: Vec<ReceivedChunk>,
 ) -> (PackWriter, Result<Vec<(Digest, ChunkRecord)>, String>) {
     let now = UnixMillis::now();
     let mut rows = Vec::with_capacity(puts.len());
     for put in puts {
-        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data.len() > MAX_COMPRESSED_CHUNK {
+        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data().len() > MAX_COMPRESSED_CHUNK
+        {
             let message = format!(
                 "chunk {} is refused: {} bytes ({} compressed) is outside 1..={MAX_CHUNK} ({MAX_COMPRESSED_CHUNK} compressed)",
                 put.digest,
                 put.size,
-                put.data.len()
+                put.data().len()
             );
             return (pack, Err(message));
         }
-        if let Err(e) = gantry_cas::verify_chunk(&put.data, put.size as usize, &put.digest) {
+        if let Err(e) = gantry_cas::verify_chunk(put.data(), put.size as usize, &put.digest) {
             return (pack, Err(format!("chunk {} is refused: {e}", put.digest)));
         }
-        let location = match pack.append(&put.data) {
+        let location = match pack.append(put.data()) {
             Ok(l) => l,
             Err(e) => return (pack, Err(format!("cannot write chunk {}: {e}", put.digest))),
         };

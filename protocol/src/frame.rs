@@ -5,7 +5,7 @@
 //! [`FrameDecoder`] is a sans-IO decoder (bytes in, frames out) used by tests and fuzzing;
 //! the transport reads the header and payload from a QUIC stream with the same checks.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 4;
@@ -55,6 +55,43 @@ pub fn encode_frame<T: Serialize>(msg: &T, limit: u32) -> Result<Vec<u8>, FrameE
     frame_payload_in_place(out, limit)
 }
 
+/// The frame of a message whose last field is a byte field, less that field's bytes:
+/// the header (counting `body_len` bytes more) and the message up to the field's bytes.
+/// The sender hands the bytes to the stream after it as they are, instead of copying a
+/// chunk into its frame (a memcpy of every byte of a bulk transfer, on both ends).
+///
+/// `with_empty_body` is the message with that field empty; the field must be the last
+/// thing it serializes (postcard writes an empty byte field as the single byte 0).
+pub fn encode_frame_head<T: Serialize>(
+    with_empty_body: &T,
+    body_len: usize,
+    limit: u32,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = encode_frame(with_empty_body, limit)?;
+    if out.len() <= HEADER_LEN || out.last() != Some(&0) {
+        return Err(FrameError::Encode {
+            what: std::any::type_name::<T>(),
+            detail: "the message does not end with an empty byte field".to_owned(),
+        });
+    }
+    out.pop();
+    // A byte field's length is a varint, exactly as postcard writes a u64.
+    let mut out = postcard::to_extend(&(body_len as u64), out).map_err(|e| FrameError::Encode {
+        what: std::any::type_name::<T>(),
+        detail: e.to_string(),
+    })?;
+    let payload_len = (out.len() - HEADER_LEN) as u64 + body_len as u64;
+    let len = u32::try_from(payload_len)
+        .ok()
+        .filter(|len| *len <= limit)
+        .ok_or(FrameError::TooLarge {
+            len: payload_len,
+            limit,
+        })?;
+    out[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
 /// Writes the header in front of a payload that was serialized after `HEADER_LEN` zero bytes.
 fn frame_payload_in_place(mut out: Vec<u8>, limit: u32) -> Result<Vec<u8>, FrameError> {
     let payload_len = out.len() - HEADER_LEN;
@@ -77,6 +114,12 @@ pub fn frame_raw(payload: &[u8], limit: u32) -> Result<Vec<u8>, FrameError> {
 
 /// Decodes one payload as `T`; trailing bytes are an error, so a frame is exactly one message.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    decode_payload_borrowed(payload)
+}
+
+/// [`decode_payload`] for a message that borrows from the payload (a byte field as
+/// `&[u8]`), so its bytes are not copied out.
+pub fn decode_payload_borrowed<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, FrameError> {
     let what = short_type_name::<T>();
     let (msg, rest) =
         postcard::take_from_bytes::<T>(payload).map_err(|e| FrameError::Malformed {
@@ -212,5 +255,38 @@ mod tests {
         ok.push(0);
         let err = decode_payload::<AgentMessage>(&ok).expect_err("trailing");
         assert!(err.to_string().contains("1 trailing bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_frame_head_and_its_body_are_the_frame_of_the_whole_message() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 300_000] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let whole = AgentMessage::RenewCertificate {
+                csr_der: body.clone(),
+            };
+            let empty = AgentMessage::RenewCertificate { csr_der: vec![] };
+            let mut framed = encode_frame_head(&empty, len, 1 << 20).expect("head");
+            framed.extend_from_slice(&body);
+            assert_eq!(
+                framed,
+                encode_frame(&whole, 1 << 20).expect("whole"),
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_frame_head_is_refused_over_the_limit_or_without_a_trailing_byte_field() {
+        let empty = AgentMessage::RenewCertificate { csr_der: vec![] };
+        assert_eq!(
+            encode_frame_head(&empty, 2000, 1024),
+            Err(FrameError::TooLarge {
+                len: 2003,
+                limit: 1024
+            })
+        );
+        let not_empty = AgentMessage::RenewCertificate { csr_der: vec![9] };
+        let err = encode_frame_head(&not_empty, 10, 1024).expect_err("not an empty field");
+        assert!(err.to_string().contains("empty byte field"), "{err}");
     }
 }

@@ -27,8 +27,12 @@
 //! Every request names the [`Grant`] it relies on; the coordinator checks it against
 //! what it handed to that agent. An admin's grant comes from its certificate.
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
+use crate::frame::{decode_payload_borrowed, encode_frame_head, FrameError};
+use crate::limits::MAX_FRAME_BYTES;
 use crate::{Attempt, Digest, JobId, RunId, UnixMillis};
 
 /// Most digests in one [`ChunkWants`] or [`UploadRequest::Have`]: 8,192 × 33 bytes is
@@ -215,6 +219,131 @@ pub struct ChunkPut {
     pub data: Vec<u8>,
 }
 
+impl ChunkPut {
+    /// The frame of a `ChunkPut` less its `data_len` bytes of data, which the sender
+    /// writes after it as they are (see [`encode_frame_head`]).
+    pub fn frame_head(digest: Digest, size: u32, data_len: usize) -> Result<Vec<u8>, FrameError> {
+        let empty = ChunkPut {
+            digest,
+            size,
+            data: Vec::new(),
+        };
+        encode_frame_head(&empty, data_len, MAX_FRAME_BYTES)
+    }
+
+    /// Decodes a `ChunkPut` payload, leaving the data where it arrived.
+    pub fn decode_received(payload: Vec<u8>) -> Result<ReceivedChunk, FrameError> {
+        let borrowed: ChunkPutRef<'_> = decode_payload_borrowed(&payload)?;
+        let (digest, size) = (borrowed.digest, borrowed.size);
+        let data = range_within(&payload, borrowed.data);
+        Ok(ReceivedChunk {
+            digest,
+            size,
+            payload,
+            data,
+        })
+    }
+}
+
+impl ChunkFrame {
+    /// The frame of a `ChunkFrame::Data` less its `data_len` bytes of data, which the
+    /// sender writes after it as they are (see [`encode_frame_head`]).
+    pub fn data_frame_head(
+        digest: Digest,
+        size: u32,
+        data_len: usize,
+    ) -> Result<Vec<u8>, FrameError> {
+        let empty = ChunkFrame::Data {
+            digest,
+            size,
+            data: Vec::new(),
+        };
+        encode_frame_head(&empty, data_len, MAX_FRAME_BYTES)
+    }
+
+    /// Decodes a `ChunkFrame` payload, leaving a chunk's data where it arrived.
+    pub fn decode_received(payload: Vec<u8>) -> Result<ReceivedChunkFrame, FrameError> {
+        let (digest, size, data) = match decode_payload_borrowed(&payload)? {
+            ChunkFrameRef::Data { digest, size, data } => {
+                (digest, size, range_within(&payload, data))
+            }
+            ChunkFrameRef::Unavailable { digest, reason } => {
+                return Ok(ReceivedChunkFrame::Unavailable { digest, reason })
+            }
+            ChunkFrameRef::Refused { message } => {
+                return Ok(ReceivedChunkFrame::Refused { message })
+            }
+        };
+        Ok(ReceivedChunkFrame::Data(ReceivedChunk {
+            digest,
+            size,
+            payload,
+            data,
+        }))
+    }
+}
+
+/// A chunk as it arrived in a frame: the frame's payload, and which bytes of it are the
+/// chunk's (zstd-compressed) data. Decoding into a `Vec<u8>` field instead copies every
+/// chunk once more, a memcpy of every byte a transfer moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedChunk {
+    pub digest: Digest,
+    /// Uncompressed length.
+    pub size: u32,
+    payload: Vec<u8>,
+    data: Range<usize>,
+}
+
+impl ReceivedChunk {
+    /// The chunk's compressed bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.payload[self.data.clone()]
+    }
+}
+
+/// A [`ChunkFrame`] as it arrived, its data left in the frame's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceivedChunkFrame {
+    Data(ReceivedChunk),
+    Unavailable { digest: Digest, reason: String },
+    Refused { message: String },
+}
+
+/// [`ChunkPut`] borrowing its data from the payload; the same wire form.
+#[derive(Deserialize)]
+struct ChunkPutRef<'a> {
+    digest: Digest,
+    size: u32,
+    #[serde(with = "serde_bytes", borrow)]
+    data: &'a [u8],
+}
+
+/// [`ChunkFrame`] borrowing a chunk's data from the payload; the same variants in the
+/// same order, so the same wire form.
+#[derive(Deserialize)]
+enum ChunkFrameRef<'a> {
+    Data {
+        digest: Digest,
+        size: u32,
+        #[serde(with = "serde_bytes", borrow)]
+        data: &'a [u8],
+    },
+    Unavailable {
+        digest: Digest,
+        reason: String,
+    },
+    Refused {
+        message: String,
+    },
+}
+
+/// Where `part`, a slice borrowed from `whole`, lies in it.
+fn range_within(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
 /// Coordinator to uploader at the end of a `PutChunks` stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutReply {
@@ -273,5 +402,96 @@ mod tests {
             postcard::to_stdvec(&put).expect("put"),
             postcard::to_stdvec(&plain).expect("plain")
         );
+    }
+
+    fn frame_and_payload(frame: &[u8]) -> Vec<u8> {
+        frame[crate::frame::HEADER_LEN..].to_vec()
+    }
+
+    #[test]
+    fn a_chunk_put_sent_as_head_and_data_is_the_frame_of_the_whole_put() {
+        for len in [0usize, 1, 200, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let put = ChunkPut {
+                digest: Digest::of(&data),
+                size: 9_999,
+                data: data.clone(),
+            };
+            let mut framed = ChunkPut::frame_head(put.digest, put.size, len).expect("head");
+            framed.extend_from_slice(&data);
+            let whole = crate::encode_frame(&put, MAX_FRAME_BYTES).expect("whole");
+            assert_eq!(framed, whole, "{len} bytes");
+
+            let received = ChunkPut::decode_received(frame_and_payload(&whole)).expect("decode");
+            assert_eq!(
+                (received.digest, received.size, received.data()),
+                (put.digest, put.size, &data[..])
+            );
+        }
+    }
+
+    #[test]
+    fn every_chunk_frame_decodes_received_as_it_was_sent() {
+        let data = vec![5u8; 1000];
+        let digest = Digest::of(&data);
+        let mut framed = ChunkFrame::data_frame_head(digest, 77, data.len()).expect("head");
+        framed.extend_from_slice(&data);
+        let whole = ChunkFrame::Data {
+            digest,
+            size: 77,
+            data: data.clone(),
+        };
+        assert_eq!(
+            framed,
+            crate::encode_frame(&whole, MAX_FRAME_BYTES).expect("whole")
+        );
+        match ChunkFrame::decode_received(frame_and_payload(&framed)).expect("data") {
+            ReceivedChunkFrame::Data(chunk) => {
+                assert_eq!(
+                    (chunk.digest, chunk.size, chunk.data()),
+                    (digest, 77, &data[..])
+                );
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+        let unavailable = ChunkFrame::Unavailable {
+            digest,
+            reason: "quarantined".into(),
+        };
+        let refused = ChunkFrame::Refused {
+            message: "no grant".into(),
+        };
+        let payload = |frame: &ChunkFrame| postcard::to_stdvec(frame).expect("encode");
+        assert_eq!(
+            ChunkFrame::decode_received(payload(&unavailable)).expect("unavailable"),
+            ReceivedChunkFrame::Unavailable {
+                digest,
+                reason: "quarantined".into()
+            }
+        );
+        assert_eq!(
+            ChunkFrame::decode_received(payload(&refused)).expect("refused"),
+            ReceivedChunkFrame::Refused {
+                message: "no grant".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_received_chunk_with_garbage_or_trailing_bytes_is_malformed() {
+        let put = ChunkPut {
+            digest: Digest::of(b"x"),
+            size: 1,
+            data: b"x".to_vec(),
+        };
+        let mut payload = postcard::to_stdvec(&put).expect("encode");
+        payload.push(0);
+        let err = ChunkPut::decode_received(payload).expect_err("trailing");
+        assert!(err.to_string().contains("1 trailing bytes"), "{err}");
+        // A data length past the end of the payload.
+        let mut short = postcard::to_stdvec(&put).expect("encode");
+        short.pop();
+        assert!(ChunkPut::decode_received(short).is_err());
+        assert!(ChunkFrame::decode_received(vec![9, 9, 9]).is_err());
     }
 }

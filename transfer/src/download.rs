@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use gantry_cas::{EntryKind, Existing, Manifest};
 use gantry_protocol::{
-    limits, ChunkFrame, ChunkWants, Digest, Grant, ManifestFrame, StreamOpen, MAX_DIGESTS_PER_FRAME,
+    limits, ChunkFrame, ChunkWants, Digest, Grant, ManifestFrame, ReceivedChunkFrame, StreamOpen,
+    MAX_DIGESTS_PER_FRAME,
 };
 use gantry_transport::Connection;
 use tokio::task::JoinSet;
@@ -792,8 +793,8 @@ async fn receive_share(
     let limit = how.limit;
     for _ in 0..count {
         let frame = match how.stall {
-            None => reader.recv::<ChunkFrame>().await?,
-            Some(stall) => tokio::time::timeout(stall, reader.recv::<ChunkFrame>())
+            None => reader.recv_payload().await?,
+            Some(stall) => tokio::time::timeout(stall, reader.recv_payload())
                 .await
                 .map_err(|_| {
                     TransferError::Transport(gantry_transport::TransportError::Timeout {
@@ -802,21 +803,25 @@ async fn receive_share(
                     })
                 })??,
         };
-        let frame = frame.ok_or_else(|| {
+        let payload = frame.ok_or_else(|| {
             TransferError::Protocol("the chunk stream ended before every chunk arrived".into())
         })?;
-        match frame {
-            ChunkFrame::Data { digest, size, data } => {
+        // The chunk's data stays in the frame's payload (no copy out of it).
+        match ChunkFrame::decode_received(payload)
+            .map_err(gantry_transport::TransportError::from)?
+        {
+            ReceivedChunkFrame::Data(chunk) => {
+                let (digest, size, data_len) = (chunk.digest, chunk.size, chunk.data().len());
                 if sizes.get(&digest) != Some(&size) {
                     return Err(TransferError::Protocol(format!(
                         "chunk {digest} ({size} bytes) was not asked for"
                     )));
                 }
                 if let Some(limit) = limit {
-                    limit.take(data.len()).await;
+                    limit.take(data_len).await;
                 }
                 result.fetched += 1;
-                result.bytes += data.len() as u64;
+                result.bytes += data_len as u64;
                 if verifying.len() >= 4 {
                     if let Some(bad) = next_verified(verifying).await? {
                         result.corrupt.push(bad);
@@ -829,7 +834,7 @@ async fn receive_share(
                 // downloading agent's CPU time for nothing.
                 verifying.spawn_blocking(move || {
                     if size as usize > gantry_cas::MAX_CHUNK
-                        || data.len() > gantry_cas::MAX_COMPRESSED_CHUNK
+                        || data_len > gantry_cas::MAX_COMPRESSED_CHUNK
                     {
                         tracing::warn!(
                             "refusing chunk {digest} from the coordinator: out of bounds"
@@ -839,15 +844,15 @@ async fn receive_share(
                     writer
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .append(&digest, &data)
+                        .append(&digest, chunk.data())
                         .map_err(TransferError::io("cannot write to the chunk cache"))?;
                     Ok(None)
                 });
             }
-            ChunkFrame::Unavailable { digest, reason } => {
+            ReceivedChunkFrame::Unavailable { digest, reason } => {
                 return Err(TransferError::Unavailable { digest, reason })
             }
-            ChunkFrame::Refused { message } => return Err(TransferError::Refused(message)),
+            ReceivedChunkFrame::Refused { message } => return Err(TransferError::Refused(message)),
         }
     }
     while let Some(bad) = next_verified(verifying).await? {

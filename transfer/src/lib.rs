@@ -35,6 +35,22 @@ pub use limit::RateLimit;
 pub use serve::{serve_chunks, ServeFigures};
 pub use upload::{upload, UploadFigures};
 
+/// Sends one chunk as a `ChunkFrame::Data`: the frame's head, then `data` (the chunk's
+/// stored, compressed bytes) handed to quinn as it is, not copied into an encoded frame.
+pub async fn send_chunk_data(
+    writer: &mut gantry_transport::FrameWriter,
+    digest: Digest,
+    size: u32,
+    data: Vec<u8>,
+) -> Result<(), TransportError> {
+    let head = gantry_protocol::ChunkFrame::data_frame_head(digest, size, data.len())?;
+    let mut pieces = [
+        gantry_transport::Bytes::from(head),
+        gantry_transport::Bytes::from(data),
+    ];
+    writer.send_pieces(&mut pieces).await
+}
+
 /// Streams used at once by one transfer unless the caller says otherwise. Four keep a
 /// loopback or LAN link busy while one stream waits on disk or verification.
 pub const DEFAULT_STREAMS: usize = 4;

@@ -81,8 +81,7 @@ pub async fn serve_chunks<S: std::hash::BuildHasher>(
         }
         figures.chunks += 1;
         figures.bytes += data.len() as u64;
-        writer
-            .send(&ChunkFrame::Data { digest, size, data })
+        crate::send_chunk_data(writer, digest, size, data)
             .await
             .map_err(|e| e.to_string())?;
     }

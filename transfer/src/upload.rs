@@ -18,7 +18,7 @@ use gantry_protocol::{
     ChunkPut, Committed, Digest, Grant, PutReply, StreamOpen, UploadReply, UploadRequest,
     UploadTarget, MANIFEST_PIECE_BYTES, MAX_DIGESTS_PER_FRAME,
 };
-use gantry_transport::{Connection, FrameReader, FrameWriter};
+use gantry_transport::{Bytes, Connection, FrameReader, FrameWriter};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -339,21 +339,35 @@ async fn put_stream(
     let (mut chunks, mut bytes) = (0u64, 0u64);
     while let Some((digest, data)) = queue.recv().await {
         let size = data.len() as u32;
-        let compressed = tokio::task::spawn_blocking(move || gantry_cas::compress(&data))
-            .await
-            .map_err(|e| TransferError::Corrupt(format!("compression stopped: {e}")))?;
+        let (encoded, data) = tokio::task::spawn_blocking(move || {
+            let encoded = gantry_cas::encode_chunk(&data);
+            (encoded, Bytes::from(data))
+        })
+        .await
+        .map_err(|e| TransferError::Corrupt(format!("compression stopped: {e}")))?;
+        // The frame goes to quinn in pieces: its head, then the compressed frame or the
+        // raw-block headers between slices of the chunk itself, never copied into one
+        // frame (two memcpys of every byte uploaded, when it was).
+        let mut pieces = vec![Bytes::new()];
+        match encoded {
+            gantry_cas::EncodedChunk::Compressed(frame) => pieces.push(Bytes::from(frame)),
+            gantry_cas::EncodedChunk::Raw(layout) => {
+                for (header, range) in layout.parts() {
+                    pieces.push(Bytes::copy_from_slice(header));
+                    pieces.push(data.slice(range.clone()));
+                }
+            }
+        }
+        let data_len: usize = pieces.iter().map(Bytes::len).sum();
+        let head = ChunkPut::frame_head(digest, size, data_len)
+            .map_err(gantry_transport::TransportError::from)?;
+        pieces[0] = Bytes::from(head);
         if let Some(limit) = &limit {
-            limit.take(compressed.len()).await;
+            limit.take(data_len).await;
         }
         chunks += 1;
-        bytes += compressed.len() as u64;
-        writer
-            .send(&ChunkPut {
-                digest,
-                size,
-                data: compressed,
-            })
-            .await?;
+        bytes += data_len as u64;
+        writer.send_pieces(&mut pieces).await?;
     }
     writer.finish();
     match reader.recv::<PutReply>().await? {

@@ -10,6 +10,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Shared byte buffers, as [`FrameWriter::send_pieces`] takes them.
+pub use bytes::Bytes;
 use gantry_protocol::frame::{check_len, HEADER_LEN};
 use gantry_protocol::{limits, CloseCode, FrameError};
 use serde::{de::DeserializeOwned, Serialize};
@@ -612,6 +614,14 @@ impl FrameWriter {
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), TransportError> {
         let frame = gantry_protocol::encode_frame(msg, limits::MAX_FRAME_BYTES)?;
         let outcome = within_stall(self.stall, self.send.write_chunk(frame.into())).await;
+        self.settle(outcome)
+    }
+
+    /// Sends one frame given in pieces (a head from `encode_frame_head`, then the
+    /// bytes of its last field, which may be slices of a larger buffer). Quinn keeps
+    /// the pieces as they are until it packs them into packets: nothing is copied.
+    pub async fn send_pieces(&mut self, pieces: &mut [Bytes]) -> Result<(), TransportError> {
+        let outcome = within_stall(self.stall, self.send.write_all_chunks(pieces)).await;
         self.settle(outcome)
     }
 
