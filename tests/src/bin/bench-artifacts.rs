@@ -10,6 +10,12 @@
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin bench-artifacts`
 //! (nginx and curl are needed for the baseline: `apt-get install nginx-core curl`).
+//! The upload and download run in rounds (`GANTRY_BENCH_ROUNDS`, default 3), each on
+//! fresh data right after its own baseline, and the medians are printed: on a shared
+//! machine both speeds drift 2-3x within minutes, so a Gantry figure compared with a
+//! baseline taken minutes earlier says little. Each round also records the CPU time
+//! (core-seconds per GiB) of nginx and curl and of the coordinator and both agents,
+//! which the other tenants of the machine barely move.
 //! `GANTRY_BENCH_MIB` changes the artifact size (default 1024). Figures are printed,
 //! never asserted. Targets (issue 4): at least 80% of the HTTPS baseline; a 1% change
 //! re-sends under 3% of the bytes.
@@ -241,11 +247,263 @@ fn curl(args: &[&str]) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// One round of the upload and download comparison.
+struct Round {
+    up: f64,
+    down: f64,
+    chunks: u64,
+    sent_mib: f64,
+    baseline: Option<Baseline>,
+    cpu: GantryCpu,
+}
+
+impl Round {
+    fn line(&self) -> String {
+        use std::fmt::Write as _;
+        let mut line = format!("gantry up {:.0} MB/s, down {:.0} MB/s", self.up, self.down);
+        if let Some(b) = &self.baseline {
+            let _ = write!(
+                line,
+                "; https up {:.0} MB/s, down {:.0} MB/s; ratio up {:.0}%, down {:.0}%",
+                b.up,
+                b.down,
+                self.up / b.up * 100.0,
+                self.down / b.down * 100.0
+            );
+        }
+        line
+    }
+}
+
+/// The HTTPS baseline of one round: MB/s each way, and the CPU time nginx and curl
+/// spent together per GiB.
+#[derive(Clone, Copy)]
+struct Baseline {
+    up: f64,
+    down: f64,
+    cpu_up: f64,
+    cpu_down: f64,
+}
+
+/// CPU time per GiB moved of each Gantry process in one round; each agent's covers
+/// its own direction (and its job's shell).
+struct GantryCpu {
+    coordinator_up: f64,
+    coordinator_down: f64,
+    uploader: f64,
+    downloader: f64,
+}
+
+/// Reads the CPU time of a few processes every 20 ms on its own thread, so a run's
+/// figures can be split where one phase ends and the next begins.
+struct CpuSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<[f64; 3]>>,
+}
+
+impl CpuSampler {
+    fn start(pids: [u32; 3]) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut samples = vec![pids.map(cpu_secs)];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+                samples.push(pids.map(cpu_secs));
+            }
+            samples.push(pids.map(cpu_secs));
+            samples
+        });
+        Self { stop, thread }
+    }
+
+    /// Every sample, the first taken at the start and the last now.
+    fn stop(self) -> Vec<[f64; 3]> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        f64::midpoint(values[mid - 1], values[mid])
+    } else {
+        values[mid]
+    }
+}
+
+/// User plus system CPU seconds a process (all its threads) has used; 0 if it is gone.
+/// CPU time, unlike wall time, barely moves when a shared machine's other tenants take
+/// the cores: it says what a transfer costs, where MB/s says what it got.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, inside parentheses):
+    // state is field 3, utime 14 and stime 15 (proc(5)).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |field: usize| -> f64 {
+        fields
+            .get(field - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0) as f64
+    };
+    (ticks(14) + ticks(15)) / clock_ticks_per_sec()
+}
+
+#[allow(unsafe_code)]
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// A process and its direct children (nginx's master and its worker).
+fn cpu_secs_with_children(pid: u32) -> f64 {
+    let mut total = cpu_secs(pid);
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            if parent == Some(pid) {
+                total += cpu_secs(child);
+            }
+        }
+    }
+    total
+}
+
+/// CPU seconds of this process's children that have been waited for (curl, once it
+/// has exited and been reaped).
+#[allow(unsafe_code)]
+fn reaped_children_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage that outlives the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &raw mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// One baseline measurement: curl downloads `blob` from nginx to a file, then uploads
+/// it to nginx with WebDAV PUT.
+fn measure_https(
+    nginx: &Nginx,
+    work: &Path,
+    data: &Path,
+    blob: &Path,
+    size: u64,
+) -> anyhow::Result<Baseline> {
+    let name = blob
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow::anyhow!("no file name in {}", blob.display()))?;
+    let url = format!("https://localhost:{}/{name}", nginx.port);
+    let resolve = format!("localhost:{}:127.0.0.1", nginx.port);
+    let ca = nginx.ca.display().to_string();
+    let gib = size as f64 / f64::from(1u32 << 30);
+    let nginx_pid = nginx.proc.pid();
+    let cpu = || cpu_secs_with_children(nginx_pid) + reaped_children_cpu_secs();
+    // Download to a file, as the agent's download ends in a file.
+    let down_file = work.join("curl-download");
+    let cpu_before = cpu();
+    let started = Instant::now();
+    let status = Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "-o",
+        ])
+        .arg(&down_file)
+        .arg(&url)
+        .status()?;
+    anyhow::ensure!(status.success(), "curl download failed");
+    let down = started.elapsed().as_secs_f64();
+    let cpu_down = (cpu() - cpu_before) / gib;
+    std::fs::remove_file(&down_file)?;
+    settle_disk()?;
+    let up_url = format!("https://localhost:{}/up/{name}", nginx.port);
+    let cpu_before = cpu();
+    let up = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-T",
+        &blob.display().to_string(),
+        &up_url,
+    ])?;
+    let cpu_up = (cpu() - cpu_before) / gib;
+    let _ = std::fs::remove_file(data.join("up").join(name));
+    Ok(Baseline {
+        up: mb_per_s(size as f64, up),
+        down: mb_per_s(size as f64, down),
+        cpu_up,
+        cpu_down,
+    })
+}
+
+/// With GANTRY_TEST_SERVER_LOG=debug the coordinator logs the QUIC path figures (MTU,
+/// congestion window, losses) after each artifact stream: shows the last of each agent.
+fn report_path(c: &Coordinator) {
+    let log = c.log();
+    let mut agents_seen = Vec::new();
+    for line in log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("artifact stream ended"))
+    {
+        let agent = line
+            .split("agent=")
+            .nth(1)
+            .and_then(|a| a.split_whitespace().next());
+        if !agents_seen.contains(&agent) {
+            agents_seen.push(agent);
+            println!("   path: {}", line.split("path=").nth(1).unwrap_or(line));
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mib: u64 = std::env::var("GANTRY_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
+    let rounds_wanted: usize = std::env::var("GANTRY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let size = mib << 20;
     let work = tempfile::Builder::new()
         .prefix("gantry-bench-art-")
@@ -278,56 +536,18 @@ fn main() -> anyhow::Result<()> {
     // measurements (the baseline's, which then varied from 340 to 950 MB/s): flush it.
     settle_disk()?;
 
-    // Baseline first: nginx over TLS, curl on the same loopback.
     let tools = Command::new("nginx").arg("-v").output().is_ok()
         && Command::new("curl").arg("--version").output().is_ok();
-    let baseline = if tools {
-        {
-            let nginx = start_nginx(work.path(), &data)?;
-            let url = format!("https://localhost:{}/blob", nginx.port);
-            let resolve = format!("localhost:{}:127.0.0.1", nginx.port);
-            let ca = nginx.ca.display().to_string();
-            // Download to a file, as the agent's download ends in a file.
-            let down_file = work.path().join("curl-download");
-            let _warm = curl(&["--cacert", &ca, "--resolve", &resolve, &url])?;
-            let started = Instant::now();
-            let status = Command::new("curl")
-                .args([
-                    "-sS",
-                    "--fail",
-                    "--cacert",
-                    &ca,
-                    "--resolve",
-                    &resolve,
-                    "-o",
-                ])
-                .arg(&down_file)
-                .arg(&url)
-                .status()?;
-            anyhow::ensure!(status.success(), "curl download failed");
-            let down = started.elapsed().as_secs_f64();
-            std::fs::remove_file(&down_file)?;
-            let up_url = format!("https://localhost:{}/up/blob", nginx.port);
-            let up = curl(&[
-                "--cacert",
-                &ca,
-                "--resolve",
-                &resolve,
-                "-T",
-                &blob.display().to_string(),
-                &up_url,
-            ])?;
-            let _ = std::fs::remove_file(data.join("up/blob"));
-            Some((mb_per_s(size as f64, up), mb_per_s(size as f64, down)))
-        }
-    } else {
+    if !tools {
         println!(
             "!! nginx or curl is missing (apt-get install nginx-core curl): no HTTPS baseline"
         );
+    }
+    let nginx = if tools {
+        Some(start_nginx(work.path(), &data)?)
+    } else {
         None
     };
-
-    settle_disk()?;
     let c = Coordinator::start();
     let token = c.token(&["--uses", "2"]);
     let mut agents = Vec::new();
@@ -337,36 +557,79 @@ fn main() -> anyhow::Result<()> {
         agents.push(agent);
     }
     c.wait_connected(2);
+    let pid_of = |proc: &Option<Proc>| proc.as_ref().map_or(0, Proc::pid);
+    let (coordinator_pid, producer_pid, consumer_pid) = (
+        pid_of(&c.server),
+        pid_of(&agents[0].proc),
+        pid_of(&agents[1].proc),
+    );
 
-    // 1. Upload and download of the 1 GiB artifact.
+    // 1. Upload and download of the 1 GiB artifact, in rounds that alternate with the
+    // baseline: on a shared machine the speed of both drifts by 2-3x within minutes, so
+    // each Gantry figure is compared with a baseline measured just before it. Each round
+    // uploads fresh data (the same bytes again would be deduplicated to nothing).
     let transfer = |file: &Path| {
         format!(
             "name: bench\njobs:\n  produce:\n    runs-on: {{ role: producer }}\n    steps: [{{ run: 'mkdir out && ln {file} out/blob' }}]\n    artifacts: {{ name: blob, paths: [out] }}\n  consume:\n    needs: produce\n    runs-on: {{ role: consumer }}\n    steps: [{{ run: 'test -s out/blob' }}]\n",
             file = file.display()
         )
     };
-    println!("== gantry: uploading and downloading {mib} MiB");
-    let run = run_and_wait(&c, &transfer(&blob))?;
-    let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
-    let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
-    // With GANTRY_TEST_SERVER_LOG=debug the coordinator logs the QUIC path figures (MTU,
-    // congestion window, losses) after each artifact stream: show the last of each agent.
-    let log = c.log();
-    let mut agents_seen = Vec::new();
-    for line in log
-        .lines()
-        .rev()
-        .filter(|l| l.contains("artifact stream ended"))
-    {
-        let agent = line
-            .split("agent=")
-            .nth(1)
-            .and_then(|a| a.split_whitespace().next());
-        if !agents_seen.contains(&agent) {
-            agents_seen.push(agent);
-            println!("   path: {}", line.split("path=").nth(1).unwrap_or(line));
+    let mut rounds: Vec<Round> = Vec::new();
+    for round in 0..rounds_wanted {
+        let blob = if round == 0 {
+            blob.clone()
+        } else {
+            let fresh = data.join(format!("blob-{round}"));
+            write_random(&fresh, size, 100 + round as u64)?;
+            fresh
+        };
+        settle_disk()?;
+        let baseline = match &nginx {
+            Some(nginx) => Some(measure_https(nginx, work.path(), &data, &blob, size)?),
+            None => None,
+        };
+        settle_disk()?;
+        println!(
+            "== round {}/{rounds_wanted}: gantry uploading and downloading {mib} MiB",
+            round + 1
+        );
+        let cpu_watch = CpuSampler::start([coordinator_pid, producer_pid, consumer_pid]);
+        let run = run_and_wait(&c, &transfer(&blob))?;
+        let samples = cpu_watch.stop();
+        let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
+        let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
+        let gib_moved = size as f64 / f64::from(1u32 << 30);
+        let (first, last) = (samples[0], samples[samples.len() - 1]);
+        // The download starts after the upload has ended (`needs`): the coordinator's
+        // CPU up to the first sample where the consumer moves is the upload's.
+        let split = samples
+            .iter()
+            .find(|s| s[2] - first[2] > 0.05)
+            .copied()
+            .unwrap_or(last);
+        let this = Round {
+            up: mb_per_s(size as f64, up.transfer_secs),
+            down: mb_per_s(size as f64, down.transfer_secs + down.extract_secs),
+            chunks: up.total_chunks,
+            sent_mib: up.moved_bytes / 1_048_576.0,
+            baseline,
+            cpu: GantryCpu {
+                coordinator_up: (split[0] - first[0]) / gib_moved,
+                coordinator_down: (last[0] - split[0]) / gib_moved,
+                uploader: (last[1] - first[1]) / gib_moved,
+                downloader: (last[2] - first[2]) / gib_moved,
+            },
+        };
+        println!("   {}", this.line());
+        rounds.push(this);
+        if round == 0 {
+            report_path(&c);
+        }
+        if round > 0 {
+            std::fs::remove_file(&blob)?;
         }
     }
+    drop(nginx);
 
     // 2. The same artifact with 1% changed.
     settle_disk()?;
@@ -394,28 +657,48 @@ fn main() -> anyhow::Result<()> {
 
     let gib = size as f64;
     println!("\n== results ({mib} MiB, loopback, release build)\n");
-    let up_rate = mb_per_s(gib, up.transfer_secs);
-    let down_rate = mb_per_s(gib, down.transfer_secs + down.extract_secs);
+    let median_of =
+        |pick: &dyn Fn(&Round) -> Option<f64>| median(rounds.iter().filter_map(pick).collect());
+    let (up_rate, down_rate) = (median_of(&|r| Some(r.up)), median_of(&|r| Some(r.down)));
+    let last = rounds
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("no round ran"))?;
     println!(
-        "gantry upload     {:>8.1} MB/s  ({:.2} s, {} chunks, {:.0} MiB sent)",
-        up_rate,
-        up.transfer_secs,
-        up.total_chunks,
-        up.moved_bytes / 1_048_576.0
+        "gantry upload     {up_rate:>8.1} MB/s  (median of {} rounds; last: {} chunks, {:.0} MiB sent)",
+        rounds.len(),
+        last.chunks,
+        last.sent_mib
     );
     println!(
-        "gantry download   {:>8.1} MB/s  ({:.2} s fetching and verifying + {:.2} s writing the file)",
-        down_rate, down.transfer_secs, down.extract_secs
+        "gantry download   {down_rate:>8.1} MB/s  (median; fetching, verifying and writing the file)"
     );
-    if let Some((base_up, base_down)) = baseline {
-        println!("https upload      {base_up:>8.1} MB/s  (curl -T to nginx, WebDAV PUT)");
-        println!("https download    {base_down:>8.1} MB/s  (nginx to curl -o FILE)");
+    if last.baseline.is_some() {
+        let base_up = median_of(&|r| r.baseline.map(|b| b.up));
+        let base_down = median_of(&|r| r.baseline.map(|b| b.down));
+        println!("https upload      {base_up:>8.1} MB/s  (median; curl -T to nginx, WebDAV PUT)");
+        println!("https download    {base_down:>8.1} MB/s  (median; nginx to curl -o FILE)");
+        let up_ratio = median_of(&|r| r.baseline.map(|b| r.up / b.up * 100.0));
+        let down_ratio = median_of(&|r| r.baseline.map(|b| r.down / b.down * 100.0));
         println!(
-            "ratio             upload {:.0}%, download {:.0}% of the HTTPS baseline (target: at least 80%)",
-            up_rate / base_up * 100.0,
-            down_rate / base_down * 100.0
+            "ratio             upload {up_ratio:.0}%, download {down_ratio:.0}% of the HTTPS baseline measured just before (median of the rounds' ratios; target: at least 80%)"
+        );
+        let https_up = median_of(&|r| r.baseline.map(|b| b.cpu_up));
+        let https_down = median_of(&|r| r.baseline.map(|b| b.cpu_down));
+        println!(
+            "cpu per GiB       https: upload {https_up:.2} core-s, download {https_down:.2} core-s (nginx and curl together)"
         );
     }
+    let cpu =
+        |pick: &dyn Fn(&GantryCpu) -> f64| median(rounds.iter().map(|r| pick(&r.cpu)).collect());
+    println!(
+        "cpu per GiB       gantry: upload {:.2} core-s (agent {:.2} + coordinator {:.2}), download {:.2} core-s (agent {:.2} + coordinator {:.2})",
+        cpu(&|g| g.uploader + g.coordinator_up),
+        cpu(&|g| g.uploader),
+        cpu(&|g| g.coordinator_up),
+        cpu(&|g| g.downloader + g.coordinator_down),
+        cpu(&|g| g.downloader),
+        cpu(&|g| g.coordinator_down)
+    );
     println!(
         "re-upload, 1% changed ({:.1} MiB in 16 places): sent {} of {} chunks, {:.1} MiB = {:.2}% of the artifact (target: under 3%)",
         changed_bytes as f64 / 1_048_576.0,
