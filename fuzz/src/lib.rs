@@ -18,8 +18,9 @@ use std::time::{Duration, SystemTime};
 use gantry_protocol::{
     decode_hello, decode_payload, frame, hello, limits, AdminRequest, AdminResponse, AgentMessage,
     ChunkFrame, ChunkPut, ChunkWants, CoordinatorMessage, ExecEvent, FollowEvent, FrameDecoder,
-    FrameError, HelloReply, Intent, LogChunk, LogControl, ManifestFrame, PutReply, ResolveReply,
-    SourceData, SourceStored, StreamOpen, UploadReply, UploadRequest,
+    FrameError, HelloReply, Intent, LogChunk, LogControl, ManifestFrame, PutReply,
+    ReceivedChunkFrame, ResolveReply, SourceData, SourceStored, StreamOpen, UploadReply,
+    UploadRequest,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -97,10 +98,10 @@ pub const MESSAGE_TYPES: &[(&str, Check)] = &[
     ("ResolveReply", round_trip::<ResolveReply>),
     ("ManifestFrame", round_trip::<ManifestFrame>),
     ("ChunkWants", round_trip::<ChunkWants>),
-    ("ChunkFrame", round_trip::<ChunkFrame>),
+    ("ChunkFrame", chunk_frame),
     ("UploadRequest", round_trip::<UploadRequest>),
     ("UploadReply", round_trip::<UploadReply>),
-    ("ChunkPut", round_trip::<ChunkPut>),
+    ("ChunkPut", chunk_put),
     ("PutReply", round_trip::<PutReply>),
     ("ExecEvent", round_trip::<ExecEvent>),
 ];
@@ -127,6 +128,59 @@ fn round_trip<T: Serialize + DeserializeOwned>(payload: &[u8]) {
         bytes,
         "encoding is not stable"
     );
+}
+
+/// A `ChunkPut` both ways a receiver may decode it, owned and leaving its data in the
+/// payload (`decode_received`): both accept exactly the same payloads, with the same
+/// fields and data.
+fn chunk_put(payload: &[u8]) {
+    round_trip::<ChunkPut>(payload);
+    let owned = decode_payload::<ChunkPut>(payload);
+    match (owned, ChunkPut::decode_received(payload.to_vec())) {
+        (Ok(put), Ok(received)) => assert_eq!(
+            (put.digest, put.size, &put.data[..]),
+            (received.digest, received.size, received.data())
+        ),
+        (Err(_), Err(_)) => {}
+        (owned, received) => panic!(
+            "the decoders disagree: owned {:?}, received {:?}",
+            owned.is_ok(),
+            received.is_ok()
+        ),
+    }
+}
+
+/// A `ChunkFrame`, as [`chunk_put`]: owned and received decoding agree on everything.
+fn chunk_frame(payload: &[u8]) {
+    round_trip::<ChunkFrame>(payload);
+    let owned = decode_payload::<ChunkFrame>(payload);
+    match (owned, ChunkFrame::decode_received(payload.to_vec())) {
+        (Ok(frame), Ok(received)) => match (frame, received) {
+            (ChunkFrame::Data { digest, size, data }, ReceivedChunkFrame::Data(chunk)) => {
+                assert_eq!(
+                    (digest, size, &data[..]),
+                    (chunk.digest, chunk.size, chunk.data())
+                );
+            }
+            (
+                ChunkFrame::Unavailable { digest, reason },
+                ReceivedChunkFrame::Unavailable {
+                    digest: d,
+                    reason: r,
+                },
+            ) => assert_eq!((digest, reason), (d, r)),
+            (ChunkFrame::Refused { message }, ReceivedChunkFrame::Refused { message: m }) => {
+                assert_eq!(message, m);
+            }
+            (frame, received) => panic!("the decoders disagree: {frame:?} against {received:?}"),
+        },
+        (Err(_), Err(_)) => {}
+        (owned, received) => panic!(
+            "the decoders disagree: owned {:?}, received {:?}",
+            owned.is_ok(),
+            received.is_ok()
+        ),
+    }
 }
 
 /// The hello: magic and version checked before the body; what decodes encodes back.
