@@ -58,29 +58,10 @@ const WORTH_COMPRESSING: f64 = 0.97;
 /// nothing), stores it in a zstd frame of raw blocks ([`RawFrameLayout`]). Either way the
 /// result is one zstd frame that [`decompress`] (or any zstd decoder) reads back.
 pub fn compress(chunk: &[u8]) -> Vec<u8> {
-    match encode_chunk(chunk) {
-        EncodedChunk::Compressed(frame) => frame,
-        EncodedChunk::Raw(layout) => layout.assemble(chunk),
-    }
-}
-
-/// How a chunk travels and is stored: one zstd frame, either compressed or of raw blocks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EncodedChunk {
-    /// The whole frame.
-    Compressed(Vec<u8>),
-    /// The frame is the chunk's own bytes behind block headers: a sender writes the
-    /// headers and slices of the chunk, without copying the chunk into a frame.
-    Raw(RawFrameLayout),
-}
-
-/// [`compress`] without building a raw frame: the frame's layout instead, when
-/// [`worth_compressing`] says no.
-pub fn encode_chunk(chunk: &[u8]) -> EncodedChunk {
     if worth_compressing(chunk) {
-        EncodedChunk::Compressed(zstd_frame(chunk))
+        zstd_frame(chunk)
     } else {
-        EncodedChunk::Raw(RawFrameLayout::of(chunk.len()))
+        RawFrameLayout::of(chunk.len()).assemble(chunk)
     }
 }
 
@@ -171,7 +152,7 @@ fn raw_frame(chunk: &[u8]) -> Vec<u8> {
 }
 
 /// `chunk` compressed into one zstd frame at [`COMPRESSION_LEVEL`], whatever its
-/// content (see [`encode_chunk`] for the choice).
+/// content (see [`compress`] for the choice).
 pub fn zstd_frame(chunk: &[u8]) -> Vec<u8> {
     compress_with(&COMPRESSOR, COMPRESSION_LEVEL, chunk)
 }
@@ -521,31 +502,25 @@ mod tests {
     }
 
     #[test]
-    fn encoding_gives_a_layout_for_random_chunks_and_a_frame_for_compressible_ones() {
+    fn a_raw_layout_sent_as_headers_and_slices_is_a_frame_zstd_reads() {
         let random = noise(MAX_BLOCK + 5, 3);
-        match encode_chunk(&random) {
-            EncodedChunk::Raw(layout) => {
-                assert_eq!(layout.parts().len(), 2, "two blocks");
-                assert_eq!(layout.frame_len(), random.len() + 9 + 3 + 3);
-                let mut sent = Vec::new();
-                for (header, range) in layout.parts() {
-                    sent.extend_from_slice(header);
-                    sent.extend_from_slice(&random[range.clone()]);
-                }
-                assert_eq!(
-                    zstd::bulk::decompress(&sent, random.len()).expect("zstd reads it"),
-                    random
-                );
-            }
-            other @ EncodedChunk::Compressed(_) => {
-                panic!("random data should be stored raw, got {other:?}")
-            }
+        assert!(!worth_compressing(&random), "random data is stored raw");
+        let layout = RawFrameLayout::of(random.len());
+        assert_eq!(layout.parts().len(), 2, "two blocks");
+        assert_eq!(layout.frame_len(), random.len() + 9 + 3 + 3);
+        let mut sent = Vec::new();
+        for (header, range) in layout.parts() {
+            sent.extend_from_slice(header);
+            sent.extend_from_slice(&random[range.clone()]);
         }
+        assert_eq!(
+            zstd::bulk::decompress(&sent, random.len()).expect("zstd reads it"),
+            random
+        );
         let zeros = vec![0u8; 64 * 1024];
-        match encode_chunk(&zeros) {
-            EncodedChunk::Compressed(frame) => assert!(frame.len() < 1024, "{}", frame.len()),
-            other @ EncodedChunk::Raw(_) => panic!("zeros should compress, got {other:?}"),
-        }
+        assert!(worth_compressing(&zeros), "zeros compress");
+        let frame = zstd_frame(&zeros);
+        assert!(frame.len() < 1024, "{}", frame.len());
     }
 
     #[test]

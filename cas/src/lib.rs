@@ -27,8 +27,8 @@ mod manifest;
 pub use build::{build_manifest, build_manifest_for};
 pub use chunk::{chunk_reader, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use compress::{
-    compress, decompress, encode_chunk, open_chunk, verify_chunk, worth_compressing, zstd_frame,
-    EncodedChunk, RawFrameLayout, VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
+    compress, decompress, open_chunk, verify_chunk, worth_compressing, zstd_frame, RawFrameLayout,
+    VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
 };
 pub use error::{CasError, PathProblem, SymlinkProblem};
 pub use extract::{extract, extract_verified, extract_with, Existing};

@@ -85,12 +85,8 @@ pub async fn upload(
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
             gantry_cas::build_manifest_for(&root, &paths, |digest, data| {
-                let chunk = Chunk {
-                    compress: gantry_cas::worth_compressing(data),
-                    data: data.to_vec(),
-                };
                 chunk_tx
-                    .blocking_send((digest, chunk))
+                    .blocking_send((digest, Chunk::sampled(data.to_vec())))
                     .map_err(|_| gantry_cas::CasError::Io {
                         context: "handing a chunk to the upload".into(),
                         source: std::io::Error::other("the upload stopped"),
@@ -187,11 +183,7 @@ pub async fn upload(
                 );
                 let mut again = PutStreams::new(conn.clone(), id, options);
                 for (digest, data) in read_chunks(root, &manifest, &missing)? {
-                    let chunk = Chunk {
-                        compress: gantry_cas::worth_compressing(&data),
-                        data,
-                    };
-                    again.send(digest, chunk).await?;
+                    again.send(digest, Chunk::sampled(data)).await?;
                 }
                 let sent = again.finish().await?;
                 figures.chunks_sent += sent.0;
@@ -275,6 +267,16 @@ fn read_chunks(
 struct Chunk {
     data: Vec<u8>,
     compress: bool,
+}
+
+impl Chunk {
+    /// Takes the sample that decides compression (on the caller's thread).
+    fn sampled(data: Vec<u8>) -> Self {
+        Self {
+            compress: gantry_cas::worth_compressing(&data),
+            data,
+        }
+    }
 }
 
 /// The put streams of one session, fed in turn; opened on first use.
