@@ -83,32 +83,31 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Largest UDP payload accepted, and the ceiling of path MTU discovery. 1472 (quinn's
 /// default) fits a 1500-byte Ethernet frame; paths with larger MTUs (loopback, jumbo
-/// frames) then carry fewer, larger packets, which is most of the per-byte cost of bulk
-/// transfers. On a 1500-byte path discovery settles at ~1450 after a few lost probes.
+/// frames) then carry fewer, larger packets, and much of the cost of a bulk transfer is
+/// per packet (crypto calls, ACKs, the kernel's per-datagram path). On a 1500-byte path
+/// discovery settles at ~1450 after a few lost probes; on loopback it reaches this.
 ///
-/// Why 6,550 and not 8,972 (a 9,000-byte jumbo frame): quinn hands the kernel up to
-/// [`QUINN_GSO_SEGMENTS`] packets in one `sendmsg` (UDP GSO), and Linux refuses a send
-/// of more than [`LARGEST_UDP_SEND`] bytes with `EMSGSIZE`, which quinn-udp drops
-/// silently. At 8,972 every full batch (8 packets or more) was lost whole; quinn took
-/// the losses of large packets for a black hole and fell back to 1,200 bytes for the
-/// rest of the connection. Measured on the artifact benchmark (1 GiB on loopback): the
-/// download's path ended at MTU 1,200 with a black hole; at 6,550 no packet was lost,
-/// and the upload went from 187–198 to 286 MB/s.
-/// When to change: lower it to 1472 if middleboxes mishandle the probes; it sizes each
-/// endpoint's receive buffers linearly. Never raise it past `LARGEST_UDP_SEND / 10`.
-pub const MAX_UDP_PAYLOAD: u16 = 6_550;
-
-/// The most packets quinn 0.11 puts in one GSO send (`MAX_TRANSMIT_SEGMENTS` in
-/// quinn's connection driver; not configurable).
-pub const QUINN_GSO_SEGMENTS: usize = 10;
+/// Why 65,000: loopback's MTU is 65,536 bytes, and one packet of ~64 KiB per send did a
+/// tenth of the per-packet work of ten 6,550-byte packets in one GSO send: on the
+/// artifact benchmark (1 GiB on loopback), CPU per GiB uploaded fell from 3.20 to 2.82
+/// core-seconds and the upload went from 565 to 647 MB/s. It stays under
+/// [`LARGEST_UDP_SEND`] with the IPv6 header too (65,536 − 40 − 8). quinn batches up to
+/// ten packets per send whatever their size, so a batch larger than one send allows is
+/// cut into several by the transport (`gantry-transport`'s socket); before that cut,
+/// this ceiling had to stay at 6,550 (ten packets per send), and at 8,972 whole batches
+/// vanished, quinn declared a black hole and fell back to 1,200 bytes.
+/// When to change: lower it to 1472 if middleboxes mishandle the probes. It sizes each
+/// endpoint's receive buffer (quinn reserves 64 GRO segments of it for each of 32
+/// datagrams: address space, touched only as datagrams arrive).
+pub const MAX_UDP_PAYLOAD: u16 = 65_000;
 
 /// The largest UDP send Linux accepts: 65,535 bytes of IPv4 datagram less its 20-byte
 /// IP and 8-byte UDP headers. A GSO send counts all its segments together.
 pub const LARGEST_UDP_SEND: usize = 65_507;
 
 const _: () = assert!(
-    MAX_UDP_PAYLOAD as usize * QUINN_GSO_SEGMENTS <= LARGEST_UDP_SEND,
-    "a full GSO batch of MAX_UDP_PAYLOAD packets must fit in one UDP send"
+    MAX_UDP_PAYLOAD as usize <= LARGEST_UDP_SEND,
+    "one packet of MAX_UDP_PAYLOAD bytes must fit in one UDP send"
 );
 
 /// Kernel buffer asked for each UDP socket, each way. With the common 208 KiB default, a

@@ -16,6 +16,8 @@ use gantry_protocol::frame::{check_len, HEADER_LEN};
 use gantry_protocol::{limits, CloseCode, FrameError};
 use serde::{de::DeserializeOwned, Serialize};
 
+mod udp;
+
 /// What went wrong on a connection or stream.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransportError {
@@ -234,8 +236,14 @@ impl Listener {
                 // registered) here.
                 let endpoint = rt.block_on(async {
                     let runtime = quinn::default_runtime().ok_or("no async runtime")?;
-                    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime)
-                        .map_err(|e| e.to_string())
+                    let socket = udp::bounded_sends(&runtime, socket).map_err(|e| e.to_string())?;
+                    quinn::Endpoint::new_with_abstract_socket(
+                        endpoint_config,
+                        Some(config),
+                        socket,
+                        runtime,
+                    )
+                    .map_err(|e| e.to_string())
                 });
                 let ok = endpoint.is_ok();
                 let _ = made_tx.send(endpoint);
@@ -464,7 +472,10 @@ impl Dialer {
             .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
         let mut shared = quinn::EndpointConfig::default();
         endpoint_config(&mut shared)?;
-        let endpoint = quinn::Endpoint::new(shared, None, socket, runtime)
+        let endpoint = udp::bounded_sends(&runtime, socket)
+            .and_then(|socket| {
+                quinn::Endpoint::new_with_abstract_socket(shared, None, socket, runtime)
+            })
             .map_err(|e| TransportError::Endpoint(format!("cannot open a UDP socket: {e}")))?;
         Ok(Self { endpoint, config })
     }

@@ -1,8 +1,9 @@
 //! A bulk transfer over loopback through two real endpoints: the path must keep the MTU
 //! discovery reached and declare no black hole. Loopback's MTU is 64 KiB, so discovery
-//! climbs to `limits::MAX_UDP_PAYLOAD`; with a ceiling too large for quinn's GSO batches
-//! (8,972 bytes: ten packets make a send Linux refuses), whole batches vanished, quinn
-//! declared a black hole and the transfer ran on at 1,200-byte packets.
+//! climbs to `limits::MAX_UDP_PAYLOAD`; quinn puts up to ten packets in one send, which
+//! past 6,550 bytes a packet Linux refuses, and unless the transport cuts such batches
+//! into several sends (`gantry-transport`'s socket), whole batches vanish, quinn
+//! declares a black hole and the transfer runs on at 1,200-byte packets.
 
 use std::time::{Duration, SystemTime};
 
@@ -80,9 +81,13 @@ async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black
         figures.black_holes, 0,
         "quinn declared a black hole on loopback: {figures:?}"
     );
-    assert_eq!(
-        figures.mtu,
-        limits::MAX_UDP_PAYLOAD,
-        "the path left the MTU discovery reached: {figures:?}"
+    // Discovery's binary search stops once its next step would be under 20 bytes, so
+    // it ends just short of the ceiling; a fallback (1,200 bytes) or a ceiling cut to
+    // ten packets per send (6,550) is far below this.
+    let reached = u32::from(limits::MAX_UDP_PAYLOAD) * 99 / 100;
+    assert!(
+        u32::from(figures.mtu) >= reached,
+        "the path did not keep an MTU near the ceiling of {}: {figures:?}",
+        limits::MAX_UDP_PAYLOAD
     );
 }
