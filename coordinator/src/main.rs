@@ -242,6 +242,7 @@ pub(crate) fn usage(e: anyhow::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
+    gantry_transfer::memory::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

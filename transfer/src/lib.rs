@@ -20,6 +20,7 @@
 mod cache;
 mod download;
 mod limit;
+pub mod memory;
 mod serve;
 mod upload;
 
