@@ -1,5 +1,6 @@
 //! Writing a large file's bytes past the page cache (`O_DIRECT`), with a fallback to
-//! ordinary writes wherever direct I/O is refused.
+//! ordinary writes wherever direct I/O is refused; and reading bytes read only once
+//! without keeping them in the page cache ([`read_once`]).
 //!
 //! Why: on the machines we measure (a VM with a virtio disk), buffered writes fall from
 //! ~2.4 GB/s to ~500 MB/s once about 1 GiB is dirty, and the kernel's copy into the page
@@ -16,7 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, ErrorKind, Write};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::fs::OFlags;
@@ -29,7 +30,25 @@ const BLOCK: usize = 4 * 1024 * 1024;
 /// size (512 and 4,096 bytes).
 const ALIGN: usize = 4096;
 
-/// An aligned buffer of [`BLOCK`] bytes, `filled` of them in use.
+/// Buffers of finished writers kept for the next ones (at most this many, 16 MiB).
+///
+/// Why: fresh memory is not free. A new buffer is zeroed, and on a VM whose host takes
+/// back the pages its guest frees (free page reporting, as on the machines we measure)
+/// every first touch of a page is a fault in the host: ~9 µs per 4 KiB page, ~2.3 s
+/// per GiB. The coordinator starts a writer per pack (every 32 MiB of an upload) and
+/// an agent one per cache segment, so without reuse the buffers alone would be an
+/// eighth of the bytes written, all of it fresh memory.
+const MAX_SPARE_BUFFERS: usize = 4;
+static SPARE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn spare_buffers() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
+    SPARE_BUFFERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An aligned buffer of [`BLOCK`] bytes, `filled` of them in use. Its memory goes back
+/// to [`SPARE_BUFFERS`] when it is dropped.
 struct Block {
     storage: Vec<u8>,
     start: usize,
@@ -38,7 +57,10 @@ struct Block {
 
 impl Block {
     fn new() -> Self {
-        let storage = vec![0u8; BLOCK + ALIGN];
+        let storage = spare_buffers()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; BLOCK + ALIGN]);
+        // A Vec's buffer never moves, so its aligned start is the same every time.
         let start = storage.as_ptr().align_offset(ALIGN);
         Self {
             storage,
@@ -49,6 +71,16 @@ impl Block {
 
     fn bytes(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.filled]
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        let storage = std::mem::take(&mut self.storage);
+        let mut spare = spare_buffers();
+        if storage.len() == BLOCK + ALIGN && spare.len() < MAX_SPARE_BUFFERS {
+            spare.push(storage);
+        }
     }
 }
 
@@ -66,6 +98,14 @@ pub struct DirectWriter {
     empty: mpsc::Receiver<Block>,
     /// Gives the file back (and whether it is still in direct mode), or the first error.
     thread: Option<JoinHandle<io::Result<(File, bool)>>>,
+}
+
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter")
+            .field("buffered", &self.current.filled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DirectWriter {
@@ -169,6 +209,25 @@ impl Drop for DirectWriter {
     fn drop(&mut self) {
         let _ = self.join();
     }
+}
+
+/// Reads `len` bytes at `offset` and then drops the pages they filled from the page
+/// cache (pages shared with the bytes around them stay): for data read once, such as a
+/// chunk a coordinator serves from its pack or an agent reads back from its cache.
+///
+/// Why: kept, those pages would only grow the page cache, and on a VM whose host
+/// reclaims the pages its guest frees every new page-cache page costs a fault in the
+/// host (~2.3 s per GiB); dropped, the next read reuses the same pages. Reading a just
+/// uploaded gigabyte back cost the coordinator 3.7 core-seconds with the pages kept.
+pub fn read_once(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; len];
+    file.read_exact_at(&mut data, offset)?;
+    if let Some(len) = std::num::NonZeroU64::new(len as u64) {
+        // Only advice: refused, it costs memory, never correctness.
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
+    }
+    Ok(data)
 }
 
 /// Writes `bytes` (a multiple of [`ALIGN`] long while `direct`) at the file's offset.

@@ -30,7 +30,7 @@ use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
 use crate::authz::{Principal, Request};
-use crate::chunks::{ChunkReadError, ChunkStore, Location, PackWriter};
+use crate::chunks::{ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack};
 use crate::config::ArtifactSettings;
 use crate::metrics::Metrics;
 use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
@@ -952,10 +952,7 @@ impl Artifacts {
             if let Some(previous) = syncing.take() {
                 self.publish(session, previous).await?;
             }
-            syncing = Some(tokio::task::spawn_blocking(move || {
-                let synced = pack.sync();
-                (pack, synced, rows)
-            }));
+            syncing = Some(tokio::task::spawn_blocking(move || (pack.sync(), rows)));
         }
         if let Some(previous) = syncing.take() {
             self.publish(session, previous).await?;
@@ -974,8 +971,8 @@ impl Artifacts {
     /// to the session. From the rename to the index commit it holds the collection lock
     /// shared, so garbage collection never sees the pack unindexed.
     async fn publish(&self, session: u64, syncing: Syncing) -> Result<(), String> {
-        let (pack, synced, rows) = syncing.await.map_err(|e| e.to_string())?;
-        synced.map_err(|e| format!("cannot sync a pack of chunks: {e}"))?;
+        let (synced, rows) = syncing.await.map_err(|e| e.to_string())?;
+        let pack = synced.map_err(|e| format!("cannot sync a pack of chunks: {e}"))?;
         let _publishing = self.collecting.read().await;
         tokio::task::spawn_blocking(move || pack.publish())
             .await
@@ -1156,8 +1153,7 @@ async fn receive_manifest(
 }
 
 /// A pack being fsynced on a blocking thread, with the index rows of its chunks.
-type Syncing =
-    tokio::task::JoinHandle<(PackWriter, std::io::Result<()>, Vec<(Digest, ChunkRecord)>)>;
+type Syncing = tokio::task::JoinHandle<(std::io::Result<SyncedPack>, Vec<(Digest, ChunkRecord)>)>;
 
 /// Checks each uploaded chunk (sizes within bounds, decompresses within its size, hashes
 /// to its digest) and appends it to the pack. The first bad chunk refuses the batch.

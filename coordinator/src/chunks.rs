@@ -10,8 +10,8 @@
 //! pack holds one upload batch (up to 32 MiB, or what arrived in 500 ms), so the same
 //! upload makes about 32 files.
 //!
-//! Durability: a pack is written under `tmp/`, fsynced, renamed into `packs/`, and the
-//! directory fsynced; only then does the store index its chunks. A crash before the index
+//! Durability: a pack is written under `tmp/` (past the page cache, see [`PackWriter`]),
+//! fsynced, renamed into `packs/`, and the directory fsynced; only then does the store index its chunks. A crash before the index
 //! commit leaves a pack nothing points at, which garbage collection removes.
 //!
 //! It must not know about the index (that is the store's), about manifests or about who
@@ -19,11 +19,11 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::FileExt;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use gantry_cas::DirectWriter;
 use gantry_protocol::Digest;
 
 /// Open pack files kept for reading; the set is cleared when it reaches this size.
@@ -63,12 +63,21 @@ pub struct ChunkStore {
     open: Arc<Mutex<HashMap<u64, Arc<File>>>>,
 }
 
-/// A pack being written: chunks are appended, then [`PackWriter::finish`] makes it
-/// durable under its final name.
+/// A pack being written: chunks are appended, then [`PackWriter::sync`] and
+/// [`SyncedPack::publish`] make it durable under its final name.
+///
+/// Its bytes go to disk past the page cache ([`DirectWriter`]): a pack is fsynced at
+/// once and read back, if ever, long after, so caching it buys nothing, and the copy
+/// into the page cache was more than half of the coordinator's CPU time in the upload
+/// benchmark (on a VM whose host reclaims freed pages, filling the page cache with
+/// fresh pages costs ~2.3 s per GiB; see ARCHITECTURE.md, "Packs and cache segments
+/// are written past the page cache").
 #[derive(Debug)]
 pub struct PackWriter {
     id: u64,
-    file: tempfile::NamedTempFile,
+    file: DirectWriter,
+    /// The temporary name, removed if the pack is abandoned.
+    path: tempfile::TempPath,
     len: u64,
     packs_dir: PathBuf,
 }
@@ -77,7 +86,7 @@ impl PackWriter {
     /// Appends a chunk's compressed bytes; returns where it sits.
     pub fn append(&mut self, compressed: &[u8]) -> std::io::Result<Location> {
         let offset = self.len;
-        self.file.as_file_mut().write_all(compressed)?;
+        self.file.write(compressed)?;
         self.len += compressed.len() as u64;
         Ok(Location {
             pack: self.id,
@@ -86,25 +95,39 @@ impl PackWriter {
         })
     }
 
-    /// Fsyncs the pack's bytes, still under its temporary name (the slow part, which an
-    /// upload overlaps with receiving its next batch).
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.file.as_file().sync_all()
+    /// Writes what is still buffered and fsyncs the pack, still under its temporary
+    /// name (the slow part, which an upload overlaps with receiving its next batch).
+    pub fn sync(self) -> std::io::Result<SyncedPack> {
+        self.file.finish()?.sync_all()?;
+        Ok(SyncedPack {
+            id: self.id,
+            path: self.path,
+            packs_dir: self.packs_dir,
+        })
     }
 
-    /// Renames a synced pack into place and fsyncs the directory; after this its chunks
+    /// [`Self::sync`] then [`SyncedPack::publish`].
+    pub fn finish(self) -> std::io::Result<()> {
+        self.sync()?.publish()
+    }
+}
+
+/// A pack whose bytes are on disk under its temporary name.
+#[derive(Debug)]
+pub struct SyncedPack {
+    id: u64,
+    path: tempfile::TempPath,
+    packs_dir: PathBuf,
+}
+
+impl SyncedPack {
+    /// Renames the pack into place and fsyncs the directory; after this its chunks
     /// may be indexed. Garbage collection must not run between this and the index
     /// commit (the pack would look unused).
     pub fn publish(self) -> std::io::Result<()> {
         let path = self.packs_dir.join(pack_name(self.id));
-        self.file.persist(&path).map_err(|e| e.error)?;
+        self.path.persist(&path).map_err(|e| e.error)?;
         File::open(&self.packs_dir)?.sync_all()
-    }
-
-    /// [`Self::sync`] then [`Self::publish`].
-    pub fn finish(self) -> std::io::Result<()> {
-        self.sync()?;
-        self.publish()
     }
 }
 
@@ -150,9 +173,11 @@ impl ChunkStore {
     /// Starts a pack with a fresh random id.
     pub fn new_pack(&self) -> std::io::Result<PackWriter> {
         let id = u64::from_le_bytes(gantry_certs::random_bytes::<8>());
+        let (file, path) = tempfile::NamedTempFile::new_in(self.tmp_dir())?.into_parts();
         Ok(PackWriter {
             id,
-            file: tempfile::NamedTempFile::new_in(self.tmp_dir())?,
+            file: DirectWriter::new(file)?,
+            path,
             len: 0,
             packs_dir: self.packs_dir(),
         })
@@ -183,12 +208,11 @@ impl ChunkStore {
     }
 
     /// Reads a chunk's compressed bytes without checking them (compaction copies them
-    /// as they are; they were verified when written).
+    /// as they are; they were verified when written). Its pages do not stay in the
+    /// page cache ([`gantry_cas::read_once`]).
     pub fn read_raw(&self, location: Location) -> std::io::Result<Vec<u8>> {
         let file = self.pack_file(location.pack)?;
-        let mut data = vec![0u8; location.len as usize];
-        file.read_exact_at(&mut data, location.offset)?;
-        Ok(data)
+        gantry_cas::read_once(&file, location.offset, location.len as usize)
     }
 
     /// Reads a chunk and checks it before it may be served: it must decompress within
