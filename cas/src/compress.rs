@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 
+use bytes::Bytes;
 use zstd::bulk::{Compressor, Decompressor};
 
 use crate::{CasError, Digest, MAX_CHUNK};
@@ -305,7 +306,9 @@ fn decode_checked(
 #[derive(Debug)]
 pub struct VerifiedChunk {
     digest: Digest,
-    bytes: Vec<u8>,
+    /// Shared, so a chunk already in memory (a download's cache keeps the chunks it
+    /// just received) is checked and written where it lies.
+    bytes: Bytes,
     /// Where the chunk's bytes lie in `bytes`, in order: all of it for a decoded chunk,
     /// each block of a raw frame (at most two: [`MAX_CHUNK`] is two [`MAX_BLOCK`]s).
     pieces: Vec<std::ops::Range<usize>>,
@@ -317,7 +320,7 @@ impl VerifiedChunk {
         let pieces = std::iter::once(0..bytes.len()).collect();
         Self {
             digest,
-            bytes,
+            bytes: bytes.into(),
             pieces,
         }
     }
@@ -343,7 +346,7 @@ impl VerifiedChunk {
     /// The chunk's bytes in one buffer (a copy only for a raw frame).
     pub fn into_bytes(self) -> Vec<u8> {
         match self.pieces.as_slice() {
-            [only] if only.start == 0 && only.end == self.bytes.len() => self.bytes,
+            [only] if only.start == 0 && only.end == self.bytes.len() => self.bytes.into(),
             _ => self.pieces().flatten().copied().collect(),
         }
     }
@@ -353,7 +356,7 @@ impl VerifiedChunk {
 /// frame is hashed in place and kept as it is, anything else is decoded (bounded) first.
 /// The same inputs are refused with the same errors as by [`decompress`].
 pub fn open_chunk(
-    compressed: Vec<u8>,
+    compressed: Bytes,
     expected_len: usize,
     expected_digest: &Digest,
 ) -> Result<VerifiedChunk, CasError> {
@@ -604,7 +607,7 @@ mod tests {
                 digest
             };
             let decoded = decompress(&bytes, len, &digest);
-            let opened = open_chunk(bytes.clone(), len, &digest);
+            let opened = open_chunk(bytes.clone().into(), len, &digest);
             let verified = verify_chunk(&bytes, len, &digest);
             match (&decoded, opened) {
                 (Ok(want), Ok(got)) => {
@@ -627,7 +630,8 @@ mod tests {
     #[test]
     fn a_raw_chunk_is_kept_in_its_frame_and_joins_to_its_bytes() {
         let data = noise(MAX_CHUNK, 9);
-        let chunk = open_chunk(raw_frame(&data), data.len(), &Digest::of(&data)).expect("opens");
+        let chunk =
+            open_chunk(raw_frame(&data).into(), data.len(), &Digest::of(&data)).expect("opens");
         let pieces: Vec<&[u8]> = chunk.pieces().collect();
         assert_eq!(pieces.len(), 2, "two 128 KiB blocks, read where they lie");
         assert_eq!(pieces.concat(), data);

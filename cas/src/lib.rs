@@ -27,6 +27,8 @@ mod extract;
 mod manifest;
 
 pub use build::{build_manifest, build_manifest_for};
+/// Shared byte buffers, as [`open_chunk`] takes them.
+pub use bytes::Bytes;
 pub use chunk::{chunk_reader, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use compress::{
     compress, decompress, open_chunk, verify_chunk, worth_compressing, zstd_frame, RawFrameLayout,

@@ -300,6 +300,12 @@ impl ReceivedChunk {
     pub fn data(&self) -> &[u8] {
         &self.payload[self.data.clone()]
     }
+
+    /// The frame's payload and where the chunk's compressed bytes lie in it, for a
+    /// receiver that keeps them without copying them out.
+    pub fn into_payload(self) -> (Vec<u8>, Range<usize>) {
+        (self.payload, self.data)
+    }
 }
 
 /// A [`ChunkFrame`] as it arrived, its data left in the frame's payload.

@@ -11,6 +11,15 @@
 //! creating 16,000 files cost an agent more than half of its CPU time in ext4's inode
 //! allocation in the download benchmark.
 //!
+//! Segments of a download's size ([`gantry_cas::DIRECT_WRITE_MIN`] and up) are written
+//! past the page cache ([`gantry_cas::DirectWriter`]), and chunks read back from disk
+//! leave it again ([`gantry_cas::read_once`]): a download writes every byte twice (its
+//! cache, then its files), and on the VMs we measure each new page-cache page costs a
+//! fault in the host (~2.3 s per GiB), which was the largest part of a downloading
+//! agent's CPU time. What a download reads back a moment after writing it (its
+//! extraction runs a segment or so behind its fetch) comes from memory instead: the
+//! last [`RECENT_BYTES`] of the chunks it appended are kept there while it runs.
+//!
 //! Nothing is fsynced: a cache may lose entries in a crash. A segment without its index
 //! is removed at start; a torn or corrupt chunk is caught when it is read (every read is
 //! verified against its digest by the caller) and dropped with [`ChunkCache::remove`].
@@ -18,14 +27,14 @@
 //! is never evicted, so a download larger than the quota still completes (the cache then
 //! shrinks back once unpinned).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use gantry_protocol::Digest;
+use gantry_transport::Bytes;
 
 /// A segment is closed (and its chunks become visible) at this size.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -41,6 +50,12 @@ const PUBLISH_SLOW_GAP: std::time::Duration = std::time::Duration::from_millis(2
 const MAX_OPEN_SEGMENTS: usize = 64;
 /// One index entry: digest, offset, length.
 const ENTRY_BYTES: usize = 32 + 8 + 4;
+/// Chunks appended last, kept in memory for the reads that follow at once: a streaming
+/// download's extraction reads each chunk once its stream's segment (8 MiB; four
+/// streams) is published, a little later; this covers that lag twice over. Only chunks
+/// a download has pinned are kept, and only until it unpins them: an idle agent holds
+/// none, and a later download reads (and verifies) what is on disk.
+pub const RECENT_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -56,9 +71,46 @@ struct Segment {
     digests: Vec<Digest>,
 }
 
+/// The pinned chunks appended last, oldest first out, within [`RECENT_BYTES`]. Only a
+/// copy: whether a chunk is in the cache is the index's to say.
+#[derive(Debug, Default)]
+struct Recent {
+    chunks: HashMap<Digest, Bytes>,
+    order: VecDeque<Digest>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn insert(&mut self, digest: Digest, data: Bytes) {
+        let len = data.len();
+        match self.chunks.insert(digest, data) {
+            Some(old) => self.bytes -= old.len(),
+            None => self.order.push_back(digest),
+        }
+        self.bytes += len;
+        while self.bytes > RECENT_BYTES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            // A digest removed and appended again is queued twice; its first turn
+            // drops it a little early, which costs a read from disk, nothing more.
+            if let Some(old) = self.chunks.remove(&oldest) {
+                self.bytes -= old.len();
+            }
+        }
+    }
+
+    fn remove(&mut self, digest: &Digest) {
+        if let Some(old) = self.chunks.remove(digest) {
+            self.bytes -= old.len();
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Index {
     chunks: HashMap<Digest, Slot>,
+    recent: Recent,
     segments: HashMap<u64, Segment>,
     /// (last use, segment), oldest first: the eviction order.
     by_use: BTreeSet<(u64, u64)>,
@@ -223,17 +275,25 @@ impl ChunkCache {
         self.lock().chunks.contains_key(digest)
     }
 
-    /// A chunk's compressed bytes, if cached (and marks its segment used). The caller
+    /// A chunk's compressed bytes, if cached (and marks its segment used): from memory
+    /// when it was appended lately, otherwise read from its segment. The caller
     /// verifies them and calls [`Self::remove`] if they are bad.
-    pub fn get(&self, digest: &Digest) -> Option<Vec<u8>> {
-        let slot = *self.lock().chunks.get(digest)?;
-        let mut data = vec![0u8; slot.len as usize];
+    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
+        let slot = {
+            let mut index = self.lock();
+            let slot = *index.chunks.get(digest)?;
+            if let Some(data) = index.recent.chunks.get(digest).cloned() {
+                index.touch(slot.segment);
+                return Some(data);
+            }
+            slot
+        };
         let read = self
             .segment_file(slot.segment)
-            .and_then(|f| f.read_exact_at(&mut data, slot.offset));
-        if read.is_ok() {
+            .and_then(|f| gantry_cas::read_once(&f, slot.offset, slot.len as usize));
+        if let Ok(data) = read {
             self.lock().touch(slot.segment);
-            Some(data)
+            Some(data.into())
         } else {
             // Deleted or truncated behind our back: forget the chunk.
             self.remove(digest);
@@ -262,14 +322,16 @@ impl ChunkCache {
     /// Stores one chunk's compressed bytes (already verified by the caller).
     pub fn put(&self, digest: &Digest, compressed: &[u8]) -> std::io::Result<()> {
         let mut writer = self.writer()?;
-        writer.append(digest, compressed)?;
+        writer.append(digest, Bytes::copy_from_slice(compressed))?;
         writer.finish()
     }
 
     /// Forgets a chunk (found corrupt). Its bytes stay in their segment until the
     /// segment is evicted.
     pub fn remove(&self, digest: &Digest) {
-        self.lock().chunks.remove(digest);
+        let mut index = self.lock();
+        index.chunks.remove(digest);
+        index.recent.remove(digest);
     }
 
     /// Keeps `digests` (and so their segments) from eviction until the guard is dropped.
@@ -357,7 +419,7 @@ fn parse_index(bytes: &[u8]) -> Option<Vec<(Digest, u64, u32)>> {
 pub struct CacheWriter {
     cache: ChunkCache,
     id: u64,
-    file: File,
+    file: SegmentFile,
     len: u64,
     entries: Vec<(Digest, u64, u32)>,
     /// The segment closes at this size.
@@ -366,6 +428,41 @@ pub struct CacheWriter {
     /// chunk (or the writer's start), to close it by [`PUBLISH_MAX_AGE`] and
     /// [`PUBLISH_SLOW_GAP`] as well as by size.
     publish: Option<PublishClock>,
+}
+
+/// A segment's file: written past the page cache when segments are large (see the
+/// module docs), through it when they are small (a publishing writer's 256 KiB, where
+/// a direct write per segment would cost more than the copy it saves).
+#[derive(Debug)]
+enum SegmentFile {
+    Buffered(File),
+    Direct(gantry_cas::DirectWriter),
+}
+
+impl SegmentFile {
+    fn create(path: &Path, segment_bytes: u64) -> std::io::Result<Self> {
+        let file = File::create(path)?;
+        Ok(if segment_bytes >= gantry_cas::DIRECT_WRITE_MIN {
+            Self::Direct(gantry_cas::DirectWriter::new(file)?)
+        } else {
+            Self::Buffered(file)
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Self::Buffered(file) => file.write_all(data),
+            Self::Direct(writer) => writer.write(data),
+        }
+    }
+
+    /// Writes what is still buffered (no fsync: the cache is not durable).
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            Self::Buffered(_) => Ok(()),
+            Self::Direct(writer) => writer.finish().map(drop),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -377,7 +474,7 @@ struct PublishClock {
 impl CacheWriter {
     fn new(cache: ChunkCache, segment_bytes: u64, publish: bool) -> std::io::Result<Self> {
         let id = new_segment_id();
-        let file = File::create(cache.dir.join(segment_name(id, "seg")))?;
+        let file = SegmentFile::create(&cache.dir.join(segment_name(id, "seg")), segment_bytes)?;
         Ok(Self {
             cache,
             id,
@@ -392,13 +489,19 @@ impl CacheWriter {
         })
     }
 
-    /// Appends a chunk; rolls over to a new segment at the writer's segment size (and,
-    /// publishing, by age and on a slow stream).
-    pub fn append(&mut self, digest: &Digest, compressed: &[u8]) -> std::io::Result<()> {
-        self.file.write_all(compressed)?;
-        self.entries
-            .push((*digest, self.len, compressed.len() as u32));
-        self.len += compressed.len() as u64;
+    /// Appends a chunk (also kept in memory while a download has it pinned, see
+    /// [`RECENT_BYTES`]); rolls over to a new segment at the writer's segment size
+    /// (and, publishing, by age and on a slow stream).
+    pub fn append(&mut self, digest: &Digest, compressed: Bytes) -> std::io::Result<()> {
+        self.file.write(&compressed)?;
+        let len = compressed.len();
+        self.entries.push((*digest, self.len, len as u32));
+        self.len += len as u64;
+        let mut index = self.cache.lock();
+        if index.pins.contains_key(digest) {
+            index.recent.insert(*digest, compressed);
+        }
+        drop(index);
         let mut close = self.len >= self.segment_bytes;
         if let Some(clock) = &mut self.publish {
             let now = std::time::Instant::now();
@@ -420,11 +523,12 @@ impl CacheWriter {
 
     /// Writes the segment's index and makes its chunks visible; evicts to the quota.
     pub fn finish(self) -> std::io::Result<()> {
+        let written = self.file.finish();
         if self.entries.is_empty() {
-            drop(self.file);
             let _ = fs::remove_file(self.cache.dir.join(segment_name(self.id, "seg")));
-            return Ok(());
+            return written;
         }
+        written?;
         let mut bytes = Vec::with_capacity(self.entries.len() * ENTRY_BYTES);
         for (digest, offset, len) in &self.entries {
             bytes.extend_from_slice(digest.as_bytes());
@@ -474,6 +578,7 @@ impl Drop for Pin {
                     *n -= 1;
                     if *n == 0 {
                         index.pins.remove(d);
+                        index.recent.remove(d);
                     }
                 }
             }
@@ -502,7 +607,8 @@ mod tests {
         let mut slow = cache.writer_publishing_every(1 << 20).expect("writer");
         for n in 3..6 {
             std::thread::sleep(PUBLISH_SLOW_GAP + std::time::Duration::from_millis(20));
-            slow.append(&digest(n), &[n; 100]).expect("append");
+            slow.append(&digest(n), Bytes::from(vec![n; 100]))
+                .expect("append");
             assert!(
                 cache.contains(&digest(n)),
                 "chunk {n}, {PUBLISH_SLOW_GAP:?} after the one before, is visible at once"
@@ -513,10 +619,72 @@ mod tests {
         // A plain writer publishes only when it finishes, however slowly chunks come.
         let mut plain = cache.writer().expect("writer");
         std::thread::sleep(PUBLISH_SLOW_GAP + std::time::Duration::from_millis(20));
-        plain.append(&digest(7), &[7; 100]).expect("append");
+        plain
+            .append(&digest(7), Bytes::from(vec![7; 100]))
+            .expect("append");
         assert!(!cache.contains(&digest(7)));
         plain.finish().expect("finish");
         assert!(cache.contains(&digest(7)));
+    }
+
+    /// A download reads back what it just appended from memory; past the memory budget,
+    /// after it ends and after the process restarts, the same bytes come from the
+    /// segment on disk; a chunk removed as corrupt is served from neither.
+    #[test]
+    fn recent_chunks_are_read_from_memory_and_older_ones_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ChunkCache::open(dir.path(), 1 << 30).expect("open");
+        let filler = RECENT_BYTES / 100_000 + 1;
+        let fillers: Vec<Digest> = (0..filler).map(|n| Digest::of(&n.to_le_bytes())).collect();
+        // A download pins what it fetches.
+        let download = cache.pin(fillers.iter().copied().chain([digest(0), digest(9)]));
+        // A download's segment size, so the segment is written past the page cache.
+        let mut writer =
+            CacheWriter::new(cache.clone(), gantry_cas::DIRECT_WRITE_MIN, false).expect("writer");
+        let chunk = |n: u8| Bytes::from(vec![n; 100_000]);
+        writer.append(&digest(0), chunk(0)).expect("append");
+        assert!(cache.get(&digest(0)).is_none(), "invisible until published");
+        writer.finish().expect("finish");
+        let from_memory = cache.get(&digest(0)).expect("cached");
+        assert_eq!(from_memory, chunk(0));
+        assert!(
+            cache.lock().recent.chunks.contains_key(&digest(0)),
+            "still in memory"
+        );
+
+        // Fill memory past its budget: the first chunk leaves it but not the cache.
+        let mut writer = cache.writer().expect("writer");
+        for filler in &fillers {
+            writer
+                .append(filler, Bytes::from(vec![1u8; 100_000]))
+                .expect("append");
+        }
+        writer.finish().expect("finish");
+        {
+            let index = cache.lock();
+            assert!(!index.recent.chunks.contains_key(&digest(0)));
+            assert!(index.recent.bytes <= RECENT_BYTES, "{}", index.recent.bytes);
+        }
+        assert_eq!(cache.get(&digest(0)).expect("from disk"), chunk(0));
+        let reopened = ChunkCache::open(dir.path(), 1 << 30).expect("reopen");
+        assert_eq!(reopened.get(&digest(0)).expect("from disk"), chunk(0));
+
+        // A chunk found corrupt is forgotten, in memory as well.
+        cache.put(&digest(9), &[9; 10]).expect("put");
+        assert!(cache.lock().recent.chunks.contains_key(&digest(9)));
+        cache.remove(&digest(9));
+        assert!(cache.get(&digest(9)).is_none());
+        assert!(!cache.lock().recent.chunks.contains_key(&digest(9)));
+
+        // Once the download ends, memory holds nothing, and unpinned chunks never go
+        // there: later reads come from disk (where damage is found and fetched again).
+        assert!(!cache.lock().recent.chunks.is_empty());
+        drop(download);
+        assert!(cache.lock().recent.chunks.is_empty());
+        assert_eq!(cache.lock().recent.bytes, 0);
+        cache.put(&digest(10), &[10; 10]).expect("put");
+        assert!(cache.lock().recent.chunks.is_empty());
+        assert_eq!(cache.get(&digest(10)).as_deref(), Some(&[10u8; 10][..]));
     }
 
     #[test]
@@ -556,14 +724,18 @@ mod tests {
         {
             let cache = ChunkCache::open(dir.path(), 1 << 20).expect("open");
             let mut writer = cache.writer().expect("writer");
-            writer.append(&digest(1), b"one").expect("append");
-            writer.append(&digest(2), b"two!").expect("append");
+            writer
+                .append(&digest(1), Bytes::from_static(b"one"))
+                .expect("append");
+            writer
+                .append(&digest(2), Bytes::from_static(b"two!"))
+                .expect("append");
             writer.finish().expect("finish");
             let mut crashed = cache.writer().expect("writer");
             crashed
-                .append(&digest(3), b"never indexed")
+                .append(&digest(3), Bytes::from_static(b"never indexed"))
                 .expect("append");
-            std::mem::forget(crashed);
+            drop(crashed); // a crash: the segment was never finished
             assert!(!cache.contains(&digest(3)), "invisible until finished");
         }
         let again = ChunkCache::open(dir.path(), 1 << 20).expect("reopen");

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_cas::{EntryKind, Existing, Manifest};
@@ -19,7 +19,7 @@ use gantry_protocol::{
     limits, ChunkFrame, ChunkWants, Digest, Grant, ManifestFrame, ReceivedChunkFrame, StreamOpen,
     MAX_DIGESTS_PER_FRAME,
 };
-use gantry_transport::Connection;
+use gantry_transport::{Bytes, Connection};
 use tokio::task::JoinSet;
 
 use crate::{ChunkCache, TransferError, TransferOptions};
@@ -451,7 +451,7 @@ struct Arrivals<'a> {
 impl Arrivals<'_> {
     /// A chunk's compressed bytes from the cache, waiting while the fetch may still
     /// bring it; `None` once the fetch has ended without it.
-    fn wait_for(&self, digest: &Digest) -> Option<Vec<u8>> {
+    fn wait_for(&self, digest: &Digest) -> Option<Bytes> {
         let mut published = self.cache.subscribe();
         loop {
             // Read the flag before looking, so a chunk published just before the fetch
@@ -738,56 +738,84 @@ async fn fetch_share(
     writer.finish();
     let sizes: HashMap<Digest, u32> = share.iter().copied().collect();
     let mut result = ShareResult::default();
-    // Verified chunks go into segments of the cache, written by the verifying threads.
     let writer = if how.segment_bytes == SEGMENT_DEFAULT {
         cache.writer()
     } else {
         cache.writer_publishing_every(how.segment_bytes)
-    };
-    let writer = Arc::new(Mutex::new(
-        writer.map_err(TransferError::io("cannot write to the chunk cache"))?,
-    ));
-    let mut verifying: JoinSet<Result<Option<(Digest, u32)>, TransferError>> = JoinSet::new();
+    }
+    .map_err(TransferError::io("cannot write to the chunk cache"))?;
+    // Chunks go into segments of the cache on one blocking thread per stream, fed
+    // through a channel: a blocking task per chunk (thousands a second) cost a fifth
+    // of a downloading agent's CPU time in thread wake-ups.
+    let (to_cache, arrivals) = tokio::sync::mpsc::channel(CACHE_QUEUE_CHUNKS);
+    let caching = tokio::task::spawn_blocking(move || cache_arrivals(writer, arrivals));
     let received = receive_share(
         &mut reader,
         &sizes,
         share.len(),
         how,
-        &writer,
-        &mut verifying,
+        &to_cache,
         &mut result,
     )
     .await;
-    // Whatever happened, what was verified is kept: wait for the verifications still
-    // running, then make their segment visible, so a new attempt after a dropped
-    // connection fetches only the rest.
-    while let Some(joined) = verifying.join_next().await {
-        if let Ok(Ok(Some(bad))) = joined {
-            result.corrupt.push(bad);
+    // Whatever happened, what arrived is kept: the cache thread writes what is queued
+    // and makes its segment visible, so a new attempt after a dropped connection
+    // fetches only the rest.
+    drop(to_cache);
+    let cached = caching
+        .await
+        .map_err(|e| TransferError::Corrupt(format!("the cache writer stopped: {e}")))?;
+    match (received, cached) {
+        (_, Err(e)) => Err(TransferError::io("cannot write to the chunk cache")(e)),
+        (Err(e), Ok(_)) => Err(e),
+        (Ok(()), Ok(out_of_bounds)) => {
+            result.corrupt.extend(out_of_bounds);
+            Ok(result)
         }
     }
-    let writer = Arc::try_unwrap(writer)
-        .map_err(|_| TransferError::Protocol("a verification outlived its stream".into()))?
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let finished = tokio::task::spawn_blocking(move || writer.finish())
-        .await
-        .map_err(|e| TransferError::Corrupt(format!("the cache writer stopped: {e}")))?
-        .map_err(TransferError::io("cannot write to the chunk cache"));
-    received?;
-    finished?;
-    Ok(result)
 }
 
-/// Reads one stream's chunks, verifying each on a blocking thread (at most four at a
-/// time) and appending the good ones to `writer`.
+/// Chunks queued between a stream and its cache thread: ~4 MiB at most.
+const CACHE_QUEUE_CHUNKS: usize = 16;
+
+/// A received chunk on its way to the cache.
+struct Arrival {
+    digest: Digest,
+    size: u32,
+    data: Bytes,
+}
+
+/// The cache thread of one stream: appends each arrival to `writer` and finishes it
+/// once the stream is done. Returns the chunks refused for their size (to fetch
+/// again), or the first write error.
+fn cache_arrivals(
+    mut writer: crate::CacheWriter,
+    mut arrivals: tokio::sync::mpsc::Receiver<Arrival>,
+) -> std::io::Result<Vec<(Digest, u32)>> {
+    let mut out_of_bounds = Vec::new();
+    while let Some(Arrival { digest, size, data }) = arrivals.blocking_recv() {
+        // Stored as received: every chunk is verified (bounded decompression, BLAKE3)
+        // when it is read back to extract, which is also what catches a chunk damaged
+        // in the cache. Verifying here too cost a fifth of a downloading agent's CPU
+        // time for nothing. Only sizes past any chunk's are refused at once.
+        if size as usize > gantry_cas::MAX_CHUNK || data.len() > gantry_cas::MAX_COMPRESSED_CHUNK {
+            tracing::warn!("refusing chunk {digest}: out of bounds");
+            out_of_bounds.push((digest, size));
+            continue;
+        }
+        writer.append(&digest, data)?;
+    }
+    writer.finish()?;
+    Ok(out_of_bounds)
+}
+
+/// Reads one stream's chunks and queues them for its cache thread.
 async fn receive_share(
     reader: &mut gantry_transport::FrameReader,
     sizes: &HashMap<Digest, u32>,
     count: usize,
     how: &ShareOptions<'_>,
-    writer: &Arc<Mutex<crate::CacheWriter>>,
-    verifying: &mut JoinSet<Result<Option<(Digest, u32)>, TransferError>>,
+    to_cache: &tokio::sync::mpsc::Sender<Arrival>,
     result: &mut ShareResult,
 ) -> Result<(), TransferError> {
     let limit = how.limit;
@@ -811,43 +839,24 @@ async fn receive_share(
             .map_err(gantry_transport::TransportError::from)?
         {
             ReceivedChunkFrame::Data(chunk) => {
-                let (digest, size, data_len) = (chunk.digest, chunk.size, chunk.data().len());
+                let (digest, size) = (chunk.digest, chunk.size);
                 if sizes.get(&digest) != Some(&size) {
                     return Err(TransferError::Protocol(format!(
                         "chunk {digest} ({size} bytes) was not asked for"
                     )));
                 }
+                let (payload, range) = chunk.into_payload();
+                let data = Bytes::from(payload).slice(range);
                 if let Some(limit) = limit {
-                    limit.take(data_len).await;
+                    limit.take(data.len()).await;
                 }
                 result.fetched += 1;
-                result.bytes += data_len as u64;
-                if verifying.len() >= 4 {
-                    if let Some(bad) = next_verified(verifying).await? {
-                        result.corrupt.push(bad);
-                    }
+                result.bytes += data.len() as u64;
+                // The cache thread ends early only when a write failed; the caller
+                // reports that error.
+                if to_cache.send(Arrival { digest, size, data }).await.is_err() {
+                    return Err(TransferError::Protocol("the cache writer stopped".into()));
                 }
-                let writer = writer.clone();
-                // Stored as received: every chunk is verified (bounded decompression,
-                // BLAKE3) when it is read back to extract, which is also what catches a
-                // chunk damaged in the cache. Verifying here too cost a fifth of a
-                // downloading agent's CPU time for nothing.
-                verifying.spawn_blocking(move || {
-                    if size as usize > gantry_cas::MAX_CHUNK
-                        || data_len > gantry_cas::MAX_COMPRESSED_CHUNK
-                    {
-                        tracing::warn!(
-                            "refusing chunk {digest} from the coordinator: out of bounds"
-                        );
-                        return Ok(Some((digest, size)));
-                    }
-                    writer
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .append(&digest, chunk.data())
-                        .map_err(TransferError::io("cannot write to the chunk cache"))?;
-                    Ok(None)
-                });
             }
             ReceivedChunkFrame::Unavailable { digest, reason } => {
                 return Err(TransferError::Unavailable { digest, reason })
@@ -855,34 +864,7 @@ async fn receive_share(
             ReceivedChunkFrame::Refused { message } => return Err(TransferError::Refused(message)),
         }
     }
-    while let Some(bad) = next_verified(verifying).await? {
-        result.corrupt.push(bad);
-    }
     Ok(())
-}
-
-/// Waits for one verification; `Ok(Some(chunk))` when it was corrupt. With nothing left
-/// to wait for, `Ok(None)` as well, so callers loop until the set is empty.
-async fn next_verified(
-    set: &mut JoinSet<Result<Option<(Digest, u32)>, TransferError>>,
-) -> Result<Option<(Digest, u32)>, TransferError> {
-    loop {
-        match set.join_next().await {
-            None => return Ok(None),
-            Some(Ok(Ok(Some(bad)))) => return Ok(Some(bad)),
-            Some(Ok(Err(e))) => return Err(e),
-            Some(Ok(Ok(None))) => {
-                if set.is_empty() {
-                    return Ok(None);
-                }
-            }
-            Some(Err(e)) => {
-                return Err(TransferError::Corrupt(format!(
-                    "chunk verification stopped: {e}"
-                )))
-            }
-        }
-    }
 }
 
 /// Verifies every cached chunk of `chunks`, removing the corrupt ones; returns how many

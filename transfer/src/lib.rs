@@ -25,7 +25,7 @@ mod serve;
 mod upload;
 
 use gantry_protocol::Digest;
-use gantry_transport::TransportError;
+use gantry_transport::{Bytes, TransportError};
 
 pub use cache::{CacheFigures, CacheWriter, ChunkCache, Pin};
 pub use download::{
@@ -42,13 +42,11 @@ pub async fn send_chunk_data(
     writer: &mut gantry_transport::FrameWriter,
     digest: Digest,
     size: u32,
-    data: Vec<u8>,
+    data: impl Into<Bytes>,
 ) -> Result<(), TransportError> {
+    let data = data.into();
     let head = gantry_protocol::ChunkFrame::data_frame_head(digest, size, data.len())?;
-    let mut pieces = [
-        gantry_transport::Bytes::from(head),
-        gantry_transport::Bytes::from(data),
-    ];
+    let mut pieces = [Bytes::from(head), data];
     writer.send_pieces(&mut pieces).await
 }
 

@@ -106,7 +106,7 @@ async fn chunk_when_here(
     digest: &Digest,
     published: &mut tokio::sync::watch::Receiver<u64>,
     still_fetching: &(dyn Fn() -> bool + Send + Sync),
-) -> Option<Vec<u8>> {
+) -> Option<gantry_transport::Bytes> {
     let mut progress_at = tokio::time::Instant::now();
     loop {
         // Mark what has been seen before looking, so a segment published between the
