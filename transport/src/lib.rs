@@ -116,6 +116,19 @@ fn transport_config() -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits::MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
+    // The congestion window a connection starts with must hold an MTU probe and a
+    // packet of the MTU already found, both up to MAX_UDP_PAYLOAD: quinn 0.11 holds a
+    // closing connection's CONNECTION_CLOSE behind congestion control (quinn issue
+    // #2785, fixed after 0.11.19) and stops loss detection once closed, so a close
+    // while a probe filled the window was never sent. At quinn's default (14,720 bytes,
+    // raised to two packets once the MTU grows) a connection refused right after its
+    // handshake, which is when discovery probes, reached its peer as a stateless reset
+    // instead of the refusal and its reason. Three packets' worth: slow start grows it
+    // from there on loopback or a LAN; on a path with a 1,500-byte MTU it is ~130
+    // packets, an initial burst a LAN absorbs.
+    let mut congestion = quinn::congestion::CubicConfig::default();
+    congestion.initial_window(3 * u64::from(limits::MAX_UDP_PAYLOAD));
+    t.congestion_controller_factory(Arc::new(congestion));
     t
 }
 
