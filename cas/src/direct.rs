@@ -1,6 +1,6 @@
 //! Writing a large file's bytes past the page cache (`O_DIRECT`), with a fallback to
-//! ordinary writes wherever direct I/O is refused; and reading bytes read only once
-//! without keeping them in the page cache ([`read_once`]).
+//! ordinary writes wherever direct I/O is refused; and reading files whose bytes are
+//! read once each past it too ([`ReadOnceFile`]).
 //!
 //! Why: on the machines we measure (a VM with a virtio disk), buffered writes fall from
 //! ~2.4 GB/s to ~500 MB/s once about 1 GiB is dirty, and the kernel's copy into the page
@@ -20,6 +20,7 @@ use std::io::{self, ErrorKind, Write};
 use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use rustix::fs::OFlags;
 
 /// Files at least this large are written with `O_DIRECT`.
@@ -211,15 +212,117 @@ impl Drop for DirectWriter {
     }
 }
 
-/// Reads `len` bytes at `offset` and then drops the pages they filled from the page
-/// cache (pages shared with the bytes around them stay): for data read once, such as a
-/// chunk a coordinator serves from its pack or an agent reads back from its cache.
+/// A file whose bytes are read once each (a pack the coordinator serves chunks from, a
+/// cache segment an agent reads back): read past the page cache.
 ///
-/// Why: kept, those pages would only grow the page cache, and on a VM whose host
-/// reclaims the pages its guest frees every new page-cache page costs a fault in the
-/// host (~2.3 s per GiB); dropped, the next read reuses the same pages. Reading a just
-/// uploaded gigabyte back cost the coordinator 3.7 core-seconds with the pages kept.
-pub fn read_once(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+/// Why: on a VM whose host reclaims the pages its guest frees, a page the page cache
+/// takes for a read is as dear as one it takes for a write: serving a just uploaded
+/// gigabyte back cost the coordinator 3.7 core-seconds when its pages were kept, and
+/// still ~2 when each chunk's pages were dropped after the read (61% of its CPU in the
+/// kernel's copy out of those fresh pages).
+///
+/// Direct reads need aligned offsets, lengths and memory: each read covers the aligned
+/// blocks around the bytes asked for, into memory of its own that the returned bytes
+/// keep (the allocator reuses it once they are dropped). A filesystem that refuses
+/// direct I/O gets ordinary reads, whose pages are dropped afterwards
+/// (`POSIX_FADV_DONTNEED`).
+#[derive(Debug)]
+pub struct ReadOnceFile {
+    file: File,
+    direct: bool,
+}
+
+impl ReadOnceFile {
+    /// Opens `path` for reading, directly where its filesystem allows it.
+    pub fn open(path: &std::path::Path) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlags::DIRECT.bits().cast_signed())
+            .open(path);
+        match direct {
+            Ok(file) => Ok(Self { file, direct: true }),
+            Err(e) if e.raw_os_error() == Some(einval()) => Ok(Self {
+                file: File::open(path)?,
+                direct: false,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The `len` bytes at `offset`; an error if the file ends before them. The bytes
+    /// stay where the read put them: slices of the result share its buffer.
+    pub fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        if self.direct {
+            match read_direct(&self.file, offset, len) {
+                Err(e) if e.raw_os_error() == Some(einval()) => {}
+                done => return done,
+            }
+        }
+        read_and_drop(&self.file, offset, len).map(Bytes::from)
+    }
+}
+
+/// Memory holding an aligned region (`start..start + len` of `storage`), given to
+/// [`Bytes::from_owner`] so slices of it need no copy.
+struct AlignedBuffer {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuffer {
+    fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + ALIGN];
+        let start = storage.as_ptr().align_offset(ALIGN);
+        Self {
+            storage,
+            start,
+            len,
+        }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+}
+
+impl AsMut<[u8]> for AlignedBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+fn read_direct(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
+    use std::os::unix::fs::FileExt;
+    let align = ALIGN as u64;
+    let start = offset / align * align;
+    let end = (offset + len as u64).div_ceil(align) * align;
+    let span = usize::try_from(end - start).map_err(io::Error::other)?;
+    let skip = (offset - start) as usize;
+    let mut buffer = AlignedBuffer::new(span);
+    let aligned = buffer.as_mut();
+    // The last block may be short where the file ends inside it. A read that stops
+    // short anywhere else is continued from where it stopped; continued at an unaligned
+    // offset, a direct read fails with EINVAL and the caller reads ordinarily, which
+    // reports a file that ends too soon.
+    let mut got = 0;
+    while got < skip + len {
+        match file.read_at(&mut aligned[got..], start + got as u64) {
+            Ok(0) => return Err(io::Error::from(ErrorKind::UnexpectedEof)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Bytes::from_owner(buffer).slice(skip..skip + len))
+}
+
+/// An ordinary read whose pages are dropped from the page cache afterwards (those it
+/// shares with the bytes around it stay).
+fn read_and_drop(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mut data = vec![0u8; len];
     file.read_exact_at(&mut data, offset)?;
@@ -329,6 +432,45 @@ mod tests {
             Some(rustix::io::Errno::NOSPC.raw_os_error()),
             "{err}"
         );
+    }
+
+    /// Reads at every kind of offset and length (aligned or not, across block edges, up
+    /// to the end of the file) return exactly those bytes, on a filesystem with direct
+    /// I/O and on tmpfs; a read past the end fails instead of returning less.
+    #[test]
+    fn read_once_returns_exactly_the_bytes_asked_for_wherever_they_lie() {
+        let dirs: Vec<std::path::PathBuf> = [Some(std::env::temp_dir()), shm()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let size = 3 * ALIGN * 17 + 1234;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 + i / 511) as u8).collect();
+        for dir in dirs {
+            let dir = tempfile::tempdir_in(&dir).expect("temp dir");
+            let path = dir.path().join("pack");
+            std::fs::write(&path, &data).expect("write");
+            let file = ReadOnceFile::open(&path).expect("open");
+            for (offset, len) in [
+                (0, 1),
+                (0, ALIGN),
+                (1, ALIGN),
+                (ALIGN - 1, 2),
+                (5000, 70_000),
+                (size - 1234, 1234),
+                (size - 1, 1),
+                (0, size),
+                (17, 0),
+            ] {
+                let got = file.read(offset as u64, len).expect("read");
+                assert_eq!(got.len(), len, "{offset}+{len} in {}", dir.path().display());
+                assert!(got[..] == data[offset..offset + len], "{offset}+{len}");
+            }
+            let past = file.read((size - 10) as u64, 11);
+            assert_eq!(
+                past.expect_err("past the end").kind(),
+                ErrorKind::UnexpectedEof
+            );
+        }
     }
 
     fn shm() -> Option<std::path::PathBuf> {

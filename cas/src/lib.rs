@@ -10,9 +10,9 @@
 //! It must not do networking, keep an index (redb lives in the coordinator) or decide
 //! where chunks are stored: callers hand chunks out through callbacks and fetch them
 //! back through callbacks. The filesystem is touched only by [`build_manifest`],
-//! [`build_manifest_for`], [`extract`], [`DirectWriter`] and [`read_once`] (files handed
-//! to them, written or read past the page cache: the extraction's large files, the
-//! coordinator's packs and the agents' cache segments).
+//! [`build_manifest_for`], [`extract`], [`DirectWriter`] and [`ReadOnceFile`] (files
+//! written or read past the page cache: the extraction's large files, the coordinator's
+//! packs and the agents' cache segments).
 //!
 //! Architecture Invariant: everything a peer sends (a manifest's bytes, a compressed
 //! chunk) is bounded and verified here before anything is allocated for it or written
@@ -34,7 +34,7 @@ pub use compress::{
     compress, decompress, open_chunk, verify_chunk, worth_compressing, zstd_frame, RawFrameLayout,
     VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
 };
-pub use direct::{read_once, DirectWriter, DIRECT_WRITE_MIN};
+pub use direct::{DirectWriter, ReadOnceFile, DIRECT_WRITE_MIN};
 pub use error::{CasError, PathProblem, SymlinkProblem};
 pub use extract::{extract, extract_verified, extract_with, Existing};
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};

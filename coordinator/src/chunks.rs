@@ -23,7 +23,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use gantry_cas::DirectWriter;
+use gantry_cas::{Bytes, DirectWriter, ReadOnceFile};
 use gantry_protocol::Digest;
 
 /// Open pack files kept for reading; the set is cleared when it reaches this size.
@@ -60,7 +60,7 @@ pub enum ChunkReadError {
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     root: PathBuf,
-    open: Arc<Mutex<HashMap<u64, Arc<File>>>>,
+    open: Arc<Mutex<HashMap<u64, Arc<ReadOnceFile>>>>,
 }
 
 /// A pack being written: chunks are appended, then [`PackWriter::sync`] and
@@ -183,7 +183,7 @@ impl ChunkStore {
         })
     }
 
-    fn pack_file(&self, pack: u64) -> std::io::Result<Arc<File>> {
+    fn pack_file(&self, pack: u64) -> std::io::Result<Arc<ReadOnceFile>> {
         let mut open = self
             .open
             .lock()
@@ -191,7 +191,7 @@ impl ChunkStore {
         if let Some(file) = open.get(&pack) {
             return Ok(file.clone());
         }
-        let file = Arc::new(File::open(self.pack_path(pack))?);
+        let file = Arc::new(ReadOnceFile::open(&self.pack_path(pack))?);
         if open.len() >= MAX_OPEN_PACKS {
             open.clear();
         }
@@ -207,12 +207,14 @@ impl ChunkStore {
             .remove(&pack);
     }
 
-    /// Reads a chunk's compressed bytes without checking them (compaction copies them
-    /// as they are; they were verified when written). Its pages do not stay in the
-    /// page cache ([`gantry_cas::read_once`]).
-    pub fn read_raw(&self, location: Location) -> std::io::Result<Vec<u8>> {
+    /// Reads bytes of a pack without checking them: one chunk's compressed bytes
+    /// (compaction copies them as they are; they were verified when written), or the
+    /// span of several chunks stored one after the other (a download asks for them in
+    /// the order they were uploaded), which one read serves. Read past the page cache
+    /// ([`ReadOnceFile`]).
+    pub fn read_raw(&self, location: Location) -> std::io::Result<Bytes> {
         let file = self.pack_file(location.pack)?;
-        gantry_cas::read_once(&file, location.offset, location.len as usize)
+        file.read(location.offset, location.len as usize)
     }
 
     /// Reads a chunk and checks it before it may be served: it must decompress within
@@ -223,7 +225,7 @@ impl ChunkStore {
         digest: &Digest,
         location: Location,
         size: u32,
-    ) -> Result<Vec<u8>, ChunkReadError> {
+    ) -> Result<Bytes, ChunkReadError> {
         let compressed = match self.read_raw(location) {
             Ok(bytes) => bytes,
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::UnexpectedEof) => {
@@ -236,6 +238,17 @@ impl ChunkStore {
                 })
             }
         };
+        self.checked(digest, compressed, size)
+    }
+
+    /// Checks a chunk's bytes read from its pack before they may be served (see
+    /// [`Self::read_verified`]).
+    pub fn checked(
+        &self,
+        digest: &Digest,
+        compressed: Bytes,
+        size: u32,
+    ) -> Result<Bytes, ChunkReadError> {
         match gantry_cas::verify_chunk(&compressed, size as usize, digest) {
             Ok(()) => Ok(compressed),
             Err(e) => Err(ChunkReadError::Corrupt {

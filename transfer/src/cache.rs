@@ -12,8 +12,8 @@
 //! allocation in the download benchmark.
 //!
 //! Segments of a download's size ([`gantry_cas::DIRECT_WRITE_MIN`] and up) are written
-//! past the page cache ([`gantry_cas::DirectWriter`]), and chunks read back from disk
-//! leave it again ([`gantry_cas::read_once`]): a download writes every byte twice (its
+//! past the page cache ([`gantry_cas::DirectWriter`]), and chunks are read back from
+//! disk past it too ([`gantry_cas::ReadOnceFile`]): a download writes every byte twice (its
 //! cache, then its files), and on the VMs we measure each new page-cache page costs a
 //! fault in the host (~2.3 s per GiB), which was the largest part of a downloading
 //! agent's CPU time. What a download reads back a moment after writing it (its
@@ -182,7 +182,7 @@ pub struct ChunkCache {
     dir: PathBuf,
     quota: u64,
     index: Arc<Mutex<Index>>,
-    open: Arc<Mutex<HashMap<u64, Arc<File>>>>,
+    open: Arc<Mutex<HashMap<u64, Arc<gantry_cas::ReadOnceFile>>>>,
     /// Counts segments made visible, so a host serving peers can wait for a chunk it is
     /// still fetching instead of polling.
     published: Arc<tokio::sync::watch::Sender<u64>>,
@@ -255,7 +255,7 @@ impl ChunkCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn segment_file(&self, id: u64) -> std::io::Result<Arc<File>> {
+    fn segment_file(&self, id: u64) -> std::io::Result<Arc<gantry_cas::ReadOnceFile>> {
         let mut open = self
             .open
             .lock()
@@ -263,7 +263,9 @@ impl ChunkCache {
         if let Some(f) = open.get(&id) {
             return Ok(f.clone());
         }
-        let file = Arc::new(File::open(self.dir.join(segment_name(id, "seg")))?);
+        let file = Arc::new(gantry_cas::ReadOnceFile::open(
+            &self.dir.join(segment_name(id, "seg")),
+        )?);
         if open.len() >= MAX_OPEN_SEGMENTS {
             open.clear();
         }
@@ -290,10 +292,10 @@ impl ChunkCache {
         };
         let read = self
             .segment_file(slot.segment)
-            .and_then(|f| gantry_cas::read_once(&f, slot.offset, slot.len as usize));
+            .and_then(|f| f.read(slot.offset, slot.len as usize));
         if let Ok(data) = read {
             self.lock().touch(slot.segment);
-            Some(data.into())
+            Some(data)
         } else {
             // Deleted or truncated behind our back: forget the chunk.
             self.remove(digest);
