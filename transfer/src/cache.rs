@@ -50,11 +50,11 @@ const PUBLISH_SLOW_GAP: std::time::Duration = std::time::Duration::from_millis(2
 const MAX_OPEN_SEGMENTS: usize = 64;
 /// One index entry: digest, offset, length.
 const ENTRY_BYTES: usize = 32 + 8 + 4;
-/// Chunks appended last, kept in memory for the reads that follow at once: a streaming
-/// download's extraction reads each chunk once its stream's segment (8 MiB; four
-/// streams) is published, a little later; this covers that lag twice over. Only chunks
-/// a download has pinned are kept, and only until it unpins them: an idle agent holds
-/// none, and a later download reads (and verifies) what is on disk.
+/// Chunks appended last, kept in memory for the reads that follow at once: a download's
+/// extraction takes each chunk a moment after it arrived ([`ChunkCache::get_appended`]),
+/// and as long as it stays within this much of its fetch it reads nothing back from
+/// disk. Only chunks a download has pinned are kept, and only until it unpins them: an
+/// idle agent holds none, and a later download reads (and verifies) what is on disk.
 pub const RECENT_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -186,6 +186,9 @@ pub struct ChunkCache {
     /// Counts segments made visible, so a host serving peers can wait for a chunk it is
     /// still fetching instead of polling.
     published: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Counts chunks kept in memory as they were appended (see [`Self::get_appended`]),
+    /// so a download's extraction can wait for the next one instead of polling.
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A segment found at start: last use, id, size and index entries.
@@ -244,6 +247,7 @@ impl ChunkCache {
             index: Arc::new(Mutex::new(index)),
             open: Arc::new(Mutex::new(HashMap::new())),
             published: Arc::new(tokio::sync::watch::Sender::new(0)),
+            appended: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         cache.evict()?;
         Ok(cache)
@@ -319,6 +323,20 @@ impl ChunkCache {
     /// Changes each time chunks become visible; wait on it for a chunk not there yet.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.published.subscribe()
+    }
+
+    /// A pinned chunk's compressed bytes from memory as soon as it is appended, before
+    /// its segment is published: for the download that pinned and fetched it, whose
+    /// extraction then follows its fetch closely instead of a segment behind. Others
+    /// read through [`Self::get`], which answers only for published chunks.
+    pub fn get_appended(&self, digest: &Digest) -> Option<Bytes> {
+        self.lock().recent.chunks.get(digest).cloned()
+    }
+
+    /// Changes each time a chunk is kept in memory on its way in (see
+    /// [`Self::get_appended`]).
+    pub fn subscribe_appended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
     }
 
     /// Stores one chunk's compressed bytes (already verified by the caller).
@@ -500,10 +518,14 @@ impl CacheWriter {
         self.entries.push((*digest, self.len, len as u32));
         self.len += len as u64;
         let mut index = self.cache.lock();
-        if index.pins.contains_key(digest) {
+        let pinned = index.pins.contains_key(digest);
+        if pinned {
             index.recent.insert(*digest, compressed);
         }
         drop(index);
+        if pinned {
+            self.cache.appended.send_modify(|n| *n += 1);
+        }
         let mut close = self.len >= self.segment_bytes;
         if let Some(clock) = &mut self.publish {
             let now = std::time::Instant::now();

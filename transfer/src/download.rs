@@ -333,6 +333,15 @@ async fn download_rounds(
         // that fetched 1 GiB and then wrote it left a core idle for the whole write.
         let started = Instant::now();
         let fetch_ended = FetchEnded::default();
+        // The fetch keeps within a window of the extraction (in memory), unless it
+        // fetches ranges for peers, or chunks found corrupt, which the extraction
+        // reaches in no particular order.
+        let (ahead_limit, fetch_ahead) = if round == 0 && sources.swarm.peers.is_empty() {
+            let (limit, ahead) = AheadLimit::new(&chunks);
+            (Some(limit), Some(ahead))
+        } else {
+            (None, None)
+        };
         let extracting = {
             let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
             let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
@@ -342,6 +351,7 @@ async fn download_rounds(
                     cache: &cache,
                     ended: &ended,
                     runtime: &runtime,
+                    ahead: ahead_limit.map(std::cell::RefCell::new),
                 };
                 let result = extract_from_cache(&manifest, &dest, &cache, mode, &waiting);
                 (result, started.elapsed())
@@ -372,7 +382,7 @@ async fn download_rounds(
                 cache,
                 options,
                 &mut figures,
-                STREAMING_SEGMENT_BYTES,
+                (SEGMENT_DEFAULT, fetch_ahead),
             )
             .await
         }
@@ -415,14 +425,99 @@ async fn download_rounds(
     }
 }
 
-/// Segment size while a download is extracted as it arrives: a chunk is visible to the
-/// extraction once its stream has filled a segment this large (8 MiB is a few hundred
-/// milliseconds at the slowest rates we measure; a 64 MiB segment per stream kept the
-/// extraction a quarter of a gigabyte behind).
-const STREAMING_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
-
 /// How often an extraction waiting for a chunk checks that the fetch is still going.
 const ARRIVAL_POLL: Duration = Duration::from_millis(20);
+
+/// How far (in bytes of the tree's chunk list) a download's fetch may run ahead of
+/// its extraction. Its streams deliver the chunks each in turn, and one stream falling
+/// behind held the extraction while the others ran on: at a fixed budget of chunks
+/// kept in memory ([`crate::cache::RECENT_BYTES`]), those they brought were dropped
+/// from memory before the extraction reached them and read back from disk (the 1 GiB
+/// benchmark download ended seconds after its fetch). Within this window every chunk
+/// is extracted from memory; a stream that reaches its edge waits, and QUIC's flow
+/// control holds its sender.
+const FETCH_AHEAD: u64 = 48 * 1024 * 1024;
+
+/// Where each chunk of a tree lies in its chunk list (bytes before it), and how far
+/// the fetch may go: what a fetch stream waits on to stay within [`FETCH_AHEAD`].
+#[derive(Clone)]
+struct FetchAhead {
+    positions: Arc<HashMap<Digest, u64>>,
+    limit: tokio::sync::watch::Receiver<u64>,
+}
+
+impl FetchAhead {
+    /// Waits until the extraction is near enough for `digest` to be fetched.
+    async fn wait_until_wanted(&mut self, digest: &Digest) {
+        let position = self.positions.get(digest).copied().unwrap_or(0);
+        // An error means the extraction is gone: nothing to wait for.
+        let _ = self.limit.wait_for(|limit| position < *limit).await;
+    }
+}
+
+/// The extraction's side of [`FetchAhead`]: moves the limit as the extraction moves,
+/// and lifts it while the extraction waits for a chunk it passed before (one a later
+/// file repeats, whose segment may not be published yet) and once it ends, so the
+/// fetch never waits on an extraction that waits on the fetch.
+struct AheadLimit {
+    positions: Arc<HashMap<Digest, u64>>,
+    limit: tokio::sync::watch::Sender<u64>,
+    reached: u64,
+}
+
+impl AheadLimit {
+    fn new(chunks: &[(Digest, u32)]) -> (Self, FetchAhead) {
+        let mut positions = HashMap::with_capacity(chunks.len());
+        let mut at = 0u64;
+        for (digest, size) in chunks {
+            positions.entry(*digest).or_insert(at);
+            at += u64::from(*size);
+        }
+        let positions = Arc::new(positions);
+        let (limit, watched) = tokio::sync::watch::channel(FETCH_AHEAD);
+        (
+            Self {
+                positions: positions.clone(),
+                limit,
+                reached: 0,
+            },
+            FetchAhead {
+                positions,
+                limit: watched,
+            },
+        )
+    }
+
+    /// The extraction asks for `digest`; returns whether it is behind (passed before).
+    fn asking_for(&mut self, digest: &Digest) -> bool {
+        let position = self.positions.get(digest).copied().unwrap_or(0);
+        if position < self.reached {
+            self.limit.send_replace(u64::MAX);
+            return true;
+        }
+        self.reached = position;
+        let limit = position.saturating_add(FETCH_AHEAD);
+        self.limit.send_if_modified(|current| {
+            let moved = *current != limit;
+            *current = limit;
+            moved
+        });
+        false
+    }
+
+    /// Back to the window of the chunk the extraction had reached, once it has the
+    /// chunk it went back for.
+    fn resume(&mut self) {
+        self.limit
+            .send_replace(self.reached.saturating_add(FETCH_AHEAD));
+    }
+}
+
+impl Drop for AheadLimit {
+    fn drop(&mut self) {
+        self.limit.send_replace(u64::MAX);
+    }
+}
 
 /// Set when a download's fetching ends, however it ends (dropped with it, so an
 /// abandoned download never leaves its extraction waiting).
@@ -446,26 +541,60 @@ struct Arrivals<'a> {
     cache: &'a ChunkCache,
     ended: &'a std::sync::atomic::AtomicBool,
     runtime: &'a tokio::runtime::Handle,
+    /// The fetch's window, when it runs alongside this extraction.
+    ahead: Option<std::cell::RefCell<AheadLimit>>,
 }
 
 impl Arrivals<'_> {
-    /// A chunk's compressed bytes from the cache, waiting while the fetch may still
-    /// bring it; `None` once the fetch has ended without it.
+    /// A chunk's compressed bytes, waiting while the fetch may still bring it; `None`
+    /// once the fetch has ended without it. A chunk this download just fetched comes
+    /// from memory as soon as it is appended to the cache, before its segment is
+    /// written and published ([`ChunkCache::get_appended`]); any other from the cache.
     fn wait_for(&self, digest: &Digest) -> Option<Bytes> {
-        let mut published = self.cache.subscribe();
+        let (mut published, mut appended) =
+            (self.cache.subscribe(), self.cache.subscribe_appended());
+        let behind = self
+            .ahead
+            .as_ref()
+            .is_some_and(|ahead| ahead.borrow_mut().asking_for(digest));
+        let found = self.look_or_wait(digest, &mut published, &mut appended);
+        if behind {
+            if let Some(ahead) = &self.ahead {
+                ahead.borrow_mut().resume();
+            }
+        }
+        found
+    }
+
+    fn look_or_wait(
+        &self,
+        digest: &Digest,
+        published: &mut tokio::sync::watch::Receiver<u64>,
+        appended: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Option<Bytes> {
         loop {
-            // Read the flag before looking, so a chunk published just before the fetch
-            // ended is still found by the look after it.
+            // Read the flag before looking, so a chunk that arrived just before the
+            // fetch ended is still found by the look after it.
             let ended = self.ended.load(std::sync::atomic::Ordering::Acquire);
-            if let Some(bytes) = self.cache.get(digest) {
+            if let Some(bytes) = self
+                .cache
+                .get_appended(digest)
+                .or_else(|| self.cache.get(digest))
+            {
                 return Some(bytes);
             }
             if ended {
                 return None;
             }
-            let _ = self
-                .runtime
-                .block_on(async { tokio::time::timeout(ARRIVAL_POLL, published.changed()).await });
+            let _ = self.runtime.block_on(async {
+                tokio::time::timeout(ARRIVAL_POLL, async {
+                    tokio::select! {
+                        _ = published.changed() => {}
+                        _ = appended.changed() => {}
+                    }
+                })
+                .await
+            });
         }
     }
 }
@@ -533,7 +662,7 @@ async fn fetch_from_swarm(
         cache,
         options,
         figures,
-        PUBLISH_BYTES,
+        (PUBLISH_BYTES, None),
     )
     .await;
     let mut failed = from_coordinator.err();
@@ -579,6 +708,7 @@ async fn fetch_range_from_peer(
         limit,
         segment_bytes: SEGMENT_DEFAULT,
         stall: Some(limits::PEER_STALL),
+        ahead: None,
     };
     let mut result = RangeResult {
         from_peer: ShareResult::default(),
@@ -613,6 +743,7 @@ async fn fetch_range_from_peer(
             limit,
             segment_bytes: SEGMENT_DEFAULT,
             stall: None,
+            ahead: None,
         };
         result.from_coordinator =
             fetch_share(coordinator, grant, manifest, rest, cache, &how).await?;
@@ -621,8 +752,8 @@ async fn fetch_range_from_peer(
 }
 
 /// Fetches `wanted` into the cache over `options.streams` streams, in segments of
-/// `segment_bytes`. Chunks that arrive corrupt are fetched again, up to
-/// [`MAX_REFETCH_ROUNDS`] times.
+/// `segment_bytes`, no farther ahead of the extraction than `ahead` allows (if given).
+/// Chunks that arrive corrupt are fetched again, up to [`MAX_REFETCH_ROUNDS`] times.
 #[allow(clippy::too_many_arguments)] // one private helper; its callers read clearly
 async fn fetch_into_cache(
     conn: &Connection,
@@ -632,7 +763,7 @@ async fn fetch_into_cache(
     cache: &ChunkCache,
     options: &TransferOptions,
     figures: &mut DownloadFigures,
-    segment_bytes: u64,
+    (segment_bytes, ahead): (u64, Option<FetchAhead>),
 ) -> Result<(), TransferError> {
     for round in 0..=MAX_REFETCH_ROUNDS {
         if wanted.is_empty() {
@@ -655,11 +786,15 @@ async fn fetch_into_cache(
             let (conn, grant, manifest, cache) =
                 (conn.clone(), grant.clone(), *manifest, cache.clone());
             let limit = options.limit.clone();
+            // Only the first round runs alongside the extraction; chunks fetched again
+            // are ones it has already asked for.
+            let ahead = ahead.clone().filter(|_| round == 0);
             tasks.spawn(async move {
                 let how = ShareOptions {
                     limit: limit.as_deref(),
                     segment_bytes,
                     stall: None,
+                    ahead,
                 };
                 fetch_share(&conn, &grant, &manifest, share, &cache, &how).await
             });
@@ -712,6 +847,8 @@ struct ShareOptions<'a> {
     /// Gives up when no chunk arrives for this long (peers; the coordinator's streams
     /// end with their connection).
     stall: Option<Duration>,
+    /// Keeps the stream within [`FETCH_AHEAD`] of the extraction.
+    ahead: Option<FetchAhead>,
 }
 
 /// One stream's part of a download.
@@ -749,15 +886,7 @@ async fn fetch_share(
     // of a downloading agent's CPU time in thread wake-ups.
     let (to_cache, arrivals) = tokio::sync::mpsc::channel(CACHE_QUEUE_CHUNKS);
     let caching = tokio::task::spawn_blocking(move || cache_arrivals(writer, arrivals));
-    let received = receive_share(
-        &mut reader,
-        &sizes,
-        share.len(),
-        how,
-        &to_cache,
-        &mut result,
-    )
-    .await;
+    let received = receive_share(&mut reader, &share, &sizes, how, &to_cache, &mut result).await;
     // Whatever happened, what arrived is kept: the cache thread writes what is queued
     // and makes its segment visible, so a new attempt after a dropped connection
     // fetches only the rest.
@@ -809,17 +938,22 @@ fn cache_arrivals(
     Ok(out_of_bounds)
 }
 
-/// Reads one stream's chunks and queues them for its cache thread.
+/// Reads one stream's chunks (which come in the order asked for) and queues them for
+/// its cache thread.
 async fn receive_share(
     reader: &mut gantry_transport::FrameReader,
+    share: &[(Digest, u32)],
     sizes: &HashMap<Digest, u32>,
-    count: usize,
     how: &ShareOptions<'_>,
     to_cache: &tokio::sync::mpsc::Sender<Arrival>,
     result: &mut ShareResult,
 ) -> Result<(), TransferError> {
     let limit = how.limit;
-    for _ in 0..count {
+    let mut ahead = how.ahead.clone();
+    for (next, _) in share {
+        if let Some(ahead) = &mut ahead {
+            ahead.wait_until_wanted(next).await;
+        }
         let frame = match how.stall {
             None => reader.recv_payload().await?,
             Some(stall) => tokio::time::timeout(stall, reader.recv_payload())
@@ -925,7 +1059,67 @@ fn extract_from_cache(
 
 #[cfg(test)]
 mod tests {
-    use super::owner_ranges;
+    use super::{owner_ranges, AheadLimit, FetchAhead, FETCH_AHEAD};
+    use gantry_protocol::Digest;
+    use std::time::Duration;
+
+    /// The fetch runs at most FETCH_AHEAD ahead of the extraction; it is let go while
+    /// the extraction goes back for a chunk it passed (whose segment may wait on the
+    /// fetch), and for good once the extraction ends.
+    #[tokio::test]
+    async fn the_fetch_waits_at_the_edge_of_its_window_and_never_on_an_extraction_that_waits() {
+        const MIB: u32 = 1024 * 1024;
+        // 16 MiB chunks: chunk k starts at k * 16 MiB.
+        let chunks: Vec<(Digest, u32)> = (0..10u8).map(|k| (Digest::of(&[k]), 16 * MIB)).collect();
+        assert_eq!(
+            FETCH_AHEAD,
+            u64::from(3 * 16 * MIB),
+            "the figures below assume 48 MiB"
+        );
+        let (mut extraction, fetch) = AheadLimit::new(&chunks);
+        let soon = Duration::from_secs(5);
+        let wanted = |k: usize| {
+            let (digest, mut fetch): (Digest, FetchAhead) = (chunks[k].0, fetch.clone());
+            tokio::spawn(async move { fetch.wait_until_wanted(&digest).await })
+        };
+        // Not started: chunks before 48 MiB may come, the one at 48 MiB waits.
+        tokio::time::timeout(soon, wanted(2))
+            .await
+            .expect("within the window")
+            .expect("task");
+        let waiting = wanted(3);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "past the window, the fetch waits");
+        // The extraction reaches 16 MiB: the window moves to 64 MiB.
+        assert!(!extraction.asking_for(&chunks[1].0));
+        tokio::time::timeout(soon, waiting)
+            .await
+            .expect("let go")
+            .expect("task");
+        let waiting = wanted(4);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // Going back for a chunk it passed lifts the window while it waits for it.
+        assert!(extraction.asking_for(&chunks[0].0));
+        tokio::time::timeout(soon, waiting)
+            .await
+            .expect("lifted")
+            .expect("task");
+        tokio::time::timeout(soon, wanted(9))
+            .await
+            .expect("lifted")
+            .expect("task");
+        extraction.resume();
+        let waiting = wanted(5);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "back to the window of 16 MiB");
+        // An extraction that ends (done or failed) never leaves the fetch waiting.
+        drop(extraction);
+        tokio::time::timeout(soon, waiting)
+            .await
+            .expect("let go")
+            .expect("task");
+    }
 
     #[test]
     fn owner_ranges_cover_every_chunk_once_in_order_and_differ_by_at_most_one() {
