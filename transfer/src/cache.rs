@@ -51,10 +51,11 @@ const MAX_OPEN_SEGMENTS: usize = 64;
 /// One index entry: digest, offset, length.
 const ENTRY_BYTES: usize = 32 + 8 + 4;
 /// Chunks appended last, kept in memory for the reads that follow at once: a download's
-/// extraction takes each chunk a moment after it arrived ([`ChunkCache::get_appended`]),
-/// and as long as it stays within this much of its fetch it reads nothing back from
-/// disk. Only chunks a download has pinned are kept, and only until it unpins them: an
-/// idle agent holds none, and a later download reads (and verifies) what is on disk.
+/// extraction takes each chunk a moment after it arrived ([`ChunkCache::take_appended`])
+/// and reads nothing back from disk as long as what it has yet to reach fits here (its
+/// fetch keeps within 48 MiB of it, see `download.rs`). Only chunks a download has
+/// pinned are kept, until it takes them or unpins them: an idle agent holds none, and
+/// a later download reads (and verifies) what is on disk.
 pub const RECENT_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -186,7 +187,7 @@ pub struct ChunkCache {
     /// Counts segments made visible, so a host serving peers can wait for a chunk it is
     /// still fetching instead of polling.
     published: Arc<tokio::sync::watch::Sender<u64>>,
-    /// Counts chunks kept in memory as they were appended (see [`Self::get_appended`]),
+    /// Counts chunks kept in memory as they were appended (see [`Self::take_appended`]),
     /// so a download's extraction can wait for the next one instead of polling.
     appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -325,16 +326,21 @@ impl ChunkCache {
         self.published.subscribe()
     }
 
-    /// A pinned chunk's compressed bytes from memory as soon as it is appended, before
-    /// its segment is published: for the download that pinned and fetched it, whose
-    /// extraction then follows its fetch closely instead of a segment behind. Others
-    /// read through [`Self::get`], which answers only for published chunks.
-    pub fn get_appended(&self, digest: &Digest) -> Option<Bytes> {
-        self.lock().recent.chunks.get(digest).cloned()
+    /// Takes a pinned chunk's compressed bytes out of memory as soon as it is appended,
+    /// before its segment is published: for the download that pinned and fetched it,
+    /// whose extraction then follows its fetch closely instead of a segment behind.
+    /// Taken, a chunk leaves memory, so what memory holds is what the extraction has
+    /// yet to reach (a chunk a tree uses twice is read the second time through
+    /// [`Self::get`], which answers only for published chunks).
+    pub fn take_appended(&self, digest: &Digest) -> Option<Bytes> {
+        let mut index = self.lock();
+        let data = index.recent.chunks.get(digest).cloned()?;
+        index.recent.remove(digest);
+        Some(data)
     }
 
     /// Changes each time a chunk is kept in memory on its way in (see
-    /// [`Self::get_appended`]).
+    /// [`Self::take_appended`]).
     pub fn subscribe_appended(&self) -> tokio::sync::watch::Receiver<u64> {
         self.appended.subscribe()
     }
@@ -658,8 +664,10 @@ mod tests {
     fn recent_chunks_are_read_from_memory_and_older_ones_from_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = ChunkCache::open(dir.path(), 1 << 30).expect("open");
-        let filler = RECENT_BYTES / 100_000 + 1;
-        let fillers: Vec<Digest> = (0..filler).map(|n| Digest::of(&n.to_le_bytes())).collect();
+        let filler_count = RECENT_BYTES / 100_000 + 1;
+        let fillers: Vec<Digest> = (0..filler_count)
+            .map(|n| Digest::of(&n.to_le_bytes()))
+            .collect();
         // A download pins what it fetches.
         let download = cache.pin(fillers.iter().copied().chain([digest(0), digest(9)]));
         // A download's segment size, so the segment is written past the page cache.
@@ -692,6 +700,20 @@ mod tests {
         assert_eq!(cache.get(&digest(0)).expect("from disk"), chunk(0));
         let reopened = ChunkCache::open(dir.path(), 1 << 30).expect("reopen");
         assert_eq!(reopened.get(&digest(0)).expect("from disk"), chunk(0));
+
+        // The download's extraction takes what it reads: out of memory, still cached.
+        let filler = cache
+            .take_appended(&fillers[filler_count - 1])
+            .expect("in memory");
+        assert!(
+            cache.take_appended(&fillers[filler_count - 1]).is_none(),
+            "taken once"
+        );
+        assert_eq!(
+            cache.get(&fillers[filler_count - 1]),
+            Some(filler),
+            "from disk"
+        );
 
         // A chunk found corrupt is forgotten, in memory as well.
         cache.put(&digest(9), &[9; 10]).expect("put");

@@ -438,6 +438,11 @@ const ARRIVAL_POLL: Duration = Duration::from_millis(20);
 /// control holds its sender.
 const FETCH_AHEAD: u64 = 48 * 1024 * 1024;
 
+/// How long the extraction waits for a chunk that should be arriving before it lifts
+/// the fetch's window (see [`Arrivals::wait_for`]): a safety valve, never expected to
+/// open. At the benchmark's rates a chunk arrives in well under a millisecond.
+const STUCK_EXTRACTION: Duration = Duration::from_secs(1);
+
 /// Where each chunk of a tree lies in its chunk list (bytes before it), and how far
 /// the fetch may go: what a fetch stream waits on to stay within [`FETCH_AHEAD`].
 #[derive(Clone)]
@@ -492,30 +497,39 @@ impl AheadLimit {
     fn asking_for(&mut self, digest: &Digest) -> bool {
         let position = self.positions.get(digest).copied().unwrap_or(0);
         if position < self.reached {
-            self.limit.send_replace(u64::MAX);
+            self.lift();
             return true;
         }
         self.reached = position;
-        let limit = position.saturating_add(FETCH_AHEAD);
+        self.resume();
+        false
+    }
+
+    /// Lets the fetch run on whatever the extraction wants (see [`Arrivals::wait_for`]).
+    fn lift(&mut self) {
+        self.set_limit(u64::MAX);
+    }
+
+    /// The window of the chunk the extraction has reached (again, once it has the chunk
+    /// it went back for).
+    fn resume(&mut self) {
+        self.set_limit(self.reached.saturating_add(FETCH_AHEAD));
+    }
+
+    /// Moves the limit, waking the fetch streams only when it changed (the extraction
+    /// sets it for every chunk).
+    fn set_limit(&mut self, limit: u64) {
         self.limit.send_if_modified(|current| {
             let moved = *current != limit;
             *current = limit;
             moved
         });
-        false
-    }
-
-    /// Back to the window of the chunk the extraction had reached, once it has the
-    /// chunk it went back for.
-    fn resume(&mut self) {
-        self.limit
-            .send_replace(self.reached.saturating_add(FETCH_AHEAD));
     }
 }
 
 impl Drop for AheadLimit {
     fn drop(&mut self) {
-        self.limit.send_replace(u64::MAX);
+        self.lift();
     }
 }
 
@@ -549,19 +563,18 @@ impl Arrivals<'_> {
     /// A chunk's compressed bytes, waiting while the fetch may still bring it; `None`
     /// once the fetch has ended without it. A chunk this download just fetched comes
     /// from memory as soon as it is appended to the cache, before its segment is
-    /// written and published ([`ChunkCache::get_appended`]); any other from the cache.
+    /// written and published ([`ChunkCache::take_appended`]); any other from the cache.
     fn wait_for(&self, digest: &Digest) -> Option<Bytes> {
         let (mut published, mut appended) =
             (self.cache.subscribe(), self.cache.subscribe_appended());
-        let behind = self
-            .ahead
-            .as_ref()
-            .is_some_and(|ahead| ahead.borrow_mut().asking_for(digest));
+        if let Some(ahead) = &self.ahead {
+            ahead.borrow_mut().asking_for(digest);
+        }
         let found = self.look_or_wait(digest, &mut published, &mut appended);
-        if behind {
-            if let Some(ahead) = &self.ahead {
-                ahead.borrow_mut().resume();
-            }
+        if let Some(ahead) = &self.ahead {
+            // After going back for a chunk, or after the window was lifted for one
+            // that kept away, the fetch keeps to the window again.
+            ahead.borrow_mut().resume();
         }
         found
     }
@@ -572,19 +585,30 @@ impl Arrivals<'_> {
         published: &mut tokio::sync::watch::Receiver<u64>,
         appended: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Option<Bytes> {
+        let (waiting_since, mut lifted) = (Instant::now(), false);
         loop {
             // Read the flag before looking, so a chunk that arrived just before the
             // fetch ended is still found by the look after it.
             let ended = self.ended.load(std::sync::atomic::Ordering::Acquire);
             if let Some(bytes) = self
                 .cache
-                .get_appended(digest)
+                .take_appended(digest)
                 .or_else(|| self.cache.get(digest))
             {
                 return Some(bytes);
             }
             if ended {
                 return None;
+            }
+            if !lifted && waiting_since.elapsed() >= STUCK_EXTRACTION {
+                // Whatever keeps the chunk away (it should be ahead of the fetch or in
+                // memory), the fetch must not also wait for this extraction: let it run
+                // on and finish its segments, which publishes the chunk.
+                if let Some(ahead) = &self.ahead {
+                    tracing::info!(chunk = %digest, "the extraction waited {STUCK_EXTRACTION:?} for a chunk; the fetch may run ahead until it comes");
+                    ahead.borrow_mut().lift();
+                }
+                lifted = true;
             }
             let _ = self.runtime.block_on(async {
                 tokio::time::timeout(ARRIVAL_POLL, async {
