@@ -148,7 +148,6 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    gantry_transfer::memory::keep_freed_memory();
     // clap prints its own message and exits with 2 on a usage error.
     let cli = Cli::parse();
     init_logging();

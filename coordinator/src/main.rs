@@ -242,7 +242,6 @@ pub(crate) fn usage(e: anyhow::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
-    gantry_transfer::memory::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -20,7 +20,6 @@
 mod cache;
 mod download;
 mod limit;
-pub mod memory;
 mod serve;
 mod upload;
 
