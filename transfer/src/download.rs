@@ -352,6 +352,7 @@ async fn download_rounds(
                     ended: &ended,
                     runtime: &runtime,
                     ahead: ahead_limit.map(std::cell::RefCell::new),
+                    cached: std::cell::RefCell::new(cache.reader()),
                 };
                 let result = extract_from_cache(&manifest, &dest, &cache, mode, &waiting);
                 (result, started.elapsed())
@@ -557,13 +558,16 @@ struct Arrivals<'a> {
     runtime: &'a tokio::runtime::Handle,
     /// The fetch's window, when it runs alongside this extraction.
     ahead: Option<std::cell::RefCell<AheadLimit>>,
+    /// Reads what was cached before, ahead in its segments.
+    cached: std::cell::RefCell<crate::CacheReader>,
 }
 
 impl Arrivals<'_> {
     /// A chunk's compressed bytes, waiting while the fetch may still bring it; `None`
     /// once the fetch has ended without it. A chunk this download just fetched comes
     /// from memory as soon as it is appended to the cache, before its segment is
-    /// written and published ([`ChunkCache::take_appended`]); any other from the cache.
+    /// written and published ([`ChunkCache::take_appended`]); any other from the cache,
+    /// read ahead in its segment when the chunks come in order ([`crate::CacheReader`]).
     fn wait_for(&self, digest: &Digest) -> Option<Bytes> {
         let (mut published, mut appended) =
             (self.cache.subscribe(), self.cache.subscribe_appended());
@@ -593,7 +597,7 @@ impl Arrivals<'_> {
             if let Some(bytes) = self
                 .cache
                 .take_appended(digest)
-                .or_else(|| self.cache.get(digest))
+                .or_else(|| self.cached.borrow_mut().get(digest))
             {
                 return Some(bytes);
             }

@@ -26,7 +26,7 @@ mod upload;
 use gantry_protocol::Digest;
 use gantry_transport::{Bytes, TransportError};
 
-pub use cache::{CacheFigures, CacheWriter, ChunkCache, Pin};
+pub use cache::{CacheFigures, CacheReader, CacheWriter, ChunkCache, Pin};
 pub use download::{
     chunk_sizes, download, download_tree, fetch_manifest, owner_ranges, DownloadFigures, PeerDial,
     PeerLink, Sources, Swarm,

@@ -4,7 +4,8 @@
 //!   same run: nginx (Debian's package) serving the same file to curl, and curl
 //!   uploading it to nginx with WebDAV PUT;
 //! - the bytes sent when re-uploading that artifact with 1% of it changed (16 regions of
-//!   1/1600 of the file each, at random places);
+//!   1/1600 of the file each, at random places), and the time another agent takes to
+//!   download the changed artifact with the rest of its chunks in its local cache;
 //! - cache restore time of a 1 GiB, 20,000-file directory, the first time (chunks come
 //!   from the coordinator) and the second time (from the agent's local chunk cache).
 //!
@@ -636,6 +637,8 @@ fn main() -> anyhow::Result<()> {
     println!("== gantry: re-uploading with 1% changed");
     let run = run_and_wait(&c, &transfer(&changed))?;
     let reup = figures(&c.logs(&format!("{run}.0")), "sent")?;
+    // The consumer downloads it too, with the rest of its chunks in its local cache.
+    let redown = figures(&c.logs(&format!("{run}.1")), "fetched")?;
 
     // 3. Cache restore of the tree, first from the coordinator, then from the local cache.
     let cached = |step: &str, role: &str| {
@@ -706,6 +709,13 @@ fn main() -> anyhow::Result<()> {
         reup.total_chunks,
         reup.moved_bytes / 1_048_576.0,
         reup.moved_bytes / gib * 100.0
+    );
+    println!(
+        "re-download       {:.2} s = {:.1} MB/s ({} of {} chunks fetched, the rest read from the local cache)",
+        redown.transfer_secs + redown.extract_secs,
+        mb_per_s(size as f64, redown.transfer_secs + redown.extract_secs),
+        redown.moved_chunks,
+        redown.total_chunks
     );
     println!(
         "cache save        {:.2} s for {FILES_IN_TREE} files ({} chunks)",
