@@ -6,7 +6,9 @@ use std::fs::{self, File, Metadata};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::{chunk_reader, CasError, ChunkRef, Digest, Entry, EntryKind, Manifest, PathProblem};
+use crate::{
+    chunk_reader, Bytes, CasError, ChunkRef, Digest, Entry, EntryKind, Manifest, PathProblem,
+};
 
 /// Builds the manifest of everything under `root` (not `root` itself), walking in sorted
 /// order, and calls `on_chunk` once per chunk read (repeated chunks are passed again; the
@@ -17,7 +19,7 @@ use crate::{chunk_reader, CasError, ChunkRef, Digest, Entry, EntryKind, Manifest
 /// Hardlinks are not preserved: each link becomes an independent file.
 pub fn build_manifest(
     root: &Path,
-    mut on_chunk: impl FnMut(Digest, &[u8]) -> Result<(), CasError>,
+    mut on_chunk: impl FnMut(Digest, &Bytes) -> Result<(), CasError>,
 ) -> Result<Manifest, CasError> {
     let mut entries = BTreeMap::new();
     walk_dir(root, "", &mut entries, &mut on_chunk)?;
@@ -32,7 +34,7 @@ pub fn build_manifest(
 pub fn build_manifest_for(
     root: &Path,
     paths: &[PathBuf],
-    mut on_chunk: impl FnMut(Digest, &[u8]) -> Result<(), CasError>,
+    mut on_chunk: impl FnMut(Digest, &Bytes) -> Result<(), CasError>,
 ) -> Result<Manifest, CasError> {
     let mut entries = BTreeMap::new();
     for selected in paths {
@@ -117,7 +119,7 @@ fn walk_dir(
     dir: &Path,
     prefix: &str,
     entries: &mut BTreeMap<String, Entry>,
-    on_chunk: &mut impl FnMut(Digest, &[u8]) -> Result<(), CasError>,
+    on_chunk: &mut impl FnMut(Digest, &Bytes) -> Result<(), CasError>,
 ) -> Result<(), CasError> {
     let mut children = Vec::new();
     for child in fs::read_dir(dir).map_err(CasError::io(format!("listing {}", dir.display())))? {
@@ -154,7 +156,7 @@ fn record(
     relative: &str,
     meta: &Metadata,
     entries: &mut BTreeMap<String, Entry>,
-    on_chunk: &mut impl FnMut(Digest, &[u8]) -> Result<(), CasError>,
+    on_chunk: &mut impl FnMut(Digest, &Bytes) -> Result<(), CasError>,
 ) -> Result<(), CasError> {
     let file_type = meta.file_type();
     let kind = if file_type.is_symlink() {
@@ -181,7 +183,7 @@ fn record(
                 },
                 other => other,
             })?;
-            on_chunk(digest, data)?;
+            on_chunk(digest, &data)?;
             // Chunks are at most MAX_CHUNK (256 KiB) long, which fits in u32.
             let chunk_size = data.len() as u32;
             size += u64::from(chunk_size);

@@ -7,7 +7,7 @@ use std::io::Read;
 
 use fastcdc::v2020::FastCDC;
 
-use crate::{CasError, Digest};
+use crate::{Bytes, CasError, Digest};
 
 /// Smallest chunk FastCDC cuts (except the last chunk of a file).
 ///
@@ -26,24 +26,64 @@ pub const AVG_CHUNK: usize = 64 * 1024;
 /// [`MIN_CHUNK`]; raising it raises the memory a single chunk may take on decode.
 pub const MAX_CHUNK: usize = 256 * 1024;
 
-/// Bytes read from the input at a time. The chunker cuts within this window and moves
-/// only the unfinished tail (under [`MAX_CHUNK`]) to its front before reading more, so a
-/// byte is copied once from the kernel and at most once more. fastcdc's own
-/// `StreamCDC` holds a `MAX_CHUNK` window and shifts the rest of it after every chunk:
-/// on a 1 GiB upload that was ~3 bytes moved per byte chunked, the largest cost of the
-/// uploading agent's chunking thread (more than the cutting and hashing).
+/// Bytes read from the input at a time. The chunker cuts within this window; before
+/// reading more it moves only the unfinished tail (under [`MAX_CHUNK`]) to the front of
+/// the next window, so a byte is copied once from the kernel and at most once more.
+/// fastcdc's own `StreamCDC` holds a `MAX_CHUNK` window and shifts the rest of it after
+/// every chunk: on a 1 GiB upload that was ~3 bytes moved per byte chunked, the largest
+/// cost of the uploading agent's chunking thread (more than the cutting and hashing).
 const READ_WINDOW: usize = 2 * 1024 * 1024;
+
+/// Windows kept for reuse once no chunk cut from them is alive: a fresh window is 512
+/// fresh pages, each a fault (and, on the VMs we measure, a fault in the host too).
+/// Chunks in flight keep their windows; an upload's pipeline holds a few dozen MiB.
+const SPARE_WINDOWS: usize = 16;
+
+static SPARES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// One window's bytes, shared by the chunks cut from it ([`Bytes::from_owner`]); goes
+/// back to [`SPARES`] when the last of them is dropped.
+struct Window {
+    buffer: Vec<u8>,
+    filled: usize,
+}
+
+impl AsRef<[u8]> for Window {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer[..self.filled]
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.buffer);
+        let mut spares = SPARES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spares.len() < SPARE_WINDOWS {
+            spares.push(buffer);
+        }
+    }
+}
+
+fn spare_window() -> Vec<u8> {
+    let spare = SPARES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop();
+    spare.unwrap_or_else(|| vec![0; READ_WINDOW])
+}
 
 /// The chunks of a reader, each with its digest; cut exactly where fastcdc's
 /// `StreamCDC` cuts (the same `cut_gear`, always given `MAX_CHUNK` bytes of lookahead
 /// or the rest of the input), so stored artifacts keep deduplicating. Holds
-/// [`READ_WINDOW`] bytes; the whole input is never held in memory.
+/// [`READ_WINDOW`] bytes at a time, plus the windows that chunks still alive were cut
+/// from; the whole input is never held in memory.
 pub struct Chunks<R: Read> {
     reader: R,
-    window: Vec<u8>,
-    /// `window[start..end]` is read and not yet cut.
+    /// The bytes read; `window[start..]` is not yet cut.
+    window: Bytes,
     start: usize,
-    end: usize,
     eof: bool,
     /// A read failed: the error was returned once, nothing follows it.
     failed: bool,
@@ -53,22 +93,20 @@ pub struct Chunks<R: Read> {
 pub fn chunk_reader<R: Read>(reader: R) -> Chunks<R> {
     Chunks {
         reader,
-        window: Vec::new(),
+        window: Bytes::new(),
         start: 0,
-        end: 0,
         eof: false,
         failed: false,
     }
 }
 
 impl<R: Read> Chunks<R> {
-    /// The next chunk, borrowed from the window until the next call: callers that keep
-    /// it copy it (the [`Iterator`] does).
-    pub fn next_chunk(&mut self) -> Option<Result<(Digest, &[u8]), CasError>> {
+    /// The next chunk: a slice of the window it was cut from, shared, not copied.
+    pub fn next_chunk(&mut self) -> Option<Result<(Digest, Bytes), CasError>> {
         if self.failed {
             return None;
         }
-        if self.end - self.start < MAX_CHUNK && !self.eof {
+        if self.window.len() - self.start < MAX_CHUNK && !self.eof {
             if let Err(source) = self.refill() {
                 self.failed = true;
                 return Some(Err(CasError::Io {
@@ -77,39 +115,42 @@ impl<R: Read> Chunks<R> {
                 }));
             }
         }
-        let pending = &self.window[self.start..self.end];
+        let pending = &self.window[self.start..];
         if pending.is_empty() {
             return None;
         }
         let (_, len) = FastCDC::new(pending, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).cut(0, pending.len());
         // cut_gear never returns 0 for a non-empty input; take the rest if it ever did.
         let len = if len == 0 { pending.len() } else { len };
-        let chunk = &self.window[self.start..self.start + len];
+        let chunk = self.window.slice(self.start..self.start + len);
         self.start += len;
-        Some(Ok((Digest::of(chunk), chunk)))
+        Some(Ok((Digest::of(&chunk), chunk)))
     }
 
-    /// Moves the uncut tail to the front and reads until the window is full or the
-    /// input ends.
+    /// Starts a new window with the uncut tail of the last one and reads until it is
+    /// full or the input ends.
     fn refill(&mut self) -> std::io::Result<()> {
-        if self.window.is_empty() {
-            self.window = vec![0; READ_WINDOW];
-        }
-        self.window.copy_within(self.start..self.end, 0);
-        self.end -= self.start;
-        self.start = 0;
-        while self.end < self.window.len() {
-            match self.reader.read(&mut self.window[self.end..]) {
+        let mut buffer = spare_window();
+        let tail = &self.window[self.start..];
+        buffer[..tail.len()].copy_from_slice(tail);
+        let mut filled = tail.len();
+        let read = loop {
+            if filled == buffer.len() {
+                break Ok(());
+            }
+            match self.reader.read(&mut buffer[filled..]) {
                 Ok(0) => {
                     self.eof = true;
-                    break;
+                    break Ok(());
                 }
-                Ok(n) => self.end += n,
+                Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => break Err(e),
             }
-        }
-        Ok(())
+        };
+        self.window = Bytes::from_owner(Window { buffer, filled });
+        self.start = 0;
+        read
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn upload(
         tokio::task::spawn_blocking(move || {
             gantry_cas::build_manifest_for(&root, &paths, |digest, data| {
                 chunk_tx
-                    .blocking_send((digest, Chunk::sampled(data.to_vec())))
+                    .blocking_send((digest, Chunk::sampled(data.clone())))
                     .map_err(|_| gantry_cas::CasError::Io {
                         context: "handing a chunk to the upload".into(),
                         source: std::io::Error::other("the upload stopped"),
@@ -183,7 +183,9 @@ pub async fn upload(
                 );
                 let mut again = PutStreams::new(conn.clone(), id, options);
                 for (digest, data) in read_chunks(root, &manifest, &missing)? {
-                    again.send(digest, Chunk::sampled(data)).await?;
+                    again
+                        .send(digest, Chunk::sampled(Bytes::from(data)))
+                        .await?;
                 }
                 let sent = again.finish().await?;
                 figures.chunks_sent += sent.0;
@@ -265,13 +267,14 @@ fn read_chunks(
 
 /// A chunk on its way to a put stream, with whether compressing it pays.
 struct Chunk {
-    data: Vec<u8>,
+    /// Shares the chunker's window (no copy).
+    data: Bytes,
     compress: bool,
 }
 
 impl Chunk {
     /// Takes the sample that decides compression (on the caller's thread).
-    fn sampled(data: Vec<u8>) -> Self {
+    fn sampled(data: Bytes) -> Self {
         Self {
             compress: gantry_cas::worth_compressing(&data),
             data,
@@ -371,7 +374,7 @@ async fn put_stream(
             pieces.push(Bytes::from(frame));
         } else {
             let layout = gantry_cas::RawFrameLayout::of(chunk.data.len());
-            let data = Bytes::from(chunk.data);
+            let data = chunk.data;
             for (header, range) in layout.parts() {
                 pieces.push(Bytes::copy_from_slice(header));
                 pieces.push(data.slice(range.clone()));
