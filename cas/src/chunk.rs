@@ -7,6 +7,7 @@ use std::io::Read;
 
 use fastcdc::v2020::FastCDC;
 
+use crate::spare::SpareBuffers;
 use crate::{Bytes, CasError, Digest};
 
 /// Smallest chunk FastCDC cuts (except the last chunk of a file).
@@ -34,15 +35,13 @@ pub const MAX_CHUNK: usize = 256 * 1024;
 /// cost of the uploading agent's chunking thread (more than the cutting and hashing).
 const READ_WINDOW: usize = 2 * 1024 * 1024;
 
-/// Windows kept for reuse once no chunk cut from them is alive: a fresh window is 512
-/// fresh pages, each a fault (and, on the VMs we measure, a fault in the host too).
-/// Chunks in flight keep their windows; an upload's pipeline holds a few dozen MiB.
-const SPARE_WINDOWS: usize = 16;
-
-static SPARES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+/// Windows kept for reuse once no chunk cut from them is alive (at most 16): a fresh
+/// window is 512 fresh pages (see [`crate::spare`]). Chunks in flight keep their
+/// windows; an upload's pipeline holds a few dozen MiB.
+static SPARE_WINDOWS: SpareBuffers = SpareBuffers::new(READ_WINDOW, 16);
 
 /// One window's bytes, shared by the chunks cut from it ([`Bytes::from_owner`]); goes
-/// back to [`SPARES`] when the last of them is dropped.
+/// back to [`SPARE_WINDOWS`] when the last of them is dropped.
 struct Window {
     buffer: Vec<u8>,
     filled: usize,
@@ -56,22 +55,8 @@ impl AsRef<[u8]> for Window {
 
 impl Drop for Window {
     fn drop(&mut self) {
-        let buffer = std::mem::take(&mut self.buffer);
-        let mut spares = SPARES
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if spares.len() < SPARE_WINDOWS {
-            spares.push(buffer);
-        }
+        SPARE_WINDOWS.give_back(std::mem::take(&mut self.buffer));
     }
-}
-
-fn spare_window() -> Vec<u8> {
-    let spare = SPARES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .pop();
-    spare.unwrap_or_else(|| vec![0; READ_WINDOW])
 }
 
 /// The chunks of a reader, each with its digest; cut exactly where fastcdc's
@@ -130,7 +115,7 @@ impl<R: Read> Chunks<R> {
     /// Starts a new window with the uncut tail of the last one and reads until it is
     /// full or the input ends.
     fn refill(&mut self) -> std::io::Result<()> {
-        let mut buffer = spare_window();
+        let mut buffer = SPARE_WINDOWS.take();
         let tail = &self.window[self.start..];
         buffer[..tail.len()].copy_from_slice(tail);
         let mut filled = tail.len();

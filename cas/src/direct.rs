@@ -17,11 +17,13 @@
 
 use std::fs::File;
 use std::io::{self, ErrorKind, Write};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use rustix::fs::OFlags;
+
+use crate::spare::SpareBuffers;
 
 /// Files at least this large are written with `O_DIRECT`.
 pub const DIRECT_WRITE_MIN: u64 = 8 * 1024 * 1024;
@@ -31,25 +33,14 @@ const BLOCK: usize = 4 * 1024 * 1024;
 /// size (512 and 4,096 bytes).
 const ALIGN: usize = 4096;
 
-/// Buffers of finished writers kept for the next ones (at most this many, 16 MiB).
-///
-/// Why: fresh memory is not free. A new buffer is zeroed, and on a VM whose host takes
-/// back the pages its guest frees (free page reporting, as on the machines we measure)
-/// every first touch of a page is a fault in the host: ~9 µs per 4 KiB page, ~2.3 s
-/// per GiB. The coordinator starts a writer per pack (every 32 MiB of an upload) and
-/// an agent one per cache segment, so without reuse the buffers alone would be an
-/// eighth of the bytes written, all of it fresh memory.
-const MAX_SPARE_BUFFERS: usize = 4;
-static SPARE_BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
-fn spare_buffers() -> std::sync::MutexGuard<'static, Vec<Vec<u8>>> {
-    SPARE_BUFFERS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+/// Buffers of finished writers kept for the next ones (at most 4, 16 MiB): the
+/// coordinator starts a writer per pack (every 32 MiB of an upload) and an agent one per
+/// cache segment, so without reuse the buffers alone would be an eighth of the bytes
+/// written, all of it fresh memory (see [`crate::spare`]).
+static SPARE_BLOCKS: SpareBuffers = SpareBuffers::new(BLOCK + ALIGN, 4);
 
 /// An aligned buffer of [`BLOCK`] bytes, `filled` of them in use. Its memory goes back
-/// to [`SPARE_BUFFERS`] when it is dropped.
+/// to [`SPARE_BLOCKS`] when it is dropped.
 struct Block {
     storage: Vec<u8>,
     start: usize,
@@ -58,9 +49,7 @@ struct Block {
 
 impl Block {
     fn new() -> Self {
-        let storage = spare_buffers()
-            .pop()
-            .unwrap_or_else(|| vec![0u8; BLOCK + ALIGN]);
+        let storage = SPARE_BLOCKS.take();
         // A Vec's buffer never moves, so its aligned start is the same every time.
         let start = storage.as_ptr().align_offset(ALIGN);
         Self {
@@ -77,11 +66,7 @@ impl Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        let storage = std::mem::take(&mut self.storage);
-        let mut spare = spare_buffers();
-        if storage.len() == BLOCK + ALIGN && spare.len() < MAX_SPARE_BUFFERS {
-            spare.push(storage);
-        }
+        SPARE_BLOCKS.give_back(std::mem::take(&mut self.storage));
     }
 }
 

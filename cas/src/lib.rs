@@ -25,6 +25,7 @@ mod direct;
 mod error;
 mod extract;
 mod manifest;
+mod spare;
 
 pub use build::{build_manifest, build_manifest_for};
 /// Shared byte buffers, as [`open_chunk`] takes them.
