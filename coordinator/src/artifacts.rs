@@ -1207,6 +1207,13 @@ struct Want {
     record: Option<ChunkRecord>,
 }
 
+/// A wanted chunk the index placed in a pack.
+struct Placed {
+    digest: Digest,
+    size: u32,
+    record: ChunkRecord,
+}
+
 /// The chunk reader of one fetch stream: reads the wanted chunks in order, each run
 /// of neighbours in a pack with one read ([`SPAN_BYTES`]), checks each chunk and
 /// hands it to the sender. Returns when either side goes away.
@@ -1230,32 +1237,43 @@ fn read_wants(
                 Err(_) => return,
             },
         };
+        let Some(record) = first.record else {
+            let (digest, size) = (first.digest, first.size);
+            let unplaced = served(digest, size, read_chunk(store, chunks, &digest, size));
+            if ready.blocking_send(unplaced).is_err() {
+                return;
+            }
+            continue;
+        };
         // Extend the run with the wants already queued that lie right after it.
-        let mut run = vec![first];
-        let mut span = run[0]
-            .record
-            .as_ref()
-            .map_or(0, |r| u64::from(r.stored_bytes));
-        while run[0].record.is_some() && span < SPAN_BYTES {
+        let mut run = vec![Placed {
+            digest: first.digest,
+            size: first.size,
+            record,
+        }];
+        let mut span = u64::from(record.stored_bytes);
+        while span < SPAN_BYTES {
             let Ok(want) = wants.try_recv().map(lookup) else {
                 break;
             };
-            let follows = match (run.last().and_then(|w| w.record.as_ref()), &want.record) {
-                (Some(last), Some(this)) => {
-                    this.pack == last.pack
-                        && this.offset == last.offset + u64::from(last.stored_bytes)
+            let last = run[run.len() - 1].record;
+            match want.record {
+                Some(record)
+                    if record.pack == last.pack
+                        && record.offset == last.offset + u64::from(last.stored_bytes) =>
+                {
+                    span += u64::from(record.stored_bytes);
+                    run.push(Placed {
+                        digest: want.digest,
+                        size: want.size,
+                        record,
+                    });
                 }
-                _ => false,
-            };
-            if !follows {
-                next = Some(want);
-                break;
+                _ => {
+                    next = Some(want);
+                    break;
+                }
             }
-            span += want
-                .record
-                .as_ref()
-                .map_or(0, |r| u64::from(r.stored_bytes));
-            run.push(want);
         }
         for served in read_run(store, chunks, run) {
             if ready.blocking_send(served).is_err() {
@@ -1265,26 +1283,11 @@ fn read_wants(
     }
 }
 
-/// Reads a run of neighbouring chunks with one read and checks each; a run of one, or
-/// one whose read fails (its pack compacted or gone meanwhile), is read chunk by chunk
+/// Reads a run of neighbouring chunks (one or more) with one read and checks each; a
+/// run whose read fails (its pack compacted or gone meanwhile) is read chunk by chunk
 /// with [`read_chunk`], which looks each one up again.
-fn read_run(store: &Store, chunks: &ChunkStore, run: Vec<Want>) -> Vec<Served> {
-    let one_by_one = |run: Vec<Want>| -> Vec<Served> {
-        run.into_iter()
-            .map(|Want { digest, size, .. }| {
-                served(digest, size, read_chunk(store, chunks, &digest, size))
-            })
-            .collect()
-    };
-    let (Some(first), Some(last)) = (
-        run.first().and_then(|w| w.record.as_ref()),
-        run.last().and_then(|w| w.record.as_ref()),
-    ) else {
-        return one_by_one(run);
-    };
-    if run.len() == 1 {
-        return one_by_one(run);
-    }
+fn read_run(store: &Store, chunks: &ChunkStore, run: Vec<Placed>) -> Vec<Served> {
+    let (first, last) = (run[0].record, run[run.len() - 1].record);
     let (pack, start) = (first.pack, first.offset);
     let len = last.offset + u64::from(last.stored_bytes) - start;
     let Ok(span) = chunks.read_raw(Location {
@@ -1292,36 +1295,32 @@ fn read_run(store: &Store, chunks: &ChunkStore, run: Vec<Want>) -> Vec<Served> {
         offset: start,
         len: len as u32,
     }) else {
-        return one_by_one(run);
+        return run
+            .into_iter()
+            .map(|Placed { digest, size, .. }| {
+                served(digest, size, read_chunk(store, chunks, &digest, size))
+            })
+            .collect();
     };
-    let mut out = Vec::with_capacity(run.len());
     let mut scrubbed = false;
-    for Want {
-        digest,
-        size,
-        record,
-    } in run
-    {
-        let Some(record) = record else {
-            // Not possible (a run is extended only with chunks the index placed), but
-            // looked up once more rather than skipped.
-            out.push(served(
-                digest,
-                size,
-                read_chunk(store, chunks, &digest, size),
-            ));
-            continue;
-        };
-        let at = (record.offset - start) as usize;
-        let bytes = span.slice(at..at + record.stored_bytes as usize);
-        let checked = chunks.checked(&digest, bytes, size);
-        if matches!(checked, Err(ChunkReadError::Corrupt { .. })) && !scrubbed {
-            scrub_pack(store, chunks, pack);
-            scrubbed = true;
-        }
-        out.push(served(digest, size, checked));
-    }
-    out
+    run.into_iter()
+        .map(
+            |Placed {
+                 digest,
+                 size,
+                 record,
+             }| {
+                let at = (record.offset - start) as usize;
+                let bytes = span.slice(at..at + record.stored_bytes as usize);
+                let checked = chunks.checked(&digest, bytes, size);
+                if matches!(checked, Err(ChunkReadError::Corrupt { .. })) && !scrubbed {
+                    scrub_pack(store, chunks, pack);
+                    scrubbed = true;
+                }
+                served(digest, size, checked)
+            },
+        )
+        .collect()
 }
 
 fn served(digest: Digest, size: u32, read: Result<Bytes, ChunkReadError>) -> Served {
