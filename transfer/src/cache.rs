@@ -302,14 +302,10 @@ impl ChunkCache {
     /// when it was appended lately, otherwise read from its segment. The caller
     /// verifies them and calls [`Self::remove`] if they are bad.
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {
-        let (slot, _) = match self.locate(digest)? {
-            Located::InMemory(data) => return Some(data),
-            Located::OnDisk {
-                slot,
-                segment_bytes,
-            } => (slot, segment_bytes),
-        };
-        self.read_slot(digest, slot, slot.len as usize)
+        match self.locate(digest)? {
+            Located::InMemory(data) => Some(data),
+            Located::OnDisk { slot, .. } => self.read_slot(digest, slot, slot.len as usize),
+        }
     }
 
     /// A reader for chunks asked for mostly in the order they were appended (a download
@@ -716,15 +712,11 @@ impl CacheReader {
                     held: None,
                 }
             };
-        let found = if let Some(from) = cursor.held.as_ref().and_then(|(held_start, held)| {
-            (start >= *held_start && end <= held_start + held.len() as u64)
-                .then(|| (start - held_start) as usize)
-        }) {
-            cursor
-                .held
-                .as_ref()
-                .map(|(_, held)| held.slice(from..from + len))
-        } else {
+        let held = cursor.held.as_ref().and_then(|(held_start, held)| {
+            let from = start.checked_sub(*held_start)? as usize;
+            (from + len <= held.len()).then(|| held.slice(from..from + len))
+        });
+        let found = held.or_else(|| {
             let in_order = start >= cursor.last_end && start - cursor.last_end <= READ_AHEAD_BYTES;
             let span = if in_order {
                 segment_bytes
@@ -735,17 +727,14 @@ impl CacheReader {
                 u64::from(slot.len)
             };
             self.disk_reads += 1;
-            self.cache
-                .read_slot(digest, slot, span as usize)
-                .map(|data| {
-                    if data.len() > len {
-                        cursor.held = Some((start, data.clone()));
-                        data.slice(..len)
-                    } else {
-                        data
-                    }
-                })
-        };
+            let data = self.cache.read_slot(digest, slot, span as usize)?;
+            if data.len() > len {
+                cursor.held = Some((start, data.clone()));
+                Some(data.slice(..len))
+            } else {
+                Some(data)
+            }
+        });
         if found.is_some() {
             cursor.last_end = end;
         }

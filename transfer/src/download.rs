@@ -383,7 +383,8 @@ async fn download_rounds(
                 cache,
                 options,
                 &mut figures,
-                (SEGMENT_DEFAULT, fetch_ahead),
+                SEGMENT_DEFAULT,
+                fetch_ahead,
             )
             .await
         }
@@ -690,7 +691,8 @@ async fn fetch_from_swarm(
         cache,
         options,
         figures,
-        (PUBLISH_BYTES, None),
+        PUBLISH_BYTES,
+        None,
     )
     .await;
     let mut failed = from_coordinator.err();
@@ -791,7 +793,8 @@ async fn fetch_into_cache(
     cache: &ChunkCache,
     options: &TransferOptions,
     figures: &mut DownloadFigures,
-    (segment_bytes, ahead): (u64, Option<FetchAhead>),
+    segment_bytes: u64,
+    ahead: Option<FetchAhead>,
 ) -> Result<(), TransferError> {
     for round in 0..=MAX_REFETCH_ROUNDS {
         if wanted.is_empty() {
