@@ -30,7 +30,7 @@ use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
 use crate::authz::{Principal, Request};
-use crate::chunks::{ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack};
+use crate::chunks::{stored_check, ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack};
 use crate::config::ArtifactSettings;
 use crate::metrics::Metrics;
 use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
@@ -1170,6 +1170,7 @@ fn verify_and_append(
                 pack: location.pack,
                 offset: location.offset,
                 written_at: now,
+                check: Some(stored_check(put.data())),
             },
         ));
     }
@@ -1312,7 +1313,7 @@ fn read_run(store: &Store, chunks: &ChunkStore, run: Vec<Placed>) -> Vec<Served>
              }| {
                 let at = (record.offset - start) as usize;
                 let bytes = span.slice(at..at + record.stored_bytes as usize);
-                let checked = chunks.checked(&digest, bytes, size);
+                let checked = chunks.checked(&digest, bytes, size, record.check);
                 if matches!(checked, Err(ChunkReadError::Corrupt { .. })) && !scrubbed {
                     scrub_pack(store, chunks, pack);
                     scrubbed = true;
@@ -1354,7 +1355,7 @@ fn read_chunk(
             offset: record.offset,
             len: record.stored_bytes,
         };
-        match chunks.read_verified(digest, location, size) {
+        match chunks.read_verified(digest, location, size, record.check) {
             Err(ChunkReadError::Missing(_)) => {}
             Err(corrupt @ ChunkReadError::Corrupt { .. }) => {
                 scrub_pack(store, chunks, record.pack);
@@ -1385,7 +1386,11 @@ fn scrub_pack(store: &Store, chunks: &ChunkStore, pack: u64) {
                 offset: record.offset,
                 len: record.stored_bytes,
             };
-            chunks.read_verified(digest, location, record.size).is_err()
+            // In full, not by checksum: a scrub follows damage already found, and is
+            // rare.
+            chunks
+                .read_verified(digest, location, record.size, None)
+                .is_err()
         })
         .map(|(digest, _)| *digest)
         .collect();
@@ -1500,7 +1505,8 @@ mod tests {
                 .map(|b| (b as u8) ^ seed ^ (i as u8).wrapping_mul(31))
                 .collect();
             let digest = Digest::of(&data);
-            let location = pack.append(&gantry_cas::compress(&data)).expect("append");
+            let stored = gantry_cas::compress(&data);
+            let location = pack.append(&stored).expect("append");
             rows.push((
                 digest,
                 ChunkRecord {
@@ -1509,6 +1515,7 @@ mod tests {
                     pack: location.pack,
                     offset: location.offset,
                     written_at: UnixMillis::now(),
+                    check: Some(stored_check(&stored)),
                 },
             ));
             out.push((digest, data.len() as u32, data));

@@ -1151,8 +1151,8 @@ pub struct EnvironmentRecord {
 pub type DeploymentRecord = crate::deployments::DeploymentRecord;
 
 /// A stored chunk: its uncompressed size, where its compressed bytes are (pack, offset,
-/// length) and when it was written (garbage collection leaves young unreferenced chunks
-/// alone).
+/// length), when it was written (garbage collection leaves young unreferenced chunks
+/// alone) and the checksum of its stored bytes ([`crate::chunks::stored_check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
     pub size: u32,
@@ -1160,6 +1160,36 @@ pub struct ChunkRecord {
     pub pack: u64,
     pub offset: u64,
     pub written_at: UnixMillis,
+    /// `None` for a chunk indexed before checksums were kept: it is verified in full
+    /// each time it is served.
+    pub check: Option<u64>,
+}
+
+/// [`ChunkRecord`] as coordinators before the checksum stored it: the same fields, one
+/// fewer at the end. Read, never written.
+#[derive(Deserialize)]
+struct ChunkRecordWithoutCheck {
+    size: u32,
+    stored_bytes: u32,
+    pack: u64,
+    offset: u64,
+    written_at: UnixMillis,
+}
+
+/// Decodes a chunk record of either layout.
+fn decode_chunk_record(key: &str, bytes: &[u8]) -> Result<ChunkRecord, StoreError> {
+    if let Ok(record) = postcard::from_bytes::<ChunkRecord>(bytes) {
+        return Ok(record);
+    }
+    let old: ChunkRecordWithoutCheck = decode("chunk", key, bytes)?;
+    Ok(ChunkRecord {
+        size: old.size,
+        stored_bytes: old.stored_bytes,
+        pack: old.pack,
+        offset: old.offset,
+        written_at: old.written_at,
+        check: None,
+    })
 }
 
 /// What a commit of an artifact or cache came to.
@@ -1525,7 +1555,7 @@ impl Store {
             for item in chunks.iter().map_err(eng!("scan chunks"))? {
                 let (k, v) = item.map_err(eng!("scan chunks"))?;
                 let key = k.value();
-                let record: ChunkRecord = decode("chunk", "index", v.value())?;
+                let record = decode_chunk_record("index", v.value())?;
                 let Ok(bytes) = <[u8; 32]>::try_from(key) else {
                     continue;
                 };
@@ -1568,7 +1598,7 @@ impl Store {
             .get(digest.as_bytes().as_slice())
             .map_err(eng!("read chunk"))?
         {
-            Some(v) => Ok(Some(decode("chunk", &digest.to_string(), v.value())?)),
+            Some(v) => Ok(Some(decode_chunk_record(&digest.to_string(), v.value())?)),
             None => Ok(None),
         }
     }
@@ -1585,7 +1615,7 @@ impl Store {
         let mut rows: HashMap<u64, Vec<(Digest, ChunkRecord)>> = HashMap::new();
         for item in chunks.iter().map_err(eng!("scan chunks"))? {
             let (k, v) = item.map_err(eng!("scan chunks"))?;
-            let record: ChunkRecord = decode("chunk", "index", v.value())?;
+            let record = decode_chunk_record("index", v.value())?;
             *live.entry(record.pack).or_default() += u64::from(record.stored_bytes);
             if detail.contains(&record.pack) {
                 if let Ok(bytes) = <[u8; 32]>::try_from(k.value()) {
@@ -1611,7 +1641,7 @@ impl Store {
                     .get(digest.as_bytes().as_slice())
                     .map_err(eng!("read chunk"))?
                 {
-                    Some(v) => Some(decode("chunk", &digest.to_string(), v.value())?),
+                    Some(v) => Some(decode_chunk_record(&digest.to_string(), v.value())?),
                     None => None,
                 };
                 if current.as_ref() == Some(from) {
@@ -1757,5 +1787,61 @@ mod tests {
         );
         assert!(store.agents().expect("agents").is_empty());
         assert_eq!(store.counts(now).expect("counts").tokens_active, 1);
+    }
+
+    #[test]
+    fn chunk_records_written_before_checksums_read_back_without_one() {
+        #[derive(Serialize)]
+        struct Old {
+            size: u32,
+            stored_bytes: u32,
+            pack: u64,
+            offset: u64,
+            written_at: UnixMillis,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let (old_digest, new_digest) = (Digest::of(b"old"), Digest::of(b"new"));
+        let old = Old {
+            size: 3,
+            stored_bytes: 12,
+            pack: 0xabc,
+            offset: 4096,
+            written_at: UnixMillis(5),
+        };
+        store
+            .write(|tx| {
+                let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+                chunks
+                    .insert(old_digest.as_bytes().as_slice(), encode(&old)?.as_slice())
+                    .map_err(eng!("write chunk"))?;
+                Ok(())
+            })
+            .expect("write an old record");
+        let new = ChunkRecord {
+            size: 3,
+            stored_bytes: 12,
+            pack: 0xabc,
+            offset: 8192,
+            written_at: UnixMillis(6),
+            check: Some(u64::MAX),
+        };
+        store.add_chunks(&[(new_digest, new)]).expect("add");
+        assert_eq!(
+            store.chunk(&old_digest).expect("read"),
+            Some(ChunkRecord {
+                size: 3,
+                stored_bytes: 12,
+                pack: 0xabc,
+                offset: 4096,
+                written_at: UnixMillis(5),
+                check: None,
+            })
+        );
+        assert_eq!(store.chunk(&new_digest).expect("read"), Some(new));
+        let (_, rows) = store
+            .pack_usage(&HashSet::from([0xabc]))
+            .expect("pack usage");
+        assert_eq!(rows[&0xabc].len(), 2);
     }
 }
