@@ -75,76 +75,202 @@ pub fn extract_verified(
     existing: Existing,
     mut fetch: impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
 ) -> Result<(), CasError> {
-    manifest.validate()?;
-    match existing {
-        Existing::Refuse => prepare_destination(dest)?,
-        Existing::Merge => prepare_merge_destination(dest)?,
-    }
+    let entries = prepare(manifest, dest, existing)?;
     let merge = existing == Existing::Merge;
-
-    let mut entries: Vec<_> = manifest.entries.iter().collect();
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
 
     // Pass 1: directories and files, parents before children.
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
     for entry in &entries {
         match &entry.kind {
-            EntryKind::Dir { mode } => {
+            EntryKind::Dir { mode } => dir_modes.push(make_dir(dest, entry, *mode, merge)?),
+            EntryKind::File { .. } => {
                 let on_disk = ensure_parents(dest, &entry.path)?;
-                if !(merge && is_real_dir(&on_disk, &entry.path)?) {
-                    create_dir_checked(&on_disk, &entry.path)?;
-                }
-                dir_modes.push((on_disk, *mode));
-            }
-            EntryKind::File { mode, chunks, size } => {
-                let on_disk = ensure_parents(dest, &entry.path)?;
-                if merge {
-                    clear_for_replacement(&on_disk, &entry.path)?;
-                }
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&on_disk)
-                    .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
-                let mut file = FileOut::new(file, *size)
-                    .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-                for chunk in chunks {
-                    let data = fetch(&chunk.digest)?;
-                    if data.len() != chunk.size as usize {
-                        return Err(CasError::CorruptChunk {
-                            digest: chunk.digest,
-                            reason: format!(
-                                "fetched {} bytes for entry `{}`, expected {}",
-                                data.len(),
-                                entry.path,
-                                chunk.size
-                            ),
-                        });
-                    }
-                    if *data.digest() != chunk.digest {
-                        return Err(CasError::DigestMismatch {
-                            expected: chunk.digest,
-                            actual: *data.digest(),
-                        });
-                    }
-                    for piece in data.pieces() {
-                        file.write(piece)
-                            .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-                    }
-                }
-                let file = file
-                    .finish()
-                    .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-                file.set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
-                    .map_err(CasError::io(format!("setting mode of `{}`", entry.path)))?;
+                write_file(&on_disk, entry, merge, &mut fetch)?;
             }
             EntryKind::Symlink { .. } => {}
         }
     }
+    finish_tree(dest, &entries, &dir_modes, merge)
+}
 
-    // Pass 2: symlinks, once nothing else will be written.
+/// Fewest files for which [`extract_verified_parallel`] uses more than one thread.
+pub const PARALLEL_MIN_FILES: usize = 64;
+
+/// [`extract_verified`] with the files written by up to `workers` threads at once,
+/// each fetching through its own `fetch_for()`: for a tree of many files whose chunks
+/// are all at hand (a cache restored from the local chunk cache). There, creating the
+/// files is most of the time, and on one thread the other cores sat idle: restoring
+/// 20,000 files spent ~70% of its thread in ext4's inode allocation.
+///
+/// Directories (and every file's parents) are made first, on the calling thread, with
+/// the same checks; then each worker writes a contiguous share of the files, in path
+/// order, with `create_new` in directories made or checked above; symlinks and
+/// directory modes follow once every worker is done. The first error stops the other
+/// workers at their next file and is returned (what was written stays, as for
+/// [`extract_verified`]).
+pub fn extract_verified_parallel<F>(
+    manifest: &Manifest,
+    dest: &Path,
+    existing: Existing,
+    workers: usize,
+    fetch_for: impl Fn() -> F + Sync,
+) -> Result<(), CasError>
+where
+    F: FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+{
+    let entries = prepare(manifest, dest, existing)?;
+    let merge = existing == Existing::Merge;
+
+    // Pass 1a: directories, and each file's place (its parents made and checked).
+    let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut files: Vec<(PathBuf, &crate::Entry)> = Vec::new();
     for entry in &entries {
+        match &entry.kind {
+            EntryKind::Dir { mode } => dir_modes.push(make_dir(dest, entry, *mode, merge)?),
+            EntryKind::File { .. } => files.push((ensure_parents(dest, &entry.path)?, entry)),
+            EntryKind::Symlink { .. } => {}
+        }
+    }
+
+    // Pass 1b: the files, in contiguous shares.
+    let workers = if files.len() < PARALLEL_MIN_FILES {
+        1
+    } else {
+        workers.clamp(1, files.len())
+    };
+    let share = files.len().div_ceil(workers).max(1);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written: Vec<Result<(), CasError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(share)
+            .map(|mine| {
+                let (stop, fetch_for) = (&stop, &fetch_for);
+                scope.spawn(move || {
+                    let mut fetch = fetch_for();
+                    for (on_disk, entry) in mine {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        if let Err(e) = write_file(on_disk, entry, merge, &mut fetch) {
+                            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(CasError::Io {
+                        context: format!("extracting into {}", dest.display()),
+                        source: std::io::Error::other("an extraction thread panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    // A share that stopped because another failed returned Ok: the failure is the error.
+    written.into_iter().collect::<Result<(), CasError>>()?;
+    finish_tree(dest, &entries, &dir_modes, merge)
+}
+
+/// Validates the manifest, prepares `dest`, and returns the entries in path order
+/// (parents before children).
+fn prepare<'m>(
+    manifest: &'m Manifest,
+    dest: &Path,
+    existing: Existing,
+) -> Result<Vec<&'m crate::Entry>, CasError> {
+    manifest.validate()?;
+    match existing {
+        Existing::Refuse => prepare_destination(dest)?,
+        Existing::Merge => prepare_merge_destination(dest)?,
+    }
+    let mut entries: Vec<_> = manifest.entries.iter().collect();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+/// Makes (or, merging, reuses) a directory entry's directory; returns where it is and
+/// the mode to give it once everything under it is written.
+fn make_dir(
+    dest: &Path,
+    entry: &crate::Entry,
+    mode: u32,
+    merge: bool,
+) -> Result<(PathBuf, u32), CasError> {
+    let on_disk = ensure_parents(dest, &entry.path)?;
+    if !(merge && is_real_dir(&on_disk, &entry.path)?) {
+        create_dir_checked(&on_disk, &entry.path)?;
+    }
+    Ok((on_disk, mode))
+}
+
+/// Writes a file entry at `on_disk` (its parents already made and checked), each chunk
+/// matched against the manifest by size and digest.
+fn write_file(
+    on_disk: &Path,
+    entry: &crate::Entry,
+    merge: bool,
+    fetch: &mut impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+) -> Result<(), CasError> {
+    let EntryKind::File { mode, chunks, size } = &entry.kind else {
+        return Ok(());
+    };
+    if merge {
+        clear_for_replacement(on_disk, &entry.path)?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(on_disk)
+        .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
+    let mut file =
+        FileOut::new(file, *size).map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+    for chunk in chunks {
+        let data = fetch(&chunk.digest)?;
+        if data.len() != chunk.size as usize {
+            return Err(CasError::CorruptChunk {
+                digest: chunk.digest,
+                reason: format!(
+                    "fetched {} bytes for entry `{}`, expected {}",
+                    data.len(),
+                    entry.path,
+                    chunk.size
+                ),
+            });
+        }
+        if *data.digest() != chunk.digest {
+            return Err(CasError::DigestMismatch {
+                expected: chunk.digest,
+                actual: *data.digest(),
+            });
+        }
+        for piece in data.pieces() {
+            file.write(piece)
+                .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+        }
+    }
+    let file = file
+        .finish()
+        .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+    file.set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
+        .map_err(CasError::io(format!("setting mode of `{}`", entry.path)))
+}
+
+/// Passes 2 and 3, once every file is written: symlinks, then directory modes.
+fn finish_tree(
+    dest: &Path,
+    entries: &[&crate::Entry],
+    dir_modes: &[(PathBuf, u32)],
+    merge: bool,
+) -> Result<(), CasError> {
+    // Pass 2: symlinks, once nothing else will be written.
+    for entry in entries {
         if let EntryKind::Symlink { target } = &entry.kind {
             let on_disk = ensure_parents(dest, &entry.path)?;
             if merge {

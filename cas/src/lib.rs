@@ -37,7 +37,10 @@ pub use compress::{
 };
 pub use direct::{DirectWriter, ReadOnceFile, DIRECT_WRITE_MIN};
 pub use error::{CasError, PathProblem, SymlinkProblem};
-pub use extract::{extract, extract_verified, extract_with, Existing};
+pub use extract::{
+    extract, extract_verified, extract_verified_parallel, extract_with, Existing,
+    PARALLEL_MIN_FILES,
+};
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use manifest::{
     ChunkRef, Entry, EntryKind, Manifest, MANIFEST_VERSION, MAX_COMPONENT_BYTES, MAX_ENTRIES,
