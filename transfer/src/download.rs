@@ -333,18 +333,24 @@ async fn download_rounds(
         // that fetched 1 GiB and then wrote it left a core idle for the whole write.
         let started = Instant::now();
         let fetch_ended = FetchEnded::default();
+        let uncached: Vec<(Digest, u32)> = chunks
+            .iter()
+            .filter(|(d, _)| !cache.contains(d))
+            .copied()
+            .collect();
+        // With every chunk cached already (a cache restored again), nothing arrives
+        // and the files can be written by several threads at once.
+        let all_cached = uncached.is_empty();
         // The fetch keeps within a window of the extraction (in memory), unless it
         // fetches ranges for peers, or chunks found corrupt, which the extraction
         // reaches in no particular order.
-        let (ahead_limit, fetch_ahead) = if round == 0 && sources.swarm.peers.is_empty() {
-            let (limit, ahead) = AheadLimit::new(&chunks);
-            (Some(limit), Some(ahead))
-        } else {
-            (None, None)
-        };
-        // With every chunk cached already (a cache restored again), nothing arrives
-        // and the files can be written by several threads at once.
-        let all_cached = chunks.iter().all(|(d, _)| cache.contains(d));
+        let (ahead_limit, fetch_ahead) =
+            if round == 0 && sources.swarm.peers.is_empty() && !all_cached {
+                let (limit, ahead) = AheadLimit::new(&chunks);
+                (Some(limit), Some(ahead))
+            } else {
+                (None, None)
+            };
         let extracting = {
             let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
             let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
@@ -366,7 +372,7 @@ async fn download_rounds(
             })
         };
         let fetched = async {
-            if round == 0 && !sources.swarm.peers.is_empty() {
+            let wanted = if round == 0 && !sources.swarm.peers.is_empty() {
                 fetch_from_swarm(
                     sources,
                     manifest_digest,
@@ -376,12 +382,14 @@ async fn download_rounds(
                     &mut figures,
                 )
                 .await?;
-            }
-            let wanted: Vec<(Digest, u32)> = chunks
-                .iter()
-                .filter(|(d, _)| !cache.contains(d))
-                .copied()
-                .collect();
+                // What the peers did not bring.
+                uncached
+                    .into_iter()
+                    .filter(|(d, _)| !cache.contains(d))
+                    .collect()
+            } else {
+                uncached
+            };
             fetch_into_cache(
                 conn,
                 grant,
