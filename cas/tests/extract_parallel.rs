@@ -151,3 +151,51 @@ fn a_hostile_manifest_is_refused_before_any_thread_writes() {
     assert!(err.to_string().contains(".."), "{err}");
     assert_eq!(common::listing(root.path()), Vec::<String>::new());
 }
+
+#[test]
+fn merged_into_a_workspace_its_symlinks_are_never_written_through() {
+    let (entries, files) = tree();
+    let store = Store::of(&files);
+    let root = tempfile::tempdir().expect("tempdir");
+    let (ws, outside) = (root.path().join("ws"), root.path().join("outside"));
+    fs::create_dir_all(ws.join("src")).expect("ws");
+    fs::create_dir_all(&outside).expect("outside");
+    let precious = root.path().join("precious");
+    fs::write(&precious, b"do not touch").expect("precious");
+    // A file entry's place holds a link to a file outside: the link itself is replaced.
+    fs::create_dir_all(ws.join("src/d01")).expect("d01");
+    std::os::unix::fs::symlink(&precious, ws.join("src/d01/f001")).expect("file link");
+    let open = |digest: &Digest| store.open(digest);
+    extract_verified_parallel(
+        &Manifest::new(entries.clone()),
+        &ws,
+        Existing::Merge,
+        4,
+        || open,
+    )
+    .expect("merge");
+    assert_eq!(fs::read(&precious).expect("precious"), b"do not touch");
+    assert!(fs::symlink_metadata(ws.join("src/d01/f001"))
+        .expect("replaced")
+        .is_file());
+    assert!(fs::read(ws.join("src/d01/f001")).expect("f001") == files[1].1);
+
+    // A directory of the tree is a link out of the workspace: refused, nothing written
+    // outside.
+    let ws2 = root.path().join("ws2");
+    fs::create_dir_all(ws2.join("src")).expect("ws2");
+    std::os::unix::fs::symlink(&outside, ws2.join("src/d05")).expect("dir link");
+    let err = extract_verified_parallel(&Manifest::new(entries), &ws2, Existing::Merge, 4, || open)
+        .expect_err("refused");
+    assert!(
+        matches!(&err, CasError::ThroughSymlink { link, .. } if link == "src/d05"),
+        "{err}"
+    );
+    assert_eq!(common::listing(&outside), Vec::<String>::new());
+    for ws in [&ws, &ws2] {
+        let locked = ws.join("src/locked");
+        if locked.exists() {
+            fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).expect("unlock");
+        }
+    }
+}
