@@ -5,8 +5,9 @@
 
 use std::io::Read;
 
-use fastcdc::v2020::FastCDC;
+use std::sync::LazyLock;
 
+use crate::cut::GearCutter;
 use crate::spare::SpareBuffers;
 use crate::{Bytes, CasError, Digest};
 
@@ -59,8 +60,20 @@ impl Drop for Window {
     }
 }
 
+/// The cutter for [`MIN_CHUNK`], [`AVG_CHUNK`] and [`MAX_CHUNK`] (its gear table is
+/// 2 KiB: built once).
+static CUTTER: LazyLock<GearCutter> =
+    LazyLock::new(|| GearCutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CHUNK));
+
+/// Length of the chunk that starts at `source[0]`, given all the bytes that follow it
+/// up to [`MAX_CHUNK`] (fewer only at the end of the input): where fastcdc's v2020
+/// chunker would cut, found ~1.2x as fast by hashing four stretches at once (`cut.rs`).
+pub fn next_cut(source: &[u8]) -> usize {
+    CUTTER.cut(source)
+}
+
 /// The chunks of a reader, each with its digest; cut exactly where fastcdc's
-/// `StreamCDC` cuts (the same `cut_gear`, always given `MAX_CHUNK` bytes of lookahead
+/// `StreamCDC` cuts (the same cut points, always given `MAX_CHUNK` bytes of lookahead
 /// or the rest of the input), so stored artifacts keep deduplicating. Holds
 /// [`READ_WINDOW`] bytes at a time, plus the windows that chunks still alive were cut
 /// from; the whole input is never held in memory.
@@ -104,8 +117,8 @@ impl<R: Read> Chunks<R> {
         if pending.is_empty() {
             return None;
         }
-        let (_, len) = FastCDC::new(pending, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK).cut(0, pending.len());
-        // cut_gear never returns 0 for a non-empty input; take the rest if it ever did.
+        let len = next_cut(pending);
+        // A cut is never 0 for a non-empty input; take the rest if it ever were.
         let len = if len == 0 { pending.len() } else { len };
         let chunk = self.window.slice(self.start..self.start + len);
         self.start += len;

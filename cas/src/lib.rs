@@ -21,6 +21,7 @@
 mod build;
 mod chunk;
 mod compress;
+mod cut;
 mod direct;
 mod error;
 mod extract;
@@ -30,7 +31,7 @@ mod spare;
 pub use build::{build_manifest, build_manifest_for};
 /// Shared byte buffers, as [`open_chunk`] takes them.
 pub use bytes::Bytes;
-pub use chunk::{chunk_reader, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
+pub use chunk::{chunk_reader, next_cut, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use compress::{
     compress, decompress, open_chunk, verify_chunk, worth_compressing, zstd_frame, RawFrameLayout,
     VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
