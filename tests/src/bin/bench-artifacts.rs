@@ -12,9 +12,12 @@
 //! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin bench-artifacts`
 //! (nginx and curl are needed for the baseline: `apt-get install nginx-core curl`).
 //! The upload and download run in rounds (`GANTRY_BENCH_ROUNDS`, default 3), each on
-//! fresh data right after its own baseline, and the medians are printed: on a shared
-//! machine both speeds drift 2-3x within minutes, so a Gantry figure compared with a
-//! baseline taken minutes earlier says little. Each round also records the CPU time
+//! fresh data between two baselines of its own (one just before, one just after), and
+//! each Gantry figure is compared with the mean of the two; the medians are printed. On
+//! a shared machine both speeds drift 2-3x within minutes (the HTTPS one most, as the
+//! page cache fills or the host takes pages back), so a Gantry figure compared with a
+//! baseline taken minutes earlier says little, and one taken only before it is off by
+//! whatever drift happened during the round. Each round also records the CPU time
 //! (core-seconds per GiB) of nginx and curl and of the coordinator and both agents,
 //! which the other tenants of the machine barely move.
 //! `GANTRY_BENCH_MIB` changes the artifact size (default 1024). Figures are printed,
@@ -297,7 +300,8 @@ struct Round {
     down: f64,
     chunks: u64,
     sent_mib: f64,
-    baseline: Option<Baseline>,
+    /// HTTPS just before and just after this round's Gantry transfers.
+    baseline: Option<(Baseline, Baseline)>,
     cpu: GantryCpu,
 }
 
@@ -305,17 +309,29 @@ impl Round {
     fn line(&self) -> String {
         use std::fmt::Write as _;
         let mut line = format!("gantry up {:.0} MB/s, down {:.0} MB/s", self.up, self.down);
-        if let Some(b) = &self.baseline {
+        if let Some((before, after)) = &self.baseline {
+            let b = Baseline::mean(before, after);
             let _ = write!(
                 line,
-                "; https up {:.0} MB/s, down {:.0} MB/s; ratio up {:.0}%, down {:.0}%",
+                "; https up {:.0} MB/s ({:.0} before, {:.0} after), down {:.0} MB/s ({:.0} before, {:.0} after); ratio up {:.0}%, down {:.0}%",
                 b.up,
+                before.up,
+                after.up,
                 b.down,
+                before.down,
+                after.down,
                 self.up / b.up * 100.0,
                 self.down / b.down * 100.0
             );
         }
         line
+    }
+
+    /// The mean of the baselines before and after this round.
+    fn baseline(&self) -> Option<Baseline> {
+        self.baseline
+            .as_ref()
+            .map(|(before, after)| Baseline::mean(before, after))
     }
 }
 
@@ -327,6 +343,20 @@ struct Baseline {
     down: f64,
     cpu_up: f64,
     cpu_down: f64,
+}
+
+impl Baseline {
+    /// Speeds as the mean of the two transfer times (a byte-weighted mean, which a
+    /// mean of the MB/s figures is not); CPU per GiB as the plain mean.
+    fn mean(a: &Baseline, b: &Baseline) -> Baseline {
+        let speed = |x: f64, y: f64| 2.0 / (1.0 / x + 1.0 / y);
+        Baseline {
+            up: speed(a.up, b.up),
+            down: speed(a.down, b.down),
+            cpu_up: f64::midpoint(a.cpu_up, b.cpu_up),
+            cpu_down: f64::midpoint(a.cpu_down, b.cpu_down),
+        }
+    }
 }
 
 /// CPU time per GiB moved of each Gantry process in one round; each agent's covers
@@ -610,8 +640,9 @@ fn main() -> anyhow::Result<()> {
 
     // 1. Upload and download of the 1 GiB artifact, in rounds that alternate with the
     // baseline: on a shared machine the speed of both drifts by 2-3x within minutes, so
-    // each Gantry figure is compared with a baseline measured just before it. Each round
-    // uploads fresh data (the same bytes again would be deduplicated to nothing).
+    // each Gantry figure is compared with the baselines measured just before and just
+    // after it. Each round uploads fresh data (the same bytes again would be
+    // deduplicated to nothing).
     let transfer = |file: &Path| {
         format!(
             "name: bench\njobs:\n  produce:\n    runs-on: {{ role: producer }}\n    steps: [{{ run: 'mkdir out && ln {file} out/blob' }}]\n    artifacts: {{ name: blob, paths: [out] }}\n  consume:\n    needs: produce\n    runs-on: {{ role: consumer }}\n    steps: [{{ run: 'test -s out/blob' }}]\n",
@@ -628,7 +659,7 @@ fn main() -> anyhow::Result<()> {
             fresh
         };
         settle_disk()?;
-        let baseline = match &nginx {
+        let before = match &nginx {
             Some(nginx) => Some(measure_https(nginx, work.path(), &data, &blob, size)?),
             None => None,
         };
@@ -640,6 +671,11 @@ fn main() -> anyhow::Result<()> {
         let cpu_watch = CpuSampler::start([coordinator_pid, producer_pid, consumer_pid]);
         let run = run_and_wait(&c, &transfer(&blob))?;
         let samples = cpu_watch.stop();
+        settle_disk()?;
+        let after = match &nginx {
+            Some(nginx) => Some(measure_https(nginx, work.path(), &data, &blob, size)?),
+            None => None,
+        };
         let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
         let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
         let gib_moved = size as f64 / f64::from(1u32 << 30);
@@ -656,7 +692,7 @@ fn main() -> anyhow::Result<()> {
             down: mb_per_s(size as f64, down.transfer_secs + down.extract_secs),
             chunks: up.total_chunks,
             sent_mib: up.moved_bytes / 1_048_576.0,
-            baseline,
+            baseline: before.zip(after),
             cpu: GantryCpu {
                 coordinator_up: (split[0] - first[0]) / gib_moved,
                 coordinator_down: (last[0] - split[0]) / gib_moved,
@@ -719,17 +755,17 @@ fn main() -> anyhow::Result<()> {
         "gantry download   {down_rate:>8.1} MB/s  (median; fetching, verifying and writing the file)"
     );
     if last.baseline.is_some() {
-        let base_up = median_of(&|r| r.baseline.map(|b| b.up));
-        let base_down = median_of(&|r| r.baseline.map(|b| b.down));
+        let base_up = median_of(&|r| r.baseline().map(|b| b.up));
+        let base_down = median_of(&|r| r.baseline().map(|b| b.down));
         println!("https upload      {base_up:>8.1} MB/s  (median; curl -T to nginx, WebDAV PUT)");
         println!("https download    {base_down:>8.1} MB/s  (median; nginx to curl -o FILE)");
-        let up_ratio = median_of(&|r| r.baseline.map(|b| r.up / b.up * 100.0));
-        let down_ratio = median_of(&|r| r.baseline.map(|b| r.down / b.down * 100.0));
+        let up_ratio = median_of(&|r| r.baseline().map(|b| r.up / b.up * 100.0));
+        let down_ratio = median_of(&|r| r.baseline().map(|b| r.down / b.down * 100.0));
         println!(
-            "ratio             upload {up_ratio:.0}%, download {down_ratio:.0}% of the HTTPS baseline measured just before (median of the rounds' ratios; target: at least 80%)"
+            "ratio             upload {up_ratio:.0}%, download {down_ratio:.0}% of the HTTPS baseline measured around it (median of the rounds' ratios, each against the mean of the baselines just before and just after the round; target: at least 80%)"
         );
-        let https_up = median_of(&|r| r.baseline.map(|b| b.cpu_up));
-        let https_down = median_of(&|r| r.baseline.map(|b| b.cpu_down));
+        let https_up = median_of(&|r| r.baseline().map(|b| b.cpu_up));
+        let https_down = median_of(&|r| r.baseline().map(|b| b.cpu_down));
         println!(
             "cpu per GiB       https: upload {https_up:.2} core-s, download {https_down:.2} core-s (nginx and curl together)"
         );
