@@ -193,13 +193,13 @@ pub fn decompress(
     expected_len: usize,
     expected_digest: &Digest,
 ) -> Result<Vec<u8>, CasError> {
-    check_bounds(compressed, expected_len)?;
+    check_bounds(compressed.len(), expected_len)?;
     decode_checked(compressed, expected_len, expected_digest)
 }
 
 /// The size limits every chunk meets before any decoding: a declared size of at most
 /// [`MAX_CHUNK`], compressed bytes of at most [`MAX_COMPRESSED_CHUNK`].
-fn check_bounds(compressed: &[u8], expected_len: usize) -> Result<(), CasError> {
+fn check_bounds(compressed_len: usize, expected_len: usize) -> Result<(), CasError> {
     if expected_len > MAX_CHUNK {
         return Err(CasError::TooLarge {
             what: "declared chunk size",
@@ -207,10 +207,10 @@ fn check_bounds(compressed: &[u8], expected_len: usize) -> Result<(), CasError> 
             limit: MAX_CHUNK as u64,
         });
     }
-    if compressed.len() > MAX_COMPRESSED_CHUNK {
+    if compressed_len > MAX_COMPRESSED_CHUNK {
         return Err(CasError::TooLarge {
             what: "compressed chunk",
-            size: compressed.len() as u64,
+            size: compressed_len as u64,
             limit: MAX_COMPRESSED_CHUNK as u64,
         });
     }
@@ -360,7 +360,7 @@ pub fn open_chunk(
     expected_len: usize,
     expected_digest: &Digest,
 ) -> Result<VerifiedChunk, CasError> {
-    check_bounds(&compressed, expected_len)?;
+    check_bounds(compressed.len(), expected_len)?;
     if let Some(pieces) = checked_raw_blocks(&compressed, expected_len, expected_digest)? {
         return Ok(VerifiedChunk {
             digest: *expected_digest,
@@ -379,7 +379,7 @@ pub fn verify_chunk(
     expected_len: usize,
     expected_digest: &Digest,
 ) -> Result<(), CasError> {
-    check_bounds(compressed, expected_len)?;
+    check_bounds(compressed.len(), expected_len)?;
     if checked_raw_blocks(compressed, expected_len, expected_digest)?.is_some() {
         return Ok(());
     }
@@ -414,17 +414,41 @@ fn checked_raw_blocks(
 /// hashing them in place checks it; any other frame returns `None` and goes through the
 /// decoder.
 fn raw_blocks(frame: &[u8], expected_len: usize) -> Option<Vec<std::ops::Range<usize>>> {
-    let rest = frame.strip_prefix(&MAGIC)?;
-    let (&descriptor, rest) = rest.split_first()?;
-    let (content_size, _) = rest.split_first_chunk::<4>()?;
-    if descriptor != 0b1010_0000 || u32::from_le_bytes(*content_size) as usize != expected_len {
+    let read = |at: usize, out: &mut [u8]| match frame.get(at..at + out.len()) {
+        Some(bytes) => {
+            out.copy_from_slice(bytes);
+            true
+        }
+        None => false,
+    };
+    raw_block_ranges(frame.len(), read, expected_len)
+}
+
+/// [`raw_blocks`] for a frame of `len` bytes read through `read(offset, out)`, which
+/// fills `out` from `offset` or returns false past the end: only headers (9 bytes, then
+/// 3 per block) are read.
+fn raw_block_ranges(
+    len: usize,
+    read: impl Fn(usize, &mut [u8]) -> bool,
+    expected_len: usize,
+) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut head = [0u8; 9];
+    if !read(0, &mut head) || head[..4] != MAGIC {
+        return None;
+    }
+    let descriptor = head[4];
+    let content_size = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
+    if descriptor != 0b1010_0000 || content_size as usize != expected_len {
         return None;
     }
     let mut at = MAGIC.len() + 5;
     let mut total = 0usize;
     let mut pieces = Vec::with_capacity(expected_len.div_ceil(MAX_BLOCK).max(1));
     loop {
-        let header = frame.get(at..at + 3)?;
+        let mut header = [0u8; 3];
+        if !read(at, &mut header) {
+            return None;
+        }
         let header = u32::from(header[0]) | u32::from(header[1]) << 8 | u32::from(header[2]) << 16;
         let (last, kind, size) = (header & 1 == 1, (header >> 1) & 3, (header >> 3) as usize);
         if kind != 0 || size > MAX_BLOCK {
@@ -432,7 +456,7 @@ fn raw_blocks(frame: &[u8], expected_len: usize) -> Option<Vec<std::ops::Range<u
         }
         let start = at + 3;
         let end = start.checked_add(size)?;
-        if end > frame.len() {
+        if end > len {
             return None;
         }
         pieces.push(start..end);
@@ -442,7 +466,74 @@ fn raw_blocks(frame: &[u8], expected_len: usize) -> Option<Vec<std::ops::Range<u
             break;
         }
     }
-    (at == frame.len() && total == expected_len).then_some(pieces)
+    (at == len && total == expected_len).then_some(pieces)
+}
+
+/// [`verify_chunk`] for compressed bytes that arrived in pieces (the chunk is their
+/// concatenation), as a receiver that does not join them has them: a raw frame is
+/// hashed where its blocks lie, across the pieces, and anything else is joined into one
+/// buffer and checked by [`verify_chunk`]. Accepts and refuses exactly what
+/// `verify_chunk` does for the joined bytes.
+pub fn verify_chunk_pieces(
+    pieces: &[Bytes],
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<(), CasError> {
+    if let [only] = pieces {
+        return verify_chunk(only, expected_len, expected_digest);
+    }
+    let len = pieces.iter().map(Bytes::len).sum();
+    check_bounds(len, expected_len)?;
+    if let Some(blocks) = raw_blocks_in_pieces(pieces, len, expected_len) {
+        let actual = Digest::of_pieces(
+            blocks
+                .into_iter()
+                .flat_map(|block| slices_of(pieces, block)),
+        );
+        if actual != *expected_digest {
+            return Err(CasError::DigestMismatch {
+                expected: *expected_digest,
+                actual,
+            });
+        }
+        return Ok(());
+    }
+    let mut joined = Vec::with_capacity(len);
+    for piece in pieces {
+        joined.extend_from_slice(piece);
+    }
+    verify_chunk(&joined, expected_len, expected_digest)
+}
+
+/// [`raw_blocks`] of the `len` bytes of `pieces` joined, reading across them.
+fn raw_blocks_in_pieces(
+    pieces: &[Bytes],
+    len: usize,
+    expected_len: usize,
+) -> Option<Vec<std::ops::Range<usize>>> {
+    let read = |at: usize, out: &mut [u8]| {
+        if at + out.len() > len {
+            return false;
+        }
+        let mut filled = 0;
+        for slice in slices_of(pieces, at..at + out.len()) {
+            out[filled..filled + slice.len()].copy_from_slice(slice);
+            filled += slice.len();
+        }
+        true
+    };
+    raw_block_ranges(len, read, expected_len)
+}
+
+/// The parts of `pieces` (joined) that `range` covers, in order, as slices of them.
+fn slices_of(pieces: &[Bytes], range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    pieces.iter().filter_map(move |piece| {
+        let (piece_start, piece_end) = (start, start + piece.len());
+        start = piece_end;
+        let (from, to) = (range.start.max(piece_start), range.end.min(piece_end));
+        (from < to).then(|| &piece[from - piece_start..to - piece_start])
+    })
 }
 
 /// The window size the first zstd frame declares, read from its header (RFC 8878,
@@ -623,6 +714,39 @@ mod tests {
                     assert_eq!(kind(&verified), kind(want), "{what}");
                 }
                 (want, got) => panic!("{what}: decompress {want:?}, open_chunk {got:?}"),
+            }
+            // In pieces, cut anywhere (in the headers, in a block, across the second
+            // block's header, in three), the verdict is the same.
+            let kind = |r: &Result<(), CasError>| r.as_ref().err().map(std::mem::discriminant);
+            let mut splits: Vec<Vec<usize>> = (0..16).map(|c| vec![c]).collect();
+            splits.extend((second_header.saturating_sub(2)..second_header + 5).map(|c| vec![c]));
+            splits.push(vec![7, bytes.len() / 2, bytes.len().saturating_sub(1)]);
+            for cuts in splits {
+                let mut pieces = Vec::new();
+                let mut at = 0;
+                for cut in cuts
+                    .into_iter()
+                    .map(|c| c.min(bytes.len()))
+                    .chain([bytes.len()])
+                {
+                    let cut = cut.max(at);
+                    pieces.push(Bytes::copy_from_slice(&bytes[at..cut]));
+                    at = cut;
+                }
+                assert_eq!(
+                    raw_blocks_in_pieces(&pieces, bytes.len(), len),
+                    raw_blocks(&bytes, len),
+                    "{what}: the raw layout read across {} pieces",
+                    pieces.len()
+                );
+                let in_pieces = verify_chunk_pieces(&pieces, len, &digest);
+                let whole = verify_chunk(&bytes, len, &digest);
+                assert_eq!(
+                    kind(&in_pieces),
+                    kind(&whole),
+                    "{what}, {} pieces",
+                    pieces.len()
+                );
             }
         }
     }

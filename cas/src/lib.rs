@@ -33,8 +33,8 @@ pub use build::{build_manifest, build_manifest_for};
 pub use bytes::Bytes;
 pub use chunk::{chunk_reader, next_cut, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use compress::{
-    compress, decompress, open_chunk, verify_chunk, worth_compressing, zstd_frame, RawFrameLayout,
-    VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
+    compress, decompress, open_chunk, verify_chunk, verify_chunk_pieces, worth_compressing,
+    zstd_frame, RawFrameLayout, VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
 };
 pub use direct::{DirectWriter, ReadOnceFile, DIRECT_WRITE_MIN};
 pub use error::{CasError, PathProblem, SymlinkProblem};

@@ -22,15 +22,17 @@ use gantry_cas::{Bytes, EntryKind, Manifest, MAX_CHUNK, MAX_COMPRESSED_CHUNK, MA
 use gantry_pipeline::Pipeline;
 use gantry_protocol::{
     AgentId, ArtifactView, CacheHit, CacheView, ChunkFrame, ChunkPut, ChunkWants, Committed,
-    Digest, GcReport, Grant, ManifestFrame, PutReply, ReceivedChunk, ResolveReply, ResolveRequest,
-    RunId, StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget, MANIFEST_PIECE_BYTES,
-    MAX_DIGESTS_PER_FRAME,
+    Digest, GcReport, Grant, ManifestFrame, PutReply, ReceivedChunkPieces, ResolveReply,
+    ResolveRequest, RunId, StreamOpen, UnixMillis, UploadReply, UploadRequest, UploadTarget,
+    MANIFEST_PIECE_BYTES, MAX_DIGESTS_PER_FRAME,
 };
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
 use crate::authz::{Principal, Request};
-use crate::chunks::{stored_check, ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack};
+use crate::chunks::{
+    stored_check_pieces, ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack,
+};
 use crate::config::ArtifactSettings;
 use crate::metrics::Metrics;
 use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
@@ -864,7 +866,7 @@ impl Artifacts {
                 .await;
             return Err(message);
         }
-        let mut puts = read_ahead_with(reader, ChunkPut::decode_received);
+        let mut puts = read_ahead_chunk_puts(reader);
         let (mut stored_chunks, mut stored_bytes) = (0u64, 0u64);
         let mut done = false;
         // The previous batch's pack, being fsynced while the next batch arrives.
@@ -888,11 +890,11 @@ impl Artifacts {
             let mut work = vec![first];
             loop {
                 // Take whatever else already arrived, up to ~4 MiB per blocking call.
-                let mut work_bytes: usize = work.iter().map(|p| p.data().len()).sum();
+                let mut work_bytes: usize = work.iter().map(ReceivedChunkPieces::data_len).sum();
                 while work_bytes < 4 * 1024 * 1024 {
                     match puts.try_recv() {
                         Ok(Ok(Some(put))) => {
-                            work_bytes += put.data().len();
+                            work_bytes += put.data_len();
                             work.push(put);
                         }
                         Ok(Ok(None)) => {
@@ -1100,6 +1102,31 @@ fn read_ahead_with<T: Send + 'static>(
     rx
 }
 
+/// [`read_ahead`] for the [`ChunkPut`]s of a put stream, each left in the pieces it
+/// arrived in ([`ChunkPut::decode_received_pieces`]): joining them was a copy of every
+/// byte uploaded.
+fn read_ahead_chunk_puts(
+    mut reader: FrameReader,
+) -> mpsc::Receiver<Result<Option<ReceivedChunkPieces>, TransportError>> {
+    let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
+    tokio::spawn(async move {
+        loop {
+            let item = match reader.recv_payload_pieces().await {
+                Ok(Some((pieces, len))) => ChunkPut::decode_received_pieces(&pieces, len)
+                    .map(Some)
+                    .map_err(TransportError::from),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            let last = !matches!(item, Ok(Some(_)));
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Reads the manifest pieces of a commit: exactly `declared` bytes, at most
 /// [`MAX_MANIFEST_BYTES`].
 async fn receive_manifest(
@@ -1140,25 +1167,25 @@ type Syncing = tokio::task::JoinHandle<(std::io::Result<SyncedPack>, Vec<(Digest
 /// Returns the pack back (it moves in and out of the blocking thread).
 fn verify_and_append(
     mut pack: PackWriter,
-    puts: Vec<ReceivedChunk>,
+    puts: Vec<ReceivedChunkPieces>,
 ) -> (PackWriter, Result<Vec<(Digest, ChunkRecord)>, String>) {
     let now = UnixMillis::now();
     let mut rows = Vec::with_capacity(puts.len());
     for put in puts {
-        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data().len() > MAX_COMPRESSED_CHUNK
-        {
+        let data = put.data_pieces();
+        if put.size == 0 || put.size as usize > MAX_CHUNK || put.data_len() > MAX_COMPRESSED_CHUNK {
             let message = format!(
                 "chunk {} is refused: {} bytes ({} compressed) is outside 1..={MAX_CHUNK} ({MAX_COMPRESSED_CHUNK} compressed)",
                 put.digest,
                 put.size,
-                put.data().len()
+                put.data_len()
             );
             return (pack, Err(message));
         }
-        if let Err(e) = gantry_cas::verify_chunk(put.data(), put.size as usize, &put.digest) {
+        if let Err(e) = gantry_cas::verify_chunk_pieces(data, put.size as usize, &put.digest) {
             return (pack, Err(format!("chunk {} is refused: {e}", put.digest)));
         }
-        let location = match pack.append(put.data()) {
+        let location = match pack.append_pieces(data) {
             Ok(l) => l,
             Err(e) => return (pack, Err(format!("cannot write chunk {}: {e}", put.digest))),
         };
@@ -1170,7 +1197,7 @@ fn verify_and_append(
                 pack: location.pack,
                 offset: location.offset,
                 written_at: now,
-                check: Some(stored_check(put.data())),
+                check: Some(stored_check_pieces(data)),
             },
         ));
     }
@@ -1487,6 +1514,7 @@ impl Artifacts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunks::stored_check;
     use gantry_protocol::JobId;
 
     /// Chunks of `sizes` bytes (distinct contents) written one after the other into one

@@ -95,6 +95,25 @@ impl PackWriter {
         })
     }
 
+    /// [`Self::append`] for compressed bytes that arrived in pieces (their
+    /// concatenation), written as they lie.
+    pub fn append_pieces(&mut self, pieces: &[Bytes]) -> std::io::Result<Location> {
+        let offset = self.len;
+        let mut len = 0usize;
+        for piece in pieces {
+            self.file.write(piece)?;
+            len += piece.len();
+        }
+        self.len += len as u64;
+        Ok(Location {
+            pack: self.id,
+            offset,
+            len: u32::try_from(len).map_err(|_| {
+                std::io::Error::other(format!("a chunk of {len} bytes does not fit a pack entry"))
+            })?,
+        })
+    }
+
     /// Writes what is still buffered and fsyncs the pack, still under its temporary
     /// name (the slow part, which an upload overlaps with receiving its next batch).
     pub fn sync(self) -> std::io::Result<SyncedPack> {
@@ -135,6 +154,15 @@ impl SyncedPack {
 /// XXH3-64, which any change to the bytes alters except with odds of 2^-64.
 pub fn stored_check(stored: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(stored)
+}
+
+/// [`stored_check`] of the concatenation of `pieces` (the same value).
+pub fn stored_check_pieces(pieces: &[Bytes]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+    for piece in pieces {
+        hasher.update(piece);
+    }
+    hasher.digest()
 }
 
 fn pack_name(id: u64) -> String {
@@ -385,6 +413,49 @@ mod tests {
             store.read_verified(&chunks[0].0, chunks[0].1, chunks[0].2, Some(chunks[0].3)),
             Err(ChunkReadError::Missing(_))
         ));
+    }
+
+    /// A chunk received in pieces is stored as their concatenation, between whole
+    /// chunks, and its checksum is the one of the joined bytes.
+    #[test]
+    fn a_chunk_appended_in_pieces_reads_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(dir.path()).expect("open");
+        let mut writer = store.new_pack().expect("pack");
+        let before = gantry_cas::compress(b"before");
+        writer.append(&before).expect("append");
+        // Incompressible (xorshift), so stored as a raw frame of two blocks.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let stored = gantry_cas::compress(&data);
+        assert!(stored.len() > data.len(), "stored raw");
+        let cuts = [0, 7, 65_000, 65_000, stored.len()];
+        let pieces: Vec<Bytes> = cuts
+            .windows(2)
+            .map(|w| Bytes::copy_from_slice(&stored[w[0]..w[1]]))
+            .collect();
+        assert_eq!(stored_check_pieces(&pieces), stored_check(&stored));
+        let location = writer.append_pieces(&pieces).expect("append pieces");
+        assert_eq!(location.len as usize, stored.len());
+        writer.append(&before).expect("append");
+        writer.finish().expect("finish");
+        let digest = Digest::of(&data);
+        let read = store
+            .read_verified(
+                &digest,
+                location,
+                data.len() as u32,
+                Some(stored_check(&stored)),
+            )
+            .expect("read");
+        assert_eq!(&read[..], &stored[..]);
     }
 
     /// Flips one bit of a stored chunk's bytes on disk, at `at` bytes into the chunk.

@@ -141,6 +141,21 @@ fn chunk_put(payload: &[u8]) {
         data: chunk.data().to_vec(),
     });
     decoders_agree(payload, received);
+    // And left in pieces, as the coordinator reads uploads: cut where the payload's
+    // last byte says (in the head for short payloads) and in the middle.
+    let cut = usize::from(payload.last().copied().unwrap_or(0)).min(payload.len());
+    let middle = cut.max(payload.len() / 2);
+    let pieces: Vec<gantry_cas::Bytes> = [0..cut, cut..middle, middle..payload.len()]
+        .into_iter()
+        .map(|range| gantry_cas::Bytes::copy_from_slice(&payload[range]))
+        .collect();
+    let in_pieces =
+        ChunkPut::decode_received_pieces(&pieces, payload.len()).map(|chunk| ChunkPut {
+            digest: chunk.digest,
+            size: chunk.size,
+            data: chunk.data_pieces().concat(),
+        });
+    decoders_agree(payload, in_pieces);
 }
 
 /// A `ChunkFrame`, as [`chunk_put`].

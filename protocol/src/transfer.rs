@@ -29,6 +29,8 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
+
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{decode_payload_borrowed, encode_frame_head, FrameError};
@@ -245,6 +247,114 @@ impl ChunkPut {
     }
 }
 
+impl ChunkPut {
+    /// [`ChunkPut::decode_received`] for a payload received in pieces (their
+    /// concatenation; `len` bytes in all), leaving the data in them: only the head (at
+    /// most [`CHUNK_PUT_HEAD_MAX`] bytes) is copied. Accepts and refuses exactly the
+    /// payloads `decode_received` does.
+    pub fn decode_received_pieces(
+        pieces: &[Bytes],
+        len: usize,
+    ) -> Result<ReceivedChunkPieces, FrameError> {
+        let malformed = |detail: String| FrameError::Malformed {
+            what: "ChunkPutRef",
+            detail,
+        };
+        let total: usize = pieces.iter().map(Bytes::len).sum();
+        if total != len {
+            return Err(malformed(format!(
+                "{total} bytes in the pieces of a {len}-byte payload"
+            )));
+        }
+        // postcard writes the fields in order, with no framing: the digest's 32 bytes,
+        // the size as a varint, then the data as a varint length and the bytes.
+        let mut head = [0u8; CHUNK_PUT_HEAD_MAX];
+        let head_len = len.min(CHUNK_PUT_HEAD_MAX);
+        copy_from_pieces(pieces, 0, &mut head[..head_len]);
+        let decode_error = |e: postcard::Error| malformed(e.to_string());
+        let ((digest, size), rest) =
+            postcard::take_from_bytes::<(Digest, u32)>(&head[..head_len]).map_err(decode_error)?;
+        let (data_len, rest) = postcard::take_from_bytes::<usize>(rest).map_err(decode_error)?;
+        let start = head_len - rest.len();
+        let available = len - start;
+        if data_len > available {
+            return Err(decode_error(postcard::Error::DeserializeUnexpectedEnd));
+        }
+        if data_len < available {
+            return Err(malformed(format!(
+                "{} trailing bytes after the message",
+                available - data_len
+            )));
+        }
+        Ok(ReceivedChunkPieces {
+            digest,
+            size,
+            data: slice_pieces(pieces, start..len),
+            data_len,
+        })
+    }
+}
+
+/// The most bytes a [`ChunkPut`] payload holds before its data: the digest (32), the
+/// size (a varint of at most 5) and the data's length (a varint of at most 10).
+pub const CHUNK_PUT_HEAD_MAX: usize = 64;
+
+/// A [`ChunkPut`] as it arrived in pieces: its data is the concatenation of
+/// [`ReceivedChunkPieces::data_pieces`], which share quinn's receive buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedChunkPieces {
+    pub digest: Digest,
+    /// Uncompressed length.
+    pub size: u32,
+    data: Vec<Bytes>,
+    data_len: usize,
+}
+
+impl ReceivedChunkPieces {
+    /// The chunk's compressed bytes, in pieces that join to the whole.
+    pub fn data_pieces(&self) -> &[Bytes] {
+        &self.data
+    }
+
+    /// Length of the chunk's compressed bytes.
+    pub fn data_len(&self) -> usize {
+        self.data_len
+    }
+}
+
+/// Fills `out` with the bytes of `pieces` (joined) from `offset` on; the caller checks
+/// that they hold that many.
+fn copy_from_pieces(pieces: &[Bytes], mut offset: usize, mut out: &mut [u8]) {
+    for piece in pieces {
+        if out.is_empty() {
+            return;
+        }
+        if offset >= piece.len() {
+            offset -= piece.len();
+            continue;
+        }
+        let n = (piece.len() - offset).min(out.len());
+        out[..n].copy_from_slice(&piece[offset..offset + n]);
+        out = &mut out[n..];
+        offset = 0;
+    }
+}
+
+/// The pieces covering `range` of `pieces` joined, sharing their buffers.
+fn slice_pieces(pieces: &[Bytes], range: Range<usize>) -> Vec<Bytes> {
+    let mut sliced = Vec::new();
+    let mut at = 0;
+    for piece in pieces {
+        let (start, end) = (at, at + piece.len());
+        at = end;
+        let (from, to) = (range.start.max(start), range.end.min(end));
+        if from < to {
+            sliced.push(piece.slice(from - start..to - start));
+        }
+    }
+    sliced
+}
+
 impl ChunkFrame {
     /// The frame of a `ChunkFrame::Data` less its `data_len` bytes of data, which the
     /// sender writes after it as they are (see [`encode_frame_head`]).
@@ -408,6 +518,66 @@ mod tests {
             postcard::to_stdvec(&put).expect("put"),
             postcard::to_stdvec(&plain).expect("plain")
         );
+    }
+
+    /// Splits `payload` at `cuts` into pieces, as quinn might hand it over.
+    fn split(payload: &[u8], cuts: &[usize]) -> Vec<Bytes> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(payload.len())).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for &cut in cuts.iter().chain([&payload.len()]) {
+            pieces.push(Bytes::copy_from_slice(&payload[at..cut]));
+            at = cut;
+        }
+        pieces
+    }
+
+    /// Decoding in pieces gives what decoding the joined payload gives, wherever the
+    /// payload is cut, and refuses what it refuses (truncated, trailing bytes).
+    #[test]
+    fn a_chunk_put_decodes_alike_from_pieces_and_from_one_buffer() {
+        for len in [0usize, 1, 127, 128, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+            let put = ChunkPut {
+                digest: Digest::of(&data),
+                size: u32::try_from(len).expect("small") + 1_000_000,
+                data,
+            };
+            let payload = postcard::to_stdvec(&put).expect("encode");
+            let whole = ChunkPut::decode_received(payload.clone()).expect("whole");
+            let mut splits: Vec<Vec<usize>> =
+                (0..=payload.len().min(80)).map(|c| vec![c]).collect();
+            splits.push(vec![1, 33, 34, payload.len() / 2, payload.len()]);
+            splits.push(vec![payload.len().saturating_sub(1)]);
+            for cuts in splits {
+                let pieces = split(&payload, &cuts);
+                let received = ChunkPut::decode_received_pieces(&pieces, payload.len())
+                    .unwrap_or_else(|e| panic!("{len} bytes cut at {cuts:?}: {e}"));
+                assert_eq!(received.digest, whole.digest);
+                assert_eq!(received.size, whole.size);
+                assert_eq!(received.data_len(), whole.data().len());
+                let joined: Vec<u8> = received
+                    .data_pieces()
+                    .iter()
+                    .flat_map(|p| p.to_vec())
+                    .collect();
+                assert_eq!(joined, whole.data(), "{len} bytes cut at {cuts:?}");
+            }
+            for bad in [
+                payload[..payload.len().saturating_sub(1)].to_vec(),
+                [&payload[..], &[0]].concat(),
+            ] {
+                let cut = bad.len() / 3;
+                assert!(ChunkPut::decode_received(bad.clone()).is_err());
+                let refused = ChunkPut::decode_received_pieces(&split(&bad, &[cut]), bad.len());
+                assert!(
+                    refused.is_err(),
+                    "{} bytes of a {len}-byte put accepted in pieces",
+                    bad.len()
+                );
+            }
+        }
     }
 
     fn frame_and_payload(frame: &[u8]) -> Vec<u8> {

@@ -317,6 +317,37 @@ fn a_raw_agent_can_neither_forge_nor_reach_beyond_its_job() {
             "{reply:?}"
         );
 
+        // The same in a chunk large enough to arrive in several pieces (a raw frame of
+        // two blocks, ~200 KiB, over packets of at most 65,000 bytes), forged in the
+        // second block: the coordinator checks it across the pieces.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let honest: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut forged_frame = gantry_cas::compress(&honest);
+        assert!(forged_frame.len() > honest.len(), "incompressible: a raw frame");
+        let last = forged_frame.len() - 10;
+        forged_frame[last] ^= 0x40;
+        let (mut w, mut r) = raw.stream(&StreamOpen::PutChunks { session: id }).await;
+        w.send(&ChunkPut {
+            digest: Digest::of(&honest),
+            size: 200_000,
+            data: forged_frame,
+        })
+        .await
+        .expect("send");
+        w.finish();
+        let reply = r.recv::<PutReply>().await.expect("reply");
+        assert!(
+            matches!(&reply, Some(PutReply::Refused { message }) if message.contains("digest mismatch")),
+            "{reply:?}"
+        );
+
         // A decompression bomb: 64 MiB of zeros in a few KiB, claiming 64 KiB.
         let before = peak_rss_kib(pid);
         let (mut w, mut r) = raw.stream(&StreamOpen::PutChunks { session: id }).await;
