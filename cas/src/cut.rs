@@ -122,7 +122,10 @@ impl GearCutter {
         to: usize,
         mask: u64,
     ) -> Option<usize> {
-        const { assert!(S >= WINDOW, "a stretch must be at least the hash window") };
+        const {
+            assert!(S >= WINDOW, "a stretch must be at least the hash window");
+            assert!(S.is_multiple_of(2), "stretches are hashed two bytes a step");
+        };
         let gear = &self.gear;
         let gear_ls = &self.gear_ls;
         let mask_ls = mask << 1;
