@@ -419,6 +419,35 @@ mod tests {
         );
     }
 
+    /// A direct write the kernel refuses with EINVAL (here: from memory and with a
+    /// length that are not aligned, as a filesystem that takes the flag but not the
+    /// I/O would refuse it) goes through the page cache instead, and every byte lands.
+    #[test]
+    fn a_direct_write_refused_with_einval_is_written_ordinarily() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("refused");
+        let mut file = File::create(&path).expect("create");
+        set_direct(&file, true).unwrap_or_else(|e| {
+            panic!(
+                "this test needs a filesystem with O_DIRECT under {} (ext4, xfs): {e}",
+                dir.path().display()
+            )
+        });
+        let backing: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        // One byte into a Vec (never 512-byte aligned there) and 4,001 bytes long.
+        let bytes = &backing[1..4002];
+        let mut direct = true;
+        write_all_direct(&mut file, &mut direct, bytes).expect("written ordinarily");
+        assert!(!direct, "the refusal switched direct I/O off");
+        let flags = rustix::fs::fcntl_getfl(&file).expect("flags");
+        assert!(
+            !flags.contains(OFlags::DIRECT),
+            "O_DIRECT is off on the file"
+        );
+        drop(file);
+        assert_eq!(std::fs::read(&path).expect("read back"), bytes);
+    }
+
     /// Reads at every kind of offset and length (aligned or not, across block edges, up
     /// to the end of the file) return exactly those bytes, on a filesystem with direct
     /// I/O and on tmpfs; a read past the end fails instead of returning less.
