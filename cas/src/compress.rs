@@ -5,6 +5,7 @@
 use std::cell::RefCell;
 
 use bytes::Bytes;
+use gantry_protocol::pieces::{copy_from_pieces, join_pieces, pieces_in};
 use zstd::bulk::{Compressor, Decompressor};
 
 use crate::{CasError, Digest, MAX_CHUNK};
@@ -488,7 +489,7 @@ pub fn verify_chunk_pieces(
         let actual = Digest::of_pieces(
             blocks
                 .into_iter()
-                .flat_map(|block| slices_of(pieces, block)),
+                .flat_map(|block| pieces_in(pieces, block).map(|(piece, within)| &piece[within])),
         );
         if actual != *expected_digest {
             return Err(CasError::DigestMismatch {
@@ -498,11 +499,7 @@ pub fn verify_chunk_pieces(
         }
         return Ok(());
     }
-    let mut joined = Vec::with_capacity(len);
-    for piece in pieces {
-        joined.extend_from_slice(piece);
-    }
-    verify_chunk(&joined, expected_len, expected_digest)
+    verify_chunk(&join_pieces(pieces), expected_len, expected_digest)
 }
 
 /// [`raw_blocks`] of the `len` bytes of `pieces` joined, reading across them.
@@ -511,29 +508,8 @@ fn raw_blocks_in_pieces(
     len: usize,
     expected_len: usize,
 ) -> Option<Vec<std::ops::Range<usize>>> {
-    let read = |at: usize, out: &mut [u8]| {
-        if at + out.len() > len {
-            return false;
-        }
-        let mut filled = 0;
-        for slice in slices_of(pieces, at..at + out.len()) {
-            out[filled..filled + slice.len()].copy_from_slice(slice);
-            filled += slice.len();
-        }
-        true
-    };
+    let read = |at: usize, out: &mut [u8]| copy_from_pieces(pieces, at, out);
     raw_block_ranges(len, read, expected_len)
-}
-
-/// The parts of `pieces` (joined) that `range` covers, in order, as slices of them.
-fn slices_of(pieces: &[Bytes], range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> {
-    let mut start = 0;
-    pieces.iter().filter_map(move |piece| {
-        let (piece_start, piece_end) = (start, start + piece.len());
-        start = piece_end;
-        let (from, to) = (range.start.max(piece_start), range.end.min(piece_end));
-        (from < to).then(|| &piece[from - piece_start..to - piece_start])
-    })
 }
 
 /// The window size the first zstd frame declares, read from its header (RFC 8878,

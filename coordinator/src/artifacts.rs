@@ -1076,45 +1076,35 @@ fn find_cache(
 fn read_ahead<T: serde::de::DeserializeOwned + Send + 'static>(
     reader: FrameReader,
 ) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
-    read_ahead_with(reader, |payload| gantry_protocol::decode_payload(&payload))
-}
-
-/// [`read_ahead`], decoding each payload with `decode` (which may keep the payload, as
-/// [`ChunkPut::decode_received`] does, rather than copy out of it).
-fn read_ahead_with<T: Send + 'static>(
-    mut reader: FrameReader,
-    decode: fn(Vec<u8>) -> Result<T, gantry_protocol::FrameError>,
-) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
-    let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
-    tokio::spawn(async move {
-        loop {
-            let item = match reader.recv_payload().await {
-                Ok(Some(payload)) => decode(payload).map(Some).map_err(TransportError::from),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            };
-            let last = !matches!(item, Ok(Some(_)));
-            if tx.send(item).await.is_err() || last {
-                return;
-            }
-        }
-    });
-    rx
+    read_ahead_with(reader, |pieces, _| {
+        gantry_protocol::decode_payload(&gantry_protocol::pieces::join_pieces(&pieces))
+    })
 }
 
 /// [`read_ahead`] for the [`ChunkPut`]s of a put stream, each left in the pieces it
 /// arrived in ([`ChunkPut::decode_received_pieces`]): joining them was a copy of every
 /// byte uploaded.
 fn read_ahead_chunk_puts(
-    mut reader: FrameReader,
+    reader: FrameReader,
 ) -> mpsc::Receiver<Result<Option<ReceivedChunkPieces>, TransportError>> {
+    read_ahead_with(reader, |pieces, len| {
+        ChunkPut::decode_received_pieces(&pieces, len)
+    })
+}
+
+/// [`read_ahead`], decoding each payload, as the pieces it arrived in and its length,
+/// with `decode`.
+fn read_ahead_with<T: Send + 'static>(
+    mut reader: FrameReader,
+    decode: fn(Vec<Bytes>, usize) -> Result<T, gantry_protocol::FrameError>,
+) -> mpsc::Receiver<Result<Option<T>, TransportError>> {
     let (tx, rx) = mpsc::channel(READ_AHEAD_FRAMES);
     tokio::spawn(async move {
         loop {
             let item = match reader.recv_payload_pieces().await {
-                Ok(Some((pieces, len))) => ChunkPut::decode_received_pieces(&pieces, len)
-                    .map(Some)
-                    .map_err(TransportError::from),
+                Ok(Some((pieces, len))) => {
+                    decode(pieces, len).map(Some).map_err(TransportError::from)
+                }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };

@@ -15,6 +15,7 @@ pub mod hello;
 pub mod ids;
 pub mod limits;
 pub mod messages;
+pub mod pieces;
 pub mod template;
 pub mod transfer;
 pub mod web;

@@ -232,26 +232,13 @@ impl ChunkPut {
         };
         encode_frame_head(&empty, data_len, MAX_FRAME_BYTES)
     }
-
-    /// Decodes a `ChunkPut` payload, leaving the data where it arrived.
-    pub fn decode_received(payload: Vec<u8>) -> Result<ReceivedChunk, FrameError> {
-        let borrowed: ChunkPutRef<'_> = decode_payload_borrowed(&payload)?;
-        let (digest, size) = (borrowed.digest, borrowed.size);
-        let data = range_within(&payload, borrowed.data);
-        Ok(ReceivedChunk {
-            digest,
-            size,
-            payload,
-            data,
-        })
-    }
 }
 
 impl ChunkPut {
-    /// [`ChunkPut::decode_received`] for a payload received in pieces (their
-    /// concatenation; `len` bytes in all), leaving the data in them: only the head (at
-    /// most [`CHUNK_PUT_HEAD_MAX`] bytes) is copied. Accepts and refuses exactly the
-    /// payloads `decode_received` does.
+    /// Decodes a `ChunkPut` payload received in pieces (their concatenation; `len`
+    /// bytes in all), leaving the data in them: only the head (at most
+    /// [`CHUNK_PUT_HEAD_MAX`] bytes) is copied. Accepts and refuses exactly the payloads
+    /// [`crate::decode_payload`] does.
     pub fn decode_received_pieces(
         pieces: &[Bytes],
         len: usize,
@@ -270,7 +257,7 @@ impl ChunkPut {
         // the size as a varint, then the data as a varint length and the bytes.
         let mut head = [0u8; CHUNK_PUT_HEAD_MAX];
         let head_len = len.min(CHUNK_PUT_HEAD_MAX);
-        copy_from_pieces(pieces, 0, &mut head[..head_len]);
+        crate::pieces::copy_from_pieces(pieces, 0, &mut head[..head_len]);
         let decode_error = |e: postcard::Error| malformed(e.to_string());
         let ((digest, size), rest) =
             postcard::take_from_bytes::<(Digest, u32)>(&head[..head_len]).map_err(decode_error)?;
@@ -322,37 +309,11 @@ impl ReceivedChunkPieces {
     }
 }
 
-/// Fills `out` with the bytes of `pieces` (joined) from `offset` on; the caller checks
-/// that they hold that many.
-fn copy_from_pieces(pieces: &[Bytes], mut offset: usize, mut out: &mut [u8]) {
-    for piece in pieces {
-        if out.is_empty() {
-            return;
-        }
-        if offset >= piece.len() {
-            offset -= piece.len();
-            continue;
-        }
-        let n = (piece.len() - offset).min(out.len());
-        out[..n].copy_from_slice(&piece[offset..offset + n]);
-        out = &mut out[n..];
-        offset = 0;
-    }
-}
-
 /// The pieces covering `range` of `pieces` joined, sharing their buffers.
 fn slice_pieces(pieces: &[Bytes], range: Range<usize>) -> Vec<Bytes> {
-    let mut sliced = Vec::new();
-    let mut at = 0;
-    for piece in pieces {
-        let (start, end) = (at, at + piece.len());
-        at = end;
-        let (from, to) = (range.start.max(start), range.end.min(end));
-        if from < to {
-            sliced.push(piece.slice(from - start..to - start));
-        }
-    }
-    sliced
+    crate::pieces::pieces_in(pieces, range)
+        .map(|(piece, within)| piece.slice(within))
+        .collect()
 }
 
 impl ChunkFrame {
@@ -424,15 +385,6 @@ pub enum ReceivedChunkFrame {
     Data(ReceivedChunk),
     Unavailable { digest: Digest, reason: String },
     Refused { message: String },
-}
-
-/// [`ChunkPut`] borrowing its data from the payload; the same wire form.
-#[derive(Deserialize)]
-struct ChunkPutRef<'a> {
-    digest: Digest,
-    size: u32,
-    #[serde(with = "serde_bytes", borrow)]
-    data: &'a [u8],
 }
 
 /// [`ChunkFrame`] borrowing a chunk's data from the payload; the same variants in the
@@ -545,7 +497,7 @@ mod tests {
                 data,
             };
             let payload = postcard::to_stdvec(&put).expect("encode");
-            let whole = ChunkPut::decode_received(payload.clone()).expect("whole");
+            let whole = crate::decode_payload::<ChunkPut>(&payload).expect("whole");
             let mut splits: Vec<Vec<usize>> =
                 (0..=payload.len().min(80)).map(|c| vec![c]).collect();
             splits.push(vec![1, 33, 34, payload.len() / 2, payload.len()]);
@@ -556,20 +508,20 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{len} bytes cut at {cuts:?}: {e}"));
                 assert_eq!(received.digest, whole.digest);
                 assert_eq!(received.size, whole.size);
-                assert_eq!(received.data_len(), whole.data().len());
+                assert_eq!(received.data_len(), whole.data.len());
                 let joined: Vec<u8> = received
                     .data_pieces()
                     .iter()
                     .flat_map(|p| p.to_vec())
                     .collect();
-                assert_eq!(joined, whole.data(), "{len} bytes cut at {cuts:?}");
+                assert_eq!(joined, whole.data, "{len} bytes cut at {cuts:?}");
             }
             for bad in [
                 payload[..payload.len().saturating_sub(1)].to_vec(),
                 [&payload[..], &[0]].concat(),
             ] {
                 let cut = bad.len() / 3;
-                assert!(ChunkPut::decode_received(bad.clone()).is_err());
+                assert!(crate::decode_payload::<ChunkPut>(&bad).is_err());
                 let refused = ChunkPut::decode_received_pieces(&split(&bad, &[cut]), bad.len());
                 assert!(
                     refused.is_err(),
@@ -598,10 +550,17 @@ mod tests {
             let whole = crate::encode_frame(&put, MAX_FRAME_BYTES).expect("whole");
             assert_eq!(framed, whole, "{len} bytes");
 
-            let received = ChunkPut::decode_received(frame_and_payload(&whole)).expect("decode");
+            let payload = frame_and_payload(&whole);
+            let received =
+                ChunkPut::decode_received_pieces(&[Bytes::from(payload.clone())], payload.len())
+                    .expect("decode");
             assert_eq!(
-                (received.digest, received.size, received.data()),
-                (put.digest, put.size, &data[..])
+                (
+                    received.digest,
+                    received.size,
+                    received.data_pieces().concat()
+                ),
+                (put.digest, put.size, data)
             );
         }
     }
@@ -662,12 +621,15 @@ mod tests {
         };
         let mut payload = postcard::to_stdvec(&put).expect("encode");
         payload.push(0);
-        let err = ChunkPut::decode_received(payload).expect_err("trailing");
+        let len = payload.len();
+        let err =
+            ChunkPut::decode_received_pieces(&[Bytes::from(payload)], len).expect_err("trailing");
         assert!(err.to_string().contains("1 trailing bytes"), "{err}");
         // A data length past the end of the payload.
         let mut short = postcard::to_stdvec(&put).expect("encode");
         short.pop();
-        assert!(ChunkPut::decode_received(short).is_err());
+        let len = short.len();
+        assert!(ChunkPut::decode_received_pieces(&[Bytes::from(short)], len).is_err());
         assert!(ChunkFrame::decode_received(vec![9, 9, 9]).is_err());
     }
 }

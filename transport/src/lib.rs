@@ -753,13 +753,10 @@ impl FrameReader {
     /// [`limits::FRAME_COMPLETION_DEADLINE`]: a peer trickling a frame a byte at a time
     /// gets a `Timeout` instead of holding the reader (and the frame's buffer) forever.
     pub async fn recv_payload(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
-        Ok(self.recv_payload_pieces().await?.map(|(pieces, len)| {
-            let mut payload = Vec::with_capacity(len);
-            for piece in &pieces {
-                payload.extend_from_slice(piece);
-            }
-            payload
-        }))
+        Ok(self
+            .recv_payload_pieces()
+            .await?
+            .map(|(pieces, _)| gantry_protocol::pieces::join_pieces(&pieces)))
     }
 
     /// [`Self::recv_payload`] as the pieces quinn received it in (the payload is their
