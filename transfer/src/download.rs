@@ -1078,7 +1078,7 @@ fn extract_from_cache(
     existing: Existing,
     arrivals: &Arrivals<'_>,
 ) -> Result<(), ExtractError> {
-    let sizes: HashMap<Digest, u32> = chunk_list(manifest).into_iter().collect();
+    let sizes = chunk_sizes(manifest);
     let bad = std::sync::Mutex::new(None);
     let result = gantry_cas::extract_verified(manifest, dest, existing, |digest| {
         open_found(cache, &sizes, digest, arrivals.wait_for(digest), &bad)
@@ -1100,7 +1100,7 @@ fn extract_all_cached(
     cache: &ChunkCache,
     existing: Existing,
 ) -> Result<(), ExtractError> {
-    let sizes: HashMap<Digest, u32> = chunk_list(manifest).into_iter().collect();
+    let sizes = chunk_sizes(manifest);
     let bad = std::sync::Mutex::new(None);
     let workers = std::thread::available_parallelism()
         .map_or(1, std::num::NonZeroUsize::get)
