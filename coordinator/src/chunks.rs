@@ -85,24 +85,25 @@ pub struct PackWriter {
 impl PackWriter {
     /// Appends a chunk's compressed bytes; returns where it sits.
     pub fn append(&mut self, compressed: &[u8]) -> std::io::Result<Location> {
-        let offset = self.len;
-        self.file.write(compressed)?;
-        self.len += compressed.len() as u64;
-        Ok(Location {
-            pack: self.id,
-            offset,
-            len: compressed.len() as u32,
-        })
+        self.append_slices([compressed])
     }
 
     /// [`Self::append`] for compressed bytes that arrived in pieces (their
     /// concatenation), written as they lie.
     pub fn append_pieces(&mut self, pieces: &[Bytes]) -> std::io::Result<Location> {
+        self.append_slices(pieces.iter().map(|piece| &piece[..]))
+    }
+
+    /// Appends one chunk given as consecutive slices.
+    fn append_slices<'a>(
+        &mut self,
+        slices: impl IntoIterator<Item = &'a [u8]>,
+    ) -> std::io::Result<Location> {
         let offset = self.len;
         let mut len = 0usize;
-        for piece in pieces {
-            self.file.write(piece)?;
-            len += piece.len();
+        for slice in slices {
+            self.file.write(slice)?;
+            len += slice.len();
         }
         self.len += len as u64;
         Ok(Location {
