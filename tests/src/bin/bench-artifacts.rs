@@ -659,10 +659,13 @@ fn main() -> anyhow::Result<()> {
             fresh
         };
         settle_disk()?;
-        let before = match &nginx {
-            Some(nginx) => Some(measure_https(nginx, work.path(), &data, &blob, size)?),
-            None => None,
+        let measure_baseline = || {
+            nginx
+                .as_ref()
+                .map(|nginx| measure_https(nginx, work.path(), &data, &blob, size))
+                .transpose()
         };
+        let before = measure_baseline()?;
         settle_disk()?;
         println!(
             "== round {}/{rounds_wanted}: gantry uploading and downloading {mib} MiB",
@@ -672,10 +675,7 @@ fn main() -> anyhow::Result<()> {
         let run = run_and_wait(&c, &transfer(&blob))?;
         let samples = cpu_watch.stop();
         settle_disk()?;
-        let after = match &nginx {
-            Some(nginx) => Some(measure_https(nginx, work.path(), &data, &blob, size)?),
-            None => None,
-        };
+        let after = measure_baseline()?;
         let up = figures(&c.logs(&format!("{run}.0")), "sent")?;
         let down = figures(&c.logs(&format!("{run}.1")), "fetched")?;
         let gib_moved = size as f64 / f64::from(1u32 << 30);
