@@ -416,8 +416,13 @@ fn describe_download(f: &gantry_transfer::DownloadFigures) -> String {
     } else {
         String::new()
     };
+    let in_place = if f.chunks_kept_in_place > 0 {
+        format!("; {} chunks cached in place", f.chunks_kept_in_place)
+    } else {
+        String::new()
+    };
     format!(
-        "{} files, {}; fetched {} of {} chunks ({}){refetched} in {:.2} s, extracted in {:.2} s",
+        "{} files, {}; fetched {} of {} chunks ({}){refetched} in {:.2} s, extracted in {:.2} s{in_place}",
         f.files,
         gantry_transfer::human_bytes(f.bytes),
         f.chunks_fetched,

@@ -373,6 +373,45 @@ pub fn open_chunk(
     Ok(VerifiedChunk::checked(*expected_digest, bytes))
 }
 
+/// Checks a chunk's uncompressed bytes (read back from where a download wrote them, see
+/// the agent's chunk cache) against the size and digest asked for, and keeps them for
+/// writing out. Mismatches are refused with the same errors as by [`decompress`].
+pub fn open_raw_chunk(
+    bytes: Bytes,
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<VerifiedChunk, CasError> {
+    check_raw_chunk(&bytes, expected_len, expected_digest)?;
+    Ok(VerifiedChunk {
+        digest: *expected_digest,
+        pieces: std::iter::once(0..bytes.len()).collect(),
+        bytes,
+    })
+}
+
+/// [`open_raw_chunk`]'s check without keeping the bytes.
+pub fn check_raw_chunk(
+    bytes: &[u8],
+    expected_len: usize,
+    expected_digest: &Digest,
+) -> Result<(), CasError> {
+    check_bounds(0, expected_len)?;
+    if bytes.len() != expected_len {
+        return Err(CasError::CorruptChunk {
+            digest: *expected_digest,
+            reason: format!("{} bytes, expected {expected_len}", bytes.len()),
+        });
+    }
+    let actual = Digest::of(bytes);
+    if actual != *expected_digest {
+        return Err(CasError::DigestMismatch {
+            expected: *expected_digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Checks one compressed chunk like [`decompress`] without keeping its bytes (the
 /// coordinator, before storing or serving one): a raw frame costs a hash and no copy.
 pub fn verify_chunk(

@@ -73,7 +73,23 @@ pub fn extract_verified(
     manifest: &Manifest,
     dest: &Path,
     existing: Existing,
+    fetch: impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+) -> Result<(), CasError> {
+    extract_verified_noting(manifest, dest, existing, fetch, |_, _, _| {})
+}
+
+/// [`extract_verified`], telling `written` of each file once it is closed: where it is,
+/// its entry, and how many of the entry's chunks (from the first) its bytes on disk
+/// hold. That is all of them for a file written whole; when writing a file stops at an
+/// error, what was written is flushed first and the count says how far it got (a file
+/// that got no chunk is not told). A download's chunk cache uses it to keep a large
+/// file's chunks where they were written instead of in a second copy.
+pub fn extract_verified_noting(
+    manifest: &Manifest,
+    dest: &Path,
+    existing: Existing,
     mut fetch: impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+    mut written: impl FnMut(&Path, &crate::Entry, usize),
 ) -> Result<(), CasError> {
     let entries = prepare(manifest, dest, existing)?;
     let merge = existing == Existing::Merge;
@@ -85,7 +101,11 @@ pub fn extract_verified(
             EntryKind::Dir { mode } => dir_modes.push(make_dir(dest, entry, *mode, merge)?),
             EntryKind::File { .. } => {
                 let on_disk = ensure_parents(dest, &entry.path)?;
-                write_file(&on_disk, entry, merge, &mut fetch)?;
+                let (result, chunks_written) = write_file(&on_disk, entry, merge, &mut fetch);
+                if chunks_written > 0 {
+                    written(&on_disk, entry, chunks_written);
+                }
+                result?;
             }
             EntryKind::Symlink { .. } => {}
         }
@@ -151,7 +171,7 @@ where
                         if stop.load(std::sync::atomic::Ordering::Relaxed) {
                             break;
                         }
-                        if let Err(e) = write_file(on_disk, entry, merge, &mut fetch) {
+                        if let (Err(e), _) = write_file(on_disk, entry, merge, &mut fetch) {
                             stop.store(true, std::sync::atomic::Ordering::Relaxed);
                             return Err(e);
                         }
@@ -210,56 +230,94 @@ fn make_dir(
 }
 
 /// Writes a file entry at `on_disk` (its parents already made and checked), each chunk
-/// matched against the manifest by size and digest.
+/// matched against the manifest by size and digest. Returns the outcome and how many of
+/// the entry's chunks are on disk: on an error past the first chunk, what was written
+/// is flushed (a large file's last partial block waits in its writer's buffer).
 fn write_file(
     on_disk: &Path,
     entry: &crate::Entry,
     merge: bool,
     fetch: &mut impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
-) -> Result<(), CasError> {
+) -> (Result<(), CasError>, usize) {
     let EntryKind::File { mode, chunks, size } = &entry.kind else {
-        return Ok(());
+        return (Ok(()), 0);
     };
     if merge {
-        clear_for_replacement(on_disk, &entry.path)?;
+        if let Err(e) = clear_for_replacement(on_disk, &entry.path) {
+            return (Err(e), 0);
+        }
     }
-    let file = OpenOptions::new()
+    let opened = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(on_disk)
-        .map_err(|err| refuse_existing(err, &entry.path, "creating file"))?;
-    let mut file =
-        FileOut::new(file, *size).map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-    for chunk in chunks {
-        let data = fetch(&chunk.digest)?;
-        if data.len() != chunk.size as usize {
-            return Err(CasError::CorruptChunk {
-                digest: chunk.digest,
-                reason: format!(
-                    "fetched {} bytes for entry `{}`, expected {}",
-                    data.len(),
-                    entry.path,
-                    chunk.size
-                ),
-            });
-        }
-        if *data.digest() != chunk.digest {
-            return Err(CasError::DigestMismatch {
-                expected: chunk.digest,
-                actual: *data.digest(),
-            });
-        }
-        for piece in data.pieces() {
-            file.write(piece)
-                .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-        }
-    }
-    let file = file
+        .map_err(|err| refuse_existing(err, &entry.path, "creating file"))
+        .and_then(|file| {
+            FileOut::new(file, *size).map_err(CasError::io(format!("writing `{}`", entry.path)))
+        });
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e) => return (Err(e), 0),
+    };
+    let mut chunks_written = 0;
+    let wrote = chunks.iter().try_for_each(|chunk| {
+        write_chunk(&mut file, entry, chunk, fetch)?;
+        chunks_written += 1;
+        Ok(())
+    });
+    let finished = file
         .finish()
-        .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
-    file.set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
-        .map_err(CasError::io(format!("setting mode of `{}`", entry.path)))
+        .map_err(CasError::io(format!("writing `{}`", entry.path)));
+    let result = match (wrote, finished) {
+        (Err(e), finished) => {
+            // What the error left is on disk only if the flush worked.
+            if finished.is_err() {
+                chunks_written = 0;
+            }
+            Err(e)
+        }
+        (Ok(()), Err(e)) => {
+            chunks_written = 0;
+            Err(e)
+        }
+        (Ok(()), Ok(file)) => file
+            .set_permissions(fs::Permissions::from_mode(mode & APPLIED_MODE_BITS))
+            .map_err(CasError::io(format!("setting mode of `{}`", entry.path))),
+    };
+    (result, chunks_written)
+}
+
+/// Fetches one chunk of a file entry, checks it against the manifest and writes it.
+fn write_chunk(
+    file: &mut FileOut,
+    entry: &crate::Entry,
+    chunk: &crate::ChunkRef,
+    fetch: &mut impl FnMut(&Digest) -> Result<VerifiedChunk, CasError>,
+) -> Result<(), CasError> {
+    let data = fetch(&chunk.digest)?;
+    if data.len() != chunk.size as usize {
+        return Err(CasError::CorruptChunk {
+            digest: chunk.digest,
+            reason: format!(
+                "fetched {} bytes for entry `{}`, expected {}",
+                data.len(),
+                entry.path,
+                chunk.size
+            ),
+        });
+    }
+    if *data.digest() != chunk.digest {
+        return Err(CasError::DigestMismatch {
+            expected: chunk.digest,
+            actual: *data.digest(),
+        });
+    }
+    for piece in data.pieces() {
+        file.write(piece)
+            .map_err(CasError::io(format!("writing `{}`", entry.path)))?;
+    }
+    Ok(())
 }
 
 /// Passes 2 and 3, once every file is written: symlinks, then directory modes.

@@ -33,14 +33,15 @@ pub use build::{build_manifest, build_manifest_for};
 pub use bytes::Bytes;
 pub use chunk::{chunk_reader, next_cut, Chunks, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 pub use compress::{
-    compress, decompress, open_chunk, verify_chunk, verify_chunk_pieces, worth_compressing,
-    zstd_frame, RawFrameLayout, VerifiedChunk, COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
+    check_raw_chunk, compress, decompress, open_chunk, open_raw_chunk, verify_chunk,
+    verify_chunk_pieces, worth_compressing, zstd_frame, RawFrameLayout, VerifiedChunk,
+    COMPRESSION_LEVEL, MAX_COMPRESSED_CHUNK,
 };
 pub use direct::{DirectWriter, ReadOnceFile, DIRECT_WRITE_MIN};
 pub use error::{CasError, PathProblem, SymlinkProblem};
 pub use extract::{
-    extract, extract_verified, extract_verified_parallel, extract_with, Existing,
-    PARALLEL_MIN_FILES,
+    extract, extract_verified, extract_verified_noting, extract_verified_parallel, extract_with,
+    Existing, PARALLEL_MIN_FILES,
 };
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use manifest::{

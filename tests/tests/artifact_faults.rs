@@ -48,7 +48,7 @@ fn setup(slow: &str) -> (Coordinator, Vec<Agent>) {
 }
 
 /// Bytes in the files of `dir` with extension `ext`: the coordinator's packs (chunks of
-/// uploads made durable so far) or an agent's cache segments (chunks downloaded).
+/// uploads made durable so far).
 fn bytes_in(dir: &Path, ext: &str) -> u64 {
     std::fs::read_dir(dir).map_or(0, |files| {
         files
@@ -58,6 +58,25 @@ fn bytes_in(dir: &Path, ext: &str) -> u64 {
             .map(|m| m.len())
             .sum()
     })
+}
+
+/// The size of the largest file called `name` under `dir`, looking `depth` levels down.
+fn largest_file_named(dir: &Path, name: &str, depth: u32) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut largest = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() && depth > 0 {
+            largest = largest.max(largest_file_named(&entry.path(), name, depth - 1));
+        } else if kind.is_file() && entry.file_name() == name {
+            largest = largest.max(entry.metadata().map_or(0, |m| m.len()));
+        }
+    }
+    largest
 }
 
 /// `(done, total)` from a log line like "... fetched 120 of 370 chunks ...".
@@ -78,11 +97,14 @@ fn chunks_moved(log: &str, verb: &str) -> (u64, u64) {
 fn a_download_cut_off_by_a_coordinator_crash_resumes_where_it_stopped() {
     let (mut c, agents) = setup("consumer");
     let run = c.run_pipeline(PIPELINE, &[]);
-    let cache = agents[1].dir.path().join("cache");
+    // The blob is large enough for the consumer's cache to keep its chunks in the file
+    // the download writes (not in segments): how far that file got is how far the
+    // download got.
+    let consumer = agents[1].dir.path().to_path_buf();
     wait_for(
         "the consumer to have a quarter of the chunks",
         DEADLINE,
-        || (bytes_in(&cache, "seg") >= 6_000_000).then_some(()),
+        || (largest_file_named(&consumer, "blob", 6) >= 6_000_000).then_some(()),
     );
     c.server().kill9();
     c.start_server();

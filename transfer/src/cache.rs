@@ -27,7 +27,7 @@
 //! is never evicted, so a download larger than the quota still completes (the cache then
 //! shrinks back once unpinned).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -68,11 +68,24 @@ pub const READ_AHEAD_BYTES: u64 = 2 * 1024 * 1024;
 /// many segments in turn. Bounds what a reader holds to 16 MiB.
 const READ_AHEAD_SEGMENTS: usize = 8;
 
+/// Fewest bytes a file of a download must have for its chunks to be kept where the
+/// download writes them ([`ChunkCache::adopt`]) instead of in a segment: below it, the
+/// link and index of each file would cost more than the copy they save (the 20,000-file
+/// cache of the benchmark would be 20,000 links).
+pub const ADOPT_MIN_FILE: u64 = 8 * 1024 * 1024;
+/// Most bytes of chunks one download hands over in memory to its extraction ([`HandOff`])
+/// at once. A download's fetch keeps within 48 MiB of its extraction, so this is only
+/// reached when that window was lifted; past it, chunks go to a segment as any other.
+const HANDOFF_BYTES: usize = 128 * 1024 * 1024;
+
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     segment: u64,
     offset: u64,
     len: u32,
+    /// The chunk's uncompressed bytes, in a file a download wrote ([`ChunkCache::adopt`]);
+    /// otherwise its compressed frame, in a segment.
+    raw: bool,
 }
 
 /// Where [`ChunkCache::locate`] found a chunk.
@@ -81,11 +94,162 @@ enum Located {
     OnDisk { slot: Slot, segment_bytes: u64 },
 }
 
+/// A cached chunk's bytes as the cache holds them, unverified: open them with
+/// [`CachedChunk::open`], which checks them against the digest asked for.
+#[derive(Debug, Clone)]
+pub enum CachedChunk {
+    /// Its compressed frame, as it was received.
+    Frame(Bytes),
+    /// Its uncompressed bytes, read from a file a download wrote ([`ChunkCache::adopt`]).
+    Raw(Bytes),
+}
+
+impl CachedChunk {
+    fn from_slot(slot: Slot, bytes: Bytes) -> Self {
+        if slot.raw {
+            Self::Raw(bytes)
+        } else {
+            Self::Frame(bytes)
+        }
+    }
+
+    /// Checks the bytes against the chunk's size and digest (bounded decompression for
+    /// a frame, a hash for raw bytes) and keeps them for writing out.
+    pub fn open(
+        self,
+        len: usize,
+        digest: &Digest,
+    ) -> Result<gantry_cas::VerifiedChunk, gantry_cas::CasError> {
+        match self {
+            Self::Frame(frame) => gantry_cas::open_chunk(frame, len, digest),
+            Self::Raw(bytes) => gantry_cas::open_raw_chunk(bytes, len, digest),
+        }
+    }
+
+    /// [`Self::open`]'s check without keeping the bytes.
+    pub fn verify(&self, len: usize, digest: &Digest) -> Result<(), gantry_cas::CasError> {
+        match self {
+            Self::Frame(frame) => gantry_cas::verify_chunk(frame, len, digest),
+            Self::Raw(bytes) => gantry_cas::check_raw_chunk(bytes, len, digest),
+        }
+    }
+
+    /// The chunk as a zstd frame, to send to a peer: raw bytes are framed as raw blocks
+    /// (one copy), which every reader checks like any other frame.
+    pub fn into_frame(self) -> Bytes {
+        match self {
+            Self::Frame(frame) => frame,
+            Self::Raw(bytes) => {
+                Bytes::from(gantry_cas::RawFrameLayout::of(bytes.len()).assemble(&bytes))
+            }
+        }
+    }
+}
+
+/// The bytes as the cache holds them (a frame, or a chunk's raw bytes).
+impl std::ops::Deref for CachedChunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Frame(bytes) | Self::Raw(bytes) => bytes,
+        }
+    }
+}
+
+/// Tests compare what a segment gives back with the frame appended.
+#[cfg(test)]
+impl PartialEq<Bytes> for CachedChunk {
+    fn eq(&self, other: &Bytes) -> bool {
+        matches!(self, Self::Frame(frame) if frame == other)
+    }
+}
+
 #[derive(Debug)]
 struct Segment {
     bytes: u64,
     used: u64,
     digests: Vec<Digest>,
+    /// A file a download wrote, linked into the cache ([`ChunkCache::adopt`]), rather
+    /// than a segment of frames.
+    linked: bool,
+}
+
+/// The two kinds of file the cache holds, each with its index beside it: segments of
+/// compressed frames (`.seg`, `.idx`) and files downloads wrote, hard-linked in
+/// (`.lnk`, `.lidx`).
+fn file_extensions(linked: bool) -> (&'static str, &'static str) {
+    if linked {
+        ("lnk", "lidx")
+    } else {
+        ("seg", "idx")
+    }
+}
+
+/// Chunks one download will extract into large files of its own: its cache writers
+/// hand them over in memory instead of writing them to a segment, and once a file is
+/// written the cache keeps its chunks where they lie ([`ChunkCache::adopt`]). A first
+/// download of a 1 GiB artifact so writes its bytes once instead of twice, which on
+/// the VMs we measure is the disk time that bounded it. Per download (two downloads of
+/// the same artifact at once each get their own), and whatever its extraction never
+/// took is dropped with it.
+#[derive(Debug, Clone, Default)]
+pub struct HandOff(Arc<Mutex<HandOffState>>);
+
+#[derive(Debug, Default)]
+struct HandOffState {
+    wanted: HashSet<Digest>,
+    held: HashMap<Digest, Bytes>,
+    bytes: usize,
+}
+
+impl HandOff {
+    /// A hand-off of `digests` (each should occur once in the tree: a chunk taken once
+    /// is gone from memory).
+    pub fn new(digests: impl IntoIterator<Item = Digest>) -> Self {
+        Self(Arc::new(Mutex::new(HandOffState {
+            wanted: digests.into_iter().collect(),
+            ..HandOffState::default()
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandOffState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `digest` is one the download wants handed over.
+    pub fn wants(&self, digest: &Digest) -> bool {
+        self.lock().wanted.contains(digest)
+    }
+
+    /// Keeps a wanted chunk's frame for the extraction, unless that would pass
+    /// [`HANDOFF_BYTES`]; returns it back when it is not kept.
+    fn hold(&self, digest: &Digest, frame: Bytes) -> Option<Bytes> {
+        let mut state = self.lock();
+        if !state.wanted.contains(digest) || state.bytes + frame.len() > HANDOFF_BYTES {
+            return Some(frame);
+        }
+        state.bytes += frame.len();
+        if let Some(old) = state.held.insert(*digest, frame) {
+            state.bytes -= old.len();
+        }
+        None
+    }
+
+    /// Takes a chunk's frame handed over by a writer.
+    pub fn take(&self, digest: &Digest) -> Option<Bytes> {
+        let mut state = self.lock();
+        let frame = state.held.remove(digest)?;
+        state.bytes -= frame.len();
+        Some(frame)
+    }
+
+    /// Bytes held now (for tests).
+    pub fn held_bytes(&self) -> usize {
+        self.lock().bytes
+    }
 }
 
 /// The pinned chunks appended last, oldest first out, within [`RECENT_BYTES`]. Only a
@@ -148,7 +312,7 @@ impl Index {
         }
     }
 
-    fn add_segment(&mut self, id: u64, bytes: u64, entries: &[(Digest, u64, u32)]) {
+    fn add_segment(&mut self, id: u64, bytes: u64, entries: &[(Digest, u64, u32)], linked: bool) {
         self.tick += 1;
         for (digest, offset, len) in entries {
             self.chunks.insert(
@@ -157,6 +321,7 @@ impl Index {
                     segment: id,
                     offset: *offset,
                     len: *len,
+                    raw: linked,
                 },
             );
         }
@@ -166,14 +331,19 @@ impl Index {
                 bytes,
                 used: self.tick,
                 digests: entries.iter().map(|(d, _, _)| *d).collect(),
+                linked,
             },
         );
         self.by_use.insert((self.tick, id));
         self.total += bytes;
     }
 
-    fn drop_segment(&mut self, id: u64) {
-        if let Some(s) = self.segments.remove(&id) {
+    /// Forgets a segment; returns whether it was a linked file.
+    fn drop_segment(&mut self, id: u64) -> bool {
+        let Some(s) = self.segments.remove(&id) else {
+            return false;
+        };
+        {
             self.by_use.remove(&(s.used, id));
             self.total -= s.bytes;
             for d in &s.digests {
@@ -182,6 +352,7 @@ impl Index {
                 }
             }
         }
+        s.linked
     }
 }
 
@@ -208,8 +379,15 @@ pub struct ChunkCache {
     appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
-/// A segment found at start: last use, id, size and index entries.
-type FoundSegment = (std::time::SystemTime, u64, u64, Vec<(Digest, u64, u32)>);
+/// A segment (or linked file) found at start: last use, id, size, index entries, and
+/// whether it is a linked file.
+type FoundSegment = (
+    std::time::SystemTime,
+    u64,
+    u64,
+    Vec<(Digest, u64, u32)>,
+    bool,
+);
 
 fn segment_name(id: u64, ext: &str) -> String {
     format!("{id:016x}.{ext}")
@@ -226,37 +404,43 @@ impl ChunkCache {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
-            if let Some(hex) = name.strip_suffix(".idx") {
-                let (Ok(id), Ok(bytes)) = (u64::from_str_radix(hex, 16), fs::read(&path)) else {
-                    let _ = fs::remove_file(&path);
-                    continue;
-                };
-                let seg = dir.join(segment_name(id, "seg"));
-                let (Some(entries), Ok(meta)) = (parse_index(&bytes), fs::metadata(&seg)) else {
-                    let _ = fs::remove_file(&path);
-                    let _ = fs::remove_file(&seg);
-                    continue;
-                };
-                let used = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                found.push((used, id, meta.len(), entries));
-            } else if let Some(hex) = name.strip_suffix(".seg") {
-                // A segment whose index was never written: a crash mid-download.
-                let indexed = u64::from_str_radix(hex, 16)
-                    .is_ok_and(|id| dir.join(segment_name(id, "idx")).exists());
-                if !indexed {
+            let Some((hex, ext)) = name.split_once('.') else {
+                continue;
+            };
+            let id = u64::from_str_radix(hex, 16).ok();
+            match (ext, id) {
+                ("idx" | "lidx", Some(id)) => {
+                    let linked = ext == "lidx";
+                    let data = dir.join(segment_name(id, file_extensions(linked).0));
+                    let entries = fs::read(&path).ok().and_then(|b| parse_index(&b));
+                    let (Some(entries), Ok(meta)) = (entries, fs::metadata(&data)) else {
+                        let _ = fs::remove_file(&path);
+                        let _ = fs::remove_file(&data);
+                        continue;
+                    };
+                    let used = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((used, id, meta.len(), entries, linked));
+                }
+                ("seg" | "lnk", Some(id)) => {
+                    // Data whose index was never written: a crash mid-download.
+                    let index = file_extensions(ext == "lnk").1;
+                    if !dir.join(segment_name(id, index)).exists() {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                _ if name.starts_with(".tmp") => {
                     let _ = fs::remove_file(&path);
                 }
-            } else if name.starts_with(".tmp") {
-                let _ = fs::remove_file(&path);
+                _ => {}
             }
         }
-        found.sort_by_key(|(used, id, _, _)| (*used, *id));
+        found.sort_by_key(|(used, id, _, _, _)| (*used, *id));
         let mut index = Index::default();
-        for (_, id, bytes, entries) in found {
-            index.add_segment(id, bytes, &entries);
+        for (_, id, bytes, entries, linked) in found {
+            index.add_segment(id, bytes, &entries, linked);
         }
         let cache = Self {
             dir: dir.to_path_buf(),
@@ -276,7 +460,11 @@ impl ChunkCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn segment_file(&self, id: u64) -> std::io::Result<Arc<gantry_cas::ReadOnceFile>> {
+    fn segment_file(
+        &self,
+        id: u64,
+        linked: bool,
+    ) -> std::io::Result<Arc<gantry_cas::ReadOnceFile>> {
         let mut open = self
             .open
             .lock()
@@ -285,7 +473,7 @@ impl ChunkCache {
             return Ok(f.clone());
         }
         let file = Arc::new(gantry_cas::ReadOnceFile::open(
-            &self.dir.join(segment_name(id, "seg")),
+            &self.dir.join(segment_name(id, file_extensions(linked).0)),
         )?);
         if open.len() >= MAX_OPEN_SEGMENTS {
             open.clear();
@@ -298,13 +486,15 @@ impl ChunkCache {
         self.lock().chunks.contains_key(digest)
     }
 
-    /// A chunk's compressed bytes, if cached (and marks its segment used): from memory
-    /// when it was appended lately, otherwise read from its segment. The caller
-    /// verifies them and calls [`Self::remove`] if they are bad.
-    pub fn get(&self, digest: &Digest) -> Option<Bytes> {
+    /// A chunk's bytes, if cached (and marks its segment used): from memory when it was
+    /// appended lately, otherwise read from its segment or linked file. The caller
+    /// verifies them ([`CachedChunk::open`]) and calls [`Self::remove`] if they are bad.
+    pub fn get(&self, digest: &Digest) -> Option<CachedChunk> {
         match self.locate(digest)? {
-            Located::InMemory(data) => Some(data),
-            Located::OnDisk { slot, .. } => self.read_slot(digest, slot, slot.len as usize),
+            Located::InMemory(data) => Some(CachedChunk::Frame(data)),
+            Located::OnDisk { slot, .. } => self
+                .read_slot(digest, slot, slot.len as usize)
+                .map(|data| CachedChunk::from_slot(slot, data)),
         }
     }
 
@@ -338,7 +528,7 @@ impl ChunkCache {
     /// truncated behind our back) is forgotten.
     fn read_slot(&self, digest: &Digest, slot: Slot, len: usize) -> Option<Bytes> {
         let read = self
-            .segment_file(slot.segment)
+            .segment_file(slot.segment, slot.raw)
             .and_then(|f| f.read(slot.offset, len));
         match read {
             Ok(data) => Some(data),
@@ -389,9 +579,51 @@ impl ChunkCache {
 
     /// Stores one chunk's compressed bytes (already verified by the caller).
     pub fn put(&self, digest: &Digest, compressed: &[u8]) -> std::io::Result<()> {
+        // Through a writer that hands nothing off: a chunk put is stored.
         let mut writer = self.writer()?;
         writer.append(digest, Bytes::copy_from_slice(compressed))?;
         writer.finish()
+    }
+
+    /// Keeps the chunks of a file a download has just written where they lie, instead of
+    /// in a copy: the file is hard-linked into the cache and `chunks` (digest, offset in
+    /// the file, length) indexed as its raw bytes. The file's size counts against the
+    /// quota, and the link keeps its bytes when the job deletes the file, until it is
+    /// evicted like a segment. A job that changes the file in place changes what the
+    /// cache reads too: every read is verified, so such a chunk is dropped and fetched
+    /// again, never used. `file` must be on the cache's filesystem
+    /// ([`Self::same_filesystem`]).
+    pub fn adopt(&self, file: &Path, chunks: &[(Digest, u64, u32)]) -> std::io::Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let id = new_segment_id();
+        let link = self.dir.join(segment_name(id, file_extensions(true).0));
+        fs::hard_link(file, &link)?;
+        let indexed = fs::metadata(&link)
+            .and_then(|meta| write_index(&self.dir, id, true, chunks).map(|()| meta.len()));
+        let bytes = match indexed {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = fs::remove_file(&link);
+                return Err(e);
+            }
+        };
+        self.lock().add_segment(id, bytes, chunks, true);
+        self.published.send_modify(|n| *n += 1);
+        self.evict()
+    }
+
+    /// Whether `path` (or, if it does not exist yet, its nearest existing ancestor) is on
+    /// the cache's filesystem, where [`Self::adopt`] can link it.
+    pub fn same_filesystem(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(cache) = fs::metadata(&self.dir) else {
+            return false;
+        };
+        path.ancestors()
+            .find_map(|p| fs::metadata(p).ok())
+            .is_some_and(|meta| meta.dev() == cache.dev())
     }
 
     /// Forgets a chunk (found corrupt). Its bytes stay in their segment until the
@@ -418,7 +650,7 @@ impl ChunkCache {
     /// Removes least recently used segments without pinned chunks until the cache fits
     /// its quota.
     fn evict(&self) -> std::io::Result<()> {
-        let doomed: Vec<u64> = {
+        let doomed: Vec<(u64, bool)> = {
             let mut index = self.lock();
             let mut doomed = Vec::new();
             let mut total = index.total;
@@ -435,17 +667,18 @@ impl ChunkCache {
                 total -= segment.bytes;
                 doomed.push(*id);
             }
-            for id in &doomed {
-                index.drop_segment(*id);
-            }
             doomed
+                .into_iter()
+                .map(|id| (id, index.drop_segment(id)))
+                .collect::<Vec<_>>()
         };
-        for id in doomed {
+        for (id, linked) in doomed {
             self.open
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
-            for ext in ["idx", "seg"] {
+            let (data, index) = file_extensions(linked);
+            for ext in [index, data] {
                 match fs::remove_file(self.dir.join(segment_name(id, ext))) {
                     Ok(()) => {}
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -464,6 +697,26 @@ impl ChunkCache {
             quota: self.quota,
         }
     }
+}
+
+/// Writes the index of segment (or linked file) `id`, through a temporary name so that
+/// a crash leaves either the whole index or none.
+fn write_index(
+    dir: &Path,
+    id: u64,
+    linked: bool,
+    entries: &[(Digest, u64, u32)],
+) -> std::io::Result<()> {
+    let mut bytes = Vec::with_capacity(entries.len() * ENTRY_BYTES);
+    for (digest, offset, len) in entries {
+        bytes.extend_from_slice(digest.as_bytes());
+        bytes.extend_from_slice(&offset.to_le_bytes());
+        bytes.extend_from_slice(&len.to_le_bytes());
+    }
+    let name = segment_name(id, file_extensions(linked).1);
+    let tmp = dir.join(format!(".tmp-{name}"));
+    fs::write(&tmp, &bytes)?;
+    fs::rename(&tmp, dir.join(name))
 }
 
 fn parse_index(bytes: &[u8]) -> Option<Vec<(Digest, u64, u32)>> {
@@ -496,6 +749,8 @@ pub struct CacheWriter {
     /// chunk (or the writer's start), to close it by [`PUBLISH_MAX_AGE`] and
     /// [`PUBLISH_SLOW_GAP`] as well as by size.
     publish: Option<PublishClock>,
+    /// Chunks given to a download's extraction instead of written (see [`HandOff`]).
+    handoff: Option<HandOff>,
 }
 
 /// A segment's file: written past the page cache when segments are large (see the
@@ -554,13 +809,30 @@ impl CacheWriter {
                 first: None,
                 previous: std::time::Instant::now(),
             }),
+            handoff: None,
         })
+    }
+
+    /// Hands the chunks `handoff` wants to it instead of writing them (see [`HandOff`]).
+    #[must_use]
+    pub fn handing_off(mut self, handoff: HandOff) -> Self {
+        self.handoff = Some(handoff);
+        self
     }
 
     /// Appends a chunk (also kept in memory while a download has it pinned, see
     /// [`RECENT_BYTES`]); rolls over to a new segment at the writer's segment size
     /// (and, publishing, by age and on a slow stream).
     pub fn append(&mut self, digest: &Digest, compressed: Bytes) -> std::io::Result<()> {
+        let compressed = if let Some(handoff) = &self.handoff {
+            let Some(kept_back) = handoff.hold(digest, compressed) else {
+                self.cache.appended.send_modify(|n| *n += 1);
+                return Ok(());
+            };
+            kept_back
+        } else {
+            compressed
+        };
         self.file.write(&compressed)?;
         let len = compressed.len();
         self.entries.push((*digest, self.len, len as u32));
@@ -588,6 +860,7 @@ impl CacheWriter {
                 first: None,
                 previous: clock.previous,
             });
+            next.handoff.clone_from(&self.handoff);
             std::mem::replace(self, next).finish()?;
         }
         Ok(())
@@ -601,21 +874,10 @@ impl CacheWriter {
             return written;
         }
         written?;
-        let mut bytes = Vec::with_capacity(self.entries.len() * ENTRY_BYTES);
-        for (digest, offset, len) in &self.entries {
-            bytes.extend_from_slice(digest.as_bytes());
-            bytes.extend_from_slice(&offset.to_le_bytes());
-            bytes.extend_from_slice(&len.to_le_bytes());
-        }
-        let tmp = self
-            .cache
-            .dir
-            .join(format!(".tmp-{}", segment_name(self.id, "idx")));
-        fs::write(&tmp, &bytes)?;
-        fs::rename(&tmp, self.cache.dir.join(segment_name(self.id, "idx")))?;
+        write_index(&self.cache.dir, self.id, false, &self.entries)?;
         self.cache
             .lock()
-            .add_segment(self.id, self.len, &self.entries);
+            .add_segment(self.id, self.len, &self.entries, false);
         self.cache.published.send_modify(|n| *n += 1);
         self.cache.evict()
     }
@@ -688,10 +950,10 @@ struct SegmentCursor {
 }
 
 impl CacheReader {
-    /// A chunk's compressed bytes, if cached.
-    pub fn get(&mut self, digest: &Digest) -> Option<Bytes> {
+    /// A chunk's bytes, if cached.
+    pub fn get(&mut self, digest: &Digest) -> Option<CachedChunk> {
         let (slot, segment_bytes) = match self.cache.locate(digest)? {
-            Located::InMemory(data) => return Some(data),
+            Located::InMemory(data) => return Some(CachedChunk::Frame(data)),
             Located::OnDisk {
                 slot,
                 segment_bytes,
@@ -739,7 +1001,7 @@ impl CacheReader {
             cursor.last_end = end;
         }
         self.cursors.push(cursor);
-        found
+        found.map(|data| CachedChunk::from_slot(slot, data))
     }
 
     /// How many reads of segments this reader made: for tests and figures.
@@ -839,8 +1101,8 @@ mod tests {
             "taken once"
         );
         assert_eq!(
-            cache.get(&fillers[filler_count - 1]),
-            Some(filler),
+            cache.get(&fillers[filler_count - 1]).expect("from disk"),
+            filler,
             "from disk"
         );
 
@@ -1006,5 +1268,111 @@ mod tests {
         // A quota smaller than what is there shrinks it at once.
         let small = ChunkCache::open(dir.path(), 4).expect("reopen small");
         assert_eq!(small.figures().bytes, 0);
+    }
+
+    /// The chunks of a file a download wrote are kept in it, not copied: read back raw
+    /// and verified, still there once the job deletes its copy and after a restart,
+    /// and gone with the link when evicted. A file changed in place is caught by the
+    /// check every read gets.
+    #[test]
+    fn an_adopted_files_chunks_are_read_where_they_lie_until_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache_dir = dir.path().join("cache");
+        let cache = ChunkCache::open(&cache_dir, 1 << 30).expect("open");
+        let file = dir.path().join("workspace-file");
+        let (first, second) = (vec![1u8; 70_000], vec![2u8; 50_000]);
+        std::fs::write(&file, [first.as_slice(), second.as_slice()].concat()).expect("write");
+        let (d1, d2) = (Digest::of(&first), Digest::of(&second));
+        assert!(cache.same_filesystem(&file));
+        assert!(cache.same_filesystem(&dir.path().join("not/made/yet")));
+        cache
+            .adopt(&file, &[(d1, 0, 70_000), (d2, 70_000, 50_000)])
+            .expect("adopt");
+        assert_eq!(cache.figures().chunks, 2);
+        assert_eq!(cache.figures().bytes, 120_000, "the file's size counts");
+        let linked = cache_dir.join(segment_name(cache.lock().chunks[&d1].segment, "lnk"));
+        {
+            use std::os::unix::fs::MetadataExt;
+            let (a, b) = (
+                std::fs::metadata(&file).expect("file"),
+                std::fs::metadata(&linked).expect("link"),
+            );
+            assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "a link, not a copy");
+        }
+
+        // The job deletes its file; the cache still reads (and the reader in order too).
+        std::fs::remove_file(&file).expect("rm");
+        let got = cache.get(&d2).expect("cached");
+        assert!(matches!(got, CachedChunk::Raw(_)), "{got:?}");
+        let verified = got.open(50_000, &d2).expect("verifies");
+        assert_eq!(verified.into_bytes(), second);
+        let mut reader = cache.reader();
+        for (d, bytes) in [(d1, &first), (d2, &second)] {
+            let got = reader.get(&d).expect("cached").open(bytes.len(), &d);
+            assert_eq!(got.expect("verifies").into_bytes(), *bytes);
+        }
+        // Raw bytes sent to a peer go as a frame any reader can check.
+        let frame = cache.get(&d1).expect("cached").into_frame();
+        assert!(gantry_cas::verify_chunk(&frame, 70_000, &d1).is_ok());
+
+        // A restart indexes the linked file again.
+        drop((cache, reader));
+        let cache = ChunkCache::open(&cache_dir, 1 << 30).expect("reopen");
+        assert_eq!(cache.figures().bytes, 120_000);
+        assert!(cache.get(&d1).expect("cached").verify(70_000, &d1).is_ok());
+
+        // Changed in place (through the link, as a job writing its file would), the bytes
+        // no longer match: the caller's check refuses them.
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&linked)
+                .expect("open");
+            f.write_at(b"x", 100).expect("write");
+        }
+        assert!(cache.get(&d1).expect("cached").verify(70_000, &d1).is_err());
+        assert!(cache.get(&d2).expect("cached").verify(50_000, &d2).is_ok());
+
+        // Over a smaller quota it is evicted like a segment: link and index go.
+        drop(cache);
+        let small = ChunkCache::open(&cache_dir, 1000).expect("reopen small");
+        assert_eq!(small.figures().bytes, 0);
+        assert_eq!(std::fs::read_dir(&cache_dir).expect("dir").count(), 0);
+    }
+
+    /// A writer handing off gives the wanted chunks to the download's extraction in
+    /// memory and writes only the others; a link without its index (a crash between
+    /// the two) goes at the next start.
+    #[test]
+    fn a_writer_handing_off_writes_only_what_is_not_wanted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ChunkCache::open(dir.path(), 1 << 30).expect("open");
+        let handoff = HandOff::new([digest(1)]);
+        let mut writer = cache.writer().expect("writer").handing_off(handoff.clone());
+        writer
+            .append(&digest(1), Bytes::from(vec![1; 1000]))
+            .expect("append");
+        writer
+            .append(&digest(2), Bytes::from(vec![2; 300]))
+            .expect("append");
+        writer.finish().expect("finish");
+        assert!(!cache.contains(&digest(1)), "handed off, not cached");
+        assert!(cache.contains(&digest(2)));
+        assert_eq!(
+            cache.figures().bytes,
+            300,
+            "only the other chunk was written"
+        );
+        assert_eq!(handoff.held_bytes(), 1000);
+        assert_eq!(handoff.take(&digest(1)).as_deref(), Some(&[1u8; 1000][..]));
+        assert!(handoff.take(&digest(1)).is_none(), "taken once");
+        assert_eq!(handoff.held_bytes(), 0);
+
+        std::fs::write(dir.path().join(segment_name(7, "lnk")), b"orphan").expect("write");
+        drop(cache);
+        let again = ChunkCache::open(dir.path(), 1 << 30).expect("reopen");
+        assert_eq!(again.figures().chunks, 1);
+        assert!(!dir.path().join(segment_name(7, "lnk")).exists());
     }
 }

@@ -22,7 +22,7 @@ use gantry_protocol::{
 use gantry_transport::{Bytes, Connection};
 use tokio::task::JoinSet;
 
-use crate::{ChunkCache, TransferError, TransferOptions};
+use crate::{CachedChunk, ChunkCache, HandOff, TransferError, TransferOptions};
 
 /// Rounds of fetching again chunks that arrived corrupt (or went bad in the cache)
 /// before the download gives up.
@@ -121,6 +121,9 @@ pub struct DownloadFigures {
     pub bytes_from_peers: u64,
     /// Chunks that arrived corrupt (or were corrupt in the cache) and were fetched again.
     pub chunks_refetched: u64,
+    /// Chunks the cache keeps in the files the download wrote rather than in a copy of
+    /// their own ([`ChunkCache::adopt`]).
+    pub chunks_kept_in_place: u64,
     pub fetch_time: Duration,
     pub extract_time: Duration,
 }
@@ -344,20 +347,30 @@ async fn download_rounds(
         // The fetch keeps within a window of the extraction (in memory), unless it
         // fetches ranges for peers, or chunks found corrupt, which the extraction
         // reaches in no particular order.
-        let (ahead_limit, fetch_ahead) =
-            if round == 0 && sources.swarm.peers.is_empty() && !all_cached {
-                let (limit, ahead) = AheadLimit::new(&chunks);
-                (Some(limit), Some(ahead))
-            } else {
-                (None, None)
-            };
+        let alongside = round == 0 && sources.swarm.peers.is_empty() && !all_cached;
+        let (ahead_limit, fetch_ahead) = if alongside {
+            let (limit, ahead) = AheadLimit::new(&chunks);
+            (Some(limit), Some(ahead))
+        } else {
+            (None, None)
+        };
+        // The chunks of large files go from the fetch to the extraction in memory, and
+        // the cache then keeps them in the files written: a first download writes its
+        // bytes once. Not for a swarm (peers read this host's range from its segments
+        // as it arrives), nor across filesystems (the cache links the files).
+        let handoff = if alongside && cache.same_filesystem(dest) {
+            Some(HandOff::new(kept_in_place(&manifest, &uncached)))
+        } else {
+            None
+        };
         let extracting = {
             let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
             let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
+            let handoff = handoff.clone();
             tokio::task::spawn_blocking(move || {
                 let started = Instant::now();
                 let result = if all_cached {
-                    extract_all_cached(&manifest, &dest, &cache, mode)
+                    extract_all_cached(&manifest, &dest, &cache, mode).map(|()| 0)
                 } else {
                     let waiting = Arrivals {
                         cache: &cache,
@@ -365,6 +378,7 @@ async fn download_rounds(
                         runtime: &runtime,
                         ahead: ahead_limit.map(std::cell::RefCell::new),
                         cached: std::cell::RefCell::new(cache.reader()),
+                        handoff: handoff.as_ref(),
                     };
                     extract_from_cache(&manifest, &dest, &cache, mode, &waiting)
                 };
@@ -400,6 +414,7 @@ async fn download_rounds(
                 &mut figures,
                 SEGMENT_DEFAULT,
                 fetch_ahead,
+                handoff,
             )
             .await
         }
@@ -412,6 +427,7 @@ async fn download_rounds(
         let (extracted, extracting_time) = extracting
             .await
             .map_err(|e| TransferError::Corrupt(format!("extraction stopped: {e}")))?;
+        let extracted = extracted.map(|kept| figures.chunks_kept_in_place += kept);
         // What extraction took beyond the fetch (its whole time when every chunk was in
         // the cache already).
         figures.extract_time += waited.elapsed().min(extracting_time);
@@ -576,6 +592,8 @@ struct Arrivals<'a> {
     ahead: Option<std::cell::RefCell<AheadLimit>>,
     /// Reads what was cached before, ahead in its segments.
     cached: std::cell::RefCell<crate::CacheReader>,
+    /// Chunks the fetch hands over in memory (see [`HandOff`]).
+    handoff: Option<&'a HandOff>,
 }
 
 impl Arrivals<'_> {
@@ -584,7 +602,7 @@ impl Arrivals<'_> {
     /// from memory as soon as it is appended to the cache, before its segment is
     /// written and published ([`ChunkCache::take_appended`]); any other from the cache,
     /// read ahead in its segment when the chunks come in order ([`crate::CacheReader`]).
-    fn wait_for(&self, digest: &Digest) -> Option<Bytes> {
+    fn wait_for(&self, digest: &Digest) -> Option<CachedChunk> {
         let (mut published, mut appended) =
             (self.cache.subscribe(), self.cache.subscribe_appended());
         if let Some(ahead) = &self.ahead {
@@ -604,18 +622,19 @@ impl Arrivals<'_> {
         digest: &Digest,
         published: &mut tokio::sync::watch::Receiver<u64>,
         appended: &mut tokio::sync::watch::Receiver<u64>,
-    ) -> Option<Bytes> {
+    ) -> Option<CachedChunk> {
         let (waiting_since, mut lifted) = (Instant::now(), false);
         loop {
             // Read the flag before looking, so a chunk that arrived just before the
             // fetch ended is still found by the look after it.
             let ended = self.ended.load(std::sync::atomic::Ordering::Acquire);
-            if let Some(bytes) = self
-                .cache
-                .take_appended(digest)
+            let handed = self.handoff.and_then(|handoff| handoff.take(digest));
+            if let Some(found) = handed
+                .or_else(|| self.cache.take_appended(digest))
+                .map(CachedChunk::Frame)
                 .or_else(|| self.cached.borrow_mut().get(digest))
             {
-                return Some(bytes);
+                return Some(found);
             }
             if ended {
                 return None;
@@ -708,6 +727,7 @@ async fn fetch_from_swarm(
         figures,
         PUBLISH_BYTES,
         None,
+        None,
     )
     .await;
     let mut failed = from_coordinator.err();
@@ -754,6 +774,7 @@ async fn fetch_range_from_peer(
         segment_bytes: SEGMENT_DEFAULT,
         stall: Some(limits::PEER_STALL),
         ahead: None,
+        handoff: None,
     };
     let mut result = RangeResult {
         from_peer: ShareResult::default(),
@@ -789,6 +810,7 @@ async fn fetch_range_from_peer(
             segment_bytes: SEGMENT_DEFAULT,
             stall: None,
             ahead: None,
+            handoff: None,
         };
         result.from_coordinator =
             fetch_share(coordinator, grant, manifest, rest, cache, &how).await?;
@@ -797,7 +819,8 @@ async fn fetch_range_from_peer(
 }
 
 /// Fetches `wanted` into the cache over `options.streams` streams, in segments of
-/// `segment_bytes`, no farther ahead of the extraction than `ahead` allows (if given).
+/// `segment_bytes`, no farther ahead of the extraction than `ahead` allows (if given),
+/// handing the chunks `handoff` wants to the extraction instead of writing them.
 /// Chunks that arrive corrupt are fetched again, up to [`MAX_REFETCH_ROUNDS`] times.
 #[allow(clippy::too_many_arguments)] // one private helper; its callers read clearly
 async fn fetch_into_cache(
@@ -810,6 +833,7 @@ async fn fetch_into_cache(
     figures: &mut DownloadFigures,
     segment_bytes: u64,
     ahead: Option<FetchAhead>,
+    handoff: Option<HandOff>,
 ) -> Result<(), TransferError> {
     for round in 0..=MAX_REFETCH_ROUNDS {
         if wanted.is_empty() {
@@ -831,7 +855,7 @@ async fn fetch_into_cache(
         for share in shares {
             let (conn, grant, manifest, cache) =
                 (conn.clone(), grant.clone(), *manifest, cache.clone());
-            let limit = options.limit.clone();
+            let (limit, handoff) = (options.limit.clone(), handoff.clone());
             // Only the first round runs alongside the extraction; chunks fetched again
             // are ones it has already asked for.
             let ahead = ahead.clone().filter(|_| round == 0);
@@ -841,6 +865,7 @@ async fn fetch_into_cache(
                     segment_bytes,
                     stall: None,
                     ahead,
+                    handoff,
                 };
                 fetch_share(&conn, &grant, &manifest, share, &cache, &how).await
             });
@@ -895,6 +920,8 @@ struct ShareOptions<'a> {
     stall: Option<Duration>,
     /// Keeps the stream within [`FETCH_AHEAD`] of the extraction.
     ahead: Option<FetchAhead>,
+    /// Chunks handed to the extraction in memory rather than written to a segment.
+    handoff: Option<HandOff>,
 }
 
 /// One stream's part of a download.
@@ -921,12 +948,15 @@ async fn fetch_share(
     writer.finish();
     let sizes: HashMap<Digest, u32> = share.iter().copied().collect();
     let mut result = ShareResult::default();
-    let writer = if how.segment_bytes == SEGMENT_DEFAULT {
+    let mut writer = if how.segment_bytes == SEGMENT_DEFAULT {
         cache.writer()
     } else {
         cache.writer_publishing_every(how.segment_bytes)
     }
     .map_err(TransferError::io("cannot write to the chunk cache"))?;
+    if let Some(handoff) = &how.handoff {
+        writer = writer.handing_off(handoff.clone());
+    }
     // Chunks go into segments of the cache on one blocking thread per stream, fed
     // through a channel: a blocking task per chunk (thousands a second) cost a fifth
     // of a downloading agent's CPU time in thread wake-ups.
@@ -1052,8 +1082,8 @@ async fn receive_share(
 fn purge_corrupt(cache: &ChunkCache, chunks: &[(Digest, u32)]) -> u64 {
     let mut purged = 0;
     for (digest, size) in chunks {
-        if let Some(compressed) = cache.get(digest) {
-            if gantry_cas::verify_chunk(&compressed, *size as usize, digest).is_err() {
+        if let Some(found) = cache.get(digest) {
+            if found.verify(*size as usize, digest).is_err() {
                 cache.remove(digest);
                 purged += 1;
             }
@@ -1070,20 +1100,84 @@ enum ExtractError {
 }
 use ExtractError::{BadChunk, Other};
 
-/// Writes the tree from the cache, waiting for chunks still arriving.
+/// Writes the tree from the cache, waiting for chunks still arriving; returns how many
+/// chunks the cache now keeps in the files written (see [`kept_in_place`]).
 fn extract_from_cache(
     manifest: &Manifest,
     dest: &Path,
     cache: &ChunkCache,
     existing: Existing,
     arrivals: &Arrivals<'_>,
-) -> Result<(), ExtractError> {
+) -> Result<u64, ExtractError> {
     let sizes = chunk_sizes(manifest);
     let bad = std::sync::Mutex::new(None);
-    let result = gantry_cas::extract_verified(manifest, dest, existing, |digest| {
-        open_found(cache, &sizes, digest, arrivals.wait_for(digest), &bad)
-    });
-    extraction_outcome(result, &bad)
+    let mut kept = 0;
+    let result = gantry_cas::extract_verified_noting(
+        manifest,
+        dest,
+        existing,
+        |digest| open_found(cache, &sizes, digest, arrivals.wait_for(digest), &bad),
+        |on_disk, entry, chunks_written| {
+            if let Some(handoff) = arrivals.handoff {
+                kept += keep_in_place(cache, handoff, on_disk, entry, chunks_written);
+            }
+        },
+    );
+    extraction_outcome(result, &bad).map(|()| kept)
+}
+
+/// The chunks a download hands from its fetch to its extraction and then keeps where
+/// the extraction wrote them: those of `fetched` that lie in files of at least
+/// [`crate::ADOPT_MIN_FILE`] and occur once in the tree (a chunk the tree repeats is
+/// read back from the cache for its second place, so it goes to a segment).
+fn kept_in_place(manifest: &Manifest, fetched: &[(Digest, u32)]) -> Vec<Digest> {
+    let fetched: HashSet<Digest> = fetched.iter().map(|(d, _)| *d).collect();
+    let mut uses: HashMap<Digest, (u32, bool)> = HashMap::new();
+    for entry in &manifest.entries {
+        if let EntryKind::File { size, chunks, .. } = &entry.kind {
+            let large = *size >= crate::ADOPT_MIN_FILE;
+            for chunk in chunks {
+                let (count, in_large) = uses.entry(chunk.digest).or_insert((0, true));
+                *count += 1;
+                *in_large &= large;
+            }
+        }
+    }
+    uses.into_iter()
+        .filter(|(digest, (count, in_large))| *count == 1 && *in_large && fetched.contains(digest))
+        .map(|(digest, _)| digest)
+        .collect()
+}
+
+/// Has the cache keep the chunks of a file just written (its first `chunks_written`)
+/// that the download handed over, where they lie in it; returns how many. A file the
+/// cache cannot link costs only a fetch the next time: the chunks were verified and
+/// written, the download goes on.
+fn keep_in_place(
+    cache: &ChunkCache,
+    handoff: &HandOff,
+    on_disk: &Path,
+    entry: &gantry_cas::Entry,
+    chunks_written: usize,
+) -> u64 {
+    let EntryKind::File { chunks, .. } = &entry.kind else {
+        return 0;
+    };
+    let mut offset = 0u64;
+    let mut kept = Vec::new();
+    for chunk in chunks.iter().take(chunks_written) {
+        if handoff.wants(&chunk.digest) {
+            kept.push((chunk.digest, offset, chunk.size));
+        }
+        offset += u64::from(chunk.size);
+    }
+    match cache.adopt(on_disk, &kept) {
+        Ok(()) => kept.len() as u64,
+        Err(e) => {
+            tracing::warn!(file = %entry.path, "cannot keep the file's chunks in the cache: {e}");
+            0
+        }
+    }
 }
 
 /// Most threads writing a tree's files at once (see [`extract_all_cached`]).
@@ -1121,7 +1215,7 @@ fn open_found(
     cache: &ChunkCache,
     sizes: &HashMap<Digest, u32>,
     digest: &Digest,
-    found: Option<Bytes>,
+    found: Option<CachedChunk>,
     bad: &std::sync::Mutex<Option<Digest>>,
 ) -> Result<gantry_cas::VerifiedChunk, gantry_cas::CasError> {
     let note_bad = || {
@@ -1129,14 +1223,14 @@ fn open_found(
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(*digest);
     };
     let size = sizes.get(digest).copied().unwrap_or(0);
-    let Some(compressed) = found else {
+    let Some(found) = found else {
         note_bad();
         return Err(gantry_cas::CasError::CorruptChunk {
             digest: *digest,
             reason: "not in the cache".into(),
         });
     };
-    gantry_cas::open_chunk(compressed, size as usize, digest).inspect_err(|_| {
+    found.open(size as usize, digest).inspect_err(|_| {
         cache.remove(digest);
         note_bad();
     })

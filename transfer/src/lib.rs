@@ -26,7 +26,9 @@ mod upload;
 use gantry_protocol::Digest;
 use gantry_transport::{Bytes, TransportError};
 
-pub use cache::{CacheFigures, CacheReader, CacheWriter, ChunkCache, Pin};
+pub use cache::{
+    CacheFigures, CacheReader, CacheWriter, CachedChunk, ChunkCache, HandOff, Pin, ADOPT_MIN_FILE,
+};
 pub use download::{
     chunk_sizes, download, download_tree, fetch_manifest, owner_ranges, DownloadFigures, PeerDial,
     PeerLink, Sources, Swarm,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use gantry_protocol::{limits, ChunkFrame, ChunkWants, Digest, MAX_DIGESTS_PER_FRAME};
 use gantry_transport::{FrameReader, FrameWriter};
 
-use crate::{ChunkCache, RateLimit};
+use crate::{CachedChunk, ChunkCache, RateLimit};
 
 /// What one served stream did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -113,7 +113,9 @@ async fn chunk_when_here(
         // look and the wait still wakes the wait.
         published.borrow_and_update();
         let (cache2, digest2) = (cache.clone(), *digest);
-        if let Ok(Some(data)) = tokio::task::spawn_blocking(move || cache2.get(&digest2)).await {
+        let found =
+            tokio::task::spawn_blocking(move || cache2.get(&digest2).map(CachedChunk::into_frame));
+        if let Ok(Some(data)) = found.await {
             return Some(data);
         }
         let idle = progress_at.elapsed();

@@ -232,6 +232,102 @@ async fn a_download_cut_off_half_way_removes_what_it_created_and_keeps_what_was_
         std::fs::read(dest.join("lib/mine.txt")).expect("mine"),
         b"was here"
     );
-    // What arrived stays in the cache for the next attempt.
+    // What arrived stays in the cache for the next attempt: the part of big.bin written
+    // before the cut is kept where it was written, so a new attempt fetches the rest.
     assert!(cache.figures().chunks > 0, "{:?}", cache.figures());
+    conn.close(CloseCode::Normal, "done");
+    let whole = Serving {
+        pause: Duration::ZERO,
+        cut_after: None,
+    };
+    let (conn, again) = start(&source, whole).await;
+    assert_eq!(again, manifest);
+    let figures = download(&conn, &manifest, &cache, &dest, Existing::Merge)
+        .await
+        .expect("the second attempt");
+    assert!(
+        figures.chunks_fetched < figures.chunks * 3 / 4,
+        "only the rest was fetched: {figures:?}"
+    );
+    conn.close(CloseCode::Normal, "done");
+}
+
+/// Bytes of the cache's files with extension `ext` (`seg`: segments of chunks copied
+/// in; `lnk`: files of downloads linked in).
+fn cache_bytes(cache_dir: &Path, ext: &str) -> u64 {
+    std::fs::read_dir(cache_dir)
+        .expect("cache dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .map(|p| std::fs::metadata(p).expect("metadata").len())
+        .sum()
+}
+
+/// A first download writes a large file's bytes once: the cache keeps its chunks in
+/// the file itself (a hard link), not in a copy. A second download reads them from
+/// there and fetches nothing; after the file is changed in place, the changed chunk is
+/// caught by verification and fetched again, and the tree still arrives exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_files_chunks_are_cached_in_the_file_the_download_wrote() {
+    use std::os::unix::fs::MetadataExt;
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = work.path().join("source");
+    let files = source_tree(&source);
+    let how = Serving {
+        pause: Duration::ZERO,
+        cut_after: None,
+    };
+    let (conn, manifest) = start(&source, how).await;
+    let cache_dir = work.path().join("cache");
+    let cache = ChunkCache::open(&cache_dir, 1 << 30).expect("cache");
+    let first = work.path().join("first");
+    let figures = download(&conn, &manifest, &cache, &first, Existing::Refuse)
+        .await
+        .expect("download");
+    assert_eq!(figures.chunks_fetched, figures.chunks, "{figures:?}");
+    assert!(
+        figures.chunks_kept_in_place > 100 && figures.chunks_kept_in_place < figures.chunks,
+        "big.bin's ~115 chunks stay in it, lib/b.bin's go to a segment: {figures:?}"
+    );
+    let big = std::fs::metadata(first.join("big.bin")).expect("big.bin");
+    assert_eq!(big.nlink(), 2, "linked into the cache");
+    assert_eq!(cache_bytes(&cache_dir, "lnk"), 9 << 20);
+    assert!(
+        cache_bytes(&cache_dir, "seg") < 1 << 20,
+        "big.bin was not copied into a segment: {} bytes",
+        cache_bytes(&cache_dir, "seg")
+    );
+
+    let second = work.path().join("second");
+    let figures = download(&conn, &manifest, &cache, &second, Existing::Refuse)
+        .await
+        .expect("download from the cache");
+    assert_eq!(figures.chunks_fetched, 0, "{figures:?}");
+    for (path, bytes) in &files {
+        assert!(std::fs::read(second.join(path)).expect("file") == *bytes);
+    }
+
+    // A job rewrites a few bytes of its copy in place: the cache's link sees them.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(first.join("big.bin"))
+            .expect("open");
+        f.write_at(b"changed by the job", 4 << 20).expect("write");
+    }
+    let third = work.path().join("third");
+    let figures = download(&conn, &manifest, &cache, &third, Existing::Refuse)
+        .await
+        .expect("download after the change");
+    assert!(figures.chunks_refetched >= 1, "{figures:?}");
+    assert!(figures.chunks_fetched >= 1, "{figures:?}");
+    for (path, bytes) in &files {
+        assert!(
+            std::fs::read(third.join(path)).expect("file") == *bytes,
+            "{} differs",
+            path.display()
+        );
+    }
+    conn.close(CloseCode::Normal, "done");
 }
