@@ -20,6 +20,12 @@
 //! whatever drift happened during the round. Each round also records the CPU time
 //! (core-seconds per GiB) of nginx and curl and of the coordinator and both agents,
 //! which the other tenants of the machine barely move.
+//! Before the rounds and after them it also measures the disk with `dd` and direct I/O
+//! (a write of the artifact's size, a read of it, and both at once): Gantry's transfers
+//! must reach the disk (the coordinator makes every upload durable, and a download
+//! reads the coordinator's packs and writes its files), while the HTTPS baseline never
+//! waits for it (nginx and curl write into the page cache, and the file is deleted
+//! before writeback), so on a slow disk that figure bounds Gantry and not the baseline.
 //! `GANTRY_BENCH_MIB` changes the artifact size (default 1024). Figures are printed,
 //! never asserted. Targets (issue 4): at least 80% of the HTTPS baseline; a 1% change
 //! re-sends under 3% of the bytes.
@@ -281,6 +287,75 @@ fn settle_disk() -> anyhow::Result<()> {
     let status = Command::new("sync").status()?;
     anyhow::ensure!(status.success(), "sync failed: {status}");
     Ok(())
+}
+
+/// The disk under `dir` with direct I/O, in MB/s: a write of `size` bytes, a read of
+/// them, and a read and a write of as much at once (each MB/s counting its own bytes).
+#[derive(Debug, Clone, Copy)]
+struct Disk {
+    write: f64,
+    read: f64,
+    both: (f64, f64),
+}
+
+impl Disk {
+    fn measure(dir: &Path, size: u64) -> anyhow::Result<Self> {
+        let mib = (size >> 20).max(1).to_string();
+        let (a, b) = (dir.join("disk-a"), dir.join("disk-b"));
+        let dd = |args: &[String]| -> anyhow::Result<std::process::Child> {
+            Ok(Command::new("dd")
+                .args(args)
+                .args(["bs=1M", "status=none"])
+                .spawn()?)
+        };
+        let timed = |child: std::process::Child| -> anyhow::Result<f64> {
+            let started = Instant::now();
+            let out = child.wait_with_output()?;
+            anyhow::ensure!(out.status.success(), "dd failed: {}", out.status);
+            Ok(mb_per_s(size as f64, started.elapsed().as_secs_f64()))
+        };
+        let write_to = |path: &Path| {
+            vec![
+                "if=/dev/zero".to_owned(),
+                format!("of={}", path.display()),
+                format!("count={mib}"),
+                "oflag=direct".to_owned(),
+            ]
+        };
+        let read_from = |path: &Path| {
+            vec![
+                format!("if={}", path.display()),
+                "of=/dev/null".to_owned(),
+                "iflag=direct".to_owned(),
+            ]
+        };
+        settle_disk()?;
+        let write = timed(dd(&write_to(&a))?)?;
+        let read = timed(dd(&read_from(&a))?)?;
+        // Both at once: each timed from the same start.
+        let started = Instant::now();
+        let (reader, writer) = (dd(&read_from(&a))?, dd(&write_to(&b))?);
+        let finish = |child: std::process::Child| -> anyhow::Result<f64> {
+            let out = child.wait_with_output()?;
+            anyhow::ensure!(out.status.success(), "dd failed: {}", out.status);
+            Ok(mb_per_s(size as f64, started.elapsed().as_secs_f64()))
+        };
+        let (read_both, write_both) = (finish(reader)?, finish(writer)?);
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
+        Ok(Self {
+            write,
+            read,
+            both: (read_both, write_both),
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "write {:.0} MB/s, read {:.0} MB/s, read and write at once {:.0} + {:.0} MB/s",
+            self.write, self.read, self.both.0, self.both.1
+        )
+    }
 }
 
 /// Times one curl command; returns seconds.
@@ -610,6 +685,9 @@ fn main() -> anyhow::Result<()> {
     // measurements (the baseline's, which then varied from 340 to 950 MB/s): flush it.
     settle_disk()?;
 
+    let disk_before = Disk::measure(work.path(), size)?;
+    println!("== disk, direct I/O: {}", disk_before.line());
+
     let tools = Command::new("nginx").arg("-v").output().is_ok()
         && Command::new("curl").arg("--version").output().is_ok();
     if !tools {
@@ -711,6 +789,9 @@ fn main() -> anyhow::Result<()> {
     }
     drop(nginx);
 
+    let disk_after = Disk::measure(work.path(), size)?;
+    println!("== disk, direct I/O: {}", disk_after.line());
+
     // 2. The same artifact with 1% changed.
     settle_disk()?;
     println!("== gantry: re-uploading with 1% changed");
@@ -780,6 +861,11 @@ fn main() -> anyhow::Result<()> {
         cpu(&|g| g.downloader + g.coordinator_down),
         cpu(&|g| g.downloader),
         cpu(&|g| g.coordinator_down)
+    );
+    println!(
+        "disk              before the rounds: {}; after: {} (dd, direct I/O; Gantry's transfers reach the disk, the HTTPS baseline's do not)",
+        disk_before.line(),
+        disk_after.line()
     );
     println!(
         "re-upload, 1% changed ({:.1} MiB in 16 places): sent {} of {} chunks, {:.1} MiB = {:.2}% of the artifact (target: under 3%)",
