@@ -1375,4 +1375,29 @@ mod tests {
         assert_eq!(again.figures().chunks, 1);
         assert!(!dir.path().join(segment_name(7, "lnk")).exists());
     }
+
+    /// A hand-off holds at most [`HANDOFF_BYTES`]: past it, a wanted chunk is written to
+    /// the segment like any other, so memory stays bounded whatever the fetch does.
+    #[test]
+    fn a_handoff_past_its_cap_writes_to_the_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ChunkCache::open(dir.path(), 1 << 30).expect("open");
+        // One buffer shared by every chunk: the cap counts each, memory holds one.
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        let wanted: Vec<Digest> = (0..=HANDOFF_BYTES >> 20)
+            .map(|i| Digest::of(&(i as u64).to_le_bytes()))
+            .collect();
+        let handoff = HandOff::new(wanted.iter().copied());
+        let mut writer = cache.writer().expect("writer").handing_off(handoff.clone());
+        for digest in &wanted {
+            writer.append(digest, mib.clone()).expect("append");
+        }
+        writer.finish().expect("finish");
+        assert_eq!(handoff.held_bytes(), HANDOFF_BYTES);
+        let last = wanted[wanted.len() - 1];
+        assert!(!cache.contains(&wanted[0]), "held, not written");
+        assert!(cache.contains(&last), "past the cap, written");
+        assert_eq!(cache.figures().bytes, 1 << 20);
+        assert!(handoff.take(&last).is_none());
+    }
 }
