@@ -287,14 +287,19 @@ fn decode_checked(
             out.len()
         )));
     }
-    let actual = Digest::of(&out);
-    if actual != *expected_digest {
+    check_digest(Digest::of(&out), expected_digest)?;
+    Ok(out)
+}
+
+/// Refuses bytes that hashed to `actual` when `expected` was asked for.
+fn check_digest(actual: Digest, expected: &Digest) -> Result<(), CasError> {
+    if actual != *expected {
         return Err(CasError::DigestMismatch {
-            expected: *expected_digest,
+            expected: *expected,
             actual,
         });
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A chunk's bytes, checked against the size and digest it was asked for: what
@@ -317,11 +322,12 @@ pub struct VerifiedChunk {
 
 impl VerifiedChunk {
     /// Bytes already checked by the caller against `digest` (size and hash).
-    pub(crate) fn checked(digest: Digest, bytes: Vec<u8>) -> Self {
+    pub(crate) fn checked(digest: Digest, bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
         let pieces = std::iter::once(0..bytes.len()).collect();
         Self {
             digest,
-            bytes: bytes.into(),
+            bytes,
             pieces,
         }
     }
@@ -382,11 +388,7 @@ pub fn open_raw_chunk(
     expected_digest: &Digest,
 ) -> Result<VerifiedChunk, CasError> {
     check_raw_chunk(&bytes, expected_len, expected_digest)?;
-    Ok(VerifiedChunk {
-        digest: *expected_digest,
-        pieces: std::iter::once(0..bytes.len()).collect(),
-        bytes,
-    })
+    Ok(VerifiedChunk::checked(*expected_digest, bytes))
 }
 
 /// [`open_raw_chunk`]'s check without keeping the bytes.
@@ -402,14 +404,7 @@ pub fn check_raw_chunk(
             reason: format!("{} bytes, expected {expected_len}", bytes.len()),
         });
     }
-    let actual = Digest::of(bytes);
-    if actual != *expected_digest {
-        return Err(CasError::DigestMismatch {
-            expected: *expected_digest,
-            actual,
-        });
-    }
-    Ok(())
+    check_digest(Digest::of(bytes), expected_digest)
 }
 
 /// Checks one compressed chunk like [`decompress`] without keeping its bytes (the
@@ -438,12 +433,7 @@ fn checked_raw_blocks(
         return Ok(None);
     };
     let actual = Digest::of_pieces(pieces.iter().map(|r| &frame[r.clone()]));
-    if actual != *expected_digest {
-        return Err(CasError::DigestMismatch {
-            expected: *expected_digest,
-            actual,
-        });
-    }
+    check_digest(actual, expected_digest)?;
     Ok(Some(pieces))
 }
 
@@ -530,13 +520,7 @@ pub fn verify_chunk_pieces(
                 .into_iter()
                 .flat_map(|block| pieces_in(pieces, block).map(|(piece, within)| &piece[within])),
         );
-        if actual != *expected_digest {
-            return Err(CasError::DigestMismatch {
-                expected: *expected_digest,
-                actual,
-            });
-        }
-        return Ok(());
+        return check_digest(actual, expected_digest);
     }
     verify_chunk(&join_pieces(pieces), expected_len, expected_digest)
 }

@@ -359,7 +359,7 @@ async fn download_rounds(
         // bytes once. Not for a swarm (peers read this host's range from its segments
         // as it arrives), nor across filesystems (the cache links the files).
         let handoff = if alongside && cache.same_filesystem(dest) {
-            Some(HandOff::new(kept_in_place(&manifest, &uncached)))
+            Some(HandOff::new(chunks_to_hand_off(&manifest, &uncached)))
         } else {
             None
         };
@@ -1101,7 +1101,7 @@ enum ExtractError {
 use ExtractError::{BadChunk, Other};
 
 /// Writes the tree from the cache, waiting for chunks still arriving; returns how many
-/// chunks the cache now keeps in the files written (see [`kept_in_place`]).
+/// chunks the cache now keeps in the files written (see [`chunks_to_hand_off`]).
 fn extract_from_cache(
     manifest: &Manifest,
     dest: &Path,
@@ -1130,7 +1130,7 @@ fn extract_from_cache(
 /// the extraction wrote them: those of `fetched` that lie in files of at least
 /// [`crate::ADOPT_MIN_FILE`] and occur once in the tree (a chunk the tree repeats is
 /// read back from the cache for its second place, so it goes to a segment).
-fn kept_in_place(manifest: &Manifest, fetched: &[(Digest, u32)]) -> Vec<Digest> {
+fn chunks_to_hand_off(manifest: &Manifest, fetched: &[(Digest, u32)]) -> Vec<Digest> {
     let fetched: HashSet<Digest> = fetched.iter().map(|(d, _)| *d).collect();
     let mut uses: HashMap<Digest, (u32, bool)> = HashMap::new();
     for entry in &manifest.entries {

@@ -308,8 +308,8 @@ impl Disk {
                 .args(["bs=1M", "status=none"])
                 .spawn()?)
         };
-        let timed = |child: std::process::Child| -> anyhow::Result<f64> {
-            let started = Instant::now();
+        // MB/s of a `dd` from `started` until it ends.
+        let rate = |child: std::process::Child, started: Instant| -> anyhow::Result<f64> {
             let out = child.wait_with_output()?;
             anyhow::ensure!(out.status.success(), "dd failed: {}", out.status);
             Ok(mb_per_s(size as f64, started.elapsed().as_secs_f64()))
@@ -330,17 +330,12 @@ impl Disk {
             ]
         };
         settle_disk()?;
-        let write = timed(dd(&write_to(&a))?)?;
-        let read = timed(dd(&read_from(&a))?)?;
+        let write = rate(dd(&write_to(&a))?, Instant::now())?;
+        let read = rate(dd(&read_from(&a))?, Instant::now())?;
         // Both at once: each timed from the same start.
         let started = Instant::now();
         let (reader, writer) = (dd(&read_from(&a))?, dd(&write_to(&b))?);
-        let finish = |child: std::process::Child| -> anyhow::Result<f64> {
-            let out = child.wait_with_output()?;
-            anyhow::ensure!(out.status.success(), "dd failed: {}", out.status);
-            Ok(mb_per_s(size as f64, started.elapsed().as_secs_f64()))
-        };
-        let (read_both, write_both) = (finish(reader)?, finish(writer)?);
+        let (read_both, write_both) = (rate(reader, started)?, rate(writer, started)?);
         let _ = std::fs::remove_file(&a);
         let _ = std::fs::remove_file(&b);
         Ok(Self {
