@@ -338,6 +338,14 @@ impl Index {
         self.total += bytes;
     }
 
+    /// Counts a segment (one still indexed) at `bytes` from now on.
+    fn resize_segment(&mut self, id: u64, bytes: u64) {
+        if let Some(s) = self.segments.get_mut(&id) {
+            self.total = self.total - s.bytes + bytes;
+            s.bytes = bytes;
+        }
+    }
+
     /// Forgets a segment; returns whether it was a linked file.
     fn drop_segment(&mut self, id: u64) -> bool {
         let Some(s) = self.segments.remove(&id) else {
@@ -650,6 +658,7 @@ impl ChunkCache {
     /// Removes least recently used segments without pinned chunks until the cache fits
     /// its quota.
     fn evict(&self) -> std::io::Result<()> {
+        self.recount_linked_files();
         let doomed: Vec<(u64, bool)> = {
             let mut index = self.lock();
             let mut doomed = Vec::new();
@@ -687,6 +696,32 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+
+    /// Counts each linked file ([`Self::adopt`]) at its size now: the job that wrote it
+    /// may have appended to it (or cut it short) since, and its disk space is the
+    /// cache's once the workspace is gone. One `stat` per linked file; each is at least
+    /// [`ADOPT_MIN_FILE`], so a 10 GiB cache holds at most 1,280 of them. A file that
+    /// cannot be read keeps its last size (its chunks fail their checks when read).
+    fn recount_linked_files(&self) {
+        let linked: Vec<u64> = self
+            .lock()
+            .segments
+            .iter()
+            .filter(|(_, s)| s.linked)
+            .map(|(id, _)| *id)
+            .collect();
+        let sizes: Vec<(u64, u64)> = linked
+            .into_iter()
+            .filter_map(|id| {
+                let path = self.dir.join(segment_name(id, file_extensions(true).0));
+                fs::metadata(path).ok().map(|meta| (id, meta.len()))
+            })
+            .collect();
+        let mut index = self.lock();
+        for (id, bytes) in sizes {
+            index.resize_segment(id, bytes);
+        }
     }
 
     pub fn figures(&self) -> CacheFigures {
@@ -1333,12 +1368,39 @@ mod tests {
         }
         assert!(cache.get(&d1).expect("cached").verify(70_000, &d1).is_err());
         assert!(cache.get(&d2).expect("cached").verify(50_000, &d2).is_ok());
-
-        // Over a smaller quota it is evicted like a segment: link and index go.
         drop(cache);
-        let small = ChunkCache::open(&cache_dir, 1000).expect("reopen small");
-        assert_eq!(small.figures().bytes, 0);
-        assert_eq!(std::fs::read_dir(&cache_dir).expect("dir").count(), 0);
+
+        // A job appending to its file grows the cache: the growth counts against the
+        // quota at the next eviction (here, after a small segment is written), and the
+        // least recently used file goes first.
+        let cache = ChunkCache::open(&cache_dir, 200_000).expect("reopen");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&linked)
+                .expect("open");
+            f.write_all(&vec![3u8; 100_000]).expect("append");
+        }
+        let mut writer = cache.writer().expect("writer");
+        writer
+            .append(&digest(9), Bytes::from(vec![9; 300]))
+            .expect("append");
+        writer.finish().expect("finish");
+        assert!(!cache.contains(&d2), "the grown file is evicted");
+        assert!(cache.contains(&digest(9)));
+        assert_eq!(cache.figures().bytes, 300);
+        let left: Vec<PathBuf> = std::fs::read_dir(&cache_dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert!(
+            left.iter().all(|path| {
+                let ext = path.extension().and_then(|e| e.to_str());
+                ext == Some("seg") || ext == Some("idx")
+            }),
+            "link and index go: {left:?}"
+        );
     }
 
     /// A writer handing off gives the wanted chunks to the download's extraction in
