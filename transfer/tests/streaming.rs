@@ -173,19 +173,53 @@ async fn download(
         .expect("the download ends within its deadline")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
+/// A source tree served as `how` says, a connection to its server, and an empty chunk
+/// cache, all in one temporary directory (gone with the fixture).
+struct Fixture {
+    work: tempfile::TempDir,
+    source: PathBuf,
+    /// The tree's files and their bytes.
+    files: Vec<(PathBuf, Vec<u8>)>,
+    conn: Connection,
+    manifest: Digest,
+    cache_dir: PathBuf,
+    cache: ChunkCache,
+}
+
+async fn fixture(how: Serving) -> Fixture {
     let work = tempfile::tempdir().expect("tempdir");
     let source = work.path().join("source");
     let files = source_tree(&source);
+    let (conn, manifest) = start(&source, how).await;
+    let cache_dir = work.path().join("cache");
+    let cache = ChunkCache::open(&cache_dir, 1 << 30).expect("cache");
+    Fixture {
+        work,
+        source,
+        files,
+        conn,
+        manifest,
+        cache_dir,
+        cache,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
     // 2 ms between chunks: the extraction catches up with the fetch and waits for
     // chunks over and over, instead of finding everything in the cache already.
-    let how = Serving {
+    let Fixture {
+        work,
+        files,
+        conn,
+        manifest,
+        cache,
+        ..
+    } = fixture(Serving {
         pause: Duration::from_millis(2),
         cut_after: None,
-    };
-    let (conn, manifest) = start(&source, how).await;
-    let cache = ChunkCache::open(&work.path().join("cache"), 1 << 30).expect("cache");
+    })
+    .await;
     let dest = work.path().join("dest");
     let figures = download(&conn, &manifest, &cache, &dest, Existing::Refuse)
         .await
@@ -202,16 +236,19 @@ async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_cut_off_half_way_removes_what_it_created_and_keeps_what_was_there() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let source = work.path().join("source");
-    source_tree(&source);
     // big.bin is ~115 chunks: the cut comes in the middle of it.
-    let how = Serving {
+    let Fixture {
+        work,
+        source,
+        conn,
+        manifest,
+        cache,
+        ..
+    } = fixture(Serving {
         pause: Duration::from_millis(1),
         cut_after: Some(60),
-    };
-    let (conn, manifest) = start(&source, how).await;
-    let cache = ChunkCache::open(&work.path().join("cache"), 1 << 30).expect("cache");
+    })
+    .await;
     // A workspace that already holds `lib/`, with a file of its own.
     let dest = work.path().join("ws");
     std::fs::create_dir_all(dest.join("lib")).expect("lib");
@@ -270,16 +307,19 @@ fn cache_bytes(cache_dir: &Path, ext: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_files_chunks_are_cached_in_the_file_the_download_wrote() {
     use std::os::unix::fs::MetadataExt;
-    let work = tempfile::tempdir().expect("tempdir");
-    let source = work.path().join("source");
-    let files = source_tree(&source);
-    let how = Serving {
+    let Fixture {
+        work,
+        files,
+        conn,
+        manifest,
+        cache_dir,
+        cache,
+        ..
+    } = fixture(Serving {
         pause: Duration::ZERO,
         cut_after: None,
-    };
-    let (conn, manifest) = start(&source, how).await;
-    let cache_dir = work.path().join("cache");
-    let cache = ChunkCache::open(&cache_dir, 1 << 30).expect("cache");
+    })
+    .await;
     let first = work.path().join("first");
     let figures = download(&conn, &manifest, &cache, &first, Existing::Refuse)
         .await
