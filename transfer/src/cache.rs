@@ -191,8 +191,8 @@ fn file_extensions(linked: bool) -> (&'static str, &'static str) {
 /// written the cache keeps its chunks where they lie ([`ChunkCache::adopt`]). A first
 /// download of a 1 GiB artifact so writes its bytes once instead of twice, which on
 /// the VMs we measure is the disk time that bounded it. Per download (two downloads of
-/// the same artifact at once each get their own), and whatever its extraction never
-/// took is dropped with it.
+/// the same artifact at once each get their own); whatever its extraction never took (it
+/// stopped first) is written to a segment afterwards ([`ChunkCache::keep_handed_off`]).
 #[derive(Debug, Clone, Default)]
 pub struct HandOff(Arc<Mutex<HandOffState>>);
 
@@ -244,6 +244,14 @@ impl HandOff {
         let frame = state.held.remove(digest)?;
         state.bytes -= frame.len();
         Some(frame)
+    }
+
+    /// Takes every chunk still held, and wants no more.
+    fn drain(&self) -> Vec<(Digest, Bytes)> {
+        let mut state = self.lock();
+        state.wanted.clear();
+        state.bytes = 0;
+        state.held.drain().collect()
     }
 
     /// Bytes held now (for tests).
@@ -620,6 +628,22 @@ impl ChunkCache {
         self.lock().add_segment(id, bytes, chunks, true);
         self.published.send_modify(|n| *n += 1);
         self.evict()
+    }
+
+    /// Writes the chunks `handoff` still holds to a segment: a download whose extraction
+    /// stopped (a chunk that never came, a full disk) keeps what it fetched for the next
+    /// attempt. Returns how many there were. Call it once the fetch has ended.
+    pub fn keep_handed_off(&self, handoff: &HandOff) -> std::io::Result<usize> {
+        let held = handoff.drain();
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let mut writer = self.writer()?;
+        for (digest, frame) in &held {
+            writer.append(digest, frame.clone())?;
+        }
+        writer.finish()?;
+        Ok(held.len())
     }
 
     /// Whether `path` (or, if it does not exist yet, its nearest existing ancestor) is on

@@ -363,6 +363,7 @@ async fn download_rounds(
         } else {
             None
         };
+        let kept_handoff = handoff.clone();
         let extracting = {
             let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
             let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
@@ -428,6 +429,18 @@ async fn download_rounds(
             .await
             .map_err(|e| TransferError::Corrupt(format!("extraction stopped: {e}")))?;
         let extracted = extracted.map(|kept| figures.chunks_kept_in_place += kept);
+        // An extraction that stopped early leaves chunks handed to it unextracted (up to
+        // the hand-off's 128 MiB: the fetch runs on to the end once the extraction is
+        // gone). They arrived and were verified, so the next attempt must not fetch
+        // them again.
+        if let Some(handoff) = kept_handoff {
+            let cache = cache.clone();
+            match tokio::task::spawn_blocking(move || cache.keep_handed_off(&handoff)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!("cannot cache chunks a failed extraction left: {e}"),
+                Err(e) => tracing::warn!("caching chunks a failed extraction left stopped: {e}"),
+            }
+        }
         // What extraction took beyond the fetch (its whole time when every chunk was in
         // the cache already).
         figures.extract_time += waited.elapsed().min(extracting_time);

@@ -54,7 +54,7 @@ fn source_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 /// How the server behaves.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Serving {
     /// Between two chunks of a stream.
     pause: Duration,
@@ -143,6 +143,9 @@ async fn start(root: &Path, how: Serving) -> (Connection, Digest) {
         let incoming = listener.accept().await.expect("an incoming connection");
         let conn = incoming.handshake(DEADLINE).await.expect("handshake");
         serve(conn, bytes, store, how).await;
+        // Dropping the endpoint at once can drop the close frame of a connection the
+        // server cut off: the client then waits out its idle timeout (30-40 s).
+        let _ = tokio::time::timeout(DEADLINE, listener.wait_idle()).await;
     });
     let dialer =
         Dialer::new(ClientTls::pinned(&ca.fingerprint()).expect("tls"), false).expect("dialer");
@@ -217,7 +220,7 @@ async fn a_tree_extracted_while_its_chunks_trickle_in_arrives_exact() {
         ..
     } = fixture(Serving {
         pause: Duration::from_millis(2),
-        cut_after: None,
+        ..Serving::default()
     })
     .await;
     let dest = work.path().join("dest");
@@ -273,11 +276,7 @@ async fn a_download_cut_off_half_way_removes_what_it_created_and_keeps_what_was_
     // before the cut is kept where it was written, so a new attempt fetches the rest.
     assert!(cache.figures().chunks > 0, "{:?}", cache.figures());
     conn.close(CloseCode::Normal, "done");
-    let whole = Serving {
-        pause: Duration::ZERO,
-        cut_after: None,
-    };
-    let (conn, again) = start(&source, whole).await;
+    let (conn, again) = start(&source, Serving::default()).await;
     assert_eq!(again, manifest);
     let figures = download(&conn, &manifest, &cache, &dest, Existing::Merge)
         .await
@@ -285,6 +284,39 @@ async fn a_download_cut_off_half_way_removes_what_it_created_and_keeps_what_was_
     assert!(
         figures.chunks_fetched < figures.chunks * 3 / 4,
         "only the rest was fetched: {figures:?}"
+    );
+    conn.close(CloseCode::Normal, "done");
+}
+
+/// Every chunk that arrived before a download failed is in the cache afterwards, so
+/// the next attempt fetches nothing again. Here the extraction fails at once (a
+/// directory stands where the large file goes) while the fetch goes on to the end: the
+/// large file's chunks, which the fetch hands to the extraction in memory rather than
+/// writing them to a segment, must not be dropped with the failed extraction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_fetched_for_an_extraction_that_failed_stay_cached() {
+    let Fixture {
+        work,
+        conn,
+        manifest,
+        cache,
+        ..
+    } = fixture(Serving::default()).await;
+    let dest = work.path().join("ws");
+    std::fs::create_dir_all(dest.join("big.bin")).expect("a directory in the way");
+    let result = download(&conn, &manifest, &cache, &dest, Existing::Merge).await;
+    assert!(result.is_err(), "big.bin cannot be written: {result:?}");
+    let cached = cache.figures().chunks;
+    assert!(cached > 100, "big.bin's ~115 chunks are cached: {cached}");
+
+    std::fs::remove_dir(dest.join("big.bin")).expect("out of the way");
+    let figures = download(&conn, &manifest, &cache, &dest, Existing::Merge)
+        .await
+        .expect("the second attempt");
+    assert_eq!(figures.chunks, cached, "{figures:?}");
+    assert_eq!(
+        figures.chunks_fetched, 0,
+        "all came from the cache: {figures:?}"
     );
     conn.close(CloseCode::Normal, "done");
 }
@@ -315,11 +347,7 @@ async fn a_large_files_chunks_are_cached_in_the_file_the_download_wrote() {
         cache_dir,
         cache,
         ..
-    } = fixture(Serving {
-        pause: Duration::ZERO,
-        cut_after: None,
-    })
-    .await;
+    } = fixture(Serving::default()).await;
     let first = work.path().join("first");
     let figures = download(&conn, &manifest, &cache, &first, Existing::Refuse)
         .await
