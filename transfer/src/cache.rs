@@ -638,12 +638,13 @@ impl ChunkCache {
         if held.is_empty() {
             return Ok(0);
         }
+        let count = held.len();
         let mut writer = self.writer()?;
-        for (digest, frame) in &held {
-            writer.append(digest, frame.clone())?;
+        for (digest, frame) in held {
+            writer.append(&digest, frame)?;
         }
         writer.finish()?;
-        Ok(held.len())
+        Ok(count)
     }
 
     /// Whether `path` (or, if it does not exist yet, its nearest existing ancestor) is on
