@@ -10,6 +10,7 @@ pub mod browser;
 pub mod containers;
 pub mod flood;
 pub mod http;
+pub mod layering;
 pub mod load;
 pub mod peers;
 
