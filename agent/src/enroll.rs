@@ -14,7 +14,7 @@ use gantry_protocol::{
 };
 use gantry_transport::{Dialer, TransportError};
 
-use crate::datadir::{self, AgentConfig, Credentials, DataDir, DataDirError};
+use crate::base::datadir::{self, AgentConfig, Credentials, DataDir, DataDirError};
 
 /// How long to wait for the coordinator to answer the QUIC/TLS handshake.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -69,12 +69,12 @@ pub enum EnrollError {
 impl EnrollError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Token(_) | Self::AlreadyEnrolled { .. } => crate::exit::USAGE,
+            Self::Token(_) | Self::AlreadyEnrolled { .. } => crate::base::exit::USAGE,
             Self::Connect { .. }
             | Self::Refused(_)
             | Self::Protocol(_)
-            | Self::CaMismatch { .. } => crate::exit::COORDINATOR,
-            Self::Key(_) | Self::Tls(_) => crate::exit::FAILURE,
+            | Self::CaMismatch { .. } => crate::base::exit::COORDINATOR,
+            Self::Key(_) | Self::Tls(_) => crate::base::exit::FAILURE,
             Self::Storage(e) => e.exit_code(),
         }
     }

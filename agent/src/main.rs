@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use gantry_agent::{bundle, datadir, duration, enroll, exit, figures, labels, session};
+use gantry_agent::base::{bundle, datadir, duration, exit, figures, labels};
+use gantry_agent::runner::docker;
+use gantry_agent::{enroll, session};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,7 +155,7 @@ fn main() -> ExitCode {
     init_logging();
     if let Command::Run(args) = &cli.command {
         // A fleet upgrade may have left a newer binary for this agent: run that one.
-        gantry_agent::upgrade::run_upgraded_binary(&args.data_dir.data_dir);
+        gantry_agent::deploy::upgrade::run_upgraded_binary(&args.data_dir.data_dir);
     }
     let runtime = match build_runtime() {
         Ok(rt) => rt,
@@ -240,7 +242,7 @@ async fn run_session(args: RunArgs) -> ExitCode {
         slots: args.slots,
         max_backoff: args.max_backoff,
         hostname: figures::hostname(),
-        capabilities: labels::capabilities(&figures::docker_socket()),
+        capabilities: docker::capabilities(std::path::Path::new(docker::DEFAULT_SOCKET)),
         cache_bytes: args.cache_size,
         transfer_streams: usize::from(args.transfer_streams),
         max_transfer_rate: args.max_transfer_rate,

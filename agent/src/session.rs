@@ -5,7 +5,7 @@
 //! over the live session when it is due; on any failure wait a jittered, growing delay
 //! and connect again. It stops for good only on a signal (exit 0) or when the coordinator
 //! says this agent is revoked. The decisions are made by the pure functions in
-//! [`crate::backoff`], [`crate::renewal`] and [`classify_error`]; this module does the I/O.
+//! [`crate::base::backoff`], [`crate::base::renewal`] and [`classify_error`]; this module does the I/O.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,11 +19,12 @@ use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter, TransportEr
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::backoff::{self, next_delay};
-use crate::datadir::{self, Credentials, DataDir, DataDirError};
-use crate::figures::{FiguresError, HostSampler};
+use crate::base::backoff::{self, next_delay};
+use crate::base::datadir::{self, Credentials, DataDir, DataDirError};
+use crate::base::figures::{FiguresError, HostSampler};
+use crate::base::renewal::RenewalPlan;
 use crate::jobs::JobManager;
-use crate::renewal::RenewalPlan;
+use crate::transfers::peers::PeerError;
 
 /// How long the QUIC/TLS handshake may take.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -68,7 +69,7 @@ pub enum RunError {
     #[error("cannot listen for signals: {0}")]
     Signals(std::io::Error),
     #[error("{0}; pick another --peer-listen address, or --peer-listen off")]
-    Peers(String),
+    Peers(PeerError),
     #[error("cannot open the chunk cache in {}: {source}", path.display())]
     Cache {
         path: PathBuf,
@@ -80,9 +81,9 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::DataDir(e) => e.exit_code(),
-            Self::Certificate(_) | Self::Peers(_) => crate::exit::USAGE,
-            Self::Revoked => crate::exit::COORDINATOR,
-            Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::exit::FAILURE,
+            Self::Certificate(_) | Self::Peers(_) => crate::base::exit::USAGE,
+            Self::Revoked => crate::base::exit::COORDINATOR,
+            Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::base::exit::FAILURE,
         }
     }
 }
@@ -137,14 +138,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let data_dir = DataDir::new(&options.data_dir);
     let enrollment = data_dir.load()?;
     let (not_before, not_after) = validity(&enrollment.credentials)?;
-    let labels = crate::labels::merge([
-        &crate::labels::automatic(&options.hostname),
+    let labels = crate::base::labels::merge([
+        &crate::base::labels::automatic(&options.hostname),
         &enrollment.config.labels,
         &options.labels,
     ]);
     let sampler = HostSampler::new(&options.data_dir)?;
     let shutdown = shutdown_signal()?;
-    let transfers = crate::artifacts::transfers(
+    let transfers = crate::transfers::transfers(
         &options.data_dir,
         options.cache_bytes,
         options.transfer_streams,
@@ -154,7 +155,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         path: options.data_dir.join("cache"),
         source,
     })?;
-    let peers = crate::peers::PeerService::start(
+    let peers = crate::transfers::peers::PeerService::start(
         options.data_dir.clone(),
         options.peer_listen,
         transfers.cache.clone(),
@@ -163,7 +164,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     .map_err(RunError::Peers)?;
     let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers.clone());
     let (deploy_out, deploy_results) = mpsc::unbounded_channel();
-    let upgrader = crate::upgrade::Upgrader::new(
+    let upgrader = crate::deploy::upgrade::Upgrader::new(
         options.data_dir.clone(),
         jobs.clone(),
         std::sync::Arc::new(jobs.clone()),
@@ -218,7 +219,7 @@ struct Runner {
     deploy_results: mpsc::UnboundedReceiver<AgentMessage>,
     /// Serves release chunks to the other hosts of a deployment; its port goes in the
     /// hello.
-    peers: crate::peers::PeerService,
+    peers: crate::transfers::peers::PeerService,
 }
 
 impl Runner {
@@ -319,7 +320,7 @@ impl Runner {
             .map_err(|e| failed(&e))?;
         let hello = Intent::Agent(AgentHello {
             // The version and which build of it: a fleet upgrade names binaries by digest.
-            agent_version: match crate::upgrade::own_sha256() {
+            agent_version: match crate::deploy::upgrade::own_sha256() {
                 Ok(sha) => format!("{} ({})", env!("CARGO_PKG_VERSION"), &sha[..12]),
                 Err(_) => env!("CARGO_PKG_VERSION").to_owned(),
             },
@@ -349,7 +350,7 @@ impl Runner {
         };
         match reply {
             Some(HelloReply::Welcome(welcome)) => {
-                crate::upgrade::confirm(&self.options.data_dir);
+                crate::deploy::upgrade::confirm(&self.options.data_dir);
                 Ok((conn, writer, reader, welcome))
             }
             Some(HelloReply::Refused(refusal)) if refusal.reason == RefusalReason::Revoked => {
@@ -495,7 +496,7 @@ impl Runner {
                         AgentMessage::JobRejected {
                             job,
                             attempt,
-                            reason,
+                            reason: reason.to_string(),
                         }
                     }
                 });

@@ -6,7 +6,7 @@
 //! reports, heartbeats at the interval the welcome names, accepts dispatches and reports
 //! their results (kept and sent again until acknowledged, and listed in the next hello),
 //! and after a lost connection reconnects on the real agent's backoff schedule
-//! (`gantry_agent::backoff`, full jitter from 200 ms, capped at `--max-backoff`).
+//! (`gantry_agent::base::backoff`, full jitter from 200 ms, capped at `--max-backoff`).
 //! What it leaves out is only what happens on a real host: jobs run no process (they end
 //! after `--job-ms`), there are no logs, artifacts, deployments or renewals.
 //!
@@ -34,7 +34,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use gantry_agent::backoff::{self, next_delay};
+use gantry_agent::base::backoff::{self, next_delay};
 use gantry_certs::{ClientTls, JoinToken};
 use gantry_protocol::{
     limits, AgentHello, AgentMessage, CoordinatorMessage, EnrollRequest, HelloReply, HostFigures,
@@ -392,7 +392,7 @@ async fn session(
     let hello = Intent::Agent(AgentHello {
         agent_version: format!("{} (loadagent)", env!("CARGO_PKG_VERSION")),
         hostname: identity.hostname.clone(),
-        labels: gantry_agent::labels::automatic(&identity.hostname),
+        labels: gantry_agent::base::labels::automatic(&identity.hostname),
         capabilities: vec!["shell".into()],
         slots: shared.options.slots,
         figures: figures(shared),

@@ -9,92 +9,77 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use gantry_cas::Existing;
 use gantry_protocol::{
     CacheSpec, Committed, Grant, JobAssignment, ResolveReply, ResolveRequest, StreamOpen,
     UploadTarget,
 };
-use gantry_transfer::{ChunkCache, TransferError, TransferOptions};
+use gantry_transfer::TransferError;
 use gantry_transport::Connection;
 
-use crate::exec::LogSink;
+use super::{say, with_retries, ConnectionSource, RetryError, Transfers};
+use crate::runner::LogSink;
 
-/// How long a transfer waits for a connection to the coordinator before giving up.
-const CONNECTION_WAIT: Duration = Duration::from_secs(60);
-/// Most attempts of one transfer across dropped connections.
-const MAX_ATTEMPTS: u32 = 20;
 /// Most workspace entries a glob or hashFiles walks, so a huge tree cannot stall a job.
 const MAX_WALK: usize = 500_000;
 
-/// What the agent's jobs share for transfers.
-#[derive(Debug, Clone)]
-pub struct Transfers {
-    pub cache: ChunkCache,
-    /// Downloads: streams, and the cap on what this agent receives.
-    pub options: TransferOptions,
-    /// Uploads (and serving peers): the cap on what this agent sends.
-    pub send_options: TransferOptions,
+/// Why a job's inputs or outputs could not be moved; its text goes to the job's log.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error(transparent)]
+    Transfer(#[from] RetryError),
+    #[error("the coordinator answered with something other than artifacts")]
+    NotArtifacts,
+    #[error("the coordinator answered with something other than a cache")]
+    NotCache,
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Paths(#[from] WalkError),
+    #[error("artifact {name}: none of its paths ({}) exist in the workspace", paths.join(", "))]
+    NothingToUpload { name: String, paths: Vec<String> },
 }
 
-/// Where a job gets its connection: the agent's current one, which changes when the
-/// agent reconnects.
-pub trait ConnectionSource: Send + Sync {
-    fn current(&self) -> Option<Connection>;
+/// A cache key that cannot be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cache key {template}: {problem}")]
+    Pattern { template: String, problem: String },
+    #[error("cache key {template}: {source}")]
+    Hash { template: String, source: WalkError },
+    #[error("cache key {0}: a reference could not be filled in (only hashFiles, env, inputs and matrix can)")]
+    Unfilled(String),
+    #[error("cache key {0:?} must be 1 to {max} bytes once expanded", max = gantry_pipeline::MAX_CACHE_KEY)]
+    Length(String),
 }
 
-/// Waits up to [`CONNECTION_WAIT`] for a connection that is not closed.
-async fn live_connection(source: &dyn ConnectionSource) -> Result<Connection, String> {
-    let deadline = tokio::time::Instant::now() + CONNECTION_WAIT;
-    loop {
-        if let Some(conn) = source.current().filter(|c| c.close_reason().is_none()) {
-            return Ok(conn);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "no connection to the coordinator for {} s",
-                CONNECTION_WAIT.as_secs()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Runs `op` on the current connection, again on the next one each time the connection
-/// breaks (each attempt keeps what earlier ones achieved: cached chunks, stored chunks).
-pub(crate) async fn with_retries<T, F, Fut>(
-    source: &dyn ConnectionSource,
-    log: &LogSink,
-    what: &str,
-    mut op: F,
-) -> Result<T, String>
-where
-    F: FnMut(Connection) -> Fut,
-    Fut: std::future::Future<Output = Result<T, TransferError>>,
-{
-    for attempt in 1..=MAX_ATTEMPTS {
-        let conn = live_connection(source).await?;
-        match op(conn).await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && attempt < MAX_ATTEMPTS => {
-                say(
-                    log,
-                    &format!("\u{21bb} {what}: {e}; resuming on the next connection\n"),
-                )
-                .await;
-                // Let the session notice the broken connection and make a new one.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(format!("{what}: {e}")),
-        }
-    }
-    Err(format!("{what}: the connection broke {MAX_ATTEMPTS} times"))
-}
-
-async fn say(log: &LogSink, line: &str) {
-    let _ = log.send(line.as_bytes().to_vec()).await;
+/// The workspace could not be searched (for an artifact's paths, a cache's, or
+/// `hashFiles`).
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("path {pattern}: {problem}")]
+    BadPattern {
+        pattern: String,
+        problem: &'static str,
+    },
+    #[error("cannot list {}: {source}", dir.display())]
+    List {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the workspace has more than {MAX_WALK} entries to search")]
+    TooMany,
+    #[error("cannot read {relative}: {source}")]
+    Entry {
+        relative: String,
+        source: std::io::Error,
+    },
+    #[error("hashFiles: cannot read {relative}: {source}")]
+    Hash {
+        relative: String,
+        source: std::io::Error,
+    },
 }
 
 fn grant(job: &JobAssignment) -> Grant {
@@ -126,7 +111,7 @@ pub async fn download_inputs(
     job: &JobAssignment,
     workspace: &Path,
     log: &LogSink,
-) -> Result<(), String> {
+) -> Result<(), ArtifactError> {
     let request = ResolveRequest::JobArtifacts {
         job: job.job,
         attempt: job.attempt,
@@ -137,7 +122,7 @@ pub async fn download_inputs(
     })
     .await?;
     let ResolveReply::Artifacts(artifacts) = reply else {
-        return Err("the coordinator answered with something other than artifacts".into());
+        return Err(ArtifactError::NotArtifacts);
     };
     for artifact in artifacts {
         let what = format!("downloading artifact {}", artifact.name);
@@ -194,7 +179,7 @@ pub async fn restore_cache(
     spec: &CacheSpec,
     workspace: &Path,
     log: &LogSink,
-) -> Result<RestoredCache, String> {
+) -> Result<RestoredCache, ArtifactError> {
     let key = expand_key(&spec.key, workspace)?;
     let restore_keys = spec
         .restore_keys
@@ -218,7 +203,7 @@ pub async fn restore_cache(
             say(log, &format!("\u{2913} cache miss for key {key}\n")).await;
             return Ok(RestoredCache { key, exact: false });
         }
-        _ => return Err("the coordinator answered with something other than a cache".into()),
+        _ => return Err(ArtifactError::NotCache),
     };
     let what = format!("restoring cache {}", hit.cache.key);
     let restored = with_retries(source, log, &what, |conn| {
@@ -283,7 +268,7 @@ pub async fn upload_artifact(
     job: &JobAssignment,
     workspace: &Path,
     log: &LogSink,
-) -> Result<(), String> {
+) -> Result<(), ArtifactError> {
     let Some(spec) = &job.artifact else {
         return Ok(());
     };
@@ -299,11 +284,10 @@ pub async fn upload_artifact(
         .await;
     }
     if paths.is_empty() {
-        return Err(format!(
-            "artifact {}: none of its paths ({}) exist in the workspace",
-            spec.name,
-            spec.paths.join(", ")
-        ));
+        return Err(ArtifactError::NothingToUpload {
+            name: spec.name.clone(),
+            paths: spec.paths.clone(),
+        });
     }
     let target = UploadTarget::Artifact {
         name: spec.name.clone(),
@@ -435,36 +419,37 @@ fn describe_download(f: &gantry_transfer::DownloadFigures) -> String {
 
 /// Expands `${{ hashFiles(...) }}` in a cache key (the coordinator already filled in
 /// `env`, `inputs` and `matrix`). A reference that is still unexpanded is an error.
-pub fn expand_key(template: &str, workspace: &Path) -> Result<String, String> {
+pub fn expand_key(template: &str, workspace: &Path) -> Result<String, KeyError> {
     let mut error = None;
     let key = gantry_protocol::template::expand(template, |expr| {
         match gantry_pipeline::hash_files_patterns(expr)? {
             Ok(patterns) => match hash_files(workspace, &patterns) {
                 Ok(hex) => Some(hex),
-                Err(e) => {
-                    error = Some(e);
+                Err(source) => {
+                    error = Some(KeyError::Hash {
+                        template: template.to_owned(),
+                        source,
+                    });
                     Some(String::new())
                 }
             },
-            Err(e) => {
-                error = Some(e);
+            Err(problem) => {
+                error = Some(KeyError::Pattern {
+                    template: template.to_owned(),
+                    problem,
+                });
                 Some(String::new())
             }
         }
     });
     if let Some(e) = error {
-        return Err(format!("cache key {template}: {e}"));
+        return Err(e);
     }
     if key.contains("${{") {
-        return Err(format!(
-            "cache key {key}: a reference could not be filled in (only hashFiles, env, inputs and matrix can)"
-        ));
+        return Err(KeyError::Unfilled(key));
     }
     if key.is_empty() || key.len() > gantry_pipeline::MAX_CACHE_KEY {
-        return Err(format!(
-            "cache key {key:?} must be 1 to {} bytes once expanded",
-            gantry_pipeline::MAX_CACHE_KEY
-        ));
+        return Err(KeyError::Length(key));
     }
     Ok(key)
 }
@@ -472,7 +457,7 @@ pub fn expand_key(template: &str, workspace: &Path) -> Result<String, String> {
 /// `hashFiles(patterns)`: BLAKE3 over the sorted workspace paths matching any pattern,
 /// each with its contents' digest; the empty string when nothing matches (as in GitHub
 /// Actions, so a key still forms).
-pub fn hash_files(workspace: &Path, patterns: &[String]) -> Result<String, String> {
+pub fn hash_files(workspace: &Path, patterns: &[String]) -> Result<String, WalkError> {
     let mut matched = BTreeSet::new();
     walk(workspace, &mut |relative, is_file| {
         if is_file
@@ -490,10 +475,12 @@ pub fn hash_files(workspace: &Path, patterns: &[String]) -> Result<String, Strin
     for relative in matched {
         let path = workspace.join(&relative);
         let mut file_hasher = blake3::Hasher::new();
-        let mut file = std::fs::File::open(&path)
-            .map_err(|e| format!("hashFiles: cannot read {relative}: {e}"))?;
-        std::io::copy(&mut file, &mut file_hasher)
-            .map_err(|e| format!("hashFiles: cannot read {relative}: {e}"))?;
+        let unreadable = |source| WalkError::Hash {
+            relative: relative.clone(),
+            source,
+        };
+        let mut file = std::fs::File::open(&path).map_err(unreadable)?;
+        std::io::copy(&mut file, &mut file_hasher).map_err(unreadable)?;
         hasher.update(relative.as_bytes());
         hasher.update(&[0]);
         hasher.update(file_hasher.finalize().as_bytes());
@@ -502,19 +489,19 @@ pub fn hash_files(workspace: &Path, patterns: &[String]) -> Result<String, Strin
 }
 
 /// Walks the workspace (not following symlinks), calling `visit(relative, is_file)`.
-fn walk(root: &Path, visit: &mut dyn FnMut(&str, bool)) -> Result<(), String> {
+fn walk(root: &Path, visit: &mut dyn FnMut(&str, bool)) -> Result<(), WalkError> {
     let mut stack: Vec<(PathBuf, String)> = vec![(root.to_path_buf(), String::new())];
     let mut seen = 0usize;
     while let Some((dir, prefix)) = stack.pop() {
-        let entries =
-            std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let list = |source| WalkError::List {
+            dir: dir.clone(),
+            source,
+        };
+        for entry in std::fs::read_dir(&dir).map_err(list)? {
+            let entry = entry.map_err(list)?;
             seen += 1;
             if seen > MAX_WALK {
-                return Err(format!(
-                    "the workspace has more than {MAX_WALK} entries to search"
-                ));
+                return Err(WalkError::TooMany);
             }
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
@@ -524,9 +511,10 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&str, bool)) -> Result<(), String> {
             } else {
                 format!("{prefix}/{name}")
             };
-            let kind = entry
-                .file_type()
-                .map_err(|e| format!("cannot read {relative}: {e}"))?;
+            let kind = entry.file_type().map_err(|source| WalkError::Entry {
+                relative: relative.clone(),
+                source,
+            })?;
             if kind.is_dir() {
                 visit(&relative, false);
                 stack.push((entry.path(), relative));
@@ -543,12 +531,15 @@ fn walk(root: &Path, visit: &mut dyn FnMut(&str, bool)) -> Result<(), String> {
 pub fn select_paths(
     workspace: &Path,
     patterns: &[String],
-) -> Result<(Vec<PathBuf>, Vec<String>), String> {
+) -> Result<(Vec<PathBuf>, Vec<String>), WalkError> {
     let mut selected = BTreeSet::new();
     let mut unmatched = Vec::new();
     for pattern in patterns {
         if let Some(problem) = gantry_pipeline::path_problem(pattern) {
-            return Err(format!("path {pattern}: {problem}"));
+            return Err(WalkError::BadPattern {
+                pattern: pattern.clone(),
+                problem,
+            });
         }
         let trimmed = pattern.trim_end_matches('/');
         if trimmed.contains(['*', '?']) {
@@ -571,28 +562,6 @@ pub fn select_paths(
         }
     }
     Ok((selected.into_iter().collect(), unmatched))
-}
-
-/// Opens the agent's chunk cache and transfer settings.
-pub fn transfers(
-    data_dir: &Path,
-    cache_bytes: u64,
-    streams: usize,
-    max_rate: Option<u64>,
-) -> std::io::Result<Transfers> {
-    // A link is full duplex: what the agent receives and what it sends have a cap each.
-    let cap = || max_rate.map(|rate| Arc::new(gantry_transfer::RateLimit::new(rate)));
-    Ok(Transfers {
-        cache: ChunkCache::open(&data_dir.join("cache"), cache_bytes)?,
-        options: TransferOptions {
-            streams,
-            limit: cap(),
-        },
-        send_options: TransferOptions {
-            streams,
-            limit: cap(),
-        },
-    })
 }
 
 #[cfg(test)]

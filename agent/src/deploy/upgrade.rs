@@ -18,12 +18,15 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+
+use gantry_transport::TransportError;
 use std::time::Duration;
 
 use gantry_protocol::{AgentBinary, HostReport, SourceData, StreamOpen};
 
-use crate::artifacts::ConnectionSource;
+use crate::base::files::{sha256_file, sync_dir, write_durably};
 use crate::jobs::JobManager;
+use crate::transfers::ConnectionSource;
 
 /// The environment variable that carries the installed binary's path across restarts.
 const INSTALLED_ENV: &str = "GANTRY_AGENT_INSTALLED_BINARY";
@@ -42,29 +45,126 @@ fn bin_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("bin")
 }
 
-/// Lower-case hex SHA-256 of a file.
-pub fn sha256_of(path: &Path) -> std::io::Result<String> {
-    use std::io::Read as _;
-    let mut file = std::fs::File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(gantry_certs::hex(ctx.finish().as_ref()));
-        }
-        ctx.update(&buf[..n]);
-    }
+/// The binary this process runs cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnBinaryError {
+    #[error("cannot find my binary: {0}")]
+    Find(std::io::Error),
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The SHA-256 of the binary this process runs (computed once).
-pub fn own_sha256() -> Result<String, String> {
-    static OWN: OnceLock<Result<String, String>> = OnceLock::new();
+pub fn own_sha256() -> Result<String, Arc<OwnBinaryError>> {
+    static OWN: OnceLock<Result<String, Arc<OwnBinaryError>>> = OnceLock::new();
     OWN.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find my binary: {e}"))?;
-        sha256_of(&exe).map_err(|e| format!("cannot read {}: {e}", exe.display()))
+        let exe = std::env::current_exe().map_err(|e| Arc::new(OwnBinaryError::Find(e)))?;
+        sha256_file(&exe).map_err(|source| Arc::new(OwnBinaryError::Read { path: exe, source }))
     })
     .clone()
+}
+
+/// A binary's `--version` did not answer as an agent's does.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    #[error("cannot run {}: {source}", binary.display())]
+    Run {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} --version exited with {status}: not a working agent binary", binary.display())]
+    Exit {
+        binary: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("{} --version did not answer within {} s", binary.display(), VERSION_CHECK.as_secs())]
+    NoAnswer { binary: PathBuf },
+}
+
+/// Restarting into another binary failed (a restart that works does not return).
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("cannot write {}: {source}", path.display())]
+    Probation {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot restart into {}: {source}", binary.display())]
+    Exec {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why an upgrade step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(transparent)]
+    OwnBinary(#[from] Arc<OwnBinaryError>),
+    #[error("a {0}-byte agent binary is too large")]
+    TooLarge(u64),
+    #[error("cannot create {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    VersionCheck(tokio::task::JoinError),
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("the fetched binary says it is {got:?}, not {expected:?}")]
+    WrongVersion { got: String, expected: String },
+    #[error("no connection to the coordinator to fetch the agent binary from")]
+    NoConnection,
+    #[error(transparent)]
+    Transport(TransportError),
+    #[error("the agent binary's transfer broke off: {0}")]
+    BrokeOff(TransportError),
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the coordinator sent more bytes than the binary has")]
+    TooManyBytes,
+    #[error("the coordinator has no agent binary {0} (did its agent_binary change?)")]
+    NoSuchBinary(String),
+    #[error("the agent binary arrived as {got}, not {expected}: refusing it")]
+    DigestMismatch { got: String, expected: String },
+    #[error("cannot make {} executable: {source}", path.display())]
+    MakeExecutable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot keep {}: {source}", path.display())]
+    Keep {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("this binary did not come up here before (kept as {}); not trying it again", kept.display())]
+    FailedBefore { kept: PathBuf },
+    #[error("the binary is not staged here; stage it first")]
+    NotStaged,
+    #[error("cannot keep the previous binary: {0}")]
+    KeepPrevious(std::io::Error),
+    #[error("cannot install {}: {source}", path.display())]
+    Install {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Restart(#[from] RestartError),
+    #[error("cannot find the installed agent binary")]
+    NoInstalledBinary,
+    #[error("cannot restore the previous binary: {0}")]
+    RestorePrevious(std::io::Error),
+    #[error("cannot set the upgraded binary aside: {0}")]
+    SetAside(std::io::Error),
+    #[error("no binary {0} here to go back to")]
+    NothingToGoBackTo(String),
 }
 
 /// `X.Y.Z` from `gantry-agent X.Y.Z`, as numbers, for comparing.
@@ -78,23 +178,26 @@ fn version_numbers(text: &str) -> Vec<u64> {
 }
 
 /// What `binary --version` prints (its first line), if it runs and exits 0 in time.
-fn version_of(binary: &Path) -> Result<String, String> {
+fn version_of(binary: &Path) -> Result<String, VersionError> {
     let mut child = std::process::Command::new(binary)
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        .map_err(|source| VersionError::Run {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
     let deadline = std::time::Instant::now() + VERSION_CHECK;
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => break,
             Ok(Some(status)) => {
-                return Err(format!(
-                    "{} --version exited with {status}: not a working agent binary",
-                    binary.display()
-                ))
+                return Err(VersionError::Exit {
+                    binary: binary.to_path_buf(),
+                    status,
+                })
             }
             Ok(None) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -102,11 +205,9 @@ fn version_of(binary: &Path) -> Result<String, String> {
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{} --version did not answer within {} s",
-                    binary.display(),
-                    VERSION_CHECK.as_secs()
-                ));
+                return Err(VersionError::NoAnswer {
+                    binary: binary.to_path_buf(),
+                });
             }
         }
     }
@@ -183,38 +284,21 @@ fn installed_binary() -> Option<PathBuf> {
 }
 
 /// Replaces this process with `binary`, same arguments; returns only on failure.
-fn restart_into(binary: &Path, data_dir: &Path, probation: bool) -> String {
+fn restart_into(binary: &Path, data_dir: &Path, probation: bool) -> RestartError {
     if probation {
-        if let Err(e) = write_durably(&bin_dir(data_dir).join(PROBATION), b"1") {
-            return e;
+        let path = bin_dir(data_dir).join(PROBATION);
+        if let Err(source) = write_durably(&path, b"1") {
+            return RestartError::Probation { path, source };
         }
     }
     let installed = installed_binary().unwrap_or_else(|| binary.to_path_buf());
-    let err = std::process::Command::new(binary)
+    let source = std::process::Command::new(binary)
         .args(std::env::args_os().skip(1))
         .env(INSTALLED_ENV, installed)
         .exec();
-    format!("cannot restart into {}: {err}", binary.display())
-}
-
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(parent) = path.parent() {
-            std::fs::File::open(parent)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    RestartError::Exec {
+        binary: binary.to_path_buf(),
+        source,
     }
 }
 
@@ -243,7 +327,7 @@ impl Upgrader {
         }
     }
 
-    fn report() -> Result<HostReport, String> {
+    fn report() -> Result<HostReport, UpgradeError> {
         Ok(HostReport {
             current: Some(own_sha256()?),
             releases: Vec::new(),
@@ -259,7 +343,7 @@ impl Upgrader {
         &self,
         binary: &AgentBinary,
         log: &mut Vec<String>,
-    ) -> Result<HostReport, String> {
+    ) -> Result<HostReport, UpgradeError> {
         if own_sha256()? == binary.sha256 {
             log.push(format!(
                 "already running {} ({})",
@@ -269,25 +353,28 @@ impl Upgrader {
             return Self::report();
         }
         if binary.bytes > MAX_BINARY_BYTES {
-            return Err(format!("a {}-byte agent binary is too large", binary.bytes));
+            return Err(UpgradeError::TooLarge(binary.bytes));
         }
         let dir = bin_dir(&self.data_dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|source| UpgradeError::Create {
+            path: dir.clone(),
+            source,
+        })?;
         let staged = self.staged(&binary.sha256);
-        if !(staged.exists() && sha256_of(&staged).ok().as_deref() == Some(binary.sha256.as_str()))
+        if !(staged.exists()
+            && sha256_file(&staged).ok().as_deref() == Some(binary.sha256.as_str()))
         {
             self.fetch(binary, &staged).await?;
         }
         let path = staged.clone();
         let version = tokio::task::spawn_blocking(move || version_of(&path))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(UpgradeError::VersionCheck)??;
         if version != binary.version {
-            return Err(format!(
-                "the fetched binary says it is {version:?}, not {:?}",
-                binary.version
-            ));
+            return Err(UpgradeError::WrongVersion {
+                got: version,
+                expected: binary.version.clone(),
+            });
         }
         log.push(format!(
             "staged {} ({}, {} bytes); it runs",
@@ -298,61 +385,60 @@ impl Upgrader {
         Self::report()
     }
 
-    async fn fetch(&self, binary: &AgentBinary, dest: &Path) -> Result<(), String> {
+    async fn fetch(&self, binary: &AgentBinary, dest: &Path) -> Result<(), UpgradeError> {
         let conn = self
             .source
             .current()
             .filter(|c| c.close_reason().is_none())
-            .ok_or("no connection to the coordinator to fetch the agent binary from")?;
-        let (mut writer, mut reader) = conn.open_stream().await.map_err(|e| e.to_string())?;
+            .ok_or(UpgradeError::NoConnection)?;
+        let (mut writer, mut reader) = conn.open_stream().await.map_err(UpgradeError::Transport)?;
         writer
             .send(&StreamOpen::FetchAgentBinary {
                 sha256: binary.sha256.clone(),
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(UpgradeError::Transport)?;
         writer.finish();
         let tmp = dest.with_extension("part");
-        let mut file = std::fs::File::create(&tmp)
-            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        let write_err = |source| UpgradeError::Write {
+            path: tmp.clone(),
+            source,
+        };
+        let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut bytes = 0u64;
-        while let Some(SourceData(piece)) = reader
-            .recv()
-            .await
-            .map_err(|e| format!("the agent binary's transfer broke off: {e}"))?
-        {
+        while let Some(SourceData(piece)) = reader.recv().await.map_err(UpgradeError::BrokeOff)? {
             bytes += piece.len() as u64;
             if bytes > binary.bytes {
                 let _ = std::fs::remove_file(&tmp);
-                return Err("the coordinator sent more bytes than the binary has".into());
+                return Err(UpgradeError::TooManyBytes);
             }
             ctx.update(&piece);
-            std::io::Write::write_all(&mut file, &piece)
-                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            std::io::Write::write_all(&mut file, &piece).map_err(write_err)?;
         }
         let got = gantry_certs::hex(ctx.finish().as_ref());
         if bytes == 0 {
             let _ = std::fs::remove_file(&tmp);
-            return Err(format!(
-                "the coordinator has no agent binary {} (did its agent_binary change?)",
-                short(&binary.sha256)
-            ));
+            return Err(UpgradeError::NoSuchBinary(short(&binary.sha256).to_owned()));
         }
         if got != binary.sha256 {
             let _ = std::fs::remove_file(&tmp);
-            return Err(format!(
-                "the agent binary arrived as {}, not {}: refusing it",
-                short(&got),
-                short(&binary.sha256)
-            ));
+            return Err(UpgradeError::DigestMismatch {
+                got: short(&got).to_owned(),
+                expected: short(&binary.sha256).to_owned(),
+            });
         }
-        file.sync_all()
-            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        file.sync_all().map_err(write_err)?;
         drop(file);
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .map_err(|e| format!("cannot make {} executable: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, dest).map_err(|e| format!("cannot keep {}: {e}", dest.display()))?;
+            .map_err(|source| UpgradeError::MakeExecutable {
+                path: tmp.clone(),
+                source,
+            })?;
+        std::fs::rename(&tmp, dest).map_err(|source| UpgradeError::Keep {
+            path: dest.to_path_buf(),
+            source,
+        })?;
         sync_dir(&bin_dir(&self.data_dir));
         Ok(())
     }
@@ -383,7 +469,7 @@ impl Upgrader {
         &self,
         binary: &AgentBinary,
         log: &mut Vec<String>,
-    ) -> Result<HostReport, String> {
+    ) -> Result<HostReport, UpgradeError> {
         if own_sha256()? == binary.sha256 {
             log.push(format!(
                 "running {} ({})",
@@ -393,29 +479,29 @@ impl Upgrader {
             return Self::report();
         }
         let dir = bin_dir(&self.data_dir);
-        if sha256_of(&dir.join(FAILED)).ok().as_deref() == Some(binary.sha256.as_str()) {
-            return Err(format!(
-                "this binary did not come up here before (kept as {}); not trying it again",
-                dir.join(FAILED).display()
-            ));
+        if sha256_file(&dir.join(FAILED)).ok().as_deref() == Some(binary.sha256.as_str()) {
+            return Err(UpgradeError::FailedBefore {
+                kept: dir.join(FAILED),
+            });
         }
         let staged = self.staged(&binary.sha256);
         if !staged.exists() {
-            return Err("the binary is not staged here; stage it first".into());
+            return Err(UpgradeError::NotStaged);
         }
         self.drain(log).await;
         let upgraded = dir.join(UPGRADED);
         if upgraded.exists() {
-            std::fs::rename(&upgraded, dir.join(PREVIOUS))
-                .map_err(|e| format!("cannot keep the previous binary: {e}"))?;
+            std::fs::rename(&upgraded, dir.join(PREVIOUS)).map_err(UpgradeError::KeepPrevious)?;
         }
-        std::fs::rename(&staged, &upgraded)
-            .map_err(|e| format!("cannot install {}: {e}", upgraded.display()))?;
+        std::fs::rename(&staged, &upgraded).map_err(|source| UpgradeError::Install {
+            path: upgraded.clone(),
+            source,
+        })?;
         sync_dir(&dir);
         tracing::info!(version = %binary.version, sha256 = %short(&binary.sha256), "restarting into the upgraded agent binary");
         let err = restart_into(&upgraded, &self.data_dir, true);
         self.jobs.set_draining(false);
-        Err(err)
+        Err(err.into())
     }
 
     /// Restarts into the binary with SHA-256 `to` (the one before), or the installed one.
@@ -423,12 +509,12 @@ impl Upgrader {
         &self,
         to: Option<&str>,
         log: &mut Vec<String>,
-    ) -> Result<HostReport, String> {
+    ) -> Result<HostReport, UpgradeError> {
         let own = own_sha256()?;
         let dir = bin_dir(&self.data_dir);
         let upgraded = dir.join(UPGRADED);
-        let installed = installed_binary().ok_or("cannot find the installed agent binary")?;
-        let installed_sha = sha256_of(&installed).ok();
+        let installed = installed_binary().ok_or(UpgradeError::NoInstalledBinary)?;
+        let installed_sha = sha256_file(&installed).ok();
         let target = to.map(str::to_owned).or(installed_sha.clone());
         if target.as_deref() == Some(own.as_str()) {
             // Not restarted yet (or back already): make sure a restart keeps it so.
@@ -439,23 +525,20 @@ impl Upgrader {
         self.drain(log).await;
         let previous = dir.join(PREVIOUS);
         let into = if to.is_some()
-            && sha256_of(&previous).ok().as_deref() == to
+            && sha256_file(&previous).ok().as_deref() == to
             && to != installed_sha.as_deref()
         {
-            std::fs::rename(&previous, &upgraded)
-                .map_err(|e| format!("cannot restore the previous binary: {e}"))?;
+            std::fs::rename(&previous, &upgraded).map_err(UpgradeError::RestorePrevious)?;
             upgraded
         } else if to.is_none() || to == installed_sha.as_deref() {
             if upgraded.exists() {
-                std::fs::rename(&upgraded, dir.join(FAILED))
-                    .map_err(|e| format!("cannot set the upgraded binary aside: {e}"))?;
+                std::fs::rename(&upgraded, dir.join(FAILED)).map_err(UpgradeError::SetAside)?;
             }
             installed
         } else {
             self.jobs.set_draining(false);
-            return Err(format!(
-                "no binary {} here to go back to",
-                short(to.unwrap_or_default())
+            return Err(UpgradeError::NothingToGoBackTo(
+                short(to.unwrap_or_default()).to_owned(),
             ));
         };
         sync_dir(&dir);
@@ -465,7 +548,7 @@ impl Upgrader {
             into != installed_binary().unwrap_or_default(),
         );
         self.jobs.set_draining(false);
-        Err(err)
+        Err(err.into())
     }
 }
 
@@ -490,7 +573,7 @@ mod tests {
         let f = dir.path().join("f");
         std::fs::write(&f, b"abc").expect("write");
         assert_eq!(
-            sha256_of(&f).expect("sha"),
+            sha256_file(&f).expect("sha"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }

@@ -39,9 +39,9 @@ impl DataDirError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::NotEnrolled { .. } | Self::Invalid { .. } | Self::Read { .. } => {
-                crate::exit::USAGE
+                super::exit::USAGE
             }
-            Self::Write { .. } => crate::exit::FAILURE,
+            Self::Write { .. } => super::exit::FAILURE,
         }
     }
 }
@@ -323,6 +323,6 @@ mod tests {
         let err = dir.load().expect_err("bad id");
         assert!(matches!(err, DataDirError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("agent.toml"), "{err}");
-        assert_eq!(err.exit_code(), crate::exit::USAGE);
+        assert_eq!(err.exit_code(), crate::base::exit::USAGE);
     }
 }

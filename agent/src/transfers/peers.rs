@@ -23,9 +23,33 @@ use std::time::Instant;
 use gantry_certs::{Identity, PeerTls};
 use gantry_protocol::{limits, AgentId, ChunkFrame, Digest, Grant, PeerSource, StreamOpen};
 use gantry_transfer::{ChunkCache, PeerDial, PeerLink, RateLimit};
-use gantry_transport::{Connection, Dialer, FrameWriter, Listener};
+use gantry_transport::{Connection, Dialer, FrameWriter, Listener, TransportError};
 
-use crate::datadir::DataDir;
+use crate::base::datadir::{CredentialsError, DataDir, DataDirError};
+
+/// Why the peer side cannot start, a peer cannot be reached, or a fetch was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("peer TLS: {0}")]
+    Tls(gantry_certs::TlsError),
+    #[error("cannot listen for peers on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: TransportError,
+    },
+    #[error(transparent)]
+    Dialer(#[from] CredentialsError),
+    #[error(transparent)]
+    Connect(TransportError),
+    /// The fetch was refused; the peer was told this.
+    #[error("{0}")]
+    Refused(String),
+    /// Serving broke off (`gantry_transfer::serve_chunks`' reason).
+    #[error("{0}")]
+    Serve(String),
+}
 
 /// A release this host shares while (and for a while after) it stages it.
 #[derive(Debug)]
@@ -82,9 +106,9 @@ impl PeerService {
         listen: Option<SocketAddr>,
         cache: ChunkCache,
         send_limit: Option<Arc<RateLimit>>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PeerError> {
         let data_dir = DataDir::new(data_dir);
-        let me = data_dir.load().map_err(|e| e.to_string())?.config.agent_id;
+        let me = data_dir.load()?.config.agent_id;
         let listener = match listen {
             None => None,
             Some(addr) => {
@@ -92,7 +116,7 @@ impl PeerService {
                 let secret: [u8; 32] = std::array::from_fn(|_| fastrand::u8(..));
                 Some(
                     Listener::bind(addr, tls, &secret)
-                        .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?,
+                        .map_err(|source| PeerError::Listen { addr, source })?,
                 )
             }
         };
@@ -231,17 +255,12 @@ impl PeerService {
             .collect()
     }
 
-    async fn dial(&self, peer: &PeerSource) -> Result<Connection, String> {
-        let creds = self
-            .inner
-            .data_dir
-            .load()
-            .map_err(|e| e.to_string())?
-            .credentials;
+    async fn dial(&self, peer: &PeerSource) -> Result<Connection, PeerError> {
+        let creds = self.inner.data_dir.load()?.credentials;
         let dialer = self
             .inner
             .dialer
-            .get_or_try_init(|| async { creds.dialer(false).map_err(|e| e.to_string()) })
+            .get_or_try_init(|| async { creds.dialer(false).map_err(PeerError::from) })
             .await?;
         let tls = PeerTls::client(
             &creds.ca_der,
@@ -249,11 +268,11 @@ impl PeerService {
             &creds.identity_pem,
             &peer.agent,
         )
-        .map_err(|e| format!("peer TLS: {e}"))?;
+        .map_err(PeerError::Tls)?;
         dialer
             .connect_peer(tls, &peer.address, limits::PEER_CONNECT_DEADLINE)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(PeerError::Connect)
     }
 
     async fn accept_loop(self) {
@@ -331,7 +350,7 @@ impl PeerService {
         manifest: &Digest,
         writer: &mut FrameWriter,
         reader: &mut gantry_transport::FrameReader,
-    ) -> Result<(), String> {
+    ) -> Result<(), PeerError> {
         let Grant::Deploy { deployment, epoch } = grant else {
             return refuse(writer, "peers serve only deployments' releases".into()).await;
         };
@@ -378,23 +397,24 @@ impl PeerService {
             &still_fetching,
             self.inner.send_limit.as_deref(),
         )
-        .await?;
+        .await
+        .map_err(PeerError::Serve)?;
         tracing::debug!(%peer, chunks = figures.chunks, bytes = figures.bytes, unavailable = figures.unavailable, "served a peer");
         Ok(())
     }
 }
 
-async fn refuse(writer: &mut FrameWriter, message: String) -> Result<(), String> {
+/// Tells the peer why its fetch is refused; the refusal is also the fetch's error.
+async fn refuse(writer: &mut FrameWriter, message: String) -> Result<(), PeerError> {
     let _ = writer
         .send(&ChunkFrame::Refused {
             message: message.clone(),
         })
         .await;
-    Err(message)
+    Err(PeerError::Refused(message))
 }
 
-fn server_tls(data_dir: &DataDir) -> Result<rustls::ServerConfig, String> {
-    let creds = data_dir.load().map_err(|e| e.to_string())?.credentials;
-    PeerTls::server(&creds.ca_der, &creds.identity_pem, &creds.identity_pem)
-        .map_err(|e| format!("peer TLS: {e}"))
+fn server_tls(data_dir: &DataDir) -> Result<rustls::ServerConfig, PeerError> {
+    let creds = data_dir.load()?.credentials;
+    PeerTls::server(&creds.ca_der, &creds.identity_pem, &creds.identity_pem).map_err(PeerError::Tls)
 }

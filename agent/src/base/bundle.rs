@@ -6,7 +6,6 @@
 //! has matched the whole bundle, this binary included, against the digest the operator
 //! carried to the host; on its own it proves nothing about the bundle it came in.
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 /// What `verify-bundle` checks.
@@ -45,7 +44,7 @@ pub enum VerifyError {
 impl VerifyError {
     /// A bundle that does not verify is bad input; an unreadable file too.
     pub fn exit_code(&self) -> u8 {
-        crate::exit::USAGE
+        super::exit::USAGE
     }
 }
 
@@ -62,7 +61,7 @@ pub fn verify(options: &VerifyOptions) -> Result<String, VerifyError> {
     })?;
     let expected = gantry_certs::bundle::normalize_digest(&options.sha256)?;
     if let Some(path) = &options.bundle {
-        let actual = sha256_file(path).map_err(read_err(path))?;
+        let actual = super::files::sha256_file(path).map_err(read_err(path))?;
         if actual != expected {
             return Err(VerifyError::Digest {
                 path: path.clone(),
@@ -73,19 +72,6 @@ pub fn verify(options: &VerifyOptions) -> Result<String, VerifyError> {
     }
     gantry_certs::bundle::verify(&ca_der, &expected, &options.signature)?;
     Ok(gantry_certs::fingerprint(&ca_der))
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(gantry_certs::hex(ctx.finish().as_ref()));
-        }
-        ctx.update(&buf[..n]);
-    }
 }
 
 #[cfg(test)]
@@ -123,6 +109,6 @@ mod tests {
         options.sha256 = gantry_certs::hex(&gantry_certs::sha256(b"pretend this is a tar!"));
         let err = verify(&options).expect_err("signature over another digest");
         assert!(matches!(err, VerifyError::Signature(_)), "{err}");
-        assert_eq!(err.exit_code(), crate::exit::USAGE);
+        assert_eq!(err.exit_code(), crate::base::exit::USAGE);
     }
 }

@@ -20,7 +20,13 @@ use gantry_transport::{Connection, TransportError};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::mask::Masker;
+use crate::base::files::fresh_dir;
+use crate::base::mask::Masker;
+use crate::runner::LogSink;
+use crate::transfers::artifacts::{self, ArtifactError, RestoredCache};
+use crate::transfers::{ConnectionSource, Transfers};
+
+pub mod steps;
 
 /// Output is sent at least this often while a job prints.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -35,6 +41,74 @@ pub const DEFAULT_LOG_CAP_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 
 type Key = (JobId, Attempt);
+
+/// Why a dispatched job is not taken; the text goes back to the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error(
+        "this agent is about to restart into a new binary (a fleet upgrade); it takes no new job"
+    )]
+    Draining,
+    #[error("all {0} slots are busy")]
+    Busy(u32),
+    #[error("cannot create the log spool {}: {source}", path.display())]
+    Spool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a job ended in an error before or after its steps; the text goes to its log.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot create the workspace {}: {source}", path.display())]
+    Workspace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no connection to the coordinator to fetch the source tree from")]
+    NoSourceConnection,
+    #[error("cannot prepare the source tree: {0}")]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("{0}: the job's timeout passed")]
+    Deadline(&'static str),
+    #[error("{0}: the job was cancelled")]
+    Cancelled(&'static str),
+}
+
+/// The run's source tree could not be fetched or unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Transport(TransportError),
+    #[error("the source transfer broke off: {0}")]
+    BrokeOff(TransportError),
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the source tree arrived as {got}, not {expected}: refusing it")]
+    Digest { got: String, expected: String },
+    #[error("{0}")]
+    UnpackTask(tokio::task::JoinError),
+    #[error("cannot read {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Archive(std::io::Error),
+    #[error("{}: {source}", path.display())]
+    Entry {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the archive entry {} would land outside the workspace", path.display())]
+    Outside { path: PathBuf },
+}
 
 /// Progress of one job's log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -70,7 +144,7 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct JobManager {
     inner: Arc<Mutex<Inner>>,
-    transfers: crate::artifacts::Transfers,
+    transfers: Transfers,
     work_dir: PathBuf,
     spool_dir: PathBuf,
     slots: u32,
@@ -84,7 +158,7 @@ impl JobManager {
     pub fn new(
         data_dir: &Path,
         slots: u32,
-        transfers: crate::artifacts::Transfers,
+        transfers: Transfers,
     ) -> (Self, mpsc::UnboundedReceiver<JobResult>) {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let manager = Self {
@@ -125,23 +199,25 @@ impl JobManager {
 
     /// Takes a dispatched job. A repeat of an attempt already held is accepted again
     /// (the coordinator may re-send after a reconnect); a new one needs a free slot.
-    pub fn start(&self, assignment: JobAssignment) -> Result<(), String> {
+    pub fn start(&self, assignment: JobAssignment) -> Result<(), Rejected> {
         let key = (assignment.job, assignment.attempt);
         let mut inner = self.lock();
         if inner.jobs.contains_key(&key) {
             return Ok(());
         }
         if inner.draining {
-            return Err("this agent is about to restart into a new binary (a fleet upgrade); it takes no new job".into());
+            return Err(Rejected::Draining);
         }
         let busy = inner.jobs.values().filter(|e| e.result.is_none()).count();
         if busy >= self.slots as usize {
-            return Err(format!("all {} slots are busy", self.slots));
+            return Err(Rejected::Busy(self.slots));
         }
         let name = format!("{}-{}", assignment.job, assignment.attempt);
         let spool = self.spool_dir.join(&name);
-        crate::exec::fresh_dir(&spool)
-            .map_err(|e| format!("cannot create the log spool {}: {e}", spool.display()))?;
+        fresh_dir(&spool).map_err(|source| Rejected::Spool {
+            path: spool.clone(),
+            source,
+        })?;
         let (progress, _) = watch::channel(LogProgress::default());
         let (cancel, cancel_rx) = watch::channel(false);
         inner.jobs.insert(
@@ -193,8 +269,10 @@ impl JobManager {
             tokio::time::Instant::now() + Duration::from_millis(assignment.timeout_ms.max(1));
         let mut stop = cancel.clone();
         let inputs = async {
-            crate::exec::fresh_dir(&workspace)
-                .map_err(|e| format!("cannot create the workspace {}: {e}", workspace.display()))?;
+            fresh_dir(&workspace).map_err(|source| JobError::Workspace {
+                path: workspace.clone(),
+                source,
+            })?;
             if let Some(source) = &assignment.source {
                 self.fetch_source(key, source, &workspace).await?;
             }
@@ -202,22 +280,21 @@ impl JobManager {
         };
         let prepared = bounded(inputs, deadline, &mut stop, "preparing the job's inputs").await;
         let mut outcome = match &prepared {
-            Ok(_) => crate::exec::run_job(&assignment, &workspace, &log_tx, cancel).await,
-            Err(message) => {
+            Ok(_) => steps::run_job(&assignment, &workspace, &log_tx, cancel).await,
+            Err(e) => {
+                let message = e.to_string();
                 let _ = log_tx
                     .send(format!("\u{2716} {message}\n").into_bytes())
                     .await;
-                gantry_protocol::JobOutcome::Error {
-                    message: message.clone(),
-                }
+                gantry_protocol::JobOutcome::Error { message }
             }
         };
         if outcome == gantry_protocol::JobOutcome::Succeeded {
             let restored = prepared.ok().flatten();
             let outputs = self.save_outputs(&assignment, &workspace, &log_tx, restored.as_ref());
-            if let Err(message) =
-                bounded(outputs, deadline, &mut stop, "saving the job's outputs").await
+            if let Err(e) = bounded(outputs, deadline, &mut stop, "saving the job's outputs").await
             {
+                let message = e.to_string();
                 let _ = log_tx
                     .send(format!("\u{2716} {message}\n").into_bytes())
                     .await;
@@ -252,23 +329,18 @@ impl JobManager {
         &self,
         assignment: &JobAssignment,
         workspace: &Path,
-        log: &crate::exec::LogSink,
-    ) -> Result<Option<crate::artifacts::RestoredCache>, String> {
+        log: &LogSink,
+    ) -> Result<Option<RestoredCache>, JobError> {
         if assignment.downloads {
-            crate::artifacts::download_inputs(&self.transfers, self, assignment, workspace, log)
-                .await?;
+            artifacts::download_inputs(&self.transfers, self, assignment, workspace, log).await?;
         }
         match &assignment.cache {
-            Some(spec) => crate::artifacts::restore_cache(
-                &self.transfers,
-                self,
-                assignment,
-                spec,
-                workspace,
-                log,
-            )
-            .await
-            .map(Some),
+            Some(spec) => {
+                artifacts::restore_cache(&self.transfers, self, assignment, spec, workspace, log)
+                    .await
+                    .map(Some)
+                    .map_err(JobError::from)
+            }
             None => Ok(None),
         }
     }
@@ -278,13 +350,12 @@ impl JobManager {
         &self,
         assignment: &JobAssignment,
         workspace: &Path,
-        log: &crate::exec::LogSink,
-        restored: Option<&crate::artifacts::RestoredCache>,
-    ) -> Result<(), String> {
-        crate::artifacts::upload_artifact(&self.transfers, self, assignment, workspace, log)
-            .await?;
+        log: &LogSink,
+        restored: Option<&RestoredCache>,
+    ) -> Result<(), JobError> {
+        artifacts::upload_artifact(&self.transfers, self, assignment, workspace, log).await?;
         if let (Some(spec), Some(restored)) = (&assignment.cache, restored) {
-            crate::artifacts::save_cache(
+            artifacts::save_cache(
                 &self.transfers,
                 self,
                 assignment,
@@ -300,16 +371,14 @@ impl JobManager {
 
     /// Fetches the run's source tree over the current connection (waiting up to a minute
     /// for one), checks its SHA-256 against its id, and unpacks it into `workspace`.
-    async fn fetch_source(&self, key: Key, source: &str, workspace: &Path) -> Result<(), String> {
+    async fn fetch_source(&self, key: Key, source: &str, workspace: &Path) -> Result<(), JobError> {
         let deadline = tokio::time::Instant::now() + SOURCE_CONNECT_WAIT;
         let conn = loop {
             if let Some(conn) = self.lock().conn.clone() {
                 break conn;
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(
-                    "no connection to the coordinator to fetch the source tree from".into(),
-                );
+                return Err(JobError::NoSourceConnection);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
@@ -317,34 +386,36 @@ impl JobManager {
             .spool_dir
             .join(format!("{}-{}.source.tar", key.0, key.1));
         let fetched = async {
-            let (mut writer, mut reader) = conn.open_stream().await.map_err(|e| e.to_string())?;
+            let (mut writer, mut reader) =
+                conn.open_stream().await.map_err(SourceError::Transport)?;
             writer
                 .send(&StreamOpen::FetchSource {
                     job: key.0,
                     attempt: key.1,
                 })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(SourceError::Transport)?;
             writer.finish();
-            let mut file = std::fs::File::create(&archive)
-                .map_err(|e| format!("cannot write {}: {e}", archive.display()))?;
+            let write_err = |source| SourceError::Write {
+                path: archive.clone(),
+                source,
+            };
+            let mut file = std::fs::File::create(&archive).map_err(write_err)?;
             let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-            while let Some(gantry_protocol::SourceData(piece)) = reader
-                .recv()
-                .await
-                .map_err(|e| format!("the source transfer broke off: {e}"))?
+            while let Some(gantry_protocol::SourceData(piece)) =
+                reader.recv().await.map_err(SourceError::BrokeOff)?
             {
                 digest.update(&piece);
-                std::io::Write::write_all(&mut file, &piece)
-                    .map_err(|e| format!("cannot write {}: {e}", archive.display()))?;
+                std::io::Write::write_all(&mut file, &piece).map_err(write_err)?;
             }
             let got = format!("sha256:{}", gantry_certs::hex(digest.finish().as_ref()));
             if got != source {
-                return Err(format!(
-                    "the source tree arrived as {got}, not {source}: refusing it"
-                ));
+                return Err(SourceError::Digest {
+                    got,
+                    expected: source.to_owned(),
+                });
             }
-            Ok::<_, String>(())
+            Ok::<_, SourceError>(())
         }
         .await;
         let unpacked = match fetched {
@@ -352,13 +423,13 @@ impl JobManager {
                 let (archive, workspace) = (archive.clone(), workspace.to_path_buf());
                 tokio::task::spawn_blocking(move || unpack_source(&archive, &workspace))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(SourceError::UnpackTask)
                     .and_then(|r| r)
             }
             Err(e) => Err(e),
         };
         let _ = std::fs::remove_file(&archive);
-        unpacked.map_err(|e| format!("cannot prepare the source tree: {e}"))
+        Ok(unpacked?)
     }
 
     /// Stops a job attempt (SIGTERM to its process group, SIGKILL after the grace).
@@ -656,7 +727,7 @@ impl Chunker {
     }
 }
 
-impl crate::artifacts::ConnectionSource for JobManager {
+impl ConnectionSource for JobManager {
     fn current(&self) -> Option<Connection> {
         self.lock().conn.clone()
     }
@@ -664,15 +735,15 @@ impl crate::artifacts::ConnectionSource for JobManager {
 
 /// Runs `work` until it ends, the job's deadline passes or the job is cancelled.
 async fn bounded<T>(
-    work: impl std::future::Future<Output = Result<T, String>>,
+    work: impl std::future::Future<Output = Result<T, JobError>>,
     deadline: tokio::time::Instant,
     cancel: &mut watch::Receiver<bool>,
-    what: &str,
-) -> Result<T, String> {
+    what: &'static str,
+) -> Result<T, JobError> {
     tokio::select! {
         result = work => result,
-        () = tokio::time::sleep_until(deadline) => Err(format!("{what}: the job's timeout passed")),
-        _ = cancel.wait_for(|c| *c) => Err(format!("{what}: the job was cancelled")),
+        () = tokio::time::sleep_until(deadline) => Err(JobError::Deadline(what)),
+        _ = cancel.wait_for(|c| *c) => Err(JobError::Cancelled(what)),
     }
 }
 
@@ -682,24 +753,26 @@ const SOURCE_CONNECT_WAIT: Duration = Duration::from_secs(60);
 /// Unpacks a source tree archive into `workspace`. Entries that would land outside it
 /// (absolute paths, `..`, through a symlink) are refused by the tar reader and end the
 /// job with an error. Modes are kept, so scripts stay executable.
-fn unpack_source(archive: &Path, workspace: &Path) -> Result<(), String> {
-    let file = std::fs::File::open(archive)
-        .map_err(|e| format!("cannot read {}: {e}", archive.display()))?;
+fn unpack_source(archive: &Path, workspace: &Path) -> Result<(), SourceError> {
+    let file = std::fs::File::open(archive).map_err(|source| SourceError::Open {
+        path: archive.to_path_buf(),
+        source,
+    })?;
     let mut tar = tar::Archive::new(file);
     tar.set_preserve_permissions(true);
     tar.set_overwrite(true);
-    for entry in tar.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| e.to_string())?;
-        let path = entry.path().map_err(|e| e.to_string())?.into_owned();
+    for entry in tar.entries().map_err(SourceError::Archive)? {
+        let mut entry = entry.map_err(SourceError::Archive)?;
+        let path = entry.path().map_err(SourceError::Archive)?.into_owned();
         // unpack_in returns false for an entry that would escape the workspace.
-        if !entry
+        let inside = entry
             .unpack_in(workspace)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-        {
-            return Err(format!(
-                "the archive entry {} would land outside the workspace",
-                path.display()
-            ));
+            .map_err(|source| SourceError::Entry {
+                path: path.clone(),
+                source,
+            })?;
+        if !inside {
+            return Err(SourceError::Outside { path });
         }
     }
     Ok(())
@@ -756,7 +829,7 @@ mod tests {
         bytes.extend_from_slice(b"evil");
         bytes.resize(1024 + 1024, 0);
         std::fs::write(&evil, bytes).expect("write");
-        let err = unpack_source(&evil, &ws).expect_err("refused");
+        let err = unpack_source(&evil, &ws).expect_err("refused").to_string();
         assert!(
             err.contains("outside the workspace") || err.contains(".."),
             "{err}"

@@ -5,7 +5,7 @@
 //! and one disk list whose entry for the data directory is the only one ever refreshed.
 //! No process table is ever read.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use gantry_protocol::HostFigures;
 use sysinfo::{DiskRefreshKind, Disks, MemoryRefreshKind, System};
@@ -97,11 +97,6 @@ pub fn hostname() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Default location of the Docker socket, whose presence adds the `docker` capability.
-pub fn docker_socket() -> PathBuf {
-    PathBuf::from("/var/run/docker.sock")
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! Labels an agent reports: automatic ones about the host, the ones saved at enrollment,
 //! and the ones given on the command line, merged in that order so the later source wins.
-//! Also the host's capabilities. Pure apart from [`capabilities`]' one Docker ping.
-
-use std::path::Path;
+//! Also the host's capabilities, from what the runners found (pure: the Docker probe is
+//! the Docker runner's).
 
 use gantry_protocol::{limits, Labels};
 
@@ -58,14 +57,6 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = &'a Labels>) -> Labels {
         merged.extend(source.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     merged
-}
-
-/// What this host can run: always `shell`, plus `docker` when a Docker engine answers a
-/// ping within two seconds, on the `unix://` socket of `DOCKER_HOST` or else on
-/// `docker_socket`. A socket file alone is not enough: a stopped daemon leaves it behind.
-/// Checked once, at startup.
-pub fn capabilities(docker_socket: &Path) -> Vec<String> {
-    capabilities_with(crate::docker::available(docker_socket))
 }
 
 /// The capabilities of a host on which Docker answers (`docker`) or not.
@@ -129,18 +120,5 @@ mod tests {
         );
         let repeated = from_pairs([("a".into(), "1".into()), ("a".into(), "2".into())]);
         assert_eq!(repeated, labels(&[("a", "2")]));
-    }
-
-    #[test]
-    fn docker_capability_follows_the_engine_not_the_socket_file() {
-        assert_eq!(capabilities_with(false), ["shell"]);
-        assert_eq!(capabilities_with(true), ["shell", "docker"]);
-        if std::env::var_os("DOCKER_HOST").is_none() {
-            // A socket file that nothing listens on is no Docker.
-            let dir = tempfile::tempdir().expect("tempdir");
-            let socket = dir.path().join("docker.sock");
-            std::fs::write(&socket, b"").expect("touch");
-            assert_eq!(capabilities(&socket), ["shell"]);
-        }
     }
 }

@@ -67,16 +67,60 @@ impl Default for Verdict {
     }
 }
 
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{address}: {source}")]
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("{address}: no connection within {timeout:?}")]
+    ConnectTimeout { address: String, timeout: Duration },
+    #[error("{url}: only http:// URLs are probed")]
+    NotHttpUrl { url: String },
+    #[error("{url}: {source}")]
+    Http { url: String, source: std::io::Error },
+    #[error("{url}: no answer within {timeout:?}")]
+    HttpTimeout { url: String, timeout: Duration },
+    #[error("{url}: not an HTTP answer")]
+    NotHttpAnswer { url: String },
+    #[error("{url}: status {status}, expected {expected}")]
+    Status {
+        url: String,
+        status: u16,
+        expected: u16,
+    },
+    #[error("{url}: the body does not contain {body:?}")]
+    Body { url: String, body: String },
+    #[error("the command did not finish within {0:?}")]
+    CommandTimeout(Duration),
+    #[error("the check exited with {code}: {last_line}")]
+    CommandExit { code: i32, last_line: String },
+    /// The command probe could not run at all.
+    #[error(transparent)]
+    Command(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The check's verdict was "unhealthy".
+#[derive(Debug, thiserror::Error)]
+#[error("unhealthy after {elapsed_secs:.1} s: {}", last.as_ref().map_or_else(|| "not healthy for long enough".to_owned(), ToString::to_string))]
+pub struct Unhealthy {
+    pub elapsed_secs: f64,
+    /// The last probe's failure; `None` when probes passed but not for long enough.
+    pub last: Option<ProbeError>,
+}
+
 /// Runs the check until a verdict. `fill` fills in `${{ labels.X }}` and
 /// `${{ slot.port }}` in URLs and addresses; `run_command` runs a command probe.
 pub async fn check<F, Fut>(
     check: &HealthCheck,
     fill: &(dyn Fn(&str) -> String + Sync),
     run_command: F,
-) -> Result<(), String>
+) -> Result<(), Unhealthy>
 where
     F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), ProbeError>>,
 {
     let started = tokio::time::Instant::now();
     let mut verdict = Verdict::new();
@@ -90,7 +134,7 @@ where
             Probe::Command { run } => {
                 match tokio::time::timeout(timeout, run_command(run.clone())).await {
                     Ok(r) => r,
-                    Err(_) => Err(format!("the command did not finish within {timeout:?}")),
+                    Err(_) => Err(ProbeError::CommandTimeout(timeout)),
                 }
             }
         };
@@ -98,13 +142,10 @@ where
         match verdict.next(check, elapsed, result.is_ok()) {
             Next::Healthy => return Ok(()),
             Next::Unhealthy => {
-                let last = result
-                    .err()
-                    .unwrap_or_else(|| "not healthy for long enough".into());
-                return Err(format!(
-                    "unhealthy after {:.1} s: {last}",
-                    elapsed as f64 / 1000.0
-                ));
+                return Err(Unhealthy {
+                    elapsed_secs: elapsed as f64 / 1000.0,
+                    last: result.err(),
+                });
             }
             Next::ProbeAgain => {
                 tokio::time::sleep(Duration::from_millis(check.interval_ms)).await;
@@ -113,11 +154,17 @@ where
     }
 }
 
-async fn tcp_probe(address: &str, timeout: Duration) -> Result<(), String> {
+async fn tcp_probe(address: &str, timeout: Duration) -> Result<(), ProbeError> {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("{address}: {e}")),
-        Err(_) => Err(format!("{address}: no connection within {timeout:?}")),
+        Ok(Err(source)) => Err(ProbeError::Connect {
+            address: address.to_owned(),
+            source,
+        }),
+        Err(_) => Err(ProbeError::ConnectTimeout {
+            address: address.to_owned(),
+            timeout,
+        }),
     }
 }
 
@@ -128,10 +175,12 @@ async fn http_probe(
     want_status: u16,
     want_body: Option<&str>,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are probed"))?;
+        .ok_or_else(|| ProbeError::NotHttpUrl {
+            url: url.to_owned(),
+        })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -141,41 +190,54 @@ async fn http_probe(
     } else {
         format!("{authority}:80")
     };
+    let http = |source| ProbeError::Http {
+        url: url.to_owned(),
+        source,
+    };
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(&address)
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(http)?;
         let request = format!(
             "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: gantry-agent\r\nConnection: close\r\n\r\n"
         );
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+        stream.write_all(request.as_bytes()).await.map_err(http)?;
         let mut answer = Vec::new();
         (&mut stream)
             .take(MAX_HTTP_ANSWER as u64)
             .read_to_end(&mut answer)
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        Ok::<_, String>(answer)
+            .map_err(http)?;
+        Ok::<_, ProbeError>(answer)
     };
     let answer = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("{url}: no answer within {timeout:?}"))??;
+        .map_err(|_| ProbeError::HttpTimeout {
+            url: url.to_owned(),
+            timeout,
+        })??;
     let text = String::from_utf8_lossy(&answer);
     let status: u16 = text
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{url}: not an HTTP answer"))?;
+        .ok_or_else(|| ProbeError::NotHttpAnswer {
+            url: url.to_owned(),
+        })?;
     if status != want_status {
-        return Err(format!("{url}: status {status}, expected {want_status}"));
+        return Err(ProbeError::Status {
+            url: url.to_owned(),
+            status,
+            expected: want_status,
+        });
     }
     if let Some(body) = want_body {
         let content = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         if !content.contains(body) {
-            return Err(format!("{url}: the body does not contain {body:?}"));
+            return Err(ProbeError::Body {
+                url: url.to_owned(),
+                body: body.to_owned(),
+            });
         }
     }
     Ok(())
@@ -262,11 +324,13 @@ mod tests {
         assert!(http_probe(&url, 200, Some("ready"), t).await.is_ok());
         let err = http_probe(&url, 200, Some("ready"), t)
             .await
-            .expect_err("body");
+            .expect_err("body")
+            .to_string();
         assert!(err.contains("does not contain"), "{err}");
         let err = http_probe("http://127.0.0.1:1/x", 200, None, t)
             .await
-            .expect_err("refused");
+            .expect_err("refused")
+            .to_string();
         assert!(err.contains("127.0.0.1:1"), "{err}");
         assert!(http_probe("https://x/", 200, None, t).await.is_err());
     }

@@ -1,49 +1,27 @@
-//! Running a job's steps under the shell on this host, or in Docker containers when the
-//! job names an image ([`crate::docker`]).
+//! Running a job's steps, in order, through the step runner the job calls for: the shell
+//! on this host, or Docker containers when the job names an image.
 //!
-//! Owns: the job's fresh workspace, each step's process (its own process group, so a
-//! cancel or timeout reaches every process the step started), the environment a step
-//! sees (only the job's declared variables, `GANTRY_*`, and for shell steps `PATH`/`HOME`
-//! so tools can be found), and turning exits into a [`JobOutcome`]. Output goes to a
-//! [`LogSink`]; what happens to it after that is not this module's business.
+//! Owns: the job's workspace (it exists), each step's working directory (inside the
+//! workspace, never outside), the environment a step sees (only the job's declared
+//! variables, `GANTRY_*`, secrets substituted, and what the runner adds: `PATH`/`HOME`
+//! on the shell, nothing in a container), the log's step headers and verdict lines, and
+//! turning step exits into a [`JobOutcome`]. How a step's process or container runs is
+//! the runner's business (`runner`); what happens to the output after the [`LogSink`]
+//! is not this module's.
 
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use gantry_protocol::{JobAssignment, JobOutcome, Labels};
-use tokio::io::AsyncReadExt;
-use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-/// Where a step's output goes: raw byte pieces in the order they were read.
-pub type LogSink = mpsc::Sender<Vec<u8>>;
-
-/// How long a step's pipes may stay open after its process group was killed.
-pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Why the job is being stopped early.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    Cancelled,
-    TimedOut,
-}
-
-/// Where a job's steps run.
-enum Runner {
-    Shell,
-    /// In containers of the job's image; `workspace` is the absolute host path that is
-    /// bind-mounted into them.
-    Docker {
-        engine: crate::docker::Engine,
-        workspace: PathBuf,
-        user: String,
-    },
-}
+use crate::runner::docker::DockerRunner;
+use crate::runner::shell::ShellRunner;
+use crate::runner::{LogSink, Step, StepExit, StepRunner, Stop, StopReason};
 
 /// Runs every step of `job` in `workspace` until one fails, the job is cancelled
 /// (`cancel` becomes true) or its timeout passes. A job with an image runs each step in
-/// a container of that image (see [`crate::docker`]).
+/// a container of that image.
 pub async fn run_job(
     job: &JobAssignment,
     workspace: &Path,
@@ -62,7 +40,7 @@ async fn run_steps(
     job: &JobAssignment,
     workspace: &Path,
     log: &LogSink,
-    mut cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<bool>,
 ) -> JobOutcome {
     // The caller makes the workspace fresh (and may have unpacked the run's source
     // tree into it); this only makes sure it exists.
@@ -71,69 +49,56 @@ async fn run_steps(
             message: format!("cannot create the workspace {}: {e}", workspace.display()),
         };
     }
-    let runner = match &job.image {
-        None => Runner::Shell,
-        Some(image) => {
-            let engine = match crate::docker::Engine::prepare(image).await {
-                Ok(engine) => engine,
-                Err(message) => return JobOutcome::Error { message },
-            };
-            let workspace = match std::path::absolute(workspace) {
-                Ok(path) => path,
-                Err(e) => {
-                    return JobOutcome::Error {
-                        message: format!(
-                            "cannot resolve the workspace {}: {e}",
-                            workspace.display()
-                        ),
-                    }
-                }
-            };
-            Runner::Docker {
-                engine,
-                workspace,
-                user: crate::docker::agent_user(),
-            }
-        }
-    };
+    match &job.image {
+        None => run_with(&ShellRunner::new(workspace), job, workspace, log, cancel).await,
+        Some(image) => match DockerRunner::prepare(image, workspace).await {
+            Ok(runner) => run_with(&runner, job, workspace, log, cancel).await,
+            Err(e) => JobOutcome::Error {
+                message: e.to_string(),
+            },
+        },
+    }
+}
+
+/// Runs the steps with `runner`, each after the one before succeeded.
+async fn run_with<R: StepRunner>(
+    runner: &R,
+    job: &JobAssignment,
+    workspace: &Path,
+    log: &LogSink,
+    cancel: watch::Receiver<bool>,
+) -> JobOutcome {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms);
-    let grace = Duration::from_millis(job.kill_grace_ms);
+    let mut halt = Stop::new(deadline, Duration::from_millis(job.kill_grace_ms), cancel);
     let total = job.steps.len();
-    for (index, step) in job.steps.iter().enumerate() {
-        let cwd = match step_dir(workspace, step.working_directory.as_deref()) {
+    for (index, spec) in job.steps.iter().enumerate() {
+        let host_dir = match step_dir(workspace, spec.working_directory.as_deref()) {
             Ok(dir) => dir,
-            Err(message) => return JobOutcome::Error { message },
+            Err(e) => {
+                return JobOutcome::Error {
+                    message: e.to_string(),
+                }
+            }
         };
-        let header = format!("\u{25b6} step {}/{total}: {}\n", index + 1, step.name);
+        let header = format!("\u{25b6} step {}/{total}: {}\n", index + 1, spec.name);
         let _ = log.send(header.into_bytes()).await;
-        let script = substitute_secrets(&step.run, &job.secrets);
-        let exit = match &runner {
-            Runner::Shell => {
-                let env = step_env(job, &step.env, workspace, index);
-                run_step(&script, &cwd, &env, log, deadline, grace, &mut cancel).await
-            }
-            Runner::Docker {
-                engine,
-                workspace,
-                user,
-            } => {
-                let spec = crate::docker::StepContainer {
-                    job,
-                    step_number: index + 1,
-                    script,
-                    env: gantry_env(job, &step.env, crate::docker::CONTAINER_WORKSPACE, index),
-                    host_workspace: workspace.clone(),
-                    working_directory: step.working_directory.as_deref(),
-                    user: user.clone(),
-                };
-                engine
-                    .run_step(&spec, log, deadline, grace, &mut cancel)
-                    .await
-            }
+        let mut env = runner.base_env();
+        env.extend(gantry_env(job, &spec.env, &runner.workspace(), index));
+        let step = Step {
+            job,
+            number: index + 1,
+            script: substitute_secrets(&spec.run, &job.secrets),
+            env,
+            working_directory: spec.working_directory.as_deref(),
+            host_dir,
         };
-        let exit = match exit {
+        let exit = match runner.run(&step, log, &mut halt).await {
             Ok(exit) => exit,
-            Err(message) => return JobOutcome::Error { message },
+            Err(e) => {
+                return JobOutcome::Error {
+                    message: e.to_string(),
+                }
+            }
         };
         match exit {
             StepExit::Code(0) => {}
@@ -161,146 +126,9 @@ async fn run_steps(
     JobOutcome::Succeeded
 }
 
-/// How a step's process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StepExit {
-    /// Exit code, or 128 + signal number when killed by a signal.
-    Code(i32),
-    Stopped(StopReason),
-}
-
-async fn run_step(
-    script: &str,
-    cwd: &Path,
-    env: &Labels,
-    log: &LogSink,
-    deadline: tokio::time::Instant,
-    grace: Duration,
-    cancel: &mut watch::Receiver<bool>,
-) -> Result<StepExit, String> {
-    let mut command = Command::new("/bin/sh");
-    command
-        .arg("-e")
-        .arg("-c")
-        .arg(script)
-        .current_dir(cwd)
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group: signals to -pgid reach everything the step starts.
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start /bin/sh in {}: {e}", cwd.display()))?;
-    let pgid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .ok_or("the step's process has no id")?;
-    let readers = [
-        child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(pump(s, log.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(pump(s, log.clone()))),
-    ];
-    let stopped = tokio::select! {
-        status = child.wait() => {
-            let status = status.map_err(|e| format!("waiting for the step failed: {e}"))?;
-            Ok(StepExit::Code(exit_code(status)))
-        }
-        () = tokio::time::sleep_until(deadline) => Err(StopReason::TimedOut),
-        () = wait_true(cancel) => Err(StopReason::Cancelled),
-    };
-    let exit = match stopped {
-        Ok(exit) => exit,
-        Err(reason) => {
-            signal_group(pgid, libc::SIGTERM);
-            if tokio::time::timeout(grace, child.wait()).await.is_err() {
-                signal_group(pgid, libc::SIGKILL);
-                let _ = child.wait().await;
-            }
-            StepExit::Stopped(reason)
-        }
-    };
-    // Whatever the step left running in its group (background jobs, daemons) goes now,
-    // so nothing outlives the step and its pipes close.
-    signal_group(pgid, libc::SIGKILL);
-    for reader in readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(DRAIN_DEADLINE, reader).await;
-    }
-    Ok(exit)
-}
-
-/// Copies a pipe into the log in pieces of at most 32 KiB, until end of file.
-async fn pump(mut pipe: impl tokio::io::AsyncRead + Unpin, log: LogSink) {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if log.send(buf[..n].to_vec()).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-pub(crate) async fn wait_true(flag: &mut watch::Receiver<bool>) {
-    if flag.wait_for(|v| *v).await.is_err() {
-        // The sender is gone: nobody can cancel any more.
-        std::future::pending::<()>().await;
-    }
-}
-
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
-/// Sends `signal` to every process of the group `pgid`; a group that is gone is fine.
-#[allow(unsafe_code)]
-pub fn signal_group(pgid: i32, signal: i32) {
-    if pgid > 1 {
-        // SAFETY: kill(2) has no memory effects; a negative pid addresses the group, and
-        // pgid > 1 rules out "every process" (-1) and our own group (0).
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
-    }
-}
-
-/// The environment of one shell step: `PATH` and `HOME` from the agent, then
-/// [`gantry_env`]'s (which win).
-fn step_env(job: &JobAssignment, step_env: &Labels, workspace: &Path, index: usize) -> Labels {
-    let mut env = Labels::new();
-    for key in ["PATH", "HOME"] {
-        if let Ok(v) = std::env::var(key) {
-            env.insert(key.to_owned(), v);
-        }
-    }
-    env.entry("PATH".into())
-        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
-    env.extend(gantry_env(
-        job,
-        step_env,
-        &workspace.display().to_string(),
-        index,
-    ));
-    env
-}
-
 /// The environment every step sees, on the host or in a container: `GANTRY_*` (with the
 /// workspace as the step sees it), then the job's declared variables, then the step's.
-/// Nothing from the agent's own environment: a container gets its `PATH` from its image.
+/// Nothing from the agent's own environment: the runner adds what it must.
 fn gantry_env(job: &JobAssignment, step_env: &Labels, workspace: &str, index: usize) -> Labels {
     let mut env = Labels::new();
     env.insert("GANTRY".into(), "true".into());
@@ -326,8 +154,20 @@ pub fn substitute_secrets(text: &str, secrets: &Labels) -> String {
     })
 }
 
+/// A step's `working-directory` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StepDirError {
+    #[error("working-directory {0:?} must be a relative path inside the workspace")]
+    Outside(String),
+    #[error("cannot create working-directory {}: {source}", dir.display())]
+    Create {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The step's working directory inside the workspace; never outside it.
-fn step_dir(workspace: &Path, working_directory: Option<&str>) -> Result<PathBuf, String> {
+fn step_dir(workspace: &Path, working_directory: Option<&str>) -> Result<PathBuf, StepDirError> {
     let Some(rel) = working_directory else {
         return Ok(workspace.to_path_buf());
     };
@@ -336,30 +176,21 @@ fn step_dir(workspace: &Path, working_directory: Option<&str>) -> Result<PathBuf
         .components()
         .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
-        return Err(format!(
-            "working-directory {rel:?} must be a relative path inside the workspace"
-        ));
+        return Err(StepDirError::Outside(rel.to_owned()));
     }
     let dir = workspace.join(rel_path);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create working-directory {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| StepDirError::Create {
+        dir: dir.clone(),
+        source,
+    })?;
     Ok(dir)
-}
-
-/// Removes whatever is at `dir` and creates it empty.
-pub fn fresh_dir(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::create_dir_all(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use gantry_protocol::{JobId, RunId, StepSpec};
+    use tokio::sync::mpsc;
 
     fn job(steps: &[&str], timeout_ms: u64) -> JobAssignment {
         JobAssignment {

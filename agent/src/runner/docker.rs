@@ -1,12 +1,13 @@
 //! Running a job's steps in Docker containers, through the Engine API on the local unix
 //! socket (bollard, with no TLS, SSH or HTTP transport built in).
 //!
-//! Owns: finding and pinging the local engine, checking that the job's image is already
-//! on this host, and one container per step: its configuration ([`container_config`],
-//! pure), its output (into the same [`LogSink`] as shell steps), stopping it on cancel or
-//! timeout, and removing it on every path. It must not pull images (air-gapped hosts
-//! have no registry), must not decide what a step's environment is (that is
-//! [`crate::exec`]'s), and must not leave a container behind.
+//! Owns: finding and pinging the local engine ([`DockerClient`]), checking that the
+//! job's image is already on this host, and one container per step ([`DockerRunner`]):
+//! its configuration ([`container_config`], pure), its output (into the same
+//! [`LogSink`] as shell steps), stopping it on cancel or timeout, and removing it on
+//! every path. It must not pull images (air-gapped hosts have no registry), must not
+//! decide what a step's environment is (that is the job's), and must not leave a
+//! container behind.
 //!
 //! Decisions, with their reasons:
 //! - One container per step, not one per job with `docker exec` per step. A step is then
@@ -36,10 +37,10 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures_util::StreamExt;
 use gantry_protocol::{JobAssignment, Labels};
-use tokio::sync::watch;
 use tracing::warn;
 
-use crate::exec::{wait_true, LogSink, StepExit, StopReason, DRAIN_DEADLINE};
+use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
+use crate::base::labels::capabilities_with;
 
 /// Where the job's workspace appears inside every step's container.
 pub const CONTAINER_WORKSPACE: &str = "/workspace";
@@ -75,33 +76,112 @@ pub fn socket_path(docker_host: Option<&str>, default: &Path) -> Option<PathBuf>
 }
 
 /// The socket this agent uses: `DOCKER_HOST` if it is a `unix://` address, else `default`.
-pub fn configured_socket(default: &Path) -> Result<PathBuf, String> {
+pub fn configured_socket(default: &Path) -> Result<PathBuf, SocketError> {
     let host = std::env::var("DOCKER_HOST").ok();
-    socket_path(host.as_deref(), default).ok_or_else(|| {
-        format!(
-            "DOCKER_HOST={} is not a unix:// socket; the agent only talks to a local Docker engine",
-            host.unwrap_or_default()
-        )
-    })
+    socket_path(host.as_deref(), default)
+        .ok_or_else(|| SocketError::NotUnix(host.unwrap_or_default()))
 }
 
-/// A client for the engine on `socket`, after a ping answered within [`PING_TIMEOUT`].
-pub async fn connect(socket: &Path) -> Result<Docker, String> {
-    let address = socket.display().to_string();
-    if !socket.exists() {
-        return Err(format!("no Docker socket at {address}"));
+/// `DOCKER_HOST` names an engine the agent does not talk to.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(
+        "DOCKER_HOST={0} is not a unix:// socket; the agent only talks to a local Docker engine"
+    )]
+    NotUnix(String),
+}
+
+/// The engine on a socket cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no Docker socket at {0}")]
+    NoSocket(String),
+    #[error("cannot use the Docker socket {address}: {source}")]
+    Client {
+        address: String,
+        source: bollard::errors::Error,
+    },
+    #[error("the Docker engine at {address} does not answer: {source}")]
+    NoAnswer {
+        address: String,
+        source: bollard::errors::Error,
+    },
+    #[error("the Docker engine at {address} did not answer a ping within {PING_TIMEOUT:?}")]
+    PingTimeout { address: String },
+}
+
+/// Why a job's steps cannot run, or one step could not, in containers.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("this agent cannot run jobs in image {image}: {source}")]
+    Socket { image: String, source: SocketError },
+    #[error(
+        "this agent cannot run jobs in image {image}: {source} (is Docker installed and running?)"
+    )]
+    Connect { image: String, source: ConnectError },
+    #[error("{}", missing_image_message(image))]
+    MissingImage { image: String },
+    #[error("cannot inspect the image {image}: {source}")]
+    Inspect { image: String, source: EngineError },
+    #[error("cannot resolve the workspace {}: {source}", path.display())]
+    Workspace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create a container from {image}: {source}")]
+    Create { image: String, source: EngineError },
+    #[error("cannot attach to the container: {0}")]
+    Attach(EngineError),
+    #[error("cannot start the container: {0}")]
+    Start(EngineError),
+    #[error("waiting for the container failed: {0}")]
+    Wait(bollard::errors::Error),
+    #[error("the Docker engine closed the wait for the container")]
+    WaitClosed,
+}
+
+/// A client of the engine on a local socket, after a ping answered within
+/// [`PING_TIMEOUT`].
+#[derive(Clone)]
+pub struct DockerClient {
+    docker: Docker,
+}
+
+impl DockerClient {
+    /// Connects to the engine on `socket` and pings it.
+    pub async fn connect(socket: &Path) -> Result<Self, ConnectError> {
+        let address = socket.display().to_string();
+        if !socket.exists() {
+            return Err(ConnectError::NoSocket(address));
+        }
+        let docker =
+            Docker::connect_with_unix(&address, CLIENT_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                .map_err(|source| ConnectError::Client {
+                    address: address.clone(),
+                    source,
+                })?;
+        match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+            Ok(Ok(_)) => Ok(Self { docker }),
+            Ok(Err(source)) => Err(ConnectError::NoAnswer { address, source }),
+            Err(_) => Err(ConnectError::PingTimeout { address }),
+        }
     }
-    let docker =
-        Docker::connect_with_unix(&address, CLIENT_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| format!("cannot use the Docker socket {address}: {e}"))?;
-    match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
-        Ok(Ok(_)) => Ok(docker),
-        Ok(Err(e)) => Err(format!(
-            "the Docker engine at {address} does not answer: {e}"
-        )),
-        Err(_) => Err(format!(
-            "the Docker engine at {address} did not answer a ping within {PING_TIMEOUT:?}"
-        )),
+
+    /// Whether `image` is on this host. Never pulls.
+    async fn check_image(&self, image: &str) -> Result<(), DockerError> {
+        match bounded(self.docker.inspect_image(image)).await {
+            Ok(_) => Ok(()),
+            Err(EngineError::Api(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })) => Err(DockerError::MissingImage {
+                image: image.to_owned(),
+            }),
+            Err(source) => Err(DockerError::Inspect {
+                image: image.to_owned(),
+                source,
+            }),
+        }
     }
 }
 
@@ -117,9 +197,17 @@ pub fn available(default_socket: &Path) -> bool {
             .enable_all()
             .build()
             .ok()?;
-        runtime.block_on(connect(&socket)).ok()
+        runtime.block_on(DockerClient::connect(&socket)).ok()
     });
     probe.join().ok().flatten().is_some()
+}
+
+/// What this host can run: always `shell`, plus `docker` when a Docker engine answers a
+/// ping within two seconds, on the `unix://` socket of `DOCKER_HOST` or else on
+/// `docker_socket`. A socket file alone is not enough: a stopped daemon leaves it behind.
+/// Checked once, at startup.
+pub fn capabilities(docker_socket: &Path) -> Vec<String> {
+    capabilities_with(available(docker_socket))
 }
 
 /// The message for an image that is not on this host.
@@ -129,50 +217,66 @@ pub fn missing_image_message(image: &str) -> String {
     )
 }
 
-/// A connection to the engine, checked for the job's image: ready to run its steps.
+/// Runs a job's steps in containers of its image: one container per step, the job's
+/// workspace bind-mounted into each.
 #[derive(Clone)]
-pub struct Engine {
-    docker: Docker,
+pub struct DockerRunner {
+    client: DockerClient,
     image: String,
+    /// The absolute host path of the job's workspace.
+    host_workspace: PathBuf,
+    /// `uid:gid` the steps run as.
+    user: String,
 }
 
-impl Engine {
+impl DockerRunner {
     /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
     /// is present. Never pulls.
-    pub async fn prepare(image: &str) -> Result<Self, String> {
-        let socket = configured_socket(Path::new(DEFAULT_SOCKET))
-            .map_err(|e| format!("this agent cannot run jobs in image {image}: {e}"))?;
-        Self::prepare_at(&socket, image).await
+    pub async fn prepare(image: &str, workspace: &Path) -> Result<Self, DockerError> {
+        let socket =
+            configured_socket(Path::new(DEFAULT_SOCKET)).map_err(|source| DockerError::Socket {
+                image: image.to_owned(),
+                source,
+            })?;
+        Self::prepare_at(&socket, image, workspace).await
     }
 
-    /// [`Engine::prepare`] with the engine on `socket`.
-    pub async fn prepare_at(socket: &Path, image: &str) -> Result<Self, String> {
-        let docker = connect(socket).await.map_err(|e| {
-            format!("this agent cannot run jobs in image {image}: {e} (is Docker installed and running?)")
-        })?;
-        match bounded(docker.inspect_image(image)).await {
-            Ok(_) => Ok(Self {
-                docker,
-                image: image.to_owned(),
-            }),
-            Err(EngineError::Api(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404,
-                ..
-            })) => Err(missing_image_message(image)),
-            Err(e) => Err(format!("cannot inspect the image {image}: {e}")),
-        }
+    /// [`DockerRunner::prepare`] with the engine on `socket`.
+    pub async fn prepare_at(
+        socket: &Path,
+        image: &str,
+        workspace: &Path,
+    ) -> Result<Self, DockerError> {
+        let client =
+            DockerClient::connect(socket)
+                .await
+                .map_err(|source| DockerError::Connect {
+                    image: image.to_owned(),
+                    source,
+                })?;
+        client.check_image(image).await?;
+        let host_workspace =
+            std::path::absolute(workspace).map_err(|source| DockerError::Workspace {
+                path: workspace.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            client,
+            image: image.to_owned(),
+            host_workspace,
+            user: agent_user(),
+        })
     }
 
     /// Runs one step in a container of its own and removes the container afterwards,
     /// whatever happened.
-    pub(crate) async fn run_step(
+    async fn run_container(
         &self,
         spec: &StepContainer<'_>,
         log: &LogSink,
-        deadline: tokio::time::Instant,
-        grace: Duration,
-        cancel: &mut watch::Receiver<bool>,
-    ) -> Result<StepExit, String> {
+        halt: &mut Stop,
+    ) -> Result<StepExit, DockerError> {
+        let docker = &self.client.docker;
         let name = format!(
             "gantry-{}-a{}-s{}-{:08x}",
             spec.job.job,
@@ -182,15 +286,18 @@ impl Engine {
         );
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let config = container_config(&self.image, spec);
-        let created = bounded(self.docker.create_container(Some(options), config))
+        let created = bounded(docker.create_container(Some(options), config))
             .await
-            .map_err(|e| format!("cannot create a container from {}: {e}", self.image))?;
+            .map_err(|source| DockerError::Create {
+                image: self.image.clone(),
+                source,
+            })?;
         let mut guard = RemoveOnDrop {
-            docker: Some(self.docker.clone()),
+            docker: Some(docker.clone()),
             id: created.id.clone(),
         };
-        let exit = self.drive(&created.id, log, deadline, grace, cancel).await;
-        let removed = self.remove(&created.id).await;
+        let exit = self.drive(&created.id, log, halt).await;
+        let removed = remove_container(docker, &created.id).await;
         guard.docker = None;
         if let Err(e) = removed {
             warn!(container = %created.id, "cannot remove the container: {e}");
@@ -206,37 +313,35 @@ impl Engine {
         &self,
         id: &str,
         log: &LogSink,
-        deadline: tokio::time::Instant,
-        grace: Duration,
-        cancel: &mut watch::Receiver<bool>,
-    ) -> Result<StepExit, String> {
+        halt: &mut Stop,
+    ) -> Result<StepExit, DockerError> {
+        let docker = &self.client.docker;
         // Attach before start, so not a byte of output is missed.
         let attach = AttachContainerOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
             .stream(true)
             .build();
-        let attached = bounded(self.docker.attach_container(id, Some(attach)))
+        let attached = bounded(docker.attach_container(id, Some(attach)))
             .await
-            .map_err(|e| format!("cannot attach to the container: {e}"))?;
+            .map_err(DockerError::Attach)?;
         let reader = tokio::spawn(pump(attached.output, log.clone()));
         let _abort = AbortOnDrop(reader.abort_handle());
-        bounded(self.docker.start_container(id, None))
+        bounded(docker.start_container(id, None))
             .await
-            .map_err(|e| format!("cannot start the container: {e}"))?;
+            .map_err(DockerError::Start)?;
         // `wait` with the default condition ("not-running") answers at once for a
         // container that has already exited, so asking after start loses nothing.
-        let mut wait = self.docker.wait_container(id, None);
+        let mut wait = docker.wait_container(id, None);
         let stopped = tokio::select! {
             status = wait.next() => Ok(wait_result(status)?),
-            () = tokio::time::sleep_until(deadline) => Err(StopReason::TimedOut),
-            () = wait_true(cancel) => Err(StopReason::Cancelled),
+            reason = halt.requested() => Err(reason),
         };
         let exit = match stopped {
             Ok(code) => StepExit::Code(code),
             Err(reason) => {
                 self.signal(id, "SIGTERM").await;
-                if tokio::time::timeout(grace, wait.next()).await.is_err() {
+                if tokio::time::timeout(halt.grace, wait.next()).await.is_err() {
                     self.signal(id, "SIGKILL").await;
                     let _ = tokio::time::timeout(ENGINE_CALL_DEADLINE, wait.next()).await;
                 }
@@ -252,17 +357,44 @@ impl Engine {
         let options = KillContainerOptionsBuilder::default()
             .signal(signal)
             .build();
-        if let Err(e) = bounded(self.docker.kill_container(id, Some(options))).await {
+        if let Err(e) = bounded(self.client.docker.kill_container(id, Some(options))).await {
             tracing::debug!(container = %id, "{signal} not delivered: {e}");
         }
     }
+}
 
-    /// Removes the container, killing it first if it still runs.
-    async fn remove(&self, id: &str) -> Result<(), EngineError> {
-        remove_container(&self.docker, id).await
+impl StepRunner for DockerRunner {
+    type Error = DockerError;
+
+    fn workspace(&self) -> String {
+        CONTAINER_WORKSPACE.to_owned()
+    }
+
+    /// Nothing from the agent: a container gets its `PATH` from its image.
+    fn base_env(&self) -> Labels {
+        Labels::new()
+    }
+
+    async fn run(
+        &self,
+        step: &Step<'_>,
+        log: &LogSink,
+        halt: &mut Stop,
+    ) -> Result<StepExit, DockerError> {
+        let spec = StepContainer {
+            job: step.job,
+            step_number: step.number,
+            script: step.script.clone(),
+            env: step.env.clone(),
+            host_workspace: self.host_workspace.clone(),
+            working_directory: step.working_directory,
+            user: self.user.clone(),
+        };
+        self.run_container(&spec, log, halt).await
     }
 }
 
+/// Removes the container, killing it first if it still runs.
 async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
@@ -281,14 +413,14 @@ async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> 
 /// error carrying the code; a stream that ends without an answer is a lost engine.
 fn wait_result(
     status: Option<Result<bollard::models::ContainerWaitResponse, bollard::errors::Error>>,
-) -> Result<i32, String> {
+) -> Result<i32, DockerError> {
     match status {
         Some(Ok(response)) => Ok(clamp_code(response.status_code)),
         Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
             Ok(clamp_code(code))
         }
-        Some(Err(e)) => Err(format!("waiting for the container failed: {e}")),
-        None => Err("the Docker engine closed the wait for the container".to_owned()),
+        Some(Err(e)) => Err(DockerError::Wait(e)),
+        None => Err(DockerError::WaitClosed),
     }
 }
 
@@ -305,7 +437,7 @@ pub struct StepContainer<'a> {
     pub step_number: usize,
     /// The script after secret substitution.
     pub script: String,
-    /// The step's environment, as [`crate::exec`] builds it for containers.
+    /// The step's environment, as the job builds it for containers.
     pub env: Labels,
     /// The job's workspace on this host; must be absolute.
     pub host_workspace: PathBuf,
@@ -393,7 +525,7 @@ async fn pump(
 
 /// An engine call failed, or took longer than [`ENGINE_CALL_DEADLINE`].
 #[derive(Debug, thiserror::Error)]
-enum EngineError {
+pub enum EngineError {
     #[error("{0}")]
     Api(#[from] bollard::errors::Error),
     #[error("the Docker engine did not answer within {ENGINE_CALL_DEADLINE:?}")]
@@ -561,12 +693,12 @@ mod tests {
             status_code: 0,
             error: None,
         };
-        assert_eq!(wait_result(Some(Ok(ok))), Ok(0));
+        assert_eq!(wait_result(Some(Ok(ok))).ok(), Some(0));
         let killed = bollard::errors::Error::DockerContainerWaitError {
             error: String::new(),
             code: 137,
         };
-        assert_eq!(wait_result(Some(Err(killed))), Ok(137));
+        assert_eq!(wait_result(Some(Err(killed))).ok(), Some(137));
         assert!(wait_result(None).is_err());
     }
 
@@ -581,10 +713,12 @@ mod tests {
     #[tokio::test]
     async fn an_image_job_without_an_engine_says_why() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let message = Engine::prepare_at(&dir.path().join("absent.sock"), "app:1")
-            .await
-            .err()
-            .expect("no engine");
+        let message =
+            DockerRunner::prepare_at(&dir.path().join("absent.sock"), "app:1", dir.path())
+                .await
+                .err()
+                .expect("no engine")
+                .to_string();
         assert!(
             message.starts_with("this agent cannot run jobs in image app:1: no Docker socket at"),
             "{message}"
@@ -600,6 +734,19 @@ mod tests {
         if std::env::var_os("DOCKER_HOST").is_none() {
             assert!(!available(&dir.path().join("absent.sock")));
             assert!(!available(&not_a_socket));
+        }
+    }
+
+    #[test]
+    fn docker_capability_follows_the_engine_not_the_socket_file() {
+        assert_eq!(capabilities_with(false), ["shell"]);
+        assert_eq!(capabilities_with(true), ["shell", "docker"]);
+        if std::env::var_os("DOCKER_HOST").is_none() {
+            // A socket file that nothing listens on is no Docker.
+            let dir = tempfile::tempdir().expect("tempdir");
+            let socket = dir.path().join("docker.sock");
+            std::fs::write(&socket, b"").expect("touch");
+            assert_eq!(capabilities(&socket), ["shell"]);
         }
     }
 }
