@@ -334,6 +334,24 @@ impl Upgrader {
         })
     }
 
+    /// When this process runs `binary` already: says so (`running` is the verb) and
+    /// answers with the report; a step that finds its work done is done.
+    fn if_running(
+        binary: &AgentBinary,
+        log: &mut Vec<String>,
+        running: &str,
+    ) -> Result<Option<HostReport>, UpgradeError> {
+        if own_sha256()? != binary.sha256 {
+            return Ok(None);
+        }
+        log.push(format!(
+            "{running} {} ({})",
+            binary.version,
+            short(&binary.sha256)
+        ));
+        Self::report().map(Some)
+    }
+
     fn staged(&self, sha256: &str) -> PathBuf {
         bin_dir(&self.data_dir).join(format!(".staged-{sha256}"))
     }
@@ -344,13 +362,8 @@ impl Upgrader {
         binary: &AgentBinary,
         log: &mut Vec<String>,
     ) -> Result<HostReport, UpgradeError> {
-        if own_sha256()? == binary.sha256 {
-            log.push(format!(
-                "already running {} ({})",
-                binary.version,
-                short(&binary.sha256)
-            ));
-            return Self::report();
+        if let Some(report) = Self::if_running(binary, log, "already running")? {
+            return Ok(report);
         }
         if binary.bytes > MAX_BINARY_BYTES {
             return Err(UpgradeError::TooLarge(binary.bytes));
@@ -470,13 +483,8 @@ impl Upgrader {
         binary: &AgentBinary,
         log: &mut Vec<String>,
     ) -> Result<HostReport, UpgradeError> {
-        if own_sha256()? == binary.sha256 {
-            log.push(format!(
-                "running {} ({})",
-                binary.version,
-                short(&binary.sha256)
-            ));
-            return Self::report();
+        if let Some(report) = Self::if_running(binary, log, "running")? {
+            return Ok(report);
         }
         let dir = bin_dir(&self.data_dir);
         if sha256_file(&dir.join(FAILED)).ok().as_deref() == Some(binary.sha256.as_str()) {

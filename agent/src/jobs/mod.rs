@@ -1,11 +1,11 @@
 //! The jobs this agent runs, and their logs, across connections.
 //!
-//! Owns: accepting or rejecting a dispatched job (slots), running it (through
-//! [`crate::exec`]), cutting its output into masked, sequence-numbered chunks spooled to
-//! disk, uploading the spool on a stream of its own (resuming where the coordinator's
-//! durable copy ends, so there are no gaps or duplicates), and keeping each result until
-//! the coordinator acknowledges it. Jobs outlive connections: a dropped connection only
-//! pauses uploads; the next connection reports the running jobs and resumes.
+//! Owns: accepting or rejecting a dispatched job (slots), preparing its workspace (the
+//! run's source tree, artifacts and cache in), running its steps ([`steps`]), saving its
+//! outputs, its log ([`logs`]: masked chunks spooled and uploaded on a stream of its
+//! own), and keeping each result until the coordinator acknowledges it. Jobs outlive
+//! connections: a dropped connection only pauses uploads; the next connection reports
+//! the running jobs and resumes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gantry_protocol::{
-    Attempt, JobAssignment, JobId, JobResult, LogChunk, LogControl, RunningJob, StreamOpen,
-    UnixMillis,
+    Attempt, JobAssignment, JobId, JobResult, RunningJob, StreamOpen, UnixMillis,
 };
 use gantry_transport::{Connection, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -23,20 +22,13 @@ use tracing::{debug, info, warn};
 use crate::base::files::fresh_dir;
 use crate::base::mask::Masker;
 use crate::runner::LogSink;
-use crate::transfers::artifacts::{self, ArtifactError, RestoredCache};
+use crate::transfers::artifacts::{ArtifactError, JobIo, RestoredCache};
 use crate::transfers::{ConnectionSource, Transfers};
+use logs::{chunk_log, upload, LogProgress, DEFAULT_LOG_CAP_BYTES};
 
+pub mod logs;
 pub mod steps;
 
-/// Output is sent at least this often while a job prints.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-/// Output is sent this long after the job stops writing (a line, a prompt), so live
-/// followers see it at once while a burst still coalesces into one chunk.
-pub const COALESCE: Duration = Duration::from_millis(5);
-/// Largest chunk; a chunk is cut earlier when this much output is waiting.
-pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
-/// Default cap on one job's log: the first half and the last half are kept.
-pub const DEFAULT_LOG_CAP_BYTES: u64 = 100 * 1024 * 1024;
 /// Time between SIGTERM and SIGKILL when the assignment does not say.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -108,17 +100,6 @@ pub enum SourceError {
     },
     #[error("the archive entry {} would land outside the workspace", path.display())]
     Outside { path: PathBuf },
-}
-
-/// Progress of one job's log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct LogProgress {
-    /// Chunks written to the spool: `0..produced`.
-    produced: u64,
-    /// Chunks the coordinator holds durably: `0..acked`.
-    acked: u64,
-    /// No more chunks will come.
-    finished: bool,
 }
 
 #[derive(Debug)]
@@ -324,6 +305,22 @@ impl JobManager {
         let _ = self.finished_tx.send(result);
     }
 
+    /// The job's side of its transfers.
+    fn io<'a>(
+        &'a self,
+        assignment: &'a JobAssignment,
+        workspace: &'a Path,
+        log: &'a LogSink,
+    ) -> JobIo<'a> {
+        JobIo {
+            transfers: &self.transfers,
+            source: self,
+            job: assignment,
+            workspace,
+            log,
+        }
+    }
+
     /// Downloads the job's artifacts and restores its cache; returns the cache's key.
     async fn prepare_inputs(
         &self,
@@ -331,16 +328,12 @@ impl JobManager {
         workspace: &Path,
         log: &LogSink,
     ) -> Result<Option<RestoredCache>, JobError> {
+        let io = self.io(assignment, workspace, log);
         if assignment.downloads {
-            artifacts::download_inputs(&self.transfers, self, assignment, workspace, log).await?;
+            io.download_inputs().await?;
         }
         match &assignment.cache {
-            Some(spec) => {
-                artifacts::restore_cache(&self.transfers, self, assignment, spec, workspace, log)
-                    .await
-                    .map(Some)
-                    .map_err(JobError::from)
-            }
+            Some(spec) => Ok(Some(io.restore_cache(spec).await?)),
             None => Ok(None),
         }
     }
@@ -353,18 +346,10 @@ impl JobManager {
         log: &LogSink,
         restored: Option<&RestoredCache>,
     ) -> Result<(), JobError> {
-        artifacts::upload_artifact(&self.transfers, self, assignment, workspace, log).await?;
+        let io = self.io(assignment, workspace, log);
+        io.upload_artifact().await?;
         if let (Some(spec), Some(restored)) = (&assignment.cache, restored) {
-            artifacts::save_cache(
-                &self.transfers,
-                self,
-                assignment,
-                spec,
-                restored,
-                workspace,
-                log,
-            )
-            .await;
+            io.save_cache(spec, restored).await;
         }
         Ok(())
     }
@@ -455,7 +440,7 @@ impl JobManager {
             .iter()
             .filter(|(_, e)| {
                 let p = *e.progress.borrow();
-                e.result_acked && p.finished && p.acked >= p.produced
+                e.result_acked && p.done()
             })
             .map(|(k, _)| *k)
             .collect();
@@ -497,7 +482,7 @@ impl JobManager {
                 return;
             };
             let p = *entry.progress.borrow();
-            if entry.uploading || (p.finished && p.acked >= p.produced) {
+            if entry.uploading || (p.done()) {
                 return;
             }
             entry.uploading = true;
@@ -518,7 +503,7 @@ impl JobManager {
                 // The connection may have been replaced while this upload was failing.
                 let pending = inner.jobs.get(&key).is_some_and(|e| {
                     let p = *e.progress.borrow();
-                    !(p.finished && p.acked >= p.produced)
+                    !(p.done())
                 });
                 inner.conn.clone().filter(|_| pending)
             };
@@ -529,201 +514,6 @@ impl JobManager {
                 }
             }
         });
-    }
-}
-
-/// Sends the spooled chunks of one job from where the coordinator's copy ends, then
-/// every new chunk as it is written, until the job is finished and all is acknowledged.
-async fn upload(
-    conn: &Connection,
-    key: Key,
-    spool: &Path,
-    progress: &watch::Sender<LogProgress>,
-) -> Result<(), TransportError> {
-    let (mut writer, mut reader) = conn.open_stream().await?;
-    writer
-        .send(&StreamOpen::Logs {
-            job: key.0,
-            attempt: key.1,
-        })
-        .await?;
-    let next_seq = match reader.recv::<LogControl>().await? {
-        Some(LogControl::Resume { next_seq }) => next_seq,
-        other => {
-            return Err(TransportError::Lost(format!(
-                "expected a log resume point, got {other:?}"
-            )))
-        }
-    };
-    acknowledge(spool, progress, next_seq);
-    // Acknowledgements are read by their own task: a frame read is not cancel-safe.
-    let acks = {
-        let (spool, progress) = (spool.to_path_buf(), progress.clone());
-        tokio::spawn(async move {
-            while let Ok(Some(LogControl::Ack { next_seq } | LogControl::Resume { next_seq })) =
-                reader.recv::<LogControl>().await
-            {
-                acknowledge(&spool, &progress, next_seq);
-            }
-        })
-    };
-    let mut acks = AbortOnDrop(acks);
-    let mut watcher = progress.subscribe();
-    let mut sent = next_seq;
-    loop {
-        let p = *watcher.borrow_and_update();
-        while sent < p.produced {
-            let data = std::fs::read(chunk_path(spool, sent)).map_err(|e| {
-                TransportError::Lost(format!("spooled chunk {sent} unreadable: {e}"))
-            })?;
-            writer.send(&LogChunk { seq: sent, data }).await?;
-            sent += 1;
-        }
-        if p.finished && p.acked >= p.produced {
-            writer.finish();
-            return Ok(());
-        }
-        tokio::select! {
-            changed = watcher.changed() => if changed.is_err() { return Ok(()) },
-            // Acknowledgements stop when the stream or connection breaks. Once every chunk
-            // is sent and the job is over nothing else wakes this loop, and an upload left
-            // waiting here blocks every later one of this job (found by tests/crash.rs).
-            _ = &mut acks.0 => {
-                return Err(TransportError::Lost(
-                    "the log stream ended before every chunk was acknowledged".into(),
-                ))
-            }
-        }
-    }
-}
-
-fn acknowledge(spool: &Path, progress: &watch::Sender<LogProgress>, next_seq: u64) {
-    let before = progress.borrow().acked;
-    for seq in before..next_seq {
-        let _ = std::fs::remove_file(chunk_path(spool, seq));
-    }
-    progress.send_modify(|p| p.acked = p.acked.max(next_seq));
-}
-
-fn chunk_path(spool: &Path, seq: u64) -> PathBuf {
-    spool.join(format!("{seq:012}.chunk"))
-}
-
-/// Masks output and cuts it into chunks: at most [`MAX_CHUNK_BYTES`], written at least
-/// every [`FLUSH_INTERVAL`]. Past `cap` bytes, the middle of the log is dropped: the first
-/// half of the cap is sent as it comes, the last half is held and sent at the end, after
-/// a line saying how much was cut. Returns the number of chunks written.
-async fn chunk_log(
-    mut pieces: mpsc::Receiver<Vec<u8>>,
-    mut masker: Masker,
-    spool: PathBuf,
-    progress: watch::Sender<LogProgress>,
-    cap: u64,
-) -> u64 {
-    let mut state = Chunker {
-        spool,
-        progress,
-        pending: Vec::new(),
-        seq: 0,
-        emitted: 0,
-        head_limit: cap / 2,
-        tail: std::collections::VecDeque::new(),
-        tail_limit: usize::try_from(cap / 2).unwrap_or(usize::MAX),
-        cut: 0,
-    };
-    // A chunk goes out COALESCE after output pauses, or FLUSH_INTERVAL after its first
-    // byte, or at MAX_CHUNK_BYTES, whichever is first: a line printed alone reaches
-    // followers in milliseconds, and a flood still travels in large chunks.
-    let mut first_byte_at: Option<tokio::time::Instant> = None;
-    let mut last_byte_at = tokio::time::Instant::now();
-    loop {
-        let flush_at =
-            first_byte_at.map(|first| (first + FLUSH_INTERVAL).min(last_byte_at + COALESCE));
-        let wait = async {
-            match flush_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            piece = pieces.recv() => match piece {
-                Some(piece) => {
-                    let visible = masker.push(&piece);
-                    state.take(&visible);
-                    last_byte_at = tokio::time::Instant::now();
-                    if state.pending.is_empty() {
-                        first_byte_at = None;
-                    } else {
-                        first_byte_at.get_or_insert(last_byte_at);
-                    }
-                    if state.pending.len() >= MAX_CHUNK_BYTES {
-                        state.flush();
-                        first_byte_at = None;
-                    }
-                }
-                None => break,
-            },
-            () = wait => {
-                state.flush();
-                first_byte_at = None;
-            }
-        }
-    }
-    let rest = masker.finish();
-    state.take(&rest);
-    state.flush();
-    if state.cut > 0 {
-        let note = format!("\n[gantry: {} bytes were cut from the middle of this log; the first and last {} MiB are kept]\n", state.cut, state.head_limit / (1024 * 1024));
-        state.pending.extend_from_slice(note.as_bytes());
-        let tail: Vec<u8> = state.tail.drain(..).collect();
-        state.pending.extend_from_slice(&tail);
-        state.flush();
-    }
-    state.seq
-}
-
-struct Chunker {
-    spool: PathBuf,
-    progress: watch::Sender<LogProgress>,
-    pending: Vec<u8>,
-    seq: u64,
-    emitted: u64,
-    head_limit: u64,
-    tail: std::collections::VecDeque<u8>,
-    tail_limit: usize,
-    cut: u64,
-}
-
-impl Chunker {
-    fn take(&mut self, bytes: &[u8]) {
-        let room = usize::try_from(
-            self.head_limit
-                .saturating_sub(self.emitted + self.pending.len() as u64),
-        )
-        .unwrap_or(usize::MAX);
-        let (head, rest) = bytes.split_at(room.min(bytes.len()));
-        self.pending.extend_from_slice(head);
-        self.tail.extend(rest);
-        if self.tail.len() > self.tail_limit {
-            let excess = self.tail.len() - self.tail_limit;
-            self.tail.drain(..excess);
-            self.cut += excess as u64;
-        }
-    }
-
-    fn flush(&mut self) {
-        while !self.pending.is_empty() {
-            let n = self.pending.len().min(MAX_CHUNK_BYTES);
-            let chunk: Vec<u8> = self.pending.drain(..n).collect();
-            if let Err(e) = std::fs::write(chunk_path(&self.spool, self.seq), &chunk) {
-                warn!("cannot spool log chunk {}: {e}; output is lost", self.seq);
-                continue;
-            }
-            self.emitted += chunk.len() as u64;
-            self.seq += 1;
-            let seq = self.seq;
-            self.progress.send_modify(|p| p.produced = seq);
-        }
     }
 }
 
@@ -778,15 +568,6 @@ fn unpack_source(archive: &Path, workspace: &Path) -> Result<(), SourceError> {
     Ok(())
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,36 +619,5 @@ mod tests {
             !dir.path().join("escaped").exists(),
             "nothing written outside the workspace"
         );
-    }
-
-    #[tokio::test]
-    async fn the_chunker_keeps_head_and_tail_and_says_what_was_cut() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (tx, rx) = mpsc::channel(16);
-        let (progress, _) = watch::channel(LogProgress::default());
-        let task = tokio::spawn(chunk_log(
-            rx,
-            Masker::new([]),
-            dir.path().to_path_buf(),
-            progress.clone(),
-            1000,
-        ));
-        for i in 0..30u8 {
-            tx.send(vec![b'a' + (i % 26); 100]).await.expect("send");
-        }
-        drop(tx);
-        let chunks = task.await.expect("chunker");
-        let mut log = Vec::new();
-        for seq in 0..chunks {
-            log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
-        }
-        let text = String::from_utf8_lossy(&log);
-        assert!(text.starts_with(&"a".repeat(100)), "head kept");
-        assert!(
-            text.contains("[gantry: 2000 bytes were cut from the middle of this log"),
-            "{text}"
-        );
-        assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
-        assert_eq!(progress.borrow().produced, chunks);
     }
 }

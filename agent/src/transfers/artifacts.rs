@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use gantry_cas::Existing;
 use gantry_protocol::{
-    CacheSpec, Committed, Grant, JobAssignment, ResolveReply, ResolveRequest, StreamOpen,
+    CacheSpec, Committed, Digest, Grant, JobAssignment, ResolveReply, ResolveRequest, StreamOpen,
     UploadTarget,
 };
-use gantry_transfer::TransferError;
+use gantry_transfer::{DownloadFigures, TransferError, UploadFigures};
 use gantry_transport::Connection;
 
 use super::{say, with_retries, ConnectionSource, RetryError, Transfers};
@@ -82,10 +82,66 @@ pub enum WalkError {
     },
 }
 
-fn grant(job: &JobAssignment) -> Grant {
-    Grant::Job {
-        job: job.job,
-        attempt: job.attempt,
+/// One job's side of its transfers: under the job's grant, to and from its workspace,
+/// resuming on the next connection, saying so in its log.
+pub struct JobIo<'a> {
+    pub transfers: &'a Transfers,
+    pub source: &'a dyn ConnectionSource,
+    pub job: &'a JobAssignment,
+    pub workspace: &'a Path,
+    pub log: &'a LogSink,
+}
+
+impl JobIo<'_> {
+    fn grant(&self) -> Grant {
+        Grant::Job {
+            job: self.job.job,
+            attempt: self.job.attempt,
+        }
+    }
+
+    /// Downloads `manifest` into the workspace, merging with what is there.
+    async fn download(&self, manifest: Digest, what: &str) -> Result<DownloadFigures, RetryError> {
+        with_retries(self.source, self.log, what, |conn| {
+            let (grant, cache, options) = (
+                self.grant(),
+                self.transfers.cache.clone(),
+                self.transfers.options.clone(),
+            );
+            let dest = self.workspace.to_path_buf();
+            async move {
+                gantry_transfer::download(
+                    &conn,
+                    &grant,
+                    &manifest,
+                    &cache,
+                    &dest,
+                    Existing::Merge,
+                    &options,
+                )
+                .await
+            }
+        })
+        .await
+    }
+
+    /// Uploads `paths` of the workspace to `target`.
+    async fn upload(
+        &self,
+        target: &UploadTarget,
+        paths: &[PathBuf],
+        what: &str,
+    ) -> Result<(Option<Committed>, UploadFigures), RetryError> {
+        with_retries(self.source, self.log, what, |conn| {
+            let (grant, target, options) = (
+                self.grant(),
+                target.clone(),
+                self.transfers.send_options.clone(),
+            );
+            let (root, paths) = (self.workspace.to_path_buf(), paths.to_vec());
+            async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
+        })
+        .await
     }
 }
 
@@ -104,61 +160,202 @@ async fn resolve(
     }
 }
 
-/// Downloads the artifacts the job receives into its workspace.
-pub async fn download_inputs(
-    transfers: &Transfers,
-    source: &dyn ConnectionSource,
-    job: &JobAssignment,
-    workspace: &Path,
-    log: &LogSink,
-) -> Result<(), ArtifactError> {
-    let request = ResolveRequest::JobArtifacts {
-        job: job.job,
-        attempt: job.attempt,
-    };
-    let reply = with_retries(source, log, "finding the job's artifacts", |conn| {
-        let request = request.clone();
-        async move { resolve(&conn, &request).await }
-    })
-    .await?;
-    let ResolveReply::Artifacts(artifacts) = reply else {
-        return Err(ArtifactError::NotArtifacts);
-    };
-    for artifact in artifacts {
-        let what = format!("downloading artifact {}", artifact.name);
-        let figures = with_retries(source, log, &what, |conn| {
-            let (grant, cache, options) = (
-                grant(job),
-                transfers.cache.clone(),
-                transfers.options.clone(),
-            );
-            let (manifest, dest) = (artifact.manifest, workspace.to_path_buf());
-            async move {
-                gantry_transfer::download(
-                    &conn,
-                    &grant,
-                    &manifest,
-                    &cache,
-                    &dest,
-                    Existing::Merge,
-                    &options,
-                )
-                .await
-            }
+impl JobIo<'_> {
+    /// Downloads the artifacts the job receives into its workspace.
+    pub async fn download_inputs(&self) -> Result<(), ArtifactError> {
+        let request = ResolveRequest::JobArtifacts {
+            job: self.job.job,
+            attempt: self.job.attempt,
+        };
+        let reply = with_retries(
+            self.source,
+            self.log,
+            "finding the job's artifacts",
+            |conn| {
+                let request = request.clone();
+                async move { resolve(&conn, &request).await }
+            },
+        )
+        .await?;
+        let ResolveReply::Artifacts(artifacts) = reply else {
+            return Err(ArtifactError::NotArtifacts);
+        };
+        for artifact in artifacts {
+            let what = format!("downloading artifact {}", artifact.name);
+            let figures = self.download(artifact.manifest, &what).await?;
+            say(
+                self.log,
+                &format!(
+                    "\u{2913} artifact {} from {}: {}\n",
+                    artifact.name,
+                    artifact.job_name,
+                    describe_download(&figures),
+                ),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    /// Computes the cache key and restores the best matching cache into the workspace.
+    /// A miss is not an error; neither is a failed restore (a cache is an optimization),
+    /// which is said in the log.
+    pub async fn restore_cache(&self, spec: &CacheSpec) -> Result<RestoredCache, ArtifactError> {
+        let key = expand_key(&spec.key, self.workspace)?;
+        let restore_keys = spec
+            .restore_keys
+            .iter()
+            .map(|k| expand_key(k, self.workspace))
+            .collect::<Result<Vec<_>, _>>()?;
+        let request = ResolveRequest::Cache {
+            job: self.job.job,
+            attempt: self.job.attempt,
+            key: key.clone(),
+            restore_keys,
+        };
+        let reply = with_retries(self.source, self.log, "looking up the cache", |conn| {
+            let request = request.clone();
+            async move { resolve(&conn, &request).await }
         })
         .await?;
+        let hit = match reply {
+            ResolveReply::Cache(Some(hit)) => hit,
+            ResolveReply::Cache(None) => {
+                say(self.log, &format!("\u{2913} cache miss for key {key}\n")).await;
+                return Ok(RestoredCache { key, exact: false });
+            }
+            _ => return Err(ArtifactError::NotCache),
+        };
+        let what = format!("restoring cache {}", hit.cache.key);
+        let restored = self.download(hit.cache.manifest, &what).await;
+        match restored {
+            Ok(figures) => {
+                say(
+                    self.log,
+                    &format!(
+                        "\u{2913} cache {} ({}, from branch {}): {}\n",
+                        hit.cache.key,
+                        if hit.exact {
+                            "exact match"
+                        } else {
+                            "restore key"
+                        },
+                        hit.cache.branch,
+                        describe_download(&figures),
+                    ),
+                )
+                .await;
+                Ok(RestoredCache {
+                    key,
+                    exact: hit.exact,
+                })
+            }
+            Err(e) => {
+                say(
+                    self.log,
+                    &format!("\u{26a0} {e}; continuing without the cache\n"),
+                )
+                .await;
+                Ok(RestoredCache { key, exact: false })
+            }
+        }
+    }
+
+    /// Uploads the job's artifact. Paths that match nothing are named in the log; an
+    /// artifact with no files at all is an error (the job promised an output).
+    pub async fn upload_artifact(&self) -> Result<(), ArtifactError> {
+        let Some(spec) = &self.job.artifact else {
+            return Ok(());
+        };
+        let (paths, unmatched) = select_paths(self.workspace, &spec.paths)?;
+        for pattern in &unmatched {
+            say(
+                self.log,
+                &format!(
+                    "\u{26a0} artifact {}: {pattern} matched nothing\n",
+                    spec.name
+                ),
+            )
+            .await;
+        }
+        if paths.is_empty() {
+            return Err(ArtifactError::NothingToUpload {
+                name: spec.name.clone(),
+                paths: spec.paths.clone(),
+            });
+        }
+        let target = UploadTarget::Artifact {
+            name: spec.name.clone(),
+            expire_in_secs: spec.expire_in_secs,
+        };
+        let what = format!("uploading artifact {}", spec.name);
+        let (committed, figures) = self.upload(&target, &paths, &what).await?;
+        let manifest = match committed {
+            Some(Committed::Artifact(a)) => a.manifest.to_string(),
+            _ => String::new(),
+        };
         say(
-            log,
+            self.log,
             &format!(
-                "\u{2913} artifact {} from {}: {}\n",
-                artifact.name,
-                artifact.job_name,
-                describe_download(&figures),
+                "\u{2912} artifact {}: {}; {manifest}\n",
+                spec.name,
+                describe_upload(&figures),
             ),
         )
         .await;
+        Ok(())
     }
-    Ok(())
+
+    /// Saves the job's cache under the key computed at restore, unless that key was an
+    /// exact hit. Failures are said in the log and do not fail the job.
+    pub async fn save_cache(&self, spec: &CacheSpec, restored: &RestoredCache) {
+        if restored.exact {
+            say(
+                self.log,
+                &format!(
+                    "\u{2912} cache {} was restored exactly; not saved again\n",
+                    restored.key
+                ),
+            )
+            .await;
+            return;
+        }
+        let (paths, _) = match select_paths(self.workspace, &spec.paths) {
+            Ok(found) => found,
+            Err(e) => {
+                say(self.log, &format!("\u{26a0} cache not saved: {e}\n")).await;
+                return;
+            }
+        };
+        if paths.is_empty() {
+            say(
+                self.log,
+                &format!(
+                    "\u{26a0} cache not saved: none of {} exist\n",
+                    spec.paths.join(", ")
+                ),
+            )
+            .await;
+            return;
+        }
+        let target = UploadTarget::Cache {
+            key: restored.key.clone(),
+        };
+        let saved = self.upload(&target, &paths, "saving the cache").await;
+        let line = match saved {
+            Ok((Some(_), figures)) => format!(
+                "\u{2912} cache {}: {}\n",
+                restored.key,
+                describe_upload(&figures),
+            ),
+            Ok((None, _)) => format!(
+                "\u{2912} cache {} exists already (saved by another job); caches never change\n",
+                restored.key
+            ),
+            Err(e) => format!("\u{26a0} cache not saved: {e}\n"),
+        };
+        say(self.log, &line).await;
+    }
 }
 
 /// A cache restore's result: the key it computed, and whether it hit exactly (then the
@@ -169,229 +366,21 @@ pub struct RestoredCache {
     pub exact: bool,
 }
 
-/// Computes the cache key and restores the best matching cache into the workspace.
-/// A miss is not an error; neither is a failed restore (a cache is an optimization),
-/// which is said in the log.
-pub async fn restore_cache(
-    transfers: &Transfers,
-    source: &dyn ConnectionSource,
-    job: &JobAssignment,
-    spec: &CacheSpec,
-    workspace: &Path,
-    log: &LogSink,
-) -> Result<RestoredCache, ArtifactError> {
-    let key = expand_key(&spec.key, workspace)?;
-    let restore_keys = spec
-        .restore_keys
-        .iter()
-        .map(|k| expand_key(k, workspace))
-        .collect::<Result<Vec<_>, _>>()?;
-    let request = ResolveRequest::Cache {
-        job: job.job,
-        attempt: job.attempt,
-        key: key.clone(),
-        restore_keys,
-    };
-    let reply = with_retries(source, log, "looking up the cache", |conn| {
-        let request = request.clone();
-        async move { resolve(&conn, &request).await }
-    })
-    .await?;
-    let hit = match reply {
-        ResolveReply::Cache(Some(hit)) => hit,
-        ResolveReply::Cache(None) => {
-            say(log, &format!("\u{2913} cache miss for key {key}\n")).await;
-            return Ok(RestoredCache { key, exact: false });
-        }
-        _ => return Err(ArtifactError::NotCache),
-    };
-    let what = format!("restoring cache {}", hit.cache.key);
-    let restored = with_retries(source, log, &what, |conn| {
-        let (grant, cache, options) = (
-            grant(job),
-            transfers.cache.clone(),
-            transfers.options.clone(),
-        );
-        let (manifest, dest) = (hit.cache.manifest, workspace.to_path_buf());
-        async move {
-            gantry_transfer::download(
-                &conn,
-                &grant,
-                &manifest,
-                &cache,
-                &dest,
-                Existing::Merge,
-                &options,
-            )
-            .await
-        }
-    })
-    .await;
-    match restored {
-        Ok(figures) => {
-            say(
-                log,
-                &format!(
-                    "\u{2913} cache {} ({}, from branch {}): {}\n",
-                    hit.cache.key,
-                    if hit.exact {
-                        "exact match"
-                    } else {
-                        "restore key"
-                    },
-                    hit.cache.branch,
-                    describe_download(&figures),
-                ),
-            )
-            .await;
-            Ok(RestoredCache {
-                key,
-                exact: hit.exact,
-            })
-        }
-        Err(e) => {
-            say(
-                log,
-                &format!("\u{26a0} {e}; continuing without the cache\n"),
-            )
-            .await;
-            Ok(RestoredCache { key, exact: false })
-        }
-    }
-}
-
-/// Uploads the job's artifact. Paths that match nothing are named in the log; an
-/// artifact with no files at all is an error (the job promised an output).
-pub async fn upload_artifact(
-    transfers: &Transfers,
-    source: &dyn ConnectionSource,
-    job: &JobAssignment,
-    workspace: &Path,
-    log: &LogSink,
-) -> Result<(), ArtifactError> {
-    let Some(spec) = &job.artifact else {
-        return Ok(());
-    };
-    let (paths, unmatched) = select_paths(workspace, &spec.paths)?;
-    for pattern in &unmatched {
-        say(
-            log,
-            &format!(
-                "\u{26a0} artifact {}: {pattern} matched nothing\n",
-                spec.name
-            ),
-        )
-        .await;
-    }
-    if paths.is_empty() {
-        return Err(ArtifactError::NothingToUpload {
-            name: spec.name.clone(),
-            paths: spec.paths.clone(),
-        });
-    }
-    let target = UploadTarget::Artifact {
-        name: spec.name.clone(),
-        expire_in_secs: spec.expire_in_secs,
-    };
-    let what = format!("uploading artifact {}", spec.name);
-    let (committed, figures) = with_retries(source, log, &what, |conn| {
-        let (grant, target, options) = (grant(job), target.clone(), transfers.send_options.clone());
-        let (root, paths) = (workspace.to_path_buf(), paths.clone());
-        async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
-    })
-    .await?;
-    let manifest = match committed {
-        Some(Committed::Artifact(a)) => a.manifest.to_string(),
-        _ => String::new(),
-    };
-    say(
-        log,
-        &format!(
-            "\u{2912} artifact {}: {} files, {}; sent {} of {} chunks ({}) in {:.2} s; {manifest}\n",
-            spec.name,
-            figures.files,
-            gantry_transfer::human_bytes(figures.bytes),
-            figures.chunks_sent,
-            figures.chunks,
-            gantry_transfer::human_bytes(figures.bytes_sent),
-            figures.time.as_secs_f64(),
-        ),
+/// One line of figures for an upload, as the job log shows it.
+fn describe_upload(f: &UploadFigures) -> String {
+    format!(
+        "{} files, {}; sent {} of {} chunks ({}) in {:.2} s",
+        f.files,
+        gantry_transfer::human_bytes(f.bytes),
+        f.chunks_sent,
+        f.chunks,
+        gantry_transfer::human_bytes(f.bytes_sent),
+        f.time.as_secs_f64(),
     )
-    .await;
-    Ok(())
-}
-
-/// Saves the job's cache under the key computed at restore, unless that key was an
-/// exact hit. Failures are said in the log and do not fail the job.
-pub async fn save_cache(
-    transfers: &Transfers,
-    source: &dyn ConnectionSource,
-    job: &JobAssignment,
-    spec: &CacheSpec,
-    restored: &RestoredCache,
-    workspace: &Path,
-    log: &LogSink,
-) {
-    if restored.exact {
-        say(
-            log,
-            &format!(
-                "\u{2912} cache {} was restored exactly; not saved again\n",
-                restored.key
-            ),
-        )
-        .await;
-        return;
-    }
-    let (paths, _) = match select_paths(workspace, &spec.paths) {
-        Ok(found) => found,
-        Err(e) => {
-            say(log, &format!("\u{26a0} cache not saved: {e}\n")).await;
-            return;
-        }
-    };
-    if paths.is_empty() {
-        say(
-            log,
-            &format!(
-                "\u{26a0} cache not saved: none of {} exist\n",
-                spec.paths.join(", ")
-            ),
-        )
-        .await;
-        return;
-    }
-    let target = UploadTarget::Cache {
-        key: restored.key.clone(),
-    };
-    let saved = with_retries(source, log, "saving the cache", |conn| {
-        let (grant, target, options) = (grant(job), target.clone(), transfers.send_options.clone());
-        let (root, paths) = (workspace.to_path_buf(), paths.clone());
-        async move { gantry_transfer::upload(&conn, &grant, &target, &root, paths, &options).await }
-    })
-    .await;
-    let line = match saved {
-        Ok((Some(_), figures)) => format!(
-            "\u{2912} cache {}: {} files, {}; sent {} of {} chunks ({}) in {:.2} s\n",
-            restored.key,
-            figures.files,
-            gantry_transfer::human_bytes(figures.bytes),
-            figures.chunks_sent,
-            figures.chunks,
-            gantry_transfer::human_bytes(figures.bytes_sent),
-            figures.time.as_secs_f64(),
-        ),
-        Ok((None, _)) => format!(
-            "\u{2912} cache {} exists already (saved by another job); caches never change\n",
-            restored.key
-        ),
-        Err(e) => format!("\u{26a0} cache not saved: {e}\n"),
-    };
-    say(log, &line).await;
 }
 
 /// One line of figures for a download, as the job log shows it.
-fn describe_download(f: &gantry_transfer::DownloadFigures) -> String {
+fn describe_download(f: &DownloadFigures) -> String {
     let refetched = if f.chunks_refetched > 0 {
         format!(
             " ({} refetched after failing verification)",

@@ -1,0 +1,279 @@
+//! A job's log on this host: its output masked and cut into sequence-numbered chunks
+//! spooled to disk ([`chunk_log`]), and the spool uploaded on a stream of its own from
+//! where the coordinator's durable copy ends ([`upload`]), so a dropped connection
+//! leaves no gap and no duplicate. Chunks the coordinator acknowledged are deleted.
+//!
+//! It knows nothing of jobs' steps or of which jobs run: the job manager feeds it
+//! output and connections.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gantry_protocol::{Attempt, JobId, LogChunk, LogControl, StreamOpen};
+use gantry_transport::{Connection, TransportError};
+use tokio::sync::{mpsc, watch};
+use tracing::warn;
+
+use crate::base::mask::Masker;
+
+/// Output is sent at least this often while a job prints.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Output is sent this long after the job stops writing (a line, a prompt), so live
+/// followers see it at once while a burst still coalesces into one chunk.
+pub const COALESCE: Duration = Duration::from_millis(5);
+/// Largest chunk; a chunk is cut earlier when this much output is waiting.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// Default cap on one job's log: the first half and the last half are kept.
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 100 * 1024 * 1024;
+/// Progress of one job's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogProgress {
+    /// Chunks written to the spool: `0..produced`.
+    pub produced: u64,
+    /// Chunks the coordinator holds durably: `0..acked`.
+    pub acked: u64,
+    /// No more chunks will come.
+    pub finished: bool,
+}
+
+impl LogProgress {
+    /// Every chunk there will be is written and acknowledged.
+    pub fn done(&self) -> bool {
+        self.finished && self.acked >= self.produced
+    }
+}
+
+/// Sends the spooled chunks of one job from where the coordinator's copy ends, then
+/// every new chunk as it is written, until the job is finished and all is acknowledged.
+pub async fn upload(
+    conn: &Connection,
+    (job, attempt): (JobId, Attempt),
+    spool: &Path,
+    progress: &watch::Sender<LogProgress>,
+) -> Result<(), TransportError> {
+    let (mut writer, mut reader) = conn.open_stream().await?;
+    writer.send(&StreamOpen::Logs { job, attempt }).await?;
+    let next_seq = match reader.recv::<LogControl>().await? {
+        Some(LogControl::Resume { next_seq }) => next_seq,
+        other => {
+            return Err(TransportError::Lost(format!(
+                "expected a log resume point, got {other:?}"
+            )))
+        }
+    };
+    acknowledge(spool, progress, next_seq);
+    // Acknowledgements are read by their own task: a frame read is not cancel-safe.
+    let acks = {
+        let (spool, progress) = (spool.to_path_buf(), progress.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(LogControl::Ack { next_seq } | LogControl::Resume { next_seq })) =
+                reader.recv::<LogControl>().await
+            {
+                acknowledge(&spool, &progress, next_seq);
+            }
+        })
+    };
+    let mut acks = AbortOnDrop(acks);
+    let mut watcher = progress.subscribe();
+    let mut sent = next_seq;
+    loop {
+        let p = *watcher.borrow_and_update();
+        while sent < p.produced {
+            let data = std::fs::read(chunk_path(spool, sent)).map_err(|e| {
+                TransportError::Lost(format!("spooled chunk {sent} unreadable: {e}"))
+            })?;
+            writer.send(&LogChunk { seq: sent, data }).await?;
+            sent += 1;
+        }
+        if p.done() {
+            writer.finish();
+            return Ok(());
+        }
+        tokio::select! {
+            changed = watcher.changed() => if changed.is_err() { return Ok(()) },
+            // Acknowledgements stop when the stream or connection breaks. Once every chunk
+            // is sent and the job is over nothing else wakes this loop, and an upload left
+            // waiting here blocks every later one of this job (found by tests/crash.rs).
+            _ = &mut acks.0 => {
+                return Err(TransportError::Lost(
+                    "the log stream ended before every chunk was acknowledged".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn acknowledge(spool: &Path, progress: &watch::Sender<LogProgress>, next_seq: u64) {
+    let before = progress.borrow().acked;
+    for seq in before..next_seq {
+        let _ = std::fs::remove_file(chunk_path(spool, seq));
+    }
+    progress.send_modify(|p| p.acked = p.acked.max(next_seq));
+}
+
+fn chunk_path(spool: &Path, seq: u64) -> PathBuf {
+    spool.join(format!("{seq:012}.chunk"))
+}
+
+/// Masks output and cuts it into chunks: at most [`MAX_CHUNK_BYTES`], written at least
+/// every [`FLUSH_INTERVAL`]. Past `cap` bytes, the middle of the log is dropped: the first
+/// half of the cap is sent as it comes, the last half is held and sent at the end, after
+/// a line saying how much was cut. Returns the number of chunks written.
+pub async fn chunk_log(
+    mut pieces: mpsc::Receiver<Vec<u8>>,
+    mut masker: Masker,
+    spool: PathBuf,
+    progress: watch::Sender<LogProgress>,
+    cap: u64,
+) -> u64 {
+    let mut state = Chunker {
+        spool,
+        progress,
+        pending: Vec::new(),
+        seq: 0,
+        emitted: 0,
+        head_limit: cap / 2,
+        tail: std::collections::VecDeque::new(),
+        tail_limit: usize::try_from(cap / 2).unwrap_or(usize::MAX),
+        cut: 0,
+    };
+    // A chunk goes out COALESCE after output pauses, or FLUSH_INTERVAL after its first
+    // byte, or at MAX_CHUNK_BYTES, whichever is first: a line printed alone reaches
+    // followers in milliseconds, and a flood still travels in large chunks.
+    let mut first_byte_at: Option<tokio::time::Instant> = None;
+    let mut last_byte_at = tokio::time::Instant::now();
+    loop {
+        let flush_at =
+            first_byte_at.map(|first| (first + FLUSH_INTERVAL).min(last_byte_at + COALESCE));
+        let wait = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            piece = pieces.recv() => match piece {
+                Some(piece) => {
+                    let visible = masker.push(&piece);
+                    state.take(&visible);
+                    last_byte_at = tokio::time::Instant::now();
+                    if state.pending.is_empty() {
+                        first_byte_at = None;
+                    } else {
+                        first_byte_at.get_or_insert(last_byte_at);
+                    }
+                    if state.pending.len() >= MAX_CHUNK_BYTES {
+                        state.flush();
+                        first_byte_at = None;
+                    }
+                }
+                None => break,
+            },
+            () = wait => {
+                state.flush();
+                first_byte_at = None;
+            }
+        }
+    }
+    let rest = masker.finish();
+    state.take(&rest);
+    state.flush();
+    if state.cut > 0 {
+        let note = format!("\n[gantry: {} bytes were cut from the middle of this log; the first and last {} MiB are kept]\n", state.cut, state.head_limit / (1024 * 1024));
+        state.pending.extend_from_slice(note.as_bytes());
+        let tail: Vec<u8> = state.tail.drain(..).collect();
+        state.pending.extend_from_slice(&tail);
+        state.flush();
+    }
+    state.seq
+}
+
+struct Chunker {
+    spool: PathBuf,
+    progress: watch::Sender<LogProgress>,
+    pending: Vec<u8>,
+    seq: u64,
+    emitted: u64,
+    head_limit: u64,
+    tail: std::collections::VecDeque<u8>,
+    tail_limit: usize,
+    cut: u64,
+}
+
+impl Chunker {
+    fn take(&mut self, bytes: &[u8]) {
+        let room = usize::try_from(
+            self.head_limit
+                .saturating_sub(self.emitted + self.pending.len() as u64),
+        )
+        .unwrap_or(usize::MAX);
+        let (head, rest) = bytes.split_at(room.min(bytes.len()));
+        self.pending.extend_from_slice(head);
+        self.tail.extend(rest);
+        if self.tail.len() > self.tail_limit {
+            let excess = self.tail.len() - self.tail_limit;
+            self.tail.drain(..excess);
+            self.cut += excess as u64;
+        }
+    }
+
+    fn flush(&mut self) {
+        while !self.pending.is_empty() {
+            let n = self.pending.len().min(MAX_CHUNK_BYTES);
+            let chunk: Vec<u8> = self.pending.drain(..n).collect();
+            if let Err(e) = std::fs::write(chunk_path(&self.spool, self.seq), &chunk) {
+                warn!("cannot spool log chunk {}: {e}; output is lost", self.seq);
+                continue;
+            }
+            self.emitted += chunk.len() as u64;
+            self.seq += 1;
+            let seq = self.seq;
+            self.progress.send_modify(|p| p.produced = seq);
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_chunker_keeps_head_and_tail_and_says_what_was_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::channel(16);
+        let (progress, _) = watch::channel(LogProgress::default());
+        let task = tokio::spawn(chunk_log(
+            rx,
+            Masker::new([]),
+            dir.path().to_path_buf(),
+            progress.clone(),
+            1000,
+        ));
+        for i in 0..30u8 {
+            tx.send(vec![b'a' + (i % 26); 100]).await.expect("send");
+        }
+        drop(tx);
+        let chunks = task.await.expect("chunker");
+        let mut log = Vec::new();
+        for seq in 0..chunks {
+            log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
+        }
+        let text = String::from_utf8_lossy(&log);
+        assert!(text.starts_with(&"a".repeat(100)), "head kept");
+        assert!(
+            text.contains("[gantry: 2000 bytes were cut from the middle of this log"),
+            "{text}"
+        );
+        assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
+        assert_eq!(progress.borrow().produced, chunks);
+    }
+}
