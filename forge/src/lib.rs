@@ -6,6 +6,8 @@
 //!   a typed refusal that says what to fix.
 //! - [`status`]: the HTTP request that sets a commit's status on each forge, and how
 //!   Gantry's run and job states map onto the forge's.
+//! - [`reporter`]: a sans-IO machine that sends those requests with coalescing,
+//!   retries, backoff and bounded queues, and remembers what failed.
 //!
 //! Architecture invariants:
 //! - no I/O: no sockets, no files, no clock reads, no global randomness. Time and
@@ -15,6 +17,7 @@
 //! - it knows nothing of the store, the scheduler, pipelines or git: the coordinator
 //!   maps events to runs and run states to [`status::StatusUpdate`]s.
 
+pub mod reporter;
 pub mod status;
 mod types;
 pub mod webhook;
