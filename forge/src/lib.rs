@@ -8,6 +8,7 @@
 //!   Gantry's run and job states map onto the forge's.
 //! - [`reporter`]: a sans-IO machine that sends those requests with coalescing,
 //!   retries, backoff and bounded queues, and remembers what failed.
+//! - [`trust`]: the untrusted-change rule (fork pull requests) and its threat model.
 //!
 //! Architecture invariants:
 //! - no I/O: no sockets, no files, no clock reads, no global randomness. Time and
@@ -19,6 +20,7 @@
 
 pub mod reporter;
 pub mod status;
+pub mod trust;
 mod types;
 pub mod webhook;
 
