@@ -9,6 +9,7 @@ pub mod admin;
 pub mod browser;
 pub mod containers;
 pub mod flood;
+pub mod forge;
 pub mod http;
 pub mod layering;
 pub mod load;
