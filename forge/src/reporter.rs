@@ -14,8 +14,9 @@
 //!   is in flight waits for that answer, and is sent next whatever the answer. A failed
 //!   attempt with a newer state waiting is not retried: the newer one goes instead
 //!   (after the failed one's backoff). All three count as `superseded`.
-//! - **Answers.** 2xx: delivered. 408, 425, 429, 5xx, a transport error, or no answer
-//!   within [`ReporterConfig::send_deadline_ms`]: retried with exponential backoff and
+//! - **Answers.** 2xx: delivered. 408, 425, 429, 5xx, a transport error, a rate limit
+//!   ([`SendResult::RateLimited`], waiting at least as long as the forge asks), or no
+//!   answer within [`ReporterConfig::send_deadline_ms`]: retried with exponential backoff and
 //!   jitter (base × 3^(n−1), capped, "equal jitter": half fixed, half drawn from a
 //!   generator seeded with [`ReporterConfig::jitter_seed`]), at most
 //!   [`ReporterConfig::max_attempts`] attempts, then given up and recorded. Any other
@@ -75,8 +76,9 @@ pub struct ReporterConfig {
     /// shell's own HTTP timeout should be shorter. Raise it only for forges slower than
     /// this to answer.
     pub send_deadline_ms: u64,
-    /// Requests out at once (at least 1). Forges rate-limit (GitHub: 5,000 requests an
-    /// hour per token); 8 keeps a busy coordinator well under it.
+    /// Requests out at once (at least 1). This bounds concurrency, not rate: forges
+    /// limit writes per token (GitHub's secondary limits: about 80 a minute and 500 an
+    /// hour), which coalescing and [`SendResult::RateLimited`] deal with.
     pub max_in_flight: usize,
     /// States waiting to be sent, in all (at least 1).
     pub max_queued: usize,
@@ -156,7 +158,16 @@ pub enum SendResult {
     Status(u16),
     /// No answer: connection refused or reset, TLS failure, timeout; the text says which.
     Transport(String),
+    /// The forge said the token is over its rate limit: GitHub answers 403 or 429 with
+    /// `X-RateLimit-Remaining: 0` or `Retry-After`, GitLab 429. Only a shell that reads
+    /// the answer's headers can tell a rate limit from a refusal; it reports it so,
+    /// with `Retry-After` in milliseconds when given. Retried like a server error, not
+    /// before `retry_after_ms` (at most [`MAX_RETRY_AFTER_MS`]).
+    RateLimited { retry_after_ms: Option<u64> },
 }
+
+/// The longest `Retry-After` honoured: a forge asking for more is retried after this.
+pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -198,7 +209,7 @@ impl fmt::Display for FailureReason {
             Self::Refused { status } => {
                 let hint = match status {
                     401 => "the forge refused the token: set a valid one on the repository",
-                    403 => "the token may not set commit statuses: give it that right (GitHub: commit statuses write; Gitea: write:repository; GitLab: api)",
+                    403 => "the token may not set commit statuses: give it that right (GitHub: commit statuses write; Gitea: write:repository; GitLab: api); on GitHub a 403 can also be a rate limit",
                     404 => "the forge does not know the repository or commit, or the token cannot see them: check the repository's URL and token",
                     422 => "the forge refused the status: the commit is unknown to it, or the commit has too many statuses for this context",
                     300..=399 => "the API answered with a redirect: set the repository's API base to where it points",
@@ -236,6 +247,8 @@ pub struct Counters {
     pub dropped: u64,
     /// Attempts that had no answer by their deadline.
     pub timed_out: u64,
+    /// Attempts the forge answered with its rate limit.
+    pub rate_limited: u64,
     /// Answers for attempts already written off.
     pub stale_answers: u64,
 }
@@ -397,7 +410,7 @@ impl Reporter {
         match result {
             SendResult::Status(200..=299) => self.counters.delivered += 1,
             SendResult::Status(status @ (408 | 425 | 429 | 500..=599)) => {
-                self.retry_or_give_up(now, &key, flight, format!("HTTP {status}"));
+                self.retry_or_give_up(now, &key, flight, format!("HTTP {status}"), 0);
             }
             SendResult::Status(status) => {
                 self.counters.refused += 1;
@@ -410,15 +423,27 @@ impl Reporter {
             }
             SendResult::Transport(error) => {
                 let error: String = error.chars().take(512).collect();
-                self.retry_or_give_up(now, &key, flight, error);
+                self.retry_or_give_up(now, &key, flight, error, 0);
+            }
+            SendResult::RateLimited { retry_after_ms } => {
+                self.counters.rate_limited += 1;
+                let wait = retry_after_ms.unwrap_or(0).min(MAX_RETRY_AFTER_MS);
+                self.retry_or_give_up(now, &key, flight, "rate limited by the forge".into(), wait);
             }
         }
         self.drop_if_empty(&key);
     }
 
     /// After a failed attempt: give up when attempts are used up; let a newer waiting
-    /// state go instead; or wait and try again.
-    fn retry_or_give_up(&mut self, now: UnixMillis, key: &Key, flight: InFlight, error: String) {
+    /// state go instead; or wait (the backoff, and at least `min_wait_ms`) and try again.
+    fn retry_or_give_up(
+        &mut self,
+        now: UnixMillis,
+        key: &Key,
+        flight: InFlight,
+        error: String,
+        min_wait_ms: u64,
+    ) {
         if flight.attempts >= self.config.max_attempts {
             self.counters.gave_up += 1;
             self.record(
@@ -429,7 +454,7 @@ impl Reporter {
             );
             return;
         }
-        let not_before = now.plus_millis(self.backoff_ms(flight.attempts));
+        let not_before = now.plus_millis(self.backoff_ms(flight.attempts).max(min_wait_ms));
         if let Some(newer) = self.slots.get_mut(key).and_then(|s| s.pending.as_mut()) {
             self.counters.superseded += 1;
             newer.not_before = newer.not_before.max(not_before);
@@ -461,7 +486,7 @@ impl Reporter {
             self.by_id.remove(&flight.id);
             self.counters.timed_out += 1;
             let error = format!("no answer within {} ms", self.config.send_deadline_ms);
-            self.retry_or_give_up(now, &key, flight, error);
+            self.retry_or_give_up(now, &key, flight, error, 0);
             self.drop_if_empty(&key);
         }
     }
@@ -764,6 +789,27 @@ mod tests {
             failure.reason
         );
         assert_eq!(r.queued() + r.in_flight(), 0);
+    }
+
+    #[test]
+    fn rate_limits_wait_at_least_as_long_as_the_forge_asks() {
+        let mut r = Reporter::new(ReporterConfig::default());
+        let out = r.handle(
+            t(0),
+            Event::StateChanged(change("a", 'a', GantryState::Queued)),
+        );
+        let out = r.handle(
+            t(1),
+            Event::Sent {
+                id: sends(&out)[0],
+                result: SendResult::RateLimited {
+                    retry_after_ms: Some(600_000),
+                },
+            },
+        );
+        assert_eq!(wake(&out), Some(t(600_001)));
+        assert_eq!(r.counters().rate_limited, 1);
+        assert_eq!(sends(&r.handle(t(600_001), Event::Tick)).len(), 1);
     }
 
     #[test]

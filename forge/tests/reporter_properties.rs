@@ -1,7 +1,7 @@
 //! Property tests of the status reporter: random histories of state changes, answers
-//! (delivered, server errors, rate limits, refusals, transport errors), lost and late
-//! answers, spurious ticks and time passing, followed by a drain in which every send
-//! succeeds. Checked after every step and at the end:
+//! (delivered, server errors, 429s, rate limits with a wait, refusals, transport
+//! errors), lost and late answers, spurious ticks and time passing, followed by a drain
+//! in which every send succeeds. Checked after every step and at the end:
 //! - the queue never exceeds its bounds, and no more requests are out than allowed;
 //! - nothing waits without a deadline: while anything is queued or in flight a `Wake`
 //!   later than now is returned, and none when nothing waits;
@@ -52,7 +52,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..KEYS, 0u8..5).prop_map(|(key, state)| Op::Change { key, state }),
-        4 => (any::<prop::sample::Index>(), 0u8..6).prop_map(|(pick, outcome)| Op::Answer { pick, outcome }),
+        4 => (any::<prop::sample::Index>(), 0u8..7).prop_map(|(pick, outcome)| Op::Answer { pick, outcome }),
         1 => any::<prop::sample::Index>().prop_map(|pick| Op::Lose { pick }),
         1 => any::<prop::sample::Index>().prop_map(|pick| Op::Late { pick }),
         1 => Just(Op::Tick),
@@ -219,7 +219,10 @@ impl Harness {
                 self.refused.insert(tag);
                 SendResult::Status(422)
             }
-            _ => SendResult::Transport("connection reset by peer".into()),
+            5 => SendResult::Transport("connection reset by peer".into()),
+            _ => SendResult::RateLimited {
+                retry_after_ms: Some((tag % 3) * 40_000),
+            },
         };
         self.handle(Event::Sent { id, result })
     }

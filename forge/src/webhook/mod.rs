@@ -195,7 +195,7 @@ pub fn verify(
             hmac::verify(&key, body, &tag).map_err(|_| bad)
         }
         Forge::Gitea => {
-            let (name, value) = [("X-Forgejo-Signature"), ("X-Gitea-Signature")]
+            let (name, value) = ["X-Forgejo-Signature", "X-Gitea-Signature"]
                 .into_iter()
                 .find_map(|name| header(headers, name).map(|v| (name, v)))
                 .ok_or(WebhookError::MissingSignature {
