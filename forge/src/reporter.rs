@@ -721,6 +721,16 @@ mod tests {
         })
     }
 
+    /// Hands in one state at `t(0)` and answers its request at `t(1)` with `result`.
+    fn answer_first(r: &mut Reporter, result: SendResult) -> Vec<Command> {
+        let out = r.handle(
+            t(0),
+            Event::StateChanged(change("a", 'a', GantryState::Queued)),
+        );
+        let id = sends(&out)[0];
+        r.handle(t(1), Event::Sent { id, result })
+    }
+
     fn t(ms: u64) -> UnixMillis {
         UnixMillis(1_000_000 + ms)
     }
@@ -794,17 +804,10 @@ mod tests {
     #[test]
     fn rate_limits_wait_at_least_as_long_as_the_forge_asks() {
         let mut r = Reporter::new(ReporterConfig::default());
-        let out = r.handle(
-            t(0),
-            Event::StateChanged(change("a", 'a', GantryState::Queued)),
-        );
-        let out = r.handle(
-            t(1),
-            Event::Sent {
-                id: sends(&out)[0],
-                result: SendResult::RateLimited {
-                    retry_after_ms: Some(600_000),
-                },
+        let out = answer_first(
+            &mut r,
+            SendResult::RateLimited {
+                retry_after_ms: Some(600_000),
             },
         );
         assert_eq!(wake(&out), Some(t(600_001)));
@@ -815,17 +818,7 @@ mod tests {
     #[test]
     fn permanent_refusals_are_recorded_and_not_retried() {
         let mut r = Reporter::new(ReporterConfig::default());
-        let out = r.handle(
-            t(0),
-            Event::StateChanged(change("a", 'a', GantryState::Queued)),
-        );
-        let out = r.handle(
-            t(1),
-            Event::Sent {
-                id: sends(&out)[0],
-                result: SendResult::Status(401),
-            },
-        );
+        let out = answer_first(&mut r, SendResult::Status(401));
         assert!(out.is_empty(), "{out:?}");
         let failure = r.failures("a").last().expect("recorded");
         assert!(
