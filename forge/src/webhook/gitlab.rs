@@ -11,7 +11,7 @@
 
 use serde::Deserialize;
 
-use super::{
+use super::read::{
     display_text, keep_url, label_names, push_kind, Ctx, Delivery, PushCommit, WebhookError,
 };
 use crate::types::{quote, EventKind, PullRequest, PullRequestAction, RepoIdentity};

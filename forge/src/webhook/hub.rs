@@ -14,7 +14,7 @@
 
 use serde::Deserialize;
 
-use super::{
+use super::read::{
     display_text, keep_url, label_names, push_kind, Ctx, Delivery, PushCommit, WebhookError,
 };
 use crate::types::{EventKind, Forge, GitRef, PullRequest, PullRequestAction, RepoIdentity};
