@@ -17,9 +17,17 @@
 //! - a deployment that rolls back sends a rollback to every host it switched (or tried
 //!   to switch), and to no other host.
 //!
-//! It must not know about agents' connections, the store or the pipeline format.
+//! Before a deployment runs, [`gates::Gates`] decides when it may: approvals, the wait
+//! timer, branch rules and one running deployment per environment, in the same style
+//! (`handle(now, event)` returning commands). Its names (`Event`, `Command`) are its
+//! own, so it is a module rather than re-exported here.
+//!
+//! It must not know about agents' connections, the store or the pipeline format (the
+//! gates borrow only the pipeline crate's glob matcher, so branch rules mean what they
+//! mean in pipeline files).
 
 mod engine;
+pub mod gates;
 mod types;
 
 pub use engine::Deployment;
