@@ -77,6 +77,10 @@ fn a_simulated_week_keeps_the_invariants() {
         );
         // Replaying the same events on a fresh scheduler, without the checks, gives the
         // same commands (determinism) and shows the scheduler's own cost.
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "measures the replay for the figure printed below; decides nothing"
+        )]
         let started = std::time::Instant::now();
         let replayed = common::replay(&d.history);
         let took = started.elapsed();
@@ -117,6 +121,10 @@ fn fleet_seeds() -> Vec<u64> {
 #[test]
 fn a_fleet_under_crashes_partitions_and_delays_keeps_every_promise() {
     let seeds = fleet_seeds();
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "measures the simulation for the figure it prints; decides nothing"
+    )]
     let started = std::time::Instant::now();
     let mut total = fleet::Report::default();
     for &seed in &seeds {
