@@ -1,10 +1,13 @@
 //! Deployments in a pipeline file: the `environments:` section and a job's `deploy:`.
 //!
 //! The model only; loading with positions is in `load`. Names here become directory
-//! names on hosts and CLI arguments, so their rules are strict.
+//! names on hosts and CLI arguments, so their rules are strict. Hooks and health checks
+//! are protocol's types ([`Hooks`], [`HealthCheck`]): the file says what hosts get, and
+//! the coordinator passes them on as read.
 
 use std::collections::BTreeMap;
 
+use gantry_protocol::{HealthCheck, Hooks};
 use serde::{Deserialize, Serialize};
 
 /// An environment defined in a pipeline file. One that already exists on the
@@ -50,38 +53,6 @@ pub enum DeployStrategy {
     },
 }
 
-/// What a health check probes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProbeSpec {
-    Http {
-        url: String,
-        status: u16,
-        body: Option<String>,
-    },
-    Tcp(String),
-    Command(String),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthSpec {
-    pub probe: ProbeSpec,
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    pub retries: u32,
-    pub min_healthy_ms: u64,
-    pub deadline_ms: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookSpec {
-    pub stop: Option<String>,
-    pub start: Option<String>,
-    pub restart: Option<String>,
-    pub pre_start: Option<String>,
-    pub post_start: Option<String>,
-    pub timeout_ms: u64,
-}
-
 /// A job's `deploy:`: the coordinator deploys an artifact of the run to an
 /// environment's hosts; the job ends as the deployment does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,8 +67,10 @@ pub struct DeploySpec {
     pub strategy: DeployStrategy,
     pub keep: u32,
     pub shared: Vec<String>,
-    pub hooks: HookSpec,
-    pub health: Option<HealthSpec>,
+    /// The hooks and health check as hosts get them: protocol's types, read from the
+    /// file directly.
+    pub hooks: Hooks,
+    pub health: Option<HealthCheck>,
     /// Environment of hooks and command probes; may use `${{ secrets.NAME }}` of
     /// secrets scoped to this environment (or to none).
     pub env: BTreeMap<String, String>,

@@ -52,7 +52,7 @@ pub use condition::{CompareOp, Condition, Operand, StaticContext, StatusExpr};
 pub use cron::CronSchedule;
 pub use deploy::{
     app_name_problem, environment_name_problem, parse_amount, DeploySpec, DeployStrategy,
-    EnvironmentSpec, HealthSpec, HookSpec, HostAmount, ProbeSpec,
+    EnvironmentSpec, HostAmount,
 };
 pub use glob::glob_match;
 pub use load::{parse_duration, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};

@@ -6,12 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use gantry_protocol::{HealthCheck, Hooks, Probe};
+
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
 use crate::deploy::{
     app_name_problem, environment_name_problem, parse_amount, DeploySpec, DeployStrategy,
-    EnvironmentSpec, HealthSpec, HookSpec, HostAmount, ProbeSpec, DEFAULT_ACTIVATE_TIMEOUT_MS,
-    DEFAULT_HOOK_TIMEOUT_MS, DEFAULT_KEEP, DEFAULT_STAGE_TIMEOUT_MS, MAX_KEEP,
+    EnvironmentSpec, HostAmount, DEFAULT_ACTIVATE_TIMEOUT_MS, DEFAULT_HOOK_TIMEOUT_MS,
+    DEFAULT_KEEP, DEFAULT_STAGE_TIMEOUT_MS, MAX_KEEP,
 };
 use crate::model::{InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
 use crate::outputs::{
@@ -1163,7 +1165,7 @@ fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
                 h.get(key)
                     .and_then(|n| string(ctx, n, &format!("deploy.hooks.{key}")))
             };
-            HookSpec {
+            Hooks {
                 stop: text("stop"),
                 start: text("start"),
                 restart: text("restart"),
@@ -1178,9 +1180,9 @@ fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
                 ),
             }
         }
-        None => HookSpec {
+        None => Hooks {
             timeout_ms: DEFAULT_HOOK_TIMEOUT_MS,
-            ..HookSpec::default()
+            ..Hooks::default()
         },
     };
     let health = f.get("health").and_then(|n| {
@@ -1201,16 +1203,16 @@ fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
                     ctx.error(n.pos, format!("health.http \"{url}\" must be an http:// URL (probes run on the host, usually against localhost)"));
                 }
                 let status = number_field(ctx, &h, "status", "deploy.health", 200, 599) as u16;
-                ProbeSpec::Http { url, status, body }
+                Probe::Http { url, status, body }
             }
-            (None, Some(address), None) => ProbeSpec::Tcp(address),
-            (None, None, Some(run)) => ProbeSpec::Command(run),
+            (None, Some(address), None) => Probe::Tcp { address },
+            (None, None, Some(run)) => Probe::Command { run },
             _ => {
                 ctx.error(n.pos, "deploy.health needs exactly one of http: URL, tcp: HOST:PORT or command: COMMAND");
                 return None;
             }
         };
-        Some(HealthSpec {
+        Some(HealthCheck {
             probe,
             interval_ms: duration_field(ctx, &h, "interval", "deploy.health", 1_000).max(10),
             timeout_ms: duration_field(ctx, &h, "timeout", "deploy.health", 2_000).max(10),

@@ -763,7 +763,8 @@ fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
 
 #[test]
 fn deploy_jobs_and_environments_are_read_with_their_defaults() {
-    use crate::{DeployStrategy, HostAmount, ProbeSpec};
+    use crate::{DeployStrategy, HostAmount};
+    use gantry_protocol::Probe;
     let p = ok("environments:\n  production:\n    select: \"role=web,site=paris\"\n    approvals: 2\n    wait: 5m\n    branches: [main]\njobs:\n  build:\n    steps: [{ run: make }]\n    artifacts: { name: web, paths: [out] }\n  ship:\n    needs: build\n    deploy:\n      environment: production\n      artifact: web\n      strategy: canary\n      canary: { steps: [{ percent: 10, pause: manual }, { percent: 50, pause: 30s }] }\n      hooks: { start: ./run.sh, timeout: 10s }\n      health: { http: \"http://127.0.0.1:${{ labels.port }}/health\", body: ok, min-healthy: 2s }\n  quick:\n    needs: build\n    deploy: { environment: staging, artifact: web, app: web-staging }\n");
     let env = &p.environments["production"];
     assert_eq!(env.select["role"], "web");
@@ -790,9 +791,7 @@ fn deploy_jobs_and_environments_are_read_with_their_defaults() {
     );
     assert_eq!(ship.hooks.timeout_ms, 10_000);
     let health = ship.health.as_ref().expect("health");
-    assert!(
-        matches!(&health.probe, ProbeSpec::Http { status: 200, body: Some(b), .. } if b == "ok")
-    );
+    assert!(matches!(&health.probe, Probe::Http { status: 200, body: Some(b), .. } if b == "ok"));
     assert_eq!(health.min_healthy_ms, 2_000);
     let quick = p
         .job("quick")
