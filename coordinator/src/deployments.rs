@@ -24,12 +24,12 @@ use gantry_deploy::{
     Amount, CanaryStep, Command as EngineCommand, Deployment, Event as EngineEvent, HostState,
     Limits, Outcome, Pause, Phase, Plan, Strategy,
 };
-use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount, ProbeSpec};
+use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount};
 use gantry_protocol::{
     AdminResponse, AgentBinary, AgentId, AppSpec, Approval, Attempt, CoordinatorMessage,
     DeployCommand, DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView,
-    EnvRelease, EnvironmentView, ExecHost, HealthCheck, Hooks, JobId, JobOutcome, JobResult,
-    Labels, ReleaseSpec, RollbackRequest, UnixMillis,
+    EnvRelease, EnvironmentView, ExecHost, Hooks, JobId, JobOutcome, JobResult, Labels,
+    ReleaseSpec, RollbackRequest, UnixMillis,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -728,7 +728,7 @@ impl Manager {
 
     /// Every secret the deployment names exists and may go to this environment.
     fn check_secrets(&self, deploy: &DeploySpec, environment: &str) -> Result<(), String> {
-        let names = deploy_secret_names(deploy);
+        let names = hook_secret_names(&deploy.env, &deploy.hooks);
         if names.is_empty() {
             return Ok(());
         }
@@ -1164,7 +1164,7 @@ impl Manager {
     /// The app with its secrets filled in, for one step.
     fn app_for_host(&self, rec: &DeploymentRecord) -> AppSpec {
         let mut app = rec.app.clone();
-        let names = app_secret_names(&app);
+        let names = hook_secret_names(&app.env, &app.hooks);
         if names.is_empty() {
             return app;
         }
@@ -1853,35 +1853,10 @@ fn engine_strategy(strategy: &DeployStrategy) -> (Strategy, Option<gantry_protoc
 }
 
 fn app_spec(deploy: &DeploySpec, blue_green: Option<gantry_protocol::BlueGreen>) -> AppSpec {
-    let h = &deploy.hooks;
     AppSpec {
         name: deploy.app.clone(),
-        hooks: Hooks {
-            stop: h.stop.clone(),
-            start: h.start.clone(),
-            restart: h.restart.clone(),
-            pre_start: h.pre_start.clone(),
-            post_start: h.post_start.clone(),
-            timeout_ms: h.timeout_ms,
-        },
-        health: deploy.health.as_ref().map(|h| HealthCheck {
-            probe: match &h.probe {
-                ProbeSpec::Http { url, status, body } => gantry_protocol::Probe::Http {
-                    url: url.clone(),
-                    status: *status,
-                    body: body.clone(),
-                },
-                ProbeSpec::Tcp(address) => gantry_protocol::Probe::Tcp {
-                    address: address.clone(),
-                },
-                ProbeSpec::Command(run) => gantry_protocol::Probe::Command { run: run.clone() },
-            },
-            interval_ms: h.interval_ms,
-            timeout_ms: h.timeout_ms,
-            retries: h.retries,
-            min_healthy_ms: h.min_healthy_ms,
-            deadline_ms: h.deadline_ms,
-        }),
+        hooks: deploy.hooks.clone(),
+        health: deploy.health.clone(),
         keep: deploy.keep,
         shared: deploy.shared.clone(),
         env: deploy.env.clone(),
@@ -1890,20 +1865,11 @@ fn app_spec(deploy: &DeploySpec, blue_green: Option<gantry_protocol::BlueGreen>)
     }
 }
 
-/// Secrets a deploy spec names (`${{ secrets.NAME }}` in its env and hooks).
-fn deploy_secret_names(deploy: &DeploySpec) -> Vec<String> {
-    let h = &deploy.hooks;
-    let texts = deploy.env.values().chain(
-        [&h.stop, &h.start, &h.restart, &h.pre_start, &h.post_start]
-            .into_iter()
-            .flatten(),
-    );
-    secret_names(texts)
-}
-
-fn app_secret_names(app: &AppSpec) -> Vec<String> {
-    let h = &app.hooks;
-    let texts = app.env.values().chain(
+/// Secrets an app names (`${{ secrets.NAME }}` in its env and hooks), as a pipeline's
+/// `deploy:` gives them or as stored in a deployment.
+fn hook_secret_names(env: &Labels, hooks: &Hooks) -> Vec<String> {
+    let h = hooks;
+    let texts = env.values().chain(
         [&h.stop, &h.start, &h.restart, &h.pre_start, &h.post_start]
             .into_iter()
             .flatten(),
