@@ -5,6 +5,28 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a cron expression is refused; each message names the field and what it allows.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    #[error("cron expression \"{expression}\" has {found} fields; expected 5: minute hour day-of-month month day-of-week")]
+    FieldCount { expression: String, found: usize },
+    #[error("{field} step \"{part}\" must be between 1 and {max}")]
+    Step {
+        field: &'static str,
+        part: String,
+        max: u32,
+    },
+    #[error("{field} \"{part}\" is out of range; expected values from {min} to {max}")]
+    OutOfRange {
+        field: &'static str,
+        part: String,
+        min: u32,
+        max: u32,
+    },
+    #[error("{field} \"{text}\" is not a number, range, list or step")]
+    NotANumber { field: &'static str, text: String },
+}
+
 /// A parsed cron schedule. Each field is a bit set of the values it allows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CronSchedule {
@@ -33,13 +55,13 @@ const SEARCH_YEARS: i64 = 10;
 impl CronSchedule {
     /// Parses `minute hour day-of-month month day-of-week` with `*`, lists, ranges and
     /// steps. Day-of-week accepts 0-7 (0 and 7 are Sunday).
-    pub fn parse(expression: &str) -> Result<CronSchedule, String> {
+    pub fn parse(expression: &str) -> Result<CronSchedule, CronError> {
         let fields: Vec<&str> = expression.split_whitespace().collect();
         if fields.len() != 5 {
-            return Err(format!(
-                "cron expression \"{expression}\" has {} fields; expected 5: minute hour day-of-month month day-of-week",
-                fields.len()
-            ));
+            return Err(CronError::FieldCount {
+                expression: expression.to_owned(),
+                found: fields.len(),
+            });
         }
         let (minutes, _) = parse_field(fields[0], 0, 59, "minute")?;
         let (hours, _) = parse_field(fields[1], 0, 23, "hour")?;
@@ -105,16 +127,23 @@ impl CronSchedule {
 }
 
 /// Parses one field into a bit set; the flag says whether it was a bare `*`.
-fn parse_field(field: &str, min: u32, max: u32, what: &str) -> Result<(u64, bool), String> {
+fn parse_field(
+    field: &str,
+    min: u32,
+    max: u32,
+    what: &'static str,
+) -> Result<(u64, bool), CronError> {
     let mut bits = 0u64;
     for part in field.split(',') {
         let (range, step) = match part.split_once('/') {
             Some((range, step)) => {
                 let step: u32 = parse_number(step, what)?;
                 if step == 0 || step > max {
-                    return Err(format!(
-                        "{what} step \"{part}\" must be between 1 and {max}"
-                    ));
+                    return Err(CronError::Step {
+                        field: what,
+                        part: part.to_owned(),
+                        max,
+                    });
                 }
                 (range, step)
             }
@@ -134,9 +163,12 @@ fn parse_field(field: &str, min: u32, max: u32, what: &str) -> Result<(u64, bool
             }
         };
         if low < min || high > max || low > high {
-            return Err(format!(
-                "{what} \"{part}\" is out of range; expected values from {min} to {max}"
-            ));
+            return Err(CronError::OutOfRange {
+                field: what,
+                part: part.to_owned(),
+                min,
+                max,
+            });
         }
         let mut value = low;
         while value <= high {
@@ -147,14 +179,16 @@ fn parse_field(field: &str, min: u32, max: u32, what: &str) -> Result<(u64, bool
     Ok((bits, field == "*"))
 }
 
-fn parse_number(text: &str, what: &str) -> Result<u32, String> {
+fn parse_number(text: &str, what: &'static str) -> Result<u32, CronError> {
+    let not_a_number = || CronError::NotANumber {
+        field: what,
+        text: text.to_owned(),
+    };
+    // At most three digits, so the parse cannot overflow; it is checked all the same.
     if text.is_empty() || text.len() > 3 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "{what} \"{text}\" is not a number, range, list or step"
-        ));
+        return Err(not_a_number());
     }
-    text.parse()
-        .map_err(|_| format!("{what} \"{text}\" is not a number"))
+    text.parse().map_err(|_| not_a_number())
 }
 
 /// `gantry_protocol::civil_from_days` for the non-negative day numbers cron walks.
@@ -247,7 +281,7 @@ mod tests {
             ("a * * * *", "is not a number"),
             ("5-1 * * * *", "out of range"),
         ] {
-            let err = CronSchedule::parse(expr).expect_err(expr);
+            let err = CronSchedule::parse(expr).expect_err(expr).to_string();
             assert!(err.contains(needle), "{expr}: {err}");
         }
     }

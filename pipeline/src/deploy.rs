@@ -106,18 +106,27 @@ pub fn app_name_problem(name: &str) -> Option<&'static str> {
     (!ok).then_some("must be 1 to 64 of A-Z a-z 0-9 . _ - (it names a directory on each host)")
 }
 
+/// A number of hosts that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AmountError {
+    #[error("\"{0}\" is not a percentage from 0% to 100%")]
+    Percent(String),
+    #[error("\"{0}\" is not a number of hosts or a percentage like 25%")]
+    Count(String),
+}
+
 /// Parses `25%` or `3` as a number of hosts.
-pub fn parse_amount(text: &str) -> Result<HostAmount, String> {
+pub fn parse_amount(text: &str) -> Result<HostAmount, AmountError> {
     let t = text.trim();
     if let Some(p) = t.strip_suffix('%') {
         match p.trim().parse::<u8>() {
             Ok(p) if p <= 100 => Ok(HostAmount::Percent(p)),
-            _ => Err(format!("\"{text}\" is not a percentage from 0% to 100%")),
+            _ => Err(AmountError::Percent(text.to_owned())),
         }
     } else {
         t.parse::<u32>()
             .map(HostAmount::Count)
-            .map_err(|_| format!("\"{text}\" is not a number of hosts or a percentage like 25%"))
+            .map_err(|_| AmountError::Count(text.to_owned()))
     }
 }
 

@@ -49,13 +49,13 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use condition::{CompareOp, Condition, Operand, StaticContext, StatusExpr};
-pub use cron::CronSchedule;
+pub use cron::{CronError, CronSchedule};
 pub use deploy::{
-    app_name_problem, environment_name_problem, parse_amount, DeploySpec, DeployStrategy,
-    EnvironmentSpec, HostAmount,
+    app_name_problem, environment_name_problem, parse_amount, AmountError, DeploySpec,
+    DeployStrategy, EnvironmentSpec, HostAmount,
 };
 pub use glob::glob_match;
-pub use load::{parse_duration, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
+pub use load::{parse_duration, DurationError, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
 pub use model::{referenced_secrets, InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
 pub use outputs::{
     artifact_name_problem, cache_key_problem, hash_files_patterns, path_problem, ArtifactSpec,

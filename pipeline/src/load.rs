@@ -321,10 +321,17 @@ fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
     out
 }
 
+/// A duration that does not parse (or overflows 64-bit milliseconds).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("\"{text}\" is not a duration; expected numbers with units ms, s, m, h or d, like 30m, 1h30m or 7d")]
+pub struct DurationError {
+    pub text: String,
+}
+
 /// Parses `30m`, `90s`, `1h30m`, `500ms`.
-pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("\"{text}\" is not a duration; expected numbers with units ms, s, m, h or d, like 30m, 1h30m or 7d")
+pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
+    let bad = || DurationError {
+        text: text.to_owned(),
     };
     let bytes = text.trim().as_bytes();
     if bytes.is_empty() {
@@ -578,7 +585,7 @@ fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
                     };
                     match CronSchedule::parse(&expr) {
                         Ok(cron) => triggers.schedules.push(cron),
-                        Err(message) => ctx.error(cron_node.pos, message),
+                        Err(error) => ctx.error(cron_node.pos, error.to_string()),
                     }
                 }
             }
