@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use gantry_deploy::{
     Amount, CanaryStep, Command as EngineCommand, Deployment, Event as EngineEvent, HostState,
-    Limits, Outcome, Pause, Phase, Plan, Strategy,
+    Limits, Outcome, Pause, Phase, Plan, StepError, Strategy,
 };
 use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount};
 use gantry_protocol::{
@@ -1249,7 +1249,7 @@ impl Manager {
                 draining: false,
             });
         }
-        let outcome = result.outcome.map(|_| ());
+        let outcome = result.outcome.map(|_| ()).map_err(StepError::from);
         tracing::debug!(deployment = id, %agent, seq, ok = outcome.is_ok(), "deploy step ended");
         let host = agent.clone();
         let event = match op {

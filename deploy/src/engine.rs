@@ -4,7 +4,7 @@ use gantry_protocol::{AgentId, UnixMillis};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Amount, Command, Event, Host, HostState, Outcome, Pause, Phase, Plan, Strategy,
+    Amount, Command, Event, Host, HostState, Outcome, Pause, Phase, Plan, StepError, Strategy,
 };
 
 /// One deployment. Serde, so the coordinator persists it whole after every step and
@@ -213,7 +213,7 @@ impl Deployment {
         &mut self,
         now: UnixMillis,
         host: &AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
         let Some(i) = self.index(host) else {
@@ -234,7 +234,7 @@ impl Deployment {
                 self.hosts[i].staged_at = Some(now);
                 self.set_host(i, HostState::Staged, now, out);
             }
-            Err(reason) => self.stage_failed(i, reason, now, out),
+            Err(StepError { reason }) => self.stage_failed(i, reason, now, out),
         }
     }
 
@@ -323,7 +323,7 @@ impl Deployment {
         &mut self,
         now: UnixMillis,
         host: &AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
         let Some(i) = self.index(host) else {
@@ -344,7 +344,7 @@ impl Deployment {
                 self.hosts[i].activated_at = Some(now);
                 self.set_host(i, HostState::Active, now, out);
             }
-            Err(reason) => self.host_failed(i, reason, now, out),
+            Err(StepError { reason }) => self.host_failed(i, reason, now, out),
         }
     }
 
@@ -352,7 +352,7 @@ impl Deployment {
         &mut self,
         now: UnixMillis,
         host: &AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
         let Some(i) = self.index(host) else {
@@ -364,7 +364,9 @@ impl Deployment {
         }
         match result {
             Ok(()) => self.set_host(i, HostState::Active, now, out),
-            Err(reason) => self.host_failed(i, format!("canary analysis: {reason}"), now, out),
+            Err(StepError { reason }) => {
+                self.host_failed(i, format!("canary analysis: {reason}"), now, out);
+            }
         }
     }
 
@@ -427,7 +429,7 @@ impl Deployment {
         &mut self,
         now: UnixMillis,
         host: &AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
         let Some(i) = self.index(host) else {
@@ -439,7 +441,7 @@ impl Deployment {
         }
         match result {
             Ok(()) => self.set_host(i, HostState::RolledBack, now, out),
-            Err(reason) => {
+            Err(StepError { reason }) => {
                 out.push(log(format!("rollback failed on {host}: {reason}")));
                 self.set_host(i, HostState::RollbackFailed { reason }, now, out);
             }

@@ -252,6 +252,28 @@ impl Phase {
     }
 }
 
+/// Why a host could not carry out a step, in the host's words (`health check: connection
+/// refused`). The engine keeps it as the host's reason and logs it with the host's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{reason}")]
+pub struct StepError {
+    pub reason: String,
+}
+
+impl From<String> for StepError {
+    fn from(reason: String) -> Self {
+        Self { reason }
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(reason: &str) -> Self {
+        Self {
+            reason: reason.to_owned(),
+        }
+    }
+}
+
 /// Everything that can happen to a deployment. Time is not a field: it is `now`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
@@ -259,21 +281,21 @@ pub enum Event {
     /// A host finished staging (or could not).
     Staged {
         host: AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
     },
     /// A host switched and became healthy (or did not).
     Activated {
         host: AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
     },
     /// A canary analysis check of a host.
     Verified {
         host: AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
     },
     RolledBack {
         host: AgentId,
-        result: Result<(), String>,
+        result: Result<(), StepError>,
     },
     /// `gantry deploy promote`.
     Promote,

@@ -3,7 +3,7 @@
 
 use gantry_deploy::{
     Amount, CanaryStep, Command, Deployment, Event, HostState, Limits, Outcome, Pause, Phase, Plan,
-    Strategy,
+    StepError, Strategy,
 };
 use gantry_protocol::{AgentId, UnixMillis};
 
@@ -70,6 +70,7 @@ fn drive(
         let Some(result) = answer(kind, &host) else {
             continue;
         };
+        let result = result.map_err(StepError::from);
         let event = match kind {
             "stage" => Event::Staged { host, result },
             "activate" => Event::Activated { host, result },

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use gantry_deploy::{
     Amount, CanaryStep, Command, Deployment, Event, HostState, Limits, Outcome, Pause, Phase, Plan,
-    Strategy,
+    StepError, Strategy,
 };
 use gantry_protocol::{AgentId, UnixMillis};
 use proptest::prelude::*;
@@ -87,7 +87,7 @@ impl World {
     }
 }
 
-fn event_for(kind: &str, host: AgentId, result: Result<(), String>) -> Event {
+fn event_for(kind: &str, host: AgentId, result: Result<(), StepError>) -> Event {
     match kind {
         "stage" => Event::Staged { host, result },
         "activate" => Event::Activated { host, result },
@@ -197,7 +197,7 @@ proptest! {
                 // Answer an outstanding operation, mostly with success.
                 0..=5 if !world.outstanding.is_empty() => {
                     let (kind, host) = world.outstanding.remove(pick as usize % world.outstanding.len());
-                    let result = if extra.is_multiple_of(5) { Err("boom".to_owned()) } else { Ok(()) };
+                    let result = if extra.is_multiple_of(5) { Err("boom".into()) } else { Ok(()) };
                     d.handle(now, event_for(kind, host, result))
                 }
                 // Drop an operation: its host never answers.
