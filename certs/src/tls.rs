@@ -118,7 +118,10 @@ impl ServerTls {
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(GantryClientVerifier { inner, revoked });
+        let verifier = Arc::new(ClientVerifier {
+            chain: inner,
+            rule: CoordinatorClients { revoked },
+        });
         let mut chain = certs_from_pem(cert_pem, "coordinator certificate")?;
         chain.push(CertificateDer::from(ca_der.to_vec()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -196,9 +199,11 @@ impl ClientTls {
     /// presents a chain to the CA whose fingerprint the join token carries.
     pub fn pinned(ca_fingerprint: &str) -> Result<rustls::ClientConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let verifier = Arc::new(PinnedCaVerifier {
-            fingerprint: ca_fingerprint.to_owned(),
+        let verifier = Arc::new(ServerVerifier {
             provider: provider.clone(),
+            rule: PinnedCa {
+                fingerprint: ca_fingerprint.to_owned(),
+            },
         });
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -231,7 +236,10 @@ impl PeerTls {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(AgentOnlyClientVerifier { inner });
+        let verifier = Arc::new(ClientVerifier {
+            chain: inner,
+            rule: PeerClients,
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -257,10 +265,12 @@ impl PeerTls {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
                 .build()
                 .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(PeerServerVerifier {
-            chain,
-            expected: expected.clone(),
+        let verifier = Arc::new(ServerVerifier {
             provider: provider.clone(),
+            rule: ExpectedPeer {
+                chain,
+                expected: expected.clone(),
+            },
         });
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -276,23 +286,42 @@ impl PeerTls {
     }
 }
 
-/// The peer server's client verifier: a chain to the CA, and an agent identity.
-#[derive(Debug)]
-struct AgentOnlyClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+fn finish_client(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
+    config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
+    config.enable_early_data = false;
+    config
 }
 
-impl ClientCertVerifier for AgentOnlyClientVerifier {
+/// What a client verifier adds to the CA's chain check: whether a client must present a
+/// certificate, and which identities may connect. [`ClientVerifier`] does the rest,
+/// once for every rule.
+trait ClientRule: std::fmt::Debug + Send + Sync {
+    /// Whether a client without a certificate is refused during the handshake.
+    const MANDATORY: bool;
+
+    /// Whether the identity of a certificate whose chain checked out may connect.
+    fn admit(&self, identity: Identity) -> Result<(), rustls::Error>;
+}
+
+/// A client verifier: webpki checks the chain against the CA and the handshake
+/// signatures, then the rule checks the identity the certificate names.
+#[derive(Debug)]
+struct ClientVerifier<R> {
+    chain: Arc<dyn ClientCertVerifier>,
+    rule: R,
+}
+
+impl<R: ClientRule> ClientCertVerifier for ClientVerifier<R> {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        R::MANDATORY
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        self.chain.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -302,15 +331,12 @@ impl ClientCertVerifier for AgentOnlyClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self
-            .inner
+            .chain
             .verify_client_cert(end_entity, intermediates, now)?;
-        match Identity::from_cert_der(end_entity) {
-            Ok(Identity::Agent(_)) => Ok(verified),
-            Ok(_) => Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            )),
-            Err(e) => Err(rustls::Error::General(e.to_string())),
-        }
+        let identity = Identity::from_cert_der(end_entity)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        self.rule.admit(identity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -319,7 +345,7 @@ impl ClientCertVerifier for AgentOnlyClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.chain.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -328,43 +354,97 @@ impl ClientCertVerifier for AgentOnlyClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.chain.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.chain.supported_verify_schemes()
     }
 }
 
-/// The fetching host's view of a peer: its chain is checked as a client certificate's
-/// would be (agent certificates are for client auth), then its identity must be the
-/// agent the coordinator named. The TLS server name is not used.
+/// The coordinator's clients: agents that are not revoked, and admins. A client with no
+/// certificate gets through the handshake only to enroll: the coordinator allows it
+/// nothing else.
 #[derive(Debug)]
-struct PeerServerVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
-    expected: AgentId,
-    provider: Arc<rustls::crypto::CryptoProvider>,
+struct CoordinatorClients {
+    revoked: RevocationSet,
 }
 
-impl ServerCertVerifier for PeerServerVerifier {
+impl ClientRule for CoordinatorClients {
+    const MANDATORY: bool = false;
+
+    fn admit(&self, identity: Identity) -> Result<(), rustls::Error> {
+        match identity {
+            Identity::Agent(id) if self.revoked.contains(&id) => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+            Identity::Agent(_) | Identity::Admin(_) => Ok(()),
+            Identity::Coordinator => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+}
+
+/// A peer server's clients: agents only, each with its certificate.
+#[derive(Debug)]
+struct PeerClients;
+
+impl ClientRule for PeerClients {
+    const MANDATORY: bool = true;
+
+    fn admit(&self, identity: Identity) -> Result<(), rustls::Error> {
+        match identity {
+            Identity::Agent(_) => Ok(()),
+            Identity::Admin(_) | Identity::Coordinator => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+}
+
+/// What a server presents in a handshake, as rustls hands it to a verifier.
+struct Presented<'a> {
+    end_entity: &'a CertificateDer<'a>,
+    intermediates: &'a [CertificateDer<'a>],
+    server_name: &'a ServerName<'a>,
+    ocsp_response: &'a [u8],
+    now: UnixTime,
+}
+
+/// What a server verifier checks of the server's certificate. [`ServerVerifier`] checks
+/// the handshake signatures with the provider's algorithms, once for every rule.
+trait ServerRule: std::fmt::Debug + Send + Sync {
+    fn verify(
+        &self,
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+        server: &Presented<'_>,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+#[derive(Debug)]
+struct ServerVerifier<R> {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    rule: R,
+}
+
+impl<R: ServerRule> ServerCertVerifier for ServerVerifier<R> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        match Identity::from_cert_der(end_entity) {
-            Ok(Identity::Agent(id)) if id == self.expected => Ok(ServerCertVerified::assertion()),
-            Ok(other) => Err(rustls::Error::General(format!(
-                "the peer presented {other:?}, not agent {}: refusing it",
-                self.expected
-            ))),
-            Err(e) => Err(rustls::Error::General(e.to_string())),
-        }
+        let server = Presented {
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        };
+        self.rule.verify(&self.provider, &server)
     }
 
     fn verify_tls12_signature(
@@ -402,93 +482,49 @@ impl ServerCertVerifier for PeerServerVerifier {
     }
 }
 
-fn finish_client(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
-    config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
-    config.enable_early_data = false;
-    config
-}
-
+/// The fetching host's view of a peer: its chain is checked as a client certificate's
+/// would be (agent certificates are for client auth), then its identity must be the
+/// agent the coordinator named. The TLS server name is not used.
 #[derive(Debug)]
-struct GantryClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    revoked: RevocationSet,
+struct ExpectedPeer {
+    chain: Arc<dyn ClientCertVerifier>,
+    expected: AgentId,
 }
 
-impl ClientCertVerifier for GantryClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        // Enrollment needs certificate-less connections; the coordinator allows them
-        // nothing but an enrollment request.
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
+impl ServerRule for ExpectedPeer {
+    fn verify(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        match Identity::from_cert_der(end_entity) {
-            Ok(Identity::Agent(id)) if self.revoked.contains(&id) => {
-                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
-            }
-            Ok(Identity::Agent(_) | Identity::Admin(_)) => Ok(verified),
-            Ok(Identity::Coordinator) => Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            )),
+        _provider: &Arc<rustls::crypto::CryptoProvider>,
+        server: &Presented<'_>,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(server.end_entity, server.intermediates, server.now)?;
+        match Identity::from_cert_der(server.end_entity) {
+            Ok(Identity::Agent(id)) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Ok(other) => Err(rustls::Error::General(format!(
+                "the peer presented {other:?}, not agent {}: refusing it",
+                self.expected
+            ))),
             Err(e) => Err(rustls::Error::General(e.to_string())),
         }
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
+/// An enrolling agent's view of the coordinator: trusted only with a chain to the CA
+/// whose fingerprint the join token carries, taken from the chain presented.
 #[derive(Debug)]
-struct PinnedCaVerifier {
+struct PinnedCa {
     fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
+impl ServerRule for PinnedCa {
+    fn verify(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+        server: &Presented<'_>,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates
+        let Some(ca) = server
+            .intermediates
             .iter()
             .find(|c| crate::fingerprint(c) == self.fingerprint)
         else {
@@ -499,43 +535,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
         };
         let roots = roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
         let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
+        verifier.verify_server_cert(
+            server.end_entity,
+            &[],
+            server.server_name,
+            server.ocsp_response,
+            server.now,
         )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
