@@ -1,12 +1,14 @@
 //! Deployments: the coordinator's shell around the `gantry-deploy` state machine.
 //!
-//! Owns every deployment that has not ended, in one task (the manager): it gates a
-//! deployment on its environment's rules (approvals, wait timer, one at a time), picks
-//! the target hosts when it starts, feeds the engine the hosts' results and the clock,
-//! sends the steps the engine asks for, and persists the whole record (engine state
-//! included) after every change, so a restarted coordinator resumes each deployment where
-//! it was: steps in flight are sent again when their host reconnects (hosts answer a step
-//! they already did from what they kept), and deadlines are wall-clock times.
+//! Owns every deployment that has not ended, in one task (the manager): it feeds the
+//! gate machine ([`gantry_deploy::gates`], which decides approvals, the wait timer,
+//! branch rules and one deployment at a time per environment) and does what it says,
+//! picks the target hosts when a deployment starts, feeds the engine the hosts' results
+//! and the clock, sends the steps the engine asks for, and persists the whole record
+//! (engine and gate state included) after every change, so a restarted coordinator
+//! resumes each deployment where it was: steps in flight are sent again when their host
+//! reconnects (hosts answer a step they already did from what they kept), and deadlines
+//! are wall-clock times.
 //!
 //! A pipeline job with `deploy:` runs on a virtual agent, the deploy runner: the
 //! scheduler offers it the job like any other (it carries the reserved label only such
@@ -14,12 +16,17 @@
 //! log into the job's log, and reports the job's result when the deployment ends. The
 //! scheduler, its leases and its retries need nothing special for deploy jobs.
 //!
-//! It must not know how sessions or streams work: it reaches hosts through [`Fleet`].
+//! It reads the clock once per input (at the top of its loop) and passes that `now` down;
+//! it makes no gate decision itself. It must not know how sessions or streams work: it
+//! reaches hosts through [`Fleet`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_deploy::gates::{
+    Command as GateCommand, Denial, Event as GateEvent, Gate, Gates, Purpose, Request, Rules, Stage,
+};
 use gantry_deploy::{
     Amount, CanaryStep, Command as EngineCommand, Deployment, Event as EngineEvent, HostState,
     Limits, Outcome, Pause, Phase, Plan, StepError, Strategy,
@@ -149,6 +156,26 @@ pub const UPGRADES: &str = "(agents)";
 impl DeploymentRecord {
     pub fn is_ended(&self) -> bool {
         matches!(self.status, Status::Ended { .. })
+    }
+
+    /// What the gate machine knows of this deployment, from the fields that keep it
+    /// (author, approvals, wait, status); `None` once it has ended.
+    fn gate(&self) -> Option<Gate> {
+        let stage = match self.status {
+            Status::AwaitingApproval => Stage::AwaitingApproval,
+            Status::Waiting { until } => Stage::Waiting { until },
+            Status::Queued => Stage::Queued,
+            Status::Running => Stage::Running,
+            Status::Ended { .. } => return None,
+        };
+        Some(Gate {
+            environment: self.environment.clone(),
+            author: self.created_by.clone(),
+            approvals_needed: self.approvals_needed,
+            approvals: self.approvals.clone(),
+            wait_ms: self.wait_ms,
+            stage,
+        })
     }
 
     /// `succeeded`, `staging`, `awaiting-promotion`, ... as listings show it.
@@ -407,6 +434,7 @@ impl Deployments {
                 active.insert(record.id, record);
             }
         }
+        let gates = Gates::restore(active.values().filter_map(|r| Some((r.id, r.gate()?))));
         let manager = Manager {
             active,
             outgoing: Vec::new(),
@@ -416,9 +444,12 @@ impl Deployments {
             logs,
             notifier,
             metrics,
+            gates,
+            gate_commands: VecDeque::new(),
+            carrying_out: false,
         };
         manager.connect_runner();
-        manager.report_unreported(&recent);
+        manager.report_unreported(UnixMillis::now(), &recent);
         tokio::spawn(manager.run(inbox.0));
         Ok(())
     }
@@ -488,6 +519,14 @@ struct Manager {
     /// Webhooks hear when a deployment waits for approvals and when one ends.
     notifier: Arc<crate::notify::Notifier>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// When a deployment may start; rebuilt from the records at start.
+    gates: Gates,
+    /// The gates' commands not yet carried out, in order. One may end a deployment
+    /// whose end makes the gates say more; those wait their turn here rather than run
+    /// inside the one that caused them (so a record never ends up saying `queued` after
+    /// it started).
+    gate_commands: VecDeque<GateCommand>,
+    carrying_out: bool,
 }
 
 impl Manager {
@@ -501,10 +540,10 @@ impl Manager {
                 .min(IDLE_WAKE);
             tokio::select! {
                 input = rx.recv() => match input {
-                    Some(input) => self.handle(input),
+                    Some(input) => self.handle(UnixMillis::now(), input),
                     None => return,
                 },
-                () = tokio::time::sleep(wake) => self.tick(),
+                () = tokio::time::sleep(wake) => self.tick(UnixMillis::now()),
                 _ = heartbeat.tick() => self.engine.event(gantry_scheduler::Event::AgentHeartbeat {
                     agent: deploy_runner(),
                 }),
@@ -526,7 +565,7 @@ impl Manager {
 
     /// Reports again the job results of ended deployments whose job the scheduler did
     /// not record as ended (the coordinator stopped in between).
-    fn report_unreported(&self, recent: &[DeploymentRecord]) {
+    fn report_unreported(&self, now: UnixMillis, recent: &[DeploymentRecord]) {
         for record in recent {
             let Some((job, attempt)) = record.job else {
                 continue;
@@ -534,7 +573,7 @@ impl Manager {
             let unreported = matches!(self.store.job(job), Ok(Some(j))
                 if j.attempt == attempt && !crate::engine::is_terminal_name(&j.state));
             if unreported {
-                self.report_job(record);
+                self.report_job(now, record);
             }
         }
     }
@@ -542,17 +581,15 @@ impl Manager {
     fn next_deadline(&self) -> Option<UnixMillis> {
         self.active
             .values()
-            .filter_map(|r| match &r.status {
-                Status::Waiting { until } => Some(*until),
-                Status::Running => r.engine.as_ref().and_then(Deployment::next_deadline),
-                _ => None,
-            })
+            .filter(|r| matches!(r.status, Status::Running))
+            .filter_map(|r| r.engine.as_ref().and_then(Deployment::next_deadline))
+            .chain(self.gates.next_deadline())
             .min()
     }
 
-    fn handle(&mut self, input: DeployInput) {
+    fn handle(&mut self, now: UnixMillis, input: DeployInput) {
         match input {
-            DeployInput::Dispatch { job, attempt } => self.dispatch(job, attempt),
+            DeployInput::Dispatch { job, attempt } => self.dispatch(now, job, attempt),
             DeployInput::Cancel { job, attempt } => {
                 let id = self
                     .active
@@ -560,50 +597,44 @@ impl Manager {
                     .find(|r| r.job == Some((job, attempt)))
                     .map(|r| r.id);
                 if let Some(id) = id {
-                    self.abort(id, "the run's cancellation");
+                    self.abort(now, id, "the run's cancellation");
                 }
             }
-            DeployInput::Result { agent, result } => self.result(&agent, result),
+            DeployInput::Result { agent, result } => self.result(now, &agent, result),
             DeployInput::Connected { agent } => self.resend(&agent),
             DeployInput::Admin { actor, op, reply } => {
-                let answer = self.admin(&actor, &op);
+                let answer = self.admin(now, &actor, &op);
                 let _ = reply.send(answer);
             }
         }
     }
 
-    fn tick(&mut self) {
-        let now = UnixMillis::now();
+    /// Time passed: engines whose deadline came get a tick, then the gates (a wait
+    /// timer that ran out starts its deployment or queues it). Engines go first so a
+    /// deployment that ends at this instant frees its environment for one whose timer
+    /// ends at the same instant.
+    fn tick(&mut self, now: UnixMillis) {
         let due: Vec<u64> = self
             .active
             .values()
-            .filter(|r| match &r.status {
-                Status::Waiting { until } => *until <= now,
-                Status::Running => r
-                    .engine
-                    .as_ref()
-                    .and_then(Deployment::next_deadline)
-                    .is_some_and(|at| at <= now),
-                _ => false,
+            .filter(|r| {
+                matches!(r.status, Status::Running)
+                    && r.engine
+                        .as_ref()
+                        .and_then(Deployment::next_deadline)
+                        .is_some_and(|at| at <= now)
             })
             .map(|r| r.id)
             .collect();
         for id in due {
-            let waiting = self
-                .active
-                .get(&id)
-                .is_some_and(|r| matches!(r.status, Status::Waiting { .. }));
-            if waiting {
-                self.ready(id);
-            } else {
-                self.feed(id, EngineEvent::Tick);
-            }
+            self.feed(now, id, EngineEvent::Tick);
         }
+        self.gate_event(now, GateEvent::Tick);
     }
 
     // ---- starting deployments -------------------------------------------------------
 
-    fn dispatch(&mut self, job: JobId, attempt: Attempt) {
+    fn dispatch(&mut self, now: UnixMillis, job: JobId, attempt: Attempt) {
         self.engine.event(gantry_scheduler::Event::JobAccepted {
             job,
             attempt,
@@ -612,18 +643,23 @@ impl Manager {
         if self.active.values().any(|r| r.job == Some((job, attempt))) {
             return;
         }
-        match self.create_for_job(job, attempt) {
-            Ok(id) => self.gate(id),
+        match self.create_for_job(now, job, attempt) {
+            Ok((id, request)) => self.request(now, id, request),
             Err(message) => {
                 tracing::info!(%job, attempt, "deploy job refused: {message}");
                 self.job_log(job, attempt, &format!("\u{2716} {message}"));
-                self.finish_job(job, attempt, false, UnixMillis::now());
+                self.finish_job(now, job, attempt, false, now);
             }
         }
     }
 
     /// Builds and stores the deployment a deploy job asks for.
-    fn create_for_job(&mut self, job: JobId, attempt: Attempt) -> Result<u64, String> {
+    fn create_for_job(
+        &mut self,
+        now: UnixMillis,
+        job: JobId,
+        attempt: Attempt,
+    ) -> Result<(u64, Request), String> {
         let run = self
             .store
             .run(job.run)
@@ -642,20 +678,8 @@ impl Manager {
             )
         })?;
         let env = self.environment(&deploy.environment)?;
-        if !env.branches.is_empty()
-            && !env
-                .branches
-                .iter()
-                .any(|g| gantry_pipeline::glob_match(g, &run.git_ref))
-        {
-            return Err(format!(
-                "branch {} may not deploy to {} (allowed: {}); `gantry env update {} --branch GLOB` changes that",
-                run.git_ref,
-                env.name,
-                env.branches.join(", "),
-                env.name
-            ));
-        }
+        let branch = run.git_ref.clone();
+        let request = self.admit(&env, &run.created_by, Purpose::Release { branch })?;
         let artifact = self
             .store
             .artifacts_of(job.run)
@@ -691,15 +715,15 @@ impl Manager {
             rollback_ms: deploy.activate_timeout_ms,
             ..Limits::default()
         };
-        let created_by = run.created_by.clone();
         let record = self.create(
+            now,
             &env,
+            &request,
             Kind::App,
             app,
             release,
             strategy,
             limits,
-            &created_by,
             Some((job, attempt)),
             &format!("run={} job={}", job.run, spec.name),
         )?;
@@ -712,7 +736,7 @@ impl Manager {
                 record.release.id, record.release.version, record.environment, record.epoch
             ),
         );
-        Ok(id)
+        Ok((id, request))
     }
 
     fn environment(&self, name: &str) -> Result<EnvironmentRecord, String> {
@@ -755,31 +779,54 @@ impl Manager {
         Ok(())
     }
 
+    /// The request for a deployment to `env` under its current rules, if the gates would
+    /// take it. Asked before the deployment is numbered and stored, so a refused one (a
+    /// branch the environment does not allow, a rollback while another runs, a second
+    /// fleet upgrade) costs no deployment and no epoch.
+    fn admit(
+        &self,
+        env: &EnvironmentRecord,
+        author: &str,
+        purpose: Purpose,
+    ) -> Result<Request, String> {
+        let request = Request {
+            environment: env.name.clone(),
+            author: author.to_owned(),
+            rules: Rules {
+                approvals: env.approvals,
+                wait_ms: env.wait_ms,
+                branches: env.branches.clone(),
+            },
+            purpose,
+        };
+        self.gates.admit(&request).map_err(|r| r.to_string())?;
+        Ok(request)
+    }
+
+    /// Stores a new deployment, its gates at their first stage: what
+    /// [`GateEvent::Requested`] would make of it, so a crash before the request is fed
+    /// resumes it there.
     #[allow(clippy::too_many_arguments)]
     fn create(
         &mut self,
+        now: UnixMillis,
         env: &EnvironmentRecord,
+        request: &Request,
         kind: Kind,
         app: AppSpec,
         release: ReleaseSpec,
         strategy: Strategy,
         limits: Limits,
-        created_by: &str,
         job: Option<(JobId, Attempt)>,
         detail: &str,
     ) -> Result<DeploymentRecord, String> {
-        let now = UnixMillis::now();
-        let approvals_needed = if matches!(strategy, Strategy::Rollback { .. }) {
-            // A rollback is the way out of a bad release: it goes back to a release
-            // this environment already approved, and waits for nobody.
-            0
-        } else {
-            env.approvals
-        };
-        let wait_ms = if approvals_needed == 0 && matches!(strategy, Strategy::Rollback { .. }) {
-            0
-        } else {
-            env.wait_ms
+        let created_by = request.author.as_str();
+        let approvals_needed = request.approvals_needed();
+        let wait_ms = request.wait_ms();
+        let status = match request.first_stage(now) {
+            Stage::AwaitingApproval => Status::AwaitingApproval,
+            Stage::Waiting { until } => Status::Waiting { until },
+            Stage::Queued | Stage::Running => Status::Queued,
         };
         let audit = AuditEntry {
             at: now,
@@ -808,11 +855,7 @@ impl Manager {
                     approvals: Vec::new(),
                     approvals_needed,
                     wait_ms,
-                    status: if approvals_needed > 0 {
-                        Status::AwaitingApproval
-                    } else {
-                        Status::Queued
-                    },
+                    status,
                     engine: None,
                     hosts: BTreeMap::new(),
                     next_seq: 1,
@@ -828,82 +871,124 @@ impl Manager {
         Ok(record)
     }
 
-    /// Moves a new deployment through its gates: approvals, then the wait timer.
-    fn gate(&mut self, id: u64) {
-        let now = UnixMillis::now();
-        let Some(rec) = self.active.get_mut(&id) else {
+    /// Feeds a stored deployment's request to the gates and does what they say.
+    fn request(&mut self, now: UnixMillis, id: u64, request: Request) {
+        self.gate_event(
+            now,
+            GateEvent::Requested {
+                deployment: id,
+                request,
+            },
+        );
+    }
+
+    fn gate_event(&mut self, now: UnixMillis, event: GateEvent) {
+        let commands = self.gates.handle(now, event);
+        self.carry_out(now, commands);
+    }
+
+    /// Does what the gates said, in order, and what they say meanwhile after it.
+    fn carry_out(&mut self, now: UnixMillis, commands: Vec<GateCommand>) {
+        self.gate_commands.extend(commands);
+        if self.carrying_out {
             return;
+        }
+        self.carrying_out = true;
+        while let Some(command) = self.gate_commands.pop_front() {
+            self.gate_command(now, command);
+        }
+        self.carrying_out = false;
+    }
+
+    /// Records where a deployment waits, says why in its log and stores it; `false` if
+    /// it is not active.
+    fn hold(
+        &mut self,
+        now: UnixMillis,
+        id: u64,
+        status: Status,
+        why: impl FnOnce(&DeploymentRecord) -> String,
+    ) -> bool {
+        let Some(rec) = self.active.get_mut(&id) else {
+            return false;
         };
-        if matches!(rec.status, Status::AwaitingApproval) {
-            let text = format!(
-                "waiting for {} approval(s) from people other than {}: `gantry deploy approve {id}`",
-                rec.approvals_needed, rec.created_by
-            );
-            self.log(id, now, None, text);
-            self.save(id);
-            if let Some(rec) = self.active.get(&id) {
+        rec.status = status;
+        let text = why(rec);
+        self.log(id, now, None, text);
+        self.save(now, id);
+        true
+    }
+
+    fn gate_command(&mut self, now: UnixMillis, command: GateCommand) {
+        match command {
+            GateCommand::AwaitApproval {
+                deployment: id,
+                needed,
+            } => {
+                let held = self.hold(now, id, Status::AwaitingApproval, |rec| {
+                    format!(
+                        "waiting for {needed} approval(s) from people other than {}: `gantry deploy approve {id}`",
+                        rec.created_by
+                    )
+                });
+                let Some(rec) = self.active.get(&id).filter(|_| held) else {
+                    return;
+                };
                 self.notifier.emit(crate::notify::Event::deployment(
                     crate::notify::EventKind::DeploymentAwaitingApproval,
                     &rec.view(),
                 ));
             }
-            return;
-        }
-        self.approved(id);
-    }
-
-    /// Approvals are complete: wait, or go.
-    fn approved(&mut self, id: u64) {
-        let now = UnixMillis::now();
-        let Some(rec) = self.active.get_mut(&id) else {
-            return;
-        };
-        if rec.wait_ms > 0 {
-            let until = now.plus_millis(rec.wait_ms);
-            rec.status = Status::Waiting { until };
-            let text = format!(
-                "waiting {} s (the environment's wait timer) before starting",
-                rec.wait_ms.div_ceil(1000)
-            );
-            self.log(id, now, None, text);
-            self.save(id);
-            return;
-        }
-        self.ready(id);
-    }
-
-    /// Ready to run: start now, or queue behind the environment's running deployment.
-    fn ready(&mut self, id: u64) {
-        let Some(env) = self.active.get(&id).map(|r| r.environment.clone()) else {
-            return;
-        };
-        let busy = self
-            .active
-            .values()
-            .any(|r| r.id != id && r.environment == env && matches!(r.status, Status::Running));
-        let ahead = self
-            .active
-            .values()
-            .any(|r| r.id < id && r.environment == env && matches!(r.status, Status::Queued));
-        if busy || ahead {
-            if let Some(rec) = self.active.get_mut(&id) {
-                rec.status = Status::Queued;
+            GateCommand::Approved {
+                deployment: id,
+                approval,
+            } => {
+                let by = approval.by.clone();
+                let Some(rec) = self.active.get_mut(&id) else {
+                    return;
+                };
+                rec.approvals.push(approval);
+                self.log(id, now, None, format!("approved by {by}"));
+                self.audit(now, &by, "deployment.approve", id);
+                self.save(now, id);
             }
-            self.log(
+            GateCommand::AwaitTimer {
+                deployment: id,
+                until,
+            } => {
+                self.hold(now, id, Status::Waiting { until }, |rec| {
+                    format!(
+                        "waiting {} s (the environment's wait timer) before starting",
+                        rec.wait_ms.div_ceil(1000)
+                    )
+                });
+            }
+            GateCommand::Queue { deployment: id, .. } => {
+                self.hold(now, id, Status::Queued, |rec| {
+                    format!("queued behind another deployment to {}", rec.environment)
+                });
+            }
+            GateCommand::Start { deployment: id } => self.begin(now, id),
+            GateCommand::Refuse {
+                deployment: id,
+                refusal,
+            } => self.end_unstarted(now, id, "failed", &refusal.to_string()),
+            GateCommand::Cancel { deployment: id, by } => self.end_unstarted(
+                now,
                 id,
-                UnixMillis::now(),
-                None,
-                format!("queued behind another deployment to {env}"),
-            );
-            self.save(id);
-            return;
+                "cancelled",
+                &format!("cancelled by {by} before it started"),
+            ),
+            GateCommand::Abort { deployment: id, by } => {
+                self.feed(now, id, EngineEvent::Abort { by });
+            }
+            // Answered to the approver by `admin`.
+            GateCommand::Deny { .. } => {}
         }
-        self.begin(id);
     }
 
     /// Picks the target hosts and starts the engine.
-    fn begin(&mut self, id: u64) {
-        let now = UnixMillis::now();
+    fn begin(&mut self, now: UnixMillis, id: u64) {
         let Some(env_name) = self.active.get(&id).map(|r| r.environment.clone()) else {
             return;
         };
@@ -915,7 +1000,7 @@ impl Manager {
             Some(select) => upgrades_environment(select),
             None => match self.environment(&env_name) {
                 Ok(env) => env,
-                Err(message) => return self.end_unstarted(id, "failed", &message),
+                Err(message) => return self.end_unstarted(now, id, "failed", &message),
             },
         };
         let runner = deploy_runner();
@@ -940,6 +1025,7 @@ impl Manager {
                     .count()
             });
             return self.end_unstarted(
+                now,
                 id,
                 "failed",
                 &format!(
@@ -989,14 +1075,13 @@ impl Manager {
             names.join(", ")
         );
         self.log(id, now, None, text);
-        self.feed(id, EngineEvent::Start);
+        self.feed(now, id, EngineEvent::Start);
     }
 
     // ---- running deployments --------------------------------------------------------
 
     /// Feeds the engine one event and carries out what it asks.
-    fn feed(&mut self, id: u64, event: EngineEvent) {
-        let now = UnixMillis::now();
+    fn feed(&mut self, now: UnixMillis, id: u64, event: EngineEvent) {
         let Some(commands) = self
             .active
             .get_mut(&id)
@@ -1082,8 +1167,8 @@ impl Manager {
             }
         }
         match ended {
-            Some(outcome) => self.end(id, &outcome),
-            None => self.save(id),
+            Some(outcome) => self.end(now, id, &outcome),
+            None => self.save(now, id),
         }
     }
 
@@ -1112,11 +1197,11 @@ impl Manager {
     }
 
     /// Sends the steps recorded since the last save.
-    fn send_outgoing(&mut self) {
+    fn send_outgoing(&mut self, now: UnixMillis) {
         for (id, host, seq, op) in std::mem::take(&mut self.outgoing) {
             if !self.send_step(id, &host, seq, op) {
                 let text = "not connected: the step waits for the host until its deadline".into();
-                self.log(id, UnixMillis::now(), Some(&host), text);
+                self.log(id, now, Some(&host), text);
             }
         }
     }
@@ -1214,8 +1299,7 @@ impl Manager {
         }
     }
 
-    fn result(&mut self, agent: &AgentId, result: DeployResult) {
-        let now = UnixMillis::now();
+    fn result(&mut self, now: UnixMillis, agent: &AgentId, result: DeployResult) {
         let id = result.deployment;
         let Some(rec) = self.active.get_mut(&id) else {
             tracing::debug!(deployment = id, %agent, "result for a deployment that has ended");
@@ -1274,13 +1358,12 @@ impl Manager {
                 }
             }
         };
-        self.feed(id, event);
+        self.feed(now, id, event);
     }
 
     // ---- ending deployments ---------------------------------------------------------
 
-    fn end(&mut self, id: u64, outcome: &Outcome) {
-        let now = UnixMillis::now();
+    fn end(&mut self, now: UnixMillis, id: u64, outcome: &Outcome) {
         let Some(rec) = self.active.get_mut(&id) else {
             return;
         };
@@ -1303,12 +1386,11 @@ impl Manager {
             None => outcome_state(outcome).to_owned(),
         };
         self.log(id, now, None, text);
-        self.close(id, matches!(outcome, Outcome::Succeeded { .. }));
+        self.close(now, id, matches!(outcome, Outcome::Succeeded { .. }));
     }
 
     /// Ends a deployment that never started its engine.
-    fn end_unstarted(&mut self, id: u64, state: &str, reason: &str) {
-        let now = UnixMillis::now();
+    fn end_unstarted(&mut self, now: UnixMillis, id: u64, state: &str, reason: &str) {
         let Some(rec) = self.active.get_mut(&id) else {
             return;
         };
@@ -1318,12 +1400,12 @@ impl Manager {
         };
         rec.finished_at = Some(now);
         self.log(id, now, None, format!("{state}: {reason}"));
-        self.close(id, false);
+        self.close(now, id, false);
     }
 
     /// Stores the ended deployment (and the environment's new release), reports its
-    /// job, and starts the next deployment queued for the environment.
-    fn close(&mut self, id: u64, succeeded: bool) {
+    /// job, and tells the gates (which may start the next one queued).
+    fn close(&mut self, now: UnixMillis, id: u64, succeeded: bool) {
         let Some(rec) = self.active.remove(&id) else {
             return;
         };
@@ -1332,7 +1414,7 @@ impl Manager {
             release: rec.release.clone(),
             app: rec.app.name.clone(),
             deployment: rec.id,
-            at: rec.finished_at.unwrap_or_else(UnixMillis::now),
+            at: rec.finished_at.unwrap_or(now),
         });
         if let Err(e) = self.store.save_deployment(&rec, release.as_ref()) {
             tracing::error!(deployment = id, "cannot store the deployment's end: {e}");
@@ -1345,26 +1427,26 @@ impl Manager {
             crate::notify::EventKind::DeploymentFinished,
             &view,
         ));
-        self.report_job(&rec);
-        let next = self
-            .active
-            .values()
-            .filter(|r| r.environment == rec.environment && matches!(r.status, Status::Queued))
-            .map(|r| r.id)
-            .min();
-        if let Some(next) = next {
-            self.begin(next);
-        }
+        self.report_job(now, &rec);
+        self.gate_event(now, GateEvent::Finished { deployment: id });
     }
 
-    fn report_job(&self, rec: &DeploymentRecord) {
+    fn report_job(&self, now: UnixMillis, rec: &DeploymentRecord) {
         if let Some((job, attempt)) = rec.job {
             let ok = matches!(&rec.status, Status::Ended { state, .. } if state == "succeeded");
-            self.finish_job(job, attempt, ok, rec.started_at.unwrap_or(rec.created_at));
+            let started_at = rec.started_at.unwrap_or(rec.created_at);
+            self.finish_job(now, job, attempt, ok, started_at);
         }
     }
 
-    fn finish_job(&self, job: JobId, attempt: Attempt, succeeded: bool, started_at: UnixMillis) {
+    fn finish_job(
+        &self,
+        now: UnixMillis,
+        job: JobId,
+        attempt: Attempt,
+        succeeded: bool,
+        started_at: UnixMillis,
+    ) {
         let log_chunks = match self.logs.open(job, attempt) {
             Ok(log) => {
                 if let Err(e) = log.sync() {
@@ -1390,35 +1472,31 @@ impl Manager {
                 },
                 log_chunks,
                 started_at,
-                finished_at: UnixMillis::now(),
+                finished_at: now,
             },
             ack,
         });
     }
 
-    fn abort(&mut self, id: u64, by: &str) {
-        let started = self
-            .active
-            .get(&id)
-            .is_some_and(|r| matches!(r.status, Status::Running));
-        if started {
-            self.feed(id, EngineEvent::Abort { by: by.to_owned() });
-        } else {
-            self.end_unstarted(
-                id,
-                "cancelled",
-                &format!("cancelled by {by} before it started"),
-            );
-        }
+    /// Aborts a deployment: the gates cancel it if it has not started, or have its
+    /// engine roll it back.
+    fn abort(&mut self, now: UnixMillis, id: u64, by: &str) {
+        self.gate_event(
+            now,
+            GateEvent::Aborted {
+                deployment: id,
+                by: by.to_owned(),
+            },
+        );
     }
 
     // ---- admin operations -----------------------------------------------------------
 
-    fn admin(&mut self, actor: &str, op: &AdminOp) -> AdminResponse {
+    fn admin(&mut self, now: UnixMillis, actor: &str, op: &AdminOp) -> AdminResponse {
         let id = match &op {
             AdminOp::Approve(id) | AdminOp::Promote(id) | AdminOp::Abort(id) => *id,
             AdminOp::Rollback(req) => {
-                return match self.rollback(actor, req) {
+                return match self.rollback(now, actor, req) {
                     Ok(id) => self.view_of(id),
                     Err(message) => refused(message),
                 }
@@ -1431,6 +1509,7 @@ impl Manager {
                 binary,
             } => {
                 return match self.upgrade(
+                    now,
                     actor,
                     select,
                     *batch,
@@ -1455,43 +1534,34 @@ impl Manager {
                 Err(e) => refused(e.to_string()),
             };
         };
-        let now = UnixMillis::now();
         match op {
             AdminOp::Approve(_) => {
-                if !matches!(rec.status, Status::AwaitingApproval) {
-                    return refused(format!(
-                        "deployment {id} is not waiting for approval (it is {})",
-                        rec.state_name()
-                    ));
-                }
-                if rec.created_by == actor {
-                    return refused(format!(
-                        "you started deployment {id}; another person must approve it"
-                    ));
-                }
-                if rec.approvals.iter().any(|a| a.by == actor) {
-                    return refused(format!(
-                        "you already approved deployment {id}; it needs {} more approval(s) from other people",
-                        rec.approvals_needed as usize - rec.approvals.len()
-                    ));
-                }
-                if let Some(rec) = self.active.get_mut(&id) {
-                    rec.approvals.push(Approval {
+                let state = rec.state_name();
+                let commands = self.gates.handle(
+                    now,
+                    GateEvent::Approved {
+                        deployment: id,
                         by: actor.to_owned(),
-                        at: now,
+                    },
+                );
+                let denial = commands.iter().find_map(|c| match c {
+                    GateCommand::Deny { denial, .. } => Some(*denial),
+                    _ => None,
+                });
+                if let Some(denial) = denial {
+                    return refused(match denial {
+                        Denial::Unknown | Denial::NotAwaiting => {
+                            format!("deployment {id} is not waiting for approval (it is {state})")
+                        }
+                        Denial::Author => {
+                            format!("you started deployment {id}; another person must approve it")
+                        }
+                        Denial::AlreadyApproved { more } => format!(
+                            "you already approved deployment {id}; it needs {more} more approval(s) from other people"
+                        ),
                     });
                 }
-                self.log(id, now, None, format!("approved by {actor}"));
-                self.audit(actor, "deployment.approve", id);
-                let complete = self
-                    .active
-                    .get(&id)
-                    .is_some_and(|r| r.approvals.len() >= r.approvals_needed as usize);
-                if complete {
-                    self.approved(id);
-                } else {
-                    self.save(id);
-                }
+                self.carry_out(now, commands);
             }
             AdminOp::Promote(_) => {
                 let awaiting = matches!(
@@ -1505,12 +1575,12 @@ impl Manager {
                     ));
                 }
                 self.log(id, now, None, format!("promoted by {actor}"));
-                self.audit(actor, "deployment.promote", id);
-                self.feed(id, EngineEvent::Promote);
+                self.audit(now, actor, "deployment.promote", id);
+                self.feed(now, id, EngineEvent::Promote);
             }
             AdminOp::Abort(_) => {
-                self.audit(actor, "deployment.abort", id);
-                self.abort(id, actor);
+                self.audit(now, actor, "deployment.abort", id);
+                self.abort(now, id, actor);
             }
             AdminOp::Rollback(_) | AdminOp::UpgradeAgents { .. } => {}
         }
@@ -1528,9 +1598,9 @@ impl Manager {
         }
     }
 
-    fn audit(&self, actor: &str, action: &str, id: u64) {
+    fn audit(&self, now: UnixMillis, actor: &str, action: &str, id: u64) {
         let entry = AuditEntry {
-            at: UnixMillis::now(),
+            at: now,
             actor: actor.to_owned(),
             action: action.to_owned(),
             detail: format!("deployment={id}"),
@@ -1542,18 +1612,14 @@ impl Manager {
 
     /// `gantry rollback`: a deployment of a release the hosts still hold, with no
     /// staging and no analysis.
-    fn rollback(&mut self, actor: &str, req: &RollbackRequest) -> Result<u64, String> {
+    fn rollback(
+        &mut self,
+        now: UnixMillis,
+        actor: &str,
+        req: &RollbackRequest,
+    ) -> Result<u64, String> {
         let env = self.environment(&req.environment)?;
-        if let Some(busy) = self
-            .active
-            .values()
-            .find(|r| r.environment == env.name && matches!(r.status, Status::Running))
-        {
-            return Err(format!(
-                "deployment {} to {} is running; `gantry deploy abort {}` rolls it back",
-                busy.id, env.name, busy.id
-            ));
-        }
+        let request = self.admit(&env, actor, Purpose::Rollback)?;
         let current = env.current.as_ref().ok_or_else(|| {
             format!(
                 "nothing was deployed to {} yet: nothing to roll back",
@@ -1597,7 +1663,9 @@ impl Manager {
                 )
             })?;
         let record = self.create(
+            now,
             &env,
+            &request,
             Kind::App,
             source.app.clone(),
             target.release.clone(),
@@ -1605,29 +1673,30 @@ impl Manager {
                 parallelism: req.parallelism,
             },
             source.limits,
-            actor,
             None,
             &format!("rollback from={}", current.release.id),
         )?;
         let id = record.id;
         self.log(
             id,
-            UnixMillis::now(),
+            now,
             None,
             format!(
                 "rollback of {} from {} to {} requested by {actor}",
                 env.name, current.release.id, target.release.id
             ),
         );
-        self.gate(id);
+        self.request(now, id, request);
         Ok(id)
     }
 
     /// `gantry agents upgrade`: the agent binary to the matching agents, in waves of
     /// `batch`, each restarting once its jobs end; past the failure budget, the
     /// restarted ones go back to the binary they ran.
+    #[allow(clippy::too_many_arguments)]
     fn upgrade(
         &mut self,
+        now: UnixMillis,
         actor: &str,
         select: &Labels,
         batch: u32,
@@ -1635,20 +1704,13 @@ impl Manager {
         timeout_ms: u64,
         binary: &AgentBinary,
     ) -> Result<u64, String> {
-        if let Some(busy) = self
-            .active
-            .values()
-            .find(|r| r.environment == UPGRADES && !r.is_ended())
-        {
-            return Err(format!(
-                "agent upgrade {} is under way; wait for it or `gantry deploy abort {}`",
-                busy.id, busy.id
-            ));
-        }
         let env = upgrades_environment(select.clone());
+        let request = self.admit(&env, actor, Purpose::AgentUpgrade)?;
         let short = &binary.sha256[..binary.sha256.len().min(12)];
         let record = self.create(
+            now,
             &env,
+            &request,
             Kind::AgentUpgrade {
                 select: select.clone(),
                 binary: binary.clone(),
@@ -1680,14 +1742,13 @@ impl Manager {
                 rollback_ms: timeout_ms,
                 ..Limits::default()
             },
-            actor,
             None,
             &format!("agent upgrade select={select:?} sha256={}", binary.sha256),
         )?;
         let id = record.id;
         self.log(
             id,
-            UnixMillis::now(),
+            now,
             None,
             format!(
                 "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
@@ -1696,7 +1757,7 @@ impl Manager {
                 batch.max(1)
             ),
         );
-        self.gate(id);
+        self.request(now, id, request);
         Ok(id)
     }
 
@@ -1741,14 +1802,14 @@ impl Manager {
     /// Stores a deployment, then sends the steps it recorded. If the store fails, the
     /// steps are not sent: they stay in flight and go out when their host reconnects or
     /// the next save succeeds, and their deadlines still end them.
-    fn save(&mut self, id: u64) {
+    fn save(&mut self, now: UnixMillis, id: u64) {
         if let Some(rec) = self.active.get(&id) {
             if let Err(e) = self.store.save_deployment(rec, None) {
                 tracing::error!(deployment = id, "cannot store the deployment: {e}");
                 return;
             }
         }
-        self.send_outgoing();
+        self.send_outgoing(now);
     }
 }
 
