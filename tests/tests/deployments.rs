@@ -1,8 +1,9 @@
 //! End-to-end tests of deployments with the real binaries on several agents: rolling
 //! deployments that succeed and that roll back on a failed health check, canaries paused,
 //! promoted and aborted, blue-green switches and instant rollbacks, approvals and the wait
-//! timer, a host lost mid-deployment, a coordinator restored from an old backup (stale
-//! epochs), scoped secrets, and `gantry exec` over ten agents.
+//! timer, one deployment at a time per environment, a host lost mid-deployment, a
+//! coordinator restored from an old backup (stale epochs), scoped secrets, and `gantry
+//! exec` over ten agents.
 //!
 //! The deployed "service" is a directory and hooks that record what they did in the
 //! app's `shared/` directory; health checks are commands that read the release (`ok` or
@@ -387,6 +388,91 @@ fn approvals_need_distinct_people_other_than_the_author_then_the_wait_timer_runs
     assert_eq!(c.wait_run(run, DEADLINE)["state"], "succeeded");
     for a in &agents {
         assert_eq!(current_marker(a).as_deref(), Some("v1"));
+    }
+}
+
+/// Runs `gantry` with another admin's context (created on first use).
+fn gantry_as(c: &Coordinator, name: &str, args: &[&str]) -> gantry_tests::Run {
+    let dir = c.dir.path().join(format!("admin-{name}"));
+    if !dir.exists() {
+        let output = dir.to_str().expect("utf8");
+        c.gantry(&["admin", "add", name, "--output", output])
+            .expect_code(0);
+    }
+    gantry_tests::Run::from_output(
+        std::process::Command::new(gantry_tests::bin("gantry"))
+            .args(args)
+            .env("GANTRY_CONFIG", dir.join("context.toml"))
+            .output()
+            .expect("gantry"),
+    )
+}
+
+#[test]
+fn one_deployment_runs_per_environment_and_cancelling_another_does_not_start_the_queued_one() {
+    let c = Coordinator::start();
+    let agents = started_agents(&c, 2, &["role=web"]);
+    create_env(&c, "prod", &["--approvals", "1"]);
+    let approve = |id: u64| {
+        gantry_as(
+            &c,
+            "alice",
+            &["deploy", "approve", &id.to_string(), "--json"],
+        )
+        .expect_code(0)
+        .json()
+    };
+    // A canary that waits for promotion holds the environment as long as nobody acts.
+    let canary =
+        "      strategy: canary\n      canary:\n        steps: [{ percent: 50, pause: manual }, { percent: 100 }]";
+    let run_a = c.run_pipeline(&pipeline("prod", "v1", true, canary), &[]);
+    let a = latest_id(&c, "prod", 0);
+    wait_state(&c, a, "waiting-for-approval", DEADLINE);
+    approve(a);
+    wait_state(&c, a, "awaiting-promotion", DEADLINE);
+
+    let run_b = c.run_pipeline(&pipeline("prod", "v2", true, ROLLING), &[]);
+    let b = latest_id(&c, "prod", a);
+    wait_state(&c, b, "waiting-for-approval", DEADLINE);
+    let d = approve(b);
+    assert_eq!(d["state"], "queued", "approved while {a} runs: {d}");
+
+    // A third deployment is cancelled while it waits for approval: the queued one still
+    // waits for the running one (it is decided before the abort is answered).
+    let run_c = c.run_pipeline(&pipeline("prod", "v3", true, ROLLING), &[]);
+    let third = latest_id(&c, "prod", b);
+    wait_state(&c, third, "waiting-for-approval", DEADLINE);
+    c.gantry(&["deploy", "abort", &third.to_string()])
+        .expect_code(0);
+    assert_eq!(deployment(&c, third)["state"], "cancelled");
+    let d = deployment(&c, b);
+    assert_eq!(
+        d["state"], "queued",
+        "two deployments would run at once: {d}"
+    );
+    assert!(d["started_at"].is_null(), "{d}");
+    assert_eq!(c.wait_run(run_c, DEADLINE)["state"], "failed");
+
+    // The running one ends; the queued one starts after it, and ends last.
+    c.gantry(&["deploy", "promote", &a.to_string()])
+        .expect_code(0);
+    let first = wait_state(&c, a, "succeeded", DEADLINE);
+    let second = wait_state(&c, b, "succeeded", DEADLINE);
+    let ended = first["finished_at"].as_u64().expect("finished");
+    let started = second["started_at"].as_u64().expect("started");
+    assert!(
+        started >= ended,
+        "{b} started before {a} ended: {first}\n{second}"
+    );
+    assert_eq!(c.wait_run(run_a, DEADLINE)["state"], "succeeded");
+    assert_eq!(c.wait_run(run_b, DEADLINE)["state"], "succeeded");
+    for agent in &agents {
+        assert_eq!(
+            current_marker(agent).as_deref(),
+            Some("v2"),
+            "{}",
+            agent.log()
+        );
     }
 }
 
