@@ -119,6 +119,11 @@ fn wait_for_line(child: &mut Child, needle: &'static str, what: &str) {
     }
 }
 
+/// Where git keeps its helper programs (`git --exec-path`).
+pub fn git_exec_path() -> PathBuf {
+    PathBuf::from(git(Path::new("/"), &["--exec-path"]))
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -136,9 +141,10 @@ pub struct GitDaemon {
 impl GitDaemon {
     pub fn start(root: &Path) -> Self {
         let port = free_port();
-        let mut child = Command::new("git")
+        // The daemon itself, not `git daemon`: `git` would run it as a child of its own
+        // and killing `git` would leave the daemon behind.
+        let mut child = Command::new(git_exec_path().join("git-daemon"))
             .args([
-                "daemon",
                 "--export-all",
                 "--reuseaddr",
                 "--verbose",

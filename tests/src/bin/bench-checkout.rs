@@ -375,9 +375,11 @@ impl Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut child = Command::new("git")
+        // The daemon itself, not `git daemon`: `git` would run it as a child of its own
+        // and killing `git` would leave the daemon behind.
+        let exec_path = git(Path::new("/"), &["--exec-path"])?;
+        let mut child = Command::new(Path::new(&exec_path).join("git-daemon"))
             .args([
-                "daemon",
                 "--export-all",
                 "--reuseaddr",
                 "--verbose",
