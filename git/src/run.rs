@@ -458,3 +458,37 @@ impl Drop for Streaming {
         self.watchdog.take();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_past_its_limit_stops_git() {
+        let mut inv =
+            Invocation::new("printing the version", None, Duration::from_secs(30)).arg("--version");
+        inv.max_stdout = 4;
+        let err = run(&GitProgram::default(), inv).expect_err("over the limit");
+        assert!(
+            matches!(err, GitError::OutputTooLarge { limit: 4, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failure_reports_git_s_last_error_line() {
+        let inv = Invocation::new(
+            "reading a missing repository",
+            Some(Path::new("/")),
+            Duration::from_secs(30),
+        )
+        .args(["--git-dir=/nonexistent", "rev-parse", "HEAD"]);
+        let err = run_ok(&GitProgram::default(), inv).expect_err("no repository");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("reading a missing repository: git failed"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+}
