@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use gantry_cas::{chunk_reader, Bytes, ChunkRef, Digest, Entry, EntryKind, Manifest};
+use gantry_cas::{chunk_reader, next_cut, Bytes, ChunkRef, Digest, Entry, EntryKind, Manifest};
 use serde::{Deserialize, Serialize};
 
 use crate::catfile;
@@ -187,6 +187,10 @@ pub struct TreeCheckout {
 /// blob the memo does not know to `on_chunk` (repeats included; the sink deduplicates).
 /// With `options.submodules`, `mirrors` gives each submodule its own mirror (fetched
 /// with the superproject's credentials); without it, submodules stay empty directories.
+///
+/// A chunk of a large blob shares its 2 MiB read window with its neighbours: a sink
+/// that keeps the `Bytes` past its call (to batch writes) keeps the window alive, so
+/// it should bound how many it holds.
 pub fn checkout_tree<E: std::fmt::Display>(
     mirror: &Mirror,
     commit: ObjectId,
@@ -233,6 +237,10 @@ pub fn checkout_tree<E: std::fmt::Display>(
         figures,
     })
 }
+
+/// Blobs up to this size are read whole and cut in place (see the walk); larger ones
+/// stream through the chunker's window. Cut points are the same either way.
+const SMALL_BLOB: u64 = 2 * gantry_cas::MAX_CHUNK as u64;
 
 /// Submodules nest at most this deep (git has no limit; a cycle of submodules would
 /// otherwise never end).
@@ -392,13 +400,8 @@ impl Walk<'_> {
             |header, body| {
                 let mut chunks = Vec::new();
                 let mut size = 0u64;
-                let mut reader = chunk_reader(body);
-                while let Some(chunk) = reader.next_chunk() {
-                    let (digest, data) = chunk.map_err(|e| GitError::Parse {
-                        what: format!("reading blob {}", header.oid),
-                        detail: e.to_string(),
-                    })?;
-                    sink(&header.oid, digest, &data)?;
+                let mut emit = |digest: Digest, data: &Bytes| -> Result<(), GitError> {
+                    sink(&header.oid, digest, data)?;
                     figures.chunks_produced += 1;
                     size += data.len() as u64;
                     chunks.push(ChunkRef {
@@ -406,6 +409,32 @@ impl Walk<'_> {
                         // Chunks are at most MAX_CHUNK (256 KiB): fits.
                         size: data.len() as u32,
                     });
+                    Ok(())
+                };
+                if header.size <= SMALL_BLOB {
+                    // A small blob is read into a buffer of its own size: cut from the
+                    // chunker's 2 MiB read window, each of 50,000 small files would
+                    // keep a window alive for as long as the sink holds its chunk.
+                    let mut data = Vec::with_capacity(header.size as usize);
+                    body.read_to_end(&mut data)
+                        .map_err(GitError::io(format!("reading blob {}", header.oid)))?;
+                    let data = Bytes::from(data);
+                    let mut at = 0;
+                    while at < data.len() {
+                        let cut = next_cut(&data[at..]).max(1).min(data.len() - at);
+                        let chunk = data.slice(at..at + cut);
+                        emit(Digest::of(&chunk), &chunk)?;
+                        at += cut;
+                    }
+                } else {
+                    let mut reader = chunk_reader(body);
+                    while let Some(chunk) = reader.next_chunk() {
+                        let (digest, data) = chunk.map_err(|e| GitError::Parse {
+                            what: format!("reading blob {}", header.oid),
+                            detail: e.to_string(),
+                        })?;
+                        emit(digest, &data)?;
+                    }
                 }
                 if size != header.size {
                     return Err(GitError::Parse {
