@@ -154,11 +154,17 @@ struct Timing {
 
 /// CPU seconds used so far by this process's waited-for children.
 fn children_cpu() -> Duration {
-    let usage = rustix_children_usage();
-    Duration::from_secs_f64(usage)
+    Duration::from_secs_f64(proc_stat_cpu(13))
 }
 
-fn rustix_children_usage() -> f64 {
+/// CPU seconds used so far by this process itself (all its threads).
+fn self_cpu() -> Duration {
+    Duration::from_secs_f64(proc_stat_cpu(11))
+}
+
+/// The sum of two consecutive clock-tick fields of /proc/self/stat, counted from the
+/// field after the command name (11: utime and stime; 13: cutime and cstime).
+fn proc_stat_cpu(first: usize) -> f64 {
     // /proc/self/stat fields 16 and 17: cutime and cstime in clock ticks.
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
@@ -173,8 +179,8 @@ fn rustix_children_usage() -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    // After the command's `)`, field 3 (state) is index 0: cutime is field 16, index 13.
-    (ticks(13) + ticks(14)) / 100.0
+    // After the command's `)`, field 3 (state) is index 0: utime is field 14, index 11.
+    (ticks(first) + ticks(first + 1)) / 100.0
 }
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -431,6 +437,9 @@ impl Drop for Daemon {
 struct Figures {
     mirror_fetch: Timing,
     manifest: Duration,
+    /// CPU of this process (chunking, hashing) and of git (listing, inflating blobs).
+    manifest_cpu: Duration,
+    manifest_git_cpu: Duration,
     /// Compressing and storing new chunks (the coordinator's chunk store's share).
     storing: Duration,
     blobs_read: u64,
@@ -494,6 +503,7 @@ impl GantryParts {
             cpu: children_cpu().saturating_sub(cpu),
         };
 
+        let (own_cpu, git_cpu) = (self_cpu(), children_cpu());
         let started = Instant::now();
         // The coordinator stores what it has not got (compressed, as its packs hold it).
         let mut storing = Duration::ZERO;
@@ -515,6 +525,8 @@ impl GantryParts {
             },
         )?;
         figures.manifest = started.elapsed().saturating_sub(storing);
+        figures.manifest_cpu = self_cpu().saturating_sub(own_cpu).saturating_sub(storing);
+        figures.manifest_git_cpu = children_cpu().saturating_sub(git_cpu);
         figures.storing = storing;
         figures.blobs_read = checkout.figures.blobs_read;
         figures.files = checkout.figures.files;
@@ -655,6 +667,11 @@ impl Report {
             secs(f.mirror_fetch.cpu)
         );
         println!("  tree to manifest                             {:>8.2} s ({} files, {:.1} MiB; {} blobs read, {} new chunks of {})", secs(f.manifest), f.files, f.bytes as f64 / 1_048_576.0, f.blobs_read, f.chunks_new, f.chunks_total);
+        println!(
+            "    cpu: {:.2} s chunking and hashing here, {:.2} s in git (listing, inflating)",
+            secs(f.manifest_cpu),
+            secs(f.manifest_git_cpu)
+        );
         println!(
             "  compressing the new chunks into the store    {:>8.2} s",
             secs(f.storing)
