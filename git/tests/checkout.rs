@@ -580,3 +580,105 @@ fn submodules_are_merged_at_their_paths_and_local_urls_of_remote_repos_refused()
     assert!(matches!(err, GitError::Submodule { .. }), "{err}");
     assert!(err.to_string().contains("local path"), "{err}");
 }
+
+#[test]
+fn a_tag_build_gets_a_detached_head_full_history_and_an_exact_describe() {
+    let mut fx = Fixture::new();
+    for round in 0..3 {
+        fx.served
+            .write(&[("f.txt", format!("{round}\n").as_bytes())]);
+        fx.push(&format!("commit {round}"));
+    }
+    git(&fx.served.work, &["tag", "v2"]);
+    git(&fx.served.work, &["push", "-q", "origin", "v2"]);
+    fx.mirror.fetch(&gantry_git::Fetch::All).expect("fetch");
+    let head = fx.mirror.resolve("refs/tags/v2").expect("tag");
+    let memo = MemoryMemo::default();
+    let checkout = fx
+        .checkout(head, &CheckoutOptions::default(), &memo)
+        .expect("checkout");
+    let dest = tempfile::tempdir().expect("tempdir");
+    let ws = dest.path().join("ws");
+    gantry_cas::extract_with(&checkout.manifest, &ws, Existing::Refuse, |d| {
+        fx.chunks
+            .get(d)
+            .cloned()
+            .ok_or_else(|| gantry_cas::CasError::CorruptChunk {
+                digest: *d,
+                reason: "x".into(),
+            })
+    })
+    .expect("extract");
+    let (payload, figures) = build_payload(
+        &fx.mirror,
+        &PayloadRequest {
+            checkout: &checkout,
+            depth: Depth::Full,
+            reference: Some("refs/tags/v2"),
+            remote_url: None,
+        },
+    )
+    .expect("payload");
+    assert_eq!(figures.commits, 3);
+    write_git_dir(&ws, &payload).expect(".git");
+    assert_eq!(git(&ws, &["describe", "--tags"]), "v2");
+    assert_eq!(git(&ws, &["rev-parse", "--is-shallow-repository"]), "false");
+    assert_eq!(
+        git(&ws, &["rev-parse", "--abbrev-ref", "HEAD"]),
+        "HEAD",
+        "detached"
+    );
+    assert_eq!(git(&ws, &["log", "--format=%s"]).lines().count(), 3);
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+
+    // The agent refuses to write over a .git that is already there.
+    let err = write_git_dir(&ws, &payload).expect_err(".git exists");
+    assert!(err.to_string().contains(".git"), "{err}");
+    // And a payload that is not one.
+    assert!(GitPayload::decode(b"").is_err());
+    let mut garbage = payload.encode();
+    garbage.truncate(garbage.len() / 2);
+    assert!(GitPayload::decode(&garbage).is_err());
+}
+
+#[test]
+fn without_submodules_the_gitlink_stays_an_empty_directory_and_status_is_clean() {
+    let mut fx = Fixture::new();
+    let root = fx.served.bare.parent().expect("root").to_owned();
+    let lib = ServedRepo::new(&root, "lib");
+    lib.write(&[("lib.txt", b"library\n")]);
+    lib.commit_and_push("lib", "main");
+    fx.served.write(&[("app.txt", b"app\n")]);
+    git(
+        &fx.served.work,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            "../lib.git",
+            "vendor/lib",
+        ],
+    );
+    let head = fx.push("with a submodule");
+    let memo = MemoryMemo::default();
+    let checkout = fx
+        .checkout(head, &CheckoutOptions::default(), &memo)
+        .expect("checkout");
+    assert!(checkout.submodules.is_empty());
+    assert!(checkout
+        .index
+        .iter()
+        .any(|e| e.path == "vendor/lib" && e.mode == 0o160_000));
+    let dest = tempfile::tempdir().expect("tempdir");
+    let ws = dest.path().join("ws");
+    fx.materialise(&checkout, Depth::Commits(NonZeroU32::MIN), &ws);
+    assert_eq!(
+        std::fs::read_dir(ws.join("vendor/lib"))
+            .expect("dir")
+            .count(),
+        0
+    );
+    assert_eq!(git(&ws, &["status", "--porcelain"]), "");
+}
