@@ -92,6 +92,7 @@ pub struct Remote {
     url: String,
     transport: Transport,
     credentials: Credentials,
+    ca_file: Option<PathBuf>,
 }
 
 impl Remote {
@@ -148,7 +149,16 @@ impl Remote {
             url,
             transport,
             credentials,
+            ca_file: None,
         })
+    }
+
+    /// Trusts the certificates in `ca_file` (PEM) for https instead of the system's: a
+    /// forge on an isolated network with its own CA.
+    #[must_use]
+    pub fn with_ca_file(mut self, ca_file: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
     }
 
     pub fn url(&self) -> &str {
@@ -172,7 +182,9 @@ impl Remote {
             | (Credentials::SshKey { .. }, Transport::Ssh) => self.credentials.clone(),
             _ => Credentials::None,
         };
-        Self::new(url, credentials)
+        let mut remote = Self::new(url, credentials)?;
+        remote.ca_file.clone_from(&self.ca_file);
+        Ok(remote)
     }
 
     /// Configuration lines (`GIT_CONFIG_*`) and environment variables for a git that
@@ -200,6 +212,12 @@ impl Remote {
             ("maintenance.auto".into(), "false".into()),
             ("fetch.writeCommitGraph".into(), "false".into()),
         ];
+        if let Some(ca_file) = &self.ca_file {
+            config.push((
+                "http.sslCAInfo".into(),
+                ca_file.to_string_lossy().into_owned(),
+            ));
+        }
         let mut env: Vec<(String, std::ffi::OsString)> = Vec::new();
         match &self.credentials {
             Credentials::None => {}
@@ -403,6 +421,27 @@ mod tests {
         assert!(Remote::new("http://127.0.0.1:8080/r", token.clone()).is_ok());
         assert!(Remote::new("git://h/r", token).is_err());
         assert!(Remote::new("ssh://h/r", Credentials::None).is_err());
+    }
+
+    #[test]
+    fn a_private_ca_and_a_token_reach_git_through_its_environment_only() {
+        let remote = Remote::new(
+            "https://forge.internal/app.git",
+            Credentials::Token {
+                username: "ci".into(),
+                token: Secret::new("t0ken"),
+            },
+        )
+        .expect("remote")
+        .with_ca_file("/etc/gantry/forge-ca.pem");
+        let (config, env) = remote.git_environment(false);
+        assert!(config.contains(&("http.sslCAInfo".into(), "/etc/gantry/forge-ca.pem".into())));
+        assert!(config.contains(&("protocol.file.allow".into(), "never".into())));
+        assert!(config.iter().all(|(_, value)| !value.contains("t0ken")));
+        assert!(env
+            .iter()
+            .any(|(key, value)| key == "GANTRY_GIT_TOKEN" && value == "t0ken"));
+        assert!(!format!("{remote:?}").contains("t0ken"));
     }
 
     #[test]
