@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
+use crate::error::GitError;
+use crate::oid::ObjectId;
 use crate::run::{GitProgram, Streaming};
-use crate::{GitError, ObjectId};
 
 /// An object's header as `cat-file --batch` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ObjectId;
+use crate::oid::ObjectId;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

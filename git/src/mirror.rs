@@ -11,9 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::error::GitError;
+use crate::oid::ObjectId;
 use crate::remote::{Remote, Transport};
 use crate::run::{self, GitProgram, Invocation};
-use crate::{GitError, ObjectId};
 
 /// Deadlines of a mirror's git invocations.
 #[derive(Debug, Clone)]

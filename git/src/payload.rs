@@ -26,10 +26,11 @@ use std::num::NonZeroU32;
 use serde::{Deserialize, Serialize};
 
 use crate::catfile;
+use crate::error::GitError;
 use crate::mirror::Mirror;
+use crate::oid::ObjectId;
 use crate::run::{self, Invocation};
 use crate::tree::{IndexEntry, TreeCheckout};
-use crate::{GitError, ObjectId};
 
 /// Format version of [`GitPayload::encode`].
 pub const PAYLOAD_VERSION: u8 = 1;

@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::GitError;
+use crate::error::GitError;
 
 /// A secret string that never prints.
 #[derive(Clone, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::GitError;
+use crate::error::GitError;
 
 /// Bytes of standard error kept for an error message (its end, where git says why).
 pub(crate) const STDERR_TAIL: usize = 16 * 1024;

@@ -11,10 +11,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use crate::error::GitError;
 use crate::mirror::{Mirror, MirrorOptions};
+use crate::oid::ObjectId;
 use crate::remote::{resolve_relative, transport_of, Transport};
 use crate::run::GitProgram;
-use crate::{GitError, ObjectId};
 
 /// Where submodule mirrors live: one bare repository per URL under `root`, named by a
 /// digest of the URL (`<root>/<24 hex digits>.git`).

@@ -35,10 +35,11 @@ use gantry_cas::{chunk_reader, next_cut, Bytes, ChunkRef, Digest, Entry, EntryKi
 use serde::{Deserialize, Serialize};
 
 use crate::catfile;
+use crate::error::GitError;
 use crate::mirror::Mirror;
+use crate::oid::ObjectId;
 use crate::run::{self, Invocation};
 use crate::submodule::{self, Mirrors};
-use crate::{GitError, ObjectId};
 
 /// Bounds on one checkout (the superproject and its merged submodules together).
 #[derive(Debug, Clone)]

@@ -25,9 +25,9 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::error::GitError;
 use crate::payload::{decode_index, GitPayload};
 use crate::tree::IndexEntry;
-use crate::GitError;
 
 /// What writing the `.git` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -375,7 +375,7 @@ mod tests {
             let entry = IndexEntry {
                 path: "x".repeat(len),
                 mode: 0o100_644,
-                oid: crate::ObjectId([0xab; 20]),
+                oid: crate::oid::ObjectId([0xab; 20]),
             };
             let mut out = Vec::new();
             push_entry(&mut out, &entry, &stat);
