@@ -118,17 +118,18 @@ impl Mirror {
         &self.options
     }
 
+    /// A local (no network) git invocation in the mirror, named `what (url)`.
+    fn local_invocation(&self, what: &str) -> Invocation<'_> {
+        Invocation::new(
+            format!("{what} ({})", self.remote.url()),
+            Some(&self.dir),
+            self.options.local_deadline,
+        )
+    }
+
     /// Runs a local (no network) git command in the mirror and returns its output.
     pub(crate) fn local(&self, what: &str, args: &[&str]) -> Result<Vec<u8>, GitError> {
-        run::run_ok(
-            &self.git,
-            Invocation::new(
-                format!("{what} ({})", self.remote.url()),
-                Some(&self.dir),
-                self.options.local_deadline,
-            )
-            .args(args),
-        )
+        run::run_ok(&self.git, self.local_invocation(what).args(args))
     }
 
     /// Fetches from the server. Errors say what failed in one line: unreachable,
@@ -216,13 +217,10 @@ impl Mirror {
 
     /// Whether the mirror holds `commit` (as a commit).
     pub fn has_commit(&self, commit: ObjectId) -> Result<bool, GitError> {
-        let inv = Invocation::new(
-            format!("looking up {commit} ({})", self.remote.url()),
-            Some(&self.dir),
-            self.options.local_deadline,
-        )
-        .args(["cat-file", "-e"])
-        .arg(format!("{commit}^{{commit}}"));
+        let inv = self
+            .local_invocation(&format!("looking up {commit}"))
+            .args(["cat-file", "-e"])
+            .arg(format!("{commit}^{{commit}}"));
         Ok(run::run(&self.git, inv)?.status.success())
     }
 
@@ -231,13 +229,10 @@ impl Mirror {
         if rev.starts_with('-') || rev.contains(['\n', '\0']) {
             return Err(GitError::Config(format!("`{rev}` is not a revision")));
         }
-        let inv = Invocation::new(
-            format!("resolving `{rev}` ({})", self.remote.url()),
-            Some(&self.dir),
-            self.options.local_deadline,
-        )
-        .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
-        .arg(format!("{rev}^{{commit}}"));
+        let inv = self
+            .local_invocation(&format!("resolving `{rev}`"))
+            .args(["rev-parse", "--verify", "--quiet", "--end-of-options"])
+            .arg(format!("{rev}^{{commit}}"));
         let finished = run::run(&self.git, inv)?;
         if !finished.status.success() {
             return Err(GitError::RefNotFound {
@@ -295,17 +290,10 @@ impl Mirror {
         max_bytes: u64,
     ) -> Result<Option<Vec<u8>>, GitError> {
         let spec = format!("{commit}:{}", path.trim_start_matches('/'));
-        let size_inv = Invocation::new(
-            format!(
-                "reading {path} at {} ({})",
-                commit.short(),
-                self.remote.url()
-            ),
-            Some(&self.dir),
-            self.options.local_deadline,
-        )
-        .args(["cat-file", "-s", "--end-of-options"])
-        .arg(&spec);
+        let size_inv = self
+            .local_invocation(&format!("reading {path} at {}", commit.short()))
+            .args(["cat-file", "-s", "--end-of-options"])
+            .arg(&spec);
         let sized = run::run(&self.git, size_inv)?;
         if !sized.status.success() {
             return Ok(None);
@@ -331,17 +319,10 @@ impl Mirror {
         if kind.trim_ascii() != b"blob" {
             return Ok(None);
         }
-        let mut inv = Invocation::new(
-            format!(
-                "reading {path} at {} ({})",
-                commit.short(),
-                self.remote.url()
-            ),
-            Some(&self.dir),
-            self.options.local_deadline,
-        )
-        .args(["cat-file", "blob", "--end-of-options"])
-        .arg(&spec);
+        let mut inv = self
+            .local_invocation(&format!("reading {path} at {}", commit.short()))
+            .args(["cat-file", "blob", "--end-of-options"])
+            .arg(&spec);
         inv.max_stdout = usize::try_from(max_bytes)
             .unwrap_or(usize::MAX)
             .saturating_add(1);

@@ -75,8 +75,8 @@ impl Fixture {
         )
     }
 
-    /// Extracts a checkout and writes its `.git`, as the agent would.
-    fn materialise(&self, checkout: &TreeCheckout, depth: Depth, dest: &Path) -> GitPayload {
+    /// Extracts a checkout's files from the chunks stored so far.
+    fn extract(&self, checkout: &TreeCheckout, dest: &Path) {
         gantry_cas::extract_with(&checkout.manifest, dest, Existing::Refuse, |digest| {
             self.chunks
                 .get(digest)
@@ -87,6 +87,11 @@ impl Fixture {
                 })
         })
         .expect("extract");
+    }
+
+    /// Extracts a checkout and writes its `.git`, as the agent would.
+    fn materialise(&self, checkout: &TreeCheckout, depth: Depth, dest: &Path) -> GitPayload {
+        self.extract(checkout, dest);
         let (payload, _) = build_payload(
             &self.mirror,
             &PayloadRequest {
@@ -253,16 +258,7 @@ fn git_status_hashes_no_file_written_in_the_same_second_as_the_index() {
         .expect("checkout");
     let dest = tempfile::tempdir().expect("tempdir");
     let ws = dest.path().join("ws");
-    gantry_cas::extract_with(&checkout.manifest, &ws, Existing::Refuse, |d| {
-        fx.chunks
-            .get(d)
-            .cloned()
-            .ok_or_else(|| gantry_cas::CasError::CorruptChunk {
-                digest: *d,
-                reason: "x".into(),
-            })
-    })
-    .expect("extract");
+    fx.extract(&checkout, &ws);
     let (payload, _) = build_payload(
         &fx.mirror,
         &PayloadRequest {
@@ -599,16 +595,7 @@ fn a_tag_build_gets_a_detached_head_full_history_and_an_exact_describe() {
         .expect("checkout");
     let dest = tempfile::tempdir().expect("tempdir");
     let ws = dest.path().join("ws");
-    gantry_cas::extract_with(&checkout.manifest, &ws, Existing::Refuse, |d| {
-        fx.chunks
-            .get(d)
-            .cloned()
-            .ok_or_else(|| gantry_cas::CasError::CorruptChunk {
-                digest: *d,
-                reason: "x".into(),
-            })
-    })
-    .expect("extract");
+    fx.extract(&checkout, &ws);
     let (payload, figures) = build_payload(
         &fx.mirror,
         &PayloadRequest {
