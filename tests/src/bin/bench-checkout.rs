@@ -9,8 +9,12 @@
 //!   checked with `git status`; and the bytes the agent would receive for each run
 //!   (chunks its cache lacks, compressed, plus the payload).
 //!
-//! The end-to-end figure (webhook received to first step running) needs the coordinator
-//! and agent integration; `Figures` and `run_gantry_parts` are where it plugs in.
+//! The end-to-end figure (webhook received to first step running, and the bytes the
+//! agent really received) needs the coordinator and agent integration: start a
+//! `gantry_tests::Coordinator` and an `Agent` beside the daemon, add the repository,
+//! push with `git update-ref` as `main` does, and time the run from the webhook to its
+//! first step's log line as a third column next to `GantryParts::run`'s figures (the
+//! `Figures` struct and `Report::gantry` print them).
 //!
 //! Run: `cargo run --release -p gantry-tests --bin bench-checkout` (needs git). Options
 //! through the environment: `GANTRY_BENCH_FILES` (default 50000), `GANTRY_BENCH_MIB`
