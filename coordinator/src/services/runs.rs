@@ -19,7 +19,7 @@ use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::engine::{self, Change, Input};
-use crate::server::{AbortOnDrop, Coordinator};
+use crate::quic::{AbortOnDrop, Coordinator};
 use crate::store::{AuditEntry, JobRecord, RunRecord, StoreError};
 
 /// Most runs or jobs one listing returns.

@@ -313,7 +313,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
 /// The example pipeline (`examples/ci.yml`), built into the binary so the demo runs from
 /// any directory.
-const EXAMPLE_PIPELINE: &str = include_str!("../../examples/ci.yml");
+const EXAMPLE_PIPELINE: &str = include_str!("../../../examples/ci.yml");
 
 /// Runs the example pipeline on the demo agents, approves its manual gate, and shows the
 /// jobs and the build's log.

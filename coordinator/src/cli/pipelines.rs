@@ -1,5 +1,5 @@
 //! The admin CLI's pipeline commands: `run`, `validate`, `pipelines`, `jobs`, `logs`,
-//! `secrets`. Each builds a request, sends it, and prints the answer (or streams a
+//! `approve`, `secrets`, `triggers`. Each builds a request, sends it, and prints the answer (or streams a
 //! follow). Exit codes: 1 when a followed run fails, 2 for bad input, 3 when the
 //! coordinator cannot be reached.
 
@@ -367,6 +367,13 @@ pub async fn logs(job: &str, follow: bool) -> Result<ExitCode, Failure> {
     let result = print_log(&mut client, job, follow).await;
     client.close().await;
     result.map(|_| ExitCode::SUCCESS)
+}
+
+/// `gantry approve JOB`: lets a manual job (`when: manual`) run.
+pub async fn approve(job: &str) -> Result<ExitCode, Failure> {
+    let job = job_id(job)?;
+    let resp = admin(AdminRequest::Approve { job }).await?;
+    output::print_response(&resp, false)
 }
 
 pub async fn pipelines(cmd: PipelinesCommand) -> Result<ExitCode, Failure> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use gantry_protocol::{Labels, RunId, SubmitRun, UnixMillis};
 use ring::hmac;
 
-use crate::server::Coordinator;
+use crate::quic::Coordinator;
 
 /// The secret that signs webhooks, stored with `gantry secrets set`.
 pub const WEBHOOK_SECRET: &str = "GANTRY_WEBHOOK_SECRET";

@@ -22,11 +22,11 @@ use crate::config::{CoordinatorConfig, DataDir};
 use crate::http::Request;
 
 /// `packaging/install.sh`, the one installer for both the online and the offline path.
-pub const INSTALL_SCRIPT: &str = include_str!("../../packaging/install.sh");
+pub const INSTALL_SCRIPT: &str = include_str!("../../../../packaging/install.sh");
 /// `packaging/systemd/gantry-agent.service`.
-pub const AGENT_UNIT: &str = include_str!("../../packaging/systemd/gantry-agent.service");
+pub const AGENT_UNIT: &str = include_str!("../../../../packaging/systemd/gantry-agent.service");
 /// `packaging/agent.env`, the unit's environment file.
-pub const AGENT_ENV: &str = include_str!("../../packaging/agent.env");
+pub const AGENT_ENV: &str = include_str!("../../../../packaging/agent.env");
 
 /// A download of the agent binary gets this long: 60 MB at 1 Mbit/s takes 8 minutes.
 const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(15 * 60);

@@ -31,8 +31,8 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::auth::{self, Denied, User};
 use crate::authz::{Principal, Request as Row};
 use crate::http::Request;
+use crate::quic::Coordinator;
 use crate::runs::FollowSink;
-use crate::server::Coordinator;
 
 /// Live streams (job logs, run progress) open at once. A browser tab holds one.
 pub const MAX_STREAMS: usize = 64;
@@ -47,9 +47,9 @@ pub const STREAM_BUFFER: usize = 256;
 /// Most runs one listing returns.
 const MAX_RUNS: u32 = 200;
 
-const INDEX_HTML: &str = include_str!("../assets/dashboard/index.html");
-const APP_JS: &str = include_str!("../assets/dashboard/app.js");
-const STYLE_CSS: &str = include_str!("../assets/dashboard/style.css");
+const INDEX_HTML: &str = include_str!("../../../assets/dashboard/index.html");
+const APP_JS: &str = include_str!("../../../assets/dashboard/app.js");
+const STYLE_CSS: &str = include_str!("../../../assets/dashboard/style.css");
 
 /// Every page and asset is ours: no CDN, no inline script, nothing framed.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::distribute::Distribution;
-use crate::server::Coordinator;
+use crate::quic::Coordinator;
 use crate::triggers;
 
 const MAX_HEADER_BYTES: usize = 16 * 1024;

@@ -22,8 +22,8 @@ use gantry_protocol::{
 };
 
 use crate::http::Request;
+use crate::quic::Coordinator;
 use crate::runs::{internal, invalid, not_found};
-use crate::server::Coordinator;
 use crate::store::{AuditEntry, LoginTokenRecord};
 
 /// Prefix of a login token string; the version lets the format change later.
