@@ -10,11 +10,6 @@ mod store;
 pub use edges::server;
 
 // Transitional: the old flat paths, while imports move to the layered ones.
-use base::{authz, chunks, config, http_client, logs, metrics, secrets, sources};
-use cli::{
-    client, connect::admin, connect::connect, deploy as cli_deploy, failure::usage, init, output,
-    ownership, web as cli_web, Failure,
-};
 use edges::http::{auth, dashboard, distribute, server as http};
 use edges::quic;
 use services::{artifacts, deployments, engine, exec, notify, runs, stats, triggers, webhooks};

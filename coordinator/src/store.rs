@@ -1152,7 +1152,7 @@ pub type DeploymentRecord = crate::deployments::DeploymentRecord;
 
 /// A stored chunk: its uncompressed size, where its compressed bytes are (pack, offset,
 /// length), when it was written (garbage collection leaves young unreferenced chunks
-/// alone) and the checksum of its stored bytes ([`crate::chunks::stored_check`]).
+/// alone) and the checksum of its stored bytes ([`crate::base::chunks::stored_check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRecord {
     pub size: u32,

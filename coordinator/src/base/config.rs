@@ -1,18 +1,17 @@
-//! Coordinator configuration and on-disk layout, the admin CLI context, and the small
-//! parsers (durations, labels) shared by the CLI.
+//! Coordinator configuration (`coordinator.toml` with its `[artifacts]` and `[webhooks]`
+//! sections) and on-disk layout, and the parsers of durations and sizes it shares with
+//! the CLI. Loading it is the server's start-up, an edge: errors are `anyhow` with the
+//! key they are about.
 //!
 //! Data directory (default `/var/lib/gantry`, `--data-dir` or `GANTRY_DATA_DIR`):
 //! `coordinator.toml`, `gantry.redb`, `tls/ca.pem`, `tls/ca-key.pem` (0600),
 //! `tls/coordinator.pem` (certificate and key, 0600).
-//! Admin context (`GANTRY_CONFIG`, else `$XDG_CONFIG_HOME/gantry/context.toml`, else
-//! `~/.config/gantry/context.toml`): the coordinator address, and beside it `ca.pem` and
-//! `admin.pem` (certificate and key, 0600).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use gantry_protocol::{limits, Labels};
+use gantry_protocol::limits;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/gantry";
@@ -50,11 +49,8 @@ pub struct CoordinatorConfig {
     #[serde(default, skip_serializing_if = "ArtifactsConfig::is_default")]
     pub artifacts: ArtifactsConfig,
     /// Outgoing webhook delivery. Left out of the file while it holds the defaults.
-    #[serde(
-        default,
-        skip_serializing_if = "crate::webhooks::WebhooksConfig::is_default"
-    )]
-    pub webhooks: crate::webhooks::WebhooksConfig,
+    #[serde(default, skip_serializing_if = "WebhooksConfig::is_default")]
+    pub webhooks: WebhooksConfig,
 }
 
 /// `[artifacts]` in `coordinator.toml`. Every field has a default, so the section may be
@@ -133,6 +129,77 @@ impl ArtifactsConfig {
                     rate => Some(rate),
                 },
             },
+        })
+    }
+}
+
+/// `[webhooks]` in `coordinator.toml`, parsed.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// The first retry waits between half of this and this; each next one three times
+    /// longer, capped at 18 times it.
+    pub retry_base: Duration,
+    /// Attempts per delivery, the first included.
+    pub attempts: u32,
+    /// Deadline of one attempt (connect, TLS, send, the answer's status line).
+    pub timeout: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            retry_base: Duration::from_secs(10),
+            attempts: 5,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[webhooks]` in `coordinator.toml`: how outgoing webhooks are retried. Every field
+/// has a default, so the section may be left out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The first retry waits between half of this and this; each next one three times
+    /// longer (at most 18 times it), e.g. `10s`.
+    pub retry_base: String,
+    /// Attempts per delivery, the first included (1 to 10).
+    pub attempts: u32,
+    /// Deadline of one attempt, e.g. `10s`.
+    pub timeout: String,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            retry_base: "10s".into(),
+            attempts: 5,
+            timeout: "10s".into(),
+        }
+    }
+}
+
+impl WebhooksConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn settings(&self) -> anyhow::Result<WebhookSettings> {
+        let retry_base = parse_duration(&self.retry_base).context("webhooks.retry_base")?;
+        let timeout = parse_duration(&self.timeout).context("webhooks.timeout")?;
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&retry_base) {
+            anyhow::bail!("webhooks.retry_base must be between 10ms and 1h");
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout) {
+            anyhow::bail!("webhooks.timeout must be between 100ms and 60s");
+        }
+        if !(1..=10).contains(&self.attempts) {
+            anyhow::bail!("webhooks.attempts must be between 1 and 10");
+        }
+        Ok(WebhookSettings {
+            retry_base,
+            attempts: self.attempts,
+            timeout,
         })
     }
 }
@@ -247,75 +314,6 @@ impl DataDir {
 }
 
 /// The admin CLI's context file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminContext {
-    /// `host:port` of the coordinator.
-    pub address: String,
-    /// Paths relative to the context file's directory unless absolute.
-    pub ca: String,
-    pub credentials: String,
-}
-
-/// Where the admin context lives.
-pub fn context_path() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("GANTRY_CONFIG") {
-        return Ok(PathBuf::from(p));
-    }
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME") {
-        return Ok(PathBuf::from(x).join("gantry").join("context.toml"));
-    }
-    let home = std::env::var_os("HOME").context(
-        "neither GANTRY_CONFIG, XDG_CONFIG_HOME nor HOME is set: cannot find the admin context",
-    )?;
-    Ok(PathBuf::from(home)
-        .join(".config")
-        .join("gantry")
-        .join("context.toml"))
-}
-
-/// A loaded admin context: address plus the PEM texts it points at.
-#[derive(Debug)]
-pub struct LoadedContext {
-    pub address: String,
-    pub ca_pem: String,
-    pub credentials_pem: String,
-}
-
-impl AdminContext {
-    /// The context file alone, without the files it names.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read the admin context {}: run `gantry init` on the coordinator, or set GANTRY_CONFIG", path.display())
-        })?;
-        toml::from_str(&text).with_context(|| format!("invalid admin context {}", path.display()))
-    }
-
-    pub fn load(path: &Path) -> anyhow::Result<LoadedContext> {
-        let text = std::fs::read_to_string(path).with_context(|| {
-            format!("cannot read the admin context {}: run `gantry init` on the coordinator, or set GANTRY_CONFIG", path.display())
-        })?;
-        let ctx: Self = toml::from_str(&text)
-            .with_context(|| format!("invalid admin context {}", path.display()))?;
-        let base = path.parent().unwrap_or_else(|| Path::new("."));
-        let read = |p: &str| {
-            let full = base.join(p);
-            std::fs::read_to_string(&full).with_context(|| {
-                format!(
-                    "cannot read {} (named in {})",
-                    full.display(),
-                    path.display()
-                )
-            })
-        };
-        Ok(LoadedContext {
-            address: ctx.address.clone(),
-            ca_pem: read(&ctx.ca)?,
-            credentials_pem: read(&ctx.credentials)?,
-        })
-    }
-}
-
 /// Parses `500ms`, `30s`, `15m`, `2h`, `7d` (one number and one unit).
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     let t = text.trim();
@@ -333,49 +331,6 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         _ => bail!("invalid duration {text:?}: unit must be ms, s, m, h or d, like 15m"),
     };
     Ok(Duration::from_secs(secs))
-}
-
-/// Parses `key=value` labels, checking their shape and size.
-pub fn parse_labels(pairs: &[String]) -> anyhow::Result<Labels> {
-    let mut labels = Labels::new();
-    for pair in pairs {
-        let (k, v) = pair
-            .split_once('=')
-            .with_context(|| format!("invalid label {pair:?}: expected key=value"))?;
-        check_label_key(k)?;
-        if v.len() > limits::MAX_LABEL_VALUE_LEN || v.chars().any(char::is_control) {
-            bail!(
-                "invalid label value for {k:?}: at most {} printable characters",
-                limits::MAX_LABEL_VALUE_LEN
-            );
-        }
-        labels.insert(k.to_owned(), v.to_owned());
-    }
-    if labels.len() > limits::MAX_LABELS {
-        bail!(
-            "too many labels ({}): at most {}",
-            labels.len(),
-            limits::MAX_LABELS
-        );
-    }
-    Ok(labels)
-}
-
-/// Label keys: 1 to 63 of `[a-z0-9._/-]`, starting with a letter or digit.
-pub fn check_label_key(k: &str) -> anyhow::Result<()> {
-    let ok = (1..=limits::MAX_LABEL_KEY_LEN).contains(&k.len())
-        && k.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && k.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/-".contains(&b));
-    if !ok {
-        bail!("invalid label key {k:?}: use 1 to 63 of a-z 0-9 . _ / -, starting with a letter or digit");
-    }
-    if k.starts_with("gantry.") {
-        bail!("invalid label key {k:?}: keys starting with \"gantry.\" are Gantry's own; choose another name");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -416,12 +371,31 @@ mod tests {
     }
 
     #[test]
-    fn labels_parse_and_bad_ones_are_named() {
-        let l = parse_labels(&["role=web".into(), "site=paris".into()]).expect("ok");
-        assert_eq!(l["role"], "web");
-        for bad in ["role", "=x", "Role=x", "-a=x", "a b=x"] {
-            let err = parse_labels(&[bad.to_owned()]).expect_err(bad).to_string();
-            assert!(err.contains("invalid label"), "{bad}: {err}");
+    fn the_config_section_has_defaults_and_bounds() {
+        let defaults = WebhooksConfig::default().settings().expect("defaults");
+        assert_eq!(
+            (defaults.retry_base, defaults.attempts, defaults.timeout),
+            (Duration::from_secs(10), 5, Duration::from_secs(10))
+        );
+        let parsed: WebhooksConfig =
+            toml::from_str("retry_base = \"200ms\"\nattempts = 3\n").expect("toml");
+        assert_eq!(
+            parsed.settings().expect("ok").retry_base,
+            Duration::from_millis(200)
+        );
+        for bad in [
+            "attempts = 0",
+            "attempts = 11",
+            "timeout = \"50ms\"",
+            "retry_base = \"2h\"",
+            "retry_base = \"soon\"",
+        ] {
+            let config: WebhooksConfig = toml::from_str(bad).expect("toml");
+            assert!(config.settings().is_err(), "{bad}");
         }
+        assert!(
+            toml::from_str::<WebhooksConfig>("retries = 3").is_err(),
+            "unknown keys are refused"
+        );
     }
 }

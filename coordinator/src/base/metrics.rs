@@ -97,7 +97,7 @@ pub struct Metrics {
     dispatch_latency: Histogram,
     job_duration: Histogram,
     /// Every authorization decision (`authz.rs`).
-    pub authz: crate::authz::Decisions,
+    pub authz: crate::base::authz::Decisions,
 }
 
 impl Default for Metrics {
@@ -120,7 +120,7 @@ impl Default for Metrics {
             webhook_events_dropped: AtomicU64::new(0),
             dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
             job_duration: Histogram::new(&DURATION_BUCKETS),
-            authz: crate::authz::Decisions::default(),
+            authz: crate::base::authz::Decisions::default(),
         }
     }
 }

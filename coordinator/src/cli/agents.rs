@@ -7,11 +7,11 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use gantry_protocol::{AdminRequest, AgentId};
 
-use super::connect::admin;
-use super::deploy::{upgrade_agents, UpgradeArgs};
-use super::failure::{usage, Failure};
-use super::output::print_response;
-use crate::config;
+use crate::base::{config, labels};
+use crate::cli::connect::admin;
+use crate::cli::deploy::{upgrade_agents, UpgradeArgs};
+use crate::cli::failure::{usage, Failure};
+use crate::cli::output::print_response;
 
 #[derive(Debug, Args)]
 pub struct JsonFlag {
@@ -88,7 +88,7 @@ pub async fn token(cmd: TokenCommand) -> Result<ExitCode, Failure> {
     let ttl = config::parse_duration(&ttl)
         .context("--ttl")
         .map_err(usage)?;
-    let labels = config::parse_labels(&labels)
+    let labels = labels::parse_labels(&labels)
         .context("--label")
         .map_err(usage)?;
     let resp = admin(AdminRequest::CreateToken {
@@ -123,13 +123,13 @@ pub async fn agents(cmd: AgentsCommand) -> Result<ExitCode, Failure> {
             for c in changes {
                 match c.strip_suffix('-') {
                     Some(k) if !c.contains('=') => {
-                        config::check_label_key(k).map_err(usage)?;
+                        labels::check_label_key(k).map_err(|e| usage(e.into()))?;
                         remove.push(k.to_owned());
                     }
                     _ => set.push(c),
                 }
             }
-            let set = config::parse_labels(&set).map_err(usage)?;
+            let set = labels::parse_labels(&set).map_err(|e| usage(e.into()))?;
             (
                 AdminRequest::LabelAgent {
                     agent_id: agent_id(&id)?,

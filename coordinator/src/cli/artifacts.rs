@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use gantry_protocol::{AdminRequest, Grant, ResolveReply, ResolveRequest, RunId, StreamOpen};
 use gantry_transfer::{ChunkCache, TransferError, TransferOptions};
 
-use crate::{admin, connect, output, usage, Failure};
+use crate::cli::connect::{admin, connect};
+use crate::cli::failure::{usage, Failure};
+use crate::cli::output;
 
 #[derive(Debug, Subcommand)]
 pub enum ArtifactsCommand {
@@ -225,7 +227,7 @@ pub async fn gc(args: GcArgs) -> Result<ExitCode, Failure> {
         .grace
         .as_deref()
         .map(|g| {
-            crate::config::parse_duration(g)
+            crate::base::config::parse_duration(g)
                 .context("--grace")
                 .map_err(usage)
         })

@@ -19,9 +19,11 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use gantry_certs::{CertAuthority, JoinToken};
 
-use crate::config::{self, AdminContext, CoordinatorConfig, DataDir};
-use crate::distribute;
-use crate::{usage, Failure};
+use crate::base::config::{self, CoordinatorConfig, DataDir};
+use crate::base::labels;
+use crate::cli::context::{context_path, AdminContext};
+use crate::cli::failure::{usage, Failure};
+use crate::edges::http::distribute;
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -344,7 +346,7 @@ pub fn install_command(args: &InstallCommandArgs) -> Result<(), Failure> {
             .map_err(usage)?,
     );
     let token = checked_token(&args.token, &fingerprint).map_err(usage)?;
-    config::parse_labels(&args.labels)
+    labels::parse_labels(&args.labels)
         .context("--label")
         .map_err(usage)?;
     let command = online_command(&url, &fingerprint, &token, &args.labels).map_err(usage)?;
@@ -381,7 +383,7 @@ fn read_ca_pem(paths: &CoordinatorPaths) -> anyhow::Result<String> {
     if let Ok(pem) = std::fs::read_to_string(data.ca_cert()) {
         return Ok(pem);
     }
-    let ctx = AdminContext::load(&config::context_path()?).with_context(|| {
+    let ctx = AdminContext::load(&context_path()?).with_context(|| {
         format!(
             "cannot read {} nor the admin context's CA",
             data.ca_cert().display()

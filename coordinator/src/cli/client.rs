@@ -8,7 +8,7 @@ use gantry_certs::ClientTls;
 use gantry_protocol::{limits, AdminHello, AdminRequest, AdminResponse, HelloReply, Intent};
 use gantry_transport::{Dialer, FrameReader, FrameWriter};
 
-use crate::config::LoadedContext;
+use crate::cli::context::LoadedContext;
 
 /// How long the CLI gives its close frame to go out before it exits.
 const CLOSE_FLUSH: Duration = Duration::from_millis(15);

@@ -2,13 +2,13 @@
 
 use gantry_protocol::{AdminRequest, AdminResponse};
 
-use super::client::AdminClient;
-use super::failure::{usage, Failure};
-use crate::config::{self, AdminContext};
+use crate::cli::client::AdminClient;
+use crate::cli::context::{context_path, AdminContext};
+use crate::cli::failure::{usage, Failure};
 
 /// Connects with the admin context.
 pub async fn connect() -> Result<AdminClient, Failure> {
-    let path = config::context_path().map_err(usage)?;
+    let path = context_path().map_err(usage)?;
     let ctx = AdminContext::load(&path).map_err(usage)?;
     Ok(AdminClient::connect(&ctx).await?)
 }

@@ -20,9 +20,10 @@ use gantry_protocol::{
     AdminRequest, AdminResponse, AgentState, FollowEvent, JobId, Labels, StreamOpen, SubmitRun,
 };
 
-use crate::client::AdminClient;
-use crate::config::AdminContext;
-use crate::{init, output, Failure};
+use crate::cli::client::AdminClient;
+use crate::cli::context::{AdminContext, LoadedContext};
+use crate::cli::failure::Failure;
+use crate::cli::{init, output};
 
 /// How long the demo waits for the coordinator and agents at each step.
 const STEP_DEADLINE: Duration = Duration::from_secs(30);
@@ -417,7 +418,7 @@ async fn demo_pipeline(admin: &mut AdminClient, deploy: bool) -> anyhow::Result<
     Ok(())
 }
 
-async fn connect_with_retry(ctx: &crate::config::LoadedContext) -> anyhow::Result<AdminClient> {
+async fn connect_with_retry(ctx: &LoadedContext) -> anyhow::Result<AdminClient> {
     let deadline = Instant::now() + STEP_DEADLINE;
     loop {
         match AdminClient::connect(ctx).await {
@@ -448,7 +449,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
     println!("\n== deployments to environment demo (`gantry deployments list`):\n");
     print!(
         "{}",
-        crate::cli_deploy::deployments_table(&list, gantry_protocol::UnixMillis::now())
+        crate::cli::deploy::deployments_table(&list, gantry_protocol::UnixMillis::now())
     );
     let AdminResponse::Deployment(view) = admin
         .request(&AdminRequest::ShowDeployment { id: latest.id })
@@ -462,7 +463,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
     );
     print!(
         "{}",
-        crate::cli_deploy::deployment_detail(&view, gantry_protocol::UnixMillis::now())
+        crate::cli::deploy::deployment_detail(&view, gantry_protocol::UnixMillis::now())
     );
     if view.state != "succeeded" {
         bail!("the demo deployment ended {}", view.state);
@@ -475,7 +476,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
         .await?
     {
         println!("\n== delivery figures (`gantry stats`):\n");
-        print!("{}", crate::cli_deploy::stats_table(&stats));
+        print!("{}", crate::cli::deploy::stats_table(&stats));
     }
     println!("\n== `gantry exec --select role=web -- cat hello/current/out/app.txt`:\n");
     let mut reader = admin

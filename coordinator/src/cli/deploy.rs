@@ -15,8 +15,11 @@ use gantry_protocol::{
     RollbackRequest, StreamOpen, UnixMillis,
 };
 
-use crate::output::{human_duration, rfc3339, table};
-use crate::{admin, config, connect, usage, Failure};
+use crate::base::{config, labels};
+use crate::cli::connect::{admin, connect};
+use crate::cli::context;
+use crate::cli::failure::{usage, Failure};
+use crate::cli::output::{human_duration, rfc3339, table};
 
 /// Longest `gantry rollback` waits for the rollback to end before it says so.
 const ROLLBACK_WAIT: Duration = Duration::from_secs(30 * 60);
@@ -208,7 +211,7 @@ fn selector(pairs: &[String]) -> Result<gantry_protocol::Labels, Failure> {
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
         .collect();
-    config::parse_labels(&split)
+    labels::parse_labels(&split)
         .context("--select")
         .map_err(usage)
 }
@@ -492,7 +495,7 @@ pub async fn add_admin(name: &str, output: &std::path::Path) -> Result<ExitCode,
         )));
     }
     let context =
-        config::AdminContext::read(&config::context_path().map_err(usage)?).map_err(usage)?;
+        context::AdminContext::read(&context::context_path().map_err(usage)?).map_err(usage)?;
     if output.join("context.toml").exists() {
         return Err(usage(anyhow::anyhow!(
             "{} already holds a context.toml; choose another directory",
@@ -532,7 +535,7 @@ pub async fn add_admin(name: &str, output: &std::path::Path) -> Result<ExitCode,
         &format!("{certificate_pem}{}", key.key_pem),
         true,
     )?;
-    let ctx = config::AdminContext {
+    let ctx = context::AdminContext {
         address: context.address,
         ca: "ca.pem".into(),
         credentials: "admin.pem".into(),
@@ -551,7 +554,7 @@ pub async fn add_admin(name: &str, output: &std::path::Path) -> Result<ExitCode,
 }
 
 fn print(resp: &AdminResponse, json: bool) -> Result<ExitCode, Failure> {
-    crate::output::print_response(resp, json)
+    crate::cli::output::print_response(resp, json)
 }
 
 fn labels_text(labels: &gantry_protocol::Labels) -> String {

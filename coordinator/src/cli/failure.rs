@@ -2,7 +2,7 @@
 //! usage or input error, 3 cannot reach or authenticate to the coordinator. Only
 //! `main.rs` turns a [`Failure`] into the process's exit code.
 
-use super::client::ClientError;
+use crate::cli::client::ClientError;
 
 /// A failure with the exit code it maps to.
 #[derive(Debug)]

@@ -12,9 +12,10 @@ use clap::Args;
 use gantry_certs::keyfile::{write_private, write_public};
 use gantry_certs::CertAuthority;
 
-use crate::config::{self, AdminContext, CoordinatorConfig, DataDir};
+use crate::base::config::{self, CoordinatorConfig, DataDir};
+use crate::cli::context::{self, AdminContext};
+use crate::cli::failure::Failure;
 use crate::store::{AuditEntry, Store};
-use crate::Failure;
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
@@ -92,8 +93,8 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         http_listen: args.http_listen.clone(),
         http_tls: args.http_tls.then_some(true),
         agent_binary: None,
-        artifacts: crate::config::ArtifactsConfig::default(),
-        webhooks: crate::webhooks::WebhooksConfig::default(),
+        artifacts: crate::base::config::ArtifactsConfig::default(),
+        webhooks: crate::base::config::WebhooksConfig::default(),
     };
     config
         .agent_cert_ttl()
@@ -111,7 +112,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
     }
     let context_path = match &args.context {
         Some(p) => p.clone(),
-        None => config::context_path().map_err(usage)?,
+        None => context::context_path().map_err(usage)?,
     };
 
     let data = DataDir(args.data_dir.clone());
@@ -128,7 +129,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
     }
     // `sudo gantry init` on a packaged install: the data directory belongs to the
     // service user, and so must everything made in it.
-    let owner = crate::ownership::Owner::of_existing(&data.0);
+    let owner = crate::cli::ownership::Owner::of_existing(&data.0);
     create_private_dir(&data.0).map_err(work)?;
     create_private_dir(&data.tls()).map_err(work)?;
 

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod bundle;
 pub mod client;
 pub mod connect;
+pub mod context;
 pub mod demo;
 pub mod deploy;
 pub mod failure;

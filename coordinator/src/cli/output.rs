@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use gantry_protocol::{AdminResponse, AgentView, JobView, RunView, UnixMillis};
 
-use crate::Failure;
+pub use crate::base::text::{human_bytes, human_duration};
+use crate::cli::failure::Failure;
 
 /// Prints a response as a table or JSON.
 pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Failure> {
@@ -44,7 +45,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             | AdminResponse::LoginTokens(_)
             | AdminResponse::WebhookAdded(_)
             | AdminResponse::Webhooks(_)) => {
-                crate::cli_web::json(web).unwrap_or(Ok(serde_json::Value::Null))
+                crate::cli::web::json(web).unwrap_or(Ok(serde_json::Value::Null))
             }
         }
         .map_err(|e| Failure::Work(e.into()))?;
@@ -119,22 +120,22 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         AdminResponse::Caches(caches) => print!("{}", caches_table(caches, UnixMillis::now())),
         AdminResponse::Gc(report) => print!("{}", gc_summary(report)),
         AdminResponse::Environments(envs) => {
-            print!("{}", crate::cli_deploy::environments_table(envs));
+            print!("{}", crate::cli::deploy::environments_table(envs));
         }
-        AdminResponse::Environment(e) => print!("{}", crate::cli_deploy::environment_detail(e)),
+        AdminResponse::Environment(e) => print!("{}", crate::cli::deploy::environment_detail(e)),
         AdminResponse::Deployments(d) => {
             print!(
                 "{}",
-                crate::cli_deploy::deployments_table(d, UnixMillis::now())
+                crate::cli::deploy::deployments_table(d, UnixMillis::now())
             );
         }
         AdminResponse::Deployment(d) => {
             print!(
                 "{}",
-                crate::cli_deploy::deployment_detail(d, UnixMillis::now())
+                crate::cli::deploy::deployment_detail(d, UnixMillis::now())
             );
         }
-        AdminResponse::Stats(stats) => print!("{}", crate::cli_deploy::stats_table(stats)),
+        AdminResponse::Stats(stats) => print!("{}", crate::cli::deploy::stats_table(stats)),
         AdminResponse::AdminIssued { .. } => println!("admin certificate issued"),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
@@ -144,7 +145,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         | AdminResponse::Webhooks(_)) => {
             print!(
                 "{}",
-                crate::cli_web::text(web, UnixMillis::now()).unwrap_or_default()
+                crate::cli::web::text(web, UnixMillis::now()).unwrap_or_default()
             );
         }
     }
@@ -493,32 +494,6 @@ pub fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
-}
-
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b}B")
-    } else {
-        format!("{v:.1}{}", UNITS[u])
-    }
-}
-
-pub fn human_duration(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0 if ms < 1000 => format!("{ms}ms"),
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
-    }
 }
 
 /// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ`.

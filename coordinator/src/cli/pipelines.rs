@@ -13,8 +13,11 @@ use gantry_protocol::{
     AdminRequest, AdminResponse, FollowEvent, JobId, RunId, StreamOpen, SubmitRun,
 };
 
-use crate::client::{AdminClient, ClientError};
-use crate::{admin, config, connect, output, usage, Failure};
+use crate::base::labels;
+use crate::cli::client::{AdminClient, ClientError};
+use crate::cli::connect::{admin, connect};
+use crate::cli::failure::{usage, Failure};
+use crate::cli::output;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -214,7 +217,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             errors.0.len()
         )));
     }
-    let inputs = config::parse_labels(&args.inputs)
+    let inputs = labels::parse_labels(&args.inputs)
         .context("--input")
         .map_err(usage)?;
     let dir = args

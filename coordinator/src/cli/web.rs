@@ -10,8 +10,11 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use gantry_protocol::{AdminRequest, AdminResponse, Role, UnixMillis, WebhookFormat};
 
-use crate::output::{human_duration, rfc3339};
-use crate::{admin, config, output, usage, Failure};
+use crate::base::config;
+use crate::cli::connect::admin;
+use crate::cli::failure::{usage, Failure};
+use crate::cli::output;
+use crate::cli::output::{human_duration, rfc3339};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -91,7 +94,7 @@ pub async fn admin_command(cmd: AdminCommand) -> Result<ExitCode, Failure> {
     let args = match cmd {
         AdminCommand::Token(args) => args,
         AdminCommand::Add { name, output } => {
-            return crate::cli_deploy::add_admin(&name, &output).await
+            return crate::cli::deploy::add_admin(&name, &output).await
         }
     };
     let (req, json) = match args.command {

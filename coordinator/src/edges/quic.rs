@@ -22,12 +22,12 @@ use gantry_scheduler::Event;
 use gantry_transport::{Connection, FrameReader, FrameWriter, Incoming, Listener, TransportError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::authz::{Principal, Request};
+use crate::base::authz::{Principal, Request};
+use crate::base::logs::LogStore;
+use crate::base::secrets::SecretKey;
 use crate::deployments::AdminOp;
 use crate::engine::{AgentOutbox, Engine, Input};
-use crate::logs::LogStore;
 use crate::runs::{internal, invalid};
-use crate::secrets::SecretKey;
 
 use crate::store::{
     AgentRecord, AuditEntry, EnvironmentRecord, HelloFacts, Presence, Store, StoreError,
@@ -58,10 +58,10 @@ pub struct Settings {
     pub advertise: String,
     pub agent_cert_ttl: Duration,
     pub heartbeat_interval: Duration,
-    pub artifacts: crate::config::ArtifactSettings,
+    pub artifacts: crate::base::config::ArtifactSettings,
     /// `agent_binary` from `coordinator.toml` (else found next to `gantry`).
     pub agent_binary: Option<std::path::PathBuf>,
-    pub webhooks: crate::webhooks::WebhookSettings,
+    pub webhooks: crate::base::config::WebhookSettings,
 }
 
 /// Which presence [`Coordinator::flush_presence`] writes.
@@ -133,8 +133,8 @@ pub struct Coordinator {
     pub(crate) engine: Engine,
     pub(crate) logs: Arc<LogStore>,
     pub(crate) secret_key: Arc<SecretKey>,
-    pub(crate) sources: Arc<crate::sources::SourceStore>,
-    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) sources: Arc<crate::base::sources::SourceStore>,
+    pub(crate) metrics: Arc<crate::base::metrics::Metrics>,
     pub(crate) artifacts: Arc<crate::artifacts::Artifacts>,
     /// Run and job events on their way to webhook targets (never waited on).
     pub(crate) notifier: Arc<crate::notify::Notifier>,
@@ -264,7 +264,7 @@ fn truncate(reason: &str) -> &str {
 impl Coordinator {
     /// `/metrics` in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        let gauges = crate::metrics::Gauges {
+        let gauges = crate::base::metrics::Gauges {
             agents_connected: lock(&self.registry).live.len() as u64,
             agents_enrolled: self.store.counts(UnixMillis::now()).map_or(0, |c| c.agents),
         };
@@ -313,7 +313,7 @@ impl Coordinator {
             deployments: deployments.clone(),
             runner: crate::deployments::deploy_runner(),
         });
-        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let metrics = Arc::new(crate::base::metrics::Metrics::default());
         let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
         let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
         let notifier = Arc::new(crate::notify::Notifier::new(metrics.clone()));
@@ -359,7 +359,9 @@ impl Coordinator {
             unauthenticated: Semaphore::new(limits::MAX_UNAUTHENTICATED_PENDING),
             engine,
             logs,
-            sources: Arc::new(crate::sources::SourceStore::new(&data_dir.join("sources"))),
+            sources: Arc::new(crate::base::sources::SourceStore::new(
+                &data_dir.join("sources"),
+            )),
             metrics,
             secret_key,
             artifacts,
@@ -1375,7 +1377,9 @@ impl Coordinator {
                             .authz
                             .check(Request::of_admin(&req), principal, String::new);
                     let response = match (checked, req) {
-                        (Err(denied), _) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+                        (Err(denied), _) => {
+                            AdminResponse::Error(crate::base::authz::forbidden(&denied))
+                        }
                         (
                             Ok(()),
                             AdminRequest::Gc {
@@ -1438,7 +1442,7 @@ impl Coordinator {
             .check(Request::of_admin(&req), principal, String::new)
         {
             Ok(()) => self.answer_admin(actor, req),
-            Err(denied) => AdminResponse::Error(crate::authz::forbidden(&denied)),
+            Err(denied) => AdminResponse::Error(crate::base::authz::forbidden(&denied)),
         }
     }
 
@@ -2093,8 +2097,7 @@ impl Coordinator {
 
 /// Validates labels from the wire with the same rules as the CLI.
 fn check_labels(labels: &Labels) -> Result<Labels, String> {
-    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    crate::config::parse_labels(&pairs).map_err(|e| e.to_string())
+    crate::base::labels::check_labels(labels).map_err(|e| e.to_string())
 }
 
 fn agent_not_found(id: &AgentId) -> AdminError {
@@ -2165,7 +2168,7 @@ fn stream_detail(row: Request) -> &'static str {
 /// coordinator's log says why). The peer is told to stop sending either way.
 async fn refuse_stream(
     open: &StreamOpen,
-    denied: &crate::authz::Denied,
+    denied: &crate::base::authz::Denied,
     mut writer: FrameWriter,
     mut reader: FrameReader,
 ) {
@@ -2185,7 +2188,7 @@ async fn refuse_stream(
         StreamOpen::Exec(_) => writer.send(&ExecEvent::Refused { message }).await,
         StreamOpen::FollowLogs { .. } | StreamOpen::FollowRun { .. } => {
             writer
-                .send(&FollowEvent::Error(crate::authz::forbidden(denied)))
+                .send(&FollowEvent::Error(crate::base::authz::forbidden(denied)))
                 .await
         }
         StreamOpen::Logs { .. }

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::config::{CoordinatorConfig, DataDir};
+use crate::base::config::{CoordinatorConfig, DataDir};
 use crate::{distribute, http, quic, store, triggers};
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Data directory made by `gantry init`.
-    #[arg(long, env = "GANTRY_DATA_DIR", default_value = crate::config::DEFAULT_DATA_DIR)]
+    #[arg(long, env = "GANTRY_DATA_DIR", default_value = crate::base::config::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// Configuration file [default: DATA_DIR/coordinator.toml].
     #[arg(long, env = "GANTRY_COORDINATOR_CONFIG")]

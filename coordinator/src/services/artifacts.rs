@@ -29,12 +29,12 @@ use gantry_protocol::{
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, RwLock};
 
-use crate::authz::{Principal, Request};
-use crate::chunks::{
+use crate::base::authz::{Principal, Request};
+use crate::base::chunks::{
     stored_check_pieces, ChunkReadError, ChunkStore, Location, PackWriter, SyncedPack,
 };
-use crate::config::ArtifactSettings;
-use crate::metrics::Metrics;
+use crate::base::config::ArtifactSettings;
+use crate::base::metrics::Metrics;
 use crate::store::{ChunkRecord, CommitOutcome, GcRules, JobRecord, RunRecord, Store};
 
 /// Most chunk bytes in one pack: one fsync per 32 MiB of upload.
@@ -1531,7 +1531,7 @@ impl Artifacts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunks::stored_check;
+    use crate::base::chunks::stored_check;
     use gantry_protocol::JobId;
 
     /// Chunks of `sizes` bytes (distinct contents) written one after the other into one

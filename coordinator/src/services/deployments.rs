@@ -41,8 +41,8 @@ use gantry_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::base::logs::LogStore;
 use crate::engine::{Engine, Input};
-use crate::logs::LogStore;
 use crate::store::{AuditEntry, EnvironmentRecord, Store};
 
 /// The label only the deploy runner carries; deploy jobs ask for it. Labels under
@@ -417,7 +417,7 @@ impl Deployments {
         engine: Engine,
         logs: Arc<LogStore>,
         notifier: Arc<crate::notify::Notifier>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::base::metrics::Metrics>,
     ) -> Result<(), String> {
         let mut active = BTreeMap::new();
         let mut recent = Vec::new();
@@ -518,7 +518,7 @@ struct Manager {
     logs: Arc<LogStore>,
     /// Webhooks hear when a deployment waits for approvals and when one ends.
     notifier: Arc<crate::notify::Notifier>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::base::metrics::Metrics>,
     /// When a deployment may start; rebuilt from the records at start.
     gates: Gates,
     /// The gates' commands not yet carried out, in order. One may end a deployment
@@ -1789,7 +1789,7 @@ impl Manager {
         match self.logs.open(job, attempt) {
             Ok(log) => {
                 let mut data = line.as_bytes().to_vec();
-                data.truncate(crate::logs::MAX_CHUNK - 1);
+                data.truncate(crate::base::logs::MAX_CHUNK - 1);
                 data.push(b'\n');
                 if let Err(e) = log.append(log.next_seq(), &data) {
                     tracing::warn!(%job, "cannot write the deploy job's log: {e}");

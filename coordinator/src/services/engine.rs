@@ -91,7 +91,7 @@ impl Engine {
     pub fn start(
         store: Arc<Store>,
         outbox: Arc<dyn AgentOutbox>,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::base::metrics::Metrics>,
     ) -> Result<Self, String> {
         let now = UnixMillis::now();
         let unreadable =
@@ -176,7 +176,7 @@ struct RunContext {
 }
 
 struct EngineTask {
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::base::metrics::Metrics>,
     /// When each queued job was queued, for the dispatch latency histogram.
     queued_at: HashMap<JobId, std::time::Instant>,
     scheduler: Scheduler,

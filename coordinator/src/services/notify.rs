@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use gantry_protocol::{JobId, RunId, UnixMillis};
 use tokio::sync::broadcast;
 
+use crate::base::metrics::Metrics;
 use crate::engine::Change;
-use crate::metrics::Metrics;
 use crate::store::{JobRecord, RunRecord, Store};
 
 /// Events held for the sender. At ~1 KiB each, 1,024 events are about 1 MiB; the
@@ -109,7 +109,7 @@ impl Event {
         let mut facts = run_facts(run);
         facts.push((
             "Duration".into(),
-            crate::output::human_duration(at.millis_since(run.created_at)),
+            crate::base::text::human_duration(at.millis_since(run.created_at)),
         ));
         Self {
             kind: EventKind::RunFinished,
@@ -408,7 +408,7 @@ mod tests {
             notifier.emit(Event::run_finished(&run(n, "succeeded")));
         }
         assert_eq!(notifier.len(), 3);
-        let text = metrics.render(crate::metrics::Gauges::default());
+        let text = metrics.render(crate::base::metrics::Gauges::default());
         assert!(
             text.contains("gantry_webhook_events_dropped_total 2\n"),
             "{text}"

@@ -238,7 +238,7 @@ pub fn admin(
                     )));
                 }
             }
-            if !crate::secrets::valid_name(&name) {
+            if !crate::base::secrets::valid_name(&name) {
                 return Err(invalid(format!("invalid secret name {name:?}: use 1 to 64 of A-Z 0-9 _, starting with a letter")));
             }
             if value.is_empty() || value.len() > 64 * 1024 {
@@ -514,7 +514,7 @@ pub async fn receive_log(
 ) -> Result<(), String> {
     if let Err(denied) = handed_to(
         coord,
-        crate::authz::Request::StreamLogs,
+        crate::base::authz::Request::StreamLogs,
         agent,
         job,
         attempt,
@@ -564,7 +564,7 @@ pub async fn receive_log(
                     if log
                         .append(chunk.seq, &chunk.data)
                         .map_err(|e| e.to_string())?
-                        == crate::logs::Appended::Stored
+                        == crate::base::logs::Appended::Stored
                     {
                         coord.metrics.log_bytes(chunk.data.len() as u64);
                     }
@@ -597,7 +597,7 @@ pub async fn send_source(
 ) -> Result<(), String> {
     if let Err(denied) = handed_to(
         coord,
-        crate::authz::Request::StreamFetchSource,
+        crate::base::authz::Request::StreamFetchSource,
         agent,
         job,
         attempt,
@@ -625,11 +625,11 @@ pub async fn send_source(
 /// attempt ended, from its spool).
 fn handed_to(
     coord: &Coordinator,
-    row: crate::authz::Request,
+    row: crate::base::authz::Request,
     agent: &AgentId,
     job: JobId,
     attempt: Attempt,
-) -> Result<(), crate::authz::Denied> {
+) -> Result<(), crate::base::authz::Denied> {
     let (holds, why) = match coord.store.job(job) {
         Ok(Some(record))
             if record
@@ -649,7 +649,7 @@ fn handed_to(
     coord
         .metrics
         .authz
-        .check(row, crate::authz::Principal::agent(holds), || why)
+        .check(row, crate::base::authz::Principal::agent(holds), || why)
 }
 
 /// Streams a job's log to an admin: stored chunks from `from_seq`, then (with `follow`)
@@ -761,7 +761,7 @@ fn complete(record: &JobRecord, attempt: Attempt, next: u64) -> bool {
 }
 
 async fn send_stored<W: FollowSink + Send>(
-    log: &crate::logs::LiveLog,
+    log: &crate::base::logs::LiveLog,
     mut next: u64,
     writer: &mut W,
 ) -> Result<u64, W::Error> {

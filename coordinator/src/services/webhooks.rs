@@ -22,8 +22,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-
 use gantry_protocol::{
     AdminError, AdminErrorKind, AdminRequest, AdminResponse, DeliveryView, UnixMillis,
     WebhookAdded, WebhookFormat, WebhookView,
@@ -31,11 +29,12 @@ use gantry_protocol::{
 use ring::hmac;
 use tokio::sync::Semaphore;
 
-use crate::http_client::{self, Url};
-use crate::metrics::Metrics;
+use crate::base::config::WebhookSettings;
+use crate::base::http_client::{self, Url};
+use crate::base::metrics::Metrics;
+use crate::base::secrets::SecretKey;
 use crate::notify::{Event, EventKind, Notifier};
 use crate::runs::{internal, invalid, not_found};
-use crate::secrets::SecretKey;
 use crate::store::{AuditEntry, Store, StoreError, WebhookRecord};
 
 /// Delivery attempts kept per target for `gantry webhooks list`.
@@ -50,78 +49,6 @@ const MAX_CONNECTIONS: usize = 16;
 const MAX_TARGETS: usize = 100;
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "X-Gantry-Signature";
-
-/// `[webhooks]` in `coordinator.toml`, parsed.
-#[derive(Debug, Clone)]
-pub struct WebhookSettings {
-    /// The first retry waits between half of this and this; each next one three times
-    /// longer, capped at 18 times it.
-    pub retry_base: Duration,
-    /// Attempts per delivery, the first included.
-    pub attempts: u32,
-    /// Deadline of one attempt (connect, TLS, send, the answer's status line).
-    pub timeout: Duration,
-}
-
-impl Default for WebhookSettings {
-    fn default() -> Self {
-        Self {
-            retry_base: Duration::from_secs(10),
-            attempts: 5,
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// `[webhooks]` in `coordinator.toml`: how outgoing webhooks are retried. Every field
-/// has a default, so the section may be left out.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhooksConfig {
-    /// The first retry waits between half of this and this; each next one three times
-    /// longer (at most 18 times it), e.g. `10s`.
-    pub retry_base: String,
-    /// Attempts per delivery, the first included (1 to 10).
-    pub attempts: u32,
-    /// Deadline of one attempt, e.g. `10s`.
-    pub timeout: String,
-}
-
-impl Default for WebhooksConfig {
-    fn default() -> Self {
-        Self {
-            retry_base: "10s".into(),
-            attempts: 5,
-            timeout: "10s".into(),
-        }
-    }
-}
-
-impl WebhooksConfig {
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
-    }
-
-    pub fn settings(&self) -> anyhow::Result<WebhookSettings> {
-        let retry_base =
-            crate::config::parse_duration(&self.retry_base).context("webhooks.retry_base")?;
-        let timeout = crate::config::parse_duration(&self.timeout).context("webhooks.timeout")?;
-        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&retry_base) {
-            anyhow::bail!("webhooks.retry_base must be between 10ms and 1h");
-        }
-        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout) {
-            anyhow::bail!("webhooks.timeout must be between 100ms and 60s");
-        }
-        if !(1..=10).contains(&self.attempts) {
-            anyhow::bail!("webhooks.attempts must be between 1 and 10");
-        }
-        Ok(WebhookSettings {
-            retry_base,
-            attempts: self.attempts,
-            timeout,
-        })
-    }
-}
 
 /// How long to wait after attempt `failed` (1 for the first) failed: exponential
 /// (base × 3^(n-1), at most 18 × base) with "equal jitter" (half fixed, half random,
@@ -685,35 +612,6 @@ mod tests {
         );
         assert_eq!(blocks[1]["fields"][0]["text"], "*State*\nfailed");
         assert_eq!(blocks[2]["type"], "context");
-    }
-
-    #[test]
-    fn the_config_section_has_defaults_and_bounds() {
-        let defaults = WebhooksConfig::default().settings().expect("defaults");
-        assert_eq!(
-            (defaults.retry_base, defaults.attempts, defaults.timeout),
-            (Duration::from_secs(10), 5, Duration::from_secs(10))
-        );
-        let parsed: WebhooksConfig =
-            toml::from_str("retry_base = \"200ms\"\nattempts = 3\n").expect("toml");
-        assert_eq!(
-            parsed.settings().expect("ok").retry_base,
-            Duration::from_millis(200)
-        );
-        for bad in [
-            "attempts = 0",
-            "attempts = 11",
-            "timeout = \"50ms\"",
-            "retry_base = \"2h\"",
-            "retry_base = \"soon\"",
-        ] {
-            let config: WebhooksConfig = toml::from_str(bad).expect("toml");
-            assert!(config.settings().is_err(), "{bad}");
-        }
-        assert!(
-            toml::from_str::<WebhooksConfig>("retries = 3").is_err(),
-            "unknown keys are refused"
-        );
     }
 
     #[test]

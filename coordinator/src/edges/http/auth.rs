@@ -111,8 +111,8 @@ impl User {
     }
 
     /// The user's principal in the authorization table.
-    pub fn principal(&self) -> crate::authz::Principal {
-        crate::authz::Principal::of_role(self.role)
+    pub fn principal(&self) -> crate::base::authz::Principal {
+        crate::base::authz::Principal::of_role(self.role)
     }
 }
 

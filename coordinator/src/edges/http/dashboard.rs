@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::auth::{self, Denied, User};
-use crate::authz::{Principal, Request as Row};
+use crate::base::authz::{Principal, Request as Row};
 use crate::http::Request;
 use crate::quic::Coordinator;
 use crate::runs::FollowSink;

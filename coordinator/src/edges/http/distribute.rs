@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::config::{CoordinatorConfig, DataDir};
+use crate::base::config::{CoordinatorConfig, DataDir};
 use crate::http::Request;
 
 /// `packaging/install.sh`, the one installer for both the online and the offline path.
@@ -379,8 +379,8 @@ mod tests {
             http_listen: None,
             http_tls: None,
             agent_binary: None,
-            artifacts: crate::config::ArtifactsConfig::default(),
-            webhooks: crate::webhooks::WebhooksConfig::default(),
+            artifacts: crate::base::config::ArtifactsConfig::default(),
+            webhooks: crate::base::config::WebhooksConfig::default(),
         };
         let loopback = "127.0.0.1:7080".parse().expect("addr");
         let public = "0.0.0.0:8443".parse().expect("addr");

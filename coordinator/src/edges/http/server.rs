@@ -199,7 +199,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
                     .map(|d| (principal, d))
             });
             if let Some((principal, denied)) = refused {
-                let status = if principal == crate::authz::Principal::None {
+                let status = if principal == crate::base::authz::Principal::None {
                     401
                 } else {
                     403
@@ -242,8 +242,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
 
 /// The authorization table's row of a path served here or by `distribute.rs` (the
 /// dashboard's are `dashboard::row_of`'s).
-pub fn row_of(path: &str) -> Option<crate::authz::Request> {
-    use crate::authz::Request as R;
+pub fn row_of(path: &str) -> Option<crate::base::authz::Request> {
+    use crate::base::authz::Request as R;
     Some(match path {
         "/healthz" => R::HttpHealthz,
         "/readyz" => R::HttpReadyz,
@@ -330,7 +330,7 @@ mod tests {
     /// so, and nothing else claims it.
     #[test]
     fn every_http_row_of_the_authorization_table_is_routed_to_its_row() {
-        use crate::authz::Request as R;
+        use crate::base::authz::Request as R;
         for row in R::ALL {
             let Some((method, template)) = row.http_route() else {
                 continue;
