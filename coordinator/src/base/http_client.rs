@@ -28,6 +28,77 @@ const SYSTEM_BUNDLES: [&str; 4] = [
     "/etc/ssl/cert.pem",
 ];
 
+/// Why a URL is refused; each says how to write it instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("the URL is longer than {MAX_URL_LEN} bytes")]
+    TooLong,
+    #[error("the URL has spaces, control or non-ASCII characters; percent-encode them")]
+    Characters,
+    #[error("{0:?} is not an http:// or https:// URL")]
+    Scheme(String),
+    #[error(
+        "user names and passwords in the URL are not supported; the signature authenticates Gantry"
+    )]
+    UserInfo,
+    #[error("an IPv6 address must be written [addr]:port")]
+    Ipv6Brackets,
+    #[error("junk after the IPv6 address")]
+    Ipv6Junk,
+    #[error("{0:?} is not an IPv6 address")]
+    Ipv6(String),
+    #[error("{0:?} is not a host name or address")]
+    Host(String),
+    #[error("{0:?} is not a port number")]
+    Port(String),
+}
+
+/// Why a TLS client configuration cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("the CA file is not PEM certificates: {0}")]
+    NotPem(String),
+    #[error("the CA file holds no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate,
+    #[error("a certificate in the CA file cannot be a trust anchor: {0}")]
+    NotAnchor(String),
+    #[error("no system CA bundle (tried SSL_CERT_FILE and {}); install ca-certificates or add the webhook with --ca FILE", SYSTEM_BUNDLES.join(", "))]
+    NoSystemBundle,
+    #[error("the system CA bundle {0} holds no usable certificate")]
+    EmptySystemBundle(String),
+    #[error("{0}")]
+    Rustls(String),
+}
+
+/// Why one `POST` got no status; the delivery log shows it as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PostError {
+    #[error("cannot connect to {host}:{port}: {detail}")]
+    Connect {
+        host: String,
+        port: u16,
+        detail: String,
+    },
+    #[error("no TLS configuration for an https URL")]
+    NoTls,
+    #[error("{host:?} cannot be checked against a certificate: {detail}")]
+    ServerName { host: String, detail: String },
+    #[error("TLS with {host}: {detail}")]
+    Tls { host: String, detail: String },
+    #[error("no answer within {} s", .0.as_secs_f32())]
+    Timeout(Duration),
+    #[error("sending to {host}: {detail}")]
+    Send { host: String, detail: String },
+    #[error("the answer's head is longer than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLong,
+    #[error("reading the answer from {host}: {detail}")]
+    Read { host: String, detail: String },
+    #[error("{0} closed the connection without an answer")]
+    Closed(String),
+    #[error("not an HTTP answer: {0:?}")]
+    NotHttp(String),
+}
+
 /// A parsed `http://` or `https://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
@@ -40,27 +111,22 @@ pub struct Url {
 }
 
 impl Url {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, UrlError> {
         if text.len() > MAX_URL_LEN {
-            return Err(format!("the URL is longer than {MAX_URL_LEN} bytes"));
+            return Err(UrlError::TooLong);
         }
         if text
             .bytes()
             .any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii())
         {
-            return Err(
-                "the URL has spaces, control or non-ASCII characters; percent-encode them".into(),
-            );
+            return Err(UrlError::Characters);
         }
         let (tls, rest) = if let Some(rest) = text.strip_prefix("https://") {
             (true, rest)
         } else if let Some(rest) = text.strip_prefix("http://") {
             (false, rest)
         } else {
-            return Err(format!(
-                "{:?} is not an http:// or https:// URL",
-                text.chars().take(80).collect::<String>()
-            ));
+            return Err(UrlError::Scheme(text.chars().take(80).collect()));
         };
         let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path) = match rest.find(['/', '?']) {
@@ -69,19 +135,17 @@ impl Url {
             None => (rest, "/".to_owned()),
         };
         if authority.contains('@') {
-            return Err("user names and passwords in the URL are not supported; the signature authenticates Gantry".into());
+            return Err(UrlError::UserInfo);
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or("an IPv6 address must be written [addr]:port")?;
+            let (host, after) = v6.split_once(']').ok_or(UrlError::Ipv6Brackets)?;
             let port = match after.strip_prefix(':') {
                 Some(p) => Some(p),
                 None if after.is_empty() => None,
-                None => return Err("junk after the IPv6 address".into()),
+                None => return Err(UrlError::Ipv6Junk),
             };
             host.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
+                .map_err(|_| UrlError::Ipv6(host.to_owned()))?;
             (host, port)
         } else {
             match authority.rsplit_once(':') {
@@ -95,7 +159,7 @@ impl Url {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
         if !valid_host {
-            return Err(format!("{host:?} is not a host name or address"));
+            return Err(UrlError::Host(host.to_owned()));
         }
         let port = match port {
             None => {
@@ -109,7 +173,7 @@ impl Url {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{p:?} is not a port number"))?,
+                .ok_or_else(|| UrlError::Port(p.to_owned()))?,
         };
         Ok(Self {
             tls,
@@ -134,44 +198,50 @@ impl Url {
 }
 
 /// CA certificates (DER) from PEM text; an error if there are none or one is bad.
-pub fn parse_ca_pem(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+pub fn parse_ca_pem(
+    pem: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsConfigError> {
     use rustls::pki_types::pem::PemObject as _;
     let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the CA file is not PEM certificates: {e}"))?;
+        .map_err(|e| TlsConfigError::NotPem(e.to_string()))?;
     if certs.is_empty() {
-        return Err("the CA file holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        return Err(TlsConfigError::NoCertificate);
     }
     let mut roots = rustls::RootCertStore::empty();
     for cert in &certs {
         roots
             .add(cert.clone())
-            .map_err(|e| format!("a certificate in the CA file cannot be a trust anchor: {e}"))?;
+            .map_err(|e| TlsConfigError::NotAnchor(e.to_string()))?;
     }
     Ok(certs)
 }
 
-fn client_config(roots: rustls::RootCertStore) -> Result<Arc<rustls::ClientConfig>, String> {
+fn client_config(
+    roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let config = rustls::ClientConfig::builder_with_provider(gantry_certs::crypto_provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TlsConfigError::Rustls(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
 /// A TLS configuration trusting only the CAs in `pem`.
-pub fn tls_with_ca(pem: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn tls_with_ca(pem: &str) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in parse_ca_pem(pem)? {
-        roots.add(cert).map_err(|e| e.to_string())?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsConfigError::Rustls(e.to_string()))?;
     }
     client_config(roots)
 }
 
 /// The TLS configuration trusting the system's CA bundle, read once.
-pub fn tls_with_system_roots() -> Result<Arc<rustls::ClientConfig>, String> {
-    static SYSTEM: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+pub fn tls_with_system_roots() -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    static SYSTEM: OnceLock<Result<Arc<rustls::ClientConfig>, TlsConfigError>> = OnceLock::new();
     SYSTEM
         .get_or_init(|| {
             use rustls::pki_types::pem::PemObject as _;
@@ -183,16 +253,15 @@ pub fn tls_with_system_roots() -> Result<Arc<rustls::ClientConfig>, String> {
             let (path, pem) = candidates
                 .iter()
                 .find_map(|p| std::fs::read_to_string(p).ok().map(|t| (p, t)))
-                .ok_or_else(|| format!(
-                    "no system CA bundle (tried SSL_CERT_FILE and {}); install ca-certificates or add the webhook with --ca FILE",
-                    SYSTEM_BUNDLES.join(", ")
-                ))?;
+                .ok_or(TlsConfigError::NoSystemBundle)?;
             let mut roots = rustls::RootCertStore::empty();
             let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
                 .filter_map(Result::ok);
             let (added, _ignored) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!("the system CA bundle {} holds no usable certificate", path.display()));
+                return Err(TlsConfigError::EmptySystemBundle(
+                    path.display().to_string(),
+                ));
             }
             client_config(roots)
         })
@@ -207,24 +276,31 @@ pub async fn post(
     headers: &[(&str, String)],
     body: &[u8],
     deadline: Duration,
-) -> Result<u16, String> {
+) -> Result<u16, PostError> {
     let exchange = async {
         let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", url.host, url.port))?;
+            .map_err(|e| PostError::Connect {
+                host: url.host.clone(),
+                port: url.port,
+                detail: e.to_string(),
+            })?;
         let _ = tcp.set_nodelay(true);
         if url.tls {
-            let config = tls.ok_or("no TLS configuration for an https URL")?;
+            let config = tls.ok_or(PostError::NoTls)?;
             let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| {
-                format!(
-                    "{:?} cannot be checked against a certificate: {e}",
-                    url.host
-                )
+                PostError::ServerName {
+                    host: url.host.clone(),
+                    detail: e.to_string(),
+                }
             })?;
             let stream = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS with {}: {e}", url.host))?;
+                .map_err(|e| PostError::Tls {
+                    host: url.host.clone(),
+                    detail: e.to_string(),
+                })?;
             exchange(stream, url, headers, body).await
         } else {
             exchange(tcp, url, headers, body).await
@@ -232,7 +308,7 @@ pub async fn post(
     };
     tokio::time::timeout(deadline, exchange)
         .await
-        .map_err(|_| format!("no answer within {} s", deadline.as_secs_f32()))?
+        .map_err(|_| PostError::Timeout(deadline))?
 }
 
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
@@ -240,7 +316,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     url: &Url,
     headers: &[(&str, String)],
     body: &[u8],
-) -> Result<u16, String> {
+) -> Result<u16, PostError> {
     let mut head = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: gantry/{}\r\n",
         url.path,
@@ -255,7 +331,10 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         head.push_str("\r\n");
     }
     head.push_str("\r\n");
-    let io = |e: std::io::Error| format!("sending to {}: {e}", url.host);
+    let io = |e: std::io::Error| PostError::Send {
+        host: url.host.clone(),
+        detail: e.to_string(),
+    };
     stream.write_all(head.as_bytes()).await.map_err(io)?;
     stream.write_all(body).await.map_err(io)?;
     stream.flush().await.map_err(io)?;
@@ -266,26 +345,21 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(status);
         }
         if buf.len() > MAX_RESPONSE_HEAD {
-            return Err(format!(
-                "the answer's head is longer than {MAX_RESPONSE_HEAD} bytes"
-            ));
+            return Err(PostError::HeadTooLong);
         }
-        let n = stream
-            .read(&mut piece)
-            .await
-            .map_err(|e| format!("reading the answer from {}: {e}", url.host))?;
+        let n = stream.read(&mut piece).await.map_err(|e| PostError::Read {
+            host: url.host.clone(),
+            detail: e.to_string(),
+        })?;
         if n == 0 {
-            return Err(format!(
-                "{} closed the connection without an answer",
-                url.host
-            ));
+            return Err(PostError::Closed(url.host.clone()));
         }
         buf.extend_from_slice(&piece[..n]);
     }
 }
 
 /// The status code of an answer once its status line is complete.
-fn parse_status(buf: &[u8]) -> Result<Option<u16>, String> {
+fn parse_status(buf: &[u8]) -> Result<Option<u16>, PostError> {
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
         return Ok(None);
     };
@@ -298,10 +372,7 @@ fn parse_status(buf: &[u8]) -> Result<Option<u16>, String> {
         (Some(v), Some(code)) if v.starts_with("HTTP/1.") && (100..=999).contains(&code) => {
             Ok(Some(code))
         }
-        _ => Err(format!(
-            "not an HTTP answer: {:?}",
-            line.chars().take(80).collect::<String>()
-        )),
+        _ => Err(PostError::NotHttp(line.chars().take(80).collect())),
     }
 }
 
@@ -404,7 +475,7 @@ mod tests {
         let err = post(&url, None, &[], b"hello", Duration::from_millis(200))
             .await
             .expect_err("silent");
-        assert!(err.contains("no answer within"), "{err}");
+        assert!(err.to_string().contains("no answer within"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(2));
         server.abort();
     }
@@ -450,7 +521,7 @@ mod tests {
         )
         .await
         .expect_err("another CA");
-        assert!(err.contains("TLS"), "{err}");
+        assert!(err.to_string().contains("TLS"), "{err}");
         server.abort();
     }
 }

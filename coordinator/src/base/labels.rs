@@ -64,6 +64,18 @@ pub fn check_labels(labels: &Labels) -> Result<Labels, LabelError> {
     parse_labels(&pairs)
 }
 
+/// A host selector as people read it: `role=web,site=paris`, or `(every host)`.
+pub fn labels_text(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "(every host)".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,13 +4,16 @@
 //! this layer, is `crate::store`.) Nothing here imports a service, the admin router, an
 //! edge or the CLI.
 
+pub mod audit;
 pub mod authz;
 pub mod chunks;
 pub mod config;
+pub mod error;
 pub mod http_client;
 pub mod labels;
 pub mod logs;
 pub mod metrics;
-pub mod secrets;
+pub mod seal;
 pub mod sources;
+pub mod tasks;
 pub mod text;

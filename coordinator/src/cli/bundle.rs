@@ -24,6 +24,7 @@ use crate::base::labels;
 use crate::cli::context::{context_path, AdminContext};
 use crate::cli::failure::{usage, Failure};
 use crate::edges::http::distribute;
+use crate::services::upgrades::{find_agent_binary, sha256_file};
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -139,7 +140,7 @@ fn create(args: &CreateArgs) -> Result<(), Failure> {
             .agent_binary
             .map(PathBuf::from),
     };
-    let agent = distribute::find_agent_binary(configured.as_deref()).map_err(usage)?;
+    let agent = find_agent_binary(configured.as_deref()).map_err(|e| usage(e.into()))?;
     let token = match &args.token {
         Some(text) => Some(checked_token(text, &ca.fingerprint()).map_err(usage)?),
         None => None,
@@ -190,7 +191,7 @@ fn create(args: &CreateArgs) -> Result<(), Failure> {
         });
     }
     write_archive(&args.output, &members).map_err(Failure::Work)?;
-    let digest = distribute::sha256_file(&args.output).map_err(Failure::Work)?;
+    let digest = sha256_file(&args.output).map_err(|e| Failure::Work(e.into()))?;
     let signature = gantry_certs::bundle::sign(&ca, &digest)
         .context("signing the bundle with the CA key")
         .map_err(Failure::Work)?;

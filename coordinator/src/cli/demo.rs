@@ -279,7 +279,7 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     println!("== all {} agents connected and reporting:\n", args.agents);
     print!(
         "{}",
-        output::agents_table(&agents, gantry_protocol::UnixMillis::now())
+        output::fleet::agents_table(&agents, gantry_protocol::UnixMillis::now())
     );
     let deploys = python3_available();
     if !deploys {
@@ -381,7 +381,7 @@ async fn demo_pipeline(admin: &mut AdminClient, deploy: bool) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!("\n== run {id} {}:\n", view.state);
-    print!("{}", output::jobs_table(&view.jobs));
+    print!("{}", output::runs::jobs_table(&view.jobs));
     if let AdminResponse::Artifacts(artifacts) = admin
         .request(&AdminRequest::ListArtifacts { run: id })
         .await?
@@ -389,7 +389,7 @@ async fn demo_pipeline(admin: &mut AdminClient, deploy: bool) -> anyhow::Result<
         println!("\n== artifacts of run {id} (content-addressed, deduplicated chunks):\n");
         print!(
             "{}",
-            output::artifacts_table(&artifacts, gantry_protocol::UnixMillis::now())
+            output::runs::artifacts_table(&artifacts, gantry_protocol::UnixMillis::now())
         );
     }
     if let Some(release) = view.jobs.iter().find(|j| j.name == "release") {
@@ -449,7 +449,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
     println!("\n== deployments to environment demo (`gantry deployments list`):\n");
     print!(
         "{}",
-        crate::cli::deploy::deployments_table(&list, gantry_protocol::UnixMillis::now())
+        crate::cli::output::deploy::deployments_table(&list, gantry_protocol::UnixMillis::now())
     );
     let AdminResponse::Deployment(view) = admin
         .request(&AdminRequest::ShowDeployment { id: latest.id })
@@ -463,7 +463,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
     );
     print!(
         "{}",
-        crate::cli::deploy::deployment_detail(&view, gantry_protocol::UnixMillis::now())
+        crate::cli::output::deploy::deployment_detail(&view, gantry_protocol::UnixMillis::now())
     );
     if view.state != "succeeded" {
         bail!("the demo deployment ended {}", view.state);
@@ -476,7 +476,7 @@ async fn demo_deployment(admin: &mut AdminClient) -> anyhow::Result<()> {
         .await?
     {
         println!("\n== delivery figures (`gantry stats`):\n");
-        print!("{}", crate::cli::deploy::stats_table(&stats));
+        print!("{}", crate::cli::output::deploy::stats_table(&stats));
     }
     println!("\n== `gantry exec --select role=web -- cat hello/current/out/app.txt`:\n");
     let mut reader = admin

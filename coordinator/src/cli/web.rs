@@ -2,19 +2,18 @@
 //! `gantry admin token` (dashboard login tokens) and `gantry webhooks add|list|rm`, and
 //! how their answers are printed.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use gantry_protocol::{AdminRequest, AdminResponse, Role, UnixMillis, WebhookFormat};
+use gantry_protocol::{AdminRequest, AdminResponse, Role, WebhookFormat};
 
 use crate::base::config;
 use crate::cli::connect::admin;
+use crate::cli::context;
 use crate::cli::failure::{usage, Failure};
 use crate::cli::output;
-use crate::cli::output::{human_duration, rfc3339};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -93,9 +92,7 @@ pub enum WebhooksCommand {
 pub async fn admin_command(cmd: AdminCommand) -> Result<ExitCode, Failure> {
     let args = match cmd {
         AdminCommand::Token(args) => args,
-        AdminCommand::Add { name, output } => {
-            return crate::cli::deploy::add_admin(&name, &output).await
-        }
+        AdminCommand::Add { name, output } => return add_admin(&name, &output).await,
     };
     let (req, json) = match args.command {
         Some(TokenCommand::List { json }) => (AdminRequest::ListLoginTokens, json),
@@ -171,103 +168,70 @@ pub async fn webhooks(cmd: WebhooksCommand) -> Result<ExitCode, Failure> {
     output::print_response(&resp, json)
 }
 
-/// The JSON of this module's responses (`None` for others).
-pub fn json(resp: &AdminResponse) -> Option<Result<serde_json::Value, serde_json::Error>> {
-    Some(match resp {
-        AdminResponse::LoginTokenCreated(t) => serde_json::to_value(t),
-        AdminResponse::LoginTokens(t) => serde_json::to_value(t),
-        AdminResponse::WebhookAdded(w) => serde_json::to_value(w),
-        AdminResponse::Webhooks(w) => serde_json::to_value(w),
-        _ => return None,
+/// `gantry admin add`: the key is made here and never leaves this machine; the
+/// coordinator signs its CSR.
+pub async fn add_admin(name: &str, output: &std::path::Path) -> Result<ExitCode, Failure> {
+    let (name, output) = (name.to_owned(), output.to_path_buf());
+    if !gantry_certs::identity::valid_admin_name(&name) {
+        return Err(usage(anyhow::anyhow!(
+            "invalid admin name {name:?}: use 1 to 64 of a-z 0-9 . _ -"
+        )));
+    }
+    let context =
+        context::AdminContext::read(&context::context_path().map_err(usage)?).map_err(usage)?;
+    if output.join("context.toml").exists() {
+        return Err(usage(anyhow::anyhow!(
+            "{} already holds a context.toml; choose another directory",
+            output.display()
+        )));
+    }
+    let key = gantry_certs::generate_key_and_csr()
+        .map_err(|e| Failure::Work(anyhow::anyhow!("cannot make a key: {e}")))?;
+    let resp = admin(AdminRequest::IssueAdmin {
+        name: name.clone(),
+        csr_der: key.csr_der,
     })
-}
-
-/// The text of this module's responses (`None` for others).
-pub fn text(resp: &AdminResponse, now: UnixMillis) -> Option<String> {
-    Some(match resp {
-        AdminResponse::LoginTokenCreated(t) => {
-            eprintln!(
-                "login token {} for {} ({}), expires {}; it is shown only now: paste it into the dashboard's login page",
-                t.id,
-                t.name,
-                t.role,
-                rfc3339(t.expires_at)
-            );
-            format!("{}\n", t.token)
-        }
-        AdminResponse::LoginTokens(tokens) => {
-            let mut rows = vec![["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES", "STATE"]
-                .map(str::to_owned)
-                .to_vec()];
-            for t in tokens {
-                let state = match t.revoked_at {
-                    Some(at) => format!("revoked {}", rfc3339(at)),
-                    None if t.expires_at <= now => "expired".into(),
-                    None => format!("valid for {}", human_duration(t.expires_at.millis_since(now))),
-                };
-                rows.push(vec![
-                    t.id.clone(),
-                    t.name.clone(),
-                    t.role.to_string(),
-                    t.created_by.clone(),
-                    rfc3339(t.expires_at),
-                    state,
-                ]);
-            }
-            output::table(&rows)
-        }
-        AdminResponse::WebhookAdded(w) => format!(
-            "webhook {} added: {} ({})\nsecret: {}\nThe secret is shown only now. Receivers check `X-Gantry-Signature: sha256=<hex>`, the HMAC-SHA256 of the body keyed with it.\n",
-            w.webhook.id,
-            w.webhook.url,
-            w.webhook.format.as_str(),
-            w.secret
-        ),
-        AdminResponse::Webhooks(hooks) => {
-            let mut rows = vec![["ID", "FORMAT", "EVENTS", "URL", "LAST DELIVERY"]
-                .map(str::to_owned)
-                .to_vec()];
-            for w in hooks {
-                rows.push(vec![
-                    w.id.to_string(),
-                    w.format.as_str().to_owned(),
-                    if w.events.is_empty() {
-                        "all".into()
-                    } else {
-                        w.events.join(",")
-                    },
-                    w.url.clone(),
-                    w.deliveries.last().map_or_else(
-                        || "-".into(),
-                        |d| {
-                            format!(
-                                "{} ({} ago)",
-                                d.outcome,
-                                human_duration(now.millis_since(d.at))
-                            )
-                        },
-                    ),
-                ]);
-            }
-            let mut out = output::table(&rows);
-            for w in hooks.iter().filter(|w| !w.deliveries.is_empty()) {
-                let _ = write!(out, "\nwebhook {} deliveries (newest last):\n", w.id);
-                for d in &w.deliveries {
-                    let _ = writeln!(
-                        out,
-                        "  {}  {:<13} attempt {}  {:<9} {:>4}  {:>6}  {}",
-                        rfc3339(d.at),
-                        d.event,
-                        d.attempt,
-                        d.outcome,
-                        d.status.map_or_else(|| "-".into(), |s| s.to_string()),
-                        human_duration(d.duration_ms),
-                        d.error.as_deref().unwrap_or("")
-                    );
-                }
-            }
-            out
-        }
-        _ => return None,
-    })
+    .await?;
+    let AdminResponse::AdminIssued {
+        certificate_pem,
+        ca_certificate_pem,
+    } = resp
+    else {
+        return output::print_response(&resp, false);
+    };
+    std::fs::create_dir_all(&output)
+        .with_context(|| format!("cannot create {}", output.display()))
+        .map_err(Failure::Work)?;
+    let write = |file: &str, text: &str, private: bool| {
+        let path = output.join(file);
+        let r = if private {
+            gantry_certs::keyfile::write_private(&path, text.as_bytes())
+        } else {
+            gantry_certs::keyfile::write_public(&path, text.as_bytes())
+        };
+        r.with_context(|| format!("cannot write {}", path.display()))
+            .map_err(Failure::Work)
+    };
+    write("ca.pem", &ca_certificate_pem, false)?;
+    write(
+        "admin.pem",
+        &format!("{certificate_pem}{}", key.key_pem),
+        true,
+    )?;
+    let ctx = context::AdminContext {
+        address: context.address,
+        ca: "ca.pem".into(),
+        credentials: "admin.pem".into(),
+    };
+    write(
+        "context.toml",
+        &toml::to_string(&ctx).map_err(|e| Failure::Work(e.into()))?,
+        false,
+    )?;
+    println!("admin {name}: credentials in {}", output.display());
+    println!(
+        "use them with: GANTRY_CONFIG={} gantry ...",
+        output.join("context.toml").display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

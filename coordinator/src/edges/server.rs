@@ -9,7 +9,10 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::base::config::{CoordinatorConfig, DataDir};
-use crate::{distribute, http, quic, store, triggers};
+use crate::edges::http::{distribute, server as http};
+use crate::edges::quic::listener;
+use crate::services::coordinator::{Coordinator, Settings};
+use crate::store;
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -42,7 +45,7 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
     let data = DataDir(args.data_dir);
     let config_path = args.config.unwrap_or_else(|| data.config());
     let config = CoordinatorConfig::load(&config_path).map_err(setup)?;
-    let settings = quic::Settings {
+    let settings = Settings {
         listen: config.listen.clone(),
         advertise: config.advertise.clone(),
         agent_cert_ttl: config.agent_cert_ttl().map_err(setup)?,
@@ -63,8 +66,8 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
     let server_pem = read(data.server_cert()).map_err(setup)?;
     let store = store::Store::open(&data.store()).map_err(|e| ServeError::Failed(e.into()))?;
     let revoked = gantry_certs::RevocationSet::default();
-    let coordinator = quic::Coordinator::new(store, ca, revoked.clone(), settings, &data.0)
-        .map_err(|e| ServeError::Failed(anyhow::anyhow!(e)))?;
+    let coordinator = Coordinator::new(store, ca, revoked.clone(), settings, &data.0)
+        .map_err(|e| ServeError::Failed(e.into()))?;
     let tls = gantry_certs::ServerTls::config(
         coordinator_ca_der(&data).map_err(setup)?.as_slice(),
         &server_pem,
@@ -126,9 +129,9 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
         }
         None => None,
     };
-    let schedules = tokio::spawn(triggers::schedule_loop(coordinator.clone()));
+    let schedules = tokio::spawn(coordinator.triggers.clone().schedule_loop());
     let collector = tokio::spawn(coordinator.artifacts.clone().collect_periodically());
-    coordinator.serve(listener, shutdown_signal()).await;
+    listener::serve(coordinator, listener, shutdown_signal()).await;
     schedules.abort();
     collector.abort();
     if let Some(h) = http {

@@ -41,13 +41,12 @@ use gantry_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::base::labels::labels_text;
 use crate::base::logs::LogStore;
-use crate::engine::{Engine, Input};
+use crate::services::engine::{Engine, Input};
+use crate::services::runner::{deploy_runner, DEPLOY_RUNNER_LABEL};
 use crate::store::{AuditEntry, EnvironmentRecord, Store};
 
-/// The label only the deploy runner carries; deploy jobs ask for it. Labels under
-/// `gantry.reserved/` take only jobs that ask for them (see the scheduler).
-pub const DEPLOY_RUNNER_LABEL: &str = "gantry.reserved/deploy";
 /// Deployment log lines kept in the record (the job's log keeps every line).
 const MAX_LOG_LINES: usize = 2_000;
 /// Deployments a deploy runner runs at once (one per environment anyway).
@@ -58,12 +57,6 @@ const RUNNER_HEARTBEAT: Duration = Duration::from_secs(5);
 const IDLE_WAKE: Duration = Duration::from_secs(30);
 /// Releases an environment remembers.
 pub const ENV_HISTORY: usize = 20;
-
-/// The virtual agent that runs deploy jobs: `ag-000000000000`, an id enrollment never
-/// draws (it draws 48 random bits; all-zero is refused there).
-pub fn deploy_runner() -> AgentId {
-    AgentId::from_random(&[0; 6])
-}
 
 /// The coordinator's hosts, as deployments need them.
 pub trait Fleet: Send + Sync + 'static {
@@ -416,7 +409,7 @@ impl Deployments {
         fleet: Arc<dyn Fleet>,
         engine: Engine,
         logs: Arc<LogStore>,
-        notifier: Arc<crate::notify::Notifier>,
+        notifier: Arc<crate::services::notify::Notifier>,
         metrics: Arc<crate::base::metrics::Metrics>,
     ) -> Result<(), String> {
         let mut active = BTreeMap::new();
@@ -517,7 +510,7 @@ struct Manager {
     engine: Engine,
     logs: Arc<LogStore>,
     /// Webhooks hear when a deployment waits for approvals and when one ends.
-    notifier: Arc<crate::notify::Notifier>,
+    notifier: Arc<crate::services::notify::Notifier>,
     metrics: Arc<crate::base::metrics::Metrics>,
     /// When a deployment may start; rebuilt from the records at start.
     gates: Gates,
@@ -571,7 +564,7 @@ impl Manager {
                 continue;
             };
             let unreported = matches!(self.store.job(job), Ok(Some(j))
-                if j.attempt == attempt && !crate::engine::is_terminal_name(&j.state));
+                if j.attempt == attempt && !crate::services::engine::is_terminal_name(&j.state));
             if unreported {
                 self.report_job(now, record);
             }
@@ -934,10 +927,11 @@ impl Manager {
                 let Some(rec) = self.active.get(&id).filter(|_| held) else {
                     return;
                 };
-                self.notifier.emit(crate::notify::Event::deployment(
-                    crate::notify::EventKind::DeploymentAwaitingApproval,
-                    &rec.view(),
-                ));
+                self.notifier
+                    .emit(crate::services::notify::Event::deployment(
+                        crate::services::notify::EventKind::DeploymentAwaitingApproval,
+                        &rec.view(),
+                    ));
             }
             GateCommand::Approved {
                 deployment: id,
@@ -1423,10 +1417,11 @@ impl Manager {
         self.metrics.deployment_ended(&rec.state_name());
         let mut view = rec.view();
         view.log.clear();
-        self.notifier.emit(crate::notify::Event::deployment(
-            crate::notify::EventKind::DeploymentFinished,
-            &view,
-        ));
+        self.notifier
+            .emit(crate::services::notify::Event::deployment(
+                crate::services::notify::EventKind::DeploymentFinished,
+                &view,
+            ));
         self.report_job(now, &rec);
         self.gate_event(now, GateEvent::Finished { deployment: id });
     }
@@ -1845,17 +1840,6 @@ pub fn distinct_names(hosts: &mut [(AgentId, String)]) {
             *name = format!("{name} ({agent})");
         }
     }
-}
-
-fn labels_text(labels: &Labels) -> String {
-    if labels.is_empty() {
-        return "(every host)".into();
-    }
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn amount(a: HostAmount) -> Amount {

@@ -22,6 +22,7 @@ use gantry_scheduler::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::services::runner::DEPLOY_RUNNER_LABEL;
 use crate::store::{
     JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, Store, StoredScheduler,
 };
@@ -629,10 +630,7 @@ pub fn capability_label(capability: &str) -> String {
 /// runs on the coordinator's deploy runner alone.
 fn required_labels(job: &gantry_pipeline::Job) -> Labels {
     if job.deploy.is_some() {
-        return Labels::from([(
-            crate::deployments::DEPLOY_RUNNER_LABEL.to_owned(),
-            "true".to_owned(),
-        )]);
+        return Labels::from([(DEPLOY_RUNNER_LABEL.to_owned(), "true".to_owned())]);
     }
     let mut labels = job.runs_on.clone();
     if job.image.is_some() {
@@ -724,6 +722,12 @@ pub fn run_state_name(state: RunState) -> &'static str {
         RunState::Failed => "failed",
         RunState::Cancelled => "cancelled",
     }
+}
+
+/// Whether a stored job state is an attempt on an agent that has not ended: offered to
+/// it, running there, or being cancelled.
+pub fn is_live_name(state: &str) -> bool {
+    matches!(state, "offered" | "running" | "cancelling")
 }
 
 /// Whether a stored job state is final.

@@ -17,7 +17,7 @@ use gantry_protocol::{JobId, RunId, UnixMillis};
 use tokio::sync::broadcast;
 
 use crate::base::metrics::Metrics;
-use crate::engine::Change;
+use crate::services::engine::Change;
 use crate::store::{JobRecord, RunRecord, Store};
 
 /// Events held for the sender. At ~1 KiB each, 1,024 events are about 1 MiB; the
@@ -60,19 +60,18 @@ impl EventKind {
         }
     }
 
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, UnknownEvent> {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == name)
-            .ok_or_else(|| {
-                format!(
-                    "unknown event {:?}: use {}",
-                    name.chars().take(40).collect::<String>(),
-                    Self::ALL.map(Self::as_str).join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownEvent(name.chars().take(40).collect()))
     }
 }
+
+/// An event name that is none of [`EventKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event {:?}: use {}", .0, EventKind::ALL.map(EventKind::as_str).join(", "))]
+pub struct UnknownEvent(String);
 
 /// One notification, whatever it is about.
 #[derive(Debug, Clone, PartialEq)]
@@ -435,7 +434,8 @@ mod tests {
         assert_eq!(EventKind::parse("job.failed"), Ok(EventKind::JobFailed));
         let err = EventKind::parse("run.exploded").expect_err("unknown");
         assert!(
-            err.contains("run.started, run.finished, job.failed"),
+            err.to_string()
+                .contains("run.started, run.finished, job.failed"),
             "{err}"
         );
     }

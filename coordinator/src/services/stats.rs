@@ -15,11 +15,12 @@
 //!   the `gantry rollback` that undid it. A deployment that failed while staging changed
 //!   nothing in production and needs no restore.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use gantry_protocol::{DeliveryStats, UnixMillis};
+use gantry_protocol::{DeliveryStats, RunId, UnixMillis};
 
-use crate::deployments::DeploymentRecord;
+use crate::services::environments::{must_exist, EnvironmentError};
+use crate::store::{DeploymentRecord, Store};
 
 const DAY_MS: f64 = 86_400_000.0;
 
@@ -50,6 +51,36 @@ impl Fact {
             first_failure_at: record.first_failure_at,
         })
     }
+}
+
+/// `gantry stats`: the figures of one environment, or of every one, over the last
+/// `since_ms` before `now`, from the stored deployment history.
+pub fn report(
+    store: &Store,
+    now: UnixMillis,
+    since_ms: u64,
+    environment: Option<String>,
+) -> Result<Vec<DeliveryStats>, EnvironmentError> {
+    let names: Vec<String> = match environment {
+        Some(env) => {
+            must_exist(store, &env)?;
+            vec![env]
+        }
+        None => store.environments()?.into_iter().map(|e| e.name).collect(),
+    };
+    let mut run_created: HashMap<RunId, Option<UnixMillis>> = HashMap::new();
+    let mut facts = Vec::new();
+    for record in store.deployments(usize::MAX, false)? {
+        let created = match record.job {
+            Some((job, _)) => *run_created
+                .entry(job.run)
+                .or_insert_with(|| store.run(job.run).ok().flatten().map(|r| r.created_at)),
+            None => None,
+        };
+        facts.extend(Fact::of(&record, created));
+    }
+    let since = UnixMillis(now.0.saturating_sub(since_ms));
+    Ok(compute(&facts, &names, since, UnixMillis(now.0 + 1)))
 }
 
 /// The figures of each environment in `environments` over `[since, until)`.

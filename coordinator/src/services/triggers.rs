@@ -1,4 +1,5 @@
-//! What starts runs besides `gantry run`: the push webhook and cron schedules.
+//! What starts runs besides `gantry run`: the push webhook and cron schedules, and the
+//! registered pipelines they start (`gantry triggers add|list|rm`).
 //!
 //! Owns: checking a webhook's HMAC-SHA256 signature (GitHub's `X-Hub-Signature-256` or
 //! Gitea's `X-Gitea-Signature`) against the `GANTRY_WEBHOOK_SECRET` secret, reading a
@@ -10,10 +11,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gantry_protocol::{Labels, RunId, SubmitRun, UnixMillis};
+use gantry_protocol::{AdminErrorKind, Labels, RunId, SubmitRun, TriggerView, UnixMillis};
 use ring::hmac;
 
-use crate::quic::Coordinator;
+use crate::base::audit::Acting;
+use crate::base::error::AdminFailure;
+use crate::services::runs::Runs;
+use crate::store::{Store, StoreError, TriggerRecord};
 
 /// The secret that signs webhooks, stored with `gantry secrets set`.
 pub const WEBHOOK_SECRET: &str = "GANTRY_WEBHOOK_SECRET";
@@ -115,94 +119,204 @@ pub fn short_ref(full: &str) -> &str {
         .unwrap_or(full)
 }
 
-/// Starts a run of every registered pipeline whose push filter matches. Returns the runs
-/// (stored before this returns) and, for each pipeline that could not start, why.
-pub fn fire_push(coord: &Coordinator, push: &Push) -> (Vec<RunId>, Vec<String>) {
-    let mut runs = Vec::new();
-    let mut problems = Vec::new();
-    let triggers = match coord.store.triggers() {
-        Ok(t) => t,
-        Err(e) => return (runs, vec![e.to_string()]),
-    };
-    for t in triggers {
-        let Ok(pipeline) = gantry_pipeline::parse(&t.file_name, &t.text) else {
-            continue;
-        };
-        let matches = pipeline
-            .triggers
-            .push
-            .as_ref()
-            .is_some_and(|f| f.matches(&push.git_ref, &push.changed_paths));
-        if !matches {
-            continue;
-        }
-        let submit = SubmitRun {
-            file_name: t.file_name.clone(),
-            text: t.text.clone(),
-            git_ref: short_ref(&push.git_ref).to_owned(),
-            commit: push.commit.clone(),
-            event: "push".into(),
-            inputs: Labels::new(),
-            source: None,
-        };
-        match crate::runs::submit_run(coord, "gantry://trigger/push", submit) {
-            Ok(view) => runs.push(view.run),
-            Err(e) => problems.push(format!("{}: {}", t.name, e.message)),
-        }
-    }
-    (runs, problems)
+/// Why a trigger request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TriggerError {
+    #[error(transparent)]
+    Pipeline(#[from] gantry_pipeline::Errors),
+    #[error("{0} has no on.push or on.schedule trigger, so registering it would never run it")]
+    NoTrigger(String),
+    #[error("no trigger {0}; `gantry triggers list` shows them")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Fires schedules forever: each registered pipeline whose cron expression had a
-/// firing since it was last checked gets one run. After downtime, missed firings
-/// collapse into one catch-up run, not one per missed minute.
-pub async fn schedule_loop(coord: Arc<Coordinator>) {
-    let mut tick = tokio::time::interval(SCHEDULE_TICK);
-    loop {
-        tick.tick().await;
-        let now_secs = UnixMillis::now().0 / 1000;
-        let triggers = match coord.store.triggers() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!("cannot read triggers: {e}");
-                continue;
-            }
+impl AdminFailure for TriggerError {
+    fn kind(&self) -> AdminErrorKind {
+        match self {
+            Self::Pipeline(_) | Self::NoTrigger(_) => AdminErrorKind::InvalidInput,
+            Self::NotFound(_) => AdminErrorKind::NotFound,
+            Self::Store(_) => AdminErrorKind::Internal,
+        }
+    }
+}
+
+/// The triggers service; one per coordinator.
+#[derive(Debug)]
+pub struct Triggers {
+    store: Arc<Store>,
+    runs: Arc<Runs>,
+}
+
+impl Triggers {
+    pub fn new(store: Arc<Store>, runs: Arc<Runs>) -> Self {
+        Self { store, runs }
+    }
+
+    /// `gantry triggers add`: registers a pipeline that has a push or schedule trigger.
+    pub fn add(
+        &self,
+        cx: &Acting<'_>,
+        file_name: String,
+        text: String,
+    ) -> Result<TriggerView, TriggerError> {
+        let pipeline = gantry_pipeline::parse(&file_name, &text)?;
+        if pipeline.triggers.push.is_none() && pipeline.triggers.schedules.is_empty() {
+            return Err(TriggerError::NoTrigger(file_name));
+        }
+        let record = TriggerRecord {
+            name: pipeline.name.clone(),
+            file_name,
+            text,
+            added_by: cx.actor.to_owned(),
+            added_at: cx.now,
+            schedule_checked_until: cx.now.0 / 1000,
         };
-        for mut t in triggers {
+        self.store.put_trigger(
+            &record,
+            Some(&cx.audit("trigger.add", format!("pipeline={}", record.name))),
+        )?;
+        Ok(trigger_view(&record))
+    }
+
+    /// `gantry triggers list`.
+    pub fn list(&self) -> Result<Vec<TriggerView>, TriggerError> {
+        Ok(self.store.triggers()?.iter().map(trigger_view).collect())
+    }
+
+    /// `gantry triggers rm`.
+    pub fn remove(&self, cx: &Acting<'_>, name: &str) -> Result<String, TriggerError> {
+        if self.store.remove_trigger(
+            name,
+            &cx.audit("trigger.remove", format!("pipeline={name}")),
+        )? {
+            Ok(format!("trigger {name} removed"))
+        } else {
+            Err(TriggerError::NotFound(name.to_owned()))
+        }
+    }
+
+    /// Starts a run of every registered pipeline whose push filter matches. Returns the runs
+    /// (stored before this returns) and, for each pipeline that could not start, why.
+    pub fn fire_push(&self, push: &Push) -> (Vec<RunId>, Vec<String>) {
+        let mut runs = Vec::new();
+        let mut problems = Vec::new();
+        let triggers = match self.store.triggers() {
+            Ok(t) => t,
+            Err(e) => return (runs, vec![e.to_string()]),
+        };
+        for t in triggers {
             let Ok(pipeline) = gantry_pipeline::parse(&t.file_name, &t.text) else {
                 continue;
             };
-            if pipeline.triggers.schedules.is_empty() {
+            let matches = pipeline
+                .triggers
+                .push
+                .as_ref()
+                .is_some_and(|f| f.matches(&push.git_ref, &push.changed_paths));
+            if !matches {
                 continue;
             }
-            let due = pipeline.triggers.schedules.iter().any(|c| {
-                c.next_after(t.schedule_checked_until)
-                    .is_some_and(|at| at <= now_secs)
-            });
-            if due {
-                let submit = SubmitRun {
-                    file_name: t.file_name.clone(),
-                    text: t.text.clone(),
-                    git_ref: "main".into(),
-                    commit: None,
-                    event: "schedule".into(),
-                    inputs: Labels::new(),
-                    source: None,
-                };
-                match crate::runs::submit_run(&coord, "gantry://trigger/schedule", submit) {
-                    Ok(view) => {
-                        tracing::info!(run = %view.run, pipeline = %t.name, "scheduled run started");
-                    }
-                    Err(e) => {
-                        tracing::warn!(pipeline = %t.name, "scheduled run refused: {}", e.message);
-                    }
-                }
-            }
-            t.schedule_checked_until = now_secs;
-            if let Err(e) = coord.store.put_trigger(&t, None) {
-                tracing::warn!("cannot record the schedule check: {e}");
+            let submit = SubmitRun {
+                file_name: t.file_name.clone(),
+                text: t.text.clone(),
+                git_ref: short_ref(&push.git_ref).to_owned(),
+                commit: push.commit.clone(),
+                event: "push".into(),
+                inputs: Labels::new(),
+                source: None,
+            };
+            let cx = Acting::new("gantry://trigger/push", UnixMillis::now());
+            match self.runs.submit(&cx, &submit) {
+                Ok(view) => runs.push(view.run),
+                Err(e) => problems.push(format!("{}: {e}", t.name)),
             }
         }
+        (runs, problems)
+    }
+
+    /// Fires schedules forever: each registered pipeline whose cron expression had a
+    /// firing since it was last checked gets one run. After downtime, missed firings
+    /// collapse into one catch-up run, not one per missed minute.
+    pub async fn schedule_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SCHEDULE_TICK);
+        loop {
+            tick.tick().await;
+            let now_secs = UnixMillis::now().0 / 1000;
+            let triggers = match self.store.triggers() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("cannot read triggers: {e}");
+                    continue;
+                }
+            };
+            for mut t in triggers {
+                let Ok(pipeline) = gantry_pipeline::parse(&t.file_name, &t.text) else {
+                    continue;
+                };
+                if pipeline.triggers.schedules.is_empty() {
+                    continue;
+                }
+                let due = pipeline.triggers.schedules.iter().any(|c| {
+                    c.next_after(t.schedule_checked_until)
+                        .is_some_and(|at| at <= now_secs)
+                });
+                if due {
+                    let submit = SubmitRun {
+                        file_name: t.file_name.clone(),
+                        text: t.text.clone(),
+                        git_ref: "main".into(),
+                        commit: None,
+                        event: "schedule".into(),
+                        inputs: Labels::new(),
+                        source: None,
+                    };
+                    let cx = Acting::new("gantry://trigger/schedule", UnixMillis::now());
+                    match self.runs.submit(&cx, &submit) {
+                        Ok(view) => {
+                            tracing::info!(run = %view.run, pipeline = %t.name, "scheduled run started");
+                        }
+                        Err(e) => {
+                            tracing::warn!(pipeline = %t.name, "scheduled run refused: {e}");
+                        }
+                    }
+                }
+                t.schedule_checked_until = now_secs;
+                if let Err(e) = self.store.put_trigger(&t, None) {
+                    tracing::warn!("cannot record the schedule check: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// A registered pipeline as admins see it: its push filter and schedules.
+fn trigger_view(t: &TriggerRecord) -> TriggerView {
+    let parsed = gantry_pipeline::parse(&t.file_name, &t.text).ok();
+    TriggerView {
+        name: t.name.clone(),
+        file_name: t.file_name.clone(),
+        push: parsed
+            .as_ref()
+            .and_then(|p| p.triggers.push.as_ref())
+            .map(|f| {
+                format!(
+                    "branches={:?} tags={:?} paths={:?}",
+                    f.branches, f.tags, f.paths
+                )
+            }),
+        schedules: parsed
+            .map(|p| {
+                p.triggers
+                    .schedules
+                    .iter()
+                    .map(|c| c.expression.clone())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        added_by: t.added_by.clone(),
+        added_at: t.added_at,
     }
 }
 

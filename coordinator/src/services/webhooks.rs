@@ -23,19 +23,48 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_protocol::{
-    AdminError, AdminErrorKind, AdminRequest, AdminResponse, DeliveryView, UnixMillis,
-    WebhookAdded, WebhookFormat, WebhookView,
+    AdminErrorKind, DeliveryView, UnixMillis, WebhookAdded, WebhookFormat, WebhookView,
 };
 use ring::hmac;
 use tokio::sync::Semaphore;
 
+use crate::base::audit::Acting;
 use crate::base::config::WebhookSettings;
-use crate::base::http_client::{self, Url};
+use crate::base::error::AdminFailure;
+use crate::base::http_client::{self, TlsConfigError, Url, UrlError};
 use crate::base::metrics::Metrics;
-use crate::base::secrets::SecretKey;
-use crate::notify::{Event, EventKind, Notifier};
-use crate::runs::{internal, invalid, not_found};
-use crate::store::{AuditEntry, Store, StoreError, WebhookRecord};
+use crate::base::seal::SecretKey;
+use crate::services::notify::{Event, EventKind, Notifier, UnknownEvent};
+use crate::store::{Store, StoreError, WebhookRecord};
+
+/// Why a webhook request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    #[error(transparent)]
+    Event(#[from] UnknownEvent),
+    #[error("--ca applies to https:// URLs only")]
+    CaWithoutTls,
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    #[error("at most {MAX_TARGETS} webhook targets; remove one first")]
+    TooMany,
+    #[error("no webhook {0}; `gantry webhooks list` shows them")]
+    NotFound(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AdminFailure for WebhookError {
+    fn kind(&self) -> AdminErrorKind {
+        match self {
+            Self::NotFound(_) => AdminErrorKind::NotFound,
+            Self::Store(_) => AdminErrorKind::Internal,
+            _ => AdminErrorKind::InvalidInput,
+        }
+    }
+}
 
 /// Delivery attempts kept per target for `gantry webhooks list`.
 pub const LOG_PER_TARGET: usize = 20;
@@ -248,6 +277,21 @@ impl Webhooks {
         }
     }
 
+    /// A delivery that cannot even be attempted (the target's secret, URL or TLS
+    /// configuration is unusable): logged as failed, never retried.
+    fn undeliverable(&self, target: u64, event: &Event, error: &dyn std::fmt::Display) {
+        self.record(
+            target,
+            event,
+            0,
+            None,
+            Some(error.to_string()),
+            Duration::ZERO,
+            "failed",
+        );
+        self.metrics.webhook_delivery("failed");
+    }
+
     /// Delivers one event to one target, retrying as the module says.
     async fn deliver(&self, target: &WebhookRecord, event: &Event) {
         let delivery = format!(
@@ -260,24 +304,14 @@ impl Webhooks {
         {
             Ok(s) => s,
             Err(e) => {
-                self.record(
-                    target.id,
-                    event,
-                    0,
-                    None,
-                    Some(e.to_string()),
-                    Duration::ZERO,
-                    "failed",
-                );
-                self.metrics.webhook_delivery("failed");
+                self.undeliverable(target.id, event, &e);
                 return;
             }
         };
         let url = match Url::parse(&target.url) {
             Ok(u) => u,
             Err(e) => {
-                self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
-                self.metrics.webhook_delivery("failed");
+                self.undeliverable(target.id, event, &e);
                 return;
             }
         };
@@ -289,8 +323,7 @@ impl Webhooks {
             match config {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    self.record(target.id, event, 0, None, Some(e), Duration::ZERO, "failed");
-                    self.metrics.webhook_delivery("failed");
+                    self.undeliverable(target.id, event, &e);
                     return;
                 }
             }
@@ -361,7 +394,15 @@ impl Webhooks {
                 }
                 Err(e) => {
                     let outcome = if last { "failed" } else { "retrying" };
-                    self.record(target.id, event, attempt, None, Some(e), took, outcome);
+                    self.record(
+                        target.id,
+                        event,
+                        attempt,
+                        None,
+                        Some(e.to_string()),
+                        took,
+                        outcome,
+                    );
                 }
             }
             if last {
@@ -423,114 +464,95 @@ impl Webhooks {
         }
     }
 
-    /// Answers `gantry webhooks add|list|rm`.
-    pub fn admin(&self, actor: &str, req: AdminRequest) -> Result<AdminResponse, AdminError> {
-        let now = UnixMillis::now();
-        let audit = |action: &str, detail: String| AuditEntry {
-            at: now,
-            actor: actor.to_owned(),
-            action: action.to_owned(),
-            detail,
-        };
-        match req {
-            AdminRequest::AddWebhook {
-                url,
-                format,
-                events,
-                ca_pem,
-            } => {
-                let parsed = Url::parse(&url).map_err(invalid)?;
-                let mut kinds: Vec<String> = Vec::new();
-                for name in &events {
-                    let kind = EventKind::parse(name.trim()).map_err(invalid)?;
-                    if !kinds.iter().any(|k| k == kind.as_str()) {
-                        kinds.push(kind.as_str().to_owned());
-                    }
-                }
-                match (&ca_pem, parsed.tls) {
-                    (Some(_), false) => {
-                        return Err(invalid("--ca applies to https:// URLs only".into()));
-                    }
-                    (Some(pem), true) => {
-                        http_client::parse_ca_pem(pem).map_err(invalid)?;
-                    }
-                    (None, true) => {
-                        http_client::tls_with_system_roots().map_err(invalid)?;
-                    }
-                    (None, false) => {}
-                }
-                if self.store.webhooks().map_err(internal)?.len() >= MAX_TARGETS {
-                    return Err(invalid(format!(
-                        "at most {MAX_TARGETS} webhook targets; remove one first"
-                    )));
-                }
-                let secret = gantry_certs::hex(&gantry_certs::random_bytes::<32>());
-                // The URL's path can itself be a credential (Slack's are), so the audit
-                // log names only where deliveries go.
-                let detail = format!(
-                    "host={} format={} events={kinds:?} custom_ca={}",
-                    parsed.host_header(),
-                    format.as_str(),
-                    ca_pem.is_some()
-                );
-                let record = self
-                    .store
-                    .add_webhook(
-                        |id| {
-                            let sealed_secret = self
-                                .secret_key
-                                .seal(&secret_name(id), secret.as_bytes())
-                                .map_err(|e| StoreError::Engine {
-                                    op: "seal webhook secret",
-                                    detail: e.to_string(),
-                                })?;
-                            Ok(WebhookRecord {
-                                id,
-                                url: url.clone(),
-                                format,
-                                events: kinds.clone(),
-                                ca_pem: ca_pem.clone(),
-                                sealed_secret,
-                                created_at: now,
-                                created_by: actor.to_owned(),
-                            })
-                        },
-                        &audit("webhook.add", detail),
-                    )
-                    .map_err(internal)?;
-                Ok(AdminResponse::WebhookAdded(WebhookAdded {
-                    webhook: self.view(&record),
-                    secret,
-                }))
+    /// `gantry webhooks add`: a target for `events` (all when empty) in `format`,
+    /// trusting `ca_pem` for an https URL if given (else the system's CAs). Its signing
+    /// secret is made here and shown once.
+    pub fn add(
+        &self,
+        cx: &Acting<'_>,
+        url: &str,
+        format: WebhookFormat,
+        events: &[String],
+        ca_pem: Option<&str>,
+    ) -> Result<WebhookAdded, WebhookError> {
+        let parsed = Url::parse(url)?;
+        let mut kinds: Vec<String> = Vec::new();
+        for name in events {
+            let kind = EventKind::parse(name.trim())?;
+            if !kinds.iter().any(|k| k == kind.as_str()) {
+                kinds.push(kind.as_str().to_owned());
             }
-            AdminRequest::ListWebhooks => Ok(AdminResponse::Webhooks(
-                self.store
-                    .webhooks()
-                    .map_err(internal)?
-                    .iter()
-                    .map(|r| self.view(r))
-                    .collect(),
-            )),
-            AdminRequest::RemoveWebhook { id } => {
-                let removed = self
-                    .store
-                    .remove_webhook(id, &audit("webhook.remove", format!("webhook={id}")))
-                    .map_err(internal)?;
-                if !removed {
-                    return Err(not_found(format!(
-                        "no webhook {id}; `gantry webhooks list` shows them"
-                    )));
-                }
-                lock(&self.log).remove(&id);
-                Ok(AdminResponse::Done {
-                    message: format!("webhook {id} removed"),
-                })
-            }
-            other => Err(AdminError {
-                kind: AdminErrorKind::InvalidInput,
-                message: format!("unexpected request {other:?}"),
-            }),
         }
+        match (ca_pem, parsed.tls) {
+            (Some(_), false) => return Err(WebhookError::CaWithoutTls),
+            (Some(pem), true) => {
+                http_client::parse_ca_pem(pem)?;
+            }
+            (None, true) => {
+                http_client::tls_with_system_roots()?;
+            }
+            (None, false) => {}
+        }
+        if self.store.webhooks()?.len() >= MAX_TARGETS {
+            return Err(WebhookError::TooMany);
+        }
+        let secret = gantry_certs::hex(&gantry_certs::random_bytes::<32>());
+        // The URL's path can itself be a credential (Slack's are), so the audit log
+        // names only where deliveries go.
+        let detail = format!(
+            "host={} format={} events={kinds:?} custom_ca={}",
+            parsed.host_header(),
+            format.as_str(),
+            ca_pem.is_some()
+        );
+        let record = self.store.add_webhook(
+            |id| {
+                let sealed_secret = self
+                    .secret_key
+                    .seal(&secret_name(id), secret.as_bytes())
+                    .map_err(|e| StoreError::Engine {
+                        op: "seal webhook secret",
+                        detail: e.to_string(),
+                    })?;
+                Ok(WebhookRecord {
+                    id,
+                    url: url.to_owned(),
+                    format,
+                    events: kinds.clone(),
+                    ca_pem: ca_pem.map(str::to_owned),
+                    sealed_secret,
+                    created_at: cx.now,
+                    created_by: cx.actor.to_owned(),
+                })
+            },
+            &cx.audit("webhook.add", detail),
+        )?;
+        Ok(WebhookAdded {
+            webhook: self.view(&record),
+            secret,
+        })
+    }
+
+    /// `gantry webhooks list`: the targets with their recent deliveries.
+    pub fn list(&self) -> Result<Vec<WebhookView>, WebhookError> {
+        Ok(self
+            .store
+            .webhooks()?
+            .iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    /// `gantry webhooks rm`.
+    pub fn remove(&self, cx: &Acting<'_>, id: u64) -> Result<String, WebhookError> {
+        let removed = self
+            .store
+            .remove_webhook(id, &cx.audit("webhook.remove", format!("webhook={id}")))?;
+        if !removed {
+            return Err(WebhookError::NotFound(id));
+        }
+        lock(&self.log).remove(&id);
+        Ok(format!("webhook {id} removed"))
     }
 }
 
@@ -585,7 +607,7 @@ mod tests {
             sig,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
-        assert!(crate::triggers::verify_signature(
+        assert!(crate::services::triggers::verify_signature(
             b"Jefe",
             b"what do ya want for nothing?",
             Some(&sig)

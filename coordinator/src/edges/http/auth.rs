@@ -1,12 +1,12 @@
 //! Who is asking on the HTTP side: dashboard login tokens, browser sessions, and the
 //! CSRF rule every mutating request passes.
 //!
-//! Owns: issuing, listing and revoking login tokens (`gantry admin token`), stored as
-//! SHA-256 of a 256-bit secret; sessions (a random id in an HttpOnly, SameSite=Strict
-//! cookie, in memory, 12 h, at most 10,000); turning a request's credential into a
-//! [`User`] and its principal; and the CSRF rule for mutating requests. What each role
-//! may do is the authorization table's (`gantry_protocol::authz`), never decided here.
-//! It must not serve routes (that is `dashboard.rs`) nor know the storage engine.
+//! Owns: sessions (a random id in an HttpOnly, SameSite=Strict cookie, in memory, 12 h,
+//! at most 10,000); turning a request's credential into a [`User`] and its principal;
+//! and the CSRF rule for mutating requests. Issuing and revoking login tokens is the
+//! access service's (`services::access`). What each role may do is the authorization
+//! table's (`gantry_protocol::authz`), never decided here. It must not serve routes
+//! (that is `dashboard.rs`) nor know the storage engine.
 //!
 //! A request is authenticated by its session cookie or by `Authorization: Bearer
 //! <login token>` (for scripts). Either way the login token is looked up in the store
@@ -17,17 +17,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use gantry_protocol::{
-    AdminError, AdminRequest, AdminResponse, LoginTokenCreated, LoginTokenView, Role, UnixMillis,
-};
+use gantry_protocol::{Role, UnixMillis};
 
-use crate::http::Request;
-use crate::quic::Coordinator;
-use crate::runs::{internal, invalid, not_found};
-use crate::store::{AuditEntry, LoginTokenRecord};
+use crate::base::authz::Principal;
+use crate::edges::http::request::Request;
+use crate::services::access::LoginToken;
+use crate::store::{LoginTokenRecord, Store};
 
-/// Prefix of a login token string; the version lets the format change later.
-pub const TOKEN_PREFIX: &str = "glt1_";
 /// Name of the session cookie.
 pub const SESSION_COOKIE: &str = "gantry_session";
 /// The header a browser must send on every mutating request. A page on another origin
@@ -39,61 +35,6 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most sessions held at once; beyond it the oldest is dropped (its browser logs in
 /// again). 10,000 sessions take about 2 MB.
 pub const MAX_SESSIONS: usize = 10_000;
-/// Longest login token lifetime.
-pub const MAX_LOGIN_TTL: Duration = Duration::from_secs(365 * 86_400);
-/// Longest login token name.
-const MAX_NAME_LEN: usize = 64;
-
-/// A login token taken apart: `glt1_<16 hex id>_<64 hex secret>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoginToken {
-    /// `lt-<16 hex>`.
-    pub id: String,
-    /// 64 lower-case hex digits.
-    pub secret: String,
-}
-
-impl LoginToken {
-    pub fn generate() -> Self {
-        Self {
-            id: format!(
-                "lt-{}",
-                gantry_certs::hex(&gantry_certs::random_bytes::<8>())
-            ),
-            secret: gantry_certs::hex(&gantry_certs::random_bytes::<32>()),
-        }
-    }
-
-    pub fn encode(&self) -> String {
-        format!(
-            "{TOKEN_PREFIX}{}_{}",
-            self.id.trim_start_matches("lt-"),
-            self.secret
-        )
-    }
-
-    /// Parses a token string, checking its shape only.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let hex = |s: &str, len: usize| {
-            s.len() == len
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
-        let body = text.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-            format!("a login token starts with {TOKEN_PREFIX}; copy the whole token `gantry admin token` printed")
-        })?;
-        match body.split_once('_') {
-            Some((id, secret)) if hex(id, 16) && hex(secret, 64) => Ok(Self {
-                id: format!("lt-{id}"),
-                secret: secret.to_owned(),
-            }),
-            _ => Err(
-                "malformed login token; copy the whole token `gantry admin token` printed".into(),
-            ),
-        }
-    }
-}
-
 /// Who made a request, and how it proved it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -111,8 +52,8 @@ impl User {
     }
 
     /// The user's principal in the authorization table.
-    pub fn principal(&self) -> crate::base::authz::Principal {
-        crate::base::authz::Principal::of_role(self.role)
+    pub fn principal(&self) -> Principal {
+        Principal::of_role(self.role)
     }
 }
 
@@ -140,13 +81,12 @@ impl Denied {
 /// Checks a presented login token against the store: known, secret matches, not
 /// revoked, not expired.
 pub fn verify_token(
-    coord: &Coordinator,
+    store: &Store,
     text: &str,
     now: UnixMillis,
 ) -> Result<LoginTokenRecord, Denied> {
-    let token = LoginToken::parse(text).map_err(Denied::Unauthenticated)?;
-    let record = coord
-        .store
+    let token = LoginToken::parse(text).map_err(|e| Denied::Unauthenticated(e.to_string()))?;
+    let record = store
         .login_token(&token.id)
         .map_err(|e| Denied::Internal(e.to_string()))?
         .filter(|r| gantry_certs::token::secret_matches(&token.secret, &r.secret_sha256))
@@ -258,7 +198,7 @@ pub fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
 /// Who made `req`: `None` when it carries no credential (no `Authorization` header, no
 /// session cookie), else the user its credential names, or why the credential is refused.
 pub fn identify(
-    coord: &Coordinator,
+    store: &Store,
     sessions: &Sessions,
     req: &Request,
     now: UnixMillis,
@@ -266,12 +206,12 @@ pub fn identify(
     if req.header("authorization").is_none() && cookie(req, SESSION_COOKIE).is_none() {
         return Ok(None);
     }
-    authenticate(coord, sessions, req, now).map(Some)
+    authenticate(store, sessions, req, now).map(Some)
 }
 
 /// Who made `req`: a bearer login token, else the session cookie.
 pub fn authenticate(
-    coord: &Coordinator,
+    store: &Store,
     sessions: &Sessions,
     req: &Request,
     now: UnixMillis,
@@ -280,7 +220,7 @@ pub fn authenticate(
         let token = value.strip_prefix("Bearer ").ok_or_else(|| {
             Denied::Unauthenticated("Authorization must be `Bearer <login token>`".into())
         })?;
-        let record = verify_token(coord, token, now)?;
+        let record = verify_token(store, token, now)?;
         return Ok(User {
             token_id: record.id,
             name: record.name,
@@ -294,8 +234,7 @@ pub fn authenticate(
     let token_id = sessions
         .token_of(session, now)
         .ok_or_else(unauthenticated)?;
-    let record = coord
-        .store
+    let record = store
         .login_token(&token_id)
         .map_err(|e| Denied::Internal(e.to_string()))?
         .ok_or_else(unauthenticated)?;
@@ -338,129 +277,9 @@ pub fn check_csrf(req: &Request) -> Result<(), Denied> {
     Ok(())
 }
 
-fn view(r: &LoginTokenRecord) -> LoginTokenView {
-    LoginTokenView {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        role: r.role,
-        created_at: r.created_at,
-        created_by: r.created_by.clone(),
-        expires_at: r.expires_at,
-        revoked_at: r.revoked_at,
-    }
-}
-
-/// Answers the login token requests of an admin (`gantry admin token ...`).
-pub fn admin(
-    coord: &Coordinator,
-    actor: &str,
-    req: AdminRequest,
-) -> Result<AdminResponse, AdminError> {
-    let now = UnixMillis::now();
-    let audit = |action: &str, detail: String| AuditEntry {
-        at: now,
-        actor: actor.to_owned(),
-        action: action.to_owned(),
-        detail,
-    };
-    match req {
-        AdminRequest::CreateLoginToken {
-            name,
-            role,
-            ttl_secs,
-        } => {
-            if name.is_empty()
-                || name.len() > MAX_NAME_LEN
-                || name.chars().any(|c| c.is_control() || c == ':')
-            {
-                return Err(invalid(format!(
-                    "a login token's name must be 1 to {MAX_NAME_LEN} printable characters without ':'"
-                )));
-            }
-            if ttl_secs == 0 || ttl_secs > MAX_LOGIN_TTL.as_secs() {
-                return Err(invalid(format!(
-                    "a login token's lifetime must be between 1s and {}d",
-                    MAX_LOGIN_TTL.as_secs() / 86_400
-                )));
-            }
-            let token = LoginToken::generate();
-            let record = LoginTokenRecord {
-                id: token.id.clone(),
-                name,
-                role,
-                secret_sha256: gantry_certs::token::hash_secret(&token.secret).to_vec(),
-                created_at: now,
-                created_by: actor.to_owned(),
-                expires_at: now.plus_secs(ttl_secs),
-                revoked_at: None,
-            };
-            let detail = format!(
-                "token={} name={} role={role} ttl_secs={ttl_secs}",
-                record.id, record.name
-            );
-            coord
-                .store
-                .create_login_token(&record, &audit("login_token.create", detail))
-                .map_err(internal)?;
-            Ok(AdminResponse::LoginTokenCreated(LoginTokenCreated {
-                id: record.id,
-                name: record.name,
-                role,
-                expires_at: record.expires_at,
-                token: token.encode(),
-            }))
-        }
-        AdminRequest::ListLoginTokens => Ok(AdminResponse::LoginTokens(
-            coord
-                .store
-                .login_tokens()
-                .map_err(internal)?
-                .iter()
-                .map(view)
-                .collect(),
-        )),
-        AdminRequest::RevokeLoginToken { id } => {
-            let record = coord
-                .store
-                .revoke_login_token(
-                    &id,
-                    now,
-                    &audit("login_token.revoke", format!("token={id}")),
-                )
-                .map_err(internal)?
-                .ok_or_else(|| {
-                    not_found(format!(
-                        "no login token {id:?}; `gantry admin token list` shows them"
-                    ))
-                })?;
-            Ok(AdminResponse::LoginTokens(vec![view(&record)]))
-        }
-        other => Err(invalid(format!("unexpected request {other:?}"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn login_tokens_round_trip_and_garbage_is_refused() {
-        let token = LoginToken::generate();
-        let text = token.encode();
-        assert!(text.starts_with("glt1_"), "{text}");
-        assert_eq!(LoginToken::parse(&text), Ok(token.clone()));
-        assert_eq!(LoginToken::parse(&format!(" {text}\n")), Ok(token));
-        for bad in [
-            "",
-            "glt1_",
-            "glt1_abc_def",
-            "gjt1_0123456789abcdef_00",
-            &format!("glt1_0123456789abcdeF_{}", "a".repeat(64)),
-            &format!("glt1_0123456789abcdef_{}", "a".repeat(63)),
-        ] {
-            assert!(LoginToken::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     fn request(headers: &[(&str, &str)]) -> Request {
         Request {

@@ -4,12 +4,12 @@
 //!
 //! Owns routing of `/`, `/login`, `/agents`, `/runs/...`, `/jobs/...`, `/deployments`,
 //! `/assets/...` and `/api/...`. Reads go through the coordinator's admin request
-//! handling (`Coordinator::admin_request`), so the dashboard shows exactly what
+//! handling (the admin router (`admin::answer`)), so the dashboard shows exactly what
 //! `gantry ... --json` shows; changes (retry, cancel, approve) go through it too, as
 //! the logged-in user, where the authorization table decides. Every route is a row of
 //! that table (`gantry_protocol::authz`): a route that issues an admin request is that
-//! request's row, asked by `Coordinator::admin_request`; the others are asked here. Live streams reuse the follow machinery
-//! of `runs.rs` (`follow_logs`, `follow_run`), the same the CLI's `--follow` uses.
+//! request's row, asked by the admin router (`admin::answer`); the others are asked here. Live streams reuse the follow machinery
+//! of the runs service (`follow_logs`, `follow_run`), the same the CLI's `--follow` uses.
 //!
 //! Limits: requests as `http.rs` bounds them (16 KiB head, 1 MiB body, 10 s to
 //! arrive); at most [`MAX_STREAMS`] live streams at once (more get 503 and the page
@@ -28,11 +28,12 @@ use gantry_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::auth::{self, Denied, User};
+use crate::admin;
 use crate::base::authz::{Principal, Request as Row};
-use crate::http::Request;
-use crate::quic::Coordinator;
-use crate::runs::FollowSink;
+use crate::edges::http::auth::{self, Denied, User};
+use crate::edges::http::request::Request;
+use crate::services::coordinator::Coordinator;
+use crate::services::runs::follow::FollowSink;
 
 /// Live streams (job logs, run progress) open at once. A browser tab holds one.
 pub const MAX_STREAMS: usize = 64;
@@ -296,7 +297,7 @@ impl Dashboard {
     /// Who made `req`, as the authorization table knows principals: `none` without a
     /// credential, or with one refused (the caller decides whether that matters).
     pub fn principal(&self, coord: &Coordinator, req: &Request) -> Principal {
-        auth::identify(coord, &self.sessions, req, UnixMillis::now())
+        auth::identify(&coord.store, &self.sessions, req, UnixMillis::now())
             .ok()
             .flatten()
             .map_or(Principal::None, |u| u.principal())
@@ -330,7 +331,7 @@ impl Dashboard {
                             .unwrap_or(0);
                         return self.stream(coord, stream, Live::Job(job, from)).await;
                     }
-                    other => self.api(coord, req, user.as_ref(), other),
+                    other => self.api(coord, req, user.as_ref(), other).await,
                 },
             },
         };
@@ -347,7 +348,7 @@ impl Dashboard {
     }
 
     /// Identifies the caller and, for a route that is not an admin request (those are
-    /// asked by `Coordinator::admin_request`), asks the authorization table.
+    /// asked by the admin router (`admin::answer`)), asks the authorization table.
     fn authorize(
         &self,
         coord: &Coordinator,
@@ -355,7 +356,7 @@ impl Dashboard {
         route: Route,
     ) -> Result<Option<User>, Reply> {
         let row = route.row();
-        let user = match auth::identify(coord, &self.sessions, req, UnixMillis::now()) {
+        let user = match auth::identify(&coord.store, &self.sessions, req, UnixMillis::now()) {
             Ok(user) => user,
             // A refused credential on a public row is no credential.
             Err(_) if row.is_some_and(|r| r.allows(Principal::None)) => None,
@@ -363,7 +364,7 @@ impl Dashboard {
         };
         let principal = user.as_ref().map_or(Principal::None, User::principal);
         match row {
-            // An admin request's row is asked by `Coordinator::admin_request`.
+            // An admin request's row is asked by the admin router (`admin::answer`).
             Some(row) if row.is_admin_request() => {}
             Some(row) => {
                 if let Err(denied) = coord.metrics.authz.check(row, principal, String::new) {
@@ -394,7 +395,7 @@ impl Dashboard {
         };
         let now = UnixMillis::now();
         // The login's principal is the token it presents.
-        let verified = auth::verify_token(coord, &token, now);
+        let verified = auth::verify_token(&coord.store, &token, now);
         let principal = verified
             .as_ref()
             .map_or(Principal::None, |r| Principal::of_role(r.role));
@@ -436,7 +437,13 @@ impl Dashboard {
         }
     }
 
-    fn api(&self, coord: &Coordinator, req: &Request, user: Option<&User>, route: Route) -> Reply {
+    async fn api(
+        &self,
+        coord: &Coordinator,
+        req: &Request,
+        user: Option<&User>,
+        route: Route,
+    ) -> Reply {
         let principal = user.map_or(Principal::None, User::principal);
         // A browser's change must come from our own pages.
         if req.method == "POST" && user.is_some_and(|u| u.by_cookie) {
@@ -445,11 +452,7 @@ impl Dashboard {
                 return Reply::denied(&d);
             }
         }
-        let actor = user.map_or_else(|| "web:anonymous".to_owned(), User::actor);
-        let admin = |request: AdminRequest| {
-            answer(coord.admin_request(&actor, principal, request), principal)
-        };
-        match route {
+        let request = match route {
             Route::Me => {
                 // What the page may offer, from the same table the requests are checked by.
                 let can = [
@@ -458,7 +461,7 @@ impl Dashboard {
                     ("cancel_run", Row::AdminCancelRun),
                     ("approve_job", Row::AdminApprove),
                 ];
-                Reply::json(
+                return Reply::json(
                     200,
                     &serde_json::json!({
                         "name": user.map(|u| u.name.clone()),
@@ -469,7 +472,7 @@ impl Dashboard {
                             .map(|(name, row)| ((*name).to_owned(), serde_json::Value::Bool(row.allows(principal))))
                             .collect::<serde_json::Map<_, _>>(),
                     }),
-                )
+                );
             }
             Route::Logout => {
                 if let Some(id) = auth::cookie(req, auth::SESSION_COOKIE) {
@@ -483,23 +486,30 @@ impl Dashboard {
                         auth::SESSION_COOKIE
                     ),
                 ));
-                reply
+                return reply;
             }
-            Route::Agents => admin(AdminRequest::ListAgents),
-            Route::Runs { limit } => admin(AdminRequest::ListRuns { limit }),
-            Route::Run(run) => admin(AdminRequest::ShowRun { run }),
-            Route::Job(job) => admin(AdminRequest::ShowJob { job }),
-            Route::RetryRun(run) => admin(AdminRequest::RetryRun { run }),
-            Route::CancelRun(run) => admin(AdminRequest::CancelRun { run }),
-            Route::Approve(job) => admin(AdminRequest::Approve { job }),
-            Route::Deployments => Reply::json(200, &serde_json::Value::Array(deployments(coord))),
-            Route::NotFound => Reply::error(404, "no such API route"),
+            Route::Agents => AdminRequest::ListAgents,
+            Route::Runs { limit } => AdminRequest::ListRuns { limit },
+            Route::Run(run) => AdminRequest::ShowRun { run },
+            Route::Job(job) => AdminRequest::ShowJob { job },
+            Route::RetryRun(run) => AdminRequest::RetryRun { run },
+            Route::CancelRun(run) => AdminRequest::CancelRun { run },
+            Route::Approve(job) => AdminRequest::Approve { job },
+            Route::Deployments => {
+                return Reply::json(200, &serde_json::Value::Array(deployments(coord)))
+            }
+            Route::NotFound => return Reply::error(404, "no such API route"),
             Route::Page
             | Route::Asset(..)
             | Route::Login
             | Route::RunEvents(_)
-            | Route::JobLog(_) => Reply::error(500, "route handled elsewhere"),
-        }
+            | Route::JobLog(_) => return Reply::error(500, "route handled elsewhere"),
+        };
+        let actor = user.map_or_else(|| "web:anonymous".to_owned(), User::actor);
+        answer(
+            admin::answer(coord, &actor, principal, request).await,
+            principal,
+        )
     }
 
     /// Streams a run's job states, or a job's log and state, as Server-Sent Events.
@@ -627,7 +637,7 @@ async fn follow(coord: Arc<Coordinator>, live: Live, tx: mpsc::Sender<String>) {
     match live {
         Live::Run(run) => {
             let mut sink = SseSink { tx, only_job: None };
-            let _ = crate::runs::follow_run(&coord, run, &mut sink).await;
+            let _ = coord.runs.follow_run(run, &mut sink).await;
         }
         Live::Job(job, from_seq) => {
             let mut log_sink = SseSink {
@@ -638,8 +648,8 @@ async fn follow(coord: Arc<Coordinator>, live: Live, tx: mpsc::Sender<String>) {
                 tx,
                 only_job: Some(job),
             });
-            let logs = crate::runs::follow_logs(&coord, job, from_seq, true, &mut log_sink);
-            let states = crate::runs::follow_run(&coord, job.run, &mut state_sink);
+            let logs = coord.runs.follow_logs(job, from_seq, true, &mut log_sink);
+            let states = coord.runs.follow_run(job.run, &mut state_sink);
             tokio::pin!(logs, states);
             // The run's follower ends with the run; the log's decides for a job.
             let mut states_done = false;

@@ -19,7 +19,8 @@ use anyhow::Context as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::base::config::{CoordinatorConfig, DataDir};
-use crate::http::Request;
+use crate::edges::http::request::Request;
+use crate::services::upgrades::{find_agent_binary, sha256_file};
 
 /// `packaging/install.sh`, the one installer for both the online and the offline path.
 pub const INSTALL_SCRIPT: &str = include_str!("../../../../packaging/install.sh");
@@ -47,56 +48,6 @@ pub fn http_uses_tls(
         Some(tls) => Ok(tls),
         None => Ok(!addr.ip().is_loopback()),
     }
-}
-
-/// Where the agent binary is: `configured` (from coordinator.toml or a flag), else
-/// `../lib/gantry/gantry-agent` from the running `gantry` (the .deb, the container
-/// image), else `gantry-agent` beside it (a cargo build, a tarball).
-pub fn find_agent_binary(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = configured {
-        anyhow::ensure!(
-            path.is_file(),
-            "the agent binary {} does not exist; fix agent_binary in coordinator.toml or --agent-binary",
-            path.display()
-        );
-        return Ok(path.to_path_buf());
-    }
-    let exe = std::env::current_exe().context("cannot find the running gantry executable")?;
-    let dir = exe.parent().unwrap_or_else(|| Path::new("/"));
-    let candidates = [
-        dir.join("../lib/gantry/gantry-agent"),
-        dir.join("gantry-agent"),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .with_context(|| {
-            format!(
-                "no agent binary at {} or {}; install the gantry-agent binary there, or set agent_binary in coordinator.toml",
-                candidates[0].display(),
-                candidates[1].display()
-            )
-        })
-}
-
-/// SHA-256 (hex) of a file, read in 64 KiB pieces.
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-    }
-    Ok(gantry_certs::hex(ctx.finish().as_ref()))
 }
 
 /// The install script with the three served values filled in. Each placeholder line
@@ -157,7 +108,7 @@ impl Distribution {
             .with_context(|| format!("cannot read {}", data.ca_cert().display()))?;
         let ca_fingerprint = gantry_certs::fingerprint(&gantry_certs::pem_to_der(&ca_pem)?);
         let agent_binary = find_agent_binary(config.agent_binary.as_deref().map(Path::new))
-            .map_err(|e| format!("{e:#}"));
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
         match &agent_binary {
             Ok(path) => {
                 tracing::info!(path = %path.display(), "serving the agent binary on /agent/gantry-agent");
@@ -194,7 +145,7 @@ impl Distribution {
         let digest = tokio::task::spawn_blocking(move || sha256_file(&owned))
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
         *self
             .agent_digest
             .lock()
@@ -391,20 +342,5 @@ mod tests {
         config.http_tls = Some(false);
         let err = http_uses_tls(&config, public).expect_err("plain elsewhere");
         assert!(err.to_string().contains("loopback only"), "{err}");
-    }
-
-    #[test]
-    fn a_configured_agent_binary_must_exist() {
-        let err =
-            find_agent_binary(Some(Path::new("/nonexistent/gantry-agent"))).expect_err("missing");
-        assert!(err.to_string().contains("agent_binary"), "{err}");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("gantry-agent");
-        std::fs::write(&path, b"\x7fELF").expect("write");
-        assert_eq!(find_agent_binary(Some(&path)).expect("found"), path);
-        assert_eq!(
-            sha256_file(&path).expect("digest"),
-            gantry_certs::hex(&gantry_certs::sha256(b"\x7fELF"))
-        );
     }
 }

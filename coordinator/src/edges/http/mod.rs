@@ -5,4 +5,5 @@
 pub mod auth;
 pub mod dashboard;
 pub mod distribute;
+pub mod request;
 pub mod server;

@@ -14,104 +14,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::distribute::Distribution;
-use crate::quic::Coordinator;
-use crate::triggers;
+use crate::base::authz::Request as Row;
+use crate::edges::http::dashboard::Dashboard;
+use crate::edges::http::distribute::Distribution;
+use crate::edges::http::request::{read_request, Request, RequestError};
+use crate::services::coordinator::Coordinator;
+use crate::services::triggers;
 
-const MAX_HEADER_BYTES: usize = 16 * 1024;
-const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a client has for the TLS handshake, and then to send its request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-
-/// A parsed request.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
-    pub path: String,
-    /// Header names lower-cased.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Request {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Why a request could not be read; each maps to a status code.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    #[error("headers larger than {MAX_HEADER_BYTES} bytes")]
-    HeadersTooLarge,
-    #[error("body larger than {MAX_BODY_BYTES} bytes")]
-    BodyTooLarge,
-    #[error("malformed request: {0}")]
-    Malformed(String),
-    #[error("connection closed before the request was complete")]
-    Incomplete,
-}
-
-/// Parses a request from `buf` if it is complete: `Ok(None)` means read more.
-pub fn parse_request(buf: &[u8]) -> Result<Option<Request>, RequestError> {
-    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() > MAX_HEADER_BYTES {
-            Err(RequestError::HeadersTooLarge)
-        } else {
-            Ok(None)
-        };
-    };
-    if head_end > MAX_HEADER_BYTES {
-        return Err(RequestError::HeadersTooLarge);
-    }
-    let head = std::str::from_utf8(&buf[..head_end])
-        .map_err(|_| RequestError::Malformed("headers are not UTF-8".into()))?;
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(path), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err(RequestError::Malformed(format!(
-            "bad request line {request_line:?}"
-        )));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(RequestError::Malformed(format!(
-            "unsupported version {version:?}"
-        )));
-    }
-    let mut headers = Vec::new();
-    for line in lines {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| RequestError::Malformed(format!("bad header line {line:?}")))?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-    }
-    let length = match headers.iter().find(|(k, _)| k == "content-length") {
-        Some((_, v)) => v
-            .parse::<usize>()
-            .map_err(|_| RequestError::Malformed("bad Content-Length".into()))?,
-        None => 0,
-    };
-    if length > MAX_BODY_BYTES {
-        return Err(RequestError::BodyTooLarge);
-    }
-    let body_start = head_end + 4;
-    if buf.len() < body_start + length {
-        return Ok(None);
-    }
-    Ok(Some(Request {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        headers,
-        body: buf[body_start..body_start + length].to_vec(),
-    }))
-}
 
 /// Serves until the listener fails; over TLS when `tls` is given.
 pub async fn serve(
@@ -120,7 +34,7 @@ pub async fn serve(
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     dist: Arc<Distribution>,
 ) {
-    let dashboard = Arc::new(crate::dashboard::Dashboard::new(tls.is_some()));
+    let dashboard = Arc::new(Dashboard::new(tls.is_some()));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         match listener.accept().await {
@@ -148,28 +62,10 @@ pub async fn serve(
     }
 }
 
-async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, RequestError> {
-    let mut buf = Vec::with_capacity(4096);
-    let mut piece = [0u8; 8192];
-    loop {
-        if let Some(req) = parse_request(&buf)? {
-            return Ok(req);
-        }
-        let n = stream
-            .read(&mut piece)
-            .await
-            .map_err(|e| RequestError::Malformed(e.to_string()))?;
-        if n == 0 {
-            return Err(RequestError::Incomplete);
-        }
-        buf.extend_from_slice(&piece[..n]);
-    }
-}
-
 async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
     coord: &Arc<Coordinator>,
     dist: &Distribution,
-    dashboard: &crate::dashboard::Dashboard,
+    dashboard: &Dashboard,
     mut stream: S,
 ) {
     let mut content_type = "application/json";
@@ -241,9 +137,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
 }
 
 /// The authorization table's row of a path served here or by `distribute.rs` (the
-/// dashboard's are `dashboard::row_of`'s).
-pub fn row_of(path: &str) -> Option<crate::base::authz::Request> {
-    use crate::base::authz::Request as R;
+/// dashboard's are `crate::edges::http::dashboard::row_of`'s).
+pub fn row_of(path: &str) -> Option<Row> {
+    use Row as R;
     Some(match path {
         "/healthz" => R::HttpHealthz,
         "/readyz" => R::HttpReadyz,
@@ -285,7 +181,7 @@ fn route(coord: &Coordinator, req: &Request) -> (u16, String) {
 }
 
 fn push_hook(coord: &Coordinator, req: &Request) -> (u16, String) {
-    let Some(secret) = coord.outbox_secret(triggers::WEBHOOK_SECRET) else {
+    let Some(secret) = coord.secrets.value(triggers::WEBHOOK_SECRET) else {
         return (
             503,
             error_json(
@@ -315,7 +211,7 @@ fn push_hook(coord: &Coordinator, req: &Request) -> (u16, String) {
                 .to_string(),
         ),
         Ok(Some(push)) => {
-            let (runs, problems) = triggers::fire_push(coord, &push);
+            let (runs, problems) = coord.triggers.fire_push(&push);
             tracing::info!(git_ref = %push.git_ref, runs = runs.len(), "push webhook");
             (202, serde_json::json!({ "runs": runs.iter().map(|r| r.0).collect::<Vec<_>>(), "problems": problems }).to_string())
         }
@@ -330,16 +226,17 @@ mod tests {
     /// so, and nothing else claims it.
     #[test]
     fn every_http_row_of_the_authorization_table_is_routed_to_its_row() {
-        use crate::base::authz::Request as R;
-        for row in R::ALL {
+        for row in Row::ALL {
             let Some((method, template)) = row.http_route() else {
                 continue;
             };
             let path = template.replace("{run}", "7").replace("{job}", "7.1");
-            let found = crate::dashboard::row_of(method, &path).or_else(|| row_of(&path));
+            let found =
+                crate::edges::http::dashboard::row_of(method, &path).or_else(|| row_of(&path));
             assert_eq!(found, Some(*row), "{method} {path}");
             assert!(
-                crate::dashboard::row_of(method, &path).is_none() || row_of(&path).is_none(),
+                crate::edges::http::dashboard::row_of(method, &path).is_none()
+                    || row_of(&path).is_none(),
                 "{path} is claimed twice"
             );
         }
@@ -351,42 +248,8 @@ mod tests {
             ("GET", "/assets/style.css"),
             ("GET", "/api/runs?limit=5"),
         ] {
-            let row = crate::dashboard::row_of(method, path).expect(path);
+            let row = crate::edges::http::dashboard::row_of(method, path).expect(path);
             assert!(row.http_route().is_some(), "{path}: {row}");
         }
-    }
-
-    #[test]
-    fn requests_parse_incrementally_and_limits_hold() {
-        let raw = b"POST /hooks/push HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-Hub-Signature-256: sha256=ab\r\n\r\nhello";
-        for cut in 0..raw.len() {
-            assert_eq!(parse_request(&raw[..cut]), Ok(None), "incomplete at {cut}");
-        }
-        let req = parse_request(raw).expect("ok").expect("complete");
-        assert_eq!(
-            (req.method.as_str(), req.path.as_str(), req.body.as_slice()),
-            ("POST", "/hooks/push", &b"hello"[..])
-        );
-        assert_eq!(req.header("x-hub-signature-256"), Some("sha256=ab"));
-        let big = format!(
-            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY_BYTES + 1
-        );
-        assert_eq!(
-            parse_request(big.as_bytes()),
-            Err(RequestError::BodyTooLarge)
-        );
-        assert_eq!(
-            parse_request(&vec![b'a'; MAX_HEADER_BYTES + 1]),
-            Err(RequestError::HeadersTooLarge)
-        );
-        assert!(matches!(
-            parse_request(b"GARBAGE\r\n\r\n"),
-            Err(RequestError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_request(b"GET / SPDY/3\r\n\r\n"),
-            Err(RequestError::Malformed(_))
-        ));
     }
 }

@@ -1,0 +1,265 @@
+//! The QUIC listener and admission: accepting connections, bounding the handshakes in
+//! progress, reading the hello, and handing each connection to the session its
+//! certificate allows. Also the presence flush timer and the shutdown (every connection
+//! closed, presence written).
+//!
+//! What a connection may do depends only on the certificate it presented:
+//! no certificate → enroll, nothing else; an agent certificate → an agent session;
+//! an admin certificate → admin requests. Anything else is refused with a reason the
+//! peer can show, and the connection closed with a [`CloseCode`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gantry_certs::Identity;
+use gantry_protocol::{limits, CloseCode, HelloError, Intent, RefusalReason};
+use gantry_transport::{Incoming, Listener};
+use tokio::sync::Semaphore;
+
+use crate::base::authz::{Principal, Request};
+use crate::edges::quic::wire::{close_for, refuse, truncate, Numbers};
+use crate::edges::quic::{admin, agent, enroll};
+use crate::services::agents::{PresenceFlush, PRESENCE_FLUSH_INTERVAL};
+use crate::services::coordinator::Coordinator;
+
+/// Handshakes in progress at once; more are refused until some finish (connection storms).
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
+/// Accepts connections for `coord` until `shutdown` resolves, then closes them all and
+/// flushes presence.
+pub async fn serve(
+    coord: Arc<Coordinator>,
+    listener: Listener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let admission = Arc::new(Admission {
+        coord,
+        handshakes: Semaphore::new(MAX_PENDING_HANDSHAKES),
+        unauthenticated: Semaphore::new(limits::MAX_UNAUTHENTICATED_PENDING),
+        next_session: AtomicU64::new(1),
+        next_connection: AtomicU64::new(1),
+    });
+    admission.serve(listener, shutdown).await;
+}
+
+/// The listener's state: the coordinator, and the bounds on connections being admitted.
+struct Admission {
+    coord: Arc<Coordinator>,
+    handshakes: Semaphore,
+    /// Connections without a certificate waiting for their hello.
+    unauthenticated: Semaphore,
+    next_session: AtomicU64,
+    next_connection: AtomicU64,
+}
+
+impl Admission {
+    fn numbers(&self) -> Numbers {
+        Numbers {
+            session: self.next_session.fetch_add(1, Ordering::Relaxed),
+            connection: self.next_connection.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Accepts connections until `shutdown` resolves, then closes them all and flushes
+    /// presence.
+    async fn serve(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let flusher = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PRESENCE_FLUSH_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    // A commit (an fsync) must not hold up a worker thread: quinn's
+                    // endpoint driver and the sessions run there.
+                    let me = me.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        me.coord
+                            .agents
+                            .flush_presence(PresenceFlush::Due, &me.coord.engine);
+                    })
+                    .await;
+                }
+            })
+        };
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = listener.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let me = self.clone();
+                    tokio::spawn(async move { me.handle_incoming(incoming).await });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!("shutting down: closing every connection");
+        listener.close(
+            CloseCode::ShuttingDown,
+            "coordinator shutting down; reconnect shortly",
+        );
+        flusher.abort();
+        self.coord
+            .agents
+            .flush_presence(PresenceFlush::Everything, &self.coord.engine);
+        let _ = tokio::time::timeout(Duration::from_secs(2), listener.wait_idle()).await;
+    }
+
+    /// Admits one connection: a handshake slot (at most [`MAX_PENDING_HANDSHAKES`] at
+    /// once), the TLS handshake and the hello within [`limits::HANDSHAKE_DEADLINE`], then
+    /// the session its certificate and the authorization table allow, or a refusal.
+    async fn handle_incoming(self: Arc<Self>, incoming: Incoming) {
+        let remote = incoming.remote_address();
+        let Ok(handshake_slot) = self.handshakes.try_acquire() else {
+            tracing::warn!(%remote, "refusing connection: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
+            incoming.refuse();
+            return;
+        };
+        let started = Instant::now();
+        let conn = match incoming.handshake(limits::HANDSHAKE_DEADLINE).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        // Past TLS, a connection without a certificate waits for its hello in a pool of
+        // its own, so such connections can never hold every handshake slot.
+        let unauthenticated_slot = if conn.peer_certificates().is_none() {
+            if let Ok(slot) = self.unauthenticated.try_acquire() {
+                Some(slot)
+            } else {
+                tracing::warn!(%remote, "refusing a connection without a certificate: {} are waiting for their hello", limits::MAX_UNAUTHENTICATED_PENDING);
+                conn.close(
+                    CloseCode::Busy,
+                    "too many connections without a certificate are waiting; try again shortly",
+                );
+                return;
+            }
+        } else {
+            None
+        };
+        drop(handshake_slot);
+        let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        let (mut writer, mut reader) = match conn.accept_control(remaining).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "no control stream");
+                conn.close(
+                    CloseCode::Timeout,
+                    "no control stream opened before the handshake deadline",
+                );
+                return;
+            }
+        };
+        let remaining = limits::HANDSHAKE_DEADLINE.saturating_sub(started.elapsed());
+        // Nothing about the peer is known yet: its hello gets a small buffer.
+        reader.set_limit(limits::MAX_HELLO_BYTES);
+        let payload = match tokio::time::timeout(remaining, reader.recv_payload()).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                close_for(&conn, &e);
+                return;
+            }
+            Err(_) => {
+                conn.close(CloseCode::Timeout, "no hello before the handshake deadline");
+                return;
+            }
+        };
+        drop(unauthenticated_slot);
+        reader.set_limit(limits::MAX_FRAME_BYTES);
+        let hello = match gantry_protocol::decode_hello(&payload) {
+            Ok(h) => h,
+            Err(HelloError::UnsupportedVersion { theirs, min, max }) => {
+                let msg = format!(
+                    "unsupported protocol version {theirs}: this coordinator (gantry {}) speaks versions {min}..={max}; install a matching gantry-agent",
+                    env!("CARGO_PKG_VERSION")
+                );
+                tracing::info!(%remote, "{msg}");
+                refuse(
+                    &conn,
+                    &mut writer,
+                    CloseCode::UnsupportedVersion,
+                    RefusalReason::UnsupportedVersion,
+                    msg,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "bad hello");
+                conn.close(CloseCode::Malformed, truncate(&e.to_string()));
+                return;
+            }
+        };
+        let identity = conn
+            .peer_certificates()
+            .map(|chain| Identity::from_cert_der(&chain[0]));
+        // What the connection may do comes from its certificate alone, and the
+        // authorization table decides; every refusal carries the reason the peer shows.
+        let principal = match &identity {
+            Some(Ok(Identity::Agent(_))) => Principal::Agent,
+            Some(Ok(Identity::Admin(_))) => Principal::Admin,
+            // A certificate that names no agent or admin grants nothing.
+            None | Some(Ok(Identity::Coordinator) | Err(_)) => Principal::None,
+        };
+        let request = match &hello.intent {
+            Intent::Enroll(_) => Request::SessionEnroll,
+            Intent::Agent(_) => Request::SessionAgent,
+            Intent::Admin(_) => Request::SessionAdmin,
+        };
+        let checked = self.coord.metrics.authz.check(request, principal, || {
+            match (&hello.intent, &identity) {
+                (_, Some(Err(e))) => format!("client certificate names no Gantry identity: {e}"),
+                (Intent::Enroll(_), Some(_)) => {
+                    "enrollment must come from a connection without a client certificate".to_owned()
+                }
+                (_, None) => "no client certificate: an unauthenticated connection may only enroll with a join token".to_owned(),
+                (Intent::Admin(_), Some(Ok(other))) => {
+                    format!("{other} is not an admin: admin commands need an admin certificate")
+                }
+                (Intent::Agent(_), Some(Ok(other))) => {
+                    format!("{other} is not an agent: an agent session needs an agent certificate")
+                }
+            }
+        });
+        let message = match checked {
+            Ok(()) => match (hello.intent, identity) {
+                (Intent::Enroll(req), None) => {
+                    return enroll::session(&self.coord, &conn, &mut writer, req).await;
+                }
+                (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
+                    let numbers = self.numbers();
+                    return agent::session(self.coord.clone(), conn, writer, reader, id, h, numbers)
+                        .await;
+                }
+                (Intent::Admin(_), Some(Ok(identity))) => {
+                    let numbers = self.numbers();
+                    let actor = identity.uri();
+                    return admin::session(self.coord.clone(), conn, writer, reader, actor, principal, numbers)
+                        .await;
+                }
+                _ => (
+                    RefusalReason::Internal,
+                    format!("the authorization table allows {request} for {principal}, but this coordinator cannot serve it"),
+                ),
+            },
+            Err(denied) => {
+                let reason = match (principal, request) {
+                    (Principal::None, _) => RefusalReason::NotAuthenticated,
+                    (_, Request::SessionEnroll) => RefusalReason::BadRequest,
+                    _ => RefusalReason::WrongRole,
+                };
+                (reason, denied.to_string())
+            }
+        };
+        let (reason, message) = message;
+        tracing::info!(%remote, "{message}");
+        refuse(&conn, &mut writer, CloseCode::Unauthorized, reason, message).await;
+    }
+}

@@ -1,0 +1,137 @@
+//! What an agent sends and fetches for a job attempt on streams of their own: its log
+//! (resume point, chunks, acknowledgements after fsync) and its run's source tree. Both
+//! are refused unless the attempt was handed to that agent.
+
+use gantry_protocol::{AgentId, Attempt, CloseCode, JobId, LogChunk, LogControl, RunId};
+use gantry_transport::{FrameReader, FrameWriter, TransportError};
+use tokio::sync::mpsc;
+
+use crate::base::authz::{Denied, Principal, Request};
+use crate::base::logs::{Appended, LogError};
+use crate::base::tasks::AbortOnDrop;
+use crate::services::holds::{self, Hold};
+use crate::services::runs::Runs;
+use crate::store::StoreError;
+
+/// Chunks written, synced and acknowledged together (one fsync per batch).
+const LOG_BATCH: usize = 256;
+
+/// Why a log or source stream ended early. Only logged: the agent sends its log again
+/// from the last acknowledged chunk, and fetches the source again.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Refused(#[from] Denied),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the log writer stopped: {0}")]
+    Writer(#[from] tokio::task::JoinError),
+    #[error("no run {0}")]
+    NoRun(RunId),
+    #[error("run {0} has no source tree")]
+    NoSource(RunId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Runs {
+    /// Asks the authorization table whether `agent` may make `row` for an attempt: it
+    /// holds the work if the attempt was handed to it (its log may come after the attempt
+    /// ended, from its spool).
+    fn handed_to(
+        &self,
+        row: Request,
+        agent: &AgentId,
+        job: JobId,
+        attempt: Attempt,
+    ) -> Result<(), Denied> {
+        let (holds, why) = holds::attempt_or_why(&self.store, agent, job, attempt, Hold::Handed);
+        self.metrics
+            .authz
+            .check(row, Principal::agent(holds), || why)
+    }
+
+    /// Receives one job attempt's log from an agent: resume point, chunks,
+    /// acknowledgements after fsync. Refused unless the attempt was handed to this agent.
+    pub async fn receive_log(
+        &self,
+        agent: &AgentId,
+        job: JobId,
+        attempt: Attempt,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) -> Result<(), IngestError> {
+        if let Err(denied) = self.handed_to(Request::StreamLogs, agent, job, attempt) {
+            writer.reset(CloseCode::Unauthorized);
+            reader.stop(CloseCode::Unauthorized);
+            return Err(denied.into());
+        }
+        let log = self.logs.open(job, attempt)?;
+        // The agent drops what it holds below the resume point, so that point must be
+        // durable: chunks written by a stream that broke before its fsync are synced here
+        // (a no-op when nothing is pending), never acknowledged unsynced.
+        let synced = log.clone();
+        let next_seq = tokio::task::spawn_blocking(move || synced.sync()).await??;
+        writer.send(&LogControl::Resume { next_seq }).await?;
+        let (tx, mut rx) = mpsc::channel::<Result<Option<LogChunk>, TransportError>>(64);
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let item = reader.recv::<LogChunk>().await;
+                let last = !matches!(item, Ok(Some(_)));
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        }));
+        let mut done = false;
+        while !done {
+            let Some(first) = rx.recv().await else { break };
+            // Everything already received is written, then synced once and acknowledged
+            // once: one fsync per batch, not per chunk.
+            let mut batch = vec![first];
+            while batch.len() < LOG_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            for item in batch {
+                match item? {
+                    Some(chunk) => {
+                        if log.append(chunk.seq, &chunk.data)? == Appended::Stored {
+                            self.metrics.log_bytes(chunk.data.len() as u64);
+                        }
+                    }
+                    None => done = true,
+                }
+            }
+            let log2 = log.clone();
+            let next = tokio::task::spawn_blocking(move || log2.sync()).await??;
+            writer.send(&LogControl::Ack { next_seq: next }).await?;
+        }
+        writer.finish();
+        Ok(())
+    }
+
+    /// Sends the source tree of a job attempt's run to the agent it was handed to.
+    pub async fn send_source(
+        &self,
+        agent: &AgentId,
+        job: JobId,
+        attempt: Attempt,
+        writer: &mut FrameWriter,
+    ) -> Result<(), IngestError> {
+        if let Err(denied) = self.handed_to(Request::StreamFetchSource, agent, job, attempt) {
+            writer.reset(CloseCode::Unauthorized);
+            return Err(denied.into());
+        }
+        let run = self
+            .store
+            .run(job.run)?
+            .ok_or(IngestError::NoRun(job.run))?;
+        let source = run.source.ok_or(IngestError::NoSource(job.run))?;
+        Ok(self.sources.send(&source, writer).await?)
+    }
+}

@@ -1,0 +1,138 @@
+//! Submitting runs: `gantry validate` on the server, `gantry run`, `gantry pipelines
+//! retry`, and the triggers' runs. A run is checked, then stored with its jobs and its
+//! audit entry in one commit, and only then handed to the engine and announced.
+
+use std::sync::Arc;
+
+use gantry_protocol::{JobId, RunId, RunView, SubmitRun};
+
+use crate::base::audit::Acting;
+use crate::services::deployments::create_file_environments;
+use crate::services::engine::{plans_for, Input};
+use crate::services::notify::Event;
+use crate::services::runs::{RunError, Runs};
+use crate::store::{JobRecord, RunRecord};
+
+impl Runs {
+    /// Parses a pipeline file without running it; the names of its jobs.
+    pub fn validate(file_name: &str, text: &str) -> Result<Vec<String>, RunError> {
+        let pipeline = gantry_pipeline::parse(file_name, text)?;
+        Ok(pipeline.jobs.iter().map(|j| j.name.clone()).collect())
+    }
+
+    /// Runs again what a run ran: the same file, ref, commit, inputs and source.
+    pub fn retry(&self, cx: &Acting<'_>, run: RunId) -> Result<RunView, RunError> {
+        let record = self.find_run(run)?;
+        let again = SubmitRun {
+            file_name: record.file_name,
+            text: record.text,
+            git_ref: record.git_ref,
+            commit: record.commit,
+            event: record.event,
+            inputs: record.inputs,
+            source: record.source,
+        };
+        self.submit(cx, &again)
+    }
+
+    /// Checks and stores a run, then hands it to the engine.
+    pub fn submit(&self, cx: &Acting<'_>, submit: &SubmitRun) -> Result<RunView, RunError> {
+        let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)?;
+        for name in submit.inputs.keys() {
+            if !pipeline.triggers.inputs.contains_key(name) {
+                return Err(RunError::UndeclaredInput {
+                    name: name.clone(),
+                    declared: pipeline.triggers.inputs.keys().cloned().collect(),
+                });
+            }
+        }
+        if let Some(source) = &submit.source {
+            if !self.sources.exists(source) {
+                return Err(RunError::NoSource(source.clone()));
+            }
+        }
+        let stored: Vec<String> = self.store.secrets()?.into_iter().map(|(n, _)| n).collect();
+        let scopes = self.store.secret_scopes()?;
+        for job in &pipeline.jobs {
+            for secret in gantry_pipeline::referenced_secrets(job) {
+                if !stored.contains(&secret) {
+                    return Err(RunError::UnsetSecret {
+                        job: job.name.clone(),
+                        secret,
+                    });
+                }
+                if let Some(scope) = scopes.get(&secret) {
+                    let deploys_there =
+                        job.deploy.as_ref().is_some_and(|d| &d.environment == scope);
+                    if !deploys_there {
+                        return Err(RunError::ScopedSecret {
+                            job: job.name.clone(),
+                            secret,
+                            scope: scope.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        create_file_environments(&self.store, &pipeline, cx.actor)
+            .map_err(RunError::Environments)?;
+        let now = cx.now;
+        let audit = cx.audit(
+            "run.create",
+            format!("pipeline={} ref={}", pipeline.name, submit.git_ref),
+        );
+        let (record, jobs) = self.store.create_run(
+            |run| {
+                let record = RunRecord {
+                    run,
+                    pipeline: pipeline.name.clone(),
+                    file_name: submit.file_name.clone(),
+                    text: submit.text.clone(),
+                    git_ref: submit.git_ref.clone(),
+                    commit: submit.commit.clone(),
+                    event: submit.event.clone(),
+                    inputs: submit.inputs.clone(),
+                    created_at: now,
+                    created_by: cx.actor.to_owned(),
+                    state: "running".into(),
+                    finished_at: None,
+                    source: submit.source.clone(),
+                };
+                let jobs = pipeline
+                    .jobs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, j)| JobRecord {
+                        job: JobId {
+                            run,
+                            index: u32::try_from(i).unwrap_or(u32::MAX),
+                        },
+                        name: j.name.clone(),
+                        needs: j.needs.clone(),
+                        state: "pending".into(),
+                        attempt: 0,
+                        agent: None,
+                        exit_code: None,
+                        started_at: None,
+                        finished_at: None,
+                        log_chunks: None,
+                        attempts: Vec::new(),
+                    })
+                    .collect();
+                (record, jobs)
+            },
+            &audit,
+        )?;
+        let plans = plans_for(record.run, &pipeline, &record);
+        let priority = pipeline.priority;
+        self.engine.send(Input::Submitted {
+            run: Box::new(record.clone()),
+            pipeline: Arc::new(pipeline),
+            plans,
+            priority,
+        });
+        tracing::info!(run = %record.run, pipeline = %record.pipeline, "run created");
+        self.notifier.emit(Event::run_started(&record));
+        Ok(self.views(record, jobs))
+    }
+}
