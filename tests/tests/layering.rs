@@ -15,7 +15,7 @@ fn workspace() -> PathBuf {
 }
 
 /// Crates that must keep a layer table: deleting one must not silently turn its check off.
-const REQUIRED: &[&str] = &["agent"];
+const REQUIRED: &[&str] = &["agent", "coordinator"];
 
 #[test]
 fn every_crate_with_a_layer_table_imports_only_downward() {
@@ -111,6 +111,31 @@ fn a_planted_upward_import_in_the_agent_fails() {
         .filter(|v| {
             matches!(v, Violation::Upward { line, to_module, .. }
             if *line == planted_line && to_module.starts_with("session"))
+        })
+        .collect();
+    assert_eq!(planted.len(), 1, "{report}");
+    println!("{}", planted[0]);
+}
+
+/// The check on the real coordinator fails the moment the server side imports the admin
+/// CLI: a planted import of it in the store (the bottom layer) is named, with its line.
+#[test]
+fn a_planted_import_of_the_cli_in_the_coordinator_fails() {
+    let copy = tempfile::tempdir().expect("tempdir");
+    copy_crate(&workspace().join("coordinator"), copy.path());
+    let bottom = bottom_file(copy.path());
+    let mut text = std::fs::read_to_string(&bottom).expect("read the bottom module");
+    text.push_str("\nuse crate::cli::failure::Failure;\n");
+    let planted_line = text.lines().count();
+    std::fs::write(&bottom, text).expect("plant the import");
+
+    let report = check_crate(copy.path()).expect("check runs");
+    let planted: Vec<&Violation> = report
+        .violations
+        .iter()
+        .filter(|v| {
+            matches!(v, Violation::Upward { line, to_module, .. }
+            if *line == planted_line && to_module.starts_with("cli"))
         })
         .collect();
     assert_eq!(planted.len(), 1, "{report}");
