@@ -17,6 +17,40 @@ pub const MAX_SOURCE_BYTES: u64 = 1024 * 1024 * 1024;
 /// Size of the pieces an archive travels in.
 pub const PIECE_BYTES: usize = 1024 * 1024;
 
+/// Why an uploaded source tree was refused or not stored; `gantry run` shows it.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("the source tree is {0} bytes, over the {MAX_SOURCE_BYTES}-byte limit; use --no-source or a smaller --source")]
+    TooLarge(u64),
+    #[error("cannot create {}: {source}", .dir.display())]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create a temporary file: {0}")]
+    Temporary(std::io::Error),
+    #[error("more than the declared {0} bytes arrived")]
+    Overflow(u64),
+    #[error("cannot write the source tree: {0}")]
+    Write(std::io::Error),
+    #[error("the upload broke off: {0}")]
+    BrokeOff(TransportError),
+    #[error("the upload ended after {received} of {declared} bytes")]
+    Short { received: u64, declared: u64 },
+    #[error("cannot sync the source tree: {0}")]
+    Sync(std::io::Error),
+    /// A digest that makes no valid id (a bug, never the uploader's doing).
+    #[error("internal: bad source id")]
+    BadId,
+    #[error("cannot store the source tree: failed to persist temporary file: {0}")]
+    Store(std::io::Error),
+    #[error("cannot sync {}: {source}", .dir.display())]
+    SyncDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 #[derive(Debug)]
 pub struct SourceStore {
     dir: PathBuf,
@@ -51,14 +85,15 @@ impl SourceStore {
         &self,
         reader: &mut FrameReader,
         declared: u64,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64), SourceError> {
         if declared > MAX_SOURCE_BYTES {
-            return Err(format!("the source tree is {declared} bytes, over the {MAX_SOURCE_BYTES}-byte limit; use --no-source or a smaller --source"));
+            return Err(SourceError::TooLarge(declared));
         }
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
-        let tmp = tempfile::NamedTempFile::new_in(&self.dir)
-            .map_err(|e| format!("cannot create a temporary file: {e}"))?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| SourceError::Dir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        let tmp = tempfile::NamedTempFile::new_in(&self.dir).map_err(SourceError::Temporary)?;
         let mut file = tmp.as_file();
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         let mut received = 0u64;
@@ -67,30 +102,29 @@ impl SourceStore {
                 Ok(Some(SourceData(piece))) => {
                     received += piece.len() as u64;
                     if received > declared {
-                        return Err(format!("more than the declared {declared} bytes arrived"));
+                        return Err(SourceError::Overflow(declared));
                     }
                     digest.update(&piece);
-                    file.write_all(&piece)
-                        .map_err(|e| format!("cannot write the source tree: {e}"))?;
+                    file.write_all(&piece).map_err(SourceError::Write)?;
                 }
                 Ok(None) => break,
-                Err(e) => return Err(format!("the upload broke off: {e}")),
+                Err(e) => return Err(SourceError::BrokeOff(e)),
             }
         }
         if received != declared {
-            return Err(format!(
-                "the upload ended after {received} of {declared} bytes"
-            ));
+            return Err(SourceError::Short { received, declared });
         }
-        file.sync_all()
-            .map_err(|e| format!("cannot sync the source tree: {e}"))?;
+        file.sync_all().map_err(SourceError::Sync)?;
         let id = format!("sha256:{}", gantry_certs::hex(digest.finish().as_ref()));
-        let path = self.path(&id).ok_or("internal: bad source id")?;
+        let path = self.path(&id).ok_or(SourceError::BadId)?;
         tmp.persist(&path)
-            .map_err(|e| format!("cannot store the source tree: {e}"))?;
+            .map_err(|e| SourceError::Store(e.error))?;
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| format!("cannot sync {}: {e}", self.dir.display()))?;
+            .map_err(|source| SourceError::SyncDir {
+                dir: self.dir.clone(),
+                source,
+            })?;
         Ok((id, received))
     }
 

@@ -23,7 +23,7 @@ use crate::services::access::Access;
 use crate::services::agents::Agents;
 use crate::services::artifacts::Artifacts;
 use crate::services::deployments::{Deployments, Fleet};
-use crate::services::engine::{AgentOutbox, Engine};
+use crate::services::engine::{AgentOutbox, Engine, EngineError};
 use crate::services::exec::Execs;
 use crate::services::notify::{watch_engine, Notifier};
 use crate::services::runner::deploy_runner;
@@ -54,9 +54,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     SecretKey(#[from] SecretError),
-    /// The engine cannot restore the scheduler (its message says why).
-    #[error("{0}")]
-    Engine(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     /// The deployment manager cannot load the unfinished deployments.
     #[error("{0}")]
     Deployments(String),
@@ -114,8 +113,7 @@ impl Coordinator {
             runner: deploy_runner(),
         });
         let metrics = Arc::new(Metrics::default());
-        let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())
-            .map_err(StartError::Engine)?;
+        let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
         let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
         let notifier = Arc::new(Notifier::new(metrics.clone()));
         deployments

@@ -24,13 +24,22 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::services::runner::DEPLOY_RUNNER_LABEL;
 use crate::store::{
-    JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, Store, StoredScheduler,
+    JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, Store, StoreError, StoredScheduler,
 };
 
 /// Time between SIGTERM and SIGKILL when a job is cancelled or times out.
 pub const KILL_GRACE_MS: u64 = 10_000;
 /// Most inputs handled in one batch (one store commit).
 const MAX_BATCH: usize = 512;
+
+/// Why the engine cannot start: the scheduler cannot be restored from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the stored scheduler state is unreadable: {0}")]
+    Unreadable(postcard::Error),
+}
 
 /// Something for the scheduler.
 #[derive(Debug)]
@@ -93,11 +102,10 @@ impl Engine {
         store: Arc<Store>,
         outbox: Arc<dyn AgentOutbox>,
         metrics: Arc<crate::base::metrics::Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EngineError> {
         let now = UnixMillis::now();
-        let unreadable =
-            |e: postcard::Error| format!("the stored scheduler state is unreadable: {e}");
-        let scheduler = match store.scheduler_state().map_err(|e| e.to_string())? {
+        let unreadable = EngineError::Unreadable;
+        let scheduler = match store.scheduler_state()? {
             StoredScheduler::Parts { core, runs, jobs } => {
                 let core = postcard::from_bytes(&core).map_err(unreadable)?;
                 let runs = runs
@@ -123,7 +131,7 @@ impl Engine {
         };
         let mut contexts = HashMap::new();
         let mut resubmit = Vec::new();
-        for record in store.unfinished_runs().map_err(|e| e.to_string())? {
+        for record in store.unfinished_runs()? {
             let pipeline = match gantry_pipeline::parse(&record.file_name, &record.text) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {

@@ -71,20 +71,41 @@ pub fn served_install_script(url: &str, ca_fingerprint: &str, agent_sha256: &str
         )
 }
 
+/// Why a client's `Host` header cannot go into the install script.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadHost {
+    #[error("send a Host header (HTTP/1.1)")]
+    Missing,
+    #[error("the Host header {0:?} is not a host name or address with an optional port")]
+    Invalid(String),
+}
+
+/// Why the agent binary cannot be served: where it should be, or why it cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeBinaryError {
+    /// Found at start-up or not; the message is the whole chain, to say how to fix it.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{}: {source}", .path.display())]
+    Metadata {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Digest(String),
+}
+
 /// The base URL a client reached us under, from its `Host` header. Only host name and
 /// port characters are allowed, since the value is written into a shell script.
-pub fn base_url(scheme: &str, host: Option<&str>) -> Result<String, String> {
-    let host = host.ok_or("send a Host header (HTTP/1.1)")?;
+pub fn base_url(scheme: &str, host: Option<&str>) -> Result<String, BadHost> {
+    let host = host.ok_or(BadHost::Missing)?;
     let ok = !host.is_empty()
         && host.len() <= MAX_HOST_LEN
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
     if !ok {
-        return Err(format!(
-            "the Host header {:?} is not a host name or address with an optional port",
-            host.chars().take(80).collect::<String>()
-        ));
+        return Err(BadHost::Invalid(host.chars().take(80).collect()));
     }
     Ok(format!("{scheme}://{host}"))
 }
@@ -96,7 +117,7 @@ pub struct Distribution {
     ca_pem: String,
     ca_fingerprint: String,
     /// `Err` keeps the reason, so the routes can say how to fix it.
-    agent_binary: Result<PathBuf, String>,
+    agent_binary: Result<PathBuf, ServeBinaryError>,
     /// (length, modification time) of the binary, and its SHA-256: hashing 30 MB on
     /// every request would cost ~100 ms of CPU each, and an upgrade changes both stamps.
     agent_digest: Mutex<Option<((u64, SystemTime), String)>>,
@@ -108,7 +129,7 @@ impl Distribution {
             .with_context(|| format!("cannot read {}", data.ca_cert().display()))?;
         let ca_fingerprint = gantry_certs::fingerprint(&gantry_certs::pem_to_der(&ca_pem)?);
         let agent_binary = find_agent_binary(config.agent_binary.as_deref().map(Path::new))
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+            .map_err(|e| ServeBinaryError::NotFound(format!("{:#}", anyhow::Error::from(e))));
         match &agent_binary {
             Ok(path) => {
                 tracing::info!(path = %path.display(), "serving the agent binary on /agent/gantry-agent");
@@ -124,8 +145,11 @@ impl Distribution {
         })
     }
 
-    async fn agent_digest(&self, path: &Path) -> Result<String, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    async fn agent_digest(&self, path: &Path) -> Result<String, ServeBinaryError> {
+        let meta = std::fs::metadata(path).map_err(|source| ServeBinaryError::Metadata {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let stamp = (
             meta.len(),
             meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -144,8 +168,8 @@ impl Distribution {
         let owned = path.to_path_buf();
         let digest = tokio::task::spawn_blocking(move || sha256_file(&owned))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+            .map_err(|e| ServeBinaryError::Digest(e.to_string()))?
+            .map_err(|e| ServeBinaryError::Digest(format!("{:#}", anyhow::Error::from(e))))?;
         *self
             .agent_digest
             .lock()

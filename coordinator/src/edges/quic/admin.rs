@@ -109,7 +109,9 @@ async fn streams(
                             me.metrics.source_bytes(bytes);
                             gantry_protocol::SourceStored::Stored { source, bytes }
                         }
-                        Err(message) => gantry_protocol::SourceStored::Refused { message },
+                        Err(e) => gantry_protocol::SourceStored::Refused {
+                            message: e.to_string(),
+                        },
                     };
                     writer.send(&reply).await
                 }
