@@ -92,15 +92,16 @@ fn bottom_file(crate_dir: &Path) -> PathBuf {
     .unwrap_or_else(|| panic!("no file for the bottom module {module}"))
 }
 
-/// The check on the real agent fails the moment a module of its bottom layer imports
-/// the session (the top one).
-#[test]
-fn a_planted_upward_import_in_the_agent_fails() {
+/// Plants `import` at the end of the bottom module of a copy of `crate_name` and
+/// checks that the report names it, at its line, as an upward import of `to`.
+fn planted_upward_import_is_named(crate_name: &str, import: &str, to: &str) {
     let copy = tempfile::tempdir().expect("tempdir");
-    copy_crate(&workspace().join("agent"), copy.path());
+    copy_crate(&workspace().join(crate_name), copy.path());
     let bottom = bottom_file(copy.path());
     let mut text = std::fs::read_to_string(&bottom).expect("read the bottom module");
-    text.push_str("\nuse crate::session::Planted;\n");
+    text.push('\n');
+    text.push_str(import);
+    text.push('\n');
     let planted_line = text.lines().count();
     std::fs::write(&bottom, text).expect("plant the import");
 
@@ -110,34 +111,23 @@ fn a_planted_upward_import_in_the_agent_fails() {
         .iter()
         .filter(|v| {
             matches!(v, Violation::Upward { line, to_module, .. }
-            if *line == planted_line && to_module.starts_with("session"))
+            if *line == planted_line && to_module.starts_with(to))
         })
         .collect();
     assert_eq!(planted.len(), 1, "{report}");
     println!("{}", planted[0]);
 }
 
+/// The check on the real agent fails the moment a module of its bottom layer imports
+/// the session (the top one).
+#[test]
+fn a_planted_upward_import_in_the_agent_fails() {
+    planted_upward_import_is_named("agent", "use crate::session::Planted;", "session");
+}
+
 /// The check on the real coordinator fails the moment the server side imports the admin
 /// CLI: a planted import of it in the store (the bottom layer) is named, with its line.
 #[test]
 fn a_planted_import_of_the_cli_in_the_coordinator_fails() {
-    let copy = tempfile::tempdir().expect("tempdir");
-    copy_crate(&workspace().join("coordinator"), copy.path());
-    let bottom = bottom_file(copy.path());
-    let mut text = std::fs::read_to_string(&bottom).expect("read the bottom module");
-    text.push_str("\nuse crate::cli::failure::Failure;\n");
-    let planted_line = text.lines().count();
-    std::fs::write(&bottom, text).expect("plant the import");
-
-    let report = check_crate(copy.path()).expect("check runs");
-    let planted: Vec<&Violation> = report
-        .violations
-        .iter()
-        .filter(|v| {
-            matches!(v, Violation::Upward { line, to_module, .. }
-            if *line == planted_line && to_module.starts_with("cli"))
-        })
-        .collect();
-    assert_eq!(planted.len(), 1, "{report}");
-    println!("{}", planted[0]);
+    planted_upward_import_is_named("coordinator", "use crate::cli::failure::Failure;", "cli");
 }

@@ -133,18 +133,41 @@ impl SourceStore {
         let Some(path) = self.path(id) else {
             return Err(TransportError::Lost(format!("invalid source id {id}")));
         };
-        let mut file = std::fs::File::open(&path)
-            .map_err(|e| TransportError::Lost(format!("source {id} unreadable: {e}")))?;
-        let mut buf = vec![0u8; PIECE_BYTES];
-        loop {
-            let n = file
-                .read(&mut buf)
-                .map_err(|e| TransportError::Lost(format!("source {id} unreadable: {e}")))?;
-            if n == 0 {
-                return Ok(());
-            }
-            writer.send(&SourceData(buf[..n].to_vec())).await?;
+        send_file(&path, PIECE_BYTES, writer)
+            .await
+            .map_err(|e| match e {
+                SendFileError::Read(e) => {
+                    TransportError::Lost(format!("source {id} unreadable: {e}"))
+                }
+                SendFileError::Transport(e) => e,
+            })
+    }
+}
+
+/// Why a file could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFileError {
+    #[error(transparent)]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Sends the file at `path` as `SourceData` frames of at most `piece` bytes: how source
+/// trees and the agent binary travel to agents.
+pub async fn send_file(
+    path: &Path,
+    piece: usize,
+    writer: &mut FrameWriter,
+) -> Result<(), SendFileError> {
+    let mut file = std::fs::File::open(path).map_err(SendFileError::Read)?;
+    let mut buf = vec![0u8; piece];
+    loop {
+        let n = file.read(&mut buf).map_err(SendFileError::Read)?;
+        if n == 0 {
+            return Ok(());
         }
+        writer.send(&SourceData(buf[..n].to_vec())).await?;
     }
 }
 

@@ -601,15 +601,9 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
         .enumerate()
         .map(|(i, j)| (j.name.as_str(), u32::try_from(i).unwrap_or(u32::MAX)))
         .collect();
-    pipeline
-        .jobs
-        .iter()
-        .enumerate()
-        .map(|(i, job)| JobPlan {
-            id: JobId {
-                run,
-                index: u32::try_from(i).unwrap_or(u32::MAX),
-            },
+    job_ids(run, pipeline)
+        .map(|(id, job)| JobPlan {
+            id,
             name: job.name.clone(),
             pipeline: pipeline.name.clone(),
             needs: job
@@ -627,6 +621,17 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
             continue_on_error: job.continue_on_error,
         })
         .collect()
+}
+
+/// The jobs of a run's pipeline with their ids (`RUN.INDEX`, in file order).
+pub fn job_ids(
+    run: RunId,
+    pipeline: &Pipeline,
+) -> impl Iterator<Item = (JobId, &gantry_pipeline::Job)> {
+    pipeline.jobs.iter().enumerate().map(move |(i, job)| {
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        (JobId { run, index }, job)
+    })
 }
 
 /// The scheduler label that says an agent has a capability.

@@ -7,11 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
-use gantry_protocol::{AdminErrorKind, AdminResponse, AgentBinary, Labels, SourceData};
+use gantry_protocol::{AdminErrorKind, AdminResponse, AgentBinary, Labels};
 use gantry_transport::{FrameWriter, TransportError};
 
 use crate::base::error::{admin_error, AdminFailure};
 use crate::base::labels::{check_labels, LabelError};
+use crate::base::sources::{send_file, SendFileError};
 use crate::services::deployments::{AdminOp, Deployments};
 
 /// Bytes of the agent binary per frame sent to an agent.
@@ -221,7 +222,6 @@ impl Upgrades {
 
     /// Streams the agent binary to an agent, if its digest is the one asked for.
     pub async fn send(&self, sha256: &str, writer: &mut FrameWriter) -> Result<(), BinaryError> {
-        use std::io::Read as _;
         let path = self.agent_binary()?;
         let actual = sha256_file(&path)?;
         if actual != sha256 {
@@ -231,19 +231,12 @@ impl Upgrades {
                 actual,
             });
         }
-        let read = |source| BinaryError::Unreadable {
-            path: path.clone(),
-            source,
-        };
-        let mut file = std::fs::File::open(&path).map_err(read)?;
-        let mut buf = vec![0u8; SEND_PIECE_BYTES];
-        loop {
-            let n = file.read(&mut buf).map_err(read)?;
-            if n == 0 {
-                return Ok(());
-            }
-            writer.send(&SourceData(buf[..n].to_vec())).await?;
-        }
+        send_file(&path, SEND_PIECE_BYTES, writer)
+            .await
+            .map_err(|e| match e {
+                SendFileError::Read(source) => BinaryError::Unreadable { path, source },
+                SendFileError::Transport(e) => BinaryError::Transport(e),
+            })
     }
 }
 

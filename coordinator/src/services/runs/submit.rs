@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use gantry_protocol::{JobId, RunId, RunView, SubmitRun};
+use gantry_protocol::{RunId, RunView, SubmitRun};
 
 use crate::base::audit::Acting;
 use crate::services::deployments::create_file_environments;
-use crate::services::engine::{plans_for, Input};
+use crate::services::engine::{job_ids, plans_for, Input};
 use crate::services::notify::Event;
 use crate::services::runs::{RunError, Runs};
 use crate::store::{JobRecord, RunRecord};
@@ -98,15 +98,9 @@ impl Runs {
                     finished_at: None,
                     source: submit.source.clone(),
                 };
-                let jobs = pipeline
-                    .jobs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, j)| JobRecord {
-                        job: JobId {
-                            run,
-                            index: u32::try_from(i).unwrap_or(u32::MAX),
-                        },
+                let jobs = job_ids(run, &pipeline)
+                    .map(|(job, j)| JobRecord {
+                        job,
                         name: j.name.clone(),
                         needs: j.needs.clone(),
                         state: "pending".into(),
