@@ -4,7 +4,7 @@
 //! session, every [`AdminRequest`], every [`StreamOpen`] (split by the grant it names
 //! where the grant changes who may use it), every agent control message that touches
 //! work, and every HTTP route. [`Request::who_may`] says which [`Principal`]s may make
-//! it; the coordinator asks [`Request::allows`] (through `coordinator/src/authz.rs`,
+//! it; the coordinator asks [`Request::allows`] (through `coordinator/src/base/authz.rs`,
 //! which also counts every decision) on every path, and never decides by itself.
 //!
 //! A principal is what the coordinator can tell about a caller from its credential and
@@ -489,7 +489,7 @@ impl Request {
 
     /// The HTTP method and path template (`{run}`, `{job}`) of a request the HTTP side
     /// serves. The dashboard's, `http.rs`'s and `distribute.rs`'s routers are checked
-    /// against it by a test in `coordinator/src/http.rs`.
+    /// against it by a test in `coordinator/src/edges/http/server.rs`.
     pub const fn http_route(self) -> Option<(&'static str, &'static str)> {
         use Request as R;
         Some(match self {

@@ -3,7 +3,7 @@
 //! with their delivery log.
 //!
 //! Only the shapes live here. What each role may do is the authorization table's
-//! (`authz.rs`); how events are delivered is `coordinator/src/webhooks.rs`.
+//! (`authz.rs`); how events are delivered is `coordinator/src/services/webhooks.rs`.
 
 use serde::{Deserialize, Serialize};
 

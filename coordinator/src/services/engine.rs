@@ -4,10 +4,15 @@
 //! requests send [`Input`]s; the task takes every input that is waiting (a batch), runs
 //! them through the scheduler with the current time, commits all their effects (job and
 //! run records, results, the parts of the scheduler's state that changed) in one store
-//! transaction, and only then
-//! acknowledges results, sends dispatches and cancels to agents, and tells followers.
-//! It also wakes the scheduler at its next deadline (offer and lease expiry, timeouts).
-//! Runs are rebuilt after a restart from the snapshot plus the stored runs.
+//! transaction, and only then acknowledges results, sends dispatches and cancels to
+//! agents, and tells followers. It also wakes the scheduler at its next deadline (offer
+//! and lease expiry, timeouts). Runs are rebuilt after a restart from the snapshot plus
+//! the stored runs.
+//!
+//! One file (about 700 lines of code, the rest tests) because it is one thing: the
+//! task, the batch it commits, and the translation both ways between the pipeline and
+//! the scheduler (plans in, dispatches and stored states out) that the batch needs.
+//! It must not know sessions: it reaches agents through [`AgentOutbox`].
 
 use std::collections::HashMap;
 use std::sync::Arc;

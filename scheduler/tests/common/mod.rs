@@ -82,7 +82,7 @@ pub struct Driver {
 }
 
 /// The scheduler's state as the coordinator stores it: in parts, postcard-encoded, each
-/// written only when `take_changes` names it (as `coordinator/src/engine.rs` does).
+/// written only when `take_changes` names it (as `coordinator/src/services/engine.rs` does).
 #[derive(Debug, Clone, Default)]
 pub struct Stored {
     pub core: Option<Vec<u8>>,

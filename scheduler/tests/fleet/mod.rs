@@ -3,7 +3,7 @@
 //! by one seeded `Rng`. The same seed gives the same run, step for step.
 //!
 //! It models, and must be kept true to:
-//! - the coordinator's shell (`coordinator/src/engine.rs`, `server.rs`, `logs.rs`): inputs
+//! - the coordinator's shell (`coordinator/src/services/engine.rs`, `edges/quic/agent.rs`, `base/logs.rs`): inputs
 //!   are handled in batches; a batch's effects (job and run records, results, the
 //!   scheduler snapshot) are committed before anything is acknowledged, dispatched or
 //!   cancelled; a restart restores the last committed snapshot and submits again the
@@ -42,7 +42,7 @@ type ConnId = u64;
 
 /// How often agents heartbeat (the protocol default).
 const HEARTBEAT_MS: u64 = limits::DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64;
-/// The coordinator closes a session silent for three heartbeats (`server.rs`).
+/// The coordinator closes a session silent for three heartbeats (`edges/quic/agent.rs`).
 const SILENCE_MS: u64 = 3 * HEARTBEAT_MS;
 /// A connection that hears nothing for this long is dead on the agent's side.
 const IDLE_TIMEOUT_MS: u64 = limits::IDLE_TIMEOUT.as_millis() as u64;
@@ -638,7 +638,7 @@ impl Sim {
             self.next_run += 1;
             self.report.runs += 1;
             let submitted = common::random_run(&mut self.rng, run, 8);
-            // `gantry run` stores the run before the engine sees it (runs.rs).
+            // `gantry run` stores the run before the engine sees it (`services/runs/submit.rs`).
             if let Event::RunSubmitted { jobs, .. } = &submitted {
                 for plan in jobs {
                     self.shell.store.jobs.insert(

@@ -11,7 +11,7 @@
 //! request's row, asked by the admin router (`admin::answer`); the others are asked here. Live streams reuse the follow machinery
 //! of the runs service (`follow_logs`, `follow_run`), the same the CLI's `--follow` uses.
 //!
-//! Limits: requests as `http.rs` bounds them (16 KiB head, 1 MiB body, 10 s to
+//! Limits: requests as `request.rs` bounds them (16 KiB head, 1 MiB body, 10 s to
 //! arrive); at most [`MAX_STREAMS`] live streams at once (more get 503 and the page
 //! tries again 5 s later); a stream lasts at most [`STREAM_LIFETIME`] (the browser
 //! reconnects, resuming the log from `Last-Event-ID`); a keep-alive comment every
