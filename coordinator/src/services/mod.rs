@@ -1,7 +1,12 @@
-//! The services: what the coordinator does, independent of how requests arrive. The
-//! scheduler's shell (engine), runs, artifacts, deployments, notifications and webhooks,
-//! triggers, ad-hoc commands and delivery figures. Services import the base layer and
-//! each other (never in a cycle); never the admin router, an edge or the CLI.
+//! The services: what the coordinator does, however requests arrive. Each is a struct
+//! holding only what it uses (or, for the stateless ones, functions over the store), and
+//! `coordinator.rs` builds one of each in the order they need each other:
+//! the scheduler's shell (`engine`, with the deploy runner's id in `runner`), `runs`,
+//! `artifacts`, `deployments` (the deployment manager) and `environments`, `agents`
+//! (live sessions, presence), `access` (tokens, enrollment, certificates), the one
+//! holding rule (`holds`), `secrets`, `notify` and `webhooks`, `triggers`, `exec`,
+//! `upgrades` and `stats`. Services import the base layer and each other, never in a
+//! cycle; never the admin router, an edge or the CLI.
 
 pub mod access;
 pub mod agents;
