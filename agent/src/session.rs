@@ -501,6 +501,21 @@ impl Runner {
                     }
                 });
             }
+            // Execution options are not run by this agent yet: it takes a job only when
+            // it would run it exactly as asked.
+            CoordinatorMessage::DispatchJob {
+                assignment,
+                execution,
+            } => {
+                if execution.is_plain() {
+                    return self.handle(CoordinatorMessage::Dispatch(assignment));
+                }
+                return Some(AgentMessage::JobRejected {
+                    job: assignment.job,
+                    attempt: assignment.attempt,
+                    reason: "this agent cannot run services, outputs, step options, reports or checkout options yet".into(),
+                });
+            }
             CoordinatorMessage::Cancel { job, attempt } => self.jobs.cancel(job, attempt),
             CoordinatorMessage::JobFinishedAck { job, attempt } => {
                 self.jobs.result_acked(job, attempt);

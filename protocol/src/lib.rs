@@ -10,22 +10,26 @@
 pub mod authz;
 pub mod deploy;
 pub mod digest;
+pub mod execution;
 pub mod frame;
 pub mod hello;
 pub mod ids;
 pub mod limits;
 pub mod messages;
 pub mod pieces;
+pub mod status;
 pub mod template;
 pub mod transfer;
 pub mod web;
 
 pub use deploy::*;
 pub use digest::{Digest, DigestParseError, DIGEST_PREFIX};
+pub use execution::*;
 pub use frame::{decode_payload, encode_frame, FrameDecoder, FrameError};
 pub use hello::{decode_hello, encode_hello, Hello, HelloError};
 pub use ids::{civil_from_days, AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
+pub use status::{CompareOp, ConditionValue, StatusExpr};
 pub use transfer::*;
 pub use web::*;
 
@@ -42,10 +46,14 @@ pub const PEER_ALPN: &[u8] = b"gantry-peer/1";
 pub const PEER_SERVER_NAME: &str = "peer.gantry.internal";
 
 /// Version of the message schema carried in every hello. Bump it when a message changes
-/// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`. Version 3
+/// added `CoordinatorMessage::DispatchJob` ([`EXECUTION_VERSION`]), which only agents
+/// of version 3 are sent.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Oldest hello version the coordinator still speaks. Version 2 added artifacts and caches
 /// to job assignments, which a version 1 agent cannot decode, so 1 is no longer spoken.
+/// Version 2 agents are still served: every message they can be sent has its version 2
+/// shape.
 pub const MIN_SUPPORTED_VERSION: u16 = 2;
 
 /// The TLS server name every client asks for. The coordinator's certificate carries it as

@@ -156,3 +156,43 @@ pub const MAX_PEER_SHARES: usize = 64;
 /// most 31 peers. Raise it when the coordinator's link is the bottleneck and hosts can
 /// afford more peer connections.
 pub const PEER_SWARM_HOSTS: usize = 32;
+
+/// Outputs a job declares (`outputs:`). With [`MAX_OUTPUT_VALUE_BYTES`] each, one job's
+/// outputs are at most 32 × 16 KiB = 512 KiB, an eighth of a control frame
+/// ([`MAX_FRAME_BYTES`]), so the result that carries them always fits. Raise it only
+/// with the frame limit.
+pub const MAX_JOB_OUTPUTS: usize = 32;
+
+/// Names one step may write to its `$GANTRY_OUTPUT` file; more fail the step with the
+/// count. Step outputs stay on the agent, so this bounds the agent's memory per step.
+pub const MAX_STEP_OUTPUTS: usize = 64;
+
+/// Longest output name: letters, digits, `_` and `-`.
+pub const MAX_OUTPUT_NAME_LEN: usize = 64;
+
+/// Longest output value (a version, a digest, a URL, a short JSON document). Larger
+/// data goes in an artifact. A longer value fails the step that wrote it, naming the
+/// output and the limit.
+pub const MAX_OUTPUT_VALUE_BYTES: usize = 16 * 1024;
+
+/// Largest `$GANTRY_OUTPUT` file the agent reads after a step: every name and value at
+/// their limits, with a heredoc delimiter line (at most 64 bytes) around each value:
+/// 64 × (64 + 16 Ki + 2 × 64 + 8) ≈ 1.02 MiB, rounded up to 1 MiB + 64 KiB. A larger
+/// file fails the step before it is parsed.
+pub const MAX_OUTPUT_FILE_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
+/// References to `needs.JOB.outputs.NAME` in one job's text. The coordinator fills them
+/// in when it dispatches the job, so they add at most 64 × 16 KiB = 1 MiB to the
+/// assignment, which leaves 3 MiB of the 4 MiB frame for the job's own text (its file
+/// is at most 1 MiB). The pipeline crate refuses a job with more.
+pub const MAX_OUTPUT_REFERENCES: usize = 64;
+
+const _: () = assert!(
+    MAX_JOB_OUTPUTS * (MAX_OUTPUT_VALUE_BYTES + MAX_OUTPUT_NAME_LEN)
+        <= MAX_FRAME_BYTES as usize / 4,
+    "one job's outputs must fit well inside a control frame"
+);
+const _: () = assert!(
+    MAX_OUTPUT_REFERENCES * MAX_OUTPUT_VALUE_BYTES <= MAX_FRAME_BYTES as usize / 4,
+    "filled-in output references must leave most of a dispatch frame to the job"
+);

@@ -14,6 +14,7 @@ use crate::deploy::{
     DeployCommand, DeployResult, DeploymentView, EnvironmentView, ExecCommand, ExecRequest,
     RollbackRequest,
 };
+use crate::execution::JobExecution;
 use crate::transfer::{ArtifactView, CacheView, GcReport, Grant, ResolveRequest, UploadTarget};
 use crate::{AgentId, Attempt, Digest, JobId, RunId, TokenId, UnixMillis};
 
@@ -238,6 +239,13 @@ pub enum CoordinatorMessage {
     Refused {
         message: String,
     },
+    /// Run this job, with its execution options; answer as for `Dispatch`. Sent only to
+    /// agents whose hello version is at least [`crate::EXECUTION_VERSION`] (see
+    /// [`crate::execution`] for why this is a variant of its own).
+    DispatchJob {
+        assignment: Box<JobAssignment>,
+        execution: Box<JobExecution>,
+    },
 }
 
 /// Everything an agent needs to run one job attempt.
@@ -280,7 +288,7 @@ pub struct ArtifactSpec {
 
 /// A job's `cache:`. `key` and `restore_keys` may still hold `${{ hashFiles(...) }}`,
 /// which only the agent can evaluate (it hashes workspace files).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CacheSpec {
     pub key: String,
     pub restore_keys: Vec<String>,

@@ -493,7 +493,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 
 fn handle(shared: &Shared, message: CoordinatorMessage, jobs: &mut Jobs) -> Option<AgentMessage> {
     match message {
-        CoordinatorMessage::Dispatch(assignment) => {
+        // A simulated job only holds a slot: what it would run does not matter.
+        CoordinatorMessage::Dispatch(assignment)
+        | CoordinatorMessage::DispatchJob { assignment, .. } => {
             let (job, attempt) = (assignment.job, assignment.attempt);
             shared.emit(LoadEvent::Dispatch {
                 run: job.run.0,
