@@ -1,13 +1,17 @@
 //! `if:` conditions: parsing, static folding and evaluation against run status.
 //!
 //! A condition mixes facts known when a run is planned (branch, event, inputs, matrix,
-//! env) with facts known only when the job's needs finish (`success()` and friends).
-//! `Condition::fold` replaces the first kind by constants, leaving a `StatusExpr` the
-//! scheduler evaluates without any context.
+//! env, `git.*`, `event.*`) with facts known only as the run goes on (`success()` and
+//! friends, and the outputs of steps and needs). `Condition::fold` replaces the first
+//! kind by constants, leaving a [`StatusExpr`] (protocol's type: the scheduler evaluates
+//! it for jobs, agents for steps).
 
 use std::collections::BTreeMap;
 
+pub use gantry_protocol::{CompareOp, ConditionValue, StatusExpr};
 use serde::{Deserialize, Serialize};
+
+use crate::refs::{parse_reference, unknown_context, EventField, GitField, Reference};
 
 /// Longest `if:` expression accepted, in bytes.
 pub const MAX_CONDITION_LEN: usize = 4096;
@@ -44,17 +48,25 @@ impl Default for Condition {
 pub enum Operand {
     Str(String),
     Bool(bool),
+    /// `branch`: the branch name (the same as `git.branch`).
     Branch,
+    /// `event`: the event's name (the same as `event.name`).
     Event,
     Input(String),
     Matrix(String),
     Env(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CompareOp {
-    Eq,
-    Ne,
+    Git(GitField),
+    EventField(EventField),
+    /// `steps.ID.outputs.NAME` (step conditions only).
+    StepOutput {
+        step: String,
+        name: String,
+    },
+    /// `needs.JOB.outputs.NAME`; `JOB` is the need's key.
+    NeedsOutput {
+        job: String,
+        name: String,
+    },
 }
 
 /// What is known about a run when it is planned.
@@ -62,81 +74,78 @@ pub enum CompareOp {
 pub struct StaticContext {
     /// Branch name without `refs/heads/` (empty for tags and manual runs without one).
     pub branch: String,
-    /// `push`, `schedule` or `manual`.
+    /// `push`, `pull_request`, `tag`, `schedule`, `manual` or `poll`.
     pub event: String,
     pub inputs: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
+    /// `git.commit`: the full commit id, empty for a run without a repository.
+    #[serde(default)]
+    pub commit: String,
+    /// `git.ref`: the full ref (`refs/heads/main`, `refs/tags/v1`).
+    #[serde(default)]
+    pub git_ref: String,
+    /// `git.tag`: the tag name for a tag push, else empty.
+    #[serde(default)]
+    pub tag: String,
+    /// `git.repo`: the repository's name on the coordinator.
+    #[serde(default)]
+    pub repo: String,
+    /// `event.actor`: who pushed, opened the pull request or started the run.
+    #[serde(default)]
+    pub actor: String,
+    /// `event.pr_number`: the pull request's number, else empty.
+    #[serde(default)]
+    pub pr_number: String,
+    /// `event.pr_base`: the pull request's base branch, else empty.
+    #[serde(default)]
+    pub pr_base: String,
 }
 
-/// A condition with every static comparison folded to a constant: what the scheduler
-/// evaluates. (One definition for both crates: the pipeline crate produces it, the
-/// scheduler consumes it.)
-///
-/// The facts it is evaluated against, for a job whose ancestors (transitive needs) are
-/// all terminal:
-/// - `all_ancestors_succeeded`: every ancestor is `Succeeded`, or `Failed` with
-///   `continue_on_error`. A `Skipped` or `Cancelled` ancestor makes this false, so a
-///   default `success()` job below a skipped job is skipped too (as in GitHub Actions).
-/// - `any_ancestor_failed`: some ancestor is `Failed` without `continue_on_error`.
-///   Skipped and cancelled ancestors are not failures.
-/// - `run_cancelled`: the run received `CancelRun`.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum StatusExpr {
-    /// A comparison the pipeline crate already folded.
-    Const(bool),
-    /// `success()`: all ancestors succeeded and the run is not cancelled. The default
-    /// condition of a job without `if:`.
-    #[default]
-    Success,
-    /// `failure()`: some ancestor failed.
-    Failure,
-    /// `always()`: true, even in a cancelled run.
-    Always,
-    /// `cancelled()`: the run was cancelled.
-    Cancelled,
-    Not(Box<StatusExpr>),
-    And(Vec<StatusExpr>),
-    Or(Vec<StatusExpr>),
-}
+impl StaticContext {
+    /// The value of a run-wide reference (`inputs.*`, `git.*`, `event.*`); `None` for
+    /// any other kind. An input not given is the empty string.
+    pub fn value(&self, reference: &Reference) -> Option<String> {
+        Some(match reference {
+            Reference::Input(name) => self.inputs.get(name).cloned().unwrap_or_default(),
+            Reference::Git(field) => self.git(*field).to_owned(),
+            Reference::Event(field) => self.event_field(*field).to_owned(),
+            _ => return None,
+        })
+    }
 
-impl StatusExpr {
-    /// Evaluates the condition. An empty `And` is true and an empty `Or` is false.
-    pub fn eval(
-        &self,
-        all_ancestors_succeeded: bool,
-        any_ancestor_failed: bool,
-        run_cancelled: bool,
-    ) -> bool {
-        let eval = |e: &Self| e.eval(all_ancestors_succeeded, any_ancestor_failed, run_cancelled);
-        match self {
-            Self::Const(value) => *value,
-            Self::Success => all_ancestors_succeeded && !run_cancelled,
-            Self::Failure => any_ancestor_failed,
-            Self::Always => true,
-            Self::Cancelled => run_cancelled,
-            Self::Not(inner) => !eval(inner),
-            Self::And(all) => all.iter().all(eval),
-            Self::Or(any) => any.iter().any(eval),
+    /// Fills in every `${{ inputs.* }}`, `${{ git.* }}` and `${{ event.* }}` of `text`,
+    /// leaving other references as written: what the coordinator does to a field when a
+    /// run starts (an `environment:` chosen by an input, a concurrency group).
+    pub fn expand(&self, text: &str) -> String {
+        crate::refs::replace_references(text, |expr| {
+            parse_reference(expr).ok().and_then(|r| self.value(&r))
+        })
+    }
+
+    fn git(&self, field: GitField) -> &str {
+        match field {
+            GitField::Commit => &self.commit,
+            GitField::Ref => &self.git_ref,
+            GitField::Branch => &self.branch,
+            GitField::Tag => &self.tag,
+            GitField::Repo => &self.repo,
         }
     }
 
-    /// Whether `always()` or `cancelled()` appears anywhere in the expression. A pending
-    /// job whose condition mentions either survives `CancelRun` and is evaluated (with
-    /// `run_cancelled = true`) once its ancestors finish; every other pending job is
-    /// cancelled at once.
-    pub fn mentions_cancellation(&self) -> bool {
-        match self {
-            Self::Always | Self::Cancelled => true,
-            Self::Const(_) | Self::Success | Self::Failure => false,
-            Self::Not(inner) => inner.mentions_cancellation(),
-            Self::And(list) | Self::Or(list) => list.iter().any(Self::mentions_cancellation),
+    fn event_field(&self, field: EventField) -> &str {
+        match field {
+            EventField::Name => &self.event,
+            EventField::Actor => &self.actor,
+            EventField::PrNumber => &self.pr_number,
+            EventField::PrBase => &self.pr_base,
         }
     }
 }
 
 impl Condition {
-    /// Folds branch, event, inputs, env and matrix comparisons into constants. Unknown
-    /// inputs, env and matrix names compare as the empty string.
+    /// Folds every static comparison (branch, event, inputs, env, matrix, git, event
+    /// fields) into a constant. Unknown inputs, env and matrix names compare as the
+    /// empty string. Comparisons with an output are left for run time.
     pub fn fold(&self, ctx: &StaticContext, matrix: &BTreeMap<String, String>) -> StatusExpr {
         match self {
             Condition::Literal(value) => StatusExpr::Const(*value),
@@ -179,35 +188,85 @@ impl Condition {
                 }
             }
             Condition::Compare { left, op, right } => {
-                let equal = operand_value(left, ctx, matrix) == operand_value(right, ctx, matrix);
-                StatusExpr::Const(equal == (*op == CompareOp::Eq))
+                match (
+                    operand_value(left, ctx, matrix),
+                    operand_value(right, ctx, matrix),
+                ) {
+                    (ConditionValue::Text(a), ConditionValue::Text(b)) => {
+                        StatusExpr::Const((a == b) == (*op == CompareOp::Eq))
+                    }
+                    (left, right) => StatusExpr::Compare {
+                        left,
+                        op: *op,
+                        right,
+                    },
+                }
             }
+        }
+    }
+
+    /// Every operand the condition compares, for checks against declarations.
+    pub fn operands(&self) -> Vec<&Operand> {
+        let mut out = Vec::new();
+        self.collect_operands(&mut out);
+        out
+    }
+
+    fn collect_operands<'a>(&'a self, out: &mut Vec<&'a Operand>) {
+        match self {
+            Condition::Not(inner) => inner.collect_operands(out),
+            Condition::And(items) | Condition::Or(items) => {
+                for item in items {
+                    item.collect_operands(out);
+                }
+            }
+            Condition::Compare { left, right, .. } => out.extend([left, right]),
+            _ => {}
         }
     }
 
     /// Every `matrix.NAME` the condition compares, to check them against the matrix.
     pub fn matrix_names(&self) -> Vec<&str> {
-        let mut names = Vec::new();
-        self.collect_matrix_names(&mut names);
-        names
+        self.operands()
+            .into_iter()
+            .filter_map(|o| match o {
+                Operand::Matrix(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 
-    fn collect_matrix_names<'a>(&'a self, names: &mut Vec<&'a str>) {
+    /// The condition with each operand `map` returns a replacement for replaced (a
+    /// called pipeline's inputs bound to the caller's values, its needs put under the
+    /// caller's name).
+    #[must_use]
+    pub fn map_operands(&self, map: &dyn Fn(&Operand) -> Option<Operand>) -> Condition {
         match self {
-            Condition::Not(inner) => inner.collect_matrix_names(names),
-            Condition::And(items) | Condition::Or(items) => {
-                for item in items {
-                    item.collect_matrix_names(names);
-                }
+            Condition::Not(inner) => Condition::Not(Box::new(inner.map_operands(map))),
+            Condition::And(items) => {
+                Condition::And(items.iter().map(|i| i.map_operands(map)).collect())
             }
-            Condition::Compare { left, right, .. } => {
-                for operand in [left, right] {
-                    if let Operand::Matrix(name) = operand {
-                        names.push(name);
-                    }
-                }
+            Condition::Or(items) => {
+                Condition::Or(items.iter().map(|i| i.map_operands(map)).collect())
             }
-            _ => {}
+            Condition::Compare { left, op, right } => Condition::Compare {
+                left: map(left).unwrap_or_else(|| left.clone()),
+                op: *op,
+                right: map(right).unwrap_or_else(|| right.clone()),
+            },
+            other => other.clone(),
+        }
+    }
+
+    /// Whether the condition uses a status function (`success()` and friends).
+    pub fn uses_status(&self) -> bool {
+        match self {
+            Condition::Success | Condition::Failure | Condition::Always | Condition::Cancelled => {
+                true
+            }
+            Condition::Literal(_) | Condition::Compare { .. } => false,
+            Condition::Not(inner) => inner.uses_status(),
+            Condition::And(items) | Condition::Or(items) => items.iter().any(Self::uses_status),
         }
     }
 
@@ -249,10 +308,10 @@ fn operand_value(
     operand: &Operand,
     ctx: &StaticContext,
     matrix: &BTreeMap<String, String>,
-) -> String {
+) -> ConditionValue {
     let lookup =
         |map: &BTreeMap<String, String>, name: &str| map.get(name).cloned().unwrap_or_default();
-    match operand {
+    ConditionValue::Text(match operand {
         Operand::Str(value) => value.clone(),
         Operand::Bool(value) => value.to_string(),
         Operand::Branch => ctx.branch.clone(),
@@ -260,7 +319,21 @@ fn operand_value(
         Operand::Input(name) => lookup(&ctx.inputs, name),
         Operand::Matrix(name) => lookup(matrix, name),
         Operand::Env(name) => lookup(&ctx.env, name),
-    }
+        Operand::Git(field) => ctx.git(*field).to_owned(),
+        Operand::EventField(field) => ctx.event_field(*field).to_owned(),
+        Operand::StepOutput { step, name } => {
+            return ConditionValue::StepOutput {
+                step: step.clone(),
+                name: name.clone(),
+            }
+        }
+        Operand::NeedsOutput { job, name } => {
+            return ConditionValue::NeedsOutput {
+                job: job.clone(),
+                name: name.clone(),
+            }
+        }
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -347,7 +420,7 @@ fn lex(text: &str) -> Result<Vec<(usize, Tok)>, (usize, String)> {
             c if c.is_ascii_alphanumeric() || c == '_' => {
                 let mut name = String::new();
                 while let Some(&c) = chars.get(i) {
-                    if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                    if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/') {
                         name.push(c);
                         i += 1;
                     } else {
@@ -503,18 +576,7 @@ impl CondParser {
                     "false" => Operand::Bool(false),
                     "branch" => Operand::Branch,
                     "event" => Operand::Event,
-                    _ => {
-                        let (scope, rest) = name.split_once('.').unwrap_or((name.as_str(), ""));
-                        if rest.is_empty() || rest.contains('.') {
-                            return Err((at, unknown_name(&name)));
-                        }
-                        match scope {
-                            "inputs" => Operand::Input(rest.to_owned()),
-                            "matrix" => Operand::Matrix(rest.to_owned()),
-                            "env" => Operand::Env(rest.to_owned()),
-                            _ => return Err((at, unknown_name(&name))),
-                        }
-                    }
+                    _ => operand_of(&name).map_err(|message| (at, message))?,
                 };
                 Ok(Primary::Operand(operand))
             }
@@ -529,9 +591,47 @@ impl CondParser {
     }
 }
 
-fn unknown_name(name: &str) -> String {
-    format!("unknown name \"{name}\"; expected branch, event, inputs.NAME, matrix.NAME, env.NAME, true or false")
+/// The operand a dotted name stands for, or why it cannot be compared.
+fn operand_of(name: &str) -> Result<Operand, String> {
+    if !name.contains('.') {
+        return Err(format!("unknown name \"{name}\"; expected {NAMES}"));
+    }
+    let reference = parse_reference(name).map_err(|message| {
+        let root = name.split('.').next().unwrap_or(name);
+        if matches!(
+            root,
+            "inputs" | "matrix" | "env" | "git" | "event" | "steps" | "needs"
+        ) {
+            message
+        } else if matches!(
+            root,
+            "github" | "gitea" | "forgejo" | "vars" | "runner" | "job" | "jobs" | "strategy"
+        ) {
+            unknown_context(name, root, name.split('.').nth(1))
+        } else {
+            format!("unknown name \"{name}\"; expected {NAMES}")
+        }
+    })?;
+    Ok(match reference {
+        Reference::Input(n) => Operand::Input(n),
+        Reference::Matrix(n) => Operand::Matrix(n),
+        Reference::Env(n) => Operand::Env(n),
+        Reference::Git(field) => Operand::Git(field),
+        Reference::Event(field) => Operand::EventField(field),
+        Reference::StepOutput { step, name } => Operand::StepOutput { step, name },
+        Reference::NeedsOutput { job, name } => Operand::NeedsOutput { job, name },
+        Reference::Secret(_) => {
+            return Err(format!(
+                "\"{name}\" cannot be compared: a condition must not depend on a secret's value"
+            ))
+        }
+        Reference::HashFiles | Reference::Label(_) | Reference::SlotPort => {
+            return Err(format!("unknown name \"{name}\"; expected {NAMES}"))
+        }
+    })
 }
+
+const NAMES: &str = "branch, event, inputs.NAME, matrix.NAME, env.NAME, git.*, event.*, steps.ID.outputs.NAME, needs.JOB.outputs.NAME, true or false";
 
 enum Primary {
     Status(Condition),
@@ -548,6 +648,10 @@ mod tests {
             event: "push".to_owned(),
             inputs: BTreeMap::from([("target".to_owned(), "arm".to_owned())]),
             env: BTreeMap::from([("MODE".to_owned(), "fast".to_owned())]),
+            commit: "abc123".to_owned(),
+            git_ref: "refs/heads/main".to_owned(),
+            actor: "ana".to_owned(),
+            ..StaticContext::default()
         }
     }
 

@@ -39,28 +39,51 @@ mod condition;
 mod cron;
 mod deploy;
 mod glob;
+mod inputs;
+mod jobs;
 mod load;
 mod model;
 mod outputs;
+mod refs;
+mod reuse;
+mod runtime;
 mod yaml;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use condition::{CompareOp, Condition, Operand, StaticContext, StatusExpr};
+pub use condition::{CompareOp, Condition, ConditionValue, Operand, StaticContext, StatusExpr};
 pub use cron::{CronError, CronSchedule};
 pub use deploy::{
     app_name_problem, environment_name_problem, parse_amount, AmountError, DeploySpec,
     DeployStrategy, EnvironmentSpec, HostAmount,
 };
 pub use glob::glob_match;
-pub use load::{parse_duration, DurationError, MAX_FILE_SIZE, MAX_JOBS, MAX_MATRIX_JOBS};
-pub use model::{referenced_secrets, InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+pub use inputs::{
+    is_number, resolve_inputs, InputError, InputSpec, InputType, MAX_INPUTS, MAX_INPUT_VALUE,
+    MAX_OPTIONS,
+};
+pub use load::{
+    load, parse_duration, DurationError, MAX_EXPANDED_TEXT, MAX_FILE_SIZE, MAX_JOBS,
+    MAX_MATRIX_JOBS,
+};
+pub use model::{
+    referenced_secrets, CallSpec, Concurrency, Job, JobEnvironment, Pipeline, PushFilter, Step,
+    Triggers,
+};
 pub use outputs::{
-    artifact_name_problem, cache_key_problem, hash_files_patterns, path_problem, ArtifactSpec,
-    CacheSpec, DEFAULT_EXPIRE_IN_SECS, MAX_ARTIFACT_NAME, MAX_CACHE_KEY, MAX_EXPIRE_IN_SECS,
-    MAX_OUTPUT_PATHS,
+    artifact_name_problem, cache_key_problem, hash_files_patterns, home_path_problem, path_problem,
+    ArtifactSpec, ArtifactWhen, CacheSpec, DEFAULT_EXPIRE_IN_SECS, MAX_ARTIFACT_NAME, MAX_CACHES,
+    MAX_CACHE_KEY, MAX_EXPIRE_IN_SECS, MAX_OUTPUT_PATHS,
+};
+pub use refs::{parse_reference, EventField, GitField, Reference};
+pub use reuse::{
+    NoFiles, Resolver, MAX_EXTENDS, MAX_EXTENDS_DEPTH, MAX_FILES, MAX_FILE_DEPTH, MAX_TOTAL_BYTES,
+};
+pub use runtime::{
+    image_name_problem, is_dns_label, parse_port, MAX_CHECKOUT_DEPTH, MAX_COMMAND_ARGS,
+    MAX_GROUP_LEN, MAX_SERVICES, MAX_SERVICE_PORTS,
 };
 
 /// The default pipeline file name.
@@ -94,7 +117,8 @@ impl fmt::Display for Errors {
 
 impl std::error::Error for Errors {}
 
-/// Parses, validates and expands a pipeline file. `file_name` is used in errors and,
+/// Parses, validates and expands a pipeline file that stands alone: `include:` and
+/// `uses:` are refused with a message saying so. `file_name` is used in errors and,
 /// without a `name:` key, for the pipeline's name (`ci.yml` gives `ci`).
 pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
     load::parse(file_name, text)

@@ -1,12 +1,16 @@
-//! From the positioned YAML tree to the typed `Pipeline`: key checks, types, matrix
-//! expansion, `${{ matrix.x }}` substitution and the graph checks on `needs`.
+//! From the positioned YAML tree to the typed `Pipeline`: the file's top level, key
+//! checks and types, triggers and inputs, environments, deployments, artifacts and
+//! caches, runs-on, steps and matrices. Assembling jobs (templates, includes, calls,
+//! matrix expansion, needs and the reference checks) is in `jobs`; the keys that say how
+//! a job runs (image, services, checkout, reports, environment, concurrency, outputs) are
+//! in `runtime`.
 //!
 //! Every problem is recorded with the position of the node it concerns and loading goes
 //! on where it can, so one run reports as many problems as practical.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use gantry_protocol::{HealthCheck, Hooks, Probe};
+use gantry_protocol::{HealthCheck, Hooks, Probe, Shell};
 
 use crate::condition::Condition;
 use crate::cron::CronSchedule;
@@ -15,13 +19,17 @@ use crate::deploy::{
     EnvironmentSpec, HostAmount, DEFAULT_ACTIVATE_TIMEOUT_MS, DEFAULT_HOOK_TIMEOUT_MS,
     DEFAULT_KEEP, DEFAULT_STAGE_TIMEOUT_MS, MAX_KEEP,
 };
-use crate::model::{InputSpec, Job, Pipeline, PushFilter, Step, Triggers};
+use crate::inputs::{InputSpec, InputType, MAX_INPUTS, MAX_INPUT_VALUE, MAX_OPTIONS};
+use crate::model::{CallSpec, Pipeline, PushFilter, Step, Triggers};
 use crate::outputs::{
-    artifact_name_problem, cache_key_problem, path_problem, ArtifactSpec, CacheSpec,
-    DEFAULT_EXPIRE_IN_SECS, MAX_EXPIRE_IN_SECS, MAX_OUTPUT_PATHS,
+    artifact_name_problem, cache_key_problem, home_path_problem, path_problem, ArtifactSpec,
+    ArtifactWhen, CacheSpec, DEFAULT_EXPIRE_IN_SECS, MAX_CACHES, MAX_EXPIRE_IN_SECS,
+    MAX_OUTPUT_PATHS,
 };
+use crate::refs::Allowed;
+use crate::reuse::{NoFiles, Resolver};
 use crate::yaml::{self, Kind, Node, Pos};
-use crate::{Errors, ParseError};
+use crate::{jobs, runtime, Errors, ParseError};
 
 /// Largest pipeline file accepted, in bytes.
 pub const MAX_FILE_SIZE: usize = 1024 * 1024;
@@ -29,15 +37,27 @@ pub const MAX_FILE_SIZE: usize = 1024 * 1024;
 pub const MAX_MATRIX_JOBS: usize = 256;
 /// Most jobs a pipeline may have after matrix expansion.
 pub const MAX_JOBS: usize = 512;
-/// Most bytes of job text produced by matrix expansion, so that a large job times a large
-/// matrix cannot cost hundreds of MiB.
-const MAX_EXPANDED_TEXT: usize = 16 * 1024 * 1024;
+/// Most bytes of job text the loader builds by copying: matrix expansion, templates
+/// (`extends`), includes and called pipelines together, so that a large job times a large
+/// matrix, or a template under hundreds of jobs, cannot cost hundreds of MiB.
+pub const MAX_EXPANDED_TEXT: usize = 16 * 1024 * 1024;
 /// Default and largest job timeouts.
-const DEFAULT_TIMEOUT_MS: u64 = 60 * 60 * 1000;
-const MAX_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
-const MAX_RETRY: u32 = 10;
+pub(crate) const DEFAULT_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+pub(crate) const MAX_TIMEOUT_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+pub(crate) const MAX_RETRY: u32 = 10;
 
-const TOP_KEYS: &[&str] = &["name", "priority", "env", "on", "environments", "jobs"];
+pub(crate) const TOP_KEYS: &[&str] = &[
+    "name",
+    "priority",
+    "env",
+    "on",
+    "environments",
+    "jobs",
+    "include",
+    "concurrency",
+];
+/// What an included file may define; the including file owns the rest.
+pub(crate) const INCLUDED_KEYS: &[&str] = &["include", "env", "environments", "jobs"];
 const ENVIRONMENT_KEYS: &[&str] = &["select", "approvals", "wait", "branches"];
 const DEPLOY_KEYS: &[&str] = &[
     "environment",
@@ -80,12 +100,13 @@ const HEALTH_KEYS: &[&str] = &[
     "deadline",
 ];
 const TIMEOUT_KEYS: &[&str] = &["stage", "activate"];
-const ON_KEYS: &[&str] = &["push", "schedule", "manual", "inputs"];
+const ON_KEYS: &[&str] = &["push", "schedule", "manual", "inputs", "call"];
+const CALL_KEYS: &[&str] = &["secrets"];
 const PUSH_KEYS: &[&str] = &["branches", "tags", "paths"];
 const SCHEDULE_KEYS: &[&str] = &["cron"];
 const MANUAL_KEYS: &[&str] = &["inputs"];
-const INPUT_KEYS: &[&str] = &["default", "description"];
-const JOB_KEYS: &[&str] = &[
+const INPUT_KEYS: &[&str] = &["default", "description", "type", "required", "options"];
+pub(crate) const JOB_KEYS: &[&str] = &[
     "runs-on",
     "steps",
     "needs",
@@ -102,40 +123,93 @@ const JOB_KEYS: &[&str] = &[
     "cache",
     "download",
     "deploy",
+    "outputs",
+    "services",
+    "reports",
+    "environment",
+    "checkout",
+    "concurrency",
+    "extends",
+    "uses",
 ];
-const ARTIFACT_KEYS: &[&str] = &["name", "paths", "expire-in"];
-const CACHE_KEYS: &[&str] = &["key", "paths", "restore-keys"];
-const STRATEGY_KEYS: &[&str] = &["matrix"];
-const STEP_KEYS: &[&str] = &["run", "name", "working-directory", "env"];
+const ARTIFACT_KEYS: &[&str] = &["name", "paths", "expire-in", "when"];
+const CACHE_KEYS: &[&str] = &["key", "paths", "restore-keys", "home"];
+pub(crate) const STRATEGY_KEYS: &[&str] = &["matrix", "fail-fast", "max-parallel"];
+const STEP_KEYS: &[&str] = &[
+    "run",
+    "name",
+    "working-directory",
+    "env",
+    "id",
+    "if",
+    "continue-on-error",
+    "timeout",
+    "shell",
+];
 
-struct Ctx {
-    file: String,
-    errors: Vec<ParseError>,
+/// What loading one pipeline has found and spent so far.
+pub(crate) struct Ctx {
+    /// Every file read, by the index that positions carry: the top file first.
+    pub(crate) files: Vec<String>,
+    errors: Vec<(Pos, String)>,
+    /// Bytes of copied job text still allowed ([`MAX_EXPANDED_TEXT`] at the start).
+    budget: usize,
+    budget_refused: bool,
+    /// The run's declared inputs and the pipeline's env names, for reference checks.
+    pub(crate) inputs: BTreeMap<String, InputSpec>,
+    pub(crate) pipeline_env: BTreeSet<String>,
 }
 
 impl Ctx {
-    fn error(&mut self, pos: Pos, message: impl Into<String>) {
-        self.errors.push(ParseError {
-            file: self.file.clone(),
-            line: pos.line,
-            column: pos.column,
-            message: message.into(),
-        });
+    fn new(file_name: &str) -> Self {
+        Self {
+            files: vec![file_name.to_owned()],
+            errors: Vec::new(),
+            budget: MAX_EXPANDED_TEXT,
+            budget_refused: false,
+            inputs: BTreeMap::new(),
+            pipeline_env: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn error(&mut self, pos: Pos, message: impl Into<String>) {
+        self.errors.push((pos, message.into()));
+    }
+
+    pub(crate) fn error_count(&self) -> usize {
+        self.errors.len()
+    }
+
+    /// Takes `bytes` from the copy budget before a copy is made; false, with one error
+    /// at `pos` for the whole load, once it is spent.
+    pub(crate) fn charge(&mut self, pos: Pos, bytes: usize) -> bool {
+        if let Some(left) = self.budget.checked_sub(bytes) {
+            self.budget = left;
+            return true;
+        }
+        if !self.budget_refused {
+            self.budget_refused = true;
+            self.error(
+                pos,
+                format!("the pipeline expands to more than {MAX_EXPANDED_TEXT} bytes of job text (matrices, templates, includes and called pipelines together); make the matrix or the shared parts smaller"),
+            );
+        }
+        false
     }
 }
 
 /// The checked entries of a mapping, by key.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     map: HashMap<&'a str, (&'a Node, &'a Node)>,
 }
 
 impl<'a> Fields<'a> {
-    fn get(&self, key: &str) -> Option<&'a Node> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Node> {
         self.map.get(key).map(|(_, value)| *value)
     }
 }
 
-fn scalar(node: &Node) -> Option<&str> {
+pub(crate) fn scalar(node: &Node) -> Option<&str> {
     match &node.kind {
         Kind::Scalar { value, .. } => Some(value),
         _ => None,
@@ -143,7 +217,12 @@ fn scalar(node: &Node) -> Option<&str> {
 }
 
 /// Checks that `node` is a mapping whose keys are distinct scalars from `allowed`.
-fn fields<'a>(ctx: &mut Ctx, node: &'a Node, allowed: &[&str], what: &str) -> Option<Fields<'a>> {
+pub(crate) fn fields<'a>(
+    ctx: &mut Ctx,
+    node: &'a Node,
+    allowed: &[&str],
+    what: &str,
+) -> Option<Fields<'a>> {
     let Kind::Map(entries) = &node.kind else {
         if node.is_null() {
             return Some(Fields {
@@ -183,7 +262,11 @@ fn fields<'a>(ctx: &mut Ctx, node: &'a Node, allowed: &[&str], what: &str) -> Op
 }
 
 /// Entries of a free-form mapping (env, jobs, inputs), refusing duplicate keys.
-fn entries<'a>(ctx: &mut Ctx, node: &'a Node, what: &str) -> Vec<(String, &'a Node, &'a Node)> {
+pub(crate) fn entries<'a>(
+    ctx: &mut Ctx,
+    node: &'a Node,
+    what: &str,
+) -> Vec<(String, &'a Node, &'a Node)> {
     let Kind::Map(items) = &node.kind else {
         if !node.is_null() {
             ctx.error(
@@ -212,7 +295,7 @@ fn entries<'a>(ctx: &mut Ctx, node: &'a Node, what: &str) -> Vec<(String, &'a No
     out
 }
 
-fn string(ctx: &mut Ctx, node: &Node, what: &str) -> Option<String> {
+pub(crate) fn string(ctx: &mut Ctx, node: &Node, what: &str) -> Option<String> {
     match &node.kind {
         Kind::Scalar { value, .. } if !node.is_null() => Some(value.clone()),
         _ => {
@@ -226,7 +309,7 @@ fn string(ctx: &mut Ctx, node: &Node, what: &str) -> Option<String> {
 }
 
 /// A string or a list of strings.
-fn string_list(ctx: &mut Ctx, node: &Node, what: &str) -> Vec<(String, Pos)> {
+pub(crate) fn string_list(ctx: &mut Ctx, node: &Node, what: &str) -> Vec<(String, Pos)> {
     match &node.kind {
         Kind::Seq(items) => items
             .iter()
@@ -250,7 +333,7 @@ fn string_list(ctx: &mut Ctx, node: &Node, what: &str) -> Vec<(String, Pos)> {
     }
 }
 
-fn boolean(ctx: &mut Ctx, node: &Node, what: &str) -> Option<bool> {
+pub(crate) fn boolean(ctx: &mut Ctx, node: &Node, what: &str) -> Option<bool> {
     match scalar(node) {
         Some("true" | "True" | "TRUE") => Some(true),
         Some("false" | "False" | "FALSE") => Some(false),
@@ -261,14 +344,14 @@ fn boolean(ctx: &mut Ctx, node: &Node, what: &str) -> Option<bool> {
     }
 }
 
-fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 255
 }
 
-fn is_label_key(key: &str) -> bool {
+pub(crate) fn is_label_key(key: &str) -> bool {
     (1..=63).contains(&key.len())
         && key.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && key.chars().all(|c| {
@@ -276,7 +359,7 @@ fn is_label_key(key: &str) -> bool {
         })
 }
 
-fn is_job_key(key: &str) -> bool {
+pub(crate) fn is_job_key(key: &str) -> bool {
     (1..=100).contains(&key.len())
         && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
         && key
@@ -286,14 +369,14 @@ fn is_job_key(key: &str) -> bool {
 
 /// A templated string with the position of the node it came from.
 #[derive(Clone)]
-struct Text {
-    value: String,
-    pos: Pos,
+pub(crate) struct Text {
+    pub(crate) value: String,
+    pub(crate) pos: Pos,
 }
 
-type KeyedTexts = Vec<(String, Text)>;
+pub(crate) type KeyedTexts = Vec<(String, Text)>;
 
-fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
+pub(crate) fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
     let mut out = Vec::new();
     for (name, key, value) in entries(ctx, node, what) {
         if !is_env_name(&name) {
@@ -368,58 +451,17 @@ pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
     Ok(total)
 }
 
-struct RawStep {
-    name: Option<Text>,
-    run: Text,
-    working_directory: Option<String>,
-    env: KeyedTexts,
-}
-
-struct RawJob {
-    key: String,
-    pos: Pos,
-    needs: Vec<(String, Pos)>,
-    /// Matrix combinations in order, each with its keys in matrix order; one empty
-    /// combination for a plain job.
-    combos: Vec<Vec<(String, String)>>,
-    is_matrix: bool,
-    runs_on: KeyedTexts,
-    steps: Vec<RawStep>,
-    env: KeyedTexts,
-    timeout_ms: u64,
-    retry: u32,
-    continue_on_error: bool,
-    condition: Condition,
-    manual: bool,
-    image: Option<Text>,
-    artifacts: Option<RawArtifacts>,
-    cache: Option<RawCache>,
-    /// `download:` as written: `None` takes every artifact of the job's needs.
-    download: Option<Vec<(String, Pos)>>,
-    /// `deploy:`, with the position of its artifact name (checked against the needs).
-    deploy: Option<(DeploySpec, Pos)>,
-}
-
-struct RawArtifacts {
-    pos: Pos,
-    name: Option<Text>,
-    paths: Vec<String>,
-    expire_in_secs: u64,
-}
-
-struct RawCache {
-    key: Text,
-    restore_keys: Vec<Text>,
-    paths: Vec<String>,
-}
-
-/// Parses a pipeline file. See the crate documentation.
+/// Parses a pipeline that stands alone; `include:` and `uses:` are refused (see
+/// [`load`]).
 pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
-    let mut ctx = Ctx {
-        file: file_name.to_owned(),
-        errors: Vec::new(),
-    };
-    let start = Pos { line: 1, column: 1 };
+    load(file_name, text, &NoFiles)
+}
+
+/// Parses a pipeline whose included and called files `resolver` hands over. See the
+/// crate documentation. `file_name` is the file's path in its repository.
+pub fn load(file_name: &str, text: &str, resolver: &dyn Resolver) -> Result<Pipeline, Errors> {
+    let mut ctx = Ctx::new(file_name);
+    let start = Pos::start(0);
     if text.len() > MAX_FILE_SIZE {
         ctx.error(
             start,
@@ -428,23 +470,24 @@ pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
                 text.len()
             ),
         );
-        return Err(Errors(ctx.errors));
+        return finish(ctx, None);
     }
-    let root = match yaml::load(text) {
+    let root = match yaml::load(text, 0) {
         Ok(Some(root)) => root,
         Ok(None) => {
             ctx.error(
                 start,
                 "the file is empty; expected a mapping with a jobs key",
             );
-            return Err(Errors(ctx.errors));
+            return finish(ctx, None);
         }
         Err(err) => {
             ctx.error(err.pos, err.message);
-            return Err(Errors(ctx.errors));
+            return finish(ctx, None);
         }
     };
-    let pipeline = load_pipeline(&mut ctx, file_name, &root);
+    let mut sources = jobs::Sources::new(resolver, file_name, text.len());
+    let pipeline = load_pipeline(&mut ctx, &mut sources, file_name, &root);
     finish(ctx, pipeline)
 }
 
@@ -453,11 +496,25 @@ fn finish(mut ctx: Ctx, pipeline: Option<Pipeline>) -> Result<Pipeline, Errors> 
         if let Some(pipeline) = pipeline {
             return Ok(pipeline);
         }
-        ctx.error(Pos { line: 1, column: 1 }, "the pipeline is not valid");
+        ctx.error(Pos::start(0), "the pipeline is not valid");
     }
-    ctx.errors.sort_by_key(|e| (e.line, e.column));
+    ctx.errors.sort();
     ctx.errors.dedup();
-    Err(Errors(ctx.errors))
+    let files = ctx.files;
+    Err(Errors(
+        ctx.errors
+            .into_iter()
+            .map(|(pos, message)| ParseError {
+                file: files
+                    .get(usize::from(pos.file))
+                    .cloned()
+                    .unwrap_or_default(),
+                line: pos.line,
+                column: pos.column,
+                message,
+            })
+            .collect(),
+    ))
 }
 
 fn default_name(file_name: &str) -> String {
@@ -469,7 +526,12 @@ fn default_name(file_name: &str) -> String {
     stem.to_owned()
 }
 
-fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline> {
+fn load_pipeline(
+    ctx: &mut Ctx,
+    src: &mut jobs::Sources<'_>,
+    file_name: &str,
+    root: &Node,
+) -> Option<Pipeline> {
     if !matches!(root.kind, Kind::Map(_)) {
         ctx.error(
             root.pos,
@@ -480,7 +542,8 @@ fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline
         );
         return None;
     }
-    let top = fields(ctx, root, TOP_KEYS, "the pipeline")?;
+    let root = jobs::apply_includes(ctx, src, root, &[file_name.to_owned()]);
+    let top = fields(ctx, &root, TOP_KEYS, "the pipeline")?;
     let name = match top.get("name") {
         Some(node) => string(ctx, node, "name").unwrap_or_default(),
         None => default_name(file_name),
@@ -498,17 +561,27 @@ fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline
         }
         None => 0,
     };
-    let env = top
-        .get("env")
-        .map(|node| env_map(ctx, node, "env"))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, t)| (k, t.value))
-        .collect();
     let triggers = top
         .get("on")
         .map(|node| load_triggers(ctx, node))
         .unwrap_or_default();
+    ctx.inputs.clone_from(&triggers.inputs);
+    let env_texts = top
+        .get("env")
+        .map(|node| env_map(ctx, node, "env"))
+        .unwrap_or_default();
+    ctx.pipeline_env = env_texts.iter().map(|(k, _)| k.clone()).collect();
+    for (_, text) in &env_texts {
+        jobs::check_text(
+            ctx,
+            text,
+            Allowed {
+                needs: false,
+                ..Allowed::with_secrets("the pipeline's env")
+            },
+        );
+    }
+    let env = env_texts.into_iter().map(|(k, t)| (k, t.value)).collect();
     let Some(jobs_node) = top.get("jobs") else {
         ctx.error(
             root.pos,
@@ -516,11 +589,28 @@ fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline
         );
         return None;
     };
-    let environments = top
+    let mut environments = top
         .get("environments")
         .map(|node| load_environments(ctx, node))
         .unwrap_or_default();
-    let jobs = load_jobs(ctx, jobs_node)?;
+    let concurrency = top.get("concurrency").and_then(|node| {
+        let (concurrency, pos) = runtime::load_concurrency(ctx, node)?;
+        let group = Text {
+            value: concurrency.group.clone(),
+            pos,
+        };
+        jobs::check_text(
+            ctx,
+            &group,
+            Allowed {
+                run: true,
+                env: true,
+                ..Allowed::none("the pipeline's concurrency group")
+            },
+        );
+        Some(concurrency)
+    });
+    let jobs = jobs::load_all(ctx, src, jobs_node, &mut environments)?;
     Some(Pipeline {
         name,
         priority,
@@ -528,10 +618,11 @@ fn load_pipeline(ctx: &mut Ctx, file_name: &str, root: &Node) -> Option<Pipeline
         triggers,
         environments,
         jobs,
+        concurrency,
     })
 }
 
-fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
+pub(crate) fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
     let mut triggers = Triggers::default();
     // Shorthand as in GitHub Actions: `on: push` or `on: [push, manual]`.
     if matches!(node.kind, Kind::Seq(_))
@@ -541,9 +632,10 @@ fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
             match event.as_str() {
                 "push" => triggers.push = Some(PushFilter::default()),
                 "manual" => {}
+                "call" => triggers.call = Some(CallSpec::default()),
                 _ => ctx.error(
                     pos,
-                    format!("unknown trigger \"{event}\" in on; allowed are push and manual (schedule needs a cron mapping)"),
+                    format!("unknown trigger \"{event}\" in on; allowed are push, manual and call (schedule needs a cron mapping)"),
                 ),
             }
         }
@@ -608,6 +700,25 @@ fn load_triggers(ctx: &mut Ctx, node: &Node) -> Triggers {
     if let Some(inputs) = on.get("inputs") {
         load_inputs(ctx, inputs, &mut triggers.inputs);
     }
+    if let Some(call) = on.get("call") {
+        if let Some(f) = fields(ctx, call, CALL_KEYS, "on.call") {
+            let mut spec = CallSpec::default();
+            for (name, pos) in f
+                .get("secrets")
+                .map(|n| string_list(ctx, n, "on.call.secrets"))
+                .unwrap_or_default()
+            {
+                if !is_env_name(&name) {
+                    ctx.error(pos, format!("secret name \"{name}\" must be letters, digits and _, not starting with a digit"));
+                } else if spec.secrets.contains(&name) {
+                    ctx.error(pos, format!("secret \"{name}\" is listed twice"));
+                } else {
+                    spec.secrets.push(name);
+                }
+            }
+            triggers.call = Some(spec);
+        }
+    }
     triggers
 }
 
@@ -620,233 +731,91 @@ fn load_inputs(ctx: &mut Ctx, node: &Node, out: &mut BTreeMap<String, InputSpec>
             );
             continue;
         }
-        let Some(f) = fields(ctx, value, INPUT_KEYS, &format!("input {name}")) else {
+        if out.len() >= MAX_INPUTS {
+            ctx.error(
+                key.pos,
+                format!("a pipeline declares at most {MAX_INPUTS} inputs"),
+            );
+            return;
+        }
+        let what = format!("input {name}");
+        let Some(f) = fields(ctx, value, INPUT_KEYS, &what) else {
             continue;
         };
-        let default = f.get("default").and_then(|n| string(ctx, n, "default"));
-        if out.insert(name.clone(), InputSpec { default }).is_some() {
+        let kind = match f.get("type").map(|n| (scalar(n), n.pos)) {
+            None => InputType::String,
+            Some((Some("string"), _)) => InputType::String,
+            Some((Some("choice"), _)) => InputType::Choice,
+            Some((Some("boolean"), _)) => InputType::Boolean,
+            Some((Some("number"), _)) => InputType::Number,
+            Some((_, pos)) => {
+                ctx.error(
+                    pos,
+                    format!("{what}: type must be string, choice, boolean or number"),
+                );
+                continue;
+            }
+        };
+        let required = f
+            .get("required")
+            .and_then(|n| boolean(ctx, n, &format!("{what}: required")))
+            .unwrap_or(false);
+        let description = f
+            .get("description")
+            .and_then(|n| string(ctx, n, &format!("{what}: description")));
+        let mut options: Vec<String> = Vec::new();
+        if let Some(n) = f.get("options") {
+            if kind != InputType::Choice {
+                ctx.error(n.pos, format!("{what}: options are for type: choice"));
+            }
+            let listed = string_list(ctx, n, &format!("{what}: options"));
+            if listed.len() > MAX_OPTIONS {
+                ctx.error(
+                    n.pos,
+                    format!(
+                        "{what} has {} options; the most is {MAX_OPTIONS}",
+                        listed.len()
+                    ),
+                );
+            }
+            for (option, pos) in listed.into_iter().take(MAX_OPTIONS) {
+                if option.len() > MAX_INPUT_VALUE {
+                    ctx.error(
+                        pos,
+                        format!("{what}: an option is longer than {MAX_INPUT_VALUE} bytes"),
+                    );
+                } else if options.contains(&option) {
+                    ctx.error(pos, format!("{what}: option \"{option}\" is listed twice"));
+                } else {
+                    options.push(option);
+                }
+            }
+        }
+        if kind == InputType::Choice && options.is_empty() {
+            ctx.error(
+                value.pos,
+                format!("{what} is a choice and needs options: [A, B, ...]"),
+            );
+        }
+        let mut spec = InputSpec {
+            default: None,
+            kind,
+            required,
+            options,
+            description,
+        };
+        if let Some(n) = f.get("default") {
+            if let Some(default) = string(ctx, n, &format!("{what}: default")) {
+                match spec.problem(&default) {
+                    Some(problem) => ctx.error(n.pos, format!("{what}: the default {problem}")),
+                    None => spec.default = Some(default),
+                }
+            }
+        }
+        if out.insert(name.clone(), spec).is_some() {
             ctx.error(key.pos, format!("input \"{name}\" is declared twice"));
         }
     }
-}
-
-fn load_jobs(ctx: &mut Ctx, node: &Node) -> Option<Vec<Job>> {
-    let job_entries = entries(ctx, node, "jobs");
-    if job_entries.is_empty() {
-        ctx.error(node.pos, "jobs is empty; expected at least one job");
-        return None;
-    }
-    if job_entries.len() > MAX_JOBS {
-        ctx.error(
-            node.pos,
-            format!(
-                "the pipeline has {} jobs; the most is {MAX_JOBS}",
-                job_entries.len()
-            ),
-        );
-        return None;
-    }
-    let mut raw_jobs = Vec::new();
-    let mut expanded_text = 0usize;
-    for (key, key_node, value) in &job_entries {
-        if !is_job_key(key) {
-            ctx.error(
-                key_node.pos,
-                format!("job key \"{key}\" must be 1-100 letters, digits, - and _, starting with a letter or _"),
-            );
-        }
-        if let Some(raw) = load_job(ctx, key, key_node.pos, value) {
-            expanded_text =
-                expanded_text.saturating_add(value.text_size().saturating_mul(raw.combos.len()));
-            if expanded_text > MAX_EXPANDED_TEXT {
-                ctx.error(
-                    key_node.pos,
-                    format!(
-                        "matrix expansion produces more than {MAX_EXPANDED_TEXT} bytes of jobs"
-                    ),
-                );
-                return None;
-            }
-            raw_jobs.push(raw);
-        }
-    }
-    let total: usize = raw_jobs.iter().map(|j| j.combos.len()).sum();
-    if total > MAX_JOBS {
-        ctx.error(
-            node.pos,
-            format!("the pipeline expands to {total} jobs; the most is {MAX_JOBS}"),
-        );
-        return None;
-    }
-    if raw_jobs.len() != job_entries.len() {
-        // Some jobs failed to load; graph checks would only add noise.
-        return None;
-    }
-    check_cycles(ctx, &raw_jobs);
-    Some(expand(ctx, &raw_jobs))
-}
-
-fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node) -> Option<RawJob> {
-    let what = format!("job {key}");
-    let f = fields(ctx, node, JOB_KEYS, &what)?;
-    let needs = f
-        .get("needs")
-        .map(|n| string_list(ctx, n, "needs"))
-        .unwrap_or_default();
-    let matrix_node = match (f.get("strategy"), f.get("matrix")) {
-        (Some(strategy), direct) => {
-            if let Some(direct) = direct {
-                ctx.error(
-                    direct.pos,
-                    "give the matrix either under strategy or directly under the job, not both",
-                );
-            }
-            fields(ctx, strategy, STRATEGY_KEYS, "strategy").and_then(|s| s.get("matrix"))
-        }
-        (None, direct) => direct,
-    };
-    let (combos, is_matrix) = match matrix_node {
-        Some(m) => (expand_matrix(ctx, m)?, true),
-        None => (vec![Vec::new()], false),
-    };
-    let runs_on = f
-        .get("runs-on")
-        .map(|n| load_labels(ctx, n))
-        .unwrap_or_default();
-    let deploy = f.get("deploy").and_then(|n| load_deploy(ctx, n));
-    let mut steps = Vec::new();
-    match f.get("steps") {
-        None if f.get("deploy").is_some() => {}
-        Some(steps_node) if f.get("deploy").is_some() => ctx.error(
-            steps_node.pos,
-            "a deploy job runs no steps: the coordinator deploys; put commands for the hosts under deploy.hooks",
-        ),
-        None => ctx.error(
-            pos,
-            format!("job {key} has no steps; expected steps: [{{ run: ... }}]"),
-        ),
-        Some(steps_node) => match &steps_node.kind {
-            Kind::Seq(items) if !items.is_empty() => {
-                for item in items {
-                    if let Some(step) = load_step(ctx, item) {
-                        steps.push(step);
-                    }
-                }
-            }
-            Kind::Seq(_) => ctx.error(
-                steps_node.pos,
-                format!("job {key} has no steps; expected at least one {{ run: ... }}"),
-            ),
-            _ if steps_node.is_null() => ctx.error(
-                steps_node.pos,
-                format!("job {key} has no steps; expected at least one {{ run: ... }}"),
-            ),
-            _ => ctx.error(
-                steps_node.pos,
-                format!("steps must be a list, found {}", steps_node.type_name()),
-            ),
-        },
-    }
-    let env = f
-        .get("env")
-        .map(|n| env_map(ctx, n, "env"))
-        .unwrap_or_default();
-    let timeout_ms = match f.get("timeout") {
-        None => DEFAULT_TIMEOUT_MS,
-        Some(n) => match scalar(n).map(parse_duration) {
-            Some(Ok(ms)) if ms > 0 && ms <= MAX_TIMEOUT_MS => ms,
-            Some(Ok(_)) => {
-                ctx.error(n.pos, "timeout must be more than 0 and at most 168h");
-                DEFAULT_TIMEOUT_MS
-            }
-            Some(Err(message)) => {
-                ctx.error(n.pos, format!("timeout {message}"));
-                DEFAULT_TIMEOUT_MS
-            }
-            None => {
-                ctx.error(
-                    n.pos,
-                    format!(
-                        "timeout must be a duration like 30m, found {}",
-                        n.type_name()
-                    ),
-                );
-                DEFAULT_TIMEOUT_MS
-            }
-        },
-    };
-    let retry = match f.get("retry") {
-        None => 0,
-        Some(n) => match scalar(n).and_then(|s| s.parse::<u64>().ok()) {
-            Some(r) if r <= u64::from(MAX_RETRY) => r as u32,
-            Some(r) => {
-                ctx.error(n.pos, format!("retry is {r}; the most is {MAX_RETRY}"));
-                0
-            }
-            None => {
-                ctx.error(
-                    n.pos,
-                    format!("retry must be a whole number from 0 to {MAX_RETRY}"),
-                );
-                0
-            }
-        },
-    };
-    let continue_on_error = f
-        .get("continue-on-error")
-        .and_then(|n| boolean(ctx, n, "continue-on-error"))
-        .unwrap_or(false);
-    let condition = match f.get("if") {
-        None => Condition::default(),
-        Some(n) => load_condition(ctx, n, &combos).unwrap_or_default(),
-    };
-    let manual = match f.get("when") {
-        None => false,
-        Some(n) => match scalar(n) {
-            Some("manual") => true,
-            Some("auto") => false,
-            _ => {
-                ctx.error(n.pos, "when must be manual (wait for approval) or auto");
-                false
-            }
-        },
-    };
-    let image = f
-        .get("image")
-        .and_then(|n| string(ctx, n, "image").map(|value| Text { value, pos: n.pos }));
-    let artifacts = f.get("artifacts").and_then(|n| load_artifacts(ctx, n));
-    let cache = f.get("cache").and_then(|n| load_cache(ctx, n));
-    let download = f.get("download").map(|n| {
-        if matches!(n.kind, Kind::Seq(_)) {
-            string_list(ctx, n, "download")
-        } else {
-            ctx.error(
-                n.pos,
-                "download must be a list of artifact names, e.g. download: [app] (or [] for none)",
-            );
-            Vec::new()
-        }
-    });
-    Some(RawJob {
-        key: key.to_owned(),
-        pos,
-        needs,
-        combos,
-        is_matrix,
-        runs_on,
-        steps,
-        env,
-        timeout_ms,
-        retry,
-        continue_on_error,
-        condition,
-        manual,
-        image,
-        artifacts,
-        cache,
-        download,
-        deploy,
-    })
 }
 
 /// A duration option in milliseconds, or the default when absent.
@@ -917,7 +886,7 @@ fn amount_field(
     }
 }
 
-fn load_environments(ctx: &mut Ctx, node: &Node) -> BTreeMap<String, EnvironmentSpec> {
+pub(crate) fn load_environments(ctx: &mut Ctx, node: &Node) -> BTreeMap<String, EnvironmentSpec> {
     let mut out = BTreeMap::new();
     for (name, key, value) in entries(ctx, node, "environments") {
         if let Some(problem) = environment_name_problem(&name) {
@@ -988,7 +957,7 @@ fn load_environments(ctx: &mut Ctx, node: &Node) -> BTreeMap<String, Environment
     out
 }
 
-fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
+pub(crate) fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
     let what = "deploy";
     let f = fields(ctx, node, DEPLOY_KEYS, what)?;
     let required = |ctx: &mut Ctx, key: &str, example: &str| -> Option<(String, Pos)> {
@@ -1005,9 +974,7 @@ fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
     let environment = required(ctx, "environment", "production");
     let artifact = required(ctx, "artifact", "app");
     if let Some((name, pos)) = &environment {
-        if let Some(problem) = environment_name_problem(name) {
-            ctx.error(*pos, format!("environment name \"{name}\" {problem}"));
-        }
+        runtime::check_environment_name(ctx, name, *pos);
     }
     let app = match f.get("app") {
         Some(n) => string(ctx, n, "deploy.app").map(|s| (s, n.pos)),
@@ -1277,12 +1244,56 @@ fn load_deploy(ctx: &mut Ctx, node: &Node) -> Option<(DeploySpec, Pos)> {
     ))
 }
 
-fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
+/// A job's `artifacts:` as read; its name is settled when the job is named.
+pub(crate) struct RawArtifacts {
+    pub(crate) pos: Pos,
+    pub(crate) name: Option<Text>,
+    pub(crate) paths: Vec<String>,
+    pub(crate) expire_in_secs: u64,
+    pub(crate) when: ArtifactWhen,
+}
+
+impl RawArtifacts {
+    /// The artifact of the job named `job_name`, or why its name cannot be used.
+    pub(crate) fn spec(&self, job_name: &str) -> Result<(ArtifactSpec, Pos), (Pos, String)> {
+        let (name, pos) = match &self.name {
+            Some(text) => (text.value.clone(), text.pos),
+            None => (job_name.to_owned(), self.pos),
+        };
+        if let Some(problem) = artifact_name_problem(&name) {
+            return Err((pos, format!("artifact name \"{name}\" {problem}")));
+        }
+        Ok((
+            ArtifactSpec {
+                name,
+                paths: self.paths.clone(),
+                expire_in_secs: self.expire_in_secs,
+                when: self.when,
+            },
+            pos,
+        ))
+    }
+}
+
+pub(crate) fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
     let f = fields(ctx, node, ARTIFACT_KEYS, "artifacts")?;
     let name = f
         .get("name")
         .and_then(|n| string(ctx, n, "artifacts.name").map(|value| Text { value, pos: n.pos }));
-    let paths = load_paths(ctx, node, f.get("paths"), "artifacts");
+    let paths = load_paths(ctx, node, f.get("paths"), "artifacts", None);
+    let when = match f.get("when").map(|n| (scalar(n), n.pos)) {
+        None => ArtifactWhen::OnSuccess,
+        Some((Some("on-success"), _)) => ArtifactWhen::OnSuccess,
+        Some((Some("on-failure"), _)) => ArtifactWhen::OnFailure,
+        Some((Some("always"), _)) => ArtifactWhen::Always,
+        Some((_, pos)) => {
+            ctx.error(
+                pos,
+                "artifacts.when must be on-success, on-failure or always",
+            );
+            ArtifactWhen::OnSuccess
+        }
+    };
     let expire_in_secs = match f.get("expire-in") {
         None => DEFAULT_EXPIRE_IN_SECS,
         Some(n) => match scalar(n).map(parse_duration) {
@@ -1312,11 +1323,53 @@ fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts> {
         name,
         paths: paths?,
         expire_in_secs,
+        when,
     })
 }
 
-fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
+/// A job's `cache:`: one mapping or a list of them, each with a distinct key. The key
+/// texts hold their matrix values already.
+pub(crate) fn load_caches(ctx: &mut Ctx, node: &Node) -> Vec<CacheSpec> {
+    let items: Vec<&Node> = match &node.kind {
+        Kind::Seq(items) => items.iter().collect(),
+        _ => vec![node],
+    };
+    if items.len() > MAX_CACHES {
+        ctx.error(
+            node.pos,
+            format!(
+                "the job has {} caches; the most is {MAX_CACHES}",
+                items.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut caches: Vec<CacheSpec> = Vec::new();
+    for item in items {
+        let Some((cache, key_pos)) = load_cache(ctx, item) else {
+            continue;
+        };
+        if caches.iter().any(|c| c.key == cache.key) {
+            ctx.error(
+                key_pos,
+                format!(
+                    "two caches of the job have the key \"{}\"; each cache needs its own key",
+                    cache.key
+                ),
+            );
+            continue;
+        }
+        caches.push(cache);
+    }
+    caches
+}
+
+fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<(CacheSpec, Pos)> {
     let f = fields(ctx, node, CACHE_KEYS, "cache")?;
+    let home = f
+        .get("home")
+        .and_then(|n| boolean(ctx, n, "cache.home"))
+        .unwrap_or(false);
     let key = if let Some(n) = f.get("key") {
         string(ctx, n, "cache.key").map(|value| Text { value, pos: n.pos })
     } else {
@@ -1326,7 +1379,7 @@ fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
         );
         None
     };
-    let restore_keys = f
+    let restore_keys: Vec<Text> = f
         .get("restore-keys")
         .map(|n| {
             let items = match &n.kind {
@@ -1344,21 +1397,39 @@ fn load_cache(ctx: &mut Ctx, node: &Node) -> Option<RawCache> {
                 .collect()
         })
         .unwrap_or_default();
-    let paths = load_paths(ctx, node, f.get("paths"), "cache");
-    Some(RawCache {
-        key: key?,
-        restore_keys,
-        paths: paths?,
+    let paths = load_paths(ctx, node, f.get("paths"), "cache", Some(home));
+    let key = key?;
+    let mut ok = true;
+    for text in std::iter::once(&key).chain(&restore_keys) {
+        if let Some(problem) = cache_key_problem(&text.value) {
+            ctx.error(text.pos, problem);
+            ok = false;
+        }
+    }
+    let pos = key.pos;
+    let paths = paths?;
+    ok.then(|| {
+        (
+            CacheSpec {
+                key: key.value,
+                restore_keys: restore_keys.into_iter().map(|t| t.value).collect(),
+                paths,
+                home,
+            },
+            pos,
+        )
     })
 }
 
 /// The `paths:` of an artifact or cache: at least one, each relative and inside the
-/// workspace.
+/// workspace; for a cache, `home` says whether `~/...` paths (under `$HOME`) may be
+/// listed too (`None` for artifacts, whose files are always the workspace's).
 fn load_paths(
     ctx: &mut Ctx,
     parent: &Node,
     node: Option<&Node>,
     what: &str,
+    home: Option<bool>,
 ) -> Option<Vec<String>> {
     let Some(node) = node else {
         ctx.error(
@@ -1387,7 +1458,15 @@ fn load_paths(
     }
     let mut ok = true;
     for (path, pos) in &paths {
-        if let Some(problem) = path_problem(path) {
+        let problem = match (path.starts_with("~/") || path == "~", home) {
+            (true, Some(true)) => home_path_problem(path),
+            (true, Some(false)) => {
+                Some("is under $HOME; add home: true to the cache to keep paths there")
+            }
+            (true, None) => Some("is under $HOME; artifacts are taken from the workspace (copy the files there first)"),
+            (false, _) => path_problem(path),
+        };
+        if let Some(problem) = problem {
             ctx.error(*pos, format!("{what} path \"{path}\" {problem}"));
             ok = false;
         }
@@ -1395,7 +1474,7 @@ fn load_paths(
     ok.then(|| paths.into_iter().map(|(p, _)| p).collect())
 }
 
-fn load_condition(
+pub(crate) fn load_condition(
     ctx: &mut Ctx,
     node: &Node,
     combos: &[Vec<(String, String)>],
@@ -1427,10 +1506,7 @@ fn load_condition(
                 node.pos.column
             };
             ctx.error(
-                Pos {
-                    line: node.pos.line,
-                    column,
-                },
+                Pos { column, ..node.pos },
                 format!("invalid if expression: {message}"),
             );
             None
@@ -1438,7 +1514,7 @@ fn load_condition(
     }
 }
 
-fn unknown_matrix_key(name: &str, combos: &[Vec<(String, String)>]) -> String {
+pub(crate) fn unknown_matrix_key(name: &str, combos: &[Vec<(String, String)>]) -> String {
     let keys: BTreeSet<&str> = combos.iter().flatten().map(|(k, _)| k.as_str()).collect();
     if keys.is_empty() {
         format!("matrix.{name} is used but the job has no matrix")
@@ -1450,7 +1526,68 @@ fn unknown_matrix_key(name: &str, combos: &[Vec<(String, String)>]) -> String {
     }
 }
 
-fn load_labels(ctx: &mut Ctx, node: &Node) -> KeyedTexts {
+/// Operating systems and architectures, as agents report them in their `os` and `arch`
+/// labels (Rust's `std::env::consts`), and the names other CI systems use for them.
+const OS_NAMES: &[&str] = &[
+    "linux",
+    "macos",
+    "windows",
+    "freebsd",
+    "netbsd",
+    "openbsd",
+    "dragonfly",
+    "solaris",
+    "illumos",
+    "android",
+    "ios",
+];
+const ARCH_NAMES: &[(&str, &str)] = &[
+    ("x86_64", "x86_64"),
+    ("x64", "x86_64"),
+    ("amd64", "x86_64"),
+    ("aarch64", "aarch64"),
+    ("arm64", "aarch64"),
+    ("x86", "x86"),
+    ("arm", "arm"),
+    ("riscv64", "riscv64"),
+    ("s390x", "s390x"),
+    ("powerpc64", "powerpc64"),
+    ("loongarch64", "loongarch64"),
+];
+
+/// What a bare `runs-on` label asks of an agent: an OS name is its `os` label, an
+/// architecture its `arch` label, `self-hosted` nothing (every agent is), anything else a
+/// label of that key with the value `true` (`gantry-agent --label gpu=true`).
+fn bare_label(label: &str) -> Result<Option<(String, String)>, String> {
+    let lower = label.to_ascii_lowercase();
+    if lower == "self-hosted" {
+        return Ok(None);
+    }
+    if OS_NAMES.contains(&lower.as_str()) {
+        return Ok(Some(("os".to_owned(), lower)));
+    }
+    if let Some((_, arch)) = ARCH_NAMES.iter().find(|(name, _)| *name == lower) {
+        return Ok(Some(("arch".to_owned(), (*arch).to_owned())));
+    }
+    let hosted = ["ubuntu-", "windows-", "macos-"]
+        .iter()
+        .any(|p| lower.starts_with(p))
+        || lower == "ubuntu";
+    if hosted {
+        return Err(format!(
+            "runs-on \"{label}\" names a GitHub-hosted runner; Gantry runs jobs on your agents: use labels they carry, like linux or {{ os: linux, arch: x86_64 }}"
+        ));
+    }
+    if is_label_key(label) {
+        Ok(Some((label.to_owned(), "true".to_owned())))
+    } else {
+        Err(format!("label \"{label}\" must be 1-63 characters of a-z, 0-9, ., _, / and -, starting with a letter or digit (or key=value)"))
+    }
+}
+
+/// `runs-on`: a mapping of labels, one label, or a list of labels, where a label is
+/// `key=value` or a bare label (see [`bare_label`]). Matrix values are already filled in.
+pub(crate) fn load_labels(ctx: &mut Ctx, node: &Node) -> KeyedTexts {
     let mut out: KeyedTexts = Vec::new();
     let mut push = |ctx: &mut Ctx, key: String, value: Text, pos: Pos| {
         if !is_label_key(&key) {
@@ -1464,39 +1601,113 @@ fn load_labels(ctx: &mut Ctx, node: &Node) -> KeyedTexts {
             out.push((key, value));
         }
     };
+    let mut entry = |ctx: &mut Ctx, item: &Node| {
+        let Some(text) = string(ctx, item, "each runs-on entry") else {
+            return;
+        };
+        match text.split_once('=') {
+            Some((key, value)) => push(
+                ctx,
+                key.to_owned(),
+                Text {
+                    value: value.to_owned(),
+                    pos: item.pos,
+                },
+                item.pos,
+            ),
+            None => match bare_label(&text) {
+                Ok(Some((key, value))) => push(
+                    ctx,
+                    key,
+                    Text {
+                        value,
+                        pos: item.pos,
+                    },
+                    item.pos,
+                ),
+                Ok(None) => {}
+                Err(message) => ctx.error(item.pos, message),
+            },
+        }
+    };
     match &node.kind {
         Kind::Map(_) => {
             for (key, key_node, value) in entries(ctx, node, "runs-on") {
                 if let Some(text) = string(ctx, value, &format!("label {key}")) {
-                    push(ctx, key, Text { value: text, pos: value.pos }, key_node.pos);
+                    push(
+                        ctx,
+                        key,
+                        Text {
+                            value: text,
+                            pos: value.pos,
+                        },
+                        key_node.pos,
+                    );
                 }
             }
         }
         Kind::Seq(items) => {
             for item in items {
-                let Some(text) = string(ctx, item, "each runs-on entry") else {
-                    continue;
-                };
-                match text.split_once('=') {
-                    Some((key, value)) => push(
-                        ctx,
-                        key.to_owned(),
-                        Text { value: value.to_owned(), pos: item.pos },
-                        item.pos,
-                    ),
-                    None => ctx.error(item.pos, format!("runs-on entry \"{text}\" must be \"key=value\"")),
-                }
+                entry(ctx, item);
             }
         }
+        Kind::Scalar { .. } if !node.is_null() => entry(ctx, node),
         Kind::Scalar { .. } => ctx.error(
             node.pos,
-            format!("runs-on must be a mapping of labels like {{ os: linux }} or a list of \"key=value\", found {}", node.type_name()),
+            "runs-on is empty; give a label like linux, a list of labels, or a mapping like { os: linux }",
         ),
     }
     out
 }
 
-fn load_step(ctx: &mut Ctx, node: &Node) -> Option<RawStep> {
+/// A step's `shell:`.
+fn load_shell(ctx: &mut Ctx, node: &Node) -> Option<Shell> {
+    let text = string(ctx, node, "shell")?;
+    Some(match text.as_str() {
+        "sh" => Shell::Sh,
+        "bash" => Shell::Bash,
+        "python" => Shell::Python,
+        "pwsh" => Shell::Pwsh,
+        custom
+            if custom.matches("{0}").count() == 1
+                && custom.len() <= 256
+                && !custom.trim_start().starts_with("{0}") =>
+        {
+            Shell::Command(custom.trim().to_owned())
+        }
+        _ => {
+            ctx.error(
+                node.pos,
+                format!("shell \"{text}\" must be sh, bash, python, pwsh, or a command with {{0}} where the script's file goes, like \"perl {{0}}\""),
+            );
+            return None;
+        }
+    })
+}
+
+/// A step's `id`: letters, digits, `_` and `-`, at most 64, starting with a letter or `_`.
+pub(crate) fn is_step_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// One step. `combos` checks the matrix names of its `if`; `job_timeout_ms` bounds its
+/// `timeout`.
+pub(crate) fn load_step(
+    ctx: &mut Ctx,
+    node: &Node,
+    combos: &[Vec<(String, String)>],
+    job_timeout_ms: u64,
+) -> Option<Step> {
+    if let Some((key, _)) = crate::reuse::get(node, "uses") {
+        ctx.error(
+            key.pos,
+            "a step runs shell commands (run:); Gantry has no actions: the source is checked out before the first step (see checkout:), and caches, artifacts and services are keys of the job",
+        );
+    }
     let f = fields(ctx, node, STEP_KEYS, "a step")?;
     let Some(run_node) = f.get("run") else {
         ctx.error(
@@ -1505,13 +1716,8 @@ fn load_step(ctx: &mut Ctx, node: &Node) -> Option<RawStep> {
         );
         return None;
     };
-    let run = string(ctx, run_node, "run").map(|value| Text {
-        value,
-        pos: run_node.pos,
-    });
-    let name = f
-        .get("name")
-        .and_then(|n| string(ctx, n, "name").map(|value| Text { value, pos: n.pos }));
+    let run = string(ctx, run_node, "run");
+    let name = f.get("name").and_then(|n| string(ctx, n, "name"));
     let working_directory = f.get("working-directory").and_then(|n| {
         let dir = string(ctx, n, "working-directory")?;
         let escapes = dir.is_empty()
@@ -1532,17 +1738,65 @@ fn load_step(ctx: &mut Ctx, node: &Node) -> Option<RawStep> {
     let env = f
         .get("env")
         .map(|n| env_map(ctx, n, "env"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, t)| (k, t.value))
+        .collect();
+    let id = f.get("id").and_then(|n| {
+        let id = string(ctx, n, "id")?;
+        if is_step_id(&id) {
+            Some(id)
+        } else {
+            ctx.error(n.pos, format!("step id \"{id}\" must be 1 to 64 letters, digits, _ and -, starting with a letter or _"));
+            None
+        }
+    });
+    let condition = match f.get("if") {
+        None => Condition::default(),
+        Some(n) => load_condition(ctx, n, combos).unwrap_or_default(),
+    };
+    let continue_on_error = f
+        .get("continue-on-error")
+        .and_then(|n| boolean(ctx, n, "continue-on-error"))
+        .unwrap_or(false);
+    let timeout_ms = f.get("timeout").and_then(|n| match scalar(n).map(parse_duration) {
+        Some(Ok(ms)) if ms > 0 && ms <= job_timeout_ms => Some(ms),
+        Some(Ok(0)) => {
+            ctx.error(n.pos, "a step's timeout must be more than 0");
+            None
+        }
+        Some(Ok(_)) => {
+            ctx.error(n.pos, format!("a step's timeout is longer than its job's ({} min), so it would never fire; raise the job's timeout", job_timeout_ms / 60_000));
+            None
+        }
+        Some(Err(message)) => {
+            ctx.error(n.pos, format!("timeout {message}"));
+            None
+        }
+        None => {
+            ctx.error(n.pos, format!("timeout must be a duration like 10m, found {}", n.type_name()));
+            None
+        }
+    });
+    let shell = f
+        .get("shell")
+        .and_then(|n| load_shell(ctx, n))
         .unwrap_or_default();
-    Some(RawStep {
+    Some(Step {
+        id,
         name,
         run: run?,
         working_directory,
         env,
+        condition,
+        continue_on_error,
+        timeout_ms,
+        shell,
     })
 }
 
 /// Expands a matrix mapping into its combinations, in order.
-fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>>> {
+pub(crate) fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>>> {
     let mut axes: Vec<(String, Vec<String>)> = Vec::new();
     let mut includes: Vec<(Vec<(String, String)>, Pos)> = Vec::new();
     let mut excludes: Vec<(Vec<(String, String)>, Pos)> = Vec::new();
@@ -1563,7 +1817,7 @@ fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>
                 for item in items {
                     let mut combo = Vec::new();
                     for (name, _, v) in entries(ctx, item, &format!("each matrix {key} entry")) {
-                        if let Some(s) = string(ctx, v, &format!("matrix value {name}")) {
+                        if let Some(s) = matrix_value(ctx, v, &format!("matrix value {name}")) {
                             combo.push((name, s));
                         }
                     }
@@ -1601,7 +1855,9 @@ fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>
                 }
                 let values = items
                     .iter()
-                    .filter_map(|item| string(ctx, item, &format!("each value of matrix {key}")))
+                    .filter_map(|item| {
+                        matrix_value(ctx, item, &format!("each value of matrix {key}"))
+                    })
                     .collect();
                 axes.push((key, values));
             }
@@ -1681,311 +1937,18 @@ fn expand_matrix(ctx: &mut Ctx, node: &Node) -> Option<Vec<Vec<(String, String)>
     Some(combos)
 }
 
-/// Reports every cycle in `needs`, named like `a -> b -> a`, at the need that closes it.
-fn check_cycles(ctx: &mut Ctx, jobs: &[RawJob]) {
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, j)| (j.key.as_str(), i))
-        .collect();
-    let edges: Vec<Vec<(usize, Pos)>> = jobs
-        .iter()
-        .map(|job| {
-            job.needs
-                .iter()
-                .filter_map(|(name, pos)| index.get(name.as_str()).map(|&i| (i, *pos)))
-                .collect()
-        })
-        .collect();
-    // 0 unvisited, 1 on the current path, 2 done.
-    let mut state = vec![0u8; jobs.len()];
-    for root in 0..jobs.len() {
-        if state[root] != 0 {
-            continue;
-        }
-        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
-        state[root] = 1;
-        while let Some(&mut (node, ref mut next_edge)) = path.last_mut() {
-            if let Some(&(target, pos)) = edges[node].get(*next_edge) {
-                *next_edge += 1;
-                match state[target] {
-                    0 => {
-                        state[target] = 1;
-                        path.push((target, 0));
-                    }
-                    1 => {
-                        let from = path.iter().position(|(n, _)| *n == target).unwrap_or(0);
-                        let mut names: Vec<&str> = path[from..]
-                            .iter()
-                            .map(|(n, _)| jobs[*n].key.as_str())
-                            .collect();
-                        names.push(&jobs[target].key);
-                        ctx.error(pos, format!("needs form a cycle: {}", names.join(" -> ")));
-                    }
-                    _ => {}
-                }
-            } else {
-                state[node] = 2;
-                path.pop();
-            }
-        }
+/// A matrix value: text fixed when the file is read, so no `${{ }}` in it (a value an
+/// input chooses belongs in the job's text, not in the matrix).
+fn matrix_value(ctx: &mut Ctx, node: &Node, what: &str) -> Option<String> {
+    let value = string(ctx, node, what)?;
+    if value.contains("${{") {
+        ctx.error(
+            node.pos,
+            format!("{what} holds ${{{{ }}}}; matrix values are fixed when the file is read (use the reference in the job's text instead)"),
+        );
+        return None;
     }
-}
-
-fn job_name(key: &str, combo: &[(String, String)], is_matrix: bool) -> String {
-    if !is_matrix {
-        return key.to_owned();
-    }
-    let values: Vec<&str> = combo.iter().map(|(_, v)| v.as_str()).collect();
-    format!("{key} ({})", values.join(", "))
-}
-
-/// Replaces `${{ matrix.x }}` and leaves every other `${{ ... }}` for dispatch time.
-fn substitute(
-    ctx: &mut Ctx,
-    text: &Text,
-    combo: &[(String, String)],
-    combos: &[Vec<(String, String)>],
-) -> String {
-    let mut out = String::with_capacity(text.value.len());
-    let mut rest = text.value.as_str();
-    while let Some(start) = rest.find("${{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 3..];
-        let Some(end) = after.find("}}") else {
-            ctx.error(text.pos, "unterminated \"${{\"; expected \"}}\"");
-            out.push_str(&rest[start..]);
-            return out;
-        };
-        let inner = after[..end].trim();
-        if let Some(name) = inner.strip_prefix("matrix.") {
-            match combo.iter().find(|(k, _)| k == name) {
-                Some((_, value)) => out.push_str(value),
-                None => ctx.error(text.pos, unknown_matrix_key(name, combos)),
-            }
-        } else {
-            out.push_str(&rest[start..start + 3 + end + 2]);
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
-fn expand(ctx: &mut Ctx, raw_jobs: &[RawJob]) -> Vec<Job> {
-    let mut names_by_key: HashMap<&str, Vec<String>> = HashMap::new();
-    let mut seen: HashMap<String, Pos> = HashMap::new();
-    for raw in raw_jobs {
-        let names: Vec<String> = raw
-            .combos
-            .iter()
-            .map(|c| job_name(&raw.key, c, raw.is_matrix))
-            .collect();
-        for name in &names {
-            if seen.insert(name.clone(), raw.pos).is_some() {
-                ctx.error(
-                    raw.pos,
-                    format!("job name \"{name}\" is produced twice; job names must be unique"),
-                );
-            }
-        }
-        names_by_key.insert(&raw.key, names);
-    }
-    let job_keys: Vec<&str> = raw_jobs.iter().map(|j| j.key.as_str()).collect();
-    let mut jobs = Vec::new();
-    // The raw job each expanded job came from, for positions in later checks.
-    let mut origins: Vec<&RawJob> = Vec::new();
-    let mut artifact_names: HashMap<String, Pos> = HashMap::new();
-    for raw in raw_jobs {
-        let mut needs: Vec<String> = Vec::new();
-        for (need, pos) in &raw.needs {
-            match names_by_key.get(need.as_str()) {
-                Some(names) => {
-                    for name in names {
-                        if !needs.contains(name) {
-                            needs.push(name.clone());
-                        }
-                    }
-                }
-                None => ctx.error(
-                    *pos,
-                    format!(
-                        "needs names \"{need}\", which is not a job; jobs are: {}",
-                        job_keys.join(", ")
-                    ),
-                ),
-            }
-        }
-        for combo in &raw.combos {
-            let sub = |ctx: &mut Ctx, text: &Text| substitute(ctx, text, combo, &raw.combos);
-            let map = |ctx: &mut Ctx, items: &KeyedTexts| -> BTreeMap<String, String> {
-                items
-                    .iter()
-                    .map(|(k, t)| (k.clone(), sub(ctx, t)))
-                    .collect()
-            };
-            let runs_on = map(ctx, &raw.runs_on);
-            let env = map(ctx, &raw.env);
-            let steps = raw
-                .steps
-                .iter()
-                .map(|step| Step {
-                    name: step
-                        .name
-                        .as_ref()
-                        .map(|t| substitute(ctx, t, combo, &raw.combos)),
-                    run: substitute(ctx, &step.run, combo, &raw.combos),
-                    working_directory: step.working_directory.clone(),
-                    env: step
-                        .env
-                        .iter()
-                        .map(|(k, t)| (k.clone(), substitute(ctx, t, combo, &raw.combos)))
-                        .collect(),
-                })
-                .collect();
-            let image = raw
-                .image
-                .as_ref()
-                .map(|t| substitute(ctx, t, combo, &raw.combos));
-            let name = job_name(&raw.key, combo, raw.is_matrix);
-            let artifact = raw.artifacts.as_ref().and_then(|a| {
-                let (artifact_name, pos) = match &a.name {
-                    Some(text) => (sub(ctx, text), text.pos),
-                    None => (name.clone(), a.pos),
-                };
-                if let Some(problem) = artifact_name_problem(&artifact_name) {
-                    ctx.error(pos, format!("artifact name \"{artifact_name}\" {problem}"));
-                    return None;
-                }
-                if let Some(first) = artifact_names.insert(artifact_name.clone(), pos) {
-                    ctx.error(
-                        pos,
-                        format!(
-                            "artifact name \"{artifact_name}\" is declared twice (also at line {}); artifact names must be unique in a pipeline (a matrix job can add ${{{{ matrix.NAME }}}} to its name)",
-                            first.line
-                        ),
-                    );
-                }
-                Some(ArtifactSpec {
-                    name: artifact_name,
-                    paths: a.paths.clone(),
-                    expire_in_secs: a.expire_in_secs,
-                })
-            });
-            let cache = raw.cache.as_ref().and_then(|c| {
-                let key = sub(ctx, &c.key);
-                let restore_keys: Vec<String> =
-                    c.restore_keys.iter().map(|t| sub(ctx, t)).collect();
-                let mut ok = true;
-                for (text, value) in
-                    std::iter::once((&c.key, &key)).chain(c.restore_keys.iter().zip(&restore_keys))
-                {
-                    if let Some(problem) = cache_key_problem(value) {
-                        ctx.error(text.pos, problem);
-                        ok = false;
-                    }
-                }
-                ok.then(|| CacheSpec {
-                    key,
-                    restore_keys,
-                    paths: c.paths.clone(),
-                })
-            });
-            let download = raw
-                .download
-                .as_ref()
-                .map(|list| list.iter().map(|(n, _)| n.clone()).collect());
-            jobs.push(Job {
-                name: job_name(&raw.key, combo, raw.is_matrix),
-                key: raw.key.clone(),
-                needs: needs.clone(),
-                runs_on,
-                steps,
-                env,
-                timeout_ms: raw.timeout_ms,
-                retry: raw.retry,
-                continue_on_error: raw.continue_on_error,
-                condition: raw.condition.clone(),
-                manual: raw.manual,
-                image,
-                matrix: combo.iter().cloned().collect(),
-                artifact,
-                cache,
-                download,
-                deploy: raw.deploy.as_ref().map(|(d, _)| d.clone()),
-            });
-            origins.push(raw);
-        }
-    }
-    check_downloads(ctx, &jobs, &origins);
-    jobs
-}
-
-/// Every name in a job's `download` must be the artifact of a job it waits for (directly
-/// or through other needs), or it could not exist when the job starts.
-fn check_downloads(ctx: &mut Ctx, jobs: &[Job], origins: &[&RawJob]) {
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, j)| (j.name.as_str(), i))
-        .collect();
-    let producer: HashMap<&str, &str> = jobs
-        .iter()
-        .filter_map(|j| {
-            j.artifact
-                .as_ref()
-                .map(|a| (a.name.as_str(), j.name.as_str()))
-        })
-        .collect();
-    for (job, raw) in jobs.iter().zip(origins) {
-        let mut wanted: Vec<(String, Pos)> = raw.download.clone().unwrap_or_default();
-        if let Some((deploy, pos)) = &raw.deploy {
-            wanted.push((deploy.artifact.clone(), *pos));
-        }
-        if wanted.is_empty() {
-            continue;
-        }
-        let mut upstream: BTreeSet<usize> = BTreeSet::new();
-        let mut stack: Vec<usize> = job
-            .needs
-            .iter()
-            .filter_map(|n| index.get(n.as_str()).copied())
-            .collect();
-        while let Some(i) = stack.pop() {
-            if upstream.insert(i) {
-                stack.extend(
-                    jobs[i]
-                        .needs
-                        .iter()
-                        .filter_map(|n| index.get(n.as_str()).copied()),
-                );
-            }
-        }
-        for (name, pos) in &wanted {
-            match producer.get(name.as_str()) {
-                Some(maker) if upstream.contains(&index[maker]) => {}
-                Some(maker) => ctx.error(
-                    *pos,
-                    format!(
-                        "job {} downloads artifact \"{name}\", made by job {maker}, which it does not wait for; add it to needs",
-                        job.name
-                    ),
-                ),
-                None => {
-                    let mut known: Vec<&str> = producer.keys().copied().collect();
-                    known.sort_unstable();
-                    ctx.error(
-                        *pos,
-                        format!(
-                            "job {} downloads artifact \"{name}\", which no job declares; artifacts are: {}",
-                            job.name,
-                            if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
-                        ),
-                    );
-                }
-            }
-        }
-    }
+    Some(value)
 }
 
 #[cfg(test)]

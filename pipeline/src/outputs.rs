@@ -5,14 +5,17 @@
 //! `hashFiles(...)` call is read. Loading from YAML (with positions) is in `load`; hashing
 //! the files is the agent's, since only it has the workspace.
 
+pub use gantry_protocol::ArtifactWhen;
 use serde::{Deserialize, Serialize};
 
 /// Longest artifact name.
 pub const MAX_ARTIFACT_NAME: usize = 128;
 /// Longest cache key (after expansion on the agent), as in GitHub Actions.
 pub const MAX_CACHE_KEY: usize = 512;
-/// Most paths (or globs) one artifact or cache lists.
+/// Most paths (or globs) one artifact, cache or report lists.
 pub const MAX_OUTPUT_PATHS: usize = 64;
+/// Most caches one job declares.
+pub const MAX_CACHES: usize = 8;
 /// Default artifact lifetime: 30 days.
 pub const DEFAULT_EXPIRE_IN_SECS: u64 = 30 * 86_400;
 /// Longest artifact lifetime: a year.
@@ -26,16 +29,25 @@ pub struct ArtifactSpec {
     /// Workspace-relative paths or globs.
     pub paths: Vec<String>,
     pub expire_in_secs: u64,
+    /// When it is uploaded (`when:`); on success by default.
+    #[serde(default)]
+    pub when: ArtifactWhen,
 }
 
 /// A job's `cache:`: files restored before the first step and saved after a success.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheSpec {
-    /// May hold `${{ hashFiles(...) }}`, `${{ env.X }}` and `${{ inputs.x }}`.
+    /// May hold `${{ hashFiles(...) }}`, `${{ env.X }}`, `${{ inputs.x }}`, `git.*`
+    /// and `event.*`.
     pub key: String,
     /// Prefixes tried in order when `key` has no exact match.
     pub restore_keys: Vec<String>,
+    /// Workspace-relative paths, and with `home` also `~/...` paths under `$HOME`.
     pub paths: Vec<String>,
+    /// `home: true`: paths starting with `~/` are under the job's `$HOME` (a package
+    /// manager's download cache, `~/.cargo/registry`), which the agent keeps per job.
+    #[serde(default)]
+    pub home: bool,
 }
 
 /// Why an artifact or cache path is refused; `None` if it is fine. Paths are relative to
@@ -55,6 +67,15 @@ pub fn path_problem(path: &str) -> Option<&'static str> {
         Some("is longer than 4096 bytes")
     } else {
         None
+    }
+}
+
+/// Why a cache path under `$HOME` (written `~/...`) is refused; `None` if it is fine.
+pub fn home_path_problem(path: &str) -> Option<&'static str> {
+    match path.strip_prefix("~/") {
+        Some(rest) if rest.is_empty() => Some("is all of $HOME; name a directory under it"),
+        Some(rest) => path_problem(rest),
+        None => Some("does not start with ~/"),
     }
 }
 
@@ -138,10 +159,12 @@ pub fn cache_key_problem(key: &str) -> Option<String> {
         match hash_files_patterns(expr) {
             Some(Err(problem)) => return Some(problem),
             Some(Ok(_)) => {}
-            None if expr.starts_with("env.") || expr.starts_with("inputs.") => {}
+            None if ["env.", "inputs.", "git.", "event."]
+                .iter()
+                .any(|p| expr.starts_with(p)) => {}
             None => {
                 return Some(format!(
-                    "`${{{{ {expr} }}}}` cannot be used in a cache key; use hashFiles(...), env.NAME, inputs.NAME or matrix.NAME"
+                    "`${{{{ {expr} }}}}` cannot be used in a cache key; use hashFiles(...), env.NAME, inputs.NAME, git.*, event.* or matrix.NAME"
                 ))
             }
         }

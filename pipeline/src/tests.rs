@@ -98,7 +98,10 @@ fn full_example() {
     assert_eq!(mac.env["RUST"], "1.81");
     assert_eq!(mac.timeout_ms, 30 * 60_000);
     assert_eq!(mac.retry, 2);
-    assert_eq!(mac.image.as_deref(), Some("rust:1.80"));
+    assert_eq!(
+        mac.image.as_ref().map(|i| i.name.as_str()),
+        Some("rust:1.80")
+    );
     assert_eq!(
         mac.steps[0].run,
         "cargo +1.81 test --token ${{ secrets.TOKEN }}"
@@ -426,10 +429,10 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
     ),
     (
         "bad label list entry",
-        "jobs:\n  a:\n    runs-on: [linux]\n    steps: [{ run: x }]\n",
+        "jobs:\n  a:\n    runs-on: [ubuntu-latest]\n    steps: [{ run: x }]\n",
         3,
         15,
-        "runs-on entry \"linux\" must be \"key=value\"",
+        "runs-on \"ubuntu-latest\" names a GitHub-hosted runner; Gantry runs jobs on your agents",
     ),
     (
         "bad condition syntax",
@@ -443,7 +446,7 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
         "jobs:\n  a:\n    if: \"github.ref == 'x'\"\n    steps: [{ run: x }]\n",
         3,
         9,
-        "invalid if expression: unknown name \"github.ref\"",
+        "invalid if expression: `github.ref`: github.* is GitHub Actions' context; Gantry's are git.* (commit, ref, branch, tag, repo) and event.* (name, actor, pr_number, pr_base) (github.ref is git.ref)",
     ),
     (
         "condition on unknown matrix key",
@@ -601,10 +604,10 @@ const BAD: &[(&str, &str, usize, usize, &str)] = &[
     ),
     (
         "unknown artifacts key",
-        "jobs:\n  a:\n    artifacts: { paths: [out], when: always }\n    steps: [{ run: x }]\n",
+        "jobs:\n  a:\n    artifacts: { paths: [out], expire: 7d }\n    steps: [{ run: x }]\n",
         3,
         32,
-        "unknown key \"when\" in artifacts; allowed keys are: name, paths, expire-in",
+        "unknown key \"expire\" in artifacts; allowed keys are: name, paths, expire-in, when",
     ),
     (
         "download of an unknown artifact",
@@ -742,7 +745,7 @@ fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
     assert_eq!(artifact.name, "app-linux");
     assert_eq!(artifact.paths, ["out/", "dist/**/*.tar"]);
     assert_eq!(artifact.expire_in_secs, 7 * 86_400);
-    let cache = build.cache.as_ref().expect("cache");
+    let cache = build.caches.first().expect("cache");
     assert_eq!(cache.key, "deps-linux-${{ hashFiles('Cargo.lock') }}");
     assert_eq!(cache.restore_keys, ["deps-linux-"]);
     let test = p.job("test").expect("test");
@@ -750,7 +753,7 @@ fn artifacts_caches_and_downloads_are_read_with_their_defaults() {
         test.download, None,
         "no download key: every artifact of its needs"
     );
-    assert!(test.artifact.is_none() && test.cache.is_none());
+    assert!(test.artifact.is_none() && test.caches.is_empty());
     let pick = p.job("pick").expect("pick");
     assert_eq!(pick.download.as_deref(), Some(&["app-mac".to_owned()][..]));
     let report = pick.artifact.as_ref().expect("artifact");

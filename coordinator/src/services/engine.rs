@@ -505,7 +505,7 @@ impl EngineTask {
             env,
             timeout_ms: spec.timeout_ms,
             kill_grace_ms: KILL_GRACE_MS,
-            image: spec.image.clone(),
+            image: spec.image.as_ref().map(|i| i.name.clone()),
             secrets: self.outbox.secrets(&names),
             source: ctx.record.source.clone(),
             downloads: match &spec.download {
@@ -525,7 +525,7 @@ impl EngineTask {
                     paths: a.paths.clone(),
                     expire_in_secs: a.expire_in_secs,
                 }),
-            cache: spec.cache.as_ref().map(|c| gantry_protocol::CacheSpec {
+            cache: spec.caches.first().map(|c| gantry_protocol::CacheSpec {
                 key: expand(&c.key),
                 restore_keys: c.restore_keys.iter().map(|k| expand(k)).collect(),
                 paths: c.paths.clone(),
@@ -599,6 +599,7 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
         event: record.event.clone(),
         inputs: effective_inputs(pipeline, &record.inputs),
         env: pipeline.env.clone(),
+        ..gantry_pipeline::StaticContext::default()
     };
     let index_of: HashMap<&str, u32> = pipeline
         .jobs

@@ -74,7 +74,7 @@ impl Artifacts {
                         &Grant::Job { job, attempt },
                     )?
                     .ok_or(StreamError::AdminCache)?;
-                if scope.spec().ok().and_then(|s| s.cache.as_ref()).is_none() {
+                if scope.spec().ok().and_then(|s| s.caches.first()).is_none() {
                     return Err(StreamError::NoCacheDeclared(job));
                 }
                 let caches = self.store.caches()?;

@@ -184,7 +184,7 @@ impl Artifacts {
                 None => return Err(StreamError::NoArtifactDeclared(spec.name.clone())),
             },
             UploadTarget::Cache { key } => {
-                if spec.cache.is_none() {
+                if spec.caches.is_empty() {
                     return Err(StreamError::NoCacheToWrite(spec.name.clone()));
                 }
                 if key.is_empty()
