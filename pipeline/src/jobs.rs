@@ -185,18 +185,17 @@ pub(crate) fn apply_includes(
     let Some((key, list)) = get(root, "include") else {
         return root.clone();
     };
-    let paths = match &list.kind {
-        Kind::Seq(_) | Kind::Scalar { .. } => string_list(ctx, list, "include"),
-        _ => {
-            ctx.error(
-                list.pos,
-                format!(
-                    "include must be a path or a list of paths, found {}",
-                    list.type_name()
-                ),
-            );
-            Vec::new()
-        }
+    let paths = if let Kind::Map(_) = &list.kind {
+        ctx.error(
+            list.pos,
+            format!(
+                "include must be a path or a list of paths, found {}",
+                list.type_name()
+            ),
+        );
+        Vec::new()
+    } else {
+        string_list(ctx, list, "include")
     };
     let mut merged: Option<Node> = None;
     for (path, pos) in paths {
@@ -495,20 +494,20 @@ fn bind_call(ctx: &mut Ctx, node: &Node, call: &Call, prefix: &str) -> Node {
         }
         Some(replace_references(text, |expr| {
             match parse_reference(expr) {
-                Ok(Reference::Input(name)) => match call.inputs.get(&name) {
-                    Some(value) => Some(value.clone()),
-                    None => {
+                Ok(Reference::Input(name)) => {
+                    let value = call.inputs.get(&name).cloned();
+                    if value.is_none() {
                         errors.push((pos, format!("inputs.{name} is not an input of {}; declare it under its on.inputs", call.file)));
-                        None
                     }
-                },
-                Ok(Reference::Secret(name)) => match call.secrets.get(&name) {
-                    Some(caller) => Some(format!("${{{{ secrets.{caller} }}}}")),
-                    None => {
+                    value
+                }
+                Ok(Reference::Secret(name)) => {
+                    let caller = call.secrets.get(&name);
+                    if caller.is_none() {
                         errors.push((pos, format!("{} uses secrets.{name}, which its on.call.secrets does not declare; declare it there so callers pass it", call.file)));
-                        None
                     }
-                },
+                    caller.map(|caller| format!("${{{{ secrets.{caller} }}}}"))
+                }
                 Ok(Reference::NeedsOutput { job, name }) => {
                     Some(format!("${{{{ needs.{prefix}{job}.outputs.{name} }}}}"))
                 }
@@ -939,13 +938,14 @@ fn fill_matrix(
         }
         Some(replace_references(text, |expr| {
             let name = expr.strip_prefix("matrix.")?;
-            match combo.iter().find(|(k, _)| k == name) {
-                Some((_, value)) => Some(value.clone()),
-                None => {
-                    errors.push((pos, unknown_matrix_key(name, combos)));
-                    None
-                }
+            let value = combo
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone());
+            if value.is_none() {
+                errors.push((pos, unknown_matrix_key(name, combos)));
             }
+            value
         }))
     });
     for (pos, message) in errors {
@@ -1504,8 +1504,9 @@ fn rule(path: &[String]) -> Option<Allowed> {
     };
     let step = |i: &str| i.parse::<usize>().ok();
     Some(match p.as_slice() {
-        ["if" | "needs" | "strategy" | "matrix" | "uses" | "extends", ..] => return None,
-        ["steps", _, "if"] => return None,
+        ["if" | "needs" | "strategy" | "matrix" | "uses" | "extends", ..] | ["steps", _, "if"] => {
+            return None
+        }
         ["env", ..] => Allowed::with_secrets("the job's env"),
         ["steps", i, "run"] => Allowed {
             steps_before: step(i),

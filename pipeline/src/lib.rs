@@ -125,4 +125,6 @@ pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
 }
 
 #[cfg(test)]
+mod feature_tests;
+#[cfg(test)]
 mod tests;

@@ -743,8 +743,7 @@ fn load_inputs(ctx: &mut Ctx, node: &Node, out: &mut BTreeMap<String, InputSpec>
             continue;
         };
         let kind = match f.get("type").map(|n| (scalar(n), n.pos)) {
-            None => InputType::String,
-            Some((Some("string"), _)) => InputType::String,
+            None | Some((Some("string"), _)) => InputType::String,
             Some((Some("choice"), _)) => InputType::Choice,
             Some((Some("boolean"), _)) => InputType::Boolean,
             Some((Some("number"), _)) => InputType::Number,
@@ -1282,8 +1281,7 @@ pub(crate) fn load_artifacts(ctx: &mut Ctx, node: &Node) -> Option<RawArtifacts>
         .and_then(|n| string(ctx, n, "artifacts.name").map(|value| Text { value, pos: n.pos }));
     let paths = load_paths(ctx, node, f.get("paths"), "artifacts", None);
     let when = match f.get("when").map(|n| (scalar(n), n.pos)) {
-        None => ArtifactWhen::OnSuccess,
-        Some((Some("on-success"), _)) => ArtifactWhen::OnSuccess,
+        None | Some((Some("on-success"), _)) => ArtifactWhen::OnSuccess,
         Some((Some("on-failure"), _)) => ArtifactWhen::OnFailure,
         Some((Some("always"), _)) => ArtifactWhen::Always,
         Some((_, pos)) => {

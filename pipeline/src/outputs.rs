@@ -73,7 +73,7 @@ pub fn path_problem(path: &str) -> Option<&'static str> {
 /// Why a cache path under `$HOME` (written `~/...`) is refused; `None` if it is fine.
 pub fn home_path_problem(path: &str) -> Option<&'static str> {
     match path.strip_prefix("~/") {
-        Some(rest) if rest.is_empty() => Some("is all of $HOME; name a directory under it"),
+        Some("") => Some("is all of $HOME; name a directory under it"),
         Some(rest) => path_problem(rest),
         None => Some("does not start with ~/"),
     }

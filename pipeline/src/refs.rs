@@ -104,8 +104,10 @@ pub enum Reference {
 }
 
 /// What a field may reference. Matrix values are filled in before these checks, so
-/// they are allowed everywhere a file may use them and never appear here.
+/// they are allowed everywhere a file may use them and never appear here. (One flag per
+/// context reads as the table in the module documentation; an enum set would hide it.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
 pub struct Allowed {
     /// `inputs.*`, `git.*`, `event.*`: known when the run starts.
     pub run: bool,
@@ -404,16 +406,12 @@ pub fn references(text: &str) -> Vec<Result<(usize, &str), usize>> {
     while let Some(found) = text[from..].find("${{") {
         let start = from + found;
         let inner_start = start + 3;
-        match text[inner_start..].find("}}") {
-            Some(len) => {
-                out.push(Ok((start, text[inner_start..inner_start + len].trim())));
-                from = inner_start + len + 2;
-            }
-            None => {
-                out.push(Err(start));
-                break;
-            }
-        }
+        let Some(len) = text[inner_start..].find("}}") else {
+            out.push(Err(start));
+            break;
+        };
+        out.push(Ok((start, text[inner_start..inner_start + len].trim())));
+        from = inner_start + len + 2;
     }
     out
 }

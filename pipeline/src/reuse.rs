@@ -56,14 +56,14 @@ pub struct NoFiles;
 impl Resolver for NoFiles {
     fn read_file(&self, path: &str) -> Result<String, String> {
         Err(format!(
-            "{path} cannot be read here: this check was given only one file (gantry validate reads included files from the file's repository)"
+            "{path} cannot be read: this check was given the one file only; include: and uses: need the other files of the repository (load with a resolver)"
         ))
     }
 }
 
 /// A resolver over files in memory, for tests and for callers that fetched the files
 /// already.
-impl Resolver for HashMap<String, String> {
+impl<S: std::hash::BuildHasher> Resolver for HashMap<String, String, S> {
     fn read_file(&self, path: &str) -> Result<String, String> {
         self.get(path)
             .cloned()
@@ -90,7 +90,10 @@ pub fn normalize_path(path: &str) -> Result<String, String> {
         .any(|part| part == ".." || part.is_empty())
     {
         Some("must stay in the repository: no \"..\" and no empty parts")
-    } else if !(relative.ends_with(".yml") || relative.ends_with(".yaml")) {
+    } else if !std::path::Path::new(relative)
+        .extension()
+        .is_some_and(|e| e == "yml" || e == "yaml")
+    {
         Some("must name a .yml or .yaml file")
     } else if relative.len() > 1024 {
         Some("is longer than 1024 bytes")
@@ -291,6 +294,8 @@ pub fn resolve_extends(
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
     use crate::yaml;
 
@@ -377,7 +382,8 @@ mod tests {
     fn long_template_chains_are_refused() {
         let mut text = String::from(".t0: { a: 1 }\n");
         for i in 1..20 {
-            text.push_str(&format!(".t{i}: {{ extends: .t{} }}\n", i - 1));
+            writeln!(text, ".t{i}: {{ extends: .t{} }}", i - 1)
+                .expect("writing to a String cannot fail");
         }
         text.push_str("j: { extends: .t19 }\n");
         let (_, message) = extend(&text, "j").expect_err("too deep");

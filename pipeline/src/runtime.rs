@@ -111,42 +111,41 @@ pub fn image_name_problem(name: &str) -> Option<String> {
 
 /// `image:` of a job or a service: a reference, or `{ name, pull, credentials }`.
 pub(crate) fn load_image(ctx: &mut Ctx, node: &Node, what: &str) -> Option<Image> {
-    let (name, name_pos, pull, credentials) = match &node.kind {
-        Kind::Scalar { .. } => (
+    let (name, name_pos, pull, credentials) = if let Kind::Scalar { .. } = &node.kind {
+        (
             string(ctx, node, what)?,
             node.pos,
             PullPolicy::default(),
             None,
-        ),
-        _ => {
-            let f = fields(ctx, node, IMAGE_KEYS, what)?;
-            let Some(name_node) = f.get("name") else {
+        )
+    } else {
+        let f = fields(ctx, node, IMAGE_KEYS, what)?;
+        let Some(name_node) = f.get("name") else {
+            ctx.error(
+                node.pos,
+                format!("{what} needs name: the image reference, like postgres:16"),
+            );
+            return None;
+        };
+        let name = string(ctx, name_node, &format!("{what}.name"))?;
+        let pull = match f.get("pull").map(|n| (scalar(n), n.pos)) {
+            None => PullPolicy::default(),
+            Some((Some("never"), _)) => PullPolicy::Never,
+            Some((Some("if-not-present"), _)) => PullPolicy::IfNotPresent,
+            Some((Some("always"), _)) => PullPolicy::Always,
+            Some((_, pos)) => {
                 ctx.error(
-                    node.pos,
-                    format!("{what} needs name: the image reference, like postgres:16"),
+                    pos,
+                    format!("{what}.pull must be never, if-not-present or always"),
                 );
-                return None;
-            };
-            let name = string(ctx, name_node, &format!("{what}.name"))?;
-            let pull = match f.get("pull").map(|n| (scalar(n), n.pos)) {
-                None => PullPolicy::default(),
-                Some((Some("never"), _)) => PullPolicy::Never,
-                Some((Some("if-not-present"), _)) => PullPolicy::IfNotPresent,
-                Some((Some("always"), _)) => PullPolicy::Always,
-                Some((_, pos)) => {
-                    ctx.error(
-                        pos,
-                        format!("{what}.pull must be never, if-not-present or always"),
-                    );
-                    PullPolicy::default()
-                }
-            };
-            let credentials = match f.get("credentials") {
-                None => None,
-                Some(n) => Some(load_credentials(ctx, n, what)?),
-            };
-            (name, name_node.pos, pull, credentials)
-        }
+                PullPolicy::default()
+            }
+        };
+        let credentials = match f.get("credentials") {
+            None => None,
+            Some(n) => Some(load_credentials(ctx, n, what)?),
+        };
+        (name, name_node.pos, pull, credentials)
     };
     if let Some(problem) = image_name_problem(&name) {
         ctx.error(name_pos, format!("image \"{name}\" {problem}"));
@@ -171,20 +170,17 @@ fn load_credentials(ctx: &mut Ctx, node: &Node, what: &str) -> Option<RegistryCr
     };
     let username = string(ctx, user_node, &format!("{what}.username"))?;
     let password = string(ctx, password_node, &format!("{what}.password"))?;
-    let secret = sole_reference(&password).map(parse_reference);
-    match secret {
-        Some(Ok(Reference::Secret(name))) => Some(RegistryCredentials {
-            username,
-            password_secret: name,
-        }),
-        _ => {
-            ctx.error(
-                password_node.pos,
-                format!("{what}.password must be ${{{{ secrets.NAME }}}} and nothing else: a password is never written in a pipeline file (store it with gantry secrets set NAME)"),
-            );
-            None
-        }
-    }
+    let Some(Ok(Reference::Secret(name))) = sole_reference(&password).map(parse_reference) else {
+        ctx.error(
+            password_node.pos,
+            format!("{what}.password must be ${{{{ secrets.NAME }}}} and nothing else: a password is never written in a pipeline file (store it with gantry secrets set NAME)"),
+        );
+        return None;
+    };
+    Some(RegistryCredentials {
+        username,
+        password_secret: name,
+    })
 }
 
 /// A DNS label: 1 to 63 of a-z, 0-9 and -, not starting or ending with -.
@@ -523,12 +519,9 @@ pub(crate) fn check_environment_name(ctx: &mut Ctx, name: &str, pos: Pos) -> boo
             None => true,
         };
     }
-    let input = match sole_reference(name).map(parse_reference) {
-        Some(Ok(Reference::Input(input))) => input,
-        _ => {
-            ctx.error(pos, format!("environment \"{name}\" must be a name or exactly ${{{{ inputs.NAME }}}} of a choice input"));
-            return false;
-        }
+    let Some(Ok(Reference::Input(input))) = sole_reference(name).map(parse_reference) else {
+        ctx.error(pos, format!("environment \"{name}\" must be a name or exactly ${{{{ inputs.NAME }}}} of a choice input"));
+        return false;
     };
     let Some(spec) = ctx.inputs.get(&input) else {
         // The reference check reports an undeclared input.
@@ -553,30 +546,32 @@ pub(crate) fn check_environment_name(ctx: &mut Ctx, name: &str, pos: Pos) -> boo
 
 /// `environment: NAME` or `{ name, url }`.
 pub(crate) fn load_environment(ctx: &mut Ctx, node: &Node) -> Option<JobEnvironment> {
-    let (name_node, url) = match &node.kind {
-        Kind::Scalar { .. } => (node, None),
-        _ => {
-            let f = fields(ctx, node, ENVIRONMENT_KEYS, "environment")?;
-            let Some(name_node) = f.get("name") else {
-                ctx.error(node.pos, "environment needs name:, like { name: staging, url: https://staging.example.com }");
-                return None;
-            };
-            let url = match f.get("url") {
-                None => None,
-                Some(n) => {
-                    let url = string(ctx, n, "environment.url")?;
-                    let literal = !url.contains("${{");
-                    if url.len() > MAX_URL_LEN
-                        || (literal && !(url.starts_with("https://") || url.starts_with("http://")))
-                    {
-                        ctx.error(n.pos, format!("environment.url must be an http:// or https:// URL of at most {MAX_URL_LEN} bytes"));
-                        return None;
-                    }
-                    Some(url)
+    let (name_node, url) = if let Kind::Scalar { .. } = &node.kind {
+        (node, None)
+    } else {
+        let f = fields(ctx, node, ENVIRONMENT_KEYS, "environment")?;
+        let Some(name_node) = f.get("name") else {
+            ctx.error(
+                node.pos,
+                "environment needs name:, like { name: staging, url: https://staging.example.com }",
+            );
+            return None;
+        };
+        let url = match f.get("url") {
+            None => None,
+            Some(n) => {
+                let url = string(ctx, n, "environment.url")?;
+                let literal = !url.contains("${{");
+                if url.len() > MAX_URL_LEN
+                    || (literal && !(url.starts_with("https://") || url.starts_with("http://")))
+                {
+                    ctx.error(n.pos, format!("environment.url must be an http:// or https:// URL of at most {MAX_URL_LEN} bytes"));
+                    return None;
                 }
-            };
-            (name_node, url)
-        }
+                Some(url)
+            }
+        };
+        (name_node, url)
     };
     let name = string(ctx, name_node, "environment")?;
     check_environment_name(ctx, &name, name_node.pos).then_some(JobEnvironment { name, url })
@@ -584,23 +579,22 @@ pub(crate) fn load_environment(ctx: &mut Ctx, node: &Node) -> Option<JobEnvironm
 
 /// `concurrency: GROUP` or `{ group, cancel-in-progress }`, with the group's position.
 pub(crate) fn load_concurrency(ctx: &mut Ctx, node: &Node) -> Option<(Concurrency, Pos)> {
-    let (group_node, cancel_in_progress) = match &node.kind {
-        Kind::Scalar { .. } => (node, false),
-        _ => {
-            let f = fields(ctx, node, CONCURRENCY_KEYS, "concurrency")?;
-            let Some(group_node) = f.get("group") else {
-                ctx.error(
-                    node.pos,
-                    "concurrency needs group:, like group: deploy-${{ git.branch }}",
-                );
-                return None;
-            };
-            let cancel = f
-                .get("cancel-in-progress")
-                .and_then(|n| boolean(ctx, n, "concurrency.cancel-in-progress"))
-                .unwrap_or(false);
-            (group_node, cancel)
-        }
+    let (group_node, cancel_in_progress) = if let Kind::Scalar { .. } = &node.kind {
+        (node, false)
+    } else {
+        let f = fields(ctx, node, CONCURRENCY_KEYS, "concurrency")?;
+        let Some(group_node) = f.get("group") else {
+            ctx.error(
+                node.pos,
+                "concurrency needs group:, like group: deploy-${{ git.branch }}",
+            );
+            return None;
+        };
+        let cancel = f
+            .get("cancel-in-progress")
+            .and_then(|n| boolean(ctx, n, "concurrency.cancel-in-progress"))
+            .unwrap_or(false);
+        (group_node, cancel)
     };
     let group = string(ctx, group_node, "concurrency group")?;
     if group.trim().is_empty() || group.len() > MAX_GROUP_LEN {

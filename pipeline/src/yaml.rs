@@ -295,7 +295,7 @@ fn apply_merge_keys(entries: Vec<(Node, Node)>) -> Result<Vec<(Node, Node)>, Yam
                         sources.push(item);
                     }
                 }
-                _ => {
+                Kind::Scalar { .. } => {
                     return Err(YamlError {
                         pos: value.pos,
                         message: format!("a merge key (<<) takes a mapping or a list of mappings, like <<: *defaults; found {}", value.type_name()),
