@@ -1,11 +1,15 @@
-//! Gantry pipeline files: the format, the typed model, validation, matrix expansion and
-//! `if` conditions.
+//! Gantry pipeline files: the format, the typed model, validation, matrix expansion,
+//! reuse across files and `if` conditions.
 //!
-//! This crate is pure: the caller hands it a file name and the text, and gets back a
-//! [`Pipeline`] or every problem found, each with file, line and column. It reads no
-//! files, no clock and no environment. It must never panic on any input and bounds its
-//! work: files up to 1 MiB, nesting up to 64 levels, 200k YAML nodes (aliases counted),
-//! 256 jobs per matrix, 512 jobs per pipeline, conditions up to 4 KiB.
+//! This crate is pure: the caller hands it a file name and the text ([`parse`]), or also
+//! a [`Resolver`] that returns the repository's other files by path ([`load`], for
+//! `include:` and `uses:`), and gets back a [`Pipeline`] or every problem found, each
+//! with file, line and column. It reads no files itself, no clock and no environment.
+//! It must never panic on any input and bounds its work: files up to 1 MiB, nesting up
+//! to 64 levels, 200k YAML nodes per file (aliases counted), 64 files and 4 MiB for one
+//! pipeline, 8 files deep, 16 MiB of copied job text (matrices, templates, includes and
+//! calls together), 256 jobs per matrix, 512 jobs per pipeline, templates 8 deep,
+//! conditions up to 4 KiB; the per-key limits are constants next to their loaders.
 //!
 //! # Why saphyr-parser
 //!
@@ -30,10 +34,17 @@
 //!
 //! # Format
 //!
-//! Keys are kebab-case as in GitHub Actions; see the repository's `examples/` and the
-//! tests in this crate. `${{ matrix.x }}` is substituted at parse time in `runs-on`,
-//! `env`, `image` and step `run`/`name`/`env`; `${{ secrets.X }}`, `${{ inputs.x }}` and
-//! `${{ env.X }}` are left for dispatch time.
+//! Keys are kebab-case as in GitHub Actions; `docs/pipeline-reference.md` documents every
+//! key, and the repository's `examples/` and this crate's tests show them. Loading goes:
+//! YAML to a positioned tree (`yaml`, merge keys applied), includes merged (`jobs`,
+//! `reuse`), the top level read (`load`), then each job: templates extended, a called
+//! pipeline's jobs read under the caller's name, the matrix expanded with
+//! `${{ matrix.x }}` filled into the job's whole tree, and each expansion's keys read
+//! (`load`, `runtime`). Last, needs and cycles are settled and every `${{ }}` reference is
+//! checked against what its field may use and what is declared (`refs`, `jobs`).
+//! `${{ inputs.x }}`, `git.*`, `event.*`, `env.X` and `needs` outputs are left for the
+//! coordinator to fill in at dispatch, `${{ secrets.X }}` and `steps` outputs for the
+//! agent.
 
 mod condition;
 mod cron;
