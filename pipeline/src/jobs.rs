@@ -44,8 +44,8 @@ use crate::refs::{
     parse_reference, references, replace_references, sole_reference, Allowed, Reference,
 };
 use crate::reuse::{
-    get, merge, normalize_path, resolve_extends, without, Resolver, MAX_FILES, MAX_FILE_DEPTH,
-    MAX_TOTAL_BYTES,
+    get, merge, normalize_path, resolve_extends, without, Resolver, Templates, MAX_FILES,
+    MAX_FILE_DEPTH, MAX_TOTAL_BYTES,
 };
 use crate::runtime;
 use crate::yaml::{self, Kind, Node, Pos};
@@ -380,15 +380,16 @@ fn load_jobs(
         set.failed = true;
         return;
     }
-    let mut templates: HashMap<String, &Node> = HashMap::new();
+    let mut template_nodes: HashMap<String, &Node> = HashMap::new();
     for (key, key_node, value) in &listed {
         if let Some(name) = key.strip_prefix('.') {
             if !is_job_key(name) {
                 ctx.error(key_node.pos, format!("template name \"{key}\" must be \".\" then 1-100 letters, digits, - and _, starting with a letter or _"));
             }
-            templates.insert(key.clone(), value);
+            template_nodes.insert(key.clone(), value);
         }
     }
+    let mut templates = Templates::new(template_nodes);
     let mut any_job = false;
     for (key, key_node, value) in &listed {
         if key.starts_with('.') {
@@ -404,7 +405,7 @@ fn load_jobs(
         }
         let mut chain = vec![key.clone()];
         let pos = key_node.pos;
-        let resolved = resolve_extends(value, &templates, &mut chain, &mut |bytes| {
+        let resolved = resolve_extends(value, &mut templates, &mut chain, &mut |bytes| {
             ctx.charge(pos, bytes)
         });
         let mut job_node = match resolved {
@@ -601,6 +602,12 @@ fn load_call(
         set.failed = true;
         return;
     };
+    // Each call copies the called file's tree: a file called by many jobs is paid for
+    // each time.
+    if !ctx.charge(uses.pos, tree.text_size()) {
+        set.failed = true;
+        return;
+    }
     let mut chain = scope.chain.clone();
     chain.push(path.clone());
     let tree = apply_includes(ctx, src, &tree, &chain);
@@ -860,7 +867,6 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node, scope: &Scope<'_>) 
         return None;
     }
     let mut expansions = Vec::with_capacity(combos.len());
-    let errors_before = ctx.error_count();
     for combo in &combos {
         let expanded = fill_matrix(ctx, node, combo, &combos);
         let Some(mut body) = load_body(ctx, key, pos, &expanded, &combos) else {
@@ -893,9 +899,7 @@ fn load_job(ctx: &mut Ctx, key: &str, pos: Pos, node: &Node, scope: &Scope<'_>) 
             body,
         });
     }
-    if expansions.len() != combos.len()
-        || ctx.error_count() > errors_before && expansions.is_empty()
-    {
+    if expansions.len() != combos.len() {
         return None;
     }
     Some(RawJob {

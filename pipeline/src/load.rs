@@ -176,10 +176,6 @@ impl Ctx {
         self.errors.push((pos, message.into()));
     }
 
-    pub(crate) fn error_count(&self) -> usize {
-        self.errors.len()
-    }
-
     /// Takes `bytes` from the copy budget before a copy is made; false, with one error
     /// at `pos` for the whole load, once it is spent.
     pub(crate) fn charge(&mut self, pos: Pos, bytes: usize) -> bool {

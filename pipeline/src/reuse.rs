@@ -174,6 +174,23 @@ pub fn without(node: &Node, key: &str) -> Node {
 /// What resolving one job's `extends` found wrong: a message at a position.
 pub type ReuseError = (Pos, String);
 
+/// A file's template jobs, and those already resolved: each template is resolved once
+/// per file, however many jobs and templates extend it, so the work stays linear in the
+/// number of templates (a 16-wide, 7-deep `extends` tree is 7 resolutions, not 16^7).
+pub struct Templates<'a> {
+    nodes: HashMap<String, &'a Node>,
+    resolved: HashMap<String, Node>,
+}
+
+impl<'a> Templates<'a> {
+    pub fn new(nodes: HashMap<String, &'a Node>) -> Self {
+        Self {
+            nodes,
+            resolved: HashMap::new(),
+        }
+    }
+}
+
 /// Resolves the `extends:` of a job (or template) against the file's templates (each
 /// name to its node, `extends` included): the templates in order, each resolved
 /// first, then the job on top, without the `extends` key. `chain` holds the names being
@@ -181,11 +198,17 @@ pub type ReuseError = (Pos, String);
 /// before it is made and says whether the budget allows it.
 pub fn resolve_extends(
     node: &Node,
-    templates: &HashMap<String, &Node>,
+    templates: &mut Templates<'_>,
     chain: &mut Vec<String>,
     charge: &mut dyn FnMut(usize) -> bool,
 ) -> Result<Node, ReuseError> {
     let Some((key, list)) = get(node, "extends") else {
+        if !charge(node.text_size()) {
+            return Err((
+                node.pos,
+                "templates expand past the loader's budget".to_owned(),
+            ));
+        }
         return Ok(node.clone());
     };
     let names: Vec<(String, Pos)> = match &list.kind {
@@ -257,20 +280,31 @@ pub fn resolve_extends(
             cycle.push(&template);
             return Err((pos, format!("extends form a cycle: {}", cycle.join(" -> "))));
         }
-        let Some(base) = templates.get(&template) else {
-            let mut known: Vec<&str> = templates.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            return Err((
+        let resolved = if let Some(done) = templates.resolved.get(&template) {
+            if !charge(done.text_size()) {
+                return Err((pos, "templates expand past the loader's budget".to_owned()));
+            }
+            done.clone()
+        } else {
+            let Some(&base) = templates.nodes.get(&template) else {
+                let mut known: Vec<&str> = templates.nodes.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                return Err((
                 pos,
                 format!(
                     "extends names \"{template}\", which is not a template in this file; templates are: {}",
                     if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
                 ),
             ));
+            };
+            chain.push(template.clone());
+            let resolved = resolve_extends(base, templates, chain, charge)?;
+            chain.pop();
+            templates
+                .resolved
+                .insert(template.clone(), resolved.clone());
+            resolved
         };
-        chain.push(template.clone());
-        let resolved = resolve_extends(base, templates, chain, charge)?;
-        chain.pop();
         merged = Some(match merged {
             None => resolved,
             Some(so_far) => {
@@ -331,25 +365,29 @@ mod tests {
         );
     }
 
-    fn templates(root: &Node) -> HashMap<String, &Node> {
+    fn templates(root: &Node) -> Templates<'_> {
         let Kind::Map(entries) = &root.kind else {
             panic!("mapping expected")
         };
-        entries
-            .iter()
-            .filter_map(|(k, v)| match &k.kind {
-                Kind::Scalar { value, .. } if value.starts_with('.') => Some((value.clone(), v)),
-                _ => None,
-            })
-            .collect()
+        Templates::new(
+            entries
+                .iter()
+                .filter_map(|(k, v)| match &k.kind {
+                    Kind::Scalar { value, .. } if value.starts_with('.') => {
+                        Some((value.clone(), v))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     fn extend(text: &str, job: &str) -> Result<String, ReuseError> {
         let root = tree(text);
-        let templates = templates(&root);
+        let mut templates = templates(&root);
         let (_, node) = get(&root, job).expect("job");
         let mut chain = vec![job.to_owned()];
-        resolve_extends(node, &templates, &mut chain, &mut |_| true).map(|n| show(&n))
+        resolve_extends(node, &mut templates, &mut chain, &mut |_| true).map(|n| show(&n))
     }
 
     #[test]
@@ -388,6 +426,31 @@ mod tests {
         text.push_str("j: { extends: .t19 }\n");
         let (_, message) = extend(&text, "j").expect_err("too deep");
         assert!(message.contains("more than 8 deep"), "{message}");
+    }
+
+    #[test]
+    fn wide_and_deep_template_trees_resolve_each_template_once() {
+        // Seven levels of templates, each extending the one below sixteen times: without
+        // resolving each template once, this is 16^7 (268 million) resolutions.
+        let mut text = String::from(".t0: { a: 1 }\n");
+        for i in 1..7 {
+            let list = vec![format!(".t{}", i - 1); 16].join(", ");
+            writeln!(text, ".t{i}: {{ extends: [{list}] }}")
+                .expect("writing to a String cannot fail");
+        }
+        text.push_str("j: { extends: .t6 }\n");
+        let root = tree(&text);
+        let mut templates = templates(&root);
+        let (_, node) = get(&root, "j").expect("job");
+        let mut merges = 0usize;
+        let resolved =
+            resolve_extends(node, &mut templates, &mut vec!["j".to_owned()], &mut |_| {
+                merges += 1;
+                true
+            })
+            .expect("resolves");
+        assert_eq!(show(&resolved), "{a: 1}");
+        assert!(merges < 1_000, "{merges} copies");
     }
 
     #[test]
