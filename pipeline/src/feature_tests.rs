@@ -66,7 +66,7 @@ fn has(errors: &Errors, file: &str, line: usize, column: usize, needle: &str) {
 }
 
 /// A table of refusals: (name, fixture, line, column, message part), all in gantry.yml.
-fn refused(cases: &[(&str, &str, usize, usize, &str)]) {
+pub(crate) fn refused(cases: &[(&str, &str, usize, usize, &str)]) {
     let mut failures = Vec::new();
     for (name, text, line, column, needle) in cases {
         match parse("gantry.yml", &dedent(text)) {

@@ -417,26 +417,9 @@ pub fn references(text: &str) -> Vec<Result<(usize, &str), usize>> {
 }
 
 /// Replaces each `${{ ... }}` for which `replace` returns a value (given the trimmed
-/// inside), keeping every other one as written.
-pub fn replace_references(text: &str, mut replace: impl FnMut(&str) -> Option<String>) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find("${{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 3..];
-        let Some(end) = after.find("}}") else {
-            out.push_str(&rest[start..]);
-            return out;
-        };
-        match replace(after[..end].trim()) {
-            Some(value) => out.push_str(&value),
-            None => out.push_str(&rest[start..start + 3 + end + 2]),
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    out
-}
+/// inside), keeping every other one as written: protocol's expansion, the one both
+/// sides of the wire use.
+pub use gantry_protocol::template::expand as replace_references;
 
 /// Whether `text` is exactly one reference and nothing else (spaces around it aside).
 pub fn sole_reference(text: &str) -> Option<&str> {

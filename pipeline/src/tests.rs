@@ -815,24 +815,7 @@ fn deploy_jobs_and_environments_are_read_with_their_defaults() {
 
 #[test]
 fn every_bad_input_is_reported_at_its_node() {
-    let mut failures = Vec::new();
-    for (name, text, line, column, needle) in BAD {
-        match parse("gantry.yml", text) {
-            Ok(_) => failures.push(format!("{name}: parsed, expected an error")),
-            Err(errors) => {
-                let found = errors
-                    .0
-                    .iter()
-                    .any(|e| e.line == *line && e.column == *column && e.message.contains(needle));
-                if !found {
-                    failures.push(format!(
-                        "{name}: wanted {line}:{column} \"{needle}\", got:\n{errors}"
-                    ));
-                }
-            }
-        }
-    }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+    crate::feature_tests::refused(BAD);
 }
 
 #[test]
