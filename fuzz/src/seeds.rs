@@ -9,10 +9,10 @@ use gantry_protocol::{
     AdminResponse, AgentHello, AgentId, AgentMessage, AppSpec, ArtifactSpec, CacheSpec, ChunkFrame,
     ChunkPut, ChunkWants, CoordinatorMessage, DeployCommand, DeployOp, DeployResult, Digest,
     EnrollRequest, ExecEvent, FollowEvent, Grant, HelloReply, Hooks, HostFigures, HostReport,
-    Intent, JobAssignment, JobId, JobOutcome, JobResult, JobView, LogChunk, LogControl,
-    ManifestFrame, PeerSource, PutReply, Refusal, RefusalReason, ReleaseSpec, ResolveReply, RunId,
-    RunningJob, SourceData, SourceStored, StepSpec, StreamOpen, SubmitRun, TokenId, UnixMillis,
-    UploadReply, UploadRequest, Welcome,
+    Intent, JobAssignment, JobExecution, JobId, JobOutcome, JobResult, JobView, LogChunk,
+    LogControl, ManifestFrame, PeerSource, PutReply, Refusal, RefusalReason, ReleaseSpec,
+    ResolveReply, RunId, RunningJob, SourceData, SourceStored, StepOptions, StepSpec, StreamOpen,
+    SubmitRun, TokenId, UnixMillis, UploadReply, UploadRequest, Welcome,
 };
 use serde::Serialize;
 
@@ -246,7 +246,27 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         (
             "CoordinatorMessage",
             "dispatch",
-            enc(&CoordinatorMessage::Dispatch(Box::new(assignment))),
+            enc(&CoordinatorMessage::Dispatch(Box::new(assignment.clone()))),
+        ),
+        (
+            "CoordinatorMessage",
+            "dispatch-job",
+            enc(&CoordinatorMessage::DispatchJob {
+                assignment: Box::new(assignment),
+                execution: Box::new(JobExecution {
+                    steps: vec![StepOptions {
+                        id: Some("version".into()),
+                        continue_on_error: true,
+                        timeout_ms: Some(60_000),
+                        ..StepOptions::default()
+                    }],
+                    outputs: BTreeMap::from([(
+                        "version".into(),
+                        "${{ steps.version.outputs.v }}".into(),
+                    )]),
+                    ..JobExecution::default()
+                }),
+            }),
         ),
         (
             "CoordinatorMessage",
