@@ -9,7 +9,7 @@
 //!
 //! | layer | where | what it owns | what it must not know |
 //! |---|---|---|---|
-//! | base | `store.rs` + `store/`, `base/` | the store (the only module that knows redb); configuration and on-disk layout; labels; audit entries and who acts ([`base::audit::Acting`]); the kinds of an admin failure; the authorization table's counters; job logs; chunk packs; sealed secrets; source trees; metrics; the webhook sender's HTTP client | any service, how requests arrive, the CLI |
+//! | base | `store/`, `base/` | the store (the only module that knows redb); configuration and on-disk layout; labels; audit entries and who acts ([`base::audit::Acting`]); the kinds of an admin failure; the authorization table's counters; job logs; chunk packs; sealed secrets; source trees; metrics; the webhook sender's HTTP client | any service, how requests arrive, the CLI |
 //! | services | `services/` | what the coordinator does: the scheduler's shell (`engine`), runs (submit, follow, log ingest), artifacts (one `scope`, reads, writes, retention), deployments (the `gantry-deploy` machine's shell) and environments, agents (the live-session registry, presence), access (join tokens, enrollment, certificates, login tokens), the one holding rule (`holds`), secrets, notifications and webhooks, triggers, `gantry exec`, agent upgrades, delivery figures; and [`services::coordinator::Coordinator`], which builds one of each | sessions, streams or HTTP (they get frame writers and readers, never connections), the CLI |
 //! | admin | `admin.rs` | the admin router: one line per request kind, each answered by its service with an `Acting` context; typed errors become the `AdminError` the CLI sees | how a request arrived |
 //! | edges | `edges/` | the QUIC listener and its admission, the enrollment, agent and admin sessions (`edges/quic/`); the HTTP side: server, request parsing, dashboard login and CSRF, the dashboard, what new hosts download (`edges/http/`); `gantry server`, which starts them | the storage engine; decisions (they ask services) |
@@ -26,8 +26,3 @@ mod services;
 mod store;
 
 pub use edges::server;
-
-// The store still names the deployment record by its old path (`store.rs` aliases
-// `crate::deployments::DeploymentRecord` and reads `ENV_HISTORY`); the store's split
-// moves the record into the store. An exception in `layers.toml`, owned by "store".
-use services::deployments;

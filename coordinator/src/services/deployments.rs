@@ -33,12 +33,11 @@ use gantry_deploy::{
 };
 use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount};
 use gantry_protocol::{
-    AdminResponse, AgentBinary, AgentId, AppSpec, Approval, Attempt, CoordinatorMessage,
-    DeployCommand, DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView,
-    EnvRelease, EnvironmentView, ExecHost, Hooks, JobId, JobOutcome, JobResult, Labels,
-    ReleaseSpec, RollbackRequest, UnixMillis,
+    AdminResponse, AgentBinary, AgentId, AppSpec, Attempt, CoordinatorMessage, DeployCommand,
+    DeployLogLine, DeployOp, DeployResult, DeploymentHost, DeploymentView, EnvRelease,
+    EnvironmentView, ExecHost, Hooks, JobId, JobOutcome, JobResult, Labels, ReleaseSpec,
+    RollbackRequest, UnixMillis,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::base::labels::labels_text;
@@ -46,6 +45,8 @@ use crate::base::logs::LogStore;
 use crate::services::engine::{Engine, Input};
 use crate::services::runner::{deploy_runner, DEPLOY_RUNNER_LABEL};
 use crate::store::{AuditEntry, EnvironmentRecord, Store};
+// The stored deployment record lives with its table in the store; its old paths stay.
+pub use crate::store::{DeploymentRecord, DeploymentStatus as Status, HostNote, Kind};
 
 /// Deployment log lines kept in the record (the job's log keeps every line).
 const MAX_LOG_LINES: usize = 2_000;
@@ -55,8 +56,6 @@ const RUNNER_SLOTS: u32 = 256;
 const RUNNER_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Longest wait between checks when nothing is due (a safety net, not a mechanism).
 const IDLE_WAKE: Duration = Duration::from_secs(30);
-/// Releases an environment remembers.
-pub const ENV_HISTORY: usize = 20;
 
 /// The coordinator's hosts, as deployments need them.
 pub trait Fleet: Send + Sync + 'static {
@@ -71,86 +70,11 @@ pub trait Fleet: Send + Sync + 'static {
     fn peer_address(&self, agent: &AgentId) -> Option<String>;
 }
 
-/// Where a deployment is before and after its engine runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Status {
-    AwaitingApproval,
-    /// Approved; starts at `until` (the environment's wait timer).
-    Waiting {
-        until: UnixMillis,
-    },
-    /// Ready, behind another deployment to the same environment.
-    Queued,
-    Running,
-    Ended {
-        /// `succeeded`, `rolled-back`, `failed` or `cancelled`.
-        state: String,
-        reason: Option<String>,
-    },
-}
-
-/// What the coordinator keeps of one host in one deployment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostNote {
-    pub hostname: String,
-    /// The release the host ran before this deployment (what a rollback goes back to).
-    pub previous: Option<String>,
-    /// The step sent and not yet answered: its number and what it asked.
-    pub in_flight: Option<(u64, DeployOp)>,
-}
-
-/// A deployment as stored, engine state included, so it resumes after a restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeploymentRecord {
-    pub id: u64,
-    pub environment: String,
-    pub epoch: u64,
-    /// The app as hosts get it, with `${{ secrets.NAME }}` not yet filled in (values
-    /// are never stored here; they are filled in for each step sent).
-    pub app: AppSpec,
-    pub release: ReleaseSpec,
-    pub strategy: Strategy,
-    pub limits: Limits,
-    pub created_by: String,
-    pub created_at: UnixMillis,
-    pub started_at: Option<UnixMillis>,
-    pub finished_at: Option<UnixMillis>,
-    /// The pipeline job (and attempt) this deployment is, if a job started it.
-    pub job: Option<(JobId, Attempt)>,
-    pub approvals: Vec<Approval>,
-    pub approvals_needed: u32,
-    pub wait_ms: u64,
-    pub status: Status,
-    pub engine: Option<Deployment>,
-    pub hosts: BTreeMap<AgentId, HostNote>,
-    pub next_seq: u64,
-    pub log: Vec<DeployLogLine>,
-    /// Lines dropped from the front of `log` to keep it bounded.
-    pub log_dropped: u64,
-    /// When the first host failed after its switch (for time to restore).
-    pub first_failure_at: Option<UnixMillis>,
-    pub kind: Kind,
-}
-
-/// What a deployment installs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Kind {
-    /// A release of an app, to an environment's hosts.
-    App,
-    /// The coordinator's agent binary, to the agents matching `select`
-    /// (`gantry agents upgrade`).
-    AgentUpgrade { select: Labels, binary: AgentBinary },
-}
-
 /// The environment name fleet upgrades go under: not a valid environment name, so it
 /// is never one people create, and upgrades run one at a time.
 pub const UPGRADES: &str = "(agents)";
 
 impl DeploymentRecord {
-    pub fn is_ended(&self) -> bool {
-        matches!(self.status, Status::Ended { .. })
-    }
-
     /// What the gate machine knows of this deployment, from the fields that keep it
     /// (author, approvals, wait, status); `None` once it has ended.
     fn gate(&self) -> Option<Gate> {

@@ -4,10 +4,11 @@
 //! with its audit entry, durably, before it returns.
 
 use gantry_protocol::{Role, UnixMillis, WebhookFormat};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, engine, AuditEntry, Store, StoreError};
+use super::audit::AuditEntry;
+use super::db::{encode, eng, update, Store, StoreError};
 
 /// Login tokens by id (`lt-<16 hex>`) → [`LoginTokenRecord`].
 const LOGIN_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("login_tokens");
@@ -43,16 +44,11 @@ pub struct WebhookRecord {
     pub created_by: String,
 }
 
-fn err(op: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StoreError {
-    engine(op)
-}
-
 /// Creates the tables so readers never meet a missing one; called by [`Store::open`].
 pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(LOGIN_TOKENS)
-        .map_err(|e| err("open login tokens")(&e))?;
-    tx.open_table(WEBHOOKS)
-        .map_err(|e| err("open webhooks")(&e))?;
+        .map_err(eng!("open login tokens"))?;
+    tx.open_table(WEBHOOKS).map_err(eng!("open webhooks"))?;
     Ok(())
 }
 
@@ -66,37 +62,31 @@ impl Store {
         self.write(|tx| {
             let mut table = tx
                 .open_table(LOGIN_TOKENS)
-                .map_err(|e| err("open login tokens")(&e))?;
+                .map_err(eng!("open login tokens"))?;
             table
                 .insert(token.id.as_str(), encode(token)?.as_slice())
-                .map_err(|e| err("write login token")(&e))?;
+                .map_err(eng!("write login token"))?;
             drop(table);
             Self::append_audit(tx, audit)
         })
     }
 
     pub fn login_token(&self, id: &str) -> Result<Option<LoginTokenRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| err("begin read")(&e))?;
-        let table = tx
-            .open_table(LOGIN_TOKENS)
-            .map_err(|e| err("open login tokens")(&e))?;
-        match table.get(id).map_err(|e| err("read login token")(&e))? {
-            Some(v) => Ok(Some(decode("login token", id, v.value())?)),
-            None => Ok(None),
-        }
+        self.get(
+            LOGIN_TOKENS,
+            id,
+            ["open login tokens", "read login token"],
+            "login token",
+        )
     }
 
     /// Every login token, oldest first.
     pub fn login_tokens(&self) -> Result<Vec<LoginTokenRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| err("begin read")(&e))?;
-        let table = tx
-            .open_table(LOGIN_TOKENS)
-            .map_err(|e| err("open login tokens")(&e))?;
-        let mut out: Vec<LoginTokenRecord> = Vec::new();
-        for item in table.iter().map_err(|e| err("scan login tokens")(&e))? {
-            let (k, v) = item.map_err(|e| err("scan login tokens")(&e))?;
-            out.push(decode("login token", k.value(), v.value())?);
-        }
+        let mut out: Vec<LoginTokenRecord> = self.all(
+            LOGIN_TOKENS,
+            ["open login tokens", "scan login tokens"],
+            "login token",
+        )?;
         out.sort_by_key(|t| t.created_at);
         Ok(out)
     }
@@ -112,16 +102,19 @@ impl Store {
         self.write(|tx| {
             let mut table = tx
                 .open_table(LOGIN_TOKENS)
-                .map_err(|e| err("open login tokens")(&e))?;
-            let mut record: LoginTokenRecord =
-                match table.get(id).map_err(|e| err("read login token")(&e))? {
-                    Some(v) => decode("login token", id, v.value())?,
-                    None => return Ok(None),
-                };
-            record.revoked_at.get_or_insert(now);
-            table
-                .insert(id, encode(&record)?.as_slice())
-                .map_err(|e| err("write login token")(&e))?;
+                .map_err(eng!("open login tokens"))?;
+            let Some(record) = update(
+                &mut table,
+                id,
+                ["read login token", "write login token"],
+                "login token",
+                |record: &mut LoginTokenRecord| {
+                    record.revoked_at.get_or_insert(now);
+                },
+            )?
+            else {
+                return Ok(None);
+            };
             drop(table);
             Self::append_audit(tx, audit)?;
             Ok(Some(record))
@@ -136,17 +129,15 @@ impl Store {
         audit: &AuditEntry,
     ) -> Result<WebhookRecord, StoreError> {
         self.write(|tx| {
-            let mut table = tx
-                .open_table(WEBHOOKS)
-                .map_err(|e| err("open webhooks")(&e))?;
+            let mut table = tx.open_table(WEBHOOKS).map_err(eng!("open webhooks"))?;
             let next = table
                 .last()
-                .map_err(|e| err("read webhooks")(&e))?
+                .map_err(eng!("read webhooks"))?
                 .map_or(1, |(k, _)| k.value() + 1);
             let record = make(next)?;
             table
                 .insert(next, encode(&record)?.as_slice())
-                .map_err(|e| err("write webhook")(&e))?;
+                .map_err(eng!("write webhook"))?;
             drop(table);
             let mut entry = audit.clone();
             entry.detail = format!("webhook={next} {}", entry.detail);
@@ -157,28 +148,14 @@ impl Store {
 
     /// Every webhook target, in the order they were added.
     pub fn webhooks(&self) -> Result<Vec<WebhookRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| err("begin read")(&e))?;
-        let table = tx
-            .open_table(WEBHOOKS)
-            .map_err(|e| err("open webhooks")(&e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| err("scan webhooks")(&e))? {
-            let (k, v) = item.map_err(|e| err("scan webhooks")(&e))?;
-            out.push(decode("webhook", &k.value().to_string(), v.value())?);
-        }
-        Ok(out)
+        self.all(WEBHOOKS, ["open webhooks", "scan webhooks"], "webhook")
     }
 
     /// Removes a webhook target; `false` if there was none with that number.
     pub fn remove_webhook(&self, id: u64, audit: &AuditEntry) -> Result<bool, StoreError> {
         self.write(|tx| {
-            let mut table = tx
-                .open_table(WEBHOOKS)
-                .map_err(|e| err("open webhooks")(&e))?;
-            let existed = table
-                .remove(id)
-                .map_err(|e| err("remove webhook")(&e))?
-                .is_some();
+            let mut table = tx.open_table(WEBHOOKS).map_err(eng!("open webhooks"))?;
+            let existed = table.remove(id).map_err(eng!("remove webhook"))?.is_some();
             drop(table);
             if existed {
                 Self::append_audit(tx, audit)?;

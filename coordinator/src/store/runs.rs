@@ -1,0 +1,338 @@
+//! Runs, jobs, triggers and the scheduler's state (tables `runs`, `jobs`, `triggers`,
+//! `scheduler_runs`, `scheduler_jobs`, and the scheduler keys of `meta`).
+
+use std::ops::ControlFlow;
+
+use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::audit::AuditEntry;
+use super::db::{collect, encode, eng, scan_raw, update, Store, StoreError, META};
+
+/// Runs by number (from 1) → [`RunRecord`].
+const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+/// Jobs by (run, index) → [`JobRecord`].
+const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
+/// Pipelines registered for their triggers, by name → [`TriggerRecord`].
+const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
+/// The scheduler's state in parts, each written only when it changes: run headers by
+/// run, jobs by (run, index), and the small rest under `meta["scheduler.core"]`. The
+/// engine encodes them; the store keeps bytes.
+const SCHEDULER_RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("scheduler_runs");
+const SCHEDULER_JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("scheduler_jobs");
+/// Where the whole scheduler snapshot was kept before it was stored in parts; read
+/// once after an upgrade, removed by the first write of the parts.
+const LEGACY_SCHEDULER_KEY: &str = "scheduler";
+const SCHEDULER_CORE_KEY: &str = "scheduler.core";
+
+/// Creates the tables so readers never meet a missing one; called by [`Store::open`].
+pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(RUNS).map_err(eng!("open runs"))?;
+    tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+    tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+    tx.open_table(SCHEDULER_RUNS)
+        .map_err(eng!("open scheduler runs"))?;
+    tx.open_table(SCHEDULER_JOBS)
+        .map_err(eng!("open scheduler jobs"))?;
+    Ok(())
+}
+
+/// A pipeline run as stored. The pipeline text is kept so a run can be retried, and so
+/// the scheduler can be rebuilt after a restart, from exactly what was submitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run: RunId,
+    pub pipeline: String,
+    pub file_name: String,
+    pub text: String,
+    pub git_ref: String,
+    pub commit: Option<String>,
+    pub event: String,
+    pub inputs: Labels,
+    pub created_at: UnixMillis,
+    pub created_by: String,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub finished_at: Option<UnixMillis>,
+    /// The uploaded source tree (`sha256:<hex>`), if the run has one.
+    pub source: Option<String>,
+}
+
+/// A job as stored: its latest state as the scheduler reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job: JobId,
+    pub name: String,
+    pub needs: Vec<String>,
+    pub state: String,
+    pub attempt: Attempt,
+    pub agent: Option<AgentId>,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    /// Chunks the agent reported for the finished attempt; `None` while running.
+    pub log_chunks: Option<u64>,
+    /// Every attempt handed out and the agent it went to: an agent may upload logs only
+    /// for attempts listed here under its own id.
+    pub attempts: Vec<(Attempt, AgentId)>,
+}
+
+/// A pipeline registered for its push and schedule triggers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerRecord {
+    pub name: String,
+    pub file_name: String,
+    pub text: String,
+    pub added_by: String,
+    pub added_at: UnixMillis,
+    /// Schedules are checked for firings after this time (unix seconds).
+    pub schedule_checked_until: u64,
+}
+
+/// A change to one job record.
+pub type JobChange = (JobId, Box<dyn Fn(&mut JobRecord) + Send>);
+
+/// What the engine writes of the scheduler's state with a batch: the encoded parts that
+/// changed (`None`: delete; a deleted run takes all its jobs with it).
+#[derive(Debug, Default)]
+pub struct SchedulerWrite {
+    pub core: Vec<u8>,
+    pub runs: Vec<(RunId, Option<Vec<u8>>)>,
+    pub jobs: Vec<(JobId, Option<Vec<u8>>)>,
+}
+
+/// The scheduler's state as stored.
+#[derive(Debug)]
+pub enum StoredScheduler {
+    /// Nothing stored yet.
+    None,
+    /// One whole snapshot, as coordinators before the parts stored it.
+    Legacy(Vec<u8>),
+    /// The parts: core, run headers, jobs (encoded).
+    Parts {
+        core: Vec<u8>,
+        runs: Vec<Vec<u8>>,
+        jobs: Vec<Vec<u8>>,
+    },
+}
+/// A change to one run record.
+pub type RunChange = (RunId, Box<dyn Fn(&mut RunRecord) + Send>);
+
+impl Store {
+    /// Stores a new run with its jobs, numbering it after the last run, in one commit.
+    pub fn create_run(
+        &self,
+        make: impl FnOnce(RunId) -> (RunRecord, Vec<JobRecord>),
+        audit: &AuditEntry,
+    ) -> Result<(RunRecord, Vec<JobRecord>), StoreError> {
+        self.write(|tx| {
+            let mut runs = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+            let next = runs
+                .last()
+                .map_err(eng!("read runs"))?
+                .map_or(1, |(k, _)| k.value() + 1);
+            let (run, jobs) = make(RunId(next));
+            runs.insert(next, encode(&run)?.as_slice())
+                .map_err(eng!("write run"))?;
+            drop(runs);
+            let mut table = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+            for job in &jobs {
+                table
+                    .insert((job.job.run.0, job.job.index), encode(job)?.as_slice())
+                    .map_err(eng!("write job"))?;
+            }
+            drop(table);
+            let mut entry = audit.clone();
+            entry.detail = format!("run={next} {}", entry.detail);
+            Self::append_audit(tx, &entry)?;
+            Ok((run, jobs))
+        })
+    }
+
+    pub fn run(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {
+        self.get(RUNS, run.0, ["open runs", "read run"], "run")
+    }
+
+    /// The newest `limit` runs, newest first.
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let runs = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+        collect(
+            runs.iter().map(|rows| rows.rev().take(limit)),
+            "scan runs",
+            "run",
+        )
+    }
+
+    /// Runs that have not ended, oldest first (to rebuild the scheduler after a restart).
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        let mut runs = self.runs(usize::MAX)?;
+        runs.retain(|r| r.finished_at.is_none());
+        runs.reverse();
+        Ok(runs)
+    }
+
+    pub fn jobs_of(&self, run: RunId) -> Result<Vec<JobRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let jobs = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+        collect(
+            jobs.range((run.0, 0)..=(run.0, u32::MAX)),
+            "scan jobs",
+            "job",
+        )
+    }
+
+    pub fn job(&self, job: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.get(
+            JOBS,
+            (job.run.0, job.index),
+            ["open jobs", "read job"],
+            "job",
+        )
+    }
+
+    /// Applies job and run changes and the scheduler's changed parts in one commit (the
+    /// effects of one batch of scheduler steps). Returns the changed records.
+    pub fn apply(
+        &self,
+        jobs: &[JobChange],
+        runs: &[RunChange],
+        scheduler: Option<&SchedulerWrite>,
+    ) -> Result<(Vec<JobRecord>, Vec<RunRecord>), StoreError> {
+        self.write(|tx| {
+            let mut changed_jobs = Vec::new();
+            let mut changed_runs = Vec::new();
+            if let Some(write) = scheduler {
+                Self::write_scheduler(tx, write)?;
+            }
+            let mut table = tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+            for (id, change) in jobs {
+                let key = (id.run.0, id.index);
+                changed_jobs.extend(update(
+                    &mut table,
+                    key,
+                    ["read job", "write job"],
+                    "job",
+                    change,
+                )?);
+            }
+            drop(table);
+            let mut table = tx.open_table(RUNS).map_err(eng!("open runs"))?;
+            for (id, change) in runs {
+                changed_runs.extend(update(
+                    &mut table,
+                    id.0,
+                    ["read run", "write run"],
+                    "run",
+                    change,
+                )?);
+            }
+            Ok((changed_jobs, changed_runs))
+        })
+    }
+
+    fn write_scheduler(
+        tx: &redb::WriteTransaction,
+        write: &SchedulerWrite,
+    ) -> Result<(), StoreError> {
+        let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
+        meta.insert(SCHEDULER_CORE_KEY, write.core.as_slice())
+            .map_err(eng!("write scheduler core"))?;
+        meta.remove(LEGACY_SCHEDULER_KEY)
+            .map_err(eng!("remove the legacy scheduler snapshot"))?;
+        drop(meta);
+        let mut runs = tx
+            .open_table(SCHEDULER_RUNS)
+            .map_err(eng!("open scheduler runs"))?;
+        let mut jobs = tx
+            .open_table(SCHEDULER_JOBS)
+            .map_err(eng!("open scheduler jobs"))?;
+        for (run, bytes) in &write.runs {
+            if let Some(b) = bytes {
+                runs.insert(run.0, b.as_slice())
+                    .map_err(eng!("write scheduler run"))?;
+            } else {
+                runs.remove(run.0).map_err(eng!("remove scheduler run"))?;
+                jobs.retain_in((run.0, 0)..=(run.0, u32::MAX), |_, _| false)
+                    .map_err(eng!("remove scheduler jobs"))?;
+            }
+        }
+        for (job, bytes) in &write.jobs {
+            let key = (job.run.0, job.index);
+            if let Some(b) = bytes {
+                jobs.insert(key, b.as_slice())
+                    .map_err(eng!("write scheduler job"))?;
+            } else {
+                jobs.remove(key).map_err(eng!("remove scheduler job"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The scheduler's state as the last [`Self::apply`] left it.
+    pub fn scheduler_state(&self) -> Result<StoredScheduler, StoreError> {
+        let tx = self.db.begin_read().map_err(eng!("begin read"))?;
+        let meta = tx.open_table(META).map_err(eng!("open meta"))?;
+        if let Some(core) = meta
+            .get(SCHEDULER_CORE_KEY)
+            .map_err(eng!("read scheduler core"))?
+        {
+            let core = core.value().to_vec();
+            let mut runs = Vec::new();
+            let mut jobs = Vec::new();
+            let table = tx
+                .open_table(SCHEDULER_RUNS)
+                .map_err(eng!("open scheduler runs"))?;
+            scan_raw(table.iter(), "scan scheduler runs", |_, v| {
+                runs.push(v.value().to_vec());
+                Ok(ControlFlow::Continue(()))
+            })?;
+            let table = tx
+                .open_table(SCHEDULER_JOBS)
+                .map_err(eng!("open scheduler jobs"))?;
+            scan_raw(table.iter(), "scan scheduler jobs", |_, v| {
+                jobs.push(v.value().to_vec());
+                Ok(ControlFlow::Continue(()))
+            })?;
+            return Ok(StoredScheduler::Parts { core, runs, jobs });
+        }
+        Ok(
+            match meta
+                .get(LEGACY_SCHEDULER_KEY)
+                .map_err(eng!("read scheduler snapshot"))?
+            {
+                Some(v) => StoredScheduler::Legacy(v.value().to_vec()),
+                None => StoredScheduler::None,
+            },
+        )
+    }
+
+    /// Registers (or replaces) a trigger and records the audit entry.
+    pub fn put_trigger(
+        &self,
+        trigger: &TriggerRecord,
+        audit: Option<&AuditEntry>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
+            table
+                .insert(trigger.name.as_str(), encode(trigger)?.as_slice())
+                .map_err(eng!("write trigger"))?;
+            drop(table);
+            match audit {
+                Some(a) => Self::append_audit(tx, a),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Removes a trigger; `false` if there was none.
+    pub fn remove_trigger(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.remove_named(TRIGGERS, name, audit)
+    }
+
+    pub fn triggers(&self) -> Result<Vec<TriggerRecord>, StoreError> {
+        self.all(TRIGGERS, ["open triggers", "scan triggers"], "trigger")
+    }
+}
