@@ -488,7 +488,7 @@ impl Manager {
                 continue;
             };
             let unreported = matches!(self.store.job(job), Ok(Some(j))
-                if j.attempt == attempt && !crate::services::engine::is_terminal_name(&j.state));
+                if j.attempt == attempt && !j.state.is_terminal());
             if unreported {
                 self.report_job(now, record);
             }

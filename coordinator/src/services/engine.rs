@@ -29,7 +29,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::services::runner::DEPLOY_RUNNER_LABEL;
 use crate::store::{
-    JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, Store, StoreError, StoredScheduler,
+    JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite, Store,
+    StoreError, StoredScheduler,
 };
 
 /// Time between SIGTERM and SIGKILL when a job is cancelled or times out.
@@ -328,7 +329,7 @@ impl EngineTask {
                     run_changes.push((
                         *run,
                         Box::new(move |r: &mut RunRecord| {
-                            run_state_name(state).clone_into(&mut r.state);
+                            r.state = run_status(state);
                             if state.is_terminal() {
                                 r.finished_at.get_or_insert(now);
                             }
@@ -340,7 +341,7 @@ impl EngineTask {
                     run_changes.push((
                         *run,
                         Box::new(move |r: &mut RunRecord| {
-                            r.state = "failed".into();
+                            r.state = RunStatus::Failed;
                             r.finished_at.get_or_insert(now);
                         }),
                     ));
@@ -418,12 +419,12 @@ impl EngineTask {
                 }
                 s if s.is_terminal() => {
                     self.queued_at.remove(job);
-                    self.metrics.job_ended(job_state_name(s));
+                    self.metrics.job_ended(job_status(s).as_str());
                 }
                 _ => {}
             },
             Command::RunChanged { state, .. } if state.is_terminal() => {
-                self.metrics.run_ended(run_state_name(*state));
+                self.metrics.run_ended(run_status(*state).as_str());
             }
             _ => {}
         }
@@ -676,7 +677,7 @@ fn record_change(
     now: UnixMillis,
 ) -> Box<dyn Fn(&mut JobRecord) + Send> {
     Box::new(move |r: &mut JobRecord| {
-        job_state_name(&state).clone_into(&mut r.state);
+        r.state = job_status(&state);
         if attempt > 0 {
             r.attempt = attempt;
         }
@@ -710,51 +711,38 @@ fn record_change(
     })
 }
 
-/// How a job state is shown and stored.
-pub fn job_state_name(state: &JobState) -> &'static str {
+/// How a scheduler's job state is stored (and shown).
+pub fn job_status(state: &JobState) -> JobStatus {
     match state {
-        JobState::Pending => "pending",
-        JobState::AwaitingApproval => "awaiting-approval",
-        JobState::Queued => "queued",
-        JobState::Offered { .. } => "offered",
+        JobState::Pending => JobStatus::Pending,
+        JobState::AwaitingApproval => JobStatus::AwaitingApproval,
+        JobState::Queued => JobStatus::Queued,
+        JobState::Offered { .. } => JobStatus::Offered,
         JobState::Running {
             cancelling: true, ..
-        } => "cancelling",
-        JobState::Running { .. } => "running",
-        JobState::Succeeded => "succeeded",
+        } => JobStatus::Cancelling,
+        JobState::Running { .. } => JobStatus::Running,
+        JobState::Succeeded => JobStatus::Succeeded,
         JobState::Failed {
             reason: FailReason::TimedOut,
-        } => "timed-out",
+        } => JobStatus::TimedOut,
         JobState::Failed {
             reason: FailReason::Lost,
-        } => "lost",
-        JobState::Failed { .. } => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Skipped => "skipped",
+        } => JobStatus::Lost,
+        JobState::Failed { .. } => JobStatus::Failed,
+        JobState::Cancelled => JobStatus::Cancelled,
+        JobState::Skipped => JobStatus::Skipped,
     }
 }
 
-pub fn run_state_name(state: RunState) -> &'static str {
+/// How a scheduler's run state is stored (and shown).
+pub fn run_status(state: RunState) -> RunStatus {
     match state {
-        RunState::Running => "running",
-        RunState::Succeeded => "succeeded",
-        RunState::Failed => "failed",
-        RunState::Cancelled => "cancelled",
+        RunState::Running => RunStatus::Running,
+        RunState::Succeeded => RunStatus::Succeeded,
+        RunState::Failed => RunStatus::Failed,
+        RunState::Cancelled => RunStatus::Cancelled,
     }
-}
-
-/// Whether a stored job state is an attempt on an agent that has not ended: offered to
-/// it, running there, or being cancelled.
-pub fn is_live_name(state: &str) -> bool {
-    matches!(state, "offered" | "running" | "cancelling")
-}
-
-/// Whether a stored job state is final.
-pub fn is_terminal_name(state: &str) -> bool {
-    matches!(
-        state,
-        "succeeded" | "failed" | "timed-out" | "lost" | "cancelled" | "skipped"
-    )
 }
 
 #[cfg(test)]
@@ -774,7 +762,7 @@ mod tests {
             inputs: Labels::new(),
             created_at: UnixMillis::now(),
             created_by: "t".into(),
-            state: "running".into(),
+            state: RunStatus::Running,
             finished_at: None,
             source: None,
         }
@@ -806,7 +794,7 @@ mod tests {
                         job: JobId { run, index: 0 },
                         name: "only".into(),
                         needs: vec![],
-                        state: "pending".into(),
+                        state: JobStatus::Pending,
                         attempt: 0,
                         agent: None,
                         exit_code: None,
@@ -835,8 +823,12 @@ mod tests {
         loop {
             let stored = store.run(run.run).expect("read run").expect("run stored");
             let job = store.jobs_of(run.run).expect("read jobs");
-            if stored.finished_at.is_some() && job[0].state != "pending" {
-                assert_eq!(job[0].state, "skipped", "the job's condition is false");
+            if stored.finished_at.is_some() && job[0].state != JobStatus::Pending {
+                assert_eq!(
+                    job[0].state,
+                    JobStatus::Skipped,
+                    "the job's condition is false"
+                );
                 break;
             }
             assert!(

@@ -14,7 +14,6 @@
 
 use gantry_protocol::{AgentId, Attempt, Digest, JobId};
 
-use crate::services::engine;
 use crate::store::{JobRecord, Store, StoreError};
 
 /// How an agent must hold an attempt.
@@ -51,7 +50,7 @@ pub fn attempt(
             let running = r.attempt == attempt
                 && r.agent.as_ref() == Some(agent)
                 && was_handed(r, agent, attempt)
-                && engine::is_live_name(&r.state);
+                && r.state.is_live();
             (!running).then(|| {
                 format!(
                     "attempt {attempt} of job {job} is not running on {agent} (it is {} attempt {} there)",

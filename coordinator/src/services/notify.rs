@@ -133,7 +133,7 @@ impl Event {
         let mut facts = vec![
             ("Pipeline".to_owned(), pipeline.to_owned()),
             ("Job".to_owned(), format!("{} ({})", job.name, job.job)),
-            ("State".to_owned(), job.state.clone()),
+            ("State".to_owned(), job.state.to_string()),
             ("Attempt".to_owned(), job.attempt.to_string()),
         ];
         if let Some(agent) = &job.agent {
@@ -210,7 +210,7 @@ fn run_facts(run: &RunRecord) -> Vec<(String, String)> {
     let mut facts = vec![
         ("Pipeline".to_owned(), run.pipeline.clone()),
         ("Ref".to_owned(), run.git_ref.clone()),
-        ("State".to_owned(), run.state.clone()),
+        ("State".to_owned(), run.state.to_string()),
         ("Trigger".to_owned(), run.event.clone()),
     ];
     if let Some(commit) = &run.commit {
@@ -352,7 +352,7 @@ pub fn watch_engine(
                     }
                 }
                 Ok(Change::Job(job)) => {
-                    let failed = matches!(job.state.as_str(), "failed" | "timed-out" | "lost");
+                    let failed = job.state.is_failure();
                     if failed && jobs.first((job.job, job.attempt)) {
                         let pipeline = match store.run(job.job.run) {
                             Ok(Some(r)) => r.pipeline,
@@ -393,7 +393,7 @@ mod tests {
             inputs: gantry_protocol::Labels::new(),
             created_at: UnixMillis(1_000),
             created_by: "gantry://admin/ops".into(),
-            state: state.into(),
+            state: crate::store::RunStatus::from_name(state).expect("a run state"),
             finished_at: Some(UnixMillis(61_000)),
             source: None,
         }

@@ -58,7 +58,8 @@ pub use deployments::{
     DeploymentRecord, EnvironmentRecord, HostNote, Kind, Status as DeploymentStatus,
 };
 pub use runs::{
-    JobChange, JobRecord, RunChange, RunRecord, SchedulerWrite, StoredScheduler, TriggerRecord,
+    JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite,
+    StoredScheduler, TriggerRecord,
 };
 pub use web::{LoginTokenRecord, WebhookRecord};
 

@@ -5,7 +5,8 @@ use std::ops::ControlFlow;
 
 use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::audit::AuditEntry;
 use super::db::{collect, encode, eng, scan_raw, update, Store, StoreError, META};
@@ -38,6 +39,128 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Defines a stored state: an enum whose on-disk form is its name, exactly as the
+/// string field it replaced (postcard writes a string as its length, then its bytes),
+/// so records written before the enum read back unchanged and records written now read
+/// in older coordinators. A name this coordinator does not know is a corrupt record.
+macro_rules! stored_state {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every state, in the order declared (the tests walk them all).
+            #[cfg(test)]
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The name, as stored and as listings show it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The state with this name.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let name = String::deserialize(deserializer)?;
+                Self::from_name(&name).ok_or_else(|| {
+                    D::Error::custom(format_args!(
+                        "unknown {} {name:?}",
+                        stringify!($name)
+                    ))
+                })
+            }
+        }
+    };
+}
+
+stored_state! {
+    /// A run's state as stored.
+    RunStatus {
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+stored_state! {
+    /// A job's state as stored: the scheduler's state of it, by name.
+    JobStatus {
+        Pending = "pending",
+        /// A manual job (`when: manual`) waiting for `gantry jobs approve`.
+        AwaitingApproval = "awaiting-approval",
+        Queued = "queued",
+        Offered = "offered",
+        /// Running, and asked to stop.
+        Cancelling = "cancelling",
+        Running = "running",
+        Succeeded = "succeeded",
+        TimedOut = "timed-out",
+        /// Its agent went away during the attempt.
+        Lost = "lost",
+        Failed = "failed",
+        Cancelled = "cancelled",
+        Skipped = "skipped",
+    }
+}
+
+impl JobStatus {
+    /// Whether this is an attempt on an agent that has not ended: offered to it, running
+    /// there, or being cancelled.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Offered | JobStatus::Running | JobStatus::Cancelling
+        )
+    }
+
+    /// Whether the job has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::TimedOut
+                | JobStatus::Lost
+                | JobStatus::Cancelled
+                | JobStatus::Skipped
+        )
+    }
+
+    /// Whether the job failed, however (exit code, timeout, lost agent).
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Failed | JobStatus::TimedOut | JobStatus::Lost
+        )
+    }
+}
+
 /// A pipeline run as stored. The pipeline text is kept so a run can be retried, and so
 /// the scheduler can be rebuilt after a restart, from exactly what was submitted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,8 +175,7 @@ pub struct RunRecord {
     pub inputs: Labels,
     pub created_at: UnixMillis,
     pub created_by: String,
-    /// `running`, `succeeded`, `failed` or `cancelled`.
-    pub state: String,
+    pub state: RunStatus,
     pub finished_at: Option<UnixMillis>,
     /// The uploaded source tree (`sha256:<hex>`), if the run has one.
     pub source: Option<String>,
@@ -65,7 +187,7 @@ pub struct JobRecord {
     pub job: JobId,
     pub name: String,
     pub needs: Vec<String>,
-    pub state: String,
+    pub state: JobStatus,
     pub attempt: Attempt,
     pub agent: Option<AgentId>,
     pub exit_code: Option<i32>,
@@ -334,5 +456,61 @@ impl Store {
 
     pub fn triggers(&self) -> Result<Vec<TriggerRecord>, StoreError> {
         self.all(TRIGGERS, ["open triggers", "scan triggers"], "trigger")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run record as coordinators wrote it while its state was a `String` (postcard:
+    /// run 7, pipeline `app`, file `p.yml`, no text, ref `main`, no commit, event
+    /// `manual`, no inputs, created at 5 by `t`, state `cancelled`, finished at 6, no
+    /// source).
+    const RUN_WITH_STRING_STATE: &[u8] =
+        b"\x07\x03app\x05p.yml\x00\x04main\x00\x06manual\x00\x05\x01t\x09cancelled\x01\x06\x00";
+
+    /// A job record as coordinators wrote it while its state was a `String`: job 7.2
+    /// `build` needing `lint`, state `timed-out`, attempt 3, no agent, no exit code,
+    /// started at 1000, finished at 2000, 4 log chunks, no attempts listed.
+    const JOB_WITH_STRING_STATE: &[u8] =
+        b"\x07\x02\x05build\x01\x04lint\x09timed-out\x03\x00\x00\x01\xe8\x07\x01\xd0\x0f\x01\x04\x00";
+
+    #[test]
+    fn records_written_with_string_states_read_back_and_are_written_the_same() {
+        let run: RunRecord = postcard::from_bytes(RUN_WITH_STRING_STATE).expect("old run");
+        assert_eq!(run.run, RunId(7));
+        assert_eq!(run.state, RunStatus::Cancelled);
+        assert_eq!(run.finished_at, Some(UnixMillis(6)));
+        assert_eq!(encode(&run).expect("encode"), RUN_WITH_STRING_STATE);
+
+        let job: JobRecord = postcard::from_bytes(JOB_WITH_STRING_STATE).expect("old job");
+        assert_eq!(
+            job.job,
+            JobId {
+                run: RunId(7),
+                index: 2
+            }
+        );
+        assert_eq!(job.state, JobStatus::TimedOut);
+        assert_eq!(job.log_chunks, Some(4));
+        assert_eq!(encode(&job).expect("encode"), JOB_WITH_STRING_STATE);
+    }
+
+    #[test]
+    fn every_state_is_stored_as_its_name_and_an_unknown_name_is_refused() {
+        for state in JobStatus::ALL {
+            let bytes = encode(state).expect("encode");
+            assert_eq!(bytes, encode(&state.as_str()).expect("encode name"));
+            assert_eq!(postcard::from_bytes::<JobStatus>(&bytes).ok(), Some(*state));
+        }
+        for state in RunStatus::ALL {
+            let bytes = encode(state).expect("encode");
+            assert_eq!(bytes, encode(&state.as_str()).expect("encode name"));
+            assert_eq!(postcard::from_bytes::<RunStatus>(&bytes).ok(), Some(*state));
+        }
+        let unknown = encode(&"paused").expect("encode");
+        assert!(postcard::from_bytes::<JobStatus>(&unknown).is_err());
+        assert!(postcard::from_bytes::<RunStatus>(&unknown).is_err());
     }
 }

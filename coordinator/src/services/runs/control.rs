@@ -7,6 +7,7 @@ use gantry_scheduler::Event;
 
 use crate::base::audit::Acting;
 use crate::services::runs::{RunError, Runs, MAX_LIST};
+use crate::store::JobStatus;
 
 impl Runs {
     /// The newest `limit` runs (1 to 1,000), with their jobs.
@@ -28,7 +29,7 @@ impl Runs {
         if record.finished_at.is_some() {
             return Err(RunError::Ended {
                 run,
-                state: record.state,
+                state: record.state.to_string(),
             });
         }
         self.store
@@ -63,11 +64,11 @@ impl Runs {
     /// Lets a manual job (`when: manual`) that waits for approval run.
     pub fn approve(&self, cx: &Acting<'_>, job: JobId) -> Result<String, RunError> {
         let record = self.find_job(job)?;
-        if record.state != "awaiting-approval" {
+        if record.state != JobStatus::AwaitingApproval {
             return Err(RunError::NotAwaitingApproval {
                 job,
                 name: record.name,
-                state: record.state,
+                state: record.state.to_string(),
             });
         }
         self.store

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 
 use crate::base::error::admin_error;
 use crate::base::logs::LiveLog;
-use crate::services::engine::{is_terminal_name, Change};
+use crate::services::engine::Change;
 use crate::services::runs::{RunError, Runs};
 use crate::store::{JobRecord, Store};
 
@@ -59,10 +59,10 @@ impl Runs {
         let mut attempt = record.attempt;
         loop {
             if attempt == 0 {
-                if !follow || is_terminal_name(&record.state) {
+                if !follow || record.state.is_terminal() {
                     return writer
                         .send(&FollowEvent::End {
-                            state: record.state,
+                            state: record.state.to_string(),
                         })
                         .await;
                 }
@@ -83,7 +83,7 @@ impl Runs {
             if !follow {
                 return writer
                     .send(&FollowEvent::End {
-                        state: record.state,
+                        state: record.state.to_string(),
                     })
                     .await;
             }
@@ -91,7 +91,7 @@ impl Runs {
                 if complete(&record, attempt, next) {
                     return writer
                         .send(&FollowEvent::End {
-                            state: record.state,
+                            state: record.state.to_string(),
                         })
                         .await;
                 }
@@ -141,7 +141,7 @@ impl Runs {
             Err(e) => return writer.send(&FollowEvent::Error(admin_error(&e))).await,
         };
         let mut last: HashMap<JobId, JobRecord> = HashMap::new();
-        let mut state = record.state.clone();
+        let mut state = record.state;
         let mut finished = record.finished_at.is_some();
         loop {
             // Sends whatever changed since the last look (the store is the truth; the change
@@ -155,12 +155,16 @@ impl Runs {
                 }
             }
             if finished {
-                return writer.send(&FollowEvent::End { state }).await;
+                return writer
+                    .send(&FollowEvent::End {
+                        state: state.to_string(),
+                    })
+                    .await;
             }
             tokio::select! {
                 change = changes.recv() => match change {
                     Ok(Change::Run(r)) if r.run == run => {
-                        state.clone_from(&r.state);
+                        state = r.state;
                         finished = r.finished_at.is_some();
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -168,7 +172,7 @@ impl Runs {
                 },
                 () = tokio::time::sleep(FOLLOW_RECHECK) => {
                     if let Ok(Some(r)) = self.store.run(run) {
-                        state.clone_from(&r.state);
+                        state = r.state;
                         finished = r.finished_at.is_some();
                     }
                 }
@@ -185,7 +189,7 @@ fn complete(record: &JobRecord, attempt: Attempt, next: u64) -> bool {
     match record.log_chunks {
         Some(n) => next >= n,
         // Ended without a report from its agent (lost, cancelled before it started).
-        None => is_terminal_name(&record.state),
+        None => record.state.is_terminal(),
     }
 }
 

@@ -132,7 +132,7 @@ impl Runs {
         RunView {
             run: r.run,
             pipeline: r.pipeline,
-            state: r.state,
+            state: r.state.to_string(),
             git_ref: r.git_ref,
             commit: r.commit,
             event: r.event,
@@ -155,7 +155,7 @@ impl Runs {
             job: j.job,
             name: j.name,
             needs: j.needs,
-            state: j.state,
+            state: j.state.to_string(),
             attempt: j.attempt,
             agent: j.agent,
             exit_code: j.exit_code,

@@ -11,7 +11,7 @@ use crate::services::deployments::create_file_environments;
 use crate::services::engine::{job_ids, plans_for, Input};
 use crate::services::notify::Event;
 use crate::services::runs::{RunError, Runs};
-use crate::store::{JobRecord, RunRecord};
+use crate::store::{JobRecord, JobStatus, RunRecord, RunStatus};
 
 impl Runs {
     /// Parses a pipeline file without running it; the names of its jobs.
@@ -94,7 +94,7 @@ impl Runs {
                     inputs: submit.inputs.clone(),
                     created_at: now,
                     created_by: cx.actor.to_owned(),
-                    state: "running".into(),
+                    state: RunStatus::Running,
                     finished_at: None,
                     source: submit.source.clone(),
                 };
@@ -103,7 +103,7 @@ impl Runs {
                         job,
                         name: j.name.clone(),
                         needs: j.needs.clone(),
-                        state: "pending".into(),
+                        state: JobStatus::Pending,
                         attempt: 0,
                         agent: None,
                         exit_code: None,
