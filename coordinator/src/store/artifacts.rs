@@ -134,6 +134,153 @@ fn put_manifest_if_complete(
     Ok(missing)
 }
 
+/// Garbage collection, first step: removes expired artifacts and adds the manifests of
+/// the others to `roots`. Returns how many expired.
+fn expire_artifacts(
+    tx: &redb::WriteTransaction,
+    now: UnixMillis,
+    roots: &mut HashSet<Digest>,
+) -> Result<u64, StoreError> {
+    let mut artifacts = tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
+    let mut expired: Vec<(u64, String)> = Vec::new();
+    scan(
+        artifacts.iter(),
+        "scan artifacts",
+        "artifact",
+        |k, view: ArtifactView| {
+            if view.expires_at <= now {
+                let (run, name) = k.value();
+                expired.push((run, name.to_owned()));
+            } else {
+                roots.insert(view.manifest);
+            }
+            ControlFlow::Continue(())
+        },
+    )?;
+    for (run, name) in &expired {
+        artifacts
+            .remove((*run, name.as_str()))
+            .map_err(eng!("remove artifact"))?;
+    }
+    Ok(expired.len() as u64)
+}
+
+/// Garbage collection, second step: evicts idle caches, then the least recently used
+/// beyond the quota, and adds the manifests of those kept to `roots`. Returns how many
+/// went.
+fn evict_caches(
+    tx: &redb::WriteTransaction,
+    rules: &GcRules,
+    roots: &mut HashSet<Digest>,
+) -> Result<u64, StoreError> {
+    let mut caches = tx.open_table(CACHES).map_err(eng!("open caches"))?;
+    let mut all: Vec<CacheView> = collect(caches.iter(), "scan caches", "cache")?;
+    all.sort_by_key(|c| std::cmp::Reverse(c.last_used));
+    let mut total: u64 = 0;
+    let mut evicted = 0;
+    for view in all {
+        let idle = rules.now.millis_since(view.last_used) >= rules.cache_max_idle_ms;
+        if idle || total.saturating_add(view.bytes) > rules.cache_quota_bytes {
+            evicted += 1;
+            caches
+                .remove(cache_key(&view.pipeline, &view.branch, &view.key).as_str())
+                .map_err(eng!("remove cache"))?;
+        } else {
+            total += view.bytes;
+            roots.insert(view.manifest);
+        }
+    }
+    Ok(evicted)
+}
+
+/// Garbage collection, third step: removes the manifests not in `roots` and returns the
+/// chunks the others name.
+fn drop_unused_manifests(
+    tx: &redb::WriteTransaction,
+    roots: &HashSet<Digest>,
+) -> Result<HashSet<Digest>, StoreError> {
+    let mut manifests = tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
+    let mut referenced: HashSet<Digest> = HashSet::new();
+    let mut unused: Vec<Vec<u8>> = Vec::new();
+    scan_raw(manifests.iter(), "scan manifests", |k, v| {
+        let key = k.value();
+        let digest = <[u8; 32]>::try_from(key)
+            .map(Digest::from_bytes)
+            .map_err(|_| StoreError::Corrupt {
+                what: "manifest",
+                key: format!("{} bytes", key.len()),
+                detail: "key is not a 32-byte digest".into(),
+            })?;
+        if !roots.contains(&digest) {
+            unused.push(key.to_vec());
+            return Ok(ControlFlow::Continue(()));
+        }
+        let manifest =
+            gantry_cas::Manifest::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                what: "manifest",
+                key: digest.to_string(),
+                detail: e.to_string(),
+            })?;
+        for entry in &manifest.entries {
+            if let gantry_cas::EntryKind::File { chunks, .. } = &entry.kind {
+                referenced.extend(chunks.iter().map(|c| c.digest));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    for key in &unused {
+        manifests
+            .remove(key.as_slice())
+            .map_err(eng!("remove manifest"))?;
+    }
+    Ok(referenced)
+}
+
+/// Garbage collection, last step: removes the index rows of chunks no remaining
+/// manifest names, unless `protected` holds them (open uploads) or they are younger
+/// than the grace, and counts them all in `report`. Returns the removed chunks, whose
+/// files the caller deletes.
+fn sweep_chunks(
+    tx: &redb::WriteTransaction,
+    rules: &GcRules,
+    referenced: &HashSet<Digest>,
+    protected: &HashSet<Digest>,
+    report: &mut GcReport,
+) -> Result<Vec<Digest>, StoreError> {
+    let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
+    let mut sizes: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    let mut doomed = Vec::new();
+    scan_raw(chunks.iter(), "scan chunks", |k, v| {
+        let key = k.value();
+        let record = decode_chunk_record("index", v.value())?;
+        let Ok(bytes) = <[u8; 32]>::try_from(key) else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let digest = Digest::from_bytes(bytes);
+        if referenced.contains(&digest) {
+            report.chunks_kept += 1;
+            report.bytes_kept += u64::from(record.stored_bytes);
+        } else if protected.contains(&digest)
+            || rules.now.millis_since(record.written_at) < rules.grace_ms
+        {
+            report.chunks_protected += 1;
+            report.bytes_kept += u64::from(record.stored_bytes);
+        } else {
+            sizes.insert(key.to_vec(), u64::from(record.stored_bytes));
+            doomed.push(digest);
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    report.chunks_deleted = doomed.len() as u64;
+    report.bytes_freed = sizes.values().sum();
+    for key in sizes.keys() {
+        chunks
+            .remove(key.as_slice())
+            .map_err(eng!("remove chunk"))?;
+    }
+    Ok(doomed)
+}
+
 /// A cache's key in the table: scope and key, separated by NUL (which none may contain).
 fn cache_key(pipeline: &str, branch: &str, key: &str) -> String {
     format!("{pipeline}\0{branch}\0{key}")
@@ -322,122 +469,15 @@ impl Store {
             dry_run: rules.dry_run,
             ..GcReport::default()
         };
-        let mut doomed = Vec::new();
-        {
-            let mut artifacts = tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
-            let mut roots: HashSet<Digest> = HashSet::new();
-            let mut expired: Vec<(u64, String)> = Vec::new();
-            scan(
-                artifacts.iter(),
-                "scan artifacts",
-                "artifact",
-                |k, view: ArtifactView| {
-                    if view.expires_at <= rules.now {
-                        let (run, name) = k.value();
-                        expired.push((run, name.to_owned()));
-                    } else {
-                        roots.insert(view.manifest);
-                    }
-                    ControlFlow::Continue(())
-                },
-            )?;
-            report.artifacts_expired = expired.len() as u64;
-            for (run, name) in &expired {
-                artifacts
-                    .remove((*run, name.as_str()))
-                    .map_err(eng!("remove artifact"))?;
-            }
-            drop(artifacts);
-
-            let mut caches = tx.open_table(CACHES).map_err(eng!("open caches"))?;
-            let mut all: Vec<CacheView> = collect(caches.iter(), "scan caches", "cache")?;
-            all.sort_by_key(|c| std::cmp::Reverse(c.last_used));
-            let mut total: u64 = 0;
-            for view in all {
-                let idle = rules.now.millis_since(view.last_used) >= rules.cache_max_idle_ms;
-                if idle || total.saturating_add(view.bytes) > rules.cache_quota_bytes {
-                    report.caches_evicted += 1;
-                    caches
-                        .remove(cache_key(&view.pipeline, &view.branch, &view.key).as_str())
-                        .map_err(eng!("remove cache"))?;
-                } else {
-                    total += view.bytes;
-                    roots.insert(view.manifest);
-                }
-            }
-            drop(caches);
-
-            // Releases environments ran (a rollback may stage one on a new host) and
-            // releases of deployments under way stay, whatever their artifact's expiry.
-            releases_in_use(&tx, &mut roots)?;
-
-            let mut manifests = tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
-            let mut referenced: HashSet<Digest> = HashSet::new();
-            let mut unused: Vec<Vec<u8>> = Vec::new();
-            scan_raw(manifests.iter(), "scan manifests", |k, v| {
-                let key = k.value();
-                let digest = <[u8; 32]>::try_from(key)
-                    .map(Digest::from_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        what: "manifest",
-                        key: format!("{} bytes", key.len()),
-                        detail: "key is not a 32-byte digest".into(),
-                    })?;
-                if !roots.contains(&digest) {
-                    unused.push(key.to_vec());
-                    return Ok(ControlFlow::Continue(()));
-                }
-                let manifest =
-                    gantry_cas::Manifest::decode(v.value()).map_err(|e| StoreError::Corrupt {
-                        what: "manifest",
-                        key: digest.to_string(),
-                        detail: e.to_string(),
-                    })?;
-                for entry in &manifest.entries {
-                    if let gantry_cas::EntryKind::File { chunks, .. } = &entry.kind {
-                        referenced.extend(chunks.iter().map(|c| c.digest));
-                    }
-                }
-                Ok(ControlFlow::Continue(()))
-            })?;
-            for key in &unused {
-                manifests
-                    .remove(key.as_slice())
-                    .map_err(eng!("remove manifest"))?;
-            }
-            drop(manifests);
-
-            let mut chunks = tx.open_table(CHUNKS).map_err(eng!("open chunks"))?;
-            let mut sizes: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
-            scan_raw(chunks.iter(), "scan chunks", |k, v| {
-                let key = k.value();
-                let record = decode_chunk_record("index", v.value())?;
-                let Ok(bytes) = <[u8; 32]>::try_from(key) else {
-                    return Ok(ControlFlow::Continue(()));
-                };
-                let digest = Digest::from_bytes(bytes);
-                if referenced.contains(&digest) {
-                    report.chunks_kept += 1;
-                    report.bytes_kept += u64::from(record.stored_bytes);
-                } else if protected.contains(&digest)
-                    || rules.now.millis_since(record.written_at) < rules.grace_ms
-                {
-                    report.chunks_protected += 1;
-                    report.bytes_kept += u64::from(record.stored_bytes);
-                } else {
-                    sizes.insert(key.to_vec(), u64::from(record.stored_bytes));
-                    doomed.push(digest);
-                }
-                Ok(ControlFlow::Continue(()))
-            })?;
-            report.chunks_deleted = doomed.len() as u64;
-            report.bytes_freed = sizes.values().sum();
-            for key in sizes.keys() {
-                chunks
-                    .remove(key.as_slice())
-                    .map_err(eng!("remove chunk"))?;
-            }
-        }
+        // Manifests something still needs: live artifacts, kept caches, and releases
+        // environments ran (a rollback may stage one on a new host) or deployments under
+        // way run, whatever their artifact's expiry.
+        let mut roots: HashSet<Digest> = HashSet::new();
+        report.artifacts_expired = expire_artifacts(&tx, rules.now, &mut roots)?;
+        report.caches_evicted = evict_caches(&tx, &rules, &mut roots)?;
+        releases_in_use(&tx, &mut roots)?;
+        let referenced = drop_unused_manifests(&tx, &roots)?;
+        let mut doomed = sweep_chunks(&tx, &rules, &referenced, protected, &mut report)?;
         if rules.dry_run {
             tx.abort().map_err(eng!("abort"))?;
             doomed.clear();
