@@ -20,7 +20,7 @@
 //! callers pass chunk sinks, memos and directories. Everything here is blocking (git
 //! processes, file reads and hashing): async callers run it on a blocking thread.
 //! The choice of the `git` program over gitoxide is measured in
-//! `docs/decisions/git-implementation.md`.
+//! `docs/decisions/0084-git-implementation.md`.
 
 mod catfile;
 mod error;
