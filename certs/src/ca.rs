@@ -23,7 +23,7 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
 /// Lifetime of the CA certificate.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of the coordinator's server certificate (renewed by re-running init in this
-/// release; see ARCHITECTURE.md).
+/// release; see docs/decisions/0007-certificate-lifetimes.md).
 pub const COORDINATOR_CERT_LIFETIME: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
 /// Lifetime of an admin client certificate made by `gantry init`.
 pub const ADMIN_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -388,8 +388,9 @@ fn one_agent_flooding_its_session_does_not_slow_another_agents_dispatches() {
             "dispatch p99 alone {p99_alone:?}, with an agent flooding {p99_flooded:?} ({} dispatches)",
             during.len()
         );
-        // The bound ARCHITECTURE.md states: a flooding agent never pushes another agent's
-        // dispatch p99 over 1 s (measured: a few ms either way).
+        // The bound docs/decisions/0058-denial-of-service-bounds.md states: a flooding
+        // agent never pushes another agent's dispatch p99 over 1 s (measured: a few ms
+        // either way).
         assert!(
             p99_flooded < Duration::from_secs(1),
             "dispatch p99 {p99_flooded:?} with a flooding agent (alone {p99_alone:?})"

@@ -176,8 +176,8 @@ pub struct Listener {
 /// those datagrams woke. With 10,000 agents it fell so far behind that the socket's
 /// receive queue (4 MiB, the kernel's `rmem_max`) overflowed: a third of all datagrams
 /// were dropped, heartbeats arrived 15 s late, sessions were closed as silent and
-/// handshakes timed out, and the reconnections made it worse (ARCHITECTURE.md,
-/// "The listener's socket has a thread of its own"). Connections, their crypto and
+/// handshakes timed out, and the reconnections made it worse
+/// (docs/decisions/0063-listener-socket-thread.md). Connections, their crypto and
 /// timers still run on the caller's runtime.
 #[derive(Debug)]
 struct IoThread {
@@ -211,7 +211,8 @@ impl Listener {
         // Every client (agent, admin CLI) sends keep-alives, which keep the connection
         // and any NAT mapping alive both ways. The server's own would only add a PING
         // and its ACK every 10 s per connection: with 10,000 agents, a third of the
-        // packets an idle coordinator handles (ARCHITECTURE.md, "Idle CPU").
+        // packets an idle coordinator handles
+        // (docs/decisions/0064-no-server-keep-alives.md).
         transport.keep_alive_interval(None);
         config.transport_config(Arc::new(transport));
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);

@@ -70,8 +70,8 @@ pub struct ChunkStore {
 /// once and read back, if ever, long after, so caching it buys nothing, and the copy
 /// into the page cache was more than half of the coordinator's CPU time in the upload
 /// benchmark (on a VM whose host reclaims freed pages, filling the page cache with
-/// fresh pages costs ~2.3 s per GiB; see ARCHITECTURE.md, "Packs and cache segments
-/// are written past the page cache").
+/// fresh pages costs ~2.3 s per GiB; see
+/// docs/decisions/0077-bulk-data-past-page-cache.md).
 #[derive(Debug)]
 pub struct PackWriter {
     id: u64,

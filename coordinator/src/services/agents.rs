@@ -35,7 +35,7 @@ pub const PRESENCE_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// read the registry, so the stored copy matters only after a crash (a departure and a
 /// graceful shutdown write the exact figures). Rewriting every heard agent's record at
 /// each flush was, with 10,000 agents, ~5,000 record rewrites a second for figures no
-/// one reads (ARCHITECTURE.md, "Presence is stored once a minute").
+/// one reads (docs/decisions/0071-presence-once-a-minute.md).
 pub const PRESENCE_PERSIST_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why an agent request failed.

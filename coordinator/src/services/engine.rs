@@ -353,7 +353,7 @@ impl EngineTask {
             self.scheduler.forget_run(*run);
         }
         // Only what changed is written: with thousands of jobs in flight the whole state
-        // was megabytes per batch (see ARCHITECTURE.md, "Scheduler persistence").
+        // was megabytes per batch (see docs/decisions/0069-scheduler-state-in-parts.md).
         let changes = self.scheduler.take_changes();
         let write = if changes.is_empty() {
             None
@@ -538,7 +538,7 @@ impl EngineTask {
 /// Runs `f`, which waits on the disk (a commit's fsync), without holding up the tasks
 /// queued on this worker thread: on a multi-threaded runtime they are handed to another
 /// thread first. With 10,000 agents a commit on a worker stalled the sessions behind it
-/// (ARCHITECTURE.md, "Store commits off the worker threads"). Only commits pay for the
+/// (docs/decisions/0062-commits-off-worker-threads.md). Only commits pay for the
 /// hand-off; most batches (heartbeats) commit nothing.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
