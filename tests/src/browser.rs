@@ -9,8 +9,8 @@
 //! also when a test panics.
 //!
 //! Tests that need a browser call [`Browser::launch_or_skip`]: without Chromium they
-//! fail and say what to install, unless `GANTRY_SKIP_BROWSER_TESTS=1`, in which case they
-//! print that they skip.
+//! skip, saying what to install (they fail instead under `GANTRY_REQUIRE_ALL_TESTS=1`,
+//! as in CI); `GANTRY_SKIP_BROWSER_TESTS=1` skips them either way.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -122,14 +122,22 @@ impl std::fmt::Debug for Browser {
 
 impl Browser {
     /// Starts the browser, or returns `None` (after saying so) when
-    /// `GANTRY_SKIP_BROWSER_TESTS=1`. Without a browser, panics with what to install.
+    /// `GANTRY_SKIP_BROWSER_TESTS=1`. Without a browser, returns `None` after one line
+    /// saying what to install, or panics under `GANTRY_REQUIRE_ALL_TESTS=1`
+    /// ([`crate::requires`]).
     pub fn launch_or_skip(test: &str) -> Option<Self> {
         if std::env::var("GANTRY_SKIP_BROWSER_TESTS").as_deref() == Ok("1") {
             eprintln!("skipping {test}: GANTRY_SKIP_BROWSER_TESTS=1");
             return None;
         }
         let Some(exe) = find_chromium() else {
-            panic!("{test} needs Chromium: apt-get install chromium (or set GANTRY_CHROMIUM=/path/to/chrome; GANTRY_SKIP_BROWSER_TESTS=1 skips the browser tests)");
+            crate::requires::missing(
+                test,
+                "Chromium",
+                "apt-get install chromium, or set GANTRY_CHROMIUM=/path/to/chrome",
+                None,
+            );
+            return None;
         };
         Some(
             Self::launch(&exe)

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{bin, Run};
+use crate::{bin, requires, Run};
 
 /// The host's static busybox (Debian busybox-static, installed by `.ci/run`).
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -22,33 +22,11 @@ pub const COMMAND_SECS: u64 = 120;
 /// The label every resource a test makes carries: the pid of the test process.
 const OWNER_LABEL: &str = "gantry.test.owner";
 
-/// Whether Docker tests can run here. Without a Docker engine or busybox they fail and
-/// say what to install, unless `GANTRY_SKIP_DOCKER_TESTS=1`, in which case they say
-/// why they skip and this returns `false`.
-pub fn ready() -> bool {
-    let why = if !Path::new(BUSYBOX).is_file() {
-        Some("the multi-host tests need busybox-static for their image: apt-get install -y busybox-static")
-    } else if !Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        Some("the multi-host tests need a running Docker engine")
-    } else {
-        None
-    };
-    let Some(why) = why else {
-        return true;
-    };
-    assert!(
-        std::env::var("GANTRY_SKIP_DOCKER_TESTS").as_deref() == Ok("1"),
-        "{why} (or set GANTRY_SKIP_DOCKER_TESTS=1 to skip the Docker tests)"
-    );
-    eprintln!("skipping: {why} (GANTRY_SKIP_DOCKER_TESTS=1)");
-    false
+/// Whether Docker tests can run here: a running engine and busybox-static, else the
+/// test skips saying what to install, or fails under `GANTRY_REQUIRE_ALL_TESTS=1`
+/// (see [`crate::requires`]).
+pub fn ready(test: &str) -> bool {
+    requires::require_docker(test, Some(BUSYBOX))
 }
 
 /// `prog args...` killed after `secs` (coreutils `timeout`), so no command hangs a test.

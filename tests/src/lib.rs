@@ -14,6 +14,7 @@ pub mod http;
 pub mod layering;
 pub mod load;
 pub mod peers;
+pub mod requires;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -2,8 +2,9 @@
 //! raw HTTP, then the pages in a real headless Chromium (live log latency, the DAG, a
 //! viewer who cannot trigger anything, screenshots of the main pages).
 //!
-//! The browser test needs Chromium (`apt-get install chromium`); without it it fails
-//! and says so, unless `GANTRY_SKIP_BROWSER_TESTS=1`. Screenshots go to
+//! The browser test needs Chromium (`apt-get install chromium`); without it it skips
+//! and says so (it fails under `GANTRY_REQUIRE_ALL_TESTS=1`, as in CI), and
+//! `GANTRY_SKIP_BROWSER_TESTS=1` skips it either way. Screenshots go to
 //! `GANTRY_SCREENSHOT_DIR`, else `target/dashboard-screenshots`.
 
 use std::io::{Read, Write};

@@ -4,17 +4,15 @@
 //! No registry is used: each test builds a tiny image from the host's static busybox
 //! (`docker import` of a root filesystem with `bin/busybox` and a few links to it) under
 //! a unique tag, and removes it when done. Without busybox-static or a running engine
-//! the tests fail and say what is missing, unless `GANTRY_SKIP_DOCKER_TESTS=1` is set,
-//! in which case they print why they skip.
+//! the tests skip, saying what to install (they fail instead under
+//! `GANTRY_REQUIRE_ALL_TESTS=1`, as in CI; see `gantry_tests::requires`).
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gantry_tests::{job_named, wait_for, Coordinator, DEADLINE};
+use gantry_tests::{job_named, requires, wait_for, Coordinator, DEADLINE};
 
 const BUSYBOX: &str = "/bin/busybox";
-const NEED_BUSYBOX: &str = "Docker tests need busybox-static: apt-get install -y busybox-static";
 const NEED_DOCKER: &str = "Docker tests need a running Docker engine";
 /// The coordinator gives every job 10 s between SIGTERM and SIGKILL; a `sleep` that is
 /// PID 1 of its container ignores SIGTERM, so a cancel takes the whole grace.
@@ -41,32 +39,6 @@ fn docker(args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("{NEED_DOCKER}: cannot run `docker {}`: {e}", args.join(" ")))
-}
-
-/// Fails with `why`, or returns `false` (skip) when `GANTRY_SKIP_DOCKER_TESTS=1`.
-fn missing(why: &str) -> bool {
-    assert!(
-        std::env::var("GANTRY_SKIP_DOCKER_TESTS").as_deref() == Ok("1"),
-        "{why} (or set GANTRY_SKIP_DOCKER_TESTS=1 to skip them)"
-    );
-    eprintln!("skipping: {why} (GANTRY_SKIP_DOCKER_TESTS=1)");
-    false
-}
-
-fn docker_ready() -> bool {
-    if !Path::new(BUSYBOX).is_file() {
-        return missing(NEED_BUSYBOX);
-    }
-    let info = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !info.is_ok_and(|s| s.success()) {
-        return missing(NEED_DOCKER);
-    }
-    true
 }
 
 fn unique() -> String {
@@ -139,7 +111,10 @@ fn own_uid() -> u32 {
 
 #[test]
 fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none() {
-    if !docker_ready() {
+    if !requires::require_docker(
+        "a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none",
+        Some(BUSYBOX),
+    ) {
         return;
     }
     let image = busybox_image();
@@ -201,7 +176,10 @@ fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none
 
 #[test]
 fn cancelling_a_container_job_stops_and_removes_its_container() {
-    if !docker_ready() {
+    if !requires::require_docker(
+        "cancelling_a_container_job_stops_and_removes_its_container",
+        Some(BUSYBOX),
+    ) {
         return;
     }
     let image = busybox_image();

@@ -9,9 +9,9 @@
 //! host, checked over HTTP by the agent; the release also carries a 4 MB blob, so the
 //! hosts stage it from each other (peers are reached at the address the coordinator
 //! sees each session at). Every container, network, volume and image is removed when a
-//! test ends, also on panic. Without Docker or busybox-static the tests fail and say
-//! what to install, unless `GANTRY_SKIP_DOCKER_TESTS=1`, in which case they say why
-//! they skip.
+//! test ends, also on panic. Without Docker or busybox-static the tests skip, saying
+//! what to install (they fail instead under `GANTRY_REQUIRE_ALL_TESTS=1`, as in CI;
+//! see `gantry_tests::requires`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -411,7 +411,9 @@ fn millis(v: &Value) -> u64 {
 
 #[test]
 fn a_partitioned_host_holds_up_neither_the_others_staging_nor_the_rolling_deployment() {
-    if !containers::ready() {
+    if !containers::ready(
+        "a_partitioned_host_holds_up_neither_the_others_staging_nor_the_rolling_deployment",
+    ) {
         return;
     }
     // Heartbeats at the default 5 s: the coordinator notices a silent host after 15 s,
@@ -581,7 +583,9 @@ enum Outage {
 
 #[test]
 fn a_rolling_deployment_goes_on_correctly_after_the_coordinator_restarts_or_crashes() {
-    if !containers::ready() {
+    if !containers::ready(
+        "a_rolling_deployment_goes_on_correctly_after_the_coordinator_restarts_or_crashes",
+    ) {
         return;
     }
     let fleet = Fleet::start("restart", "1s");

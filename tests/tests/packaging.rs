@@ -8,19 +8,19 @@
 //! over the binaries already built for the tests (`--profile dev --no-build`, so no
 //! release build); the scratch image from `packaging/container/build.sh`. Every
 //! container, network and volume a test makes is removed when it ends, also on panic.
-//! Without Docker, debootstrap or cargo-deb they fail and say what to install, unless
-//! `GANTRY_SKIP_DOCKER_TESTS=1`, in which case they say why they skip.
+//! Without Docker, debootstrap (while the image is not built) or cargo-deb they skip,
+//! saying what to install (they fail instead under `GANTRY_REQUIRE_ALL_TESTS=1`, as in
+//! CI; see `gantry_tests::requires`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gantry_tests::{bin, wait_for, Coordinator, CoordinatorOptions, Run, DEADLINE};
+use gantry_tests::{bin, requires, wait_for, Coordinator, CoordinatorOptions, Run, DEADLINE};
 use serde_json::Value;
 
 /// The cached Debian image. Bump the suffix when `debian_image` changes what it holds.
 const DEBIAN_IMAGE: &str = "gantry-test-debian:bookworm-1";
-const NEED_DOCKER: &str = "the packaging tests need a running Docker engine";
 /// Building the Debian image: debootstrap downloads ~60 MB, ~40 s on a good mirror.
 const IMAGE_BUILD_SECS: u64 = 900;
 /// Any single docker or in-container command.
@@ -82,25 +82,31 @@ fn exec_ok(container: &str, script: &str) -> String {
     r.stdout.trim().to_owned()
 }
 
-/// Fails with `why`, or returns `false` (skip) when `GANTRY_SKIP_DOCKER_TESTS=1`.
-fn missing(why: &str) -> bool {
-    assert!(
-        std::env::var("GANTRY_SKIP_DOCKER_TESTS").as_deref() == Ok("1"),
-        "{why} (or set GANTRY_SKIP_DOCKER_TESTS=1 to skip the Docker tests)"
-    );
-    eprintln!("skipping: {why} (GANTRY_SKIP_DOCKER_TESTS=1)");
-    false
-}
+/// How the packaging tests' cargo-deb is installed (`.ci/run` pins the same version).
+const INSTALL_CARGO_DEB: &str = "cargo install cargo-deb --locked --version '~3.8'";
 
-fn docker_ready() -> bool {
-    let info = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !info.is_ok_and(|s| s.success()) {
-        return missing(NEED_DOCKER);
+/// Whether a Docker packaging test can run: a running engine, and the Debian image or
+/// debootstrap to build it. Else the test skips saying what to install, or fails under
+/// `GANTRY_REQUIRE_ALL_TESTS=1`; `GANTRY_SKIP_DOCKER_TESTS=1` skips it either way.
+fn docker_ready(test: &str) -> bool {
+    if !requires::require_docker(test, None) {
+        return false;
+    }
+    if docker(&["image", "inspect", DEBIAN_IMAGE]).code == 0 {
+        return true;
+    }
+    for (program, install) in [
+        ("debootstrap", "apt-get install debootstrap"),
+        ("flock", "apt-get install util-linux"),
+    ] {
+        if !requires::on_path(program) {
+            return requires::missing(
+                test,
+                &format!("{program} to build {DEBIAN_IMAGE}"),
+                install,
+                Some(requires::SKIP_DOCKER),
+            );
+        }
     }
     true
 }
@@ -240,17 +246,7 @@ fn debian_image() {
     if docker(&["image", "inspect", DEBIAN_IMAGE]).code == 0 {
         return;
     }
-    let has = |tool: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    assert!(
-        has("debootstrap") && has("flock"),
-        "the packaging tests build their Debian image with debootstrap: apt-get install -y debootstrap (.ci/run does)"
-    );
+    // `docker_ready` made sure debootstrap and flock are here.
     let dir = tempfile::Builder::new()
         .prefix("gantry-debootstrap-")
         .tempdir()
@@ -300,12 +296,7 @@ fn bin_dir() -> PathBuf {
 /// `.deb`s of both packages from the binaries under test, in `out`.
 fn build_debs(out: &Path) -> (PathBuf, PathBuf) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let probe = run(bounded(60, &cargo).args(["deb", "--version"]));
-    assert_eq!(
-        probe.code, 0,
-        "the packaging tests need cargo-deb: cargo install cargo-deb --locked (.ci/run does)\n{}",
-        probe.stderr
-    );
+    // The test checked first that `cargo deb` runs (`requires::cargo_has`).
     // cargo-deb finds the binaries under CARGO_TARGET_DIR/<profile>; the test binaries'
     // own directory says where that is.
     let target_dir = bin_dir().parent().expect("target dir").to_path_buf();
@@ -774,9 +765,11 @@ fn the_https_side_serves_the_installer_the_ca_and_the_agent() {
 
 #[test]
 fn the_units_pass_systemd_analyze_verify() {
-    let analyze = run(Command::new("sh").args(["-c", "command -v systemd-analyze"]));
-    if analyze.code != 0 {
-        eprintln!("skipping: systemd-analyze is not installed (apt-get install systemd)");
+    if !requires::require_program(
+        "the_units_pass_systemd_analyze_verify",
+        "systemd-analyze",
+        "apt-get install systemd",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -799,7 +792,16 @@ fn the_units_pass_systemd_analyze_verify() {
 
 #[test]
 fn the_debs_install_on_debian_and_the_agent_enrolls_connects_and_runs_a_job() {
-    if !docker_ready() {
+    const TEST: &str = "the_debs_install_on_debian_and_the_agent_enrolls_connects_and_runs_a_job";
+    if !docker_ready(TEST)
+        || !(requires::cargo_has("deb")
+            || requires::missing(
+                TEST,
+                "cargo-deb",
+                INSTALL_CARGO_DEB,
+                Some(requires::SKIP_DOCKER),
+            ))
+    {
         return;
     }
     debian_image();
@@ -913,7 +915,9 @@ fn the_debs_install_on_debian_and_the_agent_enrolls_connects_and_runs_a_job() {
 
 #[test]
 fn the_scratch_image_serves_new_hosts_online_and_offline_and_a_tampered_bundle_is_refused() {
-    if !docker_ready() {
+    if !docker_ready(
+        "the_scratch_image_serves_new_hosts_online_and_offline_and_a_tampered_bundle_is_refused",
+    ) {
         return;
     }
     debian_image();

@@ -383,7 +383,7 @@ impl Sshd {
                 std::env::var("GANTRY_REQUIRE_ALL_TESTS").as_deref() != Ok("1"),
                 "sshd is not installed (apt-get install openssh-server) and GANTRY_REQUIRE_ALL_TESTS=1"
             );
-            eprintln!("skipped: sshd is not installed (apt-get install openssh-server)");
+            eprintln!("skipping: this test needs sshd (apt-get install openssh-server)");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
