@@ -23,7 +23,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const COALESCE: Duration = Duration::from_millis(5);
 /// Largest chunk; a chunk is cut earlier when this much output is waiting.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
-/// Default cap on one job's log: the first half and the last half are kept.
+/// Default cap on one job's log: the first half and the last half are kept (a log
+/// between the two is kept whole).
 pub const DEFAULT_LOG_CAP_BYTES: u64 = 100 * 1024 * 1024;
 /// Progress of one job's log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -116,9 +117,10 @@ fn chunk_path(spool: &Path, seq: u64) -> PathBuf {
 }
 
 /// Masks output and cuts it into chunks: at most [`MAX_CHUNK_BYTES`], written at least
-/// every [`FLUSH_INTERVAL`]. Past `cap` bytes, the middle of the log is dropped: the first
-/// half of the cap is sent as it comes, the last half is held and sent at the end, after
-/// a line saying how much was cut. Returns the number of chunks written.
+/// every [`FLUSH_INTERVAL`]. The first half of `cap` (the head) is sent as it comes; past
+/// it, a note says so and the rest is held and sent when the output ends, whole if it is
+/// at most the other half of `cap`, else its last half of `cap` after a line saying how
+/// much of the middle was cut. Returns the number of chunks written.
 pub async fn chunk_log(
     mut pieces: mpsc::Receiver<Vec<u8>>,
     mut masker: Masker,
@@ -136,6 +138,7 @@ pub async fn chunk_log(
         tail: std::collections::VecDeque::new(),
         tail_limit: usize::try_from(cap / 2).unwrap_or(usize::MAX),
         cut: 0,
+        passed_head: false,
     };
     // A chunk goes out COALESCE after output pauses, or FLUSH_INTERVAL after its first
     // byte, or at MAX_CHUNK_BYTES, whichever is first: a line printed alone reaches
@@ -178,9 +181,13 @@ pub async fn chunk_log(
     let rest = masker.finish();
     state.take(&rest);
     state.flush();
-    if state.cut > 0 {
-        let note = format!("\n[gantry: {} bytes were cut from the middle of this log; the first and last {} MiB are kept]\n", state.cut, state.head_limit / (1024 * 1024));
-        state.pending.extend_from_slice(note.as_bytes());
+    // Whatever passed the head is sent now (after a note of what was cut, if anything
+    // was): the end of a log (the last lines, the failing step's exit status) is what its
+    // reader came for, so it is never dropped, whatever the size.
+    if state.passed_head {
+        if let Some(note) = state.cut_note() {
+            state.pending.extend_from_slice(note.as_bytes());
+        }
         let tail: Vec<u8> = state.tail.drain(..).collect();
         state.pending.extend_from_slice(&tail);
         state.flush();
@@ -198,9 +205,38 @@ struct Chunker {
     tail: std::collections::VecDeque<u8>,
     tail_limit: usize,
     cut: u64,
+    /// Output went past the head: it is held (its last `tail_limit` bytes) until the end.
+    passed_head: bool,
 }
 
 impl Chunker {
+    /// What is said between the head and the held tail when the middle was cut.
+    fn cut_note(&self) -> Option<String> {
+        let mib = |b: u64| b / (1024 * 1024);
+        (self.cut > 0).then(|| {
+            format!(
+                "[gantry: {} bytes were cut from the middle of this log; the first {} MiB and the last {} MiB are kept]\n",
+                self.cut,
+                mib(self.head_limit),
+                mib(self.tail_limit as u64)
+            )
+        })
+    }
+
+    /// A note, once, where the head ends, sent at once: followers see why live output
+    /// stops there, and every log longer than its head says so, cut or not.
+    fn note_head_passed(&mut self) {
+        if !self.passed_head {
+            self.passed_head = true;
+            let note = format!(
+                "\n[gantry: this log passed {} MiB; what follows is sent when the job ends (its last {} MiB if it is longer)]\n",
+                self.head_limit / (1024 * 1024),
+                self.tail_limit / (1024 * 1024)
+            );
+            self.pending.extend_from_slice(note.as_bytes());
+        }
+    }
+
     fn take(&mut self, bytes: &[u8]) {
         let room = usize::try_from(
             self.head_limit
@@ -209,6 +245,10 @@ impl Chunker {
         .unwrap_or(usize::MAX);
         let (head, rest) = bytes.split_at(room.min(bytes.len()));
         self.pending.extend_from_slice(head);
+        if rest.is_empty() {
+            return;
+        }
+        self.note_head_passed();
         self.tail.extend(rest);
         if self.tail.len() > self.tail_limit {
             let excess = self.tail.len() - self.tail_limit;
@@ -275,5 +315,74 @@ mod tests {
         );
         assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
         assert_eq!(progress.borrow().produced, chunks);
+    }
+
+    async fn chunked(pieces: Vec<Vec<u8>>, cap: u64) -> String {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::channel(16);
+        let (progress, _) = watch::channel(LogProgress::default());
+        let task = tokio::spawn(chunk_log(
+            rx,
+            Masker::new([]),
+            dir.path().to_path_buf(),
+            progress,
+            cap,
+        ));
+        for piece in pieces {
+            tx.send(piece).await.expect("send");
+        }
+        drop(tx);
+        let chunks = task.await.expect("chunker");
+        let mut log = Vec::new();
+        for seq in 0..chunks {
+            log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
+        }
+        String::from_utf8(log).expect("utf8")
+    }
+
+    /// A log longer than the head but within the cap used to lose everything past the
+    /// head without a word (its last lines and exit status included).
+    #[tokio::test]
+    async fn a_log_between_head_and_cap_is_kept_whole_with_a_note_where_the_head_ends() {
+        let body: Vec<Vec<u8>> = (0..7u8).map(|i| vec![b'a' + i; 100]).collect();
+        let mut pieces = body.clone();
+        pieces.push(b"last line\nstep 1 exited with 3\n".to_vec());
+        let text = chunked(pieces, 1000).await;
+        let note = "\n[gantry: this log passed 0 MiB; what follows is sent when the job ends";
+        let at = text
+            .find(note)
+            .unwrap_or_else(|| panic!("note missing: {text}"));
+        assert_eq!(at, 500, "the note is where the head ends");
+        let without_note: String = text[..at].to_owned()
+            + text[at + 1..]
+                .split_once('\n')
+                .map(|(_, rest)| rest)
+                .expect("note line");
+        let expected: Vec<u8> = body.concat();
+        assert!(
+            without_note.starts_with(std::str::from_utf8(&expected).expect("utf8")),
+            "every byte kept: {text}"
+        );
+        assert!(
+            text.ends_with("last line\nstep 1 exited with 3\n"),
+            "{text}"
+        );
+        assert!(!text.contains("were cut"), "nothing was cut: {text}");
+        // At most the head: no note at all.
+        let small = chunked(vec![b"short\n".to_vec()], 1000).await;
+        assert_eq!(small, "short\n");
+    }
+
+    /// Every size past the head keeps the end; past the cap the cut is said.
+    #[tokio::test]
+    async fn every_size_past_the_head_keeps_the_last_line() {
+        for total in [600usize, 999, 1000, 1001, 1500, 5000] {
+            let mut pieces: Vec<Vec<u8>> = vec![vec![b'x'; total - 5]];
+            pieces.push(b"END!\n".to_vec());
+            let text = chunked(pieces, 1000).await;
+            assert!(text.ends_with("END!\n"), "{total}: {text}");
+            assert!(text.contains("[gantry: this log passed"), "{total}");
+            assert_eq!(text.contains("were cut"), total > 1000, "{total}: {text}");
+        }
     }
 }

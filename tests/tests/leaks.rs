@@ -1,0 +1,87 @@
+//! End-to-end tests of what a job's output and artifacts must not lose or leak, with
+//! the real `gantry` and `gantry-agent` binaries on loopback (issue 25's contained
+//! leaks): the end of a long log, encoded secrets, terminal control sequences, and
+//! sparse or oversized artifacts.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gantry_tests::{bin, job_named, Coordinator, DEADLINE};
+
+/// `gantry logs JOB` as raw bytes (a log may be tens of MB, and not UTF-8).
+fn log_bytes(c: &Coordinator, job: &str, extra: &[&str]) -> Vec<u8> {
+    let out = Command::new(bin("gantry"))
+        .arg("logs")
+        .arg(job)
+        .args(extra)
+        .env("GANTRY_CONFIG", c.context())
+        .env("GANTRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gantry logs");
+    assert!(
+        out.status.success(),
+        "gantry logs {job} {extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Polls the stored log every 200 ms until `cond` holds (a finished job's last chunks
+/// may land just after its state), panicking with the log's end after `deadline`.
+fn wait_log(
+    c: &Coordinator,
+    job: &str,
+    deadline: Duration,
+    cond: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    let until = Instant::now() + deadline;
+    loop {
+        let log = log_bytes(c, job, &[]);
+        if cond(&log) {
+            return log;
+        }
+        assert!(
+            Instant::now() < until,
+            "log of {job} never matched; its last 2 KB: {}",
+            String::from_utf8_lossy(&log[log.len().saturating_sub(2048)..])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A log between the cap's head (50 MiB) and the cap (100 MiB) used to keep its first
+/// 50 MiB and silently drop the rest: the last line and the failing step's exit status.
+#[test]
+fn a_60_mb_log_keeps_its_last_line_and_exit_status_and_says_where_its_head_ended() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let run = c.run_pipeline(
+        "jobs:\n  loud:\n    steps: [{ run: \"yes 'a line of output printed again and again' | head -c 60000000; echo; echo the very last line; exit 3\" }]\n",
+        &[],
+    );
+    let view = c.wait_run(run, Duration::from_secs(180));
+    assert_eq!(job_named(&view, "loud")["state"], "failed", "{view}");
+    let job = format!("{run}.0");
+    let log = wait_log(&c, &job, DEADLINE, |log| {
+        contains(log, "step 1 exited with 3".as_bytes())
+    });
+    assert!(
+        log.len() > 60_000_000,
+        "the whole log is kept: {} bytes",
+        log.len()
+    );
+    let end = String::from_utf8_lossy(&log[log.len() - 200..]).into_owned();
+    assert!(
+        end.contains("the very last line\n\u{2716} step 1 exited with 3\n"),
+        "the last line and the exit status end the log: {end}"
+    );
+    assert!(
+        contains(&log, b"[gantry: this log passed 50 MiB;"),
+        "a note says where the head ended"
+    );
+}
