@@ -85,3 +85,77 @@ fn a_60_mb_log_keeps_its_last_line_and_exit_status_and_says_where_its_head_ended
         "a note says where the head ended"
     );
 }
+
+/// Sets secret `name` to `value` through `gantry secrets set` (value on stdin).
+fn set_secret(c: &Coordinator, name: &str, value: &str) {
+    use std::io::Write;
+    let mut child = Command::new(bin("gantry"))
+        .args(["secrets", "set", name])
+        .env("GANTRY_CONFIG", c.context())
+        .env("GANTRY_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn gantry secrets set");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{value}\n").as_bytes())
+        .expect("write secret");
+    assert!(child.wait().expect("secrets set").success());
+}
+
+/// A job printing its secret base64-encoded (alone, and after 1 and 2 other bytes, so
+/// at each alignment), JSON-escaped and URL-encoded: the stored log holds none of it.
+#[test]
+fn encoded_forms_of_a_secret_are_masked_in_the_stored_log() {
+    use base64::Engine as _;
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let value = "s3cr3t/t0ken value\"x";
+    set_secret(&c, "API_TOKEN", value);
+    let yaml = r#"jobs:
+  leaky:
+    steps:
+      - run: |
+          SECRET='${{ secrets.API_TOKEN }}'
+          echo -n "$SECRET" | base64
+          printf 'a%s' "$SECRET" | base64
+          printf 'ab%s' "$SECRET" | base64 -w0; echo
+          printf '{"token":"%s"}\n' "$(printf %s "$SECRET" | sed 's/"/\\"/g')"
+          echo "url: s3cr3t%2Ft0ken%20value%22x"
+          echo done
+"#;
+    let run = c.run_pipeline(yaml, &[]);
+    let view = c.wait_run(run, DEADLINE);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let job = format!("{run}.0");
+    let log = wait_log(&c, &job, DEADLINE, |log| contains(log, b"done\n"));
+    let text = String::from_utf8_lossy(&log).into_owned();
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    // The part of each encoding that only the secret's bytes decide (a few characters
+    // at each edge mix in the bytes around it).
+    let whole = b64(value.as_bytes());
+    for (what, leaked) in [
+        ("base64", &whole[..24]),
+        (
+            "base64 after 1 byte",
+            &b64(format!("a{value}").as_bytes())[4..24],
+        ),
+        (
+            "base64 after 2 bytes",
+            &b64(format!("ab{value}").as_bytes())[4..24],
+        ),
+        ("JSON", r#"s3cr3t/t0ken value\"x"#),
+        ("URL", "s3cr3t%2Ft0ken%20value%22x"),
+        ("plain", value),
+    ] {
+        assert!(
+            !text.contains(leaked),
+            "{what} form leaked ({leaked}): {text}"
+        );
+    }
+    assert!(text.contains("{\"token\":\"***\"}"), "{text}");
+    assert!(text.contains("url: ***"), "{text}");
+}
