@@ -62,6 +62,11 @@ enum Command {
         job: String,
         #[arg(long, short)]
         follow: bool,
+        /// Write the log's bytes as stored. Without it, on a terminal, control sequences
+        /// other than colours are shown as text (`\x1b]52;...`), so a job cannot drive
+        /// the terminal reading its log.
+        #[arg(long)]
+        raw: bool,
     },
     /// Approve a manual job (`when: manual`) so it runs.
     Approve { job: String },
@@ -165,7 +170,7 @@ async fn run(command: Command) -> Result<ExitCode, Failure> {
         Command::Run(args) => pipelines::run(args).await,
         Command::Pipelines(cmd) => pipelines::pipelines(cmd).await,
         Command::Jobs(cmd) => pipelines::jobs(cmd).await,
-        Command::Logs { job, follow } => pipelines::logs(&job, follow).await,
+        Command::Logs { job, follow, raw } => pipelines::logs(&job, follow, raw).await,
         Command::Approve { job } => pipelines::approve(&job).await,
         Command::Secrets(cmd) => pipelines::secrets(cmd).await,
         Command::Triggers(cmd) => pipelines::triggers(cmd).await,

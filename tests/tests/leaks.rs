@@ -159,3 +159,63 @@ fn encoded_forms_of_a_secret_are_masked_in_the_stored_log() {
     assert!(text.contains("{\"token\":\"***\"}"), "{text}");
     assert!(text.contains("url: ***"), "{text}");
 }
+
+/// What a hostile job prints: a clipboard write (OSC 52), a title change, a screen
+/// erase and a cursor move, with colours around them.
+const HOSTILE: &str = r"jobs:
+  hostile:
+    steps:
+      - run: |
+          printf 'before \033]52;c;aGVsbG8=\007 \033]0;owned\007 \033[2J\033[1;1H \033[31mred\033[0m after\n'
+";
+
+/// `--raw` writes the stored bytes unchanged, escape sequences and all.
+#[test]
+fn logs_raw_writes_the_stored_bytes_unchanged() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let run = c.run_pipeline(HOSTILE, &[]);
+    let view = c.wait_run(run, DEADLINE);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let job = format!("{run}.0");
+    let stored = wait_log(&c, &job, DEADLINE, |log| contains(log, b"after\n"));
+    let expected: &[u8] =
+        b"before \x1b]52;c;aGVsbG8=\x07 \x1b]0;owned\x07 \x1b[2J\x1b[1;1H \x1b[31mred\x1b[0m after\n";
+    assert!(contains(&stored, expected), "{stored:?}");
+    let raw = log_bytes(&c, &job, &["--raw"]);
+    assert_eq!(raw, stored, "--raw is the stored log, byte for byte");
+
+    // On a terminal (a pty from util-linux's `script`), only the colours stay live.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping the terminal case: `script` (util-linux) is not installed");
+        return;
+    }
+    let shown = Command::new("script")
+        .args(["-qec"])
+        .arg(format!("{} logs {job}", bin("gantry").display()))
+        .arg("/dev/null")
+        .env("GANTRY_CONFIG", c.context())
+        .env("GANTRY_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    assert!(shown.status.success(), "{shown:?}");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(
+            r"before \x1b]52;c;aGVsbG8=\x07 \x1b]0;owned\x07 \x1b[2J\x1b[1;1H \x1b[31mred\x1b[0m after"
+                .replace(r"\x1b[31m", "\x1b[31m")
+                .replace(r"\x1b[0m", "\x1b[0m")
+                .as_str()
+        ),
+        "{text:?}"
+    );
+    assert!(
+        !shown.stdout.contains(&0x07),
+        "no BEL reaches the terminal: {text:?}"
+    );
+    assert!(
+        !contains(&shown.stdout, b"\x1b]") && !contains(&shown.stdout, b"\x1b[2J"),
+        "{text:?}"
+    );
+}

@@ -18,6 +18,7 @@ use crate::cli::client::{AdminClient, ClientError};
 use crate::cli::connect::{admin, connect};
 use crate::cli::failure::{usage, Failure};
 use crate::cli::output;
+use crate::cli::output::terminal::Neutraliser;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -325,7 +326,7 @@ async fn follow_run(client: &mut AdminClient, run: RunId) -> Result<ExitCode, Fa
     failed.dedup();
     for job in failed {
         println!("\n--- log of failed job {job} ---");
-        print_log(client, job, false).await?;
+        print_log(client, job, false, LogOutput::for_stdout(false)).await?;
     }
     println!("\nrun {run} {final_state}");
     Ok(if final_state == "succeeded" {
@@ -335,8 +336,36 @@ async fn follow_run(client: &mut AdminClient, run: RunId) -> Result<ExitCode, Fa
     })
 }
 
+/// How a log's bytes reach stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogOutput {
+    /// As stored (`--raw`, or stdout is not a terminal: a file or a pipe).
+    Raw,
+    /// Control sequences other than colours shown as text (see
+    /// [`crate::cli::output::terminal`]): a job's output must not drive its reader's
+    /// terminal (write the clipboard, retitle the window, rewrite the screen).
+    Neutralised,
+}
+
+impl LogOutput {
+    /// Neutralised when stdout is a terminal, unless `raw` is asked for.
+    pub fn for_stdout(raw: bool) -> Self {
+        use std::io::IsTerminal as _;
+        if !raw && std::io::stdout().is_terminal() {
+            Self::Neutralised
+        } else {
+            Self::Raw
+        }
+    }
+}
+
 /// Writes a job's log to stdout; with `follow`, until the job ends. Returns its final state.
-async fn print_log(client: &mut AdminClient, job: JobId, follow: bool) -> Result<String, Failure> {
+async fn print_log(
+    client: &mut AdminClient,
+    job: JobId,
+    follow: bool,
+    output: LogOutput,
+) -> Result<String, Failure> {
     let mut reader = client
         .follow(&StreamOpen::FollowLogs {
             job,
@@ -345,13 +374,23 @@ async fn print_log(client: &mut AdminClient, job: JobId, follow: bool) -> Result
         })
         .await?;
     let mut stdout = std::io::stdout().lock();
+    let mut neutraliser = (output == LogOutput::Neutralised).then(Neutraliser::new);
     loop {
         match reader.recv::<FollowEvent>().await {
             Ok(Some(FollowEvent::Log(chunk))) => {
-                let _ = stdout.write_all(&chunk.data);
+                let _ = match neutraliser.as_mut() {
+                    Some(n) => stdout.write_all(&n.push(&chunk.data)),
+                    None => stdout.write_all(&chunk.data),
+                };
                 let _ = stdout.flush();
             }
-            Ok(Some(FollowEvent::End { state })) => return Ok(state),
+            Ok(Some(FollowEvent::End { state })) => {
+                if let Some(n) = neutraliser.as_mut() {
+                    let _ = stdout.write_all(&n.finish());
+                    let _ = stdout.flush();
+                }
+                return Ok(state);
+            }
             Ok(Some(FollowEvent::Error(e))) => return Err(ClientError::Rejected(e.message).into()),
             Ok(Some(FollowEvent::Job(_))) => {}
             Ok(None) => {
@@ -364,10 +403,11 @@ async fn print_log(client: &mut AdminClient, job: JobId, follow: bool) -> Result
     }
 }
 
-pub async fn logs(job: &str, follow: bool) -> Result<ExitCode, Failure> {
+/// `gantry logs JOB [--follow] [--raw]`.
+pub async fn logs(job: &str, follow: bool, raw: bool) -> Result<ExitCode, Failure> {
     let job = job_id(job)?;
     let mut client = connect().await?;
-    let result = print_log(&mut client, job, follow).await;
+    let result = print_log(&mut client, job, follow, LogOutput::for_stdout(raw)).await;
     client.close().await;
     result.map(|_| ExitCode::SUCCESS)
 }

@@ -1,11 +1,13 @@
 //! How admin responses are shown: aligned tables for people, `--json` for scripts.
 //! [`print_response`] picks the form of each response; the tables are by domain
-//! (`runs.rs`, `fleet.rs`, `deploy.rs`, `web.rs`), built with `table.rs`.
+//! (`runs.rs`, `fleet.rs`, `deploy.rs`, `web.rs`), built with `table.rs`. A job's log
+//! bound for a terminal goes through `terminal.rs` first.
 
 pub mod deploy;
 pub mod fleet;
 pub mod runs;
 pub mod table;
+pub mod terminal;
 pub mod web;
 
 use std::process::ExitCode;
