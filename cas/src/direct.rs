@@ -31,7 +31,7 @@ pub const DIRECT_WRITE_MIN: u64 = 8 * 1024 * 1024;
 const BLOCK: usize = 4 * 1024 * 1024;
 /// Alignment of offsets, lengths and memory: 4 KiB covers every common logical block
 /// size (512 and 4,096 bytes).
-const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 
 /// Buffers of finished writers kept for the next ones (at most 4, 16 MiB): the
 /// coordinator starts a writer per pack (every 32 MiB of an upload) and an agent one per
@@ -84,6 +84,10 @@ pub struct DirectWriter {
     empty: mpsc::Receiver<Block>,
     /// Gives the file back (and whether it is still in direct mode), or the first error.
     thread: Option<JoinHandle<io::Result<(File, bool)>>>,
+    /// Zero blocks are skipped (see [`Self::sparse`]).
+    sparse: bool,
+    /// Bytes appended so far: the file's length once finished.
+    appended: u64,
 }
 
 impl std::fmt::Debug for DirectWriter {
@@ -98,6 +102,17 @@ impl DirectWriter {
     /// Takes over `file` (opened for writing, empty) and turns on `O_DIRECT` if its
     /// filesystem allows it.
     pub fn new(file: File) -> io::Result<Self> {
+        Self::start(file, false)
+    }
+
+    /// [`Self::new`] for a file that may hold long runs of zeros (an extracted file):
+    /// every aligned [`ALIGN`]-byte block of zeros is skipped, not written, so it stays
+    /// a hole, and [`Self::finish`] sets the file's length to every byte appended.
+    pub fn sparse(file: File) -> io::Result<Self> {
+        Self::start(file, true)
+    }
+
+    fn start(file: File, sparse: bool) -> io::Result<Self> {
         let direct = set_direct(&file, true).is_ok();
         let (full, full_rx) = mpsc::sync_channel::<Block>(1);
         let (empty_tx, empty) = mpsc::sync_channel::<Block>(2);
@@ -109,7 +124,11 @@ impl DirectWriter {
                 let mut file = file;
                 let mut direct = direct;
                 for mut block in full_rx {
-                    write_all_direct(&mut file, &mut direct, block.bytes())?;
+                    if sparse {
+                        write_skipping_zeros(&mut file, &mut direct, block.bytes())?;
+                    } else {
+                        write_all_direct(&mut file, &mut direct, block.bytes())?;
+                    }
                     block.filled = 0;
                     // The caller may have finished and gone: nothing to hand back to.
                     let _ = empty_tx.send(block);
@@ -121,11 +140,14 @@ impl DirectWriter {
             full: Some(full),
             empty,
             thread: Some(thread),
+            sparse,
+            appended: 0,
         })
     }
 
     /// Appends `data`.
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        self.appended += data.len() as u64;
         while !data.is_empty() {
             let block = &mut self.current;
             let n = (BLOCK - block.filled).min(data.len());
@@ -185,6 +207,10 @@ impl DirectWriter {
             set_direct(&file, false)?;
         }
         file.write_all(&tail)?;
+        if self.sparse {
+            // Skipped zeros at the end are not in the file until its length says so.
+            file.set_len(self.appended)?;
+        }
         Ok(file)
     }
 }
@@ -316,6 +342,44 @@ fn read_and_drop(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
     }
     Ok(data)
+}
+
+/// [`write_all_direct`], seeking over each run of whole [`ALIGN`]-byte blocks of zeros
+/// instead of writing it (the file's offset stays aligned: `bytes` starts aligned, and
+/// every run skipped or written is a multiple of [`ALIGN`] but the last).
+pub(crate) fn write_skipping_zeros(
+    file: &mut File,
+    direct: &mut bool,
+    bytes: &[u8],
+) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut at = 0;
+    while at < bytes.len() {
+        let zero = is_zero_block(&bytes[at..]);
+        let mut end = at;
+        while end < bytes.len() && is_zero_block(&bytes[end..]) == zero {
+            end = (end + ALIGN).min(bytes.len());
+        }
+        if zero {
+            let skip = i64::try_from(end - at).map_err(io::Error::other)?;
+            file.seek(SeekFrom::Current(skip))?;
+        } else {
+            write_all_direct(file, direct, &bytes[at..end])?;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// Whether the [`ALIGN`] bytes at the start of `bytes` are a whole block of zeros (a
+/// shorter rest never is: it is written, so the file's length stays right).
+pub(crate) fn is_zero_block(bytes: &[u8]) -> bool {
+    // 16 bytes at a time: a byte loop with an early exit is not vectorised, and every
+    // byte extracted passes here.
+    bytes.len() >= ALIGN
+        && bytes[..ALIGN]
+            .chunks_exact(16)
+            .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Writes `bytes` (a multiple of [`ALIGN`] long while `direct`) at the file's offset.

@@ -71,6 +71,16 @@ pub enum CasError {
     #[error("destination {} must be a new or empty directory", dest.display())]
     DestinationNotEmpty { dest: PathBuf },
 
+    #[error(
+        "not enough free space in {}: the tree needs {} ({needed} bytes) and {} ({available} bytes) are available",
+        dest.display(), human(*needed), human(*available)
+    )]
+    NoSpace {
+        dest: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+
     #[error("{} is a {kind}, which artifacts cannot hold", path.display())]
     Unsupported { path: PathBuf, kind: &'static str },
 
@@ -128,4 +138,20 @@ pub enum SymlinkProblem {
     DotDotAfterSymlink,
     #[error("the target is longer than the limit")]
     TooLong,
+}
+
+/// `n` bytes in binary units, for people (`1.5 GiB`).
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

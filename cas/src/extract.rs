@@ -209,9 +209,94 @@ fn prepare<'m>(
         Existing::Refuse => prepare_destination(dest)?,
         Existing::Merge => prepare_merge_destination(dest)?,
     }
+    check_free_space(manifest, dest)?;
     let mut entries: Vec<_> = manifest.entries.iter().collect();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(entries)
+}
+
+/// Most distinct chunk sizes checked for being all zeros (see [`space_needed`]): at most
+/// 16 hashes of at most 256 KiB, ~4 MiB hashed per extraction.
+const ZERO_SIZES_CHECKED: usize = 16;
+
+/// Bytes `manifest`'s tree takes on disk, at most: each file's bytes less its chunks of
+/// zeros (written as holes), rounded up to whole 4 KiB blocks, and a block per directory.
+/// A chunk of zeros is recognised by its digest: the chunk sizes that repeat most (runs
+/// of zeros cut into chunks of one size) are hashed as zeros once each.
+pub fn space_needed(manifest: &Manifest) -> u64 {
+    let mut repeats: std::collections::HashMap<(Digest, u32), u64> =
+        std::collections::HashMap::new();
+    for entry in &manifest.entries {
+        if let EntryKind::File { chunks, .. } = &entry.kind {
+            for c in chunks {
+                *repeats.entry((c.digest, c.size)).or_default() += 1;
+            }
+        }
+    }
+    let mut repeated: Vec<(u64, u32)> = repeats
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(&(_, size), &n)| (n, size))
+        .collect();
+    repeated.sort_unstable_by(|a, b| b.cmp(a));
+    let mut zero_digests = std::collections::HashSet::new();
+    let mut sizes_seen = std::collections::HashSet::new();
+    for (_, size) in repeated {
+        if sizes_seen.len() >= ZERO_SIZES_CHECKED {
+            break;
+        }
+        if sizes_seen.insert(size) {
+            zero_digests.insert(Digest::of(&vec![0u8; size as usize]));
+        }
+    }
+    let round_up = |n: u64| n.div_ceil(HOLE_BLOCK) * HOLE_BLOCK;
+    manifest
+        .entries
+        .iter()
+        .map(|entry| match &entry.kind {
+            EntryKind::File { chunks, size, .. } => {
+                let zeros: u64 = chunks
+                    .iter()
+                    .filter(|c| zero_digests.contains(&c.digest))
+                    .map(|c| u64::from(c.size))
+                    .sum();
+                round_up(size.saturating_sub(zeros))
+            }
+            EntryKind::Dir { .. } => HOLE_BLOCK,
+            EntryKind::Symlink { .. } => 0,
+        })
+        .fold(0u64, u64::saturating_add)
+}
+
+/// Refuses, before anything is written or fetched, a tree that would not fit on the
+/// filesystem `dest` is (or will be, when it does not exist yet) on: see
+/// [`space_needed`]. Every extraction checks it; a download calls it before fetching.
+/// Files a merge would replace are not counted as freed, so near a full disk a merge
+/// may be refused that would just have fit.
+pub fn check_free_space(manifest: &Manifest, dest: &Path) -> Result<(), CasError> {
+    let existing = dest.ancestors().find(|p| p.exists()).unwrap_or(dest);
+    check_space(dest, space_needed(manifest), free_space(existing))
+}
+
+/// Bytes an unprivileged writer may still use on `dest`'s filesystem; `None` when the
+/// filesystem does not say (then nothing is refused ahead: a write that fails says so).
+fn free_space(dest: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(dest).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Refuses an extraction of `needed` bytes into `dest` that `available` cannot hold,
+/// before anything is written: a tree that does not fit would fill the disk (the job's,
+/// and everything else on it) and fail half-written.
+fn check_space(dest: &Path, needed: u64, available: Option<u64>) -> Result<(), CasError> {
+    match available {
+        Some(available) if needed > available => Err(CasError::NoSpace {
+            dest: dest.to_owned(),
+            needed,
+            available,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Makes (or, merging, reuses) a directory entry's directory; returns where it is and
@@ -363,34 +448,73 @@ fn finish_tree(
 }
 
 /// Where a file's bytes go: straight to the file, or for a large one past the page
-/// cache (see [`crate::direct`]).
+/// cache (see [`crate::direct`]). Either way holes stay holes: every whole, aligned
+/// 4 KiB block of zeros is skipped rather than written, and the file's length set at the
+/// end, so a 4 GiB sparse file takes the blocks of its data on every host that extracts
+/// it, not 4 GiB.
 enum FileOut {
-    Plain(fs::File),
+    /// The file and the offset its next byte goes to.
+    Plain(fs::File, u64),
     Direct(DirectWriter),
 }
+
+/// Size and alignment of the blocks of zeros skipped (the common filesystem block).
+const HOLE_BLOCK: u64 = crate::direct::ALIGN as u64;
 
 impl FileOut {
     fn new(file: fs::File, size: u64) -> std::io::Result<Self> {
         Ok(if size >= DIRECT_WRITE_MIN {
-            Self::Direct(DirectWriter::new(file)?)
+            Self::Direct(DirectWriter::sparse(file)?)
         } else {
-            Self::Plain(file)
+            Self::Plain(file, 0)
         })
     }
 
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
-            Self::Plain(file) => file.write_all(data),
+            Self::Plain(file, offset) => write_sparse(file, offset, data),
             Self::Direct(writer) => writer.write(data),
         }
     }
 
     fn finish(self) -> std::io::Result<fs::File> {
         match self {
-            Self::Plain(file) => Ok(file),
+            Self::Plain(file, len) => {
+                // Zeros skipped at the end are in the file once its length says so.
+                file.set_len(len)?;
+                Ok(file)
+            }
             Self::Direct(writer) => writer.finish(),
         }
     }
+}
+
+/// Writes `data` at `*offset` (the file's position), seeking over the whole aligned
+/// [`HOLE_BLOCK`]s of zeros in it; the bytes before the first boundary and after the
+/// last are written as they are.
+fn write_sparse(file: &mut fs::File, offset: &mut u64, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let lead = usize::try_from((HOLE_BLOCK - *offset % HOLE_BLOCK) % HOLE_BLOCK)
+        .map_or(data.len(), |lead| lead.min(data.len()));
+    let (head, body) = data.split_at(lead);
+    file.write_all(head)?;
+    let mut at = 0;
+    while at < body.len() {
+        let zero = crate::direct::is_zero_block(&body[at..]);
+        let mut end = at;
+        while end < body.len() && crate::direct::is_zero_block(&body[end..]) == zero {
+            end = (end + HOLE_BLOCK as usize).min(body.len());
+        }
+        if zero {
+            let skip = i64::try_from(end - at).map_err(std::io::Error::other)?;
+            file.seek(SeekFrom::Current(skip))?;
+        } else {
+            file.write_all(&body[at..end])?;
+        }
+        at = end;
+    }
+    *offset += data.len() as u64;
+    Ok(())
 }
 
 /// Creates `dest` if it does not exist; otherwise it must be an empty directory and not
@@ -537,6 +661,24 @@ fn refuse_existing(err: std::io::Error, path: &str, doing: &str) -> CasError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tree_larger_than_the_free_space_is_refused_naming_both_sizes() {
+        let dest = Path::new("/data/out");
+        let err = check_space(dest, 3 << 30, Some(1 << 30)).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "not enough free space in /data/out: the tree needs 3.0 GiB (3221225472 bytes) and 1.0 GiB (1073741824 bytes) are available"
+        );
+        assert!(
+            check_space(dest, 1 << 30, Some(1 << 30)).is_ok(),
+            "exactly fits"
+        );
+        assert!(
+            check_space(dest, u64::MAX, None).is_ok(),
+            "unknown: not refused ahead"
+        );
+    }
 
     /// The on-disk check refuses a parent that is a symlink, whatever the manifest said
     /// (defence against a destination changed under us).

@@ -40,8 +40,8 @@ pub use compress::{
 pub use direct::{DirectWriter, ReadOnceFile, DIRECT_WRITE_MIN};
 pub use error::{CasError, PathProblem, SymlinkProblem};
 pub use extract::{
-    extract, extract_verified, extract_verified_noting, extract_verified_parallel, extract_with,
-    Existing, PARALLEL_MIN_FILES,
+    check_free_space, extract, extract_verified, extract_verified_noting,
+    extract_verified_parallel, extract_with, space_needed, Existing, PARALLEL_MIN_FILES,
 };
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use manifest::{

@@ -219,3 +219,98 @@ fn logs_raw_writes_the_stored_bytes_unchanged() {
         "{text:?}"
     );
 }
+
+/// A job's 1 GiB sparse file (a few bytes of data) is written sparse by
+/// `gantry artifacts get`, not as 1 GiB of zeros.
+#[test]
+fn a_sparse_artifact_is_extracted_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let run = c.run_pipeline(
+        "jobs:\n  sparse:\n    steps: [{ run: 'mkdir out && truncate -s 1G out/big && printf head | dd of=out/big conv=notrunc status=none && printf tail | dd of=out/big bs=1 seek=1073741820 conv=notrunc status=none' }]\n    artifacts: { name: holes, paths: [out] }\n",
+        &[],
+    );
+    let view = c.wait_run(run, Duration::from_secs(180));
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let dest = c.dir.path().join("got");
+    c.gantry(&[
+        "artifacts",
+        "get",
+        &run.to_string(),
+        "holes",
+        "-o",
+        dest.to_str().expect("utf8"),
+    ])
+    .expect_code(0);
+    let big = dest.join("out/big");
+    let meta = std::fs::metadata(&big).expect("big");
+    assert_eq!(meta.len(), 1 << 30, "its length is whole");
+    assert!(
+        meta.blocks() * 512 <= 4 * 1024 * 1024,
+        "{} bytes allocated for a 1 GiB file holding 8 bytes",
+        meta.blocks() * 512
+    );
+    let mut file = std::fs::File::open(&big).expect("open");
+    let mut end = [0u8; 4];
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::End(-4)).expect("seek");
+    std::io::Read::read_exact(&mut file, &mut end).expect("read");
+    assert_eq!(&end, b"tail");
+}
+
+/// `gantry artifacts get` into a filesystem too small for the artifact (a 4 MiB tmpfs,
+/// mounted for the test: root only, else skipped) refuses before writing, naming the
+/// size needed and the space available.
+#[test]
+fn an_artifact_larger_than_the_free_space_is_refused() {
+    let c = Coordinator::start();
+    let small = c.dir.path().join("small");
+    std::fs::create_dir(&small).expect("mountpoint");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    let _unmount = Unmount(small.clone());
+    let _agents = c.agents_running(1, &[]);
+    let run = c.run_pipeline(
+        "jobs:\n  big:\n    steps: [{ run: 'mkdir out && head -c 8000000 /dev/urandom > out/big.bin' }]\n    artifacts: { name: big, paths: [out] }\n",
+        &[],
+    );
+    let view = c.wait_run(run, DEADLINE);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let dest = small.join("got");
+    let out = c.gantry(&[
+        "artifacts",
+        "get",
+        &run.to_string(),
+        "big",
+        "-o",
+        dest.to_str().expect("utf8"),
+    ]);
+    assert_ne!(out.code, 0, "refused: {out:?}");
+    assert!(
+        out.stderr.contains("not enough free space in")
+            && out.stderr.contains("the tree needs 7.6 MiB")
+            && out.stderr.contains("are available"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        std::fs::read_dir(&small).expect("list").count() == 0,
+        "nothing left behind"
+    );
+}
+
+/// Unmounts a filesystem mounted for a test when dropped (also when the test panics).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

@@ -249,6 +249,10 @@ pub async fn download_tree(
     existing: Existing,
     options: &TransferOptions,
 ) -> Result<DownloadFigures, TransferError> {
+    // A tree that cannot fit is refused before a chunk is fetched (the extraction checks
+    // again once `dest` exists): fetching it all first would fill the chunk cache's disk,
+    // often the same one, for nothing.
+    gantry_cas::check_free_space(&manifest, dest)?;
     // Files are written while chunks still arrive, so a download that fails may have
     // written some: what it created at the top of `dest` goes again, and the destination
     // is left as it was found (apart from files it replaced, as any failed merge).
