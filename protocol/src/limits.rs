@@ -81,6 +81,22 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Per-connection receive window across all streams: bounds what one peer can make us buffer.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 
+/// Largest UDP payload of an agent's session (transport profile `Control`), both ways:
+/// quinn's default ceiling, a 1500-byte Ethernet frame less the IPv6 and UDP headers.
+/// A session carries a few small frames a second; at [`MAX_UDP_PAYLOAD`] the
+/// coordinator kept a ~64 KiB send buffer per session (quinn's, sized to the MTU and
+/// filled by discovery probes) and each reconnect cost ~12 probes of up to 65,000
+/// bytes each way: at 10,000 agents 1,198 MiB resident idle instead of ~600, and
+/// 158.6 s instead of ~30 s to all come back after a restart
+/// (docs/decisions/fleet-scale-transport.md). Bulk transfers use a connection of their
+/// own at [`MAX_UDP_PAYLOAD`]. Change it only with `bench-scale` figures at 10,000.
+pub const CONTROL_UDP_PAYLOAD: u16 = 1_452;
+/// Per-stream receive window of an agent's session: a 4 MiB control frame arrives in
+/// four windows, a log stream runs at 256 KiB per round trip (256 MB/s at 1 ms).
+pub const CONTROL_STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
+/// Receive (and send) window of an agent's session across its streams.
+pub const CONTROL_CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
+
 /// Largest UDP payload accepted, and the ceiling of path MTU discovery. 1472 (quinn's
 /// default) fits a 1500-byte Ethernet frame; paths with larger MTUs (loopback, jumbo
 /// frames) then carry fewer, larger packets, and much of the cost of a bulk transfer is

@@ -100,22 +100,64 @@ fn from_connection_error(err: &quinn::ConnectionError) -> TransportError {
     }
 }
 
-/// The QUIC transport parameters every Gantry endpoint uses; see [`limits`] for why.
-fn transport_config() -> quinn::TransportConfig {
+/// What a connection is for, which decides its QUIC limits.
+///
+/// An agent's session carries a few small frames a second for as long as the agent
+/// runs, and a coordinator holds one per agent: 10,000 of them. Bulk transfers carry
+/// gigabytes for a while. Limits sized for bulk cost every idle session: quinn keeps a
+/// send buffer of the path's MTU per connection, and path MTU discovery fills it with
+/// probes of up to [`limits::MAX_UDP_PAYLOAD`] bytes, so on loopback every session held
+/// ~64 KiB of the coordinator's memory for nothing, and each reconnecting agent cost
+/// ~12 probes of up to 65,000 bytes each way (docs/decisions/fleet-scale-transport.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// An agent's session: 1,452-byte packets at most, both ways (what this side sends,
+    /// and, through the `max_udp_payload_size` this endpoint announces, what the peer
+    /// sends), quinn's default initial congestion window, modest windows.
+    Control,
+    /// Bulk transfers: path MTU discovery up to [`limits::MAX_UDP_PAYLOAD`], a large
+    /// initial congestion window, large windows.
+    Bulk,
+    /// [`Profile::Bulk`] without keep-alives: the connection closes itself after
+    /// [`limits::IDLE_TIMEOUT`] without a transfer (an agent's transfer connection,
+    /// which must not stay open beside its session once the transfers are done).
+    Transfers,
+}
+
+impl Profile {
+    /// The largest UDP payload this side sends, and announces it accepts.
+    fn max_udp_payload(self) -> u16 {
+        match self {
+            Self::Control => limits::CONTROL_UDP_PAYLOAD,
+            Self::Bulk | Self::Transfers => limits::MAX_UDP_PAYLOAD,
+        }
+    }
+}
+
+/// The QUIC transport parameters of a connection for `profile`; see [`limits`] for why.
+fn transport_config(profile: Profile) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(limits::MAX_BIDI_STREAMS.into());
     t.max_concurrent_uni_streams(limits::MAX_UNI_STREAMS.into());
-    t.stream_receive_window(limits::STREAM_RECEIVE_WINDOW.into());
-    t.receive_window(limits::CONNECTION_RECEIVE_WINDOW.into());
-    t.send_window(u64::from(limits::CONNECTION_RECEIVE_WINDOW));
     // IDLE_TIMEOUT is 30 s, well inside QUIC's VarInt range of milliseconds.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT).ok());
-    t.keep_alive_interval(Some(limits::KEEP_ALIVE_INTERVAL));
+    t.keep_alive_interval((profile != Profile::Transfers).then_some(limits::KEEP_ALIVE_INTERVAL));
     // Path MTU discovery may climb past Ethernet's 1500 bytes where the path allows
     // (loopback, jumbo frames); on a 1500-byte path it settles there after a few probes.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(limits::MAX_UDP_PAYLOAD);
+    mtu.upper_bound(profile.max_udp_payload());
     t.mtu_discovery_config(Some(mtu));
+    if profile == Profile::Control {
+        t.stream_receive_window(limits::CONTROL_STREAM_RECEIVE_WINDOW.into());
+        t.receive_window(limits::CONTROL_CONNECTION_RECEIVE_WINDOW.into());
+        t.send_window(u64::from(limits::CONTROL_CONNECTION_RECEIVE_WINDOW));
+        // quinn's default initial window (14,720 bytes) holds ten 1,452-byte packets:
+        // an MTU probe and a close always fit (see below).
+        return t;
+    }
+    t.stream_receive_window(limits::STREAM_RECEIVE_WINDOW.into());
+    t.receive_window(limits::CONNECTION_RECEIVE_WINDOW.into());
+    t.send_window(u64::from(limits::CONNECTION_RECEIVE_WINDOW));
     // The congestion window a connection starts with must hold an MTU probe and a
     // packet of the MTU already found, both up to MAX_UDP_PAYLOAD: quinn 0.11 holds a
     // closing connection's CONNECTION_CLOSE behind congestion control (quinn issue
@@ -153,10 +195,14 @@ fn size_buffers(socket: &std::net::UdpSocket) {
     }
 }
 
-/// The endpoint settings both sides share: how large a datagram we accept.
-fn endpoint_config(endpoint_config: &mut quinn::EndpointConfig) -> Result<(), TransportError> {
+/// The endpoint settings both sides share: how large a datagram we accept, which the
+/// peer's path MTU discovery takes as its ceiling.
+fn endpoint_config(
+    endpoint_config: &mut quinn::EndpointConfig,
+    max_udp_payload: u16,
+) -> Result<(), TransportError> {
     endpoint_config
-        .max_udp_payload_size(limits::MAX_UDP_PAYLOAD)
+        .max_udp_payload_size(max_udp_payload)
         .map_err(|e| TransportError::Endpoint(format!("max UDP payload: {e}")))?;
     Ok(())
 }
@@ -207,7 +253,12 @@ impl Listener {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = transport_config();
+        // Bulk limits for every connection: this side's path MTU discovery is capped by
+        // the `max_udp_payload_size` each client announces, so an agent's session
+        // (Profile::Control) stays at 1,452-byte packets both ways while its transfer
+        // connection climbs to the path's MTU. The windows only bound what a peer may
+        // send ahead; quinn allocates for data as it arrives, not for the window.
+        let mut transport = transport_config(Profile::Bulk);
         // Every client (agent, admin CLI) sends keep-alives, which keep the connection
         // and any NAT mapping alive both ways. The server's own would only add a PING
         // and its ACK every 10 s per connection: with 10,000 agents, a third of the
@@ -217,7 +268,7 @@ impl Listener {
         config.transport_config(Arc::new(transport));
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret);
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
-        self::endpoint_config(&mut endpoint_config)?;
+        self::endpoint_config(&mut endpoint_config, limits::MAX_UDP_PAYLOAD)?;
         // Connection ids are validated with a keyed hash; a restarted server must use the
         // same key or it drops old connections' packets as invalid instead of resetting them.
         let mut cid_key = [0u8; 8];
@@ -286,7 +337,7 @@ impl Listener {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(Profile::Bulk)));
         self.endpoint.set_server_config(Some(config));
         Ok(())
     }
@@ -464,15 +515,28 @@ pub struct PathFigures {
 pub struct Dialer {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
+    profile: Profile,
 }
 
 impl Dialer {
-    /// Creates a client endpoint on an ephemeral port of the unspecified address of `family`.
+    /// Creates a client endpoint on an ephemeral port of the unspecified address of
+    /// `family`, for bulk transfers ([`Profile::Bulk`]: the admin CLI, peers).
     pub fn new(tls: rustls::ClientConfig, ipv6: bool) -> Result<Self, TransportError> {
+        Self::with_profile(tls, ipv6, Profile::Bulk)
+    }
+
+    /// [`Self::new`] with the limits of `profile` for every connection it makes (an
+    /// agent's session: [`Profile::Control`]). The profile also sets the largest
+    /// datagram this endpoint announces it accepts, which caps the peer's packets.
+    pub fn with_profile(
+        tls: rustls::ClientConfig,
+        ipv6: bool,
+        profile: Profile,
+    ) -> Result<Self, TransportError> {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(profile)));
         let bind: SocketAddr = if ipv6 {
             "[::]:0".parse()
         } else {
@@ -485,13 +549,17 @@ impl Dialer {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Endpoint("no async runtime".into()))?;
         let mut shared = quinn::EndpointConfig::default();
-        endpoint_config(&mut shared)?;
+        endpoint_config(&mut shared, profile.max_udp_payload())?;
         let endpoint = udp::bounded_sends(&runtime, socket)
             .and_then(|socket| {
                 quinn::Endpoint::new_with_abstract_socket(shared, None, socket, runtime)
             })
             .map_err(|e| TransportError::Endpoint(format!("cannot open a UDP socket: {e}")))?;
-        Ok(Self { endpoint, config })
+        Ok(Self {
+            endpoint,
+            config,
+            profile,
+        })
     }
 
     /// Resolves `address` (`host:port`), connects and completes the handshake within `deadline`.
@@ -514,7 +582,7 @@ impl Dialer {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(self.profile)));
         self.dial(config, address, deadline).await
     }
 
@@ -529,7 +597,7 @@ impl Dialer {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TransportError::Endpoint(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config()));
+        config.transport_config(Arc::new(transport_config(self.profile)));
         self.dial_named(
             config,
             address,

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use gantry_certs::{CertAuthority, ClientTls, RevocationSet, ServerTls};
 use gantry_protocol::{limits, CloseCode};
-use gantry_transport::{Dialer, Listener};
+use gantry_transport::{Dialer, Listener, Profile};
 
 /// 7.5 MiB in 192 KiB frames: enough for the congestion window to open past ten packets
 /// a send, as an artifact transfer does (with the 8,972-byte ceiling this size failed
@@ -90,4 +90,85 @@ async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black
         "the path did not keep an MTU near the ceiling of {}: {figures:?}",
         limits::MAX_UDP_PAYLOAD
     );
+}
+
+/// An agent's session (`Profile::Control`) against the coordinator's listener, whose
+/// own limits are bulk: both sides' path MTU stays at 1,452 bytes or less, because the
+/// client announces that as the largest datagram it accepts and discovers no further
+/// itself. At 65,000 bytes every idle session held a 64 KiB send buffer of the
+/// coordinator and each reconnect cost ~12 probes of up to 65,000 bytes each way
+/// (docs/decisions/fleet-scale-transport.md).
+#[tokio::test]
+async fn a_control_connection_keeps_small_packets_both_ways_against_a_bulk_listener() {
+    let now = SystemTime::now();
+    let ca = CertAuthority::create("control test CA", now).expect("CA");
+    let (cert, key) = ca.issue_coordinator(&[], now).expect("coordinator cert");
+    let tls = ServerTls::config(ca.cert_der(), &cert.pem, &key, RevocationSet::default())
+        .expect("server tls");
+    let listener = Listener::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        tls,
+        &gantry_certs::random_bytes::<32>(),
+    )
+    .expect("bind");
+    let address = listener.local_addr().expect("local addr").to_string();
+    // Each side sends 2 MiB and reads what the other sent, then reports its own path.
+    let exchange = |conn: gantry_transport::Connection, opens: bool| async move {
+        let (mut writer, mut reader) = if opens {
+            conn.open_stream().await.expect("open stream")
+        } else {
+            conn.accept_stream().await.expect("accept stream")
+        };
+        let frame =
+            gantry_protocol::frame::frame_raw(&vec![0x5A; 64 * 1024], limits::MAX_FRAME_BYTES)
+                .expect("frame");
+        let send = async {
+            for _ in 0..32 {
+                writer.send_frame(&frame).await.expect("send");
+            }
+            writer.finish();
+        };
+        let receive = async {
+            let mut received = 0usize;
+            while let Some(payload) = reader.recv_payload().await.expect("frame") {
+                received += payload.len();
+            }
+            received
+        };
+        let ((), received) = tokio::join!(send, receive);
+        // Discovery runs once the handshake is confirmed; give it time to climb if it
+        // were allowed to.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (received, conn.path_figures(), conn)
+    };
+    let server = tokio::spawn(async move {
+        let incoming = listener.accept().await.expect("an incoming connection");
+        let conn = incoming.handshake(DEADLINE).await.expect("handshake");
+        let (received, figures, conn) = exchange(conn, false).await;
+        let _ = tokio::time::timeout(DEADLINE, conn.closed()).await;
+        (received, figures)
+    });
+    let dialer = Dialer::with_profile(
+        ClientTls::pinned(&ca.fingerprint()).expect("tls"),
+        false,
+        Profile::Control,
+    )
+    .expect("dialer");
+    let conn = dialer.connect(&address, DEADLINE).await.expect("connect");
+    let (received, client, conn) = tokio::time::timeout(DEADLINE, exchange(conn, true))
+        .await
+        .expect("the exchange finished within its deadline");
+    conn.close(CloseCode::Normal, "done");
+    let (server_received, server) = server.await.expect("the listener's side");
+    assert_eq!(
+        (received, server_received),
+        (32 * 64 * 1024, 32 * 64 * 1024)
+    );
+    for (side, figures) in [("agent", client), ("coordinator", server)] {
+        assert!(
+            figures.mtu <= limits::CONTROL_UDP_PAYLOAD,
+            "the {side}'s packets grew past {} bytes on a control connection: {figures:?}",
+            limits::CONTROL_UDP_PAYLOAD
+        );
+    }
 }
