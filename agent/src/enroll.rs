@@ -109,8 +109,14 @@ pub async fn enroll(options: EnrollOptions) -> Result<Enrolled, EnrollError> {
     let ipv6 = gantry_transport::resolve(&address)
         .map_err(connect_err)?
         .is_ipv6();
-    let dialer =
-        Dialer::new(ClientTls::pinned(&token.ca_fingerprint)?, ipv6).map_err(connect_err)?;
+    // One small exchange: the session's limits (a fleet enrolling at once costs the
+    // coordinator no bulk-sized buffers or MTU probes).
+    let dialer = Dialer::with_profile(
+        ClientTls::pinned(&token.ca_fingerprint)?,
+        ipv6,
+        gantry_transport::Profile::Control,
+    )
+    .map_err(connect_err)?;
     let reply = exchange(&dialer, &address, &request).await;
     dialer.shutdown(CLOSE_GRACE).await;
     let enrolled = match reply.map_err(connect_err)? {

@@ -8,6 +8,7 @@
 //! [`crate::base::backoff`], [`crate::base::renewal`] and [`classify_error`]; this module does the I/O.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_certs::Identity;
@@ -15,7 +16,7 @@ use gantry_protocol::{
     limits, AgentHello, AgentId, AgentMessage, CloseCode, CoordinatorMessage, HelloReply, Intent,
     Labels, RefusalReason, UnixMillis, Welcome,
 };
-use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter, TransportError};
+use gantry_transport::{Connection, Dialer, FrameReader, FrameWriter, Profile, TransportError};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -25,6 +26,7 @@ use crate::base::figures::{FiguresError, HostSampler};
 use crate::base::renewal::RenewalPlan;
 use crate::jobs::JobManager;
 use crate::transfers::peers::PeerError;
+use crate::transfers::TransferLink;
 
 /// How long the QUIC/TLS handshake may take.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -266,7 +268,13 @@ impl Runner {
                 }
             }
         };
-        let dialer = match self.credentials.dialer(ipv6) {
+        // The session's connection with small limits (it is what the coordinator holds
+        // for each agent); transfers get a connection of their own with bulk limits.
+        let dialers = self
+            .credentials
+            .dialer(ipv6, Profile::Control)
+            .and_then(|d| Ok((d, self.credentials.dialer(ipv6, Profile::Transfers)?)));
+        let (dialer, transfer_dialer) = match dialers {
             Ok(d) => d,
             Err(e) => {
                 return SessionEnd::Failed {
@@ -275,6 +283,7 @@ impl Runner {
                 }
             }
         };
+        let link = Arc::new(TransferLink::new(transfer_dialer, self.address.clone()));
         let mut shutdown = self.shutdown.clone();
         let opened = tokio::select! {
             opened = self.open(&dialer) => opened,
@@ -286,7 +295,7 @@ impl Runner {
         };
         info!(address = %self.address, agent_id = %self.agent_id, "connected to {} as {}", self.address, self.agent_id);
         let welcomed_at = Instant::now();
-        let end = self.live(&conn, writer, reader, &welcome).await;
+        let end = self.live(&conn, link, writer, reader, &welcome).await;
         self.jobs.detach();
         if matches!(end, SessionEnd::Shutdown) {
             conn.close(CloseCode::Normal, "agent shutting down");
@@ -381,6 +390,7 @@ impl Runner {
     async fn live(
         &mut self,
         conn: &Connection,
+        link: Arc<TransferLink>,
         mut writer: FrameWriter,
         reader: FrameReader,
         welcome: &Welcome,
@@ -401,7 +411,7 @@ impl Runner {
             return transport_end(conn, &e);
         }
         // Logs resume on this connection; results not yet acknowledged are sent again.
-        for result in self.jobs.attach(conn) {
+        for result in self.jobs.attach(conn, Some(link)) {
             if let Err(e) = writer.send(&AgentMessage::JobFinished(result)).await {
                 return transport_end(conn, &e);
             }

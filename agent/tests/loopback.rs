@@ -176,7 +176,8 @@ async fn serve(
                 }
             }
         }
-        Intent::Admin(_) => {}
+        // This fake coordinator has no transfers to serve.
+        Intent::Admin(_) | Intent::Transfers(_) => {}
     }
 }
 

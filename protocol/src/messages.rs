@@ -31,6 +31,19 @@ pub enum Intent {
     Agent(AgentHello),
     /// An admin CLI (client certificate with an admin identity) sends requests.
     Admin(AdminHello),
+    /// An enrolled agent opens a connection for its bulk transfers (artifacts, caches,
+    /// releases), beside its session: the coordinator welcomes it and serves the
+    /// streams the agent opens on it, as on the session's connection, but registers no
+    /// session. Transfers get QUIC limits sized for bulk there, which idle sessions
+    /// must not pay for (docs/decisions/fleet-scale-transport.md). A coordinator that
+    /// predates it closes the connection as malformed; the agent then transfers on its
+    /// session's connection, as before.
+    Transfers(TransfersHello),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransfersHello {
+    pub agent_version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

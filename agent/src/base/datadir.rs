@@ -71,13 +71,18 @@ impl Credentials {
         gantry_certs::pem_to_der(&self.identity_pem)
     }
 
-    /// A dialer presenting this identity and trusting only this CA. rustls checks here
-    /// that the key matches the certificate, so a mismatched pair fails before any
-    /// connection is tried.
-    pub fn dialer(&self, ipv6: bool) -> Result<gantry_transport::Dialer, CredentialsError> {
+    /// A dialer presenting this identity and trusting only this CA, its connections
+    /// with the QUIC limits of `profile` (the session's: `Control`; transfers' and
+    /// peers': bulk). rustls checks here that the key matches the certificate, so a
+    /// mismatched pair fails before any connection is tried.
+    pub fn dialer(
+        &self,
+        ipv6: bool,
+        profile: gantry_transport::Profile,
+    ) -> Result<gantry_transport::Dialer, CredentialsError> {
         let tls =
             gantry_certs::ClientTls::mutual(&self.ca_der, &self.identity_pem, &self.identity_pem)?;
-        Ok(gantry_transport::Dialer::new(tls, ipv6)?)
+        Ok(gantry_transport::Dialer::with_profile(tls, ipv6, profile)?)
     }
 }
 

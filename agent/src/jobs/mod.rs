@@ -23,7 +23,7 @@ use crate::base::files::fresh_dir;
 use crate::base::mask::Masker;
 use crate::runner::LogSink;
 use crate::transfers::artifacts::{ArtifactError, JobIo, RestoredCache};
-use crate::transfers::{ConnectionSource, Transfers};
+use crate::transfers::{ConnectionSource, TransferLink, Transfers};
 use logs::{chunk_log, upload, LogProgress, DEFAULT_LOG_CAP_BYTES};
 
 pub mod logs;
@@ -117,6 +117,8 @@ struct Entry {
 struct Inner {
     jobs: BTreeMap<Key, Entry>,
     conn: Option<Connection>,
+    /// The session's transfer connection (artifacts, caches), while there is a session.
+    link: Option<Arc<TransferLink>>,
     /// The agent will restart into another binary: it takes no new job.
     draining: bool,
 }
@@ -452,11 +454,13 @@ impl JobManager {
         }
     }
 
-    /// A new connection: uploads resume on it; returns results still to be reported.
-    pub fn attach(&self, conn: &Connection) -> Vec<JobResult> {
+    /// A new connection (and the session's transfer link): uploads resume on it;
+    /// returns results still to be reported.
+    pub fn attach(&self, conn: &Connection, link: Option<Arc<TransferLink>>) -> Vec<JobResult> {
         let keys: Vec<Key> = {
             let mut inner = self.lock();
             inner.conn = Some(conn.clone());
+            inner.link = link;
             inner.jobs.keys().copied().collect()
         };
         for key in keys {
@@ -470,9 +474,17 @@ impl JobManager {
             .collect()
     }
 
-    /// The connection is gone; uploads wait for the next one.
+    /// The connection is gone; uploads wait for the next one. The session's transfer
+    /// connection is closed with it.
     pub fn detach(&self) {
-        self.lock().conn = None;
+        let link = {
+            let mut inner = self.lock();
+            inner.conn = None;
+            inner.link.take()
+        };
+        if let Some(link) = link {
+            link.close();
+        }
     }
 
     fn spawn_upload(&self, key: Key, conn: Connection) {
@@ -520,6 +532,10 @@ impl JobManager {
 impl ConnectionSource for JobManager {
     fn current(&self) -> Option<Connection> {
         self.lock().conn.clone()
+    }
+
+    fn transfer_link(&self) -> Option<Arc<TransferLink>> {
+        self.lock().link.clone()
     }
 }
 

@@ -1,18 +1,22 @@
 //! Moving bytes between this host and the coordinator or its peers: what every
 //! transfer shares ([`Transfers`]: the local chunk cache and the rate caps), where a
 //! transfer gets its connection ([`ConnectionSource`]) and how it resumes on the next
-//! one when a connection breaks ([`with_retries`]). [`artifacts`] holds a job's inputs
+//! one when a connection breaks ([`with_retries`]). Transfers to and from the
+//! coordinator go on a connection of their own ([`TransferLink`]), with QUIC limits for
+//! bulk that the session's connection does without. [`artifacts`] holds a job's inputs
 //! and outputs; [`peers`] serves and fetches deployment releases between hosts.
 //!
 //! The transfers themselves are `gantry-transfer`'s. This layer must not know jobs'
 //! steps or deployment steps: they call it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gantry_protocol::{limits, CloseCode, HelloReply, Intent, TransfersHello};
 use gantry_transfer::{ChunkCache, TransferError, TransferOptions};
-use gantry_transport::Connection;
+use gantry_transport::{Connection, Dialer, TransportError};
 
 use crate::runner::LogSink;
 
@@ -38,6 +42,123 @@ pub struct Transfers {
 /// agent reconnects.
 pub trait ConnectionSource: Send + Sync {
     fn current(&self) -> Option<Connection>;
+
+    /// The session's transfer connection, if it has one to offer; transfers fall back
+    /// to [`Self::current`] when it has none or it cannot be opened.
+    fn transfer_link(&self) -> Option<Arc<TransferLink>> {
+        None
+    }
+}
+
+/// A session's connection for bulk transfers (`Intent::Transfers`), opened when a
+/// transfer first needs it, with bulk QUIC limits (path MTU discovery up to
+/// `limits::MAX_UDP_PAYLOAD`, large windows). The session's own connection keeps
+/// 1,452-byte packets and small windows, which is what the coordinator pays per
+/// connected agent. Without keep-alives, it closes itself after `limits::IDLE_TIMEOUT`
+/// with no transfer, and it is opened again by the next one, so an agent holds it only
+/// while it transfers (docs/decisions/fleet-scale-transport.md).
+#[derive(Debug)]
+pub struct TransferLink {
+    dialer: Dialer,
+    address: String,
+    conn: tokio::sync::Mutex<Option<Connection>>,
+    /// The coordinator does not serve transfer connections (it predates them): the
+    /// session's connection carries the transfers for the rest of this session.
+    unsupported: AtomicBool,
+}
+
+/// Why a transfer connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("the coordinator refused a transfer connection: {0}")]
+    Refused(String),
+    #[error("the coordinator answered a transfer connection with something else than a welcome")]
+    Unexpected,
+}
+
+impl TransferLink {
+    /// A link to `address` through `dialer` (made with `Profile::Transfers`).
+    pub fn new(dialer: Dialer, address: String) -> Self {
+        Self {
+            dialer,
+            address,
+            conn: tokio::sync::Mutex::new(None),
+            unsupported: AtomicBool::new(false),
+        }
+    }
+
+    /// The open transfer connection, or a new one; `None` when none can be had now (the
+    /// caller uses the session's connection).
+    pub async fn connection(&self) -> Option<Connection> {
+        if self.unsupported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Some(conn.clone());
+        }
+        *slot = None;
+        match self.open().await {
+            Ok(conn) => {
+                *slot = Some(conn.clone());
+                Some(conn)
+            }
+            Err(e) => {
+                // A coordinator that predates transfer connections closes the connection
+                // as malformed at the hello (or refuses it): do not ask again.
+                let unsupported = matches!(e, LinkError::Refused(_) | LinkError::Unexpected)
+                    || matches!(&e, LinkError::Transport(t) if t.close_code() == Some(CloseCode::Malformed));
+                if unsupported {
+                    self.unsupported.store(true, Ordering::Relaxed);
+                }
+                tracing::info!(address = %self.address, "no transfer connection ({e}); transferring on the session's connection");
+                None
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Connection, LinkError> {
+        let conn = self
+            .dialer
+            .connect(&self.address, limits::HANDSHAKE_DEADLINE)
+            .await?;
+        let hello = Intent::Transfers(TransfersHello {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        });
+        let answer = async {
+            let (mut writer, mut reader) = conn.open_control().await?;
+            let frame = gantry_protocol::encode_hello(&hello, limits::MAX_FRAME_BYTES)?;
+            writer.send_frame(&frame).await?;
+            reader
+                .recv_within::<HelloReply>(limits::HANDSHAKE_DEADLINE, "the coordinator's welcome")
+                .await
+        }
+        .await;
+        match answer {
+            Ok(Some(HelloReply::Welcome(_))) => Ok(conn),
+            Ok(Some(HelloReply::Refused(refusal))) => Err(LinkError::Refused(refusal.message)),
+            Ok(Some(HelloReply::Enrolled(_))) => {
+                conn.close(CloseCode::Malformed, "expected a welcome");
+                Err(LinkError::Unexpected)
+            }
+            // The hello's stream ended or broke: the connection's close says why.
+            Ok(None) => Err(LinkError::Transport(conn.close_reason().unwrap_or(
+                TransportError::Lost("the coordinator ended the stream without a welcome".into()),
+            ))),
+            Err(e) => Err(LinkError::Transport(conn.close_reason().unwrap_or(e))),
+        }
+    }
+
+    /// Closes the transfer connection, if one is open (the session ended).
+    pub fn close(&self) {
+        if let Ok(slot) = self.conn.try_lock() {
+            if let Some(conn) = slot.as_ref() {
+                conn.close(CloseCode::Normal, "the agent's session ended");
+            }
+        }
+    }
 }
 
 /// A transfer that did not complete, across every connection it was given.
@@ -51,10 +172,16 @@ pub enum RetryError {
     Exhausted { what: String },
 }
 
-/// Waits up to [`CONNECTION_WAIT`] for a connection that is not closed.
+/// Waits up to [`CONNECTION_WAIT`] for a connection that is not closed: the session's
+/// transfer connection when it can be had, else the session's own.
 async fn live_connection(source: &dyn ConnectionSource) -> Result<Connection, RetryError> {
     let deadline = tokio::time::Instant::now() + CONNECTION_WAIT;
     loop {
+        if let Some(link) = source.transfer_link() {
+            if let Some(conn) = link.connection().await {
+                return Ok(conn);
+            }
+        }
         if let Some(conn) = source.current().filter(|c| c.close_reason().is_none()) {
             return Ok(conn);
         }

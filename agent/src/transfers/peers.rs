@@ -260,7 +260,11 @@ impl PeerService {
         let dialer = self
             .inner
             .dialer
-            .get_or_try_init(|| async { creds.dialer(false).map_err(PeerError::from) })
+            .get_or_try_init(|| async {
+                creds
+                    .dialer(false, gantry_transport::Profile::Bulk)
+                    .map_err(PeerError::from)
+            })
             .await?;
         let tls = PeerTls::client(
             &creds.ca_der,

@@ -41,7 +41,7 @@ use gantry_protocol::{
     Intent, JobId, JobOutcome, JobResult, Labels, RunningJob, UnixMillis,
 };
 use gantry_tests::load::{now_ns, LoadEvent};
-use gantry_transport::{Dialer, FrameWriter};
+use gantry_transport::{Dialer, FrameWriter, Profile};
 use tokio::sync::{mpsc, Semaphore};
 
 /// The real agent's handshake deadline (agent/src/session.rs).
@@ -196,7 +196,12 @@ async fn run(options: Options, out: std_mpsc::Sender<LoadEvent>) -> anyhow::Resu
     let mut dialers = Vec::new();
     for chunk in identities.chunks(options.per_socket) {
         let default = ClientTls::mutual(&shared.ca_der, &chunk[0].pem, &chunk[0].pem)?;
-        dialers.push(Arc::new(Dialer::new(default, false)?));
+        // An agent's session, with the real agent's limits (agent/src/session.rs).
+        dialers.push(Arc::new(Dialer::with_profile(
+            default,
+            false,
+            Profile::Control,
+        )?));
     }
     for (i, identity) in identities.into_iter().enumerate() {
         let dialer = dialers[i / options.per_socket].clone();
@@ -229,7 +234,7 @@ async fn enroll_all(
     options: &Options,
 ) -> anyhow::Result<(String, Vec<Identity>)> {
     let pinned = ClientTls::pinned(&token.ca_fingerprint)?;
-    let dialer = Arc::new(Dialer::new(pinned, false)?);
+    let dialer = Arc::new(Dialer::with_profile(pinned, false, Profile::Control)?);
     let limit = Arc::new(Semaphore::new(options.enroll_concurrency));
     let mut tasks = Vec::new();
     for i in 0..options.agents {

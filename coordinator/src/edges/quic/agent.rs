@@ -30,7 +30,7 @@ use crate::services::artifacts::Peer;
 use crate::services::coordinator::Coordinator;
 use crate::services::engine::{capability_label, Input};
 use crate::services::holds::{self, Hold};
-use crate::store::HelloFacts;
+use crate::store::{AgentRecord, HelloFacts};
 
 /// Runs an agent's session until it ends: the hello's facts registered, the
 /// scheduler and the deployment manager told, then messages both ways.
@@ -44,44 +44,9 @@ pub async fn session(
     numbers: Numbers,
 ) {
     let remote = conn.remote_address();
-    let record = match coord.store.agent(&id) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            let msg = format!("agent {id} is not enrolled with this coordinator; enroll it again with a new token");
-            refuse(
-                &conn,
-                &mut writer,
-                CloseCode::Unauthorized,
-                RefusalReason::NotAuthenticated,
-                msg,
-            )
-            .await;
-            return;
-        }
-        Err(e) => {
-            refuse(
-                &conn,
-                &mut writer,
-                CloseCode::ShuttingDown,
-                RefusalReason::Internal,
-                format!("store error: {e}"),
-            )
-            .await;
-            return;
-        }
-    };
-    if record.revoked_at.is_some() || coord.agents.is_revoked(&id) {
-        let msg = format!("agent {id} has been revoked; enroll it again with a new token");
-        refuse(
-            &conn,
-            &mut writer,
-            CloseCode::Revoked,
-            RefusalReason::Revoked,
-            msg,
-        )
-        .await;
+    let Some(record) = admit(&coord, &conn, &mut writer, &id).await else {
         return;
-    }
+    };
     let labels = match check_labels(&hello.labels) {
         Ok(l) => l,
         Err(e) => {
@@ -239,6 +204,82 @@ pub async fn session(
     }
     tracing::info!(agent = %id, %remote, "agent disconnected: {end}");
     coord.agents.depart(id, session);
+}
+
+/// The agent's record, if it is enrolled and not revoked; otherwise the connection is
+/// refused with the reason.
+async fn admit(
+    coord: &Coordinator,
+    conn: &Connection,
+    writer: &mut FrameWriter,
+    id: &AgentId,
+) -> Option<AgentRecord> {
+    let record = match coord.store.agent(id) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            let msg = format!("agent {id} is not enrolled with this coordinator; enroll it again with a new token");
+            refuse(
+                conn,
+                writer,
+                CloseCode::Unauthorized,
+                RefusalReason::NotAuthenticated,
+                msg,
+            )
+            .await;
+            return None;
+        }
+        Err(e) => {
+            refuse(
+                conn,
+                writer,
+                CloseCode::ShuttingDown,
+                RefusalReason::Internal,
+                format!("store error: {e}"),
+            )
+            .await;
+            return None;
+        }
+    };
+    if record.revoked_at.is_some() || coord.agents.is_revoked(id) {
+        let msg = format!("agent {id} has been revoked; enroll it again with a new token");
+        refuse(
+            conn,
+            writer,
+            CloseCode::Revoked,
+            RefusalReason::Revoked,
+            msg,
+        )
+        .await;
+        return None;
+    }
+    Some(record)
+}
+
+/// Serves an agent's transfer connection ([`gantry_protocol::Intent::Transfers`]) until
+/// it closes: the streams the agent opens, exactly as on its session's connection, and
+/// nothing else (no session is registered, nothing is dispatched on it). The agent lets
+/// it close itself once idle (`IDLE_TIMEOUT`), so only agents transferring hold one.
+pub async fn transfers(
+    coord: Arc<Coordinator>,
+    conn: Connection,
+    mut writer: FrameWriter,
+    id: AgentId,
+    numbers: Numbers,
+) {
+    if admit(&coord, &conn, &mut writer, &id).await.is_none() {
+        return;
+    }
+    let welcome = welcome(
+        Identity::Agent(id.clone()).uri(),
+        coord.settings.heartbeat_interval,
+    );
+    writer.set_stall_deadline(Some(limits::STREAM_WRITE_STALL));
+    if let Err(e) = writer.send(&welcome).await {
+        tracing::info!(agent = %id, "transfer connection ended before its welcome: {e}");
+        return;
+    }
+    tracing::debug!(agent = %id, remote = %conn.remote_address(), "transfer connection opened");
+    streams(coord, conn, id, numbers.connection).await;
 }
 
 /// Acts on one message from an agent's control stream.

@@ -210,7 +210,8 @@ impl Admission {
         };
         let request = match &hello.intent {
             Intent::Enroll(_) => Request::SessionEnroll,
-            Intent::Agent(_) => Request::SessionAgent,
+            // A transfer connection is an agent's, and may do what its session may.
+            Intent::Agent(_) | Intent::Transfers(_) => Request::SessionAgent,
             Intent::Admin(_) => Request::SessionAdmin,
         };
         let checked = self.coord.metrics.authz.check(request, principal, || {
@@ -223,7 +224,7 @@ impl Admission {
                 (Intent::Admin(_), Some(Ok(other))) => {
                     format!("{other} is not an admin: admin commands need an admin certificate")
                 }
-                (Intent::Agent(_), Some(Ok(other))) => {
+                (Intent::Agent(_) | Intent::Transfers(_), Some(Ok(other))) => {
                     format!("{other} is not an agent: an agent session needs an agent certificate")
                 }
             }
@@ -237,6 +238,10 @@ impl Admission {
                     let numbers = self.numbers();
                     return agent::session(self.coord.clone(), conn, writer, reader, id, h, numbers)
                         .await;
+                }
+                (Intent::Transfers(_), Some(Ok(Identity::Agent(id)))) => {
+                    let numbers = self.numbers();
+                    return agent::transfers(self.coord.clone(), conn, writer, id, numbers).await;
                 }
                 (Intent::Admin(_), Some(Ok(identity))) => {
                     let numbers = self.numbers();
