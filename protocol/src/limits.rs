@@ -86,13 +86,16 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 /// A session carries a few small frames a second; at [`MAX_UDP_PAYLOAD`] the
 /// coordinator kept a ~64 KiB send buffer per session (quinn's, sized to the MTU and
 /// filled by discovery probes) and each reconnect cost ~12 probes of up to 65,000
-/// bytes each way: at 10,000 agents 1,198 MiB resident idle instead of ~600, and
-/// 158.6 s instead of ~30 s to all come back after a restart
-/// (docs/decisions/fleet-scale-transport.md). Bulk transfers use a connection of their
-/// own at [`MAX_UDP_PAYLOAD`]. Change it only with `bench-scale` figures at 10,000.
+/// bytes each way, whose padding quinn decodes a byte at a time: at 10,000 agents
+/// 1,198 MiB resident idle and 158.6 s to all come back after a restart, against
+/// 523 MiB and 32.7 s at this size (docs/decisions/fleet-scale-transport.md). Bulk
+/// transfers use a connection of their own at [`MAX_UDP_PAYLOAD`]. Change it only
+/// with `bench-scale` figures at 10,000 agents.
 pub const CONTROL_UDP_PAYLOAD: u16 = 1_452;
-/// Per-stream receive window of an agent's session: a 4 MiB control frame arrives in
-/// four windows, a log stream runs at 256 KiB per round trip (256 MB/s at 1 ms).
+/// Per-stream receive window of an agent's session: quinn allocates for data as it
+/// arrives, not for the window, so this bounds what a session may push ahead rather
+/// than what it costs idle. A log stream runs at 256 KiB per round trip (256 MB/s at
+/// 1 ms); the largest control frame (4 MiB) takes 16 windows.
 pub const CONTROL_STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
 /// Receive (and send) window of an agent's session across its streams.
 pub const CONTROL_CONNECTION_RECEIVE_WINDOW: u32 = 1024 * 1024;
