@@ -88,7 +88,7 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 /// filled by discovery probes) and each reconnect cost ~12 probes of up to 65,000
 /// bytes each way, whose padding quinn decodes a byte at a time: at 10,000 agents
 /// 1,198 MiB resident idle and 158.6 s to all come back after a restart, against
-/// 523 MiB and 32.7 s at this size (docs/decisions/fleet-scale-transport.md). Bulk
+/// 523 MiB and 32.7 s at this size (docs/decisions/0086-fleet-scale-transport.md). Bulk
 /// transfers use a connection of their own at [`MAX_UDP_PAYLOAD`]. Change it only
 /// with `bench-scale` figures at 10,000 agents.
 pub const CONTROL_UDP_PAYLOAD: u16 = 1_452;

@@ -35,7 +35,7 @@ pub enum Intent {
     /// releases), beside its session: the coordinator welcomes it and serves the
     /// streams the agent opens on it, as on the session's connection, but registers no
     /// session. Transfers get QUIC limits sized for bulk there, which idle sessions
-    /// must not pay for (docs/decisions/fleet-scale-transport.md). A coordinator that
+    /// must not pay for (docs/decisions/0086-fleet-scale-transport.md). A coordinator that
     /// predates it closes the connection as malformed; the agent then transfers on its
     /// session's connection, as before.
     Transfers(TransfersHello),

@@ -108,7 +108,7 @@ fn from_connection_error(err: &quinn::ConnectionError) -> TransportError {
 /// send buffer of the path's MTU per connection, and path MTU discovery fills it with
 /// probes of up to [`limits::MAX_UDP_PAYLOAD`] bytes, so on loopback every session held
 /// ~64 KiB of the coordinator's memory for nothing, and each reconnecting agent cost
-/// ~12 probes of up to 65,000 bytes each way (docs/decisions/fleet-scale-transport.md).
+/// ~12 probes of up to 65,000 bytes each way (docs/decisions/0086-fleet-scale-transport.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
     /// An agent's session: 1,452-byte packets at most, both ways (what this side sends,

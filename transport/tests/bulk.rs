@@ -97,7 +97,7 @@ async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black
 /// client announces that as the largest datagram it accepts and discovers no further
 /// itself. At 65,000 bytes every idle session held a 64 KiB send buffer of the
 /// coordinator and each reconnect cost ~12 probes of up to 65,000 bytes each way
-/// (docs/decisions/fleet-scale-transport.md).
+/// (docs/decisions/0086-fleet-scale-transport.md).
 #[tokio::test]
 async fn a_control_connection_keeps_small_packets_both_ways_against_a_bulk_listener() {
     let now = SystemTime::now();

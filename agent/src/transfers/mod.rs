@@ -56,7 +56,7 @@ pub trait ConnectionSource: Send + Sync {
 /// 1,452-byte packets and small windows, which is what the coordinator pays per
 /// connected agent. Without keep-alives, it closes itself after `limits::IDLE_TIMEOUT`
 /// with no transfer, and it is opened again by the next one, so an agent holds it only
-/// while it transfers (docs/decisions/fleet-scale-transport.md).
+/// while it transfers (docs/decisions/0086-fleet-scale-transport.md).
 #[derive(Debug)]
 pub struct TransferLink {
     dialer: Dialer,
