@@ -1,0 +1,416 @@
+//! Creating deployments: from a deploy job the scheduler offers the deploy runner, from
+//! `gantry rollback`, and from `gantry agents upgrade`. Each is checked (its
+//! environment, its artifact, its secrets) and asked of the gates before it is numbered
+//! and stored, so a refused one costs no deployment and no epoch; a stored one starts
+//! at the gates' first stage.
+
+use std::collections::BTreeMap;
+
+use gantry_deploy::gates::{Purpose, Request, Rules, Stage};
+use gantry_deploy::{Amount, Limits, Strategy};
+use gantry_pipeline::DeploySpec;
+use gantry_protocol::{
+    AgentBinary, AppSpec, Attempt, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest, UnixMillis,
+};
+
+use super::manager::Manager;
+use super::record::{DeploymentRecord, Kind, Status};
+use super::spec::{app_spec, engine_strategy, hook_secret_names};
+use super::targets::upgrades_environment;
+use crate::base::labels::labels_text;
+use crate::services::runner::{deploy_runner, DEPLOY_RUNNER_LABEL};
+use crate::store::{AuditEntry, EnvironmentRecord};
+
+impl Manager {
+    pub(super) fn dispatch(&mut self, now: UnixMillis, job: JobId, attempt: Attempt) {
+        self.engine.event(gantry_scheduler::Event::JobAccepted {
+            job,
+            attempt,
+            agent: deploy_runner(),
+        });
+        if self.active.values().any(|r| r.job == Some((job, attempt))) {
+            return;
+        }
+        match self.create_for_job(now, job, attempt) {
+            Ok((id, request)) => self.request(now, id, request),
+            Err(message) => {
+                tracing::info!(%job, attempt, "deploy job refused: {message}");
+                self.job_log(job, attempt, &format!("\u{2716} {message}"));
+                self.finish_job(now, job, attempt, false, now);
+            }
+        }
+    }
+
+    /// Builds and stores the deployment a deploy job asks for.
+    pub(super) fn create_for_job(
+        &mut self,
+        now: UnixMillis,
+        job: JobId,
+        attempt: Attempt,
+    ) -> Result<(u64, Request), String> {
+        let run = self
+            .store
+            .run(job.run)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("run {} is not stored", job.run))?;
+        let pipeline = gantry_pipeline::parse(&run.file_name, &run.text)
+            .map_err(|e| format!("the run's pipeline no longer parses: {e}"))?;
+        let spec = pipeline
+            .jobs
+            .get(job.index as usize)
+            .ok_or_else(|| format!("job {job} is not in its pipeline"))?;
+        let deploy = spec.deploy.as_ref().ok_or_else(|| {
+            format!(
+                "job {} has no `deploy:`; only deploy jobs may ask for {DEPLOY_RUNNER_LABEL}",
+                spec.name
+            )
+        })?;
+        let env = self.environment(&deploy.environment)?;
+        let branch = run.git_ref.clone();
+        let request = self.admit(&env, &run.created_by, Purpose::Release { branch })?;
+        let artifact = self
+            .store
+            .artifacts_of(job.run)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|a| a.name == deploy.artifact)
+            .ok_or_else(|| {
+                format!(
+                    "run {} has no artifact \"{}\" to deploy: the job that declares it did not upload it",
+                    job.run, deploy.artifact
+                )
+            })?;
+        self.check_secrets(deploy, &env.name)?;
+        let hex = artifact.manifest.to_string();
+        let short = hex.trim_start_matches(gantry_protocol::DIGEST_PREFIX);
+        let release = ReleaseSpec {
+            id: format!("r{}-{}", job.run, &short[..8.min(short.len())]),
+            version: deploy
+                .version
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}", job.run, job.index + 1)),
+            manifest: artifact.manifest,
+        };
+        let (strategy, blue_green) = engine_strategy(&deploy.strategy);
+        let app = app_spec(deploy, blue_green);
+        let limits = Limits {
+            stage_ms: deploy.stage_timeout_ms,
+            activate_ms: deploy.activate_timeout_ms,
+            verify_ms: deploy
+                .health
+                .as_ref()
+                .map_or(60_000, |h| h.deadline_ms + h.timeout_ms + 10_000),
+            rollback_ms: deploy.activate_timeout_ms,
+            ..Limits::default()
+        };
+        let record = self.create(
+            now,
+            &env,
+            &request,
+            Kind::App,
+            app,
+            release,
+            strategy,
+            limits,
+            Some((job, attempt)),
+            &format!("run={} job={}", job.run, spec.name),
+        )?;
+        let id = record.id;
+        self.job_log(
+            job,
+            attempt,
+            &format!(
+                "deployment {id} of {} ({}) to {}, epoch {}: `gantry deployments show {id}`",
+                record.release.id, record.release.version, record.environment, record.epoch
+            ),
+        );
+        Ok((id, request))
+    }
+
+    pub(super) fn environment(&self, name: &str) -> Result<EnvironmentRecord, String> {
+        self.store
+            .environment(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "no environment {name}: create it with `gantry env create {name} --select KEY=VALUE`, or define it under `environments:` in the pipeline file"
+                )
+            })
+    }
+
+    /// Every secret the deployment names exists and may go to this environment.
+    pub(super) fn check_secrets(
+        &self,
+        deploy: &DeploySpec,
+        environment: &str,
+    ) -> Result<(), String> {
+        let names = hook_secret_names(&deploy.env, &deploy.hooks);
+        if names.is_empty() {
+            return Ok(());
+        }
+        let scopes = self.store.secret_scopes().map_err(|e| e.to_string())?;
+        let stored: Vec<String> = self
+            .store
+            .secrets()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for name in &names {
+            if !stored.contains(name) {
+                return Err(format!(
+                    "secret {name} does not exist; set it with `gantry secrets set {name} --environment {environment}`"
+                ));
+            }
+            if let Some(scope) = scopes.get(name).filter(|s| *s != environment) {
+                return Err(format!(
+                    "secret {name} is scoped to environment {scope}; a deployment to {environment} may not use it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The request for a deployment to `env` under its current rules, if the gates would
+    /// take it. Asked before the deployment is numbered and stored, so a refused one (a
+    /// branch the environment does not allow, a rollback while another runs, a second
+    /// fleet upgrade) costs no deployment and no epoch.
+    pub(super) fn admit(
+        &self,
+        env: &EnvironmentRecord,
+        author: &str,
+        purpose: Purpose,
+    ) -> Result<Request, String> {
+        let request = Request {
+            environment: env.name.clone(),
+            author: author.to_owned(),
+            rules: Rules {
+                approvals: env.approvals,
+                wait_ms: env.wait_ms,
+                branches: env.branches.clone(),
+            },
+            purpose,
+        };
+        self.gates.admit(&request).map_err(|r| r.to_string())?;
+        Ok(request)
+    }
+
+    /// Stores a new deployment, its gates at their first stage: what
+    /// [`GateEvent::Requested`] would make of it, so a crash before the request is fed
+    /// resumes it there.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
+        &mut self,
+        now: UnixMillis,
+        env: &EnvironmentRecord,
+        request: &Request,
+        kind: Kind,
+        app: AppSpec,
+        release: ReleaseSpec,
+        strategy: Strategy,
+        limits: Limits,
+        job: Option<(JobId, Attempt)>,
+        detail: &str,
+    ) -> Result<DeploymentRecord, String> {
+        let created_by = request.author.as_str();
+        let approvals_needed = request.approvals_needed();
+        let wait_ms = request.wait_ms();
+        let status = match request.first_stage(now) {
+            Stage::AwaitingApproval => Status::AwaitingApproval,
+            Stage::Waiting { until } => Status::Waiting { until },
+            Stage::Queued | Stage::Running => Status::Queued,
+        };
+        let audit = AuditEntry {
+            at: now,
+            actor: created_by.to_owned(),
+            action: "deployment.create".into(),
+            detail: format!("environment={} release={} {detail}", env.name, release.id),
+        };
+        let fenced = matches!(kind, Kind::App).then_some(env.name.as_str());
+        let record = self
+            .store
+            .create_deployment(
+                fenced,
+                |id, epoch| DeploymentRecord {
+                    id,
+                    environment: env.name.clone(),
+                    epoch,
+                    app,
+                    release,
+                    strategy,
+                    limits,
+                    created_by: created_by.to_owned(),
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                    job,
+                    approvals: Vec::new(),
+                    approvals_needed,
+                    wait_ms,
+                    status,
+                    engine: None,
+                    hosts: BTreeMap::new(),
+                    next_seq: 1,
+                    log: Vec::new(),
+                    log_dropped: 0,
+                    first_failure_at: None,
+                    kind,
+                },
+                &audit,
+            )
+            .map_err(|e| format!("cannot store the deployment: {e}"))?;
+        self.active.insert(record.id, record.clone());
+        Ok(record)
+    }
+
+    /// `gantry rollback`: a deployment of a release the hosts still hold, with no
+    /// staging and no analysis.
+    pub(super) fn rollback(
+        &mut self,
+        now: UnixMillis,
+        actor: &str,
+        req: &RollbackRequest,
+    ) -> Result<u64, String> {
+        let env = self.environment(&req.environment)?;
+        let request = self.admit(&env, actor, Purpose::Rollback)?;
+        let current = env.current.as_ref().ok_or_else(|| {
+            format!(
+                "nothing was deployed to {} yet: nothing to roll back",
+                env.name
+            )
+        })?;
+        let target = match &req.to {
+            Some(to) => env
+                .history
+                .iter()
+                .find(|r| r.release.id == *to || r.release.version == *to)
+                .ok_or_else(|| {
+                    let known: Vec<&str> =
+                        env.history.iter().map(|r| r.release.id.as_str()).collect();
+                    format!(
+                        "{} never ran release {to}; its releases: {}",
+                        env.name,
+                        known.join(", ")
+                    )
+                })?,
+            None => env
+                .history
+                .iter()
+                .find(|r| r.release.id != current.release.id)
+                .ok_or_else(|| {
+                    format!(
+                        "{} has no release before {} to go back to",
+                        env.name, current.release.id
+                    )
+                })?,
+        }
+        .clone();
+        let source = self
+            .store
+            .deployment(target.deployment)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "deployment {} that installed {} is no longer stored",
+                    target.deployment, target.release.id
+                )
+            })?;
+        let record = self.create(
+            now,
+            &env,
+            &request,
+            Kind::App,
+            source.app.clone(),
+            target.release.clone(),
+            Strategy::Rollback {
+                parallelism: req.parallelism,
+            },
+            source.limits,
+            None,
+            &format!("rollback from={}", current.release.id),
+        )?;
+        let id = record.id;
+        self.log(
+            id,
+            now,
+            None,
+            format!(
+                "rollback of {} from {} to {} requested by {actor}",
+                env.name, current.release.id, target.release.id
+            ),
+        );
+        self.request(now, id, request);
+        Ok(id)
+    }
+
+    /// `gantry agents upgrade`: the agent binary to the matching agents, in waves of
+    /// `batch`, each restarting once its jobs end; past the failure budget, the
+    /// restarted ones go back to the binary they ran.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn upgrade(
+        &mut self,
+        now: UnixMillis,
+        actor: &str,
+        select: &Labels,
+        batch: u32,
+        failure_budget: u32,
+        timeout_ms: u64,
+        binary: &AgentBinary,
+    ) -> Result<u64, String> {
+        let env = upgrades_environment(select.clone());
+        let request = self.admit(&env, actor, Purpose::AgentUpgrade)?;
+        let short = &binary.sha256[..binary.sha256.len().min(12)];
+        let record = self.create(
+            now,
+            &env,
+            &request,
+            Kind::AgentUpgrade {
+                select: select.clone(),
+                binary: binary.clone(),
+            },
+            AppSpec {
+                name: "gantry-agent".into(),
+                hooks: Hooks::default(),
+                health: None,
+                keep: 2,
+                shared: Vec::new(),
+                env: Labels::new(),
+                secrets: Vec::new(),
+                blue_green: None,
+            },
+            ReleaseSpec {
+                id: format!("agent-{short}"),
+                version: binary.version.clone(),
+                manifest: gantry_protocol::Digest::of(binary.sha256.as_bytes()),
+            },
+            Strategy::Rolling {
+                batch: Amount::Count(batch.max(1)),
+                failure_budget: Amount::Count(failure_budget),
+                pause_ms: 0,
+            },
+            Limits {
+                stage_ms: 5 * 60_000,
+                activate_ms: timeout_ms,
+                verify_ms: 60_000,
+                rollback_ms: timeout_ms,
+                ..Limits::default()
+            },
+            None,
+            &format!("agent upgrade select={select:?} sha256={}", binary.sha256),
+        )?;
+        let id = record.id;
+        self.log(
+            id,
+            now,
+            None,
+            format!(
+                "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
+                binary.version,
+                labels_text(select),
+                batch.max(1)
+            ),
+        );
+        self.request(now, id, request);
+        Ok(id)
+    }
+}

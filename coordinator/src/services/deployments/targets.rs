@@ -1,0 +1,87 @@
+//! The hosts as deployments see them: [`Fleet`] (what the manager may ask of the
+//! coordinator's sessions), the rules fleet upgrades run under, hostnames told apart,
+//! and the environment view with the enrolled hosts its selector matches.
+
+use std::collections::HashMap;
+
+use gantry_protocol::{AgentId, CoordinatorMessage, EnvironmentView, ExecHost, Labels, UnixMillis};
+
+use super::record::UPGRADES;
+use crate::services::runner::deploy_runner;
+use crate::store::{EnvironmentRecord, Store};
+
+/// The coordinator's hosts, as deployments need them.
+pub trait Fleet: Send + Sync + 'static {
+    /// Queues a message for a host's session; `false` if it has none.
+    fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool;
+    /// Connected hosts: id, hostname and labels (reported and assigned).
+    fn connected(&self) -> Vec<(AgentId, String, Labels)>;
+    /// Values of secrets for a deployment to `environment`: secrets scoped to it or to
+    /// none. Names with no such secret are missing from the answer.
+    fn secrets_for(&self, environment: &str, names: &[String]) -> Labels;
+    /// Where a connected host serves peers (`ip:port`), if it does.
+    fn peer_address(&self, agent: &AgentId) -> Option<String>;
+}
+
+/// The rules fleet upgrades run under: no approvals, no wait, any branch.
+pub(super) fn upgrades_environment(select: Labels) -> EnvironmentRecord {
+    EnvironmentRecord {
+        name: UPGRADES.into(),
+        select,
+        approvals: 0,
+        wait_ms: 0,
+        branches: Vec::new(),
+        epoch: 0,
+        current: None,
+        history: Vec::new(),
+        created_by: String::new(),
+        created_at: UnixMillis(0),
+    }
+}
+
+/// Hosts that share a hostname (several agents on one machine) are told apart by
+/// their agent id: `web-1 (ag-3f9c0a12b7e4)`.
+pub fn distinct_names(hosts: &mut [(AgentId, String)]) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, name) in hosts.iter() {
+        *counts.entry(name.clone()).or_default() += 1;
+    }
+    for (agent, name) in hosts.iter_mut() {
+        if counts.get(name.as_str()).copied().unwrap_or(0) > 1 {
+            *name = format!("{name} ({agent})");
+        }
+    }
+}
+
+/// The environment as `gantry env show` prints it: its record and the enrolled hosts
+/// its selector matches now.
+pub fn environment_view(store: &Store, record: EnvironmentRecord) -> EnvironmentView {
+    let runner = deploy_runner();
+    let hosts = store
+        .agents()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| {
+            a.id != runner
+                && a.revoked_at.is_none()
+                && gantry_scheduler::labels_match(&a.effective_labels(), &record.select)
+        })
+        .map(|a| ExecHost {
+            agent: a.id,
+            hostname: a.hostname,
+        })
+        .collect();
+    EnvironmentView {
+        name: record.name,
+        select: record.select,
+        approvals: record.approvals,
+        wait_ms: record.wait_ms,
+        branches: record.branches,
+        epoch: record.epoch,
+        current: record.current,
+        history: record.history,
+        created_by: record.created_by,
+        created_at: record.created_at,
+        hosts,
+    }
+}
