@@ -22,7 +22,7 @@ use crate::base::sources::SourceStore;
 use crate::services::access::Access;
 use crate::services::agents::Agents;
 use crate::services::artifacts::Artifacts;
-use crate::services::deployments::{Deployments, Fleet};
+use crate::services::deployments::{DeployError, Deployments, Fleet};
 use crate::services::engine::{AgentOutbox, Engine, EngineError};
 use crate::services::exec::Execs;
 use crate::services::notify::{watch_engine, Notifier};
@@ -57,8 +57,8 @@ pub enum StartError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// The deployment manager cannot load the unfinished deployments.
-    #[error("{0}")]
-    Deployments(String),
+    #[error(transparent)]
+    Deployments(#[from] DeployError),
     #[error("cannot open the chunk store in {}: {source}", .dir.display())]
     Chunks {
         dir: PathBuf,
@@ -116,16 +116,14 @@ impl Coordinator {
         let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
         let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
         let notifier = Arc::new(Notifier::new(metrics.clone()));
-        deployments
-            .start(
-                deploy_inbox,
-                outbox,
-                engine.clone(),
-                logs.clone(),
-                notifier.clone(),
-                metrics.clone(),
-            )
-            .map_err(StartError::Deployments)?;
+        deployments.start(
+            deploy_inbox,
+            outbox,
+            engine.clone(),
+            logs.clone(),
+            notifier.clone(),
+            metrics.clone(),
+        )?;
         watch_engine(engine.subscribe(), store.clone(), notifier.clone());
         let webhooks = Webhooks::start(
             store.clone(),

@@ -31,7 +31,7 @@ impl Manager {
             AdminOp::Rollback(req) => {
                 return match self.rollback(now, actor, req) {
                     Ok(id) => self.view_of(id),
-                    Err(message) => refused(message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
             AdminOp::UpgradeAgents {
@@ -51,7 +51,7 @@ impl Manager {
                     binary,
                 ) {
                     Ok(id) => self.view_of(id),
-                    Err(message) => refused(message),
+                    Err(e) => refused(e.to_string()),
                 }
             }
         };

@@ -13,12 +13,13 @@ use gantry_protocol::{
     AgentBinary, AppSpec, Attempt, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest, UnixMillis,
 };
 
+use super::error::DeployError;
 use super::manager::Manager;
 use super::record::{DeploymentRecord, Kind, Status};
 use super::spec::{app_spec, engine_strategy, hook_secret_names};
 use super::targets::upgrades_environment;
 use crate::base::labels::labels_text;
-use crate::services::runner::{deploy_runner, DEPLOY_RUNNER_LABEL};
+use crate::services::runner::deploy_runner;
 use crate::store::{AuditEntry, EnvironmentRecord};
 
 impl Manager {
@@ -33,9 +34,9 @@ impl Manager {
         }
         match self.create_for_job(now, job, attempt) {
             Ok((id, request)) => self.request(now, id, request),
-            Err(message) => {
-                tracing::info!(%job, attempt, "deploy job refused: {message}");
-                self.job_log(job, attempt, &format!("\u{2716} {message}"));
+            Err(e) => {
+                tracing::info!(%job, attempt, "deploy job refused: {e}");
+                self.job_log(job, attempt, &format!("\u{2716} {e}"));
                 self.finish_job(now, job, attempt, false, now);
             }
         }
@@ -47,38 +48,37 @@ impl Manager {
         now: UnixMillis,
         job: JobId,
         attempt: Attempt,
-    ) -> Result<(u64, Request), String> {
+    ) -> Result<(u64, Request), DeployError> {
         let run = self
             .store
             .run(job.run)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("run {} is not stored", job.run))?;
-        let pipeline = gantry_pipeline::parse(&run.file_name, &run.text)
-            .map_err(|e| format!("the run's pipeline no longer parses: {e}"))?;
+            .map_err(DeployError::store(format!("reading run {}", job.run)))?
+            .ok_or(DeployError::NoRun(job.run))?;
+        let pipeline =
+            gantry_pipeline::parse(&run.file_name, &run.text).map_err(DeployError::Pipeline)?;
         let spec = pipeline
             .jobs
             .get(job.index as usize)
-            .ok_or_else(|| format!("job {job} is not in its pipeline"))?;
-        let deploy = spec.deploy.as_ref().ok_or_else(|| {
-            format!(
-                "job {} has no `deploy:`; only deploy jobs may ask for {DEPLOY_RUNNER_LABEL}",
-                spec.name
-            )
-        })?;
+            .ok_or(DeployError::NoJob(job))?;
+        let deploy = spec
+            .deploy
+            .as_ref()
+            .ok_or_else(|| DeployError::NotADeployJob(spec.name.clone()))?;
         let env = self.environment(&deploy.environment)?;
         let branch = run.git_ref.clone();
         let request = self.admit(&env, &run.created_by, Purpose::Release { branch })?;
         let artifact = self
             .store
             .artifacts_of(job.run)
-            .map_err(|e| e.to_string())?
+            .map_err(DeployError::store(format!(
+                "reading the artifacts of run {}",
+                job.run
+            )))?
             .into_iter()
             .find(|a| a.name == deploy.artifact)
-            .ok_or_else(|| {
-                format!(
-                    "run {} has no artifact \"{}\" to deploy: the job that declares it did not upload it",
-                    job.run, deploy.artifact
-                )
+            .ok_or_else(|| DeployError::NoArtifact {
+                run: job.run,
+                artifact: deploy.artifact.clone(),
             })?;
         self.check_secrets(deploy, &env.name)?;
         let hex = artifact.manifest.to_string();
@@ -127,15 +127,11 @@ impl Manager {
         Ok((id, request))
     }
 
-    pub(super) fn environment(&self, name: &str) -> Result<EnvironmentRecord, String> {
+    pub(super) fn environment(&self, name: &str) -> Result<EnvironmentRecord, DeployError> {
         self.store
             .environment(name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "no environment {name}: create it with `gantry env create {name} --select KEY=VALUE`, or define it under `environments:` in the pipeline file"
-                )
-            })
+            .map_err(DeployError::store(format!("reading environment {name}")))?
+            .ok_or_else(|| DeployError::NoEnvironment(name.to_owned()))
     }
 
     /// Every secret the deployment names exists and may go to this environment.
@@ -143,29 +139,35 @@ impl Manager {
         &self,
         deploy: &DeploySpec,
         environment: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeployError> {
         let names = hook_secret_names(&deploy.env, &deploy.hooks);
         if names.is_empty() {
             return Ok(());
         }
-        let scopes = self.store.secret_scopes().map_err(|e| e.to_string())?;
+        let scopes = self
+            .store
+            .secret_scopes()
+            .map_err(DeployError::store("reading the secrets' scopes"))?;
         let stored: Vec<String> = self
             .store
             .secrets()
-            .map_err(|e| e.to_string())?
+            .map_err(DeployError::store("listing the secrets"))?
             .into_iter()
             .map(|(n, _)| n)
             .collect();
         for name in &names {
             if !stored.contains(name) {
-                return Err(format!(
-                    "secret {name} does not exist; set it with `gantry secrets set {name} --environment {environment}`"
-                ));
+                return Err(DeployError::NoSecret {
+                    name: name.clone(),
+                    environment: environment.to_owned(),
+                });
             }
             if let Some(scope) = scopes.get(name).filter(|s| *s != environment) {
-                return Err(format!(
-                    "secret {name} is scoped to environment {scope}; a deployment to {environment} may not use it"
-                ));
+                return Err(DeployError::SecretScope {
+                    name: name.clone(),
+                    scope: scope.clone(),
+                    environment: environment.to_owned(),
+                });
             }
         }
         Ok(())
@@ -180,7 +182,7 @@ impl Manager {
         env: &EnvironmentRecord,
         author: &str,
         purpose: Purpose,
-    ) -> Result<Request, String> {
+    ) -> Result<Request, DeployError> {
         let request = Request {
             environment: env.name.clone(),
             author: author.to_owned(),
@@ -191,7 +193,7 @@ impl Manager {
             },
             purpose,
         };
-        self.gates.admit(&request).map_err(|r| r.to_string())?;
+        self.gates.admit(&request)?;
         Ok(request)
     }
 
@@ -211,7 +213,7 @@ impl Manager {
         limits: Limits,
         job: Option<(JobId, Attempt)>,
         detail: &str,
-    ) -> Result<DeploymentRecord, String> {
+    ) -> Result<DeploymentRecord, DeployError> {
         let created_by = request.author.as_str();
         let approvals_needed = request.approvals_needed();
         let wait_ms = request.wait_ms();
@@ -258,7 +260,7 @@ impl Manager {
                 },
                 &audit,
             )
-            .map_err(|e| format!("cannot store the deployment: {e}"))?;
+            .map_err(DeployError::Save)?;
         self.active.insert(record.id, record.clone());
         Ok(record)
     }
@@ -270,50 +272,43 @@ impl Manager {
         now: UnixMillis,
         actor: &str,
         req: &RollbackRequest,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, DeployError> {
         let env = self.environment(&req.environment)?;
         let request = self.admit(&env, actor, Purpose::Rollback)?;
-        let current = env.current.as_ref().ok_or_else(|| {
-            format!(
-                "nothing was deployed to {} yet: nothing to roll back",
-                env.name
-            )
-        })?;
+        let current = env
+            .current
+            .as_ref()
+            .ok_or_else(|| DeployError::NothingDeployed(env.name.clone()))?;
         let target = match &req.to {
             Some(to) => env
                 .history
                 .iter()
                 .find(|r| r.release.id == *to || r.release.version == *to)
-                .ok_or_else(|| {
-                    let known: Vec<&str> =
-                        env.history.iter().map(|r| r.release.id.as_str()).collect();
-                    format!(
-                        "{} never ran release {to}; its releases: {}",
-                        env.name,
-                        known.join(", ")
-                    )
+                .ok_or_else(|| DeployError::UnknownRelease {
+                    environment: env.name.clone(),
+                    release: to.clone(),
+                    known: env.history.iter().map(|r| r.release.id.clone()).collect(),
                 })?,
             None => env
                 .history
                 .iter()
                 .find(|r| r.release.id != current.release.id)
-                .ok_or_else(|| {
-                    format!(
-                        "{} has no release before {} to go back to",
-                        env.name, current.release.id
-                    )
+                .ok_or_else(|| DeployError::NoEarlierRelease {
+                    environment: env.name.clone(),
+                    current: current.release.id.clone(),
                 })?,
         }
         .clone();
         let source = self
             .store
             .deployment(target.deployment)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "deployment {} that installed {} is no longer stored",
-                    target.deployment, target.release.id
-                )
+            .map_err(DeployError::store(format!(
+                "reading deployment {}",
+                target.deployment
+            )))?
+            .ok_or_else(|| DeployError::SourceGone {
+                deployment: target.deployment,
+                release: target.release.id.clone(),
             })?;
         let record = self.create(
             now,
@@ -356,7 +351,7 @@ impl Manager {
         failure_budget: u32,
         timeout_ms: u64,
         binary: &AgentBinary,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, DeployError> {
         let env = upgrades_environment(select.clone());
         let request = self.admit(&env, actor, Purpose::AgentUpgrade)?;
         let short = &binary.sha256[..binary.sha256.len().min(12)];

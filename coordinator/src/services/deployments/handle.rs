@@ -11,6 +11,7 @@ use gantry_protocol::{AdminResponse, AgentId, CoordinatorMessage, DeployResult, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin::refused;
+use super::error::DeployError;
 use super::manager::{AdminOp, DeployInput, Manager};
 use super::targets::Fleet;
 use crate::base::logs::LogStore;
@@ -49,13 +50,13 @@ impl Deployments {
         logs: Arc<LogStore>,
         notifier: Arc<crate::services::notify::Notifier>,
         metrics: Arc<crate::base::metrics::Metrics>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeployError> {
         let mut active = BTreeMap::new();
         let mut recent = Vec::new();
         for record in self
             .store
             .deployments(usize::MAX, false)
-            .map_err(|e| e.to_string())?
+            .map_err(DeployError::store("loading the unfinished deployments"))?
         {
             if record.is_ended() {
                 if recent.len() < 200 {

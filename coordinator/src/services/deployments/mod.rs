@@ -21,6 +21,7 @@
 //! streams work: it reaches hosts through [`Fleet`].
 //!
 //! The files, each importing only the ones above it in this list:
+//! - `error`: [`DeployError`], why a deployment cannot be created or started;
 //! - `record`: what deployments make of the stored record (its gate, its log, its view);
 //! - `spec`: a pipeline file's `deploy:` and `environments:` turned into what the engine
 //!   and the hosts get;
@@ -36,6 +37,7 @@
 
 mod admin;
 mod create;
+mod error;
 mod gating;
 mod handle;
 mod manager;
@@ -44,6 +46,7 @@ mod running;
 mod spec;
 mod targets;
 
+pub use error::DeployError;
 pub use handle::Deployments;
 pub use manager::AdminOp;
 pub use spec::create_file_environments;

@@ -38,7 +38,7 @@ impl Manager {
             Some(select) => upgrades_environment(select),
             None => match self.environment(&env_name) {
                 Ok(env) => env,
-                Err(message) => return self.end_unstarted(now, id, "failed", &message),
+                Err(e) => return self.end_unstarted(now, id, "failed", &e.to_string()),
             },
         };
         let runner = deploy_runner();

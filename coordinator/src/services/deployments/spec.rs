@@ -7,6 +7,7 @@ use gantry_deploy::{Amount, CanaryStep, Pause, Strategy};
 use gantry_pipeline::{DeploySpec, DeployStrategy, HostAmount};
 use gantry_protocol::{AppSpec, Hooks, Labels, UnixMillis};
 
+use super::error::DeployError;
 use crate::store::{AuditEntry, EnvironmentRecord, Store};
 
 fn amount(a: HostAmount) -> Amount {
@@ -116,11 +117,11 @@ pub fn create_file_environments(
     store: &Store,
     pipeline: &gantry_pipeline::Pipeline,
     actor: &str,
-) -> Result<(), String> {
+) -> Result<(), DeployError> {
     for (name, spec) in &pipeline.environments {
         if store
             .environment(name)
-            .map_err(|e| e.to_string())?
+            .map_err(DeployError::store(format!("reading environment {name}")))?
             .is_some()
         {
             continue;
@@ -147,7 +148,7 @@ pub fn create_file_environments(
         // Created meanwhile by someone else: theirs stands.
         let _ = store
             .put_environment(record, false, &audit)
-            .map_err(|e| e.to_string())?;
+            .map_err(DeployError::store(format!("creating environment {name}")))?;
     }
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::base::error::AdminFailure;
 use crate::base::logs::{LogError, LogStore};
 use crate::base::metrics::Metrics;
 use crate::base::sources::SourceStore;
+use crate::services::deployments::DeployError;
 use crate::services::engine::Engine;
 use crate::services::notify::Notifier;
 use crate::store::{JobRecord, RunRecord, Store, StoreError};
@@ -65,7 +66,7 @@ pub enum RunError {
         scope: String,
     },
     #[error("cannot create the pipeline's environments: {0}")]
-    Environments(String),
+    Environments(#[source] DeployError),
     /// A job's log cannot be opened (told to a follower).
     #[error(transparent)]
     Log(#[from] LogError),
