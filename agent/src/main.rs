@@ -113,23 +113,36 @@ struct RunArgs {
 #[derive(Debug, Clone, Copy)]
 struct PeerListen(Option<std::net::SocketAddr>);
 
-fn parse_peer_listen(text: &str) -> Result<PeerListen, String> {
+/// Why an option's value is refused (clap prints it after the option's name).
+#[derive(Debug, thiserror::Error)]
+enum ValueError {
+    #[error("invalid peer address {0:?}: expected IP:PORT (like 0.0.0.0:7444) or off")]
+    PeerAddress(String),
+    #[error("invalid size {0:?}: expected a number then a unit, like 5GiB or 20MB")]
+    SizeNumber(String),
+    #[error("invalid size {0:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB or GB")]
+    SizeUnit(String),
+    #[error("size {0:?} is too large")]
+    SizeTooLarge(String),
+}
+
+fn parse_peer_listen(text: &str) -> Result<PeerListen, ValueError> {
     if text == "off" {
         return Ok(PeerListen(None));
     }
-    text.parse().map(|a| PeerListen(Some(a))).map_err(|_| {
-        format!("invalid peer address {text:?}: expected IP:PORT (like 0.0.0.0:7444) or off")
-    })
+    text.parse()
+        .map(|a| PeerListen(Some(a)))
+        .map_err(|_| ValueError::PeerAddress(text.to_owned()))
 }
 
 /// Parses a size like `5GiB`, `500MiB`, `20MB` or a plain number of bytes.
-fn parse_size(text: &str) -> Result<u64, String> {
+fn parse_size(text: &str) -> Result<u64, ValueError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let n: u64 = number.parse().map_err(|_| {
-        format!("invalid size {text:?}: expected a number then a unit, like 5GiB or 20MB")
-    })?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| ValueError::SizeNumber(text.to_owned()))?;
     let scale: u64 = match unit {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -139,14 +152,10 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "invalid size {text:?}: unit must be B, KiB, MiB, GiB, TiB, KB, MB or GB"
-            ))
-        }
+        _ => return Err(ValueError::SizeUnit(text.to_owned())),
     };
     n.checked_mul(scale)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+        .ok_or_else(|| ValueError::SizeTooLarge(text.to_owned()))
 }
 
 fn main() -> ExitCode {

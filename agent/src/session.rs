@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gantry_certs::Identity;
+use gantry_certs::{Identity, IdentityError};
 use gantry_protocol::{
     limits, AgentHello, AgentId, AgentMessage, CloseCode, CoordinatorMessage, HelloReply, Intent,
     Labels, RefusalReason, UnixMillis, Welcome,
@@ -63,7 +63,7 @@ pub enum RunError {
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error("the enrolled certificate is unreadable: {0}")]
-    Certificate(String),
+    Certificate(#[from] CertificateError),
     #[error("this agent was revoked by the coordinator; enroll it again with a new token")]
     Revoked,
     #[error(transparent)]
@@ -88,6 +88,33 @@ impl RunError {
             Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::base::exit::FAILURE,
         }
     }
+}
+
+/// Why a certificate's PEM cannot be read as one, or its validity found.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error(transparent)]
+    Pem(#[from] gantry_certs::TlsError),
+    #[error(transparent)]
+    Parse(#[from] IdentityError),
+}
+
+/// Why a renewed certificate the coordinator sent is not installed (the agent keeps
+/// the one it has and asks again).
+#[derive(Debug, thiserror::Error)]
+enum RenewalError {
+    #[error("no renewal request is pending")]
+    NotPending,
+    #[error(transparent)]
+    Unreadable(#[from] CertificateError),
+    #[error("it names {0}, not this agent")]
+    NotThisAgent(String),
+    /// The certificate does not go with the pending key (or the CA): building the TLS
+    /// configuration checks that.
+    #[error(transparent)]
+    Tls(gantry_certs::TlsError),
+    #[error(transparent)]
+    Save(#[from] DataDirError),
 }
 
 /// How a failed step should be treated.
@@ -555,20 +582,19 @@ impl Runner {
 
     /// Checks a renewed certificate against the pending key and our identity, writes it
     /// with the key atomically, and uses it from the next connection on.
-    fn install_renewed(&mut self, certificate_pem: &str) -> Result<(), String> {
+    fn install_renewed(&mut self, certificate_pem: &str) -> Result<(), RenewalError> {
         let key_pem = self
             .pending_key
             .as_deref()
-            .ok_or("no renewal request is pending")?;
+            .ok_or(RenewalError::NotPending)?;
         let credentials = Credentials {
             ca_der: self.credentials.ca_der.clone(),
             identity_pem: datadir::identity_pem(certificate_pem, key_pem),
         };
-        let der = credentials.cert_der().map_err(|e| e.to_string())?;
-        match Identity::from_cert_der(&der) {
-            Ok(Identity::Agent(id)) if id == self.agent_id => {}
-            Ok(other) => return Err(format!("it names {}, not this agent", other.uri())),
-            Err(e) => return Err(e.to_string()),
+        let der = credentials.cert_der().map_err(CertificateError::from)?;
+        match Identity::from_cert_der(&der).map_err(CertificateError::from)? {
+            Identity::Agent(id) if id == self.agent_id => {}
+            other => return Err(RenewalError::NotThisAgent(other.uri())),
         }
         // Building the TLS config checks the certificate against the pending key.
         gantry_certs::ClientTls::mutual(
@@ -576,11 +602,9 @@ impl Runner {
             &credentials.identity_pem,
             &credentials.identity_pem,
         )
-        .map_err(|e| e.to_string())?;
-        let (not_before, not_after) = validity(&credentials).map_err(|e| e.to_string())?;
-        self.data_dir
-            .write_identity(&credentials.identity_pem)
-            .map_err(|e| e.to_string())?;
+        .map_err(RenewalError::Tls)?;
+        let (not_before, not_after) = validity(&credentials)?;
+        self.data_dir.write_identity(&credentials.identity_pem)?;
         self.credentials = credentials;
         self.pending_key = None;
         self.renewal.renewed(not_before, not_after);
@@ -631,11 +655,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn validity(credentials: &Credentials) -> Result<(UnixMillis, UnixMillis), RunError> {
-    let der = credentials
-        .cert_der()
-        .map_err(|e| RunError::Certificate(e.to_string()))?;
-    gantry_certs::cert_validity(&der).map_err(|e| RunError::Certificate(e.to_string()))
+fn validity(credentials: &Credentials) -> Result<(UnixMillis, UnixMillis), CertificateError> {
+    let der = credentials.cert_der()?;
+    Ok(gantry_certs::cert_validity(&der)?)
 }
 
 /// Turns SIGTERM and SIGINT into a watch flag every wait in the session can select on.
