@@ -53,6 +53,14 @@ pub enum DeployError {
     /// under way).
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(
+        "no connected host matches environment {environment}'s selector {selector} ({enrolled} enrolled host(s) match; `gantry agents list` shows which are connected)"
+    )]
+    NoHost {
+        environment: String,
+        selector: String,
+        enrolled: usize,
+    },
     #[error("nothing was deployed to {0} yet: nothing to roll back")]
     NothingDeployed(String),
     #[error("{environment} never ran release {release}; its releases: {}", known.join(", "))]

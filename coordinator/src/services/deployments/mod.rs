@@ -25,8 +25,9 @@
 //! - `record`: what deployments make of the stored record (its gate, its log, its view);
 //! - `spec`: a pipeline file's `deploy:` and `environments:` turned into what the engine
 //!   and the hosts get;
-//! - `targets`: the hosts ([`Fleet`]), hostnames told apart, the rules fleet upgrades
-//!   run under, and the environment view with the hosts its selector matches;
+//! - `targets`: the hosts ([`Fleet`]), which of them a deployment starts on, the rules
+//!   fleet upgrades run under, and the environment view with the hosts its selector
+//!   matches;
 //! - `manager`: the task, its inputs, its loop, and its log and persistence helpers;
 //! - `create`: deployments created (from a deploy job, `gantry rollback`, `gantry agents
 //!   upgrade`), asked of the gates before they are numbered;

@@ -1,5 +1,5 @@
-//! A started deployment driven on its hosts: picking the targets and starting the
-//! engine, feeding it events and sending the steps it asks for (with secrets and peers
+//! A started deployment driven on its hosts: starting the engine on the hosts
+//! `targets` picks, feeding it events and sending the steps it asks for (with secrets and peers
 //! filled in at each send), taking the hosts' results, sending in-flight steps again to
 //! a host that reconnects, and ending the deployment (stored with the environment's new
 //! release, reported to its job, told to the gates).
@@ -20,9 +20,7 @@ use super::record::{
     Status,
 };
 use super::spec::hook_secret_names;
-use super::targets::{distinct_names, upgrades_environment};
-use crate::base::labels::labels_text;
-use crate::services::runner::deploy_runner;
+use super::targets::{targets, upgrades_environment};
 
 impl Manager {
     /// Picks the target hosts and starts the engine.
@@ -41,38 +39,10 @@ impl Manager {
                 Err(e) => return self.end_unstarted(now, id, "failed", &e.to_string()),
             },
         };
-        let runner = deploy_runner();
-        let mut targets: Vec<(AgentId, String)> = self
-            .fleet
-            .connected()
-            .into_iter()
-            .filter(|(agent, _, labels)| {
-                *agent != runner && gantry_scheduler::labels_match(labels, &env.select)
-            })
-            .map(|(agent, hostname, _)| (agent, hostname))
-            .collect();
-        targets.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
-        distinct_names(&mut targets);
-        if targets.is_empty() {
-            let enrolled = self.store.agents().map_or(0, |all| {
-                all.iter()
-                    .filter(|a| {
-                        a.revoked_at.is_none()
-                            && gantry_scheduler::labels_match(&a.effective_labels(), &env.select)
-                    })
-                    .count()
-            });
-            return self.end_unstarted(
-                now,
-                id,
-                "failed",
-                &format!(
-                    "no connected host matches environment {}'s selector {} ({enrolled} enrolled host(s) match; `gantry agents list` shows which are connected)",
-                    env.name,
-                    labels_text(&env.select)
-                ),
-            );
-        }
+        let targets = match targets(self.fleet.as_ref(), &self.store, &env) {
+            Ok(targets) => targets,
+            Err(e) => return self.end_unstarted(now, id, "failed", &e.to_string()),
+        };
         let Some(rec) = self.active.get_mut(&id) else {
             return;
         };

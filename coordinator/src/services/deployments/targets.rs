@@ -1,12 +1,15 @@
 //! The hosts as deployments see them: [`Fleet`] (what the manager may ask of the
-//! coordinator's sessions), the rules fleet upgrades run under, hostnames told apart,
-//! and the environment view with the enrolled hosts its selector matches.
+//! coordinator's sessions), the hosts a deployment starts on, the rules fleet upgrades
+//! run under, hostnames told apart, and the environment view with the enrolled hosts
+//! its selector matches.
 
 use std::collections::HashMap;
 
 use gantry_protocol::{AgentId, CoordinatorMessage, EnvironmentView, ExecHost, Labels, UnixMillis};
 
+use super::error::DeployError;
 use super::record::UPGRADES;
+use crate::base::labels::labels_text;
 use crate::services::runner::deploy_runner;
 use crate::store::{EnvironmentRecord, Store};
 
@@ -21,6 +24,43 @@ pub trait Fleet: Send + Sync + 'static {
     fn secrets_for(&self, environment: &str, names: &[String]) -> Labels;
     /// Where a connected host serves peers (`ip:port`), if it does.
     fn peer_address(&self, agent: &AgentId) -> Option<String>;
+}
+
+/// The hosts a deployment to `env` starts on: the connected ones its selector matches
+/// (never the deploy runner), by hostname then id, their names told apart. None is an
+/// error that says how many enrolled hosts match.
+pub(super) fn targets(
+    fleet: &dyn Fleet,
+    store: &Store,
+    env: &EnvironmentRecord,
+) -> Result<Vec<(AgentId, String)>, DeployError> {
+    let runner = deploy_runner();
+    let mut targets: Vec<(AgentId, String)> = fleet
+        .connected()
+        .into_iter()
+        .filter(|(agent, _, labels)| {
+            *agent != runner && gantry_scheduler::labels_match(labels, &env.select)
+        })
+        .map(|(agent, hostname, _)| (agent, hostname))
+        .collect();
+    targets.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    distinct_names(&mut targets);
+    if targets.is_empty() {
+        let enrolled = store.agents().map_or(0, |all| {
+            all.iter()
+                .filter(|a| {
+                    a.revoked_at.is_none()
+                        && gantry_scheduler::labels_match(&a.effective_labels(), &env.select)
+                })
+                .count()
+        });
+        return Err(DeployError::NoHost {
+            environment: env.name.clone(),
+            selector: labels_text(&env.select),
+            enrolled,
+        });
+    }
+    Ok(targets)
 }
 
 /// The rules fleet upgrades run under: no approvals, no wait, any branch.
