@@ -64,7 +64,12 @@ trap 'rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
 : >"$WORK/labels"
 
-need_value() { [ $# -ge 2 ] && [ -n "$2" ] || { usage; die 2 "$1 needs a value"; }; }
+need_value() {
+    if [ $# -lt 2 ] || [ -z "$2" ]; then
+        usage
+        die 2 "$1 needs a value"
+    fi
+}
 while [ $# -gt 0 ]; do
     case $1 in
         --token) need_value "$@"; TOKEN=$2; shift 2 ;;
