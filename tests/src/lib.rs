@@ -193,6 +193,8 @@ pub struct Coordinator {
     /// `ip:port` of the HTTP side, when started with it.
     pub http_address: Option<String>,
     pub server: Option<Proc>,
+    /// Arguments `gantry server` is started with besides `--data-dir`.
+    pub server_args: Vec<String>,
 }
 
 /// Options for [`Coordinator::start_with`].
@@ -234,6 +236,7 @@ impl Coordinator {
             address,
             http_address,
             server: None,
+            server_args: Vec::new(),
         };
         let data_dir = c.data_dir().to_str().expect("utf8").to_owned();
         let address = c.address.clone();
@@ -277,6 +280,7 @@ impl Coordinator {
         let child = Command::new(bin("gantry"))
             .args(["server", "--data-dir"])
             .arg(self.data_dir())
+            .args(&self.server_args)
             // GANTRY_TEST_SERVER_LOG lets a benchmark ask for more, e.g. `debug` for the
             // QUIC path figures logged at the end of each artifact stream.
             .env(

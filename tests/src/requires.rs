@@ -6,10 +6,11 @@
 //!
 //! The extras: a running Docker engine, Debian's `busybox-static` (the Docker tests'
 //! image), `debootstrap` and `cargo-deb` (the packaging tests), Chromium (the dashboard
-//! test), `systemd-analyze` (the unit check). `git/tests/support`'s sshd check follows
-//! the same rule with its own copy of it: `gantry-git` cannot depend on this crate,
-//! which depends on it; so does `gantry-cas`'s test of a refused direct write, which
-//! needs its temporary directory on ext4 or xfs (not tmpfs, not a container's overlay).
+//! test), `systemd-analyze` (the unit check), root to mount a tmpfs (the disk-space
+//! tests). `git/tests/support`'s sshd check follows the same rule with its own copy of
+//! it: `gantry-git` cannot depend on this crate, which depends on it; so does
+//! `gantry-cas`'s test of a refused direct write, which needs its temporary directory on
+//! ext4 or xfs (not tmpfs, not a container's overlay).
 //!
 //! The older per-family switches keep working: `GANTRY_SKIP_DOCKER_TESTS=1` skips a
 //! Docker test whose extras are missing even under `GANTRY_REQUIRE_ALL_TESTS=1`, and

@@ -349,6 +349,19 @@ impl PutStreams {
     }
 }
 
+/// How long a put stream whose sending failed waits for the coordinator's refusal.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+
+/// A put stream's send failed: the coordinator may have refused it mid-stream (a bad
+/// chunk, a full disk) and stopped reading, so its refusal, when it sent one, is the
+/// reason; else the send's own error.
+async fn refusal_or(reader: &mut FrameReader, e: TransferError) -> TransferError {
+    match tokio::time::timeout(REFUSAL_WAIT, reader.recv::<PutReply>()).await {
+        Ok(Ok(Some(PutReply::Refused { message }))) => TransferError::Refused(message),
+        _ => e,
+    }
+}
+
 /// One put stream: compresses and sends what its queue brings, then waits for the
 /// coordinator to say the chunks are durable.
 async fn put_stream(
@@ -389,7 +402,9 @@ async fn put_stream(
         }
         chunks += 1;
         bytes += data_len as u64;
-        writer.send_pieces(&mut pieces).await?;
+        if let Err(e) = writer.send_pieces(&mut pieces).await {
+            return Err(refusal_or(&mut reader, e.into()).await);
+        }
     }
     writer.finish();
     match reader.recv::<PutReply>().await? {

@@ -130,6 +130,10 @@ impl Default for Metrics {
 pub struct Gauges {
     pub agents_connected: u64,
     pub agents_enrolled: u64,
+    /// The data directory's free bytes as last sampled (left out when unknown).
+    pub data_dir_free_bytes: Option<u64>,
+    /// The data directory is at or under its low-space watermark.
+    pub data_dir_low_space: bool,
 }
 
 impl Metrics {
@@ -242,6 +246,20 @@ impl Metrics {
             "gantry_agents_enrolled",
             "Agents enrolled (revoked ones included).",
             gauges.agents_enrolled,
+        );
+        if let Some(free) = gauges.data_dir_free_bytes {
+            gauge(
+                &mut out,
+                "gantry_data_dir_free_bytes",
+                "Free bytes in the data directory's file system, sampled every 5 s.",
+                free,
+            );
+        }
+        gauge(
+            &mut out,
+            "gantry_data_dir_low_space",
+            "1 while the data directory is at or under its low-space watermark (new runs and uploads are refused).",
+            u64::from(gauges.data_dir_low_space),
         );
         gauge(
             &mut out,
@@ -381,7 +399,14 @@ mod tests {
         let text = m.render(Gauges {
             agents_connected: 3,
             agents_enrolled: 4,
+            data_dir_free_bytes: Some(1 << 30),
+            data_dir_low_space: true,
         });
+        assert!(
+            text.contains("gantry_data_dir_free_bytes 1073741824\n"),
+            "{text}"
+        );
+        assert!(text.contains("gantry_data_dir_low_space 1\n"), "{text}");
         assert!(
             text.contains("gantry_job_outcomes_total{outcome=\"succeeded\"} 2\n"),
             "{text}"

@@ -51,6 +51,17 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// The file system's error behind a failed write, if that is what failed.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            Self::Dir { source, .. } | Self::SyncDir { source, .. } => Some(source),
+            Self::Temporary(e) | Self::Write(e) | Self::Sync(e) | Self::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct SourceStore {
     dir: PathBuf,

@@ -22,6 +22,10 @@ pub struct ServerArgs {
     /// Configuration file [default: DATA_DIR/coordinator.toml].
     #[arg(long, env = "GANTRY_COORDINATOR_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Refuse new runs and uploads while the data directory has this much free space or
+    /// less (e.g. `1GiB`; `0` turns it off); `/readyz` and `/metrics` say so.
+    #[arg(long, env = "GANTRY_MIN_FREE_SPACE", default_value = crate::base::disk::DEFAULT_MIN_FREE_SPACE)]
+    pub min_free_space: String,
 }
 
 /// Why the server did not start or stopped, by exit code.
@@ -53,6 +57,9 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
         artifacts: config.artifacts.settings().map_err(setup)?,
         agent_binary: config.agent_binary.as_ref().map(PathBuf::from),
         webhooks: config.webhooks.settings().map_err(setup)?,
+        min_free_space: crate::base::config::parse_bytes(&args.min_free_space)
+            .context("--min-free-space")
+            .map_err(setup)?,
     };
     let read = |p: PathBuf| {
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
@@ -131,9 +138,11 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
     };
     let schedules = tokio::spawn(coordinator.triggers.clone().schedule_loop());
     let collector = tokio::spawn(coordinator.artifacts.clone().collect_periodically());
+    let disk = tokio::spawn(coordinator.disk.clone().sample_periodically());
     listener::serve(coordinator, listener, shutdown_signal()).await;
     schedules.abort();
     collector.abort();
+    disk.abort();
     if let Some(h) = http {
         h.abort();
     }

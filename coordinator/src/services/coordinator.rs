@@ -15,6 +15,7 @@ use gantry_certs::{CertAuthority, RevocationSet};
 use gantry_protocol::{AgentId, CoordinatorMessage, Labels, UnixMillis};
 
 use crate::base::config::{ArtifactSettings, WebhookSettings};
+use crate::base::disk::DiskSpace;
 use crate::base::logs::LogStore;
 use crate::base::metrics::{Gauges, Metrics};
 use crate::base::seal::{SecretError, SecretKey};
@@ -45,6 +46,8 @@ pub struct Settings {
     /// `agent_binary` from `coordinator.toml` (else found next to `gantry`).
     pub agent_binary: Option<PathBuf>,
     pub webhooks: WebhookSettings,
+    /// The data directory's low-space watermark in bytes (`--min-free-space`; 0: off).
+    pub min_free_space: u64,
 }
 
 /// Why the coordinator could not be built.
@@ -73,6 +76,8 @@ pub struct Coordinator {
     pub started_at: Instant,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// The data directory's free space against its watermark.
+    pub disk: Arc<DiskSpace>,
     pub access: Access,
     pub agents: Arc<Agents>,
     pub secrets: Arc<Secrets>,
@@ -113,6 +118,7 @@ impl Coordinator {
             runner: deploy_runner(),
         });
         let metrics = Arc::new(Metrics::default());
+        let disk = Arc::new(DiskSpace::new(data_dir, settings.min_free_space));
         let engine = Engine::start(store.clone(), outbox.clone(), metrics.clone())?;
         let logs = Arc::new(LogStore::new(&data_dir.join("logs")));
         let notifier = Arc::new(Notifier::new(metrics.clone()));
@@ -139,6 +145,7 @@ impl Coordinator {
                 &cas,
                 settings.artifacts.clone(),
                 metrics.clone(),
+                disk.clone(),
             )
             .map_err(|source| StartError::Chunks { dir: cas, source })?,
         );
@@ -150,6 +157,7 @@ impl Coordinator {
             sources.clone(),
             metrics.clone(),
             notifier.clone(),
+            disk.clone(),
         ));
         Ok(Self {
             access: Access::new(
@@ -164,6 +172,7 @@ impl Coordinator {
             started_at: Instant::now(),
             store,
             metrics,
+            disk,
             agents,
             secrets,
             engine,
@@ -181,11 +190,14 @@ impl Coordinator {
         let gauges = Gauges {
             agents_connected: self.agents.connected_count(),
             agents_enrolled: self.store.counts(UnixMillis::now()).map_or(0, |c| c.agents),
+            data_dir_free_bytes: self.disk.free_bytes(),
+            data_dir_low_space: self.disk.check().is_err(),
         };
         self.metrics.render(gauges)
     }
 
-    /// Whether the coordinator can serve: its store answers.
+    /// Whether the coordinator can serve: its store answers (the data directory's space
+    /// is `/readyz`'s other condition, `disk.check()`).
     pub fn ready(&self) -> bool {
         self.store.counts(UnixMillis::now()).is_ok()
     }

@@ -7,7 +7,8 @@
 //! same 10 s.
 //!
 //! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`,
-//! `GET /readyz` (the store answers), `GET /metrics` (Prometheus text format), what
+//! `GET /readyz` (the store answers and the data directory is above its low-space
+//! watermark), `GET /metrics` (Prometheus text format), what
 //! new hosts download (`/install.sh`, `/ca.pem`, `/agent/...`: `distribute.rs`), and
 //! the web dashboard with its API and live streams (`/`, `/api/...`: `dashboard.rs`).
 
@@ -162,10 +163,12 @@ fn route(coord: &Coordinator, req: &Request) -> (u16, String) {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/healthz") => (200, serde_json::json!({ "status": "ok" }).to_string()),
         ("GET", "/readyz") => {
-            if coord.ready() {
-                (200, serde_json::json!({ "status": "ready" }).to_string())
-            } else {
+            if !coord.ready() {
                 (503, error_json("the store does not answer"))
+            } else if let Err(low) = coord.disk.check() {
+                (503, error_json(&low.to_string()))
+            } else {
+                (200, serde_json::json!({ "status": "ready" }).to_string())
             }
         }
         ("GET", "/metrics") => (200, coord.render_metrics()),

@@ -104,14 +104,24 @@ async fn streams(
                 }
                 StreamOpen::FollowRun { run } => me.runs.follow_run(run, &mut writer).await,
                 StreamOpen::UploadSource { bytes } => {
-                    let reply = match me.sources.receive(&mut reader, bytes).await {
+                    let received =
+                        match me.disk.check() {
+                            Err(low) => Err(low.to_string()),
+                            Ok(()) => me.sources.receive(&mut reader, bytes).await.map_err(|e| {
+                                match e.io_error().and_then(|io| {
+                                    me.disk.out_of_space("storing a source tree", io)
+                                }) {
+                                    Some(full) => full.to_string(),
+                                    None => e.to_string(),
+                                }
+                            }),
+                        };
+                    let reply = match received {
                         Ok((source, bytes)) => {
                             me.metrics.source_bytes(bytes);
                             gantry_protocol::SourceStored::Stored { source, bytes }
                         }
-                        Err(e) => gantry_protocol::SourceStored::Refused {
-                            message: e.to_string(),
-                        },
+                        Err(message) => gantry_protocol::SourceStored::Refused { message },
                     };
                     writer.send(&reply).await
                 }

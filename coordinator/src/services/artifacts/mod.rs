@@ -44,6 +44,7 @@ use tokio::sync::RwLock;
 use crate::base::authz::Denied;
 use crate::base::chunks::ChunkStore;
 use crate::base::config::ArtifactSettings;
+use crate::base::disk::{DiskSpace, LowSpace, OutOfSpace};
 use crate::base::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -136,6 +137,12 @@ pub enum StreamError {
     Store(#[from] StoreError),
     #[error("not an artifact stream: {0}")]
     NotArtifactStream(String),
+    /// The data directory is at or under its watermark: no new uploads.
+    #[error(transparent)]
+    LowSpace(#[from] LowSpace),
+    /// A write ran out of space.
+    #[error(transparent)]
+    OutOfSpace(#[from] OutOfSpace),
 }
 
 /// Why an uploaded chunk is refused; the first bad chunk refuses its put stream.
@@ -197,6 +204,9 @@ pub struct Artifacts {
     chunks: ChunkStore,
     settings: ArtifactSettings,
     metrics: Arc<Metrics>,
+    /// Uploads are refused while the data directory is low on space, and a write that
+    /// runs out of it is told as such.
+    disk: Arc<DiskSpace>,
     /// Uploads hold it shared from renaming a pack into place to indexing its chunks;
     /// garbage collection holds it exclusively, so it never deletes a pack about to be
     /// indexed.
@@ -234,8 +244,10 @@ impl Artifacts {
         dir: &std::path::Path,
         settings: ArtifactSettings,
         metrics: Arc<Metrics>,
+        disk: Arc<DiskSpace>,
     ) -> std::io::Result<Self> {
         Ok(Self {
+            disk,
             send_limit: settings_limit(&settings),
             store,
             chunks: ChunkStore::open(dir)?,

@@ -14,6 +14,7 @@ use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::mpsc;
 
 use crate::base::chunks::{stored_check_pieces, PackWriter, SyncedPack};
+use crate::base::disk::OutOfSpace;
 use crate::services::artifacts::frames::{read_ahead, read_ahead_chunk_puts};
 use crate::services::artifacts::scope::JobScope;
 use crate::services::artifacts::{
@@ -39,6 +40,10 @@ impl Artifacts {
         writer: &mut FrameWriter,
         reader: FrameReader,
     ) -> Result<(), StreamError> {
+        if let Err(low) = self.disk.check() {
+            let e = StreamError::LowSpace(low);
+            return Err(refuse(writer, e, |message| UploadReply::Refused { message }).await);
+        }
         let scope = match self.check_writable(peer, grant, target) {
             Ok(scope) => scope,
             Err(e) => {
@@ -209,6 +214,10 @@ impl Artifacts {
         if let Err(e) = self.check_put(peer, connection, session) {
             return Err(refuse(writer, e, |message| PutReply::Refused { message }).await);
         }
+        if let Err(low) = self.disk.check() {
+            let e = StreamError::LowSpace(low);
+            return Err(refuse(writer, e, |message| PutReply::Refused { message }).await);
+        }
         let mut puts = read_ahead_chunk_puts(reader);
         // Each batch's pack is fsynced, renamed into place and indexed while the stream
         // goes on receiving the next ones. Publishing a pack waits for its fsync and then
@@ -226,7 +235,24 @@ impl Artifacts {
             Ok::<(), StreamError>(())
         };
         let receiver = self.receive_batches(peer, &mut puts, writer, to_publish);
-        let ((stored_chunks, stored_bytes), ()) = tokio::try_join!(receiver, publisher)?;
+        let (stored_chunks, stored_bytes) = match tokio::try_join!(receiver, publisher) {
+            Ok((stored, ())) => stored,
+            // A full disk is the uploader's to hear about, not a stream that just ends.
+            Err(e) => match self.out_of_space(&e) {
+                Some(full) => {
+                    tracing::warn!(?peer, "refusing an upload: {full}");
+                    let e = StreamError::OutOfSpace(full);
+                    return Err(refuse(writer, e, |message| PutReply::Refused { message }).await);
+                }
+                // A chunk that could not be written otherwise, refused as it always was.
+                None if matches!(e, StreamError::Chunk(ChunkRefused::Write { .. })) => {
+                    self.metrics.chunk_refused();
+                    tracing::warn!(?peer, "refusing an upload: {e}");
+                    return Err(refuse(writer, e, |message| PutReply::Refused { message }).await);
+                }
+                None => return Err(e),
+            },
+        };
         self.metrics.artifact_bytes_received(stored_bytes);
         writer
             .send(&PutReply::Stored {
@@ -294,6 +320,10 @@ impl Artifacts {
                             rows.push((digest, record));
                         }
                     }
+                    Err(refused @ ChunkRefused::Write { .. }) => {
+                        // Told by `put_chunks`, which names a full disk as such.
+                        return Err(StreamError::Chunk(refused));
+                    }
                     Err(refused) => {
                         self.metrics.chunk_refused();
                         tracing::warn!(?peer, "refusing an upload: {refused}");
@@ -323,6 +353,18 @@ impl Artifacts {
             }
         }
         Ok((stored_chunks, stored_bytes))
+    }
+
+    /// A failed write into the chunk store that ran out of space, named as such.
+    fn out_of_space(&self, e: &StreamError) -> Option<OutOfSpace> {
+        let (what, source) = match e {
+            StreamError::PackStart(source) => ("starting a pack of chunks", source),
+            StreamError::PackSync(source) => ("syncing a pack of chunks", source),
+            StreamError::PackPublish(source) => ("storing a pack of chunks", source),
+            StreamError::Chunk(ChunkRefused::Write { source, .. }) => ("writing a chunk", source),
+            _ => return None,
+        };
+        self.disk.out_of_space(what, source)
     }
 
     /// Waits for a pack's fsync, then renames it into place and indexes its chunks, pinned

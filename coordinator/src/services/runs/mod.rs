@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use gantry_protocol::{AdminErrorKind, JobId, JobView, RunId, RunView};
 
+use crate::base::disk::{DiskSpace, LowSpace};
 use crate::base::error::AdminFailure;
 use crate::base::logs::{LogError, LogStore};
 use crate::base::metrics::Metrics;
@@ -72,13 +73,16 @@ pub enum RunError {
     Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The data directory is at or under its watermark: no new runs.
+    #[error(transparent)]
+    LowSpace(#[from] LowSpace),
 }
 
 impl AdminFailure for RunError {
     fn kind(&self) -> AdminErrorKind {
         match self {
             Self::NoRun(_) | Self::NoJob(_) => AdminErrorKind::NotFound,
-            Self::Environments(_) | Self::Store(_) => AdminErrorKind::Internal,
+            Self::Environments(_) | Self::Store(_) | Self::LowSpace(_) => AdminErrorKind::Internal,
             // A log that cannot be opened included, as a follower has always been told it.
             _ => AdminErrorKind::InvalidInput,
         }
@@ -95,6 +99,8 @@ pub struct Runs {
     metrics: Arc<Metrics>,
     /// Runs started go out as notifications.
     notifier: Arc<Notifier>,
+    /// New runs are refused while the data directory is low on space.
+    disk: Arc<DiskSpace>,
 }
 
 impl Runs {
@@ -105,6 +111,7 @@ impl Runs {
         sources: Arc<SourceStore>,
         metrics: Arc<Metrics>,
         notifier: Arc<Notifier>,
+        disk: Arc<DiskSpace>,
     ) -> Self {
         Self {
             store,
@@ -113,6 +120,7 @@ impl Runs {
             sources,
             metrics,
             notifier,
+            disk,
         }
     }
 

@@ -37,6 +37,7 @@ impl Runs {
 
     /// Checks and stores a run, then hands it to the engine.
     pub fn submit(&self, cx: &Acting<'_>, submit: &SubmitRun) -> Result<RunView, RunError> {
+        self.disk.check()?;
         let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)?;
         for name in submit.inputs.keys() {
             if !pipeline.triggers.inputs.contains_key(name) {
