@@ -133,6 +133,31 @@ impl Deployment {
         self.hosts.iter().position(|h| &h.agent == host)
     }
 
+    /// The index of `host` when its `what` report is awaited (`awaiting` holds for its
+    /// state); otherwise logs why the report is ignored and gives `None`.
+    fn awaited_report(
+        &self,
+        host: &AgentId,
+        what: &str,
+        out: &mut Vec<Command>,
+        awaiting: impl Fn(&HostState) -> bool,
+    ) -> Option<usize> {
+        let Some(i) = self.index(host) else {
+            out.push(log(format!(
+                "ignored a {what} report from {host}, not a target"
+            )));
+            return None;
+        };
+        if !awaiting(&self.hosts[i].state) {
+            out.push(log(format!(
+                "ignored a late {what} report from {host} ({})",
+                self.hosts[i].state.name()
+            )));
+            return None;
+        }
+        Some(i)
+    }
+
     fn set_host(&mut self, i: usize, state: HostState, now: UnixMillis, out: &mut Vec<Command>) {
         let host = &mut self.hosts[i];
         if state.is_terminal() || matches!(state, HostState::Active) {
@@ -216,19 +241,11 @@ impl Deployment {
         result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
-        let Some(i) = self.index(host) else {
-            out.push(log(format!(
-                "ignored a staging report from {host}, not a target"
-            )));
+        let Some(i) = self.awaited_report(host, "staging", out, |s| {
+            matches!(s, HostState::Staging { .. })
+        }) else {
             return;
         };
-        if !matches!(self.hosts[i].state, HostState::Staging { .. }) {
-            out.push(log(format!(
-                "ignored a late staging report from {host} ({})",
-                self.hosts[i].state.name()
-            )));
-            return;
-        }
         match result {
             Ok(()) => {
                 self.hosts[i].staged_at = Some(now);
@@ -326,19 +343,11 @@ impl Deployment {
         result: Result<(), StepError>,
         out: &mut Vec<Command>,
     ) {
-        let Some(i) = self.index(host) else {
-            out.push(log(format!(
-                "ignored a switch report from {host}, not a target"
-            )));
+        let Some(i) = self.awaited_report(host, "switch", out, |s| {
+            matches!(s, HostState::Activating { .. })
+        }) else {
             return;
         };
-        if !matches!(self.hosts[i].state, HostState::Activating { .. }) {
-            out.push(log(format!(
-                "ignored a late switch report from {host} ({})",
-                self.hosts[i].state.name()
-            )));
-            return;
-        }
         match result {
             Ok(()) => {
                 self.hosts[i].activated_at = Some(now);
