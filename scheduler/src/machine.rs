@@ -95,6 +95,20 @@ struct AgentEntry {
     listed_free: usize,
 }
 
+impl AgentEntry {
+    /// An agent with these labels and slots, no session, no held jobs, not draining.
+    fn new(labels: Labels, slots: u32) -> Self {
+        AgentEntry {
+            labels,
+            slots,
+            sessions: 0,
+            held: BTreeSet::new(),
+            draining: false,
+            listed_free: 0,
+        }
+    }
+}
+
 /// Everything the scheduler knows, in a form that serializes with any serde format
 /// (maps keyed by structs are flattened to lists). Restore it with `Scheduler::restore`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -422,17 +436,7 @@ impl Scheduler {
             ..Self::default()
         };
         for (id, labels, slots) in snapshot.agents {
-            scheduler.agents.insert(
-                id,
-                AgentEntry {
-                    labels,
-                    slots,
-                    sessions: 0,
-                    held: BTreeSet::new(),
-                    draining: false,
-                    listed_free: 0,
-                },
-            );
+            scheduler.agents.insert(id, AgentEntry::new(labels, slots));
         }
         for mut run in snapshot.runs {
             for job in run.jobs.values_mut() {
@@ -465,14 +469,7 @@ impl Scheduler {
                     scheduler
                         .agents
                         .entry(agent.clone())
-                        .or_insert_with(|| AgentEntry {
-                            labels: Labels::new(),
-                            slots: 0,
-                            sessions: 0,
-                            held: BTreeSet::new(),
-                            draining: false,
-                            listed_free: 0,
-                        })
+                        .or_insert_with(|| AgentEntry::new(Labels::new(), 0))
                         .held
                         .insert(id);
                 }
@@ -715,14 +712,7 @@ impl Scheduler {
         let entry = self
             .agents
             .entry(agent.clone())
-            .or_insert_with(|| AgentEntry {
-                labels: Labels::new(),
-                slots: 0,
-                sessions: 0,
-                held: BTreeSet::new(),
-                draining: false,
-                listed_free: 0,
-            });
+            .or_insert_with(|| AgentEntry::new(Labels::new(), 0));
         entry.labels = labels;
         entry.slots = slots;
         entry.sessions = entry.sessions.saturating_add(1);
