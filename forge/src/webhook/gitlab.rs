@@ -12,7 +12,7 @@
 use serde::Deserialize;
 
 use super::read::{
-    display_text, keep_url, label_names, push_kind, Ctx, Delivery, PushCommit, WebhookError,
+    display_text, label_names, push_kind, Ctx, Delivery, PushCommit, RepoFields, WebhookError,
 };
 use crate::types::{quote, EventKind, PullRequest, PullRequestAction, RepoIdentity};
 
@@ -96,19 +96,14 @@ fn identity(
     project: Option<Project>,
     field: &str,
 ) -> Result<RepoIdentity, WebhookError> {
-    let project = project.ok_or_else(|| ctx.malformed(format!("{field} is missing")))?;
-    Ok(RepoIdentity {
-        full_name: ctx.name(
-            project.path_with_namespace,
-            &format!("{field}.path_with_namespace"),
-        )?,
-        id: project.id,
-        clone_urls: [project.git_http_url, project.git_ssh_url]
-            .into_iter()
-            .filter_map(keep_url)
-            .collect(),
-        web_url: keep_url(project.web_url),
-    })
+    let fields = project.map(|p| RepoFields {
+        name_field: "path_with_namespace",
+        full_name: p.path_with_namespace,
+        id: p.id,
+        clone_urls: [p.git_http_url, p.git_ssh_url],
+        web_url: p.web_url,
+    });
+    ctx.identity(fields, field)
 }
 
 pub(super) fn push(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookError> {

@@ -15,7 +15,7 @@
 use serde::Deserialize;
 
 use super::read::{
-    display_text, keep_url, label_names, push_kind, Ctx, Delivery, PushCommit, WebhookError,
+    display_text, label_names, push_kind, Ctx, Delivery, PushCommit, RepoFields, WebhookError,
 };
 use crate::types::{EventKind, Forge, GitRef, PullRequest, PullRequestAction, RepoIdentity};
 
@@ -118,16 +118,14 @@ pub(super) fn peek_repository(forge: Forge, body: &[u8]) -> Result<RepoIdentity,
 }
 
 fn identity(ctx: &Ctx, repo: Option<Repo>, field: &str) -> Result<RepoIdentity, WebhookError> {
-    let repo = repo.ok_or_else(|| ctx.malformed(format!("{field} is missing")))?;
-    Ok(RepoIdentity {
-        full_name: ctx.name(repo.full_name, &format!("{field}.full_name"))?,
-        id: repo.id,
-        clone_urls: [repo.clone_url, repo.ssh_url]
-            .into_iter()
-            .filter_map(keep_url)
-            .collect(),
-        web_url: keep_url(repo.html_url),
-    })
+    let fields = repo.map(|r| RepoFields {
+        name_field: "full_name",
+        full_name: r.full_name,
+        id: r.id,
+        clone_urls: [r.clone_url, r.ssh_url],
+        web_url: r.html_url,
+    });
+    ctx.identity(fields, field)
 }
 
 fn actor(ctx: &Ctx, sender: Option<User>, fallback: Option<User>) -> Result<String, WebhookError> {

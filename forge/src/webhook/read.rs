@@ -191,6 +191,34 @@ impl Ctx {
     }
 }
 
+/// A payload's repository object, whatever the forge calls its fields.
+pub(crate) struct RepoFields {
+    /// The forge's name of the full-name field, for the error that names it.
+    pub name_field: &'static str,
+    pub full_name: Option<String>,
+    pub id: Option<u64>,
+    /// HTTP(S) and SSH.
+    pub clone_urls: [Option<String>; 2],
+    pub web_url: Option<String>,
+}
+
+impl Ctx {
+    /// The identity of the required repository object at `field`.
+    pub fn identity(
+        &self,
+        repo: Option<RepoFields>,
+        field: &str,
+    ) -> Result<RepoIdentity, WebhookError> {
+        let repo = repo.ok_or_else(|| self.malformed(format!("{field} is missing")))?;
+        Ok(RepoIdentity {
+            full_name: self.name(repo.full_name, &format!("{field}.{}", repo.name_field))?,
+            id: repo.id,
+            clone_urls: repo.clone_urls.into_iter().filter_map(keep_url).collect(),
+            web_url: keep_url(repo.web_url),
+        })
+    }
+}
+
 /// A URL worth keeping from a payload, or nothing.
 pub(crate) fn keep_url(value: Option<String>) -> Option<String> {
     value.filter(|u| {
