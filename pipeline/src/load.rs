@@ -356,9 +356,14 @@ pub(crate) fn is_label_key(key: &str) -> bool {
 }
 
 pub(crate) fn is_job_key(key: &str) -> bool {
-    (1..=100).contains(&key.len())
-        && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && key
+    is_identifier(key, 100)
+}
+
+/// 1 to `max_len` letters, digits, `_` and `-`, starting with a letter or `_`.
+pub(crate) fn is_identifier(name: &str, max_len: usize) -> bool {
+    (1..=max_len).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
@@ -373,21 +378,39 @@ pub(crate) struct Text {
 pub(crate) type KeyedTexts = Vec<(String, Text)>;
 
 pub(crate) fn env_map(ctx: &mut Ctx, node: &Node, what: &str) -> KeyedTexts {
+    let listed = entries(ctx, node, what);
+    keyed_texts(
+        ctx,
+        listed,
+        |name| {
+            (!is_env_name(name)).then(|| format!("environment variable name \"{name}\" must be letters, digits and _, not starting with a digit"))
+        },
+        |ctx, name, value| {
+            if value.is_null() {
+                Some(String::new())
+            } else {
+                string(ctx, value, &format!("the value of {name}"))
+            }
+        },
+    )
+}
+
+/// The texts of map entries whose names pass: `name_problem` says what is wrong with a
+/// name (an error at its key, the entry dropped), `text` reads a value (`None`: dropped,
+/// its error given).
+pub(crate) fn keyed_texts(
+    ctx: &mut Ctx,
+    listed: Vec<(String, &Node, &Node)>,
+    name_problem: impl Fn(&str) -> Option<String>,
+    text: impl Fn(&mut Ctx, &str, &Node) -> Option<String>,
+) -> KeyedTexts {
     let mut out = Vec::new();
-    for (name, key, value) in entries(ctx, node, what) {
-        if !is_env_name(&name) {
-            ctx.error(
-                key.pos,
-                format!("environment variable name \"{name}\" must be letters, digits and _, not starting with a digit"),
-            );
+    for (name, key, value) in listed {
+        if let Some(problem) = name_problem(&name) {
+            ctx.error(key.pos, problem);
             continue;
         }
-        let text = if value.is_null() {
-            Some(String::new())
-        } else {
-            string(ctx, value, &format!("the value of {name}"))
-        };
-        if let Some(text) = text {
+        if let Some(text) = text(ctx, &name, value) {
             out.push((
                 name,
                 Text {

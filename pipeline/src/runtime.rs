@@ -14,7 +14,8 @@ use gantry_protocol::{
 use crate::deploy::environment_name_problem;
 use crate::inputs::InputType;
 use crate::load::{
-    boolean, entries, env_map, fields, parse_duration, scalar, string, string_list, Ctx, Text,
+    boolean, entries, env_map, fields, is_identifier, keyed_texts, parse_duration, scalar, string,
+    string_list, Ctx, Text,
 };
 use crate::model::{Concurrency, JobEnvironment};
 use crate::outputs::{path_problem, MAX_OUTPUT_PATHS};
@@ -615,11 +616,7 @@ pub(crate) fn load_concurrency(ctx: &mut Ctx, node: &Node) -> Option<(Concurrenc
 
 /// An output name: letters, digits, `_` and `-`, starting with a letter or `_`.
 pub fn is_output_name(name: &str) -> bool {
-    (1..=MAX_OUTPUT_NAME_LEN).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    is_identifier(name, MAX_OUTPUT_NAME_LEN)
 }
 
 /// `outputs:`: name to a template.
@@ -635,23 +632,14 @@ pub(crate) fn load_outputs(ctx: &mut Ctx, node: &Node) -> Vec<(String, Text)> {
         );
         return Vec::new();
     }
-    let mut out = Vec::new();
-    for (name, key, value) in listed {
-        if !is_output_name(&name) {
-            ctx.error(key.pos, format!("output name \"{name}\" must be 1 to {MAX_OUTPUT_NAME_LEN} letters, digits, _ and -, starting with a letter or _"));
-            continue;
-        }
-        if let Some(text) = string(ctx, value, &format!("output {name}")) {
-            out.push((
-                name,
-                Text {
-                    value: text,
-                    pos: value.pos,
-                },
-            ));
-        }
-    }
-    out
+    keyed_texts(
+        ctx,
+        listed,
+        |name| {
+            (!is_output_name(name)).then(|| format!("output name \"{name}\" must be 1 to {MAX_OUTPUT_NAME_LEN} letters, digits, _ and -, starting with a letter or _"))
+        },
+        |ctx, name, value| string(ctx, value, &format!("output {name}")),
+    )
 }
 
 #[cfg(test)]
