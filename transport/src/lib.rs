@@ -135,6 +135,18 @@ impl Profile {
 }
 
 /// The QUIC transport parameters of a connection for `profile`; see [`limits`] for why.
+/// A QUIC client configuration from a TLS one, with the transport settings of `profile`.
+fn client_config(
+    tls: rustls::ClientConfig,
+    profile: Profile,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Endpoint(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(profile)));
+    Ok(config)
+}
+
 fn transport_config(profile: Profile) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(limits::MAX_BIDI_STREAMS.into());
@@ -533,10 +545,7 @@ impl Dialer {
         ipv6: bool,
         profile: Profile,
     ) -> Result<Self, TransportError> {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(profile)));
+        let config = client_config(tls, profile)?;
         let bind: SocketAddr = if ipv6 {
             "[::]:0".parse()
         } else {
@@ -579,10 +588,7 @@ impl Dialer {
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(self.profile)));
+        let config = client_config(tls, self.profile)?;
         self.dial(config, address, deadline).await
     }
 
@@ -594,10 +600,7 @@ impl Dialer {
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-            .map_err(|e| TransportError::Endpoint(e.to_string()))?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport_config(self.profile)));
+        let config = client_config(tls, self.profile)?;
         self.dial_named(
             config,
             address,
