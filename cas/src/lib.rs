@@ -45,6 +45,6 @@ pub use extract::{
 };
 pub use gantry_protocol::{Digest, DigestParseError, DIGEST_PREFIX};
 pub use manifest::{
-    ChunkRef, Entry, EntryKind, Manifest, MANIFEST_VERSION, MAX_COMPONENT_BYTES, MAX_ENTRIES,
-    MAX_MANIFEST_BYTES, MAX_PATH_BYTES, MAX_TOTAL_SIZE,
+    check_symlink_target, ChunkRef, Entry, EntryKind, Manifest, MANIFEST_VERSION,
+    MAX_COMPONENT_BYTES, MAX_ENTRIES, MAX_MANIFEST_BYTES, MAX_PATH_BYTES, MAX_TOTAL_SIZE,
 };

@@ -305,29 +305,45 @@ pub(crate) fn check_path(path: &str) -> Result<(), PathProblem> {
     Ok(())
 }
 
-/// Resolves `target` lexically from the directory holding the link at `path` and
-/// refuses it if it leaves the tree's root.
-///
-/// Lexical resolution is only sound if no `..` follows a component that is itself a
-/// symlink (`up -> ..` then `x -> up/..` resolves to `.` lexically but to the root's
-/// parent on disk), so that case is refused too. Every link in a chain is checked on
-/// its own, so a link to another link inside the tree is fine.
 fn check_symlink(
     path: &str,
     target: &str,
     kinds: &HashMap<&str, &EntryKind>,
 ) -> Result<(), SymlinkProblem> {
+    check_symlink_target(
+        path,
+        target,
+        |resolved| matches!(kinds.get(resolved), Some(EntryKind::Symlink { .. })),
+        |_| Ok(()),
+    )
+}
+
+/// Resolves `target` lexically from the directory holding the link at `path` and
+/// refuses it if it leaves the tree's root. `is_symlink` says whether a path in the
+/// tree is a link; `check_name` may refuse a component of the target (before it is
+/// followed) with a problem of the caller's own.
+///
+/// Lexical resolution is only sound if no `..` follows a component that is itself a
+/// symlink (`up -> ..` then `x -> up/..` resolves to `.` lexically but to the root's
+/// parent on disk), so that case is refused too. Every link in a chain is checked on
+/// its own, so a link to another link inside the tree is fine.
+pub fn check_symlink_target<E: From<SymlinkProblem>>(
+    path: &str,
+    target: &str,
+    is_symlink: impl Fn(&str) -> bool,
+    check_name: impl Fn(&str) -> Result<(), E>,
+) -> Result<(), E> {
     if target.is_empty() {
-        return Err(SymlinkProblem::Empty);
+        return Err(SymlinkProblem::Empty.into());
     }
     if target.contains('\0') {
-        return Err(SymlinkProblem::Nul);
+        return Err(SymlinkProblem::Nul.into());
     }
     if target.starts_with('/') {
-        return Err(SymlinkProblem::Absolute);
+        return Err(SymlinkProblem::Absolute.into());
     }
     if target.len() > MAX_PATH_BYTES {
-        return Err(SymlinkProblem::TooLong);
+        return Err(SymlinkProblem::TooLong.into());
     }
     let mut resolved: Vec<&str> = path.split('/').collect();
     resolved.pop();
@@ -337,18 +353,16 @@ fn check_symlink(
             "" | "." => {}
             ".." => {
                 if through_symlink {
-                    return Err(SymlinkProblem::DotDotAfterSymlink);
+                    return Err(SymlinkProblem::DotDotAfterSymlink.into());
                 }
                 if resolved.pop().is_none() {
-                    return Err(SymlinkProblem::Escapes);
+                    return Err(SymlinkProblem::Escapes.into());
                 }
             }
             name => {
+                check_name(name)?;
                 resolved.push(name);
-                if matches!(
-                    kinds.get(resolved.join("/").as_str()),
-                    Some(EntryKind::Symlink { .. })
-                ) {
+                if is_symlink(&resolved.join("/")) {
                     through_symlink = true;
                 }
             }

@@ -756,44 +756,42 @@ fn symlink_problem(
     target: &str,
     link_paths: &std::collections::HashSet<String>,
 ) -> Option<&'static str> {
-    if target.is_empty() {
-        return Some("the target is empty");
-    }
-    if target.contains('\0') {
-        return Some("the target contains a NUL byte");
-    }
-    if target.starts_with('/') {
-        return Some("the target is absolute, outside the workspace");
-    }
-    if target.len() > gantry_cas::MAX_PATH_BYTES {
-        return Some("the target is too long");
-    }
-    let mut resolved: Vec<&str> = path.split('/').collect();
-    resolved.pop();
-    let mut through_symlink = false;
-    for component in target.split('/') {
-        match component {
-            "" | "." => {}
-            ".." => {
-                if through_symlink {
-                    return Some("the target goes through another symlink and then `..`, which cannot be checked");
-                }
-                if resolved.pop().is_none() {
-                    return Some("the target leaves the workspace");
-                }
+    use gantry_cas::SymlinkProblem as P;
+    let checked = gantry_cas::check_symlink_target(
+        path,
+        target,
+        |resolved| link_paths.contains(resolved),
+        |name| {
+            if is_dot_git(name) {
+                Err(LinkProblem::IntoDotGit)
+            } else {
+                Ok(())
             }
-            name => {
-                if is_dot_git(name) {
-                    return Some("the target points into `.git`");
-                }
-                resolved.push(name);
-                if link_paths.contains(&resolved.join("/")) {
-                    through_symlink = true;
-                }
-            }
+        },
+    );
+    Some(match checked.err()? {
+        LinkProblem::IntoDotGit => "the target points into `.git`",
+        LinkProblem::Cas(P::Empty) => "the target is empty",
+        LinkProblem::Cas(P::Nul) => "the target contains a NUL byte",
+        LinkProblem::Cas(P::Absolute) => "the target is absolute, outside the workspace",
+        LinkProblem::Cas(P::TooLong) => "the target is too long",
+        LinkProblem::Cas(P::DotDotAfterSymlink) => {
+            "the target goes through another symlink and then `..`, which cannot be checked"
         }
+        LinkProblem::Cas(P::Escapes) => "the target leaves the workspace",
+    })
+}
+
+/// A symlink target refused by `gantry_cas`'s rules, or by the workspace's own: no `.git`.
+enum LinkProblem {
+    Cas(gantry_cas::SymlinkProblem),
+    IntoDotGit,
+}
+
+impl From<gantry_cas::SymlinkProblem> for LinkProblem {
+    fn from(problem: gantry_cas::SymlinkProblem) -> Self {
+        LinkProblem::Cas(problem)
     }
-    None
 }
 
 #[cfg(test)]
