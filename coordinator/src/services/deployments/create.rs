@@ -324,18 +324,15 @@ impl Manager {
             None,
             &format!("rollback from={}", current.release.id),
         )?;
-        let id = record.id;
-        self.log(
-            id,
+        Ok(self.start_requested(
             now,
-            None,
+            record.id,
+            request,
             format!(
                 "rollback of {} from {} to {} requested by {actor}",
                 env.name, current.release.id, target.release.id
             ),
-        );
-        self.request(now, id, request);
-        Ok(id)
+        ))
     }
 
     /// `gantry agents upgrade`: the agent binary to the matching agents, in waves of
@@ -393,19 +390,24 @@ impl Manager {
             None,
             &format!("agent upgrade select={select:?} sha256={}", binary.sha256),
         )?;
-        let id = record.id;
-        self.log(
-            id,
+        Ok(self.start_requested(
             now,
-            None,
+            record.id,
+            request,
             format!(
                 "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
                 binary.version,
                 labels_text(select),
                 batch.max(1)
             ),
-        );
+        ))
+    }
+
+    /// A deployment an operator asked for, just stored: logs `what` on it, then feeds its
+    /// request to the gates. Gives its id.
+    fn start_requested(&mut self, now: UnixMillis, id: u64, request: Request, what: String) -> u64 {
+        self.log(id, now, None, what);
         self.request(now, id, request);
-        Ok(id)
+        id
     }
 }
