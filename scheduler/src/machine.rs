@@ -991,25 +991,30 @@ impl Scheduler {
 
     /// A failure (exit code or timeout): re-queue while `retry` allows, else fail.
     fn retry_or_fail(&mut self, job: JobId, reason: FailReason, out: &mut Vec<Command>) {
-        let Some(entry) = self.job_mut(job) else {
-            return;
-        };
-        if entry.failures < entry.plan.retry {
-            entry.failures += 1;
-            self.set_state(job, JobState::Queued, out);
-        } else {
-            self.set_state(job, JobState::Failed { reason }, out);
-        }
+        self.requeue_within(job, reason, out, |e| (&mut e.failures, e.plan.retry));
     }
 
     /// An infrastructure failure (lost lease, rejection): re-queue while
     /// `infra_retries` allows, else fail with `reason`.
     fn infra_retry_or(&mut self, job: JobId, reason: FailReason, out: &mut Vec<Command>) {
+        self.requeue_within(job, reason, out, |e| (&mut e.losses, e.plan.infra_retries));
+    }
+
+    /// Re-queues `job`, counting the try, while the count `budget` picks (tries used, tries
+    /// allowed) has room; else fails it with `reason`.
+    fn requeue_within(
+        &mut self,
+        job: JobId,
+        reason: FailReason,
+        out: &mut Vec<Command>,
+        budget: fn(&mut JobEntry) -> (&mut u32, u32),
+    ) {
         let Some(entry) = self.job_mut(job) else {
             return;
         };
-        if entry.losses < entry.plan.infra_retries {
-            entry.losses += 1;
+        let (used, allowed) = budget(entry);
+        if *used < allowed {
+            *used += 1;
             self.set_state(job, JobState::Queued, out);
         } else {
             self.set_state(job, JobState::Failed { reason }, out);
