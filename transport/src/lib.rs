@@ -78,6 +78,14 @@ impl TransportError {
     }
 }
 
+/// The framed halves of a bidirectional stream quinn opened or accepted.
+fn framed(
+    stream: Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>,
+) -> Result<(FrameWriter, FrameReader), TransportError> {
+    let (send, recv) = stream.map_err(|e| from_connection_error(&e))?;
+    Ok((FrameWriter::new(send), FrameReader::new(recv)))
+}
+
 fn from_connection_error(err: &quinn::ConnectionError) -> TransportError {
     match err {
         quinn::ConnectionError::ApplicationClosed(close) => {
@@ -427,12 +435,7 @@ impl Connection {
 
     /// Opens the control stream (client side).
     pub async fn open_control(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
-        let (send, recv) = self
-            .0
-            .open_bi()
-            .await
-            .map_err(|e| from_connection_error(&e))?;
-        Ok((FrameWriter::new(send), FrameReader::new(recv)))
+        framed(self.0.open_bi().await)
     }
 
     /// Opens another bidirectional stream (logs, follows); its first frame says what it is.
@@ -442,12 +445,7 @@ impl Connection {
 
     /// Waits for the peer to open another bidirectional stream; `Err` once the connection ends.
     pub async fn accept_stream(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
-        let (send, recv) = self
-            .0
-            .accept_bi()
-            .await
-            .map_err(|e| from_connection_error(&e))?;
-        Ok((FrameWriter::new(send), FrameReader::new(recv)))
+        framed(self.0.accept_bi().await)
     }
 
     /// Accepts the control stream the client opens (server side), within `deadline`.
@@ -456,8 +454,7 @@ impl Connection {
         deadline: Duration,
     ) -> Result<(FrameWriter, FrameReader), TransportError> {
         match tokio::time::timeout(deadline, self.0.accept_bi()).await {
-            Ok(Ok((send, recv))) => Ok((FrameWriter::new(send), FrameReader::new(recv))),
-            Ok(Err(e)) => Err(from_connection_error(&e)),
+            Ok(stream) => framed(stream),
             Err(_) => Err(TransportError::Timeout {
                 what: "the control stream",
                 after: deadline,
