@@ -19,10 +19,11 @@ const FRAMES: usize = 40;
 const FRAME_PAYLOAD: usize = 192 * 1024;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-#[tokio::test]
-async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black_hole() {
+/// A coordinator's listener (bulk limits, as `gantry server` binds it) on a loopback port,
+/// with the CA that issued its certificate and the address to dial.
+fn coordinator_listener(ca_name: &str) -> (CertAuthority, Listener, String) {
     let now = SystemTime::now();
-    let ca = CertAuthority::create("bulk test CA", now).expect("CA");
+    let ca = CertAuthority::create(ca_name, now).expect("CA");
     let (cert, key) = ca.issue_coordinator(&[], now).expect("coordinator cert");
     let tls = ServerTls::config(ca.cert_der(), &cert.pem, &key, RevocationSet::default())
         .expect("server tls");
@@ -33,6 +34,12 @@ async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black
     )
     .expect("bind");
     let address = listener.local_addr().expect("local addr").to_string();
+    (ca, listener, address)
+}
+
+#[tokio::test]
+async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black_hole() {
+    let (ca, listener, address) = coordinator_listener("bulk test CA");
 
     // The receiver counts payload bytes until the sender finishes its stream, answers
     // with the count, and holds the connection until the sender closes it.
@@ -100,18 +107,7 @@ async fn a_bulk_transfer_on_loopback_keeps_the_discovered_mtu_and_finds_no_black
 /// (docs/decisions/0086-fleet-scale-transport.md).
 #[tokio::test]
 async fn a_control_connection_keeps_small_packets_both_ways_against_a_bulk_listener() {
-    let now = SystemTime::now();
-    let ca = CertAuthority::create("control test CA", now).expect("CA");
-    let (cert, key) = ca.issue_coordinator(&[], now).expect("coordinator cert");
-    let tls = ServerTls::config(ca.cert_der(), &cert.pem, &key, RevocationSet::default())
-        .expect("server tls");
-    let listener = Listener::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        tls,
-        &gantry_certs::random_bytes::<32>(),
-    )
-    .expect("bind");
-    let address = listener.local_addr().expect("local addr").to_string();
+    let (ca, listener, address) = coordinator_listener("control test CA");
     // Each side sends 2 MiB and reads what the other sent, then reports its own path.
     let exchange = |conn: gantry_transport::Connection, opens: bool| async move {
         let (mut writer, mut reader) = if opens {
