@@ -55,6 +55,31 @@ impl Fixture {
         ObjectId::from_hex(&head).expect("id")
     }
 
+    /// Serves a repository `lib` beside the app (one commit, `lib.txt`), adds it to the
+    /// app as the submodule `vendor/lib` with a relative URL, and pushes: the served
+    /// lib, its head and the app's new head.
+    fn push_with_a_submodule(&self) -> (ServedRepo, String, ObjectId) {
+        let root = self.served.bare.parent().expect("root").to_owned();
+        let lib = ServedRepo::new(&root, "lib");
+        lib.write(&[("lib.txt", b"library\n")]);
+        let lib_head = lib.commit_and_push("lib", "main");
+        self.served.write(&[("app.txt", b"app\n")]);
+        git(
+            &self.served.work,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "-q",
+                "../lib.git",
+                "vendor/lib",
+            ],
+        );
+        let head = self.push("with a submodule");
+        (lib, lib_head, head)
+    }
+
     fn checkout(
         &mut self,
         commit: ObjectId,
@@ -512,24 +537,7 @@ fn git_mktree(work: &Path, entries: &str) -> String {
 #[test]
 fn submodules_are_merged_at_their_paths_and_local_urls_of_remote_repos_refused() {
     let mut fx = Fixture::new();
-    let root = fx.served.bare.parent().expect("root").to_owned();
-    let lib = ServedRepo::new(&root, "lib");
-    lib.write(&[("lib.txt", b"library\n")]);
-    let lib_head = lib.commit_and_push("lib", "main");
-    fx.served.write(&[("app.txt", b"app\n")]);
-    git(
-        &fx.served.work,
-        &[
-            "-c",
-            "protocol.file.allow=always",
-            "submodule",
-            "add",
-            "-q",
-            "../lib.git",
-            "vendor/lib",
-        ],
-    );
-    let head = fx.push("with a submodule");
+    let (lib, lib_head, head) = fx.push_with_a_submodule();
     let memo = MemoryMemo::default();
     let options = CheckoutOptions {
         submodules: true,
@@ -631,24 +639,7 @@ fn a_tag_build_gets_a_detached_head_full_history_and_an_exact_describe() {
 #[test]
 fn without_submodules_the_gitlink_stays_an_empty_directory_and_status_is_clean() {
     let mut fx = Fixture::new();
-    let root = fx.served.bare.parent().expect("root").to_owned();
-    let lib = ServedRepo::new(&root, "lib");
-    lib.write(&[("lib.txt", b"library\n")]);
-    lib.commit_and_push("lib", "main");
-    fx.served.write(&[("app.txt", b"app\n")]);
-    git(
-        &fx.served.work,
-        &[
-            "-c",
-            "protocol.file.allow=always",
-            "submodule",
-            "add",
-            "-q",
-            "../lib.git",
-            "vendor/lib",
-        ],
-    );
-    let head = fx.push("with a submodule");
+    let (_lib, _lib_head, head) = fx.push_with_a_submodule();
     let memo = MemoryMemo::default();
     let checkout = fx
         .checkout(head, &CheckoutOptions::default(), &memo)
