@@ -113,24 +113,11 @@ impl ServerTls {
         revoked: RevocationSet,
     ) -> Result<rustls::ServerConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(ClientVerifier {
-            chain: inner,
-            rule: CoordinatorClients { revoked },
-        });
+        let clients = client_verifier(ca_der, &provider, CoordinatorClients { revoked })?;
         let mut chain = certs_from_pem(cert_pem, "coordinator certificate")?;
         chain.push(CertificateDer::from(ca_der.to_vec()));
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key_from_pem(key_pem, "coordinator key")?)?;
-        config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
-        config.max_early_data_size = 0;
-        Ok(config)
+        let key = key_from_pem(key_pem, "coordinator key")?;
+        server_config(provider, clients, chain, key, gantry_protocol::ALPN)
     }
 }
 
@@ -147,13 +134,9 @@ impl ServerTls {
     ) -> Result<rustls::ServerConfig, TlsError> {
         let mut chain = certs_from_pem(cert_pem, "coordinator certificate")?;
         chain.push(CertificateDer::from(ca_der.to_vec()));
-        let mut config = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_from_pem(key_pem, "coordinator key")?)?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        config.max_early_data_size = 0;
-        Ok(config)
+        let key = key_from_pem(key_pem, "coordinator key")?;
+        let clients = Arc::new(rustls::server::NoClientAuth);
+        server_config(crate::crypto_provider(), clients, chain, key, b"http/1.1")
     }
 }
 
@@ -169,30 +152,20 @@ impl ClientTls {
         key_pem: &str,
     ) -> Result<rustls::ClientConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(
-                certs_from_pem(cert_pem, "client certificate")?,
-                key_from_pem(key_pem, "client key")?,
-            )?;
-        Ok(finish_client(config))
+        let verifier = ca_server(ca_der, &provider)?;
+        let identity = (
+            certs_from_pem(cert_pem, "client certificate")?,
+            key_from_pem(key_pem, "client key")?,
+        );
+        client_config(provider, verifier, Some(identity), gantry_protocol::ALPN)
     }
 
     /// Verifies the coordinator against `ca_der` and presents no certificate. Only good
     /// for enrolling, and used by tests to prove nothing else is allowed that way.
     pub fn anonymous(ca_der: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots(ca_der)?)
-            .with_no_client_auth();
-        Ok(finish_client(config))
+        let verifier = ca_server(ca_der, &provider)?;
+        client_config(provider, verifier, None, gantry_protocol::ALPN)
     }
 
     /// For enrolling: no client certificate; the coordinator is trusted only if it
@@ -205,12 +178,7 @@ impl ClientTls {
                 fingerprint: ca_fingerprint.to_owned(),
             },
         });
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        Ok(finish_client(config))
+        client_config(provider, verifier, None, gantry_protocol::ALPN)
     }
 }
 
@@ -232,24 +200,10 @@ impl PeerTls {
         key_pem: &str,
     ) -> Result<rustls::ServerConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(ClientVerifier {
-            chain: inner,
-            rule: PeerClients,
-        });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                certs_from_pem(cert_pem, "agent certificate")?,
-                key_from_pem(key_pem, "agent key")?,
-            )?;
-        config.alpn_protocols = vec![gantry_protocol::PEER_ALPN.to_vec()];
-        config.max_early_data_size = 0;
-        Ok(config)
+        let clients = client_verifier(ca_der, &provider, PeerClients)?;
+        let chain = certs_from_pem(cert_pem, "agent certificate")?;
+        let key = key_from_pem(key_pem, "agent key")?;
+        server_config(provider, clients, chain, key, gantry_protocol::PEER_ALPN)
     }
 
     /// The fetching side: presents this agent's certificate, and trusts the server only
@@ -261,35 +215,105 @@ impl PeerTls {
         expected: &AgentId,
     ) -> Result<rustls::ClientConfig, TlsError> {
         let provider = crate::crypto_provider();
-        let chain =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let verifier = Arc::new(ServerVerifier {
             provider: provider.clone(),
             rule: ExpectedPeer {
-                chain,
+                chain: ca_chain(ca_der, &provider, true)?,
                 expected: expected.clone(),
             },
         });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(
-                certs_from_pem(cert_pem, "agent certificate")?,
-                key_from_pem(key_pem, "agent key")?,
-            )?;
-        config.alpn_protocols = vec![gantry_protocol::PEER_ALPN.to_vec()];
-        config.enable_early_data = false;
-        Ok(config)
+        let identity = (
+            certs_from_pem(cert_pem, "agent certificate")?,
+            key_from_pem(key_pem, "agent key")?,
+        );
+        client_config(
+            provider,
+            verifier,
+            Some(identity),
+            gantry_protocol::PEER_ALPN,
+        )
     }
 }
 
-fn finish_client(mut config: rustls::ClientConfig) -> rustls::ClientConfig {
-    config.alpn_protocols = vec![gantry_protocol::ALPN.to_vec()];
+/// webpki's check of the coordinator's chain against the CA.
+fn ca_server(
+    ca_der: &[u8],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// webpki's check of a client certificate's chain against the CA; with `mandatory`
+/// false, a client without a certificate gets through it.
+fn ca_chain(
+    ca_der: &[u8],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    mandatory: bool,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_der)?), provider.clone());
+    let builder = if mandatory {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// The CA's chain check with `rule` on top of it.
+fn client_verifier<R: ClientRule + 'static>(
+    ca_der: &[u8],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    rule: R,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    Ok(Arc::new(ClientVerifier {
+        chain: ca_chain(ca_der, provider, R::MANDATORY)?,
+        provider: provider.clone(),
+        rule,
+    }))
+}
+
+/// Every server configuration: TLS 1.3 only, this certificate chain and key, one ALPN
+/// protocol, no 0-RTT.
+fn server_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    clients: Arc<dyn ClientCertVerifier>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(clients)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// Every client configuration: TLS 1.3 only, the server checked by `verifier`, this
+/// certificate and key presented (or none), one ALPN protocol, no 0-RTT.
+fn client_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.enable_early_data = false;
-    config
+    Ok(config)
 }
 
 /// What a client verifier adds to the CA's chain check: whether a client must present a
@@ -303,11 +327,45 @@ trait ClientRule: std::fmt::Debug + Send + Sync {
     fn admit(&self, identity: Identity) -> Result<(), rustls::Error>;
 }
 
-/// A client verifier: webpki checks the chain against the CA and the handshake
-/// signatures, then the rule checks the identity the certificate names.
+/// The handshake-signature half of a verifier, the same for client and server
+/// verifiers: checked with the provider's algorithms, as webpki's own verifiers do.
+/// rustls declares these methods on two traits ([`ServerCertVerifier`] and
+/// [`ClientCertVerifier`]) with no common one to implement once, hence a macro;
+/// it expands inside an `impl` whose type has a `provider` field.
+macro_rules! signature_checks {
+    () => {
+        signature_checks!(verify_tls12_signature);
+        signature_checks!(verify_tls13_signature);
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+    ($check:ident) => {
+        fn $check(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::$check(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+    };
+}
+
+/// A client verifier: webpki checks the chain against the CA, the provider's algorithms
+/// the handshake signatures, then the rule checks the identity the certificate names.
 #[derive(Debug)]
 struct ClientVerifier<R> {
     chain: Arc<dyn ClientCertVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     rule: R,
 }
 
@@ -339,27 +397,7 @@ impl<R: ClientRule> ClientCertVerifier for ClientVerifier<R> {
         Ok(verified)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
+    signature_checks!();
 }
 
 /// The coordinator's clients: agents that are not revoked, and admins. A client with no
@@ -447,39 +485,7 @@ impl<R: ServerRule> ServerCertVerifier for ServerVerifier<R> {
         self.rule.verify(&self.provider, &server)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    signature_checks!();
 }
 
 /// The fetching host's view of a peer: its chain is checked as a client certificate's
