@@ -219,27 +219,50 @@ pub struct ExecHost {
     pub hostname: String,
 }
 
-/// An environment: where deployments go and what guards them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnvironmentView {
-    pub name: String,
-    /// Labels a host must carry to be a target.
-    pub select: Labels,
-    /// Distinct people who must approve a deployment (never the one who started it).
-    pub approvals: u32,
-    /// Time a deployment waits after it is approved, before it starts.
-    pub wait_ms: u64,
-    /// Globs of the branches allowed to deploy here; empty allows any.
-    pub branches: Vec<String>,
-    pub epoch: u64,
-    /// The release that runs here now, after the last deployment that succeeded.
-    pub current: Option<EnvRelease>,
-    /// Releases deployed here, newest first (at most 20).
-    pub history: Vec<EnvRelease>,
-    pub created_by: String,
-    pub created_at: UnixMillis,
-    /// Hosts that match the selector now (connected or not).
-    pub hosts: Vec<ExecHost>,
+/// Declares a struct that begins with an environment's fields as [`EnvironmentView`]
+/// shows them, and goes on with the fields given. The coordinator's stored environment
+/// record is declared with it too (the view without the live host list): postcard reads
+/// fields by position, so one list keeps the two in step (the store's tests pin the
+/// record's bytes, so a field added here is caught there before it changes what is on
+/// disk).
+#[macro_export]
+macro_rules! environment_struct {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $($(#[$field_attr:meta])* pub $field:ident: $type:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            pub name: String,
+            /// Labels a host must carry to be a target.
+            pub select: $crate::Labels,
+            /// Distinct people who must approve a deployment (never the one who started it).
+            pub approvals: u32,
+            /// Time a deployment waits after it is approved, before it starts.
+            pub wait_ms: u64,
+            /// Globs of the branches allowed to deploy here; empty allows any.
+            pub branches: Vec<String>,
+            pub epoch: u64,
+            /// The release that runs here now, after the last deployment that succeeded.
+            pub current: Option<$crate::EnvRelease>,
+            /// Releases deployed here, newest first (at most 20).
+            pub history: Vec<$crate::EnvRelease>,
+            pub created_by: String,
+            pub created_at: $crate::UnixMillis,
+            $($(#[$field_attr])* pub $field: $type,)*
+        }
+    };
+}
+
+environment_struct! {
+    /// An environment: where deployments go and what guards them.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct EnvironmentView {
+        /// Hosts that match the selector now (connected or not).
+        pub hosts: Vec<ExecHost>,
+    }
 }
 
 /// A release as an environment remembers it.

@@ -658,19 +658,44 @@ pub struct RunView {
     pub jobs: Vec<JobView>,
 }
 
-/// A job as the CLI shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobView {
-    pub job: JobId,
-    pub name: String,
-    pub needs: Vec<String>,
-    pub state: String,
-    pub attempt: Attempt,
-    pub agent: Option<AgentId>,
-    pub exit_code: Option<i32>,
-    pub started_at: Option<UnixMillis>,
-    pub finished_at: Option<UnixMillis>,
-    pub log_bytes: u64,
+/// Declares a struct that begins with a job's fields as [`JobView`] shows them, its
+/// `state` of the type given, and goes on with the fields given. The coordinator's
+/// stored job record is declared with it too: it is what the view shows plus what only
+/// the store keeps, and postcard reads fields by position, so one list keeps the two in
+/// step (the store's tests pin the record's bytes, so a field added here is caught
+/// there before it changes what is on disk).
+#[macro_export]
+macro_rules! job_struct {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            state: $state:ty,
+            $($(#[$field_attr:meta])* pub $field:ident: $type:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            pub job: $crate::JobId,
+            pub name: String,
+            pub needs: Vec<String>,
+            pub state: $state,
+            pub attempt: $crate::Attempt,
+            pub agent: Option<$crate::AgentId>,
+            pub exit_code: Option<i32>,
+            pub started_at: Option<$crate::UnixMillis>,
+            pub finished_at: Option<$crate::UnixMillis>,
+            $($(#[$field_attr])* pub $field: $type,)*
+        }
+    };
+}
+
+job_struct! {
+    /// A job as the CLI shows it.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct JobView {
+        state: String,
+        pub log_bytes: u64,
+    }
 }
 
 /// Where an agent stands.

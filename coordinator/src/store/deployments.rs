@@ -145,19 +145,10 @@ impl DeploymentRecord {
     }
 }
 
-/// An environment as stored (its view without the live host list).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EnvironmentRecord {
-    pub name: String,
-    pub select: Labels,
-    pub approvals: u32,
-    pub wait_ms: u64,
-    pub branches: Vec<String>,
-    pub epoch: u64,
-    pub current: Option<EnvRelease>,
-    pub history: Vec<EnvRelease>,
-    pub created_by: String,
-    pub created_at: UnixMillis,
+gantry_protocol::environment_struct! {
+    /// An environment as stored: its view without the live host list.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct EnvironmentRecord {}
 }
 
 impl Store {
@@ -352,5 +343,37 @@ impl Store {
             },
         )?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An environment record as coordinators wrote it when its fields were listed here
+    /// (postcard: `prod`, selecting `env=prod`, 2 approvals, a 300 ms wait, branch `main`,
+    /// epoch 3, no current release, no history, created by `t` at 5).
+    const ENVIRONMENT: &[u8] =
+        b"\x04prod\x01\x03env\x04prod\x02\xac\x02\x01\x04main\x03\x00\x00\x01t\x05";
+
+    #[test]
+    fn environment_records_keep_their_layout() {
+        let record: EnvironmentRecord = decode("environment", "prod", ENVIRONMENT).expect("decode");
+        assert_eq!(
+            record,
+            EnvironmentRecord {
+                name: "prod".into(),
+                select: Labels::from([("env".into(), "prod".into())]),
+                approvals: 2,
+                wait_ms: 300,
+                branches: vec!["main".into()],
+                epoch: 3,
+                current: None,
+                history: Vec::new(),
+                created_by: "t".into(),
+                created_at: UnixMillis(5),
+            }
+        );
+        assert_eq!(encode(&record).expect("encode"), ENVIRONMENT);
     }
 }

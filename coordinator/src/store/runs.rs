@@ -181,23 +181,18 @@ pub struct RunRecord {
     pub source: Option<String>,
 }
 
-/// A job as stored: its latest state as the scheduler reported it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobRecord {
-    pub job: JobId,
-    pub name: String,
-    pub needs: Vec<String>,
-    pub state: JobStatus,
-    pub attempt: Attempt,
-    pub agent: Option<AgentId>,
-    pub exit_code: Option<i32>,
-    pub started_at: Option<UnixMillis>,
-    pub finished_at: Option<UnixMillis>,
-    /// Chunks the agent reported for the finished attempt; `None` while running.
-    pub log_chunks: Option<u64>,
-    /// Every attempt handed out and the agent it went to: an agent may upload logs only
-    /// for attempts listed here under its own id.
-    pub attempts: Vec<(Attempt, AgentId)>,
+gantry_protocol::job_struct! {
+    /// A job as stored: its latest state as the scheduler reported it, with the fields
+    /// of the view it is shown as (its state typed), then what only the store keeps.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct JobRecord {
+        state: JobStatus,
+        /// Chunks the agent reported for the finished attempt; `None` while running.
+        pub log_chunks: Option<u64>,
+        /// Every attempt handed out and the agent it went to: an agent may upload logs
+        /// only for attempts listed here under its own id.
+        pub attempts: Vec<(Attempt, AgentId)>,
+    }
 }
 
 /// A pipeline registered for its push and schedule triggers.
