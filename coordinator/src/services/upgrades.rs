@@ -13,7 +13,7 @@ use gantry_transport::{FrameWriter, TransportError};
 use crate::base::error::{admin_error, AdminFailure};
 use crate::base::labels::{check_labels, LabelError};
 use crate::base::sources::{send_file, SendFileError};
-use crate::services::deployments::{AdminOp, Deployments};
+use crate::services::deployments::{AdminOp, AgentUpgrade, Deployments};
 
 /// Bytes of the agent binary per frame sent to an agent.
 const SEND_PIECE_BYTES: usize = 256 * 1024;
@@ -192,13 +192,13 @@ impl Upgrades {
                 self.deployments
                     .admin(
                         actor,
-                        AdminOp::UpgradeAgents {
+                        AdminOp::UpgradeAgents(AgentUpgrade {
                             select,
                             batch,
                             failure_budget,
                             timeout_ms,
                             binary,
-                        },
+                        }),
                     )
                     .await
             }

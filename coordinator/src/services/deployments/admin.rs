@@ -34,22 +34,8 @@ impl Manager {
                     Err(e) => refused(e.to_string()),
                 }
             }
-            AdminOp::UpgradeAgents {
-                select,
-                batch,
-                failure_budget,
-                timeout_ms,
-                binary,
-            } => {
-                return match self.upgrade(
-                    now,
-                    actor,
-                    select,
-                    *batch,
-                    *failure_budget,
-                    *timeout_ms,
-                    binary,
-                ) {
+            AdminOp::UpgradeAgents(upgrade) => {
+                return match self.upgrade(now, actor, upgrade) {
                     Ok(id) => self.view_of(id),
                     Err(e) => refused(e.to_string()),
                 }
@@ -115,7 +101,7 @@ impl Manager {
                 self.audit(now, actor, "deployment.abort", id);
                 self.abort(now, id, actor);
             }
-            AdminOp::Rollback(_) | AdminOp::UpgradeAgents { .. } => {}
+            AdminOp::Rollback(_) | AdminOp::UpgradeAgents(_) => {}
         }
         self.view_of(id)
     }

@@ -10,11 +10,11 @@ use gantry_deploy::gates::{Purpose, Request, Rules, Stage};
 use gantry_deploy::{Amount, Limits, Strategy};
 use gantry_pipeline::DeploySpec;
 use gantry_protocol::{
-    AgentBinary, AppSpec, Attempt, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest, UnixMillis,
+    AppSpec, Attempt, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest, UnixMillis,
 };
 
 use super::error::DeployError;
-use super::manager::Manager;
+use super::manager::{AgentUpgrade, Manager};
 use super::record::{DeploymentRecord, Kind, Status};
 use super::spec::{app_spec, engine_strategy, hook_secret_names};
 use super::targets::upgrades_environment;
@@ -343,12 +343,15 @@ impl Manager {
         &mut self,
         now: UnixMillis,
         actor: &str,
-        select: &Labels,
-        batch: u32,
-        failure_budget: u32,
-        timeout_ms: u64,
-        binary: &AgentBinary,
+        upgrade: &AgentUpgrade,
     ) -> Result<u64, DeployError> {
+        let &AgentUpgrade {
+            ref select,
+            batch,
+            failure_budget,
+            timeout_ms,
+            ref binary,
+        } = upgrade;
         let env = upgrades_environment(select.clone());
         let request = self.admit(&env, actor, Purpose::AgentUpgrade)?;
         let short = &binary.sha256[..binary.sha256.len().min(12)];

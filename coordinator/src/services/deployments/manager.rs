@@ -39,13 +39,18 @@ pub enum AdminOp {
     Promote(u64),
     Abort(u64),
     Rollback(RollbackRequest),
-    UpgradeAgents {
-        select: Labels,
-        batch: u32,
-        failure_budget: u32,
-        timeout_ms: u64,
-        binary: AgentBinary,
-    },
+    UpgradeAgents(AgentUpgrade),
+}
+
+/// `gantry agents upgrade` once the binary has been checked: what to roll it out to,
+/// how many at once, how many may fail, how long one may take.
+#[derive(Debug)]
+pub struct AgentUpgrade {
+    pub select: Labels,
+    pub batch: u32,
+    pub failure_budget: u32,
+    pub timeout_ms: u64,
+    pub binary: AgentBinary,
 }
 
 /// Everything the manager reacts to.

@@ -49,6 +49,6 @@ mod targets;
 
 pub use error::DeployError;
 pub use handle::Deployments;
-pub use manager::AdminOp;
+pub use manager::{AdminOp, AgentUpgrade};
 pub use spec::create_file_environments;
 pub use targets::{distinct_names, environment_view, Fleet};
