@@ -7,6 +7,38 @@ use crate::types::{
     Amount, Command, Event, Host, HostState, Outcome, Pause, Phase, Plan, StepError, Strategy,
 };
 
+/// A step the engine asks a host to take, and the host reports on.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Stage,
+    Activate,
+    Verify,
+    RollBack,
+}
+
+impl Step {
+    /// What the step's report is called in the log.
+    fn report(self) -> &'static str {
+        match self {
+            Step::Stage => "staging",
+            Step::Activate => "switch",
+            Step::Verify => "check",
+            Step::RollBack => "rollback",
+        }
+    }
+
+    /// Whether a host in `state` is taking this step (its report is awaited).
+    fn is_taken_in(self, state: &HostState) -> bool {
+        matches!(
+            (self, state),
+            (Step::Stage, HostState::Staging { .. })
+                | (Step::Activate, HostState::Activating { .. })
+                | (Step::Verify, HostState::Verifying { .. })
+                | (Step::RollBack, HostState::RollingBack { .. })
+        )
+    }
+}
+
 /// One deployment. Serde, so the coordinator persists it whole after every step and
 /// resumes it after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,11 +141,17 @@ impl Deployment {
         }
         match event {
             Event::Start => self.start(now, &mut out),
-            Event::Staged { host, result } => self.on_staged(now, &host, result, &mut out),
-            Event::Activated { host, result } => self.on_activated(now, &host, result, &mut out),
-            Event::Verified { host, result } => self.on_verified(now, &host, result, &mut out),
+            Event::Staged { host, result } => {
+                self.on_report(now, &host, Step::Stage, result, &mut out);
+            }
+            Event::Activated { host, result } => {
+                self.on_report(now, &host, Step::Activate, result, &mut out);
+            }
+            Event::Verified { host, result } => {
+                self.on_report(now, &host, Step::Verify, result, &mut out);
+            }
             Event::RolledBack { host, result } => {
-                self.on_rolled_back(now, &host, result, &mut out);
+                self.on_report(now, &host, Step::RollBack, result, &mut out);
             }
             Event::Promote => self.promote(now, &mut out),
             Event::Abort { by } => {
@@ -133,29 +171,89 @@ impl Deployment {
         self.hosts.iter().position(|h| &h.agent == host)
     }
 
-    /// The index of `host` when its `what` report is awaited (`awaiting` holds for its
-    /// state); otherwise logs why the report is ignored and gives `None`.
-    fn awaited_report(
-        &self,
-        host: &AgentId,
-        what: &str,
-        out: &mut Vec<Command>,
-        awaiting: impl Fn(&HostState) -> bool,
-    ) -> Option<usize> {
+    /// The index of `host` when its report on `step` is awaited (it is taking that
+    /// step); otherwise logs why the report is ignored and gives `None`. Check and
+    /// rollback reports from a host that is not a target are dropped without a line,
+    /// and their late ones logged without the host's state, as they always were.
+    fn awaited_report(&self, host: &AgentId, step: Step, out: &mut Vec<Command>) -> Option<usize> {
+        let what = step.report();
+        let detailed = matches!(step, Step::Stage | Step::Activate);
         let Some(i) = self.index(host) else {
-            out.push(log(format!(
-                "ignored a {what} report from {host}, not a target"
-            )));
+            if detailed {
+                out.push(log(format!(
+                    "ignored a {what} report from {host}, not a target"
+                )));
+            }
             return None;
         };
-        if !awaiting(&self.hosts[i].state) {
-            out.push(log(format!(
-                "ignored a late {what} report from {host} ({})",
-                self.hosts[i].state.name()
-            )));
+        let state = &self.hosts[i].state;
+        if !step.is_taken_in(state) {
+            out.push(log(if detailed {
+                format!(
+                    "ignored a late {what} report from {host} ({})",
+                    state.name()
+                )
+            } else {
+                format!("ignored a late {what} report from {host}")
+            }));
             return None;
         }
         Some(i)
+    }
+
+    /// Asks host `i` to take `step`, which it must report on before the step's limit.
+    fn ask(&mut self, i: usize, step: Step, now: UnixMillis, out: &mut Vec<Command>) {
+        let limits = &self.plan.limits;
+        let until = now.plus_millis(match step {
+            Step::Stage => limits.stage_ms,
+            Step::Activate => limits.activate_ms,
+            Step::Verify => limits.verify_ms,
+            Step::RollBack => limits.rollback_ms,
+        });
+        let host = self.hosts[i].agent.clone();
+        let (state, command) = match step {
+            Step::Stage => (HostState::Staging { until }, Command::Stage { host }),
+            Step::Activate => (HostState::Activating { until }, Command::Activate { host }),
+            Step::Verify => (HostState::Verifying { until }, Command::Verify { host }),
+            Step::RollBack => (HostState::RollingBack { until }, Command::Rollback { host }),
+        };
+        self.set_host(i, state, now, out);
+        out.push(command);
+    }
+
+    /// A host's report on a step it was asked to take.
+    fn on_report(
+        &mut self,
+        now: UnixMillis,
+        host: &AgentId,
+        step: Step,
+        result: Result<(), StepError>,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(i) = self.awaited_report(host, step, out) else {
+            return;
+        };
+        match (step, result) {
+            (Step::Stage, Ok(())) => {
+                self.hosts[i].staged_at = Some(now);
+                self.set_host(i, HostState::Staged, now, out);
+            }
+            (Step::Stage, Err(StepError { reason })) => self.stage_failed(i, reason, now, out),
+            (Step::Activate, Ok(())) => {
+                self.hosts[i].activated_at = Some(now);
+                self.set_host(i, HostState::Active, now, out);
+            }
+            (Step::Activate, Err(StepError { reason })) => self.host_failed(i, reason, now, out),
+            (Step::Verify, Ok(())) => self.set_host(i, HostState::Active, now, out),
+            (Step::Verify, Err(StepError { reason })) => {
+                self.host_failed(i, format!("canary analysis: {reason}"), now, out);
+            }
+            (Step::RollBack, Ok(())) => self.set_host(i, HostState::RolledBack, now, out),
+            (Step::RollBack, Err(StepError { reason })) => {
+                out.push(log(format!("rollback failed on {host}: {reason}")));
+                self.set_host(i, HostState::RollbackFailed { reason }, now, out);
+            }
+        }
     }
 
     fn set_host(&mut self, i: usize, state: HostState, now: UnixMillis, out: &mut Vec<Command>) {
@@ -224,34 +322,9 @@ impl Deployment {
                 break;
             }
             if self.hosts[i].state == HostState::Pending {
-                let until = now.plus_millis(self.plan.limits.stage_ms);
-                self.set_host(i, HostState::Staging { until }, now, out);
-                out.push(Command::Stage {
-                    host: self.hosts[i].agent.clone(),
-                });
+                self.ask(i, Step::Stage, now, out);
                 in_flight += 1;
             }
-        }
-    }
-
-    fn on_staged(
-        &mut self,
-        now: UnixMillis,
-        host: &AgentId,
-        result: Result<(), StepError>,
-        out: &mut Vec<Command>,
-    ) {
-        let Some(i) = self.awaited_report(host, "staging", out, |s| {
-            matches!(s, HostState::Staging { .. })
-        }) else {
-            return;
-        };
-        match result {
-            Ok(()) => {
-                self.hosts[i].staged_at = Some(now);
-                self.set_host(i, HostState::Staged, now, out);
-            }
-            Err(StepError { reason }) => self.stage_failed(i, reason, now, out),
         }
     }
 
@@ -327,55 +400,8 @@ impl Deployment {
             if self.hosts[i].state != HostState::Staged {
                 continue;
             }
-            let until = now.plus_millis(self.plan.limits.activate_ms);
             self.hosts[i].touched = true;
-            self.set_host(i, HostState::Activating { until }, now, out);
-            out.push(Command::Activate {
-                host: self.hosts[i].agent.clone(),
-            });
-        }
-    }
-
-    fn on_activated(
-        &mut self,
-        now: UnixMillis,
-        host: &AgentId,
-        result: Result<(), StepError>,
-        out: &mut Vec<Command>,
-    ) {
-        let Some(i) = self.awaited_report(host, "switch", out, |s| {
-            matches!(s, HostState::Activating { .. })
-        }) else {
-            return;
-        };
-        match result {
-            Ok(()) => {
-                self.hosts[i].activated_at = Some(now);
-                self.set_host(i, HostState::Active, now, out);
-            }
-            Err(StepError { reason }) => self.host_failed(i, reason, now, out),
-        }
-    }
-
-    fn on_verified(
-        &mut self,
-        now: UnixMillis,
-        host: &AgentId,
-        result: Result<(), StepError>,
-        out: &mut Vec<Command>,
-    ) {
-        let Some(i) = self.index(host) else {
-            return;
-        };
-        if !matches!(self.hosts[i].state, HostState::Verifying { .. }) {
-            out.push(log(format!("ignored a late check report from {host}")));
-            return;
-        }
-        match result {
-            Ok(()) => self.set_host(i, HostState::Active, now, out),
-            Err(StepError { reason }) => {
-                self.host_failed(i, format!("canary analysis: {reason}"), now, out);
-            }
+            self.ask(i, Step::Activate, now, out);
         }
     }
 
@@ -410,11 +436,7 @@ impl Deployment {
     }
 
     fn roll_back_host(&mut self, i: usize, now: UnixMillis, out: &mut Vec<Command>) {
-        let until = now.plus_millis(self.plan.limits.rollback_ms);
-        self.set_host(i, HostState::RollingBack { until }, now, out);
-        out.push(Command::Rollback {
-            host: self.hosts[i].agent.clone(),
-        });
+        self.ask(i, Step::RollBack, now, out);
     }
 
     fn begin_rollback(&mut self, now: UnixMillis, reason: String, out: &mut Vec<Command>) {
@@ -430,29 +452,6 @@ impl Deployment {
                 | HostState::Verifying { .. }
                 | HostState::Failed { .. } => self.roll_back_host(i, now, out),
                 _ => {}
-            }
-        }
-    }
-
-    fn on_rolled_back(
-        &mut self,
-        now: UnixMillis,
-        host: &AgentId,
-        result: Result<(), StepError>,
-        out: &mut Vec<Command>,
-    ) {
-        let Some(i) = self.index(host) else {
-            return;
-        };
-        if !matches!(self.hosts[i].state, HostState::RollingBack { .. }) {
-            out.push(log(format!("ignored a late rollback report from {host}")));
-            return;
-        }
-        match result {
-            Ok(()) => self.set_host(i, HostState::RolledBack, now, out),
-            Err(StepError { reason }) => {
-                out.push(log(format!("rollback failed on {host}: {reason}")));
-                self.set_host(i, HostState::RollbackFailed { reason }, now, out);
             }
         }
     }
@@ -544,11 +543,7 @@ impl Deployment {
         self.inconclusive.clear();
         for i in 0..self.hosts.len() {
             if self.hosts[i].state == HostState::Active {
-                let until = now.plus_millis(self.plan.limits.verify_ms);
-                self.set_host(i, HostState::Verifying { until }, now, out);
-                out.push(Command::Verify {
-                    host: self.hosts[i].agent.clone(),
-                });
+                self.ask(i, Step::Verify, now, out);
             }
         }
     }
@@ -584,16 +579,7 @@ impl Deployment {
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         );
-                        out.push(log(reason.clone()));
-                        let until = now.plus_millis(self.plan.limits.promotion_timeout_ms);
-                        self.set_phase(
-                            Phase::AwaitingPromotion {
-                                next,
-                                reason,
-                                until,
-                            },
-                            out,
-                        );
+                        self.await_promotion(next, reason, now, out);
                     }
                 }
                 Phase::RollingBack { reason } if !busy => {
@@ -605,6 +591,24 @@ impl Deployment {
                 return;
             }
         }
+    }
+
+    /// Stops until someone promotes (or aborts) the deployment, saying why.
+    fn await_promotion(
+        &mut self,
+        next: usize,
+        reason: String,
+        now: UnixMillis,
+        out: &mut Vec<Command>,
+    ) {
+        out.push(log(reason.clone()));
+        let until = now.plus_millis(self.plan.limits.promotion_timeout_ms);
+        let phase = Phase::AwaitingPromotion {
+            next,
+            reason,
+            until,
+        };
+        self.set_phase(phase, out);
     }
 
     fn after_wave(&mut self, index: usize, now: UnixMillis, out: &mut Vec<Command>) {
@@ -637,16 +641,7 @@ impl Deployment {
                             "canary step {} done ({switched} of {total} hosts); waiting for promote",
                             index + 1
                         );
-                        out.push(log(reason.clone()));
-                        let until = now.plus_millis(self.plan.limits.promotion_timeout_ms);
-                        self.set_phase(
-                            Phase::AwaitingPromotion {
-                                next,
-                                reason,
-                                until,
-                            },
-                            out,
-                        );
+                        self.await_promotion(next, reason, now, out);
                     }
                 }
             }
