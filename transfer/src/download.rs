@@ -134,13 +134,11 @@ pub async fn fetch_manifest(
     grant: &Grant,
     digest: &Digest,
 ) -> Result<Manifest, TransferError> {
-    let (mut writer, mut reader) = conn.open_stream().await?;
-    writer
-        .send(&StreamOpen::GetManifest {
-            grant: grant.clone(),
-            manifest: *digest,
-        })
-        .await?;
+    let open = StreamOpen::GetManifest {
+        grant: grant.clone(),
+        manifest: *digest,
+    };
+    let (mut writer, mut reader) = conn.open_stream_with(&open).await?;
     writer.finish();
     let declared = match reader.recv::<ManifestFrame>().await? {
         Some(ManifestFrame::Start { bytes }) => bytes,
@@ -950,13 +948,11 @@ async fn fetch_share(
     cache: &ChunkCache,
     how: &ShareOptions<'_>,
 ) -> Result<ShareResult, TransferError> {
-    let (mut writer, mut reader) = conn.open_stream().await?;
-    writer
-        .send(&StreamOpen::FetchChunks {
-            grant: grant.clone(),
-            manifest: *manifest,
-        })
-        .await?;
+    let open = StreamOpen::FetchChunks {
+        grant: grant.clone(),
+        manifest: *manifest,
+    };
+    let (mut writer, mut reader) = conn.open_stream_with(&open).await?;
     for batch in share.chunks(MAX_DIGESTS_PER_FRAME) {
         writer
             .send(&ChunkWants(batch.iter().map(|(d, _)| *d).collect()))

@@ -60,13 +60,11 @@ pub async fn upload(
     options: &TransferOptions,
 ) -> Result<(Option<Committed>, UploadFigures), TransferError> {
     let started = Instant::now();
-    let (mut session, mut replies) = conn.open_stream().await?;
-    session
-        .send(&StreamOpen::Upload {
-            grant: grant.clone(),
-            target: target.clone(),
-        })
-        .await?;
+    let open = StreamOpen::Upload {
+        grant: grant.clone(),
+        target: target.clone(),
+    };
+    let (mut session, mut replies) = conn.open_stream_with(&open).await?;
     let id = match replies.recv::<UploadReply>().await? {
         Some(UploadReply::Opened { session }) => session,
         Some(UploadReply::Refused { message }) => return Err(TransferError::Refused(message)),
@@ -370,8 +368,8 @@ async fn put_stream(
     mut queue: mpsc::Receiver<(Digest, Chunk)>,
     limit: Option<Arc<RateLimit>>,
 ) -> Result<(u64, u64), TransferError> {
-    let (mut writer, mut reader) = conn.open_stream().await?;
-    writer.send(&StreamOpen::PutChunks { session }).await?;
+    let open = StreamOpen::PutChunks { session };
+    let (mut writer, mut reader) = conn.open_stream_with(&open).await?;
     let (mut chunks, mut bytes) = (0u64, 0u64);
     while let Some((digest, chunk)) = queue.recv().await {
         let size = chunk.data.len() as u32;

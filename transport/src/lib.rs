@@ -443,6 +443,17 @@ impl Connection {
         self.open_control().await
     }
 
+    /// Opens another bidirectional stream and sends `open`, the first frame, which says
+    /// what the stream is for.
+    pub async fn open_stream_with<T: Serialize>(
+        &self,
+        open: &T,
+    ) -> Result<(FrameWriter, FrameReader), TransportError> {
+        let (mut writer, reader) = self.open_stream().await?;
+        writer.send(open).await?;
+        Ok((writer, reader))
+    }
+
     /// Waits for the peer to open another bidirectional stream; `Err` once the connection ends.
     pub async fn accept_stream(&self) -> Result<(FrameWriter, FrameReader), TransportError> {
         framed(self.0.accept_bi().await)

@@ -404,11 +404,11 @@ impl Upgrader {
             .current()
             .filter(|c| c.close_reason().is_none())
             .ok_or(UpgradeError::NoConnection)?;
-        let (mut writer, mut reader) = conn.open_stream().await.map_err(UpgradeError::Transport)?;
-        writer
-            .send(&StreamOpen::FetchAgentBinary {
-                sha256: binary.sha256.clone(),
-            })
+        let open = StreamOpen::FetchAgentBinary {
+            sha256: binary.sha256.clone(),
+        };
+        let (mut writer, mut reader) = conn
+            .open_stream_with(&open)
             .await
             .map_err(UpgradeError::Transport)?;
         writer.finish();

@@ -150,8 +150,8 @@ async fn resolve(
     conn: &Connection,
     request: &ResolveRequest,
 ) -> Result<ResolveReply, TransferError> {
-    let (mut writer, mut reader) = conn.open_stream().await?;
-    writer.send(&StreamOpen::Resolve(request.clone())).await?;
+    let open = StreamOpen::Resolve(request.clone());
+    let (mut writer, mut reader) = conn.open_stream_with(&open).await?;
     writer.finish();
     match reader.recv::<ResolveReply>().await? {
         Some(ResolveReply::Refused { message }) => Err(TransferError::Refused(message)),

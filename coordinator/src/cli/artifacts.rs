@@ -105,13 +105,11 @@ async fn get(run: RunId, name: String, dest: PathBuf, json: bool) -> Result<Exit
     let client = connect().await?;
     let conn = client.connection().clone();
     let resolved = async {
-        let (mut writer, mut reader) = conn.open_stream().await?;
-        writer
-            .send(&StreamOpen::Resolve(ResolveRequest::Artifact {
-                run,
-                name: name.clone(),
-            }))
-            .await?;
+        let open = StreamOpen::Resolve(ResolveRequest::Artifact {
+            run,
+            name: name.clone(),
+        });
+        let (mut writer, mut reader) = conn.open_stream_with(&open).await?;
         writer.finish();
         reader.recv::<ResolveReply>().await
     }
