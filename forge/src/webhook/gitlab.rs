@@ -82,11 +82,7 @@ struct ProjectOnly {
 }
 
 pub(super) fn peek_repository(body: &[u8]) -> Result<RepoIdentity, WebhookError> {
-    let ctx = Ctx {
-        forge: crate::Forge::Gitlab,
-        event: "webhook".into(),
-        delivery: None,
-    };
+    let ctx = Ctx::peek(crate::Forge::Gitlab);
     let payload: ProjectOnly = ctx.json(body)?;
     identity(&ctx, payload.project, "project")
 }

@@ -108,11 +108,7 @@ struct RepoOnly {
 }
 
 pub(super) fn peek_repository(forge: Forge, body: &[u8]) -> Result<RepoIdentity, WebhookError> {
-    let ctx = Ctx {
-        forge,
-        event: "webhook".into(),
-        delivery: None,
-    };
+    let ctx = Ctx::peek(forge);
     let payload: RepoOnly = ctx.json(body)?;
     identity(&ctx, payload.repository, "repository")
 }

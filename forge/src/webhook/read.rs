@@ -104,6 +104,15 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// For reading a payload before its event is known (to find its repository).
+    pub fn peek(forge: Forge) -> Self {
+        Ctx {
+            forge,
+            event: "webhook".into(),
+            delivery: None,
+        }
+    }
+
     pub fn malformed(&self, problem: impl Into<String>) -> WebhookError {
         WebhookError::Malformed {
             forge: self.forge,
