@@ -790,19 +790,7 @@ mod tests {
             .create_run(
                 |run| {
                     let record = run_record(run, "p", text);
-                    let job = JobRecord {
-                        job: JobId { run, index: 0 },
-                        name: "only".into(),
-                        needs: vec![],
-                        state: JobStatus::Pending,
-                        attempt: 0,
-                        agent: None,
-                        exit_code: None,
-                        started_at: None,
-                        finished_at: None,
-                        log_chunks: None,
-                        attempts: Vec::new(),
-                    };
+                    let job = JobRecord::pending(JobId { run, index: 0 }, "only".into(), vec![]);
                     (record, vec![job])
                 },
                 &crate::store::AuditEntry {

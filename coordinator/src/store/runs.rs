@@ -195,6 +195,25 @@ gantry_protocol::job_struct! {
     }
 }
 
+impl JobRecord {
+    /// A job as a run is submitted: pending, never attempted.
+    pub fn pending(job: JobId, name: String, needs: Vec<String>) -> Self {
+        JobRecord {
+            job,
+            name,
+            needs,
+            state: JobStatus::Pending,
+            attempt: 0,
+            agent: None,
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+            log_chunks: None,
+            attempts: Vec::new(),
+        }
+    }
+}
+
 /// A pipeline registered for its push and schedule triggers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TriggerRecord {

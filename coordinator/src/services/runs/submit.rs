@@ -11,7 +11,7 @@ use crate::services::deployments::create_file_environments;
 use crate::services::engine::{job_ids, plans_for, Input};
 use crate::services::notify::Event;
 use crate::services::runs::{RunError, Runs};
-use crate::store::{JobRecord, JobStatus, RunRecord, RunStatus};
+use crate::store::{JobRecord, RunRecord, RunStatus};
 
 impl Runs {
     /// Parses a pipeline file without running it; the names of its jobs.
@@ -100,19 +100,7 @@ impl Runs {
                     source: submit.source.clone(),
                 };
                 let jobs = job_ids(run, &pipeline)
-                    .map(|(job, j)| JobRecord {
-                        job,
-                        name: j.name.clone(),
-                        needs: j.needs.clone(),
-                        state: JobStatus::Pending,
-                        attempt: 0,
-                        agent: None,
-                        exit_code: None,
-                        started_at: None,
-                        finished_at: None,
-                        log_chunks: None,
-                        attempts: Vec::new(),
-                    })
+                    .map(|(job, j)| JobRecord::pending(job, j.name.clone(), j.needs.clone()))
                     .collect();
                 (record, jobs)
             },
