@@ -350,6 +350,8 @@ pub async fn exec(args: ExecArgs) -> Result<ExitCode, Failure> {
     let mut reader = client.follow(&StreamOpen::Exec(request)).await?;
     let mut names: HashMap<AgentId, String> = HashMap::new();
     let mut partial: HashMap<AgentId, Vec<u8>> = HashMap::new();
+    // Each host's name, its `ExecDone` result as the protocol carries it (the exit code,
+    // or the agent's reason the command could not run), and how long it took (ms).
     let mut results: Vec<(String, Result<i32, String>, u64)> = Vec::new();
     let mut expected = usize::MAX;
     let mut stdout = std::io::stdout().lock();

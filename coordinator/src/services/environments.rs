@@ -8,7 +8,7 @@ use crate::base::audit::Acting;
 use crate::base::error::AdminFailure;
 use crate::base::labels::{check_labels, LabelError};
 use crate::services::deployments::environment_view;
-use crate::store::{EnvironmentRecord, Store, StoreError};
+use crate::store::{EnvironmentConflict, EnvironmentRecord, Store, StoreError};
 
 /// Most approvals an environment may require.
 const MAX_APPROVALS: u32 = 10;
@@ -30,12 +30,10 @@ pub enum EnvironmentError {
     WaitTooLong,
     #[error("invalid branch pattern {0:?}: 1 to 255 printable characters, like main or release/*")]
     BadBranch(String),
-    /// The store refused to create an environment that exists.
-    #[error("{0}")]
-    Exists(String),
-    /// The store refused to update an environment that does not exist.
-    #[error("{0}")]
-    Missing(String),
+    /// The store refused to create an environment that exists, or to update one that
+    /// does not.
+    #[error(transparent)]
+    Conflict(#[from] EnvironmentConflict),
     #[error("no environment {0}; `gantry env list` shows them")]
     NoEnvironment(String),
     #[error("no deployment {0}; `gantry deployments list` shows them")]
@@ -47,9 +45,9 @@ pub enum EnvironmentError {
 impl AdminFailure for EnvironmentError {
     fn kind(&self) -> AdminErrorKind {
         match self {
-            Self::Missing(_) | Self::NoEnvironment(_) | Self::NoDeployment(_) => {
-                AdminErrorKind::NotFound
-            }
+            Self::Conflict(EnvironmentConflict::Missing(_))
+            | Self::NoEnvironment(_)
+            | Self::NoDeployment(_) => AdminErrorKind::NotFound,
             Self::Store(_) => AdminErrorKind::Internal,
             _ => AdminErrorKind::InvalidInput,
         }
@@ -115,11 +113,8 @@ pub fn put(
     } else {
         "environment.create"
     };
-    match store.put_environment(record, replace, &cx.audit(action, detail))? {
-        Ok(stored) => Ok(environment_view(store, stored)),
-        Err(message) if replace => Err(EnvironmentError::Missing(message)),
-        Err(message) => Err(EnvironmentError::Exists(message)),
-    }
+    let stored = store.put_environment(record, replace, &cx.audit(action, detail))??;
+    Ok(environment_view(store, stored))
 }
 
 /// `gantry env list`.

@@ -27,6 +27,8 @@ const ANSWER_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 enum HostEvent {
     Output(Vec<u8>),
+    /// The agent's `ExecDone` result as the protocol carries it: the exit code, or why
+    /// the command could not run, in the agent's words. The coordinator only relays it.
     Done(Result<i32, String>),
 }
 
@@ -66,7 +68,7 @@ impl Execs {
         }
     }
 
-    /// A host's command ended.
+    /// A host's command ended (`result` is the protocol's, relayed as it came).
     pub fn done(&self, id: u64, agent: &AgentId, result: Result<i32, String>) {
         if let Some(live) = self.lock().get(&id) {
             let _ = live.tx.send((agent.clone(), HostEvent::Done(result)));

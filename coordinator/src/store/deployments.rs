@@ -151,6 +151,16 @@ gantry_protocol::environment_struct! {
     pub struct EnvironmentRecord {}
 }
 
+/// Why [`Store::put_environment`] stored nothing: the environment to create exists, or
+/// the one to replace does not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvironmentConflict {
+    #[error("environment {0} exists; change it with `gantry env update`")]
+    Exists(String),
+    #[error("no environment {0}; create it with `gantry env create`")]
+    Missing(String),
+}
+
 impl Store {
     /// Creates an environment (or replaces one, with `replace`), with its audit entry.
     /// Refuses to create one that exists unless replacing, and to replace one that does
@@ -160,7 +170,7 @@ impl Store {
         mut record: EnvironmentRecord,
         replace: bool,
         audit: &AuditEntry,
-    ) -> Result<Result<EnvironmentRecord, String>, StoreError> {
+    ) -> Result<Result<EnvironmentRecord, EnvironmentConflict>, StoreError> {
         self.write(|tx| {
             let mut table = tx
                 .open_table(ENVIRONMENTS)
@@ -173,18 +183,8 @@ impl Store {
                 None => None,
             };
             match (existing, replace) {
-                (Some(_), false) => {
-                    return Ok(Err(format!(
-                        "environment {} exists; change it with `gantry env update`",
-                        record.name
-                    )))
-                }
-                (None, true) => {
-                    return Ok(Err(format!(
-                        "no environment {}; create it with `gantry env create`",
-                        record.name
-                    )))
-                }
+                (Some(_), false) => return Ok(Err(EnvironmentConflict::Exists(record.name))),
+                (None, true) => return Ok(Err(EnvironmentConflict::Missing(record.name))),
                 (Some(old), true) => {
                     record.epoch = old.epoch;
                     record.current = old.current;
@@ -375,5 +375,30 @@ mod tests {
             }
         );
         assert_eq!(encode(&record).expect("encode"), ENVIRONMENT);
+    }
+
+    #[test]
+    fn creating_an_environment_twice_or_replacing_a_missing_one_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("state.redb")).expect("store");
+        let record: EnvironmentRecord = decode("environment", "prod", ENVIRONMENT).expect("decode");
+        let audit = AuditEntry {
+            at: UnixMillis(5),
+            actor: "t".into(),
+            action: "environment.create".into(),
+            detail: String::new(),
+        };
+        let missing = store.put_environment(record.clone(), true, &audit);
+        assert_eq!(
+            missing.expect("store").map_err(|e| e.to_string()),
+            Err("no environment prod; create it with `gantry env create`".into())
+        );
+        let created = store.put_environment(record.clone(), false, &audit);
+        assert_eq!(created.expect("store"), Ok(record.clone()));
+        let again = store.put_environment(record, false, &audit);
+        assert_eq!(
+            again.expect("store").map_err(|e| e.to_string()),
+            Err("environment prod exists; change it with `gantry env update`".into())
+        );
     }
 }

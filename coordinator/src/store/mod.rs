@@ -55,7 +55,8 @@ pub use artifacts::{ChunkRecord, CommitOutcome, GcRules};
 pub use audit::AuditEntry;
 pub use db::{Store, StoreError, TokenRefusal};
 pub use deployments::{
-    DeploymentRecord, EnvironmentRecord, HostNote, Kind, Status as DeploymentStatus,
+    DeploymentRecord, EnvironmentConflict, EnvironmentRecord, HostNote, Kind,
+    Status as DeploymentStatus,
 };
 pub use runs::{
     JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite,
