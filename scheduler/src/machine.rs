@@ -52,14 +52,11 @@ pub struct Scheduler {
     unsaved_jobs: BTreeSet<JobId>,
 }
 
+/// A run: its header, saved on its own, then its jobs (postcard writes the header's
+/// fields in line, so a whole snapshot reads as when they were listed here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct RunEntry {
-    id: RunId,
-    pipeline: String,
-    priority: i32,
-    seq: u64,
-    state: RunState,
-    cancel_requested: bool,
+    header: RunSnapshot,
     jobs: BTreeMap<u32, JobEntry>,
 }
 
@@ -184,12 +181,7 @@ impl Snapshot {
                 (
                     r.id,
                     RunEntry {
-                        id: r.id,
-                        pipeline: r.pipeline,
-                        priority: r.priority,
-                        seq: r.seq,
-                        state: r.state,
-                        cancel_requested: r.cancel_requested,
+                        header: r,
                         jobs: BTreeMap::new(),
                     },
                 )
@@ -291,7 +283,7 @@ impl Scheduler {
     }
 
     pub fn run_state(&self, run: RunId) -> Option<RunState> {
-        self.runs.get(&run).map(|r| r.state)
+        self.runs.get(&run).map(|r| r.header.state)
     }
 
     pub fn job_state(&self, job: JobId) -> Option<&JobState> {
@@ -318,7 +310,7 @@ impl Scheduler {
 
     /// All known runs, in id order.
     pub fn runs(&self) -> impl Iterator<Item = (RunId, RunState)> + '_ {
-        self.runs.values().map(|r| (r.id, r.state))
+        self.runs.values().map(|r| (r.header.id, r.header.state))
     }
 
     /// How many jobs are `Queued`.
@@ -343,7 +335,11 @@ impl Scheduler {
     /// Drops a terminal run (after the coordinator has persisted it) so memory stays
     /// bounded. Returns false, and keeps the run, if it is unknown or not terminal.
     pub fn forget_run(&mut self, run: RunId) -> bool {
-        if self.runs.get(&run).is_some_and(|r| r.state.is_terminal()) {
+        if self
+            .runs
+            .get(&run)
+            .is_some_and(|r| r.header.state.is_terminal())
+        {
             self.runs.remove(&run);
             self.unsaved_runs.insert(run);
             true
@@ -376,14 +372,7 @@ impl Scheduler {
         let runs = std::mem::take(&mut self.unsaved_runs)
             .into_iter()
             .map(|id| {
-                let header = self.runs.get(&id).map(|r| RunSnapshot {
-                    id: r.id,
-                    pipeline: r.pipeline.clone(),
-                    priority: r.priority,
-                    seq: r.seq,
-                    state: r.state,
-                    cancel_requested: r.cancel_requested,
-                });
+                let header = self.runs.get(&id).map(|r| r.header.clone());
                 (id, header)
             })
             .collect();
@@ -417,7 +406,7 @@ impl Scheduler {
     /// a restore from an older form of storage).
     pub fn mark_all_unsaved(&mut self) {
         for run in self.runs.values() {
-            self.unsaved_runs.insert(run.id);
+            self.unsaved_runs.insert(run.header.id);
             self.unsaved_jobs
                 .extend(run.jobs.values().map(|j| j.plan.id));
         }
@@ -459,11 +448,11 @@ impl Scheduler {
                 if job.state == JobState::Queued {
                     scheduler
                         .queue
-                        .entry(run.priority)
+                        .entry(run.header.priority)
                         .or_default()
-                        .entry(run.pipeline.clone())
+                        .entry(run.header.pipeline.clone())
                         .or_default()
-                        .insert((run.seq, id));
+                        .insert((run.header.seq, id));
                 }
                 if let Some((agent, _)) = job.state.agent() {
                     scheduler
@@ -477,7 +466,7 @@ impl Scheduler {
                     scheduler.deadlines.insert((at, id));
                 }
             }
-            scheduler.runs.insert(run.id, run);
+            scheduler.runs.insert(run.header.id, run);
         }
         // Every agent starts disconnected, so none is free; reconnections list them.
         scheduler.dispatch_due = true;
@@ -555,17 +544,17 @@ impl Scheduler {
                         if !run.jobs[ancestor].state.is_terminal() {
                             return Err(format!(
                                 "{id} is {:?} before its ancestor {}.{ancestor} is terminal",
-                                job.state, run.id
+                                job.state, run.header.id
                             ));
                         }
                     }
                 }
             }
             let all_terminal = run.jobs.values().all(|j| j.state.is_terminal());
-            if all_terminal != run.state.is_terminal() {
+            if all_terminal != run.header.state.is_terminal() {
                 return Err(format!(
                     "run {} is {:?} while all_terminal = {all_terminal}",
-                    run.id, run.state
+                    run.header.id, run.header.state
                 ));
             }
         }
@@ -622,12 +611,14 @@ impl Scheduler {
         self.runs.insert(
             run,
             RunEntry {
-                id: run,
-                pipeline,
-                priority,
-                seq,
-                state: RunState::Running,
-                cancel_requested: false,
+                header: RunSnapshot {
+                    id: run,
+                    pipeline,
+                    priority,
+                    seq,
+                    state: RunState::Running,
+                    cancel_requested: false,
+                },
                 jobs,
             },
         );
@@ -917,10 +908,10 @@ impl Scheduler {
         let Some(entry) = self.runs.get_mut(&run) else {
             return;
         };
-        if entry.state.is_terminal() {
+        if entry.header.state.is_terminal() {
             return;
         }
-        entry.cancel_requested = true;
+        entry.header.cancel_requested = true;
         self.unsaved_runs.insert(run);
         let jobs: Vec<(JobId, bool)> = entry
             .jobs
@@ -1102,7 +1093,7 @@ impl Scheduler {
                     }
                     let all_succeeded = ancestors.iter().all(|a| counts_as_success(a));
                     let any_failed = ancestors.iter().any(|a| counts_as_failure(a));
-                    let run_cancelled = entry.cancel_requested;
+                    let run_cancelled = entry.header.cancel_requested;
                     let next = if !job
                         .plan
                         .condition
@@ -1129,10 +1120,10 @@ impl Scheduler {
             let Some(entry) = self.runs.get_mut(&run) else {
                 continue;
             };
-            if entry.state == RunState::Running
+            if entry.header.state == RunState::Running
                 && entry.jobs.values().all(|j| j.state.is_terminal())
             {
-                entry.state = if entry.cancel_requested {
+                entry.header.state = if entry.header.cancel_requested {
                     RunState::Cancelled
                 } else if entry.jobs.values().any(counts_as_failure) {
                     RunState::Failed
@@ -1144,7 +1135,7 @@ impl Scheduler {
                 self.unsaved_runs.insert(run);
                 out.push(Command::RunChanged {
                     run,
-                    state: entry.state,
+                    state: entry.header.state,
                 });
             }
         }
@@ -1235,7 +1226,7 @@ impl Scheduler {
         let Some(run) = self.runs.get_mut(&job.run) else {
             return;
         };
-        let (priority, seq) = (run.priority, run.seq);
+        let (priority, seq) = (run.header.priority, run.header.seq);
         let Some(entry) = run.jobs.get_mut(&job.index) else {
             return;
         };
@@ -1257,10 +1248,10 @@ impl Scheduler {
         self.unsaved_jobs.insert(job);
         if old == JobState::Queued {
             if let Some(pipelines) = self.queue.get_mut(&priority) {
-                if let Some(jobs) = pipelines.get_mut(&run.pipeline) {
+                if let Some(jobs) = pipelines.get_mut(&run.header.pipeline) {
                     jobs.remove(&(seq, job));
                     if jobs.is_empty() {
-                        pipelines.remove(&run.pipeline);
+                        pipelines.remove(&run.header.pipeline);
                     }
                 }
                 if pipelines.is_empty() {
@@ -1272,7 +1263,7 @@ impl Scheduler {
             self.queue
                 .entry(priority)
                 .or_default()
-                .entry(run.pipeline.clone())
+                .entry(run.header.pipeline.clone())
                 .or_default()
                 .insert((seq, job));
             self.dispatch_due = true;
@@ -1371,4 +1362,40 @@ fn counts_as_success(job: &JobEntry) -> bool {
 /// Failed without `continue_on_error`.
 fn counts_as_failure(job: &JobEntry) -> bool {
     matches!(job.state, JobState::Failed { .. }) && !job.plan.continue_on_error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A whole snapshot (the legacy stored form) lists a run's header fields, then its
+    /// jobs: the run entry embeds its header without changing a byte of that.
+    #[test]
+    fn a_run_entry_encodes_as_its_header_fields_then_its_jobs() {
+        let header = RunSnapshot {
+            id: RunId(7),
+            pipeline: "p".into(),
+            priority: -2,
+            seq: 300,
+            state: RunState::Running,
+            cancel_requested: true,
+        };
+        let entry = RunEntry {
+            header: header.clone(),
+            jobs: BTreeMap::new(),
+        };
+        let flat = (
+            header.id,
+            &header.pipeline,
+            header.priority,
+            header.seq,
+            header.state,
+            header.cancel_requested,
+            &entry.jobs,
+        );
+        assert_eq!(
+            postcard::to_stdvec(&entry).expect("entry"),
+            postcard::to_stdvec(&flat).expect("flat")
+        );
+    }
 }
