@@ -112,8 +112,8 @@ impl AgentEntry {
 pub struct Snapshot {
     runs: Vec<RunEntry>,
     agents: Vec<(AgentId, Labels, u32)>,
-    rr_cursor: Vec<(i32, String)>,
-    next_seq: u64,
+    /// Last, in line (postcard), as when its two fields were listed here.
+    core: CoreSnapshot,
 }
 
 /// The part of the state that is neither a run nor a job: small, saved with every change.
@@ -195,8 +195,7 @@ impl Snapshot {
         Self {
             runs: entries.into_values().collect(),
             agents: Vec::new(),
-            rr_cursor: core.rr_cursor,
-            next_seq: core.next_seq,
+            core,
         }
     }
 }
@@ -358,6 +357,13 @@ impl Scheduler {
                 .iter()
                 .map(|(id, a)| (id.clone(), a.labels.clone(), a.slots))
                 .collect(),
+            core: self.core(),
+        }
+    }
+
+    /// The part of the state that is neither a run nor a job.
+    fn core(&self) -> CoreSnapshot {
+        CoreSnapshot {
             rr_cursor: self
                 .rr_cursor
                 .iter()
@@ -381,14 +387,7 @@ impl Scheduler {
             .map(|id| (id, self.job(id).cloned().map(JobSnapshot)))
             .collect();
         Changes {
-            core: CoreSnapshot {
-                rr_cursor: self
-                    .rr_cursor
-                    .iter()
-                    .map(|(p, s)| (*p, s.clone()))
-                    .collect(),
-                next_seq: self.next_seq,
-            },
+            core: self.core(),
             runs,
             jobs,
         }
@@ -420,8 +419,8 @@ impl Scheduler {
     /// ran past its timeout plus grace during the outage is over either way.
     pub fn restore(snapshot: Snapshot, now: UnixMillis) -> Self {
         let mut scheduler = Self {
-            next_seq: snapshot.next_seq,
-            rr_cursor: snapshot.rr_cursor.into_iter().collect(),
+            next_seq: snapshot.core.next_seq,
+            rr_cursor: snapshot.core.rr_cursor.into_iter().collect(),
             ..Self::default()
         };
         for (id, labels, slots) in snapshot.agents {
@@ -1369,9 +1368,10 @@ mod tests {
     use super::*;
 
     /// A whole snapshot (the legacy stored form) lists a run's header fields, then its
-    /// jobs: the run entry embeds its header without changing a byte of that.
+    /// jobs, and ends with the core's fields: embedding the header and the core changes
+    /// no byte of that.
     #[test]
-    fn a_run_entry_encodes_as_its_header_fields_then_its_jobs() {
+    fn a_whole_snapshot_encodes_as_when_its_fields_were_listed_flat() {
         let header = RunSnapshot {
             id: RunId(7),
             pipeline: "p".into(),
@@ -1395,6 +1395,26 @@ mod tests {
         );
         assert_eq!(
             postcard::to_stdvec(&entry).expect("entry"),
+            postcard::to_stdvec(&flat).expect("flat")
+        );
+
+        let core = CoreSnapshot {
+            rr_cursor: vec![(-2, "p".into())],
+            next_seq: 301,
+        };
+        let snapshot = Snapshot {
+            runs: vec![entry],
+            agents: Vec::new(),
+            core: core.clone(),
+        };
+        let flat = (
+            &snapshot.runs,
+            &snapshot.agents,
+            &core.rr_cursor,
+            core.next_seq,
+        );
+        assert_eq!(
+            postcard::to_stdvec(&snapshot).expect("snapshot"),
             postcard::to_stdvec(&flat).expect("flat")
         );
     }
