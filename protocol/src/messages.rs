@@ -561,18 +561,46 @@ pub enum AdminRequest {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubmitRun {
-    pub file_name: String,
-    pub text: String,
-    /// Branch or tag, e.g. `main` (the `branch` of conditions).
-    pub git_ref: String,
-    pub commit: Option<String>,
-    /// `manual`, `push` or `schedule`.
-    pub event: String,
-    pub inputs: Labels,
-    /// The uploaded source tree the run's jobs start from, if any.
-    pub source: Option<String>,
+/// Declares a struct with the fields given first, then what a [`SubmitRun`] says of
+/// the run (`..submitted`), then the fields given after. The coordinator's stored run
+/// record is declared with it too: it keeps what was submitted, between fields of its
+/// own, and postcard reads fields by position, so one list keeps the two in step (the
+/// store's tests pin the record's bytes, so a field added here is caught there before
+/// it changes what is on disk).
+#[macro_export]
+macro_rules! submitted_run_struct {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $($(#[$before_attr:meta])* pub $before:ident: $before_type:ty,)*
+            ..submitted,
+            $($(#[$after_attr:meta])* pub $after:ident: $after_type:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($(#[$before_attr])* pub $before: $before_type,)*
+            pub file_name: String,
+            pub text: String,
+            /// Branch or tag, e.g. `main` (the `branch` of conditions).
+            pub git_ref: String,
+            pub commit: Option<String>,
+            /// `manual`, `push` or `schedule`.
+            pub event: String,
+            pub inputs: $crate::Labels,
+            $($(#[$after_attr])* pub $after: $after_type,)*
+        }
+    };
+}
+
+submitted_run_struct! {
+    /// A run to start: the pipeline file and where it comes from.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct SubmitRun {
+        ..submitted,
+        /// The uploaded source tree the run's jobs start from, if any.
+        pub source: Option<String>,
+    }
 }
 
 /// Coordinator to admin CLI, one per request.

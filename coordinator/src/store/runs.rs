@@ -3,7 +3,7 @@
 
 use std::ops::ControlFlow;
 
-use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
+use gantry_protocol::{AgentId, Attempt, JobId, RunId, UnixMillis};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -161,24 +161,21 @@ impl JobStatus {
     }
 }
 
-/// A pipeline run as stored. The pipeline text is kept so a run can be retried, and so
-/// the scheduler can be rebuilt after a restart, from exactly what was submitted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub run: RunId,
-    pub pipeline: String,
-    pub file_name: String,
-    pub text: String,
-    pub git_ref: String,
-    pub commit: Option<String>,
-    pub event: String,
-    pub inputs: Labels,
-    pub created_at: UnixMillis,
-    pub created_by: String,
-    pub state: RunStatus,
-    pub finished_at: Option<UnixMillis>,
-    /// The uploaded source tree (`sha256:<hex>`), if the run has one.
-    pub source: Option<String>,
+gantry_protocol::submitted_run_struct! {
+    /// A pipeline run as stored. The pipeline text is kept so a run can be retried, and
+    /// so the scheduler can be rebuilt after a restart, from exactly what was submitted.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RunRecord {
+        pub run: RunId,
+        pub pipeline: String,
+        ..submitted,
+        pub created_at: UnixMillis,
+        pub created_by: String,
+        pub state: RunStatus,
+        pub finished_at: Option<UnixMillis>,
+        /// The uploaded source tree (`sha256:<hex>`), if the run has one.
+        pub source: Option<String>,
+    }
 }
 
 gantry_protocol::job_struct! {
