@@ -107,6 +107,7 @@ fn job_view() -> JobView {
         started_at: Some(UnixMillis(1_750_000_000_000)),
         finished_at: None,
         log_bytes: 4096,
+        log_incomplete: false,
     }
 }
 

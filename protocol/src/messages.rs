@@ -723,6 +723,9 @@ job_struct! {
     pub struct JobView {
         state: String,
         pub log_bytes: u64,
+        /// Part of this attempt's log could not be stored (the coordinator's disk was
+        /// full): the log lacks its end until the agent's resend gets through.
+        pub log_incomplete: bool,
     }
 }
 

@@ -2,8 +2,8 @@
 //! (issue 25), with the real `gantry` and `gantry-agent` binaries on loopback and the
 //! data directory on a small tmpfs (mounted for the test: root only, else skipped by
 //! the `requires` rule): new runs refused naming the cause, `/readyz` and `/metrics`
-//! saying so, and an upload that runs into a full disk told that the coordinator is out
-//! of space.
+//! saying so, an upload that runs into a full disk told that the coordinator is out
+//! of space, and a job whose log could not be stored in full marked so.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -154,4 +154,76 @@ fn an_upload_that_fills_the_data_directory_is_told_the_coordinator_is_out_of_spa
     // The abandoned pack was removed: the coordinator has room again.
     let http = c.http_address.clone().expect("http side");
     assert_eq!(get(&http, "/readyz").status, 200);
+}
+
+/// The data directory fills up while a job prints: the job still succeeds, but its view
+/// (`jobs show`, JSON and text) and the end of its log say the log is incomplete; once
+/// there is room again the agent's resend completes the log and the mark goes.
+#[test]
+fn a_log_that_fills_the_data_directory_is_marked_incomplete_until_it_is_stored() {
+    let test = "a_log_that_fills_the_data_directory";
+    let Some((c, _unmount)) = on_small_tmpfs(test, "16m", &["--min-free-space", "0"]) else {
+        return;
+    };
+    let _agents = c.agents_running(1, &[]);
+    let go = c.dir.path().join("go");
+    let run = c.run_pipeline(
+        &format!(
+            "jobs:\n  chatty:\n    steps: [{{ run: 'echo before; while [ ! -e {} ]; do sleep 0.1; done; head -c 1000000 /dev/urandom | base64; echo last line' }}]\n",
+            go.display()
+        ),
+        &[],
+    );
+    let job = format!("{run}.0");
+    wait_for("the first line in the stored log", DEADLINE, || {
+        c.logs(&job).contains("before").then_some(())
+    });
+    // Fill the tmpfs (dd stops at ENOSPC), then let the job print.
+    let filler = c.data_dir().join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("dd");
+    std::fs::write(&go, "").expect("go");
+    let view = c.wait_run(run, 2 * DEADLINE);
+    assert_eq!(job_named(&view, "chatty")["state"], "succeeded", "{view}");
+    let shown = wait_for("the job to say its log is incomplete", DEADLINE, || {
+        let shown = c
+            .gantry(&["jobs", "show", &job, "--json"])
+            .expect_code(0)
+            .json();
+        (shown["log_incomplete"] == true).then_some(shown)
+    });
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    let detail = c.gantry(&["jobs", "show", &job]).expect_code(0).stdout;
+    assert!(
+        detail.contains("(incomplete: the coordinator ran out of space storing it)"),
+        "{detail}"
+    );
+    let log = c.logs(&job);
+    assert!(log.contains("before\n"), "{log}");
+    assert!(
+        log.ends_with("[gantry: this log is incomplete: the coordinator ran out of space storing it; the rest is stored when there is room and the agent sends it again]\n"),
+        "{log}"
+    );
+    assert!(!log.contains("last line"), "{log}");
+
+    // Room again: the agent's resend completes the log, and the mark goes.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let log = wait_for(
+        "the log to be completed by the agent's resend",
+        2 * DEADLINE,
+        || {
+            let log = c.logs(&job);
+            log.contains("last line\n").then_some(log)
+        },
+    );
+    assert!(!log.contains("[gantry: this log is incomplete"), "{log}");
+    let shown = c
+        .gantry(&["jobs", "show", &job, "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(shown["log_incomplete"], false, "{shown}");
 }

@@ -349,7 +349,7 @@ async function pageRun(n) {
       h('td', { text: String(j.attempt || '–') }),
       h('td', { text: j.exit_code === null || j.exit_code === undefined ? '–' : String(j.exit_code) }),
       h('td', { text: when(j.started_at, j.finished_at) }),
-      h('td', { text: j.log_bytes ? bytes(j.log_bytes) : '–' }))));
+      h('td', { text: (j.log_bytes ? bytes(j.log_bytes) : '–') + (j.log_incomplete ? ' (incomplete: the coordinator ran out of space)' : '') }))));
   };
   const retry = async () => {
     try { const next = await api('/api/runs/' + n + '/retry', { method: 'POST' }); go('/runs/' + next.run); } catch (e) { banner(e.message); }

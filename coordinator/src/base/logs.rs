@@ -6,6 +6,14 @@
 //! an acknowledged chunk survives a crash; a torn record at the end of a file (a crash
 //! mid-write, never acknowledged) is cut off when the file is opened again. Chunks must
 //! arrive in order: a repeat of a stored chunk is ignored, a gap is refused.
+//!
+//! A write or fsync that fails leaves the file as it was after the last good sync (a
+//! half-written record is cut off at once), so the agent's resend lands where it should.
+//! A log whose chunks could not be stored for lack of space is *incomplete*
+//! ([`LogStore::mark_incomplete`]): said by the job's view and at the end of its log
+//! until the agent's resend completes it. The mark is kept in memory and, where the
+//! disk allows, in a marker file beside the log (`<index>-<attempt>.incomplete`), so it
+//! outlives a restart.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -60,6 +68,23 @@ struct LogState {
     end: u64,
     bytes: u64,
     unsynced: bool,
+    /// Chunks, end and bytes as of the last good sync: what a failed write or fsync
+    /// rolls back to.
+    synced: (usize, u64, u64),
+}
+
+impl LogState {
+    /// Forgets everything written since the last good sync, on disk and in the index: a
+    /// failed write may have left half a record, and after a failed fsync the kernel may
+    /// have dropped the pages, so the agent sends those chunks again.
+    fn roll_back(&mut self) -> std::io::Result<()> {
+        let (chunks, end, bytes) = self.synced;
+        self.offsets.truncate(chunks);
+        self.end = end;
+        self.bytes = bytes;
+        self.unsynced = false;
+        self.file.set_len(end)
+    }
 }
 
 impl LiveLog {
@@ -109,7 +134,12 @@ impl LiveLog {
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_le_bytes());
         record.extend_from_slice(data);
-        st.file.write_all(&record).map_err(self.io())?;
+        if let Err(e) = st.file.write_all(&record) {
+            if let Err(cut) = st.roll_back() {
+                tracing::warn!(path = %self.path.display(), "cannot cut a half-written log record off: {cut}");
+            }
+            return Err(self.io()(e));
+        }
         let at = st.end;
         st.offsets.push(at);
         st.end += record.len() as u64;
@@ -128,8 +158,14 @@ impl LiveLog {
     pub fn sync(&self) -> Result<u64, LogError> {
         let mut st = self.lock();
         if st.unsynced {
-            st.file.sync_data().map_err(self.io())?;
+            if let Err(e) = st.file.sync_data() {
+                if let Err(cut) = st.roll_back() {
+                    tracing::warn!(path = %self.path.display(), "cannot cut unsynced log records off: {cut}");
+                }
+                return Err(self.io()(e));
+            }
             st.unsynced = false;
+            st.synced = (st.offsets.len(), st.end, st.bytes);
         }
         Ok(st.offsets.len() as u64)
     }
@@ -212,6 +248,9 @@ pub struct LogStore {
     /// Logs in use. Weak, so a log nobody holds (no upload, no follower) is closed and
     /// forgotten instead of keeping its file handle and index for the coordinator's life.
     open: Mutex<HashMap<(JobId, Attempt), Weak<LiveLog>>>,
+    /// Logs marked incomplete by this process (the marker files may not have been
+    /// writable), with the first chunk that could not be stored.
+    incomplete: Mutex<HashMap<(JobId, Attempt), u64>>,
 }
 
 impl LogStore {
@@ -219,6 +258,7 @@ impl LogStore {
         Self {
             dir: dir.to_path_buf(),
             open: Mutex::new(HashMap::new()),
+            incomplete: Mutex::new(HashMap::new()),
         }
     }
 
@@ -226,6 +266,46 @@ impl LogStore {
         self.dir
             .join(job.run.to_string())
             .join(format!("{}-{attempt}.log", job.index))
+    }
+
+    fn marker(&self, job: JobId, attempt: Attempt) -> PathBuf {
+        self.path(job, attempt).with_extension("incomplete")
+    }
+
+    fn incomplete_set(&self) -> std::sync::MutexGuard<'_, HashMap<(JobId, Attempt), u64>> {
+        self.incomplete
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks a log incomplete: chunk `seq` (and what follows) could not be stored.
+    /// Returns whether the mark is new. The marker file is written where the disk allows
+    /// (an empty file usually fits where a chunk did not); the mark holds in memory either way.
+    pub fn mark_incomplete(&self, job: JobId, attempt: Attempt, seq: u64) -> bool {
+        let new = self.incomplete_set().insert((job, attempt), seq).is_none();
+        let marker = self.marker(job, attempt);
+        if new && !marker.exists() {
+            if let Err(e) = std::fs::write(&marker, seq.to_string()) {
+                tracing::warn!(path = %marker.display(), "cannot write the marker of an incomplete log (the mark holds until a restart): {e}");
+            }
+        }
+        new
+    }
+
+    /// The log holds every chunk again (the agent's resend got through): the mark goes.
+    pub fn mark_complete(&self, job: JobId, attempt: Attempt) {
+        self.incomplete_set().remove(&(job, attempt));
+        match std::fs::remove_file(self.marker(job, attempt)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(job = %job, attempt, "cannot remove the marker of a log now complete: {e}");
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the log of this attempt is marked incomplete.
+    pub fn is_incomplete(&self, job: JobId, attempt: Attempt) -> bool {
+        self.incomplete_set().contains_key(&(job, attempt)) || self.marker(job, attempt).exists()
     }
 
     /// Opens (creating if needed) the log of a job attempt, cutting off a torn tail.
@@ -259,6 +339,7 @@ impl LogStore {
             file.sync_data().map_err(io)?;
         }
         let bytes = end - offsets.len() as u64 * RECORD_HEADER as u64;
+        let offsets_len = offsets.len();
         let (followers, _) = broadcast::channel(1024);
         let log = Arc::new(LiveLog {
             path,
@@ -268,6 +349,7 @@ impl LogStore {
                 end,
                 bytes,
                 unsynced: false,
+                synced: (offsets_len, end, bytes),
             }),
             followers,
         });
@@ -364,6 +446,25 @@ mod tests {
         let reopened = store.open(JOB, 1).expect("reopen");
         assert_eq!(reopened.next_seq(), 1);
         assert_eq!(reopened.bytes(), 4);
+    }
+
+    #[test]
+    fn an_incomplete_mark_outlives_a_restart_and_goes_when_the_log_is_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LogStore::new(dir.path());
+        drop(store.open(JOB, 1).expect("open"));
+        assert!(!store.is_incomplete(JOB, 1));
+        assert!(store.mark_incomplete(JOB, 1, 3), "a new mark");
+        assert!(!store.mark_incomplete(JOB, 1, 4), "already marked");
+        assert!(
+            !store.is_incomplete(JOB, 2),
+            "another attempt is not marked"
+        );
+        let restarted = LogStore::new(dir.path());
+        assert!(restarted.is_incomplete(JOB, 1), "the marker file holds it");
+        restarted.mark_complete(JOB, 1);
+        assert!(!restarted.is_incomplete(JOB, 1));
+        assert!(!LogStore::new(dir.path()).is_incomplete(JOB, 1));
     }
 
     #[tokio::test]

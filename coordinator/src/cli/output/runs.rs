@@ -111,7 +111,7 @@ pub fn jobs_table(jobs: &[JobView]) -> String {
                 (Some(s), Some(f)) => human_duration(f.millis_since(s)),
                 _ => "-".into(),
             },
-            human_bytes(j.log_bytes),
+            log_size(j),
         ]);
     }
     table(&rows)
@@ -194,6 +194,18 @@ pub fn job_detail(j: &JobView) -> String {
     if let Some(t) = j.finished_at {
         let _ = writeln!(s, "finished       {}", rfc3339(t));
     }
-    let _ = writeln!(s, "log            {}", human_bytes(j.log_bytes));
+    let _ = writeln!(s, "log            {}", log_size(j));
     s
+}
+
+/// A job's log size, and whether its end is missing.
+fn log_size(j: &JobView) -> String {
+    if j.log_incomplete {
+        format!(
+            "{} (incomplete: the coordinator ran out of space storing it)",
+            human_bytes(j.log_bytes)
+        )
+    } else {
+        human_bytes(j.log_bytes)
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use gantry_protocol::{Attempt, FollowEvent, JobId, RunId};
+use gantry_protocol::{Attempt, FollowEvent, JobId, LogChunk, RunId};
 use gantry_transport::{FrameWriter, TransportError};
 use tokio::sync::broadcast;
 
@@ -81,19 +81,14 @@ impl Runs {
             let mut live = log.subscribe();
             next = send_stored(&log, next, writer).await?;
             if !follow {
-                return writer
-                    .send(&FollowEvent::End {
-                        state: record.state.to_string(),
-                    })
-                    .await;
+                return self.end_log(job, &record, next, writer).await;
             }
             loop {
-                if complete(&record, attempt, next) {
-                    return writer
-                        .send(&FollowEvent::End {
-                            state: record.state.to_string(),
-                        })
-                        .await;
+                // A log that could not be stored in full ends where it stops once the job
+                // has: its agent's resend may take as long as the disk stays full.
+                let short = record.state.is_terminal() && self.logs.is_incomplete(job, attempt);
+                if complete(&record, attempt, next) || (short && record.attempt == attempt) {
+                    return self.end_log(job, &record, next, writer).await;
                 }
                 if record.attempt > attempt {
                     break;
@@ -127,6 +122,32 @@ impl Runs {
             attempt = record.attempt;
             next = 0;
         }
+    }
+
+    /// Ends a log stream with the job's state, after a line saying the log is
+    /// incomplete if part of it could not be stored (`next`: the chunk after the last one
+    /// sent; the note takes that number, never stored).
+    async fn end_log<W: FollowSink + Send>(
+        &self,
+        job: JobId,
+        record: &JobRecord,
+        next: u64,
+        writer: &mut W,
+    ) -> Result<(), W::Error> {
+        if record.attempt > 0 && self.logs.is_incomplete(job, record.attempt) {
+            let note = "\n[gantry: this log is incomplete: the coordinator ran out of space storing it; the rest is stored when there is room and the agent sends it again]\n";
+            writer
+                .send(&FollowEvent::Log(LogChunk {
+                    seq: next,
+                    data: note.as_bytes().to_vec(),
+                }))
+                .await?;
+        }
+        writer
+            .send(&FollowEvent::End {
+                state: record.state.to_string(),
+            })
+            .await
     }
 
     /// Streams a run's job states to an admin until the run ends.

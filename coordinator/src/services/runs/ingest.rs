@@ -7,6 +7,7 @@ use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::mpsc;
 
 use crate::base::authz::{Denied, Principal, Request};
+use crate::base::disk::OutOfSpace;
 use crate::base::logs::{Appended, LogError};
 use crate::base::tasks::AbortOnDrop;
 use crate::services::holds::{self, Hold};
@@ -34,6 +35,8 @@ pub enum IngestError {
     NoSource(RunId),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    OutOfSpace(OutOfSpace),
 }
 
 impl Runs {
@@ -99,20 +102,47 @@ impl Runs {
             }
             for item in batch {
                 match item? {
-                    Some(chunk) => {
-                        if log.append(chunk.seq, &chunk.data)? == Appended::Stored {
-                            self.metrics.log_bytes(chunk.data.len() as u64);
-                        }
-                    }
+                    Some(chunk) => match log.append(chunk.seq, &chunk.data) {
+                        Ok(Appended::Stored) => self.metrics.log_bytes(chunk.data.len() as u64),
+                        Ok(Appended::Duplicate) => {}
+                        Err(e) => return Err(self.log_short((job, attempt), log.next_seq(), e)),
+                    },
                     None => done = true,
                 }
             }
             let log2 = log.clone();
-            let next = tokio::task::spawn_blocking(move || log2.sync()).await??;
+            let next = match tokio::task::spawn_blocking(move || log2.sync()).await? {
+                Ok(next) => next,
+                Err(e) => return Err(self.log_short((job, attempt), log.next_seq(), e)),
+            };
             writer.send(&LogControl::Ack { next_seq: next }).await?;
+        }
+        // The agent ends the stream once every chunk is acknowledged: the log is whole,
+        // whatever an earlier stream could not store.
+        if done && self.logs.is_incomplete(job, attempt) {
+            self.logs.mark_complete(job, attempt);
+            tracing::info!(%job, attempt, "the log is complete again: the agent resent what could not be stored");
         }
         writer.finish();
         Ok(())
+    }
+
+    /// A chunk from `seq` on could not be stored. When the disk is full the log is marked
+    /// incomplete (the job's view and the end of its log say so) and the error names the
+    /// cause; the agent keeps its spool and sends again, which completes the log once
+    /// there is room.
+    fn log_short(&self, (job, attempt): (JobId, Attempt), seq: u64, e: LogError) -> IngestError {
+        let full = match &e {
+            LogError::Io { path, source } => self
+                .disk
+                .out_of_space(&format!("storing the log {path}"), source),
+            LogError::Gap { .. } | LogError::TooLarge { .. } => None,
+        };
+        let Some(full) = full else { return e.into() };
+        if self.logs.mark_incomplete(job, attempt, seq) {
+            tracing::warn!(%job, attempt, seq, "the log is incomplete: {full}");
+        }
+        IngestError::OutOfSpace(full)
     }
 
     /// Sends the source tree of a job attempt's run to the agent it was handed to.

@@ -171,6 +171,7 @@ impl Runs {
             started_at: j.started_at,
             finished_at: j.finished_at,
             log_bytes,
+            log_incomplete: j.attempt > 0 && self.logs.is_incomplete(j.job, j.attempt),
         }
     }
 }
