@@ -1,7 +1,7 @@
 //! Misbehaving peers at volume, for the denial-of-service tests (`tests/dos.rs`) and
 //! `bench-dos`: an agent flooding its control stream as fast as the connection takes
-//! frames, a storm of clients without certificates, and the dispatch latency a
-//! well-behaved agent sees meanwhile.
+//! frames, a storm of clients without certificates, a flood of handshakes that never
+//! finish, and the dispatch latency a well-behaved agent sees meanwhile.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,15 @@ fn agent_hello(labels: Labels) -> Intent {
     })
 }
 
+/// Sends an agent's hello (no labels) on a raw client's control stream; returns the
+/// coordinator's reply.
+pub async fn say_agent_hello(client: &mut RawClient) -> Option<HelloReply> {
+    let hello = gantry_protocol::encode_hello(&agent_hello(Labels::new()), limits::MAX_FRAME_BYTES)
+        .expect("hello");
+    client.writer.send_frame(&hello).await.expect("send hello");
+    client.reader.recv::<HelloReply>().await.expect("reply")
+}
+
 /// An enrolled agent that sends heartbeats on its control stream as fast as the
 /// connection takes them, reading nothing.
 #[derive(Debug)]
@@ -62,21 +71,17 @@ impl Drop for Flooder {
 impl Flooder {
     /// Connects as the agent enrolled into `agent_dir` and starts flooding.
     pub async fn heartbeats(address: &str, agent_dir: &Path) -> Self {
-        let client = raw::connect(address, agent_tls(agent_dir))
+        let mut client = raw::connect(address, agent_tls(agent_dir))
             .await
             .expect("connect");
+        let reply = say_agent_hello(&mut client).await;
+        assert!(matches!(reply, Some(HelloReply::Welcome(_))), "{reply:?}");
         let RawClient {
             dialer,
             conn,
             mut writer,
             mut reader,
         } = client;
-        let hello =
-            gantry_protocol::encode_hello(&agent_hello(Labels::new()), limits::MAX_FRAME_BYTES)
-                .expect("hello");
-        writer.send_frame(&hello).await.expect("send hello");
-        let reply = reader.recv::<HelloReply>().await.expect("reply");
-        assert!(matches!(reply, Some(HelloReply::Welcome(_))), "{reply:?}");
         // One heartbeat frame, sent in batches of 64 per write.
         let frame = gantry_protocol::encode_frame(
             &AgentMessage::Heartbeat(HostFigures::default()),
@@ -331,5 +336,103 @@ impl Storm {
     /// Hellos refused so far.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Ordering::Relaxed)
+    }
+}
+
+/// Connection attempts that never finish: each is one real QUIC Initial packet (made by
+/// quinn-proto, so the coordinator accepts it as a new connection), sent from one UDP
+/// socket whose replies are only counted, never answered. Every attempt the coordinator
+/// takes on holds a handshake slot until its handshake deadline; one it answers with a
+/// Retry holds nothing. Sends `per_round` attempts every 100 ms until dropped.
+#[derive(Debug)]
+pub struct HalfOpen {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    sent: Arc<AtomicU64>,
+    retries: Arc<AtomicU64>,
+}
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl HalfOpen {
+    pub fn start(address: &str, ca_der: &[u8], per_round: usize) -> Self {
+        let server: std::net::SocketAddr = address.parse().expect("coordinator address");
+        let tls = ClientTls::anonymous(ca_der).expect("tls");
+        let crypto =
+            quinn_proto::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+        let config = quinn_proto::ClientConfig::new(Arc::new(crypto));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sent, retries) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let thread = {
+            let (stop, sent, retries) = (stop.clone(), sent.clone(), retries.clone());
+            std::thread::spawn(move || {
+                let mut datagram = Vec::new();
+                let mut reply = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    // A fresh endpoint per round: the attempts are never driven, so
+                    // nothing of them needs to be kept.
+                    let mut endpoint = quinn_proto::Endpoint::new(
+                        Arc::new(quinn_proto::EndpointConfig::default()),
+                        None,
+                        false,
+                        None,
+                    );
+                    for _ in 0..per_round {
+                        let now = Instant::now();
+                        let Ok((_, mut conn)) = endpoint.connect(
+                            now,
+                            config.clone(),
+                            server,
+                            gantry_protocol::COORDINATOR_SERVER_NAME,
+                        ) else {
+                            continue;
+                        };
+                        datagram.clear();
+                        if let Some(t) = conn.poll_transmit(now, 1, &mut datagram) {
+                            if socket.send_to(&datagram[..t.size], server).is_ok() {
+                                sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    // Replies are read (and Retry packets counted) until the next round:
+                    // a long header whose type bits say Retry (QUIC v1, RFC 9000 17.2.5).
+                    let round_ends = Instant::now() + Duration::from_millis(100);
+                    while Instant::now() < round_ends {
+                        if let Ok(n) = socket.recv(&mut reply) {
+                            if n > 0 && reply[0] & 0xf0 == 0xf0 {
+                                retries.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+            sent,
+            retries,
+        }
+    }
+
+    /// Initial packets sent so far (each a connection attempt).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Retry packets the coordinator answered with so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }

@@ -1,6 +1,7 @@
 //! Denial of service, through the real binaries: a peer at its stream limit, peers that
 //! announce more than they may, silent and trickling peers and one that never reads, an
-//! agent flooding its session, and a storm of clients without certificates. Each test
+//! agent flooding its session, a storm of clients without certificates, and a flood of
+//! handshakes that never finish. Each test
 //! checks that the misbehaving peer is limited or cut off, and that everyone else goes on
 //! working. Bounds on time are generous (a shared 2-core machine); `bench-dos` prints
 //! the figures.
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use gantry_certs::ClientTls;
 use gantry_protocol::{limits, AdminHello, CloseCode, Intent, SourceData, StreamOpen};
-use gantry_tests::flood::{self, Flooder, Storm, StormKind};
+use gantry_tests::flood::{self, Flooder, HalfOpen, Storm, StormKind};
 use gantry_tests::peers::RawAgent;
 use gantry_tests::raw;
 use gantry_tests::{wait_for, Agent, Coordinator, DEADLINE};
@@ -447,4 +448,36 @@ fn a_storm_of_clients_without_certificates_leaves_enrolled_agents_connected_and_
     drop(storm);
     storm_rt.shutdown_background();
     never_reconnected(&real);
+}
+
+/// A sender of connection attempts that never finish (raw Initial packets, 500 a second,
+/// each of which would hold a handshake slot for the whole handshake deadline) keeps
+/// every slot taken unless the coordinator answers with Retry once handshakes pile up:
+/// with it, an agent started during the flood connects and runs a job, and so does the
+/// admin CLI, while the flood goes on.
+#[test]
+fn a_flood_of_half_open_handshakes_is_asked_to_prove_its_address_and_agents_still_connect() {
+    let c = Coordinator::start();
+    let ca_der = gantry_certs::pem_to_der(&c.ca_pem()).expect("ca der");
+    let flood = HalfOpen::start(&c.address, &ca_der, 50);
+    // Twice the slots: without Retry every one would be taken by now.
+    wait_for("the flood to send 2,048 attempts", DEADLINE, || {
+        (flood.sent() >= 2048).then_some(())
+    });
+    let _real = c.agents_running(1, &["--label", "role=real"]);
+    let sent_before_job = flood.sent();
+    a_job_still_runs(&c);
+    assert!(
+        flood.sent() > sent_before_job,
+        "the flood went on while the job ran"
+    );
+    assert!(
+        flood.retries() > 0,
+        "the coordinator answered the flood with Retry packets"
+    );
+    println!(
+        "an agent connected and a job ran during a flood of {} half-open attempts ({} answered with Retry)",
+        flood.sent(),
+        flood.retries()
+    );
 }

@@ -410,6 +410,19 @@ impl Incoming {
     pub fn refuse(self) {
         self.0.refuse();
     }
+
+    /// Whether the peer proved it receives at its source address (it echoed a Retry
+    /// token): a spoofed or fire-and-forget sender never does.
+    pub fn address_validated(&self) -> bool {
+        self.0.remote_address_validated()
+    }
+
+    /// Answers with a Retry, keeping no state: the peer must come back with the token,
+    /// which proves its address. `None`: the Retry is sent; the attempt is given back
+    /// if its address is already validated (a Retry is sent at most once per attempt).
+    pub fn retry(self) -> Option<Self> {
+        self.0.retry().err().map(|e| Self(e.into_incoming()))
+    }
 }
 
 /// An established, authenticated QUIC connection.

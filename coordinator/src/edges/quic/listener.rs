@@ -26,6 +26,33 @@ use crate::services::coordinator::Coordinator;
 /// Handshakes in progress at once; more are refused until some finish (connection storms).
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 
+/// Handshakes in progress from which a new attempt must first prove its address with a
+/// Retry (one more round trip, no state kept until it comes back). A sender that never
+/// reads what it is sent (spoofed addresses, raw Initial packets) can then hold at most
+/// these slots, and the rest stay free for clients that answer, enrolled agents among them.
+pub const RETRY_FROM: usize = MAX_PENDING_HANDSHAKES / 4;
+
+/// What is done with a new connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Take a handshake slot if one is free (the semaphore decides; none free: refused).
+    Handshake,
+    /// Ask it to prove its address first (stateless).
+    Retry,
+}
+
+/// The decision for an attempt arriving while `pending` handshakes are in progress:
+/// below [`RETRY_FROM`] everyone is served at once; from there only attempts whose
+/// address is validated try for a slot, and the others are sent a Retry (even when
+/// every slot is taken: it costs nothing, and the answer may find a free one).
+fn admit(pending: usize, address_validated: bool) -> Admit {
+    if !address_validated && pending >= RETRY_FROM {
+        Admit::Retry
+    } else {
+        Admit::Handshake
+    }
+}
+
 /// Accepts connections for `coord` until `shutdown` resolves, then closes them all and
 /// flushes presence.
 pub async fn serve(
@@ -109,11 +136,24 @@ impl Admission {
         let _ = tokio::time::timeout(Duration::from_secs(2), listener.wait_idle()).await;
     }
 
-    /// Admits one connection: a handshake slot (at most [`MAX_PENDING_HANDSHAKES`] at
-    /// once), the TLS handshake and the hello within [`limits::HANDSHAKE_DEADLINE`], then
-    /// the session its certificate and the authorization table allow, or a refusal.
+    /// Admits one connection: a Retry first if handshakes pile up ([`admit`]), a
+    /// handshake slot (at most [`MAX_PENDING_HANDSHAKES`] at once), the TLS handshake
+    /// and the hello within [`limits::HANDSHAKE_DEADLINE`], then the session its
+    /// certificate and the authorization table allow, or a refusal.
     async fn handle_incoming(self: Arc<Self>, incoming: Incoming) {
         let remote = incoming.remote_address();
+        let pending = MAX_PENDING_HANDSHAKES - self.handshakes.available_permits();
+        let incoming = match admit(pending, incoming.address_validated()) {
+            Admit::Handshake => incoming,
+            Admit::Retry => match incoming.retry() {
+                None => {
+                    tracing::debug!(%remote, pending, "asked a connection attempt to prove its address (Retry)");
+                    return;
+                }
+                // Validated already: it takes its chance at a slot.
+                Some(incoming) => incoming,
+            },
+        };
         let Ok(handshake_slot) = self.handshakes.try_acquire() else {
             tracing::warn!(%remote, "refusing connection: {MAX_PENDING_HANDSHAKES} handshakes already in progress");
             incoming.refuse();
@@ -266,5 +306,22 @@ impl Admission {
         let (reason, message) = message;
         tracing::info!(%remote, "{message}");
         refuse(&conn, &mut writer, CloseCode::Unauthorized, reason, message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_prove_their_address_once_handshakes_pile_up() {
+        assert_eq!(admit(0, false), Admit::Handshake);
+        assert_eq!(admit(RETRY_FROM - 1, false), Admit::Handshake);
+        assert_eq!(admit(RETRY_FROM, false), Admit::Retry);
+        assert_eq!(admit(RETRY_FROM, true), Admit::Handshake);
+        // Unproven attempts are asked to prove themselves even with every slot taken:
+        // a Retry keeps nothing, and the answer may find a free slot.
+        assert_eq!(admit(MAX_PENDING_HANDSHAKES, false), Admit::Retry);
+        assert_eq!(admit(MAX_PENDING_HANDSHAKES, true), Admit::Handshake);
     }
 }
