@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use gantry_certs::ClientTls;
-use gantry_protocol::{limits, AdminHello, CloseCode, Intent, SourceData, StreamOpen};
+use gantry_protocol::{limits, AdminHello, CloseCode, HelloReply, Intent, SourceData, StreamOpen};
 use gantry_tests::flood::{self, Flooder, HalfOpen, Storm, StormKind};
 use gantry_tests::peers::RawAgent;
 use gantry_tests::raw;
@@ -481,3 +481,43 @@ fn a_flood_of_half_open_handshakes_is_asked_to_prove_its_address_and_agents_stil
         flood.retries()
     );
 }
+
+/// An agent's connection from its previous life whose hello arrives late (after the
+/// agent's newer connection said hello) is refused, naming why, and the live session
+/// goes on: the late hello used to replace it, closing the connection the agent uses.
+#[test]
+fn a_late_hello_from_an_older_connection_does_not_replace_the_live_session() {
+    let c = Coordinator::start();
+    let agent = Agent::enroll(&c.token(&[]), &[]);
+    let tls = flood::agent_tls(agent.dir.path());
+    let rt = rt();
+    let _live = rt.block_on(async {
+        // Both connections are through their handshake; the older says nothing yet.
+        let mut older = raw::connect(&c.address, tls.clone()).await.expect("older");
+        let mut newer = raw::connect(&c.address, tls).await.expect("newer");
+        let reply = flood::say_agent_hello(&mut newer).await;
+        assert!(matches!(reply, Some(HelloReply::Welcome(_))), "{reply:?}");
+        let reply = flood::say_agent_hello(&mut older).await;
+        let Some(HelloReply::Refused(refusal)) = reply else {
+            panic!("the late hello was not refused: {reply:?}");
+        };
+        assert!(
+            refusal
+                .message
+                .contains("this connection is older than the agent's live session"),
+            "{refusal:?}"
+        );
+        assert!(
+            newer.conn.close_reason().is_none(),
+            "the live session was closed: {:?}",
+            newer.conn.close_reason()
+        );
+        newer
+    });
+    let agents = c
+        .gantry(&["agents", "list", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(agents[0]["state"], "Connected", "{agents}");
+}
+

@@ -146,6 +146,21 @@ impl LiveSession {
     }
 }
 
+/// Whether session `newcomer` may replace the agent's `live` one. Sessions are numbered
+/// in the order their connections arrived, so only a later connection replaces: a hello
+/// that arrives late on a connection from the agent's previous life is refused instead
+/// of closing the session the agent now uses.
+fn supersedes(newcomer: u64, live: Option<u64>) -> bool {
+    live.is_none_or(|live| newcomer > live)
+}
+
+/// A hello came on a connection older than the agent's live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this connection is older than the agent's live session ({live}): a hello from its previous life cannot replace it; the agent goes on on its newer connection")]
+pub struct Superseded {
+    pub live: u64,
+}
+
 /// Live agent sessions by agent id, and presence not yet written to the store.
 #[derive(Debug, Default)]
 struct Registry {
@@ -178,14 +193,23 @@ impl Agents {
     }
 
     /// Registers a session; the agent's previous session, if any, is closed.
-    pub fn register(&self, id: AgentId, session: LiveSession) {
-        let replaced = self.lock().live.insert(id, session);
+    pub fn register(&self, id: AgentId, session: LiveSession) -> Result<(), Superseded> {
+        let mut reg = self.lock();
+        let live = reg.live.get(&id).map(|s| s.session);
+        if !supersedes(session.session, live) {
+            return Err(Superseded {
+                live: live.unwrap_or_default(),
+            });
+        }
+        let replaced = reg.live.insert(id, session);
+        drop(reg);
         if let Some(old) = replaced {
             old.conn.close(
                 CloseCode::Replaced,
                 "a newer session of this agent replaced this one",
             );
         }
+        Ok(())
     }
 
     /// Ends session `session` of `id` (unless a newer one replaced it); its presence is
@@ -481,5 +505,16 @@ mod tests {
         assert!(PresenceFlush::Everything.writes(true, Some(written), soon_after));
         assert!(!PresenceFlush::Everything.writes(false, Some(written), a_minute_later));
         assert!(!due.writes(false, None, written));
+    }
+
+    #[test]
+    fn only_a_later_connection_replaces_a_live_session() {
+        assert!(supersedes(1, None), "no live session");
+        assert!(supersedes(8, Some(7)), "the agent's next life");
+        assert!(
+            !supersedes(6, Some(7)),
+            "a late hello from an earlier connection"
+        );
+        assert!(!supersedes(7, Some(7)), "the same session again");
     }
 }

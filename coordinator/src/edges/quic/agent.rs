@@ -91,7 +91,7 @@ pub async fn session(
         .peer_port
         .filter(|port| *port != 0)
         .map(|port| peer_address(remote, port));
-    coord.agents.register(
+    let registered = coord.agents.register(
         id.clone(),
         LiveSession::new(
             session,
@@ -104,6 +104,18 @@ pub async fn session(
             outbound,
         ),
     );
+    if let Err(superseded) = registered {
+        tracing::info!(agent = %id, %remote, session, "{superseded}");
+        refuse(
+            &conn,
+            &mut writer,
+            CloseCode::Replaced,
+            RefusalReason::BadRequest,
+            superseded.to_string(),
+        )
+        .await;
+        return;
+    }
     tracing::info!(agent = %id, %remote, "agent connected");
     let welcome = welcome(
         Identity::Agent(id.clone()).uri(),

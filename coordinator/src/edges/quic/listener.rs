@@ -142,6 +142,10 @@ impl Admission {
     /// certificate and the authorization table allow, or a refusal.
     async fn handle_incoming(self: Arc<Self>, incoming: Incoming) {
         let remote = incoming.remote_address();
+        // Numbered on arrival, not at the hello: an agent's connections arrive in the
+        // order of its lives, while a hello can be late (a slow or stalled peer), and a
+        // late hello from an older connection must not pass for the newest one.
+        let numbers = self.numbers();
         let pending = MAX_PENDING_HANDSHAKES - self.handshakes.available_permits();
         let incoming = match admit(pending, incoming.address_validated()) {
             Admit::Handshake => incoming,
@@ -275,16 +279,13 @@ impl Admission {
                     return enroll::session(&self.coord, &conn, &mut writer, req).await;
                 }
                 (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
-                    let numbers = self.numbers();
                     return agent::session(self.coord.clone(), conn, writer, reader, id, h, numbers)
                         .await;
                 }
                 (Intent::Transfers(_), Some(Ok(Identity::Agent(id)))) => {
-                    let numbers = self.numbers();
                     return agent::transfers(self.coord.clone(), conn, writer, id, numbers).await;
                 }
                 (Intent::Admin(_), Some(Ok(identity))) => {
-                    let numbers = self.numbers();
                     let actor = identity.uri();
                     return admin::session(self.coord.clone(), conn, writer, reader, actor, principal, numbers)
                         .await;
