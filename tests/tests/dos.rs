@@ -521,3 +521,61 @@ fn a_late_hello_from_an_older_connection_does_not_replace_the_live_session() {
     assert_eq!(agents[0]["state"], "Connected", "{agents}");
 }
 
+/// After its welcome, an enrolled agent's control messages are bounded before they are
+/// decoded: a frame announcing more than `MAX_FRAME_BYTES` closes the session with
+/// `FrameTooLarge`, and a message whose field claims 4 GiB (more than its frame holds)
+/// closes it with `Malformed` naming the message, without the claimed size ever being
+/// allocated; the coordinator's memory stays put and other agents go on working.
+#[test]
+fn an_agents_oversized_or_lying_control_messages_close_its_session_without_allocating() {
+    let mut c = Coordinator::start();
+    let real = c.agents_running(1, &["--label", "role=real"]);
+    let probe = Agent::enroll(&c.token(&[]), &[]);
+    let pid = c.server().pid();
+    let before = peak_rss_kib(pid);
+    let rt = rt();
+    let session = || async {
+        let mut client = raw::connect(&c.address, flood::agent_tls(probe.dir.path()))
+            .await
+            .expect("connect");
+        let reply = flood::say_agent_hello(&mut client).await;
+        assert!(matches!(reply, Some(HelloReply::Welcome(_))), "{reply:?}");
+        client
+    };
+    let (too_large, lying) = rt.block_on(async {
+        let mut client = session().await;
+        client
+            .writer
+            .send_frame(&(limits::MAX_FRAME_BYTES + 1).to_be_bytes())
+            .await
+            .expect("send header");
+        let too_large = client.conn.closed().await;
+        // `RenewCertificate` (variant 1) whose CSR claims u32::MAX bytes, in a frame of 6.
+        let mut client = session().await;
+        let payload = [1u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&payload);
+        client.writer.send_frame(&frame).await.expect("send");
+        (too_large, client.conn.closed().await)
+    });
+    assert_eq!(
+        too_large.close_code(),
+        Some(CloseCode::FrameTooLarge),
+        "{too_large}"
+    );
+    assert!(
+        too_large.to_string().contains("exceeds the limit"),
+        "{too_large}"
+    );
+    assert_eq!(lying.close_code(), Some(CloseCode::Malformed), "{lying}");
+    assert!(
+        lying.to_string().contains("malformed") && lying.to_string().contains("AgentMessage"),
+        "{lying}"
+    );
+    let grew_mib = peak_rss_kib(pid).saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 64,
+        "the coordinator's peak memory grew by {grew_mib} MiB"
+    );
+    blocking_free_check(&c, &real);
+}
