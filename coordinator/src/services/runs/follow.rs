@@ -125,8 +125,8 @@ impl Runs {
     }
 
     /// Ends a log stream with the job's state, after a line saying the log is
-    /// incomplete if part of it could not be stored (`next`: the chunk after the last one
-    /// sent; the note takes that number, never stored).
+    /// incomplete if part of it could not be stored and is still missing (`next`: the
+    /// chunk after the last one sent; the note takes that number, never stored).
     async fn end_log<W: FollowSink + Send>(
         &self,
         job: JobId,
@@ -134,7 +134,8 @@ impl Runs {
         next: u64,
         writer: &mut W,
     ) -> Result<(), W::Error> {
-        if record.attempt > 0 && self.logs.is_incomplete(job, record.attempt) {
+        let whole = record.log_chunks.is_some_and(|n| next >= n);
+        if record.attempt > 0 && !whole && self.logs.is_incomplete(job, record.attempt) {
             let note = "\n[gantry: this log is incomplete: the coordinator ran out of space storing it; the rest is stored when there is room and the agent sends it again]\n";
             writer
                 .send(&FollowEvent::Log(LogChunk {

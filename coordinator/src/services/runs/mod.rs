@@ -153,13 +153,18 @@ impl Runs {
         }
     }
 
-    /// A job as admins see it, with the size of its current attempt's log.
+    /// A job as admins see it, with the size of its current attempt's log and whether
+    /// part of it could not be stored (marked, and not every chunk its agent reported is
+    /// stored yet: the resend may have got through before its stream ended).
     pub fn job_view(&self, j: JobRecord) -> JobView {
-        let log_bytes = if j.attempt > 0 && self.logs.exists(j.job, j.attempt) {
-            self.logs.open(j.job, j.attempt).map_or(0, |l| l.bytes())
-        } else {
-            0
-        };
+        let log = (j.attempt > 0 && self.logs.exists(j.job, j.attempt))
+            .then(|| self.logs.open(j.job, j.attempt).ok())
+            .flatten();
+        let log_bytes = log.as_ref().map_or(0, |l| l.bytes());
+        let stored = log.as_ref().map_or(0, |l| l.next_seq());
+        let log_incomplete = j.attempt > 0
+            && self.logs.is_incomplete(j.job, j.attempt)
+            && j.log_chunks.is_none_or(|n| stored < n);
         JobView {
             job: j.job,
             name: j.name,
@@ -171,7 +176,7 @@ impl Runs {
             started_at: j.started_at,
             finished_at: j.finished_at,
             log_bytes,
-            log_incomplete: j.attempt > 0 && self.logs.is_incomplete(j.job, j.attempt),
+            log_incomplete,
         }
     }
 }
