@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use gantry_tests::http::{get, metric};
-use gantry_tests::{job_named, requires, wait_for, Coordinator, CoordinatorOptions, DEADLINE};
+use gantry_tests::{
+    job_named, requires, wait_for, Agent, Coordinator, CoordinatorOptions, DEADLINE,
+};
 
 /// Lazily unmounts a file system mounted for a test when dropped (also when the test
 /// panics, and while the server may still hold files open there).
@@ -58,6 +60,14 @@ fn on_small_tmpfs(test: &str, size: &str, server_args: &[&str]) -> Option<(Coord
     c.server_args = server_args.iter().map(|s| (*s).to_owned()).collect();
     c.start_server();
     Some((c, unmount))
+}
+
+/// [`on_small_tmpfs`] of 16 MiB with the watermark off (so the disk can fill up), and one
+/// agent connected.
+fn small_and_unguarded_with_an_agent(test: &str) -> Option<(Coordinator, Unmount, Vec<Agent>)> {
+    let (c, unmount) = on_small_tmpfs(test, "16m", &["--min-free-space", "0"])?;
+    let agents = c.agents_running(1, &[]);
+    Some((c, unmount, agents))
 }
 
 /// A watermark above all the tmpfs holds: `gantry run` is refused naming the directory,
@@ -125,10 +135,9 @@ fn a_data_directory_under_its_watermark_refuses_runs_and_says_so_on_readyz_and_m
 #[test]
 fn an_upload_that_fills_the_data_directory_is_told_the_coordinator_is_out_of_space() {
     let test = "an_upload_that_fills_the_data_directory";
-    let Some((c, _unmount)) = on_small_tmpfs(test, "16m", &["--min-free-space", "0"]) else {
+    let Some((c, _unmount, _agents)) = small_and_unguarded_with_an_agent(test) else {
         return;
     };
-    let _agents = c.agents_running(1, &[]);
     let run = c.run_pipeline(
         "jobs:\n  big:\n    steps: [{ run: 'mkdir out && head -c 24000000 /dev/urandom > out/big.bin' }]\n    artifacts: { name: big, paths: [out] }\n",
         &[],
@@ -162,10 +171,9 @@ fn an_upload_that_fills_the_data_directory_is_told_the_coordinator_is_out_of_spa
 #[test]
 fn a_log_that_fills_the_data_directory_is_marked_incomplete_until_it_is_stored() {
     let test = "a_log_that_fills_the_data_directory";
-    let Some((c, _unmount)) = on_small_tmpfs(test, "16m", &["--min-free-space", "0"]) else {
+    let Some((c, _unmount, _agents)) = small_and_unguarded_with_an_agent(test) else {
         return;
     };
-    let _agents = c.agents_running(1, &[]);
     let go = c.dir.path().join("go");
     let run = c.run_pipeline(
         &format!(
