@@ -92,6 +92,11 @@ async fn route(c: &Coordinator, cx: &Acting<'_>, req: AdminRequest) -> AdminResp
         R::AddWebhook { url, format, events, ca_pem } => reply(c.webhooks.add(cx, &url, format, &events, ca_pem.as_deref()), A::WebhookAdded),
         R::ListWebhooks => reply(c.webhooks.list(), A::Webhooks),
         R::RemoveWebhook { id } => reply(c.webhooks.remove(cx, id), done),
+        R::AddRepo(add) => reply(c.repos.add(cx, add).await, A::Repo),
+        R::ListRepos => reply(c.repos.list(), A::Repos),
+        R::ShowRepo { name } => reply(c.repos.show(&name), A::Repo),
+        R::RemoveRepo { name } => reply(c.repos.remove(cx, &name), done),
+        R::RunRepo(run) => reply(c.repos.run(cx, run).await, A::Run),
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gantry_coordinator::cli::{
-    agents, artifacts, bundle, demo, deploy, init, pipelines, web, Failure,
+    agents, artifacts, bundle, demo, deploy, init, pipelines, repos, web, Failure,
 };
 use gantry_coordinator::server::{self, ServerArgs};
 
@@ -112,6 +112,9 @@ enum Command {
     /// Webhook targets notified of run (and job) events.
     #[command(subcommand)]
     Webhooks(web::WebhooksCommand),
+    /// Repositories the coordinator mirrors; `gantry run --repo NAME` builds their commits.
+    #[command(subcommand)]
+    Repos(repos::ReposCommand),
 }
 
 fn main() -> ExitCode {
@@ -187,6 +190,7 @@ async fn run(command: Command) -> Result<ExitCode, Failure> {
         Command::Installer(args) => bundle::install_command(&args).map(done),
         Command::Admin(cmd) => web::admin_command(cmd).await,
         Command::Webhooks(cmd) => web::webhooks(cmd).await,
+        Command::Repos(cmd) => repos::repos(cmd).await,
     }
 }
 

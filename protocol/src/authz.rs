@@ -263,6 +263,11 @@ requests! {
     AdminAddWebhook = "admin.add_webhook", "add a webhook target";
     AdminListWebhooks = "admin.list_webhooks", "list webhook targets";
     AdminRemoveWebhook = "admin.remove_webhook", "remove a webhook target";
+    AdminAddRepo = "admin.add_repo", "add a repository";
+    AdminListRepos = "admin.list_repos", "list repositories";
+    AdminShowRepo = "admin.show_repo", "show a repository";
+    AdminRemoveRepo = "admin.remove_repo", "remove a repository";
+    AdminRunRepo = "admin.run_repo", "run a repository's pipeline at a ref";
 
     StreamLogs = "stream.logs", "upload a job attempt's log";
     StreamFollowLogs = "stream.follow_logs", "follow a job's log";
@@ -364,7 +369,12 @@ impl Request {
             | R::AdminRevokeLoginToken
             | R::AdminAddWebhook
             | R::AdminListWebhooks
-            | R::AdminRemoveWebhook => Who::ADMIN,
+            | R::AdminRemoveWebhook
+            | R::AdminAddRepo
+            | R::AdminListRepos
+            | R::AdminShowRepo
+            | R::AdminRemoveRepo
+            | R::AdminRunRepo => Who::ADMIN,
 
             // The holder: the agent the attempt was handed to (a log or result may come
             // after the attempt ended, from the agent's spool).
@@ -570,6 +580,11 @@ impl Request {
             A::AddWebhook { .. } => R::AdminAddWebhook,
             A::ListWebhooks => R::AdminListWebhooks,
             A::RemoveWebhook { .. } => R::AdminRemoveWebhook,
+            A::AddRepo(_) => R::AdminAddRepo,
+            A::ListRepos => R::AdminListRepos,
+            A::ShowRepo { .. } => R::AdminShowRepo,
+            A::RemoveRepo { .. } => R::AdminRemoveRepo,
+            A::RunRepo(_) => R::AdminRunRepo,
         }
     }
 

@@ -559,6 +559,17 @@ pub enum AdminRequest {
     RemoveWebhook {
         id: u64,
     },
+    /// `gantry repos add`: a repository the coordinator mirrors.
+    AddRepo(crate::repos::AddRepo),
+    ListRepos,
+    ShowRepo {
+        name: String,
+    },
+    RemoveRepo {
+        name: String,
+    },
+    /// `gantry run --repo`: a run of the pipeline file at a commit of a repository.
+    RunRepo(crate::repos::RunRepo),
 }
 
 /// Declares a struct with the fields given first, then what a [`SubmitRun`] says of
@@ -641,6 +652,8 @@ pub enum AdminResponse {
     LoginTokens(Vec<crate::web::LoginTokenView>),
     WebhookAdded(crate::web::WebhookAdded),
     Webhooks(Vec<crate::web::WebhookView>),
+    Repos(Vec<crate::repos::RepoView>),
+    Repo(crate::repos::RepoView),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1091,6 +1091,26 @@ fn sample(w: &World, row: R) -> Sample {
         }),
         R::AdminListWebhooks => admin(AdminRequest::ListWebhooks),
         R::AdminRemoveWebhook => admin(AdminRequest::RemoveWebhook { id: 999_999 }),
+        R::AdminAddRepo => admin(AdminRequest::AddRepo(gantry_protocol::AddRepo {
+            name: "authz-repo".into(),
+            url: "file:///nonexistent/authz".into(),
+            forge: None,
+            auth: gantry_protocol::RepoAuth::None,
+            pipeline_file: None,
+            poll_secs: None,
+        })),
+        R::AdminListRepos => admin(AdminRequest::ListRepos),
+        R::AdminShowRepo => admin(AdminRequest::ShowRepo {
+            name: "authz-repo".into(),
+        }),
+        R::AdminRemoveRepo => admin(AdminRequest::RemoveRepo {
+            name: "authz-repo".into(),
+        }),
+        R::AdminRunRepo => admin(AdminRequest::RunRepo(gantry_protocol::RunRepo {
+            repo: "authz-repo".into(),
+            git_ref: None,
+            inputs: gantry_protocol::Labels::new(),
+        })),
 
         R::StreamLogs => Sample::Stream(StreamOpen::Logs {
             job: w.victim,

@@ -100,6 +100,8 @@ pub enum SourceError {
     },
     #[error("the archive entry {} would land outside the workspace", path.display())]
     Outside { path: PathBuf },
+    #[error("cannot write the workspace's .git: {0}")]
+    Git(#[from] gantry_git::GitError),
 }
 
 #[derive(Debug)]
@@ -581,6 +583,31 @@ fn unpack_source(archive: &Path, workspace: &Path) -> Result<(), SourceError> {
             return Err(SourceError::Outside { path });
         }
     }
+    write_git_dir(workspace)
+}
+
+/// Turns the `.git` file a repository's source archive ends with (the coordinator's
+/// `.git` payload, after [`gantry_protocol::GIT_PAYLOAD_MAGIC`]) into the workspace's
+/// `.git` directory. Anything else at `.git` (an uploaded tree has none) is left alone.
+fn write_git_dir(workspace: &Path) -> Result<(), SourceError> {
+    let path = workspace.join(".git");
+    let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Ok(());
+    }
+    let bytes = std::fs::read(&path).map_err(|source| SourceError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let Some(encoded) = bytes.strip_prefix(gantry_protocol::GIT_PAYLOAD_MAGIC) else {
+        return Ok(());
+    };
+    let payload = gantry_git::GitPayload::decode(encoded)?;
+    std::fs::remove_file(&path).map_err(|source| SourceError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    gantry_git::write_git_dir(workspace, &payload)?;
     Ok(())
 }
 

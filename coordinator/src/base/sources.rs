@@ -125,8 +125,49 @@ impl SourceStore {
         if received != declared {
             return Err(SourceError::Short { received, declared });
         }
-        file.sync_all().map_err(SourceError::Sync)?;
-        let id = format!("sha256:{}", gantry_certs::hex(digest.finish().as_ref()));
+        let id = self.persist(tmp, &digest.finish())?;
+        Ok((id, received))
+    }
+
+    /// A temporary file in the store's directory for an archive made here (a
+    /// repository's commit); [`SourceStore::keep`] stores it.
+    pub fn temporary(&self) -> Result<tempfile::NamedTempFile, SourceError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| SourceError::Dir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        tempfile::NamedTempFile::new_in(&self.dir).map_err(SourceError::Temporary)
+    }
+
+    /// Stores an archive written to a [`SourceStore::temporary`] file under its
+    /// SHA-256, durably; its id and size.
+    pub fn keep(&self, tmp: tempfile::NamedTempFile) -> Result<(String, u64), SourceError> {
+        let mut file = tmp.reopen().map_err(SourceError::Temporary)?;
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; PIECE_BYTES];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).map_err(SourceError::Write)?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            digest.update(&buf[..n]);
+        }
+        if size > MAX_SOURCE_BYTES {
+            return Err(SourceError::TooLarge(size));
+        }
+        self.persist(tmp, &digest.finish()).map(|id| (id, size))
+    }
+
+    /// Syncs `tmp` and renames it to its content address.
+    fn persist(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        digest: &ring::digest::Digest,
+    ) -> Result<String, SourceError> {
+        tmp.as_file().sync_all().map_err(SourceError::Sync)?;
+        let id = format!("sha256:{}", gantry_certs::hex(digest.as_ref()));
         let path = self.path(&id).ok_or(SourceError::BadId)?;
         tmp.persist(&path)
             .map_err(|e| SourceError::Store(e.error))?;
@@ -136,7 +177,7 @@ impl SourceStore {
                 dir: self.dir.clone(),
                 source,
             })?;
-        Ok((id, received))
+        Ok(id)
     }
 
     /// Sends a stored archive as `SourceData` frames.

@@ -16,6 +16,10 @@ const CLOSE_FLUSH: Duration = Duration::from_millis(15);
 /// How long the CLI waits for the coordinator to answer the handshake or a request.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(15);
 
+/// How long the CLI waits for a request that fetches a repository (`repos add`, `run
+/// --repo`): a first fetch of a large repository takes minutes.
+pub const FETCH_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
 /// Errors the CLI maps to exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -97,13 +101,23 @@ impl AdminClient {
 
     /// Sends one request and waits for its response. Error responses become [`ClientError`]s.
     pub async fn request(&mut self, req: &AdminRequest) -> Result<AdminResponse, ClientError> {
+        self.request_within(req, REQUEST_DEADLINE).await
+    }
+
+    /// [`AdminClient::request`] for a request that may take longer (a repository's
+    /// fetch), waiting up to `deadline`.
+    pub async fn request_within(
+        &mut self,
+        req: &AdminRequest,
+        deadline: Duration,
+    ) -> Result<AdminResponse, ClientError> {
         self.writer
             .send(req)
             .await
             .map_err(|e| ClientError::Unreachable(e.into()))?;
         match self
             .reader
-            .recv_within::<AdminResponse>(REQUEST_DEADLINE, "the coordinator's response")
+            .recv_within::<AdminResponse>(deadline, "the coordinator's response")
             .await
         {
             Ok(Some(AdminResponse::Error(e))) => match e.kind {

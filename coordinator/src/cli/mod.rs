@@ -16,6 +16,7 @@ pub mod init;
 pub mod output;
 pub mod ownership;
 pub mod pipelines;
+pub mod repos;
 pub mod web;
 
 pub use failure::Failure;

@@ -10,11 +10,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use gantry_protocol::{
-    AdminRequest, AdminResponse, FollowEvent, JobId, RunId, StreamOpen, SubmitRun,
+    AdminRequest, AdminResponse, FollowEvent, JobId, RunId, RunRepo, StreamOpen, SubmitRun,
 };
 
 use crate::base::labels;
-use crate::cli::client::{AdminClient, ClientError};
+use crate::cli::client::{AdminClient, ClientError, FETCH_DEADLINE};
 use crate::cli::connect::{admin, connect};
 use crate::cli::failure::{usage, Failure};
 use crate::cli::output;
@@ -25,7 +25,13 @@ pub struct RunArgs {
     /// Pipeline file.
     #[arg(default_value = gantry_pipeline::DEFAULT_FILE_NAME)]
     file: PathBuf,
+    /// Run a repository's pipeline (see `gantry repos`) at --ref: the coordinator
+    /// fetches it and builds the commit with the pipeline file found in it; no local file
+    /// or tree is read.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["source", "no_source"])]
+    repo: Option<String>,
     /// Branch or tag the run is for [default: the checkout's current branch, else main].
+    /// With --repo: a branch, tag, full ref or commit id [default: main, else master].
     #[arg(long = "ref")]
     git_ref: Option<String>,
     /// Input value (repeatable), name=value.
@@ -210,6 +216,19 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 }
 
 pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+    if let Some(repo) = &args.repo {
+        let inputs = labels::parse_labels(&args.inputs)
+            .context("--input")
+            .map_err(usage)?;
+        let request = AdminRequest::RunRepo(RunRepo {
+            repo: repo.clone(),
+            git_ref: args.git_ref.clone(),
+            inputs,
+        });
+        let mut client = connect().await?;
+        let resp = client.request_within(&request, FETCH_DEADLINE).await?;
+        return started(client, resp, &args).await;
+    }
     let (file_name, text) = read_pipeline(&args.file)?;
     if let Err(errors) = gantry_pipeline::parse(&file_name, &text) {
         eprintln!("{errors}");
@@ -257,6 +276,15 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         source,
     };
     let resp = client.request(&AdminRequest::SubmitRun(submit)).await?;
+    started(client, resp, &args).await
+}
+
+/// Tells of a run just started, or follows it with `--follow`.
+async fn started(
+    mut client: AdminClient,
+    resp: AdminResponse,
+    args: &RunArgs,
+) -> Result<ExitCode, Failure> {
     let AdminResponse::Run(view) = &resp else {
         return Err(Failure::Work(anyhow::anyhow!(
             "unexpected response to a run request"

@@ -27,6 +27,7 @@ use crate::services::deployments::{DeployError, Deployments, Fleet};
 use crate::services::engine::{AgentOutbox, Engine, EngineError};
 use crate::services::exec::Execs;
 use crate::services::notify::{watch_engine, Notifier};
+use crate::services::repos::Repos;
 use crate::services::runner::deploy_runner;
 use crate::services::runs::Runs;
 use crate::services::secrets::Secrets;
@@ -84,6 +85,8 @@ pub struct Coordinator {
     pub engine: Engine,
     pub runs: Arc<Runs>,
     pub triggers: Arc<Triggers>,
+    /// Repositories and their mirrors (`gantry repos`, `gantry run --repo`).
+    pub repos: Arc<Repos>,
     pub sources: Arc<SourceStore>,
     pub artifacts: Arc<Artifacts>,
     pub deployments: Deployments,
@@ -133,7 +136,7 @@ impl Coordinator {
         watch_engine(engine.subscribe(), store.clone(), notifier.clone());
         let webhooks = Webhooks::start(
             store.clone(),
-            secret_key,
+            secret_key.clone(),
             metrics.clone(),
             settings.webhooks.clone(),
             notifier.clone(),
@@ -159,7 +162,16 @@ impl Coordinator {
             notifier.clone(),
             disk.clone(),
         ));
+        let repos = Arc::new(Repos::new(
+            store.clone(),
+            secrets.clone(),
+            secret_key.clone(),
+            runs.clone(),
+            sources.clone(),
+            data_dir,
+        ));
         Ok(Self {
+            repos,
             access: Access::new(
                 store.clone(),
                 ca,

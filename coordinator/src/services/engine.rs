@@ -29,8 +29,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::services::runner::DEPLOY_RUNNER_LABEL;
 use crate::store::{
-    JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite, Store,
-    StoreError, StoredScheduler,
+    JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunRepoRecord, RunStatus,
+    SchedulerWrite, Store, StoreError, StoredScheduler,
 };
 
 /// Time between SIGTERM and SIGKILL when a job is cancelled or times out.
@@ -149,7 +149,15 @@ impl Engine {
                 // Stored but not yet in the snapshot (crash between the two): submit again.
                 resubmit.push((record.run, pipeline.clone()));
             }
-            contexts.insert(record.run, RunContext { record, pipeline });
+            let repo = run_repo(&store, record.run);
+            contexts.insert(
+                record.run,
+                RunContext {
+                    record,
+                    pipeline,
+                    repo,
+                },
+            );
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (changes, _) = broadcast::channel(4096);
@@ -188,6 +196,53 @@ impl Engine {
 struct RunContext {
     record: RunRecord,
     pipeline: Arc<Pipeline>,
+    /// The repository side of a run built from a repository's commit.
+    repo: Option<RunRepoRecord>,
+}
+
+impl RunContext {
+    /// The run-wide values of `git.*`, `event.*` and `GANTRY_*`.
+    fn git(&self) -> gantry_pipeline::StaticContext {
+        let r = &self.record;
+        let repo = self.repo.as_ref();
+        let full_ref = repo.map_or(String::new(), |p| p.full_ref.clone());
+        gantry_pipeline::StaticContext {
+            branch: full_ref.strip_prefix("refs/heads/").map_or_else(
+                || {
+                    if repo.is_none() {
+                        r.git_ref.clone()
+                    } else {
+                        String::new()
+                    }
+                },
+                str::to_owned,
+            ),
+            tag: full_ref
+                .strip_prefix("refs/tags/")
+                .unwrap_or_default()
+                .to_owned(),
+            git_ref: full_ref,
+            event: r.event.clone(),
+            commit: r.commit.clone().unwrap_or_default(),
+            repo: repo.map(|p| p.repo.clone()).unwrap_or_default(),
+            actor: r.created_by.clone(),
+            pr_number: repo
+                .and_then(|p| p.pr_number)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            pr_base: repo.and_then(|p| p.pr_base.clone()).unwrap_or_default(),
+            ..gantry_pipeline::StaticContext::default()
+        }
+    }
+}
+
+/// The repository side of a run, if it has one (a store error is logged: the run's jobs
+/// then lack `GANTRY_REPO`, which is better than not running).
+fn run_repo(store: &Store, run: RunId) -> Option<RunRepoRecord> {
+    store.run_repo(run).unwrap_or_else(|e| {
+        tracing::error!(%run, "cannot read the run's repository: {e}");
+        None
+    })
 }
 
 struct EngineTask {
@@ -250,11 +305,13 @@ impl EngineTask {
                     priority,
                 } => {
                     let name = pipeline.name.clone();
+                    let repo = run_repo(&self.store, run.run);
                     self.contexts.insert(
                         run.run,
                         RunContext {
                             record: *run.clone(),
                             pipeline,
+                            repo,
                         },
                     );
                     commands.extend(self.scheduler.handle(
@@ -472,8 +529,10 @@ impl EngineTask {
     fn assignment(&self, job: JobId, attempt: Attempt) -> Option<JobAssignment> {
         let ctx = self.contexts.get(&job.run)?;
         let spec = ctx.pipeline.jobs.get(job.index as usize)?;
-        let expand = |text: &str| expand_references(text, &ctx.record.inputs, &ctx.pipeline, spec);
-        let mut env = Labels::new();
+        let git = ctx.git();
+        let expand =
+            |text: &str| expand_references(text, &ctx.record.inputs, &git, &ctx.pipeline, spec);
+        let mut env = git_env(&git);
         for (k, v) in ctx.pipeline.env.iter().chain(&spec.env) {
             env.insert(k.clone(), expand(v));
         }
@@ -566,15 +625,39 @@ fn encode_changes(changes: &Changes) -> Result<SchedulerWrite, postcard::Error> 
     })
 }
 
-/// Expands `${{ inputs.NAME }}` and `${{ env.NAME }}`; leaves `${{ secrets.* }}` to the agent.
+/// A job's `GANTRY_*` variables of the run's commit and event (the agent adds the ids).
+fn git_env(git: &gantry_pipeline::StaticContext) -> Labels {
+    [
+        ("GANTRY_COMMIT", &git.commit),
+        ("GANTRY_REF", &git.git_ref),
+        ("GANTRY_BRANCH", &git.branch),
+        ("GANTRY_TAG", &git.tag),
+        ("GANTRY_EVENT", &git.event),
+        ("GANTRY_ACTOR", &git.actor),
+        ("GANTRY_REPO", &git.repo),
+        ("GANTRY_PR_NUMBER", &git.pr_number),
+        ("GANTRY_PR_BASE", &git.pr_base),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.clone()))
+    .collect()
+}
+
+/// Expands `${{ inputs.NAME }}`, `${{ git.* }}`, `${{ event.* }}` and `${{ env.NAME }}`;
+/// leaves `${{ secrets.* }}` to the agent.
 fn expand_references(
     text: &str,
     inputs: &Labels,
+    git: &gantry_pipeline::StaticContext,
     pipeline: &Pipeline,
     job: &gantry_pipeline::Job,
 ) -> String {
     gantry_protocol::template::expand(text, |expr| {
-        if let Some(name) = expr.strip_prefix("inputs.") {
+        if expr.starts_with("git.") || expr.starts_with("event.") {
+            gantry_pipeline::parse_reference(expr)
+                .ok()
+                .and_then(|r| git.value(&r))
+        } else if let Some(name) = expr.strip_prefix("inputs.") {
             inputs.get(name).cloned().or_else(|| {
                 pipeline
                     .triggers

@@ -4,7 +4,7 @@
 //! the scheduler's shell (`engine`, with the deploy runner's id in `runner`), `runs`,
 //! `artifacts`, `deployments` (the deployment manager) and `environments`, `agents`
 //! (live sessions, presence), `access` (tokens, enrollment, certificates), the one
-//! holding rule (`holds`), `secrets`, `notify` and `webhooks`, `triggers`, `exec`,
+//! holding rule (`holds`), `secrets`, `notify` and `webhooks`, `triggers`, `repos` (mirrors, runs of a commit), `exec`,
 //! `upgrades` and `stats`. Services import the base layer and each other, never in a
 //! cycle; never the admin router, an edge or the CLI.
 
@@ -18,6 +18,7 @@ pub mod environments;
 pub mod exec;
 pub mod holds;
 pub mod notify;
+pub mod repos;
 pub mod runner;
 pub mod runs;
 pub mod secrets;

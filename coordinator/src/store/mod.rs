@@ -36,6 +36,8 @@
 //! | `caches` | `pipeline \0 branch \0 key` (`&str`) | [`gantry_protocol::CacheView`] | `artifacts` |
 //! | `login_tokens` | id, `lt-<16 hex>` (`&str`) | [`LoginTokenRecord`] | `web` |
 //! | `webhooks` | number (`u64`) | [`WebhookRecord`] | `web` |
+//! | `repos` | name (`&str`) | [`RepoRecord`] | `repos` |
+//! | `run_repos` | run number (`u64`) | [`RunRepoRecord`] | `repos` |
 
 use std::path::Path;
 
@@ -46,6 +48,7 @@ mod artifacts;
 mod audit;
 mod db;
 mod deployments;
+mod repos;
 mod runs;
 mod secrets;
 mod web;
@@ -58,6 +61,7 @@ pub use deployments::{
     DeploymentRecord, EnvironmentConflict, EnvironmentRecord, HostNote, Kind,
     Status as DeploymentStatus,
 };
+pub use repos::{RepoCredentials, RepoRecord, RunRepoRecord};
 pub use runs::{
     JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite,
     StoredScheduler, TriggerRecord,
@@ -87,6 +91,7 @@ impl Store {
             deployments::create_tables(&tx)?;
             artifacts::create_tables(&tx)?;
             web::create_tables(&tx)?;
+            repos::create_tables(&tx)?;
             let mut meta = tx.open_table(META).map_err(eng!("open meta"))?;
             let found = match meta.get("schema_version").map_err(eng!("read meta"))? {
                 Some(v) => Some(decode::<u32>("meta", "schema_version", v.value())?),

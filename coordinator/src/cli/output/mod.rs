@@ -1,10 +1,11 @@
 //! How admin responses are shown: aligned tables for people, `--json` for scripts.
 //! [`print_response`] picks the form of each response; the tables are by domain
-//! (`runs.rs`, `fleet.rs`, `deploy.rs`, `web.rs`), built with `table.rs`. A job's log
+//! (`runs.rs`, `fleet.rs`, `deploy.rs`, `web.rs`, `repos.rs`), built with `table.rs`. A job's log
 //! bound for a terminal goes through `terminal.rs` first.
 
 pub mod deploy;
 pub mod fleet;
+pub mod repos;
 pub mod runs;
 pub mod table;
 pub mod terminal;
@@ -54,6 +55,8 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
                 serde_json::to_value(serde_json::json!({ "message": message }))
             }
             AdminResponse::Error(e) => serde_json::to_value(e),
+            AdminResponse::Repos(r) => serde_json::to_value(r),
+            AdminResponse::Repo(r) => serde_json::to_value(r),
             web @ (AdminResponse::LoginTokenCreated(_)
             | AdminResponse::LoginTokens(_)
             | AdminResponse::WebhookAdded(_)
@@ -144,6 +147,8 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         AdminResponse::AdminIssued { .. } => println!("admin certificate issued"),
         AdminResponse::Done { message } => println!("{message}"),
         AdminResponse::Error(e) => println!("error: {}", e.message),
+        AdminResponse::Repos(r) => print!("{}", repos::repos_table(r)),
+        AdminResponse::Repo(r) => print!("{}", repos::repo_detail(r)),
         web @ (AdminResponse::LoginTokenCreated(_)
         | AdminResponse::LoginTokens(_)
         | AdminResponse::WebhookAdded(_)

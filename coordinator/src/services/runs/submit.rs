@@ -11,7 +11,7 @@ use crate::services::deployments::create_file_environments;
 use crate::services::engine::{job_ids, plans_for, Input};
 use crate::services::notify::Event;
 use crate::services::runs::{RunError, Runs};
-use crate::store::{JobRecord, RunRecord, RunStatus};
+use crate::store::{JobRecord, RunRecord, RunRepoRecord, RunStatus};
 
 impl Runs {
     /// Parses a pipeline file without running it; the names of its jobs.
@@ -37,6 +37,26 @@ impl Runs {
 
     /// Checks and stores a run, then hands it to the engine.
     pub fn submit(&self, cx: &Acting<'_>, submit: &SubmitRun) -> Result<RunView, RunError> {
+        self.submit_with(cx, submit, None)
+    }
+
+    /// [`Runs::submit`] for a run of a repository's commit, with the repository side
+    /// stored before the engine sees the run (its jobs' `GANTRY_REPO`, `git.*`).
+    pub fn submit_from_repo(
+        &self,
+        cx: &Acting<'_>,
+        submit: &SubmitRun,
+        repo: &RunRepoRecord,
+    ) -> Result<RunView, RunError> {
+        self.submit_with(cx, submit, Some(repo))
+    }
+
+    fn submit_with(
+        &self,
+        cx: &Acting<'_>,
+        submit: &SubmitRun,
+        repo: Option<&RunRepoRecord>,
+    ) -> Result<RunView, RunError> {
         self.disk.check()?;
         let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)?;
         for name in submit.inputs.keys() {
@@ -106,6 +126,9 @@ impl Runs {
             },
             &audit,
         )?;
+        if let Some(repo) = repo {
+            self.store.put_run_repo(record.run, repo)?;
+        }
         let plans = plans_for(record.run, &pipeline, &record);
         let priority = pipeline.priority;
         self.engine.send(Input::Submitted {

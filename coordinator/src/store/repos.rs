@@ -1,0 +1,140 @@
+//! Repositories the coordinator mirrors (table `repos`) and the repository side of each
+//! run built from one (table `run_repos`): which repository, the full ref, the pull
+//! request. (Kept beside `runs` rather than in [`super::RunRecord`] so a run's record
+//! keeps its shape; a run without a repository has no row here.)
+
+use std::collections::BTreeMap;
+
+use gantry_protocol::{RunId, UnixMillis};
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::audit::AuditEntry;
+use super::db::{encode, eng, update, Store, StoreError};
+
+/// Repositories by name → [`RepoRecord`].
+const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
+/// Runs built from a repository, by run number → [`RunRepoRecord`].
+const RUN_REPOS: TableDefinition<u64, &[u8]> = TableDefinition::new("run_repos");
+
+/// How the coordinator authenticates to a repository's server, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepoCredentials {
+    None,
+    /// The name of a stored secret holding an https token.
+    TokenSecret(String),
+    /// An ssh private key, sealed (AES-256-GCM) under the name `repo-ssh-key:<repo>`.
+    SshKey(Vec<u8>),
+}
+
+/// A repository as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoRecord {
+    pub name: String,
+    pub url: String,
+    /// `gitea`, `gitlab` or `github`, as `gantry_forge::Forge` names them.
+    pub forge: Option<String>,
+    pub credentials: RepoCredentials,
+    pub pipeline_file: String,
+    pub poll_secs: Option<u64>,
+    pub created_at: UnixMillis,
+    pub created_by: String,
+    pub fetched_at: Option<UnixMillis>,
+    pub last_error: Option<String>,
+    /// Branch and tag heads after the last fetch (full ref → commit hex): what the
+    /// poller compares the next fetch with.
+    pub heads: BTreeMap<String, String>,
+}
+
+/// The repository side of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRepoRecord {
+    pub repo: String,
+    /// The full ref built (`refs/heads/main`, `refs/tags/v1`); empty for a bare commit.
+    pub full_ref: String,
+    pub pr_number: Option<u64>,
+    pub pr_base: Option<String>,
+}
+
+/// Creates the tables so readers never meet a missing one; called by [`Store::open`].
+pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    tx.open_table(REPOS).map_err(eng!("open repos"))?;
+    tx.open_table(RUN_REPOS).map_err(eng!("open run repos"))?;
+    Ok(())
+}
+
+impl Store {
+    /// Stores a new repository and its audit entry; `false` (nothing written) if one of
+    /// that name exists.
+    pub fn add_repo(&self, repo: &RepoRecord, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(REPOS).map_err(eng!("open repos"))?;
+            if table
+                .get(repo.name.as_str())
+                .map_err(eng!("read repo"))?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            table
+                .insert(repo.name.as_str(), encode(repo)?.as_slice())
+                .map_err(eng!("write repo"))?;
+            drop(table);
+            Self::append_audit(tx, audit)?;
+            Ok(true)
+        })
+    }
+
+    pub fn repo(&self, name: &str) -> Result<Option<RepoRecord>, StoreError> {
+        self.get(REPOS, name, ["open repos", "read repo"], "repo")
+    }
+
+    /// Every repository, by name.
+    pub fn repos(&self) -> Result<Vec<RepoRecord>, StoreError> {
+        self.all(REPOS, ["open repos", "scan repos"], "repo")
+    }
+
+    /// Changes a stored repository (its fetch state); `None` if it was removed meanwhile.
+    pub fn update_repo(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut RepoRecord),
+    ) -> Result<Option<RepoRecord>, StoreError> {
+        self.write(|tx| {
+            let mut table = tx.open_table(REPOS).map_err(eng!("open repos"))?;
+            update(
+                &mut table,
+                name,
+                ["read repo", "write repo"],
+                "repo",
+                change,
+            )
+        })
+    }
+
+    /// Removes a repository; `false` if there was none.
+    pub fn remove_repo(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
+        self.remove_named(REPOS, name, audit)
+    }
+
+    /// Records which repository and ref a run builds.
+    pub fn put_run_repo(&self, run: RunId, record: &RunRepoRecord) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.open_table(RUN_REPOS)
+                .map_err(eng!("open run repos"))?
+                .insert(run.0, encode(record)?.as_slice())
+                .map_err(eng!("write run repo"))?;
+            Ok(())
+        })
+    }
+
+    /// The repository side of a run; `None` for a run without a repository.
+    pub fn run_repo(&self, run: RunId) -> Result<Option<RunRepoRecord>, StoreError> {
+        self.get(
+            RUN_REPOS,
+            run.0,
+            ["open run repos", "read run repo"],
+            "run repo",
+        )
+    }
+}

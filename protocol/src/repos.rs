@@ -1,0 +1,68 @@
+//! Repositories on the coordinator (`gantry repos`) and runs of a repository's commit
+//! (`gantry run --repo`): the admin requests' shapes.
+//!
+//! Credentials travel one way only, from the admin to the coordinator: an ssh key's
+//! text in [`RepoAuth::SshKey`] is sealed on arrival, and no view carries it back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Labels, UnixMillis};
+
+/// How the coordinator authenticates to a repository's server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepoAuth {
+    /// Anonymous: public https, `git://`, `file://` and local paths.
+    None,
+    /// An https token, read from the stored secret of this name at each fetch.
+    TokenSecret(String),
+    /// An ssh private key (its PEM text), stored sealed like a secret.
+    SshKey(String),
+}
+
+/// `gantry repos add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddRepo {
+    pub name: String,
+    pub url: String,
+    /// `gitea` (or `forgejo`), `gitlab`, `github`; `None` for a plain git server.
+    pub forge: Option<String>,
+    pub auth: RepoAuth,
+    /// The pipeline file, read from each commit built; `None` is `gantry.yml`.
+    pub pipeline_file: Option<String>,
+    /// Fetch every this many seconds and run for each branch head that moved.
+    pub poll_secs: Option<u64>,
+}
+
+/// `gantry run --repo NAME [--ref R] [--input k=v]...`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRepo {
+    pub repo: String,
+    /// A branch, tag, full ref or commit id; `None` is the repository's default branch.
+    pub git_ref: Option<String>,
+    pub inputs: Labels,
+}
+
+/// A repository as admins see it (never its credentials).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoView {
+    pub name: String,
+    pub url: String,
+    pub forge: Option<String>,
+    /// `none`, `token from secret NAME` or `ssh key`.
+    pub auth: String,
+    pub pipeline_file: String,
+    pub poll_secs: Option<u64>,
+    pub created_at: UnixMillis,
+    pub created_by: String,
+    /// The last fetch that succeeded.
+    pub fetched_at: Option<UnixMillis>,
+    /// The last fetch's error, cleared by the next success.
+    pub last_error: Option<String>,
+    /// Branch and tag heads as of the last fetch: (full ref, commit).
+    pub heads: Vec<(String, String)>,
+}
+
+/// How a source archive built from a commit starts its root `.git` entry: a regular
+/// file holding the workspace's `.git` (`gantry_git::GitPayload`), which the agent
+/// turns into the directory. A walked tree can never hold a `.git` path itself.
+pub const GIT_PAYLOAD_MAGIC: &[u8] = b"gantry-git-payload/1\n";

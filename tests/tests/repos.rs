@@ -1,0 +1,264 @@
+//! End-to-end tests of repositories (`gantry repos`) and runs of their commits (`gantry
+//! run --repo`), with the real binaries and a git repository served over `file://` on
+//! the same host: the job's workspace holds the commit's files and a `.git` that git
+//! itself reads, and the job's environment names the commit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gantry_tests::{Coordinator, DEADLINE};
+
+/// A repository with a working tree, committed to with the `git` program.
+struct Upstream {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+const PIPELINE: &str = r#"name: from-git
+jobs:
+  show:
+    steps:
+      - run: |
+          echo "HEAD=$(git rev-parse HEAD)"
+          echo "COMMIT=$GANTRY_COMMIT"
+          echo "EXPR=${{ git.commit }}"
+          echo "REF=$GANTRY_REF BRANCH=$GANTRY_BRANCH TAG=$GANTRY_TAG"
+          echo "EVENT=$GANTRY_EVENT REPO=$GANTRY_REPO ACTOR=$GANTRY_ACTOR"
+          echo "SUBJECT=$(git log -1 --format=%s)"
+          echo "DESCRIBE=$(git describe --tags 2>&1)"
+          echo "STATUS=[$(git status --porcelain)]"
+          echo "FILE=$(cat version.txt)"
+"#;
+
+impl Upstream {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("app");
+        std::fs::create_dir(&path).expect("mkdir");
+        let up = Self { _dir: dir, path };
+        up.git(&["init", "--quiet", "--initial-branch=main"]);
+        up
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=Tester",
+                "-c",
+                "user.email=t@example.invalid",
+            ])
+            .args(args)
+            .current_dir(&self.path)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Writes the files and commits them; the new commit's id.
+    fn commit(&self, files: &[(&str, &str)], message: &str) -> String {
+        for (name, text) in files {
+            let path = self.path.join(name);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
+        }
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+}
+
+fn url_of(path: &Path) -> String {
+    format!("file://{}", path.display())
+}
+
+/// Runs `gantry run --repo` and waits for the run; its view and its one job's log.
+fn run_repo(c: &Coordinator, extra: &[&str]) -> (serde_json::Value, String) {
+    let mut args = vec!["run", "--repo", "app", "--json"];
+    args.extend_from_slice(extra);
+    let started = c.gantry(&args).expect_code(0).json();
+    let run = started["run"].as_u64().expect("run number");
+    let view = c.wait_run(run, DEADLINE);
+    let log = c.logs(&format!("{run}.0"));
+    (view, log)
+}
+
+#[test]
+fn a_run_of_a_repository_builds_the_commit_with_its_git_context_and_the_next_commit_after_it() {
+    let up = Upstream::new();
+    let first = up.commit(
+        &[("gantry.yml", PIPELINE), ("version.txt", "one\n")],
+        "first version",
+    );
+    up.git(&["tag", "-a", "v1", "-m", "release one"]);
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+
+    let added = c
+        .gantry(&["repos", "add", "app", "--url", &up.url(), "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(added["name"], "app", "{added}");
+    assert_eq!(added["auth"], "none", "{added}");
+    let heads = added["heads"].to_string();
+    assert!(
+        heads.contains(&first) && heads.contains("refs/tags/v1"),
+        "{added}"
+    );
+
+    let (view, log) = run_repo(&c, &[]);
+    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    assert_eq!(view["commit"], first.as_str(), "{view}");
+    assert_eq!(view["event"], "manual", "{view}");
+    for line in [
+        format!("HEAD={first}"),
+        format!("COMMIT={first}"),
+        format!("EXPR={first}"),
+        "REF=refs/heads/main BRANCH=main TAG=".into(),
+        "EVENT=manual REPO=app ACTOR=".into(),
+        "SUBJECT=first version".into(),
+        "DESCRIBE=v1".into(),
+        "STATUS=[]".into(),
+        "FILE=one".into(),
+    ] {
+        assert!(
+            log.contains(&line),
+            "{line:?} missing from the job's log:\n{log}"
+        );
+    }
+
+    // A second commit: the next run fetches it and builds it, not the first.
+    let second = up.commit(&[("version.txt", "two\n")], "second version");
+    let (view, log) = run_repo(&c, &[]);
+    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    assert_eq!(view["commit"], second.as_str(), "{view}");
+    assert!(log.contains(&format!("HEAD={second}")), "{log}");
+    assert!(
+        log.contains("FILE=two") && log.contains("SUBJECT=second version"),
+        "{log}"
+    );
+
+    // A tag builds the tagged commit, with the tag in its context.
+    let (view, log) = run_repo(&c, &["--ref", "v1"]);
+    assert_eq!(view["commit"], first.as_str(), "{view}");
+    assert!(log.contains(&format!("HEAD={first}")), "{log}");
+    assert!(log.contains("REF=refs/tags/v1 BRANCH= TAG=v1"), "{log}");
+    assert!(log.contains("FILE=one"), "{log}");
+}
+
+#[test]
+fn refs_and_repositories_that_do_not_exist_are_refused_with_the_reason_and_the_coordinator_keeps_working(
+) {
+    let up = Upstream::new();
+    up.commit(
+        &[("gantry.yml", PIPELINE), ("version.txt", "one\n")],
+        "first",
+    );
+    let c = Coordinator::start();
+    c.gantry(&["repos", "add", "app", "--url", &up.url()])
+        .expect_code(0);
+
+    let refused = c.gantry(&["run", "--repo", "app", "--ref", "no-such-branch"]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains("no ref \"no-such-branch\""),
+        "{}",
+        refused.stderr
+    );
+    let refused = c.gantry(&["run", "--repo", "other"]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("no repository \"other\""),
+        "{}",
+        refused.stderr
+    );
+
+    // A commit without the pipeline file says which file is missing where.
+    up.git(&["rm", "--quiet", "gantry.yml"]);
+    up.git(&["commit", "--quiet", "-m", "drop the pipeline"]);
+    let refused = c.gantry(&["run", "--repo", "app"]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("has no pipeline file gantry.yml"),
+        "{}",
+        refused.stderr
+    );
+
+    // Bad additions: each says what is wrong, and nothing is stored.
+    for (args, reason) in [
+        (vec!["bad name", "--url", &up.url()[..]], "is not valid"),
+        (vec!["app", "--url", &up.url()[..]], "exists"),
+        (vec!["x1", "--url", "ext::sh -c id"], "ext"),
+        (
+            vec!["x2", "--url", "https://u:pw@example.invalid/r.git"],
+            "password",
+        ),
+        (
+            vec!["x3", "--url", &url_of(Path::new("/nonexistent/repo"))[..]],
+            "nonexistent",
+        ),
+        (
+            vec!["x4", "--url", &up.url()[..], "--forge", "bitbucket"],
+            "unknown forge",
+        ),
+        (
+            vec!["x5", "--url", &up.url()[..], "--token-secret", "NOPE"],
+            "secret NOPE is not set",
+        ),
+        (
+            vec!["x6", "--url", &up.url()[..], "--pipeline-file", "../x.yml"],
+            "relative path",
+        ),
+        (
+            vec!["x7", "--url", &up.url()[..], "--poll", "1s"],
+            "out of range",
+        ),
+    ] {
+        let mut full = vec!["repos", "add"];
+        full.extend(args.iter().copied());
+        let out = c.gantry(&full);
+        assert_ne!(out.code, 0, "{full:?} was accepted");
+        assert!(
+            out.stderr.to_lowercase().contains(&reason.to_lowercase()),
+            "{full:?}: {reason:?} not in {}",
+            out.stderr
+        );
+    }
+
+    let list = c.gantry(&["repos", "list", "--json"]).expect_code(0).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let shown = c
+        .gantry(&["repos", "show", "app", "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(shown["url"], up.url().as_str(), "{shown}");
+    assert_eq!(shown["pipeline_file"], "gantry.yml", "{shown}");
+    let text = c.gantry(&["repos", "show", "app"]).expect_code(0).stdout;
+    assert!(text.contains("refs/heads/main"), "{text}");
+
+    c.gantry(&["repos", "rm", "app"]).expect_code(0);
+    let list = c.gantry(&["repos", "list", "--json"]).expect_code(0).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    assert!(
+        !c.data_dir().join("repos/app.git").exists(),
+        "the mirror is deleted with the repository"
+    );
+    let gone = c.gantry(&["repos", "show", "app"]);
+    assert_ne!(gone.code, 0);
+    assert!(
+        gone.stderr.contains("no repository \"app\""),
+        "{}",
+        gone.stderr
+    );
+    c.gantry(&["status"]).expect_code(0);
+}
