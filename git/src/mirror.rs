@@ -329,6 +329,40 @@ impl Mirror {
         run::run_ok(&self.git, inv).map(Some)
     }
 
+    /// The paths that differ between `from` and `to` (what a push filter's `paths`
+    /// match), or, with no `from` (a new branch), the paths `to` changed against its
+    /// first parent. At most `max` paths: a filter needs one match, not every path.
+    pub fn changed_paths(
+        &self,
+        from: Option<ObjectId>,
+        to: ObjectId,
+        max: usize,
+    ) -> Result<Vec<String>, GitError> {
+        let (from_text, to_text) = (from.map(|c| c.to_string()), to.to_string());
+        let mut args = vec![
+            "diff-tree",
+            "-r",
+            "--root",
+            "--no-commit-id",
+            "--name-only",
+            "-z",
+        ];
+        if let Some(from) = &from_text {
+            args.push(from);
+        }
+        args.push(&to_text);
+        let out = self.local(
+            &format!("listing the paths changed by {}", to.short()),
+            &args,
+        )?;
+        Ok(out
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .take(max)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect())
+    }
+
     /// Packs the mirror's loose objects and small packs when git thinks it is due
     /// (`gc --auto`): fetches never do it themselves.
     pub fn maintain(&self) -> Result<(), GitError> {

@@ -328,3 +328,31 @@ fn a_local_path_mirrors_and_a_password_in_the_url_is_refused() {
     .expect_err("password in URL");
     assert!(!err.to_string().contains("hunter2"), "{err}");
 }
+
+#[test]
+fn changed_paths_are_those_between_two_commits_or_of_a_new_head_against_its_parent() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let served = ServedRepo::new(root.path(), "app");
+    served.write(&[("README", b"one\n"), ("src/a.rs", b"a\n")]);
+    let first = served.commit_and_push("first", "main");
+    served.write(&[("src/a.rs", b"changed\n"), ("docs/b.md", b"b\n")]);
+    let second = served.commit_and_push("second", "main");
+    let local = tempfile::tempdir().expect("tempdir");
+    let remote = Remote::new(
+        format!("file://{}", served.bare.display()),
+        Credentials::None,
+    )
+    .expect("remote");
+    let mirror = mirror(local.path(), remote);
+    mirror.fetch(&Fetch::All).expect("fetch");
+    let between = mirror
+        .changed_paths(Some(oid(&first)), oid(&second), 100)
+        .expect("between");
+    assert_eq!(between, ["docs/b.md", "src/a.rs"]);
+    let root_commit = mirror.changed_paths(None, oid(&first), 100).expect("root");
+    assert_eq!(root_commit, ["README", "src/a.rs"]);
+    let new_head = mirror
+        .changed_paths(None, oid(&second), 1)
+        .expect("bounded");
+    assert_eq!(new_head.len(), 1, "at most `max` paths: {new_head:?}");
+}

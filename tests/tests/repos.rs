@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gantry_tests::{Coordinator, DEADLINE};
+use gantry_tests::{wait_for, Coordinator, DEADLINE};
 
 /// A repository with a working tree, committed to with the `git` program.
 struct Upstream {
@@ -261,4 +261,72 @@ fn refs_and_repositories_that_do_not_exist_are_refused_with_the_reason_and_the_c
         gone.stderr
     );
     c.gantry(&["status"]).expect_code(0);
+}
+
+#[test]
+fn a_polled_repository_runs_each_pushed_head_its_push_filter_matches_once() {
+    let pipeline = PIPELINE.replace(
+        "name: from-git\n",
+        "name: from-git\non:\n  push: { branches: [main] }\n",
+    );
+    let up = Upstream::new();
+    let first = up.commit(
+        &[("gantry.yml", &pipeline), ("version.txt", "one\n")],
+        "first",
+    );
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    c.gantry(&["repos", "add", "app", "--url", &up.url(), "--poll", "10s"])
+        .expect_code(0);
+
+    // A branch the filter does not name, then a push to main.
+    up.git(&["checkout", "--quiet", "-b", "feature"]);
+    let feature = up.commit(&[("version.txt", "feature\n")], "on a feature branch");
+    up.git(&["checkout", "--quiet", "main"]);
+    let second = up.commit(&[("version.txt", "two\n")], "second");
+    let polled = |commit: &str| {
+        wait_for(&format!("a polled run of {commit}"), POLL_DEADLINE, || {
+            runs(&c).into_iter().find(|r| r["commit"] == commit)
+        })
+    };
+    let run = polled(&second);
+    assert_eq!(run["event"], "poll", "{run}");
+    assert_eq!(run["git_ref"], "main", "{run}");
+    let view = c.wait_run(run["run"].as_u64().expect("run"), DEADLINE);
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let log = c.logs(&format!("{}.0", view["run"]));
+    assert!(
+        log.contains(&format!("HEAD={second}")) && log.contains("EVENT=poll"),
+        "{log}"
+    );
+
+    // One more push: once it has run, the poll that saw `feature` is long over.
+    let third = up.commit(&[("version.txt", "three\n")], "third");
+    polled(&third);
+    let all = runs(&c);
+    for commit in [&first, &feature] {
+        assert!(
+            all.iter().all(|r| r["commit"] != commit.as_str()),
+            "{commit} was never pushed to a matching branch after the repository was added: {all:?}"
+        );
+    }
+    assert_eq!(
+        all.iter()
+            .filter(|r| r["commit"] == second.as_str())
+            .count(),
+        1,
+        "a head that did not move again runs once: {all:?}"
+    );
+}
+
+/// Polls come every 10 s (the shortest interval): two of them, and the run's start.
+const POLL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn runs(c: &Coordinator) -> Vec<serde_json::Value> {
+    c.gantry(&["pipelines", "list", "--json"])
+        .expect_code(0)
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }

@@ -137,10 +137,12 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
         None => None,
     };
     let schedules = tokio::spawn(coordinator.triggers.clone().schedule_loop());
+    let polls = tokio::spawn(coordinator.repos.clone().poll_loop());
     let collector = tokio::spawn(coordinator.artifacts.clone().collect_periodically());
     let disk = tokio::spawn(coordinator.disk.clone().sample_periodically());
     listener::serve(coordinator, listener, shutdown_signal()).await;
     schedules.abort();
+    polls.abort();
     collector.abort();
     disk.abort();
     if let Some(h) = http {

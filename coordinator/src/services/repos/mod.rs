@@ -9,9 +9,11 @@
 //! turning a ref into a run: resolve it to a commit, read the pipeline file from that
 //! commit, store the commit's tree with its `.git` as the run's source (`source.rs`),
 //! submit the run with the repository side recorded (`store::RunRepoRecord`).
+//! `poll.rs` runs repositories added with `--poll` when a branch or tag head moves.
 //!
 //! Everything git does blocks: it runs on blocking threads, never on the runtime's.
 
+pub mod poll;
 pub mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,7 +37,7 @@ use crate::store::{RepoCredentials, RepoRecord, RunRepoRecord, Store, StoreError
 /// The pipeline file read from each commit when `--pipeline-file` is not given.
 pub const DEFAULT_PIPELINE_FILE: &str = gantry_pipeline::DEFAULT_FILE_NAME;
 /// Largest pipeline file read from a commit (the pipeline loader's own bound).
-const MAX_PIPELINE_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_PIPELINE_BYTES: u64 = 1024 * 1024;
 /// `--poll` bounds: more often than every 10 s is a load on the forge, not polling.
 pub const MIN_POLL_SECS: u64 = 10;
 pub const MAX_POLL_SECS: u64 = 24 * 3600;
@@ -554,7 +556,7 @@ fn check_pipeline_file(path: &str) -> Result<(), RepoError> {
 }
 
 /// The mirror's branch and tag heads: full ref → commit (annotated tags peeled).
-fn heads_of(mirror: &Mirror) -> Result<BTreeMap<String, String>, GitError> {
+pub(crate) fn heads_of(mirror: &Mirror) -> Result<BTreeMap<String, String>, GitError> {
     Ok(mirror
         .refs()?
         .into_iter()
