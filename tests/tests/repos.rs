@@ -330,3 +330,36 @@ fn runs(c: &Coordinator) -> Vec<serde_json::Value> {
         .cloned()
         .unwrap_or_default()
 }
+
+#[test]
+fn a_repository_schedule_runs_the_default_branch_head_at_that_moment_with_its_commit() {
+    let pipeline = PIPELINE.replace(
+        "name: from-git\n",
+        "name: from-git\non:\n  schedule: [{ cron: '* * * * *' }]\n",
+    );
+    let up = Upstream::new();
+    up.commit(
+        &[("gantry.yml", &pipeline), ("version.txt", "one\n")],
+        "first",
+    );
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    c.gantry(&["repos", "add", "app", "--url", &up.url()])
+        .expect_code(0);
+    // Pushed after the add and never fetched since: the schedule fetches it.
+    let head = up.commit(&[("version.txt", "two\n")], "second");
+    // The next minute boundary is at most 60 s away, and schedules are checked every 10 s.
+    let run = wait_for(
+        "a scheduled run",
+        std::time::Duration::from_secs(80),
+        || runs(&c).into_iter().find(|r| r["event"] == "schedule"),
+    );
+    assert_eq!(run["commit"], head.as_str(), "{run}");
+    assert_eq!(run["git_ref"], "main", "{run}");
+    let view = c.wait_run(run["run"].as_u64().expect("run"), DEADLINE);
+    let log = c.logs(&format!("{}.0", view["run"]));
+    assert!(
+        log.contains(&format!("HEAD={head}")) && log.contains("EVENT=schedule"),
+        "{log}"
+    );
+}

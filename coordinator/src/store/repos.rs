@@ -44,6 +44,9 @@ pub struct RepoRecord {
     /// Branch and tag heads after the last fetch (full ref → commit hex): what the
     /// poller compares the next fetch with.
     pub heads: BTreeMap<String, String>,
+    /// Unix seconds up to which the pipeline's `on.schedule` has been checked (a
+    /// firing after this starts a run of the default branch's head).
+    pub schedule_checked_until: u64,
 }
 
 /// The repository side of a run.

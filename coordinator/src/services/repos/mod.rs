@@ -231,6 +231,7 @@ impl Repos {
             fetched_at: None,
             last_error: None,
             heads: BTreeMap::new(),
+            schedule_checked_until: cx.now.0 / 1000,
         };
         let this = self.clone();
         let probe = record.clone();
@@ -624,6 +625,22 @@ fn resolve(
         reference: wanted.to_owned(),
         url: gantry_git::redact(&record.url),
     })
+}
+
+/// The branch a run without a ref builds: `main`, else `master`, else the only branch.
+/// (A mirror does not follow the server's HEAD, so the name decides.)
+pub(crate) fn default_branch(heads: &BTreeMap<String, String>) -> Option<&str> {
+    let mut branches = heads.keys().filter(|r| r.starts_with("refs/heads/"));
+    if heads.contains_key("refs/heads/main") {
+        return Some("refs/heads/main");
+    }
+    if heads.contains_key("refs/heads/master") {
+        return Some("refs/heads/master");
+    }
+    match (branches.next(), branches.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
 }
 
 /// A repository as admins see it.

@@ -9,6 +9,12 @@
 //! [`MAX_RUNS_PER_POLL`] runs start from one fetch (a mass push of branches starts the
 //! newest names first, and the rest are recorded as seen, not queued). A failed fetch
 //! is recorded on the repository (`repos show`) and tried again at the next interval.
+//!
+//! Schedules: every repository's pipeline file, as it is at the default branch's last
+//! fetched head, may have `on.schedule`; when one of its cron expressions fires, the
+//! repository is fetched and the branch's head at that moment runs (event `schedule`,
+//! its commit recorded). Missed firings collapse into one run, as for registered
+//! pipelines (`services::triggers`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,7 +24,10 @@ use gantry_git::{Fetch, ObjectId};
 use gantry_protocol::{Labels, UnixMillis};
 
 use crate::base::audit::Acting;
-use crate::services::repos::{heads_of, RepoError, Repos, Target, MAX_PIPELINE_BYTES};
+use crate::services::repos::{
+    default_branch, heads_of, RepoError, Repos, Target, MAX_PIPELINE_BYTES,
+};
+use crate::services::triggers::SCHEDULE_TICK;
 use crate::store::RepoRecord;
 
 /// How often the loop looks for a repository that is due.
@@ -29,14 +38,24 @@ pub const MAX_RUNS_PER_POLL: usize = 20;
 const MAX_PATHS: usize = 10_000;
 /// Who starts polled runs, as the audit log and `event.actor` name it.
 const ACTOR: &str = "gantry://trigger/poll";
+/// Who starts scheduled runs of a repository (as for registered pipelines).
+const SCHEDULE_ACTOR: &str = "gantry://trigger/schedule";
 
 impl Repos {
     /// Polls the repositories that have an interval, forever.
     pub async fn poll_loop(self: Arc<Self>) {
         let mut last: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
+        let mut schedules_checked = Instant::now();
         loop {
             tick.tick().await;
+            if schedules_checked.elapsed() >= SCHEDULE_TICK {
+                schedules_checked = Instant::now();
+                let this = self.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || this.fire_schedules()).await {
+                    tracing::error!("schedule task failed: {e}");
+                }
+            }
             let repos = match self.store.repos() {
                 Ok(r) => r,
                 Err(e) => {
@@ -144,6 +163,72 @@ impl Repos {
         let view = self.submit(&cx, prepared, "poll", Labels::new())?;
         tracing::info!(repo = %record.name, run = %view.run, reference = %full_ref, "polled push started a run");
         Ok(true)
+    }
+}
+
+impl Repos {
+    /// Starts a run of each repository whose pipeline's schedule fired since it was last
+    /// checked. Blocking.
+    fn fire_schedules(&self) {
+        let repos = match self.store.repos() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("cannot read the repositories' schedules: {e}");
+                return;
+            }
+        };
+        let now_secs = UnixMillis::now().0 / 1000;
+        for record in repos {
+            if self.schedule_due(&record, now_secs) {
+                let fired = self.prepare(&record, None, None).and_then(|prepared| {
+                    let cx = Acting::new(SCHEDULE_ACTOR, UnixMillis::now());
+                    self.submit(&cx, prepared, "schedule", Labels::new())
+                });
+                match fired {
+                    Ok(view) => {
+                        tracing::info!(repo = %record.name, run = %view.run, "scheduled run started");
+                    }
+                    Err(e) => tracing::warn!(repo = %record.name, "scheduled run refused: {e}"),
+                }
+            }
+            let noted = self.store.update_repo(&record.name, |r| {
+                r.schedule_checked_until = now_secs;
+            });
+            if let Err(e) = noted {
+                tracing::warn!(repo = %record.name, "cannot record the schedule check: {e}");
+            }
+        }
+    }
+
+    /// Whether the pipeline at the default branch's last fetched head has a cron
+    /// expression that fired after the last check.
+    fn schedule_due(&self, record: &RepoRecord, now_secs: u64) -> bool {
+        let Some(head) = default_branch(&record.heads)
+            .and_then(|b| record.heads.get(b))
+            .and_then(|c| ObjectId::from_hex(c))
+        else {
+            return false;
+        };
+        let text = self.with_mirror(record, |mirror| {
+            mirror
+                .read_file(head, &record.pipeline_file, MAX_PIPELINE_BYTES)
+                .map_err(|source| RepoError::Git {
+                    repo: record.name.clone(),
+                    source,
+                })
+        });
+        let Some(pipeline) = text
+            .ok()
+            .flatten()
+            .and_then(|t| String::from_utf8(t).ok())
+            .and_then(|t| gantry_pipeline::parse(&record.pipeline_file, &t).ok())
+        else {
+            return false;
+        };
+        pipeline.triggers.schedules.iter().any(|c| {
+            c.next_after(record.schedule_checked_until)
+                .is_some_and(|at| at <= now_secs)
+        })
     }
 }
 
