@@ -28,6 +28,10 @@ jobs:
           echo "DESCRIBE=$(git describe --tags 2>&1)"
           echo "STATUS=[$(git status --porcelain)]"
           echo "FILE=$(cat version.txt)"
+  bare:
+    checkout: false
+    steps:
+      - run: echo "ENTRIES=$(ls -A | wc -l) COMMIT=$GANTRY_COMMIT"
 "#;
 
 impl Upstream {
@@ -82,7 +86,7 @@ fn url_of(path: &Path) -> String {
     format!("file://{}", path.display())
 }
 
-/// Runs `gantry run --repo` and waits for the run; its view and its one job's log.
+/// Runs `gantry run --repo` and waits for the run; its view and its first job's log.
 fn run_repo(c: &Coordinator, extra: &[&str]) -> (serde_json::Value, String) {
     let mut args = vec!["run", "--repo", "app", "--json"];
     args.extend_from_slice(extra);
@@ -136,6 +140,11 @@ fn a_run_of_a_repository_builds_the_commit_with_its_git_context_and_the_next_com
             "{line:?} missing from the job's log:\n{log}"
         );
     }
+    let bare = c.logs(&format!("{}.1", view["run"]));
+    assert!(
+        bare.contains(&format!("ENTRIES=0 COMMIT={first}")),
+        "a job with checkout: false starts empty but knows the commit: {bare}"
+    );
 
     // A second commit: the next run fetches it and builds it, not the first.
     let second = up.commit(&[("version.txt", "two\n")], "second version");

@@ -567,7 +567,12 @@ impl EngineTask {
             kill_grace_ms: KILL_GRACE_MS,
             image: spec.image.as_ref().map(|i| i.name.clone()),
             secrets: self.outbox.secrets(&names),
-            source: ctx.record.source.clone(),
+            // `checkout: false`: the job starts in an empty workspace.
+            source: ctx
+                .record
+                .source
+                .clone()
+                .filter(|_| spec.checkout != gantry_protocol::Checkout::Skip),
             downloads: match &spec.download {
                 Some(names) => !names.is_empty(),
                 // Only a round trip worth making: some need declares an artifact.
