@@ -1,4 +1,5 @@
-//! Source trees uploaded by `gantry run`, kept until their runs no longer need them.
+//! Source trees uploaded by `gantry run` or made from a repository's commit
+//! (`services::repos`), kept until their runs no longer need them.
 //!
 //! Owns `DATA_DIR/sources/<sha256 hex>.tar`: an upload is written to a temporary file
 //! while its SHA-256 is computed, fsynced, and renamed to its content address, so the
