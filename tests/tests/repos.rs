@@ -244,6 +244,24 @@ fn refs_and_repositories_that_do_not_exist_are_refused_with_the_reason_and_the_c
         );
     }
 
+    // The server gone: the run is refused naming the repository, the fetch's error is
+    // kept on it, and the coordinator answers on.
+    let moved = up.path.with_extension("moved");
+    std::fs::rename(&up.path, &moved).expect("move the repository away");
+    let refused = c.gantry(&["run", "--repo", "app"]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("repository app:"),
+        "{}",
+        refused.stderr
+    );
+    let shown = c
+        .gantry(&["repos", "show", "app", "--json"])
+        .expect_code(0)
+        .json();
+    assert!(shown["last_error"].is_string(), "{shown}");
+    std::fs::rename(&moved, &up.path).expect("move the repository back");
+
     let list = c.gantry(&["repos", "list", "--json"]).expect_code(0).json();
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     let shown = c
