@@ -17,6 +17,7 @@ struct Upstream {
 const PIPELINE: &str = r#"name: from-git
 jobs:
   show:
+    checkout: { depth: 2 }
     steps:
       - run: |
           echo "HEAD=$(git rev-parse HEAD)"
@@ -28,6 +29,7 @@ jobs:
           echo "DESCRIBE=$(git describe --tags 2>&1)"
           echo "STATUS=[$(git status --porcelain)]"
           echo "FILE=$(cat version.txt)"
+          echo "DEPTH=$(git rev-list --count HEAD)"
   bare:
     checkout: false
     steps:
@@ -134,6 +136,7 @@ fn a_run_of_a_repository_builds_the_commit_with_its_git_context_and_the_next_com
         "DESCRIBE=v1".into(),
         "STATUS=[]".into(),
         "FILE=one".into(),
+        "DEPTH=1".into(),
     ] {
         assert!(
             log.contains(&line),
@@ -155,6 +158,10 @@ fn a_run_of_a_repository_builds_the_commit_with_its_git_context_and_the_next_com
     assert!(
         log.contains("FILE=two") && log.contains("SUBJECT=second version"),
         "{log}"
+    );
+    assert!(
+        log.contains("DEPTH=2"),
+        "checkout.depth 2 carries two commits: {log}"
     );
 
     // A tag builds the tagged commit, with the tag in its context.

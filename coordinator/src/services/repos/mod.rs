@@ -383,10 +383,7 @@ impl Repos {
                 commit: commit.to_string(),
                 file: record.pipeline_file.clone(),
             })?;
-            let depth = Depth::Commits(
-                std::num::NonZeroU32::new(gantry_protocol::DEFAULT_CHECKOUT_DEPTH)
-                    .unwrap_or(std::num::NonZeroU32::MIN),
-            );
+            let depth = run_depth(&record.pipeline_file, &text);
             let stored = source::store_commit(
                 mirror,
                 commit,
@@ -519,6 +516,30 @@ pub struct Prepared {
     pub text: String,
     pub target: Target,
     pub source: String,
+}
+
+/// The history the run's one `.git` carries: the deepest `checkout.depth` any job asks
+/// for (every job gets at least what it asked; `full` wins), the default if none asks
+/// or the file does not parse (the run is then refused by the submit's own check).
+fn run_depth(file_name: &str, text: &str) -> Depth {
+    let default = || {
+        std::num::NonZeroU32::new(gantry_protocol::DEFAULT_CHECKOUT_DEPTH)
+            .map_or(Depth::Full, Depth::Commits)
+    };
+    let Ok(pipeline) = gantry_pipeline::parse(file_name, text) else {
+        return default();
+    };
+    let mut deepest = default();
+    for job in &pipeline.jobs {
+        let gantry_protocol::Checkout::Source(spec) = &job.checkout else {
+            continue;
+        };
+        deepest = match (deepest, spec.depth.and_then(std::num::NonZeroU32::new)) {
+            (Depth::Full, _) | (_, None) => Depth::Full,
+            (Depth::Commits(a), Some(b)) => Depth::Commits(a.max(b)),
+        };
+    }
+    deepest
 }
 
 /// The name an ssh key is sealed under (a sealed value opens only under its name).
@@ -682,6 +703,25 @@ mod tests {
         for bad in ["", "/etc/passwd", "../x.yml", "a//b", "a/./b", "HEAD:x"] {
             assert!(check_pipeline_file(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_run_carries_the_deepest_history_a_job_asks_for() {
+        let depth = |jobs: &str| run_depth("gantry.yml", &format!("name: d\njobs:\n{jobs}"));
+        let job = |name: &str, checkout: &str| {
+            format!("  {name}:\n    checkout: {checkout}\n    steps: [{{ run: 'true' }}]\n")
+        };
+        let commits = |n: u32| Depth::Commits(std::num::NonZeroU32::new(n).expect("n"));
+        assert_eq!(depth(&job("a", "true")), commits(1));
+        assert_eq!(
+            depth(&(job("a", "{ depth: 5 }") + &job("b", "{ depth: 2 }"))),
+            commits(5)
+        );
+        assert_eq!(
+            depth(&(job("a", "{ depth: full }") + &job("b", "false"))),
+            Depth::Full
+        );
+        assert_eq!(depth(&job("a", "false")), commits(1));
     }
 
     #[test]
