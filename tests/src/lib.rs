@@ -504,6 +504,16 @@ impl Coordinator {
             .unwrap_or_else(|| panic!("no run number in {run}"))
     }
 
+    /// `gantry pipelines list --json`: the newest runs.
+    pub fn runs(&self) -> Vec<Value> {
+        self.gantry(&["pipelines", "list", "--json"])
+            .expect_code(0)
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// `gantry pipelines show RUN --json`.
     pub fn run_view(&self, run: u64) -> Value {
         self.gantry(&["pipelines", "show", &run.to_string(), "--json"])

@@ -320,7 +320,7 @@ fn a_polled_repository_runs_each_pushed_head_its_push_filter_matches_once() {
     let second = up.commit(&[("version.txt", "two\n")], "second");
     let polled = |commit: &str| {
         wait_for(&format!("a polled run of {commit}"), POLL_DEADLINE, || {
-            runs(&c).into_iter().find(|r| r["commit"] == commit)
+            c.runs().into_iter().find(|r| r["commit"] == commit)
         })
     };
     let run = polled(&second);
@@ -337,7 +337,7 @@ fn a_polled_repository_runs_each_pushed_head_its_push_filter_matches_once() {
     // One more push: once it has run, the poll that saw `feature` is long over.
     let third = up.commit(&[("version.txt", "three\n")], "third");
     polled(&third);
-    let all = runs(&c);
+    let all = c.runs();
     for commit in [&first, &feature] {
         assert!(
             all.iter().all(|r| r["commit"] != commit.as_str()),
@@ -355,15 +355,6 @@ fn a_polled_repository_runs_each_pushed_head_its_push_filter_matches_once() {
 
 /// Polls come every 10 s (the shortest interval): two of them, and the run's start.
 const POLL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
-
-fn runs(c: &Coordinator) -> Vec<serde_json::Value> {
-    c.gantry(&["pipelines", "list", "--json"])
-        .expect_code(0)
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
 
 #[test]
 fn a_repository_schedule_runs_the_default_branch_head_at_that_moment_with_its_commit() {
@@ -386,7 +377,7 @@ fn a_repository_schedule_runs_the_default_branch_head_at_that_moment_with_its_co
     let run = wait_for(
         "a scheduled run",
         std::time::Duration::from_secs(80),
-        || runs(&c).into_iter().find(|r| r["event"] == "schedule"),
+        || c.runs().into_iter().find(|r| r["event"] == "schedule"),
     );
     assert_eq!(run["commit"], head.as_str(), "{run}");
     assert_eq!(run["git_ref"], "main", "{run}");

@@ -48,15 +48,6 @@ fn set_secret(c: &Coordinator, name: &str, value: &str) {
     assert!(child.wait().expect("wait").success());
 }
 
-fn runs(c: &Coordinator) -> Vec<serde_json::Value> {
-    c.gantry(&["pipelines", "list", "--json"])
-        .expect_code(0)
-        .json()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_signed_push_starts_matching_pipelines_and_records_ref_and_commit() {
     let c = Coordinator::start_with(&CoordinatorOptions {
@@ -100,7 +91,7 @@ fn a_signed_push_starts_matching_pipelines_and_records_ref_and_commit() {
         body,
     );
     assert_eq!(status, 401);
-    assert!(runs(&c).is_empty(), "no run from a refused webhook");
+    assert!(c.runs().is_empty(), "no run from a refused webhook");
 
     // A signed push to main touching src/ starts the pipeline; the run records ref and commit.
     let (status, text) = post(
@@ -164,7 +155,7 @@ fn a_signed_push_starts_matching_pipelines_and_records_ref_and_commit() {
         ),
         (202, serde_json::json!([]))
     );
-    assert_eq!(runs(&c).len(), 1);
+    assert_eq!(c.runs().len(), 1);
     // Garbage is a clear 400, oversize a 413.
     let (status, text) = post(
         &http,
@@ -182,7 +173,7 @@ fn a_signed_push_starts_matching_pipelines_and_records_ref_and_commit() {
         "a declared 100 MB body is refused before it is read: {}",
         response.head
     );
-    assert_eq!(runs(&c).len(), 1);
+    assert_eq!(c.runs().len(), 1);
 }
 
 #[test]
@@ -195,7 +186,7 @@ fn a_cron_schedule_starts_a_run_at_the_next_minute() {
         .expect_code(0);
     // The next minute boundary is at most 60 s away, and schedules are checked every 10 s.
     let run = wait_for("a scheduled run", Duration::from_secs(80), || {
-        runs(&c).first().cloned()
+        c.runs().first().cloned()
     });
     assert_eq!(run["event"], "schedule", "{run}");
     let view = c.wait_run(run["run"].as_u64().expect("run"), gantry_tests::DEADLINE);
@@ -203,7 +194,7 @@ fn a_cron_schedule_starts_a_run_at_the_next_minute() {
     // One run per firing, not one per check.
     std::thread::sleep(Duration::from_secs(12));
     assert!(
-        runs(&c).len() <= 2,
+        c.runs().len() <= 2,
         "at most one more run after another minute boundary"
     );
     // Removing the trigger stops it.

@@ -361,12 +361,7 @@ impl Repos {
             let target = if let Some(t) = known {
                 t
             } else {
-                let fetched = mirror.fetch(&Fetch::All).and_then(|()| heads_of(mirror));
-                self.note_fetch(
-                    &record.name,
-                    fetched.as_ref().map(Clone::clone).map_err(ToString::to_string),
-                );
-                let heads = fetched.map_err(git)?;
+                let heads = self.fetch_all(record, mirror)?;
                 resolve(mirror, record, &heads, wanted)?
             };
             let commit = target.commit;
@@ -407,8 +402,28 @@ impl Repos {
         })
     }
 
-    /// Records a fetch's outcome on the repository (`repos show`): its heads, or its
-    /// error.
+    /// Fetches every branch and tag into `mirror` and records the outcome on the
+    /// repository (`repos show`); the heads after the fetch.
+    fn fetch_all(
+        &self,
+        record: &RepoRecord,
+        mirror: &Mirror,
+    ) -> Result<BTreeMap<String, String>, RepoError> {
+        let fetched = mirror.fetch(&Fetch::All).and_then(|()| heads_of(mirror));
+        self.note_fetch(
+            &record.name,
+            fetched
+                .as_ref()
+                .map(Clone::clone)
+                .map_err(ToString::to_string),
+        );
+        fetched.map_err(|source| RepoError::Git {
+            repo: record.name.clone(),
+            source,
+        })
+    }
+
+    /// Records a fetch's outcome on the repository: its heads, or its error.
     fn note_fetch(&self, name: &str, outcome: Result<BTreeMap<String, String>, String>) {
         let now = gantry_protocol::UnixMillis::now();
         let updated = self.store.update_repo(name, |r| match outcome {
@@ -578,7 +593,7 @@ fn check_pipeline_file(path: &str) -> Result<(), RepoError> {
 }
 
 /// The mirror's branch and tag heads: full ref → commit (annotated tags peeled).
-pub(crate) fn heads_of(mirror: &Mirror) -> Result<BTreeMap<String, String>, GitError> {
+fn heads_of(mirror: &Mirror) -> Result<BTreeMap<String, String>, GitError> {
     Ok(mirror
         .refs()?
         .into_iter()

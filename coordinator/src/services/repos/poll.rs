@@ -20,13 +20,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gantry_git::{Fetch, ObjectId};
+use gantry_git::ObjectId;
 use gantry_protocol::{Labels, UnixMillis};
 
 use crate::base::audit::Acting;
-use crate::services::repos::{
-    default_branch, heads_of, RepoError, Repos, Target, MAX_PIPELINE_BYTES,
-};
+use crate::services::repos::{default_branch, RepoError, Repos, Target, MAX_PIPELINE_BYTES};
 use crate::services::triggers::SCHEDULE_TICK;
 use crate::store::RepoRecord;
 
@@ -91,18 +89,7 @@ impl Repos {
     /// Blocking.
     fn poll_once(&self, record: &RepoRecord) -> Result<usize, RepoError> {
         let moved = self.with_mirror(record, |mirror| {
-            let fetched = mirror.fetch(&Fetch::All).and_then(|()| heads_of(mirror));
-            self.note_fetch(
-                &record.name,
-                fetched
-                    .as_ref()
-                    .map(Clone::clone)
-                    .map_err(ToString::to_string),
-            );
-            let heads = fetched.map_err(|source| RepoError::Git {
-                repo: record.name.clone(),
-                source,
-            })?;
+            let heads = self.fetch_all(record, mirror)?;
             let mut moved = Vec::new();
             for (full_ref, commit) in moved_heads(&record.heads, &heads) {
                 let old = record
