@@ -241,7 +241,7 @@ struct Runner {
     shutdown: watch::Receiver<bool>,
     jobs: JobManager,
     /// Results of jobs that ended, to report (and re-report until acknowledged).
-    finished: mpsc::UnboundedReceiver<gantry_protocol::JobResult>,
+    finished: mpsc::UnboundedReceiver<crate::jobs::Report>,
     deployer: crate::deploy::Deployer,
     /// Deployment results and exec output, to send (a result lost with a connection is
     /// asked for again: the coordinator resends the step).
@@ -438,8 +438,8 @@ impl Runner {
             return transport_end(conn, &e);
         }
         // Logs resume on this connection; results not yet acknowledged are sent again.
-        for result in self.jobs.attach(conn, Some(link)) {
-            if let Err(e) = writer.send(&AgentMessage::JobFinished(result)).await {
+        for report in self.jobs.attach(conn, Some(link)) {
+            if let Err(e) = writer.send(&report.message()).await {
                 return transport_end(conn, &e);
             }
         }
@@ -462,9 +462,9 @@ impl Runner {
                         }
                     }
                 }
-                result = self.finished.recv() => {
-                    if let Some(result) = result {
-                        if let Err(e) = writer.send(&AgentMessage::JobFinished(result)).await {
+                report = self.finished.recv() => {
+                    if let Some(report) = report {
+                        if let Err(e) = writer.send(&report.message()).await {
                             break transport_end(conn, &e);
                         }
                     }
@@ -525,8 +525,25 @@ impl Runner {
     fn handle(&mut self, message: CoordinatorMessage) -> Option<AgentMessage> {
         match message {
             CoordinatorMessage::Dispatch(assignment) => {
+                return self.handle(CoordinatorMessage::DispatchJob {
+                    assignment,
+                    execution: Box::default(),
+                });
+            }
+            CoordinatorMessage::DispatchJob {
+                assignment,
+                execution,
+            } => {
                 let (job, attempt) = (assignment.job, assignment.attempt);
-                return Some(match self.jobs.start(*assignment) {
+                if let Some(reason) = crate::jobs::unsupported(&execution) {
+                    warn!(%job, attempt, "rejecting job: {reason}");
+                    return Some(AgentMessage::JobRejected {
+                        job,
+                        attempt,
+                        reason,
+                    });
+                }
+                return Some(match self.jobs.start(*assignment, *execution) {
                     Ok(()) => AgentMessage::JobAccepted { job, attempt },
                     Err(reason) => {
                         warn!(%job, attempt, "rejecting job: {reason}");
@@ -536,21 +553,6 @@ impl Runner {
                             reason: reason.to_string(),
                         }
                     }
-                });
-            }
-            // Execution options are not run by this agent yet: it takes a job only when
-            // it would run it exactly as asked.
-            CoordinatorMessage::DispatchJob {
-                assignment,
-                execution,
-            } => {
-                if execution.is_plain() {
-                    return self.handle(CoordinatorMessage::Dispatch(assignment));
-                }
-                return Some(AgentMessage::JobRejected {
-                    job: assignment.job,
-                    attempt: assignment.attempt,
-                    reason: "this agent cannot run services, outputs, step options, reports or checkout options yet".into(),
                 });
             }
             CoordinatorMessage::Cancel { job, attempt } => self.jobs.cancel(job, attempt),

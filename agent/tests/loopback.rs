@@ -164,6 +164,7 @@ async fn serve(
                         AgentMessage::JobAccepted { .. }
                         | AgentMessage::JobRejected { .. }
                         | AgentMessage::JobFinished(_)
+                        | AgentMessage::JobFinishedWithOutputs { .. }
                         | AgentMessage::DeployResult(_)
                         | AgentMessage::ExecOutput { .. }
                         | AgentMessage::ExecDone { .. },

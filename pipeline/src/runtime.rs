@@ -14,8 +14,8 @@ use gantry_protocol::{
 use crate::deploy::environment_name_problem;
 use crate::inputs::InputType;
 use crate::load::{
-    boolean, entries, env_map, fields, is_identifier, keyed_texts, parse_duration, scalar, string,
-    string_list, Ctx, Text,
+    boolean, entries, env_map, fields, keyed_texts, parse_duration, scalar, string, string_list,
+    Ctx, Text,
 };
 use crate::model::{Concurrency, JobEnvironment};
 use crate::outputs::{path_problem, MAX_OUTPUT_PATHS};
@@ -616,7 +616,7 @@ pub(crate) fn load_concurrency(ctx: &mut Ctx, node: &Node) -> Option<(Concurrenc
 
 /// An output name: letters, digits, `_` and `-`, starting with a letter or `_`.
 pub fn is_output_name(name: &str) -> bool {
-    is_identifier(name, MAX_OUTPUT_NAME_LEN)
+    gantry_protocol::is_output_name(name)
 }
 
 /// `outputs:`: name to a template.

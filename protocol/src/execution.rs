@@ -38,6 +38,17 @@ pub const EXECUTION_VERSION: u16 = 3;
 /// `git describe` or diff against history ask for `depth: full` or a number.
 pub const DEFAULT_CHECKOUT_DEPTH: u32 = 1;
 
+/// An output name, in `outputs:` and in a `$GANTRY_OUTPUT` file: 1 to
+/// [`MAX_OUTPUT_NAME_LEN`](crate::limits::MAX_OUTPUT_NAME_LEN) letters, digits, `_` and
+/// `-`, starting with a letter or `_`.
+pub fn is_output_name(name: &str) -> bool {
+    (1..=crate::limits::MAX_OUTPUT_NAME_LEN).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
 /// What a job attempt needs besides its [`JobAssignment`](crate::JobAssignment).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]

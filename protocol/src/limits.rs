@@ -194,6 +194,10 @@ pub const MAX_OUTPUT_NAME_LEN: usize = 64;
 /// output and the limit.
 pub const MAX_OUTPUT_VALUE_BYTES: usize = 16 * 1024;
 
+/// Longest heredoc delimiter in a `$GANTRY_OUTPUT` file (`NAME<<DELIMITER`): a
+/// random token such as `EOF_3f2a...` fits; the file size limit below counts on it.
+pub const MAX_OUTPUT_DELIMITER_LEN: usize = 64;
+
 /// Largest `$GANTRY_OUTPUT` file the agent reads after a step: every name and value at
 /// their limits, with a heredoc delimiter line (at most 64 bytes) around each value:
 /// 64 × (64 + 16 Ki + 2 × 64 + 8) ≈ 1.02 MiB, rounded up to 1 MiB + 64 KiB. A larger

@@ -190,6 +190,26 @@ pub enum AgentMessage {
         id: u64,
         result: Result<i32, String>,
     },
+    /// The job ended, with the values of the `outputs:` it declares (masked where a
+    /// secret was in them). `JobResult` could not gain a field (postcard reads fields by
+    /// position), so this variant is appended; an agent sends it instead of
+    /// `JobFinished` only for a job that came with `DispatchJob` and declares outputs, so
+    /// only coordinators that understand it (version 3 and later) ever receive it. Sent
+    /// until acknowledged, like `JobFinished`.
+    JobFinishedWithOutputs {
+        result: JobResult,
+        outputs: Labels,
+    },
+}
+
+impl AgentMessage {
+    /// The message reporting `result`, with `outputs` when the job declares any.
+    pub fn job_finished(result: JobResult, outputs: Option<Labels>) -> Self {
+        match outputs {
+            Some(outputs) => Self::JobFinishedWithOutputs { result, outputs },
+            None => Self::JobFinished(result),
+        }
+    }
 }
 
 /// How a job attempt ended, as the agent reports it.
@@ -570,6 +590,12 @@ pub enum AdminRequest {
     },
     /// `gantry run --repo`: a run of the pipeline file at a commit of a repository.
     RunRepo(crate::repos::RunRepo),
+    /// The values of a job's `outputs:` as its last finished attempt reported them.
+    /// Appended (so older variants keep their encoding); the CLI sends it only to
+    /// coordinators of protocol version [`crate::EXECUTION_VERSION`] or later.
+    ShowJobOutputs {
+        job: JobId,
+    },
 }
 
 /// Declares a struct with the fields given first, then what a [`SubmitRun`] says of
@@ -654,6 +680,8 @@ pub enum AdminResponse {
     Webhooks(Vec<crate::web::WebhookView>),
     Repos(Vec<crate::repos::RepoView>),
     Repo(crate::repos::RepoView),
+    /// A job's outputs (`ShowJobOutputs`); empty if it declares or reported none.
+    JobOutputs(Labels),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -545,6 +545,26 @@ impl Coordinator {
         self.gantry(&["logs", job]).expect_code(0).stdout
     }
 
+    /// Sets secret `name` to `value` through `gantry secrets set` (value on stdin).
+    pub fn set_secret(&self, name: &str, value: &str) {
+        use std::io::Write;
+        let mut child = Command::new(bin("gantry"))
+            .args(["secrets", "set", name])
+            .env("GANTRY_CONFIG", self.context())
+            .env("GANTRY_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn gantry secrets set");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{value}\n").as_bytes())
+            .expect("write secret");
+        assert!(child.wait().expect("secrets set").success());
+    }
+
     /// Starts `n` enrolled agents with extra `run` arguments.
     pub fn agents_running(&self, n: usize, labels: &[&str]) -> Vec<Agent> {
         let token = self.token(&["--uses", &n.to_string()]);
@@ -555,6 +575,20 @@ impl Coordinator {
         self.wait_connected(n);
         agents
     }
+}
+
+/// Every file under `dir`, at any depth (for tests that look for a value on disk).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 /// The job of a run view with this name.

@@ -261,7 +261,7 @@ fn secrets_reach_only_their_job_and_never_the_stored_log() {
     assert!(log.contains("split: ***"), "masked across chunks: {log}");
     assert!(c.logs(&format!("{run}.1")).contains("other sees: nothing"));
     // Nothing on the coordinator's disk holds the value: logs, store, or anything else.
-    for entry in walk(&c.data_dir()) {
+    for entry in gantry_tests::files_under(&c.data_dir()) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         assert!(
             !bytes.windows(18).any(|w| w == b"s3cr3t-t0ken-value"),
@@ -284,19 +284,6 @@ fn secrets_reach_only_their_job_and_never_the_stored_log() {
         "{}",
         out.stderr
     );
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]

@@ -75,6 +75,13 @@ impl Masker {
         out
     }
 
+    /// Masks one whole text (an output value), leaving nothing held.
+    pub fn mask_text(&mut self, text: &str) -> String {
+        let mut out = self.push(text.as_bytes());
+        out.extend(self.finish());
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
     /// Releases everything still held, masked.
     pub fn finish(&mut self) -> Vec<u8> {
         let (out, _) = self.scan(true);

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gantry_protocol::{
-    Attempt, JobAssignment, JobId, JobResult, RunningJob, StreamOpen, UnixMillis,
+    AgentMessage, ArtifactWhen, Attempt, Checkout, JobAssignment, JobExecution, JobId, JobOutcome,
+    JobResult, Labels, PullPolicy, RunningJob, StreamOpen, UnixMillis,
 };
 use gantry_transport::{Connection, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -104,13 +105,51 @@ pub enum SourceError {
     Git(#[from] gantry_git::GitError),
 }
 
+/// A finished attempt as reported: its result, and its outputs when it declares any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub result: JobResult,
+    pub outputs: Option<Labels>,
+}
+
+impl Report {
+    /// The message that reports it.
+    pub fn message(&self) -> AgentMessage {
+        AgentMessage::job_finished(self.result.clone(), self.outputs.clone())
+    }
+}
+
+/// Why this agent cannot run a job as its execution asks, if it cannot: what it does not
+/// do yet is refused at dispatch (so the coordinator offers the job elsewhere) rather
+/// than ignored.
+pub fn unsupported(execution: &JobExecution) -> Option<String> {
+    let image = execution.image.as_ref();
+    let reason = if !execution.services.is_empty() {
+        "services:"
+    } else if image.is_some_and(|i| i.pull == PullPolicy::Always || i.credentials.is_some()) {
+        "pulling images (pull: always, registry credentials)"
+    } else if execution.reports.is_some() {
+        "reports:"
+    } else if execution.caches.len() > 1 || execution.caches.iter().any(|c| c.home) {
+        "several caches or caches under $HOME"
+    } else if matches!(&execution.checkout, Checkout::Source(spec) if spec.path.is_some()) {
+        "checkout.path"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "this agent (gantry-agent {}) cannot run {reason} yet",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
 #[derive(Debug)]
 struct Entry {
     spool: PathBuf,
     progress: watch::Sender<LogProgress>,
     cancel: watch::Sender<bool>,
     /// Set when the job ended; kept until the coordinator acknowledges it.
-    result: Option<JobResult>,
+    result: Option<Report>,
     result_acked: bool,
     uploading: bool,
 }
@@ -134,7 +173,7 @@ pub struct JobManager {
     spool_dir: PathBuf,
     slots: u32,
     log_cap: u64,
-    finished_tx: mpsc::UnboundedSender<JobResult>,
+    finished_tx: mpsc::UnboundedSender<Report>,
 }
 
 impl JobManager {
@@ -144,7 +183,7 @@ impl JobManager {
         data_dir: &Path,
         slots: u32,
         transfers: Transfers,
-    ) -> (Self, mpsc::UnboundedReceiver<JobResult>) {
+    ) -> (Self, mpsc::UnboundedReceiver<Report>) {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let manager = Self {
             inner: Arc::new(Mutex::new(Inner::default())),
@@ -184,7 +223,11 @@ impl JobManager {
 
     /// Takes a dispatched job. A repeat of an attempt already held is accepted again
     /// (the coordinator may re-send after a reconnect); a new one needs a free slot.
-    pub fn start(&self, assignment: JobAssignment) -> Result<(), Rejected> {
+    pub fn start(
+        &self,
+        assignment: JobAssignment,
+        execution: JobExecution,
+    ) -> Result<(), Rejected> {
         let key = (assignment.job, assignment.attempt);
         let mut inner = self.lock();
         if inner.jobs.contains_key(&key) {
@@ -222,7 +265,7 @@ impl JobManager {
         let workspace = self.work_dir.join(&name);
         let me = self.clone();
         tokio::spawn(async move {
-            me.execute(assignment, workspace, spool, progress, cancel_rx)
+            me.execute(assignment, execution, workspace, spool, progress, cancel_rx)
                 .await;
         });
         if let Some(conn) = conn {
@@ -234,6 +277,7 @@ impl JobManager {
     async fn execute(
         &self,
         assignment: JobAssignment,
+        execution: JobExecution,
         workspace: PathBuf,
         spool: PathBuf,
         progress: watch::Sender<LogProgress>,
@@ -253,45 +297,68 @@ impl JobManager {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(assignment.timeout_ms.max(1));
         let mut stop = cancel.clone();
+        // Outside the workspace, so nothing in it reaches artifacts or caches.
+        let temp = PathBuf::from(format!("{}.tmp", workspace.display()));
         let inputs = async {
             fresh_dir(&workspace).map_err(|source| JobError::Workspace {
                 path: workspace.clone(),
                 source,
             })?;
-            if let Some(source) = &assignment.source {
+            if let (Some(source), Checkout::Source(_)) = (&assignment.source, &execution.checkout) {
                 self.fetch_source(key, source, &workspace).await?;
             }
             self.prepare_inputs(&assignment, &workspace, &log_tx).await
         };
         let prepared = bounded(inputs, deadline, &mut stop, "preparing the job's inputs").await;
-        let mut outcome = match &prepared {
-            Ok(_) => steps::run_job(&assignment, &workspace, &log_tx, cancel).await,
+        let (mut outcome, outputs) = match &prepared {
+            Ok(_) => {
+                let run =
+                    steps::run_job(&assignment, &execution, &workspace, &temp, &log_tx, cancel)
+                        .await;
+                (run.outcome, run.outputs)
+            }
             Err(e) => {
                 let message = e.to_string();
                 let _ = log_tx
                     .send(format!("\u{2716} {message}\n").into_bytes())
                     .await;
-                gantry_protocol::JobOutcome::Error { message }
+                (JobOutcome::Error { message }, None)
             }
         };
-        if outcome == gantry_protocol::JobOutcome::Succeeded {
-            let restored = prepared.ok().flatten();
-            let outputs = self.save_outputs(&assignment, &workspace, &log_tx, restored.as_ref());
-            if let Err(e) = bounded(outputs, deadline, &mut stop, "saving the job's outputs").await
+        let succeeded = outcome == JobOutcome::Succeeded;
+        let upload = match execution.artifact_when {
+            ArtifactWhen::OnSuccess => succeeded,
+            ArtifactWhen::OnFailure => {
+                matches!(outcome, JobOutcome::Failed { .. } | JobOutcome::TimedOut)
+            }
+            ArtifactWhen::Always => prepared.is_ok() && outcome != JobOutcome::Cancelled,
+        };
+        if upload || succeeded {
+            let restored = prepared.ok().flatten().filter(|_| succeeded);
+            let saved =
+                self.save_outputs(&assignment, &workspace, &log_tx, upload, restored.as_ref());
+            // Saving after a timeout gets its own bound: the job's has passed.
+            let save_deadline = deadline.max(tokio::time::Instant::now() + SAVE_AFTER_FAILURE);
+            if let Err(e) =
+                bounded(saved, save_deadline, &mut stop, "saving the job's outputs").await
             {
                 let message = e.to_string();
                 let _ = log_tx
                     .send(format!("\u{2716} {message}\n").into_bytes())
                     .await;
-                outcome = gantry_protocol::JobOutcome::Error { message };
+                if succeeded {
+                    outcome = JobOutcome::Error { message };
+                }
             }
         }
         drop(log_tx);
         let log_chunks = chunker.await.unwrap_or(0);
         progress.send_modify(|p| p.finished = true);
-        if let Err(e) = std::fs::remove_dir_all(&workspace) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(job = %key.0, "cannot remove the workspace {}: {e}", workspace.display());
+        for dir in [&workspace, &temp] {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(job = %key.0, "cannot remove {}: {e}", dir.display());
+                }
             }
         }
         let result = JobResult {
@@ -303,10 +370,11 @@ impl JobManager {
             finished_at: UnixMillis::now(),
         };
         info!(job = %key.0, attempt = key.1, ?outcome, "job finished");
+        let report = Report { result, outputs };
         if let Some(entry) = self.lock().jobs.get_mut(&key) {
-            entry.result = Some(result.clone());
+            entry.result = Some(report.clone());
         }
-        let _ = self.finished_tx.send(result);
+        let _ = self.finished_tx.send(report);
     }
 
     /// The job's side of its transfers.
@@ -342,16 +410,20 @@ impl JobManager {
         }
     }
 
-    /// Uploads the artifact (an error fails the job) and saves the cache (best effort).
+    /// Uploads the artifact when `upload` (an error fails a job that succeeded) and
+    /// saves the cache that was `restored` (best effort).
     async fn save_outputs(
         &self,
         assignment: &JobAssignment,
         workspace: &Path,
         log: &LogSink,
+        upload: bool,
         restored: Option<&RestoredCache>,
     ) -> Result<(), JobError> {
         let io = self.io(assignment, workspace, log);
-        io.upload_artifact().await?;
+        if upload {
+            io.upload_artifact().await?;
+        }
         if let (Some(spec), Some(restored)) = (&assignment.cache, restored) {
             io.save_cache(spec, restored).await;
         }
@@ -458,7 +530,7 @@ impl JobManager {
 
     /// A new connection (and the session's transfer link): uploads resume on it;
     /// returns results still to be reported.
-    pub fn attach(&self, conn: &Connection, link: Option<Arc<TransferLink>>) -> Vec<JobResult> {
+    pub fn attach(&self, conn: &Connection, link: Option<Arc<TransferLink>>) -> Vec<Report> {
         let keys: Vec<Key> = {
             let mut inner = self.lock();
             inner.conn = Some(conn.clone());
@@ -554,6 +626,10 @@ async fn bounded<T>(
         _ = cancel.wait_for(|c| *c) => Err(JobError::Cancelled(what)),
     }
 }
+
+/// How long saving an artifact may take after a job failed or timed out
+/// (`artifacts.when: on-failure` or `always`), when the job's own deadline has passed.
+const SAVE_AFTER_FAILURE: Duration = Duration::from_secs(300);
 
 /// How long a job waits for a connection to fetch its source tree.
 const SOURCE_CONNECT_WAIT: Duration = Duration::from_secs(60);

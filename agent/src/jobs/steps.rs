@@ -1,58 +1,109 @@
 //! Running a job's steps, in order, through the step runner the job calls for: the shell
 //! on this host, or Docker containers when the job names an image.
 //!
-//! Owns: the job's workspace (it exists), each step's working directory (inside the
-//! workspace, never outside), the environment a step sees (only the job's declared
-//! variables, `GANTRY_*`, secrets substituted, and what the runner adds: `PATH`/`HOME`
-//! on the shell, nothing in a container), the log's step headers and verdict lines, and
-//! turning step exits into a [`JobOutcome`]. How a step's process or container runs is
-//! the runner's business (`runner`); what happens to the output after the [`LogSink`]
-//! is not this module's.
+//! Owns: the job's workspace and temporary directory (they exist), each step's working
+//! directory (inside the workspace, never outside), the step options (`if` over the
+//! steps before, `continue-on-error`, `timeout` within the job's, `shell`), each step's
+//! `$GANTRY_OUTPUT` file and what it wrote (`steps.ID.outputs.NAME`, filled into later
+//! steps and the job's `outputs:`), the environment a step sees (only the job's declared
+//! variables, `GANTRY_*`, secrets and step outputs substituted, and what the runner
+//! adds: `PATH`/`HOME` on the shell, nothing in a container), the log's step headers and
+//! verdict lines, and turning step exits into a [`JobOutcome`]. How a step's process or
+//! container runs is the runner's business (`runner`); what happens to the output after
+//! the [`LogSink`] is not this module's.
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use gantry_protocol::{JobAssignment, JobOutcome, Labels};
+use gantry_protocol::limits::MAX_OUTPUT_VALUE_BYTES;
+use gantry_protocol::{
+    ConditionValue, JobAssignment, JobExecution, JobOutcome, Labels, Shell, StepOptions,
+};
 use tokio::sync::watch;
 
+use crate::base::mask::Masker;
+use crate::base::outputs::parse_output_file;
 use crate::runner::docker::DockerRunner;
 use crate::runner::shell::ShellRunner;
 use crate::runner::{LogSink, Step, StepExit, StepRunner, Stop, StopReason};
 
-/// Runs every step of `job` in `workspace` until one fails, the job is cancelled
-/// (`cancel` becomes true) or its timeout passes. A job with an image runs each step in
-/// a container of that image.
+/// Exit code a step gets when its own `timeout` ends it, as `timeout(1)` reports.
+pub const STEP_TIMEOUT_EXIT: i32 = 124;
+
+/// What a job's steps came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepsRun {
+    pub outcome: JobOutcome,
+    /// The job's `outputs:` with their values (masked where a secret was in one);
+    /// `None` when the job declares none.
+    pub outputs: Option<Labels>,
+}
+
+/// Outputs steps wrote, by step id.
+type StepOutputs = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Runs the steps of `job` in `workspace`, each when its condition holds over the steps
+/// before it, until the job is cancelled (`cancel` becomes true) or its timeout passes,
+/// then fills in the job's outputs. A job with an image runs each step in a container
+/// of that image. `temp` is the job's temporary directory, outside the workspace.
 pub async fn run_job(
     job: &JobAssignment,
+    execution: &JobExecution,
     workspace: &Path,
+    temp: &Path,
     log: &LogSink,
     cancel: watch::Receiver<bool>,
-) -> JobOutcome {
-    let outcome = run_steps(job, workspace, log, cancel).await;
+) -> StepsRun {
+    let mut written = StepOutputs::new();
+    let outcome = run_steps(job, execution, workspace, temp, log, cancel, &mut written).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
     if let JobOutcome::Error { message } = &outcome {
         let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
     }
-    outcome
+    let outputs = if execution.outputs.is_empty() {
+        None
+    } else {
+        Some(job_outputs(&execution.outputs, &written, &job.secrets, log).await)
+    };
+    StepsRun { outcome, outputs }
 }
 
 async fn run_steps(
     job: &JobAssignment,
+    execution: &JobExecution,
     workspace: &Path,
+    temp: &Path,
     log: &LogSink,
     cancel: watch::Receiver<bool>,
+    written: &mut StepOutputs,
 ) -> JobOutcome {
     // The caller makes the workspace fresh (and may have unpacked the run's source
-    // tree into it); this only makes sure it exists.
-    if let Err(e) = std::fs::create_dir_all(workspace) {
-        return JobOutcome::Error {
-            message: format!("cannot create the workspace {}: {e}", workspace.display()),
-        };
+    // tree into it); this only makes sure both directories exist.
+    for dir in [workspace, temp] {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            return JobOutcome::Error {
+                message: format!("cannot create {}: {e}", dir.display()),
+            };
+        }
     }
-    match &job.image {
-        None => run_with(&ShellRunner::new(workspace), job, workspace, log, cancel).await,
-        Some(image) => match DockerRunner::prepare(image, workspace).await {
-            Ok(runner) => run_with(&runner, job, workspace, log, cancel).await,
+    let image = execution
+        .image
+        .as_ref()
+        .map(|i| i.name.as_str())
+        .or(job.image.as_deref());
+    let run = StepLoop {
+        job,
+        execution,
+        workspace,
+        temp,
+        log,
+        cancel,
+    };
+    match image {
+        None => run.with(&ShellRunner::new(workspace, temp), written).await,
+        Some(image) => match DockerRunner::prepare(image, workspace, temp).await {
+            Ok(runner) => run.with(&runner, written).await,
             Err(e) => JobOutcome::Error {
                 message: e.to_string(),
             },
@@ -60,76 +111,190 @@ async fn run_steps(
     }
 }
 
-/// Runs the steps with `runner`, each after the one before succeeded.
-async fn run_with<R: StepRunner>(
-    runner: &R,
-    job: &JobAssignment,
-    workspace: &Path,
-    log: &LogSink,
+/// One job's steps and what they run with.
+struct StepLoop<'a> {
+    job: &'a JobAssignment,
+    execution: &'a JobExecution,
+    workspace: &'a Path,
+    temp: &'a Path,
+    log: &'a LogSink,
     cancel: watch::Receiver<bool>,
-) -> JobOutcome {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms);
-    let mut halt = Stop::new(deadline, Duration::from_millis(job.kill_grace_ms), cancel);
-    let total = job.steps.len();
-    for (index, spec) in job.steps.iter().enumerate() {
-        let host_dir = match step_dir(workspace, spec.working_directory.as_deref()) {
-            Ok(dir) => dir,
-            Err(e) => {
-                return JobOutcome::Error {
-                    message: e.to_string(),
+}
+
+impl StepLoop<'_> {
+    async fn note(&self, line: String) {
+        let _ = self.log.send(line.into_bytes()).await;
+    }
+
+    /// Runs the steps with `runner`. A failed step (without `continue-on-error`) fails
+    /// the job, and later steps run only if their condition says so (`failure()`,
+    /// `always()`); the job's outcome names the first failed step. A cancel or the job's
+    /// timeout ends the job at once.
+    async fn with<R: StepRunner>(&self, runner: &R, written: &mut StepOutputs) -> JobOutcome {
+        let job = self.job;
+        let job_deadline = tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms);
+        let grace = Duration::from_millis(job.kill_grace_ms);
+        let total = job.steps.len();
+        let default = StepOptions::default();
+        let (mut all_succeeded, mut any_failed) = (true, false);
+        let mut first_failure = None;
+        for (index, spec) in job.steps.iter().enumerate() {
+            let number = index + 1;
+            let options = self.execution.steps.get(index).unwrap_or(&default);
+            let known = |value: &ConditionValue| match value {
+                ConditionValue::StepOutput { step, name } => {
+                    written.get(step).and_then(|o| o.get(name)).cloned()
                 }
+                _ => None,
+            };
+            if !options
+                .condition
+                .eval_with_outputs(all_succeeded, any_failed, false, &known)
+            {
+                self.note(format!(
+                    "\u{23ed} step {number}/{total}: {} skipped: its if: is false\n",
+                    spec.name
+                ))
+                .await;
+                continue;
             }
-        };
-        let header = format!("\u{25b6} step {}/{total}: {}\n", index + 1, spec.name);
-        let _ = log.send(header.into_bytes()).await;
-        let mut env = runner.base_env();
-        env.extend(gantry_env(job, &spec.env, &runner.workspace(), index));
-        let step = Step {
-            job,
-            number: index + 1,
-            script: substitute_secrets(&spec.run, &job.secrets),
-            env,
-            working_directory: spec.working_directory.as_deref(),
-            host_dir,
-        };
-        let exit = match runner.run(&step, log, &mut halt).await {
-            Ok(exit) => exit,
-            Err(e) => {
-                return JobOutcome::Error {
-                    message: e.to_string(),
+            let host_dir = match step_dir(self.workspace, spec.working_directory.as_deref()) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    return JobOutcome::Error {
+                        message: e.to_string(),
+                    }
                 }
-            }
-        };
-        match exit {
-            StepExit::Code(0) => {}
-            StepExit::Code(code) => {
-                let _ = log
-                    .send(format!("\u{2716} step {} exited with {code}\n", index + 1).into_bytes())
-                    .await;
-                return JobOutcome::Failed {
-                    exit_code: code,
-                    step: u32::try_from(index).unwrap_or(u32::MAX),
+            };
+            self.note(format!("\u{25b6} step {number}/{total}: {}\n", spec.name))
+                .await;
+            let fill = |text: &str| fill_in(text, &job.secrets, written);
+            let output_name = format!("output-{number}");
+            let host_output = self.temp.join(&output_name);
+            if let Err(e) = std::fs::write(&host_output, b"") {
+                return JobOutcome::Error {
+                    message: format!("cannot create {}: {e}", host_output.display()),
                 };
             }
-            StepExit::Stopped(StopReason::Cancelled) => {
-                let _ = log.send(b"\xe2\x96\xa0 cancelled\n".to_vec()).await;
-                return JobOutcome::Cancelled;
-            }
-            StepExit::Stopped(StopReason::TimedOut) => {
-                let _ = log
-                    .send(format!("\u{25a0} timed out after {} ms\n", job.timeout_ms).into_bytes())
+            let mut env = runner.base_env();
+            env.extend(gantry_env(
+                job,
+                &spec.env,
+                &runner.workspace(),
+                index,
+                &fill,
+            ));
+            env.insert(
+                "GANTRY_OUTPUT".into(),
+                format!("{}/{output_name}", runner.temp_dir()),
+            );
+            let command = match command_line(
+                &options.shell,
+                &spec.run,
+                fill(&spec.run),
+                self.temp,
+                &runner.temp_dir(),
+                number,
+            ) {
+                Ok(command) => command,
+                Err(message) => return JobOutcome::Error { message },
+            };
+            let step_deadline = options.timeout_ms.map_or(job_deadline, |ms| {
+                job_deadline.min(tokio::time::Instant::now() + Duration::from_millis(ms))
+            });
+            let mut halt = Stop::new(step_deadline, grace, self.cancel.clone());
+            let step = Step {
+                job,
+                number,
+                command,
+                env,
+                working_directory: spec.working_directory.as_deref(),
+                host_dir,
+            };
+            let exit = match runner.run(&step, self.log, &mut halt).await {
+                Ok(exit) => exit,
+                Err(e) => {
+                    return JobOutcome::Error {
+                        message: e.to_string(),
+                    }
+                }
+            };
+            let outputs = read_outputs(&host_output);
+            let _ = std::fs::remove_file(&host_output);
+            let failed_with = match exit {
+                StepExit::Code(code) => {
+                    if code != 0 {
+                        self.note(format!("\u{2716} step {number} exited with {code}\n"))
+                            .await;
+                    }
+                    let malformed = match outputs {
+                        Ok(outputs) => {
+                            if let Some(id) = &options.id {
+                                written.insert(id.clone(), outputs);
+                            }
+                            false
+                        }
+                        Err(e) => {
+                            self.note(format!("\u{2716} step {number}: {e}\n")).await;
+                            true
+                        }
+                    };
+                    match code {
+                        0 if malformed => Some(1),
+                        0 => None,
+                        code => Some(code),
+                    }
+                }
+                StepExit::Stopped(StopReason::Cancelled) => {
+                    self.note("\u{25a0} cancelled\n".to_owned()).await;
+                    return JobOutcome::Cancelled;
+                }
+                StepExit::Stopped(StopReason::TimedOut) if step_deadline < job_deadline => {
+                    self.note(format!(
+                        "\u{25a0} step {number} timed out after its timeout of {} ms\n",
+                        options.timeout_ms.unwrap_or_default()
+                    ))
                     .await;
-                return JobOutcome::TimedOut;
+                    Some(STEP_TIMEOUT_EXIT)
+                }
+                StepExit::Stopped(StopReason::TimedOut) => {
+                    self.note(format!("\u{25a0} timed out after {} ms\n", job.timeout_ms))
+                        .await;
+                    return JobOutcome::TimedOut;
+                }
+            };
+            let Some(code) = failed_with else {
+                continue;
+            };
+            if options.continue_on_error {
+                self.note(format!(
+                    "\u{2139} step {number} failed with continue-on-error: the job goes on as if it succeeded\n"
+                ))
+                .await;
+                continue;
             }
+            all_succeeded = false;
+            any_failed = true;
+            first_failure.get_or_insert(JobOutcome::Failed {
+                exit_code: code,
+                step: u32::try_from(index).unwrap_or(u32::MAX),
+            });
         }
+        first_failure.unwrap_or(JobOutcome::Succeeded)
     }
-    JobOutcome::Succeeded
 }
 
 /// The environment every step sees, on the host or in a container: `GANTRY_*` (with the
-/// workspace as the step sees it), then the job's declared variables, then the step's.
-/// Nothing from the agent's own environment: the runner adds what it must.
-fn gantry_env(job: &JobAssignment, step_env: &Labels, workspace: &str, index: usize) -> Labels {
+/// workspace as the step sees it), then the job's declared variables, then the step's,
+/// with secrets and step outputs filled in (`fill`). Nothing from the agent's own
+/// environment: the runner adds what it must.
+fn gantry_env(
+    job: &JobAssignment,
+    step_env: &Labels,
+    workspace: &str,
+    index: usize,
+    fill: &dyn Fn(&str) -> String,
+) -> Labels {
     let mut env = Labels::new();
     env.insert("GANTRY".into(), "true".into());
     env.insert("GANTRY_RUN_ID".into(), job.run.to_string());
@@ -140,18 +305,115 @@ fn gantry_env(job: &JobAssignment, step_env: &Labels, workspace: &str, index: us
     env.insert("GANTRY_STEP".into(), (index + 1).to_string());
     env.insert("GANTRY_WORKSPACE".into(), workspace.to_owned());
     for (k, v) in job.env.iter().chain(step_env) {
-        env.insert(k.clone(), substitute_secrets(v, &job.secrets));
+        env.insert(k.clone(), fill(v));
     }
     env
 }
 
 /// Replaces `${{ secrets.NAME }}` (spaces optional) with the secret's value.
 pub fn substitute_secrets(text: &str, secrets: &Labels) -> String {
+    fill_in(text, secrets, &StepOutputs::new())
+}
+
+/// Replaces `${{ secrets.NAME }}` with the secret's value and `${{ steps.ID.outputs.NAME }}`
+/// with what that step wrote (empty if it wrote nothing, as in GitHub Actions); every
+/// other reference is left as written.
+fn fill_in(text: &str, secrets: &Labels, written: &StepOutputs) -> String {
     gantry_protocol::template::expand(text, |expr| {
-        expr.strip_prefix("secrets.")
-            .and_then(|name| secrets.get(name.trim()))
-            .cloned()
+        if let Some(name) = expr.strip_prefix("secrets.") {
+            return secrets.get(name.trim()).cloned();
+        }
+        let (step, name) = step_output_reference(expr)?;
+        Some(
+            written
+                .get(step)
+                .and_then(|o| o.get(name))
+                .cloned()
+                .unwrap_or_default(),
+        )
     })
+}
+
+/// `steps.ID.outputs.NAME` as (ID, NAME).
+fn step_output_reference(expr: &str) -> Option<(&str, &str)> {
+    let rest = expr.strip_prefix("steps.")?;
+    let (step, name) = rest.split_once(".outputs.")?;
+    (!step.is_empty() && !name.is_empty() && !name.contains('.')).then_some((step, name))
+}
+
+/// What runs a step's script under its `shell`. The script goes in an argument, never a
+/// file, since it may hold secrets (which never reach the disk); only a command
+/// template (`{0}` is a file) gets a file, so its script may not name a secret.
+fn command_line(
+    shell: &Shell,
+    written_script: &str,
+    script: String,
+    temp: &Path,
+    seen_temp: &str,
+    number: usize,
+) -> Result<Vec<String>, String> {
+    let own = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let mut argv = match shell {
+        Shell::Sh => own(&["/bin/sh", "-e", "-c"]),
+        Shell::Bash => own(&["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c"]),
+        Shell::Python => own(&["python3", "-c"]),
+        Shell::Pwsh => own(&["pwsh", "-NoProfile", "-NonInteractive", "-Command"]),
+        Shell::Command(template) => {
+            if written_script.contains("${{") && written_script.contains("secrets.") {
+                return Err(format!(
+                    "step {number}: a step with `shell: {template}` runs its script from a file, and a secret must never reach the disk; pass the secret in the step's env: and read the variable instead"
+                ));
+            }
+            let name = format!("step-{number}");
+            let file = temp.join(&name);
+            std::fs::write(&file, script)
+                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+            let seen = format!("{seen_temp}/{name}");
+            return Ok(template
+                .split_whitespace()
+                .map(|arg| arg.replace("{0}", &seen))
+                .collect());
+        }
+    };
+    argv.push(script);
+    Ok(argv)
+}
+
+/// What a step wrote to its `$GANTRY_OUTPUT` file (no more than the limit is read).
+fn read_outputs(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read $GANTRY_OUTPUT: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(gantry_protocol::limits::MAX_OUTPUT_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read $GANTRY_OUTPUT: {e}"))?;
+    parse_output_file(&bytes).map_err(|e| e.to_string())
+}
+
+/// The job's `outputs:` filled in from what its steps wrote; a value holding a secret
+/// (or an encoded form of one) has it masked, so it never reaches later jobs or
+/// listings. A value over the limit is left empty, saying so in the log.
+async fn job_outputs(
+    declared: &BTreeMap<String, String>,
+    written: &StepOutputs,
+    secrets: &Labels,
+    log: &LogSink,
+) -> Labels {
+    let mut masker = Masker::new(secrets.values().map(String::as_str));
+    let mut outputs = Labels::new();
+    for (name, template) in declared {
+        let mut value = masker.mask_text(&fill_in(template, secrets, written));
+        if value.len() > MAX_OUTPUT_VALUE_BYTES {
+            let line = format!(
+                "\u{2716} output {name} is {} bytes, over the limit of {MAX_OUTPUT_VALUE_BYTES}: it is left empty\n",
+                value.len()
+            );
+            let _ = log.send(line.into_bytes()).await;
+            value.clear();
+        }
+        outputs.insert(name.clone(), value);
+    }
+    outputs
 }
 
 /// A step's `working-directory` that cannot be used.
@@ -225,6 +487,15 @@ mod tests {
     }
 
     async fn run(job: &JobAssignment, cancel_after: Option<Duration>) -> (JobOutcome, String) {
+        let (run, log) = run_with_options(job, &JobExecution::default(), cancel_after).await;
+        (run.outcome, log)
+    }
+
+    async fn run_with_options(
+        job: &JobAssignment,
+        execution: &JobExecution,
+        cancel_after: Option<Duration>,
+    ) -> (StepsRun, String) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, mut rx) = mpsc::channel(1024);
         let (cancel_tx, cancel_rx) = watch::channel(false);
@@ -236,13 +507,15 @@ mod tests {
         } else {
             std::mem::forget(cancel_tx);
         }
-        let outcome = run_job(job, &dir.path().join("ws"), &tx, cancel_rx).await;
+        let ws = dir.path().join("ws");
+        let temp = dir.path().join("tmp");
+        let run = run_job(job, execution, &ws, &temp, &tx, cancel_rx).await;
         drop(tx);
         let mut out = Vec::new();
         while let Some(piece) = rx.recv().await {
             out.extend(piece);
         }
-        (outcome, String::from_utf8_lossy(&out).into_owned())
+        (run, String::from_utf8_lossy(&out).into_owned())
     }
 
     #[tokio::test]
@@ -329,6 +602,202 @@ mod tests {
         let (outcome, log) = run(&job(&["trap '' TERM; echo started; sleep 300"], 300), None).await;
         assert_eq!(outcome, JobOutcome::TimedOut, "{log}");
         assert!(log.contains("started"), "{log}");
+    }
+
+    fn step(options: StepOptions) -> StepOptions {
+        options
+    }
+
+    #[tokio::test]
+    async fn conditions_continue_on_error_and_step_timeouts_decide_which_steps_run() {
+        use gantry_protocol::StatusExpr;
+        let j = job(
+            &[
+                "echo first",
+                "exit 7",
+                "echo after-success",
+                "echo on-failure",
+                "sleep 30",
+                "echo always",
+            ],
+            20_000,
+        );
+        let execution = JobExecution {
+            steps: vec![
+                StepOptions::default(),
+                StepOptions::default(),
+                StepOptions::default(),
+                step(StepOptions {
+                    condition: StatusExpr::Failure,
+                    ..StepOptions::default()
+                }),
+                step(StepOptions {
+                    condition: StatusExpr::Always,
+                    timeout_ms: Some(300),
+                    continue_on_error: true,
+                    ..StepOptions::default()
+                }),
+                step(StepOptions {
+                    condition: StatusExpr::Always,
+                    ..StepOptions::default()
+                }),
+            ],
+            ..JobExecution::default()
+        };
+        let (run, log) = run_with_options(&j, &execution, None).await;
+        assert_eq!(
+            run.outcome,
+            JobOutcome::Failed {
+                exit_code: 7,
+                step: 1
+            },
+            "{log}"
+        );
+        assert!(log.contains("first\n"), "{log}");
+        assert!(!log.contains("after-success\n"), "{log}");
+        assert!(log.contains("step 3/6: s2 skipped"), "{log}");
+        assert!(log.contains("on-failure\n"), "{log}");
+        assert!(
+            log.contains("step 5 timed out after its timeout of 300 ms"),
+            "{log}"
+        );
+        assert!(log.contains("always\n"), "{log}");
+        assert_eq!(run.outputs, None);
+
+        // continue-on-error keeps the job green and later steps see a success.
+        let j = job(&["exit 3", "echo next"], 10_000);
+        let execution = JobExecution {
+            steps: vec![step(StepOptions {
+                continue_on_error: true,
+                ..StepOptions::default()
+            })],
+            ..JobExecution::default()
+        };
+        let (run, log) = run_with_options(&j, &execution, None).await;
+        assert_eq!(run.outcome, JobOutcome::Succeeded, "{log}");
+        assert!(log.contains("next\n"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn step_outputs_reach_later_steps_conditions_and_the_jobs_outputs_masked() {
+        use gantry_protocol::{CompareOp, StatusExpr};
+        let j = job(
+            &[
+                "echo version=1.4.2 >> \"$GANTRY_OUTPUT\"; printf 'notes<<EOF\\na\\nb\\nEOF\\n' >> \"$GANTRY_OUTPUT\"; echo \"token=x${{ secrets.TOKEN }}y\" >> \"$GANTRY_OUTPUT\"",
+                "echo \"got ${{ steps.v.outputs.version }} and $FROM_ENV\"",
+                "echo skipped-by-output",
+            ],
+            10_000,
+        );
+        let mut j = j;
+        j.steps[1]
+            .env
+            .insert("FROM_ENV".into(), "v${{ steps.v.outputs.version }}".into());
+        let execution = JobExecution {
+            steps: vec![
+                step(StepOptions {
+                    id: Some("v".into()),
+                    ..StepOptions::default()
+                }),
+                StepOptions::default(),
+                step(StepOptions {
+                    condition: StatusExpr::Compare {
+                        left: ConditionValue::StepOutput {
+                            step: "v".into(),
+                            name: "version".into(),
+                        },
+                        op: CompareOp::Eq,
+                        right: ConditionValue::Text("2.0".into()),
+                    },
+                    ..StepOptions::default()
+                }),
+            ],
+            outputs: BTreeMap::from([
+                (
+                    "version".to_owned(),
+                    "${{ steps.v.outputs.version }}".to_owned(),
+                ),
+                (
+                    "notes".to_owned(),
+                    "${{ steps.v.outputs.notes }}".to_owned(),
+                ),
+                (
+                    "token".to_owned(),
+                    "${{ steps.v.outputs.token }}".to_owned(),
+                ),
+                (
+                    "missing".to_owned(),
+                    "<${{ steps.nope.outputs.x }}>".to_owned(),
+                ),
+            ]),
+            ..JobExecution::default()
+        };
+        let (run, log) = run_with_options(&j, &execution, None).await;
+        assert_eq!(run.outcome, JobOutcome::Succeeded, "{log}");
+        assert!(log.contains("got 1.4.2 and v1.4.2\n"), "{log}");
+        assert!(log.contains("step 3/3: s2 skipped"), "{log}");
+        let outputs = run.outputs.expect("declared outputs");
+        assert_eq!(outputs["version"], "1.4.2");
+        assert_eq!(outputs["notes"], "a\nb");
+        assert_eq!(outputs["token"], "x***y", "a secret in an output is masked");
+        assert_eq!(outputs["missing"], "<>");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_output_file_fails_the_step_naming_the_line() {
+        let j = job(&["echo 'no equals sign' >> \"$GANTRY_OUTPUT\""], 10_000);
+        let (outcome, log) = run(&j, None).await;
+        assert_eq!(
+            outcome,
+            JobOutcome::Failed {
+                exit_code: 1,
+                step: 0
+            },
+            "{log}"
+        );
+        assert!(
+            log.contains("$GANTRY_OUTPUT line 1: expected NAME=VALUE or NAME<<DELIMITER, found `no equals sign`"),
+            "{log}"
+        );
+    }
+
+    #[tokio::test]
+    async fn shells_bash_fails_a_pipe_and_a_command_template_gets_a_file() {
+        let j = job(
+            &["false | true; echo not-reached", "echo from-template"],
+            10_000,
+        );
+        let execution = JobExecution {
+            steps: vec![
+                step(StepOptions {
+                    shell: Shell::Bash,
+                    continue_on_error: true,
+                    ..StepOptions::default()
+                }),
+                step(StepOptions {
+                    shell: Shell::Command("/bin/sh -e {0}".into()),
+                    ..StepOptions::default()
+                }),
+            ],
+            ..JobExecution::default()
+        };
+        let (run, log) = run_with_options(&j, &execution, None).await;
+        assert_eq!(run.outcome, JobOutcome::Succeeded, "{log}");
+        assert!(!log.contains("not-reached"), "pipefail: {log}");
+        assert!(log.contains("step 1 exited with 1"), "{log}");
+        assert!(log.contains("from-template\n"), "{log}");
+        // A command template never writes a secret to disk.
+        let j = job(&["echo ${{ secrets.TOKEN }}"], 10_000);
+        let execution = JobExecution {
+            steps: vec![step(StepOptions {
+                shell: Shell::Command("/bin/sh {0}".into()),
+                ..StepOptions::default()
+            })],
+            ..JobExecution::default()
+        };
+        let (run, log) = run_with_options(&j, &execution, None).await;
+        assert!(matches!(run.outcome, JobOutcome::Error { .. }), "{log}");
+        assert!(log.contains("a secret must never reach the disk"), "{log}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ use crate::base::labels::capabilities_with;
 
 /// Where the job's workspace appears inside every step's container.
 pub const CONTAINER_WORKSPACE: &str = "/workspace";
+/// Where the job's temporary directory (`$GANTRY_OUTPUT` files) appears in containers.
+pub const CONTAINER_TEMP: &str = "/gantry/tmp";
 /// Label on every container the agent creates; its value is the job id (`RUN.INDEX`).
 pub const JOB_LABEL: &str = "gantry.job";
 /// Label with the job attempt.
@@ -225,6 +227,8 @@ pub struct DockerRunner {
     image: String,
     /// The absolute host path of the job's workspace.
     host_workspace: PathBuf,
+    /// The absolute host path of the job's temporary directory.
+    host_temp: PathBuf,
     /// `uid:gid` the steps run as.
     user: String,
 }
@@ -232,13 +236,13 @@ pub struct DockerRunner {
 impl DockerRunner {
     /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
     /// is present. Never pulls.
-    pub async fn prepare(image: &str, workspace: &Path) -> Result<Self, DockerError> {
+    pub async fn prepare(image: &str, workspace: &Path, temp: &Path) -> Result<Self, DockerError> {
         let socket =
             configured_socket(Path::new(DEFAULT_SOCKET)).map_err(|source| DockerError::Socket {
                 image: image.to_owned(),
                 source,
             })?;
-        Self::prepare_at(&socket, image, workspace).await
+        Self::prepare_at(&socket, image, workspace, temp).await
     }
 
     /// [`DockerRunner::prepare`] with the engine on `socket`.
@@ -246,6 +250,7 @@ impl DockerRunner {
         socket: &Path,
         image: &str,
         workspace: &Path,
+        temp: &Path,
     ) -> Result<Self, DockerError> {
         let client =
             DockerClient::connect(socket)
@@ -260,10 +265,15 @@ impl DockerRunner {
                 path: workspace.to_path_buf(),
                 source,
             })?;
+        let host_temp = std::path::absolute(temp).map_err(|source| DockerError::Workspace {
+            path: temp.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             client,
             image: image.to_owned(),
             host_workspace,
+            host_temp,
             user: agent_user(),
         })
     }
@@ -370,6 +380,10 @@ impl StepRunner for DockerRunner {
         CONTAINER_WORKSPACE.to_owned()
     }
 
+    fn temp_dir(&self) -> String {
+        CONTAINER_TEMP.to_owned()
+    }
+
     /// Nothing from the agent: a container gets its `PATH` from its image.
     fn base_env(&self) -> Labels {
         Labels::new()
@@ -384,9 +398,10 @@ impl StepRunner for DockerRunner {
         let spec = StepContainer {
             job: step.job,
             step_number: step.number,
-            script: step.script.clone(),
+            command: step.command.clone(),
             env: step.env.clone(),
             host_workspace: self.host_workspace.clone(),
+            host_temp: Some(self.host_temp.clone()),
             working_directory: step.working_directory,
             user: self.user.clone(),
         };
@@ -435,20 +450,23 @@ pub struct StepContainer<'a> {
     pub job: &'a JobAssignment,
     /// 1-based, as in the log headers and `GANTRY_STEP`.
     pub step_number: usize,
-    /// The script after secret substitution.
-    pub script: String,
+    /// The step's program and arguments (see [`crate::runner::Step::command`]).
+    pub command: Vec<String>,
     /// The step's environment, as the job builds it for containers.
     pub env: Labels,
     /// The job's workspace on this host; must be absolute.
     pub host_workspace: PathBuf,
+    /// The job's temporary directory on this host, mounted at [`CONTAINER_TEMP`].
+    pub host_temp: Option<PathBuf>,
     /// The step's `working-directory`, already checked to stay inside the workspace.
     pub working_directory: Option<&'a str>,
     /// `uid:gid` the step runs as.
     pub user: String,
 }
 
-/// The container of one step: the image, `/bin/sh -e -c SCRIPT`, the step's environment
-/// and nothing else, the workspace bind-mounted at [`CONTAINER_WORKSPACE`], the step's
+/// The container of one step: the image, the step's command, its environment and nothing
+/// else, the workspace bind-mounted at [`CONTAINER_WORKSPACE`] (and the job's temporary
+/// directory at [`CONTAINER_TEMP`]), the step's
 /// working directory under it, the agent's uid:gid, and labels naming the job.
 pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreateBody {
     let working_dir = match spec.working_directory {
@@ -465,12 +483,7 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
     ]);
     ContainerCreateBody {
         image: Some(image.to_owned()),
-        cmd: Some(vec![
-            "/bin/sh".to_owned(),
-            "-e".to_owned(),
-            "-c".to_owned(),
-            spec.script.clone(),
-        ]),
+        cmd: Some(spec.command.clone()),
         // An empty entrypoint: the image's own entrypoint must not wrap the step.
         entrypoint: Some(Vec::new()),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
@@ -483,13 +496,18 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
         open_stdin: Some(false),
         tty: Some(false),
         host_config: Some(HostConfig {
-            mounts: Some(vec![Mount {
-                target: Some(CONTAINER_WORKSPACE.to_owned()),
-                source: Some(spec.host_workspace.display().to_string()),
-                typ: Some(MountType::BIND),
-                read_only: Some(false),
-                ..Mount::default()
-            }]),
+            mounts: Some(
+                std::iter::once((CONTAINER_WORKSPACE, &spec.host_workspace))
+                    .chain(spec.host_temp.iter().map(|t| (CONTAINER_TEMP, t)))
+                    .map(|(target, source)| Mount {
+                        target: Some(target.to_owned()),
+                        source: Some(source.display().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(false),
+                        ..Mount::default()
+                    })
+                    .collect(),
+            ),
             ..HostConfig::default()
         }),
         ..ContainerCreateBody::default()
@@ -610,12 +628,18 @@ mod tests {
         StepContainer {
             job,
             step_number: 1,
-            script: "echo hi".into(),
+            command: vec![
+                "/bin/sh".to_owned(),
+                "-e".to_owned(),
+                "-c".to_owned(),
+                "echo hi".to_owned(),
+            ],
             env: Labels::from([
                 ("A".to_owned(), "1".to_owned()),
                 ("GANTRY_WORKSPACE".to_owned(), "/workspace".to_owned()),
             ]),
             host_workspace: PathBuf::from("/var/lib/gantry-agent/work/7.2-3"),
+            host_temp: None,
             working_directory,
             user: "1000:1000".into(),
         }
@@ -713,12 +737,16 @@ mod tests {
     #[tokio::test]
     async fn an_image_job_without_an_engine_says_why() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let message =
-            DockerRunner::prepare_at(&dir.path().join("absent.sock"), "app:1", dir.path())
-                .await
-                .err()
-                .expect("no engine")
-                .to_string();
+        let message = DockerRunner::prepare_at(
+            &dir.path().join("absent.sock"),
+            "app:1",
+            dir.path(),
+            dir.path(),
+        )
+        .await
+        .err()
+        .expect("no engine")
+        .to_string();
         assert!(
             message.starts_with("this agent cannot run jobs in image app:1: no Docker socket at"),
             "{message}"

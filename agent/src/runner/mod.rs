@@ -48,8 +48,10 @@ pub struct Step<'a> {
     pub job: &'a JobAssignment,
     /// 1-based, as in the log headers and `GANTRY_STEP`.
     pub number: usize,
-    /// The script, after secret substitution.
-    pub script: String,
+    /// What runs the step: a program and its arguments, the script among them (after
+    /// secret substitution) or in a file they name; `jobs::steps` builds it from the
+    /// step's `shell`.
+    pub command: Vec<String>,
     /// The whole environment the step sees.
     pub env: Labels,
     /// The step's `working-directory` as written, checked to stay inside the workspace.
@@ -106,6 +108,10 @@ pub trait StepRunner: Sync {
 
     /// The workspace as the steps see it (`GANTRY_WORKSPACE`).
     fn workspace(&self) -> String;
+
+    /// The job's temporary directory as the steps see it (where `$GANTRY_OUTPUT` files
+    /// and script files live, outside the workspace).
+    fn temp_dir(&self) -> String;
 
     /// The environment a step starts from, before the job's own variables.
     fn base_env(&self) -> Labels;

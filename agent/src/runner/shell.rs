@@ -1,4 +1,5 @@
-//! Running steps under `/bin/sh -e -c` on this host.
+//! Running steps as processes on this host (`/bin/sh -e -c SCRIPT` unless the step's
+//! `shell` says otherwise).
 //!
 //! Owns each step's process: its own process group (so a cancel or timeout reaches
 //! every process the step started, and whatever it left running goes when it ends), its
@@ -21,11 +22,14 @@ const PIPE_PIECE: usize = 32 * 1024;
 /// Why a shell step could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
-    #[error("cannot start /bin/sh in {}: {source}", dir.display())]
+    #[error("cannot start {program} in {}: {source}", dir.display())]
     Spawn {
+        program: String,
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error("the step has no command to run")]
+    NoCommand,
     #[error("the step's process has no id")]
     NoProcessId,
     #[error("waiting for the step failed: {0}")]
@@ -36,12 +40,14 @@ pub enum ShellError {
 #[derive(Debug, Clone)]
 pub struct ShellRunner {
     workspace: PathBuf,
+    temp: PathBuf,
 }
 
 impl ShellRunner {
-    pub fn new(workspace: &Path) -> Self {
+    pub fn new(workspace: &Path, temp: &Path) -> Self {
         Self {
             workspace: workspace.to_path_buf(),
+            temp: temp.to_path_buf(),
         }
     }
 }
@@ -51,6 +57,10 @@ impl StepRunner for ShellRunner {
 
     fn workspace(&self) -> String {
         self.workspace.display().to_string()
+    }
+
+    fn temp_dir(&self) -> String {
+        self.temp.display().to_string()
     }
 
     /// `PATH` and `HOME` from the agent, so tools can be found.
@@ -64,22 +74,21 @@ impl StepRunner for ShellRunner {
         log: &LogSink,
         halt: &mut Stop,
     ) -> Result<StepExit, ShellError> {
-        run_process(&step.script, &step.host_dir, &step.env, log, halt).await
+        run_process(&step.command, &step.host_dir, &step.env, log, halt).await
     }
 }
 
 async fn run_process(
-    script: &str,
+    command_line: &[String],
     cwd: &Path,
     env: &Labels,
     log: &LogSink,
     halt: &mut Stop,
 ) -> Result<StepExit, ShellError> {
-    let mut command = Command::new("/bin/sh");
+    let (program, args) = command_line.split_first().ok_or(ShellError::NoCommand)?;
+    let mut command = Command::new(program);
     command
-        .arg("-e")
-        .arg("-c")
-        .arg(script)
+        .args(args)
         .current_dir(cwd)
         .env_clear()
         .envs(env)
@@ -90,6 +99,7 @@ async fn run_process(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|source| ShellError::Spawn {
+        program: program.clone(),
         dir: cwd.to_path_buf(),
         source,
     })?;

@@ -36,6 +36,8 @@ pub enum ClientError {
 
 #[derive(Debug)]
 pub struct AdminClient {
+    /// The protocol version the coordinator's welcome named.
+    pub protocol_version: u16,
     dialer: Dialer,
     conn: gantry_transport::Connection,
     writer: FrameWriter,
@@ -77,7 +79,8 @@ impl AdminClient {
             .recv_within::<HelloReply>(REQUEST_DEADLINE, "the coordinator's welcome")
             .await
         {
-            Ok(Some(HelloReply::Welcome(_))) => Ok(Self {
+            Ok(Some(HelloReply::Welcome(welcome))) => Ok(Self {
+                protocol_version: welcome.protocol_version,
                 dialer,
                 conn,
                 writer,

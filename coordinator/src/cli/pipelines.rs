@@ -471,10 +471,41 @@ pub async fn jobs(cmd: JobsCommand) -> Result<ExitCode, Failure> {
             },
             json,
         ),
-        JobsCommand::Show { job, json } => (AdminRequest::ShowJob { job: job_id(&job)? }, json),
+        JobsCommand::Show { job, json } => return show_job(job_id(&job)?, json).await,
     };
     let resp = admin(req).await?;
     output::print_response(&resp, json)
+}
+
+/// `gantry jobs show`: the job, and its outputs from coordinators that keep them.
+async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, Failure> {
+    let mut client = connect().await?;
+    let shown = client.request(&AdminRequest::ShowJob { job }).await;
+    let outputs = match &shown {
+        Ok(_) if client.protocol_version >= gantry_protocol::EXECUTION_VERSION => {
+            match client.request(&AdminRequest::ShowJobOutputs { job }).await {
+                Ok(AdminResponse::JobOutputs(outputs)) => outputs,
+                _ => gantry_protocol::Labels::new(),
+            }
+        }
+        _ => gantry_protocol::Labels::new(),
+    };
+    client.close().await;
+    let AdminResponse::Job(view) = shown? else {
+        return Err(Failure::Unreachable(anyhow::anyhow!(
+            "the coordinator answered `jobs show` with something else"
+        )));
+    };
+    if json {
+        let mut value = serde_json::to_value(&view).map_err(|e| Failure::Unreachable(e.into()))?;
+        value["outputs"] =
+            serde_json::to_value(&outputs).map_err(|e| Failure::Unreachable(e.into()))?;
+        println!("{value:#}");
+    } else {
+        output::print_response(&AdminResponse::Job(view), false)?;
+        output::print_response(&AdminResponse::JobOutputs(outputs), false)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn secrets(cmd: SecretsCommand) -> Result<ExitCode, Failure> {

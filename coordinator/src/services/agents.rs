@@ -277,6 +277,14 @@ impl Agents {
         self.lock().live.len() as u64
     }
 
+    /// Whether a connected agent's labels (capabilities among them) hold `key=true`.
+    pub fn has_label(&self, agent: &AgentId, key: &str) -> bool {
+        self.lock()
+            .live
+            .get(agent)
+            .is_some_and(|s| s.labels.get(key).is_some_and(|v| v == "true"))
+    }
+
     /// Where a connected agent serves peers (`ip:port`), if it does.
     pub fn peer_address(&self, agent: &AgentId) -> Option<String> {
         self.lock()

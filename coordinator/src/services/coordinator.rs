@@ -236,6 +236,14 @@ impl AgentOutbox for Outbox {
     fn secrets(&self, names: &[String]) -> Labels {
         self.secrets.for_job(names)
     }
+
+    fn speaks_execution(&self, agent: &AgentId) -> bool {
+        // The deploy runner reads `Dispatch` only.
+        *agent != self.runner
+            && self
+                .agents
+                .has_label(agent, &crate::services::engine::execution_label())
+    }
 }
 
 impl Fleet for Outbox {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use gantry_pipeline::Pipeline;
 use gantry_protocol::{
-    AgentId, Attempt, CoordinatorMessage, JobAssignment, JobId, JobOutcome, JobResult, Labels,
-    RunId, StepSpec, UnixMillis,
+    AgentId, Attempt, ConditionValue, CoordinatorMessage, JobAssignment, JobExecution, JobId,
+    JobOutcome, JobResult, Labels, RunId, StepSpec, UnixMillis,
 };
 use gantry_scheduler::{
     Changes, Command, Event, FailReason, JobPlan, JobState, Outcome, RunState, Scheduler, Snapshot,
@@ -58,10 +58,12 @@ pub enum Input {
         plans: Vec<JobPlan>,
         priority: i32,
     },
-    /// An agent reported a result; `ack` answers once the result is durable.
+    /// An agent reported a result (with the job's outputs, when it declares any);
+    /// `ack` answers once both are durable.
     Finished {
         agent: AgentId,
         result: JobResult,
+        outputs: Option<Labels>,
         ack: oneshot::Sender<()>,
     },
 }
@@ -79,6 +81,15 @@ pub trait AgentOutbox: Send + Sync + 'static {
     fn send(&self, agent: &AgentId, message: CoordinatorMessage) -> bool;
     /// Values of secrets by name, for a job that references them.
     fn secrets(&self, names: &[String]) -> Labels;
+    /// Whether `agent` understands `DispatchJob` (its hello was of protocol version
+    /// [`gantry_protocol::EXECUTION_VERSION`] or later).
+    fn speaks_execution(&self, agent: &AgentId) -> bool;
+}
+
+/// The scheduler label of agents that run execution options (`DispatchJob`); a job whose
+/// execution is not plain requires it, so it is never placed on an older agent.
+pub fn execution_label() -> String {
+    capability_label("execution")
 }
 
 /// Handle to the engine task.
@@ -295,6 +306,7 @@ impl EngineTask {
         let mut commands = Vec::new();
         let mut acks = Vec::new();
         let mut job_changes: Vec<JobChange> = Vec::new();
+        let mut outputs_reported: Vec<(JobId, Labels)> = Vec::new();
         for input in batch {
             match input {
                 Input::Event(event) => commands.extend(self.scheduler.handle(now, event)),
@@ -324,7 +336,15 @@ impl EngineTask {
                         },
                     ));
                 }
-                Input::Finished { agent, result, ack } => {
+                Input::Finished {
+                    agent,
+                    result,
+                    outputs,
+                    ack,
+                } => {
+                    if let Some(outputs) = outputs {
+                        outputs_reported.push((result.job, outputs));
+                    }
                     let outcome = match &result.outcome {
                         JobOutcome::Succeeded => Outcome::Succeeded,
                         JobOutcome::Failed { exit_code, .. } => Outcome::Failed {
@@ -429,7 +449,14 @@ impl EngineTask {
             return;
         }
         let store = &self.store;
-        match blocking(|| store.apply(&job_changes, &run_changes, write.as_ref())) {
+        match blocking(|| {
+            store.apply(
+                &job_changes,
+                &outputs_reported,
+                &run_changes,
+                write.as_ref(),
+            )
+        }) {
             Ok((jobs, runs)) => {
                 for ack in acks {
                     let _ = ack.send(());
@@ -496,14 +523,24 @@ impl EngineTask {
                     agent,
                     ..
                 } => {
-                    let Some(assignment) = self.assignment(*job, *attempt) else {
+                    let Some((assignment, execution)) = self.assignment(*job, *attempt) else {
                         tracing::error!(%job, "no pipeline for a dispatched job");
                         continue;
                     };
-                    if !self
-                        .outbox
-                        .send(agent, CoordinatorMessage::Dispatch(Box::new(assignment)))
-                    {
+                    let message = if self.outbox.speaks_execution(agent) {
+                        CoordinatorMessage::DispatchJob {
+                            assignment: Box::new(assignment),
+                            execution: Box::new(execution),
+                        }
+                    } else if execution.is_plain() {
+                        CoordinatorMessage::Dispatch(Box::new(assignment))
+                    } else {
+                        // The job requires the execution label, so only an agent that
+                        // reconnected older between the offer and now gets here.
+                        tracing::warn!(%job, %agent, "the agent no longer runs execution options; the offer will time out and be made again");
+                        continue;
+                    };
+                    if !self.outbox.send(agent, message) {
                         tracing::warn!(%job, %agent, "agent has no session; the offer will time out and be made again");
                     }
                 }
@@ -525,13 +562,68 @@ impl EngineTask {
         }
     }
 
-    /// Builds what the agent needs for one attempt, from the stored pipeline.
-    fn assignment(&self, job: JobId, attempt: Attempt) -> Option<JobAssignment> {
+    /// The outputs of `spec`'s needs by job key (several expansions of a matrix job
+    /// share their key: a value one of them reported wins over an empty one).
+    fn needs_outputs(
+        &self,
+        run: RunId,
+        pipeline: &Pipeline,
+        spec: &gantry_pipeline::Job,
+    ) -> NeedsOutputs {
+        let mut outputs = NeedsOutputs::new();
+        for need in &spec.needs {
+            let Some(index) = pipeline.jobs.iter().position(|j| &j.name == need) else {
+                continue;
+            };
+            let id = JobId {
+                run,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+            };
+            let values = self.store.job_outputs(id).unwrap_or_else(|e| {
+                tracing::error!(job = %id, "cannot read the job's outputs: {e}");
+                Labels::new()
+            });
+            let entry = outputs.entry(pipeline.jobs[index].key.clone()).or_default();
+            for (name, value) in values {
+                if !value.is_empty() || !entry.contains_key(&name) {
+                    entry.insert(name, value);
+                }
+            }
+        }
+        outputs
+    }
+
+    /// Builds what the agent needs for one attempt, from the stored pipeline, with the
+    /// needs' outputs filled in.
+    fn assignment(&self, job: JobId, attempt: Attempt) -> Option<(JobAssignment, JobExecution)> {
         let ctx = self.contexts.get(&job.run)?;
         let spec = ctx.pipeline.jobs.get(job.index as usize)?;
         let git = ctx.git();
-        let expand =
-            |text: &str| expand_references(text, &ctx.record.inputs, &git, &ctx.pipeline, spec);
+        let needs = self.needs_outputs(job.run, &ctx.pipeline, spec);
+        let expand = |text: &str| {
+            expand_references(text, &ctx.record.inputs, &git, &ctx.pipeline, spec, &needs)
+        };
+        let mut execution = spec.execution(&gantry_pipeline::StaticContext {
+            inputs: effective_inputs(&ctx.pipeline, &ctx.record.inputs),
+            env: ctx.pipeline.env.clone(),
+            ..git.clone()
+        });
+        let known = |value: &ConditionValue| match value {
+            ConditionValue::NeedsOutput { job, name } => needs_output(&needs, job, name),
+            _ => None,
+        };
+        for step in &mut execution.steps {
+            step.condition = step.condition.resolve_outputs(&known);
+        }
+        for template in execution.outputs.values_mut() {
+            *template = expand(template);
+        }
+        for cache in &mut execution.caches {
+            cache.spec.key = expand(&cache.spec.key);
+            for key in &mut cache.spec.restore_keys {
+                *key = expand(key);
+            }
+        }
         let mut env = git_env(&git);
         for (k, v) in ctx.pipeline.env.iter().chain(&spec.env) {
             env.insert(k.clone(), expand(v));
@@ -551,11 +643,11 @@ impl EngineTask {
                     )
                 }),
                 run: expand(&s.run),
-                working_directory: s.working_directory.clone(),
+                working_directory: s.working_directory.as_deref().map(expand),
                 env: s.env.iter().map(|(k, v)| (k.clone(), expand(v))).collect(),
             })
             .collect();
-        Some(JobAssignment {
+        let assignment = JobAssignment {
             job,
             attempt,
             run: job.run,
@@ -595,7 +687,8 @@ impl EngineTask {
                 restore_keys: c.restore_keys.iter().map(|k| expand(k)).collect(),
                 paths: c.paths.clone(),
             }),
-        })
+        };
+        Some((assignment, execution))
     }
 }
 
@@ -648,20 +741,36 @@ fn git_env(git: &gantry_pipeline::StaticContext) -> Labels {
     .collect()
 }
 
-/// Expands `${{ inputs.NAME }}`, `${{ git.* }}`, `${{ event.* }}` and `${{ env.NAME }}`;
-/// leaves `${{ secrets.* }}` to the agent.
+/// The outputs of a job's needs: job key → output name → value.
+type NeedsOutputs = HashMap<String, Labels>;
+
+/// `needs.JOB.outputs.NAME`'s value: what `JOB` reported, empty if it reported no such
+/// output (as in GitHub Actions); `None` if `JOB` is not a need.
+fn needs_output(needs: &NeedsOutputs, job: &str, name: &str) -> Option<String> {
+    needs
+        .get(job)
+        .map(|outputs| outputs.get(name).cloned().unwrap_or_default())
+}
+
+/// Expands `${{ inputs.NAME }}`, `${{ git.* }}`, `${{ event.* }}`, `${{ env.NAME }}` and
+/// `${{ needs.JOB.outputs.NAME }}`; leaves `${{ secrets.* }}` and `${{ steps.* }}` to the
+/// agent.
 fn expand_references(
     text: &str,
     inputs: &Labels,
     git: &gantry_pipeline::StaticContext,
     pipeline: &Pipeline,
     job: &gantry_pipeline::Job,
+    needs: &NeedsOutputs,
 ) -> String {
     gantry_protocol::template::expand(text, |expr| {
         if expr.starts_with("git.") || expr.starts_with("event.") {
             gantry_pipeline::parse_reference(expr)
                 .ok()
                 .and_then(|r| git.value(&r))
+        } else if let Some(rest) = expr.strip_prefix("needs.") {
+            let (job, name) = rest.rsplit_once(".outputs.")?;
+            needs_output(needs, job, name)
         } else if let Some(name) = expr.strip_prefix("inputs.") {
             inputs.get(name).cloned().or_else(|| {
                 pipeline
@@ -681,15 +790,20 @@ fn expand_references(
     })
 }
 
-/// The scheduler's plans for a stored run.
-pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<JobPlan> {
-    let ctx = gantry_pipeline::StaticContext {
+/// What is known of a run when it starts, for folding conditions.
+fn static_context(pipeline: &Pipeline, record: &RunRecord) -> gantry_pipeline::StaticContext {
+    gantry_pipeline::StaticContext {
         branch: record.git_ref.clone(),
         event: record.event.clone(),
         inputs: effective_inputs(pipeline, &record.inputs),
         env: pipeline.env.clone(),
         ..gantry_pipeline::StaticContext::default()
-    };
+    }
+}
+
+/// The scheduler's plans for a stored run.
+pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<JobPlan> {
+    let ctx = static_context(pipeline, record);
     let index_of: HashMap<&str, u32> = pipeline
         .jobs
         .iter()
@@ -707,7 +821,7 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
                 .filter_map(|n| index_of.get(n.as_str()))
                 .map(|&index| JobId { run, index })
                 .collect(),
-            runs_on: required_labels(job),
+            runs_on: required_labels(job, &ctx),
             condition: job.condition.fold(&ctx, &job.matrix),
             manual: job.manual,
             retry: job.retry,
@@ -734,15 +848,20 @@ pub fn capability_label(capability: &str) -> String {
     format!("gantry.capability/{capability}")
 }
 
-/// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job. A deploy job
-/// runs on the coordinator's deploy runner alone.
-fn required_labels(job: &gantry_pipeline::Job) -> Labels {
+/// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job, plus the
+/// execution label when its execution is not plain (agents older than protocol version
+/// 3 would ignore its options). A deploy job runs on the coordinator's deploy runner
+/// alone.
+fn required_labels(job: &gantry_pipeline::Job, ctx: &gantry_pipeline::StaticContext) -> Labels {
     if job.deploy.is_some() {
         return Labels::from([(DEPLOY_RUNNER_LABEL.to_owned(), "true".to_owned())]);
     }
     let mut labels = job.runs_on.clone();
     if job.image.is_some() {
         labels.insert(capability_label("docker"), "true".into());
+    }
+    if !job.execution(ctx).is_plain() {
+        labels.insert(execution_label(), "true".into());
     }
     labels
 }
@@ -864,6 +983,9 @@ mod tests {
         fn secrets(&self, _: &[String]) -> Labels {
             Labels::new()
         }
+        fn speaks_execution(&self, _: &AgentId) -> bool {
+            false
+        }
     }
 
     /// A crash between storing a run and storing the scheduler's state leaves a run the
@@ -914,6 +1036,34 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// A job whose options an older agent would ignore goes only to agents that said
+    /// protocol version 3 or later (the session gives them the execution label).
+    #[test]
+    fn jobs_with_execution_options_need_an_agent_that_runs_them() {
+        let text = "jobs:\n  plain:\n    steps: [{ run: x }]\n  options:\n    steps: [{ run: y, continue-on-error: true }]\n  outputs:\n    outputs: { v: '${{ steps.s.outputs.v }}' }\n    steps: [{ id: s, run: z }]\n";
+        let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
+        let record = run_record(RunId(3), &pipeline.name, text);
+        let plans = plans_for(RunId(3), &pipeline, &record);
+        let needs_execution = |i: usize| plans[i].runs_on.get(&execution_label()).cloned();
+        assert_eq!(needs_execution(0), None, "a plain job runs anywhere");
+        assert_eq!(needs_execution(1).as_deref(), Some("true"));
+        assert_eq!(needs_execution(2).as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn needs_outputs_fill_in_and_an_unreported_one_is_empty() {
+        let needs = NeedsOutputs::from([(
+            "build".to_owned(),
+            Labels::from([("version".to_owned(), "1.4.2".to_owned())]),
+        )]);
+        assert_eq!(
+            needs_output(&needs, "build", "version").as_deref(),
+            Some("1.4.2")
+        );
+        assert_eq!(needs_output(&needs, "build", "other").as_deref(), Some(""));
+        assert_eq!(needs_output(&needs, "lint", "version"), None, "not a need");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! | `tokens` | join token id (`&str`) | [`TokenRecord`] | `agents` |
 //! | `runs` | run number (`u64`) | [`RunRecord`] | `runs` |
 //! | `jobs` | (run, index) (`(u64, u32)`) | [`JobRecord`] | `runs` |
+//! | `job_outputs` | (run, index) (`(u64, u32)`) | the job's `outputs:` values ([`gantry_protocol::Labels`]) | `runs` |
 //! | `triggers` | pipeline name (`&str`) | [`TriggerRecord`] | `runs` |
 //! | `scheduler_runs` | run number (`u64`) | a run header, as the engine encodes it | `runs` |
 //! | `scheduler_jobs` | (run, index) (`(u64, u32)`) | a job, as the engine encodes it | `runs` |

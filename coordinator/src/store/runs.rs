@@ -1,5 +1,5 @@
-//! Runs, jobs, triggers and the scheduler's state (tables `runs`, `jobs`, `triggers`,
-//! `scheduler_runs`, `scheduler_jobs`, and the scheduler keys of `meta`).
+//! Runs, jobs, triggers and the scheduler's state (tables `runs`, `jobs`, `job_outputs`,
+//! `triggers`, `scheduler_runs`, `scheduler_jobs`, and the scheduler keys of `meta`).
 
 use std::ops::ControlFlow;
 
@@ -15,6 +15,11 @@ use super::db::{collect, encode, eng, scan_raw, update, Store, StoreError, META}
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
 /// Jobs by (run, index) → [`JobRecord`].
 const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
+/// Jobs' `outputs:` values by (run, index) → [`Labels`], as the job's last finished
+/// attempt reported them. A table of its own rather than a field of [`JobRecord`]
+/// (postcard reads fields by position, so a new field would make every stored job
+/// unreadable), written in the commit that stores the attempt's result.
+const JOB_OUTPUTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("job_outputs");
 /// Pipelines registered for their triggers, by name → [`TriggerRecord`].
 const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
 /// The scheduler's state in parts, each written only when it changes: run headers by
@@ -31,6 +36,8 @@ const SCHEDULER_CORE_KEY: &str = "scheduler.core";
 pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(RUNS).map_err(eng!("open runs"))?;
     tx.open_table(JOBS).map_err(eng!("open jobs"))?;
+    tx.open_table(JOB_OUTPUTS)
+        .map_err(eng!("open job outputs"))?;
     tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
     tx.open_table(SCHEDULER_RUNS)
         .map_err(eng!("open scheduler runs"))?;
@@ -325,15 +332,40 @@ impl Store {
         )
     }
 
-    /// Applies job and run changes and the scheduler's changed parts in one commit (the
-    /// effects of one batch of scheduler steps). Returns the changed records.
+    /// The outputs a job's last finished attempt reported; empty if none.
+    pub fn job_outputs(&self, job: JobId) -> Result<Labels, StoreError> {
+        Ok(self
+            .get(
+                JOB_OUTPUTS,
+                (job.run.0, job.index),
+                ["open job outputs", "read job outputs"],
+                "job outputs",
+            )?
+            .unwrap_or_default())
+    }
+
+    /// Applies job and run changes, jobs' reported outputs and the scheduler's changed
+    /// parts in one commit (the effects of one batch of scheduler steps). Returns the
+    /// changed records.
     pub fn apply(
         &self,
         jobs: &[JobChange],
+        outputs: &[(JobId, Labels)],
         runs: &[RunChange],
         scheduler: Option<&SchedulerWrite>,
     ) -> Result<(Vec<JobRecord>, Vec<RunRecord>), StoreError> {
         self.write(|tx| {
+            if !outputs.is_empty() {
+                let mut table = tx
+                    .open_table(JOB_OUTPUTS)
+                    .map_err(eng!("open job outputs"))?;
+                for (job, values) in outputs {
+                    let bytes = encode(values)?;
+                    table
+                        .insert((job.run.0, job.index), bytes.as_slice())
+                        .map_err(eng!("write job outputs"))?;
+                }
+            }
             let mut changed_jobs = Vec::new();
             let mut changed_runs = Vec::new();
             if let Some(write) = scheduler {

@@ -18,7 +18,8 @@ use gantry_protocol::{AdminResponse, UnixMillis};
 use crate::cli::failure::Failure;
 use crate::cli::output::fleet::{agent_detail, agents_table};
 use crate::cli::output::runs::{
-    artifacts_table, caches_table, gc_summary, job_detail, jobs_table, run_detail, runs_table,
+    artifacts_table, caches_table, gc_summary, job_detail, job_outputs, jobs_table, run_detail,
+    runs_table,
 };
 pub use crate::cli::output::table::{human_bytes, human_duration, rfc3339, table};
 
@@ -37,6 +38,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Run(r) => serde_json::to_value(r),
             AdminResponse::Runs(r) => serde_json::to_value(r),
             AdminResponse::Job(j) => serde_json::to_value(j),
+            AdminResponse::JobOutputs(o) => serde_json::to_value(o),
             AdminResponse::Jobs(j) => serde_json::to_value(j),
             AdminResponse::Secrets(s) => serde_json::to_value(s),
             AdminResponse::Triggers(t) => serde_json::to_value(t),
@@ -103,6 +105,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         AdminResponse::Run(r) => print!("{}", run_detail(r, UnixMillis::now())),
         AdminResponse::Runs(runs) => print!("{}", runs_table(runs, UnixMillis::now())),
         AdminResponse::Job(j) => print!("{}", job_detail(j)),
+        AdminResponse::JobOutputs(o) => print!("{}", job_outputs(o)),
         AdminResponse::Jobs(jobs) => print!("{}", jobs_table(jobs)),
         AdminResponse::Secrets(names) => {
             for n in names {

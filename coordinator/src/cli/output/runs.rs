@@ -163,6 +163,27 @@ pub fn run_detail(r: &RunView, now: UnixMillis) -> String {
     s
 }
 
+/// A job's outputs under the job's detail: one `name = value` line each, a multi-line
+/// value indented under its name; nothing when there are none.
+pub fn job_outputs(outputs: &gantry_protocol::Labels) -> String {
+    let mut s = String::new();
+    if outputs.is_empty() {
+        return s;
+    }
+    let _ = writeln!(s, "outputs");
+    for (name, value) in outputs {
+        if value.contains('\n') {
+            let _ = writeln!(s, "  {name} =");
+            for line in value.lines() {
+                let _ = writeln!(s, "    {line}");
+            }
+        } else {
+            let _ = writeln!(s, "  {name} = {value}");
+        }
+    }
+    s
+}
+
 pub fn job_detail(j: &JobView) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "job            {}", j.job);

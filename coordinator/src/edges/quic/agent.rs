@@ -28,19 +28,20 @@ use crate::edges::quic::wire::{
 use crate::services::agents::LiveSession;
 use crate::services::artifacts::Peer;
 use crate::services::coordinator::Coordinator;
-use crate::services::engine::{capability_label, Input};
+use crate::services::engine::{capability_label, execution_label, Input};
 use crate::services::holds::{self, Hold};
 use crate::store::{AgentRecord, HelloFacts};
 
 /// Runs an agent's session until it ends: the hello's facts registered, the
-/// scheduler and the deployment manager told, then messages both ways.
+/// scheduler and the deployment manager told, then messages both ways. `version` is the
+/// hello's protocol version: it decides whether the agent gets `DispatchJob`.
 pub async fn session(
     coord: Arc<Coordinator>,
     conn: Connection,
     mut writer: FrameWriter,
     mut reader: FrameReader,
     id: AgentId,
-    hello: AgentHello,
+    (hello, version): (AgentHello, u16),
     numbers: Numbers,
 ) {
     let remote = conn.remote_address();
@@ -83,6 +84,12 @@ pub async fn session(
         // (an `image:` job needs docker) goes only to agents that have it.
         for cap in &facts.capabilities {
             l.insert(capability_label(cap), "true".into());
+        }
+        // Only agents that run execution options get jobs that have them.
+        if version >= gantry_protocol::EXECUTION_VERSION {
+            l.insert(execution_label(), "true".into());
+        } else {
+            l.remove(&execution_label());
         }
         l
     };
@@ -344,27 +351,40 @@ async fn message(
         AgentMessage::DeployResult(result) => coord.deployments.result(id.clone(), result),
         AgentMessage::ExecOutput { id: exec, data } => coord.execs.output(exec, id, data),
         AgentMessage::ExecDone { id: exec, result } => coord.execs.done(exec, id, result),
-        AgentMessage::JobFinished(result) => {
-            let (job, attempt) = (result.job, result.attempt);
-            let (ack, acked) = oneshot::channel();
-            coord.engine.send(Input::Finished {
-                agent: id.clone(),
-                result,
-                ack,
-            });
-            // The acknowledgement goes out once the result is durable; meanwhile the
-            // session keeps serving. An unacknowledged result is sent again by the agent.
-            let outbound = coord.agents.outbound(id, session);
-            tokio::spawn(async move {
-                if acked.await.is_ok() {
-                    if let Some(out) = outbound {
-                        let _ = out.send(CoordinatorMessage::JobFinishedAck { job, attempt });
-                    }
-                }
-            });
+        AgentMessage::JobFinished(result) => finished(coord, id, session, result, None),
+        AgentMessage::JobFinishedWithOutputs { result, outputs } => {
+            finished(coord, id, session, result, Some(outputs));
         }
     }
     Ok(())
+}
+
+/// Hands a job's result (and outputs) to the engine and acknowledges it to the agent
+/// once it is durable; meanwhile the session keeps serving. An unacknowledged result is
+/// sent again by the agent.
+fn finished(
+    coord: &Coordinator,
+    id: &AgentId,
+    session: u64,
+    result: gantry_protocol::JobResult,
+    outputs: Option<gantry_protocol::Labels>,
+) {
+    let (job, attempt) = (result.job, result.attempt);
+    let (ack, acked) = oneshot::channel();
+    coord.engine.send(Input::Finished {
+        agent: id.clone(),
+        result,
+        outputs,
+        ack,
+    });
+    let outbound = coord.agents.outbound(id, session);
+    tokio::spawn(async move {
+        if acked.await.is_ok() {
+            if let Some(out) = outbound {
+                let _ = out.send(CoordinatorMessage::JobFinishedAck { job, attempt });
+            }
+        }
+    });
 }
 
 /// Whether agent `id` holds the work `message` names, and if not, why.
@@ -373,7 +393,9 @@ fn holds(coord: &Coordinator, id: &AgentId, message: &AgentMessage) -> (bool, St
     match message {
         AgentMessage::JobAccepted { job, attempt }
         | AgentMessage::JobRejected { job, attempt, .. } => handed(*job, *attempt),
-        AgentMessage::JobFinished(result) => handed(result.job, result.attempt),
+        AgentMessage::JobFinished(result) | AgentMessage::JobFinishedWithOutputs { result, .. } => {
+            handed(result.job, result.attempt)
+        }
         AgentMessage::DeployResult(result) => {
             match holds::deployment(&coord.store, id, result.deployment, None) {
                 Ok(None) => (true, String::new()),

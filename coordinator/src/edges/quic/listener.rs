@@ -273,14 +273,23 @@ impl Admission {
                 }
             }
         });
+        let version = hello.version;
         let message = match checked {
             Ok(()) => match (hello.intent, identity) {
                 (Intent::Enroll(req), None) => {
                     return enroll::session(&self.coord, &conn, &mut writer, req).await;
                 }
                 (Intent::Agent(h), Some(Ok(Identity::Agent(id)))) => {
-                    return agent::session(self.coord.clone(), conn, writer, reader, id, h, numbers)
-                        .await;
+                    return agent::session(
+                        self.coord.clone(),
+                        conn,
+                        writer,
+                        reader,
+                        id,
+                        (h, version),
+                        numbers,
+                    )
+                    .await;
                 }
                 (Intent::Transfers(_), Some(Ok(Identity::Agent(id)))) => {
                     return agent::transfers(self.coord.clone(), conn, writer, id, numbers).await;

@@ -242,6 +242,7 @@ impl Manager {
                 started_at,
                 finished_at: now,
             },
+            outputs: None,
             ack,
         });
     }

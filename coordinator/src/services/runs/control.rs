@@ -61,6 +61,12 @@ impl Runs {
         Ok(self.job_view(self.find_job(job)?))
     }
 
+    /// The outputs the job's last finished attempt reported.
+    pub fn job_outputs(&self, job: JobId) -> Result<gantry_protocol::Labels, RunError> {
+        self.find_job(job)?;
+        Ok(self.store.job_outputs(job)?)
+    }
+
     /// Lets a manual job (`when: manual`) that waits for approval run.
     pub fn approve(&self, cx: &Acting<'_>, job: JobId) -> Result<String, RunError> {
         let record = self.find_job(job)?;
