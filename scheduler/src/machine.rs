@@ -256,6 +256,14 @@ impl Scheduler {
                 agent,
                 outcome,
             } => self.finished(job, attempt, &agent, outcome, &mut out),
+            Event::ConditionResolved { job, condition } => {
+                if let Some(entry) = self.job_mut(job) {
+                    if entry.state == JobState::Pending {
+                        entry.plan.condition = condition;
+                        self.unsaved_jobs.insert(job);
+                    }
+                }
+            }
             Event::CancelRun { run } => self.cancel_run(run, &mut out),
             Event::CancelJob { job } => {
                 if self.job_state(job).is_some_and(|s| !s.is_terminal()) {

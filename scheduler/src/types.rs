@@ -201,6 +201,11 @@ pub enum Event {
         agent: AgentId,
         outcome: Outcome,
     },
+    /// A pending job's condition with more of its needs' outputs filled in
+    /// (`StatusExpr::resolve_outputs`): the shell sends it when a need reports outputs,
+    /// before that need's `JobFinished`, so the condition is evaluated with them. Ignored
+    /// for a job that is no longer pending.
+    ConditionResolved { job: JobId, condition: StatusExpr },
     /// A person cancelled a whole run.
     CancelRun { run: RunId },
     /// A person cancelled one job.

@@ -1,6 +1,6 @@
 //! End-to-end tests of outputs through the real binaries: a step writes
 //! `$GANTRY_OUTPUT`, its job's `outputs:` reach the coordinator with the result, later
-//! jobs get them filled into `env`, `run` and step conditions, `gantry jobs show` prints
+//! jobs get them filled into `env`, `run`, step conditions and their own `if:`, `gantry jobs show` prints
 //! them, a malformed file fails its step with the line, and a value derived from a
 //! secret is masked everywhere (never stored in plain text).
 
@@ -40,6 +40,14 @@ jobs:
   malformed:
     steps:
       - run: echo 'this is not an output' >> "$GANTRY_OUTPUT"
+  release:
+    needs: build
+    if: needs.build.outputs.version == '1.4.2'
+    steps: [{ run: echo releasing }]
+  hotfix:
+    needs: build
+    if: needs.build.outputs.version == '9'
+    steps: [{ run: echo never }]
 "#;
     let run = c.run_pipeline(yaml, &[]);
     let view = c.wait_run(run, DEADLINE);
@@ -53,6 +61,9 @@ jobs:
     );
     assert!(deploy.contains("only-for-1.4.2\n"), "{deploy}");
     assert!(!deploy.contains("never-for-9\n"), "{deploy}");
+    // A job's own if: compares its needs' outputs once they are reported.
+    assert_eq!(job_named(&view, "release")["state"], "succeeded", "{view}");
+    assert_eq!(job_named(&view, "hotfix")["state"], "skipped", "{view}");
 
     let shown = c
         .gantry(&["jobs", "show", &format!("{run}.0"), "--json"])

@@ -344,6 +344,12 @@ impl EngineTask {
                 } => {
                     if let Some(outputs) = outputs {
                         outputs_reported.push((result.job, outputs));
+                        // Before the need's result: its dependents' conditions are
+                        // evaluated when it finishes.
+                        let resolved = self.conditions_with_outputs(result.job, &outputs_reported);
+                        for event in resolved {
+                            commands.extend(self.scheduler.handle(now, event));
+                        }
                     }
                     let outcome = match &result.outcome {
                         JobOutcome::Succeeded => Outcome::Succeeded,
@@ -562,6 +568,39 @@ impl EngineTask {
         }
     }
 
+    /// The conditions of the jobs that need `finished`, with every output of their needs
+    /// known so far filled in (`reported` holds this batch's, not yet stored): events
+    /// for the jobs whose condition compares a need's output.
+    fn conditions_with_outputs(&self, finished: JobId, reported: &[(JobId, Labels)]) -> Vec<Event> {
+        let Some(ctx) = self.contexts.get(&finished.run) else {
+            return Vec::new();
+        };
+        let Some(done) = ctx.pipeline.jobs.get(finished.index as usize) else {
+            return Vec::new();
+        };
+        let static_ctx = static_context(&ctx.pipeline, &ctx.record);
+        let mut events = Vec::new();
+        for (id, job) in job_ids(finished.run, &ctx.pipeline) {
+            if !job.needs.contains(&done.name) {
+                continue;
+            }
+            let folded = job.condition.fold(&static_ctx, &job.matrix);
+            let needs = self.needs_outputs_with(finished.run, &ctx.pipeline, job, reported);
+            let known = |value: &ConditionValue| match value {
+                ConditionValue::NeedsOutput { job, name } => needs_output(&needs, job, name),
+                _ => None,
+            };
+            let resolved = folded.resolve_outputs(&known);
+            if resolved != folded {
+                events.push(Event::ConditionResolved {
+                    job: id,
+                    condition: resolved,
+                });
+            }
+        }
+        events
+    }
+
     /// The outputs of `spec`'s needs by job key (several expansions of a matrix job
     /// share their key: a value one of them reported wins over an empty one).
     fn needs_outputs(
@@ -569,6 +608,18 @@ impl EngineTask {
         run: RunId,
         pipeline: &Pipeline,
         spec: &gantry_pipeline::Job,
+    ) -> NeedsOutputs {
+        self.needs_outputs_with(run, pipeline, spec, &[])
+    }
+
+    /// [`Self::needs_outputs`], with outputs reported in this batch (not yet stored)
+    /// taking the place of stored ones.
+    fn needs_outputs_with(
+        &self,
+        run: RunId,
+        pipeline: &Pipeline,
+        spec: &gantry_pipeline::Job,
+        reported: &[(JobId, Labels)],
     ) -> NeedsOutputs {
         let mut outputs = NeedsOutputs::new();
         for need in &spec.needs {
@@ -579,10 +630,13 @@ impl EngineTask {
                 run,
                 index: u32::try_from(index).unwrap_or(u32::MAX),
             };
-            let values = self.store.job_outputs(id).unwrap_or_else(|e| {
-                tracing::error!(job = %id, "cannot read the job's outputs: {e}");
-                Labels::new()
-            });
+            let values = match reported.iter().rev().find(|(job, _)| *job == id) {
+                Some((_, values)) => values.clone(),
+                None => self.store.job_outputs(id).unwrap_or_else(|e| {
+                    tracing::error!(job = %id, "cannot read the job's outputs: {e}");
+                    Labels::new()
+                }),
+            };
             let entry = outputs.entry(pipeline.jobs[index].key.clone()).or_default();
             for (name, value) in values {
                 if !value.is_empty() || !entry.contains_key(&name) {
