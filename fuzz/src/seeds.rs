@@ -237,6 +237,25 @@ fn messages() -> Vec<(String, Vec<u8>)> {
         ),
         (
             "AgentMessage",
+            "finished-with-outputs",
+            enc(&AgentMessage::JobFinishedWithOutputs {
+                result: JobResult {
+                    job: job(),
+                    attempt: 1,
+                    outcome: JobOutcome::Succeeded,
+                    log_chunks: 3,
+                    started_at: UnixMillis(1_750_000_000_000),
+                    finished_at: UnixMillis(1_750_000_005_000),
+                },
+                outputs: [
+                    ("version".to_owned(), "1.4.2".to_owned()),
+                    ("notes".to_owned(), "first\nsecond".to_owned()),
+                ]
+                .into(),
+            }),
+        ),
+        (
+            "AgentMessage",
             "rejected",
             enc(&AgentMessage::JobRejected {
                 job: job(),
@@ -444,6 +463,18 @@ fn messages() -> Vec<(String, Vec<u8>)> {
                 set: labels(),
                 remove: vec!["gpu".into()],
             }),
+        ),
+        (
+            "AdminRequest",
+            "show-job-outputs",
+            enc(&AdminRequest::ShowJobOutputs { job: job() }),
+        ),
+        (
+            "AdminResponse",
+            "job-outputs",
+            enc(&AdminResponse::JobOutputs(
+                [("version".to_owned(), "1.4.2".to_owned())].into(),
+            )),
         ),
         (
             "AdminResponse",

@@ -604,10 +604,6 @@ mod tests {
         assert!(log.contains("started"), "{log}");
     }
 
-    fn step(options: StepOptions) -> StepOptions {
-        options
-    }
-
     #[tokio::test]
     async fn conditions_continue_on_error_and_step_timeouts_decide_which_steps_run() {
         use gantry_protocol::StatusExpr;
@@ -627,20 +623,20 @@ mod tests {
                 StepOptions::default(),
                 StepOptions::default(),
                 StepOptions::default(),
-                step(StepOptions {
+                StepOptions {
                     condition: StatusExpr::Failure,
                     ..StepOptions::default()
-                }),
-                step(StepOptions {
+                },
+                StepOptions {
                     condition: StatusExpr::Always,
                     timeout_ms: Some(300),
                     continue_on_error: true,
                     ..StepOptions::default()
-                }),
-                step(StepOptions {
+                },
+                StepOptions {
                     condition: StatusExpr::Always,
                     ..StepOptions::default()
-                }),
+                },
             ],
             ..JobExecution::default()
         };
@@ -667,10 +663,10 @@ mod tests {
         // continue-on-error keeps the job green and later steps see a success.
         let j = job(&["exit 3", "echo next"], 10_000);
         let execution = JobExecution {
-            steps: vec![step(StepOptions {
+            steps: vec![StepOptions {
                 continue_on_error: true,
                 ..StepOptions::default()
-            })],
+            }],
             ..JobExecution::default()
         };
         let (run, log) = run_with_options(&j, &execution, None).await;
@@ -695,12 +691,12 @@ mod tests {
             .insert("FROM_ENV".into(), "v${{ steps.v.outputs.version }}".into());
         let execution = JobExecution {
             steps: vec![
-                step(StepOptions {
+                StepOptions {
                     id: Some("v".into()),
                     ..StepOptions::default()
-                }),
+                },
                 StepOptions::default(),
-                step(StepOptions {
+                StepOptions {
                     condition: StatusExpr::Compare {
                         left: ConditionValue::StepOutput {
                             step: "v".into(),
@@ -710,7 +706,7 @@ mod tests {
                         right: ConditionValue::Text("2.0".into()),
                     },
                     ..StepOptions::default()
-                }),
+                },
             ],
             outputs: BTreeMap::from([
                 (
@@ -769,15 +765,15 @@ mod tests {
         );
         let execution = JobExecution {
             steps: vec![
-                step(StepOptions {
+                StepOptions {
                     shell: Shell::Bash,
                     continue_on_error: true,
                     ..StepOptions::default()
-                }),
-                step(StepOptions {
+                },
+                StepOptions {
                     shell: Shell::Command("/bin/sh -e {0}".into()),
                     ..StepOptions::default()
-                }),
+                },
             ],
             ..JobExecution::default()
         };
@@ -789,10 +785,10 @@ mod tests {
         // A command template never writes a secret to disk.
         let j = job(&["echo ${{ secrets.TOKEN }}"], 10_000);
         let execution = JobExecution {
-            steps: vec![step(StepOptions {
+            steps: vec![StepOptions {
                 shell: Shell::Command("/bin/sh {0}".into()),
                 ..StepOptions::default()
-            })],
+            }],
             ..JobExecution::default()
         };
         let (run, log) = run_with_options(&j, &execution, None).await;
