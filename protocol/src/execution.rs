@@ -118,17 +118,20 @@ pub struct StepOptions {
     pub shell: Shell,
 }
 
-/// What runs a step's `run` text, written to a file in the job's temporary directory.
+/// What runs a step's `run` text. The script is passed as an argument (it holds its
+/// secrets filled in, and a secret never reaches the disk); only [`Shell::Command`]
+/// writes it to a file in the job's temporary directory.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Shell {
-    /// `/bin/sh -e FILE`: stops at the first failing command. Today's behaviour.
+    /// `/bin/sh -e -c SCRIPT`: stops at the first failing command. The default.
     #[default]
     Sh,
-    /// `bash --noprofile --norc -eo pipefail FILE`: a failure inside a pipe fails too.
+    /// `bash --noprofile --norc -eo pipefail -c SCRIPT`: a failure inside a pipe fails
+    /// too.
     Bash,
-    /// `python3 FILE`.
+    /// `python3 -c SCRIPT`.
     Python,
-    /// `pwsh -NoProfile -NonInteractive -Command ". 'FILE'"`.
+    /// `pwsh -NoProfile -NonInteractive -Command SCRIPT`.
     Pwsh,
     /// A command template split on whitespace, with `{0}` replaced by FILE, e.g.
     /// `perl {0}`; the pipeline crate checks it holds `{0}` once.
