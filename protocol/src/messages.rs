@@ -281,6 +281,16 @@ pub enum CoordinatorMessage {
     },
 }
 
+impl CoordinatorMessage {
+    /// The job assignment of a `Dispatch` or `DispatchJob`.
+    pub fn assignment(&self) -> Option<&JobAssignment> {
+        match self {
+            Self::Dispatch(assignment) | Self::DispatchJob { assignment, .. } => Some(assignment),
+            _ => None,
+        }
+    }
+}
+
 /// Everything an agent needs to run one job attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobAssignment {

@@ -183,9 +183,10 @@ pub async fn dispatch_latencies(
         };
         let stored = Instant::now();
         let (job, attempt) = agent
-            .expect("the dispatch", DEADLINE, |m| match m {
-                CoordinatorMessage::Dispatch(a) if a.job.run == run => Some((a.job, a.attempt)),
-                _ => None,
+            .expect("the dispatch", DEADLINE, |m| {
+                m.assignment()
+                    .filter(|a| a.job.run == run)
+                    .map(|a| (a.job, a.attempt))
             })
             .await;
         latencies.push(stored.elapsed());

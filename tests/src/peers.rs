@@ -154,14 +154,15 @@ impl RawAgent {
                 .await
                 .expect("a dispatch before the deadline")
                 .expect("the session is open");
-            if let CoordinatorMessage::Dispatch(assignment) = message {
+            if let Some(assignment) = message.assignment() {
+                let assignment = assignment.clone();
                 self.to_coordinator
                     .send(AgentMessage::JobAccepted {
                         job: assignment.job,
                         attempt: assignment.attempt,
                     })
                     .expect("send accept");
-                return *assignment;
+                return assignment;
             }
         }
     }

@@ -392,14 +392,11 @@ impl World {
             c.run_pipeline(&victim_pipeline(), &["--source", &source_arg])
         }));
         let offered = holder
-            .expect(
-                "the victim's dispatch",
-                Duration::from_secs(60),
-                |m| match m {
-                    CoordinatorMessage::Dispatch(a) if a.job.run == run => Some((a.job, a.attempt)),
-                    _ => None,
-                },
-            )
+            .expect("the victim's dispatch", Duration::from_secs(60), |m| {
+                m.assignment()
+                    .filter(|a| a.job.run == run)
+                    .map(|a| (a.job, a.attempt))
+            })
             .await;
         let site: Digest = blocking(|| {
             c.gantry(&["artifacts", "list", &run.0.to_string(), "--json"])
@@ -827,13 +824,10 @@ impl World {
             R::AgentJobRejected => {
                 let next = self
                     .holder
-                    .expect("the next offer", DEADLINE, |m| match m {
-                        CoordinatorMessage::Dispatch(a)
-                            if a.job == victim && a.attempt > attempt =>
-                        {
-                            Some(a.attempt)
-                        }
-                        _ => None,
+                    .expect("the next offer", DEADLINE, |m| {
+                        m.assignment()
+                            .filter(|a| a.job == victim && a.attempt > attempt)
+                            .map(|a| a.attempt)
                     })
                     .await;
                 self.attempt = next;
