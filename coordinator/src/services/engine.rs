@@ -538,7 +538,8 @@ impl EngineTask {
                             assignment: Box::new(assignment),
                             execution: Box::new(execution),
                         }
-                    } else if execution.is_plain() {
+                    } else if execution.is_plain() || self.deploys(*job) {
+                        // The deploy runner reads the assignment alone.
                         CoordinatorMessage::Dispatch(Box::new(assignment))
                     } else {
                         // The job requires the execution label, so only an agent that
@@ -566,6 +567,14 @@ impl EngineTask {
                 _ => {}
             }
         }
+    }
+
+    /// Whether `job` is a deploy job (run by the deploy runner, not an agent).
+    fn deploys(&self, job: JobId) -> bool {
+        self.contexts
+            .get(&job.run)
+            .and_then(|ctx| ctx.pipeline.jobs.get(job.index as usize))
+            .is_some_and(|spec| spec.deploy.is_some())
     }
 
     /// The conditions of the jobs that need `finished`, with every output of their needs
