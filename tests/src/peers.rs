@@ -53,6 +53,18 @@ impl RawAgent {
 
     /// [`Self::connect`], reporting `labels`.
     pub async fn connect_with_labels(address: &str, agent_dir: &Path, labels: Labels) -> Self {
+        Self::connect_as(
+            address,
+            agent_dir,
+            labels,
+            gantry_protocol::PROTOCOL_VERSION,
+        )
+        .await
+    }
+
+    /// [`Self::connect_with_labels`], saying hello as an agent of protocol `version`
+    /// (to play an agent of an older release).
+    pub async fn connect_as(address: &str, agent_dir: &Path, labels: Labels, version: u16) -> Self {
         let ca_pem = std::fs::read_to_string(agent_dir.join("tls/ca.pem")).expect("agent ca");
         let identity = std::fs::read_to_string(agent_dir.join("tls/agent.pem")).expect("agent pem");
         let ca_der = gantry_certs::pem_to_der(&ca_pem).expect("ca der");
@@ -75,7 +87,12 @@ impl RawAgent {
         });
         writer
             .send_frame(
-                &gantry_protocol::encode_hello(&hello, limits::MAX_FRAME_BYTES).expect("hello"),
+                &gantry_protocol::hello::encode_hello_with_version(
+                    version,
+                    &hello,
+                    limits::MAX_FRAME_BYTES,
+                )
+                .expect("hello"),
             )
             .await
             .expect("send hello");
@@ -165,6 +182,15 @@ impl RawAgent {
                 return assignment;
             }
         }
+    }
+
+    /// Every message received and not yet taken, without waiting.
+    pub fn drain(&mut self) -> Vec<CoordinatorMessage> {
+        let mut messages = std::mem::take(&mut self.backlog);
+        while let Ok(message) = self.from_coordinator.try_recv() {
+            messages.push(message);
+        }
+        messages
     }
 
     /// Sends a message on the control stream.

@@ -2,7 +2,9 @@
 //! `continue-on-error`, a step's own `timeout`, and `shell`. They pass only if the
 //! coordinator sends the options (`DispatchJob`) and the agent runs them.
 
-use gantry_tests::{job_named, Coordinator, DEADLINE};
+use gantry_protocol::{CoordinatorMessage, Labels, RunId};
+use gantry_tests::peers::RawAgent;
+use gantry_tests::{job_named, Agent, Coordinator, DEADLINE};
 
 #[test]
 fn step_conditions_continue_on_error_timeouts_and_shells_decide_what_runs() {
@@ -71,4 +73,63 @@ jobs:
         "continue-on-error keeps the job green: {view}"
     );
     assert!(c.logs(&format!("{run}.1")).contains("still-green\n"));
+}
+
+/// An agent of protocol 2 would ignore step options, so it gets plain jobs as
+/// `Dispatch` (as before) and never a job with options; an agent of this release gets
+/// every job as `DispatchJob`.
+#[test]
+fn an_older_agent_gets_only_plain_jobs_and_a_current_one_gets_dispatch_job() {
+    let c = Coordinator::start();
+    let old = Agent::enroll(&c.token(&["--label", "raw=yes"]), &[]);
+    let current = Agent::enroll(&c.token(&["--label", "raw=yes"]), &[]);
+    let yaml = "jobs:\n  plain:\n    runs-on: { raw: \"yes\" }\n    steps: [{ run: 'true' }]\n  options:\n    runs-on: { raw: \"yes\" }\n    steps: [{ run: 'true', continue-on-error: true }]\n";
+    let run = c.run_pipeline(yaml, &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let labels = Labels::from([("raw".to_owned(), "yes".to_owned())]);
+        let mut v2 = RawAgent::connect_as(&c.address, old.dir.path(), labels.clone(), 2).await;
+        let plain = v2
+            .expect("the plain job, as Dispatch", DEADLINE, |m| match m {
+                CoordinatorMessage::Dispatch(a) if a.job.run == RunId(run) => Some(a.name.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(plain, "plain");
+        let mut v3 = RawAgent::connect_as(
+            &c.address,
+            current.dir.path(),
+            labels,
+            gantry_protocol::PROTOCOL_VERSION,
+        )
+        .await;
+        let options = v3
+            .expect(
+                "the job with options, as DispatchJob",
+                DEADLINE,
+                |m| match m {
+                    CoordinatorMessage::DispatchJob {
+                        assignment,
+                        execution,
+                    } if assignment.job.run == RunId(run) => Some((
+                        assignment.name.clone(),
+                        execution.steps[0].continue_on_error,
+                    )),
+                    _ => None,
+                },
+            )
+            .await;
+        assert_eq!(options, ("options".to_owned(), true));
+        // Both jobs were queued when the old agent said hello, so a wrong offer of the
+        // second would have come with the first, long before this.
+        let offered: Vec<String> = v2
+            .drain()
+            .iter()
+            .filter_map(|m| m.assignment().map(|a| a.name.clone()))
+            .collect();
+        assert!(offered.is_empty(), "the old agent was offered {offered:?}");
+    });
 }
