@@ -86,26 +86,6 @@ fn a_60_mb_log_keeps_its_last_line_and_exit_status_and_says_where_its_head_ended
     );
 }
 
-/// Sets secret `name` to `value` through `gantry secrets set` (value on stdin).
-fn set_secret(c: &Coordinator, name: &str, value: &str) {
-    use std::io::Write;
-    let mut child = Command::new(bin("gantry"))
-        .args(["secrets", "set", name])
-        .env("GANTRY_CONFIG", c.context())
-        .env("GANTRY_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn gantry secrets set");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{value}\n").as_bytes())
-        .expect("write secret");
-    assert!(child.wait().expect("secrets set").success());
-}
-
 /// A job printing its secret base64-encoded (alone, and after 1 and 2 other bytes, so
 /// at each alignment), JSON-escaped and URL-encoded: the stored log holds none of it.
 #[test]
@@ -114,7 +94,7 @@ fn encoded_forms_of_a_secret_are_masked_in_the_stored_log() {
     let c = Coordinator::start();
     let _agents = c.agents_running(1, &[]);
     let value = "s3cr3t/t0ken value\"x";
-    set_secret(&c, "API_TOKEN", value);
+    c.set_secret("API_TOKEN", value);
     let yaml = r#"jobs:
   leaky:
     steps:
