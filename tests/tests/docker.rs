@@ -121,7 +121,7 @@ fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none
     let c = Coordinator::start();
     let agents = c.agents_running(1, &[]);
     let yaml = format!(
-        "jobs:\n  boxed:\n    image: {tag}\n    env:\n      FLAVOUR: from-the-job\n    steps:\n      - name: inside\n        run: |\n          cat /etc/os-release 2>/dev/null || echo in-container\n          echo \"uid=$(id -u)\"\n          echo \"flavour=$FLAVOUR ws=$GANTRY_WORKSPACE\"\n          echo \"home=${{HOME:-none}} path=${{PATH:-none}}\"\n          echo written > /workspace/made-in-container\n          touch /workspace/also-made\n      - name: next step sees the workspace\n        run: cat made-in-container\n  missing:\n    image: gantry-test-missing:{missing}\n    steps: [{{ run: 'echo never' }}]\n",
+        "jobs:\n  boxed:\n    image: {tag}\n    env:\n      FLAVOUR: from-the-job\n    outputs:\n      where: ${{{{ steps.box.outputs.where }}}}\n    steps:\n      - name: inside\n        id: box\n        run: |\n          echo \"where=$GANTRY_OUTPUT\" >> \"$GANTRY_OUTPUT\"\n          cat /etc/os-release 2>/dev/null || echo in-container\n          echo \"uid=$(id -u)\"\n          echo \"flavour=$FLAVOUR ws=$GANTRY_WORKSPACE\"\n          echo \"home=${{HOME:-none}} path=${{PATH:-none}}\"\n          echo written > /workspace/made-in-container\n          touch /workspace/also-made\n      - name: next step sees the workspace\n        run: cat made-in-container; echo \"output ${{{{ steps.box.outputs.where }}}}\"\n  missing:\n    image: gantry-test-missing:{missing}\n    steps: [{{ run: 'echo never' }}]\n",
         tag = image.tag,
         missing = unique()
     );
@@ -152,6 +152,13 @@ fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none
         log.contains("written\n"),
         "the second step saw the file: {log}"
     );
+    // $GANTRY_OUTPUT is in the job's temporary directory, mounted in every container.
+    assert!(log.contains("output /gantry/tmp/output-1\n"), "{log}");
+    let shown = c
+        .gantry(&["jobs", "show", &format!("{run}.0"), "--json"])
+        .expect_code(0)
+        .json();
+    assert_eq!(shown["outputs"]["where"], "/gantry/tmp/output-1", "{shown}");
 
     let missing = job_named(&view, "missing");
     assert_ne!(missing["state"], "succeeded", "{view}");

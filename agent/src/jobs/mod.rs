@@ -354,10 +354,13 @@ impl JobManager {
         drop(log_tx);
         let log_chunks = chunker.await.unwrap_or(0);
         progress.send_modify(|p| p.finished = true);
-        for dir in [&workspace, &temp] {
+        for (what, dir) in [
+            ("the workspace", &workspace),
+            ("the job's temporary directory", &temp),
+        ] {
             if let Err(e) = std::fs::remove_dir_all(dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(job = %key.0, "cannot remove {}: {e}", dir.display());
+                    warn!(job = %key.0, "cannot remove {what} {}: {e}", dir.display());
                 }
             }
         }
