@@ -147,13 +147,14 @@ impl StepLoop<'_> {
                 }
                 _ => None,
             };
+            // A name may show earlier steps' outputs (never secrets: the file says so).
+            let name = fill_in(&spec.name, &Labels::new(), written);
             if !options
                 .condition
                 .eval_with_outputs(all_succeeded, any_failed, false, &known)
             {
                 self.note(format!(
-                    "\u{23ed} step {number}/{total}: {} skipped: its if: is false\n",
-                    spec.name
+                    "\u{23ed} step {number}/{total}: {name} skipped: its if: is false\n"
                 ))
                 .await;
                 continue;
@@ -166,7 +167,7 @@ impl StepLoop<'_> {
                     }
                 }
             };
-            self.note(format!("\u{25b6} step {number}/{total}: {}\n", spec.name))
+            self.note(format!("\u{25b6} step {number}/{total}: {name}\n"))
                 .await;
             let fill = |text: &str| fill_in(text, &job.secrets, written);
             let output_name = format!("output-{number}");
@@ -686,6 +687,7 @@ mod tests {
             10_000,
         );
         let mut j = j;
+        j.steps[1].name = "show ${{ steps.v.outputs.version }}".into();
         j.steps[1]
             .env
             .insert("FROM_ENV".into(), "v${{ steps.v.outputs.version }}".into());
@@ -731,6 +733,7 @@ mod tests {
         let (run, log) = run_with_options(&j, &execution, None).await;
         assert_eq!(run.outcome, JobOutcome::Succeeded, "{log}");
         assert!(log.contains("got 1.4.2 and v1.4.2\n"), "{log}");
+        assert!(log.contains("step 2/3: show 1.4.2\n"), "{log}");
         assert!(log.contains("step 3/3: s2 skipped"), "{log}");
         let outputs = run.outputs.expect("declared outputs");
         assert_eq!(outputs["version"], "1.4.2");
