@@ -133,3 +133,39 @@ fn an_older_agent_gets_only_plain_jobs_and_a_current_one_gets_dispatch_job() {
         assert!(offered.is_empty(), "the old agent was offered {offered:?}");
     });
 }
+
+/// `artifacts.when` decides whether a failed job's files are kept: `on-failure` keeps
+/// the test report of a failing job and nothing of a passing one; `always` keeps both.
+#[test]
+fn artifacts_are_uploaded_when_their_when_says() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let yaml = r#"
+jobs:
+  failing:
+    artifacts: { name: failing-report, paths: [report.txt], when: on-failure }
+    steps: [{ run: 'echo failed-test > report.txt; exit 1' }]
+  passing:
+    artifacts: { name: passing-report, paths: [report.txt], when: on-failure }
+    steps: [{ run: 'echo fine > report.txt' }]
+  always:
+    artifacts: { name: always-report, paths: [report.txt], when: always }
+    steps: [{ run: 'echo kept > report.txt; exit 2' }]
+"#;
+    let run = c.run_pipeline(yaml, &[]);
+    let view = c.wait_run(run, DEADLINE);
+    assert_eq!(job_named(&view, "failing")["state"], "failed", "{view}");
+    assert_eq!(job_named(&view, "passing")["state"], "succeeded", "{view}");
+    let listed = c
+        .gantry(&["artifacts", "list", &run.to_string(), "--json"])
+        .expect_code(0)
+        .json();
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["always-report", "failing-report"], "{listed}");
+}
