@@ -140,7 +140,7 @@ fn an_older_agent_gets_only_plain_jobs_and_a_current_one_gets_dispatch_job() {
 fn artifacts_are_uploaded_when_their_when_says() {
     let c = Coordinator::start();
     let _agents = c.agents_running(1, &[]);
-    let yaml = r#"
+    let yaml = r"
 jobs:
   failing:
     artifacts: { name: failing-report, paths: [report.txt], when: on-failure }
@@ -151,7 +151,7 @@ jobs:
   always:
     artifacts: { name: always-report, paths: [report.txt], when: always }
     steps: [{ run: 'echo kept > report.txt; exit 2' }]
-"#;
+";
     let run = c.run_pipeline(yaml, &[]);
     let view = c.wait_run(run, DEADLINE);
     assert_eq!(job_named(&view, "failing")["state"], "failed", "{view}");
