@@ -3,7 +3,7 @@
 
 use std::ops::ControlFlow;
 
-use gantry_protocol::{AgentId, Attempt, JobId, RunId, UnixMillis};
+use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
