@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gantry_agent::base::{bundle, datadir, duration, exit, figures, labels};
-use gantry_agent::runner::docker;
+use gantry_agent::runner::{docker, isolation};
 use gantry_agent::{enroll, session};
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,20 @@ enum Command {
     Run(RunArgs),
     /// Check the CA's signature on an offline bundle (install.sh uses it without openssl).
     VerifyBundle(VerifyBundleArgs),
+    /// The init an isolated job's step runs under (the agent runs it; not for people).
+    #[command(hide = true)]
+    JobInit(JobInitArgs),
+}
+
+#[derive(Debug, Args)]
+struct JobInitArgs {
+    #[arg(long)]
+    uid: u32,
+    #[arg(long)]
+    gid: u32,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +121,17 @@ struct RunArgs {
     /// [default: DATA_DIR/deploy].
     #[arg(long, env = "GANTRY_AGENT_DEPLOY_ROOT", value_name = "DIR")]
     deploy_root: Option<PathBuf>,
+    /// `required`: each job runs as a uid of its own (see --job-uids) in its own PID
+    /// namespace, and without the privileges for that (root, or CAP_SETUID, CAP_SETGID,
+    /// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_KILL and CAP_SYS_ADMIN) the agent
+    /// refuses every job and says why; `off`: jobs run as the agent's user (trusted work
+    /// only) [default: required when run as root, off otherwise].
+    #[arg(long, env = "GANTRY_AGENT_ISOLATION", value_name = "required|off")]
+    isolation: Option<isolation::IsolationMode>,
+    /// The uids isolated jobs run as (with the gids of the same numbers), one per
+    /// running job; no user on this host may own them.
+    #[arg(long, env = "GANTRY_AGENT_JOB_UIDS", default_value = isolation::DEFAULT_JOB_UIDS, value_name = "FIRST-LAST")]
+    job_uids: isolation::UidRange,
 }
 
 /// `--peer-listen`: an address, or `off`.
@@ -161,6 +186,10 @@ fn parse_size(text: &str) -> Result<u64, ValueError> {
 fn main() -> ExitCode {
     // clap prints its own message and exits with 2 on a usage error.
     let cli = Cli::parse();
+    if let Command::JobInit(args) = &cli.command {
+        // Before logging and the runtime: job-init forks, and stays out of the step's log.
+        return job_init(args);
+    }
     init_logging();
     if let Command::Run(args) = &cli.command {
         // A fleet upgrade may have left a newer binary for this agent: run that one.
@@ -177,7 +206,13 @@ fn main() -> ExitCode {
         Command::Enroll(args) => runtime.block_on(run_enroll(args)),
         Command::Run(args) => runtime.block_on(run_session(args)),
         Command::VerifyBundle(args) => verify_bundle(args),
+        Command::JobInit(args) => job_init(&args),
     }
+}
+
+fn job_init(args: &JobInitArgs) -> ExitCode {
+    let code = isolation::job_init(args.uid, args.gid, &args.argv);
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 
 fn verify_bundle(args: VerifyBundleArgs) -> ExitCode {
@@ -257,6 +292,12 @@ async fn run_session(args: RunArgs) -> ExitCode {
         max_transfer_rate: args.max_transfer_rate,
         deploy_root,
         peer_listen: args.peer_listen.0,
+        isolation: isolation::decide(
+            args.isolation.unwrap_or_else(isolation::default_mode),
+            args.job_uids,
+            args.slots,
+            isolation::privilege(),
+        ),
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

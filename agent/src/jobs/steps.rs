@@ -16,19 +16,21 @@ use gantry_protocol::{JobAssignment, JobOutcome, Labels};
 use tokio::sync::watch;
 
 use crate::runner::docker::DockerRunner;
+use crate::runner::isolation::Sandbox;
 use crate::runner::shell::ShellRunner;
 use crate::runner::{LogSink, Step, StepExit, StepRunner, Stop, StopReason};
 
 /// Runs every step of `job` in `workspace` until one fails, the job is cancelled
 /// (`cancel` becomes true) or its timeout passes. A job with an image runs each step in
-/// a container of that image.
+/// a container of that image; a job with a `sandbox` runs its shell steps as that user.
 pub async fn run_job(
     job: &JobAssignment,
     workspace: &Path,
     log: &LogSink,
     cancel: watch::Receiver<bool>,
+    sandbox: Option<&Sandbox>,
 ) -> JobOutcome {
-    let outcome = run_steps(job, workspace, log, cancel).await;
+    let outcome = run_steps(job, workspace, log, cancel, sandbox).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
     if let JobOutcome::Error { message } = &outcome {
         let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
@@ -41,6 +43,7 @@ async fn run_steps(
     workspace: &Path,
     log: &LogSink,
     cancel: watch::Receiver<bool>,
+    sandbox: Option<&Sandbox>,
 ) -> JobOutcome {
     // The caller makes the workspace fresh (and may have unpacked the run's source
     // tree into it); this only makes sure it exists.
@@ -50,7 +53,10 @@ async fn run_steps(
         };
     }
     match &job.image {
-        None => run_with(&ShellRunner::new(workspace), job, workspace, log, cancel).await,
+        None => {
+            let runner = ShellRunner::new(workspace, sandbox);
+            run_with(&runner, job, workspace, log, cancel).await
+        }
         Some(image) => match DockerRunner::prepare(image, workspace).await {
             Ok(runner) => run_with(&runner, job, workspace, log, cancel).await,
             Err(e) => JobOutcome::Error {
@@ -236,7 +242,7 @@ mod tests {
         } else {
             std::mem::forget(cancel_tx);
         }
-        let outcome = run_job(job, &dir.path().join("ws"), &tx, cancel_rx).await;
+        let outcome = run_job(job, &dir.path().join("ws"), &tx, cancel_rx, None).await;
         drop(tx);
         let mut out = Vec::new();
         while let Some(piece) = rx.recv().await {

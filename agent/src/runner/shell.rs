@@ -3,7 +3,9 @@
 //! Owns each step's process: its own process group (so a cancel or timeout reaches
 //! every process the step started, and whatever it left running goes when it ends), its
 //! output read from pipes in pieces of at most 32 KiB, and its exit code. The
-//! environment is exactly the one the step is given (`env_clear` first).
+//! environment is exactly the one the step is given (`env_clear` first). An isolated
+//! job's steps run under `gantry-agent job-init` as the job's own user, in a PID
+//! namespace that ends with the step ([`super::isolation`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +14,7 @@ use gantry_protocol::Labels;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
+use super::isolation::Sandbox;
 use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
 use crate::base::process::{exit_code, group_of, inherited_env, signal_group};
 
@@ -36,12 +39,15 @@ pub enum ShellError {
 #[derive(Debug, Clone)]
 pub struct ShellRunner {
     workspace: PathBuf,
+    /// The job's own user, when the job is isolated.
+    sandbox: Option<Sandbox>,
 }
 
 impl ShellRunner {
-    pub fn new(workspace: &Path) -> Self {
+    pub fn new(workspace: &Path, sandbox: Option<&Sandbox>) -> Self {
         Self {
             workspace: workspace.to_path_buf(),
+            sandbox: sandbox.cloned(),
         }
     }
 }
@@ -53,9 +59,12 @@ impl StepRunner for ShellRunner {
         self.workspace.display().to_string()
     }
 
-    /// `PATH` and `HOME` from the agent, so tools can be found.
+    /// `PATH` and `HOME` from the agent, so tools can be found; an isolated job's own
+    /// `HOME` and `TMPDIR` instead of the agent's.
     fn base_env(&self) -> Labels {
-        inherited_env()
+        let mut env = inherited_env();
+        env.extend(self.sandbox.iter().flat_map(Sandbox::env));
+        env
     }
 
     async fn run(
@@ -64,22 +73,32 @@ impl StepRunner for ShellRunner {
         log: &LogSink,
         halt: &mut Stop,
     ) -> Result<StepExit, ShellError> {
-        run_process(&step.script, &step.host_dir, &step.env, log, halt).await
+        let argv = ["/bin/sh", "-e", "-c", step.script.as_str()];
+        let mut command = match &self.sandbox {
+            None => {
+                let mut command = Command::new(argv[0]);
+                command.args(&argv[1..]);
+                command
+            }
+            Some(sandbox) => {
+                let (program, init_args) = sandbox.wrap(&argv);
+                let mut command = Command::new(program);
+                command.args(init_args);
+                command
+            }
+        };
+        run_process(&mut command, &step.host_dir, &step.env, log, halt).await
     }
 }
 
 async fn run_process(
-    script: &str,
+    command: &mut Command,
     cwd: &Path,
     env: &Labels,
     log: &LogSink,
     halt: &mut Stop,
 ) -> Result<StepExit, ShellError> {
-    let mut command = Command::new("/bin/sh");
     command
-        .arg("-e")
-        .arg("-c")
-        .arg(script)
         .current_dir(cwd)
         .env_clear()
         .envs(env)
