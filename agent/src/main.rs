@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gantry_agent::base::{bundle, datadir, duration, exit, figures, labels};
-use gantry_agent::runner::{docker, isolation};
+use gantry_agent::runner::{cgroups, docker, isolation};
 use gantry_agent::{enroll, session};
 
 #[derive(Debug, Parser)]
@@ -44,6 +44,9 @@ struct JobInitArgs {
     uid: u32,
     #[arg(long)]
     gid: u32,
+    /// A cgroup's `cgroup.procs` to join first (repeatable).
+    #[arg(long = "cgroup")]
+    cgroups: Vec<PathBuf>,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     argv: Vec<String>,
@@ -132,6 +135,19 @@ struct RunArgs {
     /// running job; no user on this host may own them.
     #[arg(long, env = "GANTRY_AGENT_JOB_UIDS", default_value = isolation::DEFAULT_JOB_UIDS, value_name = "FIRST-LAST")]
     job_uids: isolation::UidRange,
+    /// Memory each isolated or Docker job may use (e.g. 4GiB; swap included where the
+    /// kernel accounts it); the kernel's OOM killer stops the job's processes past it.
+    /// No limit unless given.
+    #[arg(long, env = "GANTRY_AGENT_JOB_MEMORY", value_parser = parse_size, value_name = "SIZE")]
+    job_memory: Option<u64>,
+    /// Processes and threads each isolated or Docker job may have at once (a fork bomb
+    /// stops there).
+    #[arg(long, env = "GANTRY_AGENT_JOB_PIDS", default_value_t = cgroups::DEFAULT_JOB_PIDS, value_parser = clap::value_parser!(u64).range(8..), value_name = "N")]
+    job_pids: u64,
+    /// CPUs' worth of time each isolated or Docker job may use (e.g. 2 or 0.5). No limit
+    /// unless given.
+    #[arg(long, env = "GANTRY_AGENT_JOB_CPUS", value_parser = parse_cpus, value_name = "CPUS")]
+    job_cpus: Option<f64>,
 }
 
 /// `--peer-listen`: an address, or `off`.
@@ -149,6 +165,16 @@ enum ValueError {
     SizeUnit(String),
     #[error("size {0:?} is too large")]
     SizeTooLarge(String),
+    #[error("invalid CPU count {0:?}: expected a number of CPUs like 2 or 0.5, at least 0.01")]
+    Cpus(String),
+}
+
+fn parse_cpus(text: &str) -> Result<f64, ValueError> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|c| c.is_finite() && *c >= 0.01 && *c <= 10_000.0)
+        .ok_or_else(|| ValueError::Cpus(text.to_owned()))
 }
 
 fn parse_peer_listen(text: &str) -> Result<PeerListen, ValueError> {
@@ -211,7 +237,7 @@ fn main() -> ExitCode {
 }
 
 fn job_init(args: &JobInitArgs) -> ExitCode {
-    let code = isolation::job_init(args.uid, args.gid, &args.argv);
+    let code = isolation::job_init(args.uid, args.gid, &args.cgroups, &args.argv);
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 
@@ -280,6 +306,11 @@ async fn run_session(args: RunArgs) -> ExitCode {
         .deploy_root
         .clone()
         .unwrap_or_else(|| args.data_dir.data_dir.join("deploy"));
+    let limits = cgroups::JobLimits {
+        memory: args.job_memory,
+        pids: Some(args.job_pids),
+        cpus: args.job_cpus,
+    };
     let options = session::RunOptions {
         data_dir: args.data_dir.data_dir,
         labels: labels::from_pairs(args.labels),
@@ -297,6 +328,7 @@ async fn run_session(args: RunArgs) -> ExitCode {
             args.job_uids,
             args.slots,
             isolation::privilege(),
+            cgroups::Cgroups::detect(limits),
         ),
     };
     match session::run(options).await {

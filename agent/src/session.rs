@@ -199,8 +199,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     )
     .map_err(RunError::Peers)?;
     match &options.isolation {
-        Isolation::Users(_) => {
+        Isolation::Users { cgroups, .. } => {
             crate::jobs::seal_data_dir(&options.data_dir).map_err(RunError::Seal)?;
+            if let Some(cgroups) = cgroups {
+                cgroups.sweep();
+            }
             info!("{}", options.isolation.describe());
         }
         Isolation::Off | Isolation::Unavailable(_) => warn!("{}", options.isolation.describe()),

@@ -257,3 +257,90 @@ fn an_unprivileged_agent_refuses_isolated_work_and_says_why() {
         agent.log()
     );
 }
+
+/// The agent's own cgroup directory of a cgroup v1 controller (the agent is this test's
+/// child, so it is in the test's cgroups), when the host has that controller.
+fn own_v1_cgroup(controller: &str) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        names.split(',').any(|n| n == controller).then_some(path)
+    })?;
+    let dir = Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(path.trim_start_matches('/'));
+    dir.join("cgroup.procs").is_file().then_some(dir)
+}
+
+/// With `--job-pids 64 --job-memory 64MiB`, a fork bomb hits its process limit and a
+/// job growing a string to 1 GiB is stopped by the memory limit; the agent stays
+/// connected, runs the next job, and leaves no job cgroup behind.
+#[test]
+fn a_fork_bomb_and_a_memory_hog_are_stopped_at_their_limits_and_the_agent_runs_the_next_job() {
+    let test = "a_fork_bomb_and_a_memory_hog_are_stopped_at_their_limits";
+    if !is_root(test)
+        || !require(
+            own_v1_cgroup("pids").is_some() && own_v1_cgroup("memory").is_some(),
+            test,
+            "the cgroup v1 pids and memory controllers",
+            "a host booted with cgroup v1 mounted at /sys/fs/cgroup/{pids,memory}",
+        )
+    {
+        return;
+    }
+    let c = Coordinator::start();
+    let mut agents = isolated_agents(&c, 1, &["--job-pids", "64", "--job-memory", "64MiB"]);
+    let bomb = c.run_pipeline(
+        &pipeline(&[(
+            "bomb",
+            "timeout: 30s",
+            "bomb() { bomb | bomb & }\nbomb\nsleep 2\necho survived",
+        )]),
+        &[],
+    );
+    let view = c.wait_run(bomb, Duration::from_secs(60));
+    let log = c.logs(&format!("{bomb}.0"));
+    assert!(
+        log.to_lowercase().contains("fork"),
+        "the bomb ran into its process limit:\n{}",
+        &log[..log.len().min(4000)]
+    );
+    assert_ne!(job_named(&view, "bomb")["state"], "timed-out", "{view}");
+
+    let hog = c.run_pipeline(
+        &pipeline(&[(
+            "hog",
+            "",
+            "awk 'BEGIN { s = \"x\"; for (i = 0; i < 30; i++) s = s s; print length(s) }'",
+        )]),
+        &[],
+    );
+    let view = c.wait_run(hog, Duration::from_secs(60));
+    let log = c.logs(&format!("{hog}.0"));
+    assert_eq!(job_named(&view, "hog")["state"], "failed", "{log}");
+    assert!(!log.contains("1073741824"), "the hog got its GiB:\n{log}");
+
+    let next = c.run_pipeline(&pipeline(&[("next", "", "echo still here")]), &[]);
+    let view = c.wait_run(next, DEADLINE);
+    assert_eq!(job_named(&view, "next")["state"], "succeeded", "{view}");
+    assert!(c.logs(&format!("{next}.0")).contains("still here"));
+    assert!(agents[0].proc().is_running(), "the agent survived");
+    assert_eq!(c.wait_connected(1).len(), 1);
+
+    let prefix = format!("gantry-{}-", agents[0].proc().pid());
+    for controller in ["pids", "memory"] {
+        let dir = own_v1_cgroup(controller).expect("cgroup");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("read cgroup")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "job cgroups left in {}: {left:?}",
+            dir.display()
+        );
+    }
+}

@@ -220,7 +220,7 @@ impl JobManager {
             source,
         })?;
         let uid = match &self.isolation {
-            Isolation::Users(range) => range.free(|uid| {
+            Isolation::Users { uids, .. } => uids.free(|uid| {
                 inner
                     .jobs
                     .values()
@@ -362,9 +362,10 @@ impl JobManager {
         match (&self.isolation, uid) {
             (Isolation::Off, _) => Ok(None),
             (Isolation::Unavailable(why), _) => Err(JobError::Unisolated(why.clone())),
-            (Isolation::Users(range), None) => Err(JobError::NoUid(range.len())),
-            (Isolation::Users(_), Some(uid)) => {
-                Sandbox::create(workspace, uid)
+            (Isolation::Users { uids, .. }, None) => Err(JobError::NoUid(uids.len())),
+            (Isolation::Users { cgroups, .. }, Some(uid)) => {
+                let name = workspace.file_name().unwrap_or_default().to_string_lossy();
+                Sandbox::create(workspace, uid, cgroups.as_ref(), &name)
                     .map(Some)
                     .map_err(|source| JobError::Sandbox {
                         uid,

@@ -57,7 +57,7 @@ async fn run_steps(
             let runner = ShellRunner::new(workspace, sandbox);
             run_with(&runner, job, workspace, log, cancel).await
         }
-        Some(image) => match DockerRunner::prepare(image, workspace).await {
+        Some(image) => match DockerRunner::prepare(image, workspace, sandbox).await {
             Ok(runner) => run_with(&runner, job, workspace, log, cancel).await,
             Err(e) => JobOutcome::Error {
                 message: e.to_string(),

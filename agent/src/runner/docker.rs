@@ -39,6 +39,8 @@ use futures_util::StreamExt;
 use gantry_protocol::{JobAssignment, Labels};
 use tracing::warn;
 
+use super::cgroups::JobLimits;
+use super::isolation::Sandbox;
 use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
 use crate::base::labels::capabilities_with;
 
@@ -227,18 +229,30 @@ pub struct DockerRunner {
     host_workspace: PathBuf,
     /// `uid:gid` the steps run as.
     user: String,
+    /// Memory, processes and CPU each step's container may use.
+    limits: JobLimits,
 }
 
 impl DockerRunner {
     /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
     /// is present. Never pulls.
-    pub async fn prepare(image: &str, workspace: &Path) -> Result<Self, DockerError> {
+    /// An isolated job's steps run as its own uid:gid, with its limits.
+    pub async fn prepare(
+        image: &str,
+        workspace: &Path,
+        sandbox: Option<&Sandbox>,
+    ) -> Result<Self, DockerError> {
         let socket =
             configured_socket(Path::new(DEFAULT_SOCKET)).map_err(|source| DockerError::Socket {
                 image: image.to_owned(),
                 source,
             })?;
-        Self::prepare_at(&socket, image, workspace).await
+        let mut runner = Self::prepare_at(&socket, image, workspace).await?;
+        if let Some(sandbox) = sandbox {
+            runner.user = format!("{}:{}", sandbox.uid, sandbox.gid);
+            runner.limits = sandbox.limits;
+        }
+        Ok(runner)
     }
 
     /// [`DockerRunner::prepare`] with the engine on `socket`.
@@ -265,6 +279,7 @@ impl DockerRunner {
             image: image.to_owned(),
             host_workspace,
             user: agent_user(),
+            limits: JobLimits::default(),
         })
     }
 
@@ -389,6 +404,7 @@ impl StepRunner for DockerRunner {
             host_workspace: self.host_workspace.clone(),
             working_directory: step.working_directory,
             user: self.user.clone(),
+            limits: self.limits,
         };
         self.run_container(&spec, log, halt).await
     }
@@ -445,12 +461,16 @@ pub struct StepContainer<'a> {
     pub working_directory: Option<&'a str>,
     /// `uid:gid` the step runs as.
     pub user: String,
+    /// Memory (swap included), processes and CPU the container may use.
+    pub limits: JobLimits,
 }
 
 /// The container of one step: the image, `/bin/sh -e -c SCRIPT`, the step's environment
 /// and nothing else, the workspace bind-mounted at [`CONTAINER_WORKSPACE`], the step's
-/// working directory under it, the agent's uid:gid, and labels naming the job.
+/// working directory under it, the agent's uid:gid, the job's limits, and labels naming
+/// the job.
 pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreateBody {
+    let (memory, pids_limit, nano_cpus) = spec.limits.docker();
     let working_dir = match spec.working_directory {
         Some(rel) => format!(
             "{CONTAINER_WORKSPACE}/{}",
@@ -490,6 +510,11 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
                 read_only: Some(false),
                 ..Mount::default()
             }]),
+            memory,
+            // Memory plus swap equal to memory: no swap beyond the limit.
+            memory_swap: memory,
+            pids_limit,
+            nano_cpus,
             ..HostConfig::default()
         }),
         ..ContainerCreateBody::default()
@@ -618,6 +643,11 @@ mod tests {
             host_workspace: PathBuf::from("/var/lib/gantry-agent/work/7.2-3"),
             working_directory,
             user: "1000:1000".into(),
+            limits: JobLimits {
+                memory: Some(64 << 20),
+                pids: Some(100),
+                cpus: Some(0.5),
+            },
         }
     }
 
@@ -660,6 +690,16 @@ mod tests {
         assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
         // Nothing else from the host: no network mode, privileges or extra binds.
         assert!(host.binds.is_none() && host.privileged.is_none() && host.network_mode.is_none());
+        // The job's limits, swap included in the memory one.
+        assert_eq!(
+            (
+                host.memory,
+                host.memory_swap,
+                host.pids_limit,
+                host.nano_cpus
+            ),
+            (Some(64 << 20), Some(64 << 20), Some(100), Some(500_000_000))
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+use super::cgroups::{self, Cgroups, JobCgroup, JobLimits};
+
 /// The uids jobs run as when `--job-uids` is not given: far above the ranges distributions
 /// hand to people and system services, and below the ones container runtimes map.
 pub const DEFAULT_JOB_UIDS: &str = "90000-90999";
@@ -99,12 +101,17 @@ impl std::str::FromStr for UidRange {
 }
 
 /// What the isolation setting comes to on this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Isolation {
     /// Jobs run as the agent's user.
     Off,
-    /// Each running job gets a uid of the range.
-    Users(UidRange),
+    /// Each running job gets a uid of the range, and a cgroup with the limits when the
+    /// host has cgroups (`limits_off` says why not, when it has not).
+    Users {
+        uids: UidRange,
+        cgroups: Option<Cgroups>,
+        limits_off: Option<String>,
+    },
     /// Isolation is required and the agent cannot provide it: every job is refused with
     /// this reason.
     Unavailable(String),
@@ -115,18 +122,27 @@ impl Isolation {
     pub fn describe(&self) -> String {
         match self {
             Self::Off => "job isolation is off (--isolation off): jobs run as this agent's user and can read its data directory and keys; run only trusted work here".into(),
-            Self::Users(r) => format!("jobs run isolated: each as its own uid of {}-{}, in its own PID namespace", r.first, r.last),
+            Self::Users { uids, cgroups, limits_off } => {
+                let limits = match (cgroups, limits_off) {
+                    (Some(c), _) => format!("with the limits {:?}", c.limits()),
+                    (None, Some(why)) => format!("without resource limits: {why}"),
+                    (None, None) => "without resource limits (none set)".to_owned(),
+                };
+                format!("jobs run isolated: each as its own uid of {}-{}, in its own PID namespace, {limits}", uids.first, uids.last)
+            }
             Self::Unavailable(why) => format!("jobs cannot be isolated, so this agent refuses every job: {why}"),
         }
     }
 }
 
-/// The decision: `privilege` is what [`privilege`] found (Err says what is missing).
+/// The decision: `privilege` is what [`privilege`] found (Err says what is missing),
+/// `cgroups` what [`Cgroups::detect`] found.
 pub fn decide(
     mode: IsolationMode,
     uids: UidRange,
     slots: u32,
     privilege: Result<(), String>,
+    cgroups: Result<Option<Cgroups>, String>,
 ) -> Isolation {
     match (mode, privilege) {
         (IsolationMode::Off, _) => Isolation::Off,
@@ -141,7 +157,17 @@ pub fn decide(
                 uids.len()
             ))
         }
-        (IsolationMode::Required, Ok(())) => Isolation::Users(uids),
+        (IsolationMode::Required, Ok(())) => {
+            let (cgroups, limits_off) = match cgroups {
+                Ok(c) => (c, None),
+                Err(why) => (None, Some(why)),
+            };
+            Isolation::Users {
+                uids,
+                cgroups,
+                limits_off,
+            }
+        }
     }
 }
 
@@ -204,11 +230,21 @@ pub struct Sandbox {
     pub home: PathBuf,
     /// `TMPDIR` for the job: its own, mode 0700.
     pub tmp: PathBuf,
+    /// The job's cgroup, when the host has them and limits are set.
+    pub cgroup: Option<JobCgroup>,
+    /// The limits, for runners that apply them themselves (Docker).
+    pub limits: JobLimits,
 }
 
 impl Sandbox {
-    /// Creates `<base>.home` and `<base>.tmp` afresh, owned by `uid`, mode 0700.
-    pub fn create(base: &Path, uid: u32) -> std::io::Result<Self> {
+    /// Creates `<base>.home` and `<base>.tmp` afresh, owned by `uid`, mode 0700, and the
+    /// job's cgroup `name` when `cgroups` is given.
+    pub fn create(
+        base: &Path,
+        uid: u32,
+        cgroups: Option<&Cgroups>,
+        name: &str,
+    ) -> std::io::Result<Self> {
         let with = |suffix: &str| {
             let mut name = base.as_os_str().to_owned();
             name.push(suffix);
@@ -219,6 +255,8 @@ impl Sandbox {
             gid: uid,
             home: with(".home"),
             tmp: with(".tmp"),
+            cgroup: cgroups.map(|c| c.create(name)).transpose()?,
+            limits: cgroups.map(Cgroups::limits).unwrap_or_default(),
         };
         for dir in [&sandbox.home, &sandbox.tmp] {
             remove_tree(dir)?;
@@ -236,10 +274,11 @@ impl Sandbox {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
     }
 
-    /// Removes the home and temporary directories.
+    /// Removes the home and temporary directories, and the cgroup.
     pub fn remove(&self) -> std::io::Result<()> {
         remove_tree(&self.home)?;
-        remove_tree(&self.tmp)
+        remove_tree(&self.tmp)?;
+        self.cgroup.as_ref().map_or(Ok(()), JobCgroup::remove)
     }
 
     /// The variables a step of this job starts from: its own `HOME` and `TMPDIR`.
@@ -258,8 +297,12 @@ impl Sandbox {
             self.uid.to_string(),
             "--gid".to_owned(),
             self.gid.to_string(),
-            "--".to_owned(),
         ];
+        for file in self.cgroup.iter().flat_map(JobCgroup::procs_files) {
+            init_args.push("--cgroup".to_owned());
+            init_args.push(file.display().to_string());
+        }
+        init_args.push("--".to_owned());
         init_args.extend(argv.iter().map(|a| (*a).to_owned()));
         // This very binary, even after an upgrade replaced the file on disk.
         (PathBuf::from("/proc/self/exe"), init_args)
@@ -283,13 +326,18 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `gantry-agent job-init --uid U --gid G -- PROGRAM ARGS...`: runs PROGRAM as U:G in a
-/// new PID and mount namespace and returns its exit code (128 + signal when killed).
+/// `gantry-agent job-init --uid U --gid G [--cgroup PROCS_FILE]... -- PROGRAM ARGS...`:
+/// joins the cgroups, then runs PROGRAM as U:G in a new PID and mount namespace and
+/// returns its exit code (128 + signal when killed).
 /// Called in a fresh, single-threaded process (the agent execs itself), so fork is safe.
 /// Errors before PROGRAM runs are written to stderr (the step's log) and return 126.
 #[allow(unsafe_code)]
-pub fn job_init(uid: u32, gid: u32, argv: &[String]) -> i32 {
+pub fn job_init(uid: u32, gid: u32, cgroup_procs: &[PathBuf], argv: &[String]) -> i32 {
     let fail = init_error;
+    if let Err(e) = cgroups::join(cgroup_procs) {
+        eprintln!("gantry-agent job-init: cannot join the job's cgroup: {e}");
+        return 126;
+    }
     let Some(argv) = argv
         .iter()
         .map(|a| CString::new(a.as_bytes()).ok())
@@ -476,14 +524,26 @@ mod tests {
     fn a_required_isolation_without_privilege_refuses_and_says_why() {
         let uids: UidRange = "90000-90001".parse().expect("range");
         assert_eq!(
-            decide(IsolationMode::Off, uids, 8, Err("x".into())),
+            decide(IsolationMode::Off, uids, 8, Err("x".into()), Ok(None)),
             Isolation::Off
         );
         assert_eq!(
-            decide(IsolationMode::Required, uids, 2, Ok(())),
-            Isolation::Users(uids)
+            decide(
+                IsolationMode::Required,
+                uids,
+                2,
+                Ok(()),
+                Err("no v1".into())
+            ),
+            Isolation::Users {
+                uids,
+                cgroups: None,
+                limits_off: Some("no v1".into())
+            }
         );
-        let Isolation::Unavailable(why) = decide(IsolationMode::Required, uids, 3, Ok(())) else {
+        let Isolation::Unavailable(why) =
+            decide(IsolationMode::Required, uids, 3, Ok(()), Ok(None))
+        else {
             panic!("too few uids for the slots");
         };
         assert!(why.contains("fewer than the 3 slots"), "{why}");
@@ -492,6 +552,7 @@ mod tests {
             uids,
             1,
             Err("the agent runs as uid 1000 without CAP_SETUID".into()),
+            Ok(None),
         ) else {
             panic!("no privilege");
         };

@@ -18,6 +18,7 @@ use std::time::Duration;
 use gantry_protocol::{JobAssignment, Labels};
 use tokio::sync::{mpsc, watch};
 
+pub mod cgroups;
 pub mod docker;
 pub mod isolation;
 pub mod shell;
