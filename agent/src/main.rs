@@ -128,7 +128,7 @@ struct RunArgs {
     /// namespace, and without the privileges for that (root, or CAP_SETUID, CAP_SETGID,
     /// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_KILL and CAP_SYS_ADMIN) the agent
     /// refuses every job and says why; `off`: jobs run as the agent's user (trusted work
-    /// only) [default: required when run as root, off otherwise].
+    /// only) [default: required when the agent has those privileges, off otherwise].
     #[arg(long, env = "GANTRY_AGENT_ISOLATION", value_name = "required|off")]
     isolation: Option<isolation::IsolationMode>,
     /// The uids isolated jobs run as (with the gids of the same numbers), one per

@@ -337,8 +337,13 @@ impl JobManager {
                 warn!(job = %key.0, "cannot remove the workspace {}: {e}", workspace.display());
             }
         }
-        if let Some(Err(e)) = sandbox.as_ref().map(Sandbox::remove) {
-            warn!(job = %key.0, "cannot remove the job's home or temporary directory: {e}");
+        if let Some(sandbox) = sandbox {
+            // Off the runtime: the kernel may hold a cgroup busy for a moment after its
+            // last process exited, and its removal waits for that.
+            let removed = tokio::task::spawn_blocking(move || sandbox.remove()).await;
+            if let Some(e) = removed.map_err(std::io::Error::other).and_then(|r| r).err() {
+                warn!(job = %key.0, "cannot remove the job's home, temporary directory or cgroup: {e}");
+            }
         }
         let result = JobResult {
             job: key.0,

@@ -171,13 +171,11 @@ pub fn decide(
     }
 }
 
-/// The default `--isolation`: required when the agent runs as root (it can isolate), off
-/// otherwise (an unprivileged agent runs trusted work as before, and says so at start).
+/// The default `--isolation`: required when the agent can isolate (root, or the
+/// capabilities), off otherwise (an unprivileged agent runs trusted work as before, and
+/// says so at start).
 pub fn default_mode() -> IsolationMode {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    #[allow(unsafe_code)]
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 {
+    if privilege().is_ok() {
         IsolationMode::Required
     } else {
         IsolationMode::Off
