@@ -47,6 +47,9 @@ struct JobInitArgs {
     /// A cgroup's `cgroup.procs` to join first (repeatable).
     #[arg(long = "cgroup")]
     cgroups: Vec<PathBuf>,
+    /// The job's own directory to mount on `/tmp`.
+    #[arg(long)]
+    tmp: Option<PathBuf>,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     argv: Vec<String>,
@@ -237,7 +240,13 @@ fn main() -> ExitCode {
 }
 
 fn job_init(args: &JobInitArgs) -> ExitCode {
-    let code = isolation::job_init(args.uid, args.gid, &args.cgroups, &args.argv);
+    let code = isolation::job_init(&isolation::JobInit {
+        uid: args.uid,
+        gid: args.gid,
+        cgroup_procs: args.cgroups.clone(),
+        tmp: args.tmp.clone(),
+        argv: args.argv.clone(),
+    });
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 

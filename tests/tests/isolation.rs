@@ -34,12 +34,12 @@ fn isolated_agents(c: &Coordinator, n: usize, extra: &[&str]) -> Vec<Agent> {
 }
 
 /// A directory every job may read and write (mode 1777), for handing markers between
-/// a test and its jobs.
+/// a test and its jobs; not under `/tmp`, which each isolated job has of its own.
 fn exchange_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix("gantry-isolation-")
-        .tempdir()
+        .tempdir_in("/var/tmp")
         .expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     dir
@@ -108,8 +108,9 @@ fn a_job_cannot_read_the_agent_key_by_relative_path_or_through_proc() {
 }
 
 /// Two jobs of one run on one agent at once: `peek` tries to read `hold`'s workspace
-/// file, its home, and every `/proc/PID/environ` it can see for `hold`'s secret; `hold`
-/// waits until `peek` is done, so both run together.
+/// file, its home, what it left in `/tmp`, and every `/proc/PID/environ` it can see for
+/// `hold`'s secret; `hold` waits until `peek` is done, so both run together. Nothing
+/// `hold` wrote to `/tmp` is on the host's `/tmp` afterwards.
 #[test]
 fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     if !is_root("a_job_cannot_read_a_concurrent_jobs_workspace") {
@@ -120,8 +121,10 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     let x = exchange_dir();
     let x = x.path().display();
     let value = "hunter2-held-by-the-other-job";
+    let tmp_file = format!("/tmp/gantry-held-{}", std::process::id());
     let hold = format!(
-        "echo $HELD > secret.txt; echo $HELD > $HOME/secret.txt; touch {x}/ready\n\
+        "echo $HELD > secret.txt; echo $HELD > $HOME/secret.txt\n\
+         echo $HELD > {tmp_file}; chmod 644 {tmp_file}; touch {x}/ready\n\
          for i in $(seq 1 600); do [ -e {x}/done ] && break; sleep 0.05; done\n\
          [ -e {x}/done ]\n"
     );
@@ -131,6 +134,7 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
          other=$GANTRY_WORKSPACE/../$GANTRY_RUN_ID.0-1\n\
          cat $other/secret.txt || echo refused-workspace\n\
          cat $other.home/secret.txt || echo refused-home\n\
+         cat {tmp_file} || echo refused-tmp\n\
          cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep '^HELD=' || echo refused-environ\n\
          touch {x}/done\n"
     );
@@ -144,9 +148,18 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     assert_eq!(job_named(&view, "hold")["state"], "succeeded", "{view}");
     assert_eq!(job_named(&view, "peek")["state"], "succeeded", "{log}");
     assert!(!log.contains(value), "peek read hold's secret:\n{log}");
-    for refused in ["refused-workspace", "refused-home", "refused-environ"] {
+    for refused in [
+        "refused-workspace",
+        "refused-home",
+        "refused-tmp",
+        "refused-environ",
+    ] {
         assert!(log.contains(refused), "no {refused} in:\n{log}");
     }
+    assert!(
+        !Path::new(&tmp_file).exists(),
+        "{tmp_file} reached the host's /tmp"
+    );
 }
 
 /// Whether any process on this host has `needle` in its command line.

@@ -7,7 +7,7 @@
 //! directory, mode 0700, owned by that uid); handing a workspace over to that uid; and
 //! `gantry-agent job-init` ([`job_init`]), the small init every isolated step runs
 //! under. job-init enters a new PID and mount namespace, mounts that namespace's
-//! `/proc`, and forks the step's process as pid 1's only child with the job's uid, no
+//! `/proc` and the job's own directory on `/tmp`, and forks the step's process as pid 1's only child with the job's uid, no
 //! supplementary groups and no capabilities. When the step's process exits, pid 1 exits
 //! and the kernel kills everything left in the namespace (`setsid` and double-forked
 //! processes included); SIGTERM to the step reaches all of them through pid 1.
@@ -300,6 +300,8 @@ impl Sandbox {
             init_args.push("--cgroup".to_owned());
             init_args.push(file.display().to_string());
         }
+        init_args.push("--tmp".to_owned());
+        init_args.push(self.tmp.display().to_string());
         init_args.push("--".to_owned());
         init_args.extend(argv.iter().map(|a| (*a).to_owned()));
         // This very binary, even after an upgrade replaced the file on disk.
@@ -324,13 +326,35 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `gantry-agent job-init --uid U --gid G [--cgroup PROCS_FILE]... -- PROGRAM ARGS...`:
-/// joins the cgroups, then runs PROGRAM as U:G in a new PID and mount namespace and
-/// returns its exit code (128 + signal when killed).
+/// What `gantry-agent job-init` is told.
+#[derive(Debug, Clone)]
+pub struct JobInit {
+    pub uid: u32,
+    pub gid: u32,
+    /// `cgroup.procs` files to join first.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// The job's own temporary directory, mounted on `/tmp` in the namespace.
+    pub tmp: Option<PathBuf>,
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+}
+
+/// `gantry-agent job-init --uid U --gid G [--cgroup PROCS_FILE]... [--tmp DIR] --
+/// PROGRAM ARGS...`: joins the cgroups, then runs PROGRAM as U:G in a new PID and mount
+/// namespace (with DIR as its `/tmp`) and returns its exit code (128 + signal when
+/// killed).
 /// Called in a fresh, single-threaded process (the agent execs itself), so fork is safe.
 /// Errors before PROGRAM runs are written to stderr (the step's log) and return 126.
 #[allow(unsafe_code)]
-pub fn job_init(uid: u32, gid: u32, cgroup_procs: &[PathBuf], argv: &[String]) -> i32 {
+pub fn job_init(init: &JobInit) -> i32 {
+    let JobInit {
+        uid,
+        gid,
+        cgroup_procs,
+        tmp,
+        argv,
+    } = init;
+    let (uid, gid) = (*uid, *gid);
     let fail = init_error;
     if let Err(e) = cgroups::join(cgroup_procs) {
         eprintln!("gantry-agent job-init: cannot join the job's cgroup: {e}");
@@ -393,6 +417,12 @@ pub fn job_init(uid: u32, gid: u32, cgroup_procs: &[PathBuf], argv: &[String]) -
         {
             libc::_exit(fail("cannot mount the job's /proc"));
         }
+        if let Some(tmp) = tmp {
+            if let Err(e) = private_tmp(tmp) {
+                eprintln!("gantry-agent job-init: cannot give the job its own /tmp: {e}");
+                libc::_exit(126);
+            }
+        }
         let step = libc::fork();
         if step < 0 {
             libc::_exit(fail("cannot fork the step"));
@@ -406,6 +436,52 @@ pub fn job_init(uid: u32, gid: u32, cgroup_procs: &[PathBuf], argv: &[String]) -
 }
 
 extern "C" fn noop(_: libc::c_int) {}
+
+/// In the job's mount namespace: `tmp` becomes `/tmp`, so nothing a job leaves in `/tmp`
+/// reaches another job, and it goes with the job's directory. When `tmp`'s directory
+/// (the agent's `work/`) itself lies under `/tmp` (an agent whose data directory is
+/// there), that directory is bound back at its path inside the new `/tmp`, so the
+/// workspace, `HOME` and `TMPDIR` keep their paths.
+#[allow(unsafe_code)]
+fn private_tmp(tmp: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other(format!("{} has a NUL byte", p.display())))
+    };
+    let bind = |from: &Path, to: &Path| -> std::io::Result<()> {
+        let (from, to) = (cstr(from)?, cstr(to)?);
+        // SAFETY: both strings live across the call; a bind mount takes no data.
+        let done = unsafe {
+            libc::mount(
+                from.as_ptr(),
+                to.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        if done == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let work = tmp
+        .parent()
+        .ok_or_else(|| std::io::Error::other(format!("{} has no parent", tmp.display())))?;
+    let below_tmp = work.strip_prefix("/tmp").ok().map(Path::to_path_buf);
+    // Held open across the mount that hides its path.
+    let work_dir = std::fs::File::open(work)?;
+    bind(tmp, Path::new("/tmp"))?;
+    if let Some(rel) = below_tmp {
+        let at = Path::new("/tmp").join(rel);
+        std::fs::create_dir_all(&at)?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&work_dir);
+        bind(&PathBuf::from(format!("/proc/self/fd/{fd}")), &at)?;
+    }
+    Ok(())
+}
 
 /// Says on stderr (the step's log) what failed with the last OS error; the exit code
 /// for "could not run the program".
