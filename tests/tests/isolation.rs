@@ -357,3 +357,34 @@ fn a_fork_bomb_and_a_memory_hog_are_stopped_at_their_limits_and_the_agent_runs_t
         );
     }
 }
+
+/// A process left running as a uid of the range (a job of an agent that crashed, or of
+/// another agent given the same range) keeps that uid from the next job, which would
+/// otherwise share it and could read its workspace.
+#[test]
+fn a_uid_some_process_still_runs_as_is_not_handed_to_a_job() {
+    use std::os::unix::process::CommandExt;
+    if !is_root("a_uid_some_process_still_runs_as_is_not_handed_to_a_job") {
+        return;
+    }
+    let mut squatter = gantry_tests::Proc {
+        child: std::process::Command::new("sleep")
+            .arg("300")
+            .uid(91_000)
+            .gid(91_000)
+            .spawn()
+            .expect("spawn sleep as uid 91000"),
+        name: "a process left as uid 91000".into(),
+    };
+    let c = Coordinator::start();
+    let _agents = isolated_agents(&c, 1, &["--job-uids", "91000-91009"]);
+    let run = c.run_pipeline(&pipeline(&[("next", "", "echo uid=$(id -u)")]), &[]);
+    let view = c.wait_run(run, DEADLINE);
+    let log = c.logs(&format!("{run}.0"));
+    assert_eq!(job_named(&view, "next")["state"], "succeeded", "{log}");
+    assert!(
+        log.contains("uid=91001\n"),
+        "the job got a free uid:\n{log}"
+    );
+    squatter.kill9();
+}

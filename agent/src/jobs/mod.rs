@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::base::files::fresh_dir;
 use crate::base::mask::Masker;
-use crate::runner::isolation::{Isolation, Sandbox};
+use crate::runner::isolation::{process_uids, Isolation, Sandbox};
 use crate::runner::LogSink;
 use crate::transfers::artifacts::{ArtifactError, JobIo, RestoredCache};
 use crate::transfers::{ConnectionSource, TransferLink, Transfers};
@@ -220,12 +220,18 @@ impl JobManager {
             source,
         })?;
         let uid = match &self.isolation {
-            Isolation::Users { uids, .. } => uids.free(|uid| {
-                inner
-                    .jobs
-                    .values()
-                    .any(|e| e.result.is_none() && e.uid == Some(uid))
-            }),
+            Isolation::Users { uids, .. } => {
+                // A uid some process still runs as (a job of an agent that crashed, or
+                // of another agent given the same range) is not handed out.
+                let busy = process_uids();
+                uids.free(|uid| {
+                    busy.contains(&uid)
+                        || inner
+                            .jobs
+                            .values()
+                            .any(|e| e.result.is_none() && e.uid == Some(uid))
+                })
+            }
             Isolation::Off | Isolation::Unavailable(_) => None,
         };
         let (progress, _) = watch::channel(LogProgress::default());

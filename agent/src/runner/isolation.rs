@@ -309,6 +309,24 @@ impl Sandbox {
     }
 }
 
+/// The uids this host's processes run as (the owner of each `/proc/PID`).
+pub fn process_uids() -> std::collections::BTreeSet<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.uid())
+        .collect()
+}
+
 fn remove_tree(dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
