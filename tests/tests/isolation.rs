@@ -162,7 +162,7 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     );
 }
 
-/// Whether any process on this host has `needle` in its command line.
+/// The processes of this host whose command line starts with `needle`.
 fn running_with(needle: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -181,7 +181,7 @@ fn running_with(needle: &str) -> Vec<String> {
             let zombie = stat
                 .rsplit_once(") ")
                 .is_some_and(|(_, rest)| rest.starts_with('Z'));
-            (cmd.contains(needle) && !zombie)
+            (cmd.starts_with(needle) && !zombie)
                 .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
         })
         .collect()
@@ -387,4 +387,38 @@ fn a_uid_some_process_still_runs_as_is_not_handed_to_a_job() {
         "the job got a free uid:\n{log}"
     );
     squatter.kill9();
+}
+
+/// An agent killed outright (kill -9) takes its isolated jobs' processes with it,
+/// daemons included: they would otherwise run on, unwatched, while the coordinator runs
+/// the job again elsewhere.
+#[test]
+fn an_agent_killed_outright_takes_its_jobs_processes_along() {
+    if !is_root("an_agent_killed_outright_takes_its_jobs_processes_along") {
+        return;
+    }
+    let c = Coordinator::start();
+    let mut agents = isolated_agents(&c, 1, &[]);
+    let tag = 6_000 + u64::from(std::process::id() % 900);
+    let script = format!("setsid sleep {tag}.1 &\nsleep {tag}.2 &\necho started\nwait");
+    let run = c.run_pipeline(&pipeline(&[("orphaned", "", &script)]), &[]);
+    let job = format!("{run}.0");
+    wait_for("the job to start its processes", DEADLINE, || {
+        c.logs(&job).contains("started").then_some(())
+    });
+    let needle = format!("sleep {tag}.");
+    assert_eq!(running_with(&needle).len(), 2, "both sleeps run");
+    agents[0].proc().kill9();
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        let left = running_with(&needle);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "processes outlived their agent: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -400,6 +400,13 @@ pub fn job_init(init: &JobInit) -> i32 {
             libc::sigaddset(&raw mut set, *sig);
         }
         libc::sigprocmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        // A job ends with its agent: an agent killed outright takes this process along,
+        // and with it pid 1 and the whole namespace (the coordinator runs the job again).
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() == 1 {
+            eprintln!("gantry-agent job-init: the agent is gone");
+            return 126;
+        }
         if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) != 0 {
             return fail("cannot create the job's PID and mount namespaces");
         }
@@ -412,7 +419,9 @@ pub fn job_init(init: &JobInit) -> i32 {
         if init > 0 {
             return supervise(init, &set, &forwarded);
         }
-        // pid 1: mounts stay in this namespace, and /proc shows only the job's processes.
+        // pid 1: dies with the process above, so with the agent too.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // Mounts stay in this namespace, and /proc shows only the job's processes.
         let root = c"/";
         let proc_ = c"/proc";
         if libc::mount(
