@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use gantry_agent::base::{bundle, datadir, duration, exit, figures, labels};
-use gantry_agent::runner::docker;
+use gantry_agent::runner::{cgroups, docker, isolation};
 use gantry_agent::{enroll, session};
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,26 @@ enum Command {
     Run(RunArgs),
     /// Check the CA's signature on an offline bundle (install.sh uses it without openssl).
     VerifyBundle(VerifyBundleArgs),
+    /// The init an isolated job's step runs under (the agent runs it; not for people).
+    #[command(hide = true)]
+    JobInit(JobInitArgs),
+}
+
+#[derive(Debug, Args)]
+struct JobInitArgs {
+    #[arg(long)]
+    uid: u32,
+    #[arg(long)]
+    gid: u32,
+    /// A cgroup's `cgroup.procs` to join first (repeatable).
+    #[arg(long = "cgroup")]
+    cgroups: Vec<PathBuf>,
+    /// The job's own directory to mount on `/tmp`.
+    #[arg(long)]
+    tmp: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +127,30 @@ struct RunArgs {
     /// [default: DATA_DIR/deploy].
     #[arg(long, env = "GANTRY_AGENT_DEPLOY_ROOT", value_name = "DIR")]
     deploy_root: Option<PathBuf>,
+    /// `required`: each job runs as a uid of its own (see --job-uids) in its own PID
+    /// namespace, and without the privileges for that (root, or CAP_SETUID, CAP_SETGID,
+    /// CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_KILL and CAP_SYS_ADMIN) the agent
+    /// refuses every job and says why; `off`: jobs run as the agent's user (trusted work
+    /// only) [default: required when the agent has those privileges, off otherwise].
+    #[arg(long, env = "GANTRY_AGENT_ISOLATION", value_name = "required|off")]
+    isolation: Option<isolation::IsolationMode>,
+    /// The uids isolated jobs run as (with the gids of the same numbers), one per
+    /// running job; no user on this host may own them.
+    #[arg(long, env = "GANTRY_AGENT_JOB_UIDS", default_value = isolation::DEFAULT_JOB_UIDS, value_name = "FIRST-LAST")]
+    job_uids: isolation::UidRange,
+    /// Memory each isolated or Docker job may use (e.g. 4GiB; swap included where the
+    /// kernel accounts it); the kernel's OOM killer stops the job's processes past it.
+    /// No limit unless given.
+    #[arg(long, env = "GANTRY_AGENT_JOB_MEMORY", value_parser = parse_size, value_name = "SIZE")]
+    job_memory: Option<u64>,
+    /// Processes and threads each isolated or Docker job may have at once (a fork bomb
+    /// stops there).
+    #[arg(long, env = "GANTRY_AGENT_JOB_PIDS", default_value_t = cgroups::DEFAULT_JOB_PIDS, value_parser = clap::value_parser!(u64).range(8..), value_name = "N")]
+    job_pids: u64,
+    /// CPUs' worth of time each isolated or Docker job may use (e.g. 2 or 0.5). No limit
+    /// unless given.
+    #[arg(long, env = "GANTRY_AGENT_JOB_CPUS", value_parser = parse_cpus, value_name = "CPUS")]
+    job_cpus: Option<f64>,
 }
 
 /// `--peer-listen`: an address, or `off`.
@@ -124,6 +168,16 @@ enum ValueError {
     SizeUnit(String),
     #[error("size {0:?} is too large")]
     SizeTooLarge(String),
+    #[error("invalid CPU count {0:?}: expected a number of CPUs like 2 or 0.5, at least 0.01")]
+    Cpus(String),
+}
+
+fn parse_cpus(text: &str) -> Result<f64, ValueError> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|c| c.is_finite() && *c >= 0.01 && *c <= 10_000.0)
+        .ok_or_else(|| ValueError::Cpus(text.to_owned()))
 }
 
 fn parse_peer_listen(text: &str) -> Result<PeerListen, ValueError> {
@@ -161,6 +215,10 @@ fn parse_size(text: &str) -> Result<u64, ValueError> {
 fn main() -> ExitCode {
     // clap prints its own message and exits with 2 on a usage error.
     let cli = Cli::parse();
+    if let Command::JobInit(args) = &cli.command {
+        // Before logging and the runtime: job-init forks, and stays out of the step's log.
+        return job_init(args);
+    }
     init_logging();
     if let Command::Run(args) = &cli.command {
         // A fleet upgrade may have left a newer binary for this agent: run that one.
@@ -177,7 +235,19 @@ fn main() -> ExitCode {
         Command::Enroll(args) => runtime.block_on(run_enroll(args)),
         Command::Run(args) => runtime.block_on(run_session(args)),
         Command::VerifyBundle(args) => verify_bundle(args),
+        Command::JobInit(args) => job_init(&args),
     }
+}
+
+fn job_init(args: &JobInitArgs) -> ExitCode {
+    let code = isolation::job_init(&isolation::JobInit {
+        uid: args.uid,
+        gid: args.gid,
+        cgroup_procs: args.cgroups.clone(),
+        tmp: args.tmp.clone(),
+        argv: args.argv.clone(),
+    });
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 
 fn verify_bundle(args: VerifyBundleArgs) -> ExitCode {
@@ -245,6 +315,11 @@ async fn run_session(args: RunArgs) -> ExitCode {
         .deploy_root
         .clone()
         .unwrap_or_else(|| args.data_dir.data_dir.join("deploy"));
+    let limits = cgroups::JobLimits {
+        memory: args.job_memory,
+        pids: Some(args.job_pids),
+        cpus: args.job_cpus,
+    };
     let options = session::RunOptions {
         data_dir: args.data_dir.data_dir,
         labels: labels::from_pairs(args.labels),
@@ -257,6 +332,13 @@ async fn run_session(args: RunArgs) -> ExitCode {
         max_transfer_rate: args.max_transfer_rate,
         deploy_root,
         peer_listen: args.peer_listen.0,
+        isolation: isolation::decide(
+            args.isolation.unwrap_or_else(isolation::default_mode),
+            args.job_uids,
+            args.slots,
+            isolation::privilege(),
+            cgroups::Cgroups::detect(limits),
+        ),
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,6 +25,7 @@ use crate::base::datadir::{self, Credentials, DataDir, DataDirError};
 use crate::base::figures::{FiguresError, HostSampler};
 use crate::base::renewal::RenewalPlan;
 use crate::jobs::JobManager;
+use crate::runner::isolation::Isolation;
 use crate::transfers::peers::PeerError;
 use crate::transfers::TransferLink;
 
@@ -55,6 +56,8 @@ pub struct RunOptions {
     /// Where the other hosts of a deployment fetch release chunks from this one; `None`
     /// serves no peers.
     pub peer_listen: Option<std::net::SocketAddr>,
+    /// How jobs are kept from the agent and from each other.
+    pub isolation: crate::runner::isolation::Isolation,
 }
 
 /// Why `run` stopped other than by a signal.
@@ -77,6 +80,8 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot make the data directory safe for isolated jobs: {0}")]
+    Seal(std::io::Error),
 }
 
 impl RunError {
@@ -85,7 +90,9 @@ impl RunError {
             Self::DataDir(e) => e.exit_code(),
             Self::Certificate(_) | Self::Peers(_) => crate::base::exit::USAGE,
             Self::Revoked => crate::base::exit::COORDINATOR,
-            Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } => crate::base::exit::FAILURE,
+            Self::Figures(_) | Self::Signals(_) | Self::Cache { .. } | Self::Seal(_) => {
+                crate::base::exit::FAILURE
+            }
         }
     }
 }
@@ -191,7 +198,22 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         transfers.send_options.limit.clone(),
     )
     .map_err(RunError::Peers)?;
-    let (jobs, finished) = JobManager::new(&options.data_dir, options.slots, transfers.clone());
+    match &options.isolation {
+        Isolation::Users { cgroups, .. } => {
+            crate::jobs::seal_data_dir(&options.data_dir).map_err(RunError::Seal)?;
+            if let Some(cgroups) = cgroups {
+                cgroups.sweep();
+            }
+            info!("{}", options.isolation.describe());
+        }
+        Isolation::Off | Isolation::Unavailable(_) => warn!("{}", options.isolation.describe()),
+    }
+    let (jobs, finished) = JobManager::new(
+        &options.data_dir,
+        options.slots,
+        transfers.clone(),
+        options.isolation.clone(),
+    );
     let (deploy_out, deploy_results) = mpsc::unbounded_channel();
     let upgrader = crate::deploy::upgrade::Upgrader::new(
         options.data_dir.clone(),

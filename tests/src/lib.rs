@@ -424,21 +424,42 @@ impl Agent {
     }
 
     /// [`Self::start`] with extra `run` arguments (e.g. `--max-transfer-rate 4MiB`).
+    ///
+    /// Job isolation is off unless `extra` says `--isolation required`: most tests hand
+    /// files to their jobs through the test's own (root-only) temporary directories, and
+    /// tests/tests/isolation.rs tests isolation itself.
     pub fn start_with(&mut self, extra: &[&str]) {
+        self.spawn(extra, None);
+    }
+
+    /// [`Self::start_with`] as the user `uid` (gid of the same number), its data
+    /// directory handed to that user first: an agent without root's privileges.
+    pub fn start_as(&mut self, uid: u32, extra: &[&str]) {
+        chown_tree(self.dir.path(), uid);
+        self.spawn(extra, Some(uid));
+    }
+
+    fn spawn(&mut self, extra: &[&str], uid: Option<u32>) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("log");
-        let child = Command::new(bin("gantry-agent"))
+        let mut command = Command::new(bin("gantry-agent"));
+        command
             .args(["run", "--max-backoff", "1s", "--data-dir"])
             .arg(self.dir.path())
             .args(extra)
             .env("GANTRY_LOG", "info")
+            .env("GANTRY_AGENT_ISOLATION", "off")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn gantry-agent run");
+            .stderr(log);
+        if let Some(uid) = uid {
+            // std drops the supplementary groups too when it sets the uid.
+            command.uid(uid).gid(uid);
+        }
+        let child = command.spawn().expect("spawn gantry-agent run");
         self.proc = Some(Proc {
             child,
             name: format!("agent {}", self.id),
@@ -451,6 +472,17 @@ impl Agent {
 
     pub fn proc(&mut self) -> &mut Proc {
         self.proc.as_mut().expect("agent running")
+    }
+}
+
+/// Hands `path` and everything under it to `uid` (gid of the same number).
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        for entry in std::fs::read_dir(path).expect("read_dir") {
+            chown_tree(&entry.expect("entry").path(), uid);
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use gantry_tests::{job_named, requires, wait_for, Coordinator, DEADLINE};
+use gantry_tests::{job_named, requires, wait_for, Agent, Coordinator, DEADLINE};
 
 const BUSYBOX: &str = "/bin/busybox";
 const NEED_DOCKER: &str = "Docker tests need a running Docker engine";
@@ -54,7 +54,7 @@ fn busybox_image() -> TestImage {
     let bin = dir.path().join("rootfs").join("bin");
     std::fs::create_dir_all(&bin).expect("rootfs/bin");
     std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
-    for tool in ["sh", "echo", "cat", "id", "sleep", "touch"] {
+    for tool in ["sh", "echo", "cat", "id", "sleep", "touch", "awk"] {
         std::os::unix::fs::symlink("busybox", bin.join(tool)).expect("link");
     }
     let tar = dir.path().join("rootfs.tar");
@@ -217,5 +217,44 @@ fn cancelling_a_container_job_stops_and_removes_its_container() {
         containers_of(&image),
         Vec::<String>::new(),
         "the cancelled step's container was removed"
+    );
+}
+
+/// An isolated agent's container jobs run as the job's own uid (the first of
+/// `--job-uids`), not as the agent, and within `--job-memory`: a step growing a string
+/// to 1 GiB in a 64 MiB container is stopped, and no container is left.
+#[test]
+fn an_isolated_agents_container_jobs_run_as_the_jobs_uid_within_its_memory_limit() {
+    let test = "an_isolated_agents_container_jobs_run_as_the_jobs_uid_within_its_memory_limit";
+    if !requires::require_docker(test, Some(BUSYBOX))
+        || !requires::require(own_uid() == 0, test, "root", "run the tests as root")
+    {
+        return;
+    }
+    let image = busybox_image();
+    let c = Coordinator::start();
+    let mut agent = Agent::enroll(&c.token(&[]), &[]);
+    agent.start_with(&["--isolation", "required", "--job-memory", "64MiB"]);
+    c.wait_connected(1);
+    let yaml = format!(
+        "jobs:\n  boxed:\n    image: {tag}\n    steps:\n      - run: |\n          echo \"uid=$(id -u)\"\n          touch /workspace/mine\n  hog:\n    needs: [boxed]\n    image: {tag}\n    steps:\n      - run: awk 'BEGIN {{ s = \"x\"; for (i = 0; i < 30; i++) s = s s; print length(s) }}'\n",
+        tag = image.tag
+    );
+    let run = c.run_pipeline(&yaml, &[]);
+    let view = c.wait_run(run, Duration::from_secs(90));
+    let log = c.logs(&format!("{run}.0"));
+    assert_eq!(
+        job_named(&view, "boxed")["state"],
+        "succeeded",
+        "{view}\n{log}"
+    );
+    assert!(log.contains("uid=90000\n"), "runs as the job's uid: {log}");
+    let hog = c.logs(&format!("{run}.1"));
+    assert_eq!(job_named(&view, "hog")["state"], "failed", "{view}\n{hog}");
+    assert!(!hog.contains("1073741824"), "the hog got its GiB: {hog}");
+    assert_eq!(
+        containers_of(&image),
+        Vec::<String>::new(),
+        "no container is left behind"
     );
 }

@@ -1,7 +1,8 @@
 //! The jobs this agent runs, and their logs, across connections.
 //!
 //! Owns: accepting or rejecting a dispatched job (slots), preparing its workspace (the
-//! run's source tree, artifacts and cache in), running its steps ([`steps`]), saving its
+//! run's source tree, artifacts and cache in; for an isolated job, a uid of its own with
+//! its own home, and the workspace handed to that uid), running its steps ([`steps`]), saving its
 //! outputs, its log ([`logs`]: masked chunks spooled and uploaded on a stream of its
 //! own), and keeping each result until the coordinator acknowledges it. Jobs outlive
 //! connections: a dropped connection only pauses uploads; the next connection reports
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::base::files::fresh_dir;
 use crate::base::mask::Masker;
+use crate::runner::isolation::{process_uids, Isolation, Sandbox};
 use crate::runner::LogSink;
 use crate::transfers::artifacts::{ArtifactError, JobIo, RestoredCache};
 use crate::transfers::{ConnectionSource, TransferLink, Transfers};
@@ -69,6 +71,16 @@ pub enum JobError {
     Deadline(&'static str),
     #[error("{0}: the job was cancelled")]
     Cancelled(&'static str),
+    #[error("this agent refuses jobs: {0}")]
+    Unisolated(String),
+    #[error("cannot give the job a user of its own: all {0} uids of --job-uids are taken")]
+    NoUid(u32),
+    #[error("cannot prepare the job's own user (uid {uid}) in {}: {source}", path.display())]
+    Sandbox {
+        uid: u32,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The run's source tree could not be fetched or unpacked.
@@ -152,6 +164,8 @@ struct Entry {
     result: Option<Report>,
     result_acked: bool,
     uploading: bool,
+    /// The uid the job runs as while it runs (isolated jobs only).
+    uid: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -173,16 +187,19 @@ pub struct JobManager {
     spool_dir: PathBuf,
     slots: u32,
     log_cap: u64,
+    isolation: Isolation,
     finished_tx: mpsc::UnboundedSender<Report>,
 }
 
 impl JobManager {
     /// `data_dir` holds `work/` (job workspaces) and `spool/` (unacknowledged log chunks).
     /// Results of finished jobs arrive on the returned receiver, for the session to send.
+    /// Jobs run as `isolation` says.
     pub fn new(
         data_dir: &Path,
         slots: u32,
         transfers: Transfers,
+        isolation: Isolation,
     ) -> (Self, mpsc::UnboundedReceiver<Report>) {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let manager = Self {
@@ -192,6 +209,7 @@ impl JobManager {
             spool_dir: data_dir.join("spool"),
             slots: slots.max(1),
             log_cap: DEFAULT_LOG_CAP_BYTES,
+            isolation,
             finished_tx,
         };
         (manager, finished_rx)
@@ -246,6 +264,21 @@ impl JobManager {
             path: spool.clone(),
             source,
         })?;
+        let uid = match &self.isolation {
+            Isolation::Users { uids, .. } => {
+                // A uid some process still runs as (a job of an agent that crashed, or
+                // of another agent given the same range) is not handed out.
+                let busy = process_uids();
+                uids.free(|uid| {
+                    busy.contains(&uid)
+                        || inner
+                            .jobs
+                            .values()
+                            .any(|e| e.result.is_none() && e.uid == Some(uid))
+                })
+            }
+            Isolation::Off | Isolation::Unavailable(_) => None,
+        };
         let (progress, _) = watch::channel(LogProgress::default());
         let (cancel, cancel_rx) = watch::channel(false);
         inner.jobs.insert(
@@ -257,6 +290,7 @@ impl JobManager {
                 result: None,
                 result_acked: false,
                 uploading: false,
+                uid,
             },
         );
         let conn = inner.conn.clone();
@@ -265,8 +299,14 @@ impl JobManager {
         let workspace = self.work_dir.join(&name);
         let me = self.clone();
         tokio::spawn(async move {
-            me.execute(assignment, execution, workspace, spool, progress, cancel_rx)
-                .await;
+            me.execute(
+                (assignment, execution),
+                (workspace, uid),
+                spool,
+                progress,
+                cancel_rx,
+            )
+            .await;
         });
         if let Some(conn) = conn {
             self.spawn_upload(key, conn);
@@ -274,11 +314,12 @@ impl JobManager {
         Ok(())
     }
 
+    /// Runs one job in `workspace` as `uid` (isolated jobs) to its end and keeps its
+    /// result until acknowledged.
     async fn execute(
         &self,
-        assignment: JobAssignment,
-        execution: JobExecution,
-        workspace: PathBuf,
+        (assignment, execution): (JobAssignment, JobExecution),
+        (workspace, uid): (PathBuf, Option<u32>),
         spool: PathBuf,
         progress: watch::Sender<LogProgress>,
         cancel: watch::Receiver<bool>,
@@ -299,7 +340,10 @@ impl JobManager {
         let mut stop = cancel.clone();
         // Outside the workspace, so nothing in it reaches artifacts or caches.
         let temp = PathBuf::from(format!("{}.tmp", workspace.display()));
+        let mut sandbox = None;
         let inputs = async {
+            let user = self.sandbox(uid, &workspace)?;
+            sandbox.clone_from(&user);
             fresh_dir(&workspace).map_err(|source| JobError::Workspace {
                 path: workspace.clone(),
                 source,
@@ -307,14 +351,32 @@ impl JobManager {
             if let (Some(source), Checkout::Source(_)) = (&assignment.source, &execution.checkout) {
                 self.fetch_source(key, source, &workspace).await?;
             }
-            self.prepare_inputs(&assignment, &workspace, &log_tx).await
+            let restored = self
+                .prepare_inputs(&assignment, &workspace, &log_tx)
+                .await?;
+            if let Some(user) = &user {
+                // Everything the job starts with becomes its own, and only its own.
+                user.adopt(&workspace).map_err(|source| JobError::Sandbox {
+                    uid: user.uid,
+                    path: workspace.clone(),
+                    source,
+                })?;
+            }
+            Ok(restored)
         };
         let prepared = bounded(inputs, deadline, &mut stop, "preparing the job's inputs").await;
         let (mut outcome, outputs) = match &prepared {
             Ok(_) => {
-                let run =
-                    steps::run_job(&assignment, &execution, &workspace, &temp, &log_tx, cancel)
-                        .await;
+                let run = steps::run_job(
+                    &assignment,
+                    &execution,
+                    &workspace,
+                    &temp,
+                    &log_tx,
+                    cancel,
+                    sandbox.as_ref(),
+                )
+                .await;
                 (run.outcome, run.outputs)
             }
             Err(e) => {
@@ -364,6 +426,14 @@ impl JobManager {
                 }
             }
         }
+        if let Some(sandbox) = sandbox {
+            // Off the runtime: the kernel may hold a cgroup busy for a moment after its
+            // last process exited, and its removal waits for that.
+            let removed = tokio::task::spawn_blocking(move || sandbox.remove()).await;
+            if let Some(e) = removed.map_err(std::io::Error::other).and_then(|r| r).err() {
+                warn!(job = %key.0, "cannot remove the job's home, temporary directory or cgroup: {e}");
+            }
+        }
         let result = JobResult {
             job: key.0,
             attempt: key.1,
@@ -378,6 +448,27 @@ impl JobManager {
             entry.result = Some(report.clone());
         }
         let _ = self.finished_tx.send(report);
+    }
+
+    /// The job's own user (`uid`, given at [`Self::start`]) with a fresh home and
+    /// temporary directory beside `workspace`; none when isolation is off; an error when
+    /// isolation is required and this agent cannot provide it.
+    fn sandbox(&self, uid: Option<u32>, workspace: &Path) -> Result<Option<Sandbox>, JobError> {
+        match (&self.isolation, uid) {
+            (Isolation::Off, _) => Ok(None),
+            (Isolation::Unavailable(why), _) => Err(JobError::Unisolated(why.clone())),
+            (Isolation::Users { uids, .. }, None) => Err(JobError::NoUid(uids.len())),
+            (Isolation::Users { cgroups, .. }, Some(uid)) => {
+                let name = workspace.file_name().unwrap_or_default().to_string_lossy();
+                Sandbox::create(workspace, uid, cgroups.as_ref(), &name)
+                    .map(Some)
+                    .map_err(|source| JobError::Sandbox {
+                        uid,
+                        path: workspace.to_path_buf(),
+                        source,
+                    })
+            }
+        }
     }
 
     /// The job's side of its transfers.
@@ -614,6 +705,39 @@ impl ConnectionSource for JobManager {
     fn transfer_link(&self) -> Option<Arc<TransferLink>> {
         self.lock().link.clone()
     }
+}
+
+/// Makes the data directory safe to run isolated jobs from: the directory itself and
+/// `work/` can be passed through (0711: a job reaches its own workspace but lists
+/// nothing), every other directory in it (`tls/`, `spool/`, the chunk cache) is the
+/// agent's alone (0700), and so is `agent.toml`. `deploy/` keeps its mode: deployed apps
+/// may run as other users.
+pub fn seal_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot set the mode of {}: {e}", path.display()),
+            )
+        })
+    };
+    std::fs::create_dir_all(data_dir.join("work"))?;
+    mode(data_dir, 0o711)?;
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_dir() {
+            match name.to_str() {
+                Some("work") => mode(&entry.path(), 0o711)?,
+                Some("deploy") => {}
+                _ => mode(&entry.path(), 0o700)?,
+            }
+        } else if name == "agent.toml" {
+            mode(&entry.path(), 0o600)?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs `work` until it ends, the job's deadline passes or the job is cancelled.

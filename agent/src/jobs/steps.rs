@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::base::mask::Masker;
 use crate::base::outputs::parse_output_file;
 use crate::runner::docker::DockerRunner;
+use crate::runner::isolation::Sandbox;
 use crate::runner::shell::ShellRunner;
 use crate::runner::{LogSink, Step, StepExit, StepRunner, Stop, StopReason};
 
@@ -46,7 +47,8 @@ type StepOutputs = BTreeMap<String, BTreeMap<String, String>>;
 /// Runs the steps of `job` in `workspace`, each when its condition holds over the steps
 /// before it, until the job is cancelled (`cancel` becomes true) or its timeout passes,
 /// then fills in the job's outputs. A job with an image runs each step in a container
-/// of that image. `temp` is the job's temporary directory, outside the workspace.
+/// of that image. `temp` is the job's temporary directory, outside the workspace; a
+/// job with a `sandbox` runs its steps as that user, with its limits.
 pub async fn run_job(
     job: &JobAssignment,
     execution: &JobExecution,
@@ -54,9 +56,18 @@ pub async fn run_job(
     temp: &Path,
     log: &LogSink,
     cancel: watch::Receiver<bool>,
+    sandbox: Option<&Sandbox>,
 ) -> StepsRun {
     let mut written = StepOutputs::new();
-    let outcome = run_steps(job, execution, workspace, temp, log, cancel, &mut written).await;
+    let run = StepLoop {
+        job,
+        execution,
+        workspace,
+        temp,
+        log,
+        cancel,
+    };
+    let outcome = run_steps(run, &mut written, sandbox).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
     if let JobOutcome::Error { message } = &outcome {
         let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
@@ -70,14 +81,11 @@ pub async fn run_job(
 }
 
 async fn run_steps(
-    job: &JobAssignment,
-    execution: &JobExecution,
-    workspace: &Path,
-    temp: &Path,
-    log: &LogSink,
-    cancel: watch::Receiver<bool>,
+    run: StepLoop<'_>,
     written: &mut StepOutputs,
+    sandbox: Option<&Sandbox>,
 ) -> JobOutcome {
+    let (job, workspace, temp) = (run.job, run.workspace, run.temp);
     // The caller makes the workspace fresh (and may have unpacked the run's source
     // tree into it); this only makes sure both directories exist.
     for dir in [workspace, temp] {
@@ -87,22 +95,26 @@ async fn run_steps(
             };
         }
     }
-    let image = execution
+    if let Some(sandbox) = sandbox {
+        // The step writes `$GANTRY_OUTPUT` here as the job's own user.
+        if let Err(e) = sandbox.adopt(temp) {
+            return JobOutcome::Error {
+                message: format!("cannot give {} to uid {}: {e}", temp.display(), sandbox.uid),
+            };
+        }
+    }
+    let image = run
+        .execution
         .image
         .as_ref()
         .map(|i| i.name.as_str())
         .or(job.image.as_deref());
-    let run = StepLoop {
-        job,
-        execution,
-        workspace,
-        temp,
-        log,
-        cancel,
-    };
     match image {
-        None => run.with(&ShellRunner::new(workspace, temp), written).await,
-        Some(image) => match DockerRunner::prepare(image, workspace, temp).await {
+        None => {
+            run.with(&ShellRunner::new(workspace, temp, sandbox), written)
+                .await
+        }
+        Some(image) => match DockerRunner::prepare(image, workspace, temp, sandbox).await {
             Ok(runner) => run.with(&runner, written).await,
             Err(e) => JobOutcome::Error {
                 message: e.to_string(),
@@ -510,7 +522,7 @@ mod tests {
         }
         let ws = dir.path().join("ws");
         let temp = dir.path().join("tmp");
-        let run = run_job(job, execution, &ws, &temp, &tx, cancel_rx).await;
+        let run = run_job(job, execution, &ws, &temp, &tx, cancel_rx, None).await;
         drop(tx);
         let mut out = Vec::new();
         while let Some(piece) = rx.recv().await {

@@ -39,6 +39,8 @@ use futures_util::StreamExt;
 use gantry_protocol::{JobAssignment, Labels};
 use tracing::warn;
 
+use super::cgroups::JobLimits;
+use super::isolation::Sandbox;
 use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
 use crate::base::labels::capabilities_with;
 
@@ -231,18 +233,31 @@ pub struct DockerRunner {
     host_temp: PathBuf,
     /// `uid:gid` the steps run as.
     user: String,
+    /// Memory, processes and CPU each step's container may use.
+    limits: JobLimits,
 }
 
 impl DockerRunner {
     /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
     /// is present. Never pulls.
-    pub async fn prepare(image: &str, workspace: &Path, temp: &Path) -> Result<Self, DockerError> {
+    /// An isolated job's steps run as its own uid:gid, with its limits.
+    pub async fn prepare(
+        image: &str,
+        workspace: &Path,
+        temp: &Path,
+        sandbox: Option<&Sandbox>,
+    ) -> Result<Self, DockerError> {
         let socket =
             configured_socket(Path::new(DEFAULT_SOCKET)).map_err(|source| DockerError::Socket {
                 image: image.to_owned(),
                 source,
             })?;
-        Self::prepare_at(&socket, image, workspace, temp).await
+        let mut runner = Self::prepare_at(&socket, image, workspace, temp).await?;
+        if let Some(sandbox) = sandbox {
+            runner.user = format!("{}:{}", sandbox.uid, sandbox.gid);
+            runner.limits = sandbox.limits;
+        }
+        Ok(runner)
     }
 
     /// [`DockerRunner::prepare`] with the engine on `socket`.
@@ -275,6 +290,7 @@ impl DockerRunner {
             host_workspace,
             host_temp,
             user: agent_user(),
+            limits: JobLimits::default(),
         })
     }
 
@@ -404,6 +420,7 @@ impl StepRunner for DockerRunner {
             host_temp: Some(self.host_temp.clone()),
             working_directory: step.working_directory,
             user: self.user.clone(),
+            limits: self.limits,
         };
         self.run_container(&spec, log, halt).await
     }
@@ -462,13 +479,16 @@ pub struct StepContainer<'a> {
     pub working_directory: Option<&'a str>,
     /// `uid:gid` the step runs as.
     pub user: String,
+    /// Memory (swap included), processes and CPU the container may use.
+    pub limits: JobLimits,
 }
 
 /// The container of one step: the image, the step's command, its environment and nothing
 /// else, the workspace bind-mounted at [`CONTAINER_WORKSPACE`] (and the job's temporary
-/// directory at [`CONTAINER_TEMP`]), the step's
-/// working directory under it, the agent's uid:gid, and labels naming the job.
+/// directory at [`CONTAINER_TEMP`]), the step's working directory under it, the agent's
+/// (or the isolated job's) uid:gid, the job's limits, and labels naming the job.
 pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreateBody {
+    let (memory, pids_limit, nano_cpus) = spec.limits.docker();
     let working_dir = match spec.working_directory {
         Some(rel) => format!(
             "{CONTAINER_WORKSPACE}/{}",
@@ -508,6 +528,11 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
                     })
                     .collect(),
             ),
+            memory,
+            // Memory plus swap equal to memory: no swap beyond the limit.
+            memory_swap: memory,
+            pids_limit,
+            nano_cpus,
             ..HostConfig::default()
         }),
         ..ContainerCreateBody::default()
@@ -642,6 +667,11 @@ mod tests {
             host_temp: None,
             working_directory,
             user: "1000:1000".into(),
+            limits: JobLimits {
+                memory: Some(64 << 20),
+                pids: Some(100),
+                cpus: Some(0.5),
+            },
         }
     }
 
@@ -684,6 +714,16 @@ mod tests {
         assert_eq!(mounts[0].target.as_deref(), Some("/workspace"));
         // Nothing else from the host: no network mode, privileges or extra binds.
         assert!(host.binds.is_none() && host.privileged.is_none() && host.network_mode.is_none());
+        // The job's limits, swap included in the memory one.
+        assert_eq!(
+            (
+                host.memory,
+                host.memory_swap,
+                host.pids_limit,
+                host.nano_cpus
+            ),
+            (Some(64 << 20), Some(64 << 20), Some(100), Some(500_000_000))
+        );
     }
 
     #[test]

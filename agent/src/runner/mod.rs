@@ -4,8 +4,9 @@
 //! step's script, environment and working directory go in ([`Step`]); its output goes to
 //! a [`LogSink`] as raw pieces; the job's deadline or a cancel stops it ([`Stop`]:
 //! SIGTERM, then SIGKILL once the grace has passed); a [`StepExit`] comes out. The
-//! runners are [`shell::ShellRunner`] (a process group on this host) and
-//! [`docker::DockerRunner`] (one container per step); a job picks one for all its steps.
+//! runners are [`shell::ShellRunner`] (a process group on this host, or an isolated
+//! job's own user and PID namespace: [`isolation`]) and [`docker::DockerRunner`] (one
+//! container per step); a job picks one for all its steps.
 //!
 //! It must not decide which steps run, in what order, or what their environment holds:
 //! that is the job's (`jobs::steps`). Runners never import each other.
@@ -17,7 +18,9 @@ use std::time::Duration;
 use gantry_protocol::{JobAssignment, Labels};
 use tokio::sync::{mpsc, watch};
 
+pub mod cgroups;
 pub mod docker;
+pub mod isolation;
 pub mod shell;
 
 /// Where a step's output goes: raw byte pieces in the order they were read.

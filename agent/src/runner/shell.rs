@@ -4,7 +4,9 @@
 //! Owns each step's process: its own process group (so a cancel or timeout reaches
 //! every process the step started, and whatever it left running goes when it ends), its
 //! output read from pipes in pieces of at most 32 KiB, and its exit code. The
-//! environment is exactly the one the step is given (`env_clear` first).
+//! environment is exactly the one the step is given (`env_clear` first). An isolated
+//! job's steps run under `gantry-agent job-init` as the job's own user, in a PID
+//! namespace that ends with the step ([`super::isolation`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +15,7 @@ use gantry_protocol::Labels;
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
+use super::isolation::Sandbox;
 use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
 use crate::base::process::{exit_code, group_of, inherited_env, signal_group};
 
@@ -41,13 +44,16 @@ pub enum ShellError {
 pub struct ShellRunner {
     workspace: PathBuf,
     temp: PathBuf,
+    /// The job's own user, when the job is isolated.
+    sandbox: Option<Sandbox>,
 }
 
 impl ShellRunner {
-    pub fn new(workspace: &Path, temp: &Path) -> Self {
+    pub fn new(workspace: &Path, temp: &Path, sandbox: Option<&Sandbox>) -> Self {
         Self {
             workspace: workspace.to_path_buf(),
             temp: temp.to_path_buf(),
+            sandbox: sandbox.cloned(),
         }
     }
 }
@@ -63,9 +69,12 @@ impl StepRunner for ShellRunner {
         self.temp.display().to_string()
     }
 
-    /// `PATH` and `HOME` from the agent, so tools can be found.
+    /// `PATH` and `HOME` from the agent, so tools can be found; an isolated job's own
+    /// `HOME` and `TMPDIR` instead of the agent's.
     fn base_env(&self) -> Labels {
-        inherited_env()
+        let mut env = inherited_env();
+        env.extend(self.sandbox.iter().flat_map(Sandbox::env));
+        env
     }
 
     async fn run(
@@ -74,21 +83,33 @@ impl StepRunner for ShellRunner {
         log: &LogSink,
         halt: &mut Stop,
     ) -> Result<StepExit, ShellError> {
-        run_process(&step.command, &step.host_dir, &step.env, log, halt).await
+        let (program, args) = step.command.split_first().ok_or(ShellError::NoCommand)?;
+        let mut command = match &self.sandbox {
+            None => {
+                let mut command = Command::new(program);
+                command.args(args);
+                command
+            }
+            Some(sandbox) => {
+                let whole: Vec<&str> = step.command.iter().map(String::as_str).collect();
+                let (job_init, job_init_args) = sandbox.wrap(&whole);
+                let mut command = Command::new(job_init);
+                command.args(job_init_args);
+                command
+            }
+        };
+        run_process(&mut command, &step.host_dir, &step.env, log, halt).await
     }
 }
 
 async fn run_process(
-    command_line: &[String],
+    command: &mut Command,
     cwd: &Path,
     env: &Labels,
     log: &LogSink,
     halt: &mut Stop,
 ) -> Result<StepExit, ShellError> {
-    let (program, args) = command_line.split_first().ok_or(ShellError::NoCommand)?;
-    let mut command = Command::new(program);
     command
-        .args(args)
         .current_dir(cwd)
         .env_clear()
         .envs(env)
@@ -99,7 +120,11 @@ async fn run_process(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|source| ShellError::Spawn {
-        program: program.clone(),
+        program: command
+            .as_std()
+            .get_program()
+            .to_string_lossy()
+            .into_owned(),
         dir: cwd.to_path_buf(),
         source,
     })?;
