@@ -446,7 +446,18 @@ impl Agent {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("log");
-        let mut command = Command::new(bin("gantry-agent"));
+        let program = match uid {
+            None => bin("gantry-agent"),
+            Some(uid) => {
+                // The build's target directory may be where another user cannot reach
+                // (under /root in CI): that user runs a copy from its own directory.
+                let copy = self.dir.path().join("gantry-agent.bin");
+                std::fs::copy(bin("gantry-agent"), &copy).expect("copy gantry-agent");
+                chown_tree(&copy, uid);
+                copy
+            }
+        };
+        let mut command = Command::new(program);
         command
             .args(["run", "--max-backoff", "1s", "--data-dir"])
             .arg(self.dir.path())
