@@ -309,6 +309,7 @@ requests! {
     HttpReadyz = "http.readyz", "check readiness";
     HttpMetrics = "http.metrics", "read metrics";
     HttpPushHook = "http.push_hook", "deliver a push webhook";
+    HttpRepoHook = "http.repo_hook", "deliver a repository's forge webhook";
     HttpInstallScript = "http.install_script", "download the installer";
     HttpCaPem = "http.ca_pem", "download the CA certificate";
     HttpAgentBinary = "http.agent_binary", "download the agent binary";
@@ -414,13 +415,15 @@ impl Request {
             // The page shell and assets hold no data; what new hosts download, health and
             // metrics are public by design (a host has no credential yet; Prometheus
             // scrapes without one). A push webhook is authenticated by its signature, not
-            // by a principal: anyone holding the webhook secret may deliver one.
+            // by a principal: anyone holding the webhook secret may deliver one (a repository's
+            // webhook: its own secret).
             R::HttpPage
             | R::HttpAsset
             | R::HttpHealthz
             | R::HttpReadyz
             | R::HttpMetrics
             | R::HttpPushHook
+            | R::HttpRepoHook
             | R::HttpInstallScript
             | R::HttpCaPem
             | R::HttpAgentBinary
@@ -522,6 +525,7 @@ impl Request {
             R::HttpReadyz => ("GET", "/readyz"),
             R::HttpMetrics => ("GET", "/metrics"),
             R::HttpPushHook => ("POST", "/hooks/push"),
+            R::HttpRepoHook => ("POST", "/hooks/repos/authz"),
             R::HttpInstallScript => ("GET", "/install.sh"),
             R::HttpCaPem => ("GET", "/ca.pem"),
             R::HttpAgentBinary => ("GET", "/agent/gantry-agent"),

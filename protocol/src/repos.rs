@@ -31,6 +31,13 @@ pub struct AddRepo {
     pub pipeline_file: Option<String>,
     /// Fetch every this many seconds and run for each branch head that moved.
     pub poll_secs: Option<u64>,
+    /// The stored secret (`gantry secrets set NAME`) the forge's webhook is signed
+    /// with; `None` refuses every delivery to `/hooks/repos/NAME`.
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// Run pull requests from forks (untrusted: no secrets); refused if `false`.
+    #[serde(default)]
+    pub fork_pull_requests: bool,
 }
 
 /// `gantry run --repo NAME [--ref R] [--input k=v]...`.
@@ -60,6 +67,10 @@ pub struct RepoView {
     pub last_error: Option<String>,
     /// Branch and tag heads as of the last fetch: (full ref, commit).
     pub heads: Vec<(String, String)>,
+    /// Webhook deliveries (`POST /hooks/repos/NAME`): `off`, or the secret they are
+    /// signed with and whether fork pull requests run.
+    #[serde(default)]
+    pub webhook: String,
 }
 
 /// How a source archive built from a commit starts its root `.git` entry: a regular

@@ -1092,6 +1092,8 @@ fn sample(w: &World, row: R) -> Sample {
             auth: gantry_protocol::RepoAuth::None,
             pipeline_file: None,
             poll_secs: None,
+            webhook_secret: None,
+            fork_pull_requests: false,
         })),
         R::AdminListRepos => admin(AdminRequest::ListRepos),
         R::AdminShowRepo => admin(AdminRequest::ShowRepo {
@@ -1235,6 +1237,7 @@ fn sample(w: &World, row: R) -> Sample {
         | R::HttpReadyz
         | R::HttpMetrics
         | R::HttpPushHook
+        | R::HttpRepoHook
         | R::HttpInstallScript
         | R::HttpCaPem
         | R::HttpAgentBinary

@@ -59,6 +59,14 @@ pub struct AddArgs {
     /// that cannot reach the coordinator.
     #[arg(long, value_name = "INTERVAL")]
     poll: Option<String>,
+    /// The stored secret (`gantry secrets set NAME`) the forge signs its webhook with;
+    /// point the forge's webhook at `https://COORDINATOR/hooks/repos/NAME`.
+    #[arg(long, value_name = "NAME")]
+    webhook_secret: Option<String>,
+    /// Run pull requests from forks, untrusted: a pipeline naming a secret, an
+    /// environment or a deployment is refused for them. Refused by default.
+    #[arg(long)]
+    allow_fork_pull_requests: bool,
     #[arg(long)]
     json: bool,
 }
@@ -100,6 +108,8 @@ async fn add(args: AddArgs) -> Result<ExitCode, Failure> {
         auth,
         pipeline_file: args.pipeline_file,
         poll_secs,
+        webhook_secret: args.webhook_secret,
+        fork_pull_requests: args.allow_fork_pull_requests,
     });
     let mut client = connect().await?;
     let resp = client.request_within(&req, FETCH_DEADLINE).await;

@@ -39,6 +39,7 @@
 //! | `webhooks` | number (`u64`) | [`WebhookRecord`] | `web` |
 //! | `repos` | name (`&str`) | [`RepoRecord`] | `repos` |
 //! | `run_repos` | run number (`u64`) | [`RunRepoRecord`] | `repos` |
+//! | `repo_hooks` | repository name (`&str`) | [`RepoHookRecord`] | `repos` |
 
 use std::path::Path;
 
@@ -62,7 +63,7 @@ pub use deployments::{
     DeploymentRecord, EnvironmentConflict, EnvironmentRecord, HostNote, Kind,
     Status as DeploymentStatus,
 };
-pub use repos::{RepoCredentials, RepoRecord, RunRepoRecord};
+pub use repos::{RepoCredentials, RepoHookRecord, RepoRecord, RunRepoRecord};
 pub use runs::{
     JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite,
     StoredScheduler, TriggerRecord,

@@ -14,6 +14,9 @@ use super::db::{encode, eng, update, Store, StoreError};
 
 /// Repositories by name → [`RepoRecord`].
 const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
+/// Repositories' webhook settings, by name → [`RepoHookRecord`] (a table of its own so
+/// [`RepoRecord`]'s stored layout is unchanged; written and removed with the repository).
+const REPO_HOOKS: TableDefinition<&str, &[u8]> = TableDefinition::new("repo_hooks");
 /// Runs built from a repository, by run number → [`RunRepoRecord`].
 const RUN_REPOS: TableDefinition<u64, &[u8]> = TableDefinition::new("run_repos");
 
@@ -49,6 +52,15 @@ pub struct RepoRecord {
     pub schedule_checked_until: u64,
 }
 
+/// How a repository takes webhook deliveries (`POST /hooks/repos/NAME`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoHookRecord {
+    /// The stored secret the forge signs deliveries with; `None`: every delivery refused.
+    pub secret: Option<String>,
+    /// Whether fork pull requests run (untrusted); refused if `false`.
+    pub fork_pull_requests: bool,
+}
+
 /// The repository side of a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRepoRecord {
@@ -63,13 +75,19 @@ pub struct RunRepoRecord {
 pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     tx.open_table(REPOS).map_err(eng!("open repos"))?;
     tx.open_table(RUN_REPOS).map_err(eng!("open run repos"))?;
+    tx.open_table(REPO_HOOKS).map_err(eng!("open repo hooks"))?;
     Ok(())
 }
 
 impl Store {
     /// Stores a new repository and its audit entry; `false` (nothing written) if one of
     /// that name exists.
-    pub fn add_repo(&self, repo: &RepoRecord, audit: &AuditEntry) -> Result<bool, StoreError> {
+    pub fn add_repo(
+        &self,
+        repo: &RepoRecord,
+        hook: &RepoHookRecord,
+        audit: &AuditEntry,
+    ) -> Result<bool, StoreError> {
         self.write(|tx| {
             let mut table = tx.open_table(REPOS).map_err(eng!("open repos"))?;
             if table
@@ -83,6 +101,10 @@ impl Store {
                 .insert(repo.name.as_str(), encode(repo)?.as_slice())
                 .map_err(eng!("write repo"))?;
             drop(table);
+            tx.open_table(REPO_HOOKS)
+                .map_err(eng!("open repo hooks"))?
+                .insert(repo.name.as_str(), encode(hook)?.as_slice())
+                .map_err(eng!("write repo hook"))?;
             Self::append_audit(tx, audit)?;
             Ok(true)
         })
@@ -90,6 +112,18 @@ impl Store {
 
     pub fn repo(&self, name: &str) -> Result<Option<RepoRecord>, StoreError> {
         self.get(REPOS, name, ["open repos", "read repo"], "repo")
+    }
+
+    /// A repository's webhook settings (the default, all refused, if none were stored).
+    pub fn repo_hook(&self, name: &str) -> Result<RepoHookRecord, StoreError> {
+        Ok(self
+            .get(
+                REPO_HOOKS,
+                name,
+                ["open repo hooks", "read repo hook"],
+                "repo hook",
+            )?
+            .unwrap_or_default())
     }
 
     /// Every repository, by name.
@@ -117,7 +151,15 @@ impl Store {
 
     /// Removes a repository; `false` if there was none.
     pub fn remove_repo(&self, name: &str, audit: &AuditEntry) -> Result<bool, StoreError> {
-        self.remove_named(REPOS, name, audit)
+        let removed = self.remove_named(REPOS, name, audit)?;
+        self.write(|tx| {
+            tx.open_table(REPO_HOOKS)
+                .map_err(eng!("open repo hooks"))?
+                .remove(name)
+                .map_err(eng!("remove repo hook"))?;
+            Ok(())
+        })?;
+        Ok(removed)
     }
 
     /// Records which repository and ref a run builds.

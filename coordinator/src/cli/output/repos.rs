@@ -34,6 +34,7 @@ pub fn repo_detail(r: &RepoView) -> String {
         .poll_secs
         .map_or_else(|| "off".into(), |s| format!("every {s}s"));
     let _ = writeln!(out, "poll           {poll}");
+    let _ = writeln!(out, "webhook        {}", r.webhook);
     let _ = writeln!(
         out,
         "added          {} by {}",

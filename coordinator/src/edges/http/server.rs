@@ -6,7 +6,9 @@
 //! addresses only (the rule is `distribute::http_uses_tls`); the TLS handshake has the
 //! same 10 s.
 //!
-//! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `GET /healthz`,
+//! Routes: `POST /hooks/push` (signed with `GANTRY_WEBHOOK_SECRET`), `POST
+//! /hooks/repos/NAME` (a registered repository's forge webhook, signed with its
+//! `--webhook-secret`: `services::repos::hooks`), `GET /healthz`,
 //! `GET /readyz` (the store answers and the data directory is above its low-space
 //! watermark), `GET /metrics` (Prometheus text format), what
 //! new hosts download (`/install.sh`, `/ca.pem`, `/agent/...`: `distribute.rs`), and
@@ -23,6 +25,7 @@ use crate::edges::http::dashboard::Dashboard;
 use crate::edges::http::distribute::Distribution;
 use crate::edges::http::request::{read_request, Request, RequestError};
 use crate::services::coordinator::Coordinator;
+use crate::services::repos::hooks::HookOutcome;
 use crate::services::triggers;
 
 /// How long a client has for the TLS handshake, and then to send its request.
@@ -113,11 +116,15 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
                 }
                 return;
             }
-            if req.path == "/metrics" {
-                // The Prometheus text exposition format, version 0.0.4.
-                content_type = "text/plain; version=0.0.4; charset=utf-8";
+            if let Some(name) = req.path.strip_prefix(REPO_HOOKS) {
+                repo_hook(coord, name, &req).await
+            } else {
+                if req.path == "/metrics" {
+                    // The Prometheus text exposition format, version 0.0.4.
+                    content_type = "text/plain; version=0.0.4; charset=utf-8";
+                }
+                route(coord, &req)
             }
-            route(coord, &req)
         }
     };
     let reason = match status {
@@ -125,10 +132,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Payload Too Large",
+        422 => "Unprocessable Entity",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
@@ -146,6 +155,7 @@ pub fn row_of(path: &str) -> Option<Row> {
         "/readyz" => R::HttpReadyz,
         "/metrics" => R::HttpMetrics,
         "/hooks/push" => R::HttpPushHook,
+        p if p.starts_with(REPO_HOOKS) => R::HttpRepoHook,
         "/install.sh" => R::HttpInstallScript,
         "/ca.pem" => R::HttpCaPem,
         "/agent/gantry-agent" => R::HttpAgentBinary,
@@ -153,6 +163,34 @@ pub fn row_of(path: &str) -> Option<Row> {
         "/agent/agent.env" => R::HttpAgentEnv,
         _ => return None,
     })
+}
+
+/// Where a registered repository's forge webhook is delivered: this, then its name.
+const REPO_HOOKS: &str = "/hooks/repos/";
+
+/// `POST /hooks/repos/NAME`: a forge's delivery for one repository; 202 with the run
+/// started, 200 with why nothing started, or the refusal's status and reason.
+async fn repo_hook(coord: &Coordinator, name: &str, req: &Request) -> (u16, String) {
+    if req.method != "POST" {
+        return (
+            405,
+            error_json("method not allowed: forges POST their webhooks"),
+        );
+    }
+    match coord.repos.deliver(name, &req.headers, &req.body).await {
+        Ok(HookOutcome::Started(run)) => (
+            202,
+            serde_json::json!({ "run": run.run.0, "commit": run.commit }).to_string(),
+        ),
+        Ok(HookOutcome::Nothing(reason)) => (
+            200,
+            serde_json::json!({ "run": null, "note": reason }).to_string(),
+        ),
+        Err(e) => {
+            tracing::warn!(repo = name, "repository webhook refused: {e}");
+            (e.http_status(), error_json(&e.to_string()))
+        }
+    }
 }
 
 fn error_json(message: &str) -> String {

@@ -9,10 +9,12 @@
 //! turning a ref into a run: resolve it to a commit, read the pipeline file from that
 //! commit, store the commit's tree with its `.git` as the run's source (`source.rs`),
 //! submit the run with the repository side recorded (`store::RunRepoRecord`).
-//! `poll.rs` runs repositories added with `--poll` when a branch or tag head moves.
+//! `poll.rs` runs repositories added with `--poll` when a branch or tag head moves;
+//! `hooks.rs` runs them when their forge's webhook says so.
 //!
 //! Everything git does blocks: it runs on blocking threads, never on the runtime's.
 
+pub mod hooks;
 pub mod poll;
 pub mod source;
 
@@ -32,7 +34,7 @@ use crate::base::seal::{SecretError, SecretKey};
 use crate::base::sources::SourceStore;
 use crate::services::runs::{RunError, Runs};
 use crate::services::secrets::Secrets;
-use crate::store::{RepoCredentials, RepoRecord, RunRepoRecord, Store, StoreError};
+use crate::store::{RepoCredentials, RepoHookRecord, RepoRecord, RunRepoRecord, Store, StoreError};
 
 /// The pipeline file read from each commit when `--pipeline-file` is not given.
 pub const DEFAULT_PIPELINE_FILE: &str = gantry_pipeline::DEFAULT_FILE_NAME;
@@ -186,8 +188,8 @@ impl Repos {
             Some(f) => Some(
                 gantry_forge::Forge::parse(f)
                     .ok_or_else(|| RepoError::BadForge(f.clone()))?
-                    .to_string()
-                    .to_ascii_lowercase(),
+                    .as_str()
+                    .to_owned(),
             ),
             None => None,
         };
@@ -204,6 +206,15 @@ impl Repos {
         if self.store.repo(&add.name)?.is_some() {
             return Err(RepoError::Exists(add.name));
         }
+        if let Some(name) = &add.webhook_secret {
+            if self.secrets.value(name).is_none() {
+                return Err(RepoError::NoSecret(name.clone()));
+            }
+        }
+        let hook = RepoHookRecord {
+            secret: add.webhook_secret.clone(),
+            fork_pull_requests: add.fork_pull_requests,
+        };
         let credentials = match &add.auth {
             RepoAuth::None => RepoCredentials::None,
             RepoAuth::TokenSecret(name) => {
@@ -265,18 +276,22 @@ impl Repos {
                 gantry_git::redact(&record.url)
             ),
         );
-        if !self.store.add_repo(&record, &audit)? {
+        if !self.store.add_repo(&record, &hook, &audit)? {
             return Err(RepoError::Exists(record.name));
         }
-        Ok(view(record))
+        Ok(view(record, &hook))
     }
 
     pub fn list(&self) -> Result<Vec<RepoView>, RepoError> {
-        Ok(self.store.repos()?.into_iter().map(view).collect())
+        self.store
+            .repos()?
+            .into_iter()
+            .map(|r| Ok(view_stored(&self.store, r)?))
+            .collect()
     }
 
     pub fn show(&self, name: &str) -> Result<RepoView, RepoError> {
-        Ok(view(self.find(name)?))
+        Ok(view_stored(&self.store, self.find(name)?)?)
     }
 
     /// `gantry repos rm`: forgets the repository and deletes its mirror. Runs already
@@ -337,8 +352,8 @@ impl Repos {
         let repo = RunRepoRecord {
             repo: prepared.repo,
             full_ref: prepared.target.full_ref.unwrap_or_default(),
-            pr_number: None,
-            pr_base: None,
+            pr_number: prepared.pull_request.as_ref().map(|(n, _)| *n),
+            pr_base: prepared.pull_request.map(|(_, base)| base),
         };
         Ok(self.runs.submit_from_repo(cx, &submit, &repo)?)
     }
@@ -398,6 +413,7 @@ impl Repos {
                 text,
                 target,
                 source: stored.source,
+                pull_request: None,
             })
         })
     }
@@ -531,6 +547,8 @@ pub struct Prepared {
     pub text: String,
     pub target: Target,
     pub source: String,
+    /// For a pull request's run: its number and target branch (`GANTRY_PR_*`).
+    pub pull_request: Option<(u64, String)>,
 }
 
 /// The history the run's one `.git` carries: the deepest `checkout.depth` any job asks
@@ -679,9 +697,27 @@ pub(crate) fn default_branch(heads: &BTreeMap<String, String>) -> Option<&str> {
     }
 }
 
+/// A stored repository as admins see it, with its webhook settings.
+fn view_stored(store: &Store, r: RepoRecord) -> Result<RepoView, StoreError> {
+    let hook = store.repo_hook(&r.name)?;
+    Ok(view(r, &hook))
+}
+
 /// A repository as admins see it.
-fn view(r: RepoRecord) -> RepoView {
+fn view(r: RepoRecord, hook: &RepoHookRecord) -> RepoView {
     RepoView {
+        webhook: match &hook.secret {
+            None => "off (no --webhook-secret)".into(),
+            Some(secret) => format!(
+                "POST /hooks/repos/{} signed with secret {secret}; fork pull requests {}",
+                r.name,
+                if hook.fork_pull_requests {
+                    "run untrusted"
+                } else {
+                    "refused"
+                }
+            ),
+        },
         auth: match &r.credentials {
             RepoCredentials::None => "none".into(),
             RepoCredentials::TokenSecret(name) => format!("token from secret {name}"),

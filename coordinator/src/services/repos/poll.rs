@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_git::ObjectId;
-use gantry_protocol::{Labels, UnixMillis};
+use gantry_protocol::{Labels, RunView, UnixMillis};
 
 use crate::base::audit::Acting;
 use crate::services::repos::{default_branch, RepoError, Repos, Target, MAX_PIPELINE_BYTES};
@@ -33,7 +33,7 @@ const TICK: Duration = Duration::from_secs(2);
 /// Most runs one poll of one repository starts.
 pub const MAX_RUNS_PER_POLL: usize = 20;
 /// Most changed paths read to match a push filter's `paths`.
-const MAX_PATHS: usize = 10_000;
+pub(crate) const MAX_PATHS: usize = 10_000;
 /// Who starts polled runs, as the audit log and `event.actor` name it.
 const ACTOR: &str = "gantry://trigger/poll";
 /// Who starts scheduled runs of a repository (as for registered pipelines).
@@ -109,9 +109,9 @@ impl Repos {
                 commit,
                 full_ref: Some(full_ref.clone()),
             };
-            match self.run_if_matching(record, target, &paths) {
-                Ok(true) => started += 1,
-                Ok(false) => {}
+            match self.run_if_matching(record, target, &paths, "poll", ACTOR) {
+                Ok(Some(_)) => started += 1,
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(repo = %record.name, reference = %full_ref, %commit, "polled run refused: {e}");
                 }
@@ -120,13 +120,17 @@ impl Repos {
         Ok(started)
     }
 
-    /// Runs `target` if the pipeline file at its commit has a push filter that matches.
-    fn run_if_matching(
+    /// Runs `target` as `event`, started by `actor`, if the pipeline file at its commit
+    /// has a push filter that matches its ref and `paths` (the poller's and the push
+    /// webhook's one rule); the run, or `None` if the filter does not match.
+    pub(crate) fn run_if_matching(
         &self,
         record: &RepoRecord,
         target: Target,
         paths: &[String],
-    ) -> Result<bool, RepoError> {
+        event: &str,
+        actor: &str,
+    ) -> Result<Option<RunView>, RepoError> {
         let full_ref = target.full_ref.clone().unwrap_or_default();
         // The filter first, from the file alone: storing the tree is the costly part.
         let text = self.with_mirror(record, |mirror| {
@@ -143,13 +147,13 @@ impl Repos {
             .and_then(|p| p.triggers.push)
             .is_some_and(|f| f.matches(&full_ref, paths));
         if !matches {
-            return Ok(false);
+            return Ok(None);
         }
         let prepared = self.prepare(record, None, Some(target))?;
-        let cx = Acting::new(ACTOR, UnixMillis::now());
-        let view = self.submit(&cx, prepared, "poll", Labels::new())?;
-        tracing::info!(repo = %record.name, run = %view.run, reference = %full_ref, "polled push started a run");
-        Ok(true)
+        let cx = Acting::new(actor, UnixMillis::now());
+        let view = self.submit(&cx, prepared, event, Labels::new())?;
+        tracing::info!(repo = %record.name, run = %view.run, reference = %full_ref, event, "push started a run");
+        Ok(Some(view))
     }
 }
 
