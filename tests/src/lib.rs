@@ -25,6 +25,29 @@ use serde_json::Value;
 /// Deadline for anything a test waits on, unless it says otherwise.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Runs the `git` program in `dir` as a fixed test user, without the host's global
+/// configuration; its trimmed output (panics with git's error if it fails).
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Tester",
+            "-c",
+            "user.email=t@example.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// Path of one of our binaries.
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("GANTRY_BIN_DIR") {

@@ -4,10 +4,9 @@
 //! `X-Gitea-Signature`) sent over raw HTTP on loopback.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use gantry_tests::http::exchange;
-use gantry_tests::{Coordinator, CoordinatorOptions, DEADLINE};
+use gantry_tests::{git, Coordinator, CoordinatorOptions, DEADLINE};
 
 const SECRET: &str = "hook-s3cret";
 
@@ -79,27 +78,6 @@ impl Remote {
     }
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Tester",
-            "-c",
-            "user.email=t@example.invalid",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn sign(body: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
     gantry_certs::hex(ring::hmac::sign(&key, body.as_bytes()).as_ref())
@@ -125,6 +103,18 @@ fn deliver(
     req.push_str(body);
     let response = exchange(http, req.as_bytes());
     (response.status, response.body)
+}
+
+/// The run a delivery answered 202 for, once it ended, and its first job's log.
+fn run_of(c: &Coordinator, (status, text): (u16, String)) -> (serde_json::Value, String) {
+    assert_eq!(status, 202, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let run = answer["run"].as_u64().expect("run");
+    let view = c.wait_run(run, DEADLINE);
+    let log = c.logs(&format!("{run}.0"));
+    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    assert_eq!(view["commit"], answer["commit"], "{view}");
+    (view, log)
 }
 
 fn repository() -> serde_json::Value {
@@ -245,14 +235,8 @@ fn a_push_runs_exactly_the_pushed_commit_and_a_pull_request_its_head_with_its_nu
     let second = remote.commit(&[("v", "2")], "second");
     remote.push("main");
     let body = push_body("refs/heads/main", &first, &second);
-    let (status, text) = deliver(&http, "app", "push", Some(sign(&body)), &body);
-    assert_eq!(status, 202, "{text}");
-    let answer: serde_json::Value = serde_json::from_str(&text).expect("json");
-    assert_eq!(answer["commit"], second.as_str(), "{answer}");
-    let run = answer["run"].as_u64().expect("run");
-    let view = c.wait_run(run, DEADLINE);
-    let log = c.logs(&format!("{run}.0"));
-    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    let (view, log) = run_of(&c, deliver(&http, "app", "push", Some(sign(&body)), &body));
+    assert_eq!(view["commit"], second.as_str(), "{view}");
     assert!(log.contains(&format!("HEAD={second}")), "{log}");
     assert!(
         log.contains("EVENT=push ACTOR=alice REF=refs/heads/main"),
@@ -263,13 +247,7 @@ fn a_push_runs_exactly_the_pushed_commit_and_a_pull_request_its_head_with_its_nu
     remote.git(&["tag", "v1"]);
     remote.push("v1");
     let body = push_body("refs/tags/v1", &"0".repeat(40), &second);
-    let (status, text) = deliver(&http, "app", "push", Some(sign(&body)), &body);
-    assert_eq!(status, 202, "{text}");
-    let answer: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let run = answer["run"].as_u64().expect("run");
-    let view = c.wait_run(run, DEADLINE);
-    let log = c.logs(&format!("{run}.0"));
-    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    let (_, log) = run_of(&c, deliver(&http, "app", "push", Some(sign(&body)), &body));
     assert!(
         log.contains("EVENT=tag ACTOR=alice REF=refs/tags/v1"),
         "{log}"
@@ -288,13 +266,10 @@ fn a_push_runs_exactly_the_pushed_commit_and_a_pull_request_its_head_with_its_nu
     let pr_head = remote.commit(&[("v", "4")], "pr change");
     remote.push("HEAD:refs/pull/7/head");
     let body = pull_body(7, &pr_head, false);
-    let (status, text) = deliver(&http, "app", "pull_request", Some(sign(&body)), &body);
-    assert_eq!(status, 202, "{text}");
-    let answer: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let run = answer["run"].as_u64().expect("run");
-    let view = c.wait_run(run, DEADLINE);
-    let log = c.logs(&format!("{run}.0"));
-    assert_eq!(view["state"], "succeeded", "{view}\n{log}");
+    let (_, log) = run_of(
+        &c,
+        deliver(&http, "app", "pull_request", Some(sign(&body)), &body),
+    );
     assert!(log.contains(&format!("HEAD={pr_head}")), "{log}");
     assert!(log.contains("EVENT=pull_request ACTOR=bob"), "{log}");
     assert!(log.contains("PR=7 BASE=main"), "{log}");

@@ -4,7 +4,6 @@
 //! itself reads, and the job's environment names the commit.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use gantry_tests::{wait_for, Coordinator, DEADLINE};
 
@@ -47,24 +46,7 @@ impl Upstream {
     }
 
     fn git(&self, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.name=Tester",
-                "-c",
-                "user.email=t@example.invalid",
-            ])
-            .args(args)
-            .current_dir(&self.path)
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .output()
-            .expect("git");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        gantry_tests::git(&self.path, args)
     }
 
     /// Writes the files and commits them; the new commit's id.
