@@ -38,6 +38,14 @@ pub struct AddRepo {
     /// Run pull requests from forks (untrusted: no secrets); refused if `false`.
     #[serde(default)]
     pub fork_pull_requests: bool,
+    /// The forge's API base for commit statuses (`https://host/api/v1`); `None` derives
+    /// it from the URL and the forge.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// The stored secret holding the forge API token for statuses; `None` uses the
+    /// `TokenSecret` of `auth`.
+    #[serde(default)]
+    pub status_token_secret: Option<String>,
 }
 
 /// `gantry run --repo NAME [--ref R] [--input k=v]...`.
@@ -71,6 +79,13 @@ pub struct RepoView {
     /// signed with and whether fork pull requests run.
     #[serde(default)]
     pub webhook: String,
+    /// Where commit statuses go (`POST {api}/...`), or why none are sent.
+    #[serde(default)]
+    pub status_api: String,
+    /// The last commit statuses that did not reach the forge (attempts that failed,
+    /// statuses given up or refused), oldest first, one line each.
+    #[serde(default)]
+    pub status_failures: Vec<String>,
 }
 
 /// How a source archive built from a commit starts its root `.git` entry: a regular

@@ -1094,6 +1094,8 @@ fn sample(w: &World, row: R) -> Sample {
             poll_secs: None,
             webhook_secret: None,
             fork_pull_requests: false,
+            api_url: None,
+            status_token_secret: None,
         })),
         R::AdminListRepos => admin(AdminRequest::ListRepos),
         R::AdminShowRepo => admin(AdminRequest::ShowRepo {

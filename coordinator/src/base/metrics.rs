@@ -94,6 +94,11 @@ pub struct Metrics {
     webhook_deliveries: [AtomicU64; WEBHOOK_OUTCOMES.len()],
     webhook_attempts: AtomicU64,
     webhook_events_dropped: AtomicU64,
+    /// Commit-status requests to forges that were answered 2xx, and that failed.
+    forge_status_delivered: AtomicU64,
+    forge_status_failed: AtomicU64,
+    /// Commit statuses that never reached their forge (refused, given up, dropped).
+    forge_status_lost: AtomicU64,
     dispatch_latency: Histogram,
     job_duration: Histogram,
     /// Every authorization decision (`authz.rs`).
@@ -118,6 +123,9 @@ impl Default for Metrics {
             webhook_deliveries: Default::default(),
             webhook_attempts: AtomicU64::new(0),
             webhook_events_dropped: AtomicU64::new(0),
+            forge_status_delivered: AtomicU64::new(0),
+            forge_status_failed: AtomicU64::new(0),
+            forge_status_lost: AtomicU64::new(0),
             dispatch_latency: Histogram::new(&DISPATCH_BUCKETS),
             job_duration: Histogram::new(&DURATION_BUCKETS),
             authz: crate::base::authz::Decisions::default(),
@@ -214,6 +222,21 @@ impl Metrics {
     /// A notification event was lost before delivery (its queue was full).
     pub fn webhook_event_dropped(&self) {
         self.webhook_events_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One commit-status request to a forge ended, answered 2xx or not.
+    pub fn forge_status_attempt(&self, delivered: bool) {
+        let counter = if delivered {
+            &self.forge_status_delivered
+        } else {
+            &self.forge_status_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Commit statuses lost so far (the reporter's own count).
+    pub fn forge_status_lost(&self, total: u64) {
+        self.forge_status_lost.store(total, Ordering::Relaxed);
     }
 
     /// Time from a job being queued to an agent accepting it.
@@ -358,6 +381,21 @@ impl Metrics {
                 "gantry_webhook_events_dropped_total",
                 "Notification events dropped before delivery because their queue was full.",
                 &self.webhook_events_dropped,
+            ),
+            (
+                "gantry_forge_status_requests_delivered_total",
+                "Commit-status requests the forge answered with 2xx.",
+                &self.forge_status_delivered,
+            ),
+            (
+                "gantry_forge_status_requests_failed_total",
+                "Commit-status requests that failed (no answer, or not 2xx), retries included.",
+                &self.forge_status_failed,
+            ),
+            (
+                "gantry_forge_statuses_lost_total",
+                "Commit statuses that never reached the forge: refused, given up after every retry, or dropped from a full queue.",
+                &self.forge_status_lost,
             ),
         ];
         for (name, help, value) in webhook_counters {

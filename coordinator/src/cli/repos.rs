@@ -67,6 +67,14 @@ pub struct AddArgs {
     /// environment or a deployment is refused for them. Refused by default.
     #[arg(long)]
     allow_fork_pull_requests: bool,
+    /// The forge's API base for commit statuses (e.g. https://git.lan/api/v1), when it
+    /// cannot be derived from --url; statuses need --forge and --token-secret too.
+    #[arg(long, value_name = "URL")]
+    api_url: Option<String>,
+    /// The stored secret holding the forge API token for commit statuses, when it is
+    /// not the --token-secret used to fetch (e.g. an ssh or file:// repository).
+    #[arg(long, value_name = "NAME")]
+    status_token_secret: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -110,6 +118,8 @@ async fn add(args: AddArgs) -> Result<ExitCode, Failure> {
         poll_secs,
         webhook_secret: args.webhook_secret,
         fork_pull_requests: args.allow_fork_pull_requests,
+        api_url: args.api_url,
+        status_token_secret: args.status_token_secret,
     });
     let mut client = connect().await?;
     let resp = client.request_within(&req, FETCH_DEADLINE).await;

@@ -27,6 +27,7 @@ use crate::services::deployments::{DeployError, Deployments, Fleet};
 use crate::services::engine::{AgentOutbox, Engine, EngineError};
 use crate::services::exec::Execs;
 use crate::services::notify::{watch_engine, Notifier};
+use crate::services::repos::status::ForgeStatus;
 use crate::services::repos::Repos;
 use crate::services::runner::deploy_runner;
 use crate::services::runs::Runs;
@@ -162,12 +163,20 @@ impl Coordinator {
             notifier.clone(),
             disk.clone(),
         ));
+        let forge_status = ForgeStatus::new(
+            store.clone(),
+            secrets.clone(),
+            metrics.clone(),
+            settings.webhooks.clone(),
+        );
+        forge_status.start(engine.subscribe());
         let repos = Arc::new(Repos::new(
             store.clone(),
             secrets.clone(),
             secret_key.clone(),
             runs.clone(),
             sources.clone(),
+            forge_status,
             data_dir,
         ));
         Ok(Self {

@@ -63,7 +63,7 @@ pub use deployments::{
     DeploymentRecord, EnvironmentConflict, EnvironmentRecord, HostNote, Kind,
     Status as DeploymentStatus,
 };
-pub use repos::{RepoCredentials, RepoHookRecord, RepoRecord, RunRepoRecord};
+pub use repos::{RepoCredentials, RepoHookRecord, RepoRecord, RepoStatusRecord, RunRepoRecord};
 pub use runs::{
     JobChange, JobRecord, JobStatus, RunChange, RunRecord, RunStatus, SchedulerWrite,
     StoredScheduler, TriggerRecord,

@@ -19,6 +19,19 @@ const REPOS: TableDefinition<&str, &[u8]> = TableDefinition::new("repos");
 const REPO_HOOKS: TableDefinition<&str, &[u8]> = TableDefinition::new("repo_hooks");
 /// Runs built from a repository, by run number → [`RunRepoRecord`].
 const RUN_REPOS: TableDefinition<u64, &[u8]> = TableDefinition::new("run_repos");
+/// Repositories by name → [`RepoStatusRecord`], when the admin gave one. A table of
+/// its own so a stored [`RepoRecord`] keeps its encoding.
+const REPO_STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("repo_status");
+
+/// Where and as whom a repository's commit statuses go, when not derived from the
+/// repository itself (`repos add --api-url`, `--status-token-secret`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoStatusRecord {
+    /// The forge's API base (`https://host/api/v1`).
+    pub api_url: Option<String>,
+    /// The stored secret holding the API token, instead of the fetch token.
+    pub token_secret: Option<String>,
+}
 
 /// How the coordinator authenticates to a repository's server, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +89,8 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreErro
     tx.open_table(REPOS).map_err(eng!("open repos"))?;
     tx.open_table(RUN_REPOS).map_err(eng!("open run repos"))?;
     tx.open_table(REPO_HOOKS).map_err(eng!("open repo hooks"))?;
+    tx.open_table(REPO_STATUS)
+        .map_err(eng!("open repo status"))?;
     Ok(())
 }
 
@@ -160,6 +175,37 @@ impl Store {
             Ok(())
         })?;
         Ok(removed)
+    }
+
+    /// Sets (or with `None` clears) where a repository's statuses go.
+    pub fn set_repo_status(
+        &self,
+        name: &str,
+        record: Option<&RepoStatusRecord>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut table = tx
+                .open_table(REPO_STATUS)
+                .map_err(eng!("open repo status"))?;
+            match record {
+                Some(r) => table.insert(name, encode(r)?.as_slice()).map(drop),
+                None => table.remove(name).map(drop),
+            }
+            .map_err(eng!("write repo status"))?;
+            Ok(())
+        })
+    }
+
+    /// Where a repository's statuses go, as the admin gave it (default: derived).
+    pub fn repo_status(&self, name: &str) -> Result<RepoStatusRecord, StoreError> {
+        Ok(self
+            .get(
+                REPO_STATUS,
+                name,
+                ["open repo status", "read repo status"],
+                "repo status",
+            )?
+            .unwrap_or_default())
     }
 
     /// Records which repository and ref a run builds.

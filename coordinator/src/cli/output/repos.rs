@@ -45,6 +45,13 @@ pub fn repo_detail(r: &RepoView) -> String {
     for (name, commit) in &r.heads {
         let _ = writeln!(out, "  {commit}  {name}");
     }
+    let _ = writeln!(out, "statuses to    {}", r.status_api);
+    if !r.status_failures.is_empty() {
+        let _ = writeln!(out, "status failures (last {}):", r.status_failures.len());
+        for line in &r.status_failures {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     out
 }
 

@@ -17,6 +17,7 @@
 pub mod hooks;
 pub mod poll;
 pub mod source;
+pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,9 @@ use crate::base::seal::{SecretError, SecretKey};
 use crate::base::sources::SourceStore;
 use crate::services::runs::{RunError, Runs};
 use crate::services::secrets::Secrets;
-use crate::store::{RepoCredentials, RepoHookRecord, RepoRecord, RunRepoRecord, Store, StoreError};
+use crate::store::{
+    RepoCredentials, RepoHookRecord, RepoRecord, RepoStatusRecord, RunRepoRecord, Store, StoreError,
+};
 
 /// The pipeline file read from each commit when `--pipeline-file` is not given.
 pub const DEFAULT_PIPELINE_FILE: &str = gantry_pipeline::DEFAULT_FILE_NAME;
@@ -57,6 +60,8 @@ pub enum RepoError {
     BadForge(String),
     #[error("pipeline file {0:?} must be a relative path inside the repository, without `..`")]
     BadPipelineFile(String),
+    #[error("--api-url: {0}")]
+    BadApiUrl(String),
     #[error("--poll {0}s is out of range: use {MIN_POLL_SECS}s to {MAX_POLL_SECS}s")]
     BadPoll(u64),
     #[error("secret {0} is not set; set it with `gantry secrets set {0}` first")]
@@ -129,6 +134,8 @@ pub struct Repos {
     git: GitProgram,
     /// One fetch (or walk) of a repository at a time: git's ref locks race otherwise.
     busy: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Commit statuses back to the forge (`status.rs`).
+    status: Arc<status::ForgeStatus>,
 }
 
 /// A fetched ref, ready to build.
@@ -161,6 +168,7 @@ impl Repos {
         key: Arc<SecretKey>,
         runs: Arc<Runs>,
         sources: Arc<SourceStore>,
+        status: Arc<status::ForgeStatus>,
         data_dir: &Path,
     ) -> Self {
         Self {
@@ -172,6 +180,7 @@ impl Repos {
             dir: data_dir.join("repos"),
             git: GitProgram::default(),
             busy: Mutex::new(HashMap::new()),
+            status,
         }
     }
 
@@ -198,6 +207,28 @@ impl Repos {
             .clone()
             .unwrap_or_else(|| DEFAULT_PIPELINE_FILE.to_owned());
         check_pipeline_file(&pipeline_file)?;
+        let api_url = match add.api_url.as_deref().map(str::trim) {
+            Some(api) => {
+                gantry_forge::status::StatusTarget::new(
+                    gantry_forge::Forge::Github,
+                    api,
+                    "o/r",
+                    "t",
+                )
+                .map_err(|e| RepoError::BadApiUrl(e.to_string()))?;
+                Some(api.trim_end_matches('/').to_owned())
+            }
+            None => None,
+        };
+        if let Some(name) = &add.status_token_secret {
+            if self.secrets.value(name).is_none() {
+                return Err(RepoError::NoSecret(name.clone()));
+            }
+        }
+        let status = RepoStatusRecord {
+            api_url,
+            token_secret: add.status_token_secret.clone(),
+        };
         if let Some(secs) = add.poll_secs {
             if !(MIN_POLL_SECS..=MAX_POLL_SECS).contains(&secs) {
                 return Err(RepoError::BadPoll(secs));
@@ -279,19 +310,20 @@ impl Repos {
         if !self.store.add_repo(&record, &hook, &audit)? {
             return Err(RepoError::Exists(record.name));
         }
-        Ok(view(record, &hook))
+        self.store.set_repo_status(&record.name, Some(&status))?;
+        Ok(self.view(record)?)
     }
 
     pub fn list(&self) -> Result<Vec<RepoView>, RepoError> {
         self.store
             .repos()?
             .into_iter()
-            .map(|r| Ok(view_stored(&self.store, r)?))
+            .map(|r| Ok(self.view(r)?))
             .collect()
     }
 
     pub fn show(&self, name: &str) -> Result<RepoView, RepoError> {
-        Ok(view_stored(&self.store, self.find(name)?)?)
+        Ok(self.view(self.find(name)?)?)
     }
 
     /// `gantry repos rm`: forgets the repository and deletes its mirror. Runs already
@@ -301,6 +333,8 @@ impl Repos {
         if !self.store.remove_repo(name, &audit)? {
             return Err(RepoError::Unknown(name.to_owned()));
         }
+        self.store.set_repo_status(name, None)?;
+        self.status.forget(name);
         let lock = self.lock_of(name);
         let _held = lock
             .lock()
@@ -698,14 +732,25 @@ pub(crate) fn default_branch(heads: &BTreeMap<String, String>) -> Option<&str> {
 }
 
 /// A stored repository as admins see it, with its webhook settings.
-fn view_stored(store: &Store, r: RepoRecord) -> Result<RepoView, StoreError> {
-    let hook = store.repo_hook(&r.name)?;
-    Ok(view(r, &hook))
+impl Repos {
+    fn view(&self, r: RepoRecord) -> Result<RepoView, StoreError> {
+        let hook = self.store.repo_hook(&r.name)?;
+        let status_api = self.status.describe(&r);
+        let status_failures = self.status.failures(&r.name);
+        Ok(view(r, &hook, status_api, status_failures))
+    }
 }
 
 /// A repository as admins see it.
-fn view(r: RepoRecord, hook: &RepoHookRecord) -> RepoView {
+fn view(
+    r: RepoRecord,
+    hook: &RepoHookRecord,
+    status_api: String,
+    status_failures: Vec<String>,
+) -> RepoView {
     RepoView {
+        status_api,
+        status_failures,
         webhook: match &hook.secret {
             None => "off (no --webhook-secret)".into(),
             Some(secret) => format!(
