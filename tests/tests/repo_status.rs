@@ -110,7 +110,7 @@ fn coordinator() -> Coordinator {
 }
 
 #[test]
-fn runs_report_pending_then_success_or_failure_to_github_and_gitea_and_a_500_is_retried() {
+fn runs_report_pending_then_success_or_failure_to_github_gitea_and_gitlab_and_a_500_is_retried() {
     let up = Upstream::new();
     let passing = up.commit("pass");
     let c = coordinator();
@@ -162,6 +162,25 @@ fn runs_report_pending_then_success_or_failure_to_github_and_gitea_and_a_500_is_
         );
         assert_eq!(r.header("Authorization"), Some("token gitea_test"));
         assert!(r.verdict.is_ok(), "{:?}", r.verdict);
+    }
+
+    // GitLab: its own states (running, failed), the project path url-encoded, the
+    // token in PRIVATE-TOKEN, and the ref the run built.
+    let gitlab = StatusReceiver::start(StatusApi::Gitlab, "glpat_test");
+    c.set_secret("GL_TOKEN", "glpat_test");
+    add_repo(&c, "gl", &up, "gitlab", &gitlab.api_base(), "GL_TOKEN");
+    let view = run_repo(&c, "gl");
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(states_for(&gitlab, &failing, 2), ["running", "failed"]);
+    for r in gitlab.requests() {
+        assert!(
+            r.path.starts_with("/api/v4/projects/") && r.path.contains("%2Focto%2Fapp/statuses/"),
+            "{}",
+            r.path
+        );
+        assert_eq!(r.header("PRIVATE-TOKEN"), Some("glpat_test"));
+        let accepted = r.verdict.as_ref().expect("a well-formed GitLab request");
+        assert_eq!(accepted.git_ref.as_deref(), Some("main"));
     }
 
     // GitHub answers the next two requests 500: the final state is retried until it
