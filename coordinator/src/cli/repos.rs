@@ -19,7 +19,7 @@ use crate::cli::output;
 pub enum ReposCommand {
     /// Add a repository: the coordinator mirrors it (fetching it now, so a wrong URL or
     /// credential fails here) and `gantry run --repo NAME` builds its commits.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// The repositories.
     List {
         #[arg(long)]
@@ -81,7 +81,7 @@ pub struct AddArgs {
 
 pub async fn repos(cmd: ReposCommand) -> Result<ExitCode, Failure> {
     let (req, json) = match cmd {
-        ReposCommand::Add(args) => return add(args).await,
+        ReposCommand::Add(args) => return add(*args).await,
         ReposCommand::List { json } => (AdminRequest::ListRepos, json),
         ReposCommand::Show { name, json } => (AdminRequest::ShowRepo { name }, json),
         ReposCommand::Rm { name } => (AdminRequest::RemoveRepo { name }, false),
