@@ -370,3 +370,68 @@ fn a_repository_schedule_runs_the_default_branch_head_at_that_moment_with_its_co
         "{log}"
     );
 }
+
+/// `gantry demo` builds from a git repository it creates: it shows the commit it made
+/// with the run, and the release job's log names that very commit, read by `git` from
+/// the job's checkout (so the run was of the repository's HEAD, not of a file).
+#[test]
+fn the_demo_runs_its_pipeline_from_a_commit_and_shows_it() {
+    let test = "the_demo_runs_its_pipeline_from_a_commit_and_shows_it";
+    if !gantry_tests::requires::require_program(test, "git", "apt-get install git") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("demo.out");
+    let child = std::process::Command::new(gantry_tests::bin("gantry"))
+        .args(["demo", "--agents", "1"])
+        .env("GANTRY_AGENT_BIN", gantry_tests::bin("gantry-agent"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("demo.out"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("gantry demo");
+    let mut demo = gantry_tests::Proc {
+        child,
+        name: "demo".into(),
+    };
+    let status = demo
+        .wait_exit(std::time::Duration::from_secs(240))
+        .expect("gantry demo did not finish within 240 s");
+    let out = std::fs::read_to_string(&out_path).expect("demo output");
+    assert!(status.success(), "gantry demo failed ({status}):\n{out}");
+
+    // "== git repository DIR created: commit FULL "SUBJECT" by AUTHOR"
+    let head = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("== git repository ")?
+                .split_once(" created: commit ")
+                .map(|(_, rest)| rest.to_owned())
+        })
+        .unwrap_or_else(|| panic!("the demo did not show its repository's commit:\n{out}"));
+    let (commit, rest) = head.split_once(' ').expect("commit and subject");
+    assert_eq!(commit.len(), 40, "a full commit id: {head}");
+    assert!(
+        rest.starts_with("\"Add the demo pipeline\" by Gantry Demo <"),
+        "the commit's subject and author: {head}"
+    );
+    assert!(
+        out.contains("(`gantry repos add demo-app --url file://"),
+        "the repository was added to the coordinator:\n{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "of commit {} \"Add the demo pipeline\" on main:",
+            &commit[..7]
+        )),
+        "the run shows its commit:\n{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "built from commit {commit}: Add the demo pipeline"
+        )),
+        "the release job built the repository's HEAD, read from its checkout:\n{out}"
+    );
+    assert!(out.contains("== run 1 succeeded"), "{out}");
+    assert!(out.contains("== demo finished"), "{out}");
+}

@@ -3,8 +3,11 @@
 //! It creates a temporary directory, initializes a coordinator there, starts it as a
 //! child process, enrolls and starts three real `gantry-agent` processes (found next to
 //! this binary, or at `GANTRY_AGENT_BIN`), waits until all of them are connected and have
-//! reported their figures, prints them, runs the example pipeline (`examples/ci.yml`) on
-//! them (approving its manual gate), shows the jobs and a log, then deploys the build's
+//! reported their figures, prints them, creates a git repository holding the example
+//! pipeline (`examples/ci.yml`, as `gantry.yml`) with one commit, adds it to the
+//! coordinator (`gantry repos add`, a `file://` URL) and runs that commit on the agents
+//! (`gantry run --repo`, approving its manual gate; without `git` it says so and runs the
+//! file itself), shows the jobs and a log, then deploys the build's
 //! artifact (a small HTTP service, `python3 -m http.server`) to the three agents as hosts,
 //! each with its own deploy root and port, with a rolling strategy and HTTP health checks,
 //! shows the deployment's history, asks every host what it serves with `gantry exec`,
@@ -20,7 +23,7 @@ use gantry_protocol::{
     AdminRequest, AdminResponse, AgentState, FollowEvent, JobId, Labels, StreamOpen, SubmitRun,
 };
 
-use crate::cli::client::AdminClient;
+use crate::cli::client::{AdminClient, FETCH_DEADLINE};
 use crate::cli::context::{AdminContext, LoadedContext};
 use crate::cli::failure::Failure;
 use crate::cli::{init, output};
@@ -105,8 +108,9 @@ fn free_tcp_port() -> anyhow::Result<u16> {
     Ok(sock.local_addr()?.port())
 }
 
-fn python3_available() -> bool {
-    Command::new("python3")
+/// Whether `program --version` runs (python3 for the deployment, git for the repository).
+fn program_available(program: &str) -> bool {
+    Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -281,11 +285,17 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         "{}",
         output::fleet::agents_table(&agents, gantry_protocol::UnixMillis::now())
     );
-    let deploys = python3_available();
+    let deploys = program_available("python3");
     if !deploys {
         println!("\n(python3 was not found: the demo's HTTP service needs it, so the deployment part is skipped)");
     }
-    demo_pipeline(&mut admin, deploys).await?;
+    let repo = if program_available("git") {
+        Some(demo_repository(root)?)
+    } else {
+        println!("\n(git was not found: the demo runs the example pipeline without a repository)");
+        None
+    };
+    demo_pipeline(&mut admin, deploys, repo.as_ref()).await?;
     if deploys {
         demo_deployment(&mut admin).await?;
     }
@@ -316,27 +326,165 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 /// any directory.
 const EXAMPLE_PIPELINE: &str = include_str!("../../../examples/ci.yml");
 
-/// Runs the example pipeline on the demo agents, approves its manual gate, and shows the
-/// jobs and the build's log.
-async fn demo_pipeline(admin: &mut AdminClient, deploy: bool) -> anyhow::Result<()> {
-    let submit = SubmitRun {
-        file_name: "examples/ci.yml".into(),
-        text: EXAMPLE_PIPELINE.into(),
-        git_ref: "main".into(),
-        commit: None,
-        event: "manual".into(),
-        inputs: Labels::from([(
-            "deploy".to_owned(),
-            if deploy { "yes" } else { "no" }.to_owned(),
-        )]),
-        source: None,
+/// The repository's name on the demo coordinator.
+const DEMO_REPO: &str = "demo-app";
+
+/// Who makes the demo repository's commit.
+const DEMO_AUTHOR: (&str, &str) = ("Gantry Demo", "demo@gantry.invalid");
+
+/// The demo's git repository: where it is, as a `file://` URL.
+struct DemoRepo {
+    url: String,
+    /// The commit's subject line.
+    subject: String,
+}
+
+/// Runs `git ARGS` in `dir` with the demo author and no user or system configuration
+/// (so a signing or hook setting on this machine cannot change the commit); its stdout.
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", DEMO_AUTHOR.0)
+        .env("GIT_AUTHOR_EMAIL", DEMO_AUTHOR.1)
+        .env("GIT_COMMITTER_NAME", DEMO_AUTHOR.0)
+        .env("GIT_COMMITTER_EMAIL", DEMO_AUTHOR.1)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run git {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "git {} failed in {}: {}",
+            args.join(" "),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Creates the demo's git repository under `root`: the example pipeline as `gantry.yml`
+/// and a README, committed on `main` by the demo author.
+fn demo_repository(root: &Path) -> anyhow::Result<DemoRepo> {
+    let dir = root.join("repo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("gantry.yml"), EXAMPLE_PIPELINE)
+        .context("cannot write the demo repository's gantry.yml")?;
+    std::fs::write(
+        dir.join("README.md"),
+        "# demo-app\n\nThe `gantry demo` repository: its pipeline is `gantry.yml`.\n",
+    )
+    .context("cannot write the demo repository's README.md")?;
+    git(&dir, &["init", "--quiet"])?;
+    git(&dir, &["add", "gantry.yml", "README.md"])?;
+    git(&dir, &["commit", "--quiet", "-m", "Add the demo pipeline"])?;
+    let head = git(&dir, &["log", "-1", "--format=%H \"%s\""])?;
+    println!(
+        "\n== git repository {} created: commit {head} by {} <{}>",
+        dir.display(),
+        DEMO_AUTHOR.0,
+        DEMO_AUTHOR.1
+    );
+    Ok(DemoRepo {
+        url: format!("file://{}", dir.display()),
+        subject: git(&dir, &["log", "-1", "--format=%s"])?,
+    })
+}
+
+/// Starts the run: of the demo repository's commit on `main` (added to the coordinator
+/// first), or of the example file itself when there is no repository.
+async fn start_run(
+    admin: &mut AdminClient,
+    inputs: Labels,
+    repo: Option<&DemoRepo>,
+) -> anyhow::Result<gantry_protocol::RunView> {
+    let response = if let Some(repo) = repo {
+        admin
+            .request_within(
+                &AdminRequest::AddRepo(gantry_protocol::AddRepo {
+                    name: DEMO_REPO.into(),
+                    url: repo.url.clone(),
+                    forge: None,
+                    auth: gantry_protocol::RepoAuth::None,
+                    pipeline_file: None,
+                    poll_secs: None,
+                    webhook_secret: None,
+                    fork_pull_requests: false,
+                    api_url: None,
+                    status_token_secret: None,
+                }),
+                FETCH_DEADLINE,
+            )
+            .await?;
+        println!(
+            "== added to the coordinator as repository {DEMO_REPO} (`gantry repos add {DEMO_REPO} --url {}`)",
+            repo.url
+        );
+        admin
+            .request_within(
+                &AdminRequest::RunRepo(gantry_protocol::RunRepo {
+                    repo: DEMO_REPO.into(),
+                    git_ref: Some("main".into()),
+                    inputs,
+                }),
+                FETCH_DEADLINE,
+            )
+            .await?
+    } else {
+        let submit = SubmitRun {
+            file_name: "examples/ci.yml".into(),
+            text: EXAMPLE_PIPELINE.into(),
+            git_ref: "main".into(),
+            commit: None,
+            event: "manual".into(),
+            inputs,
+            source: None,
+        };
+        admin.request(&AdminRequest::SubmitRun(submit)).await?
     };
-    let AdminResponse::Run(run) = admin.request(&AdminRequest::SubmitRun(submit)).await? else {
+    let AdminResponse::Run(run) = response else {
         bail!("unexpected response to a run request");
     };
+    Ok(run)
+}
+
+/// Runs the example pipeline on the demo agents (the repository's commit if there is
+/// one), approves its manual gate, and shows the jobs and the build's log.
+async fn demo_pipeline(
+    admin: &mut AdminClient,
+    deploy: bool,
+    repo: Option<&DemoRepo>,
+) -> anyhow::Result<()> {
+    let inputs = Labels::from([(
+        "deploy".to_owned(),
+        if deploy { "yes" } else { "no" }.to_owned(),
+    )]);
+    let run = start_run(admin, inputs, repo).await?;
     let id = run.run;
+    let commit = run
+        .commit
+        .as_deref()
+        .map(|c| {
+            let subject = repo
+                .map(|r| format!(" \"{}\"", r.subject))
+                .unwrap_or_default();
+            format!(
+                " of commit {}{subject} on {}",
+                &c[..c.len().min(7)],
+                run.git_ref
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "\n== running pipeline {} (run {id}): {} jobs, pushed to the agents as they become ready\n",
+        "\n== running pipeline {} (run {id}){commit}: {} jobs, pushed to the agents as they become ready\n",
         run.pipeline,
         run.jobs.len()
     );
