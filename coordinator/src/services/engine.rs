@@ -214,37 +214,56 @@ struct RunContext {
 impl RunContext {
     /// The run-wide values of `git.*`, `event.*` and `GANTRY_*`.
     fn git(&self) -> gantry_pipeline::StaticContext {
-        let r = &self.record;
-        let repo = self.repo.as_ref();
-        let full_ref = repo.map_or(String::new(), |p| p.full_ref.clone());
-        gantry_pipeline::StaticContext {
-            branch: full_ref.strip_prefix("refs/heads/").map_or_else(
-                || {
-                    if repo.is_none() {
-                        r.git_ref.clone()
-                    } else {
-                        String::new()
-                    }
-                },
-                str::to_owned,
-            ),
-            tag: full_ref
-                .strip_prefix("refs/tags/")
-                .unwrap_or_default()
-                .to_owned(),
-            git_ref: full_ref,
-            event: r.event.clone(),
-            commit: r.commit.clone().unwrap_or_default(),
-            repo: repo.map(|p| p.repo.clone()).unwrap_or_default(),
-            actor: r.created_by.clone(),
-            pr_number: repo
-                .and_then(|p| p.pr_number)
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            pr_base: repo.and_then(|p| p.pr_base.clone()).unwrap_or_default(),
-            ..gantry_pipeline::StaticContext::default()
-        }
+        git_context(&self.record, self.repo.as_ref())
     }
+}
+
+/// The run-wide values of `git.*`, `event.*` and `GANTRY_*` of a stored run.
+fn git_context(r: &RunRecord, repo: Option<&RunRepoRecord>) -> gantry_pipeline::StaticContext {
+    let full_ref = repo.map_or(String::new(), |p| p.full_ref.clone());
+    gantry_pipeline::StaticContext {
+        branch: full_ref.strip_prefix("refs/heads/").map_or_else(
+            || {
+                if repo.is_none() {
+                    r.git_ref.clone()
+                } else {
+                    String::new()
+                }
+            },
+            str::to_owned,
+        ),
+        tag: full_ref
+            .strip_prefix("refs/tags/")
+            .unwrap_or_default()
+            .to_owned(),
+        git_ref: full_ref,
+        event: r.event.clone(),
+        commit: r.commit.clone().unwrap_or_default(),
+        repo: repo.map(|p| p.repo.clone()).unwrap_or_default(),
+        actor: r.created_by.clone(),
+        pr_number: repo
+            .and_then(|p| p.pr_number)
+            .map(|n| n.to_string())
+            .unwrap_or_default(),
+        pr_base: repo.and_then(|p| p.pr_base.clone()).unwrap_or_default(),
+        ..gantry_pipeline::StaticContext::default()
+    }
+}
+
+/// A run's pipeline-level `concurrency:` group with its references filled in the way a
+/// job's fields are (`git.*`, `event.*`, `inputs.*`, `env.*`), or `None` without one.
+pub fn concurrency_group(
+    pipeline: &Pipeline,
+    record: &RunRecord,
+    repo: Option<&RunRepoRecord>,
+) -> Option<String> {
+    let group = &pipeline.concurrency.as_ref()?.group;
+    let ctx = gantry_pipeline::StaticContext {
+        inputs: effective_inputs(pipeline, &record.inputs),
+        env: pipeline.env.clone(),
+        ..git_context(record, repo)
+    };
+    Some(ctx.expand(group))
 }
 
 /// The repository side of a run, if it has one (a store error is logged: the run's jobs

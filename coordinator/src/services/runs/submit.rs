@@ -1,6 +1,8 @@
 //! Submitting runs: `gantry validate` on the server, `gantry run`, `gantry pipelines
 //! retry`, and the triggers' runs. A run is checked, then stored with its jobs and its
-//! audit entry in one commit, and only then handed to the engine and announced.
+//! audit entry in one commit, and only then handed to the engine and announced. A run
+//! whose `concurrency:` has `cancel-in-progress: true` then cancels the earlier unfinished
+//! runs of its group ([`superseded`] decides which).
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use gantry_protocol::{RunId, RunView, SubmitRun};
 
 use crate::base::audit::Acting;
 use crate::services::deployments::create_file_environments;
-use crate::services::engine::{job_ids, plans_for, Input};
+use crate::services::engine::{concurrency_group, job_ids, plans_for, Input};
 use crate::services::notify::Event;
 use crate::services::runs::{RunError, Runs};
 use crate::store::{JobRecord, RunRecord, RunRepoRecord, RunStatus};
@@ -129,6 +131,12 @@ impl Runs {
         if let Some(repo) = repo {
             self.store.put_run_repo(record.run, repo)?;
         }
+        let group = concurrency_group(&pipeline, &record, repo).filter(|_| {
+            pipeline
+                .concurrency
+                .as_ref()
+                .is_some_and(|c| c.cancel_in_progress)
+        });
         let plans = plans_for(record.run, &pipeline, &record);
         let priority = pipeline.priority;
         self.engine.send(Input::Submitted {
@@ -139,6 +147,73 @@ impl Runs {
         });
         tracing::info!(run = %record.run, pipeline = %record.pipeline, "run created");
         self.notifier.emit(Event::run_started(&record));
+        if let Some(group) = group {
+            // The new run is stored and started already: failing to cancel the older
+            // ones must not report it as refused.
+            if let Err(e) = self.supersede(cx, record.run, &group) {
+                tracing::error!(run = %record.run, group, "cannot cancel the group's older runs: {e}");
+            }
+        }
         Ok(self.views(record, jobs))
+    }
+
+    /// Cancels the unfinished runs of `group` older than `run`, the way `gantry pipelines
+    /// cancel` does, with the reason in the audit entry.
+    fn supersede(&self, cx: &Acting<'_>, run: RunId, group: &str) -> Result<(), RunError> {
+        let others = self.store.unfinished_runs()?;
+        let groups = others.iter().map(|other| {
+            // A stored run's file parsed when it was submitted; one that no longer does
+            // (a newer parser) has no group and is left alone.
+            let pipeline = gantry_pipeline::parse(&other.file_name, &other.text).ok();
+            let repo = self.store.run_repo(other.run).ok().flatten();
+            let group = pipeline.and_then(|p| concurrency_group(&p, other, repo.as_ref()));
+            (other.run, group)
+        });
+        for old in superseded(run, group, groups) {
+            self.store.audit(&cx.audit(
+                "run.cancel",
+                format!("run={old} reason=superseded by run {run} (concurrency group {group})"),
+            ))?;
+            tracing::info!(run = %old, by = %run, group, "run superseded");
+            self.engine
+                .event(gantry_scheduler::Event::CancelRun { run: old });
+        }
+        Ok(())
+    }
+}
+
+/// The runs a new run of `group` supersedes: those submitted before it (a smaller id)
+/// whose own group expands to the same text. Runs without a group are never touched.
+pub(crate) fn superseded(
+    run: RunId,
+    group: &str,
+    unfinished: impl IntoIterator<Item = (RunId, Option<String>)>,
+) -> Vec<RunId> {
+    unfinished
+        .into_iter()
+        .filter(|(other, g)| other.0 < run.0 && g.as_deref() == Some(group))
+        .map(|(other, _)| other)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_earlier_runs_of_the_same_group_are_superseded() {
+        let runs = [
+            (RunId(1), Some("ci-main".to_owned())),
+            (RunId(2), Some("ci-dev".to_owned())),
+            (RunId(3), None),
+            (RunId(4), Some("ci-main".to_owned())),
+            (RunId(6), Some("ci-main".to_owned())),
+        ];
+        assert_eq!(
+            superseded(RunId(5), "ci-main", runs.clone()),
+            [RunId(1), RunId(4)]
+        );
+        assert_eq!(superseded(RunId(5), "ci-dev", runs.clone()), [RunId(2)]);
+        assert!(superseded(RunId(5), "other", runs).is_empty());
     }
 }
