@@ -222,18 +222,7 @@ fn nothing_a_job_started_outlives_it() {
     assert_eq!(job_named(&view, "stopped")["state"], "cancelled", "{view}");
     // The kernel ends a namespace's processes as its init exits; give it a moment.
     let needle = format!("sleep {tag}.");
-    let until = std::time::Instant::now() + DEADLINE;
-    loop {
-        let left = running_with(&needle);
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "processes outlived their jobs: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_gone(&needle, "jobs");
 }
 
 /// An agent running as `nobody` cannot switch users: with `--isolation required` it
@@ -409,15 +398,21 @@ fn an_agent_killed_outright_takes_its_jobs_processes_along() {
     let needle = format!("sleep {tag}.");
     assert_eq!(running_with(&needle).len(), 2, "both sleeps run");
     agents[0].proc().kill9();
+    wait_until_gone(&needle, "agent");
+}
+
+/// Waits up to [`DEADLINE`] until no process runs with `needle` in its command line,
+/// failing with those left, which outlived their `owner`.
+fn wait_until_gone(needle: &str, owner: &str) {
     let until = std::time::Instant::now() + DEADLINE;
     loop {
-        let left = running_with(&needle);
+        let left = running_with(needle);
         if left.is_empty() {
-            break;
+            return;
         }
         assert!(
             std::time::Instant::now() < until,
-            "processes outlived their agent: {left:#?}"
+            "processes outlived their {owner}: {left:#?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
