@@ -181,6 +181,7 @@ impl AdminClient {
             .await
             .map_err(|e| fail(e.to_string()))?;
         let mut buf = vec![0u8; 1024 * 1024];
+        let mut write_error = None;
         loop {
             let n = file
                 .read(&mut buf)
@@ -188,21 +189,31 @@ impl AdminClient {
             if n == 0 {
                 break;
             }
-            writer
+            if let Err(e) = writer
                 .send(&gantry_protocol::SourceData(buf[..n].to_vec()))
                 .await
-                .map_err(|e| fail(e.to_string()))?;
+            {
+                // The coordinator refuses an upload (its disk under the watermark) by
+                // answering and stopping the stream: a write racing that stop fails
+                // first, so its answer is read before the write error is reported.
+                write_error = Some(e.to_string());
+                break;
+            }
         }
         writer.finish();
-        match reader.recv::<gantry_protocol::SourceStored>().await {
-            Ok(Some(gantry_protocol::SourceStored::Stored { source, .. })) => Ok(source),
-            Ok(Some(gantry_protocol::SourceStored::Refused { message })) => {
+        match (
+            reader.recv::<gantry_protocol::SourceStored>().await,
+            write_error,
+        ) {
+            (Ok(Some(gantry_protocol::SourceStored::Refused { message })), _) => {
                 Err(ClientError::Rejected(message))
             }
-            Ok(None) => Err(fail(
+            (_, Some(e)) => Err(fail(e)),
+            (Ok(Some(gantry_protocol::SourceStored::Stored { source, .. })), None) => Ok(source),
+            (Ok(None), None) => Err(fail(
                 "the coordinator ended the upload without an answer".into(),
             )),
-            Err(e) => Err(fail(e.to_string())),
+            (Err(e), None) => Err(fail(e.to_string())),
         }
     }
 
