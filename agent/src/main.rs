@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use gantry_agent::base::{bundle, datadir, duration, exit, figures, labels};
 use gantry_agent::runner::{cgroups, docker, isolation};
 use gantry_agent::{enroll, session};
+use gantry_protocol::UNTRUSTED_WORK_LABEL;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -151,6 +152,12 @@ struct RunArgs {
     /// unless given.
     #[arg(long, env = "GANTRY_AGENT_JOB_CPUS", value_parser = parse_cpus, value_name = "CPUS")]
     job_cpus: Option<f64>,
+    /// Reserve this agent for untrusted work (fork pull requests of repositories that
+    /// allow them): it announces the label `gantry.reserved/untrusted=true` and the
+    /// coordinator gives it those runs' jobs and nothing else. Requires job isolation:
+    /// without it the agent refuses to start.
+    #[arg(long, env = "GANTRY_AGENT_UNTRUSTED_WORK")]
+    untrusted_work: bool,
 }
 
 /// `--peer-listen`: an address, or `off`.
@@ -320,9 +327,27 @@ async fn run_session(args: RunArgs) -> ExitCode {
         pids: Some(args.job_pids),
         cpus: args.job_cpus,
     };
+    let isolation = isolation::decide(
+        args.isolation.unwrap_or_else(isolation::default_mode),
+        args.job_uids,
+        args.slots,
+        isolation::privilege(),
+        cgroups::Cgroups::detect(limits),
+    );
+    let mut labels = labels::from_pairs(args.labels);
+    if args.untrusted_work {
+        if !matches!(isolation, isolation::Isolation::Users { .. }) {
+            eprintln!(
+                "error: --untrusted-work needs job isolation, and here {}",
+                isolation.describe()
+            );
+            return ExitCode::from(exit::USAGE);
+        }
+        labels.insert(UNTRUSTED_WORK_LABEL.to_owned(), "true".to_owned());
+    }
     let options = session::RunOptions {
         data_dir: args.data_dir.data_dir,
-        labels: labels::from_pairs(args.labels),
+        labels,
         slots: args.slots,
         max_backoff: args.max_backoff,
         hostname: figures::hostname(),
@@ -332,13 +357,7 @@ async fn run_session(args: RunArgs) -> ExitCode {
         max_transfer_rate: args.max_transfer_rate,
         deploy_root,
         peer_listen: args.peer_listen.0,
-        isolation: isolation::decide(
-            args.isolation.unwrap_or_else(isolation::default_mode),
-            args.job_uids,
-            args.slots,
-            isolation::privilege(),
-            cgroups::Cgroups::detect(limits),
-        ),
+        isolation,
     };
     match session::run(options).await {
         Ok(()) => ExitCode::SUCCESS,

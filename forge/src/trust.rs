@@ -22,11 +22,14 @@
 //! - *Deployments and environments*: an untrusted run cannot deploy or use anything
 //!   scoped to an environment (approvals, environment secrets, protected targets).
 //! - *Trusted agents*: it runs only on agents carrying the policy's untrusted labels
-//!   (default `untrusted=true`), which the admin reserves for hosts that hold nothing of
-//!   value and can be wiped. Job isolation (a user per job, PID namespace, cgroups) is
-//!   a second wall, not the first.
+//!   (default [`gantry_protocol::UNTRUSTED_WORK_LABEL`]`=true`, which agents started
+//!   with `--untrusted-work` announce). That label is reserved: such an agent takes
+//!   only untrusted runs' jobs, so the hosts for untrusted work hold nothing of trusted
+//!   runs and can be wiped. Job isolation (a user per job, PID namespace, cgroups) is a
+//!   second wall, not the first, and `--untrusted-work` requires it.
 //! - *Shared caches*: it may not write where trusted runs read (a poisoned dependency
-//!   cache would run in the next trusted build); it gets caches of its own.
+//!   cache would run in the next trusted build): caches live on the agents, and no
+//!   trusted job runs on an agent for untrusted work.
 //! - *The forge*: it never sees the repository's forge credentials (only the
 //!   coordinator holds them; the mirror fetches the fork's head from the target
 //!   repository's `refs/pull/N/head`). Its status is still reported on its commit.
@@ -84,7 +87,7 @@ pub struct TrustPolicy {
 }
 
 /// The label agents for untrusted work carry by default.
-pub const DEFAULT_UNTRUSTED_LABEL: (&str, &str) = ("untrusted", "true");
+pub const DEFAULT_UNTRUSTED_LABEL: (&str, &str) = (gantry_protocol::UNTRUSTED_WORK_LABEL, "true");
 
 impl Default for TrustPolicy {
     fn default() -> Self {
@@ -389,17 +392,18 @@ mod tests {
         };
         assert_eq!(p.trust, Trust::Untrusted);
         assert!(!p.secrets && !p.deploy && !p.environments && !p.shared_cache_writes);
+        let (untrusted, yes) = DEFAULT_UNTRUSTED_LABEL;
         assert!(agent_may_run(
             &p,
-            &labels(&[("untrusted", "true"), ("os", "linux")])
+            &labels(&[(untrusted, yes), ("os", "linux")])
         ));
         assert!(!agent_may_run(&p, &labels(&[("os", "linux")])));
         assert_eq!(
             agent_labels_for_job(&p, &labels(&[("os", "linux")])),
-            Ok(labels(&[("os", "linux"), ("untrusted", "true")]))
+            Ok(labels(&[("os", "linux"), (untrusted, yes)]))
         );
-        let e = agent_labels_for_job(&p, &labels(&[("untrusted", "false")])).expect_err("conflict");
-        assert!(e.contains("untrusted=true"), "{e}");
+        let e = agent_labels_for_job(&p, &labels(&[(untrusted, "false")])).expect_err("conflict");
+        assert!(e.contains(&format!("{untrusted}=true")), "{e}");
         let no_labels = TrustPolicy {
             untrusted_agent_labels: BTreeMap::new(),
             ..policy

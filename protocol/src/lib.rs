@@ -63,6 +63,13 @@ pub const MIN_SUPPORTED_VERSION: u16 = 2;
 /// NAT'd address and still verify the certificate against the pinned CA.
 pub const COORDINATOR_SERVER_NAME: &str = "coordinator.gantry.internal";
 
+/// The label an agent started with `gantry-agent run --untrusted-work` announces. Like
+/// every `gantry.reserved/` label it reserves the agent: it takes only jobs that ask for
+/// it, which are the jobs of untrusted runs (fork pull requests), so untrusted code and
+/// trusted work never share a host, its caches or its workspaces. The one reserved label
+/// an agent may announce for itself: it only narrows what the agent is given.
+pub const UNTRUSTED_WORK_LABEL: &str = "gantry.reserved/untrusted";
+
 /// Application close codes, sent in QUIC CONNECTION_CLOSE frames with a reason text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]

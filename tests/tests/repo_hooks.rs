@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use gantry_tests::http::exchange;
-use gantry_tests::{git, Coordinator, CoordinatorOptions, DEADLINE};
+use gantry_tests::requires::require;
+use gantry_tests::{git, job_named, Agent, Coordinator, CoordinatorOptions, DEADLINE};
 
 const SECRET: &str = "hook-s3cret";
 
@@ -302,4 +303,80 @@ fn an_opted_in_repository_runs_a_fork_pull_request_only_if_its_pipeline_names_no
     let body = pull_body(8, &plain, true);
     let (status, text) = deliver(&http, "app", "pull_request", Some(sign(&body)), &body);
     assert_eq!(status, 202, "{text}");
+}
+
+/// A fork pull request's jobs go only to an agent started with `--untrusted-work`, and
+/// such an agent takes nothing else: a push's run queued before the fork's stays queued
+/// while the untrusted agent runs the fork's job, and runs when an ordinary agent comes.
+#[test]
+fn fork_pull_requests_run_only_on_agents_for_untrusted_work_and_those_take_nothing_else() {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    let root = unsafe { libc::geteuid() } == 0;
+    if !require(
+        root,
+        "fork_pull_requests_run_only_on_agents_for_untrusted_work",
+        "root (job isolation, which --untrusted-work requires)",
+        "run the tests as root",
+    ) {
+        return;
+    }
+    let remote = Remote::new();
+    let head = remote.commit(&[("gantry.yml", PIPELINE)], "first");
+    remote.push("main");
+    let (c, http) = setup(&remote, &["--allow-fork-pull-requests"]);
+    let token = c.token(&["--uses", "3"]);
+
+    // Without isolation an agent may not take untrusted work, and says so.
+    let mut unisolated = Agent::enroll(&token, &[]);
+    unisolated.start_with(&["--untrusted-work", "--isolation", "off"]);
+    let status = unisolated.proc().wait_exit(DEADLINE).expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", unisolated.log());
+    assert!(
+        unisolated
+            .log()
+            .contains("--untrusted-work needs job isolation"),
+        "{}",
+        unisolated.log()
+    );
+
+    let mut sandbox = Agent::enroll(&token, &[]);
+    sandbox.start_with(&["--untrusted-work", "--isolation", "required"]);
+    c.wait_connected(1);
+
+    // A trusted push first: the only agent is for untrusted work, so it waits.
+    let body = push_body("refs/heads/main", &"0".repeat(40), &head);
+    let (status, text) = deliver(&http, "app", "push", Some(sign(&body)), &body);
+    assert_eq!(status, 202, "{text}");
+    let pushed = serde_json::from_str::<serde_json::Value>(&text).expect("json")["run"]
+        .as_u64()
+        .expect("run");
+
+    let fork = remote.commit(&[("FORK", "a change from outside")], "from a fork");
+    remote.push("HEAD:refs/pull/9/head");
+    let body = pull_body(9, &fork, true);
+    let (view, log) = run_of(
+        &c,
+        deliver(&http, "app", "pull_request", Some(sign(&body)), &body),
+    );
+    assert_eq!(
+        job_named(&view, "show")["agent"],
+        sandbox.id,
+        "the fork's job ran on the agent for untrusted work: {view}"
+    );
+    assert!(log.contains("PR=9 BASE=main"), "{log}");
+
+    // The push's job was first in the queue and the sandbox was free all along: had it
+    // been allowed there, it would have run before the fork's.
+    let waiting = c.run_view(pushed);
+    let job = job_named(&waiting, "show");
+    assert!(
+        job["agent"].is_null() && waiting["finished_at"].is_null(),
+        "a trusted job went to the agent for untrusted work: {waiting}"
+    );
+
+    let _ordinary = c.agents_running(1, &[]);
+    let done = c.wait_run(pushed, DEADLINE);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_ne!(job_named(&done, "show")["agent"], sandbox.id, "{done}");
 }

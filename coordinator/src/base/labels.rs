@@ -2,7 +2,7 @@
 //! rules (key shape, reserved `gantry.` keys, sizes, how many) for the CLI, join
 //! tokens, hellos, environments and fleet commands.
 
-use gantry_protocol::{limits, Labels};
+use gantry_protocol::{limits, Labels, UNTRUSTED_WORK_LABEL};
 
 /// Why a label or a set of labels is refused; the message names the label and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -64,6 +64,26 @@ pub fn check_labels(labels: &Labels) -> Result<Labels, LabelError> {
     parse_labels(&pairs)
 }
 
+/// Checks the labels an agent announces in its hello: the rules of [`check_labels`],
+/// except that an agent may announce [`UNTRUSTED_WORK_LABEL`]`=true` (its
+/// `--untrusted-work`). That reserved label only narrows what the agent is given (the
+/// scheduler hands it untrusted runs' jobs and nothing else), so announcing it grants
+/// nothing; every other `gantry.` key stays refused, since some grant work (the deploy
+/// runner's).
+pub fn check_agent_labels(labels: &Labels) -> Result<Labels, LabelError> {
+    let mut others = labels.clone();
+    let untrusted = others.remove(UNTRUSTED_WORK_LABEL);
+    let mut checked = check_labels(&others)?;
+    match untrusted.as_deref() {
+        None => {}
+        Some("true") => {
+            checked.insert(UNTRUSTED_WORK_LABEL.to_owned(), "true".to_owned());
+        }
+        Some(_) => return Err(LabelError::ReservedKey(UNTRUSTED_WORK_LABEL.to_owned())),
+    }
+    Ok(checked)
+}
+
 /// A host selector as people read it: `role=web,site=paris`, or `(every host)`.
 pub fn labels_text(labels: &Labels) -> String {
     if labels.is_empty() {
@@ -88,5 +108,24 @@ mod tests {
             let err = parse_labels(&[bad.to_owned()]).expect_err(bad).to_string();
             assert!(err.contains("invalid label"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn an_agent_may_announce_untrusted_work_and_no_other_reserved_label() {
+        let mut hello = Labels::from([("role".to_owned(), "ci".to_owned())]);
+        hello.insert(UNTRUSTED_WORK_LABEL.to_owned(), "true".to_owned());
+        assert_eq!(check_agent_labels(&hello), Ok(hello.clone()));
+        // Anyone else announcing it (a token, an admin request) is still refused.
+        assert_eq!(
+            check_labels(&hello),
+            Err(LabelError::ReservedKey(UNTRUSTED_WORK_LABEL.to_owned()))
+        );
+        hello.insert(UNTRUSTED_WORK_LABEL.to_owned(), "false".to_owned());
+        assert!(check_agent_labels(&hello).is_err());
+        let deploy = Labels::from([("gantry.reserved/deploy".to_owned(), "true".to_owned())]);
+        assert_eq!(
+            check_agent_labels(&deploy),
+            Err(LabelError::ReservedKey("gantry.reserved/deploy".to_owned()))
+        );
     }
 }

@@ -181,7 +181,16 @@ impl Engine {
         // committed like any other batch's, and the first batch does that.
         for (run, pipeline) in resubmit {
             let record = contexts[&run].record.clone();
-            let plans = plans_for(run, &pipeline, &record);
+            // A store that cannot say which agents may take the run's jobs must not
+            // let them go to any agent: the run waits for the next start.
+            let agent_labels = match store.run_agent_labels(run) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%run, "cannot read the run's agent labels, not resubmitting it: {e}");
+                    continue;
+                }
+            };
+            let plans = plans_for(run, &pipeline, &record, &agent_labels);
             engine.send(Input::Submitted {
                 run: Box::new(record),
                 priority: pipeline.priority,
@@ -884,7 +893,15 @@ fn static_context(pipeline: &Pipeline, record: &RunRecord) -> gantry_pipeline::S
 }
 
 /// The scheduler's plans for a stored run.
-pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<JobPlan> {
+/// `agent_labels`: what every agent of the run must carry on top of each job's labels
+/// (an untrusted run's; see [`Store::run_agent_labels`]). They are reserved labels no
+/// pipeline can ask for, so adding them never contradicts a job's own.
+pub fn plans_for(
+    run: RunId,
+    pipeline: &Pipeline,
+    record: &RunRecord,
+    agent_labels: &Labels,
+) -> Vec<JobPlan> {
     let ctx = static_context(pipeline, record);
     let index_of: HashMap<&str, u32> = pipeline
         .jobs
@@ -903,7 +920,11 @@ pub fn plans_for(run: RunId, pipeline: &Pipeline, record: &RunRecord) -> Vec<Job
                 .filter_map(|n| index_of.get(n.as_str()))
                 .map(|&index| JobId { run, index })
                 .collect(),
-            runs_on: required_labels(job, &ctx),
+            runs_on: {
+                let mut labels = required_labels(job, &ctx);
+                labels.extend(agent_labels.clone());
+                labels
+            },
             condition: job.condition.fold(&ctx, &job.matrix),
             manual: job.manual,
             retry: job.retry,
@@ -1085,6 +1106,7 @@ mod tests {
                     let job = JobRecord::pending(JobId { run, index: 0 }, "only".into(), vec![]);
                     (record, vec![job])
                 },
+                &Labels::new(),
                 &crate::store::AuditEntry {
                     at: UnixMillis::now(),
                     actor: "t".into(),
@@ -1127,7 +1149,7 @@ mod tests {
         let text = "jobs:\n  plain:\n    steps: [{ run: x }]\n  options:\n    steps: [{ run: y, continue-on-error: true }]\n  outputs:\n    outputs: { v: '${{ steps.s.outputs.v }}' }\n    steps: [{ id: s, run: z }]\n";
         let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
         let record = run_record(RunId(3), &pipeline.name, text);
-        let plans = plans_for(RunId(3), &pipeline, &record);
+        let plans = plans_for(RunId(3), &pipeline, &record, &Labels::new());
         let needs_execution = |i: usize| plans[i].runs_on.get(&execution_label()).cloned();
         assert_eq!(needs_execution(0), None, "a plain job runs anywhere");
         assert_eq!(needs_execution(1).as_deref(), Some("true"));
@@ -1153,7 +1175,7 @@ mod tests {
         let text = "jobs:\n  a:\n    runs-on: { os: linux }\n    steps: [{ run: x }]\n  b:\n    needs: a\n    image: alpine:3\n    steps: [{ run: y }]\n";
         let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
         let record = run_record(RunId(9), &pipeline.name, text);
-        let plans = plans_for(RunId(9), &pipeline, &record);
+        let plans = plans_for(RunId(9), &pipeline, &record, &Labels::new());
         assert_eq!(
             plans[0].runs_on,
             Labels::from([("os".to_owned(), "linux".to_owned())])

@@ -24,6 +24,7 @@
 //! | `runs` | run number (`u64`) | [`RunRecord`] | `runs` |
 //! | `jobs` | (run, index) (`(u64, u32)`) | [`JobRecord`] | `runs` |
 //! | `job_outputs` | (run, index) (`(u64, u32)`) | the job's `outputs:` values ([`gantry_protocol::Labels`]) | `runs` |
+//! | `run_agent_labels` | run number (`u64`) | labels every agent of the run's jobs must carry ([`gantry_protocol::Labels`]; an untrusted run's) | `runs` |
 //! | `triggers` | pipeline name (`&str`) | [`TriggerRecord`] | `runs` |
 //! | `scheduler_runs` | run number (`u64`) | a run header, as the engine encodes it | `runs` |
 //! | `scheduler_jobs` | (run, index) (`(u64, u32)`) | a job, as the engine encodes it | `runs` |
@@ -40,6 +41,9 @@
 //! | `repos` | name (`&str`) | [`RepoRecord`] | `repos` |
 //! | `run_repos` | run number (`u64`) | [`RunRepoRecord`] | `repos` |
 //! | `repo_hooks` | repository name (`&str`) | [`RepoHookRecord`] | `repos` |
+//! | `repo_status` | repository name (`&str`) | [`RepoStatusRecord`] | `repos` |
+//! | `repo_status` | repository name (`&str`) | [`RepoStatusRecord`] | `repos` |
+//! | `run_agent_labels` | run number (`u64`) | labels every agent of the run's jobs must carry ([`gantry_protocol::Labels`]; an untrusted run's) | `repos` |
 
 use std::path::Path;
 

@@ -20,6 +20,11 @@ const JOBS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jobs");
 /// (postcard reads fields by position, so a new field would make every stored job
 /// unreadable), written in the commit that stores the attempt's result.
 const JOB_OUTPUTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("job_outputs");
+/// Labels every agent of a run's jobs must carry on top of what each job asks for, by
+/// run number → [`Labels`]: an untrusted run's (a fork pull request's jobs go only to
+/// agents for untrusted work). Written in the run's own transaction, so no run is ever
+/// stored without them; runs without a row have none.
+const RUN_AGENT_LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("run_agent_labels");
 /// Pipelines registered for their triggers, by name → [`TriggerRecord`].
 const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
 /// The scheduler's state in parts, each written only when it changes: run headers by
@@ -38,6 +43,8 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreErro
     tx.open_table(JOBS).map_err(eng!("open jobs"))?;
     tx.open_table(JOB_OUTPUTS)
         .map_err(eng!("open job outputs"))?;
+    tx.open_table(RUN_AGENT_LABELS)
+        .map_err(eng!("open run agent labels"))?;
     tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
     tx.open_table(SCHEDULER_RUNS)
         .map_err(eng!("open scheduler runs"))?;
@@ -261,9 +268,12 @@ pub type RunChange = (RunId, Box<dyn Fn(&mut RunRecord) + Send>);
 
 impl Store {
     /// Stores a new run with its jobs, numbering it after the last run, in one commit.
+    /// `agent_labels`: labels every agent of the run's jobs must carry (see
+    /// [`Store::run_agent_labels`]); empty for a trusted run.
     pub fn create_run(
         &self,
         make: impl FnOnce(RunId) -> (RunRecord, Vec<JobRecord>),
+        agent_labels: &Labels,
         audit: &AuditEntry,
     ) -> Result<(RunRecord, Vec<JobRecord>), StoreError> {
         self.write(|tx| {
@@ -283,11 +293,30 @@ impl Store {
                     .map_err(eng!("write job"))?;
             }
             drop(table);
+            if !agent_labels.is_empty() {
+                tx.open_table(RUN_AGENT_LABELS)
+                    .map_err(eng!("open run agent labels"))?
+                    .insert(next, encode(agent_labels)?.as_slice())
+                    .map_err(eng!("write run agent labels"))?;
+            }
             let mut entry = audit.clone();
             entry.detail = format!("run={next} {}", entry.detail);
             Self::append_audit(tx, &entry)?;
             Ok((run, jobs))
         })
+    }
+
+    /// The labels every agent of `run`'s jobs must carry on top of each job's own: an
+    /// untrusted run's; empty for every other run.
+    pub fn run_agent_labels(&self, run: RunId) -> Result<Labels, StoreError> {
+        Ok(self
+            .get(
+                RUN_AGENT_LABELS,
+                run.0,
+                ["open run agent labels", "read run agent labels"],
+                "run agent labels",
+            )?
+            .unwrap_or_default())
     }
 
     pub fn run(&self, run: RunId) -> Result<Option<RunRecord>, StoreError> {

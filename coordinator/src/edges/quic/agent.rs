@@ -20,7 +20,7 @@ use gantry_transport::{Connection, FrameReader, FrameWriter, TransportError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::base::authz::{Principal, Request};
-use crate::base::labels::check_labels;
+use crate::base::labels::check_agent_labels;
 use crate::base::tasks::AbortOnDrop;
 use crate::edges::quic::wire::{
     close_for, refuse, refuse_stream, stream_detail, stream_open, welcome, Numbers,
@@ -48,7 +48,7 @@ pub async fn session(
     let Some(record) = admit(&coord, &conn, &mut writer, &id).await else {
         return;
     };
-    let labels = match check_labels(&hello.labels) {
+    let labels = match check_agent_labels(&hello.labels) {
         Ok(l) => l,
         Err(e) => {
             refuse(

@@ -14,7 +14,8 @@
 //! Fork pull requests follow `gantry_forge::trust`: refused unless the repository was
 //! added with `--allow-fork-pull-requests`; then a pipeline that names a secret, an
 //! environment or a deployment is refused (`trust::check_needs`), so an untrusted run
-//! never receives a secret. The untrusted agent labels are NOT enforced yet.
+//! never receives a secret, and its jobs go only to agents for untrusted work (the
+//! policy's labels, stored with the run: `Store::run_agent_labels`).
 
 use std::sync::Arc;
 
@@ -252,6 +253,9 @@ impl Repos {
         };
         let mut prepared = self.prepare(record, None, Some(target))?;
         prepared.pull_request = Some((pr.number, pr.base_ref.clone()));
+        // Untrusted work goes only to agents for it; a trusted run's privileges ask for
+        // no labels.
+        prepared.agent_labels = privileges.required_agent_labels.clone();
         let cx = Acting::new(actor, UnixMillis::now());
         let view = self.submit(&cx, prepared, "pull_request", Labels::new())?;
         tracing::info!(repo = %record.name, run = %view.run, pr = pr.number, %commit, "pull request started a run");

@@ -389,7 +389,9 @@ impl Repos {
             pr_number: prepared.pull_request.as_ref().map(|(n, _)| *n),
             pr_base: prepared.pull_request.map(|(_, base)| base),
         };
-        Ok(self.runs.submit_from_repo(cx, &submit, &repo)?)
+        Ok(self
+            .runs
+            .submit_from_repo(cx, &submit, &repo, &prepared.agent_labels)?)
     }
 
     /// Fetches the repository, resolves `wanted` (the default branch if `None`; `known`
@@ -448,6 +450,7 @@ impl Repos {
                 target,
                 source: stored.source,
                 pull_request: None,
+                agent_labels: Labels::new(),
             })
         })
     }
@@ -583,6 +586,9 @@ pub struct Prepared {
     pub source: String,
     /// For a pull request's run: its number and target branch (`GANTRY_PR_*`).
     pub pull_request: Option<(u64, String)>,
+    /// Labels every agent of the run's jobs must carry: an untrusted run's
+    /// (`gantry_forge::trust::Privileges::required_agent_labels`); empty otherwise.
+    pub agent_labels: Labels,
 }
 
 /// The history the run's one `.git` carries: the deepest `checkout.depth` any job asks

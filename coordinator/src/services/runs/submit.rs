@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use gantry_protocol::{RunId, RunView, SubmitRun};
+use gantry_protocol::{Labels, RunId, RunView, SubmitRun};
 
 use crate::base::audit::Acting;
 use crate::services::deployments::create_file_environments;
@@ -39,18 +39,21 @@ impl Runs {
 
     /// Checks and stores a run, then hands it to the engine.
     pub fn submit(&self, cx: &Acting<'_>, submit: &SubmitRun) -> Result<RunView, RunError> {
-        self.submit_with(cx, submit, None)
+        self.submit_with(cx, submit, None, &Labels::new())
     }
 
     /// [`Runs::submit`] for a run of a repository's commit, with the repository side
     /// stored before the engine sees the run (its jobs' `GANTRY_REPO`, `git.*`).
+    /// `agent_labels`: what every agent of its jobs must carry (an untrusted run's),
+    /// stored with the run.
     pub fn submit_from_repo(
         &self,
         cx: &Acting<'_>,
         submit: &SubmitRun,
         repo: &RunRepoRecord,
+        agent_labels: &Labels,
     ) -> Result<RunView, RunError> {
-        self.submit_with(cx, submit, Some(repo))
+        self.submit_with(cx, submit, Some(repo), agent_labels)
     }
 
     fn submit_with(
@@ -58,6 +61,7 @@ impl Runs {
         cx: &Acting<'_>,
         submit: &SubmitRun,
         repo: Option<&RunRepoRecord>,
+        agent_labels: &Labels,
     ) -> Result<RunView, RunError> {
         self.disk.check()?;
         let pipeline = gantry_pipeline::parse(&submit.file_name, &submit.text)?;
@@ -126,6 +130,7 @@ impl Runs {
                     .collect();
                 (record, jobs)
             },
+            agent_labels,
             &audit,
         )?;
         if let Some(repo) = repo {
@@ -137,7 +142,7 @@ impl Runs {
                 .as_ref()
                 .is_some_and(|c| c.cancel_in_progress)
         });
-        let plans = plans_for(record.run, &pipeline, &record);
+        let plans = plans_for(record.run, &pipeline, &record, agent_labels);
         let priority = pipeline.priority;
         self.engine.send(Input::Submitted {
             run: Box::new(record.clone()),
