@@ -51,6 +51,11 @@ pub struct CoordinatorConfig {
     /// Outgoing webhook delivery. Left out of the file while it holds the defaults.
     #[serde(default, skip_serializing_if = "WebhooksConfig::is_default")]
     pub webhooks: WebhooksConfig,
+    /// The dashboard's address as people reach it (`https://ci.example.com`, behind a
+    /// proxy or not): commit statuses on the forge link to `PUBLIC_URL/runs/N`. No links
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// `[artifacts]` in `coordinator.toml`. Every field has a default, so the section may be
@@ -264,6 +269,31 @@ impl CoordinatorConfig {
         Ok(config)
     }
 
+    /// `public_url` without its trailing `/`, checked: an http(s) URL of at most 200
+    /// characters with no query, fragment, spaces or control characters (it is put
+    /// into links on forges, so it must be one).
+    pub fn public_url(&self) -> anyhow::Result<Option<String>> {
+        let Some(url) = &self.public_url else {
+            return Ok(None);
+        };
+        let trimmed = url.trim_end_matches('/');
+        let rest = trimmed
+            .strip_prefix("https://")
+            .or_else(|| trimmed.strip_prefix("http://"));
+        let host_ok = rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'));
+        if !host_ok
+            || trimmed.len() > 200
+            || trimmed
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || "?#\"<>".contains(c))
+        {
+            bail!(
+                "public_url {url:?} is not a URL links can point to: give the dashboard's address as people reach it, like \"https://ci.example.com\" (http or https, at most 200 characters, no query or fragment)"
+            );
+        }
+        Ok(Some(trimmed.to_owned()))
+    }
+
     pub fn agent_cert_ttl(&self) -> anyhow::Result<Duration> {
         let d = parse_duration(&self.agent_cert_ttl)?;
         if d < Duration::from_secs(3) {
@@ -336,6 +366,39 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_url_is_an_http_address_without_its_trailing_slash() {
+        let with = |url: &str| CoordinatorConfig {
+            public_url: Some(url.to_owned()),
+            ..toml::from_str("listen = \"127.0.0.1:7443\"\nadvertise = \"h:7443\"\n")
+                .expect("config")
+        };
+        assert_eq!(
+            with("https://ci.example.com/").public_url().expect("ok"),
+            Some("https://ci.example.com".to_owned())
+        );
+        assert_eq!(
+            with("http://10.0.0.5:7080/gantry")
+                .public_url()
+                .expect("ok"),
+            Some("http://10.0.0.5:7080/gantry".to_owned())
+        );
+        for bad in [
+            "ci.example.com",
+            "javascript:alert(1)",
+            "https://",
+            "https:///runs",
+            "https://ci.example.com/?a=1",
+            "https://ci example.com",
+        ] {
+            let e = with(bad).public_url().expect_err(bad).to_string();
+            assert!(
+                e.contains("public_url") && e.contains("https://ci.example.com"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn durations_parse_and_bad_ones_say_how_to_fix() {

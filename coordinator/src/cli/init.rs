@@ -95,6 +95,7 @@ pub fn run(args: &InitArgs) -> Result<(), Failure> {
         agent_binary: None,
         artifacts: crate::base::config::ArtifactsConfig::default(),
         webhooks: crate::base::config::WebhooksConfig::default(),
+        public_url: None,
     };
     config
         .agent_cert_ttl()

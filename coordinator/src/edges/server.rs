@@ -57,6 +57,7 @@ pub async fn run(args: ServerArgs) -> Result<(), ServeError> {
         artifacts: config.artifacts.settings().map_err(setup)?,
         agent_binary: config.agent_binary.as_ref().map(PathBuf::from),
         webhooks: config.webhooks.settings().map_err(setup)?,
+        public_url: config.public_url().map_err(setup)?,
         min_free_space: crate::base::config::parse_bytes(&args.min_free_space)
             .context("--min-free-space")
             .map_err(setup)?,

@@ -50,6 +50,8 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     /// The data directory's low-space watermark in bytes (`--min-free-space`; 0: off).
     pub min_free_space: u64,
+    /// `public_url` from `coordinator.toml`, checked: where links to runs point.
+    pub public_url: Option<String>,
 }
 
 /// Why the coordinator could not be built.
@@ -168,6 +170,7 @@ impl Coordinator {
             secrets.clone(),
             metrics.clone(),
             settings.webhooks.clone(),
+            settings.public_url.clone(),
         );
         forge_status.start(engine.subscribe());
         let repos = Arc::new(Repos::new(

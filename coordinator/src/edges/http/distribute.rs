@@ -356,6 +356,7 @@ mod tests {
             agent_binary: None,
             artifacts: crate::base::config::ArtifactsConfig::default(),
             webhooks: crate::base::config::WebhooksConfig::default(),
+            public_url: None,
         };
         let loopback = "127.0.0.1:7080".parse().expect("addr");
         let public = "0.0.0.0:8443".parse().expect("addr");

@@ -47,6 +47,8 @@ pub struct ForgeStatus {
     secrets: Arc<Secrets>,
     metrics: Arc<Metrics>,
     settings: WebhookSettings,
+    /// Where links to runs point (`coordinator.toml`'s `public_url`); none without it.
+    public_url: Option<String>,
     shared: Mutex<Shared>,
 }
 
@@ -71,6 +73,7 @@ impl ForgeStatus {
         secrets: Arc<Secrets>,
         metrics: Arc<Metrics>,
         settings: WebhookSettings,
+        public_url: Option<String>,
     ) -> Arc<Self> {
         let config = ReporterConfig {
             retry_base_ms: millis(settings.retry_base),
@@ -86,6 +89,7 @@ impl ForgeStatus {
             secrets,
             metrics,
             settings,
+            public_url,
             shared: Mutex::new(Shared {
                 reporter: Reporter::new(config),
                 out: HashMap::new(),
@@ -235,8 +239,10 @@ impl ForgeStatus {
             context: run_context(&run.pipeline),
             state,
             description: format!("run {} {}", run.run, state.as_str()),
-            // The coordinator has no configured public address to link to yet.
-            target_url: None,
+            target_url: self
+                .public_url
+                .as_ref()
+                .map(|base| format!("{base}/runs/{}", run.run)),
             git_ref: Some(run.git_ref.clone()).filter(|r| !r.is_empty()),
         };
         match StatusChange::new(&record.name, &target, update) {
