@@ -612,21 +612,21 @@ mod tests {
 
     #[test]
     fn api_bases_follow_each_forges_convention() {
-        assert_eq!(
-            default_api_base(Forge::Github, "https://github.com/"),
-            "https://api.github.com"
-        );
-        assert_eq!(
-            default_api_base(Forge::Github, "https://ghe.corp"),
-            "https://ghe.corp/api/v3"
-        );
-        assert_eq!(
-            default_api_base(Forge::Gitea, "https://git.lan/"),
-            "https://git.lan/api/v1"
-        );
-        assert_eq!(
-            default_api_base(Forge::Gitlab, "https://gl.lan/gitlab"),
-            "https://gl.lan/gitlab/api/v4"
-        );
+        for (forge, web, api) in [
+            (
+                Forge::Github,
+                "https://github.com/",
+                "https://api.github.com",
+            ),
+            (Forge::Github, "https://ghe.corp", "https://ghe.corp/api/v3"),
+            (Forge::Gitea, "https://git.lan/", "https://git.lan/api/v1"),
+            (
+                Forge::Gitlab,
+                "https://gl.lan/gitlab",
+                "https://gl.lan/gitlab/api/v4",
+            ),
+        ] {
+            assert_eq!(default_api_base(forge, web), api, "{web}");
+        }
     }
 }

@@ -178,6 +178,7 @@ fn check_index_path(path: &str) -> Result<(), GitError> {
 }
 
 /// Stat data of one file as git's index records it.
+#[derive(Default)]
 struct Stat {
     ctime: (u32, u32),
     mtime: (u32, u32),
@@ -255,16 +256,8 @@ fn write_index(
             adjusted += 1;
         }
         let stat = if entry.mode == 0o160_000 {
-            // git compares nothing of a submodule's directory but its existence.
-            Stat {
-                ctime: (0, 0),
-                mtime: (0, 0),
-                dev: 0,
-                ino: 0,
-                uid: 0,
-                gid: 0,
-                size: 0,
-            }
+            // git compares nothing of a submodule's directory but its existence: zeros.
+            Stat::default()
         } else {
             stat_of(&meta)
         };

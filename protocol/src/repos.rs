@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Labels, UnixMillis};
+use crate::Labels;
 
 /// How the coordinator authenticates to a repository's server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,35 +57,67 @@ pub struct RunRepo {
     pub inputs: Labels,
 }
 
-/// A repository as admins see it (never its credentials).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RepoView {
-    pub name: String,
-    pub url: String,
-    pub forge: Option<String>,
-    /// `none`, `token from secret NAME` or `ssh key`.
-    pub auth: String,
-    pub pipeline_file: String,
-    pub poll_secs: Option<u64>,
-    pub created_at: UnixMillis,
-    pub created_by: String,
-    /// The last fetch that succeeded.
-    pub fetched_at: Option<UnixMillis>,
-    /// The last fetch's error, cleared by the next success.
-    pub last_error: Option<String>,
-    /// Branch and tag heads as of the last fetch: (full ref, commit).
-    pub heads: Vec<(String, String)>,
-    /// Webhook deliveries (`POST /hooks/repos/NAME`): `off`, or the secret they are
-    /// signed with and whether fork pull requests run.
-    #[serde(default)]
-    pub webhook: String,
-    /// Where commit statuses go (`POST {api}/...`), or why none are sent.
-    #[serde(default)]
-    pub status_api: String,
-    /// The last commit statuses that did not reach the forge (attempts that failed,
-    /// statuses given up or refused), oldest first, one line each.
-    #[serde(default)]
-    pub status_failures: Vec<String>,
+/// Declares a struct with a repository's fields as [`RepoView`] shows them, how it
+/// authenticates (`$auth`) and its branch and tag heads (`heads`) of the types given,
+/// and goes on with the fields given. The coordinator's stored repository record is
+/// declared with it too: postcard reads fields by position, so one list keeps the two
+/// in step (the store's tests pin the record's bytes, so a field added here is caught
+/// there before it changes what is on disk).
+#[macro_export]
+macro_rules! repo_struct {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident {
+            $(#[$auth_attr:meta])*
+            pub $auth:ident: $auth_type:ty,
+            $(#[$heads_attr:meta])*
+            pub heads: $heads_type:ty,
+            $($(#[$field_attr:meta])* pub $field:ident: $type:ty,)*
+        }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            pub name: String,
+            pub url: String,
+            /// `gitea`, `gitlab` or `github`, as `gantry_forge::Forge` names them.
+            pub forge: Option<String>,
+            $(#[$auth_attr])*
+            pub $auth: $auth_type,
+            pub pipeline_file: String,
+            pub poll_secs: Option<u64>,
+            pub created_at: $crate::UnixMillis,
+            pub created_by: String,
+            /// The last fetch that succeeded.
+            pub fetched_at: Option<$crate::UnixMillis>,
+            /// The last fetch's error, cleared by the next success.
+            pub last_error: Option<String>,
+            $(#[$heads_attr])*
+            pub heads: $heads_type,
+            $($(#[$field_attr])* pub $field: $type,)*
+        }
+    };
+}
+
+repo_struct! {
+    /// A repository as admins see it (never its credentials).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RepoView {
+        /// `none`, `token from secret NAME` or `ssh key`.
+        pub auth: String,
+        /// Branch and tag heads as of the last fetch: (full ref, commit).
+        pub heads: Vec<(String, String)>,
+        /// Webhook deliveries (`POST /hooks/repos/NAME`): `off`, or the secret they are
+        /// signed with and whether fork pull requests run.
+        #[serde(default)]
+        pub webhook: String,
+        /// Where commit statuses go (`POST {api}/...`), or why none are sent.
+        #[serde(default)]
+        pub status_api: String,
+        /// The last commit statuses that did not reach the forge (attempts that failed,
+        /// statuses given up or refused), oldest first, one line each.
+        #[serde(default)]
+        pub status_failures: Vec<String>,
+    }
 }
 
 /// How a source archive built from a commit starts its root `.git` entry: a regular

@@ -210,7 +210,12 @@ async fn ask_peer(
     let dialer =
         gantry_transport::Dialer::new(agent_tls(dir, peer_id), false).map_err(|e| e.to_string())?;
     let conn = dialer
-        .connect_peer(agent_tls(dir, peer_id), address, Duration::from_secs(5))
+        .connect_with(
+            agent_tls(dir, peer_id),
+            gantry_transport::Dialled::Peer,
+            address,
+            Duration::from_secs(5),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let (mut writer, mut reader) = conn.open_stream().await.map_err(|e| e.to_string())?;

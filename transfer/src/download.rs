@@ -255,15 +255,163 @@ pub async fn download_tree(
     // written some: what it created at the top of `dest` goes again, and the destination
     // is left as it was found (apart from files it replaced, as any failed merge).
     let created = absent_top_levels(&manifest, dest);
-    let downloaded = download_rounds(
-        sources,
-        manifest_digest,
-        manifest,
-        cache,
-        dest,
-        existing,
-        options,
-    )
+    // The work: fetch and extract, again for chunks found corrupt.
+    let downloaded: Result<DownloadFigures, TransferError> = async {
+        let (conn, grant) = (sources.coordinator, sources.grant);
+        let chunks = chunk_list(&manifest);
+        let _pin = cache.pin(chunks.iter().map(|(d, _)| *d));
+        let mut figures = DownloadFigures {
+            chunks: chunks.len() as u64,
+            ..DownloadFigures::default()
+        };
+        for entry in &manifest.entries {
+            if let EntryKind::File { size, .. } = &entry.kind {
+                figures.files += 1;
+                figures.bytes += size;
+            }
+        }
+        let mut mode = existing;
+        let mut round = 0;
+        loop {
+            // Extraction runs while the chunks arrive, each file written as soon as its
+            // chunks are in the cache (it waits for the ones that are not yet): the machine
+            // that fetched 1 GiB and then wrote it left a core idle for the whole write.
+            let started = Instant::now();
+            let fetch_ended = FetchEnded::default();
+            let uncached: Vec<(Digest, u32)> = chunks
+                .iter()
+                .filter(|(d, _)| !cache.contains(d))
+                .copied()
+                .collect();
+            // With every chunk cached already (a cache restored again), nothing arrives
+            // and the files can be written by several threads at once.
+            let all_cached = uncached.is_empty();
+            // The fetch keeps within a window of the extraction (in memory), unless it
+            // fetches ranges for peers, or chunks found corrupt, which the extraction
+            // reaches in no particular order.
+            let alongside = round == 0 && sources.swarm.peers.is_empty() && !all_cached;
+            let (ahead_limit, fetch_ahead) = if alongside {
+                let (limit, ahead) = AheadLimit::new(&chunks);
+                (Some(limit), Some(ahead))
+            } else {
+                (None, None)
+            };
+            // The chunks of large files go from the fetch to the extraction in memory, and
+            // the cache then keeps them in the files written: a first download writes its
+            // bytes once. Not for a swarm (peers read this host's range from its segments
+            // as it arrives), nor across filesystems (the cache links the files).
+            let handoff = if alongside && cache.same_filesystem(dest) {
+                Some(HandOff::new(chunks_to_hand_off(&manifest, &uncached)))
+            } else {
+                None
+            };
+            let kept_handoff = handoff.clone();
+            let extracting = {
+                let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
+                let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
+                let handoff = handoff.clone();
+                tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    let result = if all_cached {
+                        extract_all_cached(&manifest, &dest, &cache, mode).map(|()| 0)
+                    } else {
+                        let waiting = Arrivals {
+                            cache: &cache,
+                            ended: &ended,
+                            runtime: &runtime,
+                            ahead: ahead_limit.map(std::cell::RefCell::new),
+                            cached: std::cell::RefCell::new(cache.reader()),
+                            handoff: handoff.as_ref(),
+                        };
+                        extract_from_cache(&manifest, &dest, &cache, mode, &waiting)
+                    };
+                    (result, started.elapsed())
+                })
+            };
+            let fetched = async {
+                let wanted = if round == 0 && !sources.swarm.peers.is_empty() {
+                    fetch_from_swarm(
+                        sources,
+                        manifest_digest,
+                        &chunks,
+                        cache,
+                        options,
+                        &mut figures,
+                    )
+                    .await?;
+                    // What the peers did not bring.
+                    uncached
+                        .into_iter()
+                        .filter(|(d, _)| !cache.contains(d))
+                        .collect()
+                } else {
+                    uncached
+                };
+                fetch_into_cache(
+                    conn,
+                    grant,
+                    manifest_digest,
+                    wanted,
+                    cache,
+                    options,
+                    &mut figures,
+                    SEGMENT_DEFAULT,
+                    fetch_ahead,
+                    handoff,
+                )
+                .await
+            }
+            .await;
+            figures.fetch_time += started.elapsed();
+            // The extraction now finds every chunk that came, or stops at the first that
+            // did not.
+            drop(fetch_ended);
+            let waited = Instant::now();
+            let (extracted, extracting_time) = extracting
+                .await
+                .map_err(|e| TransferError::Corrupt(format!("extraction stopped: {e}")))?;
+            let extracted = extracted.map(|kept| figures.chunks_kept_in_place += kept);
+            // An extraction that stopped early leaves chunks handed to it unextracted (up to
+            // the hand-off's 128 MiB: the fetch runs on to the end once the extraction is
+            // gone). They arrived and were verified, so the next attempt must not fetch
+            // them again.
+            if let Some(handoff) = kept_handoff {
+                let cache = cache.clone();
+                match tokio::task::spawn_blocking(move || cache.keep_handed_off(&handoff)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("cannot cache chunks a failed extraction left: {e}"),
+                    Err(e) => tracing::warn!("caching chunks a failed extraction left stopped: {e}"),
+                }
+            }
+            // What extraction took beyond the fetch (its whole time when every chunk was in
+            // the cache already).
+            figures.extract_time += waited.elapsed().min(extracting_time);
+            fetched?;
+            match extracted {
+                Ok(()) => return Ok(figures),
+                // A cached chunk went bad: check every cached chunk of the tree once (a disk
+                // that damaged one may have damaged more), drop the bad ones, fetch them
+                // again and finish the tree, now merging over what the first pass wrote.
+                Err(BadChunk(digest)) if round < MAX_REFETCH_ROUNDS => {
+                    let (cache2, chunks2) = (cache.clone(), chunks.clone());
+                    let purged = tokio::task::spawn_blocking(move || purge_corrupt(&cache2, &chunks2))
+                        .await
+                        .map_err(|e| TransferError::Corrupt(format!("cache check stopped: {e}")))?;
+                    tracing::warn!(chunk = %digest, purged, "cached chunks were corrupt; fetching them again");
+                    figures.chunks_refetched += purged.max(1);
+                    mode = Existing::Merge;
+                    round += 1;
+                }
+                Err(BadChunk(digest)) => {
+                    return Err(TransferError::Corrupt(format!(
+                        "chunk {digest} arrived corrupt {} times in a row: the coordinator or the link is damaging data",
+                        MAX_REFETCH_ROUNDS + 1
+                    )))
+                }
+                Err(Other(e)) => return Err(e),
+            }
+        }
+    }
     .await;
     if downloaded.is_err() {
         remove_created(dest, &created);
@@ -303,172 +451,6 @@ fn remove_created(dest: &Path, names: &[String]) {
             Err(e) => {
                 tracing::warn!(path = %path.display(), "cannot remove what a failed download wrote: {e}");
             }
-        }
-    }
-}
-
-/// [`download_tree`]'s work: fetch and extract, again for chunks found corrupt.
-async fn download_rounds(
-    sources: Sources<'_>,
-    manifest_digest: &Digest,
-    manifest: Arc<Manifest>,
-    cache: &ChunkCache,
-    dest: &Path,
-    existing: Existing,
-    options: &TransferOptions,
-) -> Result<DownloadFigures, TransferError> {
-    let (conn, grant) = (sources.coordinator, sources.grant);
-    let chunks = chunk_list(&manifest);
-    let _pin = cache.pin(chunks.iter().map(|(d, _)| *d));
-    let mut figures = DownloadFigures {
-        chunks: chunks.len() as u64,
-        ..DownloadFigures::default()
-    };
-    for entry in &manifest.entries {
-        if let EntryKind::File { size, .. } = &entry.kind {
-            figures.files += 1;
-            figures.bytes += size;
-        }
-    }
-    let mut mode = existing;
-    let mut round = 0;
-    loop {
-        // Extraction runs while the chunks arrive, each file written as soon as its
-        // chunks are in the cache (it waits for the ones that are not yet): the machine
-        // that fetched 1 GiB and then wrote it left a core idle for the whole write.
-        let started = Instant::now();
-        let fetch_ended = FetchEnded::default();
-        let uncached: Vec<(Digest, u32)> = chunks
-            .iter()
-            .filter(|(d, _)| !cache.contains(d))
-            .copied()
-            .collect();
-        // With every chunk cached already (a cache restored again), nothing arrives
-        // and the files can be written by several threads at once.
-        let all_cached = uncached.is_empty();
-        // The fetch keeps within a window of the extraction (in memory), unless it
-        // fetches ranges for peers, or chunks found corrupt, which the extraction
-        // reaches in no particular order.
-        let alongside = round == 0 && sources.swarm.peers.is_empty() && !all_cached;
-        let (ahead_limit, fetch_ahead) = if alongside {
-            let (limit, ahead) = AheadLimit::new(&chunks);
-            (Some(limit), Some(ahead))
-        } else {
-            (None, None)
-        };
-        // The chunks of large files go from the fetch to the extraction in memory, and
-        // the cache then keeps them in the files written: a first download writes its
-        // bytes once. Not for a swarm (peers read this host's range from its segments
-        // as it arrives), nor across filesystems (the cache links the files).
-        let handoff = if alongside && cache.same_filesystem(dest) {
-            Some(HandOff::new(chunks_to_hand_off(&manifest, &uncached)))
-        } else {
-            None
-        };
-        let kept_handoff = handoff.clone();
-        let extracting = {
-            let (manifest, cache, dest) = (manifest.clone(), cache.clone(), dest.to_path_buf());
-            let (ended, runtime) = (fetch_ended.flag(), tokio::runtime::Handle::current());
-            let handoff = handoff.clone();
-            tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let result = if all_cached {
-                    extract_all_cached(&manifest, &dest, &cache, mode).map(|()| 0)
-                } else {
-                    let waiting = Arrivals {
-                        cache: &cache,
-                        ended: &ended,
-                        runtime: &runtime,
-                        ahead: ahead_limit.map(std::cell::RefCell::new),
-                        cached: std::cell::RefCell::new(cache.reader()),
-                        handoff: handoff.as_ref(),
-                    };
-                    extract_from_cache(&manifest, &dest, &cache, mode, &waiting)
-                };
-                (result, started.elapsed())
-            })
-        };
-        let fetched = async {
-            let wanted = if round == 0 && !sources.swarm.peers.is_empty() {
-                fetch_from_swarm(
-                    sources,
-                    manifest_digest,
-                    &chunks,
-                    cache,
-                    options,
-                    &mut figures,
-                )
-                .await?;
-                // What the peers did not bring.
-                uncached
-                    .into_iter()
-                    .filter(|(d, _)| !cache.contains(d))
-                    .collect()
-            } else {
-                uncached
-            };
-            fetch_into_cache(
-                conn,
-                grant,
-                manifest_digest,
-                wanted,
-                cache,
-                options,
-                &mut figures,
-                SEGMENT_DEFAULT,
-                fetch_ahead,
-                handoff,
-            )
-            .await
-        }
-        .await;
-        figures.fetch_time += started.elapsed();
-        // The extraction now finds every chunk that came, or stops at the first that
-        // did not.
-        drop(fetch_ended);
-        let waited = Instant::now();
-        let (extracted, extracting_time) = extracting
-            .await
-            .map_err(|e| TransferError::Corrupt(format!("extraction stopped: {e}")))?;
-        let extracted = extracted.map(|kept| figures.chunks_kept_in_place += kept);
-        // An extraction that stopped early leaves chunks handed to it unextracted (up to
-        // the hand-off's 128 MiB: the fetch runs on to the end once the extraction is
-        // gone). They arrived and were verified, so the next attempt must not fetch
-        // them again.
-        if let Some(handoff) = kept_handoff {
-            let cache = cache.clone();
-            match tokio::task::spawn_blocking(move || cache.keep_handed_off(&handoff)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!("cannot cache chunks a failed extraction left: {e}"),
-                Err(e) => tracing::warn!("caching chunks a failed extraction left stopped: {e}"),
-            }
-        }
-        // What extraction took beyond the fetch (its whole time when every chunk was in
-        // the cache already).
-        figures.extract_time += waited.elapsed().min(extracting_time);
-        fetched?;
-        match extracted {
-            Ok(()) => return Ok(figures),
-            // A cached chunk went bad: check every cached chunk of the tree once (a disk
-            // that damaged one may have damaged more), drop the bad ones, fetch them
-            // again and finish the tree, now merging over what the first pass wrote.
-            Err(BadChunk(digest)) if round < MAX_REFETCH_ROUNDS => {
-                let (cache2, chunks2) = (cache.clone(), chunks.clone());
-                let purged = tokio::task::spawn_blocking(move || purge_corrupt(&cache2, &chunks2))
-                    .await
-                    .map_err(|e| TransferError::Corrupt(format!("cache check stopped: {e}")))?;
-                tracing::warn!(chunk = %digest, purged, "cached chunks were corrupt; fetching them again");
-                figures.chunks_refetched += purged.max(1);
-                mode = Existing::Merge;
-                round += 1;
-            }
-            Err(BadChunk(digest)) => {
-                return Err(TransferError::Corrupt(format!(
-                    "chunk {digest} arrived corrupt {} times in a row: the coordinator or the link is damaging data",
-                    MAX_REFETCH_ROUNDS + 1
-                )))
-            }
-            Err(Other(e)) => return Err(e),
         }
     }
 }

@@ -543,6 +543,33 @@ pub struct PathFigures {
     pub black_holes: u64,
 }
 
+/// What a client connection dials: the server name the handshake asks for, and what a
+/// timeout says it waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialled {
+    /// The coordinator.
+    Coordinator,
+    /// Another agent's peer listener (`tls` from `gantry_certs::PeerTls`, which checks
+    /// the peer's identity; the server name is only a placeholder).
+    Peer,
+}
+
+impl Dialled {
+    fn server_name(self) -> &'static str {
+        match self {
+            Self::Coordinator => gantry_protocol::COORDINATOR_SERVER_NAME,
+            Self::Peer => gantry_protocol::PEER_SERVER_NAME,
+        }
+    }
+
+    fn handshake(self) -> &'static str {
+        match self {
+            Self::Coordinator => "the coordinator to answer the handshake",
+            Self::Peer => "the peer to answer the handshake",
+        }
+    }
+}
+
 /// A client endpoint: one UDP socket from which connections are made.
 #[derive(Debug)]
 pub struct Dialer {
@@ -598,71 +625,35 @@ impl Dialer {
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
-        self.dial(self.config.clone(), address, deadline).await
+        self.dial(self.config.clone(), Dialled::Coordinator, address, deadline)
+            .await
     }
 
-    /// Like [`Self::connect`], but with another TLS identity; lets one UDP socket carry the
-    /// connections of many identities (load harnesses holding thousands of agents).
-    pub async fn connect_as(
+    /// Like [`Self::connect`], but with another TLS identity and to `to`: lets one UDP
+    /// socket carry the connections of many identities (load harnesses holding thousands
+    /// of agents), and agents dial each other's peer listeners.
+    pub async fn connect_with(
         &self,
         tls: rustls::ClientConfig,
+        to: Dialled,
         address: &str,
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
         let config = client_config(tls, self.profile)?;
-        self.dial(config, address, deadline).await
-    }
-
-    /// Connects to another agent's peer listener (`tls` from `gantry_certs::PeerTls`,
-    /// which checks the peer's identity; the server name is only a placeholder).
-    pub async fn connect_peer(
-        &self,
-        tls: rustls::ClientConfig,
-        address: &str,
-        deadline: Duration,
-    ) -> Result<Connection, TransportError> {
-        let config = client_config(tls, self.profile)?;
-        self.dial_named(
-            config,
-            address,
-            (
-                gantry_protocol::PEER_SERVER_NAME,
-                "the peer to answer the handshake",
-            ),
-            deadline,
-        )
-        .await
+        self.dial(config, to, address, deadline).await
     }
 
     async fn dial(
         &self,
         config: quinn::ClientConfig,
+        to: Dialled,
         address: &str,
-        deadline: Duration,
-    ) -> Result<Connection, TransportError> {
-        self.dial_named(
-            config,
-            address,
-            (
-                gantry_protocol::COORDINATOR_SERVER_NAME,
-                "the coordinator to answer the handshake",
-            ),
-            deadline,
-        )
-        .await
-    }
-
-    async fn dial_named(
-        &self,
-        config: quinn::ClientConfig,
-        address: &str,
-        (server_name, what): (&str, &'static str),
         deadline: Duration,
     ) -> Result<Connection, TransportError> {
         let addr = resolve(address)?;
         let connecting = self
             .endpoint
-            .connect_with(config, addr, server_name)
+            .connect_with(config, addr, to.server_name())
             .map_err(|e| TransportError::Connect {
                 address: address.to_owned(),
                 detail: e.to_string(),
@@ -677,7 +668,7 @@ impl Dialer {
                 other => other,
             }),
             Err(_) => Err(TransportError::Timeout {
-                what,
+                what: to.handshake(),
                 after: deadline,
             }),
         }

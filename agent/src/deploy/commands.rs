@@ -52,6 +52,7 @@ impl AdHocCommands {
     pub fn run(&self, command: ExecCommand) {
         let me = self.clone();
         tokio::spawn(async move {
+            // The wire carries the error as text (`ExecDone.result`).
             let result = me.execute(&command).await.map_err(|e| e.to_string());
             let _ = me.out.send(AgentMessage::ExecDone {
                 id: command.id,

@@ -204,6 +204,7 @@ impl Deployer {
         tokio::spawn(async move {
             let _serial = app_lock.lock().await;
             let mut log = Vec::new();
+            // The wire carries the error as text (`DeployResult.outcome`).
             let outcome = me.step(&command, &mut log).await.map_err(|e| e.to_string());
             if let Err(e) = &outcome {
                 log.push(format!("\u{2716} {e}"));

@@ -288,6 +288,24 @@ mod tests {
 
     #[tokio::test]
     async fn the_chunker_keeps_head_and_tail_and_says_what_was_cut() {
+        let pieces = (0..30u8).map(|i| vec![b'a' + (i % 26); 100]).collect();
+        let (text, chunks, produced) = chunk_all(pieces, 1000).await;
+        assert!(text.starts_with(&"a".repeat(100)), "head kept");
+        assert!(
+            text.contains("[gantry: 2000 bytes were cut from the middle of this log"),
+            "{text}"
+        );
+        assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
+        assert_eq!(produced, chunks);
+    }
+
+    async fn chunked(pieces: Vec<Vec<u8>>, cap: u64) -> String {
+        chunk_all(pieces, cap).await.0
+    }
+
+    /// The log `pieces` come to under `cap`, the chunks it took and the chunks the
+    /// progress says were produced.
+    async fn chunk_all(pieces: Vec<Vec<u8>>, cap: u64) -> (String, u64, u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, rx) = mpsc::channel(16);
         let (progress, _) = watch::channel(LogProgress::default());
@@ -296,36 +314,6 @@ mod tests {
             Masker::new([]),
             dir.path().to_path_buf(),
             progress.clone(),
-            1000,
-        ));
-        for i in 0..30u8 {
-            tx.send(vec![b'a' + (i % 26); 100]).await.expect("send");
-        }
-        drop(tx);
-        let chunks = task.await.expect("chunker");
-        let mut log = Vec::new();
-        for seq in 0..chunks {
-            log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
-        }
-        let text = String::from_utf8_lossy(&log);
-        assert!(text.starts_with(&"a".repeat(100)), "head kept");
-        assert!(
-            text.contains("[gantry: 2000 bytes were cut from the middle of this log"),
-            "{text}"
-        );
-        assert!(text.ends_with(&"d".repeat(100)), "tail kept: {text}");
-        assert_eq!(progress.borrow().produced, chunks);
-    }
-
-    async fn chunked(pieces: Vec<Vec<u8>>, cap: u64) -> String {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (tx, rx) = mpsc::channel(16);
-        let (progress, _) = watch::channel(LogProgress::default());
-        let task = tokio::spawn(chunk_log(
-            rx,
-            Masker::new([]),
-            dir.path().to_path_buf(),
-            progress,
             cap,
         ));
         for piece in pieces {
@@ -337,7 +325,8 @@ mod tests {
         for seq in 0..chunks {
             log.extend(std::fs::read(chunk_path(dir.path(), seq)).expect("chunk"));
         }
-        String::from_utf8(log).expect("utf8")
+        let produced = progress.borrow().produced;
+        (String::from_utf8(log).expect("utf8"), chunks, produced)
     }
 
     /// A log longer than the head but within the cap used to lose everything past the

@@ -23,7 +23,7 @@ use gantry_protocol::{
 use tokio::sync::watch;
 
 use crate::base::mask::Masker;
-use crate::base::outputs::parse_output_file;
+use crate::base::outputs::{parse_output_file, OutputFileError};
 use crate::runner::docker::DockerRunner;
 use crate::runner::isolation::Sandbox;
 use crate::runner::shell::ShellRunner;
@@ -210,7 +210,11 @@ impl StepLoop<'_> {
                 number,
             ) {
                 Ok(command) => command,
-                Err(message) => return JobOutcome::Error { message },
+                Err(e) => {
+                    return JobOutcome::Error {
+                        message: e.to_string(),
+                    }
+                }
             };
             let step_deadline = options.timeout_ms.map_or(job_deadline, |ms| {
                 job_deadline.min(tokio::time::Instant::now() + Duration::from_millis(ms))
@@ -354,6 +358,18 @@ fn step_output_reference(expr: &str) -> Option<(&str, &str)> {
     (!step.is_empty() && !name.is_empty() && !name.contains('.')).then_some((step, name))
 }
 
+/// Why a step's command line could not be made.
+#[derive(Debug, thiserror::Error)]
+enum CommandLineError {
+    #[error("step {number}: a step with `shell: {template}` runs its script from a file, and a secret must never reach the disk; pass the secret in the step's env: and read the variable instead")]
+    SecretInFile { number: usize, template: String },
+    #[error("cannot write {}: {source}", file.display())]
+    Write {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// What runs a step's script under its `shell`. The script goes in an argument, never a
 /// file, since it may hold secrets (which never reach the disk); only a command
 /// template (`{0}` is a file) gets a file, so its script may not name a secret.
@@ -364,7 +380,7 @@ fn command_line(
     temp: &Path,
     seen_temp: &str,
     number: usize,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, CommandLineError> {
     let own = |args: &[&str]| args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
     let mut argv = match shell {
         Shell::Sh => own(&["/bin/sh", "-e", "-c"]),
@@ -373,14 +389,15 @@ fn command_line(
         Shell::Pwsh => own(&["pwsh", "-NoProfile", "-NonInteractive", "-Command"]),
         Shell::Command(template) => {
             if written_script.contains("${{") && written_script.contains("secrets.") {
-                return Err(format!(
-                    "step {number}: a step with `shell: {template}` runs its script from a file, and a secret must never reach the disk; pass the secret in the step's env: and read the variable instead"
-                ));
+                return Err(CommandLineError::SecretInFile {
+                    number,
+                    template: template.clone(),
+                });
             }
             let name = format!("step-{number}");
             let file = temp.join(&name);
             std::fs::write(&file, script)
-                .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+                .map_err(|source| CommandLineError::Write { file, source })?;
             let seen = format!("{seen_temp}/{name}");
             return Ok(template
                 .split_whitespace()
@@ -392,15 +409,23 @@ fn command_line(
     Ok(argv)
 }
 
+/// Why a step's outputs could not be taken (the step then fails).
+#[derive(Debug, thiserror::Error)]
+enum ReadOutputsError {
+    #[error("cannot read $GANTRY_OUTPUT: {0}")]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Refused(#[from] OutputFileError),
+}
+
 /// What a step wrote to its `$GANTRY_OUTPUT` file (no more than the limit is read).
-fn read_outputs(path: &Path) -> Result<BTreeMap<String, String>, String> {
+fn read_outputs(path: &Path) -> Result<BTreeMap<String, String>, ReadOutputsError> {
     use std::io::Read as _;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read $GANTRY_OUTPUT: {e}"))?;
+    let file = std::fs::File::open(path)?;
     let mut bytes = Vec::new();
     file.take(gantry_protocol::limits::MAX_OUTPUT_FILE_BYTES as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read $GANTRY_OUTPUT: {e}"))?;
-    parse_output_file(&bytes).map_err(|e| e.to_string())
+        .read_to_end(&mut bytes)?;
+    Ok(parse_output_file(&bytes)?)
 }
 
 /// The job's `outputs:` filled in from what its steps wrote; a value holding a secret

@@ -45,16 +45,19 @@ pub enum IsolationMode {
     Off,
 }
 
-impl std::str::FromStr for IsolationMode {
-    type Err = String;
+/// An `--isolation` value that is neither `required` nor `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid isolation {0:?}: expected required or off")]
+pub struct BadIsolationMode(String);
 
-    fn from_str(text: &str) -> Result<Self, String> {
+impl std::str::FromStr for IsolationMode {
+    type Err = BadIsolationMode;
+
+    fn from_str(text: &str) -> Result<Self, BadIsolationMode> {
         match text {
             "required" => Ok(Self::Required),
             "off" => Ok(Self::Off),
-            _ => Err(format!(
-                "invalid isolation {text:?}: expected required or off"
-            )),
+            _ => Err(BadIsolationMode(text.to_owned())),
         }
     }
 }
@@ -82,13 +85,16 @@ impl UidRange {
     }
 }
 
-impl std::str::FromStr for UidRange {
-    type Err = String;
+/// A `--job-uids` value that is not a range of uids jobs may run as.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid uid range {0:?}: expected FIRST-LAST, like 90000-90999, with 1000 <= FIRST <= LAST < 4294967295")]
+pub struct BadUidRange(String);
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("invalid uid range {text:?}: expected FIRST-LAST, like 90000-90999, with 1000 <= FIRST <= LAST < 4294967295")
-        };
+impl std::str::FromStr for UidRange {
+    type Err = BadUidRange;
+
+    fn from_str(text: &str) -> Result<Self, BadUidRange> {
+        let bad = || BadUidRange(text.to_owned());
         let (a, b) = text.split_once('-').ok_or_else(bad)?;
         let first: u32 = a.trim().parse().map_err(|_| bad())?;
         let last: u32 = b.trim().parse().map_err(|_| bad())?;
@@ -141,7 +147,7 @@ pub fn decide(
     mode: IsolationMode,
     uids: UidRange,
     slots: u32,
-    privilege: Result<(), String>,
+    privilege: Result<(), PrivilegeError>,
     cgroups: Result<Option<Cgroups>, String>,
 ) -> Isolation {
     match (mode, privilege) {
@@ -182,16 +188,35 @@ pub fn default_mode() -> IsolationMode {
     }
 }
 
+/// Why the agent cannot isolate jobs: what [`privilege`] found missing.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("cannot read /proc/self/status to check capabilities: {0}")]
+    Unreadable(#[source] std::io::Error),
+    #[error(transparent)]
+    Missing(#[from] MissingCaps),
+}
+
+/// Capabilities isolation needs that the agent's process lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the agent runs as uid {uid} without {}", missing.join(", "))]
+pub struct MissingCaps {
+    /// The real uid, as `/proc/self/status` gives it (`?` if it does not).
+    pub uid: String,
+    /// The names of the missing capabilities, in `NEEDED_CAPS` order.
+    pub missing: Vec<&'static str>,
+}
+
 /// Whether this process holds every capability isolation needs (root normally does);
 /// Err names the missing ones and the user the agent runs as.
-pub fn privilege() -> Result<(), String> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status to check capabilities: {e}"))?;
-    missing_caps(&status)
+pub fn privilege() -> Result<(), PrivilegeError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(PrivilegeError::Unreadable)?;
+    Ok(missing_caps(&status)?)
 }
 
 /// The pure half of [`privilege`]: reads `CapEff` and `Uid` from a `/proc/PID/status`.
-fn missing_caps(status: &str) -> Result<(), String> {
+fn missing_caps(status: &str) -> Result<(), MissingCaps> {
     let field = |name: &str| {
         status
             .lines()
@@ -212,10 +237,10 @@ fn missing_caps(status: &str) -> Result<(), String> {
     let uid = field("Uid:")
         .and_then(|u| u.split_whitespace().nth(1))
         .unwrap_or("?");
-    Err(format!(
-        "the agent runs as uid {uid} without {}",
-        missing.join(", ")
-    ))
+    Err(MissingCaps {
+        uid: uid.to_owned(),
+        missing,
+    })
 }
 
 /// A job's own identity on this host.
@@ -616,16 +641,29 @@ mod tests {
         assert_eq!((r.first, r.last, r.len()), (90000, 90999, 1000));
         assert_eq!(r.free(|u| u < 90002), Some(90002));
         for bad in ["", "90000", "5-10", "2000-1000", "a-b", "1000-4294967295"] {
-            let err = bad.parse::<UidRange>().expect_err(bad);
+            let err = bad.parse::<UidRange>().expect_err(bad).to_string();
             assert!(err.contains("expected FIRST-LAST"), "{err}");
         }
+    }
+
+    fn missing(uid: &str, cap: &'static str) -> PrivilegeError {
+        PrivilegeError::Missing(MissingCaps {
+            uid: uid.to_owned(),
+            missing: vec![cap],
+        })
     }
 
     #[test]
     fn a_required_isolation_without_privilege_refuses_and_says_why() {
         let uids: UidRange = "90000-90001".parse().expect("range");
         assert_eq!(
-            decide(IsolationMode::Off, uids, 8, Err("x".into()), Ok(None)),
+            decide(
+                IsolationMode::Off,
+                uids,
+                8,
+                Err(missing("1000", "x")),
+                Ok(None)
+            ),
             Isolation::Off
         );
         assert_eq!(
@@ -652,7 +690,7 @@ mod tests {
             IsolationMode::Required,
             uids,
             1,
-            Err("the agent runs as uid 1000 without CAP_SETUID".into()),
+            Err(missing("1000", "CAP_SETUID")),
             Ok(None),
         ) else {
             panic!("no privilege");
@@ -666,7 +704,7 @@ mod tests {
         let root = "Uid:\t0\t0\t0\t0\nCapEff:\t000001ffffffffff\n";
         assert_eq!(missing_caps(root), Ok(()));
         let user = "Uid:\t1000\t1000\t1000\t1000\nCapEff:\t00000000000000c0\n";
-        let err = missing_caps(user).expect_err("unprivileged");
+        let err = missing_caps(user).expect_err("unprivileged").to_string();
         assert!(
             err.starts_with("the agent runs as uid 1000 without CAP_CHOWN"),
             "{err}"

@@ -366,15 +366,23 @@ pub struct RestoredCache {
     pub exact: bool,
 }
 
+/// "F files, SIZE; VERB M of C chunks (BYTES)": the start of an upload's or a
+/// download's line of figures, `moved` the chunks and bytes that travelled.
+fn transfer_line(files: u64, bytes: u64, verb: &str, moved: (u64, u64), chunks: u64) -> String {
+    format!(
+        "{files} files, {}; {verb} {} of {chunks} chunks ({})",
+        gantry_transfer::human_bytes(bytes),
+        moved.0,
+        gantry_transfer::human_bytes(moved.1),
+    )
+}
+
 /// One line of figures for an upload, as the job log shows it.
 fn describe_upload(f: &UploadFigures) -> String {
+    let sent = (f.chunks_sent, f.bytes_sent);
     format!(
-        "{} files, {}; sent {} of {} chunks ({}) in {:.2} s",
-        f.files,
-        gantry_transfer::human_bytes(f.bytes),
-        f.chunks_sent,
-        f.chunks,
-        gantry_transfer::human_bytes(f.bytes_sent),
+        "{} in {:.2} s",
+        transfer_line(f.files, f.bytes, "sent", sent, f.chunks),
         f.time.as_secs_f64(),
     )
 }
@@ -394,13 +402,10 @@ fn describe_download(f: &DownloadFigures) -> String {
     } else {
         String::new()
     };
+    let fetched = (f.chunks_fetched, f.bytes_fetched);
     format!(
-        "{} files, {}; fetched {} of {} chunks ({}){refetched} in {:.2} s, extracted in {:.2} s{in_place}",
-        f.files,
-        gantry_transfer::human_bytes(f.bytes),
-        f.chunks_fetched,
-        f.chunks,
-        gantry_transfer::human_bytes(f.bytes_fetched),
+        "{}{refetched} in {:.2} s, extracted in {:.2} s{in_place}",
+        transfer_line(f.files, f.bytes, "fetched", fetched, f.chunks),
         f.fetch_time.as_secs_f64(),
         f.extract_time.as_secs_f64(),
     )

@@ -274,7 +274,12 @@ impl PeerService {
         )
         .map_err(PeerError::Tls)?;
         dialer
-            .connect_peer(tls, &peer.address, limits::PEER_CONNECT_DEADLINE)
+            .connect_with(
+                tls,
+                gantry_transport::Dialled::Peer,
+                &peer.address,
+                limits::PEER_CONNECT_DEADLINE,
+            )
             .await
             .map_err(PeerError::Connect)
     }

@@ -122,14 +122,8 @@ pub struct Counts {
 impl Store {
     /// Stores a new token and its audit entry.
     pub fn create_token(&self, token: &TokenRecord, audit: &AuditEntry) -> Result<(), StoreError> {
-        self.write(|tx| {
-            let mut tokens = tx.open_table(TOKENS).map_err(eng!("open tokens"))?;
-            tokens
-                .insert(token.id.as_str(), encode(token)?.as_slice())
-                .map_err(eng!("write token"))?;
-            drop(tokens);
-            Self::append_audit(tx, audit)
-        })
+        let ops = ["open tokens", "write token"];
+        self.put_audited(TOKENS, token.id.as_str(), token, ops, audit)
     }
 
     /// Atomically checks the token (`secret_ok` tells whether the presented secret matched

@@ -6,7 +6,7 @@ use gantry_protocol::UnixMillis;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::db::{collect, encode, eng, Store, StoreError};
+use super::db::{collect, encode, eng, engine, KeyName, Store, StoreError};
 
 /// Audit entries by number (from 1, in the order written) → [`AuditEntry`].
 pub(super) const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
@@ -42,6 +42,25 @@ impl Store {
             .insert(next, encode(entry)?.as_slice())
             .map_err(eng!("write audit"))?;
         Ok(())
+    }
+
+    /// Writes `record` under `key` in `table` with its audit entry, in one commit. `ops`
+    /// name opening the table and writing the row in an engine error.
+    pub(super) fn put_audited<K: KeyName, T: Serialize>(
+        &self,
+        table: TableDefinition<'_, K, &'static [u8]>,
+        key: K::SelfType<'_>,
+        record: &T,
+        ops: [&'static str; 2],
+        audit: &AuditEntry,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let mut rows = tx.open_table(table).map_err(|e| engine(ops[0])(&e))?;
+            rows.insert(key, encode(record)?.as_slice())
+                .map_err(|e| engine(ops[1])(&e))?;
+            drop(rows);
+            Self::append_audit(tx, audit)
+        })
     }
 
     /// Appends an audit entry on its own.

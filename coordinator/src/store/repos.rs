@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use gantry_protocol::{RunId, UnixMillis};
+use gantry_protocol::RunId;
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -43,26 +43,19 @@ pub enum RepoCredentials {
     SshKey(Vec<u8>),
 }
 
-/// A repository as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RepoRecord {
-    pub name: String,
-    pub url: String,
-    /// `gitea`, `gitlab` or `github`, as `gantry_forge::Forge` names them.
-    pub forge: Option<String>,
-    pub credentials: RepoCredentials,
-    pub pipeline_file: String,
-    pub poll_secs: Option<u64>,
-    pub created_at: UnixMillis,
-    pub created_by: String,
-    pub fetched_at: Option<UnixMillis>,
-    pub last_error: Option<String>,
-    /// Branch and tag heads after the last fetch (full ref → commit hex): what the
-    /// poller compares the next fetch with.
-    pub heads: BTreeMap<String, String>,
-    /// Unix seconds up to which the pipeline's `on.schedule` has been checked (a
-    /// firing after this starts a run of the default branch's head).
-    pub schedule_checked_until: u64,
+gantry_protocol::repo_struct! {
+    /// A repository as stored: its view's fields with its credentials and its heads as a
+    /// map, then what only the store keeps.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RepoRecord {
+        pub credentials: RepoCredentials,
+        /// Branch and tag heads after the last fetch (full ref → commit hex): what the
+        /// poller compares the next fetch with.
+        pub heads: BTreeMap<String, String>,
+        /// Unix seconds up to which the pipeline's `on.schedule` has been checked (a
+        /// firing after this starts a run of the default branch's head).
+        pub schedule_checked_until: u64,
+    }
 }
 
 /// How a repository takes webhook deliveries (`POST /hooks/repos/NAME`).
@@ -227,5 +220,42 @@ impl Store {
             ["open run repos", "read run repo"],
             "run repo",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gantry_protocol::UnixMillis;
+
+    use super::super::db::decode;
+    use super::*;
+
+    /// A repository record as coordinators wrote it when its fields were listed here
+    /// (postcard: `app` at `https://g/app` on `gitea`, a token from secret `tok`, pipeline
+    /// file `.gantry.yml`, polled every 60 s, created by `t` at 5, fetched at 7 without
+    /// an error, `main` at `abc`, schedules checked up to 9).
+    const REPO: &[u8] = b"\x03app\x0dhttps://g/app\x01\x05gitea\x01\x03tok\x0b.gantry.yml\x01\x3c\x05\x01t\x01\x07\x00\x01\x0frefs/heads/main\x03abc\x09";
+
+    #[test]
+    fn repo_records_keep_their_layout() {
+        let record: RepoRecord = decode("repo", "app", REPO).expect("decode");
+        assert_eq!(
+            record,
+            RepoRecord {
+                name: "app".into(),
+                url: "https://g/app".into(),
+                forge: Some("gitea".into()),
+                credentials: RepoCredentials::TokenSecret("tok".into()),
+                pipeline_file: ".gantry.yml".into(),
+                poll_secs: Some(60),
+                created_at: UnixMillis(5),
+                created_by: "t".into(),
+                fetched_at: Some(UnixMillis(7)),
+                last_error: None,
+                heads: BTreeMap::from([("refs/heads/main".into(), "abc".into())]),
+                schedule_checked_until: 9,
+            }
+        );
+        assert_eq!(encode(&record).expect("encode"), REPO);
     }
 }

@@ -59,16 +59,8 @@ impl Store {
         token: &LoginTokenRecord,
         audit: &AuditEntry,
     ) -> Result<(), StoreError> {
-        self.write(|tx| {
-            let mut table = tx
-                .open_table(LOGIN_TOKENS)
-                .map_err(eng!("open login tokens"))?;
-            table
-                .insert(token.id.as_str(), encode(token)?.as_slice())
-                .map_err(eng!("write login token"))?;
-            drop(table);
-            Self::append_audit(tx, audit)
-        })
+        let ops = ["open login tokens", "write login token"];
+        self.put_audited(LOGIN_TOKENS, token.id.as_str(), token, ops, audit)
     }
 
     pub fn login_token(&self, id: &str) -> Result<Option<LoginTokenRecord>, StoreError> {

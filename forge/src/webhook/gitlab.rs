@@ -12,7 +12,7 @@
 use serde::Deserialize;
 
 use super::read::{
-    display_text, label_names, push_kind, Ctx, Delivery, PushCommit, RepoFields, WebhookError,
+    display_text, label_names, Ctx, Delivery, PushCommit, PushParts, RepoFields, WebhookError,
 };
 use crate::types::{quote, EventKind, PullRequest, PullRequestAction, RepoIdentity};
 
@@ -81,46 +81,39 @@ struct ProjectOnly {
     project: Option<Project>,
 }
 
+impl From<Project> for RepoFields {
+    fn from(p: Project) -> Self {
+        RepoFields {
+            name_field: "path_with_namespace",
+            full_name: p.path_with_namespace,
+            id: p.id,
+            clone_urls: [p.git_http_url, p.git_ssh_url],
+            web_url: p.web_url,
+        }
+    }
+}
+
 pub(super) fn peek_repository(body: &[u8]) -> Result<RepoIdentity, WebhookError> {
     let ctx = Ctx::peek(crate::Forge::Gitlab);
     let payload: ProjectOnly = ctx.json(body)?;
-    identity(&ctx, payload.project, "project")
-}
-
-fn identity(
-    ctx: &Ctx,
-    project: Option<Project>,
-    field: &str,
-) -> Result<RepoIdentity, WebhookError> {
-    let fields = project.map(|p| RepoFields {
-        name_field: "path_with_namespace",
-        full_name: p.path_with_namespace,
-        id: p.id,
-        clone_urls: [p.git_http_url, p.git_ssh_url],
-        web_url: p.web_url,
-    });
-    ctx.identity(fields, field)
+    ctx.identity(payload.project, "project")
 }
 
 pub(super) fn push(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookError> {
     let p: PushPayload = ctx.json(body)?;
-    let git_ref = match ctx.push_ref(p.git_ref)? {
-        Ok(git_ref) => git_ref,
-        Err(ignored) => return Ok(ignored),
-    };
-    let repository = identity(ctx, p.project, "project")?;
-    let actor = ctx.name(p.user_username.or(p.user_name), "user_username")?;
     let total = p.total_commits_count;
-    let kind = push_kind(
-        ctx,
-        git_ref,
-        p.before.as_deref(),
-        p.after.as_deref(),
-        false,
-        p.commits.unwrap_or_default(),
-        |listed| total.is_none_or(|total| total <= listed as u64),
-    )?;
-    Ok(ctx.event(repository, actor, kind))
+    let push = PushParts {
+        git_ref: p.git_ref,
+        before: p.before,
+        after: p.after,
+        deleted: false,
+        commits: p.commits,
+        repository: (p.project.map(RepoFields::from), "project"),
+        actor: (p.user_username.or(p.user_name), "user_username"),
+    };
+    ctx.push(push, |listed| {
+        total.is_none_or(|total| total <= listed as u64)
+    })
 }
 
 pub(super) fn merge_request(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookError> {
@@ -147,7 +140,7 @@ pub(super) fn merge_request(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookE
         }
         None => return Err(ctx.malformed("object_attributes.action is missing")),
     };
-    let repository = identity(ctx, p.project, "project")?;
+    let repository = ctx.identity(p.project, "project")?;
     let actor = ctx.name(p.user.and_then(|u| u.username), "user.username")?;
     let number = mr
         .iid
@@ -167,7 +160,7 @@ pub(super) fn merge_request(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookE
     let head_repository = match mr.source {
         Some(mut source) => {
             source.id = source.id.or(mr.source_project_id);
-            Some(identity(ctx, Some(source), "object_attributes.source")?)
+            Some(ctx.identity(Some(source), "object_attributes.source")?)
         }
         None => None,
     };

@@ -15,7 +15,7 @@
 use serde::Deserialize;
 
 use super::read::{
-    display_text, label_names, push_kind, Ctx, Delivery, PushCommit, RepoFields, WebhookError,
+    display_text, label_names, Ctx, Delivery, PushCommit, PushParts, RepoFields, WebhookError,
 };
 use crate::types::{EventKind, Forge, GitRef, PullRequest, PullRequestAction, RepoIdentity};
 
@@ -107,53 +107,52 @@ struct RepoOnly {
     repository: Option<Repo>,
 }
 
+impl From<Repo> for RepoFields {
+    fn from(r: Repo) -> Self {
+        RepoFields {
+            name_field: "full_name",
+            full_name: r.full_name,
+            id: r.id,
+            clone_urls: [r.clone_url, r.ssh_url],
+            web_url: r.html_url,
+        }
+    }
+}
+
 pub(super) fn peek_repository(forge: Forge, body: &[u8]) -> Result<RepoIdentity, WebhookError> {
     let ctx = Ctx::peek(forge);
     let payload: RepoOnly = ctx.json(body)?;
-    identity(&ctx, payload.repository, "repository")
+    ctx.identity(payload.repository, "repository")
 }
 
-fn identity(ctx: &Ctx, repo: Option<Repo>, field: &str) -> Result<RepoIdentity, WebhookError> {
-    let fields = repo.map(|r| RepoFields {
-        name_field: "full_name",
-        full_name: r.full_name,
-        id: r.id,
-        clone_urls: [r.clone_url, r.ssh_url],
-        web_url: r.html_url,
-    });
-    ctx.identity(fields, field)
-}
-
-fn actor(ctx: &Ctx, sender: Option<User>, fallback: Option<User>) -> Result<String, WebhookError> {
-    let handle = sender
+/// The handle of the user acting: `sender`'s, else `fallback`'s (GitHub's `pusher`).
+fn handle(sender: Option<User>, fallback: Option<User>) -> Option<String> {
+    sender
         .and_then(User::handle)
-        .or_else(|| fallback.and_then(User::handle));
-    ctx.name(handle, "sender.login")
+        .or_else(|| fallback.and_then(User::handle))
+}
+
+fn actor(ctx: &Ctx, sender: Option<User>) -> Result<String, WebhookError> {
+    ctx.name(handle(sender, None), "sender.login")
 }
 
 pub(super) fn push(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookError> {
     let p: PushPayload = ctx.json(body)?;
-    let git_ref = match ctx.push_ref(p.git_ref)? {
-        Ok(git_ref) => git_ref,
-        Err(ignored) => return Ok(ignored),
+    let (forge, total) = (ctx.forge, p.total_commits);
+    let push = PushParts {
+        git_ref: p.git_ref,
+        before: p.before,
+        after: p.after,
+        deleted: p.deleted == Some(true),
+        commits: p.commits,
+        repository: (p.repository.map(RepoFields::from), "repository"),
+        actor: (handle(p.sender, p.pusher), "sender.login"),
     };
-    let repository = identity(ctx, p.repository, "repository")?;
-    let actor = actor(ctx, p.sender, p.pusher)?;
-    let forge = ctx.forge;
-    let kind = push_kind(
-        ctx,
-        git_ref,
-        p.before.as_deref(),
-        p.after.as_deref(),
-        p.deleted == Some(true),
-        p.commits.unwrap_or_default(),
-        |listed| match (forge, p.total_commits) {
-            (_, Some(total)) => total <= listed as u64,
-            (Forge::Github, None) => listed < GITHUB_MAX_LISTED_COMMITS,
-            (_, None) => true,
-        },
-    )?;
-    Ok(ctx.event(repository, actor, kind))
+    ctx.push(push, |listed| match (forge, total) {
+        (_, Some(total)) => total <= listed as u64,
+        (Forge::Github, None) => listed < GITHUB_MAX_LISTED_COMMITS,
+        (_, None) => true,
+    })
 }
 
 pub(super) fn gitea_delete(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookError> {
@@ -172,8 +171,8 @@ pub(super) fn gitea_delete(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookEr
             )))
         }
     };
-    let repository = identity(ctx, p.repository, "repository")?;
-    let actor = actor(ctx, p.sender, None)?;
+    let repository = ctx.identity(p.repository, "repository")?;
+    let actor = actor(ctx, p.sender)?;
     let kind = EventKind::RefDeleted {
         git_ref,
         before: None,
@@ -199,8 +198,8 @@ pub(super) fn pull_request(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookEr
             )))
         }
     };
-    let repository = identity(ctx, p.repository, "repository")?;
-    let actor = actor(ctx, p.sender, None)?;
+    let repository = ctx.identity(p.repository, "repository")?;
+    let actor = actor(ctx, p.sender)?;
     let pr = p
         .pull_request
         .ok_or_else(|| ctx.malformed("pull_request is missing"))?;
@@ -233,7 +232,7 @@ pub(super) fn pull_request(ctx: &Ctx, body: &[u8]) -> Result<Delivery, WebhookEr
     // A deleted fork leaves no repository on the head; whatever cannot be compared
     // counts as a fork.
     let head_repository = match head.repo {
-        Some(repo) => Some(identity(ctx, Some(repo), "pull_request.head.repo")?),
+        Some(repo) => Some(ctx.identity(Some(repo), "pull_request.head.repo")?),
         None => None,
     };
     let from_fork = match (head_id, base_id, &head_repository) {

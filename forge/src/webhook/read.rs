@@ -215,10 +215,12 @@ impl Ctx {
     /// The identity of the required repository object at `field`.
     pub fn identity(
         &self,
-        repo: Option<RepoFields>,
+        repo: Option<impl Into<RepoFields>>,
         field: &str,
     ) -> Result<RepoIdentity, WebhookError> {
-        let repo = repo.ok_or_else(|| self.malformed(format!("{field} is missing")))?;
+        let repo: RepoFields = repo
+            .ok_or_else(|| self.malformed(format!("{field} is missing")))?
+            .into();
         Ok(RepoIdentity {
             full_name: self.name(repo.full_name, &format!("{field}.{}", repo.name_field))?,
             id: repo.id,
@@ -264,10 +266,52 @@ pub(crate) struct PushCommit {
     removed: Option<Vec<String>>,
 }
 
+/// A push payload's fields, whatever the forge calls them.
+pub(crate) struct PushParts {
+    pub git_ref: Option<String>,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    /// Whether the forge says the ref was deleted (GitHub's `deleted`).
+    pub deleted: bool,
+    pub commits: Option<Vec<PushCommit>>,
+    /// The repository object, and the field it is read from.
+    pub repository: (Option<RepoFields>, &'static str),
+    /// Who pushed, and the field it is read from.
+    pub actor: (Option<String>, &'static str),
+}
+
+impl Ctx {
+    /// What a push asks for: nothing for a ref that is neither a branch nor a tag, else
+    /// the push (or deletion) of the repository by the actor. `listed_all(n)` says
+    /// whether `n` listed commits are all the push had.
+    pub fn push(
+        &self,
+        push: PushParts,
+        listed_all: impl FnOnce(usize) -> bool,
+    ) -> Result<Delivery, WebhookError> {
+        let git_ref = match self.push_ref(push.git_ref)? {
+            Ok(git_ref) => git_ref,
+            Err(ignored) => return Ok(ignored),
+        };
+        let repository = self.identity(push.repository.0, push.repository.1)?;
+        let actor = self.name(push.actor.0, push.actor.1)?;
+        let kind = push_kind(
+            self,
+            git_ref,
+            push.before.as_deref(),
+            push.after.as_deref(),
+            push.deleted,
+            push.commits.unwrap_or_default(),
+            listed_all,
+        )?;
+        Ok(self.event(repository, actor, kind))
+    }
+}
+
 /// A push of `git_ref` from `before` to `after` as the forge wrote them: a deletion
 /// when `after` is all zeros or the forge says so, else the push with its changed
 /// paths. `listed_all(n)` says whether `n` listed commits are all the push had.
-pub(crate) fn push_kind(
+fn push_kind(
     ctx: &Ctx,
     git_ref: crate::GitRef,
     before: Option<&str>,

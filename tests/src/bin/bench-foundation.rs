@@ -245,8 +245,9 @@ async fn hold_agents(
             let slot = limit.acquire().await?;
             let ca_der = gantry_certs::pem_to_der(&ca)?;
             let conn = dialer
-                .connect_as(
+                .connect_with(
                     ClientTls::mutual(&ca_der, &creds, &creds)?,
+                    gantry_transport::Dialled::Coordinator,
                     &address,
                     Duration::from_secs(30),
                 )

@@ -41,7 +41,7 @@ use gantry_protocol::{
     Intent, JobId, JobOutcome, JobResult, Labels, RunningJob, UnixMillis,
 };
 use gantry_tests::load::{now_ns, LoadEvent};
-use gantry_transport::{Dialer, FrameWriter, Profile};
+use gantry_transport::{Dialer, Dialled, FrameWriter, Profile};
 use tokio::sync::{mpsc, Semaphore};
 
 /// The real agent's handshake deadline (agent/src/session.rs).
@@ -390,7 +390,7 @@ async fn session(
     // A fresh TLS configuration per connection, as the real agent makes one per session.
     let tls = ClientTls::mutual(&shared.ca_der, &identity.pem, &identity.pem).ok()?;
     let conn = dialer
-        .connect_as(tls, &shared.address, CONNECT_DEADLINE)
+        .connect_with(tls, Dialled::Coordinator, &shared.address, CONNECT_DEADLINE)
         .await
         .ok()?;
     let (mut writer, mut reader) = conn.open_control().await.ok()?;

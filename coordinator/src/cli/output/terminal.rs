@@ -132,6 +132,11 @@ mod tests {
         String::from_utf8_lossy(bytes).into_owned()
     }
 
+    /// `raw`, neutralised, reads `shown`.
+    fn assert_shown(raw: &[u8], shown: &str) {
+        assert_eq!(show(&neutralise(raw)), shown, "{raw:?}");
+    }
+
     #[test]
     fn colours_newlines_tabs_and_carriage_returns_pass() {
         let text = b"\x1b[1;31merror\x1b[0m: x\tgot\r\n\x1b[m\x1b[38;5;208mo\x1b[38:2:1:2:3m";
@@ -144,14 +149,8 @@ mod tests {
 
     #[test]
     fn osc_clipboard_and_title_are_shown_escaped() {
-        assert_eq!(
-            show(&neutralise(b"a\x1b]52;c;ZXZpbA==\x07b")),
-            "a\\x1b]52;c;ZXZpbA==\\x07b"
-        );
-        assert_eq!(
-            show(&neutralise(b"\x1b]0;owned\x1b\\")),
-            "\\x1b]0;owned\\x1b\\"
-        );
+        assert_shown(b"a\x1b]52;c;ZXZpbA==\x07b", "a\\x1b]52;c;ZXZpbA==\\x07b");
+        assert_shown(b"\x1b]0;owned\x1b\\", "\\x1b]0;owned\\x1b\\");
     }
 
     #[test]
@@ -165,21 +164,15 @@ mod tests {
             (b"\x1bc", "\\x1bc"),
             (b"\x1bP1$r\x1b\\", "\\x1bP1$r\\x1b\\"),
         ] {
-            assert_eq!(show(&neutralise(raw)), shown, "{raw:?}");
+            assert_shown(raw, shown);
         }
     }
 
     #[test]
     fn other_c0_controls_del_and_c1_are_shown_escaped() {
-        assert_eq!(
-            show(&neutralise(b"a\x07b\x08c\x00d\x7f")),
-            "a\\x07b\\x08c\\x00d\\x7f"
-        );
+        assert_shown(b"a\x07b\x08c\x00d\x7f", "a\\x07b\\x08c\\x00d\\x7f");
         // U+009B (8-bit CSI) and U+009D (8-bit OSC) in UTF-8.
-        assert_eq!(
-            show(&neutralise(b"\xc2\x9b2J \xc2\x9d0;t")),
-            "\\xc2\\x9b2J \\xc2\\x9d0;t"
-        );
+        assert_shown(b"\xc2\x9b2J \xc2\x9d0;t", "\\xc2\\x9b2J \\xc2\\x9d0;t");
         // Other characters starting with 0xC2 are text.
         assert_eq!(
             neutralise("\u{a9}\u{bf}".as_bytes()),

@@ -10,7 +10,8 @@ use gantry_deploy::gates::{Purpose, Request, Rules, Stage};
 use gantry_deploy::{Amount, Limits, Strategy};
 use gantry_pipeline::DeploySpec;
 use gantry_protocol::{
-    AppSpec, Attempt, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest, UnixMillis,
+    AppSpec, ArtifactView, Attempt, EnvRelease, Hooks, JobId, Labels, ReleaseSpec, RollbackRequest,
+    RunId, UnixMillis,
 };
 
 use super::error::DeployError;
@@ -67,19 +68,7 @@ impl Manager {
         let env = self.environment(&deploy.environment)?;
         let branch = run.git_ref.clone();
         let request = self.admit(&env, &run.created_by, Purpose::Release { branch })?;
-        let artifact = self
-            .store
-            .artifacts_of(job.run)
-            .map_err(DeployError::store(format!(
-                "reading the artifacts of run {}",
-                job.run
-            )))?
-            .into_iter()
-            .find(|a| a.name == deploy.artifact)
-            .ok_or_else(|| DeployError::NoArtifact {
-                run: job.run,
-                artifact: deploy.artifact.clone(),
-            })?;
+        let artifact = self.artifact(job.run, &deploy.artifact)?;
         self.check_secrets(deploy, &env.name)?;
         let hex = artifact.manifest.to_string();
         let short = hex.trim_start_matches(gantry_protocol::DIGEST_PREFIX);
@@ -132,6 +121,35 @@ impl Manager {
             .environment(name)
             .map_err(DeployError::store(format!("reading environment {name}")))?
             .ok_or_else(|| DeployError::NoEnvironment(name.to_owned()))
+    }
+
+    /// The artifact `name` of run `run`: what a deploy job of that run releases.
+    fn artifact(&self, run: RunId, name: &str) -> Result<ArtifactView, DeployError> {
+        self.store
+            .artifacts_of(run)
+            .map_err(DeployError::store(format!(
+                "reading the artifacts of run {run}"
+            )))?
+            .into_iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| DeployError::NoArtifact {
+                run,
+                artifact: name.to_owned(),
+            })
+    }
+
+    /// The deployment that installed `release`: a rollback to it deploys its app again.
+    fn source_of(&self, release: &EnvRelease) -> Result<DeploymentRecord, DeployError> {
+        let deployment = release.deployment;
+        self.store
+            .deployment(deployment)
+            .map_err(DeployError::store(format!(
+                "reading deployment {deployment}"
+            )))?
+            .ok_or_else(|| DeployError::SourceGone {
+                deployment,
+                release: release.release.id.clone(),
+            })
     }
 
     /// Every secret the deployment names exists and may go to this environment.
@@ -299,17 +317,7 @@ impl Manager {
                 })?,
         }
         .clone();
-        let source = self
-            .store
-            .deployment(target.deployment)
-            .map_err(DeployError::store(format!(
-                "reading deployment {}",
-                target.deployment
-            )))?
-            .ok_or_else(|| DeployError::SourceGone {
-                deployment: target.deployment,
-                release: target.release.id.clone(),
-            })?;
+        let source = self.source_of(&target)?;
         let record = self.create(
             now,
             &env,
@@ -324,15 +332,11 @@ impl Manager {
             None,
             &format!("rollback from={}", current.release.id),
         )?;
-        Ok(self.start_requested(
-            now,
-            record.id,
-            request,
-            format!(
-                "rollback of {} from {} to {} requested by {actor}",
-                env.name, current.release.id, target.release.id
-            ),
-        ))
+        let what = format!(
+            "rollback of {} from {} to {} requested by {actor}",
+            env.name, current.release.id, target.release.id
+        );
+        Ok(self.start_requested(now, record.id, request, what))
     }
 
     /// `gantry agents upgrade`: the agent binary to the matching agents, in waves of
@@ -393,17 +397,13 @@ impl Manager {
             None,
             &format!("agent upgrade select={select:?} sha256={}", binary.sha256),
         )?;
-        Ok(self.start_requested(
-            now,
-            record.id,
-            request,
-            format!(
-                "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
-                binary.version,
-                labels_text(select),
-                batch.max(1)
-            ),
-        ))
+        let what = format!(
+            "agent upgrade to {} ({short}) of the agents matching {}, {} at a time",
+            binary.version,
+            labels_text(select),
+            batch.max(1)
+        );
+        Ok(self.start_requested(now, record.id, request, what))
     }
 
     /// A deployment an operator asked for, just stored: logs `what` on it, then feeds its

@@ -463,13 +463,7 @@ impl Repos {
         mirror: &Mirror,
     ) -> Result<BTreeMap<String, String>, RepoError> {
         let fetched = mirror.fetch(&Fetch::All).and_then(|()| heads_of(mirror));
-        self.note_fetch(
-            &record.name,
-            fetched
-                .as_ref()
-                .map(Clone::clone)
-                .map_err(ToString::to_string),
-        );
+        self.note_fetch(&record.name, fetched.as_ref());
         fetched.map_err(|source| RepoError::Git {
             repo: record.name.clone(),
             source,
@@ -477,15 +471,15 @@ impl Repos {
     }
 
     /// Records a fetch's outcome on the repository: its heads, or its error.
-    fn note_fetch(&self, name: &str, outcome: Result<BTreeMap<String, String>, String>) {
+    fn note_fetch(&self, name: &str, outcome: Result<&BTreeMap<String, String>, &GitError>) {
         let now = gantry_protocol::UnixMillis::now();
         let updated = self.store.update_repo(name, |r| match outcome {
             Ok(heads) => {
-                r.heads = heads;
+                r.heads.clone_from(heads);
                 r.fetched_at = Some(now);
                 r.last_error = None;
             }
-            Err(e) => r.last_error = Some(e),
+            Err(e) => r.last_error = Some(e.to_string()),
         });
         if let Err(e) = updated {
             tracing::warn!(repo = name, "cannot record the fetch: {e}");

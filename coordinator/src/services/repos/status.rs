@@ -21,7 +21,8 @@ use gantry_forge::reporter::{
     Command, Event, Reporter, ReporterConfig, RequestId, SendResult, StatusChange,
 };
 use gantry_forge::status::{
-    default_api_base, forge_state, run_context, GantryState, StatusTarget, StatusUpdate,
+    default_api_base, forge_state, run_context, GantryState, StatusError, StatusTarget,
+    StatusUpdate,
 };
 use gantry_forge::{CommitId, Forge};
 use gantry_protocol::{RunId, UnixMillis};
@@ -39,6 +40,18 @@ const ATTEMPTS_KEPT: usize = 10;
 /// Runs whose last reported state is remembered, so a re-broadcast is not sent twice
 /// (GitLab refuses a transition to the state a status already has).
 const RUNS_REMEMBERED: usize = 4096;
+
+/// Why a repository's commit statuses cannot be sent; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+enum StatusSetupError {
+    #[error("cannot report statuses: secret {0} is not set")]
+    NoToken(String),
+    /// The clone URL (credentials redacted) no API address can be derived from.
+    #[error("cannot report statuses: no forge API address can be derived from {0}; add the repository with --api-url")]
+    NoApiBase(String),
+    #[error("cannot report statuses: {0}")]
+    Target(#[from] StatusError),
+}
 
 /// The forge-status service; one per coordinator.
 #[derive(Debug)]
@@ -207,7 +220,7 @@ impl ForgeStatus {
             Ok(Some(t)) => t,
             Ok(None) => return None,
             Err(reason) => {
-                self.note(&record.name, reason);
+                self.note(&record.name, reason.to_string());
                 return None;
             }
         };
@@ -256,7 +269,7 @@ impl ForgeStatus {
 
     /// Where `record`'s statuses go: `None` without a forge or a token; an error
     /// saying what to fix when they cannot be sent.
-    fn target(&self, record: &RepoRecord) -> Result<Option<StatusTarget>, String> {
+    fn target(&self, record: &RepoRecord) -> Result<Option<StatusTarget>, StatusSetupError> {
         let Some(forge) = forge_of(record) else {
             return Ok(None);
         };
@@ -267,11 +280,14 @@ impl ForgeStatus {
         let token = self
             .secrets
             .value(secret)
-            .ok_or_else(|| format!("cannot report statuses: secret {secret} is not set"))?;
+            .ok_or_else(|| StatusSetupError::NoToken(secret.to_owned()))?;
         let api = api_base(record, &given, forge)?;
-        StatusTarget::new(forge, &api, &project_of(forge, &record.url), &token)
-            .map(Some)
-            .map_err(|e| format!("cannot report statuses: {e}"))
+        Ok(Some(StatusTarget::new(
+            forge,
+            &api,
+            &project_of(forge, &record.url),
+            &token,
+        )?))
     }
 
     /// What `gantry repos show` says about `record`'s statuses.
@@ -285,7 +301,7 @@ impl ForgeStatus {
         }
         match api_base(record, &given, forge) {
             Ok(api) => format!("{api} ({})", project_of(forge, &record.url)),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 
@@ -352,18 +368,17 @@ fn token_secret<'a>(record: &'a RepoRecord, given: &'a RepoStatusRecord) -> Opti
 }
 
 /// The forge's API base: the admin's, else derived from the clone URL.
-fn api_base(record: &RepoRecord, given: &RepoStatusRecord, forge: Forge) -> Result<String, String> {
+fn api_base(
+    record: &RepoRecord,
+    given: &RepoStatusRecord,
+    forge: Forge,
+) -> Result<String, StatusSetupError> {
     if let Some(api) = &given.api_url {
         return Ok(api.clone());
     }
     web_base(&record.url)
         .map(|web| default_api_base(forge, &web))
-        .ok_or_else(|| {
-            format!(
-                "cannot report statuses: no forge API address can be derived from {}; add the repository with --api-url",
-                gantry_git::redact(&record.url)
-            )
-        })
+        .ok_or_else(|| StatusSetupError::NoApiBase(gantry_git::redact(&record.url)))
 }
 
 fn millis(d: std::time::Duration) -> u64 {
@@ -452,35 +467,25 @@ mod tests {
 
     #[test]
     fn forge_addresses_come_from_clone_urls() {
-        assert_eq!(
-            web_base("https://tok@git.lan:3000/team/app.git").as_deref(),
-            Some("https://git.lan:3000")
-        );
-        assert_eq!(
-            web_base("git@github.com:octo/hello.git").as_deref(),
-            Some("https://github.com")
-        );
-        assert_eq!(
-            web_base("ssh://git@gl.lan:2222/g/s/app").as_deref(),
-            Some("https://gl.lan")
-        );
-        assert_eq!(web_base("file:///srv/app"), None);
-        assert_eq!(web_base("/srv/app"), None);
-        assert_eq!(
-            project_of(Forge::Github, "git@github.com:octo/hello.git"),
-            "octo/hello"
-        );
-        assert_eq!(
-            project_of(Forge::Gitea, "https://git.lan/team/app.git/"),
-            "team/app"
-        );
-        assert_eq!(
-            project_of(Forge::Gitlab, "https://gl.lan/g/sub/app.git"),
-            "g/sub/app"
-        );
-        assert_eq!(
-            project_of(Forge::Github, "file:///tmp/x/owner/repo"),
-            "owner/repo"
-        );
+        for (url, web) in [
+            (
+                "https://tok@git.lan:3000/team/app.git",
+                Some("https://git.lan:3000"),
+            ),
+            ("git@github.com:octo/hello.git", Some("https://github.com")),
+            ("ssh://git@gl.lan:2222/g/s/app", Some("https://gl.lan")),
+            ("file:///srv/app", None),
+            ("/srv/app", None),
+        ] {
+            assert_eq!(web_base(url).as_deref(), web, "{url}");
+        }
+        for (forge, url, project) in [
+            (Forge::Github, "git@github.com:octo/hello.git", "octo/hello"),
+            (Forge::Gitea, "https://git.lan/team/app.git/", "team/app"),
+            (Forge::Gitlab, "https://gl.lan/g/sub/app.git", "g/sub/app"),
+            (Forge::Github, "file:///tmp/x/owner/repo", "owner/repo"),
+        ] {
+            assert_eq!(project_of(forge, url), project, "{url}");
+        }
     }
 }
