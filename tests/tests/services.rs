@@ -142,7 +142,10 @@ fn a_shell_job_and_a_container_job_reach_their_service_and_nothing_is_left() {
     );
     // A shell job reaches the service on a loopback port the engine picked.
     assert!(host_log.contains("host=127.0.0.1 port="), "{host_log}");
-    assert!(!host_log.contains("port=8080\n"), "a picked port: {host_log}");
+    assert!(
+        !host_log.contains("port=8080\n"),
+        "a picked port: {host_log}"
+    );
     assert!(host_log.contains(&format!("{PAGE}\n")), "{host_log}");
     assert!(
         host_log.contains("service web") && host_log.contains("is ready after"),
@@ -153,7 +156,10 @@ fn a_shell_job_and_a_container_job_reach_their_service_and_nothing_is_left() {
         container_log.contains("host=web port=8080\n"),
         "{container_log}"
     );
-    assert!(container_log.contains(&format!("{PAGE}\n")), "{container_log}");
+    assert!(
+        container_log.contains(&format!("{PAGE}\n")),
+        "{container_log}"
+    );
     // A passing job's log holds none of the service's own output.
     assert!(
         !host_log.contains("its last 200 lines"),

@@ -83,6 +83,17 @@ impl ServiceOwner {
         format!("{}-{service}", self.network())
     }
 
+    /// A label filter matching everything of this job attempt on this agent.
+    pub fn filter(&self) -> Vec<String> {
+        let mut labels: Vec<String> = self
+            .labels()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        labels.sort();
+        labels
+    }
+
     /// The labels of the job's network and containers.
     pub fn labels(&self) -> HashMap<String, String> {
         HashMap::from([
@@ -509,15 +520,18 @@ impl Services {
         }
     }
 
-    /// Removes every service container and the network; says in `log` what could not
-    /// be removed (the next agent start sweeps it).
+    /// Removes every service container and the network, and anything else labelled
+    /// with this job attempt and agent (a container whose creation was cut short by a
+    /// cancel); says in `log` what could not be removed (the next agent start sweeps it).
     pub async fn remove(mut self, log: &LogSink) {
-        let problems = remove_all(
-            self.client.engine(),
+        let docker = self.client.engine();
+        let mut problems = remove_all(
+            docker,
             std::mem::take(&mut self.containers),
             self.network.take(),
         )
         .await;
+        problems.extend(remove_labelled(docker, &self.owner.filter()).await);
         for problem in problems {
             warn!(job = %self.owner.job, "{problem}");
             let _ = log.send(format!("gantry: {problem}\n").into_bytes()).await;
@@ -533,9 +547,12 @@ impl Drop for Services {
         let docker = self.client.engine().clone();
         let containers = std::mem::take(&mut self.containers);
         let network = self.network.take();
+        let filter = self.owner.filter();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                for problem in remove_all(&docker, containers, network).await {
+                let mut problems = remove_all(&docker, containers, network).await;
+                problems.extend(remove_labelled(&docker, &filter).await);
+                for problem in problems {
                     warn!("{problem}");
                 }
             });
@@ -602,15 +619,23 @@ fn describe_check(code: Option<i64>, output: Option<&str>) -> String {
     format!("exit code {}, {shown}", code.unwrap_or(-1))
 }
 
-/// Removes every container (running or not) and network labelled with this agent's id:
-/// what a job's services and steps left when the agent died. Call at agent start,
-/// before any job runs. Without a Docker engine there is nothing to sweep.
+/// Removes every container (running or not) and network labelled with this agent's id
+/// ([`AGENT_LABEL`]): what a job's services and steps left when the agent died. Call at
+/// agent start, before any job runs. Without a Docker engine there is nothing to sweep.
 pub async fn sweep(agent: &str) {
     let Ok(client) = DockerClient::local().await else {
         return;
     };
-    let docker = client.engine();
-    let filters = HashMap::from([("label", vec![format!("{AGENT_LABEL}={agent}")])]);
+    for problem in remove_labelled(client.engine(), &[format!("{AGENT_LABEL}={agent}")]).await {
+        warn!("sweep: {problem}");
+    }
+}
+
+/// Removes every container (running or not), then every network, carrying all of
+/// `labels` (`KEY=VALUE`); returns what failed.
+async fn remove_labelled(docker: &Docker, labels: &[String]) -> Vec<String> {
+    let filters = HashMap::from([("label", labels.to_vec())]);
+    let mut problems = Vec::new();
     let containers = bounded(
         docker.list_containers(Some(
             ListContainersOptionsBuilder::default()
@@ -633,7 +658,7 @@ pub async fn sweep(agent: &str) {
             })
             .collect(),
         Err(e) => {
-            warn!("cannot list the containers a previous run of this agent left: {e}");
+            problems.push(format!("cannot list containers labelled {labels:?}: {e}"));
             Vec::new()
         }
     };
@@ -648,27 +673,24 @@ pub async fn sweep(agent: &str) {
     {
         Ok(list) => list.into_iter().filter_map(|n| n.name).collect(),
         Err(e) => {
-            warn!("cannot list the networks a previous run of this agent left: {e}");
+            problems.push(format!("cannot list networks labelled {labels:?}: {e}"));
             Vec::new()
         }
     };
-    if containers.is_empty() && networks.is_empty() {
-        return;
+    if !containers.is_empty() || !networks.is_empty() {
+        info!(
+            containers = containers.len(),
+            networks = networks.len(),
+            "removing containers and networks labelled {labels:?}"
+        );
     }
-    info!(
-        containers = containers.len(),
-        networks = networks.len(),
-        "removing the containers and networks a previous run of this agent left"
-    );
-    let mut problems = remove_all(docker, containers, None).await;
+    problems.extend(remove_all(docker, containers, None).await);
     for network in networks {
         if let Err(e) = remove_network(docker, &network).await {
             problems.push(format!("cannot remove the network {network}: {e}"));
         }
     }
-    for problem in problems {
-        warn!("sweep: {problem}");
-    }
+    problems
 }
 
 #[cfg(test)]
