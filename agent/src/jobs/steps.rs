@@ -146,7 +146,7 @@ async fn with_services(
     let outcome = match started {
         Ok(Ok(started)) => {
             run.services = ServiceSetup {
-                network: services.network().map(str::to_owned),
+                network: services.network(),
                 host_env: service_env(&started, false),
                 container_env: service_env(&started, true),
             };

@@ -73,12 +73,14 @@ pub struct ServiceOwner {
 }
 
 impl ServiceOwner {
-    /// The job's network: `gantry-job-<JOB>-<ATTEMPT>`.
+    /// The job's network: `gantry-job-<JOB>-<ATTEMPT>-<AGENT>`. The agent's id makes
+    /// it unique on a host that several agents (of several coordinators, whose job ids
+    /// repeat) share: container names must be unique, and network names had better be.
     pub fn network(&self) -> String {
-        format!("gantry-job-{}-{}", self.job, self.attempt)
+        format!("gantry-job-{}-{}-{}", self.job, self.attempt, self.agent)
     }
 
-    /// A service's container: `gantry-job-<JOB>-<ATTEMPT>-<SERVICE>`.
+    /// A service's container: `gantry-job-<JOB>-<ATTEMPT>-<AGENT>-<SERVICE>`.
     pub fn container(&self, service: &str) -> String {
         format!("{}-{service}", self.network())
     }
@@ -326,8 +328,8 @@ impl Services {
     }
 
     /// The job's network, once created; steps' containers join it.
-    pub fn network(&self) -> Option<&str> {
-        self.network.as_deref()
+    pub fn network(&self) -> Option<String> {
+        self.network.as_ref().map(|_| self.owner.network())
     }
 
     /// Creates the job's network, then starts each service in order and waits until it
@@ -356,13 +358,14 @@ impl Services {
             labels: Some(self.owner.labels()),
             ..NetworkCreateRequest::default()
         };
-        bounded(docker.create_network(request))
+        let created = bounded(docker.create_network(request))
             .await
             .map_err(|source| ServiceError::Network {
                 network: network.clone(),
                 source,
             })?;
-        self.network = Some(network);
+        // Removed by id: Docker allows two networks of one name.
+        self.network = Some(created.id);
         let mut started = Vec::new();
         for service in services {
             let began = tokio::time::Instant::now();
@@ -671,7 +674,8 @@ async fn remove_labelled(docker: &Docker, labels: &[String]) -> Vec<String> {
     )
     .await
     {
-        Ok(list) => list.into_iter().filter_map(|n| n.name).collect(),
+        // By id: Docker allows two networks of one name.
+        Ok(list) => list.into_iter().filter_map(|n| n.id).collect(),
         Err(e) => {
             problems.push(format!("cannot list networks labelled {labels:?}: {e}"));
             Vec::new()
@@ -743,8 +747,8 @@ mod tests {
     #[test]
     fn names_and_labels_say_whose_they_are() {
         let o = owner();
-        assert_eq!(o.network(), "gantry-job-7.2-3");
-        assert_eq!(o.container("db"), "gantry-job-7.2-3-db");
+        assert_eq!(o.network(), "gantry-job-7.2-3-agent-1");
+        assert_eq!(o.container("db"), "gantry-job-7.2-3-agent-1-db");
         let labels = o.labels();
         assert_eq!(labels[AGENT_LABEL], "agent-1");
         assert_eq!(labels[JOB_LABEL], "7.2");
@@ -785,7 +789,10 @@ mod tests {
             )
         );
         let host = config.host_config.expect("host config");
-        assert_eq!(host.network_mode.as_deref(), Some("gantry-job-7.2-3"));
+        assert_eq!(
+            host.network_mode.as_deref(),
+            Some("gantry-job-7.2-3-agent-1")
+        );
         let bindings = host.port_bindings.expect("bindings");
         let tcp = bindings["6379/tcp"].as_ref().expect("tcp");
         assert_eq!(tcp[0].host_ip.as_deref(), Some("127.0.0.1"));
@@ -797,7 +804,7 @@ mod tests {
             .and_then(|n| n.endpoints_config)
             .expect("endpoints");
         assert_eq!(
-            endpoints["gantry-job-7.2-3"].aliases,
+            endpoints["gantry-job-7.2-3-agent-1"].aliases,
             Some(vec!["redis-cache".to_owned()]),
             "reachable by its name"
         );
