@@ -6,91 +6,31 @@
 //! done. Without busybox-static or a running engine the tests skip, saying what to
 //! install (they fail instead under `GANTRY_REQUIRE_ALL_TESTS=1`, as in CI).
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use gantry_tests::containers::{busybox_image, docker_ok, BusyboxImage, BUSYBOX};
 use gantry_tests::{job_named, requires, wait_for, Agent, Coordinator, DEADLINE};
 
-const BUSYBOX: &str = "/bin/busybox";
 /// What the service's page says.
 const PAGE: &str = "hello-from-the-service";
 /// Long enough for an engine on a loaded machine to start a few containers and run
 /// their health checks.
 const RUN_DEADLINE: Duration = Duration::from_secs(120);
 
-/// A locally imported image, removed when dropped (also when the test panics).
-struct TestImage {
-    tag: String,
-}
-
-impl Drop for TestImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["image", "rm", "--force", &self.tag])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `docker {}`: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "docker {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn unique() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{}-{nanos}", std::process::id())
-}
-
-/// `gantry-test-services:<unique>`: busybox with its tools linked in `/bin` and a page
-/// in `/www` for `httpd -h /www`.
-fn service_image() -> TestImage {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("rootfs");
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).expect("rootfs/bin");
-    std::fs::create_dir_all(root.join("www")).expect("rootfs/www");
-    std::fs::create_dir_all(root.join("tmp")).expect("rootfs/tmp");
-    std::fs::write(root.join("www/index.html"), format!("{PAGE}\n")).expect("page");
-    std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
-    for tool in ["sh", "echo", "cat", "sleep", "httpd", "wget", "test"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool)).expect("link");
-    }
-    let tar = dir.path().join("rootfs.tar");
-    let tarred = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .expect("run tar");
-    assert!(tarred.success(), "tar of the rootfs failed");
-    let image = TestImage {
-        tag: format!("gantry-test-services:{}", unique()),
-    };
-    docker(&["import", tar.to_str().expect("utf8"), &image.tag]);
-    image
+/// The services' image: busybox with `httpd` and `wget`, and [`PAGE`] in `/www`.
+fn service_image() -> BusyboxImage {
+    busybox_image(
+        "gantry-test-services",
+        &["sh", "echo", "cat", "sleep", "httpd", "wget"],
+        &[("www/index.html", &format!("{PAGE}\n"))],
+    )
 }
 
 /// Containers (running or not) and networks labelled with agent `id`.
 fn left_by(id: &str) -> (Vec<String>, Vec<String>) {
     let filter = format!("label=gantry.agent={id}");
-    let containers = docker(&["ps", "--all", "--quiet", "--filter", &filter]);
-    let networks = docker(&["network", "ls", "--quiet", "--filter", &filter]);
+    let containers = docker_ok(&["ps", "--all", "--quiet", "--filter", &filter]);
+    let networks = docker_ok(&["network", "ls", "--quiet", "--filter", &filter]);
     let words = |s: String| s.split_whitespace().map(str::to_owned).collect();
     (words(containers), words(networks))
 }
