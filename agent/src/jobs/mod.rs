@@ -137,9 +137,15 @@ impl Report {
 pub fn unsupported(execution: &JobExecution) -> Option<String> {
     let pulls =
         |i: &gantry_protocol::Image| i.pull == PullPolicy::Always || i.credentials.is_some();
-    let reason = if execution.services.len() > gantry_protocol::limits::MAX_SERVICES {
-        "more services than the limit of protocol::limits::MAX_SERVICES"
-    } else if execution.image.as_ref().is_some_and(pulls)
+    if execution.services.len() > gantry_protocol::limits::MAX_SERVICES {
+        return Some(format!(
+            "the job has {} services; this agent (gantry-agent {}) starts at most {}",
+            execution.services.len(),
+            env!("CARGO_PKG_VERSION"),
+            gantry_protocol::limits::MAX_SERVICES
+        ));
+    }
+    let reason = if execution.image.as_ref().is_some_and(pulls)
         || execution.services.iter().any(|s| pulls(&s.image))
     {
         "pulling images (pull: always, registry credentials)"
