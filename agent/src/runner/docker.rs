@@ -5,7 +5,9 @@
 //! job's image is already on this host, and one container per step ([`DockerRunner`]):
 //! its configuration ([`container_config`], pure), its output (into the same
 //! [`LogSink`] as shell steps), stopping it on cancel or timeout, and removing it on
-//! every path. It must not pull images (air-gapped hosts have no registry), must not
+//! every path. A job with services has its steps' containers join the services'
+//! network ([`DockerRunner::on_network`]); every container carries [`AGENT_LABEL`], so
+//! a crash leaves nothing the next start does not sweep. It must not pull images (air-gapped hosts have no registry), must not
 //! decide what a step's environment is (that is the job's), and must not leave a
 //! container behind.
 //!
