@@ -110,8 +110,9 @@ fn a_shell_job_and_a_container_job_reach_their_service_and_nothing_is_left() {
 
 #[test]
 fn a_failing_health_check_fails_the_job_with_its_reason_and_a_failing_job_shows_service_logs() {
-    // Also: a service's env gets its secret, masked in the copied output; a job that
-    // times out beside a service leaves nothing either.
+    // Also: a service's env gets its secret, masked in the copied output; a service
+    // that died says so with its code; a job that times out beside a service leaves
+    // nothing either.
     let test =
         "a_failing_health_check_fails_the_job_with_its_reason_and_a_failing_job_shows_service_logs";
     if !requires::require_docker(test, Some(BUSYBOX)) {
@@ -122,7 +123,7 @@ fn a_failing_health_check_fails_the_job_with_its_reason_and_a_failing_job_shows_
     let agents = c.agents_running(1, &[]);
     c.set_secret("DB_PASSWORD", "s3cret-service-pw");
     let yaml = format!(
-        "jobs:\n  sick:\n    services:\n      db:\n        image: {tag}\n        command: [sh, -c, 'echo db-is-warming-up; sleep 300']\n        health:\n          cmd: echo not-ready-yet; exit 1\n          interval: 200ms\n          retries: 3\n    steps:\n      - run: echo the-step-never-runs\n  failing:\n    services:\n      chatty:\n        image: {tag}\n        env:\n          PW: ${{{{ secrets.DB_PASSWORD }}}}\n        command: [sh, -c, 'echo chatty-says-hello pw=$PW; sleep 300']\n    steps:\n      - run: exit 3\n  slow:\n    timeout: 5s\n    services:\n      idle:\n        image: {tag}\n        command: [sleep, '300']\n    steps:\n      - run: sleep 300\n",
+        "jobs:\n  sick:\n    services:\n      db:\n        image: {tag}\n        command: [sh, -c, 'echo db-is-warming-up; sleep 300']\n        health:\n          cmd: echo not-ready-yet; exit 1\n          interval: 200ms\n          retries: 3\n    steps:\n      - run: echo the-step-never-runs\n  failing:\n    services:\n      chatty:\n        image: {tag}\n        env:\n          PW: ${{{{ secrets.DB_PASSWORD }}}}\n        command: [sh, -c, 'echo chatty-says-hello pw=$PW; sleep 300']\n    steps:\n      - run: exit 3\n  slow:\n    timeout: 5s\n    services:\n      idle:\n        image: {tag}\n        command: [sleep, '300']\n    steps:\n      - run: sleep 300\n  dies:\n    services:\n      brief:\n        image: {tag}\n        command: [sh, -c, 'echo brief-going-away; sleep 1; exit 7']\n    steps:\n      - run: sleep 3; exit 1\n",
         tag = image.tag
     );
     let run = c.run_pipeline(&yaml, &[]);
@@ -156,6 +157,12 @@ fn a_failing_health_check_fails_the_job_with_its_reason_and_a_failing_job_shows_
         "a failed job's log ends with its services' output, the secret masked: {failing_log}"
     );
     assert!(!failing_log.contains("s3cret-service-pw"), "{failing_log}");
+    let dies_log = c.logs(&format!("{run}.3"));
+    assert!(
+        dies_log.contains("service brief (it exited with code 7): its last 200 lines of output")
+            && dies_log.contains("brief-going-away\n"),
+        "a service that died says so: {dies_log}"
+    );
     let slow = job_named(&view, "slow");
     assert_eq!(
         slow["state"],

@@ -482,12 +482,24 @@ impl Services {
 
     /// Copies the last [`SERVICE_LOG_LINES`] lines of each service's output into `log`,
     /// under a header naming the service.
+    /// A service that is no longer running says so with its exit code: one that died
+    /// mid-job is often why the job failed.
     pub async fn copy_logs(&self, log: &LogSink) {
         let docker = self.client.engine();
         for (name, id) in &self.containers {
+            let state = bounded(docker.inspect_container(id, None))
+                .await
+                .ok()
+                .and_then(|i| i.state);
+            let exited = match state {
+                Some(state) if state.running == Some(false) => {
+                    format!(" (it exited with code {})", state.exit_code.unwrap_or(-1))
+                }
+                _ => String::new(),
+            };
             let _ = log
                 .send(
-                    format!("\u{2500}\u{2500} service {name}: its last {SERVICE_LOG_LINES} lines of output \u{2500}\u{2500}\n")
+                    format!("\u{2500}\u{2500} service {name}{exited}: its last {SERVICE_LOG_LINES} lines of output \u{2500}\u{2500}\n")
                         .into_bytes(),
                 )
                 .await;
