@@ -14,7 +14,8 @@
 //! - [`base`]: pure pieces and the host's files: backoff, renewal, labels, duration,
 //!   masking, figures, the data directory, exit codes, process and file habits;
 //! - [`runner`]: how one step runs (the [`runner::StepRunner`] trait), on the shell or
-//!   in Docker containers; runners never import each other;
+//!   in Docker containers, and a job's service containers; runners never import each
+//!   other;
 //! - [`transfers`]: artifacts and caches to and from the coordinator, release chunks
 //!   between peers, and resuming on the next connection;
 //! - [`jobs`]: accepting jobs, running their steps through a runner, spooling and

@@ -208,11 +208,15 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         }
         Isolation::Off | Isolation::Unavailable(_) => warn!("{}", options.isolation.describe()),
     }
+    // What a previous run of this agent left in Docker (it died mid-job) goes before
+    // any job runs.
+    crate::runner::services::sweep(enrollment.config.agent_id.as_str()).await;
     let (jobs, finished) = JobManager::new(
         &options.data_dir,
         options.slots,
         transfers.clone(),
         options.isolation.clone(),
+        enrollment.config.agent_id.as_str(),
     );
     let (deploy_out, deploy_results) = mpsc::unbounded_channel();
     let upgrader = crate::deploy::upgrade::Upgrader::new(

@@ -22,10 +22,7 @@ use crate::outputs::{path_problem, MAX_OUTPUT_PATHS};
 use crate::refs::{parse_reference, sole_reference, Reference};
 use crate::yaml::{Kind, Node, Pos};
 
-/// Most services one job starts.
-pub const MAX_SERVICES: usize = 10;
-/// Most ports one service publishes.
-pub const MAX_SERVICE_PORTS: usize = 16;
+pub use gantry_protocol::limits::{MAX_SERVICES, MAX_SERVICE_PORTS};
 /// Most arguments of a service's command or health command.
 pub const MAX_COMMAND_ARGS: usize = 64;
 /// Deepest `checkout.depth` short of `full`.

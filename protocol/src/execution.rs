@@ -200,9 +200,11 @@ pub struct Service {
 pub struct ServicePort {
     /// The port inside the container.
     pub container: u16,
-    /// The loopback port on the agent; `None` lets the agent pick a free one. Either
-    /// way the job sees it as `GANTRY_SERVICE_<NAME>_PORT_<CONTAINER>` (NAME upper-cased,
-    /// `-` as `_`), so two jobs on one agent never fight over a port.
+    /// The loopback port on the agent; `None` lets the engine pick a free one, so two
+    /// jobs on one agent never fight over a port. A job on the host sees it as
+    /// `GANTRY_SERVICE_<NAME>_PORT_<CONTAINER>` (NAME upper-cased, `-` as `_`, `_UDP`
+    /// appended for UDP) beside `GANTRY_SERVICE_<NAME>_HOST=127.0.0.1`; a job in a
+    /// container sees the container port and the service's name there.
     pub host: Option<u16>,
     pub protocol: PortProtocol,
 }

@@ -219,3 +219,12 @@ const _: () = assert!(
     MAX_OUTPUT_REFERENCES * MAX_OUTPUT_VALUE_BYTES <= MAX_FRAME_BYTES as usize / 4,
     "filled-in output references must leave most of a dispatch frame to the job"
 );
+
+/// Most service containers one job starts (`services:`). Each is a container and a
+/// health-check loop on the agent beside the job's own work; a job needing more is
+/// better split. Raise it with the pipeline loader and agents together: an agent
+/// refuses a job over the limit it knows.
+pub const MAX_SERVICES: usize = 10;
+
+/// Most ports one service publishes.
+pub const MAX_SERVICE_PORTS: usize = 16;

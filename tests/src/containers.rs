@@ -304,3 +304,58 @@ fn workspace_root() -> PathBuf {
         .expect("workspace root")
         .to_path_buf()
 }
+
+/// A tiny image imported from the host's static busybox (no registry), removed when
+/// dropped (also when the test panics).
+pub struct BusyboxImage {
+    pub tag: String,
+}
+
+impl Drop for BusyboxImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["image", "rm", "--force", &self.tag])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Imports `<name>:<unique>`: [`BUSYBOX`] at `/bin/busybox` with `tools` linked to it in
+/// `/bin`, an empty `/tmp`, and `files` (path relative to the root, contents).
+pub fn busybox_image(name: &str, tools: &[&str], files: &[(&str, &str)]) -> BusyboxImage {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("rootfs");
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("rootfs/bin");
+    std::fs::create_dir_all(root.join("tmp")).expect("rootfs/tmp");
+    std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+    for tool in tools {
+        std::os::unix::fs::symlink("busybox", bin.join(tool)).expect("link");
+    }
+    for (path, contents) in files {
+        let path = root.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("file's directory");
+        }
+        std::fs::write(path, contents).expect("file");
+    }
+    let tar = dir.path().join("rootfs.tar");
+    let tarred = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("run tar");
+    assert!(tarred.success(), "tar of the rootfs failed");
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let image = BusyboxImage {
+        tag: format!("{name}:{}-{nanos}", std::process::id()),
+    };
+    docker_ok(&["import", tar.to_str().expect("utf8"), &image.tag]);
+    image
+}

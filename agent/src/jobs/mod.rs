@@ -135,10 +135,19 @@ impl Report {
 /// do yet is refused at dispatch (so the coordinator offers the job elsewhere) rather
 /// than ignored.
 pub fn unsupported(execution: &JobExecution) -> Option<String> {
-    let image = execution.image.as_ref();
-    let reason = if !execution.services.is_empty() {
-        "services:"
-    } else if image.is_some_and(|i| i.pull == PullPolicy::Always || i.credentials.is_some()) {
+    let pulls =
+        |i: &gantry_protocol::Image| i.pull == PullPolicy::Always || i.credentials.is_some();
+    if execution.services.len() > gantry_protocol::limits::MAX_SERVICES {
+        return Some(format!(
+            "the job has {} services; this agent (gantry-agent {}) starts at most {}",
+            execution.services.len(),
+            env!("CARGO_PKG_VERSION"),
+            gantry_protocol::limits::MAX_SERVICES
+        ));
+    }
+    let reason = if execution.image.as_ref().is_some_and(pulls)
+        || execution.services.iter().any(|s| pulls(&s.image))
+    {
         "pulling images (pull: always, registry credentials)"
     } else if execution.reports.is_some() {
         "reports:"
@@ -188,18 +197,21 @@ pub struct JobManager {
     slots: u32,
     log_cap: u64,
     isolation: Isolation,
+    /// This agent's id, labelled on the containers and networks of its jobs.
+    agent: String,
     finished_tx: mpsc::UnboundedSender<Report>,
 }
 
 impl JobManager {
     /// `data_dir` holds `work/` (job workspaces) and `spool/` (unacknowledged log chunks).
     /// Results of finished jobs arrive on the returned receiver, for the session to send.
-    /// Jobs run as `isolation` says.
+    /// Jobs run as `isolation` says; `agent` is this agent's id.
     pub fn new(
         data_dir: &Path,
         slots: u32,
         transfers: Transfers,
         isolation: Isolation,
+        agent: &str,
     ) -> (Self, mpsc::UnboundedReceiver<Report>) {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let manager = Self {
@@ -210,6 +222,7 @@ impl JobManager {
             slots: slots.max(1),
             log_cap: DEFAULT_LOG_CAP_BYTES,
             isolation,
+            agent: agent.to_owned(),
             finished_tx,
         };
         (manager, finished_rx)
@@ -375,6 +388,7 @@ impl JobManager {
                     &log_tx,
                     cancel,
                     sandbox.as_ref(),
+                    &self.agent,
                 )
                 .await;
                 (run.outcome, run.outputs)

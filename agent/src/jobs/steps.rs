@@ -26,6 +26,7 @@ use crate::base::mask::Masker;
 use crate::base::outputs::{parse_output_file, OutputFileError};
 use crate::runner::docker::DockerRunner;
 use crate::runner::isolation::Sandbox;
+use crate::runner::services::{service_env, ServiceOwner, Services};
 use crate::runner::shell::ShellRunner;
 use crate::runner::{LogSink, Step, StepExit, StepRunner, Stop, StopReason};
 
@@ -48,7 +49,10 @@ type StepOutputs = BTreeMap<String, BTreeMap<String, String>>;
 /// before it, until the job is cancelled (`cancel` becomes true) or its timeout passes,
 /// then fills in the job's outputs. A job with an image runs each step in a container
 /// of that image. `temp` is the job's temporary directory, outside the workspace; a
-/// job with a `sandbox` runs its steps as that user, with its limits.
+/// job with a `sandbox` runs its steps as that user, with its limits. A job with
+/// `services:` starts them first (their containers labelled with `agent`, this agent's
+/// id), copies their output into the log when it fails, and removes them at the end.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_job(
     job: &JobAssignment,
     execution: &JobExecution,
@@ -57,6 +61,7 @@ pub async fn run_job(
     log: &LogSink,
     cancel: watch::Receiver<bool>,
     sandbox: Option<&Sandbox>,
+    agent: &str,
 ) -> StepsRun {
     let mut written = StepOutputs::new();
     let run = StepLoop {
@@ -66,10 +71,13 @@ pub async fn run_job(
         temp,
         log,
         cancel,
+        deadline: tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms),
+        agent,
+        services: ServiceSetup::default(),
     };
-    let outcome = run_steps(run, &mut written, sandbox).await;
+    let (outcome, said) = run_steps(run, &mut written, sandbox).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
-    if let JobOutcome::Error { message } = &outcome {
+    if let (JobOutcome::Error { message }, false) = (&outcome, said) {
         let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
     }
     let outputs = if execution.outputs.is_empty() {
@@ -80,47 +88,105 @@ pub async fn run_job(
     StepsRun { outcome, outputs }
 }
 
+/// The job's outcome, and whether an error's reason is already in the log.
 async fn run_steps(
     run: StepLoop<'_>,
     written: &mut StepOutputs,
     sandbox: Option<&Sandbox>,
-) -> JobOutcome {
-    let (job, workspace, temp) = (run.job, run.workspace, run.temp);
+) -> (JobOutcome, bool) {
+    let (workspace, temp) = (run.workspace, run.temp);
     // The caller makes the workspace fresh (and may have unpacked the run's source
     // tree into it); this only makes sure both directories exist.
     for dir in [workspace, temp] {
         if let Err(e) = std::fs::create_dir_all(dir) {
-            return JobOutcome::Error {
-                message: format!("cannot create {}: {e}", dir.display()),
-            };
+            let message = format!("cannot create {}: {e}", dir.display());
+            return (JobOutcome::Error { message }, false);
         }
     }
     if let Some(sandbox) = sandbox {
         // The step writes `$GANTRY_OUTPUT` here as the job's own user.
         if let Err(e) = sandbox.adopt(temp) {
+            let message = format!("cannot give {} to uid {}: {e}", temp.display(), sandbox.uid);
+            return (JobOutcome::Error { message }, false);
+        }
+    }
+    if run.execution.services.is_empty() {
+        return (run.with_runner(written, sandbox).await, false);
+    }
+    (with_services(run, written, sandbox).await, true)
+}
+
+/// Starts the job's services, runs its steps beside them, copies the services' output
+/// into the log if the job did not succeed (after an error's reason), and removes them
+/// whatever happened.
+async fn with_services(
+    mut run: StepLoop<'_>,
+    written: &mut StepOutputs,
+    sandbox: Option<&Sandbox>,
+) -> JobOutcome {
+    let owner = ServiceOwner {
+        agent: run.agent.to_owned(),
+        job: run.job.job,
+        attempt: run.job.attempt,
+    };
+    let mut services = match Services::connect(owner).await {
+        Ok(services) => services,
+        Err(e) => {
             return JobOutcome::Error {
-                message: format!("cannot give {} to uid {}: {e}", temp.display(), sandbox.uid),
-            };
-        }
-    }
-    let image = run
-        .execution
-        .image
-        .as_ref()
-        .map(|i| i.name.as_str())
-        .or(job.image.as_deref());
-    match image {
-        None => {
-            run.with(&ShellRunner::new(workspace, temp, sandbox), written)
-                .await
-        }
-        Some(image) => match DockerRunner::prepare(image, workspace, temp, sandbox).await {
-            Ok(runner) => run.with(&runner, written).await,
-            Err(e) => JobOutcome::Error {
                 message: e.to_string(),
-            },
+            }
+        }
+    };
+    let fill = |text: &str| substitute_secrets(text, &run.job.secrets);
+    let mut halt = Stop::new(run.deadline, Duration::ZERO, run.cancel.clone());
+    let started = tokio::select! {
+        started = services.start(&run.execution.services, &fill, run.log) => Ok(started),
+        reason = halt.requested() => Err(reason),
+    };
+    let outcome = match started {
+        Ok(Ok(started)) => {
+            run.services = ServiceSetup {
+                network: services.network(),
+                host_env: service_env(&started, false),
+                container_env: service_env(&started, true),
+            };
+            run.with_runner(written, sandbox).await
+        }
+        Ok(Err(e)) => JobOutcome::Error {
+            message: e.to_string(),
         },
+        Err(StopReason::Cancelled) => {
+            run.note("\u{25a0} cancelled while the services started\n".to_owned())
+                .await;
+            JobOutcome::Cancelled
+        }
+        Err(StopReason::TimedOut) => {
+            run.note(format!(
+                "\u{25a0} timed out after {} ms while the services started\n",
+                run.job.timeout_ms
+            ))
+            .await;
+            JobOutcome::TimedOut
+        }
+    };
+    if !matches!(outcome, JobOutcome::Succeeded | JobOutcome::Cancelled) {
+        if let JobOutcome::Error { message } = &outcome {
+            // Said before the services' output, which explains it.
+            run.note(format!("\u{2716} {message}\n")).await;
+        }
+        services.copy_logs(run.log).await;
     }
+    services.remove(run.log).await;
+    outcome
+}
+
+/// What a job's services give its steps: the network their containers join and the
+/// addresses they reach the services at.
+#[derive(Debug, Default)]
+struct ServiceSetup {
+    network: Option<String>,
+    host_env: Labels,
+    container_env: Labels,
 }
 
 /// One job's steps and what they run with.
@@ -131,9 +197,49 @@ struct StepLoop<'a> {
     temp: &'a Path,
     log: &'a LogSink,
     cancel: watch::Receiver<bool>,
+    /// The job's deadline: its timeout from when its steps (or services) began.
+    deadline: tokio::time::Instant,
+    /// This agent's id, labelled on the job's containers.
+    agent: &'a str,
+    services: ServiceSetup,
 }
 
 impl StepLoop<'_> {
+    /// Runs the steps on the shell, or in containers of the job's image.
+    async fn with_runner(
+        &self,
+        written: &mut StepOutputs,
+        sandbox: Option<&Sandbox>,
+    ) -> JobOutcome {
+        let (workspace, temp) = (self.workspace, self.temp);
+        let image = self
+            .execution
+            .image
+            .as_ref()
+            .map(|i| i.name.as_str())
+            .or(self.job.image.as_deref());
+        match image {
+            None => {
+                self.with(
+                    &ShellRunner::new(workspace, temp, sandbox),
+                    &self.services.host_env,
+                    written,
+                )
+                .await
+            }
+            Some(image) => match DockerRunner::prepare(image, workspace, temp, sandbox).await {
+                Ok(runner) => {
+                    let runner = runner.on_network(self.services.network.as_deref(), self.agent);
+                    self.with(&runner, &self.services.container_env, written)
+                        .await
+                }
+                Err(e) => JobOutcome::Error {
+                    message: e.to_string(),
+                },
+            },
+        }
+    }
+
     async fn note(&self, line: String) {
         let _ = self.log.send(line.into_bytes()).await;
     }
@@ -142,9 +248,15 @@ impl StepLoop<'_> {
     /// the job, and later steps run only if their condition says so (`failure()`,
     /// `always()`); the job's outcome names the first failed step. A cancel or the job's
     /// timeout ends the job at once.
-    async fn with<R: StepRunner>(&self, runner: &R, written: &mut StepOutputs) -> JobOutcome {
+    /// `service_env` is where the steps reach the job's services.
+    async fn with<R: StepRunner>(
+        &self,
+        runner: &R,
+        service_env: &Labels,
+        written: &mut StepOutputs,
+    ) -> JobOutcome {
         let job = self.job;
-        let job_deadline = tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms);
+        let job_deadline = self.deadline;
         let grace = Duration::from_millis(job.kill_grace_ms);
         let total = job.steps.len();
         let default = StepOptions::default();
@@ -190,6 +302,7 @@ impl StepLoop<'_> {
                 };
             }
             let mut env = runner.base_env();
+            env.extend(service_env.clone());
             env.extend(gantry_env(
                 job,
                 &spec.env,
@@ -547,7 +660,7 @@ mod tests {
         }
         let ws = dir.path().join("ws");
         let temp = dir.path().join("tmp");
-        let run = run_job(job, execution, &ws, &temp, &tx, cancel_rx, None).await;
+        let run = run_job(job, execution, &ws, &temp, &tx, cancel_rx, None, "agent").await;
         drop(tx);
         let mut out = Vec::new();
         while let Some(piece) = rx.recv().await {

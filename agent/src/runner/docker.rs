@@ -5,7 +5,9 @@
 //! job's image is already on this host, and one container per step ([`DockerRunner`]):
 //! its configuration ([`container_config`], pure), its output (into the same
 //! [`LogSink`] as shell steps), stopping it on cancel or timeout, and removing it on
-//! every path. It must not pull images (air-gapped hosts have no registry), must not
+//! every path. A job with services has its steps' containers join the services'
+//! network ([`DockerRunner::on_network`]); every container carries [`AGENT_LABEL`], so
+//! a crash leaves nothing the next start does not sweep. It must not pull images (air-gapped hosts have no registry), must not
 //! decide what a step's environment is (that is the job's), and must not leave a
 //! container behind.
 //!
@@ -52,6 +54,9 @@ pub const CONTAINER_TEMP: &str = "/gantry/tmp";
 pub const JOB_LABEL: &str = "gantry.job";
 /// Label with the job attempt.
 pub const ATTEMPT_LABEL: &str = "gantry.attempt";
+/// Label on every container and network the agent creates for a job (steps and
+/// services): the agent's id, so a sweep at the next start removes only its own.
+pub const AGENT_LABEL: &str = "gantry.agent";
 /// Label with the 1-based step number.
 pub const STEP_LABEL: &str = "gantry.step";
 /// How long the engine may take to answer a ping before the agent calls it absent.
@@ -144,6 +149,15 @@ pub enum DockerError {
     WaitClosed,
 }
 
+/// The engine this agent uses cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("{0} (is Docker installed and running?)")]
+    Connect(#[from] ConnectError),
+}
+
 /// A client of the engine on a local socket, after a ping answered within
 /// [`PING_TIMEOUT`].
 #[derive(Clone)]
@@ -171,8 +185,19 @@ impl DockerClient {
         }
     }
 
+    /// Connects to the engine this agent uses (see [`configured_socket`]) and pings it.
+    pub async fn local() -> Result<Self, LocalError> {
+        let socket = configured_socket(Path::new(DEFAULT_SOCKET))?;
+        Ok(Self::connect(&socket).await?)
+    }
+
+    /// The engine's API.
+    pub(crate) fn engine(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Whether `image` is on this host. Never pulls.
-    async fn check_image(&self, image: &str) -> Result<(), DockerError> {
+    pub(crate) async fn check_image(&self, image: &str) -> Result<(), DockerError> {
         match bounded(self.docker.inspect_image(image)).await {
             Ok(_) => Ok(()),
             Err(EngineError::Api(bollard::errors::Error::DockerResponseServerError {
@@ -235,9 +260,23 @@ pub struct DockerRunner {
     user: String,
     /// Memory, processes and CPU each step's container may use.
     limits: JobLimits,
+    /// The job's network (when it has services), which every step's container joins.
+    network: Option<String>,
+    /// This agent's id, labelled on every step's container ([`AGENT_LABEL`]) so a later
+    /// start sweeps what a crash left.
+    agent: Option<String>,
 }
 
 impl DockerRunner {
+    /// Steps' containers join `network` (the job's services' network, reaching each
+    /// service by its name) and carry `agent`'s label.
+    #[must_use]
+    pub fn on_network(mut self, network: Option<&str>, agent: &str) -> Self {
+        self.network = network.map(str::to_owned);
+        self.agent = Some(agent.to_owned());
+        self
+    }
+
     /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
     /// is present. Never pulls.
     /// An isolated job's steps run as its own uid:gid, with its limits.
@@ -291,6 +330,8 @@ impl DockerRunner {
             host_temp,
             user: agent_user(),
             limits: JobLimits::default(),
+            network: None,
+            agent: None,
         })
     }
 
@@ -421,13 +462,15 @@ impl StepRunner for DockerRunner {
             working_directory: step.working_directory,
             user: self.user.clone(),
             limits: self.limits,
+            network: self.network.as_deref(),
+            agent: self.agent.as_deref(),
         };
         self.run_container(&spec, log, halt).await
     }
 }
 
 /// Removes the container, killing it first if it still runs.
-async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
+pub(crate) async fn remove_container(docker: &Docker, id: &str) -> Result<(), EngineError> {
     let options = RemoveContainerOptionsBuilder::default()
         .force(true)
         .v(true)
@@ -481,6 +524,10 @@ pub struct StepContainer<'a> {
     pub user: String,
     /// Memory (swap included), processes and CPU the container may use.
     pub limits: JobLimits,
+    /// The job's network, when it has services.
+    pub network: Option<&'a str>,
+    /// This agent's id, for the container's agent label.
+    pub agent: Option<&'a str>,
 }
 
 /// The container of one step: the image, the step's command, its environment and nothing
@@ -496,11 +543,14 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
         ),
         None => CONTAINER_WORKSPACE.to_owned(),
     };
-    let labels = HashMap::from([
+    let mut labels = HashMap::from([
         (JOB_LABEL.to_owned(), spec.job.job.to_string()),
         (ATTEMPT_LABEL.to_owned(), spec.job.attempt.to_string()),
         (STEP_LABEL.to_owned(), spec.step_number.to_string()),
     ]);
+    if let Some(agent) = spec.agent {
+        labels.insert(AGENT_LABEL.to_owned(), agent.to_owned());
+    }
     ContainerCreateBody {
         image: Some(image.to_owned()),
         cmd: Some(spec.command.clone()),
@@ -533,6 +583,7 @@ pub fn container_config(image: &str, spec: &StepContainer<'_>) -> ContainerCreat
             memory_swap: memory,
             pids_limit,
             nano_cpus,
+            network_mode: spec.network.map(str::to_owned),
             ..HostConfig::default()
         }),
         ..ContainerCreateBody::default()
@@ -575,7 +626,7 @@ pub enum EngineError {
     Deadline,
 }
 
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     call: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
 ) -> Result<T, EngineError> {
     match tokio::time::timeout(ENGINE_CALL_DEADLINE, call).await {
@@ -672,6 +723,8 @@ mod tests {
                 pids: Some(100),
                 cpus: Some(0.5),
             },
+            network: None,
+            agent: None,
         }
     }
 

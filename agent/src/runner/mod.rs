@@ -6,7 +6,9 @@
 //! SIGTERM, then SIGKILL once the grace has passed); a [`StepExit`] comes out. The
 //! runners are [`shell::ShellRunner`] (a process group on this host, or an isolated
 //! job's own user and PID namespace: [`isolation`]) and [`docker::DockerRunner`] (one
-//! container per step); a job picks one for all its steps.
+//! container per step); a job picks one for all its steps. Beside them, [`services`]
+//! starts a job's service containers (on the Docker engine, with the Docker runner's
+//! client) and removes them.
 //!
 //! It must not decide which steps run, in what order, or what their environment holds:
 //! that is the job's (`jobs::steps`). Runners never import each other.
@@ -21,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 pub mod cgroups;
 pub mod docker;
 pub mod isolation;
+pub mod services;
 pub mod shell;
 
 /// Where a step's output goes: raw byte pieces in the order they were read.
