@@ -6,11 +6,12 @@ use std::fmt::Write as _;
 use gantry_protocol::{AgentId, DeploymentView, EnvironmentView, UnixMillis};
 
 use crate::base::labels::labels_text;
-use crate::cli::output::table::{human_duration, rfc3339, table};
+use crate::cli::output::table::{human_duration, rfc3339, rows_of, table};
 
 /// `gantry stats` as a table: one row per environment.
 pub fn stats_table(stats: &[gantry_protocol::DeliveryStats]) -> String {
-    let mut rows = vec![[
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_duration);
+    let headers = [
         "ENV",
         "CHANGES",
         "PER DAY",
@@ -18,12 +19,9 @@ pub fn stats_table(stats: &[gantry_protocol::DeliveryStats]) -> String {
         "FAILURE RATE",
         "TIME TO RESTORE (MEDIAN)",
         "ROLLBACKS",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), human_duration);
-    for s in stats {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, stats, |s| {
+        vec![
             s.environment.clone(),
             format!("{} ({} ok)", s.changes, s.succeeded),
             format!("{:.2}", s.deployments_per_day),
@@ -38,13 +36,13 @@ pub fn stats_table(stats: &[gantry_protocol::DeliveryStats]) -> String {
                 s.restores
             ),
             s.rollbacks.to_string(),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
 pub fn environments_table(envs: &[EnvironmentView]) -> String {
-    let mut rows = vec![[
+    let headers = [
         "NAME",
         "SELECT",
         "HOSTS",
@@ -52,11 +50,9 @@ pub fn environments_table(envs: &[EnvironmentView]) -> String {
         "WAIT",
         "BRANCHES",
         "CURRENT",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for e in envs {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, envs, |e| {
+        vec![
             e.name.clone(),
             labels_text(&e.select),
             e.hosts.len().to_string(),
@@ -75,8 +71,8 @@ pub fn environments_table(envs: &[EnvironmentView]) -> String {
                 || "-".into(),
                 |c| format!("{} ({})", c.release.id, c.release.version),
             ),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
@@ -127,18 +123,16 @@ pub fn environment_detail(e: &EnvironmentView) -> String {
     }
     if !e.history.is_empty() {
         s.push_str("\nhistory (newest first):\n");
-        let mut rows = vec![["RELEASE", "VERSION", "APP", "DEPLOYMENT", "AT"]
-            .map(str::to_owned)
-            .to_vec()];
-        for r in &e.history {
-            rows.push(vec![
+        let headers = ["RELEASE", "VERSION", "APP", "DEPLOYMENT", "AT"];
+        let rows = rows_of(&headers, &e.history, |r| {
+            vec![
                 r.release.id.clone(),
                 r.release.version.clone(),
                 r.app.clone(),
                 r.deployment.to_string(),
                 rfc3339(r.at),
-            ]);
-        }
+            ]
+        });
         for l in table(&rows).lines() {
             let _ = writeln!(s, "  {l}");
         }
@@ -152,13 +146,11 @@ fn host_counts(d: &DeploymentView) -> String {
 }
 
 pub fn deployments_table(deployments: &[DeploymentView], now: UnixMillis) -> String {
-    let mut rows = vec![[
+    let headers = [
         "ID", "ENV", "APP", "RELEASE", "STRATEGY", "STATE", "ACTIVE", "BY", "AGE",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for d in deployments {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, deployments, |d| {
+        vec![
             d.id.to_string(),
             d.environment.clone(),
             d.app.clone(),
@@ -168,8 +160,8 @@ pub fn deployments_table(deployments: &[DeploymentView], now: UnixMillis) -> Str
             host_counts(d),
             d.created_by.clone(),
             human_duration(now.millis_since(d.created_at)),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
@@ -235,13 +227,11 @@ pub fn deployment_detail(d: &DeploymentView, now: UnixMillis) -> String {
             |(t, s)| format!("+{}", human_duration(t.millis_since(s))),
         )
     };
-    let mut rows = vec![[
+    let headers = [
         "HOST", "STATE", "PREVIOUS", "STAGED", "SWITCHED", "ENDED", "REASON",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for h in &d.hosts {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, &d.hosts, |h| {
+        vec![
             h.hostname.clone(),
             h.state.clone(),
             h.previous.clone().unwrap_or_else(|| "-".into()),
@@ -249,8 +239,8 @@ pub fn deployment_detail(d: &DeploymentView, now: UnixMillis) -> String {
             since(h.activated_at),
             since(h.ended_at),
             h.reason.clone().unwrap_or_default(),
-        ]);
-    }
+        ]
+    });
     s.push('\n');
     s.push_str(&table(&rows));
     if !d.log.is_empty() {

@@ -4,11 +4,11 @@ use std::fmt::Write as _;
 
 use gantry_protocol::{AgentView, UnixMillis};
 
-use crate::cli::output::table::{human_bytes, human_duration, rfc3339, table};
+use crate::cli::output::table::{human_bytes, human_duration, rfc3339, rows_of, table};
 
 /// The `gantry agents list` table.
 pub fn agents_table(agents: &[AgentView], now: UnixMillis) -> String {
-    let mut rows = vec![[
+    let headers = [
         "AGENT",
         "HOSTNAME",
         "STATE",
@@ -17,12 +17,10 @@ pub fn agents_table(agents: &[AgentView], now: UnixMillis) -> String {
         "MEMORY",
         "LOAD",
         "LABELS",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for a in agents {
+    ];
+    let rows = rows_of(&headers, agents, |a| {
         let f = a.figures.as_ref();
-        rows.push(vec![
+        vec![
             a.agent_id.to_string(),
             a.hostname.clone(),
             a.state.as_str().to_owned(),
@@ -50,8 +48,8 @@ pub fn agents_table(agents: &[AgentView], now: UnixMillis) -> String {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(","),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 

@@ -21,6 +21,7 @@ use crate::cli::output::runs::{
     artifacts_table, caches_table, gc_summary, job_detail, job_outputs, jobs_table, run_detail,
     runs_table,
 };
+use crate::cli::output::table::rows_of;
 pub use crate::cli::output::table::{human_bytes, human_duration, rfc3339, table};
 
 /// Prints a response as a table or JSON.
@@ -113,11 +114,9 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             }
         }
         AdminResponse::Triggers(triggers) => {
-            let mut rows = vec![["PIPELINE", "FILE", "PUSH", "SCHEDULES", "ADDED BY"]
-                .map(str::to_owned)
-                .to_vec()];
-            for t in triggers {
-                rows.push(vec![
+            let headers = ["PIPELINE", "FILE", "PUSH", "SCHEDULES", "ADDED BY"];
+            let rows = rows_of(&headers, triggers, |t| {
+                vec![
                     t.name.clone(),
                     t.file_name.clone(),
                     t.push.clone().unwrap_or_else(|| "-".into()),
@@ -127,8 +126,8 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
                         t.schedules.join("; ")
                     },
                     t.added_by.clone(),
-                ]);
-            }
+                ]
+            });
             print!("{}", table(&rows));
         }
         AdminResponse::Artifacts(artifacts) => {

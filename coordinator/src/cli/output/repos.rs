@@ -4,22 +4,20 @@ use std::fmt::Write as _;
 
 use gantry_protocol::RepoView;
 
-use crate::cli::output::table::{rfc3339, table};
+use crate::cli::output::table::{rfc3339, rows_of, table};
 
 pub fn repos_table(repos: &[RepoView]) -> String {
-    let mut rows = vec![["NAME", "URL", "FORGE", "AUTH", "POLL", "LAST FETCH"]
-        .map(str::to_owned)
-        .to_vec()];
-    for r in repos {
-        rows.push(vec![
+    let headers = ["NAME", "URL", "FORGE", "AUTH", "POLL", "LAST FETCH"];
+    let rows = rows_of(&headers, repos, |r| {
+        vec![
             r.name.clone(),
             r.url.clone(),
             r.forge.clone().unwrap_or_else(|| "-".into()),
             r.auth.clone(),
             r.poll_secs.map_or_else(|| "-".into(), |s| format!("{s}s")),
             last_fetch(r),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 

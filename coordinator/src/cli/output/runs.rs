@@ -4,10 +4,10 @@ use std::fmt::Write as _;
 
 use gantry_protocol::{JobView, RunView, UnixMillis};
 
-use crate::cli::output::table::{human_bytes, human_duration, rfc3339, table};
+use crate::cli::output::table::{human_bytes, human_duration, rfc3339, rows_of, table};
 
 pub fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMillis) -> String {
-    let mut rows = vec![[
+    let headers = [
         "NAME",
         "JOB",
         "FILES",
@@ -15,11 +15,9 @@ pub fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMil
         "CHUNKS",
         "EXPIRES IN",
         "MANIFEST",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for a in artifacts {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, artifacts, |a| {
+        vec![
             a.name.clone(),
             format!("{} ({})", a.job, a.job_name),
             a.files.to_string(),
@@ -27,13 +25,13 @@ pub fn artifacts_table(artifacts: &[gantry_protocol::ArtifactView], now: UnixMil
             a.chunks.to_string(),
             human_duration(a.expires_at.millis_since(now)),
             a.manifest.to_string()[..19].to_owned(),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
 pub fn caches_table(caches: &[gantry_protocol::CacheView], now: UnixMillis) -> String {
-    let mut rows = vec![[
+    let headers = [
         "KEY",
         "PIPELINE",
         "BRANCH",
@@ -41,11 +39,9 @@ pub fn caches_table(caches: &[gantry_protocol::CacheView], now: UnixMillis) -> S
         "SIZE",
         "CREATED",
         "LAST USED",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for c in caches {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, caches, |c| {
+        vec![
             c.key.clone(),
             c.pipeline.clone(),
             c.branch.clone(),
@@ -53,8 +49,8 @@ pub fn caches_table(caches: &[gantry_protocol::CacheView], now: UnixMillis) -> S
             human_bytes(c.bytes),
             format!("{} ago", human_duration(now.millis_since(c.created_at))),
             format!("{} ago", human_duration(now.millis_since(c.last_used))),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
@@ -73,32 +69,28 @@ pub fn gc_summary(r: &gantry_protocol::GcReport) -> String {
 }
 
 pub fn runs_table(runs: &[RunView], now: UnixMillis) -> String {
-    let mut rows = vec![["RUN", "PIPELINE", "STATE", "REF", "STARTED", "JOBS"]
-        .map(str::to_owned)
-        .to_vec()];
-    for r in runs {
+    let headers = ["RUN", "PIPELINE", "STATE", "REF", "STARTED", "JOBS"];
+    let rows = rows_of(&headers, runs, |r| {
         let done = r.jobs.iter().filter(|j| j.state == "succeeded").count();
-        rows.push(vec![
+        vec![
             r.run.to_string(),
             r.pipeline.clone(),
             r.state.clone(),
             r.git_ref.clone(),
             format!("{} ago", human_duration(now.millis_since(r.created_at))),
             format!("{done}/{} succeeded", r.jobs.len()),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 
 /// The `gantry jobs list` table.
 pub fn jobs_table(jobs: &[JobView]) -> String {
-    let mut rows = vec![[
+    let headers = [
         "JOB", "NAME", "STATE", "ATTEMPT", "AGENT", "EXIT", "DURATION", "LOG",
-    ]
-    .map(str::to_owned)
-    .to_vec()];
-    for j in jobs {
-        rows.push(vec![
+    ];
+    let rows = rows_of(&headers, jobs, |j| {
+        vec![
             j.job.to_string(),
             j.name.clone(),
             j.state.clone(),
@@ -112,8 +104,8 @@ pub fn jobs_table(jobs: &[JobView]) -> String {
                 _ => "-".into(),
             },
             log_size(j),
-        ]);
-    }
+        ]
+    });
     table(&rows)
 }
 

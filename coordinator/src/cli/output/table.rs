@@ -35,6 +35,18 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The rows of a table for [`table`]: `headers`, then one row per item, its cells made
+/// by `row`.
+pub fn rows_of<T>(
+    headers: &[&str],
+    items: impl IntoIterator<Item = T>,
+    row: impl FnMut(T) -> Vec<String>,
+) -> Vec<Vec<String>> {
+    let mut rows = vec![headers.iter().map(|h| (*h).to_owned()).collect()];
+    rows.extend(items.into_iter().map(row));
+    rows
+}
+
 /// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(t: UnixMillis) -> String {
     t.to_rfc3339()

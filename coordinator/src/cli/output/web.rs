@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use gantry_protocol::{AdminResponse, UnixMillis};
 
-use crate::cli::output::table::{human_duration, rfc3339, table};
+use crate::cli::output::table::{human_duration, rfc3339, rows_of, table};
 
 /// The JSON of this module's responses (`None` for others).
 pub fn json(resp: &AdminResponse) -> Option<Result<serde_json::Value, serde_json::Error>> {
@@ -31,24 +31,22 @@ pub fn text(resp: &AdminResponse, now: UnixMillis) -> Option<String> {
             format!("{}\n", t.token)
         }
         AdminResponse::LoginTokens(tokens) => {
-            let mut rows = vec![["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES", "STATE"]
-                .map(str::to_owned)
-                .to_vec()];
-            for t in tokens {
+            let headers = ["ID", "NAME", "ROLE", "CREATED BY", "EXPIRES", "STATE"];
+            let rows = rows_of(&headers, tokens, |t| {
                 let state = match t.revoked_at {
                     Some(at) => format!("revoked {}", rfc3339(at)),
                     None if t.expires_at <= now => "expired".into(),
                     None => format!("valid for {}", human_duration(t.expires_at.millis_since(now))),
                 };
-                rows.push(vec![
+                vec![
                     t.id.clone(),
                     t.name.clone(),
                     t.role.to_string(),
                     t.created_by.clone(),
                     rfc3339(t.expires_at),
                     state,
-                ]);
-            }
+                ]
+            });
             table(&rows)
         }
         AdminResponse::WebhookAdded(w) => format!(
@@ -59,11 +57,9 @@ pub fn text(resp: &AdminResponse, now: UnixMillis) -> Option<String> {
             w.secret
         ),
         AdminResponse::Webhooks(hooks) => {
-            let mut rows = vec![["ID", "FORMAT", "EVENTS", "URL", "LAST DELIVERY"]
-                .map(str::to_owned)
-                .to_vec()];
-            for w in hooks {
-                rows.push(vec![
+            let headers = ["ID", "FORMAT", "EVENTS", "URL", "LAST DELIVERY"];
+            let rows = rows_of(&headers, hooks, |w| {
+                vec![
                     w.id.to_string(),
                     w.format.as_str().to_owned(),
                     if w.events.is_empty() {
@@ -82,8 +78,8 @@ pub fn text(resp: &AdminResponse, now: UnixMillis) -> Option<String> {
                             )
                         },
                     ),
-                ]);
-            }
+                ]
+            });
             let mut out = table(&rows);
             for w in hooks.iter().filter(|w| !w.deliveries.is_empty()) {
                 let _ = write!(out, "\nwebhook {} deliveries (newest last):\n", w.id);
