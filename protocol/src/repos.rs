@@ -48,6 +48,25 @@ pub struct AddRepo {
     pub status_token_secret: Option<String>,
 }
 
+impl AddRepo {
+    /// The repository at `url` as `name` with every option off: no forge, anonymous,
+    /// the default pipeline file, no polling, no webhook and no commit statuses.
+    pub fn plain(name: impl Into<String>, url: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            url: url.into(),
+            forge: None,
+            auth: RepoAuth::None,
+            pipeline_file: None,
+            poll_secs: None,
+            webhook_secret: None,
+            fork_pull_requests: false,
+            api_url: None,
+            status_token_secret: None,
+        }
+    }
+}
+
 /// `gantry run --repo NAME [--ref R] [--input k=v]...`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRepo {

@@ -1085,18 +1085,10 @@ fn sample(w: &World, row: R) -> Sample {
         }),
         R::AdminListWebhooks => admin(AdminRequest::ListWebhooks),
         R::AdminRemoveWebhook => admin(AdminRequest::RemoveWebhook { id: 999_999 }),
-        R::AdminAddRepo => admin(AdminRequest::AddRepo(gantry_protocol::AddRepo {
-            name: "authz-repo".into(),
-            url: "file:///nonexistent/authz".into(),
-            forge: None,
-            auth: gantry_protocol::RepoAuth::None,
-            pipeline_file: None,
-            poll_secs: None,
-            webhook_secret: None,
-            fork_pull_requests: false,
-            api_url: None,
-            status_token_secret: None,
-        })),
+        R::AdminAddRepo => admin(AdminRequest::AddRepo(gantry_protocol::AddRepo::plain(
+            "authz-repo",
+            "file:///nonexistent/authz",
+        ))),
         R::AdminListRepos => admin(AdminRequest::ListRepos),
         R::AdminShowRepo => admin(AdminRequest::ShowRepo {
             name: "authz-repo".into(),

@@ -409,18 +409,7 @@ async fn start_run(
     let response = if let Some(repo) = repo {
         admin
             .request_within(
-                &AdminRequest::AddRepo(gantry_protocol::AddRepo {
-                    name: DEMO_REPO.into(),
-                    url: repo.url.clone(),
-                    forge: None,
-                    auth: gantry_protocol::RepoAuth::None,
-                    pipeline_file: None,
-                    poll_secs: None,
-                    webhook_secret: None,
-                    fork_pull_requests: false,
-                    api_url: None,
-                    status_token_secret: None,
-                }),
+                &AdminRequest::AddRepo(gantry_protocol::AddRepo::plain(DEMO_REPO, &repo.url)),
                 FETCH_DEADLINE,
             )
             .await?;
