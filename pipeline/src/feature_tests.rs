@@ -1120,6 +1120,54 @@ fn merge_keys_share_keys_between_jobs_and_errors_point_into_the_anchor() {
 }
 
 #[test]
+fn top_level_hidden_keys_hold_anchors_as_in_gitlab() {
+    let p = ok(r#"
+        .defaults: &defaults
+          runs-on: linux
+          env: { A: "1" }
+        .more: { anything: [goes, here] }
+        jobs:
+          a:
+            <<: *defaults
+            steps: [{ run: x }]
+    "#);
+    assert_eq!(p.jobs.len(), 1);
+    assert_eq!(p.job("a").expect("a").env["A"], "1");
+    // A GitLab habit: a template at the top level, extended by a job. The error says
+    // where templates live.
+    refused(&[(
+        "a template at the top level",
+        ".base: { runs-on: linux }\njobs:\n  j: { extends: .base, steps: [{ run: x }] }\n",
+        3,
+        17,
+        "a template is a job under jobs: whose name starts with \".\"; a top-level .key only holds YAML anchors",
+    )]);
+}
+
+#[test]
+fn merge_key_bombs_are_refused_at_the_node_limit() {
+    // Each level merges the one below and adds ten aliases of it: billions of nodes if
+    // expanded, refused by the node count (aliases and merged entries counted).
+    let mut text = String::from(".l0: &l0 { a: x, b: x, c: x, d: x, e: x, f: x, g: x, h: x }\n");
+    for level in 1..10 {
+        let prev = level - 1;
+        let aliases: Vec<String> = (0..10).map(|i| format!("k{i}: *l{prev}")).collect();
+        writeln!(
+            text,
+            ".l{level}: &l{level} {{ <<: *l{prev}, {} }}",
+            aliases.join(", ")
+        )
+        .expect("writing to a String cannot fail");
+    }
+    text.push_str("jobs: { a: { <<: *l9, steps: [{ run: x }] } }\n");
+    let errors = parse("gantry.yml", &text).expect_err("too many nodes");
+    assert!(
+        errors.0.iter().any(|e| e.message.contains("YAML nodes")),
+        "{errors}"
+    );
+}
+
+#[test]
 fn templates_are_extended_deeply_and_never_run() {
     let p = ok(r"
         jobs:

@@ -4,7 +4,8 @@
 //! This crate is pure: the caller hands it a file name and the text ([`parse`]), or also
 //! a [`Resolver`] that returns the repository's other files by path ([`load`], for
 //! `include:` and `uses:`), and gets back a [`Pipeline`] or every problem found, each
-//! with file, line and column. It reads no files itself, no clock and no environment.
+//! with file, line and column. [`bundle`] keeps a file with the files its load read, as
+//! one text a run stores; [`parse`] reads such a bundle back with those files only. It reads no files itself, no clock and no environment.
 //! It must never panic on any input and bounds its work: files up to 1 MiB, nesting up
 //! to 64 levels, 200k YAML nodes per file (aliases counted), 64 files and 4 MiB for one
 //! pipeline, 8 files deep, 16 MiB of copied job text (matrices, templates, includes and
@@ -46,6 +47,7 @@
 //! coordinator to fill in at dispatch, `${{ secrets.X }}` and `steps` outputs for the
 //! agent.
 
+mod bundle;
 mod condition;
 mod cron;
 mod deploy;
@@ -64,6 +66,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use bundle::{bundle, BundleError, BUNDLE_HEADER};
 pub use condition::{CompareOp, Condition, ConditionValue, Operand, StaticContext, StatusExpr};
 pub use cron::{CronError, CronSchedule};
 pub use deploy::{

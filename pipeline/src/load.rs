@@ -29,7 +29,7 @@ use crate::outputs::{
 use crate::refs::Allowed;
 use crate::reuse::{NoFiles, Resolver};
 use crate::yaml::{self, Kind, Node, Pos};
-use crate::{jobs, runtime, Errors, ParseError};
+use crate::{bundle, jobs, runtime, Errors, ParseError};
 
 /// Largest pipeline file accepted, in bytes.
 pub const MAX_FILE_SIZE: usize = 1024 * 1024;
@@ -472,8 +472,21 @@ pub fn parse_duration(text: &str) -> Result<u64, DurationError> {
 
 /// Parses a pipeline that stands alone; `include:` and `uses:` are refused (see
 /// [`load`]).
+/// A bundle ([`crate::bundle`]) is loaded with the files it carries, and only those.
 pub fn parse(file_name: &str, text: &str) -> Result<Pipeline, Errors> {
-    load(file_name, text, &NoFiles)
+    match bundle::decode(text) {
+        None => load(file_name, text, &NoFiles),
+        Some(Ok(decoded)) => load(decoded.top.0, decoded.top.1, &decoded.others),
+        Some(Err(problem)) => Err(Errors(vec![ParseError {
+            file: file_name.to_owned(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "the file starts with {:?}, the first line of a pipeline bundle, but the bundle is damaged: {problem}; a pipeline file written by hand must not start with that line",
+                bundle::BUNDLE_HEADER.trim_end()
+            ),
+        }])),
+    }
 }
 
 /// Parses a pipeline whose included and called files `resolver` hands over. See the
@@ -545,6 +558,22 @@ fn default_name(file_name: &str) -> String {
     stem.to_owned()
 }
 
+/// The top level without its hidden keys (those starting with `.`): as in GitLab CI,
+/// they hold YAML anchors for merge keys (`.defaults: &defaults`) and mean nothing else.
+fn without_hidden(root: Node) -> Node {
+    let Node { pos, kind, height } = root;
+    let kind = match kind {
+        Kind::Map(entries) => Kind::Map(
+            entries
+                .into_iter()
+                .filter(|(k, _)| !scalar(k).is_some_and(|name| name.starts_with('.')))
+                .collect(),
+        ),
+        other => other,
+    };
+    Node { pos, kind, height }
+}
+
 fn load_pipeline(
     ctx: &mut Ctx,
     src: &mut jobs::Sources<'_>,
@@ -562,6 +591,7 @@ fn load_pipeline(
         return None;
     }
     let root = jobs::apply_includes(ctx, src, root, &[file_name.to_owned()]);
+    let root = without_hidden(root);
     let top = fields(ctx, &root, TOP_KEYS, "the pipeline")?;
     let name = match top.get("name") {
         Some(node) => string(ctx, node, "name").unwrap_or_default(),

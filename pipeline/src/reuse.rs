@@ -292,7 +292,7 @@ pub fn resolve_extends(
                 return Err((
                 pos,
                 format!(
-                    "extends names \"{template}\", which is not a template in this file; templates are: {}",
+                    "extends names \"{template}\", which is not a template in this file; templates are: {} (a template is a job under jobs: whose name starts with \".\"; a top-level .key only holds YAML anchors)",
                     if known.is_empty() { "(none)".to_owned() } else { known.join(", ") }
                 ),
             ));
