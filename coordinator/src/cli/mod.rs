@@ -15,6 +15,7 @@ pub mod failure;
 pub mod init;
 pub mod output;
 pub mod ownership;
+pub mod pipeline_files;
 pub mod pipelines;
 pub mod repos;
 pub mod web;

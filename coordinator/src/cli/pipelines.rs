@@ -19,6 +19,7 @@ use crate::cli::connect::{admin, connect};
 use crate::cli::failure::{usage, Failure};
 use crate::cli::output;
 use crate::cli::output::terminal::Neutraliser;
+use crate::cli::pipeline_files::{self, git};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -119,15 +120,23 @@ pub enum TriggersCommand {
 pub async fn triggers(cmd: TriggersCommand) -> Result<ExitCode, Failure> {
     let (req, json) = match cmd {
         TriggersCommand::Add { file, json } => {
-            let (file_name, text) = read_pipeline(&file)?;
-            if let Err(errors) = gantry_pipeline::parse(&file_name, &text) {
+            let local = pipeline_files::load(&file, &pipeline_files::root_of(&file))?;
+            if let Err(errors) = &local.loaded {
                 eprintln!("{errors}");
                 return Err(usage(anyhow::anyhow!(
-                    "{file_name} has {} problem(s); nothing was registered",
+                    "{} has {} problem(s); nothing was registered",
+                    local.file_name,
                     errors.0.len()
                 )));
             }
-            (AdminRequest::AddTrigger { file_name, text }, json)
+            local.check_size()?;
+            (
+                AdminRequest::AddTrigger {
+                    file_name: local.file_name,
+                    text: local.text,
+                },
+                json,
+            )
         }
         TriggersCommand::List { json } => (AdminRequest::ListTriggers, json),
         TriggersCommand::Rm { name } => (AdminRequest::RemoveTrigger { name }, false),
@@ -167,21 +176,12 @@ fn run_id(text: &str) -> Result<RunId, Failure> {
     })
 }
 
-fn read_pipeline(file: &Path) -> Result<(String, String), Failure> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read the pipeline file {}", file.display()))
-        .map_err(usage)?;
-    let name = file.file_name().map_or_else(
-        || file.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    Ok((name, text))
-}
-
-/// `gantry validate`: parses locally and prints every problem with its line and column.
+/// `gantry validate`: parses locally, with the files it includes or calls, and prints
+/// every problem with its file, line and column.
 pub fn validate(file: &Path) -> Result<ExitCode, Failure> {
-    let (name, text) = read_pipeline(file)?;
-    match gantry_pipeline::parse(&name, &text) {
+    let local = pipeline_files::load(file, &pipeline_files::root_of(file))?;
+    let name = local.file_name;
+    match local.loaded {
         Ok(p) => {
             println!(
                 "{name}: valid, {} jobs: {}",
@@ -204,17 +204,6 @@ pub fn validate(file: &Path) -> Result<ExitCode, Failure> {
     }
 }
 
-fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8(out.stdout).ok()?.trim().to_owned();
-    (out.status.success() && !text.is_empty() && text != "HEAD").then_some(text)
-}
-
 pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     if let Some(repo) = &args.repo {
         let inputs = labels::parse_labels(&args.inputs)
@@ -229,14 +218,21 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         let resp = client.request_within(&request, FETCH_DEADLINE).await?;
         return started(client, resp, &args).await;
     }
-    let (file_name, text) = read_pipeline(&args.file)?;
-    if let Err(errors) = gantry_pipeline::parse(&file_name, &text) {
+    let root = match &args.source {
+        Some(dir) => dir.clone(),
+        None => pipeline_files::root_of(&args.file),
+    };
+    let local = pipeline_files::load(&args.file, &root)?;
+    if let Err(errors) = &local.loaded {
         eprintln!("{errors}");
         return Err(usage(anyhow::anyhow!(
-            "{file_name} has {} problem(s); nothing was run",
+            "{} has {} problem(s); nothing was run",
+            local.file_name,
             errors.0.len()
         )));
     }
+    local.check_size()?;
+    let (file_name, text) = (local.file_name, local.text);
     let inputs = labels::parse_labels(&args.inputs)
         .context("--input")
         .map_err(usage)?;
@@ -254,11 +250,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let archive = if args.no_source {
         None
     } else {
-        let root = match &args.source {
-            Some(dir) => dir.clone(),
-            None => git(dir, &["rev-parse", "--show-toplevel"])
-                .map_or_else(|| dir.to_path_buf(), PathBuf::from),
-        };
         Some(source_archive(&root).map_err(usage)?)
     };
     let mut client = connect().await?;

@@ -27,7 +27,7 @@ use gantry_protocol::{Labels, RunView, UnixMillis};
 
 use crate::base::audit::Acting;
 use crate::services::repos::poll::MAX_PATHS;
-use crate::services::repos::{RepoError, Repos, Target, MAX_PIPELINE_BYTES};
+use crate::services::repos::{bundled, RepoError, Repos, Target, MAX_PIPELINE_BYTES};
 use crate::store::RepoRecord;
 
 /// What a delivery did.
@@ -207,16 +207,20 @@ impl Repos {
             ensure(record, mirror.ensure_commit(commit), &head_ref, commit)?;
             mirror
                 .read_file(commit, &record.pipeline_file, MAX_PIPELINE_BYTES)
+                .map(|t| {
+                    t.and_then(|t| String::from_utf8(t).ok())
+                        .map(|t| bundled(mirror, record, commit, &t))
+                })
                 .map_err(|source| RepoError::Git {
                     repo: record.name.clone(),
                     source,
                 })
         })?;
         // Untrusted runs are refused here, before anything is stored, if the pipeline
-        // asks for what they may not have (the pipeline comes from the change itself).
-        if let Some(pipeline) = text
-            .and_then(|t| String::from_utf8(t).ok())
-            .and_then(|t| gantry_pipeline::parse(&record.pipeline_file, &t).ok())
+        // asks for what they may not have (the pipeline comes from the change itself,
+        // with the files it includes from the same commit).
+        if let Some(pipeline) =
+            text.and_then(|t| gantry_pipeline::parse(&record.pipeline_file, &t).ok())
         {
             let needs = trust::Needs {
                 secrets: pipeline

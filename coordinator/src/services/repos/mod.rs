@@ -429,6 +429,7 @@ impl Repos {
                 commit: commit.to_string(),
                 file: record.pipeline_file.clone(),
             })?;
+            let text = bundled(mirror, record, commit, &text);
             let depth = run_depth(&record.pipeline_file, &text);
             let stored = source::store_commit(
                 mirror,
@@ -583,6 +584,40 @@ pub struct Prepared {
     /// Labels every agent of the run's jobs must carry: an untrusted run's
     /// (`gantry_forge::trust::Privileges::required_agent_labels`); empty otherwise.
     pub agent_labels: Labels,
+}
+
+/// The pipeline file's `text` at `commit` as a run keeps it: with the files it includes
+/// or calls, read from the same commit (`gantry_pipeline::bundle`), so that parsing it
+/// again later needs neither the mirror nor the commit. A file that does not load is
+/// bundled all the same: the run's submit parses it again and reports its problems.
+pub(crate) fn bundled(
+    mirror: &Mirror,
+    record: &RepoRecord,
+    commit: ObjectId,
+    text: &str,
+) -> String {
+    let files = CommitFiles { mirror, commit };
+    gantry_pipeline::bundle(&record.pipeline_file, text, &files).1
+}
+
+/// The files of one commit of a mirror, for `include:` and `uses:`.
+struct CommitFiles<'m> {
+    mirror: &'m Mirror,
+    commit: ObjectId,
+}
+
+impl gantry_pipeline::Resolver for CommitFiles<'_> {
+    fn read_file(&self, path: &str) -> Result<String, String> {
+        match self.mirror.read_file(self.commit, path, MAX_PIPELINE_BYTES) {
+            Ok(Some(bytes)) => String::from_utf8(bytes)
+                .map_err(|_| format!("{path} at commit {} is not UTF-8 text", self.commit.short())),
+            Ok(None) => Err(format!(
+                "commit {} has no file {path} (paths are relative to the repository's root)",
+                self.commit.short()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 /// The history the run's one `.git` carries: the deepest `checkout.depth` any job asks

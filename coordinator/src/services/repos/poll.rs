@@ -24,7 +24,9 @@ use gantry_git::ObjectId;
 use gantry_protocol::{Labels, RunView, UnixMillis};
 
 use crate::base::audit::Acting;
-use crate::services::repos::{default_branch, RepoError, Repos, Target, MAX_PIPELINE_BYTES};
+use crate::services::repos::{
+    bundled, default_branch, RepoError, Repos, Target, MAX_PIPELINE_BYTES,
+};
 use crate::services::triggers::SCHEDULE_TICK;
 use crate::store::RepoRecord;
 
@@ -136,13 +138,16 @@ impl Repos {
         let text = self.with_mirror(record, |mirror| {
             mirror
                 .read_file(target.commit, &record.pipeline_file, MAX_PIPELINE_BYTES)
+                .map(|t| {
+                    t.and_then(|t| String::from_utf8(t).ok())
+                        .map(|t| bundled(mirror, record, target.commit, &t))
+                })
                 .map_err(|source| RepoError::Git {
                     repo: record.name.clone(),
                     source,
                 })
         })?;
         let matches = text
-            .and_then(|t| String::from_utf8(t).ok())
             .and_then(|t| gantry_pipeline::parse(&record.pipeline_file, &t).ok())
             .and_then(|p| p.triggers.push)
             .is_some_and(|f| f.matches(&full_ref, paths));
@@ -203,6 +208,10 @@ impl Repos {
         let text = self.with_mirror(record, |mirror| {
             mirror
                 .read_file(head, &record.pipeline_file, MAX_PIPELINE_BYTES)
+                .map(|t| {
+                    t.and_then(|t| String::from_utf8(t).ok())
+                        .map(|t| bundled(mirror, record, head, &t))
+                })
                 .map_err(|source| RepoError::Git {
                     repo: record.name.clone(),
                     source,
@@ -211,7 +220,6 @@ impl Repos {
         let Some(pipeline) = text
             .ok()
             .flatten()
-            .and_then(|t| String::from_utf8(t).ok())
             .and_then(|t| gantry_pipeline::parse(&record.pipeline_file, &t).ok())
         else {
             return false;
