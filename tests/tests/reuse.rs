@@ -108,6 +108,33 @@ fn a_pipeline_split_over_files_validates_runs_and_keeps_its_files_for_a_retry() 
 }
 
 #[test]
+fn a_called_pipeline_from_another_file_runs_under_the_caller_s_name() {
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let tree = tempfile::tempdir().expect("tempdir");
+    write(
+        tree.path(),
+        &[
+            (
+                "gantry.yml",
+                "jobs:\n  build: { steps: [{ run: echo built }] }\n  deploy-eu:\n    uses: ci/deploy.yml\n    needs: build\n    with: { region: eu }\n",
+            ),
+            (
+                "ci/deploy.yml",
+                "on:\n  call: {}\n  inputs:\n    region: { type: choice, options: [eu, us], required: true }\njobs:\n  plan: { steps: [{ run: \"echo planning ${{ inputs.region }}\" }] }\n",
+            ),
+        ],
+    );
+    let top = tree.path().join("gantry.yml");
+    let out = c
+        .gantry(&["run", top.to_str().expect("utf8"), "--follow"])
+        .expect_code(0);
+    assert!(out.stdout.contains("run 1 succeeded"), "{}", out.stdout);
+    assert!(out.stdout.contains("deploy-eu/plan"), "{}", out.stdout);
+    assert!(c.logs("1.1").contains("planning eu"), "{}", c.logs("1.1"));
+}
+
+#[test]
 fn mistakes_in_reuse_are_refused_at_their_file_line_and_column() {
     let c = Coordinator::start();
     let tree = tempfile::tempdir().expect("tempdir");
