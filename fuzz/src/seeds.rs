@@ -567,6 +567,19 @@ fn pipelines() -> Vec<(&'static str, String)> {
             "name: m\non:\n  schedule: ['*/15 9-17 * * 1-5']\n  push: { branches: [main, 'release/*'], paths: ['src/**'] }\njobs:\n  t:\n    strategy: { matrix: { os: [linux, mac], v: ['1.80', '1.88'], exclude: [{ os: mac, v: '1.80' }] } }\n    runs-on: { os: '${{ matrix.os }}' }\n    retry: 2\n    timeout: 90s\n    continue-on-error: true\n    steps: [{ name: 'v ${{ matrix.v }}', run: 'echo ${{ matrix.v }}', env: { A: '1' } }]\n  after:\n    needs: [t]\n    if: always() && !cancelled() && (branch == 'main' || inputs.force == 'yes')\n    steps: [{ run: 'echo ${{ secrets.TOKEN }}', working-directory: sub }]\n".to_owned(),
         ),
         (
+            "bundle-include-extends-merge",
+            // What a run stores for a pipeline that includes another file: a bundle.
+            gantry_pipeline::bundle(
+                "gantry.yml",
+                "include: ci/templates.yml\n.defaults: &d { timeout: 5m, env: { A: '1' } }\njobs:\n  t:\n    <<: *d\n    extends: [.base]\n    needs: lint\n    steps: [{ run: 'echo $A $B' }]\n",
+                &std::collections::HashMap::from([(
+                    "ci/templates.yml".to_owned(),
+                    "env: { B: '2' }\njobs:\n  .base: { runs-on: linux, env: { C: '3' } }\n  lint: { extends: .base, steps: [{ run: lint }] }\n".to_owned(),
+                )]),
+            )
+            .1,
+        ),
+        (
             "anchors-and-errors",
             "base: &b { steps: [{ run: x }] }\njobs:\n  a: *b\n  b:\n    needs: nope\n    runs-on: { 'Bad Key': 1 }\n    steps: [{ run: [not, a, string] }]\n".to_owned(),
         ),
