@@ -701,6 +701,46 @@ impl Coordinator {
     }
 }
 
+/// A directory every job may read and write (mode 1777), for handing markers between a
+/// test and its jobs whatever uid they run as: not the test's own temporary directories
+/// (root-only), nor under `/tmp` or `/var/tmp`, which each isolated job has of its own.
+pub fn exchange_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("gantry-exchange-")
+        .tempdir_in("/run")
+        .expect("a directory under /run");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    dir
+}
+
+/// The processes of this host (not zombies) whose command line is exactly `cmdline`
+/// (arguments joined by spaces), as `PID: CMDLINE` lines; whatever PID namespace a job
+/// started them in.
+pub fn processes_running(cmdline: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'));
+            (cmd.trim_end() == cmdline && !zombie)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
 /// Every file under `dir`, at any depth (for tests that look for a value on disk).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

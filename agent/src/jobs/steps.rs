@@ -74,6 +74,7 @@ pub async fn run_job(
         deadline: tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms),
         agent,
         services: ServiceSetup::default(),
+        owner: sandbox.map(|s| (s.uid, s.gid)),
     };
     let (outcome, said) = run_steps(run, &mut written, sandbox).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
@@ -202,9 +203,21 @@ struct StepLoop<'a> {
     /// This agent's id, labelled on the job's containers.
     agent: &'a str,
     services: ServiceSetup,
+    /// The uid and gid an isolated job's steps run as: they own the files the agent
+    /// makes for a step in `temp` (`$GANTRY_OUTPUT`, a command template's script).
+    owner: Option<(u32, u32)>,
 }
 
 impl StepLoop<'_> {
+    /// Gives a file the agent made for a step to the job's own user, when it has one
+    /// (the file's directory is the job's, mode 0700).
+    fn hand_over(&self, path: &Path) -> std::io::Result<()> {
+        match self.owner {
+            Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the steps on the shell, or in containers of the job's image.
     async fn with_runner(
         &self,
@@ -296,7 +309,9 @@ impl StepLoop<'_> {
             let fill = |text: &str| fill_in(text, &job.secrets, written);
             let output_name = format!("output-{number}");
             let host_output = self.temp.join(&output_name);
-            if let Err(e) = std::fs::write(&host_output, b"") {
+            if let Err(e) =
+                std::fs::write(&host_output, b"").and_then(|()| self.hand_over(&host_output))
+            {
                 return JobOutcome::Error {
                     message: format!("cannot create {}: {e}", host_output.display()),
                 };
