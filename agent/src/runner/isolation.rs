@@ -7,7 +7,8 @@
 //! directory, mode 0700, owned by that uid); handing a workspace over to that uid; and
 //! `gantry-agent job-init` ([`job_init`]), the small init every isolated step runs
 //! under. job-init enters a new PID and mount namespace, mounts that namespace's
-//! `/proc`, the job's own directory on `/tmp` and `/var/tmp` and a tmpfs on `/dev/shm`, and forks the step's process as pid 1's only child with the job's uid, no
+//! `/proc`, the job's own directory on `/tmp` and `/var/tmp` and a tmpfs on `/dev/shm`,
+//! and forks the step's process as pid 1's only child with the job's uid, no
 //! supplementary groups and no capabilities. When the step's process exits, pid 1 exits
 //! and the kernel kills everything left in the namespace (`setsid` and double-forked
 //! processes included); SIGTERM to the step reaches all of them through pid 1.
