@@ -182,6 +182,12 @@ fn a_job_whose_agent_dies_is_run_again_on_another_agent() {
     let run = c.run_pipeline(&format!("jobs:\n  work:\n    steps: [{{ run: 'echo $GANTRY_ATTEMPT >> {m}; sleep 3; echo done' }}]\n", m = marker.display()), &[]);
     let job = format!("{run}.0");
     c.wait_job_state(&job, "running", DEADLINE);
+    // Its step has begun (an isolated step starts a few ms after the job does).
+    wait_for("the first attempt's step to start", DEADLINE, || {
+        std::fs::read_to_string(&marker)
+            .is_ok_and(|m| m.lines().count() == 1)
+            .then_some(())
+    });
     // The agent holding the job dies without a word; a second agent is available.
     first.proc().kill9();
     let mut second = Agent::enroll(&token, &[]);
