@@ -230,6 +230,11 @@ fn main() -> ExitCode {
     if let Command::Run(args) = &cli.command {
         // A fleet upgrade may have left a newer binary for this agent: run that one.
         gantry_agent::deploy::upgrade::run_upgraded_binary(&args.data_dir.data_dir);
+        // An agent that will not isolate needs no capabilities, and its jobs must not
+        // inherit the packaged unit's: dropped before any thread or child exists.
+        if args.isolation == Some(isolation::IsolationMode::Off) {
+            isolation::drop_capabilities();
+        }
     }
     let runtime = match build_runtime() {
         Ok(rt) => rt,
@@ -327,13 +332,16 @@ async fn run_session(args: RunArgs) -> ExitCode {
         pids: Some(args.job_pids),
         cpus: args.job_cpus,
     };
-    let isolation = isolation::decide(
-        args.isolation.unwrap_or_else(isolation::default_mode),
-        args.job_uids,
-        args.slots,
-        isolation::privilege(),
-        cgroups::Cgroups::detect(limits),
-    );
+    let mode = args.isolation.unwrap_or_else(isolation::default_mode);
+    let privilege = isolation::privilege();
+    // Only an agent that will isolate touches cgroups (on v2 it moves itself into a
+    // leaf of its own cgroup).
+    let cgroups = if mode == isolation::IsolationMode::Required && privilege.is_ok() {
+        cgroups::Cgroups::detect(limits)
+    } else {
+        Ok(None)
+    };
+    let isolation = isolation::decide(mode, args.job_uids, args.slots, privilege, cgroups);
     let mut labels = labels::from_pairs(args.labels);
     if args.untrusted_work {
         if !matches!(isolation, isolation::Isolation::Users { .. }) {

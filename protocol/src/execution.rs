@@ -38,6 +38,14 @@ pub const EXECUTION_VERSION: u16 = 3;
 /// `git describe` or diff against history ask for `depth: full` or a number.
 pub const DEFAULT_CHECKOUT_DEPTH: u32 = 1;
 
+/// The key under which a job run in an image reports that image's digest among its
+/// outputs (`JobFinishedWithOutputs`): the registry's manifest digest, or the image ID
+/// of an image only built or loaded on the agent (`sha256:...` either way). It travels
+/// with the outputs because `JobResult` cannot gain a field; no pipeline output can be
+/// named so (output names have no `.`), and `gantry jobs show` shows it apart, as
+/// `image_digest`. Counts against no output limit: one more entry of about 80 bytes.
+pub const IMAGE_DIGEST_OUTPUT: &str = "gantry.image-digest";
+
 /// An output name, in `outputs:` and in a `$GANTRY_OUTPUT` file: 1 to
 /// [`MAX_OUTPUT_NAME_LEN`](crate::limits::MAX_OUTPUT_NAME_LEN) letters, digits, `_` and
 /// `-`, starting with a letter or `_`.

@@ -193,7 +193,8 @@ pub enum AgentMessage {
     /// The job ended, with the values of the `outputs:` it declares (masked where a
     /// secret was in them). `JobResult` could not gain a field (postcard reads fields by
     /// position), so this variant is appended; an agent sends it instead of
-    /// `JobFinished` only for a job that came with `DispatchJob` and declares outputs, so
+    /// `JobFinished` only for a job that came with `DispatchJob` and declares outputs or
+    /// ran in an image (its digest, under [`IMAGE_DIGEST_OUTPUT`](crate::IMAGE_DIGEST_OUTPUT)), so
     /// only coordinators that understand it (version 3 and later) ever receive it. Sent
     /// until acknowledged, like `JobFinished`.
     JobFinishedWithOutputs {

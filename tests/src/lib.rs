@@ -49,6 +49,13 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// Path of one of our binaries.
+/// `--isolation` for the agents tests start (unless a test passes its own):
+/// `GANTRY_TEST_ISOLATION` (`required` runs every job isolated, which needs root), `off`
+/// when unset.
+pub fn isolation_setting() -> String {
+    std::env::var("GANTRY_TEST_ISOLATION").unwrap_or_else(|_| "off".to_owned())
+}
+
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("GANTRY_BIN_DIR") {
         return PathBuf::from(dir).join(name);
@@ -448,7 +455,8 @@ impl Agent {
 
     /// [`Self::start`] with extra `run` arguments (e.g. `--max-transfer-rate 4MiB`).
     ///
-    /// Job isolation is off unless `extra` says `--isolation required`: most tests hand
+    /// Job isolation is off unless `extra` says `--isolation required` or
+    /// `GANTRY_TEST_ISOLATION=required` is set ([`isolation_setting`]): most tests hand
     /// files to their jobs through the test's own (root-only) temporary directories, and
     /// tests/tests/isolation.rs tests isolation itself.
     pub fn start_with(&mut self, extra: &[&str]) {
@@ -462,7 +470,48 @@ impl Agent {
         self.spawn(extra, Some(uid));
     }
 
+    /// [`Self::start_as`] with the capabilities `caps` (names as in capabilities(7),
+    /// e.g. `CAP_SETUID`) as ambient ones, everything else out of the bounding set and
+    /// no new privileges, as systemd's `AmbientCapabilities=`, `CapabilityBoundingSet=`
+    /// and `NoNewPrivileges=yes` start it (through util-linux `setpriv`). The isolation
+    /// setting is left to the agent's default.
+    pub fn start_as_with_capabilities(&mut self, uid: u32, caps: &[&str], extra: &[&str]) {
+        chown_tree(self.dir.path(), uid);
+        let list: Vec<String> = caps
+            .iter()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect();
+        let list = list.join(",");
+        let id = uid.to_string();
+        let mut wrapper: Vec<String> = [
+            "--reuid",
+            &id,
+            "--regid",
+            &id,
+            "--clear-groups",
+            "--no-new-privs",
+            "--inh-caps",
+            &list,
+            "--ambient-caps",
+            &list,
+            "--bounding-set",
+            &format!("-all,{list}"),
+            "--",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        wrapper.insert(0, "setpriv".to_owned());
+        self.spawn_via(extra, Some(uid), Some(&wrapper));
+    }
+
     fn spawn(&mut self, extra: &[&str], uid: Option<u32>) {
+        self.spawn_via(extra, uid, None);
+    }
+
+    /// Starts the agent as `uid` (std sets it), or through `wrapper` (a program and its
+    /// arguments, which runs the agent as `uid` itself).
+    fn spawn_via(&mut self, extra: &[&str], uid: Option<u32>, wrapper: Option<&[String]>) {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -480,16 +529,25 @@ impl Agent {
                 copy
             }
         };
-        let mut command = Command::new(program);
+        let mut command = match wrapper {
+            Some([wrapper, args @ ..]) => {
+                let mut command = Command::new(wrapper);
+                command.args(args).arg(program);
+                command
+            }
+            _ => Command::new(program),
+        };
         command
             .args(["run", "--max-backoff", "1s", "--data-dir"])
             .arg(self.dir.path())
             .args(extra)
             .env("GANTRY_LOG", "info")
-            .env("GANTRY_AGENT_ISOLATION", "off")
             .stdout(Stdio::null())
             .stderr(log);
-        if let Some(uid) = uid {
+        if wrapper.is_none() {
+            command.env("GANTRY_AGENT_ISOLATION", isolation_setting());
+        }
+        if let (Some(uid), None) = (uid, wrapper) {
             // std drops the supplementary groups too when it sets the uid.
             command.uid(uid).gid(uid);
         }
@@ -641,6 +699,46 @@ impl Coordinator {
         self.wait_connected(n);
         agents
     }
+}
+
+/// A directory every job may read and write (mode 1777), for handing markers between a
+/// test and its jobs whatever uid they run as: not the test's own temporary directories
+/// (root-only), nor under `/tmp` or `/var/tmp`, which each isolated job has of its own.
+pub fn exchange_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("gantry-exchange-")
+        .tempdir_in("/run")
+        .expect("a directory under /run");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    dir
+}
+
+/// The processes of this host (not zombies) whose command line is exactly `cmdline`
+/// (arguments joined by spaces), as `PID: CMDLINE` lines; whatever PID namespace a job
+/// started them in.
+pub fn processes_running(cmdline: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'));
+            (cmd.trim_end() == cmdline && !zombie)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
 }
 
 /// Every file under `dir`, at any depth (for tests that look for a value on disk).

@@ -121,7 +121,7 @@ fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none
     let c = Coordinator::start();
     let agents = c.agents_running(1, &[]);
     let yaml = format!(
-        "jobs:\n  boxed:\n    image: {tag}\n    env:\n      FLAVOUR: from-the-job\n    outputs:\n      where: ${{{{ steps.box.outputs.where }}}}\n    steps:\n      - name: inside\n        id: box\n        run: |\n          echo \"where=$GANTRY_OUTPUT\" >> \"$GANTRY_OUTPUT\"\n          cat /etc/os-release 2>/dev/null || echo in-container\n          echo \"uid=$(id -u)\"\n          echo \"flavour=$FLAVOUR ws=$GANTRY_WORKSPACE\"\n          echo \"home=${{HOME:-none}} path=${{PATH:-none}}\"\n          echo written > /workspace/made-in-container\n          touch /workspace/also-made\n      - name: next step sees the workspace\n        run: cat made-in-container; echo \"output ${{{{ steps.box.outputs.where }}}}\"\n  missing:\n    image: gantry-test-missing:{missing}\n    steps: [{{ run: 'echo never' }}]\n",
+        "jobs:\n  boxed:\n    image: {tag}\n    env:\n      FLAVOUR: from-the-job\n    outputs:\n      where: ${{{{ steps.box.outputs.where }}}}\n    steps:\n      - name: inside\n        id: box\n        run: |\n          echo \"where=$GANTRY_OUTPUT\" >> \"$GANTRY_OUTPUT\"\n          cat /etc/os-release 2>/dev/null || echo in-container\n          echo \"uid=$(id -u)\"\n          echo \"flavour=$FLAVOUR ws=$GANTRY_WORKSPACE\"\n          echo \"home=${{HOME:-none}} path=${{PATH:-none}}\"\n          echo written > /workspace/made-in-container\n          touch /workspace/also-made\n      - name: next step sees the workspace\n        run: cat made-in-container; echo \"output ${{{{ steps.box.outputs.where }}}}\"\n  missing:\n    image: {{ name: 'gantry-test-missing:{missing}', pull: never }}\n    steps: [{{ run: 'echo ran-anyway' }}]\n",
         tag = image.tag,
         missing = unique()
     );
@@ -164,10 +164,15 @@ fn a_job_with_an_image_runs_its_steps_in_containers_as_the_agent_and_leaves_none
     assert_ne!(missing["state"], "succeeded", "{view}");
     let missing_log = c.logs(&format!("{run}.1"));
     assert!(
-        missing_log.contains("is not on this host; load it with `docker load -i FILE`"),
+        missing_log.contains(
+            "is not on this host and the job says pull: never; load it with `docker load -i FILE`"
+        ),
         "the log says the image is missing and how to fix it: {missing_log}"
     );
-    assert!(!missing_log.contains("never"), "nothing ran: {missing_log}");
+    assert!(
+        !missing_log.contains("ran-anyway"),
+        "nothing ran: {missing_log}"
+    );
 
     assert_eq!(
         containers_of(&image),

@@ -34,12 +34,13 @@ fn isolated_agents(c: &Coordinator, n: usize, extra: &[&str]) -> Vec<Agent> {
 }
 
 /// A directory every job may read and write (mode 1777), for handing markers between
-/// a test and its jobs; not under `/tmp`, which each isolated job has of its own.
+/// a test and its jobs; not under `/tmp` nor `/var/tmp`, which each isolated job has of
+/// its own.
 fn exchange_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix("gantry-isolation-")
-        .tempdir_in("/var/tmp")
+        .tempdir_in("/run")
         .expect("tempdir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     dir
@@ -108,9 +109,9 @@ fn a_job_cannot_read_the_agent_key_by_relative_path_or_through_proc() {
 }
 
 /// Two jobs of one run on one agent at once: `peek` tries to read `hold`'s workspace
-/// file, its home, what it left in `/tmp`, and every `/proc/PID/environ` it can see for
+/// file, its home, what it left in `/tmp`, `/var/tmp` and `/dev/shm`, and every `/proc/PID/environ` it can see for
 /// `hold`'s secret; `hold` waits until `peek` is done, so both run together. Nothing
-/// `hold` wrote to `/tmp` is on the host's `/tmp` afterwards.
+/// `hold` wrote to `/tmp`, `/var/tmp` or `/dev/shm` is on the host's afterwards.
 #[test]
 fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     if !is_root("a_job_cannot_read_a_concurrent_jobs_workspace") {
@@ -122,9 +123,13 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
     let x = x.path().display();
     let value = "hunter2-held-by-the-other-job";
     let tmp_file = format!("/tmp/gantry-held-{}", std::process::id());
+    let var_tmp_file = format!("/var/tmp/gantry-held-{}", std::process::id());
+    let shm_file = format!("/dev/shm/gantry-held-{}", std::process::id());
     let hold = format!(
         "echo $HELD > secret.txt; echo $HELD > $HOME/secret.txt\n\
-         echo $HELD > {tmp_file}; chmod 644 {tmp_file}; touch {x}/ready\n\
+         echo $HELD > {tmp_file}; chmod 644 {tmp_file}\n\
+         echo $HELD > {var_tmp_file}.v; chmod 644 {var_tmp_file}.v\n\
+         echo $HELD > {shm_file}; chmod 644 {shm_file}; touch {x}/ready\n\
          for i in $(seq 1 600); do [ -e {x}/done ] && break; sleep 0.05; done\n\
          [ -e {x}/done ]\n"
     );
@@ -135,6 +140,8 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
          cat $other/secret.txt || echo refused-workspace\n\
          cat $other.home/secret.txt || echo refused-home\n\
          cat {tmp_file} || echo refused-tmp\n\
+         cat {var_tmp_file}.v || echo refused-var-tmp\n\
+         cat {shm_file} || echo refused-shm\n\
          cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep '^HELD=' || echo refused-environ\n\
          touch {x}/done\n"
     );
@@ -152,14 +159,19 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
         "refused-workspace",
         "refused-home",
         "refused-tmp",
+        "refused-var-tmp",
+        "refused-shm",
         "refused-environ",
     ] {
         assert!(log.contains(refused), "no {refused} in:\n{log}");
     }
-    assert!(
-        !Path::new(&tmp_file).exists(),
-        "{tmp_file} reached the host's /tmp"
-    );
+    for file in [tmp_file, format!("{var_tmp_file}.v"), shm_file] {
+        assert!(
+            !Path::new(&file).exists(),
+            "{file} reached the host's {}",
+            Path::new(&file).parent().expect("dir").display()
+        );
+    }
 }
 
 /// The processes of this host whose command line starts with `needle`.
@@ -415,5 +427,96 @@ fn wait_until_gone(needle: &str, owner: &str) {
             "processes outlived their {owner}: {left:#?}"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The capabilities the packaged unit gives the agent (`AmbientCapabilities=`, the same
+/// in `CapabilityBoundingSet=`).
+fn packaged_unit_capabilities() -> Vec<String> {
+    let unit =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd/gantry-agent.service");
+    let text = std::fs::read_to_string(&unit).expect("the packaged agent unit");
+    let line = |key: &str| -> Vec<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {}", unit.display()))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let ambient = line("AmbientCapabilities=");
+    assert_eq!(
+        ambient,
+        line("CapabilityBoundingSet="),
+        "the unit bounds the agent to what it needs"
+    );
+    ambient
+}
+
+/// The agent started as the packaged unit starts it, as an unprivileged user with only
+/// the unit's capabilities and no new privileges (no `--isolation`: the default
+/// decides), isolates jobs within their limits: the job runs as a uid of its own
+/// without any capability, cannot read the agent's key, and stops at the pids limit.
+#[test]
+fn the_packaged_units_capabilities_are_enough_to_isolate_jobs() {
+    const TEST: &str = "the_packaged_units_capabilities_are_enough_to_isolate_jobs";
+    if !is_root(TEST)
+        || !gantry_tests::requires::require_program(TEST, "setpriv", "apt-get install util-linux")
+    {
+        return;
+    }
+    let caps = packaged_unit_capabilities();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let c = Coordinator::start();
+    let mut agent = Agent::enroll(&c.token(&[]), &[]);
+    agent.start_as_with_capabilities(NOBODY, &caps, &["--job-pids", "64"]);
+    c.wait_connected(1);
+    let script = "echo uid=$(id -u)\n\
+         grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status\n\
+         cat ../../tls/agent.pem || echo refused-key\n\
+         (for i in $(seq 1 100); do sleep 5 & done) 2>/dev/null || echo fork-refused\n\
+         pkill -u $(id -u) sleep || true\n";
+    let run = c.run_pipeline(&pipeline(&[("untrusted", "", script)]), &[]);
+    let view = c.wait_run(run, DEADLINE);
+    let log = c.logs(&format!("{run}.0"));
+    assert_eq!(
+        job_named(&view, "untrusted")["state"],
+        "succeeded",
+        "{log}\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("jobs run isolated"),
+        "the unit's capabilities make isolation the default:\n{}",
+        agent.log()
+    );
+    let uid: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("uid="))
+        .and_then(|u| u.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no uid in:\n{log}"));
+    assert!(
+        (90_000..=90_999).contains(&uid),
+        "the job ran as {uid}:\n{log}"
+    );
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        let value = log
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{set}:")))
+            .map(str::trim);
+        assert_eq!(
+            value,
+            Some("0000000000000000"),
+            "the job holds capabilities ({set}):\n{log}"
+        );
+    }
+    assert!(log.contains("refused-key"), "{log}");
+    if agent.log().contains("without resource limits") {
+        eprintln!("{TEST}: this host gives no cgroup for the pids limit; not checked");
+    } else {
+        assert!(
+            log.contains("fork-refused"),
+            "100 processes went past --job-pids 64:\n{log}"
+        );
     }
 }

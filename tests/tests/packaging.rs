@@ -334,14 +334,23 @@ fn build_debs(out: &Path) -> (PathBuf, PathBuf) {
 
 /// Emulates the part of systemd the packages rely on, inside a container without it:
 /// starts `$1.service` from its installed unit file as its `User=`, with its
-/// `EnvironmentFile=` and exactly its `ExecStart=` line. Output goes to /var/log/$1.log.
+/// `EnvironmentFile=` and exactly its `ExecStart=` line; a unit with
+/// `AmbientCapabilities=` gets those (and `CapabilityBoundingSet=`, `NoNewPrivileges=`)
+/// through `setpriv`. Output goes to /var/log/$1.log.
 const RUN_UNIT: &str = r#"
 unit=/usr/lib/systemd/system/$1.service
 [ -r "$unit" ] || { echo "no $unit" >&2; exit 1; }
 user=$(sed -n 's/^User=//p' "$unit")
 env_file=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$unit")
 exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
-exec runuser -u "$user" -- sh -c '
+caps() { sed -n "s/^$1=//p" "$unit" | tr 'A-Z ' 'a-z,' | sed 's/cap_/+/g'; }
+ambient=$(caps AmbientCapabilities)
+as_user="runuser -u $user --"
+if [ -n "$ambient" ]; then
+    nnp=$(sed -n 's/^NoNewPrivileges=yes$/--no-new-privs/p' "$unit")
+    as_user="setpriv --reuid=$user --regid=$(sed -n 's/^Group=//p' "$unit") --init-groups $nnp --inh-caps=$ambient --ambient-caps=$ambient --bounding-set=-all,$(caps CapabilityBoundingSet) --"
+fi
+exec $as_user sh -c '
     set -a
     if [ -n "$1" ] && [ -r "$1" ]; then . "$1"; fi
     set +a
@@ -812,7 +821,23 @@ fn the_debs_install_on_debian_and_the_agent_enrolls_connects_and_runs_a_job() {
     let net = scope.network(true);
     let mount = format!("{}:/debs:ro", debs.path().display());
     let coord = scope.debian("debcoord", &net, &["-v", &mount]);
-    let agent = scope.debian("debagent", &net, &["-v", &mount]);
+    // The agent isolates jobs under the unit's capabilities, which include CAP_SYS_ADMIN
+    // for namespaces and mounts: more than Docker's default set and seccomp profile let
+    // a container use (the unit itself gets no more than its capabilities).
+    let agent = scope.debian(
+        "debagent",
+        &net,
+        &[
+            "-v",
+            &mount,
+            "--cap-add",
+            "SYS_ADMIN",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
+        ],
+    );
     let deb_name = |p: &Path| p.file_name().expect("name").to_string_lossy().into_owned();
 
     exec_ok(
@@ -900,16 +925,21 @@ fn the_debs_install_on_debian_and_the_agent_enrolls_connects_and_runs_a_job() {
         agents[0]
     );
 
-    // A job runs under the packaged agent, as its system user.
+    // A job runs isolated under the packaged agent: a uid of its own, no capabilities.
     exec_ok(
         &coord,
-        "printf 'jobs:\\n  who:\\n    steps:\\n      - run: id -un\\n' > /tmp/who.yml && \
+        "printf 'jobs:\\n  who:\\n    steps:\\n      - run: echo uid=$(id -u) && grep ^CapEff /proc/self/status\\n' > /tmp/who.yml && \
          gantry run /tmp/who.yml --no-source --follow",
     );
     let log = exec_ok(&coord, "gantry logs 1.0");
+    let agent_log = exec_ok(&agent, "cat /var/log/gantry-agent.log");
     assert!(
-        log.contains("gantry-agent"),
-        "the job ran as gantry-agent: {log}"
+        log.contains("uid=900") && log.contains("0000000000000000"),
+        "the job ran as a uid of its own without capabilities: {log}\n{agent_log}"
+    );
+    assert!(
+        agent_log.contains("jobs run isolated"),
+        "the agent says so at start: {agent_log}"
     );
 }
 

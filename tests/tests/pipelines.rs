@@ -122,20 +122,33 @@ fn a_failed_job_runs_failure_handlers_retries_and_fails_the_run_with_exit_1() {
 fn cancel_kills_the_whole_process_tree_and_timeout_ends_a_job() {
     let c = Coordinator::start();
     let _agents = c.agents_running(2, &[]);
-    let pids = c.dir.path().join("pids");
+    // Found by their command lines (a job's `$!` is a pid of its own PID namespace when
+    // the agent isolates it): durations no other test uses.
+    let tag = 3_000 + u64::from(std::process::id() % 900);
+    let (outer, inner) = (format!("sleep {tag}"), format!("sleep {}", tag + 1));
+    let x = gantry_tests::exchange_dir();
+    let started = x.path().join("started");
     let yaml = format!(
-        "jobs:\n  tree:\n    steps:\n      - run: |\n          sleep 300 & echo $! >> {p}\n          sh -c 'sleep 301 & echo $! >> {p}; wait' &\n          echo started\n          wait\n  slow:\n    timeout: 1s\n    steps: [{{ run: 'echo going; sleep 300' }}]\n",
-        p = pids.display()
+        "jobs:\n  tree:\n    steps:\n      - run: |\n          {outer} & echo a >> {p}\n          sh -c '{inner} & echo b >> {p}; wait' &\n          echo started\n          wait\n  slow:\n    timeout: 1s\n    steps: [{{ run: 'echo going; sleep 300' }}]\n",
+        p = started.display()
     );
     let run = c.run_pipeline(&yaml, &[]);
     wait_for("the job's processes to start", DEADLINE, || {
-        (std::fs::read_to_string(&pids)
+        (std::fs::read_to_string(&started)
             .unwrap_or_default()
             .lines()
             .count()
             == 2)
             .then_some(())
     });
+    assert_eq!(
+        (
+            gantry_tests::processes_running(&outer).len(),
+            gantry_tests::processes_running(&inner).len()
+        ),
+        (1, 1),
+        "both processes run"
+    );
     c.wait_job_state(&format!("{run}.1"), "timed-out", DEADLINE);
     c.gantry(&["pipelines", "cancel", &run.to_string()])
         .expect_code(0);
@@ -147,13 +160,9 @@ fn cancel_kills_the_whole_process_tree_and_timeout_ends_a_job() {
         "timed-out",
         "the 1 s timeout ended it before the cancel: {view}"
     );
-    for pid in std::fs::read_to_string(&pids)
-        .expect("pids")
-        .split_whitespace()
-    {
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"));
-        assert!(!alive, "process {pid} outlived the cancelled job");
+    for cmdline in [&outer, &inner] {
+        let left = gantry_tests::processes_running(cmdline);
+        assert!(left.is_empty(), "outlived the cancelled job: {left:?}");
     }
     assert!(
         c.logs(&format!("{run}.1")).contains("timed out"),
@@ -168,10 +177,17 @@ fn a_job_whose_agent_dies_is_run_again_on_another_agent() {
     let mut first = Agent::enroll(&token, &[]);
     first.start();
     c.wait_connected(1);
-    let marker = c.dir.path().join("ran-on");
+    let x = gantry_tests::exchange_dir();
+    let marker = x.path().join("ran-on");
     let run = c.run_pipeline(&format!("jobs:\n  work:\n    steps: [{{ run: 'echo $GANTRY_ATTEMPT >> {m}; sleep 3; echo done' }}]\n", m = marker.display()), &[]);
     let job = format!("{run}.0");
     c.wait_job_state(&job, "running", DEADLINE);
+    // Its step has begun (an isolated step starts a few ms after the job does).
+    wait_for("the first attempt's step to start", DEADLINE, || {
+        std::fs::read_to_string(&marker)
+            .is_ok_and(|m| m.lines().count() == 1)
+            .then_some(())
+    });
     // The agent holding the job dies without a word; a second agent is available.
     first.proc().kill9();
     let mut second = Agent::enroll(&token, &[]);

@@ -1,6 +1,7 @@
 //! Child processes of the agent (job steps on the shell, deploy hooks, ad-hoc commands):
-//! signalling a whole process group, reading an exit status, and the few variables a
-//! process on this host inherits from the agent.
+//! signalling a whole process group, reading an exit status, the few variables a
+//! process on this host inherits from the agent, and keeping the agent's ambient
+//! capabilities from it.
 //!
 //! It must not decide when to stop a process or what else its environment holds: the
 //! step runners, hooks and commands do.
@@ -53,6 +54,27 @@ pub fn inherited_env() -> Labels {
     env.entry("PATH".into())
         .or_insert_with(|| DEFAULT_PATH.into());
     env
+}
+
+/// Clears the ambient capabilities of `command`'s process before it runs: deploy hooks
+/// and commands run as the agent's user without the capabilities the packaged unit
+/// gives the agent for isolating jobs.
+#[allow(unsafe_code)]
+pub fn without_ambient_capabilities(command: &mut tokio::process::Command) {
+    // SAFETY: the closure makes one system call (async-signal-safe) and allocates
+    // nothing.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            );
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -66,7 +66,8 @@ impl AdHocCommands {
             path: self.root.clone(),
             source,
         })?;
-        let mut child = tokio::process::Command::new("/bin/sh")
+        let mut shell = tokio::process::Command::new("/bin/sh");
+        shell
             .arg("-c")
             .arg(&command.command)
             .current_dir(&self.root)
@@ -74,9 +75,9 @@ impl AdHocCommands {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(CommandError::Spawn)?;
+            .kill_on_drop(true);
+        crate::base::process::without_ambient_capabilities(&mut shell);
+        let mut child = shell.spawn().map_err(CommandError::Spawn)?;
         let pgid = group_of(&child);
         let pumps: Vec<_> = [
             child

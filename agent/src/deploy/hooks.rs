@@ -48,7 +48,8 @@ pub async fn run_shell(
     let output = tempfile::tempfile().map_err(HookError::OutputFile)?;
     let stderr = output.try_clone().map_err(HookError::ShareOutput)?;
     let stdout = output.try_clone().map_err(HookError::ShareOutput)?;
-    let mut child = tokio::process::Command::new("/bin/sh")
+    let mut command = tokio::process::Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg(script)
         .current_dir(dir)
@@ -57,12 +58,12 @@ pub async fn run_shell(
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
-        .spawn()
-        .map_err(|source| HookError::Spawn {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        .process_group(0);
+    crate::base::process::without_ambient_capabilities(&mut command);
+    let mut child = command.spawn().map_err(|source| HookError::Spawn {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let pgid = group_of(&child);
     let code = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => exit_code(status),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use gantry_protocol::{
     AgentMessage, ArtifactWhen, Attempt, Checkout, JobAssignment, JobExecution, JobId, JobOutcome,
-    JobResult, Labels, PullPolicy, RunningJob, StreamOpen, UnixMillis,
+    JobResult, Labels, RunningJob, StreamOpen, UnixMillis,
 };
 use gantry_transport::{Connection, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -135,8 +135,9 @@ impl Report {
 /// do yet is refused at dispatch (so the coordinator offers the job elsewhere) rather
 /// than ignored.
 pub fn unsupported(execution: &JobExecution) -> Option<String> {
-    let pulls =
-        |i: &gantry_protocol::Image| i.pull == PullPolicy::Always || i.credentials.is_some();
+    let pulls = |i: &gantry_protocol::Image| {
+        i.pull == gantry_protocol::PullPolicy::Always || i.credentials.is_some()
+    };
     if execution.services.len() > gantry_protocol::limits::MAX_SERVICES {
         return Some(format!(
             "the job has {} services; this agent (gantry-agent {}) starts at most {}",
@@ -145,10 +146,10 @@ pub fn unsupported(execution: &JobExecution) -> Option<String> {
             gantry_protocol::limits::MAX_SERVICES
         ));
     }
-    let reason = if execution.image.as_ref().is_some_and(pulls)
-        || execution.services.iter().any(|s| pulls(&s.image))
-    {
-        "pulling images (pull: always, registry credentials)"
+    // A job's own image is pulled as its policy says (`runner::images`); services'
+    // images are not yet.
+    let reason = if execution.services.iter().any(|s| pulls(&s.image)) {
+        "pulling service images (pull: always, registry credentials)"
     } else if execution.reports.is_some() {
         "reports:"
     } else if execution.caches.len() > 1 || execution.caches.iter().any(|c| c.home) {

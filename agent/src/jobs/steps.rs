@@ -18,13 +18,15 @@ use std::time::Duration;
 
 use gantry_protocol::limits::MAX_OUTPUT_VALUE_BYTES;
 use gantry_protocol::{
-    ConditionValue, JobAssignment, JobExecution, JobOutcome, Labels, Shell, StepOptions,
+    ConditionValue, JobAssignment, JobExecution, JobOutcome, Labels, PullPolicy, Shell,
+    StepOptions, IMAGE_DIGEST_OUTPUT,
 };
 use tokio::sync::watch;
 
 use crate::base::mask::Masker;
 use crate::base::outputs::{parse_output_file, OutputFileError};
 use crate::runner::docker::DockerRunner;
+use crate::runner::images::{ImageRequest, PullAuth};
 use crate::runner::isolation::Sandbox;
 use crate::runner::services::{service_env, ServiceOwner, Services};
 use crate::runner::shell::ShellRunner;
@@ -74,25 +76,34 @@ pub async fn run_job(
         deadline: tokio::time::Instant::now() + Duration::from_millis(job.timeout_ms),
         agent,
         services: ServiceSetup::default(),
+        owner: sandbox.map(|s| (s.uid, s.gid)),
     };
-    let (outcome, said) = run_steps(run, &mut written, sandbox).await;
+    let mut digest = None;
+    let (outcome, said) = run_steps(run, &mut written, sandbox, &mut digest).await;
     // The coordinator keeps only the outcome's kind: the log is where the reason shows.
     if let (JobOutcome::Error { message }, false) = (&outcome, said) {
         let _ = log.send(format!("\u{2716} {message}\n").into_bytes()).await;
     }
-    let outputs = if execution.outputs.is_empty() {
+    let mut outputs = if execution.outputs.is_empty() {
         None
     } else {
         Some(job_outputs(&execution.outputs, &written, &job.secrets, log).await)
     };
+    if let Some(digest) = digest {
+        outputs
+            .get_or_insert_with(Labels::new)
+            .insert(IMAGE_DIGEST_OUTPUT.to_owned(), digest);
+    }
     StepsRun { outcome, outputs }
 }
 
-/// The job's outcome, and whether an error's reason is already in the log.
+/// The job's outcome, and whether an error's reason is already in the log; `digest`
+/// gets the digest of the image the steps ran in, for a coordinator that reads it back.
 async fn run_steps(
     run: StepLoop<'_>,
     written: &mut StepOutputs,
     sandbox: Option<&Sandbox>,
+    digest: &mut Option<String>,
 ) -> (JobOutcome, bool) {
     let (workspace, temp) = (run.workspace, run.temp);
     // The caller makes the workspace fresh (and may have unpacked the run's source
@@ -111,9 +122,9 @@ async fn run_steps(
         }
     }
     if run.execution.services.is_empty() {
-        return (run.with_runner(written, sandbox).await, false);
+        return (run.with_runner(written, sandbox, digest).await, false);
     }
-    (with_services(run, written, sandbox).await, true)
+    (with_services(run, written, sandbox, digest).await, true)
 }
 
 /// Starts the job's services, runs its steps beside them, copies the services' output
@@ -123,6 +134,7 @@ async fn with_services(
     mut run: StepLoop<'_>,
     written: &mut StepOutputs,
     sandbox: Option<&Sandbox>,
+    digest: &mut Option<String>,
 ) -> JobOutcome {
     let owner = ServiceOwner {
         agent: run.agent.to_owned(),
@@ -150,7 +162,7 @@ async fn with_services(
                 host_env: service_env(&started, false),
                 container_env: service_env(&started, true),
             };
-            run.with_runner(written, sandbox).await
+            run.with_runner(written, sandbox, digest).await
         }
         Ok(Err(e)) => JobOutcome::Error {
             message: e.to_string(),
@@ -180,6 +192,33 @@ async fn with_services(
     outcome
 }
 
+/// The job's image as the runner gets it: the execution's (with its pull policy and the
+/// registry's credentials filled in from the job's secrets), else the assignment's
+/// plain name from a coordinator that sends no policy, which is never pulled (as
+/// before pulls existed).
+fn image_request(job: &JobAssignment, execution: &JobExecution) -> Option<ImageRequest> {
+    match (&execution.image, &job.image) {
+        (Some(image), _) => Some(ImageRequest {
+            name: image.name.clone(),
+            pull: image.pull,
+            auth: image.credentials.as_ref().map(|c| PullAuth {
+                username: substitute_secrets(&c.username, &job.secrets),
+                password: job
+                    .secrets
+                    .get(&c.password_secret)
+                    .cloned()
+                    .unwrap_or_default(),
+            }),
+        }),
+        (None, Some(name)) => Some(ImageRequest {
+            name: name.clone(),
+            pull: PullPolicy::Never,
+            auth: None,
+        }),
+        (None, None) => None,
+    }
+}
+
 /// What a job's services give its steps: the network their containers join and the
 /// addresses they reach the services at.
 #[derive(Debug, Default)]
@@ -202,23 +241,30 @@ struct StepLoop<'a> {
     /// This agent's id, labelled on the job's containers.
     agent: &'a str,
     services: ServiceSetup,
+    /// The uid and gid an isolated job's steps run as: they own the files the agent
+    /// makes for a step in `temp` (`$GANTRY_OUTPUT`, a command template's script).
+    owner: Option<(u32, u32)>,
 }
 
 impl StepLoop<'_> {
+    /// Gives a file the agent made for a step to the job's own user, when it has one
+    /// (the file's directory is the job's, mode 0700).
+    fn hand_over(&self, path: &Path) -> std::io::Result<()> {
+        match self.owner {
+            Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the steps on the shell, or in containers of the job's image.
     async fn with_runner(
         &self,
         written: &mut StepOutputs,
         sandbox: Option<&Sandbox>,
+        digest: &mut Option<String>,
     ) -> JobOutcome {
         let (workspace, temp) = (self.workspace, self.temp);
-        let image = self
-            .execution
-            .image
-            .as_ref()
-            .map(|i| i.name.as_str())
-            .or(self.job.image.as_deref());
-        match image {
+        match image_request(self.job, self.execution) {
             None => {
                 self.with(
                     &ShellRunner::new(workspace, temp, sandbox),
@@ -227,16 +273,24 @@ impl StepLoop<'_> {
                 )
                 .await
             }
-            Some(image) => match DockerRunner::prepare(image, workspace, temp, sandbox).await {
-                Ok(runner) => {
-                    let runner = runner.on_network(self.services.network.as_deref(), self.agent);
-                    self.with(&runner, &self.services.container_env, written)
-                        .await
+            Some(request) => {
+                match DockerRunner::prepare(&request, workspace, temp, sandbox, self.log).await {
+                    Ok(runner) => {
+                        // Only a coordinator that sent the image with its policy
+                        // (protocol 3) reads the digest back.
+                        if self.execution.image.is_some() {
+                            *digest = Some(runner.image_digest().to_owned());
+                        }
+                        let runner =
+                            runner.on_network(self.services.network.as_deref(), self.agent);
+                        self.with(&runner, &self.services.container_env, written)
+                            .await
+                    }
+                    Err(e) => JobOutcome::Error {
+                        message: e.to_string(),
+                    },
                 }
-                Err(e) => JobOutcome::Error {
-                    message: e.to_string(),
-                },
-            },
+            }
         }
     }
 
@@ -296,7 +350,9 @@ impl StepLoop<'_> {
             let fill = |text: &str| fill_in(text, &job.secrets, written);
             let output_name = format!("output-{number}");
             let host_output = self.temp.join(&output_name);
-            if let Err(e) = std::fs::write(&host_output, b"") {
+            if let Err(e) =
+                std::fs::write(&host_output, b"").and_then(|()| self.hand_over(&host_output))
+            {
                 return JobOutcome::Error {
                     message: format!("cannot create {}: {e}", host_output.display()),
                 };

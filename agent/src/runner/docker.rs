@@ -1,13 +1,13 @@
 //! Running a job's steps in Docker containers, through the Engine API on the local unix
 //! socket (bollard, with no TLS, SSH or HTTP transport built in).
 //!
-//! Owns: finding and pinging the local engine ([`DockerClient`]), checking that the
-//! job's image is already on this host, and one container per step ([`DockerRunner`]):
-//! its configuration ([`container_config`], pure), its output (into the same
-//! [`LogSink`] as shell steps), stopping it on cancel or timeout, and removing it on
-//! every path. A job with services has its steps' containers join the services'
-//! network ([`DockerRunner::on_network`]); every container carries [`AGENT_LABEL`], so
-//! a crash leaves nothing the next start does not sweep. It must not pull images (air-gapped hosts have no registry), must not
+//! Owns: finding and pinging the local engine ([`DockerClient`]), having the job's
+//! image (through `runner::images`: its pull policy and credentials, and its digest), and
+//! one container per step ([`DockerRunner`]): its configuration ([`container_config`],
+//! pure), its output (into the same [`LogSink`] as shell steps), stopping it on cancel or
+//! timeout, and removing it on every path. A job with services has its steps' containers
+//! join the services' network ([`DockerRunner::on_network`]); every container carries
+//! [`AGENT_LABEL`], so a crash leaves nothing the next start does not sweep. It must not
 //! decide what a step's environment is (that is the job's), and must not leave a
 //! container behind.
 //!
@@ -42,6 +42,7 @@ use gantry_protocol::{JobAssignment, Labels};
 use tracing::warn;
 
 use super::cgroups::JobLimits;
+use super::images::{self, ImageError, ImageRequest};
 use super::isolation::Sandbox;
 use super::{LogSink, Step, StepExit, StepRunner, Stop, DRAIN_DEADLINE};
 use crate::base::labels::capabilities_with;
@@ -128,6 +129,8 @@ pub enum DockerError {
         "this agent cannot run jobs in image {image}: {source} (is Docker installed and running?)"
     )]
     Connect { image: String, source: ConnectError },
+    #[error("{0}")]
+    Image(#[from] ImageError),
     #[error("{}", missing_image_message(image))]
     MissingImage { image: String },
     #[error("cannot inspect the image {image}: {source}")]
@@ -239,7 +242,8 @@ pub fn capabilities(docker_socket: &Path) -> Vec<String> {
     capabilities_with(available(docker_socket))
 }
 
-/// The message for an image that is not on this host.
+/// The message for an image that is not on this host (a service's: job images go
+/// through `runner::images`, whose own message names the pull policy).
 pub fn missing_image_message(image: &str) -> String {
     format!(
         "the image {image} is not on this host; load it with `docker load -i FILE` (or build it) on the agent"
@@ -265,6 +269,8 @@ pub struct DockerRunner {
     /// This agent's id, labelled on every step's container ([`AGENT_LABEL`]) so a later
     /// start sweeps what a crash left.
     agent: Option<String>,
+    /// The digest of the image the steps run in (`images::pick_digest`).
+    digest: String,
 }
 
 impl DockerRunner {
@@ -277,21 +283,23 @@ impl DockerRunner {
         self
     }
 
-    /// Connects to the local engine (see [`configured_socket`]) and checks that `image`
-    /// is present. Never pulls.
-    /// An isolated job's steps run as its own uid:gid, with its limits.
+    /// Connects to the local engine (see [`configured_socket`]) and has the image as its
+    /// pull policy says (pulling says so in `log`). An isolated job's steps run as its
+    /// own uid:gid, with its limits.
     pub async fn prepare(
-        image: &str,
+        request: &ImageRequest,
         workspace: &Path,
         temp: &Path,
         sandbox: Option<&Sandbox>,
+        log: &LogSink,
     ) -> Result<Self, DockerError> {
+        let image = request.name.as_str();
         let socket =
             configured_socket(Path::new(DEFAULT_SOCKET)).map_err(|source| DockerError::Socket {
                 image: image.to_owned(),
                 source,
             })?;
-        let mut runner = Self::prepare_at(&socket, image, workspace, temp).await?;
+        let mut runner = Self::prepare_at(&socket, request, workspace, temp, log).await?;
         if let Some(sandbox) = sandbox {
             runner.user = format!("{}:{}", sandbox.uid, sandbox.gid);
             runner.limits = sandbox.limits;
@@ -302,10 +310,12 @@ impl DockerRunner {
     /// [`DockerRunner::prepare`] with the engine on `socket`.
     pub async fn prepare_at(
         socket: &Path,
-        image: &str,
+        request: &ImageRequest,
         workspace: &Path,
         temp: &Path,
+        log: &LogSink,
     ) -> Result<Self, DockerError> {
+        let image = request.name.as_str();
         let client =
             DockerClient::connect(socket)
                 .await
@@ -313,7 +323,7 @@ impl DockerRunner {
                     image: image.to_owned(),
                     source,
                 })?;
-        client.check_image(image).await?;
+        let digest = images::ensure(&client.docker, request, log).await?;
         let host_workspace =
             std::path::absolute(workspace).map_err(|source| DockerError::Workspace {
                 path: workspace.to_path_buf(),
@@ -332,7 +342,14 @@ impl DockerRunner {
             limits: JobLimits::default(),
             network: None,
             agent: None,
+            digest,
         })
+    }
+
+    /// The digest of the image the steps run in: the registry's manifest digest, or the
+    /// image ID of one only built or loaded here.
+    pub fn image_digest(&self) -> &str {
+        &self.digest
     }
 
     /// Runs one step in a container of its own and removes the container afterwards,
@@ -819,22 +836,21 @@ mod tests {
         assert!(wait_result(None).is_err());
     }
 
-    #[test]
-    fn the_missing_image_message_says_how_to_fix_it() {
-        assert_eq!(
-            missing_image_message("app:1"),
-            "the image app:1 is not on this host; load it with `docker load -i FILE` (or build it) on the agent"
-        );
-    }
-
     #[tokio::test]
     async fn an_image_job_without_an_engine_says_why() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (log, _rx) = tokio::sync::mpsc::channel(8);
+        let request = ImageRequest {
+            name: "app:1".into(),
+            pull: gantry_protocol::PullPolicy::Never,
+            auth: None,
+        };
         let message = DockerRunner::prepare_at(
             &dir.path().join("absent.sock"),
-            "app:1",
+            &request,
             dir.path(),
             dir.path(),
+            &log,
         )
         .await
         .err()

@@ -7,7 +7,8 @@
 //! directory, mode 0700, owned by that uid); handing a workspace over to that uid; and
 //! `gantry-agent job-init` ([`job_init`]), the small init every isolated step runs
 //! under. job-init enters a new PID and mount namespace, mounts that namespace's
-//! `/proc` and the job's own directory on `/tmp`, and forks the step's process as pid 1's only child with the job's uid, no
+//! `/proc`, the job's own directory on `/tmp` and `/var/tmp` and a tmpfs on `/dev/shm`,
+//! and forks the step's process as pid 1's only child with the job's uid, no
 //! supplementary groups and no capabilities. When the step's process exits, pid 1 exits
 //! and the kernel kills everything left in the namespace (`setsid` and double-forked
 //! processes included); SIGTERM to the step reaches all of them through pid 1.
@@ -18,7 +19,7 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use super::cgroups::{self, Cgroups, JobCgroup, JobLimits};
+use super::cgroups::{self, CgroupError, Cgroups, JobCgroup, JobLimits};
 
 /// The uids jobs run as when `--job-uids` is not given: far above the ranges distributions
 /// hand to people and system services, and below the ones container runtimes map.
@@ -130,7 +131,7 @@ impl Isolation {
             Self::Off => "job isolation is off (--isolation off): jobs run as this agent's user and can read its data directory and keys; run only trusted work here".into(),
             Self::Users { uids, cgroups, limits_off } => {
                 let limits = match (cgroups, limits_off) {
-                    (Some(c), _) => format!("with the limits {:?}", c.limits()),
+                    (Some(c), _) => format!("with the limits {:?} ({})", c.limits(), c.hierarchy()),
                     (None, Some(why)) => format!("without resource limits: {why}"),
                     (None, None) => "without resource limits (none set)".to_owned(),
                 };
@@ -148,7 +149,7 @@ pub fn decide(
     uids: UidRange,
     slots: u32,
     privilege: Result<(), PrivilegeError>,
-    cgroups: Result<Option<Cgroups>, String>,
+    cgroups: Result<Option<Cgroups>, CgroupError>,
 ) -> Isolation {
     match (mode, privilege) {
         (IsolationMode::Off, _) => Isolation::Off,
@@ -166,7 +167,7 @@ pub fn decide(
         (IsolationMode::Required, Ok(())) => {
             let (cgroups, limits_off) = match cgroups {
                 Ok(c) => (c, None),
-                Err(why) => (None, Some(why)),
+                Err(why) => (None, Some(why.to_string())),
             };
             Isolation::Users {
                 uids,
@@ -471,7 +472,7 @@ pub fn job_init(init: &JobInit) -> i32 {
         }
         if let Some(tmp) = tmp {
             if let Err(e) = private_tmp(tmp) {
-                eprintln!("gantry-agent job-init: cannot give the job its own /tmp: {e}");
+                eprintln!("gantry-agent job-init: cannot give the job its own /tmp, /var/tmp and /dev/shm: {e}");
                 libc::_exit(126);
             }
         }
@@ -489,50 +490,83 @@ pub fn job_init(init: &JobInit) -> i32 {
 
 extern "C" fn noop(_: libc::c_int) {}
 
-/// In the job's mount namespace: `tmp` becomes `/tmp`, so nothing a job leaves in `/tmp`
-/// reaches another job, and it goes with the job's directory. When `tmp`'s directory
-/// (the agent's `work/`) itself lies under `/tmp` (an agent whose data directory is
-/// there), that directory is bound back at its path inside the new `/tmp`, so the
-/// workspace, `HOME` and `TMPDIR` keep their paths.
+/// In the job's mount namespace: `tmp` becomes `/tmp` and `/var/tmp` (one directory: the
+/// job's), and `/dev/shm` a tmpfs of its own, so nothing a job leaves there reaches
+/// another job, and it goes with the job's directory (`/dev/shm` with the step). When
+/// `tmp`'s directory (the agent's `work/`) itself lies under `/tmp` or `/var/tmp` (an
+/// agent whose data directory is there), that directory is bound back at its path inside
+/// the new one, so the workspace, `HOME` and `TMPDIR` keep their paths.
 #[allow(unsafe_code)]
 fn private_tmp(tmp: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
             .map_err(|_| std::io::Error::other(format!("{} has a NUL byte", p.display())))
     };
-    let bind = |from: &Path, to: &Path| -> std::io::Result<()> {
+    let mount = |from: &Path,
+                 to: &Path,
+                 fstype: Option<&std::ffi::CStr>,
+                 flags,
+                 data: Option<&std::ffi::CStr>| {
         let (from, to) = (cstr(from)?, cstr(to)?);
-        // SAFETY: both strings live across the call; a bind mount takes no data.
+        // SAFETY: every string lives across the call.
         let done = unsafe {
             libc::mount(
                 from.as_ptr(),
                 to.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
+                fstype.map_or(std::ptr::null(), std::ffi::CStr::as_ptr),
+                flags,
+                data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
             )
         };
         if done == 0 {
             Ok(())
         } else {
-            Err(std::io::Error::last_os_error())
+            Err(with_target(&std::io::Error::last_os_error(), to.to_bytes()))
         }
+    };
+    let bind = |from: &std::fs::File, to: &Path| {
+        let from = PathBuf::from(format!("/proc/self/fd/{}", from.as_raw_fd()));
+        mount(&from, to, None, libc::MS_BIND | libc::MS_REC, None)
     };
     let work = tmp
         .parent()
         .ok_or_else(|| std::io::Error::other(format!("{} has no parent", tmp.display())))?;
-    let below_tmp = work.strip_prefix("/tmp").ok().map(Path::to_path_buf);
-    // Held open across the mount that hides its path.
+    // Held open across the mounts that may hide their paths.
     let work_dir = std::fs::File::open(work)?;
-    bind(tmp, Path::new("/tmp"))?;
-    if let Some(rel) = below_tmp {
-        let at = Path::new("/tmp").join(rel);
-        std::fs::create_dir_all(&at)?;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&work_dir);
-        bind(&PathBuf::from(format!("/proc/self/fd/{fd}")), &at)?;
+    let tmp_dir = std::fs::File::open(tmp)?;
+    for target in ["/tmp", "/var/tmp"].map(Path::new) {
+        // A host without /var/tmp keeps it that way.
+        if target != Path::new("/tmp") && !target.is_dir() {
+            continue;
+        }
+        bind(&tmp_dir, target)?;
+        if let Ok(rel) = work.strip_prefix(target) {
+            let at = target.join(rel);
+            std::fs::create_dir_all(&at)?;
+            bind(&work_dir, &at)?;
+        }
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        mount(
+            Path::new("tmpfs"),
+            shm,
+            Some(c"tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some(c"mode=1777"),
+        )?;
     }
     Ok(())
+}
+
+/// `error` with the mount point it happened at.
+fn with_target(error: &std::io::Error, target: &[u8]) -> std::io::Error {
+    std::io::Error::new(
+        error.kind(),
+        format!("{}: {error}", String::from_utf8_lossy(target)),
+    )
 }
 
 /// Says on stderr (the step's log) what failed with the last OS error; the exit code
@@ -563,8 +597,10 @@ unsafe fn become_job(uid: u32, gid: u32, argv: &[CString], set: &libc::sigset_t)
     if libc::setuid(uid) != 0 {
         return fail(&format!("cannot switch to uid {uid}"));
     }
-    // An agent given capabilities as ambient ones (a systemd unit) would pass them on
-    // across exec; the job gets none.
+    // An agent given capabilities as ambient ones (the packaged unit) keeps them across
+    // setuid (from a uid other than 0 the kernel clears none) and would pass them on
+    // across exec, and its inheritable ones would meet a program's file capabilities:
+    // the job gets none, in every set.
     libc::prctl(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL,
@@ -572,6 +608,9 @@ unsafe fn become_job(uid: u32, gid: u32, argv: &[CString], set: &libc::sigset_t)
         0,
         0,
     );
+    if !drop_all_capabilities() {
+        return fail("cannot drop the agent's capabilities");
+    }
     if libc::getuid() != uid || libc::geteuid() != uid {
         eprintln!("gantry-agent job-init: still not uid {uid} after setuid");
         return 126;
@@ -580,6 +619,54 @@ unsafe fn become_job(uid: u32, gid: u32, argv: &[CString], set: &libc::sigset_t)
     ptrs.push(std::ptr::null());
     libc::execv(ptrs[0], ptrs.as_ptr());
     fail(&format!("cannot run {}", argv[0].to_string_lossy()))
+}
+
+/// Drops every capability of the calling thread (and so of the threads and children it
+/// makes later): ambient, effective, permitted, inheritable. For an agent that runs
+/// jobs as its own user; best effort (it had none to drop, most often).
+#[allow(unsafe_code)]
+pub fn drop_capabilities() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+    }
+    drop_all_capabilities();
+}
+
+/// Empties this process's effective, permitted and inheritable capability sets
+/// (`capset(2)`; libc has no wrapper).
+#[allow(unsafe_code)]
+fn drop_all_capabilities() -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: version 3 takes two data structs; both live across the call.
+    unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) == 0 }
 }
 
 /// Outside the namespace: passes signals on to pid 1 and returns its exit code.
@@ -672,12 +759,12 @@ mod tests {
                 uids,
                 2,
                 Ok(()),
-                Err("no v1".into())
+                Err(CgroupError::NoV2Path)
             ),
             Isolation::Users {
                 uids,
                 cgroups: None,
-                limits_off: Some("no v1".into())
+                limits_off: Some(CgroupError::NoV2Path.to_string())
             }
         );
         let Isolation::Unavailable(why) =

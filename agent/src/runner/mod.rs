@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 
 pub mod cgroups;
 pub mod docker;
+pub mod images;
 pub mod isolation;
 pub mod services;
 pub mod shell;

@@ -472,7 +472,7 @@ pub async fn jobs(cmd: JobsCommand) -> Result<ExitCode, Failure> {
 async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, Failure> {
     let mut client = connect().await?;
     let shown = client.request(&AdminRequest::ShowJob { job }).await;
-    let outputs = match &shown {
+    let mut outputs = match &shown {
         Ok(_) if client.protocol_version >= gantry_protocol::EXECUTION_VERSION => {
             match client.request(&AdminRequest::ShowJobOutputs { job }).await {
                 Ok(AdminResponse::JobOutputs(outputs)) => outputs,
@@ -481,6 +481,8 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
         }
         _ => gantry_protocol::Labels::new(),
     };
+    // The agent reports the image's digest among the outputs; it is shown apart.
+    let image_digest = outputs.remove(gantry_protocol::IMAGE_DIGEST_OUTPUT);
     client.close().await;
     let AdminResponse::Job(view) = shown? else {
         return Err(Failure::Unreachable(anyhow::anyhow!(
@@ -491,9 +493,13 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
         let mut value = serde_json::to_value(&view).map_err(|e| Failure::Unreachable(e.into()))?;
         value["outputs"] =
             serde_json::to_value(&outputs).map_err(|e| Failure::Unreachable(e.into()))?;
+        value["image_digest"] = image_digest.map_or(serde_json::Value::Null, Into::into);
         println!("{value:#}");
     } else {
         output::print_response(&AdminResponse::Job(view), false)?;
+        if let Some(digest) = image_digest {
+            println!("image digest: {digest}");
+        }
         output::print_response(&AdminResponse::JobOutputs(outputs), false)?;
     }
     Ok(ExitCode::SUCCESS)
