@@ -481,6 +481,16 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
         }
         _ => gantry_protocol::Labels::new(),
     };
+    // Coordinators that do not know the request answer with an error: no report.
+    let report = match &shown {
+        Ok(_) if client.protocol_version >= gantry_protocol::EXECUTION_VERSION => {
+            match client.request(&AdminRequest::ShowJobReport { job }).await {
+                Ok(AdminResponse::JobReport(report)) => report,
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     client.close().await;
     let AdminResponse::Job(view) = shown? else {
         return Err(Failure::Unreachable(anyhow::anyhow!(
@@ -491,10 +501,16 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
         let mut value = serde_json::to_value(&view).map_err(|e| Failure::Unreachable(e.into()))?;
         value["outputs"] =
             serde_json::to_value(&outputs).map_err(|e| Failure::Unreachable(e.into()))?;
+        value["report"] =
+            serde_json::to_value(&report).map_err(|e| Failure::Unreachable(e.into()))?;
+        if let Some(coverage) = report.as_ref().and_then(|r| r.coverage) {
+            value["report"]["coverage"]["percent"] = coverage.percent().into();
+        }
         println!("{value:#}");
     } else {
         output::print_response(&AdminResponse::Job(view), false)?;
         output::print_response(&AdminResponse::JobOutputs(outputs), false)?;
+        output::print_response(&AdminResponse::JobReport(report), false)?;
     }
     Ok(ExitCode::SUCCESS)
 }
