@@ -2,15 +2,19 @@
 //! sends its JUnit and coverage files after the failure, the coordinator reads them, and
 //! `gantry jobs show` (text and `--json`) gives the counts, each failed test's name and
 //! output, and the line rate; a malformed file is a note on the job, never a crash, and
-//! a secret printed by a test is masked in the stored output.
+//! a secret printed by a test is masked in the stored output. The run's dashboard API
+//! (`/api/runs/N`, what its page draws) carries the same summaries.
 
-use gantry_tests::{job_named, Coordinator, DEADLINE};
+use gantry_tests::{job_named, Coordinator, CoordinatorOptions, DEADLINE};
 
 const SECRET: &str = "r3port-s3cret-value";
 
 #[test]
 fn failed_tests_and_coverage_are_shown_with_the_job() {
-    let c = Coordinator::start();
+    let c = Coordinator::start_with(&CoordinatorOptions {
+        http: true,
+        ..CoordinatorOptions::default()
+    });
     let _agents = c.agents_running(1, &[]);
     c.set_secret("DB_PASSWORD", SECRET);
     let yaml = r#"
@@ -99,6 +103,39 @@ jobs:
     assert!(
         log.contains("test reports: 2 passed, 2 failed, 1 skipped; coverage 81.25%"),
         "{log}"
+    );
+
+    // The run's dashboard page gets the summaries with the run.
+    let token = c
+        .gantry(&[
+            "admin", "token", "--role", "viewer", "--name", "vera", "--ttl", "1d",
+        ])
+        .expect_code(0)
+        .stdout
+        .trim()
+        .to_owned();
+    let addr = c.http_address.clone().expect("http");
+    let api = gantry_tests::http::exchange(
+        &addr,
+        format!(
+            "GET /api/runs/{run} HTTP/1.1\r\nHost: gantry\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(api.status, 200, "{api:?}");
+    let page: serde_json::Value = serde_json::from_str(&api.body).expect("JSON");
+    let on_page = &page["reports"][&unit];
+    assert_eq!(
+        on_page["summary"], "2 passed, 2 failed, 1 skipped; coverage 81.25%",
+        "{page}"
+    );
+    assert_eq!(
+        on_page["failures"][0]["name"], "api.users.rejects_a_bad_email",
+        "{page}"
+    );
+    assert!(
+        page["reports"][format!("{run}.1")]["notes"][0].is_string(),
+        "{page}"
     );
 
     // A malformed file is a note on its job; the coordinator is still there to say so.

@@ -13,7 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use gantry_protocol::{JobId, RunId, UnixMillis};
+use gantry_protocol::{JobId, RunId, TestFailure, TestReport, UnixMillis};
 use tokio::sync::broadcast;
 
 use crate::base::metrics::Metrics;
@@ -206,6 +206,67 @@ impl Event {
     }
 }
 
+/// Failed test names a notification lists (the dashboard page has them all).
+const NOTIFIED_FAILURES: usize = 10;
+
+impl Event {
+    /// Adds what test reports say (`reports:`), summed over `reports`: a "Tests" fact
+    /// with the counts and coverage, a "Failed tests" fact with the first names, and
+    /// `data.tests` with the counts and each listed failure's name, file and output.
+    /// Nothing when there are no reports.
+    pub fn with_tests(mut self, reports: &[TestReport]) -> Self {
+        if reports.is_empty() {
+            return self;
+        }
+        let sum = |f: fn(&TestReport) -> u64| reports.iter().map(f).sum::<u64>();
+        let (passed, failed, skipped) = (sum(|r| r.passed), sum(|r| r.failed), sum(|r| r.skipped));
+        let mut line = format!("{passed} passed, {failed} failed, {skipped} skipped");
+        let coverage = match reports {
+            [one] => one.coverage.map(|c| c.percent()),
+            _ => None,
+        };
+        if let Some(c) = &coverage {
+            line.push_str("; coverage ");
+            line.push_str(c);
+        }
+        let failures: Vec<&TestFailure> = reports
+            .iter()
+            .flat_map(|r| &r.failures)
+            .take(NOTIFIED_FAILURES)
+            .collect();
+        self.facts.push(("Tests".into(), line));
+        if !failures.is_empty() {
+            let mut names = failures
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = failed.saturating_sub(failures.len() as u64);
+            if more > 0 {
+                names = format!("{names} and {more} more");
+            }
+            self.facts.push(("Failed tests".into(), names));
+        }
+        self.data["tests"] = serde_json::json!({
+            "passed": passed,
+            "failed": failed,
+            "skipped": skipped,
+            "coverage": coverage,
+            "failures": failures,
+        });
+        self
+    }
+}
+
+/// The test report of a job's latest attempt, if that attempt sent one.
+fn latest_report(store: &Store, job: &JobRecord) -> Option<TestReport> {
+    store
+        .job_report(job.job)
+        .ok()
+        .flatten()
+        .filter(|r| r.attempt == job.attempt)
+}
+
 fn run_facts(run: &RunRecord) -> Vec<(String, String)> {
     let mut facts = vec![
         ("Pipeline".to_owned(), run.pipeline.clone()),
@@ -348,7 +409,14 @@ pub fn watch_engine(
             match changes.recv().await {
                 Ok(Change::Run(run)) => {
                     if run.finished_at.is_some() && runs.first(run.run) {
-                        notifier.emit(Event::run_finished(&run));
+                        let reports: Vec<_> = store
+                            .jobs_of(run.run)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|j| latest_report(&store, j))
+                            .collect();
+                        let event = Event::run_finished(&run).with_tests(&reports);
+                        notifier.emit(event);
                     }
                 }
                 Ok(Change::Job(job)) => {
@@ -358,7 +426,10 @@ pub fn watch_engine(
                             Ok(Some(r)) => r.pipeline,
                             _ => String::from("?"),
                         };
-                        notifier.emit(Event::job_failed(&job, &pipeline));
+                        let report = latest_report(&store, &job);
+                        let event =
+                            Event::job_failed(&job, &pipeline).with_tests(report.as_slice());
+                        notifier.emit(event);
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
