@@ -452,6 +452,51 @@ pub fn watch_engine(
 mod tests {
     use super::*;
 
+    #[test]
+    fn test_reports_add_counts_and_the_first_failed_names_to_an_event() {
+        let report = TestReport {
+            attempt: 1,
+            passed: 3,
+            failed: 12,
+            failures: (0..12)
+                .map(|i| TestFailure {
+                    name: format!("t{i}"),
+                    ..TestFailure::default()
+                })
+                .collect(),
+            coverage: Some(gantry_protocol::Coverage::from_lines(1, 2)),
+            ..TestReport::default()
+        };
+        let fact = |e: &Event, k: &str| {
+            e.facts
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
+        };
+        let one = Event::run_finished(&run(1, "failed")).with_tests(std::slice::from_ref(&report));
+        assert_eq!(
+            fact(&one, "Tests").as_deref(),
+            Some("3 passed, 12 failed, 0 skipped; coverage 50.00%")
+        );
+        let names = fact(&one, "Failed tests").expect("failed names");
+        assert!(
+            names.starts_with("t0, t1, ") && names.ends_with("t9 and 2 more"),
+            "{names}"
+        );
+        assert_eq!(
+            one.data["tests"]["failures"].as_array().map(Vec::len),
+            Some(10)
+        );
+        // Several jobs: counts add up, rates of different code do not.
+        let two = Event::run_finished(&run(1, "failed")).with_tests(&[report.clone(), report]);
+        assert_eq!(
+            fact(&two, "Tests").as_deref(),
+            Some("6 passed, 24 failed, 0 skipped")
+        );
+        let none = Event::run_finished(&run(1, "failed")).with_tests(&[]);
+        assert!(none.data.get("tests").is_none() && fact(&none, "Tests").is_none());
+    }
+
     fn run(n: u64, state: &str) -> RunRecord {
         RunRecord {
             run: RunId(n),
