@@ -64,6 +64,7 @@ async fn route(c: &Coordinator, cx: &Acting<'_>, req: AdminRequest) -> AdminResp
         R::ListJobs { run, limit } => reply(c.runs.jobs(run, limit), A::Jobs),
         R::ShowJob { job } => reply(c.runs.job(job), A::Job),
         R::ShowJobOutputs { job } => reply(c.runs.job_outputs(job), A::JobOutputs),
+        R::ShowJobReport { job } => reply(c.runs.job_report(job), A::JobReport),
         R::Approve { job } => reply(c.runs.approve(cx, job), done),
         R::AddTrigger { file_name, text } => reply(c.triggers.add(cx, file_name, text), |t| A::Triggers(vec![t])),
         R::ListTriggers => reply(c.triggers.list(), A::Triggers),

@@ -19,8 +19,8 @@ use gantry_protocol::{
     decode_hello, decode_payload, frame, hello, limits, AdminRequest, AdminResponse, AgentMessage,
     ChunkFrame, ChunkPut, ChunkWants, CoordinatorMessage, ExecEvent, FollowEvent, FrameDecoder,
     FrameError, HelloReply, Intent, LogChunk, LogControl, ManifestFrame, PutReply,
-    ReceivedChunkFrame, ResolveReply, SourceData, SourceStored, StreamOpen, UploadReply,
-    UploadRequest,
+    ReceivedChunkFrame, ReportUpload, ReportsStored, ResolveReply, SourceData, SourceStored,
+    StreamOpen, UploadReply, UploadRequest,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("manifest", manifest),
     ("decompress", decompress),
     ("csr_intake", csr_intake),
+    ("reports", reports),
 ];
 
 /// The sans-IO frame decoder, fed the input in pieces of 1 to 256 bytes (the first byte
@@ -104,6 +105,9 @@ pub const MESSAGE_TYPES: &[(&str, Check)] = &[
     ("ChunkPut", chunk_put),
     ("PutReply", round_trip::<PutReply>),
     ("ExecEvent", round_trip::<ExecEvent>),
+    // Test reports: files from agents, the coordinator's answer.
+    ("ReportUpload", round_trip::<ReportUpload>),
+    ("ReportsStored", round_trip::<ReportsStored>),
 ];
 
 /// One message of the type the first byte selects (see [`MESSAGE_TYPES`]).
@@ -223,6 +227,50 @@ pub fn pipeline(data: &[u8]) {
                 assert!(error.line >= 1 && error.column >= 1, "{error}");
             }
         }
+    }
+}
+
+/// A test or coverage report file as an agent sends it (the first byte chooses `JUnit` or
+/// coverage), read into a summary by the coordinator's reader.
+///
+/// Holds: no panic; the summary stays within the limits `gantry_protocol::reports`
+/// declares (failures kept, their names and outputs, notes, cases counted, a line rate
+/// of at most 100%).
+pub fn reports(data: &[u8]) {
+    use gantry_protocol::reports::{
+        MAX_FAILURE_OUTPUT_BYTES, MAX_KEPT_FAILURES, MAX_NOTE_BYTES, MAX_REPORT_NOTES,
+        MAX_TEST_CASES, MAX_TEST_NAME_BYTES,
+    };
+    let Some((&kind, file)) = data.split_first() else {
+        return;
+    };
+    let kind = if kind % 2 == 0 {
+        gantry_protocol::ReportKind::Junit
+    } else {
+        gantry_protocol::ReportKind::Coverage
+    };
+    let report = gantry_reports::read_one(kind, file);
+    assert!(report.total() <= MAX_TEST_CASES);
+    assert!(report.failures.len() <= MAX_KEPT_FAILURES);
+    assert!(report.failures.len() as u64 <= report.failed);
+    for f in &report.failures {
+        assert!(f.name.len() <= MAX_TEST_NAME_BYTES, "{}", f.name.len());
+        // The output is cut to the limit plus the mark saying how much was cut.
+        assert!(
+            f.output.len() <= MAX_FAILURE_OUTPUT_BYTES + 64,
+            "{}",
+            f.output.len()
+        );
+    }
+    assert!(report.notes.len() <= MAX_REPORT_NOTES);
+    assert!(report.notes.iter().all(|n| n.len() <= MAX_NOTE_BYTES));
+    assert_eq!(
+        report.files + u32::from(!report.notes.is_empty()),
+        1,
+        "{report:?}"
+    );
+    if let Some(c) = report.coverage {
+        assert!(c.basis_points <= 10_000, "{c:?}");
     }
 }
 

@@ -54,6 +54,9 @@ pub fn all() -> Vec<Seed> {
     for (name, bytes) in chunks() {
         add("decompress", name, bytes);
     }
+    for (name, bytes) in report_files() {
+        add("reports", name, bytes);
+    }
     let csr = gantry_certs::generate_key_and_csr().expect("a CSR");
     out.push(Seed {
         target: "csr_intake",
@@ -477,6 +480,45 @@ fn messages() -> Vec<(String, Vec<u8>)> {
             )),
         ),
         (
+            "AdminRequest",
+            "show-job-report",
+            enc(&AdminRequest::ShowJobReport { job: job() }),
+        ),
+        (
+            "AdminResponse",
+            "job-report",
+            enc(&AdminResponse::JobReport(Some(test_report()))),
+        ),
+        (
+            "StreamOpen",
+            "reports",
+            enc(&StreamOpen::Reports {
+                job: job(),
+                attempt: 2,
+            }),
+        ),
+        (
+            "ReportUpload",
+            "junit",
+            enc(&gantry_protocol::ReportUpload::File {
+                kind: gantry_protocol::ReportKind::Junit,
+                path: "reports/unit.xml".into(),
+                data: JUNIT.as_bytes().to_vec(),
+            }),
+        ),
+        (
+            "ReportUpload",
+            "note",
+            enc(&gantry_protocol::ReportUpload::Note(
+                "missing/*.xml matched no file".into(),
+            )),
+        ),
+        (
+            "ReportsStored",
+            "stored",
+            enc(&gantry_protocol::ReportsStored::Stored(test_report())),
+        ),
+        (
             "AdminResponse",
             "jobs",
             enc(&AdminResponse::Jobs(vec![job_view(), job_view()])),
@@ -582,6 +624,64 @@ fn pipelines() -> Vec<(&'static str, String)> {
         (
             "anchors-and-errors",
             "base: &b { steps: [{ run: x }] }\njobs:\n  a: *b\n  b:\n    needs: nope\n    runs-on: { 'Bad Key': 1 }\n    steps: [{ run: [not, a, string] }]\n".to_owned(),
+        ),
+    ]
+}
+
+const JUNIT: &str = r#"<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" tests="3">
+  <testcase classname="tests.math" name="test_add"/>
+  <testcase classname="tests.math" name="test_div"><failure message="ZeroDivisionError">&gt; 1 / 0</failure><system-out>out</system-out></testcase>
+  <testcase name="later"><skipped/></testcase>
+  <testsuite name="inner"><testcase name="e"><error><![CDATA[boom]]></error></testcase></testsuite>
+</testsuite></testsuites>
+"#;
+
+fn test_report() -> gantry_protocol::TestReport {
+    gantry_protocol::TestReport {
+        attempt: 2,
+        files: 2,
+        passed: 10,
+        failed: 1,
+        skipped: 2,
+        failures: vec![gantry_protocol::TestFailure {
+            name: "tests.math.test_div".into(),
+            file: "reports/unit.xml".into(),
+            error: false,
+            output: "ZeroDivisionError\n> 1 / 0".into(),
+        }],
+        coverage: Some(gantry_protocol::Coverage::from_lines(13, 16)),
+        notes: vec!["missing/*.xml matched no file".into()],
+    }
+}
+
+/// Report files, each after the byte that says how to read it (even: `JUnit`, odd:
+/// coverage).
+fn report_files() -> Vec<(&'static str, Vec<u8>)> {
+    let with = |kind: u8, text: &str| [&[kind], text.as_bytes()].concat();
+    vec![
+        ("junit-pytest", with(0, JUNIT)),
+        ("junit-malformed", with(0, "<testsuite><testcase name='a'>")),
+        (
+            "cobertura",
+            with(
+                1,
+                r#"<coverage line-rate="0.81" lines-covered="13" lines-valid="16"><packages/></coverage>"#,
+            ),
+        ),
+        (
+            "jacoco",
+            with(
+                1,
+                r#"<report name="r"><counter type="LINE" missed="1" covered="3"/></report>"#,
+            ),
+        ),
+        (
+            "lcov",
+            with(
+                1,
+                "TN:\nSF:a.rs\nDA:1,1\nDA:2,0\nLF:2\nLH:1\nend_of_record\n",
+            ),
         ),
     ]
 }

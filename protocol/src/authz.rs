@@ -289,6 +289,7 @@ requests! {
     StreamPutChunks = "stream.put_chunks", "send chunks into an upload session";
     StreamExec = "stream.exec", "run a command on hosts";
     StreamFetchAgentBinary = "stream.fetch_agent_binary", "fetch the agent binary";
+    StreamReports = "stream.reports", "send a job attempt's test and coverage reports";
 
     AgentJobAccepted = "agent.job_accepted", "accept a job attempt";
     AgentJobRejected = "agent.job_rejected", "reject a job attempt";
@@ -379,7 +380,7 @@ impl Request {
 
             // The holder: the agent the attempt was handed to (a log or result may come
             // after the attempt ended, from the agent's spool).
-            R::StreamLogs | R::StreamFetchSource => quic(Who::AGENT),
+            R::StreamLogs | R::StreamFetchSource | R::StreamReports => quic(Who::AGENT),
             R::StreamFollowLogs | R::StreamFollowRun | R::StreamUploadSource | R::StreamExec => {
                 quic(Who::ADMIN)
             }
@@ -483,6 +484,7 @@ impl Request {
             self,
             R::StreamLogs
                 | R::StreamFetchSource
+                | R::StreamReports
                 | R::StreamResolveJobArtifacts
                 | R::StreamResolveCache
                 | R::StreamGetManifestJob
@@ -554,7 +556,9 @@ impl Request {
             A::CancelRun { .. } => R::AdminCancelRun,
             A::RetryRun { .. } => R::AdminRetryRun,
             A::ListJobs { .. } => R::AdminListJobs,
-            A::ShowJob { .. } | A::ShowJobOutputs { .. } => R::AdminShowJob,
+            A::ShowJob { .. } | A::ShowJobOutputs { .. } | A::ShowJobReport { .. } => {
+                R::AdminShowJob
+            }
             A::Approve { .. } => R::AdminApprove,
             A::AddTrigger { .. } => R::AdminAddTrigger,
             A::ListTriggers => R::AdminListTriggers,
@@ -602,6 +606,7 @@ impl Request {
             S::FollowRun { .. } => R::StreamFollowRun,
             S::UploadSource { .. } => R::StreamUploadSource,
             S::FetchSource { .. } => R::StreamFetchSource,
+            S::Reports { .. } => R::StreamReports,
             S::Resolve(ResolveRequest::JobArtifacts { .. }) => R::StreamResolveJobArtifacts,
             S::Resolve(ResolveRequest::Cache { .. }) => R::StreamResolveCache,
             S::Resolve(ResolveRequest::Artifact { .. }) => R::StreamResolveArtifact,

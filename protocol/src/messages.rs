@@ -384,6 +384,11 @@ pub enum StreamOpen {
     /// Agent to coordinator: the agent binary with this SHA-256 (hex), as `SourceData`
     /// pieces; the stream ends without data if the coordinator has no such binary.
     FetchAgentBinary { sha256: String },
+    /// Agent to coordinator: the report files of an attempt whose job declares
+    /// `reports:`, as [`ReportUpload`](crate::ReportUpload)s; one
+    /// [`ReportsStored`](crate::ReportsStored) answers once the summary is durable.
+    /// Appended: sent only to coordinators that dispatched the job with its reports.
+    Reports { job: JobId, attempt: Attempt },
 }
 
 /// Agent to coordinator on a log stream: one chunk of output.
@@ -607,6 +612,11 @@ pub enum AdminRequest {
     ShowJobOutputs {
         job: JobId,
     },
+    /// What a job's test and coverage reports say (`reports:`), as its last attempt
+    /// that sent them reported. Appended, like `ShowJobOutputs`.
+    ShowJobReport {
+        job: JobId,
+    },
 }
 
 /// Declares a struct with the fields given first, then what a [`SubmitRun`] says of
@@ -693,6 +703,8 @@ pub enum AdminResponse {
     Repo(crate::repos::RepoView),
     /// A job's outputs (`ShowJobOutputs`); empty if it declares or reported none.
     JobOutputs(Labels),
+    /// A job's test report (`ShowJobReport`); none if it declares or sent none.
+    JobReport(Option<crate::TestReport>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -737,6 +737,19 @@ impl World {
                     other => panic!("{row} as {principal}: {other:?}"),
                 }
             }
+            StreamOpen::Reports { .. } => {
+                let _ = writer.send(&gantry_protocol::ReportUpload::End).await;
+                writer.finish();
+                match reader.recv::<gantry_protocol::ReportsStored>().await {
+                    Ok(Some(gantry_protocol::ReportsStored::Refused { message })) => {
+                        (false, message, Some(Denied::marker(row)))
+                    }
+                    Ok(Some(gantry_protocol::ReportsStored::Stored(r))) => {
+                        (true, r.summary(), None)
+                    }
+                    other => panic!("{row} as {principal}: {other:?}"),
+                }
+            }
             StreamOpen::Exec(_) => match reader.recv::<ExecEvent>().await {
                 Ok(Some(ExecEvent::Refused { message })) => {
                     (false, message, Some(Denied::marker(row)))
@@ -1114,6 +1127,10 @@ fn sample(w: &World, row: R) -> Sample {
         R::StreamFollowRun => Sample::Stream(StreamOpen::FollowRun { run: w.run }),
         R::StreamUploadSource => Sample::Stream(StreamOpen::UploadSource { bytes: 16 }),
         R::StreamFetchSource => Sample::Stream(StreamOpen::FetchSource {
+            job: w.victim,
+            attempt: w.attempt,
+        }),
+        R::StreamReports => Sample::Stream(StreamOpen::Reports {
             job: w.victim,
             attempt: w.attempt,
         }),

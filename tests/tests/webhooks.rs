@@ -235,8 +235,20 @@ fn deliveries_are_signed_and_shaped_as_generic_json_and_slack() {
         .expect_code(2);
     assert!(bad.stderr.contains("https:// URLs only"), "{}", bad.stderr);
 
+    // The failing job's test report is in its notification and the run's.
     let run = c.run_pipeline(
-        "name: shop\njobs:\n  build:\n    steps: [{ run: echo ok }]\n  test:\n    needs: build\n    steps: [{ run: 'exit 3' }]\n",
+        r#"name: shop
+jobs:
+  build:
+    steps: [{ run: echo ok }]
+  test:
+    needs: build
+    reports: { junit: [junit.xml] }
+    steps:
+      - run: |
+          echo '<testsuite><testcase name="pays"/><testcase classname="cart" name="adds_an_item"><failure message="expected 2"/></testcase></testsuite>' > junit.xml
+          exit 3
+"#,
         &[],
     );
     assert_eq!(c.wait_run(run, DEADLINE)["state"], "failed");
@@ -279,12 +291,24 @@ fn deliveries_are_signed_and_shaped_as_generic_json_and_slack() {
     assert_eq!(failed["data"]["name"], "test");
     assert_eq!(failed["data"]["exit_code"], 3);
     assert_eq!(failed["path"], format!("/jobs/{run}.1"));
+    let tests = &failed["data"]["tests"];
+    assert_eq!(
+        (&tests["passed"], &tests["failed"]),
+        (&1.into(), &1.into()),
+        "{failed}"
+    );
+    assert_eq!(
+        tests["failures"][0]["name"], "cart.adds_an_item",
+        "{failed}"
+    );
+    assert_eq!(tests["failures"][0]["output"], "expected 2", "{failed}");
     let finished = got
         .iter()
         .map(Received::json)
         .find(|b| b["event"] == "run.finished")
         .expect("run.finished");
     assert_eq!(finished["data"]["state"], "failed");
+    assert_eq!(finished["data"]["tests"]["failed"], 1, "{finished}");
     assert_eq!(
         finished["summary"],
         format!("Run {run} (shop, main) failed")
@@ -308,6 +332,11 @@ fn deliveries_are_signed_and_shaped_as_generic_json_and_slack() {
         "{body}"
     );
     assert_eq!(blocks.last().expect("context")["type"], "context");
+    assert!(
+        body.to_string().contains("1 passed, 1 failed, 0 skipped")
+            && body.to_string().contains("cart.adds_an_item"),
+        "the Slack message lists the failed test: {body}"
+    );
 
     // The filters held: one sender handles events in order, so once run.finished (the
     // last event) reached both, nothing filtered out can still come.

@@ -30,6 +30,7 @@ use crate::transfers::{ConnectionSource, TransferLink, Transfers};
 use logs::{chunk_log, upload, LogProgress, DEFAULT_LOG_CAP_BYTES};
 
 pub mod logs;
+pub mod reports;
 pub mod steps;
 
 /// Time between SIGTERM and SIGKILL when the assignment does not say.
@@ -67,6 +68,8 @@ pub enum JobError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    #[error(transparent)]
+    Reports(#[from] reports::ReportsError),
     #[error("{0}: the job's timeout passed")]
     Deadline(&'static str),
     #[error("{0}: the job was cancelled")]
@@ -150,8 +153,6 @@ pub fn unsupported(execution: &JobExecution) -> Option<String> {
     // images are not yet.
     let reason = if execution.services.iter().any(|s| pulls(&s.image)) {
         "pulling service images (pull: always, registry credentials)"
-    } else if execution.reports.is_some() {
-        "reports:"
     } else if execution.caches.len() > 1 || execution.caches.iter().any(|c| c.home) {
         "several caches or caches under $HOME"
     } else if matches!(&execution.checkout, Checkout::Source(spec) if spec.path.is_some()) {
@@ -403,6 +404,7 @@ impl JobManager {
             }
         };
         let succeeded = outcome == JobOutcome::Succeeded;
+        let prepared_ok = prepared.is_ok();
         let upload = match execution.artifact_when {
             ArtifactWhen::OnSuccess => succeeded,
             ArtifactWhen::OnFailure => {
@@ -426,6 +428,34 @@ impl JobManager {
                 if succeeded {
                     outcome = JobOutcome::Error { message };
                 }
+            }
+        }
+        if let Some(reports) = &execution.reports {
+            if prepared_ok && outcome != JobOutcome::Cancelled {
+                let sent = self.send_reports(key, reports, &workspace, &assignment);
+                let save_deadline = deadline.max(tokio::time::Instant::now() + SAVE_AFTER_FAILURE);
+                let line = match bounded(
+                    sent,
+                    save_deadline,
+                    &mut stop,
+                    "sending the job's test reports",
+                )
+                .await
+                {
+                    Ok(report) => {
+                        let mut lines =
+                            vec![format!("\u{2912} test reports: {}\n", report.summary())];
+                        lines.extend(
+                            report
+                                .notes
+                                .iter()
+                                .map(|n| format!("\u{26a0} test reports: {n}\n")),
+                        );
+                        lines.concat()
+                    }
+                    Err(e) => format!("\u{26a0} test reports not stored: {e}\n"),
+                };
+                let _ = log_tx.send(line.into_bytes()).await;
             }
         }
         drop(log_tx);
@@ -539,19 +569,44 @@ impl JobManager {
         Ok(())
     }
 
+    /// Sends the job's report files over the current connection (waiting up to a minute
+    /// for one) and returns the summary the coordinator stored.
+    async fn send_reports(
+        &self,
+        key: Key,
+        reports: &gantry_protocol::Reports,
+        workspace: &Path,
+        assignment: &JobAssignment,
+    ) -> Result<gantry_protocol::TestReport, JobError> {
+        let conn = self
+            .wait_for_connection()
+            .await
+            .ok_or(reports::ReportsError::NoConnection)?;
+        let secrets = assignment.secrets.values().cloned().collect();
+        Ok(reports::send(&conn, key, reports, workspace, secrets).await?)
+    }
+
+    /// The current connection, waiting up to [`SOURCE_CONNECT_WAIT`] for one.
+    async fn wait_for_connection(&self) -> Option<Connection> {
+        let deadline = tokio::time::Instant::now() + SOURCE_CONNECT_WAIT;
+        loop {
+            if let Some(conn) = self.lock().conn.clone() {
+                return Some(conn);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Fetches the run's source tree over the current connection (waiting up to a minute
     /// for one), checks its SHA-256 against its id, and unpacks it into `workspace`.
     async fn fetch_source(&self, key: Key, source: &str, workspace: &Path) -> Result<(), JobError> {
-        let deadline = tokio::time::Instant::now() + SOURCE_CONNECT_WAIT;
-        let conn = loop {
-            if let Some(conn) = self.lock().conn.clone() {
-                break conn;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(JobError::NoSourceConnection);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let conn = self
+            .wait_for_connection()
+            .await
+            .ok_or(JobError::NoSourceConnection)?;
         let archive = self
             .spool_dir
             .join(format!("{}-{}.source.tar", key.0, key.1));

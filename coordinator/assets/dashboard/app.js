@@ -322,12 +322,14 @@ async function pageRun(n) {
   const actions = h('div', { class: 'actions' });
   const dag = h('div', { class: 'panel dag', id: 'dag' });
   const jobsBody = h('tbody');
+  const tests = h('div', { id: 'tests' });
   mount('run', h('div', { class: 'head' }, h('div', { class: 'grow' }, title, meta), actions),
     dag,
     h('h2', { text: 'Jobs' }),
     h('div', { class: 'panel' }, h('table', { id: 'jobs' },
       h('thead', {}, h('tr', {}, ['Job', 'State', 'Agent', 'Attempt', 'Exit', 'Duration', 'Log'].map((t) => h('th', { text: t })))),
-      jobsBody)));
+      jobsBody)),
+    tests);
 
   const draw = () => {
     title.textContent = 'Run #' + run.run + ' · ' + run.pipeline;
@@ -350,6 +352,7 @@ async function pageRun(n) {
       h('td', { text: j.exit_code === null || j.exit_code === undefined ? '–' : String(j.exit_code) }),
       h('td', { text: when(j.started_at, j.finished_at) }),
       h('td', { text: (j.log_bytes ? bytes(j.log_bytes) : '–') + (j.log_incomplete ? ' (incomplete: the coordinator ran out of space)' : '') }))));
+    fill(tests, testReports(run));
   };
   const retry = async () => {
     try { const next = await api('/api/runs/' + n + '/retry', { method: 'POST' }); go('/runs/' + next.run); } catch (e) { banner(e.message); }
@@ -377,6 +380,25 @@ async function pageRun(n) {
     });
     every(1000, async () => { if (!run.finished_at) fill(meta.lastChild, 'took ', h('b', { text: when(run.created_at, null) })); });
   }
+}
+
+// Each job's test report (reports: in the pipeline): counts, coverage, every failed
+// test with its output (folded), and the notes about files that could not be read.
+function testReports(run) {
+  const reports = run.reports || {};
+  const jobs = run.jobs.filter((j) => reports[jobId(j.job)]);
+  if (!jobs.length) return [];
+  return [h('h2', { text: 'Tests' }), h('div', { class: 'panel' }, jobs.map((j) => {
+    const r = reports[jobId(j.job)];
+    const more = r.failed - r.failures.length;
+    return h('div', { class: 'report', 'data-job': jobId(j.job) },
+      h('div', {}, h('b', { text: j.name }), ' ', h('span', { class: 'report-summary', text: r.summary })),
+      r.failures.map((f) => h('details', { class: 'failure' },
+        h('summary', {}, h('span', { class: 'mono test-name', text: f.name }), h('span', { class: 'muted', text: '  ' + f.file + (f.error ? ', error' : '') })),
+        h('pre', { class: 'log', text: f.output }))),
+      more > 0 ? h('div', { class: 'muted', text: 'and ' + more + ' more failed' }) : null,
+      r.notes.map((n) => h('div', { class: 'muted report-note', text: '⚠ ' + n })));
+  }))];
 }
 
 // Layered layout: a job's column is one more than its deepest need; within a column,

@@ -483,6 +483,16 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
     };
     // The agent reports the image's digest among the outputs; it is shown apart.
     let image_digest = outputs.remove(gantry_protocol::IMAGE_DIGEST_OUTPUT);
+    // Coordinators that do not know the request answer with an error: no report.
+    let report = match &shown {
+        Ok(_) if client.protocol_version >= gantry_protocol::EXECUTION_VERSION => {
+            match client.request(&AdminRequest::ShowJobReport { job }).await {
+                Ok(AdminResponse::JobReport(report)) => report,
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     client.close().await;
     let AdminResponse::Job(view) = shown? else {
         return Err(Failure::Unreachable(anyhow::anyhow!(
@@ -494,6 +504,11 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
         value["outputs"] =
             serde_json::to_value(&outputs).map_err(|e| Failure::Unreachable(e.into()))?;
         value["image_digest"] = image_digest.map_or(serde_json::Value::Null, Into::into);
+        value["report"] =
+            serde_json::to_value(&report).map_err(|e| Failure::Unreachable(e.into()))?;
+        if let Some(coverage) = report.as_ref().and_then(|r| r.coverage) {
+            value["report"]["coverage"]["percent"] = coverage.percent().into();
+        }
         println!("{value:#}");
     } else {
         output::print_response(&AdminResponse::Job(view), false)?;
@@ -501,6 +516,7 @@ async fn show_job(job: gantry_protocol::JobId, json: bool) -> Result<ExitCode, F
             println!("image digest: {digest}");
         }
         output::print_response(&AdminResponse::JobOutputs(outputs), false)?;
+        output::print_response(&AdminResponse::JobReport(report), false)?;
     }
     Ok(ExitCode::SUCCESS)
 }

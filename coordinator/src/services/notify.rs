@@ -13,7 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use gantry_protocol::{JobId, RunId, UnixMillis};
+use gantry_protocol::{JobId, RunId, TestFailure, TestReport, UnixMillis};
 use tokio::sync::broadcast;
 
 use crate::base::metrics::Metrics;
@@ -206,6 +206,67 @@ impl Event {
     }
 }
 
+/// Failed test names a notification lists (the dashboard page has them all).
+const NOTIFIED_FAILURES: usize = 10;
+
+impl Event {
+    /// Adds what test reports say (`reports:`), summed over `reports`: a "Tests" fact
+    /// with the counts and coverage, a "Failed tests" fact with the first names, and
+    /// `data.tests` with the counts and each listed failure's name, file and output.
+    /// Nothing when there are no reports.
+    pub fn with_tests(mut self, reports: &[TestReport]) -> Self {
+        if reports.is_empty() {
+            return self;
+        }
+        let sum = |f: fn(&TestReport) -> u64| reports.iter().map(f).sum::<u64>();
+        let (passed, failed, skipped) = (sum(|r| r.passed), sum(|r| r.failed), sum(|r| r.skipped));
+        let mut line = format!("{passed} passed, {failed} failed, {skipped} skipped");
+        let coverage = match reports {
+            [one] => one.coverage.map(|c| c.percent()),
+            _ => None,
+        };
+        if let Some(c) = &coverage {
+            line.push_str("; coverage ");
+            line.push_str(c);
+        }
+        let failures: Vec<&TestFailure> = reports
+            .iter()
+            .flat_map(|r| &r.failures)
+            .take(NOTIFIED_FAILURES)
+            .collect();
+        self.facts.push(("Tests".into(), line));
+        if !failures.is_empty() {
+            let mut names = failures
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let more = failed.saturating_sub(failures.len() as u64);
+            if more > 0 {
+                names = format!("{names} and {more} more");
+            }
+            self.facts.push(("Failed tests".into(), names));
+        }
+        self.data["tests"] = serde_json::json!({
+            "passed": passed,
+            "failed": failed,
+            "skipped": skipped,
+            "coverage": coverage,
+            "failures": failures,
+        });
+        self
+    }
+}
+
+/// The test report of a job's latest attempt, if that attempt sent one.
+fn latest_report(store: &Store, job: &JobRecord) -> Option<TestReport> {
+    store
+        .job_report(job.job)
+        .ok()
+        .flatten()
+        .filter(|r| r.attempt == job.attempt)
+}
+
 fn run_facts(run: &RunRecord) -> Vec<(String, String)> {
     let mut facts = vec![
         ("Pipeline".to_owned(), run.pipeline.clone()),
@@ -348,7 +409,14 @@ pub fn watch_engine(
             match changes.recv().await {
                 Ok(Change::Run(run)) => {
                     if run.finished_at.is_some() && runs.first(run.run) {
-                        notifier.emit(Event::run_finished(&run));
+                        let reports: Vec<_> = store
+                            .jobs_of(run.run)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|j| latest_report(&store, j))
+                            .collect();
+                        let event = Event::run_finished(&run).with_tests(&reports);
+                        notifier.emit(event);
                     }
                 }
                 Ok(Change::Job(job)) => {
@@ -358,7 +426,10 @@ pub fn watch_engine(
                             Ok(Some(r)) => r.pipeline,
                             _ => String::from("?"),
                         };
-                        notifier.emit(Event::job_failed(&job, &pipeline));
+                        let report = latest_report(&store, &job);
+                        let event =
+                            Event::job_failed(&job, &pipeline).with_tests(report.as_slice());
+                        notifier.emit(event);
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -380,6 +451,51 @@ pub fn watch_engine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_reports_add_counts_and_the_first_failed_names_to_an_event() {
+        let report = TestReport {
+            attempt: 1,
+            passed: 3,
+            failed: 12,
+            failures: (0..12)
+                .map(|i| TestFailure {
+                    name: format!("t{i}"),
+                    ..TestFailure::default()
+                })
+                .collect(),
+            coverage: Some(gantry_protocol::Coverage::from_lines(1, 2)),
+            ..TestReport::default()
+        };
+        let fact = |e: &Event, k: &str| {
+            e.facts
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
+        };
+        let one = Event::run_finished(&run(1, "failed")).with_tests(std::slice::from_ref(&report));
+        assert_eq!(
+            fact(&one, "Tests").as_deref(),
+            Some("3 passed, 12 failed, 0 skipped; coverage 50.00%")
+        );
+        let names = fact(&one, "Failed tests").expect("failed names");
+        assert!(
+            names.starts_with("t0, t1, ") && names.ends_with("t9 and 2 more"),
+            "{names}"
+        );
+        assert_eq!(
+            one.data["tests"]["failures"].as_array().map(Vec::len),
+            Some(10)
+        );
+        // Several jobs: counts add up, rates of different code do not.
+        let two = Event::run_finished(&run(1, "failed")).with_tests(&[report.clone(), report]);
+        assert_eq!(
+            fact(&two, "Tests").as_deref(),
+            Some("6 passed, 24 failed, 0 skipped")
+        );
+        let none = Event::run_finished(&run(1, "failed")).with_tests(&[]);
+        assert!(none.data.get("tests").is_none() && fact(&none, "Tests").is_none());
+    }
 
     fn run(n: u64, state: &str) -> RunRecord {
         RunRecord {

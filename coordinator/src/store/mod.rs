@@ -25,6 +25,7 @@
 //! | `jobs` | (run, index) (`(u64, u32)`) | [`JobRecord`] | `runs` |
 //! | `job_outputs` | (run, index) (`(u64, u32)`) | the job's `outputs:` values ([`gantry_protocol::Labels`]) | `runs` |
 //! | `run_agent_labels` | run number (`u64`) | labels every agent of the run's jobs must carry ([`gantry_protocol::Labels`]; an untrusted run's) | `runs` |
+//! | `job_reports` | (run, index) (`(u64, u32)`) | the job's test report summary ([`gantry_protocol::TestReport`]) | `runs` |
 //! | `triggers` | pipeline name (`&str`) | [`TriggerRecord`] | `runs` |
 //! | `scheduler_runs` | run number (`u64`) | a run header, as the engine encodes it | `runs` |
 //! | `scheduler_jobs` | (run, index) (`(u64, u32)`) | a job, as the engine encodes it | `runs` |

@@ -1,9 +1,9 @@
 //! Runs, jobs, triggers and the scheduler's state (tables `runs`, `jobs`, `job_outputs`,
-//! `triggers`, `scheduler_runs`, `scheduler_jobs`, and the scheduler keys of `meta`).
+//! `job_reports`, `triggers`, `scheduler_runs`, `scheduler_jobs`, and the scheduler keys of `meta`).
 
 use std::ops::ControlFlow;
 
-use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, UnixMillis};
+use gantry_protocol::{AgentId, Attempt, JobId, Labels, RunId, TestReport, UnixMillis};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -25,6 +25,10 @@ const JOB_OUTPUTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("jo
 /// agents for untrusted work). Written in the run's own transaction, so no run is ever
 /// stored without them; runs without a row have none.
 const RUN_AGENT_LABELS: TableDefinition<u64, &[u8]> = TableDefinition::new("run_agent_labels");
+/// Jobs' test report summaries by (run, index) → [`gantry_protocol::TestReport`], as the
+/// last attempt that sent its report files left them (a table of its own for the same
+/// reason as `job_outputs`); written before the attempt's result is reported.
+const JOB_REPORTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("job_reports");
 /// Pipelines registered for their triggers, by name → [`TriggerRecord`].
 const TRIGGERS: TableDefinition<&str, &[u8]> = TableDefinition::new("triggers");
 /// The scheduler's state in parts, each written only when it changes: run headers by
@@ -45,6 +49,8 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreErro
         .map_err(eng!("open job outputs"))?;
     tx.open_table(RUN_AGENT_LABELS)
         .map_err(eng!("open run agent labels"))?;
+    tx.open_table(JOB_REPORTS)
+        .map_err(eng!("open job reports"))?;
     tx.open_table(TRIGGERS).map_err(eng!("open triggers"))?;
     tx.open_table(SCHEDULER_RUNS)
         .map_err(eng!("open scheduler runs"))?;
@@ -371,6 +377,28 @@ impl Store {
                 "job outputs",
             )?
             .unwrap_or_default())
+    }
+
+    /// The test report summary of a job's last attempt that sent one.
+    pub fn job_report(&self, job: JobId) -> Result<Option<TestReport>, StoreError> {
+        self.get(
+            JOB_REPORTS,
+            (job.run.0, job.index),
+            ["open job reports", "read job report"],
+            "job report",
+        )
+    }
+
+    /// Stores a job attempt's test report summary (durably, before it returns).
+    pub fn put_job_report(&self, job: JobId, report: &TestReport) -> Result<(), StoreError> {
+        let bytes = encode(report)?;
+        self.write(|tx| {
+            tx.open_table(JOB_REPORTS)
+                .map_err(eng!("open job reports"))?
+                .insert((job.run.0, job.index), bytes.as_slice())
+                .map_err(eng!("write job report"))?;
+            Ok(())
+        })
     }
 
     /// Applies job and run changes, jobs' reported outputs and the scheduler's changed

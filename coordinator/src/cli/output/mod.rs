@@ -18,8 +18,8 @@ use gantry_protocol::{AdminResponse, UnixMillis};
 use crate::cli::failure::Failure;
 use crate::cli::output::fleet::{agent_detail, agents_table};
 use crate::cli::output::runs::{
-    artifacts_table, caches_table, gc_summary, job_detail, job_outputs, jobs_table, run_detail,
-    runs_table,
+    artifacts_table, caches_table, gc_summary, job_detail, job_outputs, job_report, jobs_table,
+    run_detail, runs_table,
 };
 use crate::cli::output::table::rows_of;
 pub use crate::cli::output::table::{human_bytes, human_duration, rfc3339, table};
@@ -40,6 +40,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
             AdminResponse::Runs(r) => serde_json::to_value(r),
             AdminResponse::Job(j) => serde_json::to_value(j),
             AdminResponse::JobOutputs(o) => serde_json::to_value(o),
+            AdminResponse::JobReport(r) => serde_json::to_value(r),
             AdminResponse::Jobs(j) => serde_json::to_value(j),
             AdminResponse::Secrets(s) => serde_json::to_value(s),
             AdminResponse::Triggers(t) => serde_json::to_value(t),
@@ -107,6 +108,7 @@ pub fn print_response(resp: &AdminResponse, json: bool) -> Result<ExitCode, Fail
         AdminResponse::Runs(runs) => print!("{}", runs_table(runs, UnixMillis::now())),
         AdminResponse::Job(j) => print!("{}", job_detail(j)),
         AdminResponse::JobOutputs(o) => print!("{}", job_outputs(o)),
+        AdminResponse::JobReport(r) => print!("{}", job_report(r.as_ref())),
         AdminResponse::Jobs(jobs) => print!("{}", jobs_table(jobs)),
         AdminResponse::Secrets(names) => {
             for n in names {

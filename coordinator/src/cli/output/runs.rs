@@ -176,6 +176,41 @@ pub fn job_outputs(outputs: &gantry_protocol::Labels) -> String {
     s
 }
 
+/// A job's test report under the job's detail: counts, coverage, each failed test with
+/// its output indented under it, notes; nothing when the job sent no reports.
+pub fn job_report(report: Option<&gantry_protocol::TestReport>) -> String {
+    let mut s = String::new();
+    let Some(r) = report else { return s };
+    if r.total() > 0 || r.coverage.is_none() {
+        let _ = writeln!(
+            s,
+            "tests          {} passed, {} failed, {} skipped (attempt {})",
+            r.passed, r.failed, r.skipped, r.attempt
+        );
+    }
+    if let Some(c) = &r.coverage {
+        let _ = writeln!(s, "coverage       {}", c.percent());
+    }
+    if !r.failures.is_empty() {
+        let _ = writeln!(s, "failed tests");
+        for f in &r.failures {
+            let kind = if f.error { ", error" } else { "" };
+            let _ = writeln!(s, "  {} ({}{kind})", f.name, f.file);
+            for line in f.output.lines() {
+                let _ = writeln!(s, "    {line}");
+            }
+        }
+        let more = r.failed.saturating_sub(r.failures.len() as u64);
+        if more > 0 {
+            let _ = writeln!(s, "  and {more} more");
+        }
+    }
+    for note in &r.notes {
+        let _ = writeln!(s, "report note    {note}");
+    }
+    s
+}
+
 pub fn job_detail(j: &JobView) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "job            {}", j.job);

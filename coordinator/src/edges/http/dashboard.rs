@@ -506,10 +506,11 @@ impl Dashboard {
             | Route::JobLog(_) => return Reply::error(500, "route handled elsewhere"),
         };
         let actor = user.map_or_else(|| "web:anonymous".to_owned(), User::actor);
-        answer(
-            admin::answer(coord, &actor, principal, request).await,
-            principal,
-        )
+        let response = admin::answer(coord, &actor, principal, request).await;
+        if let AdminResponse::Run(run) = &response {
+            return run_with_reports(coord, &actor, principal, run).await;
+        }
+        answer(response, principal)
     }
 
     /// Streams a run's job states, or a job's log and state, as Server-Sent Events.
@@ -677,6 +678,37 @@ impl FollowSink for StateOnly {
 }
 
 /// An admin response as an HTTP answer to `principal`.
+/// A run as `/api/runs/N` shows it: the run, and `reports`, each of its jobs' test
+/// report summary by job id (asked for through the same router, as the same user).
+async fn run_with_reports(
+    coord: &Coordinator,
+    actor: &str,
+    principal: Principal,
+    run: &gantry_protocol::RunView,
+) -> Reply {
+    let mut reports = serde_json::Map::new();
+    for job in &run.jobs {
+        let request = AdminRequest::ShowJobReport { job: job.job };
+        if let AdminResponse::JobReport(Some(report)) =
+            admin::answer(coord, actor, principal, request).await
+        {
+            let mut value = serde_json::to_value(&report).unwrap_or_default();
+            if let Some(c) = &report.coverage {
+                value["coverage"]["percent"] = c.percent().into();
+            }
+            value["summary"] = report.summary().into();
+            reports.insert(job.job.to_string(), value);
+        }
+    }
+    match serde_json::to_value(run) {
+        Ok(mut value) => {
+            value["reports"] = serde_json::Value::Object(reports);
+            Reply::json(200, &value)
+        }
+        Err(e) => Reply::error(500, &e.to_string()),
+    }
+}
+
 fn answer(resp: AdminResponse, principal: Principal) -> Reply {
     let value = match resp {
         AdminResponse::Error(e) => {

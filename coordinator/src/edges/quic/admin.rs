@@ -153,6 +153,7 @@ async fn streams(
                 }
                 StreamOpen::Logs { .. }
                 | StreamOpen::FetchSource { .. }
+                | StreamOpen::Reports { .. }
                 | StreamOpen::FetchAgentBinary { .. } => {
                     tracing::error!("the authorization table allows {row} for {principal}, but only agents can be served it");
                     writer.reset(CloseCode::Unauthorized);

@@ -452,6 +452,15 @@ async fn streams(coord: Arc<Coordinator>, conn: Connection, agent: AgentId, conn
                         tracing::info!(%agent, %job, attempt, "log stream ended: {e}");
                     }
                 }
+                StreamOpen::Reports { job, attempt } => {
+                    if let Err(e) = me
+                        .runs
+                        .receive_reports(&agent, job, attempt, writer, reader)
+                        .await
+                    {
+                        tracing::info!(%agent, %job, attempt, "report stream refused or broken: {e}");
+                    }
+                }
                 StreamOpen::FetchAgentBinary { sha256 } => {
                     if let Err(e) = me.upgrades.send(&sha256, &mut writer).await {
                         tracing::info!(%agent, "agent binary fetch refused or broken: {e}");

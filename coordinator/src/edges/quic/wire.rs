@@ -106,9 +106,10 @@ pub fn stream_detail(row: Request) -> &'static str {
         | Request::StreamUploadAdmin => "an agent cannot use an admin grant",
         Request::StreamUploadDeploy => "a deploy grant reads only its deployment's release",
         Request::StreamUploadJob => "uploads are made by the job that declares them",
-        Request::StreamLogs | Request::StreamFetchSource | Request::StreamFetchAgentBinary => {
-            "only agents open this stream"
-        }
+        Request::StreamLogs
+        | Request::StreamFetchSource
+        | Request::StreamFetchAgentBinary
+        | Request::StreamReports => "only agents open this stream",
         _ => "only admins open this stream",
     }
 }
@@ -138,6 +139,11 @@ pub async fn refuse_stream(
         StreamOpen::Exec(_) => writer.send(&ExecEvent::Refused { message }).await,
         StreamOpen::FollowLogs { .. } | StreamOpen::FollowRun { .. } => {
             writer.send(&FollowEvent::Error(forbidden(denied))).await
+        }
+        StreamOpen::Reports { .. } => {
+            writer
+                .send(&gantry_protocol::ReportsStored::Refused { message })
+                .await
         }
         StreamOpen::Logs { .. }
         | StreamOpen::FetchSource { .. }

@@ -67,6 +67,12 @@ impl Runs {
         Ok(self.store.job_outputs(job)?)
     }
 
+    /// What the job's test and coverage reports said, if it sent any.
+    pub fn job_report(&self, job: JobId) -> Result<Option<gantry_protocol::TestReport>, RunError> {
+        self.find_job(job)?;
+        Ok(self.store.job_report(job)?)
+    }
+
     /// Lets a manual job (`when: manual`) that waits for approval run.
     pub fn approve(&self, cx: &Acting<'_>, job: JobId) -> Result<String, RunError> {
         let record = self.find_job(job)?;

@@ -1,8 +1,11 @@
 //! What an agent sends and fetches for a job attempt on streams of their own: its log
-//! (resume point, chunks, acknowledgements after fsync) and its run's source tree. Both
-//! are refused unless the attempt was handed to that agent.
+//! (resume point, chunks, acknowledgements after fsync), its run's source tree, and its
+//! test and coverage report files (read by `gantry-reports`, summary stored, then
+//! answered). All are refused unless the attempt was handed to that agent.
 
-use gantry_protocol::{AgentId, Attempt, CloseCode, JobId, LogChunk, LogControl, RunId};
+use gantry_protocol::{
+    AgentId, Attempt, CloseCode, JobId, LogChunk, LogControl, ReportUpload, ReportsStored, RunId,
+};
 use gantry_transport::{FrameReader, FrameWriter, TransportError};
 use tokio::sync::mpsc;
 
@@ -37,6 +40,10 @@ pub enum IngestError {
     Store(#[from] StoreError),
     #[error(transparent)]
     OutOfSpace(OutOfSpace),
+    #[error("the report stream ended before its end")]
+    ReportsCut,
+    #[error("the report reader stopped: {0}")]
+    ReportTask(tokio::task::JoinError),
 }
 
 impl Runs {
@@ -143,6 +150,53 @@ impl Runs {
             tracing::warn!(%job, attempt, seq, "the log is incomplete: {full}");
         }
         IngestError::OutOfSpace(full)
+    }
+
+    /// Receives an attempt's report files, reads them one at a time into a summary,
+    /// stores it durably and answers with it. A file that cannot be read becomes a note of
+    /// the summary; the job's outcome is the agent's, whatever its reports say.
+    pub async fn receive_reports(
+        &self,
+        agent: &AgentId,
+        job: JobId,
+        attempt: Attempt,
+        mut writer: FrameWriter,
+        mut reader: FrameReader,
+    ) -> Result<(), IngestError> {
+        if let Err(denied) = self.handed_to(Request::StreamReports, agent, job, attempt) {
+            let message = denied.to_string();
+            let _ = writer.send(&ReportsStored::Refused { message }).await;
+            writer.finish();
+            reader.stop(CloseCode::Unauthorized);
+            return Err(denied.into());
+        }
+        let mut read = gantry_reports::Reader::new(attempt);
+        loop {
+            match reader.recv::<ReportUpload>().await? {
+                Some(ReportUpload::File { kind, path, data }) => {
+                    // Parsing a few MiB of XML is CPU work: off the async workers.
+                    read = tokio::task::spawn_blocking(move || {
+                        read.file(kind, &path, &data);
+                        read
+                    })
+                    .await
+                    .map_err(IngestError::ReportTask)?;
+                }
+                Some(ReportUpload::Note(note)) => read.note(&note),
+                Some(ReportUpload::End) => break,
+                None => return Err(IngestError::ReportsCut),
+            }
+        }
+        let report = read.finish();
+        let store = self.store.clone();
+        let stored = report.clone();
+        tokio::task::spawn_blocking(move || store.put_job_report(job, &stored))
+            .await
+            .map_err(IngestError::ReportTask)??;
+        tracing::info!(%job, attempt, "test reports: {}", report.summary());
+        writer.send(&ReportsStored::Stored(report)).await?;
+        writer.finish();
+        Ok(())
     }
 
     /// Sends the source tree of a job attempt's run to the agent it was handed to.
