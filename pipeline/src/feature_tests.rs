@@ -879,6 +879,34 @@ fn checkout_has_a_depth_submodules_and_a_path_or_is_off() {
             15,
             "checkout (false, true or { depth, submodules, path }) must be true or false",
         ),
+        (
+            "negative depth",
+            "jobs:\n  a:\n    checkout: { depth: -1 }\n    steps: [{ run: x }]\n",
+            3,
+            24,
+            "checkout.depth must be full or a number of commits from 1",
+        ),
+        (
+            "path leaving the workspace",
+            "jobs:\n  a:\n    checkout: { path: ../x }\n    steps: [{ run: x }]\n",
+            3,
+            23,
+            "checkout.path \"../x\" has a \"..\" component, which would leave the workspace",
+        ),
+        (
+            "unknown key",
+            "jobs:\n  a:\n    checkout: { shallow: true }\n    steps: [{ run: x }]\n",
+            3,
+            17,
+            "shallow",
+        ),
+        (
+            "submodules neither on nor off",
+            "jobs:\n  a:\n    checkout: { submodules: maybe }\n    steps: [{ run: x }]\n",
+            3,
+            29,
+            "checkout.submodules",
+        ),
     ]);
 }
 

@@ -32,7 +32,10 @@ pub use hello::{decode_hello, encode_hello, Hello, HelloError};
 pub use ids::{civil_from_days, AgentId, Attempt, IdError, JobId, RunId, TokenId, UnixMillis};
 pub use messages::*;
 pub use reports::{Coverage, ReportKind, ReportUpload, ReportsStored, TestFailure, TestReport};
-pub use repos::{AddRepo, RepoAuth, RepoView, RunRepo, GIT_PAYLOAD_MAGIC};
+pub use repos::{
+    AddRepo, RepoAuth, RepoView, RunRepo, TreeSource, TreeSourceError, GIT_PAYLOAD_MAGIC,
+    MAX_SOURCE_DEPTHS, TREE_SOURCE_PREFIX, TREE_SOURCE_VERSION,
+};
 pub use status::{CompareOp, ConditionValue, StatusExpr};
 pub use transfer::*;
 pub use web::*;
@@ -52,8 +55,10 @@ pub const PEER_SERVER_NAME: &str = "peer.gantry.internal";
 /// Version of the message schema carried in every hello. Bump it when a message changes
 /// shape; the coordinator accepts `MIN_SUPPORTED_VERSION..=PROTOCOL_VERSION`. Version 3
 /// added `CoordinatorMessage::DispatchJob` ([`EXECUTION_VERSION`]), which only agents
-/// of version 3 are sent.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// of version 3 are sent. Version 4 ([`TREE_SOURCE_VERSION`]) changed no message: its
+/// agents check out a run's [`TreeSource`] through the chunk store, so only they get the
+/// jobs of such runs.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest hello version the coordinator still speaks. Version 2 added artifacts and caches
 /// to job assignments, which a version 1 agent cannot decode, so 1 is no longer spoken.
 /// Version 2 agents are still served: every message they can be sent has its version 2

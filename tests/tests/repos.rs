@@ -435,3 +435,130 @@ fn the_demo_runs_its_pipeline_from_a_commit_and_shows_it() {
     assert!(out.contains("== run 1 succeeded"), "{out}");
     assert!(out.contains("== demo finished"), "{out}");
 }
+
+const CHECKOUTS: &str = r#"name: checkouts
+jobs:
+  root:
+    steps:
+      - run: |
+          echo "DATA=$(ls data | wc -l)"
+          echo "LOG=$(git log --oneline | wc -l)"
+          echo "STATUS=[$(git status --porcelain)]"
+  deep:
+    checkout: { depth: 3, path: src/app }
+    steps:
+      - run: |
+          echo "TOP=$(ls -A | tr '\n' ' ')"
+          cd src/app
+          echo "HEAD=$(git rev-parse HEAD)"
+          echo "LOG=$(git log --oneline | wc -l)"
+          echo "FILE=$(cat version.txt)"
+          echo "STATUS=[$(git status --porcelain)]"
+  full:
+    checkout: { depth: full }
+    steps:
+      - run: echo "LOG=$(git log --oneline | wc -l)"
+  none:
+    checkout: false
+    steps:
+      - run: echo "ENTRIES=$(ls -A | wc -l)"
+"#;
+
+/// `fetched X of Y chunks` from a job log's checkout line (the tree, not its `.git`).
+fn checkout_chunks(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("checkout: "))
+        .unwrap_or_else(|| panic!("no checkout line in the job's log:\n{log}"));
+    let after = line
+        .split("fetched ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no figures in {line:?}"));
+    let mut words = after.split_whitespace();
+    let fetched = words.next().and_then(|w| w.parse().ok());
+    let total = words.nth(1).and_then(|w| w.parse().ok());
+    match (fetched, total) {
+        (Some(f), Some(t)) => (f, t),
+        _ => panic!("cannot read the chunk counts of {line:?}"),
+    }
+}
+
+/// Pseudo-random bytes (incompressible, different per seed): files the chunker cannot
+/// share between each other.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+#[test]
+fn checkouts_come_through_the_chunk_store_with_each_jobs_depth_and_path_and_a_one_file_commit_fetches_only_its_chunks(
+) {
+    let up = Upstream::new();
+    let data: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("data/f{i:02}.txt"), noise(i, 96 * 1024)))
+        .collect();
+    let mut files: Vec<(&str, &str)> = data.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+    files.extend([("gantry.yml", CHECKOUTS), ("version.txt", "one\n")]);
+    up.commit(&files, "first");
+    up.commit(&[("notes.txt", "a\n")], "second");
+    up.commit(&[("notes.txt", "b\n")], "third");
+    let fourth = up.commit(&[("notes.txt", "c\n")], "fourth");
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    c.gantry(&["repos", "add", "app", "--url", &up.url()])
+        .expect_code(0);
+
+    let (view, root) = run_repo(&c, &[]);
+    assert_eq!(view["state"], "succeeded", "{view}\n{root}");
+    let run = view["run"].as_u64().expect("run");
+    let log = |job: u32| c.logs(&format!("{run}.{job}"));
+    assert!(root.contains("DATA=40"), "{root}");
+    assert!(
+        root.contains("LOG=1\n"),
+        "the default depth is one commit: {root}"
+    );
+    assert!(root.contains("STATUS=[]"), "{root}");
+    let (fetched, total) = checkout_chunks(&root);
+    assert!(total >= 40, "40 distinct files of 96 KiB: {root}");
+    let deep = log(1);
+    assert!(
+        deep.contains("TOP=src ") && deep.contains(&format!("HEAD={fourth}")),
+        "checkout.path puts the checkout in a subdirectory: {deep}"
+    );
+    assert!(deep.contains("LOG=3\n"), "depth 3: {deep}");
+    assert!(
+        deep.contains("FILE=one") && deep.contains("STATUS=[]"),
+        "{deep}"
+    );
+    let full = log(2);
+    assert!(full.contains("LOG=4\n"), "depth full: {full}");
+    let none = log(3);
+    assert!(none.contains("ENTRIES=0"), "checkout: false: {none}");
+    assert!(!none.contains("checkout: "), "{none}");
+
+    // One file changed: the same agent fetches that file's chunk and nothing else of
+    // the tree (a job that ran after the first may find even that one cached).
+    let fifth = up.commit(&[("version.txt", "two\n")], "fifth");
+    let (view, root) = run_repo(&c, &[]);
+    assert_eq!(view["state"], "succeeded", "{view}\n{root}");
+    let run = view["run"].as_u64().expect("run");
+    let (again, total_again) = checkout_chunks(&root);
+    assert!(
+        again <= 1 && total_again == total,
+        "the second run fetched {again} of {total_again} chunks (the first {fetched} of {total}):\n{root}"
+    );
+    let deep = c.logs(&format!("{run}.1"));
+    assert!(
+        deep.contains(&format!("HEAD={fifth}")) && deep.contains("FILE=two"),
+        "{deep}"
+    );
+    let (deep_again, _) = checkout_chunks(&deep);
+    assert!(deep_again <= 1, "{deep}");
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use gantry_protocol::{
     AgentMessage, ArtifactWhen, Attempt, Checkout, JobAssignment, JobExecution, JobId, JobOutcome,
-    JobResult, Labels, RunningJob, StreamOpen, UnixMillis,
+    JobResult, Labels, RunningJob, StreamOpen, TreeSource, UnixMillis,
 };
 use gantry_transport::{Connection, TransportError};
 use tokio::sync::{mpsc, watch};
@@ -70,6 +70,8 @@ pub enum JobError {
     Artifact(#[from] ArtifactError),
     #[error(transparent)]
     Reports(#[from] reports::ReportsError),
+    #[error("cannot check out the run's source: {0}")]
+    Checkout(#[from] crate::transfers::checkout::CheckoutError),
     #[error("{0}: the job's timeout passed")]
     Deadline(&'static str),
     #[error("{0}: the job was cancelled")]
@@ -118,6 +120,39 @@ pub enum SourceError {
     Outside { path: PathBuf },
     #[error("cannot write the workspace's .git: {0}")]
     Git(#[from] gantry_git::GitError),
+    #[error(transparent)]
+    Tree(gantry_protocol::TreeSourceError),
+    #[error("checkout.path {0:?} must be a relative path inside the workspace")]
+    Path(String),
+}
+
+/// Where a job's checkout goes: the workspace, or `checkout.path` inside it (created).
+/// The pipeline crate already refused paths that leave the workspace; this refuses them
+/// again, since the agent trusts no path it is sent.
+fn checkout_dir(
+    workspace: &Path,
+    spec: &gantry_protocol::CheckoutSpec,
+) -> Result<PathBuf, SourceError> {
+    let Some(path) = &spec.path else {
+        return Ok(workspace.to_path_buf());
+    };
+    let relative = Path::new(path);
+    let inside = !path.is_empty()
+        && relative.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    if !inside {
+        return Err(SourceError::Path(path.clone()));
+    }
+    let dest = workspace.join(relative);
+    std::fs::create_dir_all(&dest).map_err(|source| SourceError::Write {
+        path: dest.clone(),
+        source,
+    })?;
+    Ok(dest)
 }
 
 /// A finished attempt as reported: its result, and its outputs when it declares any.
@@ -155,8 +190,6 @@ pub fn unsupported(execution: &JobExecution) -> Option<String> {
         "pulling service images (pull: always, registry credentials)"
     } else if execution.caches.len() > 1 || execution.caches.iter().any(|c| c.home) {
         "several caches or caches under $HOME"
-    } else if matches!(&execution.checkout, Checkout::Source(spec) if spec.path.is_some()) {
-        "checkout.path"
     } else {
         return None;
     };
@@ -363,8 +396,19 @@ impl JobManager {
                 path: workspace.clone(),
                 source,
             })?;
-            if let (Some(source), Checkout::Source(_)) = (&assignment.source, &execution.checkout) {
-                self.fetch_source(key, source, &workspace).await?;
+            if let (Some(source), Checkout::Source(spec)) =
+                (&assignment.source, &execution.checkout)
+            {
+                let dest = checkout_dir(&workspace, spec)?;
+                if TreeSource::is_tree(source) {
+                    let tree = TreeSource::parse(source).map_err(SourceError::Tree)?;
+                    let scratch = PathBuf::from(format!("{}.git-payload", workspace.display()));
+                    self.io(&assignment, &workspace, &log_tx)
+                        .checkout(&tree, spec, &dest, &scratch)
+                        .await?;
+                } else {
+                    self.fetch_source(key, source, &dest).await?;
+                }
             }
             let restored = self
                 .prepare_inputs(&assignment, &workspace, &log_tx)

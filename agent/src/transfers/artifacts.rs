@@ -102,13 +102,23 @@ impl JobIo<'_> {
 
     /// Downloads `manifest` into the workspace, merging with what is there.
     async fn download(&self, manifest: Digest, what: &str) -> Result<DownloadFigures, RetryError> {
+        self.download_into(manifest, what, self.workspace).await
+    }
+
+    /// Downloads `manifest` into `dest`, merging with what is there.
+    pub(super) async fn download_into(
+        &self,
+        manifest: Digest,
+        what: &str,
+        dest: &Path,
+    ) -> Result<DownloadFigures, RetryError> {
         with_retries(self.source, self.log, what, |conn| {
             let (grant, cache, options) = (
                 self.grant(),
                 self.transfers.cache.clone(),
                 self.transfers.options.clone(),
             );
-            let dest = self.workspace.to_path_buf();
+            let dest = dest.to_path_buf();
             async move {
                 gantry_transfer::download(
                     &conn,
@@ -388,7 +398,7 @@ fn describe_upload(f: &UploadFigures) -> String {
 }
 
 /// One line of figures for a download, as the job log shows it.
-fn describe_download(f: &DownloadFigures) -> String {
+pub(super) fn describe_download(f: &DownloadFigures) -> String {
     let refetched = if f.chunks_refetched > 0 {
         format!(
             " ({} refetched after failing verification)",

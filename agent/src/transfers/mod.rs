@@ -4,7 +4,7 @@
 //! one when a connection breaks ([`with_retries`]). Transfers to and from the
 //! coordinator go on a connection of their own ([`TransferLink`]), with QUIC limits for
 //! bulk that the session's connection does without. [`artifacts`] holds a job's inputs
-//! and outputs; [`peers`] serves and fetches deployment releases between hosts.
+//! and outputs; [`checkout`] a job's checkout of a commit through the chunk store; [`peers`] serves and fetches deployment releases between hosts.
 //!
 //! The transfers themselves are `gantry-transfer`'s. This layer must not know jobs'
 //! steps or deployment steps: they call it.
@@ -21,6 +21,7 @@ use gantry_transport::{Connection, Dialer, TransportError};
 use crate::runner::LogSink;
 
 pub mod artifacts;
+pub mod checkout;
 pub mod peers;
 
 /// How long a transfer waits for a connection to the coordinator before giving up.

@@ -1,5 +1,5 @@
-//! Source trees uploaded by `gantry run` or made from a repository's commit
-//! (`services::repos`), kept until their runs no longer need them.
+//! Source trees uploaded by `gantry run` (a repository's commit goes through the chunk
+//! store instead, `services::repos::source`), kept until their runs no longer need them.
 //!
 //! Owns `DATA_DIR/sources/<sha256 hex>.tar`: an upload is written to a temporary file
 //! while its SHA-256 is computed, fsynced, and renamed to its content address, so the
@@ -128,37 +128,6 @@ impl SourceStore {
         }
         let id = self.persist(tmp, &digest.finish())?;
         Ok((id, received))
-    }
-
-    /// A temporary file in the store's directory for an archive made here (a
-    /// repository's commit); [`SourceStore::keep`] stores it.
-    pub fn temporary(&self) -> Result<tempfile::NamedTempFile, SourceError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| SourceError::Dir {
-            dir: self.dir.clone(),
-            source,
-        })?;
-        tempfile::NamedTempFile::new_in(&self.dir).map_err(SourceError::Temporary)
-    }
-
-    /// Stores an archive written to a [`SourceStore::temporary`] file under its
-    /// SHA-256, durably; its id and size.
-    pub fn keep(&self, tmp: tempfile::NamedTempFile) -> Result<(String, u64), SourceError> {
-        let mut file = tmp.reopen().map_err(SourceError::Temporary)?;
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; PIECE_BYTES];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(SourceError::Write)?;
-            if n == 0 {
-                break;
-            }
-            size += n as u64;
-            digest.update(&buf[..n]);
-        }
-        if size > MAX_SOURCE_BYTES {
-            return Err(SourceError::TooLarge(size));
-        }
-        self.persist(tmp, &digest.finish()).map(|id| (id, size))
     }
 
     /// Syncs `tmp` and renames it to its content address.

@@ -178,7 +178,7 @@ impl Coordinator {
             secrets.clone(),
             secret_key.clone(),
             runs.clone(),
-            sources.clone(),
+            artifacts.clone(),
             forge_status,
             data_dir,
         ));

@@ -92,6 +92,12 @@ pub fn execution_label() -> String {
     capability_label("execution")
 }
 
+/// The label of agents that check out a run's source through the chunk store
+/// (protocol [`gantry_protocol::TREE_SOURCE_VERSION`] or later).
+pub fn tree_source_label() -> String {
+    capability_label("tree-source")
+}
+
 /// Handle to the engine task.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -921,7 +927,7 @@ pub fn plans_for(
                 .map(|&index| JobId { run, index })
                 .collect(),
             runs_on: {
-                let mut labels = required_labels(job, &ctx);
+                let mut labels = required_labels(job, &ctx, record.source.as_deref());
                 labels.extend(agent_labels.clone());
                 labels
             },
@@ -953,9 +959,14 @@ pub fn capability_label(capability: &str) -> String {
 
 /// Labels a job needs: its `runs-on`, plus `docker` for an `image:` job, plus the
 /// execution label when its execution is not plain (agents older than protocol version
-/// 3 would ignore its options). A deploy job runs on the coordinator's deploy runner
+/// 3 would ignore its options), plus the tree-source label when it checks out a commit
+/// stored through the chunk store. A deploy job runs on the coordinator's deploy runner
 /// alone.
-fn required_labels(job: &gantry_pipeline::Job, ctx: &gantry_pipeline::StaticContext) -> Labels {
+fn required_labels(
+    job: &gantry_pipeline::Job,
+    ctx: &gantry_pipeline::StaticContext,
+    source: Option<&str>,
+) -> Labels {
     if job.deploy.is_some() {
         return Labels::from([(DEPLOY_RUNNER_LABEL.to_owned(), "true".to_owned())]);
     }
@@ -965,6 +976,11 @@ fn required_labels(job: &gantry_pipeline::Job, ctx: &gantry_pipeline::StaticCont
     }
     if !job.execution(ctx).is_plain() {
         labels.insert(execution_label(), "true".into());
+    }
+    if source.is_some_and(gantry_protocol::TreeSource::is_tree)
+        && job.checkout != gantry_protocol::Checkout::Skip
+    {
+        labels.insert(tree_source_label(), "true".into());
     }
     labels
 }

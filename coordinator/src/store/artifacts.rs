@@ -1,5 +1,6 @@
-//! Artifacts, caches, manifests and the chunk index (tables `artifacts`, `caches`,
-//! `manifests`, `chunks`), and the garbage collection that spans them.
+//! Artifacts, caches, manifests, the chunk index and the source trees of repository
+//! runs (tables `artifacts`, `caches`, `manifests`, `chunks`, `source_trees`), and the
+//! garbage collection that spans them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
@@ -20,6 +21,14 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("manifests
 const ARTIFACTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("artifacts");
 /// Caches by `pipeline \0 branch \0 key` → [`CacheView`].
 const CACHES: TableDefinition<&str, &[u8]> = TableDefinition::new("caches");
+/// Manifests of commits stored as runs' sources (trees and `.git` payloads) by digest
+/// bytes → when they were last stored (millis): garbage collection keeps them for
+/// [`SOURCE_TREE_KEEP_MS`] after that.
+const SOURCE_TREES: TableDefinition<&[u8], u64> = TableDefinition::new("source_trees");
+
+/// How long a source tree outlives its last storing: a run retried after that fails to
+/// fetch its source (the run is started again from the repository instead).
+pub const SOURCE_TREE_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// Creates the tables so readers never meet a missing one; called by [`Store::open`].
 pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -27,6 +36,38 @@ pub(super) fn create_tables(tx: &redb::WriteTransaction) -> Result<(), StoreErro
     tx.open_table(MANIFESTS).map_err(eng!("open manifests"))?;
     tx.open_table(ARTIFACTS).map_err(eng!("open artifacts"))?;
     tx.open_table(CACHES).map_err(eng!("open caches"))?;
+    tx.open_table(SOURCE_TREES)
+        .map_err(eng!("open source trees"))?;
+    Ok(())
+}
+
+/// Garbage collection: forgets source trees not stored again within
+/// [`SOURCE_TREE_KEEP_MS`] and adds the others' manifests to `roots`.
+fn source_trees_in_use(
+    tx: &redb::WriteTransaction,
+    now: UnixMillis,
+    roots: &mut HashSet<Digest>,
+) -> Result<(), StoreError> {
+    let mut table = tx
+        .open_table(SOURCE_TREES)
+        .map_err(eng!("open source trees"))?;
+    let mut old = Vec::new();
+    for row in table.iter().map_err(eng!("scan source trees"))? {
+        let (k, v) = row.map_err(eng!("scan source trees"))?;
+        let Ok(bytes) = <[u8; 32]>::try_from(k.value()) else {
+            continue;
+        };
+        if now.0.saturating_sub(v.value()) > SOURCE_TREE_KEEP_MS {
+            old.push(bytes);
+        } else {
+            roots.insert(Digest::from_bytes(bytes));
+        }
+    }
+    for key in old {
+        table
+            .remove(key.as_slice())
+            .map_err(eng!("remove source tree"))?;
+    }
     Ok(())
 }
 
@@ -363,6 +404,28 @@ impl Store {
         })
     }
 
+    /// Stores a source tree's manifest (a commit's tree or a `.git` payload) if every
+    /// chunk it names is stored, or refreshes its time if it is; returns the chunks the
+    /// index lacks (none: stored).
+    pub fn commit_source_tree(
+        &self,
+        digest: &Digest,
+        manifest: &[u8],
+        chunks: &[Digest],
+        now: UnixMillis,
+    ) -> Result<Vec<Digest>, StoreError> {
+        self.write(|tx| {
+            let missing = put_manifest_if_complete(tx, digest, manifest, chunks)?;
+            if missing.is_empty() {
+                tx.open_table(SOURCE_TREES)
+                    .map_err(eng!("open source trees"))?
+                    .insert(digest.as_bytes().as_slice(), now.0)
+                    .map_err(eng!("write source tree"))?;
+            }
+            Ok(missing)
+        })
+    }
+
     /// The artifacts of a run, by name.
     pub fn artifacts_of(&self, run: RunId) -> Result<Vec<ArtifactView>, StoreError> {
         let tx = self.db.begin_read().map_err(eng!("begin read"))?;
@@ -476,6 +539,7 @@ impl Store {
         report.artifacts_expired = expire_artifacts(&tx, rules.now, &mut roots)?;
         report.caches_evicted = evict_caches(&tx, &rules, &mut roots)?;
         releases_in_use(&tx, &mut roots)?;
+        source_trees_in_use(&tx, rules.now, &mut roots)?;
         let referenced = drop_unused_manifests(&tx, &roots)?;
         let mut doomed = sweep_chunks(&tx, &rules, &referenced, protected, &mut report)?;
         if rules.dry_run {

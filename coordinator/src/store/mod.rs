@@ -37,6 +37,7 @@
 //! | `manifests` | digest (32 bytes) | the manifest's canonical encoding | `artifacts` |
 //! | `artifacts` | (run, name) (`(u64, &str)`) | [`gantry_protocol::ArtifactView`] | `artifacts` |
 //! | `caches` | `pipeline \0 branch \0 key` (`&str`) | [`gantry_protocol::CacheView`] | `artifacts` |
+//! | `source_trees` | digest (32 bytes) | when it was last stored (millis, `u64`) | `artifacts` |
 //! | `login_tokens` | id, `lt-<16 hex>` (`&str`) | [`LoginTokenRecord`] | `web` |
 //! | `webhooks` | number (`u64`) | [`WebhookRecord`] | `web` |
 //! | `repos` | name (`&str`) | [`RepoRecord`] | `repos` |

@@ -7,16 +7,16 @@
 //!   the blob memo), the workspace `.git` payload, and the agent's materialisation of a
 //!   clean workspace (extraction from a warm local chunk cache plus writing the `.git`),
 //!   checked with `git status`; and the bytes the agent would receive for each run
-//!   (chunks its cache lacks, compressed, plus the payload).
+//!   (chunks its cache lacks, compressed, plus the payload);
+//! - end to end, with the real binaries (a `gantry server` and one `gantry-agent`
+//!   beside the daemon): `gantry repos add`, then `gantry run --repo` of the first commit
+//!   and of the one-file commit on the same agent, each with the time from the trigger
+//!   to the first step running and the agent's checkout line from the job's log (chunks
+//!   and compressed bytes it fetched, fetch and extract times). `GANTRY_BENCH_NO_E2E=1`
+//!   skips it.
 //!
-//! The end-to-end figure (webhook received to first step running, and the bytes the
-//! agent really received) needs the coordinator and agent integration: start a
-//! `gantry_tests::Coordinator` and an `Agent` beside the daemon, add the repository,
-//! push with `git update-ref` as `main` does, and time the run from the webhook to its
-//! first step's log line as a third column next to `GantryParts::run`'s figures (the
-//! `Figures` struct and `Report::gantry` print them).
-//!
-//! Run: `cargo run --release -p gantry-tests --bin bench-checkout` (needs git). Options
+//! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin
+//! bench-checkout` (needs git; the end-to-end part starts the binaries beside this one). Options
 //! through the environment: `GANTRY_BENCH_FILES` (default 50000), `GANTRY_BENCH_MIB`
 //! (default 1024), `GANTRY_BENCH_DIR` (where the generated repository is kept between
 //! runs; default a directory under the system's temp dir, removed at the end). The
@@ -41,6 +41,10 @@ use gantry_git::{
     TreeCheckout,
 };
 use gantry_transfer::ChunkCache;
+
+/// The pipeline of the generated repository: its one step says when it started.
+const PIPELINE: &str =
+    "name: bench\njobs:\n  build:\n    steps:\n      - run: date +STEP_AT=%s.%N\n";
 
 /// Fixed identity and dates: the same options give the same commits on every run.
 const AUTHOR: &str = "Bench <bench@example.invalid> 1767225600 +0000";
@@ -132,7 +136,75 @@ fn main() -> anyhow::Result<()> {
     let run2 = gantry.run(second, "second")?;
     Report::gantry("one-file commit", &run2);
     Report::print(&spec, &run1, &run2);
+    if std::env::var_os("GANTRY_BENCH_NO_E2E").is_none() {
+        end_to_end(&served, &url, first, second)?;
+    }
     drop(daemon);
+    Ok(())
+}
+
+/// The real coordinator and one agent (the binaries beside this one): the repository
+/// added, then `gantry run --repo` of the first commit and of the one-file commit on the
+/// same agent. For each: the time from the trigger to the first step running, and the
+/// agent's checkout line (chunks and bytes it fetched, fetch and extract times).
+fn end_to_end(served: &Path, url: &str, first: ObjectId, second: ObjectId) -> anyhow::Result<()> {
+    use gantry_tests::{Coordinator, DEADLINE};
+    git(
+        served,
+        &["update-ref", "refs/heads/main", &first.to_string()],
+    )?;
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    let started = Instant::now();
+    c.gantry(&["repos", "add", "bench", "--url", url])
+        .expect_code(0);
+    println!(
+        "end to end: repos add (the coordinator's first mirror fetch) {:>8.2} s",
+        secs(started.elapsed())
+    );
+    let run_deadline = DEADLINE * 20;
+    for (label, commit) in [
+        ("first run (cold agent)", first),
+        ("one-file commit (warm agent)", second),
+    ] {
+        git(
+            served,
+            &["update-ref", "refs/heads/main", &commit.to_string()],
+        )?;
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64();
+        let started = Instant::now();
+        let run = c
+            .gantry(&["run", "--repo", "bench", "--json"])
+            .expect_code(0)
+            .json();
+        let submitted = started.elapsed();
+        let number = run["run"].as_u64().context("run number")?;
+        let view = c.wait_run(number, run_deadline);
+        let log = c.logs(&format!("{number}.0"));
+        let step_at = log
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("STEP_AT="))
+            .and_then(|t| t.parse::<f64>().ok());
+        let checkout = log
+            .lines()
+            .find(|l| l.contains("checkout: "))
+            .unwrap_or("(no checkout line)");
+        println!("end to end, {label}: run {number} {}", view["state"]);
+        println!(
+            "  gantry run --repo returned (fetch, walk, store)  {:>8.2} s",
+            secs(submitted)
+        );
+        match step_at {
+            Some(t) => println!(
+                "  trigger to first step running                  {:>8.2} s",
+                t - at
+            ),
+            None => println!("  trigger to first step running: no STEP_AT in the log:\n{log}"),
+        }
+        println!("  agent: {}", checkout.trim());
+    }
     Ok(())
 }
 
@@ -303,7 +375,8 @@ fn layout(spec: &RepoSpec) -> Vec<(String, usize, bool)> {
 /// Makes (or reuses) the served repository: the first commit with every file, and a
 /// second commit changing one small file. Returns both commits.
 fn generate(served: &Path, spec: &RepoSpec) -> anyhow::Result<(ObjectId, ObjectId)> {
-    let marker = served.join(format!("gantry-bench-{}-{}", spec.files, spec.bytes));
+    // v2: the first commit carries the pipeline the end-to-end runs build.
+    let marker = served.join(format!("gantry-bench-v2-{}-{}", spec.files, spec.bytes));
     if marker.exists() {
         let first = git(served, &["rev-parse", "refs/bench/first"])?;
         let second = git(served, &["rev-parse", "refs/bench/second"])?;
@@ -331,6 +404,11 @@ fn generate(served: &Path, spec: &RepoSpec) -> anyhow::Result<(ObjectId, ObjectI
         out,
         "commit refs/bench/first\nauthor {AUTHOR}\ncommitter {AUTHOR}\ndata {}\n{message}",
         message.len()
+    )?;
+    write!(
+        out,
+        "M 100644 inline gantry.yml\ndata {}\n{PIPELINE}\n",
+        PIPELINE.len()
     )?;
     for (index, (path, size, large)) in files.iter().enumerate() {
         let data = if *large {

@@ -28,7 +28,7 @@ use crate::edges::quic::wire::{
 use crate::services::agents::LiveSession;
 use crate::services::artifacts::Peer;
 use crate::services::coordinator::Coordinator;
-use crate::services::engine::{capability_label, execution_label, Input};
+use crate::services::engine::{capability_label, execution_label, tree_source_label, Input};
 use crate::services::holds::{self, Hold};
 use crate::store::{AgentRecord, HelloFacts};
 
@@ -90,6 +90,11 @@ pub async fn session(
             l.insert(execution_label(), "true".into());
         } else {
             l.remove(&execution_label());
+        }
+        if version >= gantry_protocol::TREE_SOURCE_VERSION {
+            l.insert(tree_source_label(), "true".into());
+        } else {
+            l.remove(&tree_source_label());
         }
         l
     };

@@ -2,7 +2,7 @@
 //! who may do what, and retention (expiry, eviction, garbage collection).
 //!
 //! Owns the rules: an agent reads only manifests of the run whose job it holds (the
-//! run's artifacts, and the caches its branch may see) and writes only its own job's
+//! run's artifacts and source, and the caches its branch may see) and writes only its own job's
 //! declared artifact and cache; an admin reads everything. Chunks are verified before
 //! they are stored (an uploader cannot plant bytes under another chunk's digest) and
 //! again before they are served (a chunk corrupted on disk is quarantined and reported,
@@ -20,6 +20,7 @@
 //! - `reads.rs`: resolving grants, manifests and chunks to readers, verified;
 //! - `writes.rs`: uploads, chunk packs and commits;
 //! - `retention.rs`: expiry, eviction and garbage collection;
+//! - `sources.rs`: commits stored as runs' sources (a tree's chunks and manifests);
 //! - `admin.rs`: what admins ask of artifacts and caches;
 //! - `frames.rs`: reading a stream's frames ahead of the work.
 
@@ -28,6 +29,7 @@ mod frames;
 mod reads;
 pub mod retention;
 mod scope;
+pub mod sources;
 mod writes;
 
 use std::collections::{HashMap, HashSet};

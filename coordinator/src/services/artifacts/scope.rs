@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use gantry_pipeline::Pipeline;
-use gantry_protocol::{AgentId, Digest, Grant, JobId, StreamOpen, UploadTarget};
+use gantry_protocol::{AgentId, Digest, Grant, JobId, StreamOpen, TreeSource, UploadTarget};
 
 use crate::base::authz::{Principal, Request};
 use crate::services::artifacts::{lock, Artifacts, Peer, StreamError, MAX_CACHED_PIPELINES};
@@ -101,8 +101,8 @@ impl Artifacts {
         scopes
     }
 
-    /// Whether `peer` may read `manifest` under `grant`: an artifact of the run whose
-    /// job it holds, or a cache that job may restore; a deployment's release.
+    /// Whether `peer` may read `manifest` under `grant`: the source or an artifact of the
+    /// run whose job it holds, or a cache that job may restore; a deployment's release.
     pub(super) fn check_readable(
         &self,
         row: Request,
@@ -116,6 +116,16 @@ impl Artifacts {
         let Some(scope) = self.scope(row, peer, grant)? else {
             return Ok(());
         };
+        let source = scope
+            .run
+            .source
+            .as_deref()
+            .filter(|s| TreeSource::is_tree(s));
+        if let Some(Ok(tree)) = source.map(TreeSource::parse) {
+            if tree.manifests().any(|m| m == *manifest) {
+                return Ok(());
+            }
+        }
         let artifacts = self.store.artifacts_of(scope.run.run)?;
         if artifacts.iter().any(|a| a.manifest == *manifest) {
             return Ok(());

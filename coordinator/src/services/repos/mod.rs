@@ -24,15 +24,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use gantry_git::{
-    Credentials, Depth, Fetch, GitError, GitProgram, KnownHosts, Mirror, MirrorOptions, ObjectId,
-    Remote, Secret,
+    Credentials, Fetch, GitError, GitProgram, KnownHosts, MemoryMemo, Mirror, MirrorOptions,
+    Mirrors, ObjectId, Remote, Secret,
 };
 use gantry_protocol::{AddRepo, AdminErrorKind, Labels, RepoAuth, RepoView, RunRepo, RunView};
 
 use crate::base::audit::Acting;
 use crate::base::error::AdminFailure;
 use crate::base::seal::{SecretError, SecretKey};
-use crate::base::sources::SourceStore;
+use crate::services::artifacts::Artifacts;
 use crate::services::runs::{RunError, Runs};
 use crate::services::secrets::Secrets;
 use crate::store::{
@@ -128,7 +128,11 @@ pub struct Repos {
     secrets: Arc<Secrets>,
     key: Arc<SecretKey>,
     runs: Arc<Runs>,
-    sources: Arc<SourceStore>,
+    /// Where commits are stored as runs' sources (the chunk store).
+    artifacts: Arc<Artifacts>,
+    /// Per repository, which chunks each blob was cut into (`source.rs`); in memory, so
+    /// a restarted coordinator reads every blob of its first commit again.
+    memos: Mutex<HashMap<String, Arc<MemoryMemo>>>,
     /// `DATA_DIR/repos`: the mirrors, `known_hosts`, and short-lived key files.
     dir: PathBuf,
     git: GitProgram,
@@ -167,7 +171,7 @@ impl Repos {
         secrets: Arc<Secrets>,
         key: Arc<SecretKey>,
         runs: Arc<Runs>,
-        sources: Arc<SourceStore>,
+        artifacts: Arc<Artifacts>,
         status: Arc<status::ForgeStatus>,
         data_dir: &Path,
     ) -> Self {
@@ -176,7 +180,8 @@ impl Repos {
             secrets,
             key,
             runs,
-            sources,
+            artifacts,
+            memos: Mutex::new(HashMap::new()),
             dir: data_dir.join("repos"),
             git: GitProgram::default(),
             busy: Mutex::new(HashMap::new()),
@@ -430,20 +435,9 @@ impl Repos {
                 file: record.pipeline_file.clone(),
             })?;
             let text = bundled(mirror, record, commit, &text);
-            let depth = run_depth(&record.pipeline_file, &text);
-            let stored = source::store_commit(
-                mirror,
-                commit,
-                target.full_ref.as_deref(),
-                depth,
-                &self.sources,
-            )
-            .map_err(|e| RepoError::Source {
-                repo: record.name.clone(),
-                commit: commit.to_string(),
-                detail: e.to_string(),
-            })?;
-            tracing::info!(repo = %record.name, %commit, files = stored.files, bytes = stored.bytes, "commit stored as a source tree");
+            let wants = source::SourceWants::of(&record.pipeline_file, &text);
+            let stored = self.store_commit(record, mirror, &target, &wants)?;
+            tracing::info!(repo = %record.name, %commit, files = stored.files, bytes = stored.bytes, chunks_written = stored.figures.chunks_written, bytes_written = stored.figures.bytes_written, "commit stored as a source tree");
             Ok(Prepared {
                 repo: record.name.clone(),
                 pipeline_file: record.pipeline_file.clone(),
@@ -504,6 +498,56 @@ impl Repos {
             .entry(name.to_owned())
             .or_default()
             .clone()
+    }
+
+    /// Stores `target`'s commit as a run's source through the chunk store, with the
+    /// repository's blob memo; a memo gone stale (its chunks collected) is dropped and
+    /// the walk made again without it.
+    fn store_commit(
+        &self,
+        record: &RepoRecord,
+        mirror: &Mirror,
+        target: &Target,
+        wants: &source::SourceWants,
+    ) -> Result<source::StoredTree, RepoError> {
+        let mirrors = Mirrors {
+            root: self.dir.join("submodules"),
+            git: self.git.clone(),
+            options: MirrorOptions::default(),
+        };
+        let memo_of = |fresh: bool| {
+            let mut memos = self
+                .memos
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if fresh {
+                memos.remove(&record.name);
+            }
+            memos.entry(record.name.clone()).or_default().clone()
+        };
+        let store = |memo: &MemoryMemo| {
+            source::store_commit(
+                mirror,
+                target.commit,
+                target.full_ref.as_deref(),
+                wants,
+                memo,
+                Some(&mirrors),
+                &self.artifacts,
+            )
+        };
+        let stored = match store(&memo_of(false)) {
+            Err(source::TreeError::Stale(n)) => {
+                tracing::info!(repo = %record.name, chunks = n, "the blob memo named chunks no longer stored; walking the commit again without it");
+                store(&memo_of(true))
+            }
+            other => other,
+        };
+        stored.map_err(|e| RepoError::Source {
+            repo: record.name.clone(),
+            commit: target.commit.to_string(),
+            detail: e.to_string(),
+        })
     }
 
     /// Opens the repository's mirror with its credentials (an ssh key written to a
@@ -618,30 +662,6 @@ impl gantry_pipeline::Resolver for CommitFiles<'_> {
             Err(e) => Err(e.to_string()),
         }
     }
-}
-
-/// The history the run's one `.git` carries: the deepest `checkout.depth` any job asks
-/// for (every job gets at least what it asked; `full` wins), the default if none asks
-/// or the file does not parse (the run is then refused by the submit's own check).
-fn run_depth(file_name: &str, text: &str) -> Depth {
-    let default = || {
-        std::num::NonZeroU32::new(gantry_protocol::DEFAULT_CHECKOUT_DEPTH)
-            .map_or(Depth::Full, Depth::Commits)
-    };
-    let Ok(pipeline) = gantry_pipeline::parse(file_name, text) else {
-        return default();
-    };
-    let mut deepest = default();
-    for job in &pipeline.jobs {
-        let gantry_protocol::Checkout::Source(spec) = &job.checkout else {
-            continue;
-        };
-        deepest = match (deepest, spec.depth.and_then(std::num::NonZeroU32::new)) {
-            (Depth::Full, _) | (_, None) => Depth::Full,
-            (Depth::Commits(a), Some(b)) => Depth::Commits(a.max(b)),
-        };
-    }
-    deepest
 }
 
 /// The name an ssh key is sealed under (a sealed value opens only under its name).
@@ -837,22 +857,24 @@ mod tests {
     }
 
     #[test]
-    fn the_run_carries_the_deepest_history_a_job_asks_for() {
-        let depth = |jobs: &str| run_depth("gantry.yml", &format!("name: d\njobs:\n{jobs}"));
+    fn the_source_carries_every_depth_and_submodules_jobs_ask_for() {
+        let wants =
+            |jobs: &str| source::SourceWants::of("gantry.yml", &format!("name: d\njobs:\n{jobs}"));
         let job = |name: &str, checkout: &str| {
             format!("  {name}:\n    checkout: {checkout}\n    steps: [{{ run: 'true' }}]\n")
         };
-        let commits = |n: u32| Depth::Commits(std::num::NonZeroU32::new(n).expect("n"));
-        assert_eq!(depth(&job("a", "true")), commits(1));
+        let depths = |w: source::SourceWants| w.depths.into_iter().collect::<Vec<_>>();
+        assert_eq!(depths(wants(&job("a", "true"))), [Some(1)]);
         assert_eq!(
-            depth(&(job("a", "{ depth: 5 }") + &job("b", "{ depth: 2 }"))),
-            commits(5)
+            depths(wants(
+                &(job("a", "{ depth: 5 }") + &job("b", "{ depth: 2 }"))
+            )),
+            [Some(2), Some(5)]
         );
-        assert_eq!(
-            depth(&(job("a", "{ depth: full }") + &job("b", "false"))),
-            Depth::Full
-        );
-        assert_eq!(depth(&job("a", "false")), commits(1));
+        let full = wants(&(job("a", "{ depth: full, submodules: true }") + &job("b", "false")));
+        assert!(full.submodules);
+        assert_eq!(depths(full), [None]);
+        assert_eq!(depths(wants(&job("a", "false"))), [Some(1)]);
     }
 
     #[test]

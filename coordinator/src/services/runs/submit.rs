@@ -74,7 +74,23 @@ impl Runs {
             }
         }
         if let Some(source) = &submit.source {
-            if !self.sources.exists(source) {
+            // A commit stored through the chunk store names manifests; an upload, an
+            // archive.
+            let exists = if gantry_protocol::TreeSource::is_tree(source) {
+                match gantry_protocol::TreeSource::parse(source) {
+                    Ok(tree) => {
+                        let mut all = true;
+                        for m in tree.manifests() {
+                            all &= self.store.manifest(&m)?.is_some();
+                        }
+                        all
+                    }
+                    Err(_) => false,
+                }
+            } else {
+                self.sources.exists(source)
+            };
+            if !exists {
                 return Err(RunError::NoSource(source.clone()));
             }
         }
