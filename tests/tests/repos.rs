@@ -562,3 +562,39 @@ fn checkouts_come_through_the_chunk_store_with_each_jobs_depth_and_path_and_a_on
     let (deep_again, _) = checkout_chunks(&deep);
     assert!(deep_again <= 1, "{deep}");
 }
+
+#[test]
+fn a_job_that_asks_for_submodules_gets_them_and_one_that_does_not_gets_an_empty_directory() {
+    let lib = Upstream::new();
+    lib.commit(&[("lib.txt", "from the submodule\n")], "lib");
+    let up = Upstream::new();
+    up.git(&[
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "add",
+        "--quiet",
+        &lib.url(),
+        "vendor/lib",
+    ]);
+    let pipeline = r#"name: subs
+jobs:
+  with:
+    checkout: { submodules: true }
+    steps:
+      - run: echo "LIB=$(cat vendor/lib/lib.txt)"
+  without:
+    steps:
+      - run: echo "ENTRIES=$(ls -A vendor/lib | wc -l)"
+"#;
+    up.commit(&[("gantry.yml", pipeline)], "with a submodule");
+    let c = Coordinator::start();
+    let _agents = c.agents_running(1, &[]);
+    c.gantry(&["repos", "add", "app", "--url", &up.url()])
+        .expect_code(0);
+    let (view, with) = run_repo(&c, &[]);
+    assert_eq!(view["state"], "succeeded", "{view}\n{with}");
+    assert!(with.contains("LIB=from the submodule"), "{with}");
+    let without = c.logs(&format!("{}.1", view["run"]));
+    assert!(without.contains("ENTRIES=0"), "{without}");
+}
