@@ -1172,6 +1172,32 @@ mod tests {
         assert_eq!(needs_execution(2).as_deref(), Some("true"));
     }
 
+    /// A job checking out a commit stored through the chunk store goes only to agents
+    /// of protocol version 4 or later (the session gives them the tree-source label);
+    /// `checkout: false` and a run of an uploaded archive run anywhere.
+    #[test]
+    fn jobs_checking_out_a_tree_need_an_agent_that_reads_one() {
+        let text = "jobs:\n  build:\n    steps: [{ run: x }]\n  notify:\n    checkout: false\n    steps: [{ run: y }]\n";
+        let pipeline = gantry_pipeline::parse("p.yml", text).expect("parse");
+        let mut record = run_record(RunId(4), &pipeline.name, text);
+        let digest = gantry_protocol::Digest::from_bytes([1; 32]);
+        record.source = Some(
+            gantry_protocol::TreeSource {
+                tree: digest,
+                with_submodules: None,
+                git: vec![(Some(1), digest)],
+            }
+            .encode(),
+        );
+        let plans = plans_for(RunId(4), &pipeline, &record, &Labels::new());
+        let needs_tree = |i: usize| plans[i].runs_on.get(&tree_source_label()).cloned();
+        assert_eq!(needs_tree(0).as_deref(), Some("true"));
+        assert_eq!(needs_tree(1), None, "checkout: false needs no source");
+        record.source = Some(format!("sha256:{}", "0".repeat(64)));
+        let plans = plans_for(RunId(4), &pipeline, &record, &Labels::new());
+        assert_eq!(plans[0].runs_on.get(&tree_source_label()), None);
+    }
+
     #[test]
     fn needs_outputs_fill_in_and_an_unreported_one_is_empty() {
         let needs = NeedsOutputs::from([(
