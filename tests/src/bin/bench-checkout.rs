@@ -13,7 +13,7 @@
 //!   and of the one-file commit on the same agent, each with the time from the trigger
 //!   to the first step running and the agent's checkout line from the job's log (chunks
 //!   and compressed bytes it fetched, fetch and extract times). `GANTRY_BENCH_NO_E2E=1`
-//!   skips it.
+//!   skips it; `GANTRY_BENCH_NO_PARTS=1` skips the in-process parts.
 //!
 //! Run: `cargo build --release --bins && cargo run --release -p gantry-tests --bin
 //! bench-checkout` (needs git; the end-to-end part starts the binaries beside this one). Options
@@ -109,9 +109,16 @@ fn main() -> anyhow::Result<()> {
     report.row("git clone --depth 1 (first run)", clone, "");
 
     // Gantry's coordinator side, first commit.
+    // `GANTRY_BENCH_NO_PARTS=1`: only the runners' figures and the end-to-end part.
+    let parts = std::env::var_os("GANTRY_BENCH_NO_PARTS").is_none();
     let mut gantry = GantryParts::new(&scratch, &url)?;
-    let run1 = gantry.run(first, "first")?;
-    Report::gantry("first commit", &run1);
+    let run1 = if parts {
+        let run1 = gantry.run(first, "first")?;
+        Report::gantry("first commit", &run1);
+        Some(run1)
+    } else {
+        None
+    };
 
     // The one-file commit.
     git(
@@ -133,9 +140,11 @@ fn main() -> anyhow::Result<()> {
         },
         "",
     );
-    let run2 = gantry.run(second, "second")?;
-    Report::gantry("one-file commit", &run2);
-    Report::print(&spec, &run1, &run2);
+    if let Some(run1) = run1 {
+        let run2 = gantry.run(second, "second")?;
+        Report::gantry("one-file commit", &run2);
+        Report::print(&spec, &run1, &run2);
+    }
     if std::env::var_os("GANTRY_BENCH_NO_E2E").is_none() {
         end_to_end(&served, &url, first, second)?;
     }
