@@ -178,15 +178,21 @@ fn a_job_whose_agent_dies_is_run_again_on_another_agent() {
     first.start();
     c.wait_connected(1);
     let x = gantry_tests::exchange_dir();
-    let marker = x.path().join("ran-on");
-    let run = c.run_pipeline(&format!("jobs:\n  work:\n    steps: [{{ run: 'echo $GANTRY_ATTEMPT >> {m}; sleep 3; echo done' }}]\n", m = marker.display()), &[]);
+    // A file per attempt: with isolation each attempt may run as another uid, which
+    // could not append to a file the first one created.
+    let attempts_started = || {
+        std::fs::read_dir(x.path()).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("attempt-"))
+                .count()
+        })
+    };
+    let run = c.run_pipeline(&format!("jobs:\n  work:\n    steps: [{{ run: 'echo ran > {d}/attempt-$GANTRY_ATTEMPT; sleep 3; echo done' }}]\n", d = x.path().display()), &[]);
     let job = format!("{run}.0");
     c.wait_job_state(&job, "running", DEADLINE);
     // Its step has begun (an isolated step starts a few ms after the job does).
     wait_for("the first attempt's step to start", DEADLINE, || {
-        std::fs::read_to_string(&marker)
-            .is_ok_and(|m| m.lines().count() == 1)
-            .then_some(())
+        (attempts_started() == 1).then_some(())
     });
     // The agent holding the job dies without a word; a second agent is available.
     first.proc().kill9();
@@ -203,10 +209,7 @@ fn a_job_whose_agent_dies_is_run_again_on_another_agent() {
         "re-run as a new attempt: {work}"
     );
     assert_eq!(
-        std::fs::read_to_string(&marker)
-            .expect("marker")
-            .lines()
-            .count(),
+        attempts_started(),
         2,
         "ran twice: once lost, once to the end"
     );
