@@ -718,6 +718,12 @@ pub fn exchange_dir() -> tempfile::TempDir {
 /// (arguments joined by spaces), as `PID: CMDLINE` lines; whatever PID namespace a job
 /// started them in.
 pub fn processes_running(cmdline: &str) -> Vec<String> {
+    processes_where(|cmd| cmd.trim_end() == cmdline)
+}
+
+/// The processes of this host (not zombies) whose command line (arguments joined by
+/// spaces) satisfies `wanted`, as `PID: CMDLINE` lines.
+pub fn processes_where(wanted: impl Fn(&str) -> bool) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -735,8 +741,7 @@ pub fn processes_running(cmdline: &str) -> Vec<String> {
             let zombie = stat
                 .rsplit_once(") ")
                 .is_some_and(|(_, rest)| rest.starts_with('Z'));
-            (cmd.trim_end() == cmdline && !zombie)
-                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+            (wanted(&cmd) && !zombie).then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
         })
         .collect()
 }

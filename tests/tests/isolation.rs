@@ -176,27 +176,7 @@ fn a_job_cannot_read_a_concurrent_jobs_workspace_or_environment() {
 
 /// The processes of this host whose command line starts with `needle`.
 fn running_with(needle: &str) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| {
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z'));
-            (cmd.starts_with(needle) && !zombie)
-                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
-        })
-        .collect()
+    gantry_tests::processes_where(|cmd| cmd.starts_with(needle))
 }
 
 /// A daemon started with `setsid` and a double-forked process leave with their job:
