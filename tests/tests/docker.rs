@@ -10,28 +10,13 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use gantry_tests::containers::{self, BusyboxImage, BUSYBOX};
 use gantry_tests::{job_named, requires, wait_for, Agent, Coordinator, DEADLINE};
 
-const BUSYBOX: &str = "/bin/busybox";
 const NEED_DOCKER: &str = "Docker tests need a running Docker engine";
 /// The coordinator gives every job 10 s between SIGTERM and SIGKILL; a `sleep` that is
 /// PID 1 of its container ignores SIGTERM, so a cancel takes the whole grace.
 const CANCEL_DEADLINE: Duration = Duration::from_secs(60);
-
-/// A locally imported image, removed when dropped (also when the test panics).
-struct TestImage {
-    tag: String,
-}
-
-impl Drop for TestImage {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["image", "rm", "--force", &self.tag])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 fn docker(args: &[&str]) -> std::process::Output {
     Command::new("docker")
@@ -49,38 +34,16 @@ fn unique() -> String {
 }
 
 /// Builds `gantry-test-busybox:<unique>` from the host's busybox, with no registry.
-fn busybox_image() -> TestImage {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let bin = dir.path().join("rootfs").join("bin");
-    std::fs::create_dir_all(&bin).expect("rootfs/bin");
-    std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
-    for tool in ["sh", "echo", "cat", "id", "sleep", "touch", "awk"] {
-        std::os::unix::fs::symlink("busybox", bin.join(tool)).expect("link");
-    }
-    let tar = dir.path().join("rootfs.tar");
-    let tarred = Command::new("tar")
-        .arg("-C")
-        .arg(dir.path().join("rootfs"))
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .expect("run tar");
-    assert!(tarred.success(), "tar of the rootfs failed");
-    let image = TestImage {
-        tag: format!("gantry-test-busybox:{}", unique()),
-    };
-    let imported = docker(&["import", tar.to_str().expect("utf8"), &image.tag]);
-    assert!(
-        imported.status.success(),
-        "docker import failed: {}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
-    image
+fn busybox_image() -> BusyboxImage {
+    containers::busybox_image(
+        "gantry-test-busybox",
+        &["sh", "echo", "cat", "id", "sleep", "touch", "awk"],
+        &[],
+    )
 }
 
 /// Containers made from `image` (running or not) that carry the agent's job label.
-fn containers_of(image: &TestImage) -> Vec<String> {
+fn containers_of(image: &BusyboxImage) -> Vec<String> {
     let filter = format!("ancestor={}", image.tag);
     let out = docker(&[
         "ps",
