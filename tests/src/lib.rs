@@ -714,6 +714,21 @@ pub fn exchange_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The value at fraction `p` (0.5: the median) of `sorted`, by nearest rank; NaN when
+/// there are none. The benchmarks' percentiles.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let index = (((sorted.len() - 1) as f64) * p).round() as usize;
+    sorted[index]
+}
+
 /// The processes of this host (not zombies) whose command line is exactly `cmdline`
 /// (arguments joined by spaces), as `PID: CMDLINE` lines; whatever PID namespace a job
 /// started them in.

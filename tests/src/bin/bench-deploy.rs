@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use gantry_protocol::{ExecEvent, ExecRequest, Labels, StreamOpen};
 use gantry_tests::admin::Admin;
+use gantry_tests::pct;
 use gantry_tests::{Agent, Coordinator, CoordinatorOptions};
 use serde_json::Value;
 
@@ -270,13 +271,6 @@ fn rollback(c: &Coordinator, web: &mut [Agent], hosts: usize) -> anyhow::Result<
         wall.as_secs_f64() * 1000.0
     );
     Ok(())
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 fn summary(mut ms: Vec<f64>) -> String {

@@ -14,23 +14,11 @@ use std::time::Duration;
 
 use gantry_tests::admin::Admin;
 use gantry_tests::load::now_ns;
+use gantry_tests::pct;
 use gantry_tests::{Agent, Coordinator};
 
 /// Longest a benchmark run may take before the benchmark gives up on it.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss
-    )]
-    let index = (((sorted.len() - 1) as f64) * p).round() as usize;
-    sorted[index]
-}
 
 fn summary(mut ms: Vec<f64>) -> (f64, String) {
     ms.sort_by(f64::total_cmp);

@@ -34,6 +34,7 @@ use anyhow::Context as _;
 use gantry_protocol::RunId;
 use gantry_tests::admin::Admin;
 use gantry_tests::load::{now_ns, trivial_pipeline, LoadEvent};
+use gantry_tests::pct;
 use gantry_tests::{bin, Coordinator, CoordinatorOptions, Proc};
 
 /// Jobs per run in the burst (a pipeline holds at most 512).
@@ -114,13 +115,6 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 /// CPU use of `pids` between two tick readings, as a percentage of one core.

@@ -13,23 +13,11 @@
 use std::time::Duration;
 
 use gantry_tests::containers::{busybox_image, BUSYBOX};
+use gantry_tests::pct;
 use gantry_tests::{job_named, Coordinator};
 
 /// Longest one benchmark run may take.
 const RUN_DEADLINE: Duration = Duration::from_secs(300);
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss
-    )]
-    let index = (((sorted.len() - 1) as f64) * p).round() as usize;
-    sorted[index]
-}
 
 fn summary(mut ms: Vec<f64>) -> String {
     ms.sort_by(f64::total_cmp);
